@@ -1,0 +1,201 @@
+"""The ``unmask`` command line.
+
+    unmask train [CONFIG] [key=value ...] [--fresh]    train or resume (torchrun for several processes)
+    unmask eval CHECKPOINT [key=value ...]             NELBO / NLL on a split (JSON on stdout)
+    unmask sample CHECKPOINT [key=value ...]           print samples
+    unmask quickstart [key=value ...]                  train on the shipped corpus, evaluate, sample
+    unmask configs                                     list the packaged configs
+
+CONFIG is a YAML path or the name of a packaged config; CHECKPOINT a checkpoint folder or a run
+folder (its newest checkpoint). Overrides use dotted keys (``train.lr=1e-3``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, load_model
+from .config import (ConfigError, RunConfig, config_from_dict, load_config, merge_trees, parse_overrides,
+                     to_dict)
+from .data import Data, DataError
+from .evaluation import evaluate, format_result
+from .runtime import resolve_precision, generator_for
+from .sampling import make_canvas, make_sampler
+from .tokenization import OutOfVocabularyError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfVocabularyError, FileNotFoundError)
+
+
+def packaged_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name: str | None) -> Path | None:
+    if name is None:
+        return None
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = CONFIG_DIR / f"{name}.yaml"
+    if packaged.is_file():
+        return packaged
+    raise ConfigError(f"config '{name}' is neither a file nor a packaged config "
+                      f"({', '.join(packaged_configs())})")
+
+
+def checkpoint_config(ckpt: Checkpoint, overrides: list[str]) -> RunConfig:
+    """The checkpoint's config with ``eval.*``/``sample.*``/``data.*`` overrides applied."""
+    tree = parse_overrides(overrides)
+    for section in tree:
+        if section not in ("eval", "sample", "data"):
+            raise ConfigError(f"only eval.*, sample.* and data.* can be overridden for a checkpoint, "
+                              f"not '{section}'")
+    return config_from_dict(merge_trees(to_dict(ckpt.config), tree))
+
+
+def device_for(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_eval(ckpt: Checkpoint, cfg: RunConfig, device: torch.device, progress: bool = True) -> dict:
+    model, objective = load_model(ckpt, ema=cfg.eval.use_ema, device=device)
+    data = Data(cfg.data, tokenizer=ckpt.tokenizer, progress=progress)
+    e = cfg.eval
+    result = evaluate(model, objective, data.rows(e.split), cfg.data, ckpt.tokenizer, e.mc_samples, e.batch_size,
+                      e.max_sequences, e.seed, resolve_precision(e.precision, device), device, progress)
+    result.update(split=e.split, checkpoint=str(ckpt.path), step=ckpt.step, ema=e.use_ema)
+    return result
+
+
+def run_sample(ckpt: Checkpoint, cfg: RunConfig, device: torch.device, prompt: str | None = None) -> list[dict]:
+    s = cfg.sample
+    model, objective = load_model(ckpt, ema=s.use_ema, device=device)
+    tokenizer = ckpt.tokenizer
+    length = s.length or cfg.data.length
+    if length > cfg.model.length:
+        raise ConfigError(f"sample.length={length} exceeds the model's maximum length {cfg.model.length}")
+    sampler = make_sampler(s, objective, tokenizer)
+    bos = cfg.data.layout == "pad" or cfg.data.frame
+    out = []
+    generator = generator_for(s.seed, 0x5A)
+    for start in range(0, s.num_samples, s.batch_size):
+        n = min(s.batch_size, s.num_samples - start)
+        try:
+            canvas = make_canvas(tokenizer, n, length, prompt, bos=bos).to(device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        result = sampler.sample(model, canvas, generator)
+        for row in result.tokens.cpu():
+            out.append({"text": tokenizer.decode(row), "ids": row.tolist(), "nfe": result.nfe,
+                        "seconds": result.seconds / n})
+    return out
+
+
+def cmd_train(args) -> int:
+    from .training import train
+
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    final = train(cfg, fresh=args.fresh)
+    print(f"checkpoint: {final}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    ckpt = Checkpoint(args.checkpoint)
+    cfg = checkpoint_config(ckpt, args.overrides)
+    result = run_eval(ckpt, cfg, device_for(args.device))
+    print(format_result(result, cfg.eval.split), file=sys.stderr)
+    text = json.dumps(result)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    ckpt = Checkpoint(args.checkpoint)
+    cfg = checkpoint_config(ckpt, args.overrides)
+    samples = run_sample(ckpt, cfg, device_for(args.device), args.prompt)
+    if args.json:
+        Path(args.json).write_text(json.dumps(samples) + "\n")
+    for i, s in enumerate(samples):
+        print(f"--- sample {i} ({s['nfe']} NFE, {s['seconds']:.2f}s)\n{s['text']}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from .training import train
+
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", args.overrides)
+    print(f"training a {cfg.family} model ({cfg.model.preset} preset) on {cfg.data.dataset}; run folder "
+          f"{cfg.run_dir}")
+    final = train(cfg, fresh=args.fresh)
+    ckpt = Checkpoint(final)
+    device = device_for(None)
+    result = run_eval(ckpt, ckpt.config, device)
+    print(format_result(result, ckpt.config.eval.split))
+    for i, s in enumerate(run_sample(ckpt, ckpt.config, device)):
+        print(f"--- sample {i} ({s['nfe']} NFE, {s['seconds']:.2f}s)\n{s['text']}")
+    print(f"\ncheckpoint: {final}\nnext: unmask eval {cfg.run_dir} | unmask sample {cfg.run_dir} "
+          f"sample.num_samples=8")
+    return 0
+
+
+def cmd_configs(args) -> int:
+    for name in packaged_configs():
+        first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:24s} {first}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unmask", description="Masked diffusion language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train or resume a run")
+    p.add_argument("config", nargs="?", help="YAML file or packaged config name (see 'unmask configs')")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
+    p.set_defaults(func=cmd_train)
+    for name, func, helptext in (("eval", cmd_eval, "evaluate a checkpoint"), ("sample", cmd_sample, "sample")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("checkpoint", help="checkpoint folder, or run folder (newest checkpoint)")
+        p.add_argument("overrides", nargs="*", help="eval.*, sample.* or data.* overrides")
+        p.add_argument("--json", help="also write the result as JSON to this file")
+        p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        if name == "sample":
+            p.add_argument("--prompt", help="text the samples start with (kept fixed)")
+        p.set_defaults(func=func)
+    p = sub.add_parser("quickstart", help="train a small model on the shipped corpus, evaluate and sample")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart config")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    p.set_defaults(func=cmd_quickstart)
+    p = sub.add_parser("configs", help="list the packaged configs")
+    p.set_defaults(func=cmd_configs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config:  # `unmask train key=value ...`
+        args.overrides.insert(0, args.config)
+        args.config = None
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"unmask: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unmask: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Typed run configuration: dataclasses loaded from YAML with ``key=value`` overrides.
+
+A run is described by one :class:`RunConfig`. ``load_config("configs/x.yaml", ["train.lr=1e-3"])``
+reads the YAML file, applies the overrides (values parsed as YAML scalars), checks every key and type
+against the dataclasses, resolves the model preset, and returns the resolved config. Unknown keys,
+wrong types and unknown presets raise :class:`ConfigError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A malformed configuration (unknown key, wrong type, unknown preset, impossible value)."""
+
+
+@dataclass
+class ModelConfig:
+    """The DiT backbone (MDLM ``models/dit.py`` layout).
+
+    ``preset`` fills every field it names; keys given explicitly next to it win.
+    """
+
+    preset: str | None = None
+    hidden: int = 768
+    blocks: int = 12
+    heads: int = 12
+    cond_dim: int = 128
+    dropout: float = 0.1
+    length: int = 1024
+    time_conditioning: bool = False
+    rope_base: float = 10000.0
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # MDLM's configs/model/*.yaml
+    "tiny": dict(hidden=512, blocks=8, heads=8, cond_dim=128, dropout=0.1, length=1024),
+    "small": dict(hidden=768, blocks=12, heads=12, cond_dim=128, dropout=0.1, length=1024),
+    "medium": dict(hidden=1024, blocks=24, heads=16, cond_dim=128, dropout=0.1, length=1024),
+    # CPU presets: short runs are under-fitted, so no dropout.
+    "nano": dict(hidden=128, blocks=4, heads=4, cond_dim=64, dropout=0.0, length=1024),
+    "micro": dict(hidden=256, blocks=4, heads=4, cond_dim=64, dropout=0.0, length=1024),
+    "mini": dict(hidden=384, blocks=6, heads=6, cond_dim=128, dropout=0.0, length=1024),
+}
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenized and how it is cut into rows."""
+
+    dataset: str = "tinyshakespeare"
+    path: str | None = None
+    valid_path: str | None = None
+    test_path: str | None = None
+    hf_config: str | None = None
+    hf_split_names: list[str] = field(default_factory=lambda: ["train", "validation", "test"])
+    hf_streaming: bool = False
+    text_field: str = "text"
+    documents: str = "file"
+    valid_fraction: float = 0.05
+    test_fraction: float = 0.05
+    tokenizer: str = "char"
+    tokenizer_path: str | None = None
+    alphabet: str | None = None
+    oov: str = "error"
+    oov_replacement: str = " "
+    length: int = 256
+    layout: str = "wrap"
+    frame: bool = True
+    insert_eos: bool = True
+    count_bos: bool = True
+    count_eos: bool = True
+    count_pad: bool = False
+    cache_dir: str | None = None
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule and NELBO estimator (``mdlm-reference.md`` section 2)."""
+
+    schedule: str = "loglinear"
+    schedule_eps: float = 0.0
+    sigma_min: float = 1e-4
+    sigma_max: float = 20.0
+    t_min: float = 1e-3
+    antithetic: bool = True
+    discrete_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    micro_batch_size: int | None = None
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema: float = 0.9999
+    precision: str = "auto"
+    compile: bool = False
+    seed: int = 1
+    log_every: int = 10
+    eval_every: int = 0
+    eval_sequences: int = 64
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    max_minutes: float = 0.0
+    progress: bool = True
+    threads: int = 0
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    mc_samples: int = 4
+    batch_size: int = 16
+    max_sequences: int = 0
+    use_ema: bool = True
+    seed: int = 0
+    precision: str = "fp32"
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 4
+    length: int = 0
+    steps: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    precision: str = "float64"
+    seed: int = 0
+    batch_size: int = 16
+    use_ema: bool = True
+
+
+@dataclass
+class RunConfig:
+    family: str = "mdlm"
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+FAMILIES = ("mdlm", "ar")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "family": FAMILIES,
+    "data.layout": ("wrap", "pad"),
+    "data.documents": ("file", "line", "blank_line"),
+    "data.oov": ("error", "replace", "drop"),
+    "data.tokenizer": ("char", "text8", "byte", "gpt2", "hf"),
+    "diffusion.schedule": ("loglinear", "cosine", "linear", "geometric"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "eval.split": ("train", "valid", "test"),
+    "eval.precision": ("auto", "fp32", "bf16"),
+    "sample.precision": ("float64", "float32"),
+}
+
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {annotation}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{key}': expected {annotation.__name__}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), list(names), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value or {}, full + ".")
+        else:
+            kwargs[key] = _coerce(value, annotation, full)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """``["train.lr=1e-3", "model.preset=small"]`` -> nested dict, values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc.problem})") from None
+        _set_path(tree, key, value)
+    return tree
+
+
+def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_trees(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_preset(tree: dict[str, Any]) -> dict[str, Any]:
+    model = tree.get("model")
+    if not isinstance(model, dict) or model.get("preset") is None:
+        return tree
+    name = model["preset"]
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset '{name}'{_suggest(str(name), MODEL_PRESETS)}; "
+                          f"known: {', '.join(MODEL_PRESETS)}")
+    return merge_trees(tree, {"model": merge_trees(MODEL_PRESETS[name], model)})
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check choices and value ranges that the types alone do not express."""
+    for dotted, options in CHOICES.items():
+        node: Any = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        if node not in options:
+            raise ConfigError(f"config key '{dotted}' = {node!r} is not one of {', '.join(options)}"
+                              f"{_suggest(str(node), options)}")
+    m = cfg.model
+    if m.hidden % m.heads:
+        raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
+    if (m.hidden // m.heads) % 2:
+        raise ConfigError(f"model head dimension {m.hidden // m.heads} must be even for rotary embeddings")
+    if cfg.data.length > m.length:
+        raise ConfigError(f"data.length={cfg.data.length} exceeds the model's maximum length "
+                          f"model.length={m.length}")
+    if cfg.data.length < 3:
+        raise ConfigError(f"data.length={cfg.data.length} is too short (need at least 3 tokens)")
+    positive = {"train.batch_size": cfg.train.batch_size, "train.steps": cfg.train.steps,
+                "eval.mc_samples": cfg.eval.mc_samples, "eval.batch_size": cfg.eval.batch_size,
+                "sample.steps": cfg.sample.steps, "sample.num_samples": cfg.sample.num_samples}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if not 0.0 <= cfg.diffusion.t_min < 1.0:
+        raise ConfigError(f"diffusion.t_min={cfg.diffusion.t_min} must lie in [0, 1)")
+    if not 0.0 < cfg.sample.top_p <= 1.0:
+        raise ConfigError(f"sample.top_p={cfg.sample.top_p} must lie in (0, 1]")
+    if cfg.sample.temperature <= 0:
+        raise ConfigError(f"sample.temperature={cfg.sample.temperature} must be > 0")
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    return validate(_build(RunConfig, _resolve_preset(tree or {}), ""))
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config (or start from defaults), apply ``key=value`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return config_from_dict(merge_trees(tree, parse_overrides(overrides)))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (it loads back to an equal config)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

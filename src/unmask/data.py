@@ -1,0 +1,621 @@
+"""Corpora, tokenized on-disk caches, MDLM row layouts and a deterministic, resumable batch order.
+
+Pipeline: a :class:`Corpus` yields the documents of a split as streams of text pieces; the split
+is tokenized once into a memory-mapped token file (:func:`tokenize_split`, cached by a fingerprint
+of the source and the tokenizer); a layout cuts it into fixed-length rows:
+
+* ``wrap`` (MDLM for OWT/text8): documents joined (with EOS after each when ``insert_eos``), cut
+  into chunks of ``L-2`` tokens framed as ``[BOS] chunk [EOS]`` (or chunks of ``L`` when
+  ``frame`` is off); the final partial chunk is dropped.
+* ``pad`` (MDLM for LM1B): one document per row, ``[BOS] doc [EOS] [PAD]...``, truncated to ``L``.
+
+Rows carry a per-position kind (token/BOS/EOS/PAD) so which positions count in the loss is explicit
+and does not depend on special ids (GPT-2's PAD is its EOS). Rows are read from the memory map on
+demand, so a corpus larger than RAM trains in constant memory. :class:`BatchOrder` maps a step to
+row ids through a per-epoch permutation seeded by ``(seed, epoch)``: a resumed run reads exactly
+the batches it would have read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import lzma
+import os
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .config import DataConfig
+from .tokenization import OutOfVocabularyError, Tokenizer, build_tokenizer
+
+SPLITS = ("train", "valid", "test")
+DATASETS = ("tinyshakespeare", "text8", "text8-prefix", "text", "hf")
+TOKEN, BOS, EOS, PAD = 0, 1, 2, 3
+CACHE_VERSION = 1
+BLOCK_CHARS = 1 << 20
+TEXT8_LENGTH = 100_000_000
+TEXT8_SPLITS = {"train": (0, 90_000_000), "valid": (90_000_000, 95_000_000),
+                "test": (95_000_000, 100_000_000)}
+TEXT8_PREFIX_SPLITS = {"train": (0, 10_000_000), "valid": (10_000_000, 11_250_000),
+                       "test": (11_250_000, 12_500_000)}
+SHAKESPEARE_CHARS = 1_115_394
+SHAKESPEARE_SPLITS = {"train": (0, 1_003_854), "valid": (1_003_854, 1_059_624),
+                      "test": (1_059_624, SHAKESPEARE_CHARS)}
+
+
+class DataError(ValueError):
+    """Unknown dataset, missing file, unreadable or too short corpus."""
+
+
+def _file_id(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """Open a text file, decompressing ``.xz`` and reading the single member of a ``.zip``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    if path.suffix == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8", newline="")
+    if path.suffix == ".zip":
+        archive = zipfile.ZipFile(path)
+        members = [m for m in archive.namelist() if not m.endswith("/")]
+        if len(members) != 1:
+            raise DataError(f"{path} must hold exactly one file, found {len(members)}")
+        return io.TextIOWrapper(archive.open(members[0]), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _read_range(path: Path, start: int, end: int) -> Iterator[str]:
+    """Characters ``[start, end)`` of a text file, streamed in blocks."""
+    with open_text(path) as f:
+        skipped = 0
+        while skipped < start:
+            block = f.read(min(BLOCK_CHARS, start - skipped))
+            if not block:
+                break
+            skipped += len(block)
+        remaining = end - start
+        while remaining > 0:
+            block = f.read(min(BLOCK_CHARS, remaining))
+            if not block:
+                break
+            remaining -= len(block)
+            yield block
+        if remaining > 0:
+            raise DataError(f"{path} has {end - remaining} characters, but the split needs {end}")
+
+
+def _read_pieces(path: Path) -> Iterator[str]:
+    """A whole file in blocks that end at line boundaries (so BPE never sees a cut word)."""
+    with open_text(path) as f:
+        while True:
+            block = f.read(BLOCK_CHARS)
+            if not block:
+                return
+            if not block.endswith("\n"):
+                block += f.readline()
+            yield block
+
+
+class Corpus:
+    """A source of documents per split; each document is an iterable of text pieces."""
+
+    name = "corpus"
+
+    def documents(self, split: str) -> Iterator[Iterable[str]]:
+        raise NotImplementedError
+
+    def fingerprint(self, split: str) -> str:
+        raise NotImplementedError
+
+    def symbols(self) -> set[str]:
+        """Every symbol in every split (a character tokenizer's closed alphabet)."""
+        seen: set[str] = set()
+        for split in SPLITS:
+            try:
+                for doc in self.documents(split):
+                    for piece in doc:
+                        seen.update(piece)
+            except DataError:
+                if split == "train":
+                    raise
+        return seen
+
+
+class CharRangeCorpus(Corpus):
+    """One long text whose splits are character ranges (text8, tiny-shakespeare, one text file)."""
+
+    def __init__(self, name: str, path: Path, ranges: dict[str, tuple[int, int]], source_id: str = ""):
+        self.name, self.path, self.ranges = name, Path(path), ranges
+        self.source_id = source_id or _file_id(self.path)
+
+    def documents(self, split: str) -> Iterator[Iterable[str]]:
+        start, end = self.ranges[split]
+        yield _read_range(self.path, start, end)
+
+    def fingerprint(self, split: str) -> str:
+        return f"{self.name}|{self.source_id}|{self.ranges[split]}"
+
+
+def _documents_of_file(path: Path, mode: str, text_field: str) -> Iterator[Iterable[str]]:
+    if path.suffix == ".jsonl" or path.name.endswith(".jsonl.xz"):
+        with open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise DataError(f"{path}:{lineno}: not a JSON object with a '{text_field}' field "
+                                    f"({exc.__class__.__name__})") from None
+                yield [text]
+        return
+    if mode == "file":
+        yield _read_pieces(path)
+        return
+    with open_text(path) as f:
+        if mode == "line":
+            for line in f:
+                if line.strip():
+                    yield [line.rstrip("\n")]
+            return
+        paragraph: list[str] = []
+        for line in f:
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield ["".join(paragraph).rstrip("\n")]
+                paragraph = []
+        if paragraph:
+            yield ["".join(paragraph).rstrip("\n")]
+
+
+def _list_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise DataError(f"folder {path} holds no files")
+        return files
+    raise DataError(f"data path not found: {path}")
+
+
+class FilesCorpus(Corpus):
+    """Plain text files and folders (``.xz``/``.zip`` allowed, ``.jsonl`` with a text field).
+
+    Splits come from ``valid_path``/``test_path`` when given. Otherwise the documents of ``path`` are
+    split contiguously by fraction (the last ``test_fraction`` is test); a single document (one file
+    with ``documents: file``) is split by characters instead.
+    """
+
+    name = "text"
+
+    def __init__(self, cfg: DataConfig):
+        if cfg.path is None:
+            raise DataError("dataset 'text' needs data.path (a file or a folder)")
+        self.cfg = cfg
+        self.files = {"train": _list_files(Path(cfg.path))}
+        if cfg.valid_path:
+            self.files["valid"] = _list_files(Path(cfg.valid_path))
+        if cfg.test_path:
+            self.files["test"] = _list_files(Path(cfg.test_path))
+        self.explicit = bool(cfg.valid_path or cfg.test_path)
+        fractions = (cfg.valid_fraction, cfg.test_fraction)
+        if not self.explicit and (min(fractions) < 0 or sum(fractions) >= 1):
+            raise DataError(f"data.valid_fraction + data.test_fraction must lie in [0, 1), got {fractions}")
+        self._bounds: tuple[int, int, int] | None = None
+
+    def _all_documents(self, files: list[Path]) -> Iterator[Iterable[str]]:
+        for f in files:
+            yield from _documents_of_file(f, self.cfg.documents, self.cfg.text_field)
+
+    def _split_bounds(self) -> tuple[str, int, int, int]:
+        files = self.files["train"]
+        single = len(files) == 1 and self.cfg.documents == "file" and not files[0].name.endswith(".jsonl")
+        if self._bounds is None:
+            if single:
+                total = sum(len(p) for p in _read_pieces(files[0]))
+            else:
+                total = sum(1 for _ in self._all_documents(files))
+            n_test = int(total * self.cfg.test_fraction)
+            n_valid = int(total * self.cfg.valid_fraction)
+            self._bounds = (total - n_valid - n_test, total - n_test, total)
+        return ("chars" if single else "documents", *self._bounds)
+
+    def documents(self, split: str) -> Iterator[Iterable[str]]:
+        if self.explicit:
+            if split not in self.files:
+                raise DataError(f"dataset 'text' has no {split} split: give data.{split}_path")
+            yield from self._all_documents(self.files[split])
+            return
+        unit, a, b, total = self._split_bounds()
+        start, end = {"train": (0, a), "valid": (a, b), "test": (b, total)}[split]
+        if end <= start:
+            raise DataError(f"dataset 'text' has an empty {split} split (check data.{split}_fraction)")
+        if unit == "chars":
+            yield _read_range(self.files["train"][0], start, end)
+            return
+        for i, doc in enumerate(self._all_documents(self.files["train"])):
+            if i >= end:
+                return
+            if i >= start:
+                yield doc
+
+    def fingerprint(self, split: str) -> str:
+        files = self.files.get(split if self.explicit else "train", [])
+        c = self.cfg
+        return json.dumps([split, [_file_id(f) for f in files], c.documents, c.text_field,
+                           self.explicit, c.valid_fraction, c.test_fraction])
+
+
+class HFCorpus(Corpus):
+    """A Hugging Face ``datasets`` dataset by hub name, local loading script/folder, or a folder saved
+    with ``save_to_disk``. Documents are the ``text_field`` of each record."""
+
+    name = "hf"
+
+    def __init__(self, cfg: DataConfig):
+        if cfg.path is None:
+            raise DataError("dataset 'hf' needs data.path (a dataset name or a local folder)")
+        if len(cfg.hf_split_names) != 3:
+            raise DataError("data.hf_split_names must name the train, valid and test splits")
+        self.cfg = cfg
+        self.split_names = dict(zip(SPLITS, cfg.hf_split_names))
+
+    def _load(self, split: str):
+        try:
+            import datasets
+        except ImportError:
+            raise DataError("dataset 'hf' needs the 'datasets' package (pip install datasets)") from None
+        name, hf_split = self.cfg.path, self.split_names[split]
+        saved = Path(name)
+        try:
+            if saved.is_dir() and ((saved / "dataset_dict.json").exists() or (saved / "state.json").exists()):
+                ds = datasets.load_from_disk(str(saved))
+                if isinstance(ds, datasets.DatasetDict):
+                    if hf_split not in ds:
+                        raise DataError(f"dataset {name} has no split '{hf_split}' (has {list(ds)})")
+                    ds = ds[hf_split]
+                return ds
+            return datasets.load_dataset(name, self.cfg.hf_config, split=hf_split,
+                                         streaming=self.cfg.hf_streaming)
+        except DataError:
+            raise
+        except ValueError as exc:
+            raise DataError(f"dataset {name}: {exc}".splitlines()[0]) from None
+        except (FileNotFoundError, ConnectionError, OSError) as exc:
+            raise DataError(f"could not load dataset '{name}' ({exc.__class__.__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+    def documents(self, split: str) -> Iterator[Iterable[str]]:
+        field = self.cfg.text_field
+        for record in self._load(split):
+            if field not in record:
+                raise DataError(f"dataset {self.cfg.path} has no field '{field}' (has {list(record)})")
+            yield [record[field]]
+
+    def fingerprint(self, split: str) -> str:
+        ds = self._load(split)
+        ident = getattr(ds, "_fingerprint", None) or "streaming"
+        return json.dumps([self.cfg.path, self.cfg.hf_config, self.split_names[split], ident,
+                           self.cfg.text_field])
+
+
+def shipped_corpus_path() -> Path:
+    return Path(__file__).parent / "assets" / "tinyshakespeare.txt.xz"
+
+
+def make_corpus(cfg: DataConfig) -> Corpus:
+    """The corpus a :class:`DataConfig` names."""
+    if cfg.dataset == "tinyshakespeare":
+        path = Path(cfg.path) if cfg.path else shipped_corpus_path()
+        return CharRangeCorpus("tinyshakespeare", path, SHAKESPEARE_SPLITS)
+    if cfg.dataset == "text8":
+        if cfg.path is None:
+            raise DataError("dataset 'text8' needs data.path: the official text8.zip or the raw text8 "
+                            "file (100,000,000 characters)")
+        path = Path(cfg.path)
+        size = _text8_size(path)
+        if size is not None and size != TEXT8_LENGTH:
+            raise DataError(f"{path} holds {size:,} characters, not text8's {TEXT8_LENGTH:,}; "
+                            f"for the 12.5M-character prefix use dataset=text8-prefix")
+        return CharRangeCorpus("text8", path, TEXT8_SPLITS)
+    if cfg.dataset == "text8-prefix":
+        if cfg.path is None:
+            raise DataError("dataset 'text8-prefix' needs data.path: a file whose first 12,500,000 "
+                            "characters are text8's (e.g. text8_first12500000chars.xz)")
+        return CharRangeCorpus("text8-prefix", Path(cfg.path), TEXT8_PREFIX_SPLITS)
+    if cfg.dataset == "text":
+        return FilesCorpus(cfg)
+    if cfg.dataset == "hf":
+        return HFCorpus(cfg)
+    import difflib
+
+    close = difflib.get_close_matches(cfg.dataset, DATASETS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise DataError(f"unknown dataset '{cfg.dataset}'{hint}; known: {', '.join(DATASETS)}")
+
+
+def _text8_size(path: Path) -> int | None:
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            infos = [i for i in archive.infolist() if not i.is_dir()]
+            return infos[0].file_size if len(infos) == 1 else None
+    if path.suffix in ("", ".txt"):
+        return path.stat().st_size
+    return None
+
+
+# ----------------------------------------------------------------------------- tokenized cache
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("UNMASK_CACHE", Path.home() / ".cache" / "unmask"))
+
+
+class TokenStream:
+    """A tokenized split on disk: ``tokens`` (memory-mapped) and the start of every document."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.meta = json.loads((directory / "meta.json").read_text())
+        n = self.meta["n_tokens"]
+        self.tokens = (np.memmap(directory / "tokens.bin", dtype=self.meta["dtype"], mode="r", shape=(n,))
+                       if n else np.zeros(0, dtype=self.meta["dtype"]))
+        self.doc_starts = np.fromfile(directory / "doc_starts.bin", dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.meta["n_tokens"]
+
+
+def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, insert_eos: bool,
+                   cache_dir: Path | None = None, progress: bool = False) -> TokenStream:
+    """Tokenize one split into ``cache_dir`` (once; later calls reuse it). Written atomically."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = json.dumps([CACHE_VERSION, corpus.fingerprint(split), tokenizer.fingerprint(), insert_eos])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    final = cache_dir / f"{corpus.name}-{split}-{digest}"
+    if (final / "meta.json").exists():
+        return TokenStream(final)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    n_tokens, n_chars, starts = 0, 0, []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"tokenizing {corpus.name}/{split}", unit=" chars", unit_scale=True, leave=False)
+    try:
+        with open(tmp / "tokens.bin", "wb") as out:
+            pieces: list[str] = []
+            offsets: list[int] = []
+            doc_ids: list[int] = []
+            firsts: list[bool] = []
+            lasts: list[bool] = []
+
+            def flush():
+                nonlocal n_tokens, n_chars
+                if hasattr(tokenizer, "encode_batch"):
+                    encoded = tokenizer.encode_batch(pieces)
+                else:
+                    encoded = []
+                    for piece, offset, doc in zip(pieces, offsets, doc_ids):
+                        try:
+                            encoded.append(tokenizer.encode(piece, offset=offset))
+                        except OutOfVocabularyError as exc:
+                            raise DataError(f"{corpus.name} {split} split, document {doc}: {exc}") from None
+                for ids, piece, first, last in zip(encoded, pieces, firsts, lasts):
+                    if first:
+                        starts.append(n_tokens)
+                    if last and insert_eos:
+                        ids = np.append(ids, tokenizer.eos_id)
+                    ids.astype(dtype).tofile(out)
+                    n_tokens += len(ids)
+                    n_chars += len(piece)
+                    if bar is not None:
+                        bar.update(len(piece))
+                for buffer in (pieces, offsets, doc_ids, firsts, lasts):
+                    buffer.clear()
+
+            buffered = 0
+            for doc_index, doc in enumerate(corpus.documents(split)):
+                offset, first = 0, True
+                remaining = iter(doc)
+                piece = next(remaining, None)
+                while piece is not None:
+                    following = next(remaining, None)
+                    pieces.append(piece)
+                    offsets.append(offset)
+                    doc_ids.append(doc_index)
+                    firsts.append(first)
+                    lasts.append(following is None)
+                    first = False
+                    offset += len(piece)
+                    buffered += len(piece)
+                    piece = following
+                    if buffered >= BLOCK_CHARS or len(pieces) >= 4096:
+                        flush()
+                        buffered = 0
+            flush()
+        if n_tokens == 0:
+            raise DataError(f"{corpus.name} {split} split is empty")
+        np.asarray(starts, dtype=np.int64).tofile(tmp / "doc_starts.bin")
+        meta = {"corpus": corpus.name, "split": split, "n_tokens": n_tokens, "n_docs": len(starts),
+                "n_chars": n_chars, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
+                "insert_eos": insert_eos, "key": key}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return TokenStream(final)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+class Rows:
+    """Fixed-length rows of a tokenized split. ``get(indices)`` -> (ids, kinds), both (n, L)."""
+
+    length: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class WrapRows(Rows):
+    """MDLM ``wrap=True``: the document stream cut into chunks, framed ``[BOS] chunk [EOS]``."""
+
+    def __init__(self, stream: TokenStream, length: int, frame: bool, tokenizer: Tokenizer):
+        self.stream, self.length, self.frame = stream, length, frame
+        self.bos, self.eos = tokenizer.bos_id, tokenizer.eos_id
+        self.chunk = length - 2 if frame else length
+        self.n = len(stream) // self.chunk
+        if self.n == 0:
+            raise DataError(f"{stream.meta['corpus']} {stream.meta['split']} split has {len(stream)} "
+                            f"tokens, fewer than one row of {length}")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        indices = np.asarray(indices, dtype=np.int64)
+        ids = np.empty((len(indices), self.length), dtype=np.int64)
+        body = slice(1, -1) if self.frame else slice(None)
+        for row, i in enumerate(indices):
+            ids[row, body] = self.stream.tokens[i * self.chunk:(i + 1) * self.chunk]
+        kinds = np.where(ids == self.eos, EOS, TOKEN).astype(np.int8)
+        if self.frame:
+            ids[:, 0], ids[:, -1] = self.bos, self.eos
+            kinds[:, 0], kinds[:, -1] = BOS, EOS
+        return ids, kinds
+
+
+class PadRows(Rows):
+    """MDLM ``wrap=False``: one document per row, ``[BOS] doc [EOS] [PAD]...``, truncated to fit.
+
+    Empty documents are skipped; ``truncated`` counts the documents cut short.
+    """
+
+    def __init__(self, stream: TokenStream, length: int, tokenizer: Tokenizer):
+        self.stream, self.length = stream, length
+        self.bos, self.eos, self.pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+        starts = stream.doc_starts
+        ends = np.append(starts[1:], len(stream))
+        keep = ends > starts
+        self.starts, self.ends = starts[keep], ends[keep]
+        self.truncated = int(((self.ends - self.starts) > length - 2).sum())
+        if len(self.starts) == 0:
+            raise DataError(f"{stream.meta['corpus']} {stream.meta['split']} split has no documents")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        indices = np.asarray(indices, dtype=np.int64)
+        ids = np.full((len(indices), self.length), self.pad, dtype=np.int64)
+        kinds = np.full((len(indices), self.length), PAD, dtype=np.int8)
+        for row, i in enumerate(indices):
+            doc = self.stream.tokens[self.starts[i]:min(self.ends[i], self.starts[i] + self.length - 2)]
+            n = len(doc)
+            ids[row, 0], kinds[row, 0] = self.bos, BOS
+            ids[row, 1:n + 1], kinds[row, 1:n + 1] = doc, TOKEN
+            ids[row, n + 1], kinds[row, n + 1] = self.eos, EOS
+        return ids, kinds
+
+
+def counted_positions(kinds: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Which positions count in losses and metrics (and are noised): tokens always; BOS, EOS and
+    PAD as configured. Positions that do not count are kept clean, so a bound is a bound on the
+    counted tokens given the others."""
+    counted = kinds == TOKEN
+    for kind, flag in ((BOS, cfg.count_bos), (EOS, cfg.count_eos), (PAD, cfg.count_pad)):
+        if flag:
+            counted |= kinds == kind
+    return counted
+
+
+class BatchOrder:
+    """Deterministic order of rows: step ``s`` reads positions ``[s*B, (s+1)*B)`` of the endless
+    sequence of per-epoch permutations (each seeded by ``(seed, epoch)``). Depends only on the step,
+    so resuming at step ``s`` continues exactly."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int, shuffle: bool = True):
+        self.n, self.batch_size, self.seed, self.shuffle = n_rows, batch_size, seed, shuffle
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
+                          else np.arange(self.n))
+        return self._perm
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.batch_size / self.n
+
+    def batch(self, step: int) -> np.ndarray:
+        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in np.unique(positions // self.n):
+            sel = positions // self.n == epoch
+            out[sel] = self._permutation(int(epoch))[positions[sel] % self.n]
+        return out
+
+
+# ----------------------------------------------------------------------------- assembly
+
+class Data:
+    """The tokenizer and the row sets of a :class:`DataConfig`, split by split, built lazily."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None, progress: bool = False):
+        self.cfg = cfg
+        self.corpus = make_corpus(cfg)
+        self.progress = progress
+        if tokenizer is None:
+            try:
+                tokenizer = build_tokenizer(cfg.tokenizer, cfg.tokenizer_path, cfg.alphabet, cfg.oov,
+                                            cfg.oov_replacement, corpus_symbols=self.corpus.symbols)
+            except (FileNotFoundError, ValueError) as exc:
+                raise DataError(str(exc)) from None
+        self.tokenizer = tokenizer
+        self._rows: dict[str, Rows] = {}
+
+    def stream(self, split: str) -> TokenStream:
+        if split not in SPLITS:
+            raise DataError(f"unknown split '{split}'; known: {', '.join(SPLITS)}")
+        insert_eos = self.cfg.insert_eos and self.cfg.layout == "wrap"
+        cache = Path(self.cfg.cache_dir) if self.cfg.cache_dir else None
+        return tokenize_split(self.corpus, split, self.tokenizer, insert_eos, cache, self.progress)
+
+    def rows(self, split: str) -> Rows:
+        if split not in self._rows:
+            stream = self.stream(split)
+            if self.cfg.layout == "wrap":
+                self._rows[split] = WrapRows(stream, self.cfg.length, self.cfg.frame, self.tokenizer)
+            else:
+                self._rows[split] = PadRows(stream, self.cfg.length, self.tokenizer)
+        return self._rows[split]

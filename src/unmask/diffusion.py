@@ -1,0 +1,162 @@
+"""Objectives: masked diffusion (MDLM) and the autoregressive baseline, on the same rows.
+
+Masked diffusion (``mdlm-reference.md`` section 2):
+
+* forward process ``q(x_t | x_0)``: each counted token independently becomes the mask with
+  probability ``1 - alpha(t)`` (positions that do not count stay clean);
+* SUBS parameterization: the mask logit is excluded (``-inf``) and unmasked positions carry their
+  token over with probability 1;
+* continuous-time Rao-Blackwellized NELBO (MDLM eq. 10)
+  ``E_t [ w(t) sum_{l masked} -log p_theta(x_0^l | x_t) ]`` with ``w(t) = -alpha'(t)/(1-alpha(t))``;
+* discrete-time T-step NELBO: ``t = i/T`` with ``i`` uniform on ``{1..T}`` and weight
+  ``T (alpha(t - 1/T) - alpha(t)) / (1 - alpha(t))``, which tends to ``w(t)`` as ``T`` grows;
+* low-discrepancy (antithetic) times: one uniform per sequence, stratified over the global batch.
+
+Training draws ``t = t_min + (1 - t_min) u`` (MDLM). Evaluation uses a valid bound on ``[0, 1]``:
+for ``u >= t_min`` the integrand at ``t = u``; for ``u < t_min`` the reconstruction term
+``E[-log p(x_0 | x_{t_min})]`` spread over ``[0, t_min)`` (weight ``1/t_min`` at ``t = t_min``),
+which for the log-linear schedule is simply ``t = max(u, t_min)`` with weight ``1/t``.
+
+All losses return per-sequence sums of nats over counted tokens; callers divide by token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .schedules import NoiseSchedule
+
+
+@dataclass
+class Noise:
+    """The randomness of one loss evaluation: a uniform per sequence (time) and per token (mask)."""
+
+    time_u: torch.Tensor  # (B,)
+    mask_u: torch.Tensor  # (B, L)
+
+    def slice(self, start: int, stop: int) -> "Noise":
+        return Noise(self.time_u[start:stop], self.mask_u[start:stop])
+
+    def to(self, device) -> "Noise":
+        return Noise(self.time_u.to(device), self.mask_u.to(device))
+
+
+def stratified_uniform(n: int, generator: torch.Generator | None = None, antithetic: bool = True) -> torch.Tensor:
+    """``n`` uniforms on [0, 1); with ``antithetic`` the i-th lies in ``[i/n, (i+1)/n)`` (MDLM's
+    low-discrepancy sampler), so the batch covers [0, 1) evenly."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    if antithetic:
+        u = (u + torch.arange(n, dtype=torch.float64)) / n
+    return u
+
+
+def draw_noise(batch: int, length: int, generator: torch.Generator, antithetic: bool = True) -> Noise:
+    """Noise for a whole (global) batch; data-parallel ranks slice their share so a run on any
+    number of processes sees the same draws."""
+    time_u = stratified_uniform(batch, generator, antithetic)
+    mask_u = torch.rand(batch, length, generator=generator)
+    return Noise(time_u, mask_u)
+
+
+def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS parameterization in float32: log p_theta(x_0 | x_t) of shape (B, L, V).
+
+    The mask token gets probability 0; every unmasked position puts probability 1 on its token.
+    """
+    logits = logits.float().clone()
+    logits[..., mask_id] = float("-inf")
+    log_probs = logits.log_softmax(dim=-1)
+    unmasked = xt != mask_id
+    carry = torch.full_like(log_probs[unmasked], float("-inf"))
+    carry.scatter_(-1, xt[unmasked][:, None], 0.0)
+    log_probs[unmasked] = carry
+    return log_probs
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """``-log p(target)`` under softmax(logits) with the mask class excluded; logits (N, V)."""
+    logits = logits.float()
+    logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+class MaskedDiffusion:
+    """The MDLM objective over a noise schedule."""
+
+    family = "mdlm"
+
+    def __init__(self, schedule: NoiseSchedule, mask_id: int, t_min: float = 1e-3,
+                 discrete_steps: int = 0, antithetic: bool = True):
+        self.schedule, self.mask_id = schedule, mask_id
+        self.t_min, self.discrete_steps, self.antithetic = t_min, discrete_steps, antithetic
+
+    # --- forward process -------------------------------------------------------------------
+    def mask(self, x0: torch.Tensor, t: torch.Tensor, mask_u: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+        """``x_t ~ q(x_t | x_0)``: counted tokens become the mask with probability ``1 - alpha(t)``."""
+        p_mask = 1 - self.schedule.alpha(t.to(torch.float64)).float()
+        masked = (mask_u < p_mask[:, None]) & counted
+        return torch.where(masked, torch.full_like(x0, self.mask_id), x0)
+
+    # --- time and weight -------------------------------------------------------------------
+    def times_and_weights(self, time_u: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map uniforms to (t, weight) in float64. ``exact`` selects the evaluation bound (see module
+        docstring); otherwise MDLM's training draw on ``[t_min, 1]``."""
+        u = time_u.to(torch.float64)
+        s = self.schedule
+        if self.discrete_steps:
+            steps = self.discrete_steps
+            i = (u * steps).floor().clamp(0, steps - 1) + 1
+            t, prev = i / steps, (i - 1) / steps
+            return t, steps * (s.alpha(prev) - s.alpha(t)) / (1 - s.alpha(t))
+        if not exact:
+            t = self.t_min + (1 - self.t_min) * u
+            return t, s.weight(t)
+        if self.t_min == 0:
+            t = u.clamp_min(torch.finfo(torch.float64).tiny)
+            return t, s.weight(t)
+        below = u < self.t_min
+        t = torch.where(below, torch.full_like(u, self.t_min), u)
+        return t, torch.where(below, torch.full_like(u, 1 / self.t_min), s.weight(t))
+
+    def model_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.sigma(t.to(torch.float64)).float()
+
+    # --- loss --------------------------------------------------------------------------------
+    def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise, exact: bool = False) -> torch.Tensor:
+        """Per-sequence NELBO terms (B,): ``w(t) * sum_{masked} -log p_theta(x_0 | x_t)``."""
+        t, weight = self.times_and_weights(noise.time_u.to(x0.device), exact)
+        xt = self.mask(x0, t, noise.mask_u.to(x0.device), counted)
+        masked = xt == self.mask_id
+        logits = model(xt, self.model_sigma(t), positions=masked)
+        nll = masked_cross_entropy(logits, x0[masked], self.mask_id)
+        per_seq = torch.zeros(x0.shape[0], device=x0.device, dtype=torch.float32)
+        per_seq.index_add_(0, masked.nonzero()[:, 0], nll)
+        return per_seq * weight.to(per_seq.device).float()
+
+
+class Autoregressive:
+    """Next-token prediction on the same rows: input ``[BOS, x_0 .. x_{L-2}]``, targets ``x``.
+
+    Prepending BOS lets the AR model score every position of the row, the first included, so its
+    NLL and the diffusion NELBO cover exactly the same tokens.
+    """
+
+    family = "ar"
+
+    def __init__(self, bos_id: int, mask_id: int):
+        self.bos_id, self.mask_id = bos_id, mask_id
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.full_like(x[:, :1], self.bos_id), x[:, :-1]], dim=1)
+
+    def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise | None = None,
+             exact: bool = False) -> torch.Tensor:
+        """Per-sequence exact NLL (B,) over counted positions."""
+        logits = model(self.inputs(x0), positions=counted)
+        nll = masked_cross_entropy(logits, x0[counted], self.mask_id)
+        per_seq = torch.zeros(x0.shape[0], device=x0.device, dtype=torch.float32)
+        per_seq.index_add_(0, counted.nonzero()[:, 0], nll)
+        return per_seq

@@ -1,0 +1,201 @@
+"""The DiT backbone of MDLM (``models/dit.py``), with switches instead of copies.
+
+One module serves every family:
+
+* ``causal=False``: bidirectional attention, the masked-diffusion denoiser;
+  ``causal=True``: the autoregressive baseline of the same size.
+* ``time_conditioning``: when off (MDLM's default) the adaLN conditioning sees ``sigma = 0``.
+* input as token ids or as input embeddings (``inputs_embeds``, for soft inputs).
+
+Module and parameter names follow MDLM's layout (``vocab_embed.embedding``, ``sigma_map.mlp.{0,2}``,
+``rotary_emb.inv_freq``, ``blocks.{i}.{norm1,attn_qkv,attn_out,norm2,mlp.0,mlp.2,adaLN_modulation}``,
+``output_layer.{norm_final,linear,adaLN_modulation}``) so released checkpoints load without renaming.
+
+Shapes: ids (B, L) -> logits (B, L, V) over the whole vocabulary, mask included (the
+parameterization, not the backbone, removes it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    """Non-affine layer norm in fp32 times a learnable ``weight`` (no bias), as in MDLM."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.layer_norm(x.float(), [self.dim])
+        return y * self.weight[None, None, :]
+
+
+def modulate(x, shift, scale):
+    """adaLN: ``x * (1 + scale) + shift`` with per-sequence shift/scale of shape (B, 1, H)."""
+    return x * (1 + scale) + shift
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, non-interleaved rotate-half over the full head dimension."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq)  # persistent: MDLM checkpoints carry it
+        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is None or self._cache[0] != length or self._cache[1] != device:
+            t = torch.arange(length, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self._cache = (length, device, emb.cos(), emb.sin())
+        return self._cache[2], self._cache[3]
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """x: (B, heads, L, d); cos/sin: (L, d)."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class TimestepEmbedder(nn.Module):
+    """``sigma_map``: 256-dim sinusoidal embedding of sigma, then Linear -> SiLU -> Linear."""
+
+    def __init__(self, cond_dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma):
+        half = self.frequency_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+        args = sigma.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class EmbeddingLayer(nn.Module):
+    """``vocab_embed.embedding``: a raw (V, H) parameter with Kaiming-uniform init."""
+
+    def __init__(self, hidden: int, vocab_size: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, hidden))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, ids):
+        return self.embedding[ids]
+
+
+class DDiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero modulation (shift/scale/gate for attn and MLP)."""
+
+    def __init__(self, hidden: int, heads: int, cond_dim: int, dropout: float, mlp_ratio: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = LayerNorm(hidden)
+        self.attn_qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.attn_out = nn.Linear(hidden, hidden, bias=False)
+        self.norm2 = LayerNorm(hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_ratio * hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_ratio * hidden, hidden))
+        self.dropout = nn.Dropout(dropout)
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * hidden)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x, rotary, c, causal: bool):
+        b, length, hidden = x.shape
+        (shift_msa, scale_msa, gate_msa,
+         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        qkv = self.attn_qkv(h).view(b, length, 3, self.heads, hidden // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d)
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        attn = attn.transpose(1, 2).reshape(b, length, hidden)
+        x = x + gate_msa * self.dropout(self.attn_out(attn))
+        x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return x
+
+
+class DDiTFinalLayer(nn.Module):
+    """adaLN-modulated norm, then a zero-initialised Linear(H -> V) with bias."""
+
+    def __init__(self, hidden: int, vocab_size: int, cond_dim: int):
+        super().__init__()
+        self.norm_final = LayerNorm(hidden)
+        self.linear = nn.Linear(hidden, vocab_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * hidden)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x, c, positions=None):
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+        h = modulate(self.norm_final(x), shift, scale)
+        if positions is not None:
+            h = h[positions]
+        return self.linear(h)
+
+
+class DiT(nn.Module):
+    """MDLM's DiT. ``forward(ids, sigma)`` -> logits (B, L, V).
+
+    ``positions`` (bool, (B, L)) restricts the output layer to the selected positions and returns
+    (N, V) logits: the masked-diffusion loss only needs masked positions, and the output layer is
+    the largest matmul for big vocabularies.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, causal: bool = False):
+        super().__init__()
+        self.cfg, self.vocab_size, self.causal = cfg, vocab_size, causal
+        self.vocab_embed = EmbeddingLayer(cfg.hidden, vocab_size)
+        self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+        self.rotary_emb = Rotary(cfg.hidden // cfg.heads, cfg.rope_base)
+        self.blocks = nn.ModuleList(DDiTBlock(cfg.hidden, cfg.heads, cfg.cond_dim, cfg.dropout)
+                                    for _ in range(cfg.blocks))
+        self.output_layer = DDiTFinalLayer(cfg.hidden, vocab_size, cfg.cond_dim)
+
+    @property
+    def time_conditioning(self) -> bool:
+        return self.cfg.time_conditioning
+
+    def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+        if (ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of ids and inputs_embeds")
+        x = self.vocab_embed(ids) if ids is not None else inputs_embeds
+        b, length = x.shape[:2]
+        if length > self.cfg.length:
+            raise ValueError(f"sequence length {length} exceeds the model's maximum {self.cfg.length}")
+        if sigma is None or not self.cfg.time_conditioning:
+            sigma = torch.zeros(b, device=x.device)
+        c = F.silu(self.sigma_map(sigma))
+        rotary = self.rotary_emb(length, x.device)
+        for block in self.blocks:
+            x = block(x, rotary, c, self.causal)
+        return self.output_layer(x, c, positions)
+
+
+def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        total -= model.vocab_embed.embedding.numel()
+        total -= sum(p.numel() for p in model.output_layer.linear.parameters())
+    return total

@@ -1,0 +1,128 @@
+"""Where a run executes: processes (``torchrun``/DDP), device, numeric precision, seeds; and the
+assembly of model and objective from a config."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import RunConfig
+from .diffusion import Autoregressive, MaskedDiffusion
+from .model import DiT
+from .schedules import make_schedule
+from .tokenization import Tokenizer
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Sum a few numbers over processes (float64)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_distributed() -> Distributed:
+    """Join the process group that ``torchrun`` describes (gloo on CPU, NCCL on CUDA), or run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return Distributed(device=torch.device("cuda" if cuda else "cpu"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Distributed(rank, world, local_rank, device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA and on CPUs with native bf16 matmul (measured 2.3x faster than
+    fp32 on an AVX-512 BF16 machine), fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed derived from integers (run seed, step, rank, purpose...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def generator_for(*parts: int, device: str | torch.device = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed_for(*parts))
+
+
+def set_threads(threads: int, world: int) -> None:
+    """Use ``threads`` intra-op threads, or split the machine's cores among local processes."""
+    if threads <= 0:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        threads = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> DiT:
+    """The backbone for ``cfg.family``: bidirectional for mdlm, causal for ar."""
+    return DiT(cfg.model, tokenizer.vocab_size, causal=cfg.family == "ar")
+
+
+def build_objective(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusion | Autoregressive:
+    if cfg.family == "ar":
+        return Autoregressive(tokenizer.bos_id, tokenizer.mask_id)
+    d = cfg.diffusion
+    return MaskedDiffusion(make_schedule(d), tokenizer.mask_id, d.t_min, d.discrete_steps, d.antithetic)

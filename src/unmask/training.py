@@ -1,0 +1,274 @@
+"""The training loop: one function, plain PyTorch, data-parallel through ``torchrun``.
+
+Every source of randomness at step ``s`` is derived from ``(seed, s)``: the rows read
+(:class:`~unmask.data.BatchOrder`), the diffusion noise (drawn for the global batch, then sliced per
+process) and dropout (seeded per step and rank). A run resumed from a checkpoint at step ``s``
+therefore computes exactly what the uninterrupted run would have, and one process with the global
+batch makes the same update as several processes sharing it.
+
+Loss normalisation: each process divides its sum of per-token losses by the *global* number of
+counted tokens in the step (one all-reduce), so gradients equal those of the whole batch at once,
+whatever the number of processes and accumulation steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import Checkpoint, list_checkpoints, load_weights, save_checkpoint
+from .config import ConfigError, RunConfig, dump_config
+from .data import BatchOrder, Data, counted_positions
+from .diffusion import draw_noise
+from .evaluation import evaluate
+from .model import count_parameters
+from .runtime import (Distributed, autocast, build_model, build_objective, generator_for, init_distributed,
+                      peak_memory_mb, resolve_precision, seed_for, set_threads, shutdown_distributed)
+
+
+class EMA:
+    """Exponential moving average of parameters, decay ``min(decay, (1 + n) / (10 + n))`` (MDLM)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.names = [name for name, _ in model.named_parameters()]
+        self.shadow = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in model.parameters()], 1 - decay)
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Full model state with parameters replaced by their averages (buffers as in ``model``)."""
+        state = {k: v for k, v in model.state_dict().items()}
+        state.update(zip(self.names, self.shadow))
+        return state
+
+    def load(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        for i, name in enumerate(self.names):
+            self.shadow[i].copy_(state[name])
+        self.updates = updates
+
+
+def learning_rate(cfg: RunConfig, step: int) -> float:
+    """Linear warm-up to ``lr``, then constant (MDLM) or cosine decay to ``min_lr_ratio * lr``."""
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def micro_batching(cfg: RunConfig, world: int) -> tuple[int, int]:
+    """(micro batch size per process, accumulation steps) for the global ``train.batch_size``."""
+    t = cfg.train
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {world} processes")
+    local = t.batch_size // world
+    micro = t.micro_batch_size or local
+    if local % micro:
+        raise ConfigError(f"per-process batch {local} is not divisible by train.micro_batch_size={micro}")
+    return micro, local // micro
+
+
+class MetricsLog:
+    """Append-only JSONL metrics, written by the main process."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: RunConfig, fresh: bool = False) -> Path:
+    """Train (or resume) the run ``cfg.run_dir``; returns the final checkpoint folder."""
+    dist = init_distributed()
+    try:
+        return _train(cfg, dist, fresh)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
+    t = cfg.train
+    set_threads(t.threads, dist.world)
+    device = dist.device
+    precision = resolve_precision(t.precision, device)
+    run_dir = Path(cfg.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if dist.main:
+        if fresh and run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    dist.barrier()
+
+    # data: the main process tokenizes (and caches) first, the others then open the cache
+    if dist.main:
+        data = Data(cfg.data, progress=t.progress)
+        train_rows = data.rows("train")
+        valid_rows = data.rows("valid") if t.eval_every else None
+    dist.barrier()
+    if not dist.main:
+        data = Data(cfg.data)
+        train_rows = data.rows("train")
+        valid_rows = data.rows("valid") if t.eval_every else None
+    tokenizer = data.tokenizer
+    if dist.main:
+        tokenizer.save(run_dir / "tokenizer")
+
+    torch.manual_seed(seed_for(t.seed, 0x1417))
+    model = build_model(cfg, tokenizer).to(device)
+    objective = build_objective(cfg, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    ema = EMA(model, t.ema) if t.ema > 0 else None
+
+    start_step, elapsed_before = 0, 0.0
+    existing = list_checkpoints(ckpt_root)
+    if existing:
+        ckpt = Checkpoint(existing[-1])
+        if ckpt.config.model != cfg.model or ckpt.config.family != cfg.family:
+            raise ConfigError(f"{run_dir} holds a checkpoint of a different model; use another "
+                              f"run_dir or --fresh")
+        load_weights(model, ckpt.weights(ema=False), str(ckpt.path))
+        optimizer.load_state_dict(ckpt.optimizer_state())
+        if ema is not None and ckpt.ema_state() is not None:
+            ema.load(ckpt.ema_state(), ckpt.state.get("ema_updates", ckpt.step))
+        start_step, elapsed_before = ckpt.step, ckpt.state.get("elapsed_seconds", 0.0)
+        if dist.main:
+            print(f"resuming {run_dir} from step {start_step}")
+
+    seq_len = cfg.data.length
+    params = count_parameters(model)
+    micro, accumulation = micro_batching(cfg, dist.world)
+    local = micro * accumulation
+    ddp_model = DistributedDataParallel(model) if dist.world > 1 else model
+    forward_model = torch.compile(ddp_model) if t.compile else ddp_model
+    order = BatchOrder(len(train_rows), t.batch_size, t.seed)
+    log = MetricsLog(run_dir / "metrics.jsonl", dist.main)
+    if dist.main:
+        log.write({"event": "start", "step": start_step, "parameters": params, "world": dist.world,
+                   "precision": precision, "device": str(device), "train_rows": len(train_rows),
+                   "micro_batch": micro, "accumulation": accumulation})
+
+    bar = None
+    if dist.main and t.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start_step, desc=f"train {cfg.family}", unit="step", dynamic_ncols=True)
+    window_loss = window_tokens = 0.0
+    window_start, window_steps = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    step = start_step
+    last_saved = None
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - run_start
+
+    def save(at: int) -> Path:
+        state = {"elapsed_seconds": elapsed(), "ema_updates": ema.updates if ema else 0,
+                 "epoch": order.epoch_of(at), "rows_seen": at * t.batch_size}
+        return save_checkpoint(ckpt_root, at, model.state_dict(), cfg, tokenizer, optimizer.state_dict(),
+                               ema.state_dict(model) if ema else None, state, keep=t.keep_checkpoints)
+
+    while step < t.steps:
+        model.train()
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = order.batch(step)[dist.rank * local:(dist.rank + 1) * local]
+        ids_np, kinds = train_rows.get(rows)
+        x0 = torch.from_numpy(ids_np).to(device)
+        counted = torch.from_numpy(counted_positions(kinds, cfg.data)).to(device)
+        noise = draw_noise(t.batch_size, seq_len, generator_for(t.seed, step, 0x7015E), cfg.diffusion.antithetic)
+        noise = noise.slice(dist.rank * local, (dist.rank + 1) * local).to(device)
+        global_tokens = dist.all_sum([float(counted.sum())])[0]
+        torch.manual_seed(seed_for(t.seed, step, dist.rank, 0xD0))
+        step_loss = 0.0
+        for m in range(accumulation):
+            part = slice(m * micro, (m + 1) * micro)
+            sync = m == accumulation - 1 or dist.world == 1
+            ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                with autocast(device, precision):
+                    loss_sum = objective.loss(forward_model, x0[part], counted[part],
+                                              noise.slice(m * micro, (m + 1) * micro)).sum()
+                (loss_sum * dist.world / max(global_tokens, 1.0)).backward()
+            step_loss += float(loss_sum.detach())
+        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        window_loss += step_loss
+        window_tokens += float(counted.sum())
+        window_steps += 1
+
+        stop_for_time = False
+        if t.max_minutes > 0:
+            stop_for_time = dist.all_sum([1.0 if elapsed() >= t.max_minutes * 60 else 0.0])[0] > 0
+        if step % t.log_every == 0 or step == t.steps or stop_for_time:
+            loss_sum_g, tokens_g = dist.all_sum([window_loss, window_tokens])
+            seconds = time.perf_counter() - window_start
+            record = {"step": step, "loss": loss_sum_g / max(tokens_g, 1.0), "lr": lr,
+                      "grad_norm": float(grad_norm),
+                      "tokens_per_second": window_steps * t.batch_size * seq_len / seconds,
+                      "elapsed_seconds": elapsed(), "epoch": order.epoch_of(step)}
+            log.write(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            window_loss = window_tokens = 0.0
+            window_start, window_steps = time.perf_counter(), 0
+        if bar is not None:
+            bar.update(1)
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and dist.main:
+            log.write({"step": step, "event": "eval", "split": "valid",
+                       **_eval_during_training(cfg, model, ema, objective, valid_rows, tokenizer, device)})
+        if t.save_every and step % t.save_every == 0 and dist.main:
+            last_saved = save(step)
+        dist.barrier()
+        if stop_for_time:
+            break
+    if bar is not None:
+        bar.close()
+    if dist.main:
+        if last_saved is None or not last_saved.name.endswith(f"{step:08d}"):
+            last_saved = save(step)
+        log.write({"event": "end", "step": step, "elapsed_seconds": elapsed(),
+                   "peak_memory_mb": peak_memory_mb(device)})
+    dist.barrier()
+    return last_saved or list_checkpoints(ckpt_root)[-1]
+
+
+def _eval_during_training(cfg, model, ema, objective, rows, tokenizer, device) -> dict:
+    """Validation NELBO on ``train.eval_sequences`` rows, with the EMA weights when available."""
+    backup = None
+    if ema is not None and cfg.eval.use_ema:
+        backup = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(ema.state_dict(model))
+    try:
+        result = evaluate(model, objective, rows, cfg.data, tokenizer, mc_samples=cfg.eval.mc_samples,
+                          batch_size=cfg.eval.batch_size, max_sequences=cfg.train.eval_sequences,
+                          seed=cfg.eval.seed, precision=resolve_precision(cfg.eval.precision, device), device=device)
+    finally:
+        if backup is not None:
+            model.load_state_dict(backup)
+    return {k: result[k] for k in ("nll", "stderr", "perplexity", "bits_per_token", "bits_per_char")}
