@@ -117,9 +117,13 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    replaced = None
+    if final.exists():  # move the old one aside first: a kill now leaves the earlier checkpoints
+        replaced = root / f".tmp-replaced-{final.name}-{os.getpid()}"
+        os.replace(final, replaced)
     os.replace(tmp, final)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     _fsync_dir(root)
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -104,7 +105,8 @@ def cmd_train(args) -> int:
 
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     final = train(cfg, fresh=args.fresh)
-    print(f"checkpoint: {final}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {final}")
     return 0
 
 
@@ -183,14 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse stops filling the positional overrides at the first option, so the overrides after
+    # it (`unmask train a=1 --fresh b=2`) come back as extras: they are overrides too.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides.extend(extra)
     if getattr(args, "config", None) and "=" in args.config:  # `unmask train key=value ...`
         args.overrides.insert(0, args.config)
         args.config = None
     try:
         return args.func(args)
     except USER_ERRORS as exc:
-        print(f"unmask: error: {exc}", file=sys.stderr)
+        # one line, even when a message quotes a multi-line parser error (malformed YAML)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"unmask: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("unmask: interrupted", file=sys.stderr)

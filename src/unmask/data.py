@@ -53,6 +53,8 @@ class DataError(ValueError):
 
 
 def _file_id(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
     st = path.stat()
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
@@ -68,8 +70,17 @@ def open_text(path: str | Path) -> io.TextIOBase:
         archive = zipfile.ZipFile(path)
         members = [m for m in archive.namelist() if not m.endswith("/")]
         if len(members) != 1:
+            archive.close()
             raise DataError(f"{path} must hold exactly one file, found {len(members)}")
-        return io.TextIOWrapper(archive.open(members[0]), encoding="utf-8", newline="")
+        stream = io.TextIOWrapper(archive.open(members[0]), encoding="utf-8", newline="")
+        close = stream.close
+
+        def close_both():
+            close()
+            archive.close()
+
+        stream.close = close_both
+        return stream
     return open(path, encoding="utf-8", newline="")
 
 
@@ -145,8 +156,12 @@ class CharRangeCorpus(Corpus):
         return f"{self.name}|{self.source_id}|{self.ranges[split]}"
 
 
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix == ".jsonl" or path.name.endswith(".jsonl.xz")
+
+
 def _documents_of_file(path: Path, mode: str, text_field: str) -> Iterator[Iterable[str]]:
-    if path.suffix == ".jsonl" or path.name.endswith(".jsonl.xz"):
+    if _is_jsonl(path):
         with open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -222,7 +237,7 @@ class FilesCorpus(Corpus):
 
     def _split_bounds(self) -> tuple[str, int, int, int]:
         files = self.files["train"]
-        single = len(files) == 1 and self.cfg.documents == "file" and not files[0].name.endswith(".jsonl")
+        single = len(files) == 1 and self.cfg.documents == "file" and not _is_jsonl(files[0])
         if self._bounds is None:
             if single:
                 total = sum(len(p) for p in _read_pieces(files[0]))
@@ -286,7 +301,10 @@ class HFCorpus(Corpus):
                 if isinstance(ds, datasets.DatasetDict):
                     if hf_split not in ds:
                         raise DataError(f"dataset {name} has no split '{hf_split}' (has {list(ds)})")
-                    ds = ds[hf_split]
+                    return ds[hf_split]
+                if split != "train":
+                    raise DataError(f"{name} holds a single dataset, used as the train split; save a "
+                                    f"DatasetDict with {self.cfg.hf_split_names} to give {split} data")
                 return ds
             return datasets.load_dataset(name, self.cfg.hf_config, split=hf_split,
                                          streaming=self.cfg.hf_streaming)

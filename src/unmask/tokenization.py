@@ -59,6 +59,8 @@ class Tokenizer:
 
     def token_str(self, i: int) -> str:
         """A printable form of one id, used when showing partially masked canvases."""
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary of {self.vocab_size}")
         names = {self.mask_id: "[MASK]", self.bos_id: "[BOS]", self.eos_id: "[EOS]", self.pad_id: "[PAD]"}
         return names.get(i) or self.decode([i], skip_special=False)
 
@@ -142,9 +144,17 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids, skip_special: bool = True) -> str:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if not skip_special:
-            return "".join(self.token_str(int(i)) if i >= 256 else bytes([i]).decode("utf-8", "replace")
-                           for i in ids)
+        if not skip_special:  # decode runs of bytes together so multi-byte characters survive
+            out, run = [], []
+            for i in ids.tolist() + [None]:
+                if i is not None and i < 256:
+                    run.append(i)
+                    continue
+                out.append(bytes(run).decode("utf-8", errors="replace"))
+                run = []
+                if i is not None:
+                    out.append(self.token_str(i))
+            return "".join(out)
         return bytes(ids[ids < 256].astype(np.uint8).tolist()).decode("utf-8", errors="replace")
 
     def describe(self) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import Checkpoint, list_checkpoints, load_weights, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_weights, save_checkpoint
 from .config import ConfigError, RunConfig, dump_config
 from .data import BatchOrder, Data, counted_positions
 from .diffusion import draw_noise
@@ -65,7 +65,7 @@ def learning_rate(cfg: RunConfig, step: int) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     if t.lr_schedule == "constant":
         return t.lr
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - 1 - t.warmup_steps))
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -76,6 +76,8 @@ def micro_batching(cfg: RunConfig, world: int) -> tuple[int, int]:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {world} processes")
     local = t.batch_size // world
     micro = t.micro_batch_size or local
+    if micro < 1:
+        raise ConfigError(f"train.micro_batch_size={micro} must be >= 1 (or 0/null for the whole batch)")
     if local % micro:
         raise ConfigError(f"per-process batch {local} is not divisible by train.micro_batch_size={micro}")
     return micro, local // micro
@@ -109,6 +111,25 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
     precision = resolve_precision(t.precision, device)
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
+    # data: the main process tokenizes (and caches) first, the others then open the cache; a
+    # failure on the main process is shared so that no process waits for it at a barrier
+    failure = None
+    if dist.main:
+        try:
+            data = Data(cfg.data, progress=t.progress)
+            train_rows = data.rows("train")
+            valid_rows = data.rows("valid") if t.eval_every else None
+        except Exception as exc:
+            failure = exc
+    if dist.all_sum([1.0 if failure else 0.0])[0]:
+        if failure:
+            raise failure
+        raise RuntimeError("the main process failed to prepare the data")
+    if not dist.main:
+        data = Data(cfg.data)
+        train_rows = data.rows("train")
+        valid_rows = data.rows("valid") if t.eval_every else None
+    tokenizer = data.tokenizer
     if dist.main:
         if fresh and run_dir.exists():
             import shutil
@@ -116,21 +137,8 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    dist.barrier()
-
-    # data: the main process tokenizes (and caches) first, the others then open the cache
-    if dist.main:
-        data = Data(cfg.data, progress=t.progress)
-        train_rows = data.rows("train")
-        valid_rows = data.rows("valid") if t.eval_every else None
-    dist.barrier()
-    if not dist.main:
-        data = Data(cfg.data)
-        train_rows = data.rows("train")
-        valid_rows = data.rows("valid") if t.eval_every else None
-    tokenizer = data.tokenizer
-    if dist.main:
         tokenizer.save(run_dir / "tokenizer")
+    dist.barrier()
 
     torch.manual_seed(seed_for(t.seed, 0x1417))
     model = build_model(cfg, tokenizer).to(device)
@@ -147,7 +155,10 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
             raise ConfigError(f"{run_dir} holds a checkpoint of a different model; use another "
                               f"run_dir or --fresh")
         load_weights(model, ckpt.weights(ema=False), str(ckpt.path))
-        optimizer.load_state_dict(ckpt.optimizer_state())
+        optimizer_state = ckpt.optimizer_state()
+        if optimizer_state is None:
+            raise CheckpointError(f"{ckpt.path} has no optimizer state, so training cannot resume from it")
+        optimizer.load_state_dict(optimizer_state)
         if ema is not None and ckpt.ema_state() is not None:
             ema.load(ckpt.ema_state(), ckpt.state.get("ema_updates", ckpt.step))
         start_step, elapsed_before = ckpt.step, ckpt.state.get("elapsed_seconds", 0.0)
@@ -225,7 +236,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
         stop_for_time = False
         if t.max_minutes > 0:
             stop_for_time = dist.all_sum([1.0 if elapsed() >= t.max_minutes * 60 else 0.0])[0] > 0
-        if step % t.log_every == 0 or step == t.steps or stop_for_time:
+        if (t.log_every > 0 and step % t.log_every == 0) or step == t.steps or stop_for_time:
             loss_sum_g, tokens_g = dist.all_sum([window_loss, window_tokens])
             seconds = time.perf_counter() - window_start
             record = {"step": step, "loss": loss_sum_g / max(tokens_g, 1.0), "lr": lr,
@@ -250,6 +261,8 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
     if bar is not None:
         bar.close()
     if dist.main:
+        if last_saved is None and existing and step == start_step:
+            last_saved = existing[-1]  # nothing trained: rewriting it would only risk the checkpoint
         if last_saved is None or not last_saved.name.endswith(f"{step:08d}"):
             last_saved = save(step)
         log.write({"event": "end", "step": step, "elapsed_seconds": elapsed(),

@@ -1,0 +1,122 @@
+"""The DiT backbone: MDLM's parameter layout and count, attention direction, time conditioning,
+rotary embeddings, the positions/inputs_embeds paths."""
+
+import pytest
+import torch
+
+from unmask.config import MODEL_PRESETS, ModelConfig
+from unmask.model import DiT, apply_rotary, count_parameters
+
+MDLM_BLOCK_KEYS = ["norm1.weight", "attn_qkv.weight", "attn_out.weight", "norm2.weight", "mlp.0.weight",
+                   "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "adaLN_modulation.weight", "adaLN_modulation.bias"]
+
+
+def test_small_preset_matches_mdlm_parameter_count_and_keys():
+    with torch.device("meta"):
+        model = DiT(ModelConfig(**MODEL_PRESETS["small"]), 50258)
+    assert count_parameters(model) == 169_627_218
+    assert count_parameters(model, exclude_embeddings=True) == 92_380_672
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert len(shapes) == 131
+    expected = {
+        "vocab_embed.embedding": (50258, 768), "sigma_map.mlp.0.weight": (128, 256), "sigma_map.mlp.0.bias": (128,),
+        "sigma_map.mlp.2.weight": (128, 128), "sigma_map.mlp.2.bias": (128,), "rotary_emb.inv_freq": (32,),
+        "blocks.11.attn_qkv.weight": (2304, 768), "blocks.0.adaLN_modulation.weight": (4608, 128),
+        "blocks.3.mlp.0.weight": (3072, 768), "output_layer.norm_final.weight": (768,),
+        "output_layer.linear.weight": (50258, 768), "output_layer.linear.bias": (50258,),
+        "output_layer.adaLN_modulation.weight": (1536, 128),
+    }
+    for key, shape in expected.items():
+        assert shapes[key] == shape, key
+    for i in range(12):
+        for k in MDLM_BLOCK_KEYS:
+            assert f"blocks.{i}.{k}" in shapes
+
+
+def tiny(causal=False, time_conditioning=False, seed=0, vocab=11):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(hidden=32, blocks=2, heads=4, cond_dim=16, dropout=0.0, length=40,
+                      time_conditioning=time_conditioning)
+    model = DiT(cfg, vocab, causal=causal)
+    with torch.no_grad():  # move away from the zero init so every path matters
+        for p in model.parameters():
+            if p.dim() >= 1 and float(p.abs().sum()) == 0:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def test_zero_init_outputs_uniform_logits():
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(hidden=32, blocks=2, heads=4, cond_dim=16, length=40), 11)
+    out = model(torch.randint(0, 11, (2, 9)))
+    assert out.shape == (2, 9, 11)
+    assert torch.all(out == 0)
+
+
+def test_bidirectional_vs_causal_attention():
+    ids = torch.randint(0, 10, (2, 16), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 10
+    with torch.no_grad():
+        bi = tiny()
+        assert not torch.allclose(bi(ids)[:, :10], bi(changed)[:, :10])
+        ar = tiny(causal=True)
+        assert torch.allclose(ar(ids)[:, :10], ar(changed)[:, :10], atol=1e-6)
+        assert not torch.allclose(ar(ids)[:, 10:], ar(changed)[:, 10:])
+
+
+def test_time_conditioning_switch():
+    ids = torch.randint(0, 10, (2, 8), generator=torch.Generator().manual_seed(1))
+    s1, s2 = torch.tensor([0.1, 0.2]), torch.tensor([3.0, 4.0])
+    with torch.no_grad():
+        off = tiny(time_conditioning=False)
+        assert torch.equal(off(ids, s1), off(ids, s2))
+        assert torch.equal(off(ids, s1), off(ids, torch.zeros(2)))
+        on = tiny(time_conditioning=True)
+        assert not torch.allclose(on(ids, s1), on(ids, s2))
+
+
+def test_positions_and_inputs_embeds_paths_agree_with_full_forward():
+    model = tiny()
+    ids = torch.randint(0, 10, (3, 12), generator=torch.Generator().manual_seed(2))
+    positions = torch.rand(3, 12, generator=torch.Generator().manual_seed(3)) < 0.4
+    with torch.no_grad():
+        full = model(ids)
+        assert torch.allclose(model(ids, positions=positions), full[positions], atol=1e-6)
+        embeds = model.vocab_embed.embedding[ids]
+        assert torch.allclose(model(inputs_embeds=embeds), full, atol=1e-6)
+    with pytest.raises(ValueError):
+        model()
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    d, length = 8, 20
+    from unmask.model import Rotary
+
+    cos, sin = Rotary(d)(length, torch.device("cpu"))
+    q = torch.randn(d).expand(1, 1, length, d)
+    k = torch.randn(d).expand(1, 1, length, d)
+    qr, kr = apply_rotary(q, cos, sin)[0, 0], apply_rotary(k, cos, sin)[0, 0]
+    scores = qr @ kr.T
+    # score(i, j) = score(i + s, j + s)
+    assert torch.allclose(scores[2, 5], scores[9, 12], atol=1e-5)
+    assert torch.allclose(scores[7, 3], scores[15, 11], atol=1e-5)
+    assert not torch.allclose(scores[2, 5], scores[2, 6], atol=1e-3)
+    # rotation preserves norms
+    assert torch.allclose(qr.norm(dim=-1), q[0, 0].norm(dim=-1), atol=1e-5)
+
+
+def test_sequence_longer_than_model_length_is_an_error():
+    model = tiny()
+    with pytest.raises(ValueError, match="exceeds the model's maximum 40"):
+        model(torch.zeros(1, 41, dtype=torch.long))
+
+
+def test_bf16_autocast_close_to_fp32():
+    model = tiny()
+    ids = torch.randint(0, 10, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(ids).float()
+    assert (low - ref).norm() / ref.norm() < 3e-2
