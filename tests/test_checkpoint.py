@@ -18,17 +18,9 @@ from unmask.config import load_config
 from unmask.runtime import build_model
 from unmask.tokenization import CharTokenizer, load_tokenizer
 
-TINY = ["model.preset=nano", "model.hidden=32", "model.blocks=2", "model.heads=2", "model.cond_dim=16",
-        "model.length=32", "data.length=32", "train.batch_size=4", "train.progress=false", "train.threads=1",
-        "train.log_every=1", "train.warmup_steps=0"]
+from toys import TINY
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("UNMASK_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(tmp_path: Path, *extra: str):

@@ -19,22 +19,15 @@ from unmask.checkpoint import Checkpoint, list_checkpoints
 from unmask.cli import main
 from unmask.config import load_config
 
-TINY = ["model.preset=nano", "model.hidden=32", "model.blocks=2", "model.heads=2", "model.cond_dim=16",
-        "model.length=32", "data.length=32", "train.batch_size=4", "train.progress=false", "train.threads=1",
-        "train.log_every=1", "train.warmup_steps=0", "train.lr=0.003"]
+from toys import TINY as BASE_TINY
+
+TINY = BASE_TINY + ["train.lr=0.003"]
 CORPUS = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
           "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
           "First Citizen:\nLet us kill him, and we'll have corn at our own price.\n"
           "Is't a verdict?\n\nAll:\nNo more talking on't; let it be done: away, away!\n\n") * 30
 EVAL_KEYS = ("nll", "stderr", "perplexity", "bits_per_token", "bits_per_char")
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("UNMASK_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_corpus(directory: Path) -> Path:

@@ -32,9 +32,8 @@ from unmask.data import (
 )
 from unmask.tokenization import ByteTokenizer, CharTokenizer
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-GPT2_DIR = SHARED_DATA / "gpt2-tokenizer"
-TEXT8_PREFIX = SHARED_DATA / "text8" / "text8_first12500000chars.xz"
+from toys import GPT2_DIR, TEXT8_PREFIX
+
 
 
 @pytest.fixture(autouse=True)

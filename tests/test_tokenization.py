@@ -20,13 +20,9 @@ from unmask.tokenization import (
     load_tokenizer,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-GPT2_DIR = SHARED_DATA / "gpt2-tokenizer"
+from toys import GPT2_DIR
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("UNMASK_CACHE", str(tmp_path / "unmask-cache"))
 
 
 # ----------------------------------------------------------------------------- character tokenizer

@@ -25,19 +25,11 @@ from unmask.model import count_parameters
 from unmask.runtime import build_model
 from unmask.training import EMA, learning_rate, micro_batching, train
 
-TINY = ["model.preset=nano", "model.hidden=32", "model.blocks=2", "model.heads=2", "model.cond_dim=16",
-        "model.length=32", "data.length=32", "train.batch_size=4", "train.progress=false", "train.threads=1",
-        "train.log_every=1", "train.warmup_steps=0"]
+from toys import TINY
+
 # exact comparisons: fp32 everywhere, no dropout
 EXACT = ["train.precision=fp32", "model.dropout=0.0"]
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("UNMASK_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -1,11 +1,22 @@
 """Toy models and data with known answers, shared by the math tests."""
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from unmask.config import ModelConfig
 from unmask.data import TOKEN, Rows
 from unmask.model import DiT
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+GPT2_DIR = SHARED_DATA / "gpt2-tokenizer"
+TEXT8_PREFIX = SHARED_DATA / "text8" / "text8_first12500000chars.xz"
+
+# a model and run small enough for unit tests
+TINY = ["model.preset=nano", "model.hidden=32", "model.blocks=2", "model.heads=2", "model.cond_dim=16",
+        "model.length=32", "data.length=32", "train.batch_size=4", "train.progress=false", "train.threads=1",
+        "train.log_every=1", "train.warmup_steps=0"]
 
 V_TOKENS, LENGTH = 5, 8
 MASK = V_TOKENS  # ids 0..4 are tokens, 5 is the mask
