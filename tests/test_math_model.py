@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from unmask.config import MODEL_PRESETS, ModelConfig
-from unmask.model import DiT, apply_rotary, count_parameters
+from unmask.model import DiT, apply_rotary, bucketed_positions, count_parameters
 
 MDLM_BLOCK_KEYS = ["norm1.weight", "attn_qkv.weight", "attn_out.weight", "norm2.weight", "mlp.0.weight",
                    "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "adaLN_modulation.weight", "adaLN_modulation.bias"]
@@ -83,6 +83,8 @@ def test_positions_and_inputs_embeds_paths_agree_with_full_forward():
     with torch.no_grad():
         full = model(ids)
         assert torch.allclose(model(ids, positions=positions), full[positions], atol=1e-6)
+        index, n = bucketed_positions(positions, buckets=4)
+        assert torch.allclose(model(ids, positions=index)[:n], full[positions], atol=1e-6)
         embeds = model.vocab_embed.embedding[ids]
         assert torch.allclose(model(inputs_embeds=embeds), full, atol=1e-6)
     with pytest.raises(ValueError):
@@ -120,3 +122,16 @@ def test_bf16_autocast_close_to_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(ids).float()
     assert (low - ref).norm() / ref.norm() < 3e-2
+
+
+def test_bucketed_positions_pad_to_few_shapes():
+    g = torch.Generator().manual_seed(5)
+    sizes = set()
+    for p in torch.linspace(0, 1, 50):
+        mask = torch.rand(4, 16, generator=g) < p
+        index, n = bucketed_positions(mask, buckets=8)
+        assert n == int(mask.sum())
+        assert torch.equal(index[:n], mask.reshape(-1).nonzero()[:, 0])  # the real ones, in order
+        assert torch.all(index[n:] == 0) and len(index) % 8 == 0 and len(index) >= max(n, 8)
+        sizes.add(len(index))
+    assert len(sizes) <= 8

@@ -32,7 +32,9 @@ class FactorizedModel(torch.nn.Module):
 
     def forward(self, ids, sigma=None, positions=None):
         out = self.logits.expand(ids.shape[0], -1, -1)
-        return out[positions] if positions is not None else out
+        if positions is None:
+            return out
+        return out[positions] if positions.dtype == torch.bool else out.reshape(-1, out.shape[-1])[positions]
 
 
 class ArrayRows(Rows):

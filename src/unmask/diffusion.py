@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .model import bucketed_positions
 from .schedules import NoiseSchedule
 
 
@@ -83,6 +84,12 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask_id: i
     return F.cross_entropy(logits, targets, reduction="none")
 
 
+def _per_sequence(values: torch.Tensor, flat_index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum per-position ``values`` at flat indices into B*L back into per-sequence totals (B,)."""
+    out = torch.zeros(shape[0], device=values.device, dtype=torch.float32)
+    return out.index_add_(0, flat_index // shape[1], values.float())
+
+
 class MaskedDiffusion:
     """The MDLM objective over a noise schedule."""
 
@@ -129,12 +136,10 @@ class MaskedDiffusion:
         """Per-sequence NELBO terms (B,): ``w(t) * sum_{masked} -log p_theta(x_0 | x_t)``."""
         t, weight = self.times_and_weights(noise.time_u.to(x0.device), exact)
         xt = self.mask(x0, t, noise.mask_u.to(x0.device), counted)
-        masked = xt == self.mask_id
-        logits = model(xt, self.model_sigma(t), positions=masked)
-        nll = masked_cross_entropy(logits, x0[masked], self.mask_id)
-        per_seq = torch.zeros(x0.shape[0], device=x0.device, dtype=torch.float32)
-        per_seq.index_add_(0, masked.nonzero()[:, 0], nll)
-        return per_seq * weight.to(per_seq.device).float()
+        index, n = bucketed_positions(xt == self.mask_id)
+        logits = model(xt, self.model_sigma(t), positions=index)[:n]
+        return _per_sequence(masked_cross_entropy(logits, x0.reshape(-1)[index[:n]], self.mask_id),
+                             index[:n], x0.shape) * weight.to(x0.device).float()
 
 
 class Autoregressive:
@@ -155,8 +160,7 @@ class Autoregressive:
     def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise | None = None,
              exact: bool = False) -> torch.Tensor:
         """Per-sequence exact NLL (B,) over counted positions."""
-        logits = model(self.inputs(x0), positions=counted)
-        nll = masked_cross_entropy(logits, x0[counted], self.mask_id)
-        per_seq = torch.zeros(x0.shape[0], device=x0.device, dtype=torch.float32)
-        per_seq.index_add_(0, counted.nonzero()[:, 0], nll)
-        return per_seq
+        index, n = bucketed_positions(counted)
+        logits = model(self.inputs(x0), positions=index)[:n]
+        return _per_sequence(masked_cross_entropy(logits, x0.reshape(-1)[index[:n]], self.mask_id),
+                             index[:n], x0.shape)

@@ -6,7 +6,9 @@ stratified over ``[0, 1)`` within the sequence) using the exact estimator of
 
 * ``nll``: nats per counted token (the bound for mdlm, exact for ar), ``perplexity = exp(nll)``,
   ``bits_per_token``, ``bits_per_char`` and ``bits_per_byte`` (of the decoded counted text);
-* ``stderr``: Monte-Carlo standard error of ``nll`` on this split (needs K >= 2; 0 for ar);
+* ``stderr``: Monte-Carlo standard error of ``nll`` on this split (needs K >= 2; 0 for ar). It
+  uses the i.i.d. formula, which over-estimates the error of the time-stratified draws: an upper
+  estimate;
 * ``stderr_between_sequences``: standard error treating sequences as independent samples.
 """
 

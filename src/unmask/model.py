@@ -150,16 +150,17 @@ class DDiTFinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
         h = modulate(self.norm_final(x), shift, scale)
         if positions is not None:
-            h = h[positions]
+            h = h[positions] if positions.dtype == torch.bool else h.reshape(-1, h.shape[-1])[positions]
         return self.linear(h)
 
 
 class DiT(nn.Module):
     """MDLM's DiT. ``forward(ids, sigma)`` -> logits (B, L, V).
 
-    ``positions`` (bool, (B, L)) restricts the output layer to the selected positions and returns
-    (N, V) logits: the masked-diffusion loss only needs masked positions, and the output layer is
-    the largest matmul for big vocabularies.
+    ``positions`` restricts the output layer to selected positions and returns (N, V) logits: a
+    bool mask (B, L), or flat indices into the B*L positions (see :func:`bucketed_positions`). The
+    masked-diffusion loss only needs masked positions, and the output layer is the largest matmul for
+    big vocabularies.
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, causal: bool = False):
@@ -191,6 +192,23 @@ class DiT(nn.Module):
         for block in self.blocks:
             x = block(x, rotary, c, self.causal)
         return self.output_layer(x, c, positions)
+
+
+def bucketed_positions(mask: torch.Tensor, buckets: int = 16) -> tuple[torch.Tensor, int]:
+    """Flat indices of the ``True`` entries of ``mask`` (B, L), padded with index 0 up to a multiple
+    of ``B*L / buckets``; returns (indices, number of real entries).
+
+    The count of masked positions changes every step. Padding it to a few sizes keeps the output
+    layer's matmul at a handful of shapes: oneDNN (CPU bf16) and ``torch.compile`` build and cache a
+    kernel per shape, and an unbounded number of shapes cost time and memory.
+    """
+    flat = mask.reshape(-1).nonzero()[:, 0]
+    n, total = flat.numel(), mask.numel()
+    quantum = -(-total // buckets)
+    size = min(total, max(quantum, -(-n // quantum) * quantum))
+    if size > n:
+        flat = torch.cat([flat, flat.new_zeros(size - n)])
+    return flat, n
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -19,6 +19,7 @@ import torch
 
 from .config import SampleConfig
 from .diffusion import MaskedDiffusion
+from .model import bucketed_positions
 from .schedules import NoiseSchedule
 from .tokenization import Tokenizer
 
@@ -115,13 +116,14 @@ class AncestralSampler(Sampler):
                 break
             t, s = i / self.steps, (i - 1) / self.steps
             sigma = self.diffusion.model_sigma(torch.full((x.shape[0],), t, device=x.device))
-            logits = model(x, sigma, positions=masked)
+            index, n = bucketed_positions(masked)
+            logits = model(x, sigma, positions=index)[:n]
             nfe += 1
             probs = categorical_probs(logits, self.temperature, self.top_k, self.top_p, exclude=mask_id)
             unmask, stay = self.transition(self.schedule, t, s)
             weights = probs * unmask
             weights[:, mask_id] = stay
-            x[masked] = sample_categorical(weights, generator, self.precision)
+            x.view(-1)[index[:n]] = sample_categorical(weights, generator, self.precision)
         return SampleResult(x, nfe, time.perf_counter() - start, generated)
 
 

@@ -111,6 +111,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
     precision = resolve_precision(t.precision, device)
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
+    micro, accumulation = micro_batching(cfg, dist.world)
     # data: the main process tokenizes (and caches) first, the others then open the cache; a
     # failure on the main process is shared so that no process waits for it at a barrier
     failure = None
@@ -167,7 +168,6 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
 
     seq_len = cfg.data.length
     params = count_parameters(model)
-    micro, accumulation = micro_batching(cfg, dist.world)
     local = micro * accumulation
     ddp_model = DistributedDataParallel(model) if dist.world > 1 else model
     forward_model = torch.compile(ddp_model) if t.compile else ddp_model
