@@ -167,27 +167,29 @@ def test_sample_starts_with_the_prompt(runs, tmp_path, capsys, family):
     assert main(args) == 0
     out = capsys.readouterr().out
     tok = Checkpoint(runs[family]).tokenizer
-    samples = json.loads(json_file.read_text())
-    assert len(samples) == 2
-    blocks = re.split(r"^--- sample \d+ \(\d+ NFE, [\d.]+s\)\n", out, flags=re.M)
+    result = json.loads(json_file.read_text())
+    assert len(result["ids"]) == 2 and result["summary"]["samples"] == 2
+    assert result["summary"]["generated_tokens"] == 2 * (16 - 3)  # BOS and the prompt are not generated
+    blocks = re.split(r"^--- sample \d+ \(\d+ NFE\)\n", out, flags=re.M)
     assert blocks[0] == "" and len(blocks) == 3
-    for printed, s in zip(blocks[1:], samples):
-        ids = s["ids"]
+    blocks[-1], summary = blocks[-1].rsplit("--- 2 samples, 26 generated tokens in ", 1)
+    assert "tokens/s" in summary
+    for printed, ids, text, nfe in zip(blocks[1:], result["ids"], result["texts"], result["row_nfe"]):
         assert len(ids) == 16
         assert ids[0] == tok.bos_id and ids[1:3] == tok.encode("ab").tolist()
         assert tok.mask_id not in ids
-        assert s["text"] == tok.decode(ids) and s["text"].startswith("ab")
-        assert printed == s["text"] + "\n"
+        assert text == tok.decode(ids) and text.startswith("ab")
+        assert printed == text + "\n"
         assert "[MASK]" not in printed
         if family == "ar":
-            assert s["nfe"] == 16 - 3  # one network call per generated position
+            assert nfe == 16 - 3  # one network call per generated position (KV cache)
         else:
-            assert 1 <= s["nfe"] <= 16
+            assert 1 <= nfe <= 16
     # seeded: the same command gives the same samples, another seed others
     assert main(args) == 0
-    assert [s["ids"] for s in json.loads(json_file.read_text())] == [s["ids"] for s in samples]
+    assert json.loads(json_file.read_text())["ids"] == result["ids"]
     assert main([*args, "sample.seed=5"]) == 0
-    assert [s["ids"] for s in json.loads(json_file.read_text())] != [s["ids"] for s in samples]
+    assert json.loads(json_file.read_text())["ids"] != result["ids"]
     capsys.readouterr()
 
 
@@ -264,7 +266,12 @@ def test_eval_and_sample_errors(runs, tmp_path, capsys):
         (["eval", run, "eval.mc_sample=2"], ["'eval.mc_sample'", "did you mean 'eval.mc_samples'"]),
         (["eval", run, "eval.mc_samples"], ["not of the form key=value"]),
         (["sample", run, "sample.length=64"], ["sample.length=64", "32"]),
-        (["sample", run, "sample.length=8", "--prompt", "abcdefgh"], ["prompt takes 9 tokens"]),
+        (["sample", run, "sample.length=8", "--prompt", "abcdefgh"], ["prompt of 9 tokens", "canvas of 8"]),
+        (["sample", run, "sample.sampler=ar"], ["autoregressive model"]),
+        (["sample", run, "sample.sampler=first_hitting", "sample.tokens_per_step=99"], ["larger than the canvas"]),
+        (["sample", run, "sample.top_p=0"], ["sample.top_p=0"]),
+        (["sample", run, "sample.steps=0"], ["sample.steps"]),
+        (["sample", run, "--template", "ab[MASK*3]", "--prompt", "a"], ["prompts or a template"]),
         (["sample", run, "--prompt", "~"], ["'~'", "alphabet"]),
     ]
     for args, fragments in cases:
@@ -320,7 +327,7 @@ def test_quickstart_on_the_shipped_corpus(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"training a mdlm model (nano preset) on tinyshakespeare; run folder {run}\n")
     assert re.search(r"^mdlm test: nll <= \d+\.\d+ ± \d+\.\d+ nats/token.*\(8 seqs, 256 tokens, K=2", out, re.M)
-    assert re.search(r"^--- sample 0 \(\d+ NFE", out, re.M) and "--- sample 1" not in out
+    assert re.search(r"^--- sample 0 \(\d+ NFE\)", out, re.M) and "--- sample 1" not in out
     assert f"checkpoint: {run / 'checkpoints' / 'step_00000002'}" in out
     ck = Checkpoint(run)
     assert ck.step == 2 and ck.config.data.dataset == "tinyshakespeare" and ck.config.train.lr_schedule == "cosine"

@@ -65,3 +65,72 @@ def tiny_dit(vocab=V_TOKENS + 1, causal=False, seed=0):
         for block in model.blocks:
             block.adaLN_modulation.bias.normal_(0, 0.3)
     return model.eval()
+
+
+class EnumeratedModel(torch.nn.Module):
+    """The exact denoiser of a distribution over short sequences given as ``states`` (S, L) with
+    probabilities ``weights`` (S,): p(x_l = v | unmasked tokens of x_t), by enumeration. ``causal``
+    gives next-token conditionals instead (for AR samplers: inputs are [BOS, x_0 .. x_{L-2}])."""
+
+    def __init__(self, states: torch.Tensor, weights: torch.Tensor, vocab: int, causal: bool = False):
+        super().__init__()
+        self.register_buffer("states", states)
+        self.register_buffer("weights", weights.double() / weights.sum())
+        self.vocab, self.mask, self.causal = vocab, vocab, causal
+        self.time_conditioning = False
+
+    def conditionals(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.causal:  # position j sees inputs 0..j = BOS, x_0 .. x_{j-1}
+            known = torch.zeros_like(ids, dtype=torch.bool)
+            seen = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+            rows = []
+            for j in range(ids.shape[1]):
+                visible = torch.zeros_like(known)
+                visible[:, :j] = True
+                rows.append(self._marginals(seen, visible)[:, j])
+            return torch.stack(rows, dim=1)
+        return self._marginals(ids, ids != self.mask)
+
+    def _marginals(self, ids, visible):
+        """(R, n, V) conditionals of the first n = ids.shape[1] positions given the visible ones."""
+        n = ids.shape[1]
+        agree = (self.states[None, :, :n] == ids[:, None, :]) | ~visible[:, None, :]  # (R, S, n)
+        w = agree.all(dim=2).double() * self.weights  # (R, S)
+        onehot = torch.nn.functional.one_hot(self.states[:, :n], self.vocab).double()  # (S, n, V)
+        marg = torch.einsum("rs,slv->rlv", w, onehot)
+        return marg / marg.sum(dim=2, keepdim=True)
+
+    def forward(self, ids, sigma=None, positions=None, cache=None):
+        probs = self.conditionals(ids)
+        logits = torch.cat([probs.clamp_min(1e-300).log(), torch.zeros(*probs.shape[:2], 1, dtype=probs.dtype)], 2)
+        logits = logits.float()
+        if positions is None:
+            return logits
+        return logits[positions] if positions.dtype == torch.bool else logits.reshape(-1, logits.shape[-1])[positions]
+
+
+def all_states(length: int, vocab: int) -> torch.Tensor:
+    grids = torch.meshgrid(*[torch.arange(vocab)] * length, indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids], dim=1)
+
+
+def random_joint(length=3, vocab=3, seed=0):
+    """A non-factorized joint distribution over vocab^length sequences."""
+    g = torch.Generator().manual_seed(seed)
+    states = all_states(length, vocab)
+    weights = torch.rand(len(states), generator=g, dtype=torch.float64) ** 3 + 0.01
+    return states, weights / weights.sum()
+
+
+def markov_chain(length: int, vocab: int = 3, seed: int = 1):
+    """A stationary Markov chain: (states, probabilities, initial distribution, transition matrix)."""
+    g = torch.Generator().manual_seed(seed)
+    transition = torch.softmax(2 * torch.randn(vocab, vocab, generator=g, dtype=torch.float64), dim=1)
+    evals, evecs = torch.linalg.eig(transition.T)
+    pi = evecs[:, evals.real.argmax()].real
+    pi = pi / pi.sum()
+    states = all_states(length, vocab)
+    p = pi[states[:, 0]]
+    for j in range(1, length):
+        p = p * transition[states[:, j - 1], states[:, j]]
+    return states, p, pi, transition

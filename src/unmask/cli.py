@@ -23,14 +23,15 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError, load_model
 from .config import (ConfigError, RunConfig, config_from_dict, load_config, merge_trees, parse_overrides,
                      to_dict)
-from .data import Data, DataError
-from .evaluation import evaluate, format_result
-from .runtime import resolve_precision, generator_for
-from .sampling import make_canvas, make_sampler
+from .data import TOKEN, Data, DataError
+from .evaluation import evaluate, format_result, select_rows
+from .generation_metrics import generation_metrics, load_evaluator
+from .runtime import autocast, resolve_precision
+from .sampling import Generation, SamplingError, generate
 from .tokenization import OutOfVocabularyError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfVocabularyError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfVocabularyError, FileNotFoundError, SamplingError)
 
 
 def packaged_configs() -> list[str]:
@@ -67,6 +68,8 @@ def device_for(name: str | None) -> torch.device:
 
 
 def run_eval(ckpt: Checkpoint, cfg: RunConfig, device: torch.device, progress: bool = True) -> dict:
+    if cfg.eval.metric == "generation":
+        return run_generation_eval(ckpt, cfg, device)
     model, objective = load_model(ckpt, ema=cfg.eval.use_ema, device=device)
     data = Data(cfg.data, tokenizer=ckpt.tokenizer, progress=progress)
     e = cfg.eval
@@ -76,28 +79,50 @@ def run_eval(ckpt: Checkpoint, cfg: RunConfig, device: torch.device, progress: b
     return result
 
 
-def run_sample(ckpt: Checkpoint, cfg: RunConfig, device: torch.device, prompt: str | None = None) -> list[dict]:
+def run_sample(ckpt: Checkpoint, cfg: RunConfig, device: torch.device, prompts: list[str] | None = None,
+               template: str | None = None) -> Generation:
     s = cfg.sample
     model, objective = load_model(ckpt, ema=s.use_ema, device=device)
-    tokenizer = ckpt.tokenizer
-    length = s.length or cfg.data.length
-    if length > cfg.model.length:
-        raise ConfigError(f"sample.length={length} exceeds the model's maximum length {cfg.model.length}")
-    sampler = make_sampler(s, objective, tokenizer)
-    bos = cfg.data.layout == "pad" or cfg.data.frame
-    out = []
-    generator = generator_for(s.seed, 0x5A)
-    for start in range(0, s.num_samples, s.batch_size):
-        n = min(s.batch_size, s.num_samples - start)
-        try:
-            canvas = make_canvas(tokenizer, n, length, prompt, bos=bos).to(device)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        result = sampler.sample(model, canvas, generator)
-        for row in result.tokens.cpu():
-            out.append({"text": tokenizer.decode(row), "ids": row.tolist(), "nfe": result.nfe,
-                        "seconds": result.seconds / n})
-    return out
+    precision = resolve_precision(s.model_precision, device)
+    return generate(model, objective, ckpt.tokenizer, s, s.length or cfg.data.length, cfg.model.length,
+                    prompts, template, bos=cfg.data.layout == "pad" or cfg.data.frame, device=device,
+                    autocast=lambda: autocast(device, precision))
+
+
+def run_generation_eval(ckpt: Checkpoint, cfg: RunConfig, device: torch.device) -> dict:
+    """Unconditional samples (``sample.*``) scored by ``eval.evaluator`` next to as many held-out
+    rows of the ``eval.split`` of the same length."""
+    if not cfg.eval.evaluator:
+        raise ConfigError("eval.metric=generation needs eval.evaluator: an AR checkpoint of this project "
+                          "or a Hugging Face causal LM folder")
+    evaluator = load_evaluator(cfg.eval.evaluator, device)
+    gen = run_sample(ckpt, cfg, device)
+    rows = Data(cfg.data, tokenizer=ckpt.tokenizer).rows(cfg.eval.split)
+    ids, kinds = rows.get(select_rows(len(rows), len(gen.texts), cfg.eval.seed))
+    length = len(gen.ids[0])
+    reference_ids = [row[k == TOKEN][:length].tolist() for row, k in zip(ids, kinds)]
+    sample_ids = [[t for t in row if t not in ckpt.tokenizer.special_ids] for row in gen.ids]
+    result = generation_metrics(gen.texts, sample_ids, [ckpt.tokenizer.decode(r) for r in reference_ids],
+                                reference_ids, evaluator, mauve=cfg.eval.mauve)
+    result.update(gen.summary(), sampler=cfg.sample.sampler, steps=cfg.sample.steps, split=cfg.eval.split,
+                  checkpoint=str(ckpt.path), step=ckpt.step)
+    return result
+
+
+def format_generation(r: dict) -> str:
+    mauve = f", MAUVE {r['mauve']:.3f}" if r.get("mauve") is not None else ""
+    return (f"gen-ppl {r['gen_ppl']:.3f} (held-out {r['reference_gen_ppl']:.3f}), entropy {r['entropy']:.3f} "
+            f"(held-out {r['reference_entropy']:.3f}){mauve}; {r['samples']} samples, "
+            f"{r['generated_tokens_per_second'] or 0:.1f} generated tokens/s, {r['nfe']} network calls")
+
+
+def print_samples(gen: Generation) -> None:
+    for i, (text, nfe) in enumerate(zip(gen.texts, gen.row_nfe)):
+        print(f"--- sample {i} ({nfe} NFE)\n{text}")
+    summary = gen.summary()
+    print(f"--- {summary['samples']} samples, {summary['generated_tokens']} generated tokens in "
+          f"{summary['seconds']:.2f}s ({summary['generated_tokens_per_second'] or 0:.1f} tokens/s), "
+          f"{summary['nfe']} network calls")
 
 
 def cmd_train(args) -> int:
@@ -114,7 +139,8 @@ def cmd_eval(args) -> int:
     ckpt = Checkpoint(args.checkpoint)
     cfg = checkpoint_config(ckpt, args.overrides)
     result = run_eval(ckpt, cfg, device_for(args.device))
-    print(format_result(result, cfg.eval.split), file=sys.stderr)
+    line = format_generation(result) if cfg.eval.metric == "generation" else format_result(result, cfg.eval.split)
+    print(line, file=sys.stderr)
     text = json.dumps(result)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -125,11 +151,11 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     ckpt = Checkpoint(args.checkpoint)
     cfg = checkpoint_config(ckpt, args.overrides)
-    samples = run_sample(ckpt, cfg, device_for(args.device), args.prompt)
+    gen = run_sample(ckpt, cfg, device_for(args.device), args.prompt, args.template)
     if args.json:
-        Path(args.json).write_text(json.dumps(samples) + "\n")
-    for i, s in enumerate(samples):
-        print(f"--- sample {i} ({s['nfe']} NFE, {s['seconds']:.2f}s)\n{s['text']}")
+        Path(args.json).write_text(json.dumps({"summary": gen.summary(), "texts": gen.texts, "ids": gen.ids,
+                                               "row_nfe": gen.row_nfe}) + "\n")
+    print_samples(gen)
     return 0
 
 
@@ -144,8 +170,7 @@ def cmd_quickstart(args) -> int:
     device = device_for(None)
     result = run_eval(ckpt, ckpt.config, device)
     print(format_result(result, ckpt.config.eval.split))
-    for i, s in enumerate(run_sample(ckpt, ckpt.config, device)):
-        print(f"--- sample {i} ({s['nfe']} NFE, {s['seconds']:.2f}s)\n{s['text']}")
+    print_samples(run_sample(ckpt, ckpt.config, device))
     print(f"\ncheckpoint: {final}\nnext: unmask eval {cfg.run_dir} | unmask sample {cfg.run_dir} "
           f"sample.num_samples=8")
     return 0
@@ -173,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", help="also write the result as JSON to this file")
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         if name == "sample":
-            p.add_argument("--prompt", help="text the samples start with (kept fixed)")
+            p.add_argument("--prompt", action="append", help="text the samples start with (kept fixed); "
+                           "repeat for several prompts, each gets sample.num_samples rows")
+            p.add_argument("--template", help="text with [MASK] / [MASK*n] where tokens are to be generated "
+                           "(infilling); the rest is kept fixed")
         p.set_defaults(func=func)
     p = sub.add_parser("quickstart", help="train a small model on the shipped corpus, evaluate and sample")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart config")

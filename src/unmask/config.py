@@ -125,6 +125,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """``metric: likelihood`` (NELBO / NLL) or ``generation`` (samples scored by ``evaluator``)."""
+
+    metric: str = "likelihood"
+    evaluator: str | None = None
+    mauve: bool = True
     split: str = "test"
     mc_samples: int = 4
     batch_size: int = 16
@@ -136,13 +141,26 @@ class EvalConfig:
 
 @dataclass
 class SampleConfig:
+    """Which sampler and how (see ``unmask.sampling``); ``auto`` = ancestral for mdlm, ar for ar."""
+
+    sampler: str = "auto"
     num_samples: int = 4
     length: int = 0
     steps: int = 128
+    cache: bool = False
+    tokens_per_step: int = 1
+    score: str = "confidence"
+    reveal: str = "linear"
+    remask: float = 0.0
+    window: int = 0
+    stride: int = 0
+    stop_at_eos: bool = False
+    kv_cache: bool = True
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     precision: str = "float64"
+    model_precision: str = "fp32"
     seed: int = 0
     batch_size: int = 16
     use_ema: bool = True
@@ -171,8 +189,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),
     "eval.split": ("train", "valid", "test"),
+    "eval.metric": ("likelihood", "generation"),
     "eval.precision": ("auto", "fp32", "bf16"),
     "sample.precision": ("float64", "float32"),
+    "sample.model_precision": ("auto", "fp32", "bf16"),
+    "sample.sampler": ("auto", "ancestral", "first_hitting", "confidence", "ar"),
+    "sample.score": ("confidence", "margin", "entropy", "random"),
+    "sample.reveal": ("linear", "cosine"),
 }
 
 
@@ -322,8 +345,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"diffusion.t_min={cfg.diffusion.t_min} must lie in [0, 1)")
     if not 0.0 < cfg.sample.top_p <= 1.0:
         raise ConfigError(f"sample.top_p={cfg.sample.top_p} must lie in (0, 1]")
-    if cfg.sample.temperature <= 0:
-        raise ConfigError(f"sample.temperature={cfg.sample.temperature} must be > 0")
+    if cfg.sample.temperature < 0:
+        raise ConfigError(f"sample.temperature={cfg.sample.temperature} must be >= 0 (0 = greedy)")
+    if cfg.sample.tokens_per_step < 1:
+        raise ConfigError(f"sample.tokens_per_step={cfg.sample.tokens_per_step} must be >= 1")
+    if not 0 <= cfg.sample.remask < 1:
+        raise ConfigError(f"sample.remask={cfg.sample.remask} must lie in [0, 1)")
     return cfg
 
 

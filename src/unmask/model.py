@@ -117,7 +117,7 @@ class DDiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x, rotary, c, causal: bool):
+    def forward(self, x, rotary, c, causal: bool, cache: "KVCache | None" = None, layer: int = 0):
         b, length, hidden = x.shape
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
@@ -126,7 +126,11 @@ class DDiTBlock(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d)
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        if cache is None:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            k, v, mask = cache.update(layer, k, v)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         attn = attn.transpose(1, 2).reshape(b, length, hidden)
         x = x + gate_msa * self.dropout(self.attn_out(attn))
         x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
@@ -178,20 +182,59 @@ class DiT(nn.Module):
         return self.cfg.time_conditioning
 
     def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+                inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: "KVCache | None" = None):
+        """``cache`` (causal models only): the new tokens continue the cached ones; keys and values
+        are appended and the logits of the new positions returned."""
         if (ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of ids and inputs_embeds")
         x = self.vocab_embed(ids) if ids is not None else inputs_embeds
         b, length = x.shape[:2]
-        if length > self.cfg.length:
-            raise ValueError(f"sequence length {length} exceeds the model's maximum {self.cfg.length}")
+        start = 0
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("a KV cache is only exact for a causal model")
+            start = cache.length
+        if start + length > self.cfg.length:
+            raise ValueError(f"sequence length {start + length} exceeds the model's maximum {self.cfg.length}")
         if sigma is None or not self.cfg.time_conditioning:
             sigma = torch.zeros(b, device=x.device)
         c = F.silu(self.sigma_map(sigma))
-        rotary = self.rotary_emb(length, x.device)
-        for block in self.blocks:
-            x = block(x, rotary, c, self.causal)
+        cos, sin = self.rotary_emb(start + length, x.device)
+        rotary = (cos[start:], sin[start:])
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, c, self.causal, cache, i)
+        if cache is not None:
+            cache.length += length
         return self.output_layer(x, c, positions)
+
+    def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  capacity: int | None = None) -> "KVCache":
+        cfg = self.cfg
+        return KVCache(cfg.blocks, batch, cfg.heads, cfg.hidden // cfg.heads, capacity or cfg.length, device, dtype)
+
+
+class KVCache:
+    """Keys and values of the tokens a causal model has seen, per block: (B, heads, capacity, d)."""
+
+    def __init__(self, blocks: int, batch: int, heads: int, head_dim: int, capacity: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (batch, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(blocks)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(blocks)]
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys/values; return all keys/values so far and the attention mask of the
+        new queries (``None`` when a plain full or causal pattern applies)."""
+        start, new = self.length, k.shape[2]
+        end = start + new
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        mask = None
+        if new > 1:  # query i (absolute position start+i) sees keys 0..start+i
+            mask = torch.ones(new, end, dtype=torch.bool, device=k.device).tril(diagonal=start)
+        return self.keys[layer][:, :, :end].to(k.dtype), self.values[layer][:, :, :end].to(k.dtype), mask
 
 
 def bucketed_positions(mask: torch.Tensor, buckets: int = 16) -> tuple[torch.Tensor, int]:

@@ -1,0 +1,167 @@
+"""Quality/speed frontier of every sampler, measured in one run on one machine.
+
+For an MDLM checkpoint and an AR checkpoint trained on the same corpus (the AR model is both the
+evaluator for generative perplexity and the baseline with a KV cache), every sampler setting
+generates the same number of unconditional samples of the training length; reported: gen-PPL under
+the AR model, mean per-sample unigram entropy, NFE (network calls and per-row evaluations), wall
+time and generated tokens per second. The held-out rows give the reference gen-PPL and entropy.
+
+    python benchmarks/sampler_frontier.py --mdlm runs/bench-text8/mdlm --ar runs/bench-text8/ar --tag text8-prefix
+
+Writes ``benchmarks/results/sampler_frontier-<tag>.json``, a Markdown table on stdout and, when
+matplotlib is installed, ``benchmarks/results/sampler_frontier-<tag>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from unmask.checkpoint import Checkpoint, load_model
+from unmask.config import SampleConfig
+from unmask.data import TOKEN, Data
+from unmask.evaluation import select_rows
+from unmask.generation_metrics import CheckpointEvaluator, unigram_entropy
+from unmask.sampling import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from text8_mdlm_vs_ar import machine  # noqa: E402
+
+
+def settings(length: int) -> list[tuple[str, dict]]:
+    """(label, SampleConfig overrides) for every point of the frontier."""
+    out = []
+    for steps in (length // 4, length // 2, length, 4 * length):
+        out.append((f"ancestral T={steps}", dict(sampler="ancestral", steps=steps)))
+    for steps in (length, 4 * length):
+        out.append((f"ancestral cached T={steps}", dict(sampler="ancestral", steps=steps, cache=True)))
+    out.append((f"ancestral float32 T={4 * length}", dict(sampler="ancestral", steps=4 * length, precision="float32")))
+    for k in (1, 2, 4, 8):
+        out.append((f"first-hitting k={k}", dict(sampler="first_hitting", tokens_per_step=k)))
+    for steps in (length // 4, length // 2, length):
+        out.append((f"confidence T={steps}", dict(sampler="confidence", steps=steps)))
+    out.append((f"margin T={length // 2}", dict(sampler="confidence", steps=length // 2, score="margin")))
+    return out
+
+
+def measure(model, objective, tokenizer, cfg: SampleConfig, length: int, model_length: int, evaluator, device) -> dict:
+    gen = generate(model, objective, tokenizer, cfg, length, model_length, device=device)
+    totals, counts = evaluator.nll(gen.texts)
+    ids = [[t for t in row if t not in tokenizer.special_ids] for row in gen.ids]
+    return {"gen_ppl": math.exp(totals.sum() / counts.sum()),
+            "entropy": sum(unigram_entropy(r) for r in ids) / len(ids),
+            "nfe": gen.nfe, "mean_row_nfe": sum(gen.row_nfe) / len(gen.row_nfe), "seconds": gen.seconds,
+            "generated_tokens_per_second": gen.generated / gen.seconds, "example": gen.texts[0][:120]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mdlm", required=True)
+    parser.add_argument("--ar", required=True)
+    parser.add_argument("--tag", required=True)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--ar-temperatures", default="1.0,1.1,1.2,1.35,1.5,1.7")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt, ar_ckpt = Checkpoint(args.mdlm), Checkpoint(args.ar)
+    model, objective = load_model(ckpt, device=device)
+    ar_model, _ = load_model(ar_ckpt, device=device)
+    evaluator = CheckpointEvaluator(ar_ckpt.path, device)
+    tokenizer, length = ckpt.tokenizer, ckpt.config.data.length
+    base = SampleConfig(num_samples=args.samples, batch_size=args.batch_size, seed=1)
+
+    rows = Data(ckpt.config.data, tokenizer=tokenizer).rows("test")
+    ids, kinds = rows.get(select_rows(len(rows), args.samples, 0))
+    ref_ids = [row[k == TOKEN][:length].tolist() for row, k in zip(ids, kinds)]
+    ref_totals, ref_counts = evaluator.nll([tokenizer.decode(r) for r in ref_ids])
+    reference = {"gen_ppl": math.exp(ref_totals.sum() / ref_counts.sum()),
+                 "entropy": sum(unigram_entropy(r) for r in ref_ids) / len(ref_ids)}
+
+    results = []
+    for label, overrides in settings(length):
+        cfg = dataclasses.replace(base, **overrides)
+        r = measure(model, objective, tokenizer, cfg, length, ckpt.config.model.length, evaluator, device)
+        results.append(dict(model="mdlm", sampler=label, **r))
+        print(f"{label:28s} gen-ppl {r['gen_ppl']:8.3f} entropy {r['entropy']:.3f} row-NFE {r['mean_row_nfe']:7.1f} "
+              f"{r['seconds']:7.2f}s {r['generated_tokens_per_second']:9.1f} tok/s", flush=True)
+    for temperature in [float(t) for t in args.ar_temperatures.split(",")]:
+        for kv in (True, False) if temperature == 1.0 else (True,):
+            cfg = dataclasses.replace(base, sampler="ar", temperature=temperature, kv_cache=kv)
+            r = measure(ar_model, None, ar_ckpt.tokenizer, cfg, length, ar_ckpt.config.model.length, evaluator, device)
+            label = f"AR {'KV cache' if kv else 'no cache'} temperature {temperature}"
+            results.append(dict(model="ar", sampler=label, temperature=temperature, kv_cache=kv, **r))
+            print(f"{label:28s} gen-ppl {r['gen_ppl']:8.3f} entropy {r['entropy']:.3f} "
+                  f"{r['seconds']:7.2f}s {r['generated_tokens_per_second']:9.1f} tok/s", flush=True)
+
+    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "tag": args.tag,
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip(),
+              "machine": machine(), "mdlm": str(ckpt.path), "ar": str(ar_ckpt.path), "length": length,
+              "samples": args.samples, "reference": reference, "results": results}
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"sampler_frontier-{args.tag}.json").write_text(json.dumps(record, indent=1))
+    print(f"\n{record['date']} {record['machine']['cpu']} ({record['machine']['cores']} cores), commit "
+          f"{record['commit']}; {args.samples} samples of {length} tokens; held-out: gen-ppl "
+          f"{reference['gen_ppl']:.3f}, entropy {reference['entropy']:.3f}")
+    print("| sampler | gen-PPL | entropy | NFE per row | seconds | generated tok/s |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['sampler']} | {r['gen_ppl']:.3f} | {r['entropy']:.3f} | {r['mean_row_nfe']:.1f} | "
+              f"{r['seconds']:.2f} | {r['generated_tokens_per_second']:.1f} |")
+    plot(record, out_dir / f"sampler_frontier-{args.tag}.png")
+
+
+def plot(record: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    families = {}
+    for r in record["results"]:
+        family = r["sampler"].split(" T=")[0].split(" k=")[0].split(" temperature")[0]
+        families.setdefault(family, []).append(r)
+    for family, rs in families.items():
+        x_nfe = [r["mean_row_nfe"] for r in rs]
+        x_time = [r["seconds"] for r in rs]
+        y = [r["gen_ppl"] for r in rs]
+        axes[0].plot(x_nfe, y, "o-", label=family)
+        axes[1].plot(x_time, y, "o-", label=family)
+        axes[2].plot([r["entropy"] for r in rs], y, "o", label=family)
+    ref = record["reference"]
+    for ax in axes[:2]:
+        ax.axhline(ref["gen_ppl"], color="gray", ls="--", lw=1, label="held-out data")
+        ax.set_xscale("log")
+        ax.set_ylabel("gen-PPL under the AR model")
+    axes[2].axvline(ref["entropy"], color="gray", ls="--", lw=1)
+    axes[2].axhline(ref["gen_ppl"], color="gray", ls="--", lw=1)
+    axes[0].set_xlabel("network evaluations per sample")
+    axes[1].set_xlabel(f"wall time for {record['samples']} samples (s)")
+    axes[2].set_xlabel("mean per-sample unigram entropy (nats)")
+    axes[2].set_ylabel("gen-PPL")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Sampler frontier, {record['tag']} ({record['length']} tokens, {record['machine']['cpu']}, "
+                 f"{record['date'][:10]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()

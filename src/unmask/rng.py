@@ -1,0 +1,92 @@
+"""Counter-based random numbers for samplers.
+
+A uniform is a pure function of integers: ``uniform(seed, counter, index)`` hashes them with the
+splitmix64 finalizer (Steele, Lea and Flood 2014) in int64 tensor arithmetic, so it runs vectorized
+on any device and never depends on how many other numbers were drawn. A sampler keys each draw by
+the row's own seed, the row's own step counter and the position, so a row's sample is the same
+whatever else is in the batch and whatever the batch size (batch invariance), and a run replays
+exactly from its seeds.
+
+Arithmetic wraps modulo 2^64 in two's complement (as PyTorch's int64 ops do on CPU and CUDA);
+logical right shifts are spelled as arithmetic shifts followed by a mask. A pure-Python reference
+(:func:`reference_uniform`) checks the tensor version.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_U64 = (1 << 64) - 1
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+GOLDEN = _signed(0x9E3779B97F4A7C15)
+MUL1 = _signed(0xBF58476D1CE4E5B9)
+MUL2 = _signed(0x94D049BB133111EB)
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 values seen as unsigned."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _shr(z, 30)) * MUL1
+    z = (z ^ _shr(z, 27)) * MUL2
+    return z ^ _shr(z, 31)
+
+
+def hash64(*parts: torch.Tensor | int) -> torch.Tensor:
+    """A 64-bit hash (as int64) of integer tensors/ints, broadcast together."""
+    z = None
+    for part in parts:
+        p = part if torch.is_tensor(part) else torch.tensor(part, dtype=torch.int64)
+        p = p.to(torch.int64)
+        if z is None:
+            z = _mix(p + GOLDEN)
+        else:
+            z = _mix(z + GOLDEN + _mix(p.to(z.device) + GOLDEN))
+    return z
+
+
+def stream(base: torch.Tensor, j: torch.Tensor | int) -> torch.Tensor:
+    """The ``j``-th output (from 0) of a splitmix64 generator whose state starts at ``base``: one
+    mixing round per value, for many numbers from one hashed key."""
+    j = j if torch.is_tensor(j) else torch.tensor(j, dtype=torch.int64)
+    return _mix(base + (j.to(torch.int64) + 1) * GOLDEN)
+
+
+def to_uniform(z: torch.Tensor) -> torch.Tensor:
+    """float64 on [0, 1) from the top 53 bits of a 64-bit hash."""
+    return _shr(z, 11).to(torch.float64) * 2.0 ** -53
+
+
+def to_uniform32(z: torch.Tensor) -> torch.Tensor:
+    """float32 on the 2^-24 grid of [0, 1) (like ``torch.rand(dtype=float32)``) from a 64-bit hash."""
+    return _shr(z, 40).to(torch.float32) * 2.0 ** -24
+
+
+def uniform(*parts: torch.Tensor | int) -> torch.Tensor:
+    """float64 uniforms on [0, 1) with 53 random bits, one per broadcast element of ``parts``."""
+    return to_uniform(hash64(*parts))
+
+
+def _mix_py(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
+def reference_uniform(*parts: int) -> float:
+    """Pure-Python (arbitrary precision, explicit mod 2^64) version of :func:`uniform`."""
+    z = None
+    for p in parts:
+        p &= _U64
+        if z is None:
+            z = _mix_py((p + 0x9E3779B97F4A7C15) & _U64)
+        else:
+            z = _mix_py((z + 0x9E3779B97F4A7C15 + _mix_py((p + 0x9E3779B97F4A7C15) & _U64)) & _U64)
+    return (z >> 11) * 2.0 ** -53
