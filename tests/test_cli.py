@@ -265,7 +265,7 @@ def test_eval_and_sample_errors(runs, tmp_path, capsys):
         (["eval", run, "eval.split=dev"], ["'eval.split'", "train, valid, test"]),
         (["eval", run, "eval.mc_sample=2"], ["'eval.mc_sample'", "did you mean 'eval.mc_samples'"]),
         (["eval", run, "eval.mc_samples"], ["not of the form key=value"]),
-        (["sample", run, "sample.length=64"], ["sample.length=64", "32"]),
+        (["sample", run, "sample.length=64"], ["canvas of 64 tokens (sample.length)", "32", "sample.window"]),
         (["sample", run, "sample.length=8", "--prompt", "abcdefgh"], ["prompt of 9 tokens", "canvas of 8"]),
         (["sample", run, "sample.sampler=ar"], ["autoregressive model"]),
         (["sample", run, "sample.sampler=first_hitting", "sample.tokens_per_step=99"], ["larger than the canvas"]),

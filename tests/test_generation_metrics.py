@@ -78,7 +78,7 @@ def test_huggingface_causal_lm_evaluator(tmp_path):
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
     config = transformers.GPT2Config(vocab_size=6, n_positions=8, n_embd=16, n_layer=1, n_head=2)
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
+    model = transformers.GPT2LMHeadModel(config).eval()
     folder = tmp_path / "hf"
     model.save_pretrained(folder)
     fast.save_pretrained(folder)

@@ -657,8 +657,8 @@ def generate(model, objective, tokenizer: Tokenizer, cfg: SampleConfig, length: 
     else:
         requests = [_encode_fixed(tokenizer, p) for p in prompts] if prompts else [[]]
     if length > model_length and not cfg.window:
-        raise SamplingError(f"a canvas of {length} exceeds the model's maximum length {model_length}; "
-                            f"set sample.window (semi-autoregressive) for longer outputs")
+        raise SamplingError(f"a canvas of {length} tokens (sample.length) exceeds the model's maximum length "
+                            f"{model_length}; set sample.window (semi-autoregressive) for longer outputs")
     rows = [ids for ids in requests for _ in range(cfg.num_samples)]
     seeds = row_seeds(cfg.seed, len(rows))
     out = Generation([], [], [], 0, 0.0, 0)
