@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--tag", required=True)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--ar-temperatures", default="1.0,1.1,1.2,1.35,1.5,1.7")
+    parser.add_argument("--ar-temperatures", default="1.0,1.25,1.5,1.75,2.0,2.25,2.5,3.0")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt, ar_ckpt = Checkpoint(args.mdlm), Checkpoint(args.ar)
