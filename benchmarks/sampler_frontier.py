@@ -71,7 +71,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--ar-temperatures", default="1.0,1.25,1.5,1.75,2.0,2.25,2.5,3.0")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from the saved JSON")
     args = parser.parse_args()
+    out_dir = ROOT / "benchmarks" / "results"
+    if args.replot:
+        plot(json.loads((out_dir / f"sampler_frontier-{args.tag}.json").read_text()),
+             out_dir / f"sampler_frontier-{args.tag}.png")
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt, ar_ckpt = Checkpoint(args.mdlm), Checkpoint(args.ar)
     model, objective = load_model(ckpt, device=device)
@@ -109,7 +115,6 @@ def main() -> None:
                                        text=True).stdout.strip(),
               "machine": machine(), "mdlm": str(ckpt.path), "ar": str(ar_ckpt.path), "length": length,
               "samples": args.samples, "reference": reference, "results": results}
-    out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"sampler_frontier-{args.tag}.json").write_text(json.dumps(record, indent=1))
     print(f"\n{record['date']} {record['machine']['cpu']} ({record['machine']['cores']} cores), commit "
@@ -129,6 +134,7 @@ def plot(record: dict, path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib not installed: no plot")
         return
@@ -145,9 +151,15 @@ def plot(record: dict, path: Path) -> None:
         axes[1].plot(x_time, y, "o-", label=family)
         axes[2].plot([r["entropy"] for r in rs], y, "o", label=family)
     ref = record["reference"]
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for ax in axes[:2]:
         ax.axhline(ref["gen_ppl"], color="gray", ls="--", lw=1, label="held-out data")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylabel("gen-PPL under the AR model")
     axes[2].axvline(ref["entropy"], color="gray", ls="--", lw=1)
     axes[2].axhline(ref["gen_ppl"], color="gray", ls="--", lw=1)
