@@ -258,7 +258,7 @@ def test_unknown_config_name(tmp_path, capsys):
 def test_eval_and_sample_errors(runs, tmp_path, capsys):
     run = str(runs["mdlm"])
     cases = [
-        (["eval", str(tmp_path / "nothing")], ["checkpoint not found", "nothing"]),
+        (["eval", str(tmp_path / "nothing")], ["model not found", "nothing"]),
         (["eval", str(tmp_path)], ["no complete checkpoint"]),
         (["eval", run, "data.length=64"], ["data.length=64", "model.length=32"]),
         (["eval", run, "train.steps=5"], ["only eval.*, sample.* and data.*", "'train'"]),

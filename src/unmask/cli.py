@@ -1,13 +1,17 @@
 """The ``unmask`` command line.
 
     unmask train [CONFIG] [key=value ...] [--fresh]    train or resume (torchrun for several processes)
-    unmask eval CHECKPOINT [key=value ...]             NELBO / NLL on a split (JSON on stdout)
-    unmask sample CHECKPOINT [key=value ...]           print samples
+    unmask eval MODEL [key=value ...]                  NELBO / NLL on a split (JSON on stdout)
+    unmask eval MODEL --zero-shot wikitext2 data.path=DIR   perplexity on another corpus, with and
+                                                       without EOS between documents
+    unmask sample MODEL [key=value ...]                print samples
+    unmask export MODEL OUT [--to unmask|mdlm-hf|mdlm-ckpt]   Hugging Face style folder or MDLM layouts
     unmask quickstart [key=value ...]                  train on the shipped corpus, evaluate, sample
     unmask configs                                     list the packaged configs
 
-CONFIG is a YAML path or the name of a packaged config; CHECKPOINT a checkpoint folder or a run
-folder (its newest checkpoint). Overrides use dotted keys (``train.lr=1e-3``).
+CONFIG is a YAML path or the name of a packaged config; MODEL a run folder (its newest checkpoint), a
+checkpoint folder, a ``save_pretrained`` folder, a released MDLM folder or ``.ckpt``, or a hub id
+(see ``unmask.pretrained``). Overrides use dotted keys (``train.lr=1e-3``).
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from .config import (ConfigError, RunConfig, config_from_dict, load_config, merg
 from .data import TOKEN, Data, DataError
 from .evaluation import evaluate, format_result, select_rows
 from .generation_metrics import generation_metrics, load_evaluator
+from .pretrained import Pretrained, export, open_source
 from .runtime import autocast, resolve_precision
 from .sampling import Generation, SamplingError, generate
-from .tokenization import OutOfVocabularyError
+from .tokenization import CharTokenizer, OutOfVocabularyError, Tokenizer
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfVocabularyError, FileNotFoundError, SamplingError)
@@ -51,7 +56,10 @@ def resolve_config_path(name: str | None) -> Path | None:
                       f"({', '.join(packaged_configs())})")
 
 
-def checkpoint_config(ckpt: Checkpoint, overrides: list[str]) -> RunConfig:
+Source = Checkpoint | Pretrained
+
+
+def checkpoint_config(ckpt: Source, overrides: list[str]) -> RunConfig:
     """The checkpoint's config with ``eval.*``/``sample.*``/``data.*`` overrides applied."""
     tree = parse_overrides(overrides)
     for section in tree:
@@ -67,7 +75,7 @@ def device_for(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_eval(ckpt: Checkpoint, cfg: RunConfig, device: torch.device, progress: bool = True) -> dict:
+def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool = True) -> dict:
     if cfg.eval.metric == "generation":
         return run_generation_eval(ckpt, cfg, device)
     model, objective = load_model(ckpt, ema=cfg.eval.use_ema, device=device)
@@ -79,7 +87,7 @@ def run_eval(ckpt: Checkpoint, cfg: RunConfig, device: torch.device, progress: b
     return result
 
 
-def run_sample(ckpt: Checkpoint, cfg: RunConfig, device: torch.device, prompts: list[str] | None = None,
+def run_sample(ckpt: Source, cfg: RunConfig, device: torch.device, prompts: list[str] | None = None,
                template: str | None = None) -> Generation:
     s = cfg.sample
     model, objective = load_model(ckpt, ema=s.use_ema, device=device)
@@ -89,7 +97,7 @@ def run_sample(ckpt: Checkpoint, cfg: RunConfig, device: torch.device, prompts: 
                     autocast=lambda: autocast(device, precision))
 
 
-def run_generation_eval(ckpt: Checkpoint, cfg: RunConfig, device: torch.device) -> dict:
+def run_generation_eval(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
     """Unconditional samples (``sample.*``) scored by ``eval.evaluator`` next to as many held-out
     rows of the ``eval.split`` of the same length."""
     if not cfg.eval.evaluator:
@@ -107,6 +115,53 @@ def run_generation_eval(ckpt: Checkpoint, cfg: RunConfig, device: torch.device) 
     result.update(gen.summary(), sampler=cfg.sample.sampler, steps=cfg.sample.steps, split=cfg.eval.split,
                   checkpoint=str(ckpt.path), step=ckpt.step)
     return result
+
+
+def tokenizer_for(tokenizer: Tokenizer, cfg: RunConfig) -> Tokenizer:
+    """The model's tokenizer with the out-of-alphabet policy of ``data.oov`` (character tokenizers)."""
+    if isinstance(tokenizer, CharTokenizer) and cfg.data.oov != tokenizer.oov:
+        return CharTokenizer(tokenizer.alphabet, cfg.data.oov, cfg.data.oov_replacement)
+    return tokenizer
+
+
+def run_zero_shot(ckpt: Source, cfg: RunConfig, target: str, overrides: list[str], device: torch.device,
+                  progress: bool = True) -> dict:
+    """Likelihood on ``target`` (``wikitext2``/``wikitext103`` with ``data.path``, or a text file or
+    folder, all of it as the test split) in the model's row layout, under both of MDLM's conventions:
+    EOS inserted between documents (the released code) and not (the paper, bd3lms, DUO)."""
+    given = parse_overrides(overrides).get("data", {})
+    data = dict(to_dict(cfg.data), hf_split_names=["train", "validation", "test"])
+    if target in ("wikitext2", "wikitext103"):
+        data.update(dataset=target)
+    else:
+        path = Path(target)
+        if not path.exists():
+            raise DataError(f"--zero-shot {target}: neither wikitext2/wikitext103 nor an existing file or folder")
+        data.update(dataset="text", path=str(path), test_path=str(path), valid_path=None,
+                    documents=given.get("documents", "line"))
+    data.update({k: v for k, v in given.items() if k not in ("insert_eos",)})
+    out = {"zero_shot": target, "split": cfg.eval.split, "checkpoint": str(ckpt.path), "step": ckpt.step}
+    model, objective = load_model(ckpt, ema=cfg.eval.use_ema, device=device)
+    e = cfg.eval
+    for insert_eos in (True, False):
+        run_cfg = config_from_dict(merge_trees(to_dict(cfg), {"data": dict(data, insert_eos=insert_eos)}))
+        tokenizer = tokenizer_for(ckpt.tokenizer, run_cfg)
+        rows = Data(run_cfg.data, tokenizer=tokenizer, progress=progress).rows(e.split)
+        result = evaluate(model, objective, rows, run_cfg.data, tokenizer, e.mc_samples, e.batch_size,
+                          e.max_sequences, e.seed, resolve_precision(e.precision, device), device, progress)
+        out["with_eos" if insert_eos else "without_eos"] = result
+    return out
+
+
+def format_zero_shot(r: dict) -> str:
+    lines = []
+    for key, label in (("with_eos", "EOS between documents"), ("without_eos", "no EOS between documents")):
+        x = r[key]
+        bound = "<=" if x["bound"] == "nelbo" else "="
+        err = f" ± {x['stderr']:.4f}" if x.get("stderr") else ""
+        lines.append(f"{r['zero_shot']} {r['split']}, {label}: ppl {bound} {x['perplexity']:.3f} (nll {x['nll']:.4f}"
+                     f"{err} nats/token, {x['tokens']} tokens, {x['sequences']} rows)")
+    return "\n".join(lines)
 
 
 def format_generation(r: dict) -> str:
@@ -136,10 +191,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    ckpt = Checkpoint(args.checkpoint)
-    cfg = checkpoint_config(ckpt, args.overrides)
-    result = run_eval(ckpt, cfg, device_for(args.device))
-    line = format_generation(result) if cfg.eval.metric == "generation" else format_result(result, cfg.eval.split)
+    ckpt = open_source(args.checkpoint, args.tokenizer)
+    if args.zero_shot:
+        cfg = checkpoint_config(ckpt, [o for o in args.overrides if not o.startswith("data.")])
+        result = run_zero_shot(ckpt, cfg, args.zero_shot, [o for o in args.overrides if o.startswith("data.")],
+                               device_for(args.device))
+        line = format_zero_shot(result)
+    else:
+        cfg = checkpoint_config(ckpt, args.overrides)
+        result = run_eval(ckpt, cfg, device_for(args.device))
+        line = format_generation(result) if cfg.eval.metric == "generation" else format_result(result, cfg.eval.split)
     print(line, file=sys.stderr)
     text = json.dumps(result)
     if args.json:
@@ -149,13 +210,31 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    ckpt = Checkpoint(args.checkpoint)
+    ckpt = open_source(args.checkpoint, args.tokenizer)
     cfg = checkpoint_config(ckpt, args.overrides)
     gen = run_sample(ckpt, cfg, device_for(args.device), args.prompt, args.template)
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": gen.summary(), "texts": gen.texts, "ids": gen.ids,
                                                "row_nfe": gen.row_nfe}) + "\n")
     print_samples(gen)
+    return 0
+
+
+CARD_METRICS = ("nll", "stderr", "perplexity", "bits_per_token", "bits_per_char", "gen_ppl", "entropy", "mauve")
+
+
+def cmd_export(args) -> int:
+    source = open_source(args.checkpoint, args.tokenizer)
+    metrics = None
+    if args.metrics:
+        try:
+            result = json.loads(Path(args.metrics).read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--metrics {args.metrics}: not JSON ({exc})") from None
+        split = result.get("split", "")
+        metrics = {f"{split} {k}".strip(): result[k] for k in CARD_METRICS if isinstance(result.get(k), (int, float))}
+    out = export(source, args.out, to=args.to, ema=not args.raw, metrics=metrics)
+    print(f"wrote {out} ({args.to}, {'raw' if args.raw else 'EMA'} weights of {source.path}, step {source.step})")
     return 0
 
 
@@ -191,18 +270,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
     p.set_defaults(func=cmd_train)
-    for name, func, helptext in (("eval", cmd_eval, "evaluate a checkpoint"), ("sample", cmd_sample, "sample")):
+    model_help = ("run or checkpoint folder, save_pretrained folder, released MDLM folder or .ckpt, or hub id")
+    for name, func, helptext in (("eval", cmd_eval, "evaluate a model"), ("sample", cmd_sample, "sample")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("checkpoint", help="checkpoint folder, or run folder (newest checkpoint)")
+        p.add_argument("checkpoint", help=model_help)
         p.add_argument("overrides", nargs="*", help="eval.*, sample.* or data.* overrides")
         p.add_argument("--json", help="also write the result as JSON to this file")
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        p.add_argument("--tokenizer", help="GPT-2 tokenizer folder for a released MDLM model that lacks one")
+        if name == "eval":
+            p.add_argument("--zero-shot", metavar="CORPUS", help="wikitext2 / wikitext103 (with data.path=DIR) or "
+                           "a text file or folder: perplexity with and without EOS between documents")
         if name == "sample":
             p.add_argument("--prompt", action="append", help="text the samples start with (kept fixed); "
                            "repeat for several prompts, each gets sample.num_samples rows")
             p.add_argument("--template", help="text with [MASK] / [MASK*n] where tokens are to be generated "
                            "(infilling); the rest is kept fixed")
         p.set_defaults(func=func)
+    p = sub.add_parser("export", help="write a model as a Hugging Face style folder or in MDLM's layouts")
+    p.add_argument("checkpoint", help=model_help)
+    p.add_argument("out", help="output folder (or .ckpt file for --to mdlm-ckpt)")
+    p.add_argument("--to", default="unmask", choices=("unmask", "mdlm-hf", "mdlm-ckpt"),
+                   help="unmask: config.json + model.safetensors + tokenizer + model card (default); mdlm-hf: "
+                   "the kuleshov-group/mdlm-owt layout; mdlm-ckpt: a Lightning-layout .ckpt")
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--metrics", help="an `unmask eval --json` result whose figures go into the model card")
+    p.add_argument("--tokenizer", help="GPT-2 tokenizer folder for a released MDLM model that lacks one")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("quickstart", help="train a small model on the shipped corpus, evaluate and sample")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart config")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import json
 import lzma
 import os
@@ -34,7 +35,7 @@ from .config import DataConfig
 from .tokenization import OutOfVocabularyError, Tokenizer, build_tokenizer
 
 SPLITS = ("train", "valid", "test")
-DATASETS = ("tinyshakespeare", "text8", "text8-prefix", "text", "hf")
+DATASETS = ("tinyshakespeare", "text8", "text8-prefix", "wikitext2", "wikitext103", "text", "hf")
 TOKEN, BOS, EOS, PAD = 0, 1, 2, 3
 CACHE_VERSION = 1
 BLOCK_CHARS = 1 << 20
@@ -330,6 +331,57 @@ class HFCorpus(Corpus):
                            self.cfg.text_field])
 
 
+WIKITEXT_RULES = [  # MDLM's `wt_detokenizer` (after Megatron-LM): undo WikiText's tokenization
+    ("s '", "s'"), (re.compile(r"/' [0-9]/"), r"/'[0-9]/"),
+    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),
+    (" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", "),
+    (re.compile(r"\(\s*([^\)]*?)\s*\)"), r"(\1)"), (re.compile(r"\[\s*([^\]]*?)\s*\]"), r"[\1]"),
+    (re.compile(r"{\s*([^}]*?)\s*}"), r"{\1}"), (re.compile(r"\"\s*([^\"]*?)\s*\""), r'"\1"'),
+    (re.compile(r"'\s*([^']*?)\s*'"), r"'\1'"),
+    ("= = = =", "===="), ("= = =", "==="), ("= =", "=="),
+    (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"), (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s"),
+]
+
+
+def wikitext_detokenize(text: str) -> str:
+    """WikiText's ``" @-@ "``, ``" , "``, ``"( x )"`` ... back to running text, rule by rule as
+    MDLM's ``wt_detokenizer`` does before tokenizing for zero-shot perplexity."""
+    for pattern, replacement in WIKITEXT_RULES:
+        text = pattern.sub(replacement, text) if isinstance(pattern, re.Pattern) else text.replace(pattern, replacement)
+    return text
+
+
+class WikiTextCorpus(Corpus):
+    """WikiText-2/103 from a folder of the official files (``wiki.{train,valid,test}.tokens`` or the
+    raw ``.raw`` variant): one document per line, blank lines included, each detokenized, as the
+    Hugging Face ``wikitext-*-v1`` rows that MDLM evaluates zero-shot. Missing splits are an error
+    when asked for (the test data here ships only valid and test)."""
+
+    def __init__(self, name: str, cfg: DataConfig):
+        if cfg.path is None:
+            raise DataError(f"dataset '{name}' needs data.path: a folder with wiki.valid.tokens and "
+                            f"wiki.test.tokens (or the .raw files)")
+        self.name, self.folder = name, Path(cfg.path)
+        if not self.folder.is_dir():
+            raise DataError(f"data path not found: {self.folder}")
+
+    def _file(self, split: str) -> Path:
+        stem = {"train": "train", "valid": "valid", "test": "test"}[split]
+        for suffix in ("tokens", "raw"):
+            path = self.folder / f"wiki.{stem}.{suffix}"
+            if path.is_file():
+                return path
+        raise DataError(f"{self.name}: no {split} split in {self.folder} (wiki.{stem}.tokens or .raw)")
+
+    def documents(self, split: str) -> Iterator[Iterable[str]]:
+        with open_text(self._file(split)) as f:
+            for line in f:
+                yield [wikitext_detokenize(line) if line.strip() else ""]
+
+    def fingerprint(self, split: str) -> str:
+        return f"{self.name}|{_file_id(self._file(split))}|lines-detokenized"
+
+
 def shipped_corpus_path() -> Path:
     return Path(__file__).parent / "assets" / "tinyshakespeare.txt.xz"
 
@@ -354,6 +406,8 @@ def make_corpus(cfg: DataConfig) -> Corpus:
             raise DataError("dataset 'text8-prefix' needs data.path: a file whose first 12,500,000 "
                             "characters are text8's (e.g. text8_first12500000chars.xz)")
         return CharRangeCorpus("text8-prefix", Path(cfg.path), TEXT8_PREFIX_SPLITS)
+    if cfg.dataset in ("wikitext2", "wikitext103"):
+        return WikiTextCorpus(cfg.dataset, cfg)
     if cfg.dataset == "text":
         return FilesCorpus(cfg)
     if cfg.dataset == "hf":

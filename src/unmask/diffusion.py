@@ -129,7 +129,9 @@ class MaskedDiffusion:
         return t, torch.where(below, torch.full_like(u, 1 / self.t_min), s.weight(t))
 
     def model_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return self.schedule.sigma(t.to(torch.float64)).float()
+        """What a time-conditioned network sees: ``sigma(t)``, kept finite at ``t = 1`` (where it is
+        infinite when ``alpha(1) = 0``) by evaluating it at ``min(t, 1 - 1e-6)``."""
+        return self.schedule.sigma(t.to(torch.float64).clamp(max=1 - 1e-6)).float()
 
     # --- loss --------------------------------------------------------------------------------
     def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise, exact: bool = False) -> torch.Tensor:

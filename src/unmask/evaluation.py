@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 
 import numpy as np
 import torch
 
 from .config import DataConfig
 from .data import TOKEN, Rows, counted_positions
-from .diffusion import Autoregressive, MaskedDiffusion, Noise
+from .diffusion import Autoregressive, MaskedDiffusion, Noise, masked_cross_entropy
+from .model import bucketed_positions
 from .runtime import autocast, generator_for
 from .tokenization import Tokenizer
 
@@ -109,3 +111,110 @@ def format_result(r: dict, split: str) -> str:
     return (f"{r['family']} {split}: nll {bound} {r['nll']:.4f}{err} nats/token, ppl {bound} {r['perplexity']:.3f}, "
             f"{r['bits_per_token']:.4f} bits/token{bpc} ({r['sequences']} seqs, {r['tokens']} tokens, "
             f"K={r['mc_samples']}, {r['seconds']:.1f}s)")
+
+
+def _context_key(sequence: list[int], start: int) -> int:
+    """A stable key of (context, continuation length): choices that share a context share draws."""
+    return zlib.crc32(np.asarray(sequence[:start] + [len(sequence)], dtype=np.int64).tobytes())
+
+
+@torch.no_grad()
+def continuation_loglikelihoods(model, objective: MaskedDiffusion | Autoregressive, sequences: list[list[int]],
+                                starts: list[int], mc_samples: int = 16, batch_rows: int = 64, seed: int = 0,
+                                precision: str = "fp32", device: torch.device = torch.device("cpu"),
+                                estimator: str = "auto") -> list[tuple[float, float, bool]]:
+    """``log p(x[s:] | x[:s])`` for each sequence ``x`` and start ``s``: ``(loglik, stderr, greedy)``.
+
+    AR: exact (``stderr`` 0); ``greedy`` is whether every continuation token is the argmax given its
+    prefix. MDLM: the NELBO lower bound of the n continuation tokens with the context clean, from
+    ``mc_samples`` Monte-Carlo draws, with one of two unbiased estimators:
+
+    * ``time``: MDLM eq. 10, ``t`` stratified over ``[0, 1)``, each token masked with probability
+      ``1 - alpha(t)``, weight ``w(t)``. Needed for time-conditioned models; its ``1/t`` weight gives
+      heavy tails on short continuations.
+    * ``count`` (default for models without time conditioning, where the two are equal in
+      expectation, Ou et al. 2024): the number of masked tokens ``k`` stratified over ``1..n``, a
+      uniformly random set of ``k`` masked, weight ``n/k``; the any-order form
+      ``sum_k 1/k E_{|M|=k}[sum_{l in M} -log p(x_l | unmasked)]``. Bounded weights, lower variance.
+
+    Draws depend on ``(seed, context, continuation length)`` only: results do not depend on batching,
+    and the choices of one multiple-choice question share their draws (common random numbers), so
+    their differences are much more precise than each value. ``stderr`` is the Monte-Carlo standard
+    error (i.i.d. formula, an upper estimate under stratification). ``greedy``: with the whole
+    continuation masked, is every position's argmax its token (one-shot greedy). Sequences of equal
+    length are batched together, up to ``batch_rows`` rows (K rows each for MDLM).
+    """
+    model.eval()
+    is_ar = isinstance(objective, Autoregressive)
+    if estimator == "auto":
+        estimator = "time" if getattr(model, "time_conditioning", False) else "count"
+    if estimator not in ("time", "count"):
+        raise ValueError(f"estimator must be auto, time or count, got {estimator!r}")
+    if estimator == "count" and getattr(model, "time_conditioning", False):
+        raise ValueError("the count estimator needs a model without time conditioning")
+    k = 1 if is_ar else mc_samples
+    if k < 1:
+        raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+    results: list[tuple[float, float, bool] | None] = [None] * len(sequences)
+    by_length: dict[int, list[int]] = {}
+    for i, (seq, s) in enumerate(zip(sequences, starts)):
+        if not 0 <= s < len(seq):
+            raise ValueError(f"sequence {i}: the continuation must be non-empty (start {s}, length {len(seq)})")
+        by_length.setdefault(len(seq), []).append(i)
+    per_batch = max(1, batch_rows // k)
+    for length, members in by_length.items():
+        for lo in range(0, len(members), per_batch):
+            group = members[lo:lo + per_batch]
+            x0 = torch.tensor([sequences[i] for i in group], dtype=torch.long, device=device)
+            counted = torch.zeros_like(x0, dtype=torch.bool)
+            for r, i in enumerate(group):
+                counted[r, starts[i]:] = True
+            if is_ar:
+                with autocast(device, precision):
+                    logits = model(objective.inputs(x0)).float()
+                logits[..., objective.mask_id] = float("-inf")
+                logp = logits.log_softmax(-1).gather(-1, x0[..., None])[..., 0]
+                greedy = ((logits.argmax(-1) == x0) | ~counted).all(-1)
+                for r, i in enumerate(group):
+                    results[i] = (float(logp[r][counted[r]].double().sum()), 0.0, bool(greedy[r]))
+                continue
+            time_u, mask_u = [], []
+            for i in group:
+                gen = generator_for(seed, _context_key(sequences[i], starts[i]), 0x11CE)
+                offset = torch.rand(1, generator=gen, dtype=torch.float64)
+                time_u.append((torch.arange(k, dtype=torch.float64) + offset) / k)
+                mask_u.append(torch.rand(k, length, generator=gen))
+            noise = Noise(torch.cat(time_u), torch.cat(mask_u)).to(device)
+            x0k, countedk = x0.repeat_interleave(k, 0), counted.repeat_interleave(k, 0)
+            with autocast(device, precision):
+                if estimator == "time":
+                    nats = objective.loss(model, x0k, countedk, noise, exact=True)
+                else:
+                    nats = _count_estimator(model, objective, x0k, countedk, noise)
+                nats = nats.double().cpu().reshape(len(group), k)
+                full = torch.where(counted, torch.full_like(x0, objective.mask_id), x0)
+                ones = torch.ones(len(group), dtype=torch.float64, device=device)
+                logits = model(full, objective.model_sigma(ones)).float()
+            logits[..., objective.mask_id] = float("-inf")
+            greedy = ((logits.argmax(-1) == x0) | ~counted).all(-1)
+            for r, i in enumerate(group):
+                stderr = float(nats[r].std() / math.sqrt(k)) if k > 1 else float("nan")
+                results[i] = (-float(nats[r].mean()), stderr, bool(greedy[r]))
+    return results
+
+
+def _count_estimator(model, objective: MaskedDiffusion, x0: torch.Tensor, counted: torch.Tensor,
+                     noise: Noise) -> torch.Tensor:
+    """``(n/k) sum_{l in M} -log p(x_l | x with M masked)`` per row, ``k = 1 + floor(u n)`` from the
+    row's stratified uniform and ``M`` the ``k`` counted positions with the smallest uniforms."""
+    n = counted.sum(1)
+    masked_count = (1 + (noise.time_u.to(x0.device) * n).floor().long()).clamp(max=n)
+    keys = torch.where(counted, noise.mask_u.to(x0.device), torch.full_like(noise.mask_u, 2.0, device=x0.device))
+    rank = keys.argsort(1).argsort(1)
+    masked = rank < masked_count[:, None]
+    xt = torch.where(masked, torch.full_like(x0, objective.mask_id), x0)
+    index, m = bucketed_positions(masked)
+    logits = model(xt, torch.zeros(len(x0), device=x0.device), positions=index)[:m]
+    ce = masked_cross_entropy(logits, x0.reshape(-1)[index[:m]], objective.mask_id)
+    per_row = torch.zeros(len(x0), device=x0.device).index_add_(0, index[:m] // x0.shape[1], ce.float())
+    return per_row * (n / masked_count).float()

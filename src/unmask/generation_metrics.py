@@ -13,6 +13,7 @@ Hugging Face causal LM folder (``transformers``, e.g. GPT-2 Large when it is on 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -48,9 +49,10 @@ class CheckpointEvaluator(Evaluator):
     """A ``family: ar`` checkpoint of this project."""
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu", batch_size: int = 16):
-        from .checkpoint import Checkpoint, load_model
+        from .checkpoint import load_model
+        from .pretrained import open_source
 
-        ckpt = Checkpoint(path)
+        ckpt = open_source(path)
         if ckpt.config.family != "ar":
             raise ValueError(f"evaluator {ckpt.path} is a {ckpt.config.family} model; an AR model is needed")
         self.model, _ = load_model(ckpt, ema=True, device=device)
@@ -144,11 +146,13 @@ class HuggingFaceEvaluator(Evaluator):
 
 
 def load_evaluator(path: str | Path, device: torch.device | str = "cpu") -> Evaluator:
-    """A project checkpoint (run folder or checkpoint folder) or a Hugging Face causal LM folder."""
+    """An AR model of this project (run, checkpoint or ``save_pretrained`` folder) or a Hugging Face
+    causal LM folder."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"evaluator not found: {path}")
-    if (path / "config.json").is_file() and not (path / "trainer_state.json").is_file():
+    config = path / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") not in ("unmask", "mdlm"):
         return HuggingFaceEvaluator(path, device)
     return CheckpointEvaluator(path, device)
 

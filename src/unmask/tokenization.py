@@ -203,15 +203,17 @@ class HFTokenizer(Tokenizer):
         self._special = sorted(self.special_ids)
 
     @classmethod
-    def gpt2_from_files(cls, directory: str | Path) -> "HFTokenizer":
-        """GPT-2 byte-level BPE from ``encoder.json`` + ``vocab.bpe`` (the original release files)."""
+    def gpt2_from_files(cls, directory: str | Path, vocab: str = "encoder.json",
+                        merges: str = "vocab.bpe") -> "HFTokenizer":
+        """GPT-2 byte-level BPE from ``encoder.json`` + ``vocab.bpe`` (the original release files; the
+        Hugging Face names are ``vocab.json`` + ``merges.txt``)."""
         from tokenizers import AddedToken, Tokenizer as TK, decoders, models, pre_tokenizers
 
         directory = Path(directory)
-        for name in ("encoder.json", "vocab.bpe"):
+        for name in (vocab, merges):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"GPT-2 tokenizer file not found: {directory / name}")
-        tk = TK(models.BPE.from_file(str(directory / "encoder.json"), str(directory / "vocab.bpe")))
+        tk = TK(models.BPE.from_file(str(directory / vocab), str(directory / merges)))
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
         tk.add_special_tokens([AddedToken("<|endoftext|>", special=True)])

@@ -1,0 +1,285 @@
+"""Model folders in the Hugging Face convention, and one loader for every kind of model source.
+
+``save_pretrained`` writes::
+
+    config.json              {"model_type": "unmask", "family", "vocab_size", "step", "run_config": {...}}
+    model.safetensors        weights (EMA by default) with MDLM's DiT key names
+    unmask_tokenizer.json    the tokenizer (+ tokenizer.json for BPE tokenizers)
+    README.md                model card: training data, steps, measured metrics
+
+``from_pretrained`` / :func:`open_source` read any of
+
+* a run folder or checkpoint folder of ``unmask train``;
+* a folder written by ``save_pretrained``;
+* MDLM's released layouts (:mod:`unmask.released`): the ``kuleshov-group/mdlm-owt`` folder, or a
+  Lightning ``.ckpt`` file (restricted unpickling);
+* a Hugging Face hub id (``org/name``), downloaded with ``huggingface_hub`` when a hub is reachable.
+
+Released MDLM folders ship no tokenizer: GPT-2's is taken from the folder when present (a
+``tokenizer.json``, ``vocab.json`` + ``merges.txt`` or ``encoder.json`` + ``vocab.bpe``), else
+from ``tokenizer_path``, else from the hub; the mask token is appended as id 50257.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import released
+from .checkpoint import Checkpoint, CheckpointError, load_tensors, load_weights
+from .config import RunConfig, config_from_dict, to_dict
+from .tokenization import HFTokenizer, Tokenizer, load_tokenizer
+
+MODEL_TYPE = "unmask"
+
+
+class Pretrained:
+    """A model source read from disk: ``config``, ``tokenizer``, ``step``, ``path``, ``weights()``.
+
+    The same interface as :class:`~unmask.checkpoint.Checkpoint`, so :func:`unmask.checkpoint.load_model`
+    and the CLI take either.
+    """
+
+    def __init__(self, path: Path, config: RunConfig, tokenizer: Tokenizer, step: int,
+                 weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None = None,
+                 source_format: str = MODEL_TYPE, card: dict | None = None):
+        self.path, self.config, self.tokenizer, self.step = path, config, tokenizer, step
+        self._weights, self._ema, self.format, self.card = weights, ema, source_format, card or {}
+
+    def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
+        return self._ema if ema and self._ema is not None else self._weights
+
+    def ema_state(self) -> dict[str, torch.Tensor] | None:
+        return self._ema
+
+
+def _gpt2_tokenizer(folder: Path | None, tokenizer_path: str | None) -> Tokenizer:
+    for directory in [p for p in (Path(tokenizer_path) if tokenizer_path else None, folder) if p is not None]:
+        if directory.is_file():
+            return HFTokenizer.from_file(directory)
+        if (directory / "tokenizer.json").is_file():
+            return HFTokenizer.from_file(directory / "tokenizer.json")
+        for vocab, merges in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
+            if (directory / vocab).is_file() and (directory / merges).is_file():
+                return HFTokenizer.gpt2_from_files(directory, vocab, merges)
+        if tokenizer_path and directory == Path(tokenizer_path):
+            raise CheckpointError(f"no GPT-2 tokenizer in {directory} (tokenizer.json, vocab.json + merges.txt "
+                                  f"or encoder.json + vocab.bpe)")
+    try:
+        return HFTokenizer.from_hub("gpt2")
+    except OSError:
+        raise CheckpointError("the released MDLM model needs the GPT-2 tokenizer: none in its folder and the hub "
+                              "is unreachable; give tokenizer_path (a folder with encoder.json + vocab.bpe, "
+                              "vocab.json + merges.txt, or tokenizer.json)") from None
+
+
+def _check_vocab(tokenizer: Tokenizer, vocab_size: int, source: Path) -> None:
+    if tokenizer.vocab_size != vocab_size:
+        raise CheckpointError(f"{source}: the model has a vocabulary of {vocab_size} but the tokenizer gives "
+                              f"{tokenizer.vocab_size} ids (mask included)")
+
+
+def _hub_download(name: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"'{name}' is not a local path, and huggingface_hub is not installed to fetch it "
+                              f"from the hub") from None
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.md", "*.bpe"]))
+    except Exception as exc:  # offline, unknown repo, gated: one line that says which
+        raise CheckpointError(f"'{name}' is not a local path and could not be fetched from the Hugging Face hub "
+                              f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def open_source(path: str | Path, tokenizer_path: str | None = None, **ckpt_options) -> Checkpoint | Pretrained:
+    """The model source at ``path`` (see the module docstring); nothing is built yet.
+
+    ``ckpt_options`` (``heads``, ``length``, ``time_conditioning``) complete what a Lightning
+    ``.ckpt`` cannot say about itself.
+    """
+    p = Path(path)
+    if not p.exists():
+        if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+            p = _hub_download(str(path))
+        else:
+            raise CheckpointError(f"model not found: {path}")
+    if p.is_file():
+        cfg, weights, ema, step = released.read_mdlm_ckpt(p, **ckpt_options)
+        tokenizer = _gpt2_tokenizer(p.parent, tokenizer_path)
+        _check_vocab(tokenizer, cfg_vocab(weights), p)
+        return Pretrained(p, cfg, tokenizer, step, weights, ema, source_format="mdlm-ckpt")
+    if released.is_mdlm_hf_folder(p):
+        cfg, weights = released.read_mdlm_hf(p)
+        tokenizer = _gpt2_tokenizer(p, tokenizer_path)
+        _check_vocab(tokenizer, cfg_vocab(weights), p)
+        return Pretrained(p, cfg, tokenizer, 0, weights, source_format="mdlm-hf")
+    if (p / "config.json").is_file():
+        return read_pretrained(p)
+    return Checkpoint(p)
+
+
+def cfg_vocab(weights: dict[str, torch.Tensor]) -> int:
+    return weights["vocab_embed.embedding"].shape[0]
+
+
+def read_pretrained(folder: Path) -> Pretrained:
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"corrupt {folder / 'config.json'}: {exc}") from None
+    if meta.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(f"{folder / 'config.json'} has model_type {meta.get('model_type')!r}; this loader "
+                              f"reads '{MODEL_TYPE}' and 'mdlm' folders")
+    cfg = config_from_dict(meta["run_config"])
+    tokenizer = load_tokenizer(folder)
+    weights = load_tensors(folder / "model.safetensors")
+    _check_vocab(tokenizer, cfg_vocab(weights), folder)
+    return Pretrained(folder, cfg, tokenizer, int(meta.get("step", 0)), weights, card=meta.get("card"))
+
+
+def _model_card(source, card: dict) -> str:
+    cfg = source.config
+    data = cfg.data
+    lines = ["---", "library_name: unmask", "tags:", "- masked-diffusion" if cfg.family == "mdlm" else "- causal-lm",
+             "- text-generation", "---", "",
+             f"# {card.get('name') or Path(str(source.path)).name}", "",
+             f"A {'masked diffusion (MDLM)' if cfg.family == 'mdlm' else 'autoregressive'} language model trained "
+             f"with [unmask](https://pypi.org/project/unmask/).", "",
+             "| | |", "|---|---|",
+             f"| family | {cfg.family} |",
+             f"| parameters | {card.get('parameters', 0):,} |",
+             f"| architecture | DiT, hidden {cfg.model.hidden}, {cfg.model.blocks} blocks, {cfg.model.heads} heads, "
+             f"length {cfg.model.length}, time conditioning {'on' if cfg.model.time_conditioning else 'off'} |",
+             f"| training data | {data.dataset}{f' ({data.path})' if data.path else ''}, {data.tokenizer} tokenizer, "
+             f"{data.layout} rows of {data.length} |",
+             f"| training steps | {source.step:,} |",
+             f"| weights | {'EMA' if card.get('ema') else 'raw'} |",
+             f"| exported | {card.get('exported', '')} |"]
+    metrics = card.get("metrics") or {}
+    if metrics:
+        lines += ["", "## Measured", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += ["", "## Use", "", "```python", "from unmask.pretrained import from_pretrained",
+              "lm = from_pretrained('PATH_OR_HUB_ID')", "print(lm.generate(num_samples=2).texts)", "```", ""]
+    return "\n".join(lines)
+
+
+def last_metrics(source) -> dict:
+    """The last logged training loss and validation figures of the run a checkpoint belongs to."""
+    path = Path(str(source.path))
+    for candidate in (path.parent.parent / "metrics.jsonl", path / "metrics.jsonl"):
+        if candidate.is_file():
+            out: dict = {}
+            for line in candidate.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "event" in record or record.get("step", 0) > source.step:
+                    continue
+                for key, value in record.items():
+                    if key == "loss" or key.startswith("valid"):
+                        out[f"train {key}" if key == "loss" else key] = value
+                out["at step"] = record.get("step")
+            return out
+    return {}
+
+
+def save_pretrained(source: Checkpoint | Pretrained, directory: str | Path, ema: bool = True,
+                    metrics: dict | None = None, name: str | None = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``source`` (or ``weights`` with ``source``'s config and tokenizer) as a Hugging Face
+    style folder. It is written next to ``directory`` and renamed into place, so an interrupted
+    export leaves no half folder."""
+    from .model import count_parameters
+    from .runtime import build_model
+
+    directory = Path(directory)
+    used_ema = weights is None and ema and source.ema_state() is not None
+    weights = weights if weights is not None else source.weights(ema=ema)
+    model = build_model(source.config, source.tokenizer)
+    load_weights(model, weights, str(source.path))  # refuse to export weights the config cannot load
+    card = {"name": name or directory.name, "parameters": count_parameters(model), "ema": used_ema,
+            "exported": datetime.date.today().isoformat(),
+            "metrics": dict(last_metrics(source), **(metrics or {}))}
+    meta = {"model_type": MODEL_TYPE, "architectures": ["DiT"], "family": source.config.family,
+            "vocab_size": source.tokenizer.vocab_size, "step": source.step, "card": card,
+            "run_config": to_dict(source.config)}
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    source.tokenizer.save(tmp)
+    (tmp / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (tmp / "README.md").write_text(_model_card(source, card))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def export(source: Checkpoint | Pretrained, out: str | Path, to: str = MODEL_TYPE, ema: bool = True,
+           metrics: dict | None = None) -> Path:
+    """Write ``source`` as ``unmask`` (:func:`save_pretrained`, ``metrics`` go into the model card),
+    ``mdlm-hf`` (the ``mdlm-owt`` folder layout, with the tokenizer) or ``mdlm-ckpt`` (a
+    Lightning-layout ``.ckpt``)."""
+    out = Path(out)
+    if to == MODEL_TYPE:
+        return save_pretrained(source, out, ema=ema, metrics=metrics)
+    if source.config.family != "mdlm":
+        raise CheckpointError(f"only MDLM models can be written in MDLM's layouts, not a {source.config.family} "
+                              f"model")
+    if to == "mdlm-hf":
+        released.write_mdlm_hf(out, source.weights(ema=ema), source.config, source.tokenizer.vocab_size)
+        if isinstance(source.tokenizer, HFTokenizer):
+            source.tokenizer.tk.save(str(out / "tokenizer.json"))
+        return out
+    if to == "mdlm-ckpt":
+        released.write_mdlm_ckpt(out, source.weights(ema=False), source.ema_state(), source.config, source.step)
+        return out
+    raise CheckpointError(f"unknown export format '{to}' (unmask, mdlm-hf, mdlm-ckpt)")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A ready model: the network (eval mode), its objective, tokenizer and config."""
+
+    model: torch.nn.Module
+    objective: object
+    tokenizer: Tokenizer
+    config: RunConfig
+    source: Checkpoint | Pretrained
+
+    def generate(self, prompts: list[str] | None = None, template: str | None = None, **sample):
+        """Samples with ``SampleConfig`` fields as keywords (``num_samples``, ``sampler``, ``seed``, ...)."""
+        from .sampling import generate
+
+        cfg = dataclasses.replace(self.config.sample, **sample)
+        device = next(self.model.parameters()).device
+        return generate(self.model, self.objective, self.tokenizer, cfg, cfg.length or self.config.data.length,
+                        self.config.model.length, prompts, template,
+                        bos=self.config.data.layout == "pad" or self.config.data.frame, device=device)
+
+    def save_pretrained(self, directory: str | Path, **kw) -> Path:
+        """The current weights of ``model`` (fine-tuned or not) with this config and tokenizer."""
+        return save_pretrained(self.source, directory, weights=self.model.state_dict(), **kw)
+
+
+def from_pretrained(path: str | Path, ema: bool = True, device: str | torch.device = "cpu",
+                    tokenizer_path: str | None = None, **ckpt_options) -> LoadedModel:
+    """Load any model source (run folder, ``save_pretrained`` folder, released MDLM, hub id)."""
+    from .checkpoint import load_model
+
+    source = open_source(path, tokenizer_path, **ckpt_options)
+    model, objective = load_model(source, ema=ema, device=device)
+    return LoadedModel(model, objective, source.tokenizer, source.config, source)
