@@ -125,3 +125,12 @@ def test_eval_generation_end_to_end(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "mdlm"), "eval.metric=generation"]) == 2
     assert "eval.evaluator" in capsys.readouterr().err
     assert np.isfinite(result["generated_tokens_per_second"])
+
+
+def test_mauve_separates_matching_from_shifted_feature_clouds():
+    pytest.importorskip("mauve", reason="mauve-text is not installed (pip install -e '.[mauve]')")
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(200, 8))
+    same = gm.mauve_score(p, rng.normal(size=(200, 8)))
+    shifted = gm.mauve_score(p, rng.normal(size=(200, 8)) + 3.0)
+    assert same > 0.9 and shifted < 0.2, (same, shifted)
