@@ -1,0 +1,322 @@
+"""Training and sampling throughput against the machine's measured limits, in one run.
+
+1. Ceilings: dense matmul throughput (fp32, bf16) at each preset's MLP shape and at 2048^3, and memory
+   bandwidth (a large copy).
+2. Training, per preset: ``unmask train`` in its own process on the shipped corpus (real data path,
+   optimizer, EMA); tokens/s after warm-up, model FLOPs utilization against the measured matmul ceiling
+   of the precision used, peak memory. Model FLOPs per token: ``6 N + 12 n_layers L H`` (N = parameters
+   of every matmul, the output layer included; the attention term counts QK^T and AV, forward and
+   backward).
+3. Sampling: exact first-hitting at one length (default 1024), batch 8, random weights: generated
+   tokens/s, NFE, and the share of wall time spent inside the network (the rest is sampling
+   overhead: categorical draws, bookkeeping).
+4. Scaling: training-step time (forward + backward + AdamW) and exact first-hitting time against
+   sequence length 128..2048 and batch size, with the growth exponent fitted on a log-log scale.
+
+    python benchmarks/perf.py                        # defaults: presets nano,micro,mini,tiny
+    python benchmarks/perf.py --presets small --vocab gpt2 --batch 4 --train-steps 6
+
+Writes ``benchmarks/results/perf-<tag>.json`` and, with matplotlib, ``perf-<tag>-scaling.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from unmask.config import MODEL_PRESETS, SampleConfig, load_config
+from unmask.model import count_parameters
+from unmask.runtime import autocast, build_model, build_objective, cpu_has_bf16
+from unmask.sampling import make_canvas, make_sampler, row_seeds
+from unmask.tokenization import CharTokenizer, HFTokenizer, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT2_DIR = ROOT.parent / "shared" / "data" / "gpt2-tokenizer"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from text8_mdlm_vs_ar import machine  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, min_seconds: float = 1.0, min_reps: int = 3) -> float:
+    """Seconds per call of ``fn`` after one warm-up call."""
+    fn()
+    sync(device)
+    reps, start = 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - start < min_seconds:
+        fn()
+        reps += 1
+    sync(device)
+    return (time.perf_counter() - start) / reps
+
+
+def matmul_ceiling(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device) -> float:
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    return 2 * m * k * n / timed(lambda: a @ b, device) / 1e9
+
+
+def bandwidth(device: torch.device, mbytes: int = 256) -> float:
+    src = torch.empty(mbytes * 2**20 // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), device) / 1e9
+
+
+def flops_per_token(cfg, vocab: int, length: int) -> float:
+    m = cfg.model
+    with torch.device("meta"):
+        model = build_model(cfg, type("T", (), {"vocab_size": vocab})())
+    matmul_params = count_parameters(model) - vocab * m.hidden  # the embedding is a lookup
+    return 6 * matmul_params + 12 * m.blocks * length * m.hidden
+
+
+def tokenizer_for(vocab: str):
+    if vocab == "gpt2":
+        return HFTokenizer.gpt2_from_files(GPT2_DIR)
+    return CharTokenizer("".join(chr(32 + i) for i in range(62)))
+
+
+def run_config(preset: str, vocab: str, length: int, batch: int, precision: str, extra: list[str]):
+    tokenizer = ["data.tokenizer=gpt2", f"data.tokenizer_path={GPT2_DIR}"] if vocab == "gpt2" else []
+    return load_config(None, [f"model.preset={preset}", f"model.length={max(length, 128)}", f"data.length={length}",
+                              f"train.batch_size={batch}", f"train.precision={precision}", "model.dropout=0.0",
+                              *tokenizer, *extra])
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+def train_preset(preset: str, args, ceilings: dict) -> dict:
+    """``unmask train`` in its own process; tokens/s from its log after the first (warm-up) window."""
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"model.preset={preset}", f"model.length={args.length}", f"data.length={args.length}",
+                     f"train.batch_size={args.batch}", f"train.steps={args.train_steps}", "train.log_every=2",
+                     f"train.precision={args.precision}", "train.progress=false", "train.warmup_steps=0",
+                     "model.dropout=0.0", f"train.compile={str(args.compile).lower()}", f"run_dir={tmp}/run",
+                     f"data.cache_dir={tmp}/cache", "train.keep_checkpoints=1"]
+        if args.vocab == "gpt2":
+            overrides += ["data.tokenizer=gpt2", f"data.tokenizer_path={GPT2_DIR}"]
+        subprocess.run([sys.executable, "-m", "unmask", "train", *overrides], check=True, cwd=ROOT,
+                       stdout=subprocess.DEVNULL)
+        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        vocab = load_tokenizer(Path(tmp) / "run" / "tokenizer").vocab_size
+    start = next(r for r in records if r.get("event") == "start")
+    windows = [r for r in records if "tokens_per_second" in r][1:]  # the first window holds the warm-up
+    end = next(r for r in records if r.get("event") == "end")
+    tok_s = sum(r["tokens_per_second"] for r in windows) / len(windows)
+    cfg = run_config(preset, args.vocab, args.length, args.batch, args.precision, [])
+    fpt = flops_per_token(cfg, vocab, args.length)
+    ceiling = ceilings[f"{preset}_{start['precision']}"]
+    return {"preset": preset, "parameters": start["parameters"], "precision": start["precision"],
+            "tokens_per_second": tok_s, "flops_per_token": fpt, "achieved_gflops": tok_s * fpt / 1e9,
+            "ceiling_gflops": ceiling, "mfu": tok_s * fpt / 1e9 / ceiling, "peak_memory_mb": end["peak_memory_mb"]}
+
+
+# --- sampling ----------------------------------------------------------------------------------------
+
+class NetworkTimer:
+    """Wraps ``model.forward`` to add up the time spent inside the network."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.seconds, self.device, forward = 0.0, device, model.forward
+
+        def timed_forward(*a, **k):
+            start = time.perf_counter()
+            out = forward(*a, **k)
+            sync(device)
+            self.seconds += time.perf_counter() - start
+            return out
+
+        model.forward = timed_forward
+
+
+def sample_once(model, objective, tokenizer, length: int, batch: int, device, precision: str, **knobs) -> dict:
+    cfg = SampleConfig(sampler="first_hitting", **knobs)
+    sampler = make_sampler(cfg, objective, tokenizer, length)
+    canvas = make_canvas(tokenizer, [[]] * batch, length).to(device)
+    timer = NetworkTimer(model, device)
+    start = time.perf_counter()
+    with autocast(device, precision):
+        result = sampler.sample(model, canvas, row_seeds(0, batch).to(device))
+    sync(device)
+    wall = time.perf_counter() - start
+    del model.forward  # the NetworkTimer's wrapper
+    return {"length": length, "batch": batch, "seconds": wall, "network_seconds": timer.seconds,
+            "network_share": timer.seconds / wall, "nfe": result.nfe, "generated": result.generated,
+            "generated_tokens_per_second": result.generated / wall}
+
+
+def sampling_model(preset: str, args, length: int, device):
+    cfg = run_config(preset, args.vocab, length, 1, args.precision, ["model.length=2048"])
+    tokenizer = tokenizer_for(args.vocab)
+    model = build_model(cfg, tokenizer).to(device).eval()
+    with torch.no_grad():  # random, non-degenerate outputs (MDLM zero-initializes the output layer)
+        model.output_layer.linear.weight.normal_(0, 0.02)
+    return model, build_objective(cfg, tokenizer), tokenizer
+
+
+# --- scaling -----------------------------------------------------------------------------------------
+
+def train_step_seconds(preset: str, args, length: int, batch: int, device) -> float:
+    cfg = run_config(preset, args.vocab, length, batch, args.precision, ["model.length=2048"])
+    tokenizer = tokenizer_for(args.vocab)
+    model = build_model(cfg, tokenizer).to(device).train()
+    objective = build_objective(cfg, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x0 = torch.randint(0, tokenizer.vocab_size - 1, (batch, length), device=device)
+    counted = torch.ones_like(x0, dtype=torch.bool)
+    from unmask.diffusion import draw_noise
+
+    noise = draw_noise(batch, length, torch.Generator().manual_seed(0)).to(device)
+    precision = "bf16" if args.precision == "auto" and (device.type == "cuda" or cpu_has_bf16()) else (
+        "fp32" if args.precision == "auto" else args.precision)
+
+    def step():
+        with autocast(device, precision):
+            loss = objective.loss(model, x0, counted, noise).sum() / x0.numel()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed(step, device, min_seconds=2.0)
+
+
+def fit_exponent(xs: list[float], ys: list[float]) -> float:
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", default="nano,micro,mini,tiny")
+    parser.add_argument("--vocab", default="char", choices=("char", "gpt2"))
+    parser.add_argument("--length", type=int, default=256, help="training rows")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--sample-preset", default="nano")
+    parser.add_argument("--sample-length", type=int, default=1024)
+    parser.add_argument("--sample-batch", type=int, default=8)
+    parser.add_argument("--scaling-preset", default="nano")
+    parser.add_argument("--scaling-lengths", default="128,256,512,1024,2048")
+    parser.add_argument("--scaling-batches", default="1,2,4,8,16,32")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: train,sample,scaling")
+    parser.add_argument("--tag", default="cpu")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    skip = set(filter(None, args.skip.split(",")))
+    presets = args.presets.split(",")
+    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "tag": args.tag,
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip(), "args": vars(args)}
+
+    ceilings = {"square_2048_fp32": matmul_ceiling(2048, 2048, 2048, torch.float32, device),
+                "square_2048_bf16": matmul_ceiling(2048, 2048, 2048, torch.bfloat16, device),
+                "memory_bandwidth_gbs": bandwidth(device)}
+    for preset in presets:
+        h = MODEL_PRESETS[preset]["hidden"]
+        tokens = args.batch * args.length
+        ceilings[f"{preset}_fp32"] = matmul_ceiling(tokens, h, 4 * h, torch.float32, device)
+        ceilings[f"{preset}_bf16"] = matmul_ceiling(tokens, h, 4 * h, torch.bfloat16, device)
+    record["ceilings_gflops"] = ceilings
+    print(json.dumps(ceilings), flush=True)
+
+    if "train" not in skip:
+        record["training"] = []
+        for preset in presets:
+            r = train_preset(preset, args, ceilings)
+            record["training"].append(r)
+            print(f"train {preset:6s} {r['parameters']:>11,} params {r['precision']} {r['tokens_per_second']:9.0f} tok/s "
+                  f"{r['achieved_gflops']:7.1f} GFLOP/s of {r['ceiling_gflops']:.0f}: MFU {100 * r['mfu']:.1f}% "
+                  f"peak {r['peak_memory_mb']:.0f} MB", flush=True)
+
+    precision = "bf16" if args.precision in ("auto", "bf16") and (device.type == "cuda" or cpu_has_bf16()) else "fp32"
+    if "sample" not in skip:
+        model, objective, tokenizer = sampling_model(args.sample_preset, args, args.sample_length, device)
+        r = sample_once(model, objective, tokenizer, args.sample_length, args.sample_batch, device, precision)
+        record["sampling"] = dict(r, preset=args.sample_preset, sampler="first_hitting", precision=precision)
+        print(f"sample first-hitting L={r['length']} B={r['batch']}: {r['seconds']:.2f}s, NFE {r['nfe']}, "
+              f"{r['generated_tokens_per_second']:.0f} tok/s, network {100 * r['network_share']:.1f}% of wall time",
+              flush=True)
+
+    if "scaling" not in skip:
+        lengths = [int(x) for x in args.scaling_lengths.split(",")]
+        batches = [int(x) for x in args.scaling_batches.split(",")]
+        scaling = {"preset": args.scaling_preset, "train_vs_length": [], "train_vs_batch": [],
+                   "sample_vs_length": [], "sample_vs_batch": []}
+        for length in lengths:
+            s = train_step_seconds(args.scaling_preset, args, length, 4, device)
+            scaling["train_vs_length"].append({"length": length, "batch": 4, "seconds": s})
+            print(f"train step L={length} B=4: {s * 1e3:.1f} ms", flush=True)
+        for batch in batches:
+            s = train_step_seconds(args.scaling_preset, args, 256, batch, device)
+            scaling["train_vs_batch"].append({"length": 256, "batch": batch, "seconds": s})
+            print(f"train step L=256 B={batch}: {s * 1e3:.1f} ms", flush=True)
+        model, objective, tokenizer = sampling_model(args.scaling_preset, args, max(lengths), device)
+        for length in lengths:
+            r = sample_once(model, objective, tokenizer, length, 1, device, precision)
+            scaling["sample_vs_length"].append(r)
+            print(f"first-hitting L={length} B=1: {r['seconds']:.2f}s, network {100 * r['network_share']:.1f}%",
+                  flush=True)
+        for batch in batches:
+            r = sample_once(model, objective, tokenizer, 256, batch, device, precision)
+            scaling["sample_vs_batch"].append(r)
+            print(f"first-hitting L=256 B={batch}: {r['seconds']:.2f}s, network {100 * r['network_share']:.1f}%",
+                  flush=True)
+        for key, x in (("train_vs_length", "length"), ("train_vs_batch", "batch"), ("sample_vs_length", "length"),
+                       ("sample_vs_batch", "batch")):
+            points = scaling[key]
+            scaling[f"{key}_exponent"] = fit_exponent([p[x] for p in points], [p["seconds"] for p in points])
+            print(f"{key}: time ~ {x}^{scaling[f'{key}_exponent']:.2f}", flush=True)
+        record["scaling"] = scaling
+
+    out = ROOT / "benchmarks" / "results" / f"perf-{args.tag}.json"
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+    if "scaling" in record:
+        plot(record, out.with_name(f"perf-{args.tag}-scaling.png"))
+
+
+def plot(record: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    s = record["scaling"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label in (("train_vs_length", "training step (B=4)"), ("sample_vs_length", "first-hitting sampling (B=1)")):
+        xs = [p["length"] for p in s[key]]
+        axes[0].loglog(xs, [p["seconds"] for p in s[key]], "o-", label=f"{label}: ~L^{s[key + '_exponent']:.2f}")
+    for key, label in (("train_vs_batch", "training step (L=256)"), ("sample_vs_batch", "first-hitting sampling (L=256)")):
+        xs = [p["batch"] for p in s[key]]
+        axes[1].loglog(xs, [p["seconds"] for p in s[key]], "o-", label=f"{label}: ~B^{s[key + '_exponent']:.2f}")
+    axes[0].set_xlabel("sequence length L")
+    axes[1].set_xlabel("batch size B")
+    for ax in axes:
+        ax.set_ylabel("seconds")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{s['preset']} preset, {record['machine']['cpu']}, {record['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
