@@ -96,13 +96,13 @@ def run_config(preset: str, vocab: str, length: int, batch: int, precision: str,
 
 # --- training ----------------------------------------------------------------------------------------
 
-def train_preset(preset: str, args, ceilings: dict) -> dict:
+def train_preset(preset: str, args, ceilings: dict, compile: bool = False) -> dict:
     """``unmask train`` in its own process; tokens/s from its log after the first (warm-up) window."""
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"model.preset={preset}", f"model.length={args.length}", f"data.length={args.length}",
                      f"train.batch_size={args.batch}", f"train.steps={args.train_steps}", "train.log_every=2",
                      f"train.precision={args.precision}", "train.progress=false", "train.warmup_steps=0",
-                     "model.dropout=0.0", f"train.compile={str(args.compile).lower()}", f"run_dir={tmp}/run",
+                     "model.dropout=0.0", f"train.compile={str(compile).lower()}", f"run_dir={tmp}/run",
                      f"data.cache_dir={tmp}/cache", "train.keep_checkpoints=1"]
         if args.vocab == "gpt2":
             overrides += ["data.tokenizer=gpt2", f"data.tokenizer_path={GPT2_DIR}"]
@@ -117,7 +117,7 @@ def train_preset(preset: str, args, ceilings: dict) -> dict:
     cfg = run_config(preset, args.vocab, args.length, args.batch, args.precision, [])
     fpt = flops_per_token(cfg, vocab, args.length)
     ceiling = ceilings[f"{preset}_{start['precision']}"]
-    return {"preset": preset, "parameters": start["parameters"], "precision": start["precision"],
+    return {"preset": preset, "compile": compile, "parameters": start["parameters"], "precision": start["precision"],
             "tokens_per_second": tok_s, "flops_per_token": fpt, "achieved_gflops": tok_s * fpt / 1e9,
             "ceiling_gflops": ceiling, "mfu": tok_s * fpt / 1e9 / ceiling, "peak_memory_mb": end["peak_memory_mb"]}
 
@@ -140,8 +140,9 @@ class NetworkTimer:
         model.forward = timed_forward
 
 
-def sample_once(model, objective, tokenizer, length: int, batch: int, device, precision: str, **knobs) -> dict:
-    cfg = SampleConfig(sampler="first_hitting", **knobs)
+def sample_once(model, objective, tokenizer, length: int, batch: int, device, precision: str,
+                sampler: str = "first_hitting", **knobs) -> dict:
+    cfg = SampleConfig(sampler=sampler, **knobs)
     sampler = make_sampler(cfg, objective, tokenizer, length)
     canvas = make_canvas(tokenizer, [[]] * batch, length).to(device)
     timer = NetworkTimer(model, device)
@@ -205,10 +206,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also train each preset with torch.compile, side by side")
     parser.add_argument("--sample-preset", default="nano")
     parser.add_argument("--sample-length", type=int, default=1024)
     parser.add_argument("--sample-batch", type=int, default=8)
+    parser.add_argument("--ancestral", action="store_true", help="also time the cached ancestral sampler at T = 4L")
     parser.add_argument("--scaling-preset", default="nano")
     parser.add_argument("--scaling-lengths", default="128,256,512,1024,2048")
     parser.add_argument("--scaling-batches", default="1,2,4,8,16,32")
@@ -236,12 +238,13 @@ def main() -> None:
 
     if "train" not in skip:
         record["training"] = []
-        for preset in presets:
-            r = train_preset(preset, args, ceilings)
+        runs = [(p, c) for p in presets for c in ((False, True) if args.compile else (False,))]
+        for preset, compile in runs:
+            r = train_preset(preset, args, ceilings, compile)
             record["training"].append(r)
-            print(f"train {preset:6s} {r['parameters']:>11,} params {r['precision']} {r['tokens_per_second']:9.0f} tok/s "
-                  f"{r['achieved_gflops']:7.1f} GFLOP/s of {r['ceiling_gflops']:.0f}: MFU {100 * r['mfu']:.1f}% "
-                  f"peak {r['peak_memory_mb']:.0f} MB", flush=True)
+            print(f"train {preset:6s}{' compiled' if compile else ''} {r['parameters']:>11,} params {r['precision']} "
+                  f"{r['tokens_per_second']:9.0f} tok/s {r['achieved_gflops']:7.1f} GFLOP/s of "
+                  f"{r['ceiling_gflops']:.0f}: MFU {100 * r['mfu']:.1f}% peak {r['peak_memory_mb']:.0f} MB", flush=True)
 
     precision = "bf16" if args.precision in ("auto", "bf16") and (device.type == "cuda" or cpu_has_bf16()) else "fp32"
     if "sample" not in skip:
@@ -251,6 +254,14 @@ def main() -> None:
         print(f"sample first-hitting L={r['length']} B={r['batch']}: {r['seconds']:.2f}s, NFE {r['nfe']}, "
               f"{r['generated_tokens_per_second']:.0f} tok/s, network {100 * r['network_share']:.1f}% of wall time",
               flush=True)
+        if args.ancestral:
+            steps = 4 * args.sample_length
+            r = sample_once(model, objective, tokenizer, args.sample_length, args.sample_batch, device, precision,
+                            sampler="ancestral", steps=steps, cache=True)
+            record["sampling_ancestral_cached"] = dict(r, preset=args.sample_preset, steps=steps, precision=precision)
+            print(f"sample cached ancestral T={steps} L={r['length']} B={r['batch']}: {r['seconds']:.2f}s, NFE "
+                  f"{r['nfe']}, {r['generated_tokens_per_second']:.0f} tok/s, network "
+                  f"{100 * r['network_share']:.1f}% of wall time", flush=True)
 
     if "scaling" not in skip:
         lengths = [int(x) for x in args.scaling_lengths.split(",")]

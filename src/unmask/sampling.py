@@ -203,6 +203,9 @@ class AncestralSampler(Sampler):
     ``v`` with weight ``p_theta(v | x_t) (alpha_s - alpha_t)/(1 - alpha_t)``; the last step unmasks
     every remaining position (draws from ``p_theta``, also for schedules with ``alpha(0) < 1``).
     With ``cache`` a row whose canvas did not change in the last step reuses its last prediction.
+    In float64 the step draws "unmask or stay" first and a token only where a position unmasks (the
+    same distribution as one categorical over {mask} + V); ``precision="float32"`` keeps MDLM's single
+    float32 race over {mask} + V to reproduce its bias.
     """
 
     def __init__(self, diffusion: MaskedDiffusion, steps: int, temperature: float = 1.0, top_k: int = 0,
@@ -251,18 +254,29 @@ class AncestralSampler(Sampler):
                         cached = logits.new_zeros(*x.shape, logits.shape[-1])
                     where = masked[rows].nonzero()
                     cached[rows[where[:, 0]], where[:, 1]] = logits
-            if self.cache:
-                logits = cached[masked]
             unmask, stay = self.transition(t, s)
-            weights = categorical_probs(logits, self.temperature, self.top_k, self.top_p, exclude=self.mask_id)
-            weights = weights * unmask
-            weights[:, self.mask_id] = stay
             where = masked.nonzero()
-            draws = streams.categorical(weights, where[:, 0], step * PURPOSES + TOKEN, where[:, 1], self.precision)
-            before = x.clone() if self.cache else None
-            x[masked] = draws
+            if self.precision == "float32":
+                # MDLM's one categorical over {mask} + V per masked position, with its truncation bias
+                weights = categorical_probs(cached[masked] if self.cache else logits, self.temperature, self.top_k,
+                                            self.top_p, exclude=self.mask_id) * unmask
+                weights[:, self.mask_id] = stay
+                draws = streams.categorical(weights, where[:, 0], step * PURPOSES + TOKEN, where[:, 1], "float32")
+                chosen, draws = where[draws != self.mask_id], draws[draws != self.mask_id]
+            else:
+                # the same distribution in two stages: a position unmasks with probability `unmask`, and
+                # only those draw a token from p_theta, so a step costs O(V) per *unmasking* position
+                # (with the cache, most steps unmask nothing and cost no V-sized work at all)
+                go = streams.uniform(where[:, 0], step * PURPOSES + TIME, where[:, 1]) < unmask
+                chosen = where[go]
+                chosen_logits = cached[chosen[:, 0], chosen[:, 1]] if self.cache else logits[go]
+                weights = categorical_probs(chosen_logits, self.temperature, self.top_k, self.top_p,
+                                            exclude=self.mask_id)
+                draws = streams.categorical(weights, chosen[:, 0], step * PURPOSES + TOKEN, chosen[:, 1])
+            x[chosen[:, 0], chosen[:, 1]] = draws
             if self.cache:
-                stale = (x != before).any(dim=1)
+                stale = torch.zeros_like(stale)
+                stale[chosen[:, 0]] = True
         return SampleResult(x, denoise.calls, row_nfe, time.perf_counter() - start, int((canvas == self.mask_id).sum()))
 
 

@@ -205,13 +205,16 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
             group["lr"] = lr
         rows = order.batch(step)[dist.rank * local:(dist.rank + 1) * local]
         ids_np, kinds = train_rows.get(rows)
-        x0 = torch.from_numpy(ids_np).to(device)
-        counted = torch.from_numpy(counted_positions(kinds, cfg.data)).to(device)
+        # host-side counts and device-side loss sums: no host-device synchronization inside a step
+        counted_np = counted_positions(kinds, cfg.data)
+        x0 = torch.from_numpy(ids_np).to(device, non_blocking=True)
+        counted = torch.from_numpy(counted_np).to(device, non_blocking=True)
         noise = draw_noise(t.batch_size, seq_len, generator_for(t.seed, step, 0x7015E), cfg.diffusion.antithetic)
         noise = noise.slice(dist.rank * local, (dist.rank + 1) * local).to(device)
-        global_tokens = dist.all_sum([float(counted.sum())])[0]
+        local_tokens = float(counted_np.sum())
+        global_tokens = dist.all_sum([local_tokens])[0]
         torch.manual_seed(seed_for(t.seed, step, dist.rank, 0xD0))
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device, dtype=torch.float64)
         for m in range(accumulation):
             part = slice(m * micro, (m + 1) * micro)
             sync = m == accumulation - 1 or dist.world == 1
@@ -221,7 +224,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
                     loss_sum = objective.loss(forward_model, x0[part], counted[part],
                                               noise.slice(m * micro, (m + 1) * micro)).sum()
                 (loss_sum * dist.world / max(global_tokens, 1.0)).backward()
-            step_loss += float(loss_sum.detach())
+            step_loss += loss_sum.detach().double()
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
@@ -229,15 +232,15 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
         if ema is not None:
             ema.update(model)
         step += 1
-        window_loss += step_loss
-        window_tokens += float(counted.sum())
+        window_loss = window_loss + step_loss
+        window_tokens += local_tokens
         window_steps += 1
 
         stop_for_time = False
         if t.max_minutes > 0:
             stop_for_time = dist.all_sum([1.0 if elapsed() >= t.max_minutes * 60 else 0.0])[0] > 0
         if (t.log_every > 0 and step % t.log_every == 0) or step == t.steps or stop_for_time:
-            loss_sum_g, tokens_g = dist.all_sum([window_loss, window_tokens])
+            loss_sum_g, tokens_g = dist.all_sum([float(window_loss), window_tokens])
             seconds = time.perf_counter() - window_start
             record = {"step": step, "loss": loss_sum_g / max(tokens_g, 1.0), "lr": lr,
                       "grad_norm": float(grad_norm),
