@@ -29,7 +29,7 @@ from unmask.pretrained import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from text8_mdlm_vs_ar import machine  # noqa: E402
+from common import machine  # noqa: E402
 
 
 def build_items(text: str, n: int, context: int, seed: int) -> list[dict]:

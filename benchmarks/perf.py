@@ -42,7 +42,7 @@ from unmask.tokenization import CharTokenizer, HFTokenizer, load_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_DIR = ROOT.parent / "shared" / "data" / "gpt2-tokenizer"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from text8_mdlm_vs_ar import machine  # noqa: E402
+from common import machine, pyplot  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -302,13 +302,8 @@ def main() -> None:
 
 
 def plot(record: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     s = record["scaling"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

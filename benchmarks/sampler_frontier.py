@@ -34,7 +34,7 @@ from unmask.sampling import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from text8_mdlm_vs_ar import machine  # noqa: E402
+from common import machine, pyplot  # noqa: E402
 
 
 def settings(length: int) -> list[tuple[str, dict]]:
@@ -129,15 +129,10 @@ def main() -> None:
 
 
 def plot(record: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
+    import matplotlib.ticker
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     families = {}
     for r in record["results"]:
