@@ -210,6 +210,8 @@ def main() -> None:
     parser.add_argument("--sample-preset", default="nano")
     parser.add_argument("--sample-length", type=int, default=1024)
     parser.add_argument("--sample-batch", type=int, default=8)
+    parser.add_argument("--sample-precisions", default="", help="e.g. fp32,bf16: network precisions compared "
+                        "side by side (default: the resolved --precision)")
     parser.add_argument("--ancestral", action="store_true", help="also time the cached ancestral sampler at T = 4L")
     parser.add_argument("--scaling-preset", default="nano")
     parser.add_argument("--scaling-lengths", default="128,256,512,1024,2048")
@@ -249,11 +251,15 @@ def main() -> None:
     precision = "bf16" if args.precision in ("auto", "bf16") and (device.type == "cuda" or cpu_has_bf16()) else "fp32"
     if "sample" not in skip:
         model, objective, tokenizer = sampling_model(args.sample_preset, args, args.sample_length, device)
-        r = sample_once(model, objective, tokenizer, args.sample_length, args.sample_batch, device, precision)
-        record["sampling"] = dict(r, preset=args.sample_preset, sampler="first_hitting", precision=precision)
-        print(f"sample first-hitting L={r['length']} B={r['batch']}: {r['seconds']:.2f}s, NFE {r['nfe']}, "
-              f"{r['generated_tokens_per_second']:.0f} tok/s, network {100 * r['network_share']:.1f}% of wall time",
-              flush=True)
+        for sample_precision in (args.sample_precisions.split(",") if args.sample_precisions else [precision]):
+            r = sample_once(model, objective, tokenizer, args.sample_length, args.sample_batch, device,
+                            sample_precision)
+            r = dict(r, preset=args.sample_preset, sampler="first_hitting", precision=sample_precision)
+            record.setdefault("sampling_by_precision", []).append(r)
+            record["sampling"] = r
+            print(f"sample first-hitting {sample_precision} L={r['length']} B={r['batch']}: {r['seconds']:.2f}s, "
+                  f"NFE {r['nfe']}, {r['generated_tokens_per_second']:.0f} tok/s, network "
+                  f"{100 * r['network_share']:.1f}% of wall time", flush=True)
         if args.ancestral:
             steps = 4 * args.sample_length
             r = sample_once(model, objective, tokenizer, args.sample_length, args.sample_batch, device, precision,
