@@ -218,7 +218,12 @@ def main() -> None:
     parser.add_argument("--scaling-batches", default="1,2,4,8,16,32")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: train,sample,scaling")
     parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--replot", action="store_true", help="only redraw the scaling plot from the saved JSON")
     args = parser.parse_args()
+    out = ROOT / "benchmarks" / "results" / f"perf-{args.tag}.json"
+    if args.replot:
+        plot(json.loads(out.read_text()), out.with_name(f"perf-{args.tag}-scaling.png"))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     skip = set(filter(None, args.skip.split(",")))
     presets = args.presets.split(",")
@@ -300,7 +305,6 @@ def main() -> None:
             print(f"{key}: time ~ {x}^{scaling[f'{key}_exponent']:.2f}", flush=True)
         record["scaling"] = scaling
 
-    out = ROOT / "benchmarks" / "results" / f"perf-{args.tag}.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
     if "scaling" in record:
@@ -311,6 +315,8 @@ def plot(record: dict, path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
+    import matplotlib.ticker
+
     s = record["scaling"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, label in (("train_vs_length", "training step (B=4)"), ("sample_vs_length", "first-hitting sampling (B=1)")):
@@ -319,6 +325,10 @@ def plot(record: dict, path: Path) -> None:
     for key, label in (("train_vs_batch", "training step (L=256)"), ("sample_vs_batch", "first-hitting sampling (L=256)")):
         xs = [p["batch"] for p in s[key]]
         axes[1].loglog(xs, [p["seconds"] for p in s[key]], "o-", label=f"{label}: ~B^{s[key + '_exponent']:.2f}")
+    for ax, key in ((axes[0], "train_vs_length"), (axes[1], "train_vs_batch")):
+        ticks = [p["length" if "length" in key else "batch"] for p in s[key]]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].set_xlabel("sequence length L")
     axes[1].set_xlabel("batch size B")
     for ax in axes:
