@@ -114,3 +114,18 @@ def test_lm_eval_command_line(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "unmask_toy_choice" in run.stdout
     assert list((tmp_path / "out").rglob("results*.json"))
+
+
+@pytest.mark.parametrize("family", ["mdlm", "ar"])
+def test_generation_longer_than_the_model(tmp_path, family):
+    """MDLM continues in semi-autoregressive windows; AR generates up to its length."""
+    from types import SimpleNamespace
+
+    from unmask.lm_eval_adapter import UnmaskLM
+
+    model = UnmaskLM(pretrained=str(tiny_checkpoint(tmp_path, family)), sampler="first_hitting" if family == "mdlm"
+                     else "ar")
+    model.cache_hook = SimpleNamespace(add_partial=lambda *a: None)
+    context = "the cat sat on the mat and the dog sat"  # longer than the model's 32 positions with 40 new
+    out = model.generate_until([SimpleNamespace(args=(context, {"max_gen_toks": 40}))])
+    assert len(out) == 1 and len(out[0]) <= 40

@@ -129,7 +129,9 @@ class UnmaskLM(LM):
                 cfg = dataclasses.replace(cfg, temperature=0.0)
             ctx = self._encode(context)
             room = self.max_length - len(self.bos)
-            if max_new > room // 2 and not cfg.window:  # longer than one canvas: semi-autoregressive windows
+            if lm.config.family == "ar":  # left to right up to the model's length
+                max_new = min(max_new, room)
+            elif max_new > room // 2 and not cfg.window:  # longer than one canvas: semi-autoregressive windows
                 cfg = dataclasses.replace(cfg, window=self.max_length, stride=self.max_length // 2)
             keep = max(0, min(len(ctx), room - min(max_new, room // 2 if cfg.window else room)))
             ctx = ctx[len(ctx) - keep:]
