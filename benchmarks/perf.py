@@ -35,7 +35,7 @@ import torch
 
 from unmask.config import MODEL_PRESETS, SampleConfig, load_config
 from unmask.model import count_parameters
-from unmask.runtime import autocast, build_model, build_objective, cpu_has_bf16
+from unmask.runtime import autocast, build_model, build_objective, resolve_precision
 from unmask.sampling import make_canvas, make_sampler, row_seeds
 from unmask.tokenization import CharTokenizer, HFTokenizer, load_tokenizer
 
@@ -181,8 +181,7 @@ def train_step_seconds(preset: str, args, length: int, batch: int, device) -> fl
     from unmask.diffusion import draw_noise
 
     noise = draw_noise(batch, length, torch.Generator().manual_seed(0)).to(device)
-    precision = "bf16" if args.precision == "auto" and (device.type == "cuda" or cpu_has_bf16()) else (
-        "fp32" if args.precision == "auto" else args.precision)
+    precision = resolve_precision(args.precision, device)
 
     def step():
         with autocast(device, precision):
@@ -255,7 +254,7 @@ def main() -> None:
                   f"{r['tokens_per_second']:9.0f} tok/s {r['achieved_gflops']:7.1f} GFLOP/s of "
                   f"{r['ceiling_gflops']:.0f}: MFU {100 * r['mfu']:.1f}% peak {r['peak_memory_mb']:.0f} MB", flush=True)
 
-    precision = "bf16" if args.precision in ("auto", "bf16") and (device.type == "cuda" or cpu_has_bf16()) else "fp32"
+    precision = resolve_precision(args.precision, device)
     if "sample" not in skip:
         model, objective, tokenizer = sampling_model(args.sample_preset, args, args.sample_length, device)
         for sample_precision in (args.sample_precisions.split(",") if args.sample_precisions else [precision]):

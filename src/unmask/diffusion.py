@@ -134,14 +134,30 @@ class MaskedDiffusion:
         return self.schedule.sigma(t.to(torch.float64).clamp(max=1 - 1e-6)).float()
 
     # --- loss --------------------------------------------------------------------------------
+    def masked_nll(self, model, x0: torch.Tensor, xt: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Per-sequence ``sum_{l masked in x_t} -log p_theta(x_0^l | x_t)`` (B,)."""
+        index, n = bucketed_positions(xt == self.mask_id)
+        logits = model(xt, sigma, positions=index)[:n]
+        return _per_sequence(masked_cross_entropy(logits, x0.reshape(-1)[index[:n]], self.mask_id),
+                             index[:n], x0.shape)
+
     def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise, exact: bool = False) -> torch.Tensor:
         """Per-sequence NELBO terms (B,): ``w(t) * sum_{masked} -log p_theta(x_0 | x_t)``."""
         t, weight = self.times_and_weights(noise.time_u.to(x0.device), exact)
         xt = self.mask(x0, t, noise.mask_u.to(x0.device), counted)
-        index, n = bucketed_positions(xt == self.mask_id)
-        logits = model(xt, self.model_sigma(t), positions=index)[:n]
-        return _per_sequence(masked_cross_entropy(logits, x0.reshape(-1)[index[:n]], self.mask_id),
-                             index[:n], x0.shape) * weight.to(x0.device).float()
+        return self.masked_nll(model, x0, xt, self.model_sigma(t)) * weight.to(x0.device).float()
+
+    def loss_by_count(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise) -> torch.Tensor:
+        """The any-order form of the NELBO for models without time conditioning (Ou et al. 2024):
+        ``(n/k) sum_{l in M} -log p_theta(x_0^l | x_0 with M masked)``, with ``k = 1 + floor(u n)`` from
+        the row's (stratified) time uniform and ``M`` the ``k`` counted positions with the smallest mask
+        uniforms. Equal in expectation to :meth:`loss` with ``exact``, with bounded weights (B,)."""
+        n = counted.sum(1)
+        k = (1 + (noise.time_u.to(x0.device) * n).floor().long()).clamp(max=n)
+        keys = torch.where(counted, noise.mask_u.to(x0.device), torch.full_like(noise.mask_u, 2.0, device=x0.device))
+        masked = keys.argsort(1).argsort(1) < k[:, None]
+        xt = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
+        return self.masked_nll(model, x0, xt, torch.zeros(len(x0), device=x0.device)) * (n / k).float()
 
 
 class Autoregressive:

@@ -23,8 +23,7 @@ import torch
 
 from .config import DataConfig
 from .data import TOKEN, Rows, counted_positions
-from .diffusion import Autoregressive, MaskedDiffusion, Noise, masked_cross_entropy
-from .model import bucketed_positions
+from .diffusion import Autoregressive, MaskedDiffusion, Noise
 from .runtime import autocast, generator_for
 from .tokenization import Tokenizer
 
@@ -190,7 +189,7 @@ def continuation_loglikelihoods(model, objective: MaskedDiffusion | Autoregressi
                 if estimator == "time":
                     nats = objective.loss(model, x0k, countedk, noise, exact=True)
                 else:
-                    nats = _count_estimator(model, objective, x0k, countedk, noise)
+                    nats = objective.loss_by_count(model, x0k, countedk, noise)
                 nats = nats.double().cpu().reshape(len(group), k)
                 full = torch.where(counted, torch.full_like(x0, objective.mask_id), x0)
                 ones = torch.ones(len(group), dtype=torch.float64, device=device)
@@ -202,19 +201,3 @@ def continuation_loglikelihoods(model, objective: MaskedDiffusion | Autoregressi
                 results[i] = (-float(nats[r].mean()), stderr, bool(greedy[r]))
     return results
 
-
-def _count_estimator(model, objective: MaskedDiffusion, x0: torch.Tensor, counted: torch.Tensor,
-                     noise: Noise) -> torch.Tensor:
-    """``(n/k) sum_{l in M} -log p(x_l | x with M masked)`` per row, ``k = 1 + floor(u n)`` from the
-    row's stratified uniform and ``M`` the ``k`` counted positions with the smallest uniforms."""
-    n = counted.sum(1)
-    masked_count = (1 + (noise.time_u.to(x0.device) * n).floor().long()).clamp(max=n)
-    keys = torch.where(counted, noise.mask_u.to(x0.device), torch.full_like(noise.mask_u, 2.0, device=x0.device))
-    rank = keys.argsort(1).argsort(1)
-    masked = rank < masked_count[:, None]
-    xt = torch.where(masked, torch.full_like(x0, objective.mask_id), x0)
-    index, m = bucketed_positions(masked)
-    logits = model(xt, torch.zeros(len(x0), device=x0.device), positions=index)[:m]
-    ce = masked_cross_entropy(logits, x0.reshape(-1)[index[:m]], objective.mask_id)
-    per_row = torch.zeros(len(x0), device=x0.device).index_add_(0, index[:m] // x0.shape[1], ce.float())
-    return per_row * (n / masked_count).float()

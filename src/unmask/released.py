@@ -298,12 +298,13 @@ def read_mdlm_ckpt(path: Path, heads: int | None = None, length: int | None = No
     vocab_size = weights["vocab_embed.embedding"].shape[0]
     n_blocks = n_blocks_of(weights)
     cond_dim = weights["sigma_map.mlp.0.weight"].shape[0]
-    model_hp = _find(plain(obj.get("hyper_parameters", {})), "model") or {}
+    hyper = plain(obj.get("hyper_parameters", {}))
+    model_hp = _find(hyper, "model") or {}
     model_hp = model_hp if isinstance(model_hp, dict) else {}
     heads = heads or model_hp.get("n_heads") or hidden // MDLM_HEAD_DIM
     length = length or model_hp.get("length") or 1024
     if time_conditioning is None:
-        time_conditioning = bool(_find(plain(obj.get("hyper_parameters", {})), "time_conditioning") or False)
+        time_conditioning = bool(_find(hyper, "time_conditioning") or False)
     cfg = run_config_for(hidden, n_blocks, int(heads), cond_dim, int(length), vocab_size, time_conditioning,
                          float(model_hp.get("dropout", 0.1)))
     ema = None
