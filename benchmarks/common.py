@@ -1,13 +1,24 @@
-"""Shared by the benchmark scripts: the machine's description and measured matmul ceilings, and
-matplotlib when it is installed."""
+"""Shared by the benchmark scripts: the machine's description and measured matmul ceilings,
+generation quality (gen-PPL under an AR evaluator, unigram entropy) and matplotlib when it is
+installed."""
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
 import platform
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+from unmask.data import TOKEN, Data
+from unmask.evaluation import select_rows
+from unmask.generation_metrics import unigram_entropy
+from unmask.sampling import generate
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
@@ -36,6 +47,14 @@ def machine() -> dict:
             "matmul_gflops_bf16": round(matmul_gflops(torch.bfloat16), 1)}
 
 
+def run_header(tag: str) -> dict:
+    """Date, tag, the command line, the commit and the machine: the head of every result record."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "tag": tag,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit, "machine": machine()}
+
+
 def pyplot():
     """``matplotlib.pyplot`` with the file backend, or None (and a note) when matplotlib is missing."""
     try:
@@ -47,3 +66,26 @@ def pyplot():
         print("matplotlib not installed: no plot")
         return None
     return plt
+
+
+def measure(model, objective, tokenizer, cfg, length: int, model_length: int, evaluator, device) -> dict:
+    """Generate ``cfg.num_samples`` unconditional samples of ``length`` and score them: gen-PPL under
+    ``evaluator``, mean per-sample unigram entropy, NFE, wall time, generated tokens per second."""
+    gen = generate(model, objective, tokenizer, cfg, length, model_length, device=device)
+    totals, counts = evaluator.nll(gen.texts)
+    ids = [[t for t in row if t not in tokenizer.special_ids] for row in gen.ids]
+    return {"gen_ppl": math.exp(totals.sum() / counts.sum()),
+            "entropy": sum(unigram_entropy(r) for r in ids) / len(ids),
+            "nfe": gen.nfe, "mean_row_nfe": sum(gen.row_nfe) / len(gen.row_nfe), "seconds": gen.seconds,
+            "generated_tokens_per_second": gen.generated / gen.seconds, "example": gen.texts[0][:120]}
+
+
+def held_out_reference(ckpt, evaluator, samples: int) -> dict:
+    """gen-PPL and entropy of ``samples`` test rows of the checkpoint's data, cut to its row length."""
+    tokenizer, length = ckpt.tokenizer, ckpt.config.data.length
+    rows = Data(ckpt.config.data, tokenizer=tokenizer).rows("test")
+    ids, kinds = rows.get(select_rows(len(rows), samples, 0))
+    ref_ids = [row[k == TOKEN][:length].tolist() for row, k in zip(ids, kinds)]
+    totals, counts = evaluator.nll([tokenizer.decode(r) for r in ref_ids])
+    return {"gen_ppl": math.exp(totals.sum() / counts.sum()),
+            "entropy": sum(unigram_entropy(r) for r in ref_ids) / len(ref_ids)}

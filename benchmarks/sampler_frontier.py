@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,14 +24,11 @@ import torch
 
 from unmask.checkpoint import Checkpoint, load_model
 from unmask.config import SampleConfig
-from unmask.data import TOKEN, Data
-from unmask.evaluation import select_rows
-from unmask.generation_metrics import CheckpointEvaluator, unigram_entropy
-from unmask.sampling import generate
+from unmask.generation_metrics import CheckpointEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine, pyplot  # noqa: E402
+from common import held_out_reference, measure, pyplot, run_header  # noqa: E402
 
 
 def settings(length: int) -> list[tuple[str, dict]]:
@@ -51,16 +45,6 @@ def settings(length: int) -> list[tuple[str, dict]]:
         out.append((f"confidence T={steps}", dict(sampler="confidence", steps=steps)))
     out.append((f"margin T={length // 2}", dict(sampler="confidence", steps=length // 2, score="margin")))
     return out
-
-
-def measure(model, objective, tokenizer, cfg: SampleConfig, length: int, model_length: int, evaluator, device) -> dict:
-    gen = generate(model, objective, tokenizer, cfg, length, model_length, device=device)
-    totals, counts = evaluator.nll(gen.texts)
-    ids = [[t for t in row if t not in tokenizer.special_ids] for row in gen.ids]
-    return {"gen_ppl": math.exp(totals.sum() / counts.sum()),
-            "entropy": sum(unigram_entropy(r) for r in ids) / len(ids),
-            "nfe": gen.nfe, "mean_row_nfe": sum(gen.row_nfe) / len(gen.row_nfe), "seconds": gen.seconds,
-            "generated_tokens_per_second": gen.generated / gen.seconds, "example": gen.texts[0][:120]}
 
 
 def main() -> None:
@@ -86,12 +70,7 @@ def main() -> None:
     tokenizer, length = ckpt.tokenizer, ckpt.config.data.length
     base = SampleConfig(num_samples=args.samples, batch_size=args.batch_size, seed=1)
 
-    rows = Data(ckpt.config.data, tokenizer=tokenizer).rows("test")
-    ids, kinds = rows.get(select_rows(len(rows), args.samples, 0))
-    ref_ids = [row[k == TOKEN][:length].tolist() for row, k in zip(ids, kinds)]
-    ref_totals, ref_counts = evaluator.nll([tokenizer.decode(r) for r in ref_ids])
-    reference = {"gen_ppl": math.exp(ref_totals.sum() / ref_counts.sum()),
-                 "entropy": sum(unigram_entropy(r) for r in ref_ids) / len(ref_ids)}
+    reference = held_out_reference(ckpt, evaluator, args.samples)
 
     results = []
     for label, overrides in settings(length):
@@ -109,11 +88,7 @@ def main() -> None:
             print(f"{label:28s} gen-ppl {r['gen_ppl']:8.3f} entropy {r['entropy']:.3f} "
                   f"{r['seconds']:7.2f}s {r['generated_tokens_per_second']:9.1f} tok/s", flush=True)
 
-    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "tag": args.tag,
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip(),
-              "machine": machine(), "mdlm": str(ckpt.path), "ar": str(ar_ckpt.path), "length": length,
+    record = {**run_header(args.tag), "mdlm": str(ckpt.path), "ar": str(ar_ckpt.path), "length": length,
               "samples": args.samples, "reference": reference, "results": results}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"sampler_frontier-{args.tag}.json").write_text(json.dumps(record, indent=1))

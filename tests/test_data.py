@@ -30,7 +30,7 @@ from unmask.data import (
     shipped_corpus_path,
     tokenize_split,
 )
-from unmask.tokenization import ByteTokenizer, CharTokenizer
+from unmask.tokenization import CharTokenizer
 
 from toys import GPT2_DIR, TEXT8_PREFIX
 

@@ -20,7 +20,7 @@ from unmask.data import wikitext_detokenize
 from unmask.diffusion import Autoregressive, MaskedDiffusion
 from unmask.evaluation import continuation_loglikelihoods
 from unmask.model import count_parameters
-from unmask.pretrained import export, from_pretrained, open_source, save_pretrained
+from unmask.pretrained import from_pretrained, open_source, save_pretrained
 from unmask.released import (UnsafeCheckpointError, mdlm_parameter_names, read_lightning_ckpt, run_config_for,
                              write_mdlm_ckpt, write_mdlm_hf)
 from unmask.runtime import build_model
@@ -192,9 +192,9 @@ def test_corrupt_and_non_zip_ckpt_are_clear_errors(tmp_path):
 
 # --- our Hugging Face style folder -------------------------------------------------------------------
 
-def tiny_checkpoint(tmp_path, family="mdlm", corpus="tinyshakespeare"):
+def tiny_checkpoint(tmp_path, family="mdlm", corpus="tinyshakespeare", *extra):
     cfg = load_config(None, TINY + [f"family={family}", f"run_dir={tmp_path / family}", f"data.dataset={corpus}",
-                                    "data.tokenizer=char", "data.alphabet=abcdefghijklmnopqrstuvwxyz .,\n"])
+                                    "data.tokenizer=char", "data.alphabet=abcdefghijklmnopqrstuvwxyz .,\n", *extra])
     tokenizer = build_tokenizer("char", alphabet=cfg.data.alphabet)
     model = randomize(build_model(cfg, tokenizer), seed=3)
     ema = {k: v + 0.05 for k, v in model.state_dict().items()}
@@ -216,6 +216,21 @@ def test_from_pretrained_of_save_pretrained_gives_identical_logits_and_samples(t
     a = original.generate(num_samples=3, seed=4, steps=8, length=24)
     b = loaded.generate(num_samples=3, seed=4, steps=8, length=24)
     assert a.ids == b.ids and a.texts == b.texts
+
+
+def test_soft_mask_model_round_trips_and_stays_out_of_mdlm_layouts(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path, "mdlm", "tinyshakespeare", "model.soft_mask_top_k=3")
+    original = from_pretrained(ckpt)
+    with torch.no_grad():  # a large lambda even for this untrained, uncertain model
+        original.model.soft_mask.a.fill_(3.0)
+        original.model.soft_mask.c.fill_(10.0)
+    loaded = from_pretrained(original.save_pretrained(tmp_path / "exported"))
+    assert torch.equal(loaded.model.soft_mask.c, original.model.soft_mask.c)
+    a = original.generate(num_samples=3, seed=4, steps=8, length=24)
+    assert a.ids == loaded.generate(num_samples=3, seed=4, steps=8, length=24).ids
+    assert a.ids != original.generate(num_samples=3, seed=4, steps=8, length=24, soft_mask=False).ids
+    assert main(["export", str(ckpt), str(tmp_path / "m"), "--to", "mdlm-hf"]) == 2
+    assert "soft-mask" in capsys.readouterr().err
 
 
 def test_loaded_model_save_pretrained_keeps_current_weights(tmp_path):
@@ -356,7 +371,7 @@ def test_zero_shot_wikitext2_reports_both_eos_conventions(tmp_path, capsys):
     # the token streams differ by one EOS per line of the file (4,358 lines in the test split)
     from unmask.data import Data
 
-    streams = [Data(load_config(None, [f"data.dataset=wikitext2", f"data.path={WIKITEXT2}", "data.tokenizer=gpt2",
+    streams = [Data(load_config(None, ["data.dataset=wikitext2", f"data.path={WIKITEXT2}", "data.tokenizer=gpt2",
                                        f"data.tokenizer_path={GPT2_DIR}", f"data.insert_eos={e}"]).data).stream("test")
                for e in (True, False)]
     assert len(streams[0]) - len(streams[1]) == 4358

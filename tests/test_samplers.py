@@ -17,7 +17,7 @@ from unmask.sampling import (AncestralSampler, AutoregressiveSampler, Confidence
 from unmask.schedules import Cosine, LogLinear
 from unmask.tokenization import CharTokenizer
 
-from toys import (LENGTH, MASK, V_TOKENS, EnumeratedModel, FactorizedModel, factorized_problem, markov_chain,
+from toys import (MASK, V_TOKENS, EnumeratedModel, FactorizedModel, markov_chain,
                   random_joint, tiny_dit)
 
 CHI2_999 = {1: 10.83, 2: 13.82, 4: 18.47, 5: 20.52, 8: 26.12, 26: 54.05}

@@ -4,7 +4,6 @@ save/load and the build_tokenizer factory."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

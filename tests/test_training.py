@@ -23,7 +23,7 @@ from unmask.config import ConfigError, load_config
 from unmask.data import shipped_corpus_path
 from unmask.model import count_parameters
 from unmask.runtime import build_model
-from unmask.training import EMA, learning_rate, micro_batching, train
+from unmask.training import EMA, initialize_from, learning_rate, micro_batching, parameter_groups, train
 
 from toys import TINY
 
@@ -224,9 +224,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_and_accumulation_match_one_process(tmp_path, corpus):
+SOFT_MASK = ["model.soft_mask_top_k=2", "diffusion.soft_mask_prob=0.5", "train.soft_mask_lr=0.05"]
+
+
+@pytest.mark.parametrize("variant", [[], SOFT_MASK], ids=["binary", "soft_mask"])
+def test_ddp_and_accumulation_match_one_process(tmp_path, corpus, variant):
     steps = 3
-    common = [*EXACT, f"train.steps={steps}", "train.batch_size=8", "train.lr=0.003", "train.ema=0"]
+    common = [*EXACT, f"train.steps={steps}", "train.batch_size=8", "train.lr=0.003", "train.ema=0", *variant]
     ddp, single, micro = tmp_path / "ddp", tmp_path / "single", tmp_path / "micro"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
@@ -405,3 +409,48 @@ def test_validation_during_training_does_not_change_training(tmp_path, corpus):
     assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
     for name in ("model.safetensors", "ema.safetensors"):
         assert max_diff(final_tensors(plain, name), final_tensors(with_eval, name)) == 0, name
+
+
+# ----------------------------------------------------------------------------- continued pretraining
+
+def test_continued_pretraining_starts_a_soft_mask_run_from_a_binary_one(tmp_path, corpus):
+    binary = tmp_path / "binary"
+    train(config(corpus, binary, *EXACT, "train.steps=4", "train.lr=0.003"))
+    source = Checkpoint(list_checkpoints(binary / "checkpoints")[-1])
+    soft = tmp_path / "soft"
+    cfg = config(corpus, soft, *EXACT, *SOFT_MASK, "train.steps=3", "train.lr=0.003", f"train.init_from={binary}")
+
+    model = build_model(cfg, source.tokenizer)
+    init_scalars = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("soft_mask.")}
+    initialize_from(model, str(binary), cfg, source.tokenizer)
+    ema = source.weights(ema=True)
+    for name, value in model.state_dict().items():
+        expected = init_scalars[name] if name.startswith("soft_mask.") else ema[name]
+        assert torch.equal(value, expected), name
+    groups = parameter_groups(model, cfg)
+    assert [len(g["params"]) for g in groups] == [len(ema) - 1, 3]  # the state also holds the rotary buffer
+    assert groups[1]["lr"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert groups[1]["lr_scale"] == pytest.approx(0.05 / 0.003)
+
+    train(cfg)
+    assert Checkpoint(soft).config.train.init_from == str(binary)  # the resolved config records it
+    final = final_tensors(soft, "model.safetensors")
+    state = Checkpoint(list_checkpoints(soft / "checkpoints")[-1]).optimizer_state()
+    assert [g["lr"] for g in state["param_groups"]] == pytest.approx([0.003, 0.05])
+    assert all(float(state["state"][i]["exp_avg_sq"]) > 0 for i in state["param_groups"][1]["params"])
+    # resuming the finished run does not initialize again
+    train(cfg)
+    assert torch.equal(final_tensors(soft, "model.safetensors")["soft_mask.a"], final["soft_mask.a"])
+
+
+def test_continued_pretraining_refuses_another_tokenizer_or_family(tmp_path, corpus):
+    binary = tmp_path / "binary"
+    train(config(corpus, binary, "train.steps=1"))
+    other_corpus = tmp_path / "other.txt"
+    other_corpus.write_text("abc abc cab " * 500)
+    cfg = load_config(None, [*TINY, "data.dataset=text", f"data.path={other_corpus}", f"run_dir={tmp_path / 'x'}",
+                             f"train.init_from={binary}", "train.steps=1"])
+    with pytest.raises(ConfigError, match="tokenizer"):
+        train(cfg)
+    with pytest.raises(ConfigError, match="mdlm model"):
+        train(config(corpus, tmp_path / "ar", "family=ar", "train.steps=1", f"train.init_from={binary}"))

@@ -39,6 +39,7 @@ class ModelConfig:
     length: int = 1024
     time_conditioning: bool = False
     rope_base: float = 10000.0
+    soft_mask_top_k: int = 0  # > 0: soft-masked inputs from the top-k of the previous pass (0 = binary MDLM)
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -94,6 +95,7 @@ class DiffusionConfig:
     t_min: float = 1e-3
     antithetic: bool = True
     discrete_steps: int = 0
+    soft_mask_prob: float = 0.8  # soft-mask models: share of training rows given the two-pass soft input
 
 
 @dataclass
@@ -121,6 +123,8 @@ class TrainConfig:
     max_minutes: float = 0.0
     progress: bool = True
     threads: int = 0
+    init_from: str | None = None  # start a new run from these weights (continued pretraining)
+    soft_mask_lr: float = 1e-2  # learning rate of the soft-mask scalars (their own AdamW group)
 
 
 @dataclass
@@ -164,6 +168,7 @@ class SampleConfig:
     seed: int = 0
     batch_size: int = 16
     use_ema: bool = True
+    soft_mask: bool = True  # soft-mask models: feed back the previous step (false = binary inputs)
 
 
 @dataclass
@@ -349,6 +354,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"sample.temperature={cfg.sample.temperature} must be >= 0 (0 = greedy)")
     if cfg.sample.tokens_per_step < 1:
         raise ConfigError(f"sample.tokens_per_step={cfg.sample.tokens_per_step} must be >= 1")
+    if m.soft_mask_top_k < 0:
+        raise ConfigError(f"model.soft_mask_top_k={m.soft_mask_top_k} must be >= 0 (0 = binary masks)")
+    if m.soft_mask_top_k and cfg.family != "mdlm":
+        raise ConfigError("model.soft_mask_top_k is for masked diffusion models (family mdlm)")
+    if not 0.0 <= cfg.diffusion.soft_mask_prob <= 1.0:
+        raise ConfigError(f"diffusion.soft_mask_prob={cfg.diffusion.soft_mask_prob} must lie in [0, 1]")
+    if cfg.train.soft_mask_lr < 0:
+        raise ConfigError(f"train.soft_mask_lr={cfg.train.soft_mask_lr} must be >= 0")
     if not 0 <= cfg.sample.remask < 1:
         raise ConfigError(f"sample.remask={cfg.sample.remask} must lie in [0, 1)")
     return cfg

@@ -27,7 +27,7 @@ import os
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 

@@ -17,6 +17,12 @@ for ``u >= t_min`` the integrand at ``t = u``; for ``u < t_min`` the reconstruct
 ``E[-log p(x_0 | x_{t_min})]`` spread over ``[0, t_min)`` (weight ``1/t_min`` at ``t = t_min``),
 which for the log-linear schedule is simply ``t = max(u, t_min)`` with weight ``1/t``.
 
+Soft-masking (``algorithms.md`` section 1) for models with a soft-mask module: a share
+``soft_mask_prob`` of the rows (all rows in evaluation) is scored in two passes on the same ``x_t``:
+a no-gradient pass gives the feedback (:class:`~unmask.softmask.SoftFeedback`), the second pass, with
+soft inputs, is the one scored and trained. The feedback is a deterministic function of ``x_t``, so
+the two-pass network is just another denoiser and its NELBO is still a bound.
+
 All losses return per-sequence sums of nats over counted tokens; callers divide by token counts.
 """
 
@@ -29,20 +35,25 @@ import torch.nn.functional as F
 
 from .model import bucketed_positions
 from .schedules import NoiseSchedule
+from .softmask import SoftFeedback
 
 
 @dataclass
 class Noise:
-    """The randomness of one loss evaluation: a uniform per sequence (time) and per token (mask)."""
+    """The randomness of one loss evaluation: a uniform per sequence (time) and per token (mask), and
+    per sequence whether it gets the soft-mask input (``soft_u < soft_mask_prob``; None: every row)."""
 
     time_u: torch.Tensor  # (B,)
     mask_u: torch.Tensor  # (B, L)
+    soft_u: torch.Tensor | None = None  # (B,)
 
     def slice(self, start: int, stop: int) -> "Noise":
-        return Noise(self.time_u[start:stop], self.mask_u[start:stop])
+        soft = None if self.soft_u is None else self.soft_u[start:stop]
+        return Noise(self.time_u[start:stop], self.mask_u[start:stop], soft)
 
     def to(self, device) -> "Noise":
-        return Noise(self.time_u.to(device), self.mask_u.to(device))
+        soft = None if self.soft_u is None else self.soft_u.to(device)
+        return Noise(self.time_u.to(device), self.mask_u.to(device), soft)
 
 
 def stratified_uniform(n: int, generator: torch.Generator | None = None, antithetic: bool = True) -> torch.Tensor:
@@ -59,7 +70,7 @@ def draw_noise(batch: int, length: int, generator: torch.Generator, antithetic: 
     number of processes sees the same draws."""
     time_u = stratified_uniform(batch, generator, antithetic)
     mask_u = torch.rand(batch, length, generator=generator)
-    return Noise(time_u, mask_u)
+    return Noise(time_u, mask_u, torch.rand(batch, generator=generator))
 
 
 def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -96,9 +107,11 @@ class MaskedDiffusion:
     family = "mdlm"
 
     def __init__(self, schedule: NoiseSchedule, mask_id: int, t_min: float = 1e-3,
-                 discrete_steps: int = 0, antithetic: bool = True):
+                 discrete_steps: int = 0, antithetic: bool = True, soft_mask_top_k: int = 0,
+                 soft_mask_prob: float = 0.0):
         self.schedule, self.mask_id = schedule, mask_id
         self.t_min, self.discrete_steps, self.antithetic = t_min, discrete_steps, antithetic
+        self.soft_mask_top_k, self.soft_mask_prob = soft_mask_top_k, soft_mask_prob
 
     # --- forward process -------------------------------------------------------------------
     def mask(self, x0: torch.Tensor, t: torch.Tensor, mask_u: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
@@ -134,18 +147,41 @@ class MaskedDiffusion:
         return self.schedule.sigma(t.to(torch.float64).clamp(max=1 - 1e-6)).float()
 
     # --- loss --------------------------------------------------------------------------------
-    def masked_nll(self, model, x0: torch.Tensor, xt: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def masked_nll(self, model, x0: torch.Tensor, xt: torch.Tensor, sigma: torch.Tensor,
+                   feedback: SoftFeedback | None = None) -> torch.Tensor:
         """Per-sequence ``sum_{l masked in x_t} -log p_theta(x_0^l | x_t)`` (B,)."""
         index, n = bucketed_positions(xt == self.mask_id)
-        logits = model(xt, sigma, positions=index)[:n]
+        extra = {} if feedback is None else {"feedback": feedback}
+        logits = model(xt, sigma, positions=index, **extra)[:n]
         return _per_sequence(masked_cross_entropy(logits, x0.reshape(-1)[index[:n]], self.mask_id),
                              index[:n], x0.shape)
+
+    @torch.no_grad()
+    def soft_feedback(self, model, xt: torch.Tensor, sigma: torch.Tensor, noise: Noise,
+                      exact: bool) -> SoftFeedback | None:
+        """The first pass of the soft-mask recipe on the rows that get soft inputs (every row when
+        ``exact`` or without ``noise.soft_u``), or None for a binary model."""
+        if not self.soft_mask_top_k:
+            return None
+        rows = torch.ones(len(xt), dtype=torch.bool, device=xt.device)
+        if not exact and noise.soft_u is not None:
+            rows = noise.soft_u.to(xt.device) < self.soft_mask_prob
+        where = (xt == self.mask_id) & rows[:, None]
+        picked = rows.nonzero()[:, 0]
+        if not len(picked):  # no feedback, but the soft-mask scalars stay in the graph (DDP needs them)
+            return SoftFeedback.empty(*xt.shape, self.soft_mask_top_k, device=xt.device)
+        index, n = bucketed_positions(where[picked])
+        # the bare module: a no-gradient pass needs no DDP hooks (and must not broadcast buffers)
+        logits = unwrap(model)(xt[picked], sigma[picked], positions=index)[:n]
+        return SoftFeedback.from_logits(logits, where, self.mask_id, self.soft_mask_top_k)
 
     def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise, exact: bool = False) -> torch.Tensor:
         """Per-sequence NELBO terms (B,): ``w(t) * sum_{masked} -log p_theta(x_0 | x_t)``."""
         t, weight = self.times_and_weights(noise.time_u.to(x0.device), exact)
         xt = self.mask(x0, t, noise.mask_u.to(x0.device), counted)
-        return self.masked_nll(model, x0, xt, self.model_sigma(t)) * weight.to(x0.device).float()
+        sigma = self.model_sigma(t)
+        feedback = self.soft_feedback(model, xt, sigma, noise, exact)
+        return self.masked_nll(model, x0, xt, sigma, feedback) * weight.to(x0.device).float()
 
     def loss_by_count(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise) -> torch.Tensor:
         """The any-order form of the NELBO for models without time conditioning (Ou et al. 2024):
@@ -157,7 +193,20 @@ class MaskedDiffusion:
         keys = torch.where(counted, noise.mask_u.to(x0.device), torch.full_like(noise.mask_u, 2.0, device=x0.device))
         masked = keys.argsort(1).argsort(1) < k[:, None]
         xt = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
-        return self.masked_nll(model, x0, xt, torch.zeros(len(x0), device=x0.device)) * (n / k).float()
+        sigma = torch.zeros(len(x0), device=x0.device)
+        feedback = self.soft_feedback(model, xt, sigma, noise, exact=True)
+        return self.masked_nll(model, x0, xt, sigma, feedback) * (n / k).float()
+
+
+def unwrap(model):
+    """The module inside ``torch.compile`` and ``DistributedDataParallel`` wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 class Autoregressive:

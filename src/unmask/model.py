@@ -5,7 +5,10 @@ One module serves every family:
 * ``causal=False``: bidirectional attention, the masked-diffusion denoiser;
   ``causal=True``: the autoregressive baseline of the same size.
 * ``time_conditioning``: when off (MDLM's default) the adaLN conditioning sees ``sigma = 0``.
-* input as token ids or as input embeddings (``inputs_embeds``, for soft inputs).
+* input as token ids or as input embeddings (``inputs_embeds``);
+* ``soft_mask_top_k > 0``: the model owns a :class:`~unmask.softmask.SoftMask` (``soft_mask.{a,b,c}``)
+  and ``forward(ids, feedback=...)`` blends the embeddings of masked positions with the previous
+  pass's top-k predictions. Without it the state dict has MDLM's keys exactly.
 
 Module and parameter names follow MDLM's layout (``vocab_embed.embedding``, ``sigma_map.mlp.{0,2}``,
 ``rotary_emb.inv_freq``, ``blocks.{i}.{norm1,attn_qkv,attn_out,norm2,mlp.0,mlp.2,adaLN_modulation}``,
@@ -24,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .softmask import SoftFeedback, SoftMask
 
 
 class LayerNorm(nn.Module):
@@ -167,10 +171,17 @@ class DiT(nn.Module):
     big vocabularies.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, causal: bool = False):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, causal: bool = False, mask_id: int | None = None):
         super().__init__()
-        self.cfg, self.vocab_size, self.causal = cfg, vocab_size, causal
+        self.cfg, self.vocab_size, self.causal, self.mask_id = cfg, vocab_size, causal, mask_id
         self.vocab_embed = EmbeddingLayer(cfg.hidden, vocab_size)
+        self.soft_mask = None
+        if cfg.soft_mask_top_k:
+            if causal or mask_id is None:
+                raise ValueError("soft-masking needs a bidirectional model and its mask id")
+            if not 1 <= cfg.soft_mask_top_k < vocab_size:
+                raise ValueError(f"soft_mask_top_k={cfg.soft_mask_top_k} must lie in [1, {vocab_size - 1}]")
+            self.soft_mask = SoftMask(cfg.soft_mask_top_k)
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
         self.rotary_emb = Rotary(cfg.hidden // cfg.heads, cfg.rope_base)
         self.blocks = nn.ModuleList(DDiTBlock(cfg.hidden, cfg.heads, cfg.cond_dim, cfg.dropout)
@@ -183,12 +194,18 @@ class DiT(nn.Module):
 
     def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache: "KVCache | None" = None):
+                cache: "KVCache | None" = None, feedback: SoftFeedback | None = None):
         """``cache`` (causal models only): the new tokens continue the cached ones; keys and values
-        are appended and the logits of the new positions returned."""
+        are appended and the logits of the new positions returned. ``feedback`` (soft-mask models,
+        with ``ids``): the previous pass, see :mod:`unmask.softmask`."""
         if (ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of ids and inputs_embeds")
-        x = self.vocab_embed(ids) if ids is not None else inputs_embeds
+        if feedback is not None:
+            if self.soft_mask is None or ids is None:
+                raise ValueError("soft-mask feedback needs a soft-mask model (model.soft_mask_top_k > 0) and ids")
+            x = self.soft_mask(self.vocab_embed.embedding, ids, feedback, self.mask_id)
+        else:
+            x = self.vocab_embed(ids) if ids is not None else inputs_embeds
         b, length = x.shape[:2]
         start = 0
         if cache is not None:

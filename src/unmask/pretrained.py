@@ -239,6 +239,8 @@ def export(source: Checkpoint | Pretrained, out: str | Path, to: str = MODEL_TYP
     if source.config.family != "mdlm":
         raise CheckpointError(f"only MDLM models can be written in MDLM's layouts, not a {source.config.family} "
                               f"model")
+    if source.config.model.soft_mask_top_k:
+        raise CheckpointError("MDLM's layouts have no place for the soft-mask module; export this model as 'unmask'")
     if to == "mdlm-hf":
         released.write_mdlm_hf(out, source.weights(ema=ema), source.config, source.tokenizer.vocab_size)
         if isinstance(source.tokenizer, HFTokenizer):

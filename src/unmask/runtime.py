@@ -118,11 +118,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> DiT:
     """The backbone for ``cfg.family``: bidirectional for mdlm, causal for ar."""
-    return DiT(cfg.model, tokenizer.vocab_size, causal=cfg.family == "ar")
+    return DiT(cfg.model, tokenizer.vocab_size, causal=cfg.family == "ar", mask_id=tokenizer.mask_id)
 
 
 def build_objective(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusion | Autoregressive:
     if cfg.family == "ar":
         return Autoregressive(tokenizer.bos_id, tokenizer.mask_id)
     d = cfg.diffusion
-    return MaskedDiffusion(make_schedule(d), tokenizer.mask_id, d.t_min, d.discrete_steps, d.antithetic)
+    return MaskedDiffusion(make_schedule(d), tokenizer.mask_id, d.t_min, d.discrete_steps, d.antithetic,
+                           soft_mask_top_k=cfg.model.soft_mask_top_k, soft_mask_prob=d.soft_mask_prob)

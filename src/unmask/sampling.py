@@ -39,6 +39,7 @@ from . import rng
 from .config import SampleConfig
 from .diffusion import MaskedDiffusion
 from .model import bucketed_positions
+from .softmask import SoftFeedback
 from .tokenization import Tokenizer
 
 ROWS_PER_CHUNK_ELEMENTS = 1 << 24
@@ -172,26 +173,47 @@ class Denoiser:
     The number of rows evaluated changes from step to step (rows finish, cached rows are skipped);
     it is padded up to a multiple of ``batch / 8`` with copies of the first row (whose outputs are
     not read), so the network sees a handful of shapes (see :func:`bucketed_positions`).
+
+    Soft-masking (a model with a soft-mask module, ``soft=True``): the denoiser keeps, per row, the
+    summary of that row's last evaluation at the positions that were masked then, and feeds it back
+    at the row's next evaluation (the first evaluation of a row has none). So the feedback is always
+    the row's previous forward pass, refreshed only when the row is evaluated: with the cached
+    ancestral sampler a row whose canvas did not change keeps its cached logits and its feedback. To
+    summarize every masked position, a soft-mask model computes the output layer at all of them, also
+    when the sampler asks for fewer (first-hitting).
     """
 
-    def __init__(self, model, diffusion: MaskedDiffusion, batch: int):
+    def __init__(self, model, diffusion: MaskedDiffusion, canvas: torch.Tensor, soft: bool = True):
         self.model, self.diffusion = model, diffusion
-        self.quantum = max(1, -(-batch // 8))
+        self.quantum = max(1, -(-len(canvas) // 8))
         self.calls = 0
+        self.feedback: SoftFeedback | None = None
+        if soft and getattr(model, "soft_mask", None) is not None:
+            self.feedback = SoftFeedback.empty(*canvas.shape, model.soft_mask.top_k, device=canvas.device)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (R, L), t (R,) float64, positions (R, L) bool -> logits (N, V) in row-major order."""
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x (R, L) the canvases of batch rows ``rows`` (R,), t (R,) float64, positions (R, L) bool
+        (masked positions) -> logits (N, V) at ``positions`` in row-major order."""
         self.calls += 1
-        rows = x.shape[0]
-        padded = -(-rows // self.quantum) * self.quantum
-        if padded > rows:
-            extra = padded - rows
+        n_rows = x.shape[0]
+        wanted = positions
+        if self.feedback is not None:
+            positions = x == self.diffusion.mask_id
+        padded = -(-n_rows // self.quantum) * self.quantum
+        extra = padded - n_rows
+        if extra:
             x = torch.cat([x, x[:1].expand(extra, -1)])
             t = torch.cat([t, t[:1].expand(extra)])
             positions = torch.cat([positions, torch.zeros_like(positions[:1]).expand(extra, -1)])
         index, n = bucketed_positions(positions)
-        return self.model(x, self.diffusion.model_sigma(t), positions=index)[:n].float()
+        sigma = self.diffusion.model_sigma(t)
+        if self.feedback is None:
+            return self.model(x, sigma, positions=index)[:n].float()
+        feedback = self.feedback.select(torch.cat([rows, rows[:1].expand(extra)]))
+        logits = self.model(x, sigma, positions=index, feedback=feedback)[:n].float()
+        self.feedback.store(rows, positions[:n_rows], logits, self.diffusion.mask_id)
+        return logits[wanted[positions[:n_rows]]]
 
 
 # ----------------------------------------------------------------------------- ancestral
@@ -209,13 +231,13 @@ class AncestralSampler(Sampler):
     """
 
     def __init__(self, diffusion: MaskedDiffusion, steps: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, precision: str = "float64", cache: bool = False):
+                 top_p: float = 1.0, precision: str = "float64", cache: bool = False, soft_mask: bool = True):
         if steps < 1:
             raise SamplingError(f"steps must be >= 1, got {steps}")
         check_knobs(temperature, top_k, top_p, precision)
         self.diffusion, self.mask_id = diffusion, diffusion.mask_id
         self.steps, self.temperature, self.top_k, self.top_p = steps, temperature, top_k, top_p
-        self.precision, self.cache = precision, cache
+        self.precision, self.cache, self.soft_mask = precision, cache, soft_mask
 
     def transition(self, t: float, s: float) -> tuple[float, float]:
         """(weight of unmasking, weight of staying masked) for one step ``t -> s``."""
@@ -232,7 +254,7 @@ class AncestralSampler(Sampler):
         if self.cache and getattr(model, "time_conditioning", False):
             raise SamplingError("the cached ancestral sampler needs a model without time conditioning")
         start = time.perf_counter()
-        x, streams, denoise = canvas.clone(), RowStreams(seeds), Denoiser(model, self.diffusion, len(canvas))
+        x, streams, denoise = canvas.clone(), RowStreams(seeds), Denoiser(model, self.diffusion, canvas, self.soft_mask)
         b = x.shape[0]
         row_nfe = torch.zeros(b, dtype=torch.long)
         cached: torch.Tensor | None = None  # (B, L, V) logits of the last evaluation of each row
@@ -247,7 +269,7 @@ class AncestralSampler(Sampler):
             rows = evaluate.nonzero()[:, 0]
             if len(rows):
                 logits = denoise(x[rows], torch.full((len(rows),), t, dtype=torch.float64, device=x.device),
-                                 masked[rows])
+                                 masked[rows], rows)
                 row_nfe[rows.cpu()] += 1
                 if self.cache:
                     if cached is None:
@@ -301,12 +323,13 @@ class FirstHittingSampler(Sampler):
     """
 
     def __init__(self, diffusion: MaskedDiffusion, tokens_per_step: int = 1, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, precision: str = "float64"):
+                 top_k: int = 0, top_p: float = 1.0, precision: str = "float64", soft_mask: bool = True):
         if tokens_per_step < 1:
             raise SamplingError(f"tokens per step must be >= 1, got {tokens_per_step}")
         check_knobs(temperature, top_k, top_p, precision)
         self.diffusion, self.mask_id, self.k = diffusion, diffusion.mask_id, tokens_per_step
         self.temperature, self.top_k, self.top_p, self.precision = temperature, top_k, top_p, precision
+        self.soft_mask = soft_mask
 
     def next_time(self, tau: torch.Tensor, n: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         schedule = self.diffusion.schedule
@@ -319,7 +342,7 @@ class FirstHittingSampler(Sampler):
         if self.k > canvas.shape[1]:
             raise SamplingError(f"{self.k} tokens per step is larger than the canvas of {canvas.shape[1]}")
         start = time.perf_counter()
-        x, streams, denoise = canvas.clone(), RowStreams(seeds), Denoiser(model, self.diffusion, len(canvas))
+        x, streams, denoise = canvas.clone(), RowStreams(seeds), Denoiser(model, self.diffusion, canvas, self.soft_mask)
         b, length = x.shape
         tau = torch.ones(b, dtype=torch.float64, device=x.device)
         steps = torch.zeros(b, dtype=torch.long, device=x.device)
@@ -341,7 +364,7 @@ class FirstHittingSampler(Sampler):
                 first = t_next if first is None else first
             keys = streams.uniform(rows[:, None], (counter + ORDER)[:, None], cols)
             chosen = _choose_per_row(torch.where(masked[rows], keys, float("-inf")), k)
-            logits = denoise(x[rows], first, chosen)
+            logits = denoise(x[rows], first, chosen, rows)
             probs = categorical_probs(logits, self.temperature, self.top_k, self.top_p, exclude=self.mask_id)
             where = chosen.nonzero()
             draws = streams.categorical(probs, rows[where[:, 0]], counter[where[:, 0]] + TOKEN, where[:, 1],
@@ -387,7 +410,7 @@ class ConfidenceSampler(Sampler):
 
     def __init__(self, diffusion: MaskedDiffusion, steps: int, score: str = "confidence", schedule: str = "linear",
                  remask: float = 0.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 precision: str = "float64"):
+                 precision: str = "float64", soft_mask: bool = True):
         if steps < 1:
             raise SamplingError(f"steps must be >= 1, got {steps}")
         if score not in CONFIDENCE_SCORES:
@@ -400,6 +423,7 @@ class ConfidenceSampler(Sampler):
         self.diffusion, self.mask_id = diffusion, diffusion.mask_id
         self.steps, self.score, self.schedule, self.remask = steps, score, schedule, remask
         self.temperature, self.top_k, self.top_p, self.precision = temperature, top_k, top_p, precision
+        self.soft_mask = soft_mask
 
     def scores(self, probs: torch.Tensor, draws: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         if self.score == "confidence":
@@ -415,7 +439,7 @@ class ConfidenceSampler(Sampler):
     def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> SampleResult:
         self.check(canvas, seeds)
         start = time.perf_counter()
-        x, streams, denoise = canvas.clone(), RowStreams(seeds), Denoiser(model, self.diffusion, len(canvas))
+        x, streams, denoise = canvas.clone(), RowStreams(seeds), Denoiser(model, self.diffusion, canvas, self.soft_mask)
         b = x.shape[0]
         free = canvas == self.mask_id
         total = free.sum(dim=1)
@@ -427,7 +451,7 @@ class ConfidenceSampler(Sampler):
             if not len(rows):
                 continue
             t = torch.full((len(rows),), 1 - step / self.steps, dtype=torch.float64, device=x.device)
-            logits = denoise(x[rows], t, masked[rows])
+            logits = denoise(x[rows], t, masked[rows], rows)
             row_nfe[rows.cpu()] += 1
             probs = categorical_probs(logits, self.temperature, self.top_k, self.top_p, exclude=self.mask_id)
             where = masked[rows].nonzero()
@@ -580,6 +604,7 @@ def make_sampler(cfg: SampleConfig, objective, tokenizer: Tokenizer, model_lengt
         return AutoregressiveSampler(tokenizer.bos_id, tokenizer.mask_id, kv_cache=cfg.kv_cache, **knobs)
     if not is_diffusion:
         raise SamplingError(f"sampler '{kind}' needs a masked diffusion model; use sampler=ar or auto")
+    knobs["soft_mask"] = cfg.soft_mask
     if kind == "ancestral":
         inner: Sampler = AncestralSampler(objective, cfg.steps, cache=cfg.cache, **knobs)
     elif kind == "first_hitting":

@@ -9,15 +9,21 @@ For every masked position ``l`` with previous logits ``logits^l`` (the mask clas
     pi     = softmax(logits^l[top-k ids])            p renormalized over its top k
     e^l    = (1 - lambda) E[mask] + lambda * sum_j pi_j E[i_j]
 
-Unmasked positions keep ``E[x^l]`` (lambda = 0), and so does every position when there is no previous
-pass (the first step). The three scalars are parameterized as ``w_s = sigmoid(a)`` (initialized near 0,
+Unmasked positions keep ``E[x^l]`` (lambda = 0), and so does every position without a previous pass
+(the first step). The three scalars are parameterized as ``w_s = sigmoid(a)`` (initialized near 0,
 so a binary MDLM is the starting point), ``w_a = softplus(b)`` (initialized 6.66) and
 ``w_b = -softplus(c)`` (initialized -0.75).
+
+A previous pass enters only through ``H`` and the top-k ``(ids, pi)`` of each position, so the
+feedback is kept as :class:`SoftFeedback`, a few numbers per position, not (B, L, V) logits. It is
+computed without gradient (training's first pass; sampling's previous step): gradients reach the
+backbone through the embedding rows and ``(a, b, c)`` through ``lambda`` only.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +38,67 @@ def _inverse_softplus(y: float) -> float:
     return math.log(math.expm1(y))
 
 
-class SoftMask(nn.Module):
-    """The feedback module: ``forward(embedding, ids, logits, mask_id)`` -> input embeddings (B, L, H).
+def _without_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    return logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
 
-    ``embedding`` is the backbone's (V, H) input table, ``ids`` (B, L) the current canvas, ``logits``
-    (B, L, V) the previous pass's logits (or None on the first step).
+
+def entropy_without_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """``H`` (...,) in nats of softmax(logits (..., V)) over the vocabulary with the mask class excluded."""
+    log_p = _without_mask(logits, mask_id).log_softmax(-1)
+    return -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1)
+
+
+@dataclass
+class SoftFeedback:
+    """Per-position summary of a previous pass: ``entropy`` (B, L), ``top_ids`` and ``top_probs``
+    (B, L, k) (probabilities renormalized over the top k), and ``valid`` (B, L), the positions that
+    have feedback. Everything else is ignored."""
+
+    entropy: torch.Tensor
+    top_ids: torch.Tensor
+    top_probs: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, length: int, top_k: int, device: torch.device | str = "cpu") -> "SoftFeedback":
+        return cls(torch.zeros(batch, length, device=device),
+                   torch.zeros(batch, length, top_k, dtype=torch.long, device=device),
+                   torch.zeros(batch, length, top_k, device=device),
+                   torch.zeros(batch, length, dtype=torch.bool, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_logits(cls, logits: torch.Tensor, where: torch.Tensor, mask_id: int, top_k: int) -> "SoftFeedback":
+        """Feedback at the ``True`` positions of ``where`` (B, L) from their logits (N, V), row-major."""
+        out = cls.empty(*where.shape, top_k, device=logits.device)
+        out.store(torch.arange(where.shape[0], device=where.device), where, logits, mask_id)
+        return out
+
+    @torch.no_grad()
+    def store(self, rows: torch.Tensor, where: torch.Tensor, logits: torch.Tensor, mask_id: int) -> None:
+        """Replace the feedback of ``rows`` (R,): positions ``where`` (R, L) get the summary of their
+        ``logits`` (N, V) (row-major); every other position of those rows loses its feedback."""
+        k = self.top_ids.shape[-1]
+        logits = _without_mask(logits, mask_id)
+        top_logits, top_ids = logits.topk(k, dim=-1)
+        for name, value in (("entropy", entropy_without_mask(logits, mask_id)), ("top_ids", top_ids),
+                            ("top_probs", top_logits.softmax(-1))):
+            block = getattr(self, name)[rows]
+            block[where] = value.to(block.dtype)
+            getattr(self, name)[rows] = block
+        self.valid[rows] = where
+
+    def select(self, rows: torch.Tensor) -> "SoftFeedback":
+        """The feedback of ``rows`` (R,) (indices may repeat)."""
+        return SoftFeedback(self.entropy[rows], self.top_ids[rows], self.top_probs[rows], self.valid[rows])
+
+
+class SoftMask(nn.Module):
+    """The feedback module: ``forward(embedding, ids, feedback, mask_id)`` -> input embeddings (B, L, H).
+
+    ``embedding`` is the backbone's (V, H) input table, ``ids`` (B, L) the current canvas and
+    ``feedback`` the previous pass (:class:`SoftFeedback`, or None on the first step). Computed densely
+    (no data-dependent shapes): lambda is 0 wherever the position is not masked or has no feedback.
     """
 
     def __init__(self, top_k: int = 3, omega_s: float = OMEGA_S_INIT, omega_a: float = OMEGA_A_INIT,
@@ -56,28 +118,19 @@ class SoftMask(nn.Module):
         """(w_s, w_a, w_b)."""
         return torch.sigmoid(self.a), F.softplus(self.b), -F.softplus(self.c)
 
-    def mixing_weight(self, logits: torch.Tensor, mask_id: int) -> torch.Tensor:
-        """lambda (...,) from logits (..., V): entropy of the full softmax with the mask class excluded."""
-        logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
-        log_p = logits.log_softmax(-1)
-        entropy = -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1)
+    def mixing_weight(self, entropy: torch.Tensor) -> torch.Tensor:
+        """lambda = w_s sigmoid(w_a (-H - w_b)), elementwise in ``entropy``."""
         w_s, w_a, w_b = self.omegas
         return w_s * torch.sigmoid(w_a * (-entropy - w_b))
 
-    def forward(self, embedding: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor | None,
+    def forward(self, embedding: torch.Tensor, ids: torch.Tensor, feedback: SoftFeedback | None,
                 mask_id: int) -> torch.Tensor:
         clean = embedding[ids]
-        if logits is None:
+        if feedback is None:
             return clean
-        masked = ids == mask_id
-        if not masked.any():
-            return clean
-        prev = logits[masked].float().index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
-        lam = self.mixing_weight(prev, mask_id)
-        top_logits, top_ids = prev.topk(min(self.top_k, prev.shape[-1] - 1), dim=-1)
-        pi = top_logits.softmax(-1)
-        mixture = torch.einsum("nk,nkh->nh", pi.to(embedding.dtype), embedding[top_ids])
-        soft = (1 - lam)[:, None].to(embedding.dtype) * embedding[mask_id] + lam[:, None].to(embedding.dtype) * mixture
-        out = clean.clone()
-        out[masked] = soft
-        return out
+        active = feedback.valid & (ids == mask_id)
+        lam = self.mixing_weight(feedback.entropy) * active
+        mixture = torch.einsum("blk,blkh->blh", feedback.top_probs.to(embedding.dtype), embedding[feedback.top_ids])
+        lam = lam[..., None].to(embedding.dtype)
+        # masked positions: (1 - lam) E[mask] + lam * mixture; elsewhere lam = 0 leaves E[x] unchanged
+        return torch.where(active[..., None], (1 - lam) * embedding[mask_id] + lam * mixture, clean)

@@ -69,6 +69,42 @@ def learning_rate(cfg: RunConfig, step: int) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
+    """AdamW groups: the backbone at ``train.lr`` with ``train.weight_decay``; the soft-mask scalars
+    (when present) at ``train.soft_mask_lr`` without weight decay. ``lr_scale`` is each group's rate
+    relative to ``train.lr``, so warm-up and decay apply to both."""
+    t = cfg.train
+    soft = [p for name, p in model.named_parameters() if name.startswith("soft_mask.")]
+    rest = [p for name, p in model.named_parameters() if not name.startswith("soft_mask.")]
+    groups = [{"params": rest, "lr": t.lr, "lr_scale": 1.0, "weight_decay": t.weight_decay}]
+    if soft:
+        groups.append({"params": soft, "lr": t.soft_mask_lr, "lr_scale": t.soft_mask_lr / t.lr, "weight_decay": 0.0})
+    return groups
+
+
+def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, tokenizer) -> None:
+    """Continued pretraining: copy the weights of ``source_path`` (any source of
+    :func:`unmask.pretrained.open_source`; EMA weights when it has them) into a new run's model. The
+    architecture and tokenizer must match; a soft-mask model may start from a binary one (its
+    soft-mask scalars keep their initialization, w_s ~ 0, so training starts from the binary model)."""
+    from .pretrained import open_source
+
+    source = open_source(source_path)
+    if source.config.family != cfg.family:
+        raise ConfigError(f"train.init_from={source_path} is a {source.config.family} model, this run trains "
+                          f"{cfg.family}")
+    if source.tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise ConfigError(f"train.init_from={source_path} was trained with another tokenizer than data.tokenizer "
+                          f"({source.tokenizer.describe()} vs {tokenizer.describe()})")
+    weights = dict(source.weights(ema=True))
+    for name, value in model.state_dict().items():
+        if name.startswith("soft_mask.") and name not in weights:
+            weights[name] = value
+    if model.soft_mask is None:
+        weights = {k: v for k, v in weights.items() if not k.startswith("soft_mask.")}
+    load_weights(model, weights, f"train.init_from={source_path}")
+
+
 def micro_batching(cfg: RunConfig, world: int) -> tuple[int, int]:
     """(micro batch size per process, accumulation steps) for the global ``train.batch_size``."""
     t = cfg.train
@@ -144,12 +180,15 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
     torch.manual_seed(seed_for(t.seed, 0x1417))
     model = build_model(cfg, tokenizer).to(device)
     objective = build_objective(cfg, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps,
-                                  weight_decay=t.weight_decay)
+    existing = list_checkpoints(ckpt_root)
+    if t.init_from and not existing:
+        initialize_from(model, t.init_from, cfg, tokenizer)
+        if dist.main:
+            print(f"initialized {run_dir} from {t.init_from}")
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), betas=tuple(t.betas), eps=t.adam_eps)
     ema = EMA(model, t.ema) if t.ema > 0 else None
 
     start_step, elapsed_before = 0, 0.0
-    existing = list_checkpoints(ckpt_root)
     if existing:
         ckpt = Checkpoint(existing[-1])
         if ckpt.config.model != cfg.model or ckpt.config.family != cfg.family:
@@ -202,7 +241,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
         model.train()
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         rows = order.batch(step)[dist.rank * local:(dist.rank + 1) * local]
         ids_np, kinds = train_rows.get(rows)
         # host-side counts and device-side loss sums: no host-device synchronization inside a step
@@ -246,6 +285,8 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
                       "grad_norm": float(grad_norm),
                       "tokens_per_second": window_steps * t.batch_size * seq_len / seconds,
                       "elapsed_seconds": elapsed(), "epoch": order.epoch_of(step)}
+            if model.soft_mask is not None:
+                record["soft_mask_omegas"] = [float(w.detach()) for w in model.soft_mask.omegas]
             log.write(record)
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
