@@ -418,3 +418,132 @@ def test_float32_ancestral_sampling_lowers_entropy_and_float64_does_not():
         return -(counts[counts > 0] * np.log(counts[counts > 0])).sum()
 
     assert entropy(truncated.tokens) < 0.5 * entropy(exact.tokens)
+
+
+# ----------------------------------------------------------------------------- guidance and streaming
+
+def test_guided_sampling_draws_the_tilted_conditional():
+    """SMDM eq. 7 on an exact denoiser: with fixed tokens x_0 = c and x_2 = 0 (both the prompt) and one
+    masked position, first-hitting draws x_1 from p(x_1 | c, 0)^{1+w} / p(x_1)^w, normalized (chi-square)."""
+    model, diffusion, probs = joint_problem()
+    table = probs.reshape([JOINT_V] * JOINT_L)
+    c, n, w = 1, 6000, 1.5
+    canvas = torch.full((n, JOINT_L), JOINT_V)
+    canvas[:, 0] = c
+    canvas[:, 2] = 0
+    conditional = table[c, :, 0] / table[c, :, 0].sum()
+    unconditional = table.sum(dim=(0, 2))
+    tilted = conditional ** (1 + w) / unconditional ** w
+    tilted = tilted / tilted.sum()
+    out = FirstHittingSampler(diffusion, guidance=w).sample(model, canvas, seeds(n))
+    counts = np.bincount(out.tokens[:, 1].numpy(), minlength=JOINT_V)
+    assert chi_square(counts, tilted) < CHI2_999[2]
+    assert chi_square(counts, conditional) > 50  # and the tilt is visible
+
+
+class RecordingModel(torch.nn.Module):
+    """Wraps a model and records the canvases it is called with."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.inputs = inner, []
+        self.time_conditioning = False
+
+    def forward(self, ids, sigma=None, positions=None, **kw):
+        self.inputs.append(ids.clone())
+        return self.inner(ids, sigma, positions=positions, **kw)
+
+
+def test_unconditional_branch_masks_exactly_the_prompt_and_combines_the_logits():
+    from unmask.sampling import Denoiser
+
+    model = RecordingModel(tiny_dit(seed=3))
+    diffusion = MaskedDiffusion(LogLinear(0.0), MASK)
+    canvas = torch.full((2, 8), MASK)
+    canvas[0, :3] = torch.tensor([1, 2, 3])  # row 0: a prompt; row 1: none
+    x = canvas.clone()
+    x[0, 5] = 4  # a token generated earlier is not part of the prompt
+    x[1, 2] = 0
+    positions = x == MASK
+    w = 0.7
+    guided = Denoiser(model, diffusion, canvas, guidance=w)(x, torch.full((2,), 0.5, dtype=torch.float64), positions,
+                                                           torch.arange(2))
+    conditional_in, unconditional_in = model.inputs
+    assert torch.equal(conditional_in[:2], x)
+    expected = x.clone()
+    expected[0, :3] = MASK
+    assert torch.equal(unconditional_in[:2], expected)
+    with torch.no_grad():
+        l_c = model.inner(x)[positions].float()
+        l_u = model.inner(expected)[positions].float()
+    rows = positions.nonzero()[:, 0]
+    manual = torch.where((rows == 0)[:, None], l_u + (1 + w) * (l_c - l_u), l_c)
+    assert torch.allclose(guided, manual, atol=1e-5)
+    model.inputs.clear()  # with w = 0 the unconditional pass does not run at all
+    plain = Denoiser(model, diffusion, canvas)(x, torch.full((2,), 0.5, dtype=torch.float64), positions, torch.arange(2))
+    assert len(model.inputs) == 1 and torch.equal(plain, l_c)
+
+
+def test_linear_guidance_schedule_fades_with_time():
+    from unmask.sampling import guidance_weight
+
+    t = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    assert guidance_weight(2.0, "linear", t).tolist() == [2.0, 1.0, 0.0]
+    assert guidance_weight(2.0, "constant", t).tolist() == [2.0, 2.0, 2.0]
+    with pytest.raises(SamplingError, match="guidance schedule"):
+        AncestralSampler(MaskedDiffusion(LogLinear(0.0), MASK), steps=4, guidance_schedule="cubic")
+
+
+@pytest.mark.parametrize("name", list(sampler_zoo(MaskedDiffusion(LogLinear(0.0), MASK))))
+def test_guidance_zero_is_the_plain_sampler_and_guided_rows_stay_batch_invariant(name):
+    model = tiny_dit(seed=7)
+    diffusion = MaskedDiffusion(LogLinear(0.0), MASK)
+    canvas = torch.full((5, 12), MASK)
+    canvas[1, :5] = 2
+    canvas[3, 8:] = 1
+    canvas[4, :2] = 3
+    all_seeds = seeds(5, 3)
+    plain = sampler_zoo(diffusion)[name]
+    zero = sampler_zoo(diffusion)[name]
+    guided = sampler_zoo(diffusion)[name]
+    for s, w in ((zero, 0.0), (guided, 2.0)):
+        target = getattr(s, "inner", s)
+        target.guidance = w
+    reference = plain.sample(model, canvas, all_seeds)
+    same = zero.sample(model, canvas, all_seeds)
+    assert torch.equal(same.tokens, reference.tokens) and same.nfe == reference.nfe
+    out = guided.sample(model, canvas, all_seeds).tokens
+    if name != "semi_ar":  # (in later semi-AR windows the earlier rounds are the condition)
+        assert torch.equal(out[[0, 2]], reference.tokens[[0, 2]])  # rows without a prompt: no guidance
+    assert not torch.equal(out[[1, 3, 4]], reference.tokens[[1, 3, 4]])
+    alone = guided.sample(model, canvas[3:4], all_seeds[3:4]).tokens
+    assert torch.equal(alone[0], out[3])
+
+
+@pytest.mark.parametrize("name", list(sampler_zoo(MaskedDiffusion(LogLinear(0.0), MASK))))
+def test_step_callback_streams_every_step_and_ends_at_the_result(name):
+    model = tiny_dit(seed=7)
+    sampler = sampler_zoo(MaskedDiffusion(LogLinear(0.0), MASK))[name]
+    canvas = torch.full((3, 12), MASK)
+    canvas[1, :4] = 2
+    frames = []
+    result = sampler.sample(model, canvas, seeds(3, 5), on_step=lambda x: frames.append(x.clone()))
+    assert len(frames) >= 2 and all(f.shape == canvas.shape for f in frames)
+    assert torch.equal(frames[-1], result.tokens)
+    fixed = canvas != MASK
+    assert all(torch.equal(f[fixed], canvas[fixed]) for f in frames)
+    if name != "semi_ar":
+        masks = [int((f == MASK).sum()) for f in frames]
+        assert masks == sorted(masks, reverse=True) and masks[0] < int((canvas == MASK).sum())
+
+
+def test_ar_sampler_streams_and_refuses_guidance():
+    tok = CharTokenizer("abcd")
+    model = tiny_dit(vocab=tok.vocab_size, causal=True, seed=2)
+    frames = []
+    out = AutoregressiveSampler(tok.bos_id, tok.mask_id).sample(model, torch.full((2, 5), tok.mask_id), seeds(2),
+                                                                 on_step=lambda x: frames.append(x.clone()))
+    assert len(frames) == 5 and torch.equal(frames[-1], out.tokens)
+    assert [int((f == tok.mask_id).sum()) for f in frames] == [8, 6, 4, 2, 0]
+    with pytest.raises(SamplingError, match="guidance"):
+        make_sampler(SampleConfig(sampler="ar", guidance=1.0), None, tok, 40)

@@ -6,6 +6,7 @@
                                                        without EOS between documents
     unmask sample MODEL [key=value ...]                print samples
     unmask export MODEL OUT [--to unmask|mdlm-hf|mdlm-ckpt]   Hugging Face style folder or MDLM layouts
+    unmask serve MODEL [--port 8000]                   HTTP completions API, streaming, web page
     unmask quickstart [key=value ...]                  train on the shipped corpus, evaluate, sample
     unmask configs                                     list the packaged configs
 
@@ -220,6 +221,25 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import ServeConfig, serve
+
+    limits = {"--max-batch-rows": args.max_batch_rows, "--max-pending": args.max_pending, "--max-n": args.max_n,
+              "--max-steps": args.max_steps, "--timeout": args.timeout}
+    for flag, value in limits.items():
+        if value <= 0:
+            raise ConfigError(f"{flag} must be positive")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
+    if args.batch_window_ms < 0:
+        raise ConfigError("--batch-window-ms must be >= 0")
+    config = ServeConfig(max_batch_rows=args.max_batch_rows, batch_window_ms=args.batch_window_ms,
+                         batching=not args.no_batching, max_pending=args.max_pending, timeout_s=args.timeout,
+                         max_n=args.max_n, max_steps=args.max_steps)
+    serve(args.checkpoint, args.host, args.port, args.device, config, args.model_precision, args.tokenizer)
+    return 0
+
+
 CARD_METRICS = ("nll", "stderr", "perplexity", "bits_per_token", "bits_per_char", "gen_ppl", "entropy", "mauve")
 
 
@@ -297,6 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="an `unmask eval --json` result whose figures go into the model card")
     p.add_argument("--tokenizer", help="GPT-2 tokenizer folder for a released MDLM model that lacks one")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("serve", help="HTTP completions API with streaming, and a page that shows the canvas unmask")
+    p.add_argument("checkpoint", help=model_help)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--tokenizer", help="GPT-2 tokenizer folder for a released MDLM model that lacks one")
+    p.add_argument("--model-precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="network precision (fp32: bit-reproducible samples)")
+    p.add_argument("--max-batch-rows", type=int, default=32, help="rows per batched forward pass")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long the worker waits for more requests of the same shape")
+    p.add_argument("--no-batching", action="store_true", help="run requests one at a time")
+    p.add_argument("--max-pending", type=int, default=64, help="queued or running requests before 429")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request before 504")
+    p.add_argument("--max-n", type=int, default=8, help="largest n (samples) per request")
+    p.add_argument("--max-steps", type=int, default=4096, help="largest number of sampling steps per request")
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("quickstart", help="train a small model on the shipped corpus, evaluate and sample")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart config")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")

@@ -169,6 +169,8 @@ class SampleConfig:
     batch_size: int = 16
     use_ema: bool = True
     soft_mask: bool = True  # soft-mask models: feed back the previous step (false = binary inputs)
+    guidance: float = 0.0  # unsupervised classifier-free guidance weight w (0 = none)
+    guidance_schedule: str = "constant"  # constant w, or linear w * t (fading as the canvas fills)
 
 
 @dataclass
@@ -201,6 +203,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sample.sampler": ("auto", "ancestral", "first_hitting", "confidence", "ar"),
     "sample.score": ("confidence", "margin", "entropy", "random"),
     "sample.reveal": ("linear", "cosine"),
+    "sample.guidance_schedule": ("constant", "linear"),
 }
 
 

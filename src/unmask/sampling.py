@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -140,12 +141,20 @@ class SampleResult:
         return self.generated / self.seconds if self.seconds > 0 else float("inf")
 
 
+StepCallback = Callable[[torch.Tensor], None]
+
+
 class Sampler:
-    """Generates the masked positions of a canvas (B, L); see the module docstring."""
+    """Generates the masked positions of a canvas (B, L); see the module docstring.
+
+    ``on_step`` (optional) is called with the canvas (B, L) after every step, for streaming; it must
+    copy what it keeps and must not modify it.
+    """
 
     mask_id: int
 
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> SampleResult:
+    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
+               on_step: StepCallback | None = None) -> SampleResult:
         raise NotImplementedError
 
     def check(self, canvas: torch.Tensor, seeds: torch.Tensor) -> None:
@@ -167,6 +176,19 @@ def check_knobs(temperature: float, top_k: int, top_p: float, precision: str) ->
         raise SamplingError(f"sampling precision must be float64 or float32, got {precision!r}")
 
 
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+def guidance_weight(weight: float, schedule: str, t: torch.Tensor) -> torch.Tensor:
+    """Per-row guidance weight at times ``t`` (R,): ``constant`` w, or ``linear`` w t (strongest at the
+    first step, t = 1, and fading to 0 as the canvas fills)."""
+    if schedule == "constant":
+        return torch.full_like(t, weight)
+    if schedule == "linear":
+        return weight * t
+    raise SamplingError(f"unknown guidance schedule {schedule!r} ({' or '.join(GUIDANCE_SCHEDULES)})")
+
+
 class Denoiser:
     """The backbone seen by diffusion samplers: logits at the selected positions of some rows.
 
@@ -174,22 +196,42 @@ class Denoiser:
     it is padded up to a multiple of ``batch / 8`` with copies of the first row (whose outputs are
     not read), so the network sees a handful of shapes (see :func:`bucketed_positions`).
 
+    Unsupervised classifier-free guidance (SMDM, Nie et al. 2024, eq. 7; ``algorithms.md`` section 3)
+    with weight ``w != 0``: the unconditional branch is the same canvas with every fixed token of the
+    sampler's input canvas (the prompt) replaced by the mask, and the logits become
+    ``l_u + (1 + w)(l_c - l_u)``: two forward passes per evaluation of a row that has a prompt. With
+    ``w = 0`` (or no prompt) only the conditional pass runs, so the result is exactly the unguided one.
+
     Soft-masking (a model with a soft-mask module, ``soft=True``): the denoiser keeps, per row, the
     summary of that row's last evaluation at the positions that were masked then, and feeds it back
     at the row's next evaluation (the first evaluation of a row has none). So the feedback is always
     the row's previous forward pass, refreshed only when the row is evaluated: with the cached
     ancestral sampler a row whose canvas did not change keeps its cached logits and its feedback. To
     summarize every masked position, a soft-mask model computes the output layer at all of them, also
-    when the sampler asks for fewer (first-hitting).
+    when the sampler asks for fewer (first-hitting). With guidance, the feedback is the guided
+    prediction and both branches receive it.
     """
 
-    def __init__(self, model, diffusion: MaskedDiffusion, canvas: torch.Tensor, soft: bool = True):
+    def __init__(self, model, diffusion: MaskedDiffusion, canvas: torch.Tensor, soft: bool = True,
+                 guidance: float = 0.0, guidance_schedule: str = "constant"):
         self.model, self.diffusion = model, diffusion
         self.quantum = max(1, -(-len(canvas) // 8))
         self.calls = 0
         self.feedback: SoftFeedback | None = None
         if soft and getattr(model, "soft_mask", None) is not None:
             self.feedback = SoftFeedback.empty(*canvas.shape, model.soft_mask.top_k, device=canvas.device)
+        self.guidance, self.guidance_schedule = guidance, guidance_schedule
+        self.prompt = (canvas != diffusion.mask_id) if guidance else None
+
+    def _pad(self, rows: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Pad the row dimension to a multiple of the quantum with copies of the first row."""
+        extra = -(-rows // self.quantum) * self.quantum - rows
+        return [torch.cat([v, v[:1].expand(extra, *v.shape[1:])]) if extra else v for v in tensors]
+
+    def _forward(self, x, sigma, positions, feedback) -> torch.Tensor:
+        index, n = bucketed_positions(positions)
+        extra = {} if feedback is None else {"feedback": feedback}
+        return self.model(x, sigma, positions=index, **extra)[:n].float()
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -200,25 +242,54 @@ class Denoiser:
         wanted = positions
         if self.feedback is not None:
             positions = x == self.diffusion.mask_id
-        padded = -(-n_rows // self.quantum) * self.quantum
-        extra = padded - n_rows
-        if extra:
-            x = torch.cat([x, x[:1].expand(extra, -1)])
-            t = torch.cat([t, t[:1].expand(extra)])
-            positions = torch.cat([positions, torch.zeros_like(positions[:1]).expand(extra, -1)])
-        index, n = bucketed_positions(positions)
-        sigma = self.diffusion.model_sigma(t)
-        if self.feedback is None:
-            return self.model(x, sigma, positions=index)[:n].float()
-        feedback = self.feedback.select(torch.cat([rows, rows[:1].expand(extra)]))
-        logits = self.model(x, sigma, positions=index, feedback=feedback)[:n].float()
-        self.feedback.store(rows, positions[:n_rows], logits, self.diffusion.mask_id)
-        return logits[wanted[positions[:n_rows]]]
+        feedback = None if self.feedback is None else self.feedback.select(rows)
+        padded = self._pad(n_rows, x, t, positions, rows)
+        x_p, t_p, pos_p = padded[:3]
+        pos_p[n_rows:] = False
+        if feedback is not None:
+            feedback = self.feedback.select(padded[3])
+        sigma = self.diffusion.model_sigma(t_p)
+        logits = self._forward(x_p, sigma, pos_p, feedback)
+        if self.prompt is not None:
+            prompt = self.prompt[rows]
+            guided = prompt.any(dim=1)
+            if guided.any():
+                unconditional = torch.where(prompt, torch.full_like(x, self.diffusion.mask_id), x)
+                x_u = self._pad(n_rows, unconditional)[0]
+                l_u = self._forward(x_u, sigma, pos_p, feedback)
+                w = guidance_weight(self.guidance, self.guidance_schedule, t).to(logits.dtype)
+                per_position = (w * guided)[positions.nonzero()[:, 0]][:, None]
+                logits = torch.where(per_position != 0, l_u + (1 + per_position) * (logits - l_u), logits)
+        if self.feedback is not None:
+            self.feedback.store(rows, positions, logits, self.diffusion.mask_id)
+            return logits[wanted[positions]]
+        return logits
+
+
+class DiffusionSampler(Sampler):
+    """What every masked-diffusion sampler shares: the categorical knobs (temperature, top-k, top-p,
+    precision), soft-mask feedback (``soft_mask``, for models that have it) and unsupervised
+    classifier-free guidance (``guidance`` weight, ``guidance_schedule``); see :class:`Denoiser`."""
+
+    def __init__(self, diffusion: MaskedDiffusion, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 precision: str = "float64", soft_mask: bool = True, guidance: float = 0.0,
+                 guidance_schedule: str = "constant"):
+        check_knobs(temperature, top_k, top_p, precision)
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise SamplingError(f"unknown guidance schedule {guidance_schedule!r} ({' or '.join(GUIDANCE_SCHEDULES)})")
+        if not math.isfinite(guidance):
+            raise SamplingError(f"the guidance weight must be finite, got {guidance}")
+        self.diffusion, self.mask_id = diffusion, diffusion.mask_id
+        self.temperature, self.top_k, self.top_p, self.precision = temperature, top_k, top_p, precision
+        self.soft_mask, self.guidance, self.guidance_schedule = soft_mask, guidance, guidance_schedule
+
+    def denoiser(self, model, canvas: torch.Tensor) -> Denoiser:
+        return Denoiser(model, self.diffusion, canvas, self.soft_mask, self.guidance, self.guidance_schedule)
 
 
 # ----------------------------------------------------------------------------- ancestral
 
-class AncestralSampler(Sampler):
+class AncestralSampler(DiffusionSampler):
     """MDLM's ``ddpm`` update on the grid ``t_i = i/T`` from ``t = 1`` to ``t = 0``.
 
     A masked position stays masked with weight ``(1 - alpha_s)/(1 - alpha_t)`` and becomes token
@@ -230,14 +301,11 @@ class AncestralSampler(Sampler):
     float32 race over {mask} + V to reproduce its bias.
     """
 
-    def __init__(self, diffusion: MaskedDiffusion, steps: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, precision: str = "float64", cache: bool = False, soft_mask: bool = True):
+    def __init__(self, diffusion: MaskedDiffusion, steps: int, cache: bool = False, **knobs):
         if steps < 1:
             raise SamplingError(f"steps must be >= 1, got {steps}")
-        check_knobs(temperature, top_k, top_p, precision)
-        self.diffusion, self.mask_id = diffusion, diffusion.mask_id
-        self.steps, self.temperature, self.top_k, self.top_p = steps, temperature, top_k, top_p
-        self.precision, self.cache, self.soft_mask = precision, cache, soft_mask
+        super().__init__(diffusion, **knobs)
+        self.steps, self.cache = steps, cache
 
     def transition(self, t: float, s: float) -> tuple[float, float]:
         """(weight of unmasking, weight of staying masked) for one step ``t -> s``."""
@@ -249,12 +317,13 @@ class AncestralSampler(Sampler):
         return (a_s - a_t) / (1 - a_t), (1 - a_s) / (1 - a_t)
 
     @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> SampleResult:
+    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
+               on_step: StepCallback | None = None) -> SampleResult:
         self.check(canvas, seeds)
         if self.cache and getattr(model, "time_conditioning", False):
             raise SamplingError("the cached ancestral sampler needs a model without time conditioning")
         start = time.perf_counter()
-        x, streams, denoise = canvas.clone(), RowStreams(seeds), Denoiser(model, self.diffusion, canvas, self.soft_mask)
+        x, streams, denoise = canvas.clone(), RowStreams(seeds), self.denoiser(model, canvas)
         b = x.shape[0]
         row_nfe = torch.zeros(b, dtype=torch.long)
         cached: torch.Tensor | None = None  # (B, L, V) logits of the last evaluation of each row
@@ -299,6 +368,8 @@ class AncestralSampler(Sampler):
             if self.cache:
                 stale = torch.zeros_like(stale)
                 stale[chosen[:, 0]] = True
+            if on_step is not None:
+                on_step(x)
         return SampleResult(x, denoise.calls, row_nfe, time.perf_counter() - start, int((canvas == self.mask_id).sum()))
 
 
@@ -312,7 +383,7 @@ def _choose_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return (ranks < counts[:, None]) & (scores > float("-inf"))
 
 
-class FirstHittingSampler(Sampler):
+class FirstHittingSampler(DiffusionSampler):
     """First-hitting sampler (Zheng et al. 2024, Prop. 4.1, Alg. 1; Alg. 2 with ``k > 1``).
 
     With ``n`` masks at time ``tau`` the next unmask time is
@@ -322,14 +393,11 @@ class FirstHittingSampler(Sampler):
     exact) or ``ceil(masks / k)`` (``k > 1``: k positions from one prediction, an approximation).
     """
 
-    def __init__(self, diffusion: MaskedDiffusion, tokens_per_step: int = 1, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, precision: str = "float64", soft_mask: bool = True):
+    def __init__(self, diffusion: MaskedDiffusion, tokens_per_step: int = 1, **knobs):
         if tokens_per_step < 1:
             raise SamplingError(f"tokens per step must be >= 1, got {tokens_per_step}")
-        check_knobs(temperature, top_k, top_p, precision)
-        self.diffusion, self.mask_id, self.k = diffusion, diffusion.mask_id, tokens_per_step
-        self.temperature, self.top_k, self.top_p, self.precision = temperature, top_k, top_p, precision
-        self.soft_mask = soft_mask
+        super().__init__(diffusion, **knobs)
+        self.k = tokens_per_step
 
     def next_time(self, tau: torch.Tensor, n: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         schedule = self.diffusion.schedule
@@ -337,12 +405,13 @@ class FirstHittingSampler(Sampler):
         return schedule.inverse(target.clamp(max=float(schedule.alpha(torch.zeros((), dtype=torch.float64))))).clamp(0, 1)
 
     @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> SampleResult:
+    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
+               on_step: StepCallback | None = None) -> SampleResult:
         self.check(canvas, seeds)
         if self.k > canvas.shape[1]:
             raise SamplingError(f"{self.k} tokens per step is larger than the canvas of {canvas.shape[1]}")
         start = time.perf_counter()
-        x, streams, denoise = canvas.clone(), RowStreams(seeds), Denoiser(model, self.diffusion, canvas, self.soft_mask)
+        x, streams, denoise = canvas.clone(), RowStreams(seeds), self.denoiser(model, canvas)
         b, length = x.shape
         tau = torch.ones(b, dtype=torch.float64, device=x.device)
         steps = torch.zeros(b, dtype=torch.long, device=x.device)
@@ -374,6 +443,8 @@ class FirstHittingSampler(Sampler):
             x[rows] = sub
             tau[rows] = t_next
             steps[rows] += 1
+            if on_step is not None:
+                on_step(x)
         return SampleResult(x, denoise.calls, steps.cpu(), time.perf_counter() - start,
                             int((canvas == self.mask_id).sum()))
 
@@ -396,7 +467,7 @@ def reveal_schedule(kind: str, total: torch.Tensor, step: int, steps: int) -> to
 CONFIDENCE_SCORES = ("confidence", "margin", "entropy", "random")
 
 
-class ConfidenceSampler(Sampler):
+class ConfidenceSampler(DiffusionSampler):
     """Confidence-ordered decoding (MaskGIT/LLaDA style), T steps.
 
     Each step predicts every masked position, draws a candidate token for each (temperature,
@@ -409,8 +480,7 @@ class ConfidenceSampler(Sampler):
     """
 
     def __init__(self, diffusion: MaskedDiffusion, steps: int, score: str = "confidence", schedule: str = "linear",
-                 remask: float = 0.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 precision: str = "float64", soft_mask: bool = True):
+                 remask: float = 0.0, **knobs):
         if steps < 1:
             raise SamplingError(f"steps must be >= 1, got {steps}")
         if score not in CONFIDENCE_SCORES:
@@ -419,11 +489,8 @@ class ConfidenceSampler(Sampler):
             raise SamplingError(f"unknown reveal schedule {schedule!r} (linear or cosine)")
         if not 0 <= remask < 1:
             raise SamplingError(f"remask probability must lie in [0, 1), got {remask}")
-        check_knobs(temperature, top_k, top_p, precision)
-        self.diffusion, self.mask_id = diffusion, diffusion.mask_id
+        super().__init__(diffusion, **knobs)
         self.steps, self.score, self.schedule, self.remask = steps, score, schedule, remask
-        self.temperature, self.top_k, self.top_p, self.precision = temperature, top_k, top_p, precision
-        self.soft_mask = soft_mask
 
     def scores(self, probs: torch.Tensor, draws: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         if self.score == "confidence":
@@ -436,10 +503,11 @@ class ConfidenceSampler(Sampler):
         return keys
 
     @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> SampleResult:
+    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
+               on_step: StepCallback | None = None) -> SampleResult:
         self.check(canvas, seeds)
         start = time.perf_counter()
-        x, streams, denoise = canvas.clone(), RowStreams(seeds), Denoiser(model, self.diffusion, canvas, self.soft_mask)
+        x, streams, denoise = canvas.clone(), RowStreams(seeds), self.denoiser(model, canvas)
         b = x.shape[0]
         free = canvas == self.mask_id
         total = free.sum(dim=1)
@@ -473,6 +541,8 @@ class ConfidenceSampler(Sampler):
                 u = streams.uniform(spots[:, 0], counter + REMASK, spots[:, 1])
                 back = spots[u < self.remask]
                 x[back[:, 0], back[:, 1]] = self.mask_id
+            if on_step is not None:
+                on_step(x)
         return SampleResult(x, denoise.calls, row_nfe, time.perf_counter() - start, int(free.sum()))
 
 
@@ -484,7 +554,8 @@ class SemiAutoregressiveSampler(Sampler):
     Windows of ``window`` positions, shifted by ``stride``: each round runs ``inner`` on the window
     (the tokens of earlier rounds are fixed there, so the tail of the previous window is the prompt of
     the next) until the end of the canvas. With ``eos_id`` a row stops at its first generated EOS;
-    the positions after it that were still to be generated become PAD.
+    the positions after it that were still to be generated become PAD. The inner sampler's guidance
+    treats every fixed token of a window (prompt and earlier rounds) as the condition.
     """
 
     def __init__(self, inner: Sampler, window: int, stride: int, eos_id: int | None = None, pad_id: int | None = None):
@@ -496,7 +567,8 @@ class SemiAutoregressiveSampler(Sampler):
         self.mask_id, self.eos_id, self.pad_id = inner.mask_id, eos_id, pad_id
 
     @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> SampleResult:
+    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
+               on_step: StepCallback | None = None) -> SampleResult:
         self.check(canvas, seeds)
         start_time = time.perf_counter()
         x = canvas.clone()
@@ -509,7 +581,14 @@ class SemiAutoregressiveSampler(Sampler):
             end = min(start + self.window, n)
             rows = (~done).nonzero()[:, 0]
             if len(rows):
-                result = self.inner.sample(model, x[rows, start:end], rng.hash64(seeds.to(x.device)[rows], round_))
+                inner_step = None
+                if on_step is not None:
+                    def inner_step(window, rows=rows, start=start, end=end):
+                        view = x.clone()
+                        view[rows, start:end] = window
+                        on_step(view)
+                result = self.inner.sample(model, x[rows, start:end], rng.hash64(seeds.to(x.device)[rows], round_),
+                                           inner_step)
                 x[rows, start:end] = result.tokens
                 nfe += result.nfe
                 row_nfe[rows.cpu()] += result.row_nfe
@@ -551,7 +630,8 @@ class AutoregressiveSampler(Sampler):
         x[rows, j] = streams.categorical(probs, rows, j * PURPOSES + TOKEN, cols, self.precision)
 
     @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> SampleResult:
+    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
+               on_step: StepCallback | None = None) -> SampleResult:
         self.check(canvas, seeds)
         start = time.perf_counter()
         x, streams = canvas.clone(), RowStreams(seeds)
@@ -567,6 +647,8 @@ class AutoregressiveSampler(Sampler):
             calls, fed = 1, columns[0]
             for i, j in enumerate(columns):
                 self._draw(x, j, logits, streams)
+                if on_step is not None:
+                    on_step(x)
                 if i + 1 < len(columns):
                     nxt = columns[i + 1]
                     logits = model(x[:, fed:nxt], cache=cache)[:, -1]
@@ -576,6 +658,8 @@ class AutoregressiveSampler(Sampler):
                 logits = model(torch.cat([bos, x[:, :j]], dim=1))[:, -1]
                 calls += 1
                 self._draw(x, j, logits, streams)
+                if on_step is not None:
+                    on_step(x)
         return SampleResult(x, calls, torch.full((b,), calls, dtype=torch.long), time.perf_counter() - start,
                             int((canvas == self.mask_id).sum()))
 
@@ -598,13 +682,15 @@ def make_sampler(cfg: SampleConfig, objective, tokenizer: Tokenizer, model_lengt
     if kind == "ar":
         if is_diffusion:
             raise SamplingError("sampler 'ar' needs an autoregressive model (family ar)")
+        if cfg.guidance:
+            raise SamplingError("unsupervised guidance (sample.guidance) is for masked diffusion samplers")
         if cfg.window:
             raise SamplingError("semi-autoregressive windows are for diffusion samplers; the AR sampler "
                                 "generates up to the model length")
         return AutoregressiveSampler(tokenizer.bos_id, tokenizer.mask_id, kv_cache=cfg.kv_cache, **knobs)
     if not is_diffusion:
         raise SamplingError(f"sampler '{kind}' needs a masked diffusion model; use sampler=ar or auto")
-    knobs["soft_mask"] = cfg.soft_mask
+    knobs.update(soft_mask=cfg.soft_mask, guidance=cfg.guidance, guidance_schedule=cfg.guidance_schedule)
     if kind == "ancestral":
         inner: Sampler = AncestralSampler(objective, cfg.steps, cache=cfg.cache, **knobs)
     elif kind == "first_hitting":
@@ -632,13 +718,14 @@ def encode_template(tokenizer: Tokenizer, template: str) -> list[int]:
     ids: list[int] = []
     pos = 0
     for m in MASK_MARK.finditer(template):
-        ids += _encode_fixed(tokenizer, template[pos:m.start()])
+        ids += encode_fixed(tokenizer, template[pos:m.start()])
         ids += [tokenizer.mask_id] * int(m.group(1) or 1)
         pos = m.end()
-    return ids + _encode_fixed(tokenizer, template[pos:])
+    return ids + encode_fixed(tokenizer, template[pos:])
 
 
-def _encode_fixed(tokenizer: Tokenizer, text: str) -> list[int]:
+def encode_fixed(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of fixed text, which must not contain the mask token itself."""
     ids = tokenizer.encode(text).tolist() if text else []
     if tokenizer.mask_id in ids:
         raise SamplingError("fixed text contains the mask token itself; mark masked positions with [MASK]")
@@ -694,7 +781,7 @@ def generate(model, objective, tokenizer: Tokenizer, cfg: SampleConfig, length: 
         requests = [encode_template(tokenizer, template)]
         length = max(length, len(requests[0]) + int(bos))
     else:
-        requests = [_encode_fixed(tokenizer, p) for p in prompts] if prompts else [[]]
+        requests = [encode_fixed(tokenizer, p) for p in prompts] if prompts else [[]]
     if length > model_length and not cfg.window:
         raise SamplingError(f"a canvas of {length} tokens (sample.length) exceeds the model's maximum length "
                             f"{model_length}; set sample.window (semi-autoregressive) for longer outputs")
