@@ -68,14 +68,29 @@ def pyplot():
     return plt
 
 
+def pooled_ppl(totals, counts, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """``exp(sum NLL / sum tokens)`` over samples, and its bootstrap standard error (samples resampled
+    with replacement)."""
+    import numpy as np
+
+    totals, counts = np.asarray(totals, dtype=float), np.asarray(counts, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(totals), size=(resamples, len(totals)))
+    boot = np.exp(totals[idx].sum(1) / counts[idx].sum(1))
+    return math.exp(totals.sum() / counts.sum()), float(boot.std())
+
+
 def measure(model, objective, tokenizer, cfg, length: int, model_length: int, evaluator, device) -> dict:
     """Generate ``cfg.num_samples`` unconditional samples of ``length`` and score them: gen-PPL under
-    ``evaluator``, mean per-sample unigram entropy, NFE, wall time, generated tokens per second."""
+    ``evaluator`` (with its bootstrap standard error), mean per-sample unigram entropy (with its
+    standard error), NFE, wall time, generated tokens per second."""
     gen = generate(model, objective, tokenizer, cfg, length, model_length, device=device)
     totals, counts = evaluator.nll(gen.texts)
     ids = [[t for t in row if t not in tokenizer.special_ids] for row in gen.ids]
-    return {"gen_ppl": math.exp(totals.sum() / counts.sum()),
-            "entropy": sum(unigram_entropy(r) for r in ids) / len(ids),
+    gen_ppl, gen_ppl_se = pooled_ppl(totals, counts)
+    entropies = [unigram_entropy(r) for r in ids]
+    return {"gen_ppl": gen_ppl, "gen_ppl_se": gen_ppl_se,
+            "entropy": sum(entropies) / len(ids),
+            "entropy_se": float(torch.tensor(entropies, dtype=torch.float64).std() / math.sqrt(len(ids))),
             "nfe": gen.nfe, "mean_row_nfe": sum(gen.row_nfe) / len(gen.row_nfe), "seconds": gen.seconds,
             "generated_tokens_per_second": gen.generated / gen.seconds, "example": gen.texts[0][:120]}
 

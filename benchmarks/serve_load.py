@@ -120,7 +120,8 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / f"serve_load-{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
-    print(f"{record['date']} {record['machine']['cpu']} ({record['machine']['cores']} cores), commit {record['commit']}; "
+    print(f"{record['date']} {record['machine']['cpu']} ({record['machine']['cores']} cores), "
+          f"commit {record['commit']}; "
           f"{args.requests} requests, {args.concurrency} concurrent, {json.dumps(body)}")
     print("| mode | requests/s | generated tokens/s | p50 latency (s) | p99 latency (s) | batches | largest batch |")
     print("|---|---|---|---|---|---|---|")

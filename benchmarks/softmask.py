@@ -77,7 +77,7 @@ def main() -> None:
     # the paper's 1e-2 moves w_s from 1e-3 to ~1 over 100k steps; at 1e-2 it is still ~0.003 after 200 of
     # our steps, so a CPU-length continuation uses 0.1 (w_s settles within ~60 steps)
     parser.add_argument("--soft-mask-lr", type=float, default=0.1)
-    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--eval-sequences", type=int, default=512)
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from the saved JSON")
@@ -118,7 +118,7 @@ def main() -> None:
     reference = held_out_reference(base_ckpt, evaluator, args.samples)
     length = base_ckpt.config.data.length
     valid_rows = Data(base_ckpt.config.data, tokenizer=base_ckpt.tokenizer).rows("valid")
-    sample_base = SampleConfig(sampler="ancestral", num_samples=args.samples, batch_size=args.samples, seed=1,
+    sample_base = SampleConfig(sampler="ancestral", num_samples=args.samples, batch_size=64, seed=1,
                                top_p=args.top_p)
     results, nelbo = [], {}
     for name, path in [("base", base), *models.items()]:
@@ -134,7 +134,7 @@ def main() -> None:
                 cfg = dataclasses.replace(sample_base, steps=nfe, soft_mask=feedback)
                 r = measure(model, objective, ckpt.tokenizer, cfg, length, ckpt.config.model.length, evaluator, device)
                 label = name if feedback else f"{name}, sampled without feedback"
-                results.append(dict(model=label, nfe=nfe, **r))
+                results.append(dict(model=label, steps=nfe, **r))
                 print(f"  {label:40s} NFE {nfe:4d} gen-ppl {r['gen_ppl']:8.3f} entropy {r['entropy']:.3f} "
                       f"{r['seconds']:6.2f}s", flush=True)
 
@@ -165,13 +165,13 @@ def print_tables(record: dict) -> None:
              "soft iso-compute": record["iso_compute_steps"]}
     for name, e in record["valid_nelbo"].items():
         print(f"| {name} | {steps[name]} | {e['nll']:.4f} ± {e['stderr']:.4f} |")
-    nfes = sorted({r["nfe"] for r in record["results"]})
+    nfes = sorted({r["steps"] for r in record["results"]})
     print("\n| model | " + " | ".join(f"NFE {n}: gen-PPL / entropy" for n in nfes) + " |")
     print("|---|" + "---|" * len(nfes))
     for label in dict.fromkeys(r["model"] for r in record["results"]):
-        cells = {r["nfe"]: r for r in record["results"] if r["model"] == label}
-        print(f"| {label} | " + " | ".join(f"{cells[n]['gen_ppl']:.2f} / {cells[n]['entropy']:.3f}" for n in nfes)
-              + " |")
+        cells = {r["steps"]: r for r in record["results"] if r["model"] == label}
+        print(f"| {label} | " + " | ".join(f"{cells[n]['gen_ppl']:.2f} ± {cells[n]['gen_ppl_se']:.2f} / "
+                                           f"{cells[n]['entropy']:.3f}" for n in nfes) + " |")
 
 
 def plot(record: dict, path: Path) -> None:
@@ -182,12 +182,13 @@ def plot(record: dict, path: Path) -> None:
     for label in dict.fromkeys(r["model"] for r in record["results"]):
         rs = [r for r in record["results"] if r["model"] == label]
         style = "--" if "without feedback" in label else "-"
-        axes[0].plot([r["nfe"] for r in rs], [r["gen_ppl"] for r in rs], "o" + style, label=label)
-        axes[1].plot([r["nfe"] for r in rs], [r["entropy"] for r in rs], "o" + style, label=label)
+        axes[0].errorbar([r["steps"] for r in rs], [r["gen_ppl"] for r in rs], [r["gen_ppl_se"] for r in rs],
+                         fmt="o" + style, capsize=3, label=label)
+        axes[1].plot([r["steps"] for r in rs], [r["entropy"] for r in rs], "o" + style, label=label)
     ref = record["reference"]
     axes[0].axhline(ref["gen_ppl"], color="gray", ls=":", lw=1, label="held-out data")
     axes[1].axhline(ref["entropy"], color="gray", ls=":", lw=1)
-    nfes = sorted({r["nfe"] for r in record["results"]})
+    nfes = sorted({r["steps"] for r in record["results"]})
     for ax, name in zip(axes, ("gen-PPL under the AR model", "mean per-sample unigram entropy (nats)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(nfes, [str(n) for n in nfes])

@@ -179,6 +179,8 @@ def test_malformed_json_and_wrong_method(server):
 def test_concurrent_requests_are_batched_without_changing_results(server):
     url, service = server
     bodies = [{"prompt": "we ", "max_tokens": 8, "seed": s, "sampler": "first_hitting"} for s in range(6)]
+    bodies += [{"prompt": "we ", "max_tokens": 5, "seed": 1, "sampler": "first_hitting"},  # other shapes
+               {"prompt": "we ", "max_tokens": 8, "seed": 2, "sampler": "ancestral", "steps": 4}]
     alone = [post(url, b).json()["choices"][0]["text"] for b in bodies]
     before = service.stats["largest_batch"]
     results = [None] * len(bodies)
@@ -186,11 +188,16 @@ def test_concurrent_requests_are_batched_without_changing_results(server):
     def call(i):
         results[i] = post(url, bodies[i]).json()
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    window = service.config.batch_window_ms
+    service.config.batch_window_ms = 3000  # wide enough for every thread to arrive, even on a loaded machine
+    try:
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        service.config.batch_window_ms = window
     assert [r["choices"][0]["text"] for r in results] == alone
     assert max(r["unmask"]["batched_with"] for r in results) >= 1
     assert service.stats["largest_batch"] >= max(2, before)

@@ -34,7 +34,7 @@ from .generation_metrics import generation_metrics, load_evaluator
 from .pretrained import Pretrained, export, open_source
 from .runtime import autocast, resolve_precision
 from .sampling import Generation, SamplingError, generate
-from .tokenization import CharTokenizer, OutOfVocabularyError, Tokenizer
+from .tokenization import CharTokenizer, DNATokenizer, OutOfVocabularyError, Tokenizer
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfVocabularyError, FileNotFoundError, SamplingError)
@@ -77,6 +77,8 @@ def device_for(name: str | None) -> torch.device:
 
 
 def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool = True) -> dict:
+    if cfg.family == "classifier":
+        return run_classifier_eval(ckpt, cfg, device)
     if cfg.eval.metric == "generation":
         return run_generation_eval(ckpt, cfg, device)
     model, objective = load_model(ckpt, ema=cfg.eval.use_ema, device=device)
@@ -86,6 +88,20 @@ def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool 
                       e.max_sequences, e.seed, resolve_precision(e.precision, device), device, progress)
     result.update(split=e.split, checkpoint=str(ckpt.path), step=ckpt.step, ema=e.use_ema)
     return result
+
+
+def run_classifier_eval(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
+    """Accuracy, MCC, AUC and cross-entropy of a classifier on ``eval.split`` (its data file)."""
+    from .classification import LabelledSplit, classification_metrics, predict
+
+    path = {"train": cfg.data.path, "valid": cfg.data.valid_path, "test": cfg.data.test_path}[cfg.eval.split]
+    if not path:
+        raise ConfigError(f"this classifier has no {cfg.eval.split} file: set data.{cfg.eval.split}_path")
+    model, _ = load_model(ckpt, ema=False, device=device)
+    split = LabelledSplit(path, cfg, ckpt.tokenizer, cfg.classifier.labels)
+    probs = predict(model, split, cfg.eval.batch_size, device, resolve_precision(cfg.eval.precision, device))
+    return {**classification_metrics(probs, split.labels), "split": cfg.eval.split, "path": path,
+            "checkpoint": str(ckpt.path), "step": ckpt.step}
 
 
 def run_sample(ckpt: Source, cfg: RunConfig, device: torch.device, prompts: list[str] | None = None,
@@ -111,8 +127,10 @@ def run_generation_eval(ckpt: Source, cfg: RunConfig, device: torch.device) -> d
     length = len(gen.ids[0])
     reference_ids = [row[k == TOKEN][:length].tolist() for row, k in zip(ids, kinds)]
     sample_ids = [[t for t in row if t not in ckpt.tokenizer.special_ids] for row in gen.ids]
+    dna = isinstance(ckpt.tokenizer, DNATokenizer)
     result = generation_metrics(gen.texts, sample_ids, [ckpt.tokenizer.decode(r) for r in reference_ids],
-                                reference_ids, evaluator, mauve=cfg.eval.mauve)
+                                reference_ids, evaluator, mauve=cfg.eval.mauve and not dna,
+                                kmer_sizes=(3, 4, 6) if dna else ())
     result.update(gen.summary(), sampler=cfg.sample.sampler, steps=cfg.sample.steps, split=cfg.eval.split,
                   checkpoint=str(ckpt.path), step=ckpt.step)
     return result
@@ -120,6 +138,8 @@ def run_generation_eval(ckpt: Source, cfg: RunConfig, device: torch.device) -> d
 
 def tokenizer_for(tokenizer: Tokenizer, cfg: RunConfig) -> Tokenizer:
     """The model's tokenizer with the out-of-alphabet policy of ``data.oov`` (character tokenizers)."""
+    if isinstance(tokenizer, DNATokenizer) and cfg.data.oov != tokenizer.oov:
+        return DNATokenizer(cfg.data.oov, "N" if cfg.data.oov_replacement == " " else cfg.data.oov_replacement)
     if isinstance(tokenizer, CharTokenizer) and cfg.data.oov != tokenizer.oov:
         return CharTokenizer(tokenizer.alphabet, cfg.data.oov, cfg.data.oov_replacement)
     return tokenizer
@@ -167,8 +187,9 @@ def format_zero_shot(r: dict) -> str:
 
 def format_generation(r: dict) -> str:
     mauve = f", MAUVE {r['mauve']:.3f}" if r.get("mauve") is not None else ""
+    kmers = "".join(f", {k.split('_')[0]} distance {v:.4f}" for k, v in r.items() if k.startswith("kmer"))
     return (f"gen-ppl {r['gen_ppl']:.3f} (held-out {r['reference_gen_ppl']:.3f}), entropy {r['entropy']:.3f} "
-            f"(held-out {r['reference_entropy']:.3f}){mauve}; {r['samples']} samples, "
+            f"(held-out {r['reference_entropy']:.3f}){mauve}{kmers}; {r['samples']} samples, "
             f"{r['generated_tokens_per_second'] or 0:.1f} generated tokens/s, {r['nfe']} network calls")
 
 
@@ -185,6 +206,20 @@ def cmd_train(args) -> int:
     from .training import train
 
     cfg = load_config(resolve_config_path(args.config), args.overrides)
+    if cfg.family == "classifier":
+        from .classification import train_classifier
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("classifier fine-tuning runs in one process; start it without torchrun")
+        best = train_classifier(cfg, fresh=args.fresh)
+        result = json.loads((Path(cfg.run_dir) / "test_metrics.json").read_text())
+        for split in ("valid", "test"):
+            if split in result:
+                r = result[split]
+                print(f"{split}: AUC {r['auc']:.4f}  accuracy {r['accuracy']:.4f}  MCC {r['mcc']:.4f}  "
+                      f"({r['n']} rows, best step {result['best_step']})")
+        print(f"checkpoint: {best}")
+        return 0
     final = train(cfg, fresh=args.fresh)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {final}")
@@ -201,7 +236,13 @@ def cmd_eval(args) -> int:
     else:
         cfg = checkpoint_config(ckpt, args.overrides)
         result = run_eval(ckpt, cfg, device_for(args.device))
-        line = format_generation(result) if cfg.eval.metric == "generation" else format_result(result, cfg.eval.split)
+        if cfg.family == "classifier":
+            line = (f"{cfg.eval.split}: AUC {result['auc']:.4f}  accuracy {result['accuracy']:.4f}  "
+                    f"MCC {result['mcc']:.4f}  ({result['n']} rows)")
+        elif cfg.eval.metric == "generation":
+            line = format_generation(result)
+        else:
+            line = format_result(result, cfg.eval.split)
     print(line, file=sys.stderr)
     text = json.dumps(result)
     if args.json:

@@ -66,6 +66,7 @@ class DataConfig:
     hf_split_names: list[str] = field(default_factory=lambda: ["train", "validation", "test"])
     hf_streaming: bool = False
     text_field: str = "text"
+    label_field: str = "label"  # family classifier: the label column of CSV/TSV/JSONL files
     documents: str = "file"
     valid_fraction: float = 0.05
     test_fraction: float = 0.05
@@ -174,6 +175,15 @@ class SampleConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """``family: classifier``: a classification head on the DiT backbone (``unmask.classification``)."""
+
+    pooling: str = "mean"  # mean over non-padding positions, or cls (the BOS position)
+    dropout: float = 0.1
+    labels: list[str] | None = None  # class names in index order; read from the training data when unset
+
+
+@dataclass
 class RunConfig:
     family: str = "mdlm"
     run_dir: str = "runs/default"
@@ -183,15 +193,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
-FAMILIES = ("mdlm", "ar")
+FAMILIES = ("mdlm", "ar", "classifier")
 CHOICES: dict[str, tuple[str, ...]] = {
     "family": FAMILIES,
     "data.layout": ("wrap", "pad"),
     "data.documents": ("file", "line", "blank_line"),
     "data.oov": ("error", "replace", "drop"),
-    "data.tokenizer": ("char", "text8", "byte", "gpt2", "hf"),
+    "data.tokenizer": ("char", "text8", "dna", "byte", "gpt2", "hf"),
     "diffusion.schedule": ("loglinear", "cosine", "linear", "geometric"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),
@@ -204,6 +215,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sample.score": ("confidence", "margin", "entropy", "random"),
     "sample.reveal": ("linear", "cosine"),
     "sample.guidance_schedule": ("constant", "linear"),
+    "classifier.pooling": ("mean", "cls"),
 }
 
 
@@ -359,6 +371,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"sample.tokens_per_step={cfg.sample.tokens_per_step} must be >= 1")
     if m.soft_mask_top_k < 0:
         raise ConfigError(f"model.soft_mask_top_k={m.soft_mask_top_k} must be >= 0 (0 = binary masks)")
+    if cfg.family == "classifier":
+        if cfg.data.dataset != "text" or not cfg.data.path or not cfg.data.valid_path:
+            raise ConfigError("family classifier reads labelled files: data.dataset=text with data.path (train) and "
+                              "data.valid_path (and data.test_path for the final figures)")
+        if not 0 <= cfg.classifier.dropout < 1:
+            raise ConfigError(f"classifier.dropout={cfg.classifier.dropout} must lie in [0, 1)")
     if m.soft_mask_top_k and cfg.family != "mdlm":
         raise ConfigError("model.soft_mask_top_k is for masked diffusion models (family mdlm)")
     if not 0.0 <= cfg.diffusion.soft_mask_prob <= 1.0:

@@ -18,6 +18,8 @@ the batches it would have read.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
 import io
 import re
@@ -61,12 +63,14 @@ def _file_id(path: Path) -> str:
 
 
 def open_text(path: str | Path) -> io.TextIOBase:
-    """Open a text file, decompressing ``.xz`` and reading the single member of a ``.zip``."""
+    """Open a text file, decompressing ``.xz`` and ``.gz`` and reading the single member of a ``.zip``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     if path.suffix == ".xz":
         return lzma.open(path, "rt", encoding="utf-8", newline="")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
     if path.suffix == ".zip":
         archive = zipfile.ZipFile(path)
         members = [m for m in archive.namelist() if not m.endswith("/")]
@@ -157,11 +161,100 @@ class CharRangeCorpus(Corpus):
         return f"{self.name}|{self.source_id}|{self.ranges[split]}"
 
 
+FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".ffn", ".fas", ".frn")
+FASTQ_SUFFIXES = (".fq", ".fastq")
+TABLE_SUFFIXES = (".csv", ".tsv")
+
+
+def file_format(path: Path) -> str:
+    """``jsonl``, ``fasta``, ``fastq``, ``csv``, ``tsv`` or ``text``, from the suffix before any
+    ``.xz``/``.gz`` compression suffix."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in (".xz", ".gz"):
+        suffixes = suffixes[:-1]
+    last = suffixes[-1] if suffixes else ""
+    if last == ".jsonl":
+        return "jsonl"
+    if last in FASTA_SUFFIXES:
+        return "fasta"
+    if last in FASTQ_SUFFIXES:
+        return "fastq"
+    if last in TABLE_SUFFIXES:
+        return last[1:]
+    return "text"
+
+
 def _is_jsonl(path: Path) -> bool:
-    return path.suffix == ".jsonl" or path.name.endswith(".jsonl.xz")
+    return file_format(path) == "jsonl"
+
+
+def read_fasta(path: Path) -> Iterator[tuple[str, str]]:
+    """(header, sequence) of every record of a FASTA file: a ``>`` line, then sequence lines (any
+    wrapping) up to the next ``>``. Blank lines and ``;`` comment lines are skipped; sequence before
+    the first header is an error. Records without sequence are skipped."""
+    header, parts = None, []
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith(";"):
+                continue
+            if line.startswith(">"):
+                if header is not None and parts:
+                    yield header, "".join(parts)
+                header, parts = line[1:].strip(), []
+            elif header is None:
+                raise DataError(f"{path}:{lineno}: sequence before the first '>' header: not a FASTA file")
+            else:
+                parts.append("".join(line.split()))
+    if header is not None and parts:
+        yield header, "".join(parts)
+
+
+def read_fastq(path: Path) -> Iterator[tuple[str, str]]:
+    """(identifier, sequence) of every record of a FASTQ file: ``@id``, sequence, ``+``, qualities of
+    the same length (one line each); anything else is an error naming the line."""
+    with open_text(path) as f:
+        lines = (line.rstrip("\r\n") for line in f)
+        lineno = 0
+        for head in lines:
+            lineno += 1
+            if not head.strip():
+                continue
+            record = [head]
+            for _ in range(3):
+                record.append(next(lines, None))
+            if record[-1] is None or not head.startswith("@") or not record[2].startswith("+"):
+                raise DataError(f"{path}:{lineno}: not a FASTQ record (@id, sequence, +, qualities)")
+            if len(record[3]) != len(record[1]):
+                raise DataError(f"{path}:{lineno}: {len(record[1])} bases but {len(record[3])} quality values")
+            lineno += 3
+            yield head[1:].strip(), record[1].strip()
+
+
+def read_table(path: Path, column: str, delimiter: str = ",") -> Iterator[str]:
+    """The ``column`` of every row of a CSV/TSV file with a header row."""
+    with open_text(path) as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            raise DataError(f"{path}: no column '{column}' (columns: {', '.join(reader.fieldnames or [])}); "
+                            f"set data.text_field")
+        for lineno, row in enumerate(reader, 2):
+            value = row[column]
+            if value is None:
+                raise DataError(f"{path}:{lineno}: the row has no '{column}' value")
+            yield value
 
 
 def _documents_of_file(path: Path, mode: str, text_field: str) -> Iterator[Iterable[str]]:
+    fmt = file_format(path)
+    if fmt in ("fasta", "fastq"):  # one document per record
+        for _, sequence in (read_fasta if fmt == "fasta" else read_fastq)(path):
+            yield [sequence]
+        return
+    if fmt in ("csv", "tsv"):
+        for value in read_table(path, text_field, "," if fmt == "csv" else "\t"):
+            yield [value]
+        return
     if _is_jsonl(path):
         with open_text(path) as f:
             for lineno, line in enumerate(f, 1):
@@ -238,7 +331,7 @@ class FilesCorpus(Corpus):
 
     def _split_bounds(self) -> tuple[str, int, int, int]:
         files = self.files["train"]
-        single = len(files) == 1 and self.cfg.documents == "file" and not _is_jsonl(files[0])
+        single = len(files) == 1 and self.cfg.documents == "file" and file_format(files[0]) == "text"
         if self._bounds is None:
             if single:
                 total = sum(len(p) for p in _read_pieces(files[0]))

@@ -31,6 +31,25 @@ def unigram_entropy(ids) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def kmer_spectrum(texts: list[str], k: int) -> dict[str, float]:
+    """Frequencies of the overlapping k-mers of ``texts`` (each text counted on its own, no k-mer
+    across two texts), normalized to sum to 1."""
+    counts: dict[str, int] = {}
+    for text in texts:
+        for i in range(len(text) - k + 1):
+            kmer = text[i:i + k]
+            counts[kmer] = counts.get(kmer, 0) + 1
+    total = sum(counts.values())
+    return {kmer: c / total for kmer, c in counts.items()} if total else {}
+
+
+def kmer_spectrum_distance(samples: list[str], references: list[str], k: int) -> float:
+    """Total variation distance ``(1/2) sum_w |p(w) - q(w)|`` between the k-mer spectra of samples
+    and references: 0 for identical spectra, 1 for disjoint ones."""
+    p, q = kmer_spectrum(samples, k), kmer_spectrum(references, k)
+    return 0.5 * sum(abs(p.get(w, 0.0) - q.get(w, 0.0)) for w in set(p) | set(q))
+
+
 class Evaluator:
     """An autoregressive model that scores text."""
 
@@ -170,9 +189,11 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray) -> float | None:
 
 
 def generation_metrics(samples: list[str], sample_ids: list[list[int]], references: list[str],
-                       reference_ids: list[list[int]], evaluator: Evaluator, mauve: bool = True) -> dict:
+                       reference_ids: list[list[int]], evaluator: Evaluator, mauve: bool = True,
+                       kmer_sizes: tuple[int, ...] = ()) -> dict:
     """Gen-PPL of samples and of held-out references under ``evaluator``, per-sample unigram
-    entropy of both (mean and standard deviation), and MAUVE when available."""
+    entropy of both (mean and standard deviation), MAUVE when available, and the k-mer spectrum
+    distance of samples to references for each of ``kmer_sizes`` (DNA)."""
     def ppl(texts):
         totals, counts = evaluator.nll(texts)
         return math.exp(totals.sum() / max(counts.sum(), 1)), int(counts.sum())
@@ -186,6 +207,8 @@ def generation_metrics(samples: list[str], sample_ids: list[list[int]], referenc
            "entropy": float(ent.mean()), "entropy_std": float(ent.std()),
            "reference_entropy": float(ref_ent.mean()), "reference_entropy_std": float(ref_ent.std()),
            "mauve": None}
+    for k in kmer_sizes:
+        out[f"kmer{k}_distance"] = kmer_spectrum_distance(samples, references, k)
     if mauve:
         out["mauve"] = mauve_score(evaluator.features(references), evaluator.features(samples))
         if out["mauve"] is None:

@@ -198,6 +198,13 @@ class DiT(nn.Module):
         """``cache`` (causal models only): the new tokens continue the cached ones; keys and values
         are appended and the logits of the new positions returned. ``feedback`` (soft-mask models,
         with ``ids``): the previous pass, see :mod:`unmask.softmask`."""
+        x, c = self.features(ids, sigma, inputs_embeds, cache, feedback)
+        return self.output_layer(x, c, positions)
+
+    def features(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
+                 inputs_embeds: torch.Tensor | None = None, cache: "KVCache | None" = None,
+                 feedback: SoftFeedback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's hidden states (B, L, H) and the conditioning vector (B, cond_dim)."""
         if (ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of ids and inputs_embeds")
         if feedback is not None:
@@ -223,7 +230,7 @@ class DiT(nn.Module):
             x = block(x, rotary, c, self.causal, cache, i)
         if cache is not None:
             cache.length += length
-        return self.output_layer(x, c, positions)
+        return x, c
 
     def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   capacity: int | None = None) -> "KVCache":

@@ -116,12 +116,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> DiT:
-    """The backbone for ``cfg.family``: bidirectional for mdlm, causal for ar."""
+def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> torch.nn.Module:
+    """The network for ``cfg.family``: a bidirectional DiT for mdlm, a causal one for ar, a
+    :class:`~unmask.classification.SequenceClassifier` on a bidirectional DiT for classifier."""
+    if cfg.family == "classifier":
+        from .classification import build_classifier
+
+        return build_classifier(cfg, tokenizer)
     return DiT(cfg.model, tokenizer.vocab_size, causal=cfg.family == "ar", mask_id=tokenizer.mask_id)
 
 
-def build_objective(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusion | Autoregressive:
+def build_objective(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusion | Autoregressive | None:
+    """The training objective of ``cfg.family`` (None for classifiers, trained by cross-entropy)."""
+    if cfg.family == "classifier":
+        return None
     if cfg.family == "ar":
         return Autoregressive(tokenizer.bos_id, tokenizer.mask_id)
     d = cfg.diffusion

@@ -9,7 +9,8 @@ Endpoints (FastAPI on uvicorn):
 * ``GET /health``; ``GET /v1/models`` model metadata;
 * ``POST /v1/completions``: ``prompt`` (text; ``[MASK]`` / ``[MASK*n]`` markers make it an infilling
   request whose markers are what is generated, otherwise ``max_tokens`` tokens follow the prompt),
-  ``max_tokens`` (default: up to the model's length), ``temperature``, ``top_p``, ``top_k``, ``sampler``, ``steps``, ``tokens_per_step``,
+  ``max_tokens`` (default: up to the model's length), ``temperature``, ``top_p``, ``top_k``, ``sampler``,
+  ``steps``, ``tokens_per_step``,
   ``guidance`` (unsupervised classifier-free guidance weight), ``seed``, ``n``, ``stream``. With
   ``stream: true`` the answer is ``text/event-stream``: one event per sampling step with the canvas of
   every choice (``tokens``: one string per position, ``null`` where still masked), a final event with
@@ -26,6 +27,7 @@ and running requests (429 beyond it) and ``timeout_s`` each request (504).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -103,7 +105,10 @@ class Job:
     cancelled: bool = False
 
     def emit(self, kind: str, payload) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the server's event loop is gone (shutting down): nobody is waiting
+            self.cancelled = True
 
 
 class Cancelled(Exception):
@@ -200,17 +205,27 @@ class ModelService:
 
     # --- the worker -----------------------------------------------------------------------------
     def _work(self) -> None:
+        """Take the oldest request, gather the requests of the same shape that arrive within the batch
+        window (up to ``max_batch_rows`` rows), run them as one batch. Requests of other shapes met on
+        the way keep their order and go first in the next round."""
         torch.set_grad_enabled(False)
+        backlog: collections.deque[Job] = collections.deque()
         while not self.stopping:
-            try:
-                first = self.jobs.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            batch = [first]
+            if backlog:
+                first = backlog.popleft()
+            else:
+                try:
+                    first = self.jobs.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+            batch, rows = [first], len(first.canvas)
             if self.config.batching:
+                for job in list(backlog):
+                    if job.key == first.key and rows + len(job.canvas) <= self.config.max_batch_rows:
+                        backlog.remove(job)
+                        batch.append(job)
+                        rows += len(job.canvas)
                 deadline = time.monotonic() + self.config.batch_window_ms / 1000
-                rows = len(first.canvas)
-                held = []
                 while rows < self.config.max_batch_rows:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -223,9 +238,7 @@ class ModelService:
                         batch.append(job)
                         rows += len(job.canvas)
                     else:
-                        held.append(job)
-                for job in held:  # other shapes wait for the next round, in order
-                    self.jobs.put(job)
+                        backlog.append(job)
             self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
@@ -309,7 +322,8 @@ def create_app(service: ModelService):
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
             problems.append(f"{where}: {err.get('msg')}")
-        return JSONResponse(status_code=422, content={"error": {"type": "invalid_request", "message": "; ".join(problems)}})
+        return JSONResponse(status_code=422,
+                            content={"error": {"type": "invalid_request", "message": "; ".join(problems)}})
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

@@ -1,4 +1,4 @@
-"""Tokenizers: character-level (any closed alphabet; text8's 27 symbols), byte-level, and any
+"""Tokenizers: character-level (any closed alphabet; text8's 27 symbols; DNA), byte-level, and any
 Hugging Face ``tokenizers`` model (GPT-2 BPE from ``encoder.json`` + ``vocab.bpe``, or a
 ``tokenizer.json``).
 
@@ -128,6 +128,31 @@ class CharTokenizer(Tokenizer):
     def describe(self) -> dict:
         return {"kind": self.kind, "alphabet": self.alphabet, "oov": self.oov,
                 "oov_replacement": self.oov_replacement}
+
+
+DNA_ALPHABET = "ACGTN"
+IUPAC_AMBIGUITY = "RYSWKMBDHVU"
+
+
+class DNATokenizer(CharTokenizer):
+    """Nucleotides A, C, G, T and N (unknown base), then BOS, EOS, PAD, MASK.
+
+    Lower case (soft-masked repeats in genome files) reads as upper case; decoding gives upper case.
+    Any other symbol, the IUPAC ambiguity codes R Y S W K M B D H V and RNA's U included, is an error
+    naming it and its position, unless ``oov="replace"`` (each becomes ``N``, the documented mapping:
+    an ambiguity code is a base we do not know) or ``oov="drop"``.
+    """
+
+    kind = "dna"
+
+    def __init__(self, oov: str = "error", oov_replacement: str = "N"):
+        super().__init__(DNA_ALPHABET, oov, oov_replacement)
+
+    def encode(self, text: str, offset: int = 0) -> np.ndarray:
+        return super().encode(text.upper(), offset)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "oov": self.oov, "oov_replacement": self.oov_replacement}
 
 
 class ByteTokenizer(Tokenizer):
@@ -272,6 +297,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     meta = json.loads(meta_path.read_text())
     if meta["kind"] == "char":
         return CharTokenizer(meta["alphabet"], meta["oov"], meta["oov_replacement"])
+    if meta["kind"] == "dna":
+        return DNATokenizer(meta["oov"], meta["oov_replacement"])
     if meta["kind"] == "byte":
         return ByteTokenizer()
     if meta["kind"] == "hf":
@@ -281,7 +308,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     raise ValueError(f"unknown tokenizer kind {meta['kind']!r} in {meta_path}")
 
 
-TOKENIZER_KINDS = ("char", "text8", "byte", "gpt2", "hf")
+TOKENIZER_KINDS = ("char", "text8", "dna", "byte", "gpt2", "hf")
 
 
 def build_tokenizer(kind: str, path: str | None = None, alphabet: str | None = None,
@@ -296,6 +323,10 @@ def build_tokenizer(kind: str, path: str | None = None, alphabet: str | None = N
     """
     if kind == "text8":
         return CharTokenizer(alphabet or TEXT8_ALPHABET, oov, oov_replacement)
+    if kind == "dna":
+        if alphabet is not None:
+            raise ValueError("data.alphabet does not apply to the dna tokenizer (A, C, G, T, N)")
+        return DNATokenizer(oov, "N" if oov_replacement == " " else oov_replacement.upper())
     if kind == "char":
         if alphabet is None:
             if corpus_symbols is None:

@@ -82,17 +82,20 @@ def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
     return groups
 
 
-def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, tokenizer) -> None:
+def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, tokenizer,
+                    family: str | None = None) -> None:
     """Continued pretraining: copy the weights of ``source_path`` (any source of
-    :func:`unmask.pretrained.open_source`; EMA weights when it has them) into a new run's model. The
-    architecture and tokenizer must match; a soft-mask model may start from a binary one (its
-    soft-mask scalars keep their initialization, w_s ~ 0, so training starts from the binary model)."""
+    :func:`unmask.pretrained.open_source`; EMA weights when it has them) into a new run's model (a
+    DiT), which must be of ``family`` (default: the run's). The architecture and tokenizer must match;
+    a soft-mask model may start from a binary one (its soft-mask scalars keep their initialization,
+    w_s ~ 0, so training starts from the binary model)."""
     from .pretrained import open_source
 
+    family = family or cfg.family
     source = open_source(source_path)
-    if source.config.family != cfg.family:
-        raise ConfigError(f"train.init_from={source_path} is a {source.config.family} model, this run trains "
-                          f"{cfg.family}")
+    if source.config.family != family:
+        raise ConfigError(f"train.init_from={source_path} is a {source.config.family} model; this run needs "
+                          f"a {family} model")
     if source.tokenizer.fingerprint() != tokenizer.fingerprint():
         raise ConfigError(f"train.init_from={source_path} was trained with another tokenizer than data.tokenizer "
                           f"({source.tokenizer.describe()} vs {tokenizer.describe()})")

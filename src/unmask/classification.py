@@ -1,0 +1,284 @@
+"""Sequence classification on the DiT backbone (MDLM's downstream fine-tuning), for DNA and for text.
+
+``family: classifier`` runs put a head on the bidirectional backbone: the last block's hidden states,
+pooled (``mean`` over non-padding positions, or ``cls``: the BOS position), a layer norm, dropout and a
+linear layer to the classes. Rows are ``[BOS] sequence [EOS] [PAD]...`` of ``data.length`` (longer
+sequences are truncated), read from CSV/TSV/JSONL files with ``data.text_field`` and
+``data.label_field`` (``data.path`` train, ``data.valid_path``, ``data.test_path``). The backbone starts
+from a pretrained MDLM (``train.init_from``) or from scratch; the input is the clean sequence (no masks).
+
+Training: AdamW with the LM runs' learning-rate schedule, gradient clipping, bf16 autocast where native,
+every draw seeded by ``(seed, step)``; the validation split is scored every ``train.eval_every`` steps
+and the checkpoint with the best validation score (ROC AUC for two classes, accuracy otherwise) is
+kept as ``best/``; the test split is scored with it at the end (``test_metrics.json``). One process.
+
+Metrics (scikit-learn): accuracy, Matthews correlation coefficient, ROC AUC (binary: of the
+positive-class probability; more classes: one-vs-rest macro average), cross-entropy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError, RunConfig, dump_config
+from .data import DataError, file_format, open_text, read_table
+from .model import DiT
+from .tokenization import OutOfVocabularyError, Tokenizer, build_tokenizer
+
+
+class SequenceClassifier(nn.Module):
+    """``backbone`` (a DiT) -> pooled hidden state -> LayerNorm -> dropout -> Linear: logits (B, C)."""
+
+    def __init__(self, backbone: DiT, num_labels: int, pooling: str = "mean", dropout: float = 0.1):
+        super().__init__()
+        if num_labels < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {num_labels}")
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be mean or cls, got {pooling!r}")
+        self.backbone, self.pooling = backbone, pooling
+        hidden = backbone.cfg.hidden
+        self.norm = nn.LayerNorm(hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, num_labels)
+
+    def forward(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """ids (B, L), keep (B, L) bool: the positions mean pooling averages (not padding)."""
+        x, _ = self.backbone.features(ids)
+        if self.pooling == "mean":
+            weights = keep.to(x.dtype)[..., None]
+            pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1)
+        else:
+            pooled = x[:, 0]
+        return self.head(self.dropout(self.norm(pooled.float())))
+
+
+# ----------------------------------------------------------------------------- data
+
+def read_labelled(path: str | Path, text_field: str, label_field: str) -> tuple[list[str], list[str]]:
+    """(texts, labels as strings) of a CSV/TSV/JSONL file."""
+    path = Path(path)
+    fmt = file_format(path)
+    if fmt in ("csv", "tsv"):
+        delimiter = "," if fmt == "csv" else "\t"
+        texts = list(read_table(path, text_field, delimiter))
+        labels = list(read_table(path, label_field, delimiter))
+        return texts, labels
+    if fmt == "jsonl":
+        texts, labels = [], []
+        with open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    texts.append(record[text_field])
+                    labels.append(str(record[label_field]))
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise DataError(f"{path}:{lineno}: not a JSON object with '{text_field}' and '{label_field}' "
+                                    f"({exc.__class__.__name__})") from None
+        return texts, labels
+    raise DataError(f"{path}: labelled data must be .csv, .tsv or .jsonl (optionally .xz/.gz), not '{path.name}'")
+
+
+def label_names(labels: list[str]) -> list[str]:
+    """Class names in index order: integers in numeric order when every label is one, else sorted."""
+    unique = set(labels)
+    if all(label.lstrip("-").isdigit() for label in unique):
+        return [str(v) for v in sorted(int(label) for label in unique)]
+    return sorted(unique)
+
+
+def encode_rows(texts: list[str], tokenizer: Tokenizer, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[BOS] text [EOS] [PAD]...`` rows (N, length) and their non-padding positions (N, length)."""
+    ids = torch.full((len(texts), length), tokenizer.pad_id, dtype=torch.long)
+    keep = torch.zeros(len(texts), length, dtype=torch.bool)
+    for i, text in enumerate(texts):
+        try:
+            tokens = tokenizer.encode(text)[:length - 2].tolist()
+        except OutOfVocabularyError as exc:
+            raise DataError(f"{where}, row {i + 1}: {exc}") from None
+        row = [tokenizer.bos_id, *tokens, tokenizer.eos_id]
+        ids[i, :len(row)] = torch.tensor(row)
+        keep[i, :len(row)] = True
+    return ids, keep
+
+
+class LabelledSplit:
+    """One split in memory: ``ids`` (N, L), ``keep`` (N, L), ``labels`` (N,) class indices."""
+
+    def __init__(self, path: str, cfg: RunConfig, tokenizer: Tokenizer, names: list[str]):
+        texts, labels = read_labelled(path, cfg.data.text_field, cfg.data.label_field)
+        if not texts:
+            raise DataError(f"{path} holds no rows")
+        index = {name: i for i, name in enumerate(names)}
+        unknown = sorted(set(labels) - set(index))
+        if unknown:
+            raise DataError(f"{path}: labels {unknown[:5]} are not among the classes {names}")
+        self.ids, self.keep = encode_rows(texts, tokenizer, cfg.data.length, str(path))
+        self.labels = torch.tensor([index[label] for label in labels])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+@torch.no_grad()
+def predict(model: SequenceClassifier, split: LabelledSplit, batch_size: int, device, precision: str) -> torch.Tensor:
+    """Class probabilities (N, C), float64."""
+    from .runtime import autocast
+
+    model.eval()
+    out = []
+    for start in range(0, len(split), batch_size):
+        ids = split.ids[start:start + batch_size].to(device)
+        keep = split.keep[start:start + batch_size].to(device)
+        with autocast(torch.device(device), precision):
+            out.append(model(ids, keep).double().softmax(-1).cpu())
+    return torch.cat(out)
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy, MCC, ROC AUC and cross-entropy of class probabilities (N, C) against labels (N,)."""
+    from sklearn.metrics import accuracy_score, matthews_corrcoef, roc_auc_score
+
+    y, p = labels.numpy(), probs.numpy()
+    predicted = p.argmax(1)
+    result = {"n": len(y), "accuracy": float(accuracy_score(y, predicted)),
+              "mcc": float(matthews_corrcoef(y, predicted)),
+              "cross_entropy": float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-300, None)).mean())}
+    present = np.unique(y)
+    if len(present) < 2:
+        result["auc"] = float("nan")
+    elif p.shape[1] == 2:
+        result["auc"] = float(roc_auc_score(y, p[:, 1]))
+    else:
+        result["auc"] = float(roc_auc_score(y, p, multi_class="ovr", average="macro", labels=np.arange(p.shape[1])))
+    return result
+
+
+def selection_score(metrics: dict, classes: int) -> float:
+    return metrics["auc"] if classes == 2 else metrics["accuracy"]
+
+
+# ----------------------------------------------------------------------------- training
+
+def build_classifier(cfg: RunConfig, tokenizer: Tokenizer) -> SequenceClassifier:
+    if not cfg.classifier.labels:
+        raise ConfigError("the classifier's classes are unknown: set classifier.labels or train on labelled data")
+    backbone = DiT(cfg.model, tokenizer.vocab_size, causal=False, mask_id=tokenizer.mask_id)
+    return SequenceClassifier(backbone, len(cfg.classifier.labels), cfg.classifier.pooling, cfg.classifier.dropout)
+
+
+def train_classifier(cfg: RunConfig, fresh: bool = False) -> Path:
+    """Fine-tune (``train.init_from``) or train from scratch; returns the best checkpoint folder. Writes
+    the run folder like ``unmask train`` (config, metrics.jsonl, checkpoints) plus ``test_metrics.json``."""
+    from .checkpoint import Checkpoint, list_checkpoints, load_weights, save_checkpoint
+    from .data import BatchOrder
+    from .runtime import autocast, resolve_precision, seed_for, set_threads
+    from .training import MetricsLog, initialize_from, learning_rate
+
+    t, d = cfg.train, cfg.data
+    set_threads(t.threads, 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(t.precision, device)
+    run_dir = Path(cfg.run_dir)
+    if fresh and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    train_texts, train_labels = read_labelled(d.path, d.text_field, d.label_field)
+    names = cfg.classifier.labels or label_names(train_labels)
+    if len(names) < 2:
+        raise DataError(f"{d.path}: a classifier needs at least two classes, found {names}")
+    cfg.classifier.labels = names
+    try:
+        tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_path, d.alphabet, d.oov, d.oov_replacement,
+                                    corpus_symbols=lambda: set("".join(train_texts)))
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(str(exc)) from None
+    splits = {"train": LabelledSplit(d.path, cfg, tokenizer, names),
+              "valid": LabelledSplit(d.valid_path, cfg, tokenizer, names)}
+    if d.test_path:
+        splits["test"] = LabelledSplit(d.test_path, cfg, tokenizer, names)
+
+    torch.manual_seed(seed_for(t.seed, 0xC1A55))
+    model = build_classifier(cfg, tokenizer)
+    ckpt_root = run_dir / "checkpoints"
+    existing = list_checkpoints(ckpt_root)
+    if t.init_from and not existing:
+        initialize_from(model.backbone, t.init_from, cfg, tokenizer, family="mdlm")
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    tokenizer.save(run_dir / "tokenizer")
+    start_step, best = 0, {"score": -math.inf, "step": 0}
+    if existing:
+        ckpt = Checkpoint(existing[-1])
+        if ckpt.config.model != cfg.model or ckpt.config.classifier != cfg.classifier:
+            raise ConfigError(f"{run_dir} holds a checkpoint of a different classifier; use another run_dir or --fresh")
+        load_weights(model, ckpt.weights(ema=False), str(ckpt.path))
+        optimizer.load_state_dict(ckpt.optimizer_state())
+        start_step, best = ckpt.step, ckpt.state.get("best", best)
+    log = MetricsLog(run_dir / "metrics.jsonl", True)
+    log.write({"event": "start", "step": start_step, "parameters": sum(p.numel() for p in model.parameters()),
+               "classes": names, **{f"{k}_rows": len(v) for k, v in splits.items()}, "init_from": t.init_from})
+    order = BatchOrder(len(splits["train"]), t.batch_size, t.seed)
+    eval_every = t.eval_every or max(1, t.steps // 10)
+    window_loss, window_start = torch.zeros((), device=device), time.perf_counter()
+
+    def evaluate_split(name: str) -> dict:
+        return classification_metrics(predict(model, splits[name], cfg.eval.batch_size, device, precision),
+                                      splits[name].labels)
+
+    def save(step: int, path_root: Path, keep: int) -> Path:
+        return save_checkpoint(path_root, step, model.state_dict(), cfg, tokenizer, optimizer.state_dict(),
+                               trainer_state={"best": best}, keep=keep)
+
+    for step in range(start_step, t.steps):
+        model.train()
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = torch.from_numpy(order.batch(step))
+        torch.manual_seed(seed_for(t.seed, step, 0xD0))
+        with autocast(device, precision):
+            logits = model(splits["train"].ids[rows].to(device), splits["train"].keep[rows].to(device))
+        loss = F.cross_entropy(logits.float(), splits["train"].labels[rows].to(device))
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_loss += loss.detach()
+        done = step + 1
+        if t.log_every and done % t.log_every == 0:
+            log.write({"step": done, "loss": float(window_loss) / t.log_every, "lr": lr, "grad_norm": float(grad_norm),
+                       "seconds": time.perf_counter() - window_start, "epoch": order.epoch_of(done)})
+            window_loss, window_start = torch.zeros((), device=device), time.perf_counter()
+        if done % eval_every == 0 or done == t.steps:
+            metrics = evaluate_split("valid")
+            score = selection_score(metrics, len(names))
+            log.write({"step": done, "event": "eval", "split": "valid", **metrics})
+            if score > best["score"]:
+                best = {"score": score, "step": done}
+                save(done, run_dir / "best", keep=1)
+            save(done, ckpt_root, keep=t.keep_checkpoints)
+    best_path = list_checkpoints(run_dir / "best")[-1]
+    load_weights(model, Checkpoint(best_path).weights(ema=False), str(best_path))
+    result = {"best_step": best["step"], "valid": evaluate_split("valid")}
+    if "test" in splits:
+        result["test"] = evaluate_split("test")
+    (run_dir / "test_metrics.json").write_text(json.dumps(result, indent=1))
+    log.write({"event": "end", "step": t.steps, **{f"{k}_{m}": v for k in ("valid", "test") if k in result
+                                                     for m, v in result[k].items()}})
+    return best_path
