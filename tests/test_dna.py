@@ -86,6 +86,12 @@ def test_tables_read_a_named_column(tmp_path):
     assert read_labelled(path, "sequence", "label") == (["ACGT", "GGCC"], ["1", "0"])
     with pytest.raises(DataError, match="no column 'seq'"):
         list(read_table(path, "seq"))
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text('{"sequence": "ACGT", "label": 1}\n\n{"sequence": "GG", "label": "neg"}\n')
+    assert read_labelled(jsonl, "sequence", "label") == (["ACGT", "GG"], ["1", "neg"])
+    jsonl.write_text('{"sequence": "ACGT"}\n')
+    with pytest.raises(DataError, match=r"x.jsonl:1: not a JSON object with 'sequence' and 'label' fields"):
+        read_labelled(jsonl, "sequence", "label")
     assert label_names(["1", "0", "10", "2"]) == ["0", "1", "2", "10"]
     assert label_names(["pos", "neg"]) == ["neg", "pos"]
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, RunConfig, dump_config
-from .data import DataError, file_format, open_text, read_table
+from .data import DataError, file_format, read_jsonl, read_table
 from .model import DiT
 from .tokenization import OutOfVocabularyError, Tokenizer, build_tokenizer
 
@@ -72,19 +72,8 @@ def read_labelled(path: str | Path, text_field: str, label_field: str) -> tuple[
         labels = list(read_table(path, label_field, delimiter))
         return texts, labels
     if fmt == "jsonl":
-        texts, labels = [], []
-        with open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    texts.append(record[text_field])
-                    labels.append(str(record[label_field]))
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise DataError(f"{path}:{lineno}: not a JSON object with '{text_field}' and '{label_field}' "
-                                    f"({exc.__class__.__name__})") from None
-        return texts, labels
+        rows = list(read_jsonl(path, (text_field, label_field)))
+        return [text for text, _ in rows], [str(label) for _, label in rows]
     raise DataError(f"{path}: labelled data must be .csv, .tsv or .jsonl (optionally .xz/.gz), not '{path.name}'")
 
 

@@ -231,6 +231,21 @@ def read_fastq(path: Path) -> Iterator[tuple[str, str]]:
             yield head[1:].strip(), record[1].strip()
 
 
+def read_jsonl(path: Path, fields: tuple[str, ...]) -> Iterator[tuple]:
+    """The ``fields`` of every record of a JSON-lines file (blank lines skipped)."""
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                yield tuple(record[name] for name in fields)
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                names = " and ".join(f"'{name}'" for name in fields)
+                raise DataError(f"{path}:{lineno}: not a JSON object with {names} field{'s' * (len(fields) > 1)} "
+                                f"({exc.__class__.__name__})") from None
+
+
 def read_table(path: Path, column: str, delimiter: str = ",") -> Iterator[str]:
     """The ``column`` of every row of a CSV/TSV file with a header row."""
     with open_text(path) as f:
@@ -256,17 +271,8 @@ def _documents_of_file(path: Path, mode: str, text_field: str) -> Iterator[Itera
             yield [value]
         return
     if _is_jsonl(path):
-        with open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    text = record[text_field]
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise DataError(f"{path}:{lineno}: not a JSON object with a '{text_field}' field "
-                                    f"({exc.__class__.__name__})") from None
-                yield [text]
+        for (text,) in read_jsonl(path, (text_field,)):
+            yield [text]
         return
     if mode == "file":
         yield _read_pieces(path)
