@@ -7,6 +7,7 @@
     unmask sample MODEL [key=value ...]                print samples
     unmask export MODEL OUT [--to unmask|mdlm-hf|mdlm-ckpt]   Hugging Face style folder or MDLM layouts
     unmask serve MODEL [--port 8000]                   HTTP completions API, streaming, web page
+    unmask scaling CONFIG --sizes ... --budgets ... --out DIR   IsoFLOP sweep with fits (resumable)
     unmask quickstart [key=value ...]                  train on the shipped corpus, evaluate, sample
     unmask configs                                     list the packaged configs
 
@@ -262,6 +263,40 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_scaling(args) -> int:
+    from .scaling import plot_sweep, run_sweep, summarize
+
+    try:
+        budgets = [float(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise ConfigError(f"--budgets {args.budgets!r}: comma-separated numbers expected") from None
+    families = [f for f in args.families.split(",") if f]
+    unknown = [f for f in families if f not in ("mdlm", "ar")]
+    if unknown or not families:
+        raise ConfigError(f"--families: mdlm and/or ar, not {', '.join(unknown) or 'nothing'}")
+    try:
+        records = run_sweep(resolve_config_path(args.config), args.overrides, args.sizes.split(","), budgets,
+                            families, args.out, args.eval_sequences)
+        summary = summarize(records)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out = Path(args.out)
+    (out / "fits.json").write_text(json.dumps(summary, indent=1))
+    if plot_sweep(records, out / "scaling.png"):
+        print(f"plot: {out / 'scaling.png'}")
+    for family, fit in summary["families"].items():
+        for why in fit["no_fit"].values():
+            print(f"{family}: {why}")
+        law = fit.get("loss_law")
+        if law:
+            print(f"{family}: L* = {law['coefficient']:.4g} C^{law['exponent']:.4f}, "
+                  f"N* ∝ C^{fit['size_law']['exponent']:.3f}")
+    for budget, factor in summary.get("compute_factor", {}).items():
+        print(f"compute factor MDM/AR at C = {budget}: {factor:.2f}")
+    print(f"fits: {out / 'fits.json'}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .serve import ServeConfig, serve
 
@@ -375,6 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, default=8, help="largest n (samples) per request")
     p.add_argument("--max-steps", type=int, default=4096, help="largest number of sampling steps per request")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("scaling", help="IsoFLOP sweep (sizes x budgets x families), fits and plots; resumable")
+    p.add_argument("config", help="YAML path or packaged config name: the data and training settings")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--sizes", required=True, help="comma-separated HIDDENxBLOCKS, e.g. 64x2,96x3,128x4,192x4")
+    p.add_argument("--budgets", required=True, help="comma-separated compute budgets in FLOPs, e.g. 1e12,3e12,1e13")
+    p.add_argument("--families", default="mdlm,ar", help="mdlm, ar or both (default)")
+    p.add_argument("--out", required=True, help="folder for records.jsonl, fits.json, the plot and the runs")
+    p.add_argument("--eval-sequences", type=int, default=256, help="validation rows scored per run")
+    p.set_defaults(func=cmd_scaling)
     p = sub.add_parser("quickstart", help="train a small model on the shipped corpus, evaluate and sample")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart config")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
