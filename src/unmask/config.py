@@ -67,6 +67,8 @@ class DataConfig:
     hf_streaming: bool = False
     text_field: str = "text"
     label_field: str = "label"  # family classifier: the label column of CSV/TSV/JSONL files
+    prompt_field: str | None = None  # supervised pairs: the prompt column; data.text_field is the response
+    pad_with_eos: bool = False  # pad layout: fill rows with EOS (counted when count_eos) instead of PAD
     documents: str = "file"
     valid_fraction: float = 0.05
     test_fraction: float = 0.05
@@ -126,6 +128,7 @@ class TrainConfig:
     threads: int = 0
     init_from: str | None = None  # start a new run from these weights (continued pretraining)
     soft_mask_lr: float = 1e-2  # learning rate of the soft-mask scalars (their own AdamW group)
+    random_length_prob: float = 0.0  # share of rows cut to a random length (SMDM: 0.01)
 
 
 @dataclass
@@ -371,6 +374,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"sample.tokens_per_step={cfg.sample.tokens_per_step} must be >= 1")
     if m.soft_mask_top_k < 0:
         raise ConfigError(f"model.soft_mask_top_k={m.soft_mask_top_k} must be >= 0 (0 = binary masks)")
+    if cfg.data.prompt_field and cfg.data.layout != "pad":
+        raise ConfigError("prompt/response pairs (data.prompt_field) need data.layout=pad (one pair per row)")
     if cfg.family == "classifier":
         if cfg.data.dataset != "text" or not cfg.data.path or not cfg.data.valid_path:
             raise ConfigError("family classifier reads labelled files: data.dataset=text with data.path (train) and "
@@ -381,6 +386,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("model.soft_mask_top_k is for masked diffusion models (family mdlm)")
     if not 0.0 <= cfg.diffusion.soft_mask_prob <= 1.0:
         raise ConfigError(f"diffusion.soft_mask_prob={cfg.diffusion.soft_mask_prob} must lie in [0, 1]")
+    if not 0.0 <= cfg.train.random_length_prob <= 1.0:
+        raise ConfigError(f"train.random_length_prob={cfg.train.random_length_prob} must lie in [0, 1]")
     if cfg.train.soft_mask_lr < 0:
         raise ConfigError(f"train.soft_mask_lr={cfg.train.soft_mask_lr} must be >= 0")
     if not 0 <= cfg.sample.remask < 1:

@@ -8,6 +8,10 @@ of the source and the tokenizer); a layout cuts it into fixed-length rows:
   into chunks of ``L-2`` tokens framed as ``[BOS] chunk [EOS]`` (or chunks of ``L`` when
   ``frame`` is off); the final partial chunk is dropped.
 * ``pad`` (MDLM for LM1B): one document per row, ``[BOS] doc [EOS] [PAD]...``, truncated to ``L``.
+  With ``data.prompt_field`` (supervised fine-tuning) a document is a (prompt, response) pair and
+  the prompt's positions are of kind PROMPT: never counted, never noised, so the loss is on the
+  response given the clean prompt; ``data.pad_with_eos`` fills the rest of the row with counted EOS
+  tokens (SMDM), so the model learns where a response ends.
 
 Rows carry a per-position kind (token/BOS/EOS/PAD) so which positions count in the loss is explicit
 and does not depend on special ids (GPT-2's PAD is its EOS). Rows are read from the memory map on
@@ -27,6 +31,7 @@ import json
 import lzma
 import os
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -38,7 +43,7 @@ from .tokenization import OutOfVocabularyError, Tokenizer, build_tokenizer
 
 SPLITS = ("train", "valid", "test")
 DATASETS = ("tinyshakespeare", "text8", "text8-prefix", "wikitext2", "wikitext103", "text", "hf")
-TOKEN, BOS, EOS, PAD = 0, 1, 2, 3
+TOKEN, BOS, EOS, PAD, PROMPT = 0, 1, 2, 3, 4
 CACHE_VERSION = 1
 BLOCK_CHARS = 1 << 20
 TEXT8_LENGTH = 100_000_000
@@ -248,20 +253,38 @@ def read_jsonl(path: Path, fields: tuple[str, ...]) -> Iterator[tuple]:
 
 def read_table(path: Path, column: str, delimiter: str = ",") -> Iterator[str]:
     """The ``column`` of every row of a CSV/TSV file with a header row."""
+    for (value,) in read_columns(path, (column,), delimiter):
+        yield value
+
+
+def read_columns(path: Path, columns: tuple[str, ...], delimiter: str = ",") -> Iterator[tuple[str, ...]]:
+    """The ``columns`` of every row of a CSV/TSV file with a header row."""
     with open_text(path) as f:
         reader = csv.DictReader(f, delimiter=delimiter)
-        if reader.fieldnames is None or column not in reader.fieldnames:
-            raise DataError(f"{path}: no column '{column}' (columns: {', '.join(reader.fieldnames or [])}); "
-                            f"set data.text_field")
+        for column in columns:
+            if reader.fieldnames is None or column not in reader.fieldnames:
+                raise DataError(f"{path}: no column '{column}' (columns: {', '.join(reader.fieldnames or [])}); "
+                                f"set data.text_field / data.prompt_field")
         for lineno, row in enumerate(reader, 2):
-            value = row[column]
-            if value is None:
-                raise DataError(f"{path}:{lineno}: the row has no '{column}' value")
-            yield value
+            values = tuple(row[column] for column in columns)
+            if any(v is None for v in values):
+                raise DataError(f"{path}:{lineno}: the row lacks a value for {', '.join(columns)}")
+            yield values
 
 
-def _documents_of_file(path: Path, mode: str, text_field: str) -> Iterator[Iterable[str]]:
+def _documents_of_file(path: Path, mode: str, text_field: str,
+                       prompt_field: str | None = None) -> Iterator[Iterable[str]]:
     fmt = file_format(path)
+    if prompt_field:  # supervised pairs: the document is [prompt, response]
+        if fmt == "jsonl":
+            pairs = read_jsonl(path, (prompt_field, text_field))
+        elif fmt in ("csv", "tsv"):
+            pairs = read_columns(path, (prompt_field, text_field), "," if fmt == "csv" else "\t")
+        else:
+            raise DataError(f"{path}: prompt/response pairs (data.prompt_field) need .jsonl, .csv or .tsv files")
+        for prompt, response in pairs:
+            yield [str(prompt), str(response)]
+        return
     if fmt in ("fasta", "fastq"):  # one document per record
         for _, sequence in (read_fasta if fmt == "fasta" else read_fastq)(path):
             yield [sequence]
@@ -333,11 +356,12 @@ class FilesCorpus(Corpus):
 
     def _all_documents(self, files: list[Path]) -> Iterator[Iterable[str]]:
         for f in files:
-            yield from _documents_of_file(f, self.cfg.documents, self.cfg.text_field)
+            yield from _documents_of_file(f, self.cfg.documents, self.cfg.text_field, self.cfg.prompt_field)
 
     def _split_bounds(self) -> tuple[str, int, int, int]:
         files = self.files["train"]
-        single = len(files) == 1 and self.cfg.documents == "file" and file_format(files[0]) == "text"
+        single = (len(files) == 1 and self.cfg.documents == "file" and file_format(files[0]) == "text"
+                  and not self.cfg.prompt_field)
         if self._bounds is None:
             if single:
                 total = sum(len(p) for p in _read_pieces(files[0]))
@@ -371,7 +395,8 @@ class FilesCorpus(Corpus):
         files = self.files.get(split if self.explicit else "train", [])
         c = self.cfg
         return json.dumps([split, [_file_id(f) for f in files], c.documents, c.text_field,
-                           self.explicit, c.valid_fraction, c.test_fraction])
+                           self.explicit, c.valid_fraction, c.test_fraction]
+                          + ([c.prompt_field] if c.prompt_field else []))
 
 
 class HFCorpus(Corpus):
@@ -546,16 +571,20 @@ class TokenStream:
         self.tokens = (np.memmap(directory / "tokens.bin", dtype=self.meta["dtype"], mode="r", shape=(n,))
                        if n else np.zeros(0, dtype=self.meta["dtype"]))
         self.doc_starts = np.fromfile(directory / "doc_starts.bin", dtype=np.int64)
+        prompts = directory / "prompt_lengths.bin"
+        self.prompt_lengths = np.fromfile(prompts, dtype=np.int64) if prompts.exists() else None
 
     def __len__(self) -> int:
         return self.meta["n_tokens"]
 
 
 def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, insert_eos: bool,
-                   cache_dir: Path | None = None, progress: bool = False) -> TokenStream:
-    """Tokenize one split into ``cache_dir`` (once; later calls reuse it). Written atomically."""
+                   cache_dir: Path | None = None, progress: bool = False, prompted: bool = False) -> TokenStream:
+    """Tokenize one split into ``cache_dir`` (once; later calls reuse it). Written atomically.
+    ``prompted``: the first piece of every document is its prompt, whose token count is kept."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = json.dumps([CACHE_VERSION, corpus.fingerprint(split), tokenizer.fingerprint(), insert_eos])
+    key = json.dumps([CACHE_VERSION, corpus.fingerprint(split), tokenizer.fingerprint(), insert_eos]
+                     + (["prompted"] if prompted else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     final = cache_dir / f"{corpus.name}-{split}-{digest}"
     if (final / "meta.json").exists():
@@ -565,7 +594,7 @@ def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, insert_eos:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    n_tokens, n_chars, starts = 0, 0, []
+    n_tokens, n_chars, starts, prompt_lengths = 0, 0, [], []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -593,6 +622,8 @@ def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, insert_eos:
                 for ids, piece, first, last in zip(encoded, pieces, firsts, lasts):
                     if first:
                         starts.append(n_tokens)
+                        if prompted:
+                            prompt_lengths.append(len(ids))
                     if last and insert_eos:
                         ids = np.append(ids, tokenizer.eos_id)
                     ids.astype(dtype).tofile(out)
@@ -626,6 +657,8 @@ def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, insert_eos:
         if n_tokens == 0:
             raise DataError(f"{corpus.name} {split} split is empty")
         np.asarray(starts, dtype=np.int64).tofile(tmp / "doc_starts.bin")
+        if prompted:
+            np.asarray(prompt_lengths, dtype=np.int64).tofile(tmp / "prompt_lengths.bin")
         meta = {"corpus": corpus.name, "split": split, "n_tokens": n_tokens, "n_docs": len(starts),
                 "n_chars": n_chars, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
                 "insert_eos": insert_eos, "key": key}
@@ -691,14 +724,17 @@ class PadRows(Rows):
     Empty documents are skipped; ``truncated`` counts the documents cut short.
     """
 
-    def __init__(self, stream: TokenStream, length: int, tokenizer: Tokenizer):
-        self.stream, self.length = stream, length
+    def __init__(self, stream: TokenStream, length: int, tokenizer: Tokenizer, pad_with_eos: bool = False):
+        self.stream, self.length, self.pad_with_eos = stream, length, pad_with_eos
         self.bos, self.eos, self.pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         starts = stream.doc_starts
         ends = np.append(starts[1:], len(stream))
         keep = ends > starts
         self.starts, self.ends = starts[keep], ends[keep]
+        self.prompts = None if stream.prompt_lengths is None else stream.prompt_lengths[keep]
         self.truncated = int(((self.ends - self.starts) > length - 2).sum())
+        # rows whose prompt fills the row: nothing of their response is left to learn or score
+        self.prompt_overflow = 0 if self.prompts is None else int((self.prompts >= length - 2).sum())
         if len(self.starts) == 0:
             raise DataError(f"{stream.meta['corpus']} {stream.meta['split']} split has no documents")
 
@@ -714,13 +750,30 @@ class PadRows(Rows):
             n = len(doc)
             ids[row, 0], kinds[row, 0] = self.bos, BOS
             ids[row, 1:n + 1], kinds[row, 1:n + 1] = doc, TOKEN
+            if self.prompts is not None:
+                kinds[row, 1:1 + min(int(self.prompts[i]), n)] = PROMPT
             ids[row, n + 1], kinds[row, n + 1] = self.eos, EOS
+            if self.pad_with_eos:
+                ids[row, n + 2:], kinds[row, n + 2:] = self.eos, EOS
         return ids, kinds
+
+
+def random_lengths(ids: np.ndarray, kinds: np.ndarray, selected: np.ndarray, u: np.ndarray,
+                   pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """SMDM's variable-length training: each ``selected`` row keeps its first ``1 + floor(u L)``
+    positions (a length uniform on 1..L) and the rest becomes PAD (not counted, never noised), so a
+    model trained on fixed-length rows also sees ends. The pads stay visible to the network: rows
+    keep their fixed shape (SMDM feeds genuinely shorter sequences)."""
+    ids, kinds = ids.copy(), kinds.copy()
+    lengths = 1 + np.floor(u * ids.shape[1]).astype(np.int64)
+    cut = selected[:, None] & (np.arange(ids.shape[1])[None, :] >= lengths[:, None])
+    ids[cut], kinds[cut] = pad_id, PAD
+    return ids, kinds
 
 
 def counted_positions(kinds: np.ndarray, cfg: DataConfig) -> np.ndarray:
     """Which positions count in losses and metrics (and are noised): tokens always; BOS, EOS and
-    PAD as configured. Positions that do not count are kept clean, so a bound is a bound on the
+    PAD as configured; prompt positions never. Positions that do not count are kept clean, so a bound is a bound on the
     counted tokens given the others."""
     counted = kinds == TOKEN
     for kind, flag in ((BOS, cfg.count_bos), (EOS, cfg.count_eos), (PAD, cfg.count_pad)):
@@ -780,7 +833,8 @@ class Data:
             raise DataError(f"unknown split '{split}'; known: {', '.join(SPLITS)}")
         insert_eos = self.cfg.insert_eos and self.cfg.layout == "wrap"
         cache = Path(self.cfg.cache_dir) if self.cfg.cache_dir else None
-        return tokenize_split(self.corpus, split, self.tokenizer, insert_eos, cache, self.progress)
+        return tokenize_split(self.corpus, split, self.tokenizer, insert_eos, cache, self.progress,
+                              prompted=bool(self.cfg.prompt_field))
 
     def rows(self, split: str) -> Rows:
         if split not in self._rows:
@@ -788,5 +842,9 @@ class Data:
             if self.cfg.layout == "wrap":
                 self._rows[split] = WrapRows(stream, self.cfg.length, self.cfg.frame, self.tokenizer)
             else:
-                self._rows[split] = PadRows(stream, self.cfg.length, self.tokenizer)
+                rows = PadRows(stream, self.cfg.length, self.tokenizer, self.cfg.pad_with_eos)
+                if rows.prompt_overflow:
+                    print(f"warning: {rows.prompt_overflow} {split} prompts fill the whole row of "
+                          f"{self.cfg.length} tokens (no response left); raise data.length", file=sys.stderr)
+                self._rows[split] = rows
         return self._rows[split]

@@ -19,12 +19,13 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_weights, save_checkpoint
 from .config import ConfigError, RunConfig, dump_config
-from .data import BatchOrder, Data, counted_positions
+from .data import BatchOrder, Data, counted_positions, random_lengths
 from .diffusion import draw_noise
 from .evaluation import evaluate
 from .model import count_parameters
@@ -247,6 +248,10 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
             group["lr"] = lr * group["lr_scale"]
         rows = order.batch(step)[dist.rank * local:(dist.rank + 1) * local]
         ids_np, kinds = train_rows.get(rows)
+        if t.random_length_prob > 0:  # drawn for the global batch, then this process's share
+            u = np.random.default_rng(seed_for(t.seed, step, 0x1E27)).random((2, t.batch_size))
+            u = u[:, dist.rank * local:(dist.rank + 1) * local]
+            ids_np, kinds = random_lengths(ids_np, kinds, u[0] < t.random_length_prob, u[1], tokenizer.pad_id)
         # host-side counts and device-side loss sums: no host-device synchronization inside a step
         counted_np = counted_positions(kinds, cfg.data)
         x0 = torch.from_numpy(ids_np).to(device, non_blocking=True)
