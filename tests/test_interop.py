@@ -319,6 +319,32 @@ def test_mdlm_continuation_bound_of_exact_denoiser_matches_true_conditional(esti
         assert abs(ll - exact) < 4 * err, (ll, exact, err)
 
 
+def test_guided_continuation_score_of_one_token_is_the_tilted_conditional():
+    """One continuation token: the count estimator is exact, so the guided score must equal
+    log of p(x | context)^{1+w} / p(x)^w normalized over the vocabulary (SMDM eq. 7), and w = 0 the
+    plain score exactly."""
+    states, weights, model = enumerated_problem(causal=False)
+    objective = MaskedDiffusion(LogLinear(), mask_id=3, t_min=0.0)
+    x = states[17]
+    w = 0.8
+    (guided, err, _), = continuation_loglikelihoods(model, objective, [x.tolist()], [3], mc_samples=4,
+                                                      estimator="count", guidance=w)
+    (plain, _, _), = continuation_loglikelihoods(model, objective, [x.tolist()], [3], mc_samples=4,
+                                                   estimator="count")
+    (zero, _, _), = continuation_loglikelihoods(model, objective, [x.tolist()], [3], mc_samples=4,
+                                                  estimator="count", guidance=0.0)
+    match = (states[:, :3] == x[:3]).all(1)
+    conditional = torch.zeros(3, dtype=torch.float64).index_add_(0, states[match, 3], weights[match])
+    conditional /= conditional.sum()
+    unconditional = torch.zeros(3, dtype=torch.float64).index_add_(0, states[:, 3], weights)
+    tilted = conditional ** (1 + w) / unconditional ** w
+    expected = math.log(float(tilted[x[3]] / tilted.sum()))
+    assert err == pytest.approx(0.0, abs=1e-9) and guided == pytest.approx(expected, abs=1e-4)
+    assert plain == zero and plain == pytest.approx(math.log(float(conditional[x[3]])), abs=1e-4)
+    with pytest.raises(ValueError, match="guidance"):
+        continuation_loglikelihoods(model, Autoregressive(bos_id=0, mask_id=3), [x.tolist()], [3], guidance=1.0)
+
+
 def test_count_estimator_has_lower_variance_and_choices_share_draws():
     states, weights, model = enumerated_problem(causal=False)
     objective = MaskedDiffusion(LogLinear(), mask_id=3)

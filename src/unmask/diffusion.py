@@ -148,11 +148,20 @@ class MaskedDiffusion:
 
     # --- loss --------------------------------------------------------------------------------
     def masked_nll(self, model, x0: torch.Tensor, xt: torch.Tensor, sigma: torch.Tensor,
-                   feedback: SoftFeedback | None = None) -> torch.Tensor:
-        """Per-sequence ``sum_{l masked in x_t} -log p_theta(x_0^l | x_t)`` (B,)."""
+                   feedback: SoftFeedback | None = None, guidance: float = 0.0,
+                   condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sequence ``sum_{l masked in x_t} -log p_theta(x_0^l | x_t)`` (B,).
+
+        With ``guidance`` w != 0 and ``condition`` (B, L) bool (the conditioning positions), the
+        distribution is SMDM's rescaled conditional (eq. 7): logits ``l_u + (1 + w)(l_c - l_u)`` with
+        ``l_u`` from ``x_t`` with the condition masked."""
         index, n = bucketed_positions(xt == self.mask_id)
         extra = {} if feedback is None else {"feedback": feedback}
         logits = model(xt, sigma, positions=index, **extra)[:n]
+        if guidance and condition is not None:
+            unconditional = torch.where(condition, torch.full_like(xt, self.mask_id), xt)
+            l_u = model(unconditional, sigma, positions=index, **extra)[:n].float()
+            logits = l_u + (1 + guidance) * (logits.float() - l_u)
         return _per_sequence(masked_cross_entropy(logits, x0.reshape(-1)[index[:n]], self.mask_id),
                              index[:n], x0.shape)
 
@@ -175,19 +184,23 @@ class MaskedDiffusion:
         logits = unwrap(model)(xt[picked], sigma[picked], positions=index)[:n]
         return SoftFeedback.from_logits(logits, where, self.mask_id, self.soft_mask_top_k)
 
-    def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise, exact: bool = False) -> torch.Tensor:
-        """Per-sequence NELBO terms (B,): ``w(t) * sum_{masked} -log p_theta(x_0 | x_t)``."""
+    def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise, exact: bool = False,
+             guidance: float = 0.0) -> torch.Tensor:
+        """Per-sequence NELBO terms (B,): ``w(t) * sum_{masked} -log p_theta(x_0 | x_t)``; ``guidance``
+        scores with the rescaled conditional, the uncounted positions being the condition."""
         t, weight = self.times_and_weights(noise.time_u.to(x0.device), exact)
         xt = self.mask(x0, t, noise.mask_u.to(x0.device), counted)
         sigma = self.model_sigma(t)
         feedback = self.soft_feedback(model, xt, sigma, noise, exact)
-        return self.masked_nll(model, x0, xt, sigma, feedback) * weight.to(x0.device).float()
+        return self.masked_nll(model, x0, xt, sigma, feedback, guidance, ~counted) * weight.to(x0.device).float()
 
-    def loss_by_count(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise) -> torch.Tensor:
+    def loss_by_count(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise,
+                      guidance: float = 0.0) -> torch.Tensor:
         """The any-order form of the NELBO for models without time conditioning (Ou et al. 2024):
         ``(n/k) sum_{l in M} -log p_theta(x_0^l | x_0 with M masked)``, with ``k = 1 + floor(u n)`` from
         the row's (stratified) time uniform and ``M`` the ``k`` counted positions with the smallest mask
-        uniforms. Equal in expectation to :meth:`loss` with ``exact``, with bounded weights (B,)."""
+        uniforms. Equal in expectation to :meth:`loss` with ``exact``, with bounded weights (B,).
+        ``guidance``: score with the rescaled conditional, the uncounted positions being the condition."""
         n = counted.sum(1)
         k = (1 + (noise.time_u.to(x0.device) * n).floor().long()).clamp(max=n)
         keys = torch.where(counted, noise.mask_u.to(x0.device), torch.full_like(noise.mask_u, 2.0, device=x0.device))
@@ -195,7 +208,7 @@ class MaskedDiffusion:
         xt = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
         sigma = torch.zeros(len(x0), device=x0.device)
         feedback = self.soft_feedback(model, xt, sigma, noise, exact=True)
-        return self.masked_nll(model, x0, xt, sigma, feedback) * (n / k).float()
+        return self.masked_nll(model, x0, xt, sigma, feedback, guidance, ~counted) * (n / k).float()
 
 
 def unwrap(model):

@@ -121,7 +121,7 @@ def _context_key(sequence: list[int], start: int) -> int:
 def continuation_loglikelihoods(model, objective: MaskedDiffusion | Autoregressive, sequences: list[list[int]],
                                 starts: list[int], mc_samples: int = 16, batch_rows: int = 64, seed: int = 0,
                                 precision: str = "fp32", device: torch.device = torch.device("cpu"),
-                                estimator: str = "auto") -> list[tuple[float, float, bool]]:
+                                estimator: str = "auto", guidance: float = 0.0) -> list[tuple[float, float, bool]]:
     """``log p(x[s:] | x[:s])`` for each sequence ``x`` and start ``s``: ``(loglik, stderr, greedy)``.
 
     AR: exact (``stderr`` 0); ``greedy`` is whether every continuation token is the argmax given its
@@ -142,6 +142,11 @@ def continuation_loglikelihoods(model, objective: MaskedDiffusion | Autoregressi
     error (i.i.d. formula, an upper estimate under stratification). ``greedy``: with the whole
     continuation masked, is every position's argmax its token (one-shot greedy). Sequences of equal
     length are batched together, up to ``batch_rows`` rows (K rows each for MDLM).
+
+    ``guidance`` w (MDLM): score with SMDM's rescaled conditional ``l_u + (1 + w)(l_c - l_u)``, the
+    unconditional branch having the context masked (SMDM, section 3, for multiple choice); its
+    per-token distributions are normalized, so the result is the same kind of bound, of a different
+    (guided) model.
     """
     model.eval()
     is_ar = isinstance(objective, Autoregressive)
@@ -151,6 +156,8 @@ def continuation_loglikelihoods(model, objective: MaskedDiffusion | Autoregressi
         raise ValueError(f"estimator must be auto, time or count, got {estimator!r}")
     if estimator == "count" and getattr(model, "time_conditioning", False):
         raise ValueError("the count estimator needs a model without time conditioning")
+    if guidance and is_ar:
+        raise ValueError("guidance applies to masked diffusion models")
     k = 1 if is_ar else mc_samples
     if k < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
@@ -187,9 +194,9 @@ def continuation_loglikelihoods(model, objective: MaskedDiffusion | Autoregressi
             x0k, countedk = x0.repeat_interleave(k, 0), counted.repeat_interleave(k, 0)
             with autocast(device, precision):
                 if estimator == "time":
-                    nats = objective.loss(model, x0k, countedk, noise, exact=True)
+                    nats = objective.loss(model, x0k, countedk, noise, exact=True, guidance=guidance)
                 else:
-                    nats = objective.loss_by_count(model, x0k, countedk, noise)
+                    nats = objective.loss_by_count(model, x0k, countedk, noise, guidance=guidance)
                 nats = nats.double().cpu().reshape(len(group), k)
                 full = torch.where(counted, torch.full_like(x0, objective.mask_id), x0)
                 ones = torch.ones(len(group), dtype=torch.float64, device=device)

@@ -9,7 +9,9 @@
   :func:`unmask.evaluation.continuation_loglikelihoods`). The bound is a lower bound on the
   log-likelihood, so MDLM accuracies compare bounds, as in the MDLM and SMDM papers. The mean
   Monte-Carlo standard error is logged and kept in ``last_stderr``. ``estimator=count`` (default for
-  models without time conditioning) or ``time`` selects the Monte-Carlo estimator.
+  models without time conditioning) or ``time`` selects the Monte-Carlo estimator. ``guidance=w``
+  scores with SMDM's unsupervised classifier-free guidance (the context masked in the unconditional
+  branch) and guides generation too.
 * ``loglikelihood_rolling(text)``: the same bound over disjoint windows of the model's length.
 * ``generate_until(context, gen_kwargs)``: any sampler (``sampler=``, ``steps=``, ... are
   ``SampleConfig`` fields given in ``--model_args``); ``max_gen_toks`` new tokens after the context
@@ -80,7 +82,8 @@ class UnmaskLM(LM):
             sequences.append(self.bos + context + continuation)
             starts.append(len(self.bos) + len(context))
         out = continuation_loglikelihoods(self.lm.model, self.lm.objective, sequences, starts, self.mc_samples,
-                                          self.batch_rows, self.seed, self.precision, self._device, self.estimator)
+                                          self.batch_rows, self.seed, self.precision, self._device, self.estimator,
+                                          self.sample_cfg.guidance)
         errors = [e for _, e, _ in out if e == e]
         if errors:
             self.last_stderr = sum(errors) / len(errors)
