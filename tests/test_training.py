@@ -20,7 +20,7 @@ import torch
 
 from unmask.checkpoint import Checkpoint, list_checkpoints, load_tensors
 from unmask.config import ConfigError, load_config
-from unmask.data import shipped_corpus_path
+from unmask.data import DataError, shipped_corpus_path
 from unmask.model import count_parameters
 from unmask.runtime import build_model
 from unmask.training import EMA, initialize_from, learning_rate, micro_batching, parameter_groups, train
@@ -443,14 +443,17 @@ def test_continued_pretraining_starts_a_soft_mask_run_from_a_binary_one(tmp_path
     assert torch.equal(final_tensors(soft, "model.safetensors")["soft_mask.a"], final["soft_mask.a"])
 
 
-def test_continued_pretraining_refuses_another_tokenizer_or_family(tmp_path, corpus):
+def test_continued_training_reads_new_data_with_the_source_tokenizer(tmp_path, corpus):
     binary = tmp_path / "binary"
     train(config(corpus, binary, "train.steps=1"))
     other_corpus = tmp_path / "other.txt"
     other_corpus.write_text("abc abc cab " * 500)
-    cfg = load_config(None, [*TINY, "data.dataset=text", f"data.path={other_corpus}", f"run_dir={tmp_path / 'x'}",
-                             f"train.init_from={binary}", "train.steps=1"])
-    with pytest.raises(ConfigError, match="tokenizer"):
-        train(cfg)
+    common = [*TINY, "data.dataset=text", f"data.path={other_corpus}", f"train.init_from={binary}", "train.steps=1"]
+    train(load_config(None, [*common, f"run_dir={tmp_path / 'x'}"]))  # a smaller alphabet: the source's is used
+    assert Checkpoint(tmp_path / "x").tokenizer.fingerprint() == Checkpoint(binary).tokenizer.fingerprint()
+    other_corpus.write_text("abc ~~~ cab " * 500)  # a symbol the source model does not know
+    with pytest.raises(DataError, match="'~'"):
+        train(load_config(None, [*common, f"run_dir={tmp_path / 'y'}"]))
+    train(load_config(None, [*common, f"run_dir={tmp_path / 'z'}", "data.oov=replace"]))
     with pytest.raises(ConfigError, match="mdlm model"):
         train(config(corpus, tmp_path / "ar", "family=ar", "train.steps=1", f"train.init_from={binary}"))

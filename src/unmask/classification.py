@@ -173,7 +173,7 @@ def train_classifier(cfg: RunConfig, fresh: bool = False) -> Path:
     from .checkpoint import Checkpoint, list_checkpoints, load_weights, save_checkpoint
     from .data import BatchOrder
     from .runtime import autocast, resolve_precision, seed_for, set_threads
-    from .training import MetricsLog, initialize_from, learning_rate
+    from .training import MetricsLog, init_tokenizer, initialize_from, learning_rate
 
     t, d = cfg.train, cfg.data
     set_threads(t.threads, 1)
@@ -190,8 +190,9 @@ def train_classifier(cfg: RunConfig, fresh: bool = False) -> Path:
         raise DataError(f"{d.path}: a classifier needs at least two classes, found {names}")
     cfg.classifier.labels = names
     try:
-        tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_path, d.alphabet, d.oov, d.oov_replacement,
-                                    corpus_symbols=lambda: set("".join(train_texts)))
+        tokenizer = init_tokenizer(cfg) or build_tokenizer(d.tokenizer, d.tokenizer_path, d.alphabet, d.oov,
+                                                           d.oov_replacement,
+                                                           corpus_symbols=lambda: set("".join(train_texts)))
     except (FileNotFoundError, ValueError) as exc:
         raise DataError(str(exc)) from None
     splits = {"train": LabelledSplit(d.path, cfg, tokenizer, names),

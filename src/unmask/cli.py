@@ -35,7 +35,7 @@ from .generation_metrics import generation_metrics, load_evaluator
 from .pretrained import Pretrained, export, open_source
 from .runtime import autocast, resolve_precision
 from .sampling import Generation, SamplingError, generate
-from .tokenization import CharTokenizer, DNATokenizer, OutOfVocabularyError, Tokenizer
+from .tokenization import DNATokenizer, OutOfVocabularyError, with_oov_policy
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfVocabularyError, FileNotFoundError, SamplingError)
@@ -137,15 +137,6 @@ def run_generation_eval(ckpt: Source, cfg: RunConfig, device: torch.device) -> d
     return result
 
 
-def tokenizer_for(tokenizer: Tokenizer, cfg: RunConfig) -> Tokenizer:
-    """The model's tokenizer with the out-of-alphabet policy of ``data.oov`` (character tokenizers)."""
-    if isinstance(tokenizer, DNATokenizer) and cfg.data.oov != tokenizer.oov:
-        return DNATokenizer(cfg.data.oov, "N" if cfg.data.oov_replacement == " " else cfg.data.oov_replacement)
-    if isinstance(tokenizer, CharTokenizer) and cfg.data.oov != tokenizer.oov:
-        return CharTokenizer(tokenizer.alphabet, cfg.data.oov, cfg.data.oov_replacement)
-    return tokenizer
-
-
 def run_zero_shot(ckpt: Source, cfg: RunConfig, target: str, overrides: list[str], device: torch.device,
                   progress: bool = True) -> dict:
     """Likelihood on ``target`` (``wikitext2``/``wikitext103`` with ``data.path``, or a text file or
@@ -167,7 +158,7 @@ def run_zero_shot(ckpt: Source, cfg: RunConfig, target: str, overrides: list[str
     e = cfg.eval
     for insert_eos in (True, False):
         run_cfg = config_from_dict(merge_trees(to_dict(cfg), {"data": dict(data, insert_eos=insert_eos)}))
-        tokenizer = tokenizer_for(ckpt.tokenizer, run_cfg)
+        tokenizer = with_oov_policy(ckpt.tokenizer, run_cfg.data.oov, run_cfg.data.oov_replacement)
         rows = Data(run_cfg.data, tokenizer=tokenizer, progress=progress).rows(e.split)
         result = evaluate(model, objective, rows, run_cfg.data, tokenizer, e.mc_samples, e.batch_size,
                           e.max_sequences, e.seed, resolve_precision(e.precision, device), device, progress)

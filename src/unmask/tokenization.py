@@ -70,6 +70,11 @@ class Tokenizer:
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:16]
 
+    def vocabulary(self) -> dict:
+        """What fixes the ids (the description without the out-of-alphabet policy): equal
+        vocabularies mean a model trained with one reads text tokenized by the other."""
+        return {k: v for k, v in self.describe().items() if k not in ("oov", "oov_replacement")}
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -306,6 +311,16 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         tok.source = meta["source"]
         return tok
     raise ValueError(f"unknown tokenizer kind {meta['kind']!r} in {meta_path}")
+
+
+def with_oov_policy(tokenizer: Tokenizer, oov: str, replacement: str = " ") -> Tokenizer:
+    """``tokenizer`` with another out-of-alphabet policy (character and DNA tokenizers; others as they
+    are). The ids do not change, so a model trained with one policy reads text under another."""
+    if isinstance(tokenizer, DNATokenizer):
+        return tokenizer if oov == tokenizer.oov else DNATokenizer(oov, "N" if replacement == " " else replacement)
+    if isinstance(tokenizer, CharTokenizer) and oov != tokenizer.oov:
+        return CharTokenizer(tokenizer.alphabet, oov, replacement)
+    return tokenizer
 
 
 TOKENIZER_KINDS = ("char", "text8", "dna", "byte", "gpt2", "hf")

@@ -83,6 +83,17 @@ def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
     return groups
 
 
+def init_tokenizer(cfg: RunConfig):
+    """With ``train.init_from``, the run reads its data with the source model's tokenizer (under
+    ``data.oov``), so fine-tuning data need not rebuild the same vocabulary; None otherwise."""
+    if not cfg.train.init_from:
+        return None
+    from .pretrained import open_source
+    from .tokenization import with_oov_policy
+
+    return with_oov_policy(open_source(cfg.train.init_from).tokenizer, cfg.data.oov, cfg.data.oov_replacement)
+
+
 def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, tokenizer,
                     family: str | None = None) -> None:
     """Continued pretraining: copy the weights of ``source_path`` (any source of
@@ -97,7 +108,7 @@ def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, to
     if source.config.family != family:
         raise ConfigError(f"train.init_from={source_path} is a {source.config.family} model; this run needs "
                           f"a {family} model")
-    if source.tokenizer.fingerprint() != tokenizer.fingerprint():
+    if source.tokenizer.vocabulary() != tokenizer.vocabulary():
         raise ConfigError(f"train.init_from={source_path} was trained with another tokenizer than data.tokenizer "
                           f"({source.tokenizer.describe()} vs {tokenizer.describe()})")
     weights = dict(source.weights(ema=True))
@@ -157,7 +168,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
     failure = None
     if dist.main:
         try:
-            data = Data(cfg.data, progress=t.progress)
+            data = Data(cfg.data, progress=t.progress, tokenizer=init_tokenizer(cfg))
             train_rows = data.rows("train")
             valid_rows = data.rows("valid") if t.eval_every else None
         except Exception as exc:
@@ -167,7 +178,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
             raise failure
         raise RuntimeError("the main process failed to prepare the data")
     if not dist.main:
-        data = Data(cfg.data)
+        data = Data(cfg.data, tokenizer=init_tokenizer(cfg))
         train_rows = data.rows("train")
         valid_rows = data.rows("valid") if t.eval_every else None
     tokenizer = data.tokenizer
