@@ -165,7 +165,7 @@ def run_sweep(config_path, overrides: list[str], sizes: list[str], budgets: list
         start = time.perf_counter()
         final = train(cfg)
         seconds = time.perf_counter() - start
-        model, objective = load_model(Checkpoint(final))
+        model, objective = load_model(Checkpoint(final), ema=cfg.eval.use_ema)
         result = evaluate(model, objective, data.rows("valid"), cfg.data, data.tokenizer,
                           mc_samples=cfg.eval.mc_samples, batch_size=cfg.eval.batch_size,
                           max_sequences=eval_sequences, seed=cfg.eval.seed)
