@@ -56,6 +56,10 @@ def test_fit_errors():
     assert "loss_law" not in fit_sweep(synthetic_sweep(PowerLaw(40, -0.05), PowerLaw(0.1, 0.5), [1e12]))
     bad = [{"budget": 1.0, "parameters": n, "loss": loss} for n, loss in ((1, 1.0), (10, 2.0), (100, 1.0))]
     assert "no minimum" in fit_sweep(bad)["failed"][1.0]
+    # a minimum beyond the sizes tried (losses still falling at the smallest model) is left out
+    outside = [{"budget": 1.0, "parameters": n, "loss": loss} for n, loss in ((10, 1.0), (20, 1.1), (40, 1.3))]
+    fit = fit_sweep(outside)
+    assert fit["isoflop"] == [] and "outside the sizes tried" in fit["failed"][1.0]
 
 
 def test_sweep_runs_records_resumes_and_reports(tmp_path, capsys):

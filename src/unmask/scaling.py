@@ -84,16 +84,23 @@ def fit_power_law(x, y) -> PowerLaw:
 
 def fit_sweep(records: list[dict]) -> dict:
     """Fits of a family's records (``{"budget", "parameters", "loss"}`` each): the IsoFLOP parabola of
-    every budget that has one (``failed`` says why the others have none), and the power laws of ``L*``
-    and ``N*`` against ``C``."""
+    every budget whose minimum lies within the sizes tried (``failed`` says why the others are left
+    out: an extrapolated optimum says nothing reliable), and the power laws of ``L*`` and ``N*``
+    against ``C`` through those optima."""
     budgets = sorted({r["budget"] for r in records})
     parabolas, failed = [], {}
     for budget in budgets:
         points = sorted((r["parameters"], r["loss"]) for r in records if r["budget"] == budget)
         try:
-            parabolas.append(fit_isoflop(*zip(*points), budget))
+            fit = fit_isoflop(*zip(*points), budget)
         except ValueError as exc:
             failed[budget] = str(exc)
+            continue
+        if not points[0][0] <= fit.optimal_size <= points[-1][0]:
+            failed[budget] = (f"budget {budget:.3g}: the fitted optimum ({fit.optimal_size:,.0f} parameters) lies "
+                              f"outside the sizes tried ({points[0][0]:,}-{points[-1][0]:,}); not used for the laws")
+            continue
+        parabolas.append(fit)
     out = {"isoflop": parabolas, "failed": failed}
     if len(parabolas) >= 2:
         c = [p.budget for p in parabolas]
@@ -193,7 +200,8 @@ def summarize(records: list[dict]) -> dict:
             if law in fit:
                 entry[law] = {"coefficient": fit[law].coefficient, "exponent": fit[law].exponent}
         out["families"][f] = entry
-    if {"mdlm", "ar"} <= set(fits) and "loss_law" in fits["mdlm"] and "loss_law" in fits["ar"]:
+    laws_ok = all("loss_law" in fits.get(f, {}) and fits[f]["loss_law"].exponent < 0 for f in ("mdlm", "ar"))
+    if laws_ok:
         budgets = sorted({r["budget"] for r in records})
         out["compute_factor"] = {f"{c:.3g}": compute_factor(fits["mdlm"]["loss_law"], fits["ar"]["loss_law"], c)
                                  for c in budgets}
