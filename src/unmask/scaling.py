@@ -216,6 +216,7 @@ def plot_sweep(records: list[dict], path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     families = sorted({r["family"] for r in records})
@@ -248,6 +249,7 @@ def plot_sweep(records: list[dict], path) -> bool:
             ax.plot(grid, law(grid), "-", lw=1, label=f"{family}: L* ∝ C^{law.exponent:.3f}")
     if ax.has_data():
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("compute C = 6ND (FLOPs)")
     ax.set_ylabel("optimal validation loss")
     ax.set_title("loss at the compute-optimal size")
