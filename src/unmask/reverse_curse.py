@@ -78,21 +78,30 @@ def write_facts(facts: list[Fact], path: str | Path) -> Path:
     return path
 
 
+def _layout(loaded, ids: list[int]) -> list[int]:
+    """A row as the model was trained on it: ``[BOS] ids [EOS] [PAD]...`` of ``data.length``."""
+    tok, length = loaded.tokenizer, loaded.config.data.length
+    row = [tok.bos_id, *ids, tok.eos_id]
+    if len(row) > length:
+        raise ValueError(f"a fact of {len(ids)} tokens does not fit rows of {length}")
+    return row + [tok.pad_id] * (length - len(row))
+
+
 def _greedy(loaded, rows: list[list[int]], guidance: float) -> list[list[int]]:
-    """Fill the mask ids of each row greedily: MDM one position per step by confidence; AR left to right."""
+    """Fill the mask ids of each row (laid out as in training) greedily: the MDM one position per step
+    by confidence, the AR model left to right."""
     from .config import SampleConfig
-    from .sampling import make_canvas, make_sampler, row_seeds
+    from .sampling import make_sampler, row_seeds
 
     tok, family = loaded.tokenizer, loaded.config.family
     outputs = []
-    for row in rows:  # rows differ in length: one at a time (each is a single short canvas)
+    for row in rows:  # rows differ in their number of masks, hence in steps: one at a time
         masks = row.count(tok.mask_id)
         cfg = SampleConfig(sampler="ar" if family == "ar" else "confidence", steps=max(1, masks), temperature=0.0,
                            guidance=guidance if family != "ar" else 0.0)
         sampler = make_sampler(cfg, loaded.objective, tok, loaded.config.model.length)
-        canvas = make_canvas(tok, [row], len(row) + 1, bos=True)
-        out = sampler.sample(loaded.model, canvas, row_seeds(0, 1)).tokens[0, 1:].tolist()
-        outputs.append(out)
+        canvas = torch.tensor([_layout(loaded, row)], device=next(loaded.model.parameters()).device)
+        outputs.append(sampler.sample(loaded.model, canvas, row_seeds(0, 1)).tokens[0, 1:1 + len(row)].tolist())
     return outputs
 
 
@@ -111,19 +120,37 @@ def _accuracy(loaded, facts: list[Fact], template, answer, guidance: float) -> f
 
 
 @torch.no_grad()
-def ranking_accuracy(loaded, facts: list[Fact], mc_samples: int = 16) -> float:
-    """Reverse by ranking: for each description, every name as a candidate in ``NAME is DESCRIPTION.``;
-    accuracy of the highest-likelihood candidate (AR exact; MDM NELBO bound, common random numbers)."""
-    from .evaluation import continuation_loglikelihoods
+def sentence_nll(loaded, statements: list[str], mc_samples: int = 16, seed: int = 17) -> torch.Tensor:
+    """``-log p(statement)`` (nats, (N,)) of each statement laid out as in training, its tokens and EOS
+    counted: exact for the AR model; for the MDM the NELBO bound from ``mc_samples`` any-order draws
+    that are the same for every statement (common random numbers)."""
+    from .diffusion import Autoregressive, Noise
+    from .runtime import generator_for
 
     tok = loaded.tokenizer
+    device = next(loaded.model.parameters()).device
+    x0 = torch.tensor([_layout(loaded, tok.encode(s).tolist()) for s in statements], device=device)
+    counted = (x0 != tok.pad_id) & (x0 != tok.bos_id)
+    if isinstance(loaded.objective, Autoregressive):
+        return loaded.objective.loss(loaded.model, x0, counted).double().cpu()
+    gen = generator_for(seed, 0x2E7)
+    offset = torch.rand(1, generator=gen, dtype=torch.float64)
+    time_u = (torch.arange(mc_samples, dtype=torch.float64) + offset) / mc_samples
+    mask_u = torch.rand(mc_samples, x0.shape[1], generator=gen)
+    n = len(statements)
+    noise = Noise(time_u.repeat(n), mask_u.repeat(n, 1)).to(device)
+    nats = loaded.objective.loss_by_count(loaded.model, x0.repeat_interleave(mc_samples, 0),
+                                          counted.repeat_interleave(mc_samples, 0), noise)
+    return nats.double().cpu().reshape(n, mc_samples).mean(1)
+
+
+def ranking_accuracy(loaded, facts: list[Fact], mc_samples: int = 16) -> float:
+    """Reverse by ranking: for each description, every name as a candidate in ``NAME is DESCRIPTION.``;
+    accuracy of the most likely candidate."""
     correct = 0
     for f in facts:
-        sequences = [[tok.bos_id] + tok.encode(Fact(c.name, f.description).statement).tolist() for c in facts]
-        scores = continuation_loglikelihoods(loaded.model, loaded.objective, sequences, [1] * len(sequences),
-                                             mc_samples=mc_samples, seed=17)
-        best = max(range(len(facts)), key=lambda i: scores[i][0])
-        correct += facts[best].name == f.name
+        scores = sentence_nll(loaded, [Fact(c.name, f.description).statement for c in facts], mc_samples)
+        correct += facts[int(scores.argmin())].name == f.name
     return correct / len(facts)
 
 
