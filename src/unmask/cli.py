@@ -8,6 +8,7 @@
     unmask export MODEL OUT [--to unmask|mdlm-hf|mdlm-ckpt]   Hugging Face style folder or MDLM layouts
     unmask serve MODEL [--port 8000]                   HTTP completions API, streaming, web page
     unmask scaling CONFIG --sizes ... --budgets ... --out DIR   IsoFLOP sweep with fits (resumable)
+    unmask task star-graph --variant hard --out DIR    write a verifiable task (prompt/answer JSONL)
     unmask quickstart [key=value ...]                  train on the shipped corpus, evaluate, sample
     unmask configs                                     list the packaged configs
 
@@ -82,6 +83,8 @@ def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool 
         return run_classifier_eval(ckpt, cfg, device)
     if cfg.eval.metric == "generation":
         return run_generation_eval(ckpt, cfg, device)
+    if cfg.eval.metric == "exact_match":
+        return run_exact_match(ckpt, cfg, device)
     model, objective = load_model(ckpt, ema=cfg.eval.use_ema, device=device)
     data = Data(cfg.data, tokenizer=ckpt.tokenizer, progress=progress)
     e = cfg.eval
@@ -103,6 +106,27 @@ def run_classifier_eval(ckpt: Source, cfg: RunConfig, device: torch.device) -> d
     probs = predict(model, split, cfg.eval.batch_size, device, resolve_precision(cfg.eval.precision, device))
     return {**classification_metrics(probs, split.labels), "split": cfg.eval.split, "path": path,
             "checkpoint": str(ckpt.path), "step": ckpt.step}
+
+
+def run_exact_match(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
+    """Exact-match accuracy of generated answers on the prompt/answer pairs of ``eval.split``."""
+    from .tasks import exact_match, read_pairs
+
+    path = {"train": cfg.data.path, "valid": cfg.data.valid_path, "test": cfg.data.test_path}[cfg.eval.split]
+    if not path or not cfg.data.prompt_field:
+        raise ConfigError("eval.metric=exact_match needs prompt/answer files: data.prompt_field and "
+                          f"data.{cfg.eval.split}_path (JSONL)")
+    pairs = read_pairs(path, cfg.data.prompt_field, cfg.data.text_field)
+    if cfg.eval.max_sequences > 0:
+        pairs = [pairs[i] for i in select_rows(len(pairs), cfg.eval.max_sequences, cfg.eval.seed)]
+    s = cfg.sample
+    model, objective = load_model(ckpt, ema=s.use_ema, device=device)
+    precision = resolve_precision(s.model_precision, device)
+    tokenizer = with_oov_policy(ckpt.tokenizer, cfg.data.oov, cfg.data.oov_replacement)
+    result = exact_match(model, objective, tokenizer, s, pairs, s.length or cfg.data.length, cfg.model.length,
+                         device, autocast=lambda: autocast(device, precision))
+    result.update(split=cfg.eval.split, path=path, sampler=s.sampler, checkpoint=str(ckpt.path), step=ckpt.step)
+    return result
 
 
 def run_sample(ckpt: Source, cfg: RunConfig, device: torch.device, prompts: list[str] | None = None,
@@ -233,6 +257,9 @@ def cmd_eval(args) -> int:
                     f"MCC {result['mcc']:.4f}  ({result['n']} rows)")
         elif cfg.eval.metric == "generation":
             line = format_generation(result)
+        elif cfg.eval.metric == "exact_match":
+            line = (f"{cfg.eval.split}: exact match {result['exact_match']:.4f} ± {result['stderr']:.4f} "
+                    f"({result['n']} prompts, {result['nfe']} network calls)")
         else:
             line = format_result(result, cfg.eval.split)
     print(line, file=sys.stderr)
@@ -342,6 +369,21 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_task(args) -> int:
+    from .tasks import write_star_graph_task
+
+    try:
+        meta = write_star_graph_task(args.out, args.variant, args.train, args.valid, args.test, args.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"wrote {args.out}/{{train,valid,test}}.jsonl ({meta['variant']} star graphs: "
+          f"{meta['sizes']['train']}/{meta['sizes']['valid']}/{meta['sizes']['test']}); train with "
+          f"data.dataset=text data.path={args.out}/train.jsonl data.valid_path={args.out}/valid.jsonl "
+          f"data.test_path={args.out}/test.jsonl data.prompt_field=prompt data.layout=pad "
+          f"data.length={meta['suggested_length']} (or the star-graph config)")
+    return 0
+
+
 def cmd_configs(args) -> int:
     for name in packaged_configs():
         first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
@@ -410,6 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for records.jsonl, fits.json, the plot and the runs")
     p.add_argument("--eval-sequences", type=int, default=256, help="validation rows scored per run")
     p.set_defaults(func=cmd_scaling)
+    p = sub.add_parser("task", help="write a verifiable task's files (star-graph path finding)")
+    p.add_argument("name", choices=("star-graph",))
+    p.add_argument("--variant", default="easy", choices=("easy", "medium", "hard"))
+    p.add_argument("--out", required=True, help="folder for train/valid/test.jsonl and task.json")
+    p.add_argument("--train", type=int, default=50_000)
+    p.add_argument("--valid", type=int, default=500)
+    p.add_argument("--test", type=int, default=2_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_task)
     p = sub.add_parser("quickstart", help="train a small model on the shipped corpus, evaluate and sample")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart config")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")

@@ -133,7 +133,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """``metric: likelihood`` (NELBO / NLL) or ``generation`` (samples scored by ``evaluator``)."""
+    """``metric: likelihood`` (NELBO / NLL), ``generation`` (samples scored by ``evaluator``) or
+    ``exact_match`` (answers generated for the prompts of a prompt/answer split, see ``unmask.tasks``)."""
 
     metric: str = "likelihood"
     evaluator: str | None = None
@@ -175,6 +176,8 @@ class SampleConfig:
     soft_mask: bool = True  # soft-mask models: feed back the previous step (false = binary inputs)
     guidance: float = 0.0  # unsupervised classifier-free guidance weight w (0 = none)
     guidance_schedule: str = "constant"  # constant w, or linear w * t (fading as the canvas fills)
+    stop_threshold: float = 0.9  # insertion models: stop a row once P(stop) reaches this
+    gap: str = "greedy"  # insertion models: the gap with the largest marginal, or a draw (joint sampling)
 
 
 @dataclass
@@ -199,7 +202,7 @@ class RunConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
-FAMILIES = ("mdlm", "ar", "classifier")
+FAMILIES = ("mdlm", "ar", "classifier", "ilm")
 CHOICES: dict[str, tuple[str, ...]] = {
     "family": FAMILIES,
     "data.layout": ("wrap", "pad"),
@@ -210,11 +213,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),
     "eval.split": ("train", "valid", "test"),
-    "eval.metric": ("likelihood", "generation"),
+    "eval.metric": ("likelihood", "generation", "exact_match"),
     "eval.precision": ("auto", "fp32", "bf16"),
     "sample.precision": ("float64", "float32"),
     "sample.model_precision": ("auto", "fp32", "bf16"),
-    "sample.sampler": ("auto", "ancestral", "first_hitting", "confidence", "ar"),
+    "sample.sampler": ("auto", "ancestral", "first_hitting", "confidence", "ar", "insertion"),
+    "sample.gap": ("greedy", "sample"),
     "sample.score": ("confidence", "margin", "entropy", "random"),
     "sample.reveal": ("linear", "cosine"),
     "sample.guidance_schedule": ("constant", "linear"),
@@ -382,6 +386,10 @@ def validate(cfg: RunConfig) -> RunConfig:
                               "data.valid_path (and data.test_path for the final figures)")
         if not 0 <= cfg.classifier.dropout < 1:
             raise ConfigError(f"classifier.dropout={cfg.classifier.dropout} must lie in [0, 1)")
+    if cfg.family == "ilm" and cfg.data.layout != "pad":
+        raise ConfigError("family ilm learns where sequences end: it needs data.layout=pad (one document per row)")
+    if not 0 < cfg.sample.stop_threshold <= 1:
+        raise ConfigError(f"sample.stop_threshold={cfg.sample.stop_threshold} must lie in (0, 1]")
     if m.soft_mask_top_k and cfg.family != "mdlm":
         raise ConfigError("model.soft_mask_top_k is for masked diffusion models (family mdlm)")
     if not 0.0 <= cfg.diffusion.soft_mask_prob <= 1.0:

@@ -77,6 +77,12 @@ def evaluate(model, objective: MaskedDiffusion | Autoregressive, rows: Rows, dat
     if bar is not None:
         bar.close()
     means, variances, tokens = (torch.cat(v) for v in (per_seq_mean, per_seq_var, per_seq_tokens))
+    if getattr(objective, "per_sequence", False):  # ILM: its training objective per sequence, not a bound
+        n = len(means)
+        return {"family": objective.family, "bound": "none", "sequences": n, "tokens": int(tokens.sum()),
+                "mc_samples": k, "loss": float(means.mean()),
+                "stderr": float(means.std() / math.sqrt(n)) if n > 1 else None,
+                "seconds": time.perf_counter() - start}
     total_tokens = float(tokens.sum())
     nll = float(means.sum()) / total_tokens
     mc_stderr = math.sqrt(float((variances / k).sum())) / total_tokens if k > 1 else (0.0 if is_ar else None)
@@ -104,6 +110,10 @@ def evaluate(model, objective: MaskedDiffusion | Autoregressive, rows: Rows, dat
 
 def format_result(r: dict, split: str) -> str:
     """One readable line."""
+    if r["bound"] == "none":
+        err = f" ± {r['stderr']:.4f}" if r.get("stderr") else ""
+        return (f"{r['family']} {split}: training objective {r['loss']:.4f}{err} per sequence (not a likelihood "
+                f"bound; {r['sequences']} seqs, K={r['mc_samples']}, {r['seconds']:.1f}s)")
     bound = "<=" if r["bound"] == "nelbo" else "="
     err = f" ± {r['stderr']:.4f}" if r.get("stderr") else ""
     bpc = f", {r['bits_per_char']:.4f} bits/char" if r.get("bits_per_char") else ""

@@ -121,7 +121,8 @@ class DDiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x, rotary, c, causal: bool, cache: "KVCache | None" = None, layer: int = 0):
+    def forward(self, x, rotary, c, causal: bool, cache: "KVCache | None" = None, layer: int = 0,
+                keep: torch.Tensor | None = None):
         b, length, hidden = x.shape
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
@@ -130,7 +131,9 @@ class DDiTBlock(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d)
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is None:
+        if keep is not None:  # key padding: no query attends to the positions outside ``keep``
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        elif cache is None:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
             k, v, mask = cache.update(layer, k, v)
@@ -194,17 +197,23 @@ class DiT(nn.Module):
 
     def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache: "KVCache | None" = None, feedback: SoftFeedback | None = None):
+                cache: "KVCache | None" = None, feedback: SoftFeedback | None = None,
+                keep: torch.Tensor | None = None):
         """``cache`` (causal models only): the new tokens continue the cached ones; keys and values
         are appended and the logits of the new positions returned. ``feedback`` (soft-mask models,
-        with ``ids``): the previous pass, see :mod:`unmask.softmask`."""
-        x, c = self.features(ids, sigma, inputs_embeds, cache, feedback)
+        with ``ids``): the previous pass, see :mod:`unmask.softmask`. ``keep`` (B, L) bool
+        (bidirectional models): attend only to these positions (variable-length rows, padding
+        invisible)."""
+        x, c = self.features(ids, sigma, inputs_embeds, cache, feedback, keep)
         return self.output_layer(x, c, positions)
 
     def features(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
                  inputs_embeds: torch.Tensor | None = None, cache: "KVCache | None" = None,
-                 feedback: SoftFeedback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 feedback: SoftFeedback | None = None,
+                 keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block's hidden states (B, L, H) and the conditioning vector (B, cond_dim)."""
+        if keep is not None and (self.causal or cache is not None):
+            raise ValueError("a key padding mask (keep) is for bidirectional models without a cache")
         if (ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of ids and inputs_embeds")
         if feedback is not None:
@@ -227,7 +236,7 @@ class DiT(nn.Module):
         cos, sin = self.rotary_emb(start + length, x.device)
         rotary = (cos[start:], sin[start:])
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, c, self.causal, cache, i)
+            x = block(x, rotary, c, self.causal, cache, i, keep)
         if cache is not None:
             cache.length += length
         return x, c

@@ -144,13 +144,19 @@ def read_pretrained(folder: Path) -> Pretrained:
     return Pretrained(folder, cfg, tokenizer, int(meta.get("step", 0)), weights, card=meta.get("card"))
 
 
+FAMILY_CARDS = {"mdlm": ("masked-diffusion", "masked diffusion (MDLM) language"),
+                "ar": ("causal-lm", "autoregressive language"),
+                "ilm": ("insertion-lm", "insertion (ILM) language")}
+
+
 def _model_card(source, card: dict) -> str:
     cfg = source.config
     data = cfg.data
-    lines = ["---", "library_name: unmask", "tags:", "- masked-diffusion" if cfg.family == "mdlm" else "- causal-lm",
+    tag, kind = FAMILY_CARDS.get(cfg.family, ("text-classification", "sequence classification"))
+    lines = ["---", "library_name: unmask", "tags:", f"- {tag}",
              "- text-generation", "---", "",
              f"# {card.get('name') or Path(str(source.path)).name}", "",
-             f"A {'masked diffusion (MDLM)' if cfg.family == 'mdlm' else 'autoregressive'} language model trained "
+             f"A {kind} model trained "
              f"with [unmask](https://pypi.org/project/unmask/).", "",
              "| | |", "|---|---|",
              f"| family | {cfg.family} |",

@@ -118,11 +118,16 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> torch.nn.Module:
     """The network for ``cfg.family``: a bidirectional DiT for mdlm, a causal one for ar, a
-    :class:`~unmask.classification.SequenceClassifier` on a bidirectional DiT for classifier."""
+    :class:`~unmask.classification.SequenceClassifier` on a bidirectional DiT for classifier, an
+    :class:`~unmask.insertion.InsertionLM` (bidirectional DiT + stop head) for ilm."""
     if cfg.family == "classifier":
         from .classification import build_classifier
 
         return build_classifier(cfg, tokenizer)
+    if cfg.family == "ilm":
+        from .insertion import build_insertion_model
+
+        return build_insertion_model(cfg, tokenizer)
     return DiT(cfg.model, tokenizer.vocab_size, causal=cfg.family == "ar", mask_id=tokenizer.mask_id)
 
 
@@ -132,6 +137,11 @@ def build_objective(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusion | A
         return None
     if cfg.family == "ar":
         return Autoregressive(tokenizer.bos_id, tokenizer.mask_id)
+    if cfg.family == "ilm":
+        from .insertion import InsertionObjective
+
+        return InsertionObjective(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id,
+                                  tokenizer.special_ids, tokenizer.vocab_size)
     d = cfg.diffusion
     return MaskedDiffusion(make_schedule(d), tokenizer.mask_id, d.t_min, d.discrete_steps, d.antithetic,
                            soft_mask_top_k=cfg.model.soft_mask_top_k, soft_mask_prob=d.soft_mask_prob)

@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import SampleConfig
+from .config import ConfigError, SampleConfig
 from .runtime import autocast, resolve_precision
 from .sampling import (MASK_MARK, SamplingError, encode_fixed, encode_template, make_canvas, make_sampler,
                        row_seeds)
@@ -125,6 +125,9 @@ class ModelService:
         self.name = name or str(loaded.source.path)
         self.model, self.tokenizer, self.run = loaded.model, loaded.tokenizer, loaded.config
         self.family = self.run.family
+        if self.family not in ("mdlm", "ar"):
+            raise ConfigError(f"unmask serve runs masked diffusion (mdlm) and ar models, not {self.family}; "
+                              f"use unmask sample for it")
         self.length = self.run.model.length
         self.bos = self.run.data.layout == "pad" or self.run.data.frame
         self.precision = resolve_precision(model_precision, self.device)

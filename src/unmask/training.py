@@ -269,7 +269,8 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
         counted = torch.from_numpy(counted_np).to(device, non_blocking=True)
         noise = draw_noise(t.batch_size, seq_len, generator_for(t.seed, step, 0x7015E), cfg.diffusion.antithetic)
         noise = noise.slice(dist.rank * local, (dist.rank + 1) * local).to(device)
-        local_tokens = float(counted_np.sum())
+        # the unit losses are averaged over: counted tokens, or rows for per-sequence objectives (ILM)
+        local_tokens = float(len(counted_np) if getattr(objective, "per_sequence", False) else counted_np.sum())
         global_tokens = dist.all_sum([local_tokens])[0]
         torch.manual_seed(seed_for(t.seed, step, dist.rank, 0xD0))
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
@@ -304,7 +305,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
                       "grad_norm": float(grad_norm),
                       "tokens_per_second": window_steps * t.batch_size * seq_len / seconds,
                       "elapsed_seconds": elapsed(), "epoch": order.epoch_of(step)}
-            if model.soft_mask is not None:
+            if getattr(model, "soft_mask", None) is not None:
                 record["soft_mask_omegas"] = [float(w.detach()) for w in model.soft_mask.omegas]
             log.write(record)
             if bar is not None:
@@ -347,4 +348,5 @@ def _eval_during_training(cfg, model, ema, objective, rows, tokenizer, device) -
     finally:
         if backup is not None:
             model.load_state_dict(backup)
-    return {k: result[k] for k in ("nll", "stderr", "perplexity", "bits_per_token", "bits_per_char")}
+    keys = ("nll", "stderr", "perplexity", "bits_per_token", "bits_per_char", "loss")
+    return {k: result[k] for k in keys if k in result}

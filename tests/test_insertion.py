@@ -1,0 +1,286 @@
+"""Insertion language models: targets, loss, sampler, and the star-graph task through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unmask.cli import main
+from unmask.config import ConfigError, ModelConfig, load_config
+from unmask.insertion import InsertionLM, InsertionObjective, joint_log_probs
+from unmask.model import DiT
+from unmask.sampling import InsertionSampler, SamplingError, row_seeds
+from unmask.tasks import STAR_VARIANTS, answer_of, star_graph, star_graph_text, write_star_graph_task
+
+from toys import TINY
+
+A, B, C, D, E = range(5)
+BOS, EOS, PAD, MASK = 5, 6, 7, 8
+V = 9
+SPECIAL = {BOS, EOS, PAD, MASK}
+
+
+def objective():
+    return InsertionObjective(BOS, EOS, PAD, MASK, SPECIAL, V)
+
+
+def drop(x0, counted, n_fraction, mask_u):
+    x0 = torch.tensor(x0)
+    return objective().drop(x0, torch.tensor(counted, dtype=torch.bool), torch.tensor(n_fraction, dtype=torch.float64),
+                            torch.tensor(mask_u, dtype=torch.float32))
+
+
+def test_targets_of_a_hand_made_example_are_the_hand_counted_gaps():
+    # row 0: [BOS] a b c d [EOS] [PAD]; n0 = 4, u = 0.5 -> n = floor(0.5 * 5) = 2; b and c have the
+    # smallest keys, so [BOS] a d remains and both dropped tokens lie in the gap after a (index 1)
+    # row 1: [BOS] a a b a [EOS] [PAD]; u = 0.7 -> n = 3: drop positions 1, 2 and 4 (keys 0.1, 0.2, 0.3)
+    # -> [BOS] b: two a's in gap 0 (before b), one a in gap 1 (after b)
+    batch = drop([[BOS, A, B, C, D, EOS, PAD], [BOS, A, A, B, A, EOS, PAD]],
+                 [[0, 1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 0]],
+                 [0.5, 0.7], [[0.9, 0.8, 0.1, 0.2, 0.7, 0.0, 0.0], [0.9, 0.1, 0.2, 0.9, 0.3, 0.0, 0.0]])
+    assert batch.dropped.tolist() == [2, 3]
+    assert batch.ids.tolist() == [[BOS, A, D, PAD, PAD, PAD, PAD], [BOS, B, PAD, PAD, PAD, PAD, PAD]]
+    assert batch.keep.sum(1).tolist() == [3, 2]
+    expected = torch.zeros(2, 7, V, dtype=torch.float64)
+    expected[0, 1, B] = expected[0, 1, C] = 1
+    expected[1, 0, A] = 2
+    expected[1, 1, A] = 1
+    assert torch.equal(batch.counts(V), expected)
+    assert batch.open_gaps.tolist() == [[True] * 3 + [False] * 4, [True] * 2 + [False] * 5]
+
+
+def test_a_prompt_is_never_dropped_and_closes_its_inner_gaps():
+    # [BOS] p q | a b [EOS]: the prompt (d e) is not counted; drop a (n = 1 of 2)
+    batch = drop([[BOS, D, E, A, B, EOS]], [[0, 0, 0, 1, 1, 1]], [0.4], [[0, 0, 0, 0.1, 0.5, 0]])
+    assert batch.ids.tolist() == [[BOS, D, E, B, PAD, PAD]]
+    assert batch.open_gaps.tolist() == [[False, False, True, True, False, False]]
+    expected = torch.zeros(1, 6, V, dtype=torch.float64)
+    expected[0, 2, A] = 1  # after the last prompt token, before b
+    assert torch.equal(batch.counts(V), expected)
+    # nothing dropped: the only open gap is after the prompt, and the target is "stop"
+    batch = drop([[BOS, D, E, A, B, EOS]], [[0, 0, 0, 1, 1, 1]], [0.0], [[0, 0, 0, 0.1, 0.5, 0]])
+    assert batch.dropped.tolist() == [0]
+    assert batch.open_gaps.tolist() == [[False, False, True, True, True, False]]
+
+
+def test_dropped_counts_are_uniform_over_0_to_n0():
+    x0 = torch.tensor([[BOS, A, B, C, EOS]] * 4000)
+    counted = torch.tensor([[0, 1, 1, 1, 1]] * 4000, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    batch = objective().drop(x0, counted, torch.rand(4000, generator=g, dtype=torch.float64),
+                             torch.rand(4000, 5, generator=g))
+    freq = torch.bincount(batch.dropped, minlength=4).double() / 4000
+    assert torch.allclose(freq, torch.full((4,), 0.25, dtype=torch.float64), atol=0.03)
+    # the dropped subset is uniform too: each token dropped with probability E[n]/n0 = 1/2
+    hit = torch.zeros(4)
+    hit.index_add_(0, batch.token, torch.ones(len(batch.token)))
+    assert torch.allclose(hit[:3] / 4000, torch.full((3,), 0.5), atol=0.03)
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in network with given insertion and stop logits (whatever the input)."""
+
+    def __init__(self, logits, stop):
+        super().__init__()
+        self.logits, self.stop = logits, stop
+        self.backbone = type("Backbone", (), {"vocab_size": logits.shape[-1]})()
+
+    def forward(self, ids, keep):
+        n, width = ids.shape
+        return self.logits[:, :width].expand(n, -1, -1), self.stop.expand(n)
+
+
+def test_loss_is_the_joint_softmax_cross_entropy_against_t_over_n_plus_stop_bce():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 7, V, generator=g, dtype=torch.float64)
+    stop = torch.tensor([0.3], dtype=torch.float64)
+    x0 = torch.tensor([[BOS, A, B, C, D, EOS, PAD]] * 2)
+    counted = torch.tensor([[0, 1, 1, 1, 1, 1, 0]] * 2, dtype=torch.bool)
+    noise = type("Noise", (), {"time_u": torch.tensor([0.5, 0.0], dtype=torch.float64),
+                               "mask_u": torch.tensor([[0.9, 0.8, 0.1, 0.2, 0.7, 0, 0]] * 2)})()
+    losses = objective().loss(FixedLogits(logits, stop), x0, counted, noise)
+    # reference in float64: kept [BOS] a d (gaps 0..2 open), T[1, b] = T[1, c] = 1, n = 2
+    allowed = torch.zeros(7, V, dtype=torch.bool)
+    allowed[:3, :5] = True
+    flat = logits[0].masked_fill(~allowed, -math.inf).reshape(-1)
+    log_p = (flat - flat.logsumexp(0)).reshape(7, V)
+    insertion = -(log_p[1, B] + log_p[1, C]) / 2
+    sig = torch.sigmoid(stop[0])
+    expected0 = insertion - torch.log(1 - sig)  # target "do not stop"
+    expected1 = -torch.log(sig)  # nothing dropped: target "stop", no insertion term
+    assert torch.allclose(losses.double(), torch.stack([expected0, expected1]), atol=1e-5)
+
+
+def test_joint_log_probs_normalise_over_open_gaps_and_allowed_tokens_only():
+    logits = torch.randn(2, 4, V)
+    open_gaps = torch.tensor([[True, True, False, False], [False, True, True, True]])
+    forbidden = torch.zeros(V, dtype=torch.bool)
+    forbidden[[BOS, MASK]] = True
+    log_p = joint_log_probs(logits, open_gaps, forbidden)
+    assert torch.allclose(log_p.exp().sum((1, 2)), torch.ones(2))
+    assert (log_p[0, 2:] == -math.inf).all() and (log_p[:, :, BOS] == -math.inf).all()
+
+
+def random_ilm(vocab=V, length=16, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(hidden=32, blocks=2, heads=2, cond_dim=16, dropout=0.0, length=length)
+    model = InsertionLM(DiT(cfg, vocab))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.4)
+    return model.eval()
+
+
+def test_padding_is_invisible_to_the_backbone():
+    model = random_ilm()
+    ids = torch.tensor([[BOS, A, B, C, PAD, PAD, PAD, PAD]])
+    other = ids.clone()
+    other[0, 4:] = torch.tensor([D, E, A, B])
+    keep = torch.arange(8)[None] < 4
+    l1, s1 = model(ids, keep)
+    l2, s2 = model(other, keep)
+    l3, s3 = model(ids[:, :4], keep[:, :4])
+    assert torch.allclose(l1[:, :4], l2[:, :4], atol=1e-5) and torch.allclose(s1, s2, atol=1e-5)
+    assert torch.allclose(l1[:, :4], l3, atol=1e-5) and torch.allclose(s1, s3, atol=1e-5)
+
+
+def sampler(**kw):
+    return InsertionSampler(MASK, PAD, SPECIAL, **kw)
+
+
+def test_sampler_keeps_fixed_tokens_and_never_inserts_into_closed_gaps_or_specials():
+    model = random_ilm(length=12)
+    # continuation after a prompt, and infilling between a and the suffix d e (one open gap)
+    canvas = torch.tensor([[BOS, C, D, MASK, MASK, MASK, MASK, MASK, MASK, MASK],
+                           [BOS, A, MASK, MASK, MASK, MASK, MASK, MASK, D, E]])
+    for gap in ("greedy", "sample"):
+        result = sampler(stop_threshold=1.0, gap=gap).sample(model, canvas, row_seeds(3, 2))
+        out = result.tokens.tolist()
+        # threshold 1.0 is never reached: rows grow to the full width of 10
+        assert out[0][:3] == [BOS, C, D] and len(out[0]) == 10
+        assert out[1][:2] == [BOS, A] and out[1][-2:] == [D, E]
+        inserted = out[0][3:] + out[1][2:-2]
+        assert all(t not in SPECIAL for t in inserted)
+        assert result.generated == 7 + 6
+        assert result.row_nfe.tolist() == [7, 6]
+
+
+def test_stop_at_the_threshold():
+    logits = torch.zeros(1, 8, V)
+    canvas = torch.tensor([[BOS, A, MASK, MASK, MASK, MASK, MASK, MASK]])
+    at_half = FixedLogits(logits, torch.tensor([0.0]))  # P(stop) = 0.5 exactly
+    result = sampler(stop_threshold=0.5).sample(at_half, canvas, row_seeds(0, 1))
+    assert result.tokens.tolist() == [[BOS, A] + [PAD] * 6] and result.nfe == 1 and result.generated == 0
+    result = sampler(stop_threshold=0.51).sample(at_half, canvas, row_seeds(0, 1))
+    assert result.generated == 6 and result.nfe == 6  # stops only because the row is full
+    assert all(t in range(5) for t in result.tokens[0, 2:].tolist())
+
+
+def test_stop_probability_is_read_at_every_step():
+    class StopsAtLength(torch.nn.Module):
+        """Stop (logit +20) once a row holds 5 tokens, continue (-20) before."""
+
+        backbone = type("Backbone", (), {"vocab_size": V})()
+
+        def forward(self, ids, keep):
+            stop = torch.where(keep.sum(1) >= 5, 20.0, -20.0)
+            return torch.zeros(*ids.shape, V), stop
+
+    canvas = torch.tensor([[BOS, MASK, MASK, MASK, MASK, MASK, MASK, MASK],
+                           [BOS, A, B, C, MASK, MASK, MASK, MASK]])
+    result = sampler().sample(StopsAtLength(), canvas, row_seeds(0, 2))
+    assert (result.tokens != PAD).sum(1).tolist() == [5, 5]
+    assert result.row_nfe.tolist() == [5, 2]
+
+
+def test_batched_and_one_at_a_time_sampling_agree():
+    model = random_ilm(length=12)
+    canvas = torch.tensor([[BOS, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK],
+                           [BOS, C, D, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK],
+                           [BOS, A, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK, D, E],
+                           [BOS, E, E, E, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK]])
+    seeds = row_seeds(11, 4)
+    for gap in ("greedy", "sample"):
+        s = sampler(stop_threshold=0.3, gap=gap, top_p=0.9)
+        together = s.sample(model, canvas, seeds)
+        alone = [s.sample(model, canvas[i:i + 1], seeds[i:i + 1]) for i in range(4)]
+        assert torch.equal(together.tokens, torch.cat([r.tokens for r in alone]))
+        assert together.row_nfe.tolist() == [int(r.row_nfe[0]) for r in alone]
+    lengths = (together.tokens != PAD).sum(1)
+    assert len(set(lengths.tolist())) > 1  # ragged: rows stopped at different lengths
+
+
+def test_sampler_rejects_a_canvas_without_a_first_token():
+    with pytest.raises(SamplingError, match="start with a fixed token"):
+        sampler().sample(random_ilm(), torch.tensor([[MASK, MASK, A]]), row_seeds(0, 1))
+
+
+def test_star_graphs_have_the_variant_shape_and_a_unique_path():
+    for name, spec in STAR_VARIANTS.items():
+        rng = np.random.default_rng(5)
+        for _ in range(50):
+            g = star_graph(spec, rng)
+            edges = g["edges"]
+            assert len(edges) == len({tuple(e) for e in edges})
+            nodes = {v for e in edges for v in e}
+            assert len(nodes) == len(edges) + 1  # a tree: arms share only the centre
+            out = {}
+            for a, b in edges:
+                out.setdefault(a, []).append(b)
+            path = g["path"]
+            assert path[0] == g["source"] and path[-1] == g["goal"]
+            assert all(b in out.get(a, []) for a, b in zip(path, path[1:]))
+            assert spec.min_arm <= len(path) <= spec.max_arm
+            branching = [a for a, bs in out.items() if len(bs) > 1]
+            assert len(branching) <= 1 and (not branching or branching[0] in path)
+            prompt, answer = star_graph_text(g)
+            assert len(prompt) + len(answer) <= spec.max_text_length
+
+
+def test_star_graph_files_are_seeded_and_test_prompts_are_unseen(tmp_path):
+    a = write_star_graph_task(tmp_path / "a", "medium", train=300, valid=20, test=50, seed=3)
+    write_star_graph_task(tmp_path / "b", "medium", train=300, valid=20, test=50, seed=3)
+    assert (tmp_path / "a" / "test.jsonl").read_text() == (tmp_path / "b" / "test.jsonl").read_text()
+    train = {json.loads(line)["prompt"] for line in (tmp_path / "a" / "train.jsonl").read_text().splitlines()}
+    test = [json.loads(line) for line in (tmp_path / "a" / "test.jsonl").read_text().splitlines()]
+    assert len(test) == 50 and not train & {t["prompt"] for t in test}
+    assert a["suggested_length"] == 2 + STAR_VARIANTS["medium"].max_text_length
+    with pytest.raises(ValueError, match="unknown star-graph variant"):
+        write_star_graph_task(tmp_path / "c", "huge")
+
+
+def test_answer_is_read_after_the_prompt_up_to_the_first_special():
+    from unmask.tokenization import CharTokenizer
+
+    tok = CharTokenizer("abc>: ")
+    ids = [tok.bos_id] + tok.encode("ab>c:").tolist() + tok.encode("cab").tolist() + [tok.eos_id, tok.encode("a")[0]]
+    assert answer_of(ids, 5, tok) == "cab"
+
+
+def test_ilm_needs_the_pad_layout():
+    with pytest.raises(ConfigError, match="data.layout=pad"):
+        load_config(None, ["family=ilm", "data.layout=wrap"])
+
+
+@pytest.mark.parametrize("family", ["ilm", "mdlm", "ar"])
+def test_star_graph_task_trains_and_scores_through_the_cli(tmp_path, family, capsys):
+    data = tmp_path / "star"
+    assert main(["task", "star-graph", "--variant", "easy", "--out", str(data), "--train", "64", "--valid", "8",
+                 "--test", "16"]) == 0
+    run = tmp_path / family
+    overrides = [o for o in TINY if not o.startswith(("data.length", "model.length"))]
+    assert main(["train", "star-graph", f"family={family}", f"run_dir={run}", *overrides, "model.length=48",
+                 "data.length=47", "train.steps=3", f"data.path={data}/train.jsonl",
+                 f"data.valid_path={data}/valid.jsonl", f"data.test_path={data}/test.jsonl",
+                 f"data.cache_dir={tmp_path}/cache"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "eval.max_sequences=8", "sample.steps=8"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 8 and 0 <= result["exact_match"] <= 1 and len(result["examples"]) == 5
+    assert main(["eval", str(run), "eval.metric=likelihood", "eval.max_sequences=4"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["family"] == family and (result.get("loss") or result.get("nll")) > 0
