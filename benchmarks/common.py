@@ -5,6 +5,7 @@ installed."""
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import platform
@@ -104,3 +105,20 @@ def held_out_reference(ckpt, evaluator, samples: int) -> dict:
     totals, counts = evaluator.nll([tokenizer.decode(r) for r in ref_ids])
     return {"gen_ppl": math.exp(totals.sum() / counts.sum()),
             "entropy": sum(unigram_entropy(r) for r in ref_ids) / len(ref_ids)}
+
+
+def trained(run_dir: Path, overrides: list[str], config: str | None = None) -> tuple[Path, list[dict]]:
+    """Train (or resume, or find finished) a run from ``config`` (a packaged name or a path) with
+    ``overrides``; returns its final checkpoint and its metrics records."""
+    from unmask.checkpoint import Checkpoint, list_checkpoints
+    from unmask.cli import resolve_config_path
+    from unmask.config import load_config
+    from unmask.training import train
+
+    cfg = load_config(resolve_config_path(config), [f"run_dir={run_dir}", "train.progress=false", *overrides])
+    done = list_checkpoints(run_dir / "checkpoints")
+    if not done or Checkpoint(done[-1]).step < cfg.train.steps:
+        print(f"training {run_dir.name} ({cfg.train.steps} steps)", flush=True)
+        train(cfg)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return list_checkpoints(run_dir / "checkpoints")[-1], records

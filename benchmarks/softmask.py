@@ -29,33 +29,21 @@ from pathlib import Path
 
 import torch
 
-from unmask.checkpoint import Checkpoint, list_checkpoints, load_model
-from unmask.config import SampleConfig, load_config
+from unmask.checkpoint import Checkpoint, load_model
+from unmask.config import SampleConfig
 from unmask.data import Data
 from unmask.evaluation import evaluate
 from unmask.generation_metrics import CheckpointEvaluator
-from unmask.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import held_out_reference, measure, pyplot, run_header  # noqa: E402
+from common import held_out_reference, measure, pyplot, run_header, trained  # noqa: E402
 
 CORPORA = {
     "tinyshakespeare": ["data.dataset=tinyshakespeare", "data.tokenizer=char", "data.length=128", "data.frame=false",
                         "model.preset=nano"],
     "text8-prefix": ["data.dataset=text8-prefix", "data.tokenizer=text8", "data.length=256", "model.preset=nano"],
 }
-
-
-def run(run_dir: Path, overrides: list[str]) -> tuple[Path, dict]:
-    """Train (or resume, or find finished) a run; returns its final checkpoint and end record."""
-    cfg = load_config(None, [f"run_dir={run_dir}", "train.progress=false", *overrides])
-    done = list_checkpoints(run_dir / "checkpoints")
-    if not done or Checkpoint(done[-1]).step < cfg.train.steps:
-        print(f"training {run_dir.name} ({cfg.train.steps} steps)", flush=True)
-        train(cfg)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return list_checkpoints(run_dir / "checkpoints")[-1], records
 
 
 def seconds_per_step(records: list[dict], tokens_per_step: int) -> float:
@@ -90,8 +78,8 @@ def main() -> None:
     data = CORPORA[args.corpus]
     pretrain = [*data, f"train.steps={args.base_steps}", "train.batch_size=32", "train.lr=2e-3",
                 "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995", "train.log_every=20"]
-    base, _ = run(runs / "base", ["family=mdlm", *pretrain])
-    ar, _ = run(runs / "ar", ["family=ar", *pretrain])
+    base, _ = trained(runs / "base", ["family=mdlm", *pretrain])
+    ar, _ = trained(runs / "ar", ["family=ar", *pretrain])
 
     cont = [*data, "family=mdlm", f"train.init_from={base}", f"train.lr={args.lr}", "train.warmup_steps=0",
             "train.lr_schedule=constant", "train.batch_size=32", "train.ema=0.995", "train.log_every=20",
@@ -100,13 +88,13 @@ def main() -> None:
             f"train.soft_mask_lr={args.soft_mask_lr}"]
     n = args.continue_steps
     models = {}
-    models["binary"], binary_records = run(runs / "binary", [*cont, f"train.steps={n}"])
-    models["soft iso-update"], soft_records = run(runs / "soft-iso-update", [*cont, *soft, f"train.steps={n}"])
+    models["binary"], binary_records = trained(runs / "binary", [*cont, f"train.steps={n}"])
+    models["soft iso-update"], soft_records = trained(runs / "soft-iso-update", [*cont, *soft, f"train.steps={n}"])
     tokens_per_step = 32 * Checkpoint(base).config.data.length
     seconds = {"binary": seconds_per_step(binary_records, tokens_per_step),
                "soft": seconds_per_step(soft_records, tokens_per_step)}
     iso_steps = max(1, round(n * seconds["binary"] / seconds["soft"]))
-    models["soft iso-compute"], iso_records = run(runs / "soft-iso-compute", [*cont, *soft, f"train.steps={iso_steps}"])
+    models["soft iso-compute"], iso_records = trained(runs / "soft-iso-compute", [*cont, *soft, f"train.steps={iso_steps}"])
     omegas = {name: records_omegas(r) for name, r in (("soft iso-update", soft_records),
                                                       ("soft iso-compute", iso_records))}
     print(f"seconds per step: binary {seconds['binary']:.3f}, soft {seconds['soft']:.3f}; iso-compute steps "

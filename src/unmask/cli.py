@@ -9,6 +9,7 @@
     unmask serve MODEL [--port 8000]                   HTTP completions API, streaming, web page
     unmask scaling CONFIG --sizes ... --budgets ... --out DIR   IsoFLOP sweep with fits (resumable)
     unmask task star-graph --variant hard --out DIR    write a verifiable task (prompt/answer JSONL)
+    unmask rl MODEL run_dir=DIR rl.prompts=F [...]     GRPO / Co-GRPO on a reward (rl.mode=model|schedule|co)
     unmask quickstart [key=value ...]                  train on the shipped corpus, evaluate, sample
     unmask configs                                     list the packaged configs
 
@@ -369,6 +370,30 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_rl(args) -> int:
+    from .rl import rl_train
+
+    ckpt = open_source(args.checkpoint, args.tokenizer)
+    tree = parse_overrides(args.overrides)
+    for section in tree:
+        if section not in ("rl", "sample", "data", "run_dir"):
+            raise ConfigError(f"unmask rl takes rl.*, sample.*, data.* and run_dir overrides, not '{section}'")
+    if "run_dir" not in tree:
+        raise ConfigError("give run_dir=... for the fine-tuned model (the source run is left as it is)")
+    cfg = config_from_dict(merge_trees(to_dict(ckpt.config), tree))
+    device = device_for(args.device)
+    model, objective = load_model(ckpt, ema=cfg.sample.use_ema, device=device)
+    tokenizer = with_oov_policy(ckpt.tokenizer, cfg.data.oov, cfg.data.oov_replacement)
+    final = rl_train(cfg, model, objective, tokenizer, device)
+    records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("event") == "eval"]
+    if evals:
+        print(f"held-out reward: {evals[0]['reward']:.4f} before, {evals[-1]['reward']:.4f} after "
+              f"{cfg.rl.iterations} iterations ({cfg.rl.mode})")
+    print(f"checkpoint: {final}")
+    return 0
+
+
 def cmd_task(args) -> int:
     from .tasks import write_star_graph_task
 
@@ -452,6 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for records.jsonl, fits.json, the plot and the runs")
     p.add_argument("--eval-sequences", type=int, default=256, help="validation rows scored per run")
     p.set_defaults(func=cmd_scaling)
+    p = sub.add_parser("rl", help="GRPO / Co-GRPO fine-tuning of a masked diffusion model on a reward")
+    p.add_argument("checkpoint", help=model_help)
+    p.add_argument("overrides", nargs="*", help="rl.*, sample.*, data.* and run_dir=... overrides")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--tokenizer", help="GPT-2 tokenizer folder for a released MDLM model that lacks one")
+    p.set_defaults(func=cmd_rl)
     p = sub.add_parser("task", help="write a verifiable task's files (star-graph path finding)")
     p.add_argument("name", choices=("star-graph",))
     p.add_argument("--variant", default="easy", choices=("easy", "medium", "hard"))

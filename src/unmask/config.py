@@ -190,6 +190,34 @@ class ClassifierConfig:
 
 
 @dataclass
+class RLConfig:
+    """``unmask rl``: GRPO / Co-GRPO fine-tuning of a masked diffusion model (``unmask.rl``)."""
+
+    prompts: str | None = None  # JSONL prompt/answer pairs (data.prompt_field, data.text_field) for rollouts
+    eval_prompts: str | None = None  # held-out pairs, scored every eval_every iterations
+    reward: str = "exact_match"  # exact_match, prefix_match, or module:function
+    mode: str = "co"  # model (GRPO on the network), schedule (on the schedule policy), co (alternating)
+    sampler: str = "scheduled"  # the schedule-driven rollout, or any diffusion sampler (mode=model)
+    schedule: list[str] = field(default_factory=lambda: ["reveal", "temperature"])  # learned schedule parameters
+    schedule_std: float = 0.3  # initial std of the schedule policy's Gaussians (0: deterministic)
+    sample_steps: int = 8  # K, steps of a scheduled rollout
+    iterations: int = 100
+    prompts_per_step: int = 8
+    group_size: int = 8  # G rollouts per prompt
+    epochs: int = 1  # updates per batch of rollouts
+    clip: float = 0.2
+    kl: float = 0.04  # beta, weight of the KL to the initial model
+    lr: float = 1e-5  # the model's learning rate
+    schedule_lr: float = 0.05
+    grad_clip: float = 1.0
+    step_subsample: int = 0  # steps of each rollout scored per model update (0 = all)
+    alternate_every: int = 5  # co: iterations per block before switching between model and schedule
+    eval_every: int = 10
+    eval_batch: int = 100
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     family: str = "mdlm"
     run_dir: str = "runs/default"
@@ -200,6 +228,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 FAMILIES = ("mdlm", "ar", "classifier", "ilm")
@@ -223,6 +252,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sample.reveal": ("linear", "cosine"),
     "sample.guidance_schedule": ("constant", "linear"),
     "classifier.pooling": ("mean", "cls"),
+    "rl.mode": ("model", "schedule", "co"),
+    "rl.sampler": ("scheduled", "ancestral", "first_hitting", "confidence"),
 }
 
 
@@ -400,6 +431,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.soft_mask_lr={cfg.train.soft_mask_lr} must be >= 0")
     if not 0 <= cfg.sample.remask < 1:
         raise ConfigError(f"sample.remask={cfg.sample.remask} must lie in [0, 1)")
+    r = cfg.rl
+    for key in ("sample_steps", "iterations", "prompts_per_step", "group_size", "epochs", "alternate_every",
+                "eval_batch"):
+        if getattr(r, key) < 1:
+            raise ConfigError(f"rl.{key}={getattr(r, key)} must be >= 1")
+    if r.group_size < 2:
+        raise ConfigError("rl.group_size must be >= 2: advantages are relative to the group")
+    if r.clip <= 0 or r.kl < 0 or r.lr < 0 or r.schedule_lr < 0 or r.schedule_std < 0:
+        raise ConfigError("rl.clip > 0 and rl.kl, rl.lr, rl.schedule_lr, rl.schedule_std >= 0 needed")
     return cfg
 
 

@@ -1,0 +1,192 @@
+"""Insertion LM vs masked diffusion vs autoregressive, same backbone size and training budget.
+
+1. Star-graph path finding (``unmask.tasks``): for each variant, ILM, MDLM and AR models of the
+   same preset are trained on the same prompt/answer rows for the same number of steps and batch size,
+   then scored by exact match on held-out graphs: ILM greedy (largest gap marginal, argmax token,
+   stop when P(stop) >= 0.5); MDLM with two greedy orders (ancestral at temperature 0 over as many
+   steps as positions, and confidence order, one position per step); AR greedy.
+2. Unconditional text: tiny-shakespeare speeches (documents split at blank lines, ``data.layout=pad``,
+   rows of 128 characters, so 35 % of the speeches are cut to 126), the three families again, then
+   samples at temperature 1 scored by an AR evaluator trained on the running text (NLL per
+   character, gen-PPL), their lengths (characters before the model's end: EOS for MDLM/AR, the stop
+   head for ILM) against the held-out speeches' (after the same cut), and unigram entropy.
+
+    python benchmarks/insertion.py --tag nano
+
+Each stage resumes or is skipped when its run folder is complete. Writes
+``benchmarks/results/insertion-<tag>.json`` and Markdown tables on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unmask.checkpoint import Checkpoint, load_model
+from unmask.config import SampleConfig
+from unmask.data import Data
+from unmask.evaluation import select_rows
+from unmask.generation_metrics import CheckpointEvaluator, unigram_entropy
+from unmask.sampling import generate
+from unmask.tasks import answer_of, exact_match, read_pairs, write_star_graph_task
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import pooled_ppl, run_header, trained  # noqa: E402
+
+FAMILIES = ("ilm", "mdlm", "ar")
+SHAKESPEARE = ROOT / "src" / "unmask" / "assets" / "tinyshakespeare.txt.xz"
+
+
+def star_graph(args, runs: Path) -> dict:
+    out = {}
+    for variant in args.variants.split(","):
+        data = runs / f"data-{variant}"
+        if not (data / "task.json").exists():
+            write_star_graph_task(data, variant, args.star_train, 200, args.star_test, seed=0)
+        meta = json.loads((data / "task.json").read_text())
+        length = meta["suggested_length"]
+        common = [f"data.path={data}/train.jsonl", f"data.valid_path={data}/valid.jsonl",
+                  f"data.test_path={data}/test.jsonl", f"data.length={length}", f"model.preset={args.preset}",
+                  f"model.length={length}", f"train.steps={args.star_steps}", f"train.batch_size={args.batch}",
+                  "train.lr=1e-3", "train.ema=0.99", f"data.cache_dir={runs / 'cache'}"]
+        pairs = read_pairs(data / "test.jsonl")
+        rows = {}
+        for family in FAMILIES:
+            path, records = trained(runs / f"{variant}-{family}", [f"family={family}", *common], "star-graph")
+            ckpt = Checkpoint(path)
+            model, objective = load_model(ckpt)
+            greedy = SampleConfig(temperature=0.0, batch_size=250, stop_threshold=0.5)
+            samplers = {"ilm": {"insertion, greedy": greedy},
+                        "ar": {"left to right, greedy": greedy},
+                        "mdlm": {"ancestral, T=L, temperature 0": dataclasses.replace(greedy, sampler="ancestral",
+                                                                                      steps=length),
+                                 "confidence order, greedy": dataclasses.replace(greedy, sampler="confidence",
+                                                                                 steps=length)}}[family]
+            train_seconds = [r for r in records if r.get("event") == "end"][-1]["elapsed_seconds"]
+            for name, cfg in samplers.items():
+                r = exact_match(model, objective, ckpt.tokenizer, cfg, pairs, length, length, "cpu")
+                rows[f"{family}: {name}"] = {"exact_match": r["exact_match"], "stderr": r["stderr"], "n": r["n"],
+                                             "nfe": r["nfe"], "examples": r["examples"][:3],
+                                             "train_seconds": train_seconds,
+                                             "final_train_loss": [x["loss"] for x in records if "loss" in x][-1]}
+                print(f"{variant} {family} {name}: exact match {r['exact_match']:.3f} ± {r['stderr']:.3f}", flush=True)
+        out[variant] = {"spec": meta["spec"], "length": length, "train_rows": args.star_train, "results": rows}
+    return out
+
+
+def lengths_summary(lengths) -> dict:
+    x = np.asarray(lengths, dtype=float)
+    return {"mean": float(x.mean()), "median": float(np.median(x)), "p10": float(np.percentile(x, 10)),
+            "p90": float(np.percentile(x, 90)), "share_at_max": float((x >= x.max()).mean())}
+
+
+def text(args, runs: Path) -> dict:
+    evaluator_run, _ = trained(runs / "text-evaluator", [
+        "family=ar", "data.dataset=tinyshakespeare", "data.tokenizer=char", "data.length=128", "data.frame=false",
+        f"model.preset={args.preset}", f"train.steps={args.evaluator_steps}", "train.batch_size=32", "train.lr=2e-3",
+        "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995"], None)
+    evaluator = CheckpointEvaluator(args.evaluator or evaluator_run, "cpu")
+    data = [f"data.path={SHAKESPEARE}", "data.dataset=text", "data.documents=blank_line", "data.layout=pad",
+            "data.pad_with_eos=true", "data.length=128", "data.tokenizer=char", f"model.preset={args.preset}",
+            "model.length=128", f"train.steps={args.text_steps}", "train.batch_size=32", "train.lr=2e-3",
+            "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995", f"data.cache_dir={runs / 'cache'}"]
+    results = {}
+    reference = None
+    for family in FAMILIES:
+        path, _ = trained(runs / f"text-{family}", [f"family={family}", *data], None)
+        ckpt = Checkpoint(path)
+        tok = ckpt.tokenizer
+        if reference is None:  # held-out speeches, cut as the rows are
+            rows = Data(ckpt.config.data, tokenizer=tok).rows("test")
+            ids, kinds = rows.get(select_rows(len(rows), args.samples, 0))
+            texts = [answer_of(row.tolist(), 0, tok) for row in ids]
+            totals, counts = evaluator.nll(texts)
+            reference = {"nll_per_char": float(totals.sum() / counts.sum()),
+                         "entropy": float(np.mean([unigram_entropy(tok.encode(t).tolist()) for t in texts])),
+                         "lengths": lengths_summary([len(t) for t in texts])}
+        model, objective = load_model(ckpt)
+        base = SampleConfig(num_samples=args.samples, batch_size=64, steps=128, seed=1)
+        configs = {"ilm": {"joint sampling (gap and token drawn), t=1": dataclasses.replace(base, gap="sample"),
+                           "released settings (greedy gap, top-p 0.2, stop 0.9)": dataclasses.replace(
+                               base, gap="greedy", top_p=0.2)},
+                   "mdlm": {"ancestral, T=128, t=1": base},
+                   "ar": {"left to right, t=1": base}}[family]
+        for name, cfg in configs.items():
+            gen = generate(model, objective, tok, cfg, 128, 128, bos=True)
+            texts = [answer_of(ids, 0, tok) for ids in gen.ids]
+            scored = [t for t in texts if t]
+            totals, counts = evaluator.nll(scored)
+            ppl, ppl_se = pooled_ppl(totals, counts)
+            results[f"{family}: {name}"] = {
+                "nll_per_char": float(totals.sum() / counts.sum()), "gen_ppl": ppl, "gen_ppl_se": ppl_se,
+                "entropy": float(np.mean([unigram_entropy(tok.encode(t).tolist()) for t in texts])),
+                "lengths": lengths_summary([len(t) for t in texts]), "empty": len(texts) - len(scored),
+                "nfe": gen.nfe, "seconds": gen.seconds, "example": texts[0][:200]}
+            r = results[f"{family}: {name}"]
+            print(f"text {family} {name}: nll/char {r['nll_per_char']:.3f}, mean length {r['lengths']['mean']:.1f}, "
+                  f"entropy {r['entropy']:.3f}", flush=True)
+    return {"reference": reference, "results": results, "evaluator": str(args.evaluator or evaluator_run)}
+
+
+def table(result: dict) -> str:
+    lines = []
+    for variant, v in result.get("star_graph", {}).items():
+        lines += [f"\nStar graph, {variant} ({v['train_rows']} training graphs)\n", "| model: decoding | exact match | NFE |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {r['exact_match']:.3f} ± {r['stderr']:.3f} | {r['nfe']} |" for k, r in v["results"].items()]
+    if "text" in result:
+        t = result["text"]
+        ref = t["reference"]
+        lines += ["\nUnconditional tiny-shakespeare speeches\n",
+                  "| model: sampling | NLL/char (evaluator) | mean length | median | p10-p90 | entropy |",
+                  "|---|---|---|---|---|---|",
+                  f"| held-out speeches | {ref['nll_per_char']:.3f} | {ref['lengths']['mean']:.1f} | "
+                  f"{ref['lengths']['median']:.0f} | {ref['lengths']['p10']:.0f}-{ref['lengths']['p90']:.0f} | "
+                  f"{ref['entropy']:.3f} |"]
+        for k, r in t["results"].items():
+            lines.append(f"| {k} | {r['nll_per_char']:.3f} | {r['lengths']['mean']:.1f} | {r['lengths']['median']:.0f} "
+                         f"| {r['lengths']['p10']:.0f}-{r['lengths']['p90']:.0f} | {r['entropy']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tag", required=True)
+    parser.add_argument("--runs", default="runs/insertion")
+    parser.add_argument("--stages", default="star,text")
+    parser.add_argument("--variants", default="easy,medium")
+    parser.add_argument("--preset", default="nano")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--star-steps", type=int, default=1500)
+    parser.add_argument("--star-train", type=int, default=50_000)
+    parser.add_argument("--star-test", type=int, default=500)
+    parser.add_argument("--text-steps", type=int, default=1000)
+    parser.add_argument("--evaluator-steps", type=int, default=1500)
+    parser.add_argument("--evaluator", help="an AR run to score text samples (default: train one)")
+    parser.add_argument("--samples", type=int, default=256)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    runs = Path(args.runs) / args.tag
+    path = ROOT / "benchmarks" / "results" / f"insertion-{args.tag}.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update(run_header(args.tag))
+    stages = args.stages.split(",")
+    if "star" in stages:
+        result["star_graph"] = star_graph(args, runs)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    if "text" in stages:
+        result["text"] = text(args, runs)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
