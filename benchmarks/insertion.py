@@ -55,7 +55,8 @@ def star_graph(args, runs: Path) -> dict:
         common = [f"data.path={data}/train.jsonl", f"data.valid_path={data}/valid.jsonl",
                   f"data.test_path={data}/test.jsonl", f"data.length={length}", f"model.preset={args.preset}",
                   f"model.length={length}", f"train.steps={args.star_steps}", f"train.batch_size={args.batch}",
-                  "train.lr=1e-3", "train.ema=0.99", f"data.cache_dir={runs / 'cache'}"]
+                  f"train.lr={args.lr}", "train.ema=0.99", f"train.threads={args.threads}",
+                  f"data.cache_dir={runs / 'cache'}"]
         pairs = read_pairs(data / "test.jsonl")
         rows = {}
         for family in FAMILIES:
@@ -96,7 +97,8 @@ def text(args, runs: Path) -> dict:
     data = [f"data.path={SHAKESPEARE}", "data.dataset=text", "data.documents=blank_line", "data.layout=pad",
             "data.pad_with_eos=true", "data.length=128", "data.tokenizer=char", f"model.preset={args.preset}",
             "model.length=128", f"train.steps={args.text_steps}", "train.batch_size=32", "train.lr=2e-3",
-            "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995", f"data.cache_dir={runs / 'cache'}"]
+            "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995", f"train.threads={args.threads}",
+            f"data.cache_dir={runs / 'cache'}"]
     results = {}
     reference = None
     for family in FAMILIES:
@@ -165,6 +167,8 @@ def main() -> None:
     parser.add_argument("--preset", default="nano")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--star-steps", type=int, default=1500)
+    parser.add_argument("--lr", type=float, default=1e-3, help="star-graph learning rate")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: all cores)")
     parser.add_argument("--star-train", type=int, default=50_000)
     parser.add_argument("--star-test", type=int, default=500)
     parser.add_argument("--text-steps", type=int, default=1000)

@@ -284,3 +284,14 @@ def test_star_graph_task_trains_and_scores_through_the_cli(tmp_path, family, cap
     assert main(["eval", str(run), "eval.metric=likelihood", "eval.max_sequences=4"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["family"] == family and (result.get("loss") or result.get("nll")) > 0
+
+
+def test_sorting_task_files(tmp_path, capsys):
+    assert main(["task", "sorting", "--length", "5", "--alphabet", "abcd", "--out", str(tmp_path / "s"),
+                 "--train", "50", "--valid", "5", "--test", "10"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "s" / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == 10
+    for r in rows:
+        assert r["prompt"].endswith(":") and r["text"] == "".join(sorted(r["prompt"][:-1]))
+    assert main(["task", "sorting", "--alphabet", "aa", "--out", str(tmp_path / "t")]) == 2
+    assert "alphabet" in capsys.readouterr().err

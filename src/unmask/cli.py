@@ -8,7 +8,7 @@
     unmask export MODEL OUT [--to unmask|mdlm-hf|mdlm-ckpt]   Hugging Face style folder or MDLM layouts
     unmask serve MODEL [--port 8000]                   HTTP completions API, streaming, web page
     unmask scaling CONFIG --sizes ... --budgets ... --out DIR   IsoFLOP sweep with fits (resumable)
-    unmask task star-graph --variant hard --out DIR    write a verifiable task (prompt/answer JSONL)
+    unmask task star-graph|sorting --out DIR           write a verifiable task (prompt/answer JSONL)
     unmask rl MODEL run_dir=DIR rl.prompts=F [...]     GRPO / Co-GRPO on a reward (rl.mode=model|schedule|co)
     unmask quickstart [key=value ...]                  train on the shipped corpus, evaluate, sample
     unmask configs                                     list the packaged configs
@@ -395,17 +395,21 @@ def cmd_rl(args) -> int:
 
 
 def cmd_task(args) -> int:
-    from .tasks import write_star_graph_task
+    from .tasks import write_sorting_task, write_star_graph_task
 
     try:
-        meta = write_star_graph_task(args.out, args.variant, args.train, args.valid, args.test, args.seed)
+        if args.name == "star-graph":
+            meta = write_star_graph_task(args.out, args.variant, args.train, args.valid, args.test, args.seed)
+        else:
+            meta = write_sorting_task(args.out, args.length, args.alphabet, args.train, args.valid, args.test,
+                                      args.seed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    print(f"wrote {args.out}/{{train,valid,test}}.jsonl ({meta['variant']} star graphs: "
-          f"{meta['sizes']['train']}/{meta['sizes']['valid']}/{meta['sizes']['test']}); train with "
-          f"data.dataset=text data.path={args.out}/train.jsonl data.valid_path={args.out}/valid.jsonl "
-          f"data.test_path={args.out}/test.jsonl data.prompt_field=prompt data.layout=pad "
-          f"data.length={meta['suggested_length']} (or the star-graph config)")
+    sizes = meta["sizes"]
+    print(f"wrote {args.out}/{{train,valid,test}}.jsonl ({args.name}: {sizes['train']}/{sizes['valid']}/"
+          f"{sizes['test']}); train with data.dataset=text data.path={args.out}/train.jsonl "
+          f"data.valid_path={args.out}/valid.jsonl data.test_path={args.out}/test.jsonl data.prompt_field=prompt "
+          f"data.layout=pad data.length={meta['suggested_length']} (or the star-graph config)")
     return 0
 
 
@@ -483,9 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--tokenizer", help="GPT-2 tokenizer folder for a released MDLM model that lacks one")
     p.set_defaults(func=cmd_rl)
-    p = sub.add_parser("task", help="write a verifiable task's files (star-graph path finding)")
-    p.add_argument("name", choices=("star-graph",))
-    p.add_argument("--variant", default="easy", choices=("easy", "medium", "hard"))
+    p = sub.add_parser("task", help="write a verifiable task's files (star-graph path finding, sorting)")
+    p.add_argument("name", choices=("star-graph", "sorting"))
+    p.add_argument("--variant", default="easy", choices=("easy", "medium", "hard"), help="star graphs")
+    p.add_argument("--length", type=int, default=8, help="sorting: characters per sequence")
+    p.add_argument("--alphabet", default="abcdefghijklmnop", help="sorting: the characters, in their order")
     p.add_argument("--out", required=True, help="folder for train/valid/test.jsonl and task.json")
     p.add_argument("--train", type=int, default=50_000)
     p.add_argument("--valid", type=int, default=500)

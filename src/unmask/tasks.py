@@ -88,27 +88,23 @@ def star_graph_text(graph: dict) -> tuple[str, str]:
     return f"{edges} {source}>{goal}:", "".join(NODE_LABELS[v] for v in graph["path"])
 
 
-def write_star_graph_task(out: str | Path, variant: str = "easy", train: int = 50_000, valid: int = 500,
-                          test: int = 2_000, seed: int = 0) -> dict:
-    """Write ``train.jsonl``, ``valid.jsonl``, ``test.jsonl`` and ``task.json`` to ``out``; the splits
-    come from independent seeded streams and the test split holds no prompt seen in training."""
-    if variant not in STAR_VARIANTS:
-        raise ValueError(f"unknown star-graph variant {variant!r}; known: {', '.join(STAR_VARIANTS)}")
-    for name, n in (("train", train), ("valid", valid), ("test", test)):
+def write_splits(out: Path, draw, sizes: dict[str, int], seed: int, meta: dict) -> dict:
+    """Write ``{train,valid,test}.jsonl`` of prompt/answer pairs ``draw(rng)`` (each split from its own
+    seeded stream; valid and test prompts unseen in training) and ``task.json`` (``meta`` with the
+    sizes and seed), each file atomically."""
+    for name, n in sizes.items():
         if n < 1:
             raise ValueError(f"--{name} must be >= 1")
-    spec = STAR_VARIANTS[variant]
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
-    for split, n, stream in (("train", train, 0), ("valid", valid, 1), ("test", test, 2)):
+    for stream, (split, n) in enumerate(sizes.items()):
         rng = np.random.default_rng([seed, stream])
         rows, attempts = [], 0
         while len(rows) < n:
             attempts += 1
             if attempts > 100 * n:
-                raise ValueError(f"could not draw {n} {split} graphs unseen in training; the variant is too small")
-            prompt, answer = star_graph_text(star_graph(spec, rng))
+                raise ValueError(f"could not draw {n} {split} prompts unseen in training; the task is too small")
+            prompt, answer = draw(rng)
             if split != "train" and prompt in seen:
                 continue
             if split == "train":
@@ -117,11 +113,39 @@ def write_star_graph_task(out: str | Path, variant: str = "easy", train: int = 5
         tmp = out / f".{split}.jsonl.tmp"
         tmp.write_text("\n".join(rows) + "\n")
         os.replace(tmp, out / f"{split}.jsonl")
-    meta = {"task": "star-graph", "variant": variant, "spec": asdict(spec), "seed": seed,
-            "sizes": {"train": train, "valid": valid, "test": test},
-            "suggested_length": 2 + spec.max_text_length}
+    meta = {**meta, "seed": seed, "sizes": sizes}
     (out / "task.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def write_star_graph_task(out: str | Path, variant: str = "easy", train: int = 50_000, valid: int = 500,
+                          test: int = 2_000, seed: int = 0) -> dict:
+    """Write ``train.jsonl``, ``valid.jsonl``, ``test.jsonl`` and ``task.json`` to ``out``; the splits
+    come from independent seeded streams and the test split holds no prompt seen in training."""
+    if variant not in STAR_VARIANTS:
+        raise ValueError(f"unknown star-graph variant {variant!r}; known: {', '.join(STAR_VARIANTS)}")
+    spec = STAR_VARIANTS[variant]
+    return write_splits(Path(out), lambda rng: star_graph_text(star_graph(spec, rng)),
+                        {"train": train, "valid": valid, "test": test}, seed,
+                        {"task": "star-graph", "variant": variant, "spec": asdict(spec),
+                         "suggested_length": 2 + spec.max_text_length})
+
+
+def write_sorting_task(out: str | Path, length: int = 8, alphabet: str = "abcdefghijklmnop", train: int = 50_000,
+                       valid: int = 500, test: int = 2_000, seed: int = 0) -> dict:
+    """Sorting: the prompt is ``length`` random characters of ``alphabet`` (repeats allowed) and a colon,
+    the answer the same characters in alphabet order; files and splits as :func:`write_splits`."""
+    if length < 2 or len(set(alphabet)) != len(alphabet) or len(alphabet) < 2:
+        raise ValueError("sorting needs length >= 2 and an alphabet of at least 2 distinct characters")
+    rank = {c: i for i, c in enumerate(alphabet)}
+
+    def draw(rng):
+        chars = "".join(alphabet[i] for i in rng.integers(0, len(alphabet), size=length))
+        return chars + ":", "".join(sorted(chars, key=rank.__getitem__))
+
+    return write_splits(Path(out), draw, {"train": train, "valid": valid, "test": test}, seed,
+                        {"task": "sorting", "length": length, "alphabet": alphabet,
+                         "suggested_length": 2 * length + 3})
 
 
 def read_pairs(path: str | Path, prompt_field: str = "prompt", answer_field: str = "text") -> list[tuple[str, str]]:
