@@ -418,7 +418,7 @@ class Trainer:
                 self.schedule_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.schedule_optimizer.step()
-            info.update({f"{phase}_{k}": v for k, v in extra.items()}, loss=float(loss))
+            info.update({f"{phase}_{k}": v for k, v in extra.items()}, loss=float(loss.detach()))
         return info
 
     @torch.no_grad()
