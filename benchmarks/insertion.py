@@ -34,7 +34,7 @@ from unmask.data import Data
 from unmask.evaluation import select_rows
 from unmask.generation_metrics import CheckpointEvaluator, unigram_entropy
 from unmask.sampling import generate
-from unmask.tasks import answer_of, exact_match, read_pairs, write_star_graph_task
+from unmask.tasks import exact_match, read_pairs, write_star_graph_task
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -88,27 +88,42 @@ def lengths_summary(lengths) -> dict:
             "p90": float(np.percentile(x, 90)), "share_at_max": float((x >= x.max()).mean())}
 
 
-def text(args, runs: Path) -> dict:
-    evaluator_run, _ = trained(runs / "text-evaluator", [
-        "family=ar", "data.dataset=tinyshakespeare", "data.tokenizer=char", "data.length=128", "data.frame=false",
-        f"model.preset={args.preset}", f"train.steps={args.evaluator_steps}", "train.batch_size=32", "train.lr=2e-3",
-        "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995"], None)
-    evaluator = CheckpointEvaluator(args.evaluator or evaluator_run, "cpu")
+def text_of(ids: list[int], tokenizer) -> str:
+    """A generated row's text: after BOS, up to the first EOS or PAD (the model's end); other special
+    tokens (a BOS that an MDLM or AR model drew mid-row) are left out."""
+    out = []
+    for token in ids[1:]:
+        if token in (tokenizer.eos_id, tokenizer.pad_id):
+            break
+        if token not in tokenizer.special_ids:
+            out.append(token)
+    return tokenizer.decode(out)
+
+
+def text(args, runs: Path, previous: dict | None = None) -> dict:
+    evaluator_run = args.evaluator
+    if not evaluator_run:
+        evaluator_run, _ = trained(runs / "text-evaluator", [
+            "family=ar", "data.dataset=tinyshakespeare", "data.tokenizer=char", "data.length=128", "data.frame=false",
+            f"model.preset={args.preset}", f"train.steps={args.evaluator_steps}", "train.batch_size=32",
+            "train.lr=2e-3", "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995",
+            f"train.threads={args.threads}"], None)
+    evaluator = CheckpointEvaluator(evaluator_run, "cpu")
     data = [f"data.path={SHAKESPEARE}", "data.dataset=text", "data.documents=blank_line", "data.layout=pad",
             "data.pad_with_eos=true", "data.length=128", "data.tokenizer=char", f"model.preset={args.preset}",
             "model.length=128", f"train.steps={args.text_steps}", "train.batch_size=32", "train.lr=2e-3",
             "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995", f"train.threads={args.threads}",
             f"data.cache_dir={runs / 'cache'}"]
-    results = {}
+    results = dict((previous or {}).get("results", {}))
     reference = None
-    for family in FAMILIES:
+    for family in args.text_families.split(","):
         path, _ = trained(runs / f"text-{family}", [f"family={family}", *data], None)
         ckpt = Checkpoint(path)
         tok = ckpt.tokenizer
         if reference is None:  # held-out speeches, cut as the rows are
             rows = Data(ckpt.config.data, tokenizer=tok).rows("test")
             ids, kinds = rows.get(select_rows(len(rows), args.samples, 0))
-            texts = [answer_of(row.tolist(), 0, tok) for row in ids]
+            texts = [text_of(row.tolist(), tok) for row in ids]
             totals, counts = evaluator.nll(texts)
             reference = {"nll_per_char": float(totals.sum() / counts.sum()),
                          "entropy": float(np.mean([unigram_entropy(tok.encode(t).tolist()) for t in texts])),
@@ -122,7 +137,7 @@ def text(args, runs: Path) -> dict:
                    "ar": {"left to right, t=1": base}}[family]
         for name, cfg in configs.items():
             gen = generate(model, objective, tok, cfg, 128, 128, bos=True)
-            texts = [answer_of(ids, 0, tok) for ids in gen.ids]
+            texts = [text_of(ids, tok) for ids in gen.ids]
             scored = [t for t in texts if t]
             totals, counts = evaluator.nll(scored)
             ppl, ppl_se = pooled_ppl(totals, counts)
@@ -134,7 +149,7 @@ def text(args, runs: Path) -> dict:
             r = results[f"{family}: {name}"]
             print(f"text {family} {name}: nll/char {r['nll_per_char']:.3f}, mean length {r['lengths']['mean']:.1f}, "
                   f"entropy {r['entropy']:.3f}", flush=True)
-    return {"reference": reference, "results": results, "evaluator": str(args.evaluator or evaluator_run)}
+    return {"reference": reference, "results": results, "evaluator": str(evaluator_run)}
 
 
 def table(result: dict) -> str:
@@ -172,8 +187,11 @@ def main() -> None:
     parser.add_argument("--star-train", type=int, default=50_000)
     parser.add_argument("--star-test", type=int, default=500)
     parser.add_argument("--text-steps", type=int, default=1000)
+    parser.add_argument("--text-families", default=",".join(FAMILIES), help="families whose text results are "
+                        "(re)measured; the others' results are kept from the JSON")
     parser.add_argument("--evaluator-steps", type=int, default=1500)
-    parser.add_argument("--evaluator", help="an AR run to score text samples (default: train one)")
+    parser.add_argument("--evaluator", help="an AR run to score text samples (default: train one on the running "
+                        "text, nano, 1,500 steps: the recipe of benchmarks/softmask.py's AR model)")
     parser.add_argument("--samples", type=int, default=256)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -186,7 +204,7 @@ def main() -> None:
         result["star_graph"] = star_graph(args, runs)
         path.write_text(json.dumps(result, indent=1) + "\n")
     if "text" in stages:
-        result["text"] = text(args, runs)
+        result["text"] = text(args, runs, result.get("text"))
         path.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     print(f"\nwrote {path}")

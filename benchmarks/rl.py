@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--eval-prompts", type=int, default=300)
     parser.add_argument("--reward", default="exact_match")
+    parser.add_argument("--lr", type=float, default=2e-4, help="the model's learning rate")
+    parser.add_argument("--schedule-lr", type=float, default=0.05)
+    parser.add_argument("--temperature", type=float, default=1.0, help="the starting schedule's token temperature")
     parser.add_argument("--extra", nargs="*", default=[], help="more rl.* / sample.* overrides for every method")
     args = parser.parse_args()
     source = open_source(args.model)
@@ -54,6 +57,7 @@ def main() -> None:
                      f"rl.eval_prompts={held_out}", f"rl.mode={mode}", f"rl.iterations={args.iterations}",
                      f"rl.prompts_per_step={args.prompts_per_step}", f"rl.group_size={args.group}",
                      f"rl.sample_steps={args.steps}", f"rl.eval_every={args.eval_every}", f"rl.reward={args.reward}",
+                     f"rl.lr={args.lr}", f"rl.schedule_lr={args.schedule_lr}", f"sample.temperature={args.temperature}",
                      *args.extra]
         cfg = config_from_dict(merge_trees(to_dict(source.config), parse_overrides(overrides)))
         model, objective = load_model(source)
