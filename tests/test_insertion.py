@@ -295,3 +295,26 @@ def test_sorting_task_files(tmp_path, capsys):
         assert r["prompt"].endswith(":") and r["text"] == "".join(sorted(r["prompt"][:-1]))
     assert main(["task", "sorting", "--alphabet", "aa", "--out", str(tmp_path / "t")]) == 2
     assert "alphabet" in capsys.readouterr().err
+
+
+def test_padding_in_a_canvas_is_room_without_an_open_gap():
+    model = random_ilm(length=10)
+    canvas = torch.tensor([[BOS, A, MASK, D, E, PAD, PAD, PAD, PAD, PAD]])
+    result = sampler(stop_threshold=1.0).sample(model, canvas, row_seeds(2, 1))
+    out = result.tokens[0].tolist()
+    assert out[:2] == [BOS, A] and out[-2:] == [D, E]  # grew to the width, only between a and d
+    assert result.generated == 6
+
+
+def test_template_infilling_with_an_insertion_model(tmp_path):
+    from unmask.config import SampleConfig
+    from unmask.sampling import generate
+    from unmask.tokenization import CharTokenizer
+
+    tok = CharTokenizer("abcde")
+    model = random_ilm(vocab=tok.vocab_size, length=12)
+    objective = InsertionObjective(tok.bos_id, tok.eos_id, tok.pad_id, tok.mask_id, tok.special_ids, tok.vocab_size)
+    gen = generate(model, objective, tok, SampleConfig(num_samples=3, stop_threshold=1.0), 12, 12,
+                   template="ab[MASK]cd", bos=True)
+    for text in gen.texts:
+        assert text.startswith("ab") and text.endswith("cd") and len(text) == 11

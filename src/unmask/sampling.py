@@ -670,12 +670,13 @@ class InsertionSampler(Sampler):
     """Insertion LMs (``algorithms.md`` section 5): every step is one network call and one insertion
     per unfinished row, and rows finish at different lengths.
 
-    The canvas (B, W) says where to insert: its non-mask tokens are kept, in order, and a run of mask
-    ids after a token opens the gap after it (the number of masks does not matter: the model decides
-    how many tokens a gap receives). ``[BOS] prompt [MASK]`` continues a prompt; ``[BOS] [MASK]`` is
-    unconditional; ``[BOS] left [MASK] right [MASK]`` infills spans of unknown length. Inserted tokens
-    open the gaps after them. The width ``W`` bounds the final length; the result holds each row's
-    sequence left-aligned, PAD after it.
+    The canvas (B, W) says where to insert: its tokens other than mask and PAD are kept, in order, and
+    a run of mask ids after a token opens the gap after it (the number of masks does not matter: the
+    model decides how many tokens a gap receives); PAD is room to grow into without opening a gap.
+    ``[BOS] prompt [MASK]`` continues a prompt; ``[BOS] [MASK]`` is unconditional; ``[BOS] left [MASK]
+    right [PAD]...`` infills one span of unknown length (``generate`` builds that from a template).
+    Inserted tokens open the gaps after them. The width ``W`` bounds the final length; the result holds
+    each row's sequence left-aligned, PAD after it.
 
     Per step and row: stop when ``P(stop) >= stop_threshold`` (or the row is full); otherwise choose
     the gap from the position marginals ``logsumexp_v s[j, v]`` (``gap="greedy"``: the argmax, the
@@ -698,7 +699,7 @@ class InsertionSampler(Sampler):
     def start(self, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids (B, W) left-aligned, open gaps (B, W), lengths (B,)) of a canvas."""
         masks = canvas == self.mask_id
-        fixed = ~masks
+        fixed = ~masks & (canvas != self.pad_id)
         if not fixed[:, 0].all():
             raise SamplingError("an insertion canvas must start with a fixed token (BOS) that owns the first gap")
         before_mask = torch.cat([masks[:, 1:], torch.zeros_like(masks[:, :1])], dim=1)
@@ -754,7 +755,7 @@ class InsertionSampler(Sampler):
             step += 1
             if on_step is not None:
                 on_step(ids)
-        generated = int((lengths - (~(canvas == self.mask_id)).sum(1)).sum())
+        generated = int((lengths - ((canvas != self.mask_id) & (canvas != self.pad_id)).sum(1)).sum())
         return SampleResult(ids, calls, row_nfe, time.perf_counter() - start, generated)
 
 
@@ -893,6 +894,8 @@ def generate(model, objective, tokenizer: Tokenizer, cfg: SampleConfig, length: 
     out = Generation([], [], [], 0, 0.0, 0)
     for start in range(0, len(rows), cfg.batch_size):
         canvas = make_canvas(tokenizer, rows[start:start + cfg.batch_size], length, bos).to(device)
+        if template is not None and isinstance(sampler, InsertionSampler):  # infill only the template's gaps
+            canvas[:, len(requests[0]) + int(bos):] = tokenizer.pad_id
         with (autocast() if autocast else _no_autocast()):
             result = sampler.sample(model, canvas, seeds[start:start + len(canvas)].to(device))
         for row, n in zip(result.tokens.cpu(), result.row_nfe.tolist()):
