@@ -340,11 +340,10 @@ def schedule_loss(policy: SchedulePolicy, rollouts: Rollouts, advantages: torch.
 class Trainer:
     """Rollouts, advantages and alternating updates of the model and the schedule (module docstring)."""
 
-    def __init__(self, model, diffusion: MaskedDiffusion, tokenizer, cfg: RunConfig, reward: Reward,
-                 pairs: list[tuple[str, str]], device="cpu"):
+    def __init__(self, model, diffusion: MaskedDiffusion, tokenizer, cfg: RunConfig, reward: Reward, device="cpu"):
         r = cfg.rl
         self.cfg, self.r, self.model, self.diffusion, self.tokenizer = cfg, r, model, diffusion, tokenizer
-        self.reward, self.pairs, self.device = reward, pairs, torch.device(device)
+        self.reward, self.device = reward, torch.device(device)
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if r.kl > 0 else None
         learned = tuple(r.schedule) if r.mode != "model" else ()
         self.policy = SchedulePolicy(r.sample_steps, learned, cfg.sample.temperature, cfg.sample.guidance,
@@ -354,7 +353,6 @@ class Trainer:
         self.sampler = None
         if r.sampler != "scheduled":
             self.sampler = make_sampler(replace(cfg.sample, sampler=r.sampler), diffusion, tokenizer, cfg.model.length)
-        self.prompt_ids = [encode_fixed(tokenizer, p) for p, _ in pairs]
 
     def phase(self, iteration: int) -> str:
         """What iteration ``iteration`` updates; a deterministic schedule has nothing to learn, so with it
@@ -365,8 +363,10 @@ class Trainer:
             return self.r.mode
         return "model" if (iteration // self.r.alternate_every) % 2 == 0 else "schedule"
 
-    def rollouts(self, indices: list[int], group: int, seed: int, mean_schedule: bool = False) -> Rollouts:
-        rows = [self.prompt_ids[i] for i in indices for _ in range(group)]
+    def rollouts(self, pairs: list[tuple[str, str]], group: int, seed: int, mean_schedule: bool = False) -> Rollouts:
+        """``group`` rollouts for each (prompt, answer) pair, scored by the reward."""
+        prompt_ids = [encode_fixed(self.tokenizer, p) for p, _ in pairs]
+        rows = [ids for ids in prompt_ids for _ in range(group)]
         canvas = make_canvas(self.tokenizer, rows, self.cfg.data.length, bos=True).to(self.device)
         seeds = row_seeds(seed, len(rows)).to(self.device)
         generator = torch.Generator().manual_seed(seed)
@@ -380,10 +380,10 @@ class Trainer:
                 policy.std0 = 0.0
             parts = scheduled_rollouts(self.model, self.diffusion, policy, canvas, seeds, generator)
         canvases, z, temperature, guidance, old = parts
-        completions = [answer_of(row.tolist(), len(self.prompt_ids[indices[i // group]]), self.tokenizer)
+        completions = [answer_of(row.tolist(), len(prompt_ids[i // group]), self.tokenizer)
                        for i, row in enumerate(canvases[:, -1].cpu())]
-        prompts = [self.pairs[i][0] for i in indices for _ in range(group)]
-        answers = [self.pairs[i][1] for i in indices for _ in range(group)]
+        prompts = [p for p, _ in pairs for _ in range(group)]
+        answers = [a for _, a in pairs for _ in range(group)]
         rewards = torch.tensor(self.reward(prompts, completions, answers), dtype=torch.float64)
         old_schedule = None
         if not self.policy.deterministic and self.sampler is None:
@@ -393,10 +393,10 @@ class Trainer:
         return Rollouts(canvases, z, temperature, guidance, old, old_schedule, canvas != self.diffusion.mask_id,
                         completions, rewards, group)
 
-    def update(self, iteration: int, indices: list[int]) -> dict:
+    def update(self, iteration: int, pairs: list[tuple[str, str]]) -> dict:
         r = self.r
         seed = seed_for(r.seed, iteration, 0x6E90)
-        rollouts = self.rollouts(indices, r.group_size, seed)
+        rollouts = self.rollouts(pairs, r.group_size, seed)
         advantages = group_advantages(rollouts.rewards, r.group_size).to(self.device)
         phase = self.phase(iteration)
         info: dict = {"iteration": iteration + 1, "phase": phase, "reward": float(rollouts.rewards.mean()),
@@ -422,13 +422,13 @@ class Trainer:
         return info
 
     @torch.no_grad()
-    def evaluate(self, pairs_indices: list[int], seed: int) -> float:
+    def evaluate(self, pairs: list[tuple[str, str]], seed: int) -> float:
         """Mean reward of one rollout per prompt with the schedule at its means."""
         total = 0.0
-        for start in range(0, len(pairs_indices), self.r.eval_batch):
-            chunk = pairs_indices[start:start + self.r.eval_batch]
+        for start in range(0, len(pairs), self.r.eval_batch):
+            chunk = pairs[start:start + self.r.eval_batch]
             total += float(self.rollouts(chunk, 1, seed + start, mean_schedule=True).rewards.sum())
-        return total / len(pairs_indices)
+        return total / len(pairs)
 
 
 def rl_train(cfg: RunConfig, model, diffusion: MaskedDiffusion, tokenizer, device="cpu",
@@ -447,34 +447,28 @@ def rl_train(cfg: RunConfig, model, diffusion: MaskedDiffusion, tokenizer, devic
         raise ConfigError("rl.mode=schedule needs a schedule to learn: rl.schedule parameters and rl.schedule_std > 0")
     pairs = read_pairs(r.prompts, cfg.data.prompt_field or "prompt", cfg.data.text_field)
     held_out = read_pairs(r.eval_prompts, cfg.data.prompt_field or "prompt", cfg.data.text_field) if r.eval_prompts else []
-    trainer = Trainer(model.to(device), diffusion, tokenizer, cfg, reward or load_reward(r.reward), pairs, device)
+    trainer = Trainer(model.to(device), diffusion, tokenizer, cfg, reward or load_reward(r.reward), device)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     metrics = run_dir / "metrics.jsonl"
     metrics.write_text("")
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(r.seed)).tolist()
-    evaluator = None
-    if held_out:
-        evaluator = Trainer(model, diffusion, tokenizer, cfg, trainer.reward, held_out, device)
-        evaluator.policy = trainer.policy
     start = time.perf_counter()
 
     def log(record: dict) -> None:
         with open(metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    if evaluator is not None:
-        log({"iteration": 0, "event": "eval", "reward": evaluator.evaluate(list(range(len(held_out))), r.seed)})
+    if held_out:
+        log({"iteration": 0, "event": "eval", "reward": trainer.evaluate(held_out, r.seed)})
     for it in range(r.iterations):
         at = it * r.prompts_per_step
-        indices = [order[(at + j) % len(order)] for j in range(r.prompts_per_step)]
-        record = trainer.update(it, indices)
+        record = trainer.update(it, [pairs[order[(at + j) % len(order)]] for j in range(r.prompts_per_step)])
         record.update(elapsed_seconds=time.perf_counter() - start, schedule=trainer.policy.summary())
         log(record)
-        if evaluator is not None and r.eval_every and ((it + 1) % r.eval_every == 0 or it + 1 == r.iterations):
-            log({"iteration": it + 1, "event": "eval",
-                 "reward": evaluator.evaluate(list(range(len(held_out))), r.seed)})
+        if held_out and r.eval_every and ((it + 1) % r.eval_every == 0 or it + 1 == r.iterations):
+            log({"iteration": it + 1, "event": "eval", "reward": trainer.evaluate(held_out, r.seed)})
     (run_dir / "schedule.json").write_text(json.dumps(trainer.policy.summary(), indent=1) + "\n")
     state = {"rl_iterations": r.iterations, "schedule": trainer.policy.summary()}
     ckpt = save_checkpoint(run_dir / "checkpoints", r.iterations, model.state_dict(), cfg, tokenizer,
