@@ -97,7 +97,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--sampler", default="first_hitting")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="tokens per request (default: the server's, the length the model was trained on)")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--server-args", default="", help="extra arguments for `unmask serve`")
     args = parser.parse_args()

@@ -1,7 +1,13 @@
-"""Every test gets its own token cache and leaves torch's thread count as it found it."""
+"""Every test gets its own token cache and leaves torch's thread count as it found it; ``corpus`` is a
+small learnable text file."""
+
+import lzma
+from pathlib import Path
 
 import pytest
 import torch
+
+from unmask.data import shipped_corpus_path
 
 
 @pytest.fixture(autouse=True)
@@ -10,3 +16,13 @@ def _isolated(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """The first 30,000 characters of tiny-shakespeare (58 symbols): English, so learnable fast."""
+    with lzma.open(shipped_corpus_path(), "rt", encoding="utf-8") as f:
+        text = f.read(30_000)
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -72,8 +72,9 @@ def test_round_trip_is_exact(tmp_path):
     path = save_checkpoint(tmp_path / "ckpts", 7, model.state_dict(), cfg, tok, opt.state_dict(), ema,
                            {"elapsed_seconds": 3.5, "ema_updates": 6, "epoch": 0.25}, keep=0)
     assert path == tmp_path / "ckpts" / "step_00000007"
-    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "ema.safetensors", "model.safetensors",
-                                                     "optimizer.safetensors", "tokenizer", "trainer_state.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["checksums.json", "config.yaml", "ema.safetensors",
+                                                     "model.safetensors", "optimizer.safetensors", "tokenizer",
+                                                     "trainer_state.json"]
 
     ck = Checkpoint(path)
     assert ck.step == 7 and ck.path == path

@@ -230,7 +230,7 @@ def test_text_outside_the_alphabet(tmp_path, capsys):
                  f"run_dir={tmp_path / 'run'}", "train.steps=1"])
     line = error_line(capsys)
     assert code == 2
-    assert "'z'" in line and "character 9" in line and "alphabet" in line
+    assert "'z'" in line and f"{corpus}:1:10" in line and "alphabet" in line  # character 9 = line 1, column 10
 
 
 @pytest.mark.parametrize("content, fragment", [
@@ -292,6 +292,10 @@ def test_checkpoint_of_a_different_shape(runs, tmp_path, capsys):
     source = list_checkpoints(wide / "checkpoints")[-1]
     for name in ("model.safetensors", "ema.safetensors"):
         shutil.copy(source / name, target / name)
+    assert main(["eval", str(victim)]) == 2  # the recorded checksums catch the swap first
+    line = error_line(capsys)
+    assert "SHA-256 differs" in line and str(target / "ema.safetensors") in line, line
+    (target / "checksums.json").unlink()  # as a checkpoint written before checksums existed
     for command in ("eval", "sample"):
         assert main([command, str(victim)]) == 2
         line = error_line(capsys)

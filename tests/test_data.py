@@ -556,12 +556,24 @@ def test_text_oov_error_names_symbol_position_and_document(tmp_path):
     with pytest.raises(DataError) as info:
         Data(text_cfg(path, tokenizer="char", alphabet="abc\n")).rows("train")
     msg = str(info.value)
-    assert "'#'" in msg and "character 6" in msg and "document 0" in msg and "train split" in msg
+    assert msg.startswith(f"{path}:2:3: symbol '#'"), msg  # file:line:column
 
     with pytest.raises(DataError) as info:
         Data(text_cfg(path, tokenizer="char", alphabet="abc", documents="line")).rows("train")
-    msg = str(info.value)
-    assert "'#'" in msg and "character 2" in msg and "document 1" in msg
+    assert str(info.value).startswith(f"{path}:2:3: symbol '#'")
+    with pytest.raises(DataError) as info:  # the valid split of one file starts part-way into it
+        Data(text_cfg(path, tokenizer="char", alphabet="abc\n", valid_fraction=0.5, test_fraction=0.0)).rows("valid")
+    assert str(info.value).startswith(f"{path}:2:3: symbol '#'")
+    paragraphs = tmp_path / "paragraphs.txt"
+    paragraphs.write_text("abc\n\nab\nc#\n")
+    with pytest.raises(DataError) as info:
+        Data(text_cfg(paragraphs, tokenizer="char", alphabet="abc\n", documents="blank_line")).rows("train")
+    assert str(info.value).startswith(f"{paragraphs}:4:2: symbol '#'")
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"text": "abc"}\n{"text": "a#"}\n')
+    with pytest.raises(DataError) as info:
+        Data(text_cfg(records, tokenizer="char", alphabet="abc")).rows("train")
+    assert str(info.value).startswith(f"{records}, record 2, character 2: symbol '#'")
 
 
 def test_oov_position_counts_across_pieces(tmp_path, monkeypatch):
@@ -571,7 +583,7 @@ def test_oov_position_counts_across_pieces(tmp_path, monkeypatch):
     path.write_text("ab\nab\nabc\naa\nb!a\n")  # '!' at character 14
     with pytest.raises(DataError) as info:
         Data(text_cfg(path, tokenizer="char", alphabet="abc\n")).rows("train")
-    assert "character 14" in str(info.value) and "'!'" in str(info.value)
+    assert str(info.value).startswith(f"{path}:5:2: symbol '!'")  # character 14
 
 
 def test_oov_replace_and_drop_in_corpus(tmp_path):

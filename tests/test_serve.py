@@ -1,14 +1,21 @@
 """The HTTP server, exercised over real loopback HTTP: completions, streams whose last canvas equals
 the non-streaming result, infilling, request validation (4xx with a message, server healthy after),
-batching that does not change results, limits and timeouts, and the web page in headless Chromium."""
+batching that does not change results, limits and timeouts, the documented error shape everywhere,
+requests refused before they cost anything, a worker that survives bad batches and is restarted when
+it dies, cancellation of abandoned requests, shutdown, and the web page in headless Chromium."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import http.client
 import json
+import queue
 import shutil
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import torch
@@ -20,7 +27,8 @@ from unmask.checkpoint import save_checkpoint  # noqa: E402
 from unmask.config import load_config  # noqa: E402
 from unmask.pretrained import from_pretrained  # noqa: E402
 from unmask.runtime import build_model  # noqa: E402
-from unmask.serve import ModelService, ServeConfig, running_server  # noqa: E402
+from unmask.serve import (CompletionRequest, EventStream, ModelService, ServeConfig, model_name,  # noqa: E402
+                          running_server)
 from unmask.tokenization import build_tokenizer  # noqa: E402
 
 from toys import TINY  # noqa: E402
@@ -28,9 +36,10 @@ from toys import TINY  # noqa: E402
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 
 
-def make_checkpoint(root: Path, family: str = "mdlm") -> Path:
+def make_checkpoint(root: Path, family: str = "mdlm", overrides: tuple[str, ...] = ()) -> Path:
+    """A tiny run of ``family`` with random weights (length 32, the alphabet above), in ``root/family``."""
     cfg = load_config(None, TINY + [f"family={family}", f"run_dir={root / family}", "data.tokenizer=char",
-                                    "data.frame=false", f"data.alphabet={json.dumps(ALPHABET)}"])
+                                    "data.frame=false", f"data.alphabet={json.dumps(ALPHABET)}", *overrides])
     tokenizer = build_tokenizer("char", alphabet=cfg.data.alphabet)
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer)
@@ -54,6 +63,35 @@ class Slow(torch.nn.Module):
         return self.inner(*args, **kw)
 
 
+class Failing(torch.nn.Module):
+    """A model whose first ``times`` forward passes raise ``error``."""
+
+    def __init__(self, inner, error, times=1):
+        super().__init__()
+        self.inner, self.error, self.times = inner, error, times
+        self.time_conditioning = False
+
+    def forward(self, *args, **kw):
+        if self.times:
+            self.times -= 1
+            raise self.error
+        return self.inner(*args, **kw)
+
+
+class FlakyQueue(queue.Queue):
+    """A job queue whose next ``get`` raises ``error`` (once)."""
+
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def get(self, *args, **kw):
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return super().get(*args, **kw)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
@@ -69,8 +107,35 @@ def server(checkpoints):
     service.close()
 
 
-def post(url, body, **kw):
-    return httpx.post(f"{url}/v1/completions", json=body, timeout=60, **kw)
+def service_for(checkpoint, delay: float = 0.0, **limits) -> ModelService:
+    loaded = from_pretrained(checkpoint)
+    if delay:
+        loaded.model = Slow(loaded.model, delay)
+    return ModelService(loaded, ServeConfig(**limits))
+
+
+def post(url, body, timeout=60, **kw):
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout, **kw)
+
+
+def assert_error(r, status: int, words: str = "") -> dict:
+    """``r`` is ``status`` with the documented ``{"error": {"type", "message"}}`` body, one line."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
+    assert isinstance(body["error"]["type"], str) and body["error"]["type"]
+    assert isinstance(body["error"]["message"], str) and "\n" not in body["error"]["message"]
+    assert words in body["error"]["message"], body
+    return body["error"]
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def stream_events(url, body) -> list:
@@ -93,6 +158,7 @@ def test_health_metadata_and_page(server):
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     info = httpx.get(f"{url}/v1/models").json()["data"][0]
     assert info["family"] == "mdlm" and info["max_length"] == 32 and "first_hitting" in info["samplers"]
+    assert info["id"] == "mdlm" and info["limits"]["max_body_bytes"] == 1 << 20
     page = httpx.get(url)
     assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "/v1/completions" in page.text
 
@@ -156,23 +222,40 @@ def test_infilling_by_mask_markers_and_guidance(server):
     ({"prompt": "ABC"}, 400, "prompt"),
     ({"prompt": "a", "model": "other"}, 400, "not served"),
     ({"prompt": "a", "tokens_per_step": 50, "max_tokens": 4}, 400, "tokens_per_step"),
+    ({"prompt": "a", "max_tokens": 2, "stream": "yes"}, 422, "stream"),  # strict JSON types, no coercion
+    ({"prompt": "a", "max_tokens": "2"}, 422, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 2.0}, 422, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 2, "n": True}, 422, "n"),
+    ({"prompt": "a", "max_tokens": 2, "temperature": "1"}, 422, "temperature"),
+    ({"prompt": "a", "max_tokens": 2, "seed": 1.5}, 422, "seed"),
+    ({"prompt": "a", "max_tokens": 2, "temperature": 1e-300}, 422, "temperature"),  # would overflow to NaN
+    ({"prompt": "a", "max_tokens": 2, "seed": 2 ** 63}, 422, "seed"),
+    ({"prompt": "a", "max_tokens": 10 ** 30}, 400, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 2, "n": 10 ** 30}, 400, "n="),
+    ({"prompt": "a", "max_tokens": 2, "steps": 10 ** 30}, 400, "steps="),
+    ({"prompt": "a", "max_tokens": 2, "tokens_per_step": 10 ** 30}, 400, "tokens_per_step"),
+    ({"prompt": "a[MASK*40]"}, 400, "32"),
 ])
 def test_bad_requests_get_a_4xx_with_a_message_and_the_server_stays_healthy(server, body, status, words):
     url, _ = server
-    r = post(url, body)
-    assert r.status_code == status, r.text
-    assert words in r.json()["error"]["message"]
+    assert_error(post(url, body), status, words)
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     assert post(url, {"prompt": "a", "max_tokens": 3, "seed": 1}).status_code == 200
 
 
-def test_malformed_json_and_wrong_method(server):
+def test_malformed_json_wrong_method_and_unknown_paths_get_the_documented_error_shape(server):
     url, _ = server
-    r = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
-    assert r.status_code == 422 and "JSON" in r.json()["error"]["message"]
-    r = httpx.post(f"{url}/v1/completions", content=b"[1, 2]", headers={"Content-Type": "application/json"})
-    assert r.status_code == 422
-    assert httpx.get(f"{url}/v1/completions").status_code == 405
+    json_type = {"Content-Type": "application/json"}
+    assert_error(httpx.post(f"{url}/v1/completions", content=b"{not json", headers=json_type), 422, "JSON")
+    for body in (b"[1, 2]", b"null", b"7", b'"text"'):
+        assert_error(httpx.post(f"{url}/v1/completions", content=body, headers=json_type), 422, "JSON object")
+    assert_error(httpx.post(f"{url}/v1/completions", content=b'{"prompt": "a"}',
+                            headers={"Content-Type": "text/plain"}), 422, "JSON object")
+    assert_error(httpx.post(f"{url}/v1/completions"), 422, "JSON object")
+    assert_error(httpx.post(f"{url}/v1/completions", content=b"[" * 100_000, headers=json_type), 400)
+    assert_error(httpx.get(f"{url}/v1/completions"), 405)
+    assert_error(httpx.post(f"{url}/health"), 405)
+    assert_error(httpx.get(f"{url}/no/such/path"), 404)
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
 
@@ -224,16 +307,270 @@ def test_limits_busy_and_timeout(checkpoints):
         t = threading.Thread(target=lambda: results.update(first=post(url, slow)))
         t.start()
         time.sleep(0.2)
-        busy = post(url, {"prompt": "a", "max_tokens": 2})
-        assert busy.status_code == 429 and "retry" in busy.json()["error"]["message"]
+        assert_error(post(url, {"prompt": "a", "max_tokens": 2}), 429, "retry")
         t.join()
-        assert results["first"].status_code == 504 and "0.5 s" in results["first"].json()["error"]["message"]
+        assert_error(results["first"], 504, "0.5 s")
         deadline = time.time() + 10
         while service.pending and time.time() < deadline:  # the abandoned work is stopped and released
             time.sleep(0.05)
         assert service.pending == 0
         assert post(url, {"prompt": "a", "max_tokens": 2, "sampler": "ancestral", "steps": 2}).status_code == 200
     service.close()
+
+
+@pytest.mark.parametrize("body", [b'{"prompt": "a", "temperature": NaN}', b'{"prompt": "a", "guidance": Infinity}',
+                                  b'{"prompt": "a", "top_p": -Infinity}', b'{"prompt": "a", "temperature": 1e999}'])
+def test_non_finite_numbers_are_refused_as_such(server, body):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert_error(r, 422, "finite number")
+
+
+def test_extreme_but_valid_values_are_served(server):
+    url, _ = server
+    for extra in ({"top_k": 10 ** 30}, {"top_p": 5e-324}, {"temperature": 100.0, "guidance": 100.0},
+                  {"guidance": -1.0}, {"seed": 2 ** 63 - 1}, {"temperature": 0}, {"tokens_per_step": 5}):
+        r = post(url, {"prompt": "a", "max_tokens": 4, **extra})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["tokens"]) == 5, (extra, r.text)
+
+
+def test_mixed_prompt_lengths_in_the_queue_do_not_wedge_the_worker(checkpoints):
+    """Requests of three shapes queue up behind a slow one; the worker sorts them into batches by
+    shape (requests are compared by identity, never by their tensors) and answers every one."""
+    service = service_for(checkpoints["mdlm"], delay=0.02, batch_window_ms=50, timeout_s=20)
+    with running_server(service) as url:
+        blocker = threading.Thread(target=post, args=(url, {"prompt": "a", "max_tokens": 8, "sampler": "ancestral",
+                                                            "steps": 40}))
+        blocker.start()
+        time.sleep(0.2)
+        bodies = [{"prompt": p, "max_tokens": 16, "sampler": "ancestral", "steps": 8, "seed": i}
+                  for i, p in enumerate(["a", "bb", "ccc"] * 4)]
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda body: post(url, body), bodies))
+        blocker.join()
+        assert [r.status_code for r in answers] == [200] * len(bodies), [r.text for r in answers]
+        assert [len(r.json()["choices"][0]["tokens"]) for r in answers[:3]] == [17, 18, 19]
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "ok" and health["pending"] == 0 and health["restarts"] == 0
+    service.close()
+
+
+def test_an_error_in_the_worker_loop_fails_no_request_and_the_worker_carries_on(checkpoints):
+    service = service_for(checkpoints["mdlm"], timeout_s=5)
+    with running_server(service) as url:
+        flaky = FlakyQueue(RuntimeError("injected"))
+        service.jobs = flaky
+        assert wait_until(lambda: flaky.error is None, 5)
+        assert post(url, {"prompt": "a", "max_tokens": 3}).status_code == 200
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "ok" and health["restarts"] == 0
+    service.close()
+
+
+def test_a_failing_batch_gets_500_and_the_next_request_succeeds(checkpoints):
+    loaded = from_pretrained(checkpoints["mdlm"])
+    loaded.model = Failing(loaded.model, RuntimeError("injected failure"))
+    service = ModelService(loaded, ServeConfig(timeout_s=5))
+    with running_server(service) as url:
+        assert_error(post(url, {"prompt": "a", "max_tokens": 3}), 500, "injected failure")
+        assert post(url, {"prompt": "a", "max_tokens": 3}).status_code == 200
+        assert httpx.get(f"{url}/health").json()["pending"] == 0
+    service.close()
+
+
+def test_a_dead_worker_is_reported_by_health_and_restarted(checkpoints):
+    service = service_for(checkpoints["mdlm"], timeout_s=5)
+    with running_server(service) as url:
+        service.jobs = FlakyQueue(SystemExit("injected"))  # no Exception: it ends the worker thread
+        assert wait_until(lambda: not service.worker.is_alive(), 5)
+        assert_error(httpx.get(f"{url}/health"), 503, "stopped (SystemExit: injected)")
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "ok" and health["restarts"] == 1
+        assert post(url, {"prompt": "a", "max_tokens": 3}).status_code == 200
+    service.close()
+
+
+def test_requests_running_when_the_worker_dies_get_503_at_once_and_later_ones_succeed(checkpoints):
+    loaded = from_pretrained(checkpoints["mdlm"])
+    loaded.model = Failing(loaded.model, SystemExit("injected"))
+    service = ModelService(loaded, ServeConfig(timeout_s=10))
+    with running_server(service) as url:
+        start = time.monotonic()
+        assert_error(post(url, {"prompt": "a", "max_tokens": 3}), 503, "restarted")
+        assert time.monotonic() - start < 3
+        assert post(url, {"prompt": "a", "max_tokens": 3}).status_code == 200
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "ok" and health["restarts"] == 1 and health["pending"] == 0
+    service.close()
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": "a", "max_tokens": 10 ** 8}, "max_tokens=100000000"),
+    ({"prompt": "a [MASK*100000000] b"}, "maximum of 32"),
+    ({"prompt": "a [MASK*-3] b"}, "[MASK*n] marker needs a whole number"),
+    ({"prompt": "a [MASK*0] b"}, "[MASK*n] marker needs a whole number"),
+    ({"prompt": "a " * 400_000}, "leaves no room"),
+])
+def test_oversized_and_malformed_prompts_are_refused_at_once(server, body, words):
+    url, _ = server
+    start = time.monotonic()
+    r = post(url, body)
+    assert time.monotonic() - start < 2
+    assert_error(r, 400, words)
+    assert httpx.get(f"{url}/health", timeout=2).json()["status"] == "ok"
+
+
+def test_health_answers_while_a_request_is_being_prepared(server, monkeypatch):
+    url, service = server
+    encode = service.tokenizer.encode
+
+    def slow_encode(*args, **kw):
+        time.sleep(1.5)
+        return encode(*args, **kw)
+
+    monkeypatch.setattr(service.tokenizer, "encode", slow_encode)
+    results = {}
+    t = threading.Thread(target=lambda: results.update(r=post(url, {"prompt": "a", "max_tokens": 2})))
+    t.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
+    assert time.monotonic() - start < 0.5
+    t.join()
+    assert results["r"].status_code == 200
+
+
+def raw_post(url: str, headers: dict, body=None) -> tuple[int, dict]:
+    """POST with exactly the given headers (no body at all unless ``body``); (status, JSON answer)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    try:
+        if body is None:
+            conn.putrequest("POST", "/v1/completions")
+            for key, value in headers.items():
+                conn.putheader(key, value)
+            conn.endheaders()
+        else:
+            conn.request("POST", "/v1/completions", body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
+    url, _ = server
+    status, answer = raw_post(url, {"Content-Type": "application/json", "Content-Length": str(2 << 20)})
+    assert status == 413 and answer["error"]["type"] == "too_large" and "1048576 bytes" in answer["error"]["message"]
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_a_chunked_body_over_the_limit_gets_413(checkpoints):
+    service = service_for(checkpoints["mdlm"], max_body_bytes=4096)
+    with running_server(service) as url:
+        chunks = iter([b'{"prompt": "', b"a" * 3000, b"a" * 3000, b'"}'])
+        status, answer = raw_post(url, {"Content-Type": "application/json"}, chunks)  # no length: chunked
+        assert status == 413 and set(answer["error"]) == {"type", "message"} and "4096" in answer["error"]["message"]
+        status, answer = raw_post(url, {"Content-Type": "application/json"}, iter([b'{"max_tokens": 2}']))
+        assert status == 200 and len(answer["choices"][0]["tokens"]) == 2
+    service.close()
+
+
+def test_max_tokens_defaults_to_the_trained_length(tmp_path):
+    service = ModelService(from_pretrained(make_checkpoint(tmp_path, overrides=("data.length=16",))))
+    with running_server(service) as url:
+        assert len(post(url, {"seed": 1}).json()["choices"][0]["tokens"]) == 16
+        assert len(post(url, {"prompt": "ab", "seed": 1}).json()["choices"][0]["tokens"]) == 16
+        assert len(post(url, {"prompt": "a", "max_tokens": 31}).json()["choices"][0]["tokens"]) == 32
+        assert_error(post(url, {"prompt": "a" * 20}), 400, "set max_tokens (at most 12)")
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["default_length"] == 16
+    service.close()
+
+
+def test_a_client_that_gives_up_cancels_its_request(checkpoints):
+    service = service_for(checkpoints["mdlm"], delay=0.1, timeout_s=60)
+    with running_server(service) as url:
+        start = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):  # 60 steps of 0.1 s: 6 s of work
+            post(url, {"prompt": "a", "max_tokens": 8, "sampler": "ancestral", "steps": 60}, timeout=0.5)
+        assert wait_until(lambda: httpx.get(f"{url}/health").json()["pending"] == 0, 10)
+        assert time.monotonic() - start < 3
+        assert post(url, {"prompt": "a", "max_tokens": 2, "sampler": "ancestral", "steps": 2}).status_code == 200
+    service.close()
+
+
+def test_closing_the_service_answers_running_and_queued_requests_with_503(checkpoints):
+    service = service_for(checkpoints["mdlm"], delay=0.1, timeout_s=10, batching=False)
+    with running_server(service) as url:
+        results = {}
+        slow = {"prompt": "a", "max_tokens": 8, "sampler": "ancestral", "steps": 60}
+        threads = [threading.Thread(target=lambda k=k: results.update({k: post(url, {**slow, "seed": k})}))
+                   for k in range(2)]
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: service.pending == 2, 5)
+        start = time.monotonic()
+        service.close()
+        for t in threads:
+            t.join()
+        assert time.monotonic() - start < 3
+        for k in range(2):
+            assert_error(results[k], 503, "shutting down")
+        assert_error(httpx.get(f"{url}/health"), 503, "shutting down")
+        assert_error(post(url, {"prompt": "a", "max_tokens": 2}), 503, "shutting down")
+
+
+def test_the_model_id_does_not_reveal_local_paths(server, tmp_path):
+    url, _ = server
+    info = httpx.get(f"{url}/v1/models").json()["data"][0]
+    assert info["id"] == "mdlm" and str(tmp_path.parent) not in json.dumps(info)
+    assert post(url, {"prompt": "a", "max_tokens": 2, "model": "mdlm"}).status_code == 200
+    hub = Path("/home/me/.cache/huggingface/hub/models--kuleshov-group--mdlm-owt/snapshots/0123abc")
+    assert model_name(hub) == "kuleshov-group/mdlm-owt"
+    assert model_name(Path("/data/runs/owt-small/checkpoints/step_00001000")) == "owt-small"
+    assert model_name(Path("/data/exported/my-model")) == "my-model"
+    assert model_name(Path("/data/mdlm.ckpt")) == "mdlm.ckpt"
+
+
+def test_a_stream_that_is_not_read_holds_at_most_max_stream_lag_canvases(checkpoints):
+    service = service_for(checkpoints["mdlm"], max_stream_lag=3)
+
+    async def unread_events():
+        req = CompletionRequest(prompt="a", max_tokens=20, sampler="ancestral", steps=30, seed=1, stream=True)
+        job, _ = await service.submit(req)
+        while not job.finished:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # the events the worker sent are delivered
+        return [job.events.get_nowait() for _ in range(job.events.qsize())]
+
+    events = asyncio.run(unread_events())
+    assert [kind for kind, _ in events] == ["step"] * 3 + ["done"]
+    assert [step for _, (step, _) in events[:3]] == [1, 2, 3] and events[-1][1]["steps"] > 10
+    service.close()
+
+
+def test_a_stream_whose_client_stops_reading_is_dropped_at_its_deadline():
+    closed = []
+
+    async def events():
+        while True:
+            yield "data: {}\n\n"
+
+    async def receive():
+        await asyncio.sleep(3600)  # the client never disconnects
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            await asyncio.sleep(3600)  # ... and never reads
+
+    async def scenario():
+        response = EventStream(events(), time.monotonic() + 0.2, lambda: closed.append(True))
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+        await asyncio.wait_for(response(scope, receive, send), 5)
+
+    start = time.monotonic()
+    asyncio.run(scenario())
+    assert closed == [True] and time.monotonic() - start < 2
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

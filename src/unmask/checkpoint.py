@@ -9,10 +9,16 @@ A checkpoint is a self-contained folder::
         trainer_state.json      step, optimizer hyper-parameters, EMA counters, data position
         config.yaml             the resolved run config
         tokenizer/              the tokenizer (unmask_tokenizer.json [+ tokenizer.json])
+        checksums.json          SHA-256 of every other file
 
 It is written into ``.tmp-step_...`` and renamed into place once complete (``os.replace`` is
 atomic), so a process killed during a save leaves the previous checkpoint intact; leftover temporary
 folders are ignored and removed by the next save.
+
+Reading verifies: each file is checked against ``checksums.json`` when it is read (a mismatch is an
+error naming the file), must lie inside the checkpoint folder (:func:`unmask.files.member`), and
+weights must be finite. :func:`resume_point` picks the newest intact checkpoint, reporting the
+corrupt newer ones it skips.
 """
 
 from __future__ import annotations
@@ -21,20 +27,21 @@ import json
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import RunConfig, dump_config, load_config
+from .files import CheckpointError, member, read_json, sha256_file
 from .tokenization import Tokenizer, load_tokenizer
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """Missing, corrupt or incompatible checkpoint."""
+CHECKSUMS = "checksums.json"
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # the safetensors format's own bound on its JSON header
 
 
 def _fsync_dir(path: Path) -> None:
@@ -57,12 +64,41 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, whose header size is checked before anything is parsed."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    header = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+    if header is None or header > min(SAFETENSORS_HEADER_LIMIT, size - 8):
+        raise CheckpointError(f"corrupt checkpoint file {path}: its header length "
+                              f"({header if header is not None else 'missing'}) does not fit the file of {size:,} "
+                              f"bytes")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"corrupt checkpoint file {path}: {exc}") from None
+
+
+def record_checksums(folder: Path) -> None:
+    """Write ``folder/checksums.json``: the SHA-256 of every other file below ``folder``."""
+    sums = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != CHECKSUMS}
+    with open(folder / CHECKSUMS, "w") as f:
+        json.dump(sums, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verified(folder: Path, name: str, checksums: dict[str, str]) -> Path:
+    """``folder/name`` after checking that it lies in ``folder`` and matches its recorded checksum."""
+    path = member(folder, name)
+    expected = checksums.get(name)
+    if expected is not None and path.is_file() and sha256_file(path) != expected:
+        raise CheckpointError(f"corrupt checkpoint file {path}: its SHA-256 differs from the one recorded when "
+                              f"it was written")
+    return path
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -116,6 +152,7 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
         json.dump(state, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    record_checksums(tmp)
     _fsync_dir(tmp)
     replaced = None
     if final.exists():  # move the old one aside first: a kill now leaves the earlier checkpoints
@@ -155,31 +192,79 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 class Checkpoint:
-    """A loaded checkpoint folder: config, tokenizer, trainer state, and lazy tensor access."""
+    """A loaded checkpoint folder: config, tokenizer, trainer state, and lazy tensor access; every
+    file is verified against ``checksums.json`` as it is read (checkpoints written before checksums
+    existed are read unverified)."""
 
     def __init__(self, path: str | Path):
         self.path = resolve_checkpoint(path)
         try:
-            self.state = json.loads((self.path / "trainer_state.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"corrupt {self.path / 'trainer_state.json'}: {exc}") from None
-        self.config = load_config(self.path / "config.yaml")
-        self.tokenizer = load_tokenizer(self.path / "tokenizer")
-        self.step = int(self.state["step"])
+            sums = member(self.path, CHECKSUMS)
+            self.checksums = read_json(sums) if sums.is_file() else {}
+            self.state = read_json(self.file("trainer_state.json"))
+            self.step = int(self.state["step"])
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"corrupt checkpoint {self.path}: {exc}") from None
+        self.config = load_config(self.file("config.yaml"))
+        for name in self.checksums:
+            if name.startswith("tokenizer/"):
+                self.file(name)
+        self.tokenizer = load_tokenizer(self.file("tokenizer"))
+
+    def file(self, name: str) -> Path:
+        """The verified path of a file of this checkpoint."""
+        return verified(self.path, name, self.checksums)
 
     def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
         if ema and (self.path / "ema.safetensors").is_file():
-            return load_tensors(self.path / "ema.safetensors")
-        return load_tensors(self.path / "model.safetensors")
+            return load_tensors(self.file("ema.safetensors"))
+        return load_tensors(self.file("model.safetensors"))
 
     def optimizer_state(self) -> dict | None:
         if "optimizer" not in self.state:
             return None
-        return unflatten_optimizer(load_tensors(self.path / "optimizer.safetensors"), self.state["optimizer"])
+        try:
+            return unflatten_optimizer(load_tensors(self.file("optimizer.safetensors")), self.state["optimizer"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"corrupt optimizer state in {self.path}: {exc}") from None
 
     def ema_state(self) -> dict[str, torch.Tensor] | None:
-        path = self.path / "ema.safetensors"
-        return load_tensors(path) if path.is_file() else None
+        return load_tensors(self.file("ema.safetensors")) if (self.path / "ema.safetensors").is_file() else None
+
+    def verify(self) -> None:
+        """Read and check every file (checksums, finite weights), as a resume will use them."""
+        for name in self.checksums:
+            self.file(name)
+        for tensors in (self.weights(ema=False), self.ema_state() or {}):
+            check_finite(tensors, str(self.path))
+        self.optimizer_state()
+
+
+def resume_point(root: Path, warn: Callable[[str], None]) -> Checkpoint | None:
+    """The newest intact checkpoint under ``root`` (None when there is none at all); each corrupt
+    newer one is reported through ``warn`` and skipped. Corrupt ones are left where they are."""
+    found = list_checkpoints(root)
+    problems = []
+    for path in reversed(found):
+        try:
+            ckpt = Checkpoint(path)
+            ckpt.verify()
+            return ckpt
+        except (CheckpointError, FileNotFoundError) as exc:
+            problems.append(str(exc))
+            warn(f"checkpoint {path} is unusable ({exc}); trying the one before it")
+    if found:
+        raise CheckpointError(f"no intact checkpoint in {root} to resume from: {'; '.join(problems)}")
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{source}: tensor '{key}' holds NaN or infinite values (a corrupt file or a "
+                                  f"diverged run)")
 
 
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -197,6 +282,7 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
             raise CheckpointError(f"{source} tensor '{key}' has shape {tuple(tensors[key].shape)} but the "
                                   f"model expects {tuple(value.shape)}: it was saved from a model of a "
                                   f"different shape")
+    check_finite(tensors, source)
     model.load_state_dict(tensors, strict=True)
 
 

@@ -169,21 +169,28 @@ def build_classifier(cfg: RunConfig, tokenizer: Tokenizer) -> SequenceClassifier
 
 def train_classifier(cfg: RunConfig, fresh: bool = False) -> Path:
     """Fine-tune (``train.init_from``) or train from scratch; returns the best checkpoint folder. Writes
-    the run folder like ``unmask train`` (config, metrics.jsonl, checkpoints) plus ``test_metrics.json``."""
-    from .checkpoint import Checkpoint, list_checkpoints, load_weights, save_checkpoint
+    the run folder like ``unmask train`` (config, metrics.jsonl, checkpoints) plus ``test_metrics.json``,
+    holding its lock."""
+    from .runfolder import RunLock, clear_run_folder
+    from .runtime import deterministic_algorithms
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with RunLock(Path(cfg.run_dir)), deterministic_algorithms(cfg.train.deterministic, device):
+        if fresh:
+            clear_run_folder(Path(cfg.run_dir))
+        return _train_classifier(cfg, device)
+
+
+def _train_classifier(cfg: RunConfig, device: torch.device) -> Path:
+    from .checkpoint import Checkpoint, list_checkpoints, load_weights, resume_point, save_checkpoint
     from .data import BatchOrder
     from .runtime import autocast, resolve_precision, seed_for, set_threads
-    from .training import MetricsLog, init_tokenizer, initialize_from, learning_rate
+    from .training import MetricsLog, TrainingError, check_resumable, init_tokenizer, initialize_from, learning_rate
 
     t, d = cfg.train, cfg.data
     set_threads(t.threads, 1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(t.precision, device)
     run_dir = Path(cfg.run_dir)
-    if fresh and run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
     train_texts, train_labels = read_labelled(d.path, d.text_field, d.label_field)
     names = cfg.classifier.labels or label_names(train_labels)
     if len(names) < 2:
@@ -203,20 +210,18 @@ def train_classifier(cfg: RunConfig, fresh: bool = False) -> Path:
     torch.manual_seed(seed_for(t.seed, 0xC1A55))
     model = build_classifier(cfg, tokenizer)
     ckpt_root = run_dir / "checkpoints"
-    existing = list_checkpoints(ckpt_root)
-    if t.init_from and not existing:
+    ckpt = resume_point(ckpt_root, print)
+    if ckpt is not None:
+        check_resumable(ckpt, cfg, run_dir)
+    elif t.init_from:
         initialize_from(model.backbone, t.init_from, cfg, tokenizer, family="mdlm")
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
-    run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     tokenizer.save(run_dir / "tokenizer")
     start_step, best = 0, {"score": -math.inf, "step": 0}
-    if existing:
-        ckpt = Checkpoint(existing[-1])
-        if ckpt.config.model != cfg.model or ckpt.config.classifier != cfg.classifier:
-            raise ConfigError(f"{run_dir} holds a checkpoint of a different classifier; use another run_dir or --fresh")
+    if ckpt is not None:
         load_weights(model, ckpt.weights(ema=False), str(ckpt.path))
         optimizer.load_state_dict(ckpt.optimizer_state())
         start_step, best = ckpt.step, ckpt.state.get("best", best)
@@ -251,6 +256,9 @@ def train_classifier(cfg: RunConfig, fresh: bool = False) -> Path:
         optimizer.zero_grad(set_to_none=True)
         window_loss += loss.detach()
         done = step + 1
+        if not math.isfinite(float(loss.detach())):  # before anything is logged or saved
+            raise TrainingError(f"the classifier's loss became NaN or infinite at step {done}; lower train.lr or "
+                                f"set train.grad_clip")
         if t.log_every and done % t.log_every == 0:
             log.write({"step": done, "loss": float(window_loss) / t.log_every, "lr": lr, "grad_norm": float(grad_norm),
                        "seconds": time.perf_counter() - window_start, "epoch": order.epoch_of(done)})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,15 +33,17 @@ from .checkpoint import Checkpoint, CheckpointError, load_model
 from .config import (ConfigError, RunConfig, config_from_dict, load_config, merge_trees, parse_overrides,
                      to_dict)
 from .data import TOKEN, Data, DataError
-from .evaluation import evaluate, format_result, select_rows
+from .evaluation import EvaluationError, evaluate, format_result, select_rows
 from .generation_metrics import generation_metrics, load_evaluator
 from .pretrained import Pretrained, export, open_source
 from .runtime import autocast, resolve_precision
 from .sampling import Generation, SamplingError, generate
-from .tokenization import DNATokenizer, OutOfVocabularyError, with_oov_policy
+from .tokenization import DNATokenizer, OutOfVocabularyError, TokenizerFileError, with_oov_policy
+from .training import TrainingError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfVocabularyError, FileNotFoundError, SamplingError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfVocabularyError, FileNotFoundError, SamplingError,
+               TokenizerFileError, TrainingError, EvaluationError)
 
 
 def packaged_configs() -> list[str]:
@@ -74,9 +77,29 @@ def checkpoint_config(ckpt: Source, overrides: list[str]) -> RunConfig:
 
 
 def device_for(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device ``--device`` names (default: CUDA when available), checked to exist here."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA device is available to this PyTorch "
+                              f"({'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: unmask runs on cpu, cuda or mps")
+    return device
+
+
+def reading_tokenizer(ckpt: Source, cfg: RunConfig):
+    """The model's tokenizer under the run's ``data.oov`` policy (ids unchanged)."""
+    return with_oov_policy(ckpt.tokenizer, cfg.data.oov, cfg.data.oov_replacement)
 
 
 def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool = True) -> dict:
@@ -87,9 +110,10 @@ def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool 
     if cfg.eval.metric == "exact_match":
         return run_exact_match(ckpt, cfg, device)
     model, objective = load_model(ckpt, ema=cfg.eval.use_ema, device=device)
-    data = Data(cfg.data, tokenizer=ckpt.tokenizer, progress=progress)
+    tokenizer = reading_tokenizer(ckpt, cfg)
+    data = Data(cfg.data, tokenizer=tokenizer, progress=progress)
     e = cfg.eval
-    result = evaluate(model, objective, data.rows(e.split), cfg.data, ckpt.tokenizer, e.mc_samples, e.batch_size,
+    result = evaluate(model, objective, data.rows(e.split), cfg.data, tokenizer, e.mc_samples, e.batch_size,
                       e.max_sequences, e.seed, resolve_precision(e.precision, device), device, progress)
     result.update(split=e.split, checkpoint=str(ckpt.path), step=ckpt.step, ema=e.use_ema)
     return result
@@ -123,7 +147,7 @@ def run_exact_match(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
     s = cfg.sample
     model, objective = load_model(ckpt, ema=s.use_ema, device=device)
     precision = resolve_precision(s.model_precision, device)
-    tokenizer = with_oov_policy(ckpt.tokenizer, cfg.data.oov, cfg.data.oov_replacement)
+    tokenizer = reading_tokenizer(ckpt, cfg)
     result = exact_match(model, objective, tokenizer, s, pairs, s.length or cfg.data.length, cfg.model.length,
                          device, autocast=lambda: autocast(device, precision))
     result.update(split=cfg.eval.split, path=path, sampler=s.sampler, checkpoint=str(ckpt.path), step=ckpt.step)
@@ -135,7 +159,7 @@ def run_sample(ckpt: Source, cfg: RunConfig, device: torch.device, prompts: list
     s = cfg.sample
     model, objective = load_model(ckpt, ema=s.use_ema, device=device)
     precision = resolve_precision(s.model_precision, device)
-    return generate(model, objective, ckpt.tokenizer, s, s.length or cfg.data.length, cfg.model.length,
+    return generate(model, objective, reading_tokenizer(ckpt, cfg), s, s.length or cfg.data.length, cfg.model.length,
                     prompts, template, bos=cfg.data.layout == "pad" or cfg.data.frame, device=device,
                     autocast=lambda: autocast(device, precision))
 
@@ -148,7 +172,7 @@ def run_generation_eval(ckpt: Source, cfg: RunConfig, device: torch.device) -> d
                           "or a Hugging Face causal LM folder")
     evaluator = load_evaluator(cfg.eval.evaluator, device)
     gen = run_sample(ckpt, cfg, device)
-    rows = Data(cfg.data, tokenizer=ckpt.tokenizer).rows(cfg.eval.split)
+    rows = Data(cfg.data, tokenizer=reading_tokenizer(ckpt, cfg)).rows(cfg.eval.split)
     ids, kinds = rows.get(select_rows(len(rows), len(gen.texts), cfg.eval.seed))
     length = len(gen.ids[0])
     reference_ids = [row[k == TOKEN][:length].tolist() for row, k in zip(ids, kinds)]
@@ -264,11 +288,22 @@ def cmd_eval(args) -> int:
         else:
             line = format_result(result, cfg.eval.split)
     print(line, file=sys.stderr)
-    text = json.dumps(result)
+    text = json.dumps(json_safe(result), allow_nan=False)
     if args.json:
         Path(args.json).write_text(text + "\n")
     print(text)
     return 0
+
+
+def json_safe(value):
+    """``value`` with non-finite floats as null (JSON has no NaN or infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def cmd_sample(args) -> int:
@@ -331,7 +366,8 @@ def cmd_serve(args) -> int:
     config = ServeConfig(max_batch_rows=args.max_batch_rows, batch_window_ms=args.batch_window_ms,
                          batching=not args.no_batching, max_pending=args.max_pending, timeout_s=args.timeout,
                          max_n=args.max_n, max_steps=args.max_steps)
-    serve(args.checkpoint, args.host, args.port, args.device, config, args.model_precision, args.tokenizer)
+    serve(args.checkpoint, args.host, args.port, str(device_for(args.device)), config, args.model_precision,
+          args.tokenizer)
     return 0
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .files import UnsafeFileError, read_text
 
 
 class ConfigError(ValueError):
@@ -126,6 +130,7 @@ class TrainConfig:
     max_minutes: float = 0.0
     progress: bool = True
     threads: int = 0
+    deterministic: bool = True  # deterministic kernels: same seed and threads -> bit-identical runs (see README)
     init_from: str | None = None  # start a new run from these weights (continued pretraining)
     soft_mask_lr: float = 1e-2  # learning rate of the soft-mask scalars (their own AdamW group)
     random_length_prob: float = 0.0  # share of rows cut to a random length (SMDM: 0.01)
@@ -287,15 +292,22 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2 ** 63:
+                raise ConfigError(f"config key '{key}': {value} does not fit a 64-bit integer")
             return value
     elif annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+            return number
     elif annotation is str:
         if isinstance(value, str):
             return value
@@ -315,7 +327,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), list(names), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{full}'{hint}")
+            raise ConfigError(f"unknown config key {full!r}{hint}")
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
             kwargs[key] = _build(annotation, value or {}, full + ".")
@@ -330,7 +342,7 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+            raise ConfigError(f"config key {dotted!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -340,15 +352,16 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
+            raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key:
-            raise ConfigError(f"override '{item}' has an empty key")
+            raise ConfigError(f"override {item!r} has an empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({exc.problem})") from None
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({problem})") from None
         _set_path(tree, key, value)
     return tree
 
@@ -368,21 +381,70 @@ def _resolve_preset(tree: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(model, dict) or model.get("preset") is None:
         return tree
     name = model["preset"]
-    if name not in MODEL_PRESETS:
+    if not isinstance(name, str) or name not in MODEL_PRESETS:
         raise ConfigError(f"unknown model preset '{name}'{_suggest(str(name), MODEL_PRESETS)}; "
                           f"known: {', '.join(MODEL_PRESETS)}")
     return merge_trees(tree, {"model": merge_trees(MODEL_PRESETS[name], model)})
 
 
+# Allowed values of numeric keys as intervals ("[a, b)": a included, b excluded; inf unbounded).
+RANGES: dict[str, str] = {
+    "model.hidden": "[1, inf)", "model.blocks": "[1, inf)", "model.heads": "[1, inf)", "model.cond_dim": "[1, inf)",
+    "model.dropout": "[0, 1)", "model.length": "[3, inf)", "model.rope_base": "(1, inf)",
+    "model.soft_mask_top_k": "[0, inf)",
+    "data.valid_fraction": "[0, 1)", "data.test_fraction": "[0, 1)", "data.length": "[3, inf)",
+    "diffusion.schedule_eps": "[0, 1)", "diffusion.sigma_min": "(0, inf)", "diffusion.sigma_max": "(0, inf)",
+    "diffusion.t_min": "[0, 1)", "diffusion.discrete_steps": "[0, inf)", "diffusion.soft_mask_prob": "[0, 1]",
+    "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.micro_batch_size": "[0, inf)",
+    "train.lr": "[0, inf)", "train.betas": "[0, 1)", "train.adam_eps": "(0, inf)", "train.weight_decay": "[0, inf)",
+    "train.warmup_steps": "[0, inf)", "train.min_lr_ratio": "[0, 1]", "train.grad_clip": "[0, inf)",
+    "train.ema": "[0, 1)", "train.seed": "[0, inf)", "train.log_every": "[0, inf)", "train.eval_every": "[0, inf)",
+    "train.eval_sequences": "[1, inf)", "train.save_every": "[0, inf)", "train.keep_checkpoints": "[0, inf)",
+    "train.max_minutes": "[0, inf)", "train.threads": "[0, inf)", "train.soft_mask_lr": "[0, inf)",
+    "train.random_length_prob": "[0, 1]",
+    "eval.mc_samples": "[1, inf)", "eval.batch_size": "[1, inf)", "eval.max_sequences": "[0, inf)",
+    "eval.seed": "[0, inf)",
+    "sample.num_samples": "[1, inf)", "sample.length": "[0, inf)", "sample.steps": "[1, inf)",
+    "sample.tokens_per_step": "[1, inf)", "sample.remask": "[0, 1)", "sample.window": "[0, inf)",
+    "sample.stride": "[0, inf)", "sample.temperature": "[0, inf)", "sample.top_k": "[0, inf)",
+    "sample.top_p": "(0, 1]", "sample.seed": "[0, inf)", "sample.batch_size": "[1, inf)",
+    "sample.guidance": "[-1, inf)", "sample.stop_threshold": "(0, 1]",
+    "classifier.dropout": "[0, 1)",
+    "rl.schedule_std": "[0, inf)", "rl.sample_steps": "[1, inf)", "rl.iterations": "[1, inf)",
+    "rl.prompts_per_step": "[1, inf)", "rl.group_size": "[2, inf)", "rl.epochs": "[1, inf)", "rl.clip": "(0, inf)",
+    "rl.kl": "[0, inf)", "rl.lr": "[0, inf)", "rl.schedule_lr": "[0, inf)", "rl.grad_clip": "[0, inf)",
+    "rl.step_subsample": "[0, inf)", "rl.alternate_every": "[1, inf)", "rl.eval_every": "[0, inf)",
+    "rl.eval_batch": "[1, inf)", "rl.seed": "[0, inf)",
+}
+INTERVAL = re.compile(r"([\[(])(-?[\d.]+), (inf|-?[\d.]+)([\])])")
+
+
+def in_interval(value: float, interval: str) -> bool:
+    opening, low, high, closing = INTERVAL.fullmatch(interval).groups()
+    above = value >= float(low) if opening == "[" else value > float(low)
+    below = high == "inf" or (value <= float(high) if closing == "]" else value < float(high))
+    return above and below
+
+
+def value_at(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check choices and value ranges that the types alone do not express."""
+    """Check choices, value ranges (:data:`RANGES`) and relations that the types alone do not express."""
     for dotted, options in CHOICES.items():
-        node: Any = cfg
-        for part in dotted.split("."):
-            node = getattr(node, part)
+        node = value_at(cfg, dotted)
         if node not in options:
             raise ConfigError(f"config key '{dotted}' = {node!r} is not one of {', '.join(options)}"
                               f"{_suggest(str(node), options)}")
+    for dotted, interval in RANGES.items():
+        node = value_at(cfg, dotted)
+        for value in node if isinstance(node, list) else [node]:
+            if value is not None and not in_interval(value, interval):
+                shown = f"{value:g}" if isinstance(value, float) else value
+                raise ConfigError(f"{dotted}={shown} is out of range: it must lie in {interval}")
     m = cfg.model
     if m.hidden % m.heads:
         raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
@@ -391,56 +453,47 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.data.length > m.length:
         raise ConfigError(f"data.length={cfg.data.length} exceeds the model's maximum length "
                           f"model.length={m.length}")
-    if cfg.data.length < 3:
-        raise ConfigError(f"data.length={cfg.data.length} is too short (need at least 3 tokens)")
-    positive = {"train.batch_size": cfg.train.batch_size, "train.steps": cfg.train.steps,
-                "eval.mc_samples": cfg.eval.mc_samples, "eval.batch_size": cfg.eval.batch_size,
-                "sample.steps": cfg.sample.steps, "sample.num_samples": cfg.sample.num_samples}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
-    if not 0.0 <= cfg.diffusion.t_min < 1.0:
-        raise ConfigError(f"diffusion.t_min={cfg.diffusion.t_min} must lie in [0, 1)")
-    if not 0.0 < cfg.sample.top_p <= 1.0:
-        raise ConfigError(f"sample.top_p={cfg.sample.top_p} must lie in (0, 1]")
-    if cfg.sample.temperature < 0:
-        raise ConfigError(f"sample.temperature={cfg.sample.temperature} must be >= 0 (0 = greedy)")
-    if cfg.sample.tokens_per_step < 1:
-        raise ConfigError(f"sample.tokens_per_step={cfg.sample.tokens_per_step} must be >= 1")
-    if m.soft_mask_top_k < 0:
-        raise ConfigError(f"model.soft_mask_top_k={m.soft_mask_top_k} must be >= 0 (0 = binary masks)")
+    if cfg.data.valid_fraction + cfg.data.test_fraction >= 1:
+        raise ConfigError(f"data.valid_fraction + data.test_fraction = "
+                          f"{cfg.data.valid_fraction + cfg.data.test_fraction:g} leaves no training data")
+    if cfg.diffusion.sigma_min >= cfg.diffusion.sigma_max:
+        raise ConfigError("diffusion.sigma_min must be below diffusion.sigma_max")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"train.betas must be two numbers (beta1, beta2), got {cfg.train.betas}")
     if cfg.data.prompt_field and cfg.data.layout != "pad":
         raise ConfigError("prompt/response pairs (data.prompt_field) need data.layout=pad (one pair per row)")
     if cfg.family == "classifier":
         if cfg.data.dataset != "text" or not cfg.data.path or not cfg.data.valid_path:
             raise ConfigError("family classifier reads labelled files: data.dataset=text with data.path (train) and "
                               "data.valid_path (and data.test_path for the final figures)")
-        if not 0 <= cfg.classifier.dropout < 1:
-            raise ConfigError(f"classifier.dropout={cfg.classifier.dropout} must lie in [0, 1)")
     if cfg.family == "ilm" and cfg.data.layout != "pad":
         raise ConfigError("family ilm learns where sequences end: it needs data.layout=pad (one document per row)")
-    if not 0 < cfg.sample.stop_threshold <= 1:
-        raise ConfigError(f"sample.stop_threshold={cfg.sample.stop_threshold} must lie in (0, 1]")
     if m.soft_mask_top_k and cfg.family != "mdlm":
         raise ConfigError("model.soft_mask_top_k is for masked diffusion models (family mdlm)")
-    if not 0.0 <= cfg.diffusion.soft_mask_prob <= 1.0:
-        raise ConfigError(f"diffusion.soft_mask_prob={cfg.diffusion.soft_mask_prob} must lie in [0, 1]")
-    if not 0.0 <= cfg.train.random_length_prob <= 1.0:
-        raise ConfigError(f"train.random_length_prob={cfg.train.random_length_prob} must lie in [0, 1]")
-    if cfg.train.soft_mask_lr < 0:
-        raise ConfigError(f"train.soft_mask_lr={cfg.train.soft_mask_lr} must be >= 0")
-    if not 0 <= cfg.sample.remask < 1:
-        raise ConfigError(f"sample.remask={cfg.sample.remask} must lie in [0, 1)")
-    r = cfg.rl
-    for key in ("sample_steps", "iterations", "prompts_per_step", "group_size", "epochs", "alternate_every",
-                "eval_batch"):
-        if getattr(r, key) < 1:
-            raise ConfigError(f"rl.{key}={getattr(r, key)} must be >= 1")
-    if r.group_size < 2:
-        raise ConfigError("rl.group_size must be >= 2: advantages are relative to the group")
-    if r.clip <= 0 or r.kl < 0 or r.lr < 0 or r.schedule_lr < 0 or r.schedule_std < 0:
-        raise ConfigError("rl.clip > 0 and rl.kl, rl.lr, rl.schedule_lr, rl.schedule_std >= 0 needed")
     return cfg
+
+
+# Keys a resumed run may change: they do not alter what is computed at each step.
+RESUMABLE = ("train.steps", "train.max_minutes", "train.log_every", "train.save_every", "train.keep_checkpoints",
+             "train.eval_every", "train.eval_sequences", "train.progress", "train.compile",
+             "train.init_from", "data.cache_dir", "eval", "sample", "rl")
+
+
+def resume_differences(saved: RunConfig, new: RunConfig) -> list[str]:
+    """Dotted keys whose values differ between a run's saved config and the config it is resumed
+    with, other than :data:`RESUMABLE` ones, as ``key: saved -> new``."""
+    def leaves(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(leaves(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    a, b = leaves(to_dict(saved)), leaves(to_dict(new))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
@@ -455,7 +508,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(read_text(path)) or {}
+        except UnsafeFileError as exc:
+            raise ConfigError(f"config file {exc}") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

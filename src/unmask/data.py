@@ -67,31 +67,66 @@ def _file_id(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def open_text(path: str | Path) -> io.TextIOBase:
-    """Open a text file, decompressing ``.xz`` and ``.gz`` and reading the single member of a ``.zip``."""
+class TextFile:
+    """A text stream whose decoding errors name its file (``DataError``), not a bare codec error."""
+
+    def __init__(self, stream: io.TextIOBase, path: Path, close=None):
+        self.stream, self.path, self._close = stream, path, close
+
+    def _decoded(self, call, *args):
+        try:
+            return call(*args)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{self.path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} cannot be "
+                            f"decoded); convert it, e.g. with iconv -f latin1 -t utf-8") from None
+
+    def read(self, size: int = -1) -> str:
+        return self._decoded(self.stream.read, size)
+
+    def readline(self) -> str:
+        return self._decoded(self.stream.readline)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def close(self) -> None:
+        self.stream.close()
+        if self._close is not None:
+            self._close()
+
+    def __enter__(self) -> "TextFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_text(path: str | Path) -> TextFile:
+    """Open a UTF-8 text file, decompressing ``.xz`` and ``.gz`` and reading the single member of a ``.zip``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     if path.suffix == ".xz":
-        return lzma.open(path, "rt", encoding="utf-8", newline="")
+        return TextFile(lzma.open(path, "rt", encoding="utf-8", newline=""), path)
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
+        return TextFile(gzip.open(path, "rt", encoding="utf-8", newline=""), path)
     if path.suffix == ".zip":
-        archive = zipfile.ZipFile(path)
+        try:
+            archive = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as exc:
+            raise DataError(f"{path} is not a readable zip archive ({exc})") from None
         members = [m for m in archive.namelist() if not m.endswith("/")]
         if len(members) != 1:
             archive.close()
             raise DataError(f"{path} must hold exactly one file, found {len(members)}")
-        stream = io.TextIOWrapper(archive.open(members[0]), encoding="utf-8", newline="")
-        close = stream.close
-
-        def close_both():
-            close()
-            archive.close()
-
-        stream.close = close_both
-        return stream
-    return open(path, encoding="utf-8", newline="")
+        return TextFile(io.TextIOWrapper(archive.open(members[0]), encoding="utf-8", newline=""), path, archive.close)
+    return TextFile(open(path, encoding="utf-8", newline=""), path)
 
 
 def _read_range(path: Path, start: int, end: int) -> Iterator[str]:
@@ -272,8 +307,39 @@ def read_columns(path: Path, columns: tuple[str, ...], delimiter: str = ",") -> 
             yield values
 
 
+class Document:
+    """The pieces of one document of a file, and where it starts there (for error messages): a text
+    document at ``line`` of ``path``, or ``record`` of a structured file (JSONL, CSV, FASTA...)."""
+
+    def __init__(self, pieces: Iterable[str], path: Path, line: int = 1, record: int | None = None,
+                 start: int = 0):
+        self.pieces, self.path, self.line, self.record, self.start = pieces, path, line, record, start
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.pieces)
+
+    def locate(self, offset: int) -> str:
+        """``path:line:column`` of character ``offset`` of the document (a whole-file document is
+        read again: this is for errors only)."""
+        if self.record is not None:
+            return f"{self.path}, record {self.record}, character {offset + 1}"
+        pieces = self.pieces
+        if not isinstance(pieces, list):  # streamed from the file: read it again from its start
+            pieces, offset = _read_pieces(self.path), offset + self.start
+        line, column, seen = self.line, offset + 1, 0
+        for piece in pieces:
+            part = piece[:max(0, offset - seen)]
+            line += part.count("\n")
+            if "\n" in part:
+                column = offset - seen - part.rfind("\n")
+            seen += len(piece)
+            if seen >= offset:
+                break
+        return f"{self.path}:{line}:{column}"
+
+
 def _documents_of_file(path: Path, mode: str, text_field: str,
-                       prompt_field: str | None = None) -> Iterator[Iterable[str]]:
+                       prompt_field: str | None = None) -> Iterator[Document]:
     fmt = file_format(path)
     if prompt_field:  # supervised pairs: the document is [prompt, response]
         if fmt == "jsonl":
@@ -282,39 +348,42 @@ def _documents_of_file(path: Path, mode: str, text_field: str,
             pairs = read_columns(path, (prompt_field, text_field), "," if fmt == "csv" else "\t")
         else:
             raise DataError(f"{path}: prompt/response pairs (data.prompt_field) need .jsonl, .csv or .tsv files")
-        for prompt, response in pairs:
-            yield [str(prompt), str(response)]
+        for i, (prompt, response) in enumerate(pairs, 1):
+            yield Document([str(prompt), str(response)], path, record=i)
         return
     if fmt in ("fasta", "fastq"):  # one document per record
-        for _, sequence in (read_fasta if fmt == "fasta" else read_fastq)(path):
-            yield [sequence]
+        for i, (_, sequence) in enumerate((read_fasta if fmt == "fasta" else read_fastq)(path), 1):
+            yield Document([sequence], path, record=i)
         return
     if fmt in ("csv", "tsv"):
-        for value in read_table(path, text_field, "," if fmt == "csv" else "\t"):
-            yield [value]
+        for i, value in enumerate(read_table(path, text_field, "," if fmt == "csv" else "\t"), 1):
+            yield Document([value], path, record=i)
         return
     if _is_jsonl(path):
-        for (text,) in read_jsonl(path, (text_field,)):
-            yield [text]
+        for i, (text,) in enumerate(read_jsonl(path, (text_field,)), 1):
+            yield Document([text], path, record=i)
         return
     if mode == "file":
-        yield _read_pieces(path)
+        yield Document(_read_pieces(path), path)
         return
     with open_text(path) as f:
         if mode == "line":
-            for line in f:
+            for lineno, line in enumerate(f, 1):
                 if line.strip():
-                    yield [line.rstrip("\n")]
+                    yield Document([line.rstrip("\n")], path, lineno)
             return
         paragraph: list[str] = []
-        for line in f:
+        start = 1
+        for lineno, line in enumerate(f, 1):
             if line.strip():
+                if not paragraph:
+                    start = lineno
                 paragraph.append(line)
             elif paragraph:
-                yield ["".join(paragraph).rstrip("\n")]
+                yield Document(["".join(paragraph).rstrip("\n")], path, start)
                 paragraph = []
         if paragraph:
-            yield ["".join(paragraph).rstrip("\n")]
+            yield Document(["".join(paragraph).rstrip("\n")], path, start)
 
 
 def _list_files(path: Path) -> list[Path]:
@@ -381,9 +450,12 @@ class FilesCorpus(Corpus):
         unit, a, b, total = self._split_bounds()
         start, end = {"train": (0, a), "valid": (a, b), "test": (b, total)}[split]
         if end <= start:
-            raise DataError(f"dataset 'text' has an empty {split} split (check data.{split}_fraction)")
+            fractions = "data.valid_fraction and data.test_fraction leave it nothing" if split == "train" else \
+                f"raise data.{split}_fraction"
+            raise DataError(f"dataset 'text' has an empty {split} split: {self.files['train'][0]} is too short or "
+                            f"empty ({fractions})")
         if unit == "chars":
-            yield _read_range(self.files["train"][0], start, end)
+            yield Document(_read_range(self.files["train"][0], start, end), self.files["train"][0], start=start)
             return
         for i, doc in enumerate(self._all_documents(self.files["train"])):
             if i >= end:
@@ -604,7 +676,7 @@ def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, insert_eos:
         with open(tmp / "tokens.bin", "wb") as out:
             pieces: list[str] = []
             offsets: list[int] = []
-            doc_ids: list[int] = []
+            doc_ids: list[tuple[int, Iterable[str]]] = []
             firsts: list[bool] = []
             lasts: list[bool] = []
 
@@ -614,11 +686,13 @@ def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, insert_eos:
                     encoded = tokenizer.encode_batch(pieces)
                 else:
                     encoded = []
-                    for piece, offset, doc in zip(pieces, offsets, doc_ids):
+                    for piece, offset, (index, doc) in zip(pieces, offsets, doc_ids):
                         try:
                             encoded.append(tokenizer.encode(piece, offset=offset))
                         except OutOfVocabularyError as exc:
-                            raise DataError(f"{corpus.name} {split} split, document {doc}: {exc}") from None
+                            where = (doc.locate(exc.position) if isinstance(doc, Document) else
+                                     f"{corpus.name} {split} split, document {index}, character {exc.position}")
+                            raise DataError(f"{where}: {exc.reason}") from None
                 for ids, piece, first, last in zip(encoded, pieces, firsts, lasts):
                     if first:
                         starts.append(n_tokens)
@@ -643,7 +717,7 @@ def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, insert_eos:
                     following = next(remaining, None)
                     pieces.append(piece)
                     offsets.append(offset)
-                    doc_ids.append(doc_index)
+                    doc_ids.append((doc_index, doc))
                     firsts.append(first)
                     lasts.append(following is None)
                     first = False
@@ -823,7 +897,7 @@ class Data:
             try:
                 tokenizer = build_tokenizer(cfg.tokenizer, cfg.tokenizer_path, cfg.alphabet, cfg.oov,
                                             cfg.oov_replacement, corpus_symbols=self.corpus.symbols)
-            except (FileNotFoundError, ValueError) as exc:
+            except (OSError, ValueError) as exc:
                 raise DataError(str(exc)) from None
         self.tokenizer = tokenizer
         self._rows: dict[str, Rows] = {}

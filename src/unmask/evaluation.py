@@ -28,6 +28,10 @@ from .runtime import autocast, generator_for
 from .tokenization import Tokenizer
 
 
+class EvaluationError(ValueError):
+    """An evaluation without a meaningful result: nothing to score, or non-finite model outputs."""
+
+
 def select_rows(n_rows: int, max_sequences: int, seed: int) -> np.ndarray:
     """All rows in order, or a seeded random subset of ``max_sequences`` of them (sorted)."""
     if max_sequences <= 0 or max_sequences >= n_rows:
@@ -44,6 +48,8 @@ def evaluate(model, objective: MaskedDiffusion | Autoregressive, rows: Rows, dat
     is_ar = isinstance(objective, Autoregressive)
     k = 1 if is_ar else mc_samples
     indices = select_rows(len(rows), max_sequences, seed)
+    if len(indices) == 0:
+        raise EvaluationError("there are no rows to evaluate in this split")
     per_seq_mean, per_seq_var, per_seq_tokens = [], [], []
     n_chars = n_bytes = 0
     start = time.perf_counter()
@@ -84,7 +90,12 @@ def evaluate(model, objective: MaskedDiffusion | Autoregressive, rows: Rows, dat
                 "stderr": float(means.std() / math.sqrt(n)) if n > 1 else None,
                 "seconds": time.perf_counter() - start}
     total_tokens = float(tokens.sum())
+    if total_tokens == 0:
+        raise EvaluationError("the rows of this split hold no counted tokens (see data.count_bos/eos/pad)")
     nll = float(means.sum()) / total_tokens
+    if not math.isfinite(nll):
+        raise EvaluationError(f"the model's NLL is {nll}: its outputs are not finite (corrupt or diverged weights, "
+                              f"or an overflow in bf16: try eval.precision=fp32)")
     mc_stderr = math.sqrt(float((variances / k).sum())) / total_tokens if k > 1 else (0.0 if is_ar else None)
     n = len(means)
     residual = means - nll * tokens
@@ -99,7 +110,7 @@ def evaluate(model, objective: MaskedDiffusion | Autoregressive, rows: Rows, dat
         "nll": nll,
         "stderr": mc_stderr,
         "stderr_between_sequences": between,
-        "perplexity": math.exp(nll),
+        "perplexity": math.exp(nll) if nll < 700 else math.inf,
         "bits_per_token": nll / math.log(2),
         "bits_per_char": total_nats / math.log(2) / n_chars if n_chars else None,
         "bits_per_byte": total_nats / math.log(2) / n_bytes if n_bytes else None,

@@ -13,12 +13,13 @@ Hugging Face causal LM folder (``transformers``, e.g. GPT-2 Large when it is on 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .files import CheckpointError, member, read_json
 
 
 def unigram_entropy(ids) -> float:
@@ -73,7 +74,7 @@ class CheckpointEvaluator(Evaluator):
 
         ckpt = open_source(path)
         if ckpt.config.family != "ar":
-            raise ValueError(f"evaluator {ckpt.path} is a {ckpt.config.family} model; an AR model is needed")
+            raise CheckpointError(f"evaluator {ckpt.path} is a {ckpt.config.family} model; an AR model is needed")
         self.model, _ = load_model(ckpt, ema=True, device=device)
         self.tokenizer, self.device, self.batch_size = ckpt.tokenizer, torch.device(device), batch_size
         self.window = ckpt.config.model.length
@@ -124,15 +125,26 @@ class CheckpointEvaluator(Evaluator):
 
 
 class HuggingFaceEvaluator(Evaluator):
-    """A causal LM folder loaded with ``transformers`` (``AutoModelForCausalLM``)."""
+    """A causal LM folder loaded with ``transformers`` (``AutoModelForCausalLM``): safetensors
+    weights only (a pickled ``.bin`` could run code), no code from the folder (``trust_remote_code``
+    stays off)."""
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu", batch_size: int = 8):
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError:
-            raise ValueError("a Hugging Face evaluator needs the 'transformers' package") from None
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+            raise CheckpointError("a Hugging Face evaluator needs the 'transformers' package") from None
+        path = Path(path)
+        if not any(member(path, p.name).suffix == ".safetensors" for p in path.iterdir()):
+            raise CheckpointError(f"evaluator {path} has no safetensors weights; pickled weights (.bin, .pt) are "
+                                  f"never loaded: convert them to safetensors")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+            self.model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True,
+                                                              trust_remote_code=False).to(device).eval()
+        except (OSError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"evaluator {path} could not be loaded: {first}") from None
         self.device, self.batch_size = torch.device(device), batch_size
         self.window = int(getattr(self.model.config, "n_positions", None)
                           or getattr(self.model.config, "max_position_embeddings", 1024))
@@ -170,8 +182,8 @@ def load_evaluator(path: str | Path, device: torch.device | str = "cpu") -> Eval
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"evaluator not found: {path}")
-    config = path / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") not in ("unmask", "mdlm"):
+    config = member(path, "config.json") if path.is_dir() else path / "config.json"
+    if config.is_file() and read_json(config).get("model_type") not in ("unmask", "mdlm"):
         return HuggingFaceEvaluator(path, device)
     return CheckpointEvaluator(path, device)
 

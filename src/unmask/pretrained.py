@@ -32,11 +32,16 @@ from pathlib import Path
 import torch
 
 from . import released
-from .checkpoint import Checkpoint, CheckpointError, load_tensors, load_weights
+from .checkpoint import CHECKSUMS, Checkpoint, CheckpointError, load_tensors, load_weights, record_checksums, verified
 from .config import RunConfig, config_from_dict, to_dict
+from .files import member, read_json
+from .hub import hub_reachable
+from .runfolder import FILE, replaceable
 from .tokenization import HFTokenizer, Tokenizer, load_tokenizer
 
 MODEL_TYPE = "unmask"
+EXPORT_LAYOUT = {name: FILE for name in ("config.json", "model.safetensors", "README.md", CHECKSUMS,
+                                         "unmask_tokenizer.json", "tokenizer.json")}
 
 
 class Pretrained:
@@ -59,16 +64,19 @@ class Pretrained:
         return self._ema
 
 
-def _gpt2_tokenizer(folder: Path | None, tokenizer_path: str | None) -> Tokenizer:
-    for directory in [p for p in (Path(tokenizer_path) if tokenizer_path else None, folder) if p is not None]:
+def _gpt2_tokenizer(folder: Path | None, tokenizer_path: str | None, root: Path | None = None) -> Tokenizer:
+    given = Path(tokenizer_path) if tokenizer_path else None
+    for directory in [p for p in (given, folder) if p is not None]:
+        inside = (lambda name: directory / name) if directory == given else \
+            (lambda name: member(directory, name, root))
         if directory.is_file():
             return HFTokenizer.from_file(directory)
-        if (directory / "tokenizer.json").is_file():
-            return HFTokenizer.from_file(directory / "tokenizer.json")
+        if inside("tokenizer.json").is_file():
+            return HFTokenizer.from_file(inside("tokenizer.json"))
         for vocab, merges in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
-            if (directory / vocab).is_file() and (directory / merges).is_file():
+            if inside(vocab).is_file() and inside(merges).is_file():
                 return HFTokenizer.gpt2_from_files(directory, vocab, merges)
-        if tokenizer_path and directory == Path(tokenizer_path):
+        if directory == given:
             raise CheckpointError(f"no GPT-2 tokenizer in {directory} (tokenizer.json, vocab.json + merges.txt "
                                   f"or encoder.json + vocab.bpe)")
     try:
@@ -92,7 +100,8 @@ def _hub_download(name: str) -> Path:
         raise CheckpointError(f"'{name}' is not a local path, and huggingface_hub is not installed to fetch it "
                               f"from the hub") from None
     try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.md", "*.bpe"]))
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.md", "*.bpe"],
+                                      local_files_only=not hub_reachable()))
     except Exception as exc:  # offline, unknown repo, gated: one line that says which
         raise CheckpointError(f"'{name}' is not a local path and could not be fetched from the Hugging Face hub "
                               f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -102,46 +111,59 @@ def open_source(path: str | Path, tokenizer_path: str | None = None, **ckpt_opti
     """The model source at ``path`` (see the module docstring); nothing is built yet.
 
     ``ckpt_options`` (``heads``, ``length``, ``time_conditioning``) complete what a Lightning
-    ``.ckpt`` cannot say about itself.
+    ``.ckpt`` cannot say about itself. Files are read only from inside the given folder (or, for a
+    hub snapshot, inside its repository's cache folder).
     """
-    p = Path(path)
+    p, root = Path(path), None
     if not p.exists():
         if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
             p = _hub_download(str(path))
+            root = p.parent.parent  # models--org--name: snapshots link into its blobs/
         else:
             raise CheckpointError(f"model not found: {path}")
     if p.is_file():
         cfg, weights, ema, step = released.read_mdlm_ckpt(p, **ckpt_options)
-        tokenizer = _gpt2_tokenizer(p.parent, tokenizer_path)
+        tokenizer = _gpt2_tokenizer(p.parent, tokenizer_path, p.parent)
         _check_vocab(tokenizer, cfg_vocab(weights), p)
         return Pretrained(p, cfg, tokenizer, step, weights, ema, source_format="mdlm-ckpt")
-    if released.is_mdlm_hf_folder(p):
-        cfg, weights = released.read_mdlm_hf(p)
-        tokenizer = _gpt2_tokenizer(p, tokenizer_path)
+    config = member(p, "config.json", root)
+    if not config.is_file():
+        return Checkpoint(p)
+    meta = read_json(config)
+    if meta.get("model_type") == "mdlm":
+        cfg, weights = released.read_mdlm_hf(p, meta, root)
+        tokenizer = _gpt2_tokenizer(p, tokenizer_path, root)
         _check_vocab(tokenizer, cfg_vocab(weights), p)
         return Pretrained(p, cfg, tokenizer, 0, weights, source_format="mdlm-hf")
-    if (p / "config.json").is_file():
-        return read_pretrained(p)
-    return Checkpoint(p)
+    if meta.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(f"{config} has model_type {meta.get('model_type')!r}; this loader reads "
+                              f"'{MODEL_TYPE}' and 'mdlm' folders")
+    return read_pretrained(p, meta, root)
 
 
 def cfg_vocab(weights: dict[str, torch.Tensor]) -> int:
-    return weights["vocab_embed.embedding"].shape[0]
+    """The vocabulary size of DiT weights (of the backbone's embedding, whatever the wrapper)."""
+    for key, value in weights.items():
+        if key.endswith("vocab_embed.embedding") and value.dim() == 2:
+            return value.shape[0]
+    raise CheckpointError("the weights hold no vocab_embed.embedding matrix: not a model of this project")
 
 
-def read_pretrained(folder: Path) -> Pretrained:
-    try:
-        meta = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"corrupt {folder / 'config.json'}: {exc}") from None
-    if meta.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(f"{folder / 'config.json'} has model_type {meta.get('model_type')!r}; this loader "
-                              f"reads '{MODEL_TYPE}' and 'mdlm' folders")
+def read_pretrained(folder: Path, meta: dict, root: Path | None = None) -> Pretrained:
+    """A ``save_pretrained`` folder whose ``config.json`` holds ``meta``; its files are checked
+    against the folder's ``checksums.json`` when it has one."""
+    sums = member(folder, CHECKSUMS, root)
+    checksums = read_json(sums) if sums.is_file() else {}
+    for name in checksums:
+        verified(folder, name, checksums)
+    if not isinstance(meta.get("run_config"), dict):
+        raise CheckpointError(f"{folder / 'config.json'} has no run_config mapping")
     cfg = config_from_dict(meta["run_config"])
     tokenizer = load_tokenizer(folder)
-    weights = load_tensors(folder / "model.safetensors")
+    weights = load_tensors(member(folder, "model.safetensors", root))
     _check_vocab(tokenizer, cfg_vocab(weights), folder)
-    return Pretrained(folder, cfg, tokenizer, int(meta.get("step", 0)), weights, card=meta.get("card"))
+    step = meta.get("step", 0)
+    return Pretrained(folder, cfg, tokenizer, step if isinstance(step, int) else 0, weights, card=meta.get("card"))
 
 
 FAMILY_CARDS = {"mdlm": ("masked-diffusion", "masked diffusion (MDLM) language"),
@@ -198,16 +220,32 @@ def last_metrics(source) -> dict:
     return {}
 
 
+def earlier_export(directory: Path) -> bool:
+    """True when ``directory`` is absent, empty, or a folder written by :func:`save_pretrained`."""
+    if not replaceable(directory, EXPORT_LAYOUT):
+        return False
+    if not directory.exists() or not any(directory.iterdir()):
+        return True
+    try:
+        return read_json(directory / "config.json").get("model_type") == MODEL_TYPE
+    except (CheckpointError, FileNotFoundError):
+        return False
+
+
 def save_pretrained(source: Checkpoint | Pretrained, directory: str | Path, ema: bool = True,
                     metrics: dict | None = None, name: str | None = None,
                     weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``source`` (or ``weights`` with ``source``'s config and tokenizer) as a Hugging Face
     style folder. It is written next to ``directory`` and renamed into place, so an interrupted
-    export leaves no half folder."""
+    export leaves no half folder. An existing ``directory`` is replaced only when it is an earlier
+    export (nothing in it but what this function writes); anything else is refused untouched."""
     from .model import count_parameters
     from .runtime import build_model
 
     directory = Path(directory)
+    if not earlier_export(directory):
+        raise CheckpointError(f"{directory} exists and is not an earlier export of unmask; nothing was written "
+                              f"(choose a new folder)")
     used_ema = weights is None and ema and source.ema_state() is not None
     weights = weights if weights is not None else source.weights(ema=ema)
     model = build_model(source.config, source.tokenizer)
@@ -228,8 +266,9 @@ def save_pretrained(source: Checkpoint | Pretrained, directory: str | Path, ema:
     source.tokenizer.save(tmp)
     (tmp / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
     (tmp / "README.md").write_text(_model_card(source, card))
+    record_checksums(tmp)
     if directory.exists():
-        shutil.rmtree(directory)
+        shutil.rmtree(directory)  # an earlier export (checked above)
     os.replace(tmp, directory)
     return directory
 
@@ -247,6 +286,8 @@ def export(source: Checkpoint | Pretrained, out: str | Path, to: str = MODEL_TYP
                               f"model")
     if source.config.model.soft_mask_top_k:
         raise CheckpointError("MDLM's layouts have no place for the soft-mask module; export this model as 'unmask'")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise CheckpointError(f"{out} exists; exports to MDLM's layouts never replace files (choose a new path)")
     if to == "mdlm-hf":
         released.write_mdlm_hf(out, source.weights(ema=ema), source.config, source.tokenizer.vocab_size)
         if isinstance(source.tokenizer, HFTokenizer):

@@ -9,7 +9,9 @@ this project's :class:`~unmask.model.DiT` shares:
 * the Lightning ``.ckpt``: ``state_dict`` with keys ``backbone.<DIT key>`` and the EMA as a list
   ``ema.shadow_params`` in ``backbone.parameters()`` order.
 
-A ``.ckpt`` is a pickle. :func:`read_lightning_ckpt` unpickles it with :class:`RestrictedUnpickler`:
+A ``.ckpt`` is a pickle in a zip archive. :func:`read_lightning_ckpt` first checks that the archive
+has exactly ``torch.save``'s layout (:func:`unmask.files.check_torch_archive`: a TorchScript archive,
+which ``torch.load`` would run, never reaches it), then unpickles it with :class:`RestrictedUnpickler`:
 tensors, containers and dtypes are rebuilt; classes of the training stack (OmegaConf, Lightning,
 NumPy, ...) become inert placeholders whose code never runs; any other global (``os.system``,
 ``builtins.eval``, ...) makes it refuse the file before anything is called.
@@ -30,6 +32,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_tensors
 from .config import RunConfig, config_from_dict
+from .files import check_torch_archive, member
 
 PREFIX = "backbone."
 MDLM_HEAD_DIM = 64  # every MDLM config (tiny/small/medium) has 64-dimensional heads
@@ -78,26 +81,19 @@ def run_config_for(hidden: int, n_blocks: int, heads: int, cond_dim: int, length
 
 # --- Hugging Face layout ---------------------------------------------------------------------------
 
-def is_mdlm_hf_folder(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") == "mdlm"
-    except json.JSONDecodeError:
-        return False
-
-
-def read_mdlm_hf(folder: Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
-    """(run config, DIT weights) of a ``kuleshov-group/mdlm-owt``-style folder."""
-    try:
-        hf = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"corrupt {folder / 'config.json'}: {exc}") from None
-    missing = [k for k in ("hidden_dim", "n_blocks", "n_heads", "cond_dim", "vocab_size") if k not in hf]
+def read_mdlm_hf(folder: Path, hf: dict, root: Path | None = None) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """(run config, DIT weights) of a ``kuleshov-group/mdlm-owt``-style folder whose ``config.json``
+    holds ``hf``; files must lie inside ``root`` (default: the folder)."""
+    sizes = ("hidden_dim", "n_blocks", "n_heads", "cond_dim", "vocab_size")
+    missing = [k for k in sizes if k not in hf]
     if missing:
         raise CheckpointError(f"{folder / 'config.json'} lacks {missing}: not an MDLM config")
-    weights = strip_prefix(load_tensors(folder / "model.safetensors"), str(folder / "model.safetensors"))
+    wrong = [k for k in sizes + ("model_length",) if k in hf and (type(hf[k]) is not int or hf[k] < 1)]
+    if wrong or not isinstance(hf.get("dropout", 0.1), (int, float)):
+        raise CheckpointError(f"{folder / 'config.json'}: {wrong or ['dropout']} must be positive integers "
+                              f"(dropout a number)")
+    path = member(folder, "model.safetensors", root)
+    weights = strip_prefix(load_tensors(path), str(path))
     cfg = run_config_for(hf["hidden_dim"], hf["n_blocks"], hf["n_heads"], hf["cond_dim"],
                          hf.get("model_length", 1024), hf["vocab_size"], bool(hf.get("time_conditioning", False)),
                          hf.get("dropout", 0.1))
@@ -182,9 +178,23 @@ ALLOWED = {
     ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
     ("_codecs", "encode"): __import__("_codecs").encode,  # bytes in protocol-2 pickles
 }
-# Plain data types: referenced as values in config metadata, harmless when called.
+# Plain data types: referenced as values in config metadata, harmless when called (bytes and
+# bytearray only with contents: ``bytes(10**12)`` would allocate a terabyte).
 ALLOWED.update({("builtins", t.__name__): t for t in (set, frozenset, slice, complex, dict, list, tuple, str, int,
-                                                       float, bool, bytes, bytearray, object)})
+                                                       float, bool, object)})
+
+
+def _bytes_of(kind: type):
+    def build(*args):
+        if args and isinstance(args[0], int):
+            raise UnsafeCheckpointError(f"refusing {kind.__name__}({args[0]}): a size, not contents")
+        return kind(*args)
+
+    build.__qualname__ = kind.__name__
+    return build
+
+
+ALLOWED.update({("builtins", "bytes"): _bytes_of(bytes), ("builtins", "bytearray"): _bytes_of(bytearray)})
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
@@ -234,6 +244,7 @@ def read_lightning_ckpt(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint file not found: {path}")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is not a torch zip checkpoint (the legacy pre-1.6 format is not read)")
+    check_torch_archive(path)
     try:
         obj = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
     except UnsafeCheckpointError as exc:

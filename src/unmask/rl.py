@@ -49,6 +49,7 @@ import torch.nn as nn
 from .checkpoint import save_checkpoint
 from .config import ConfigError, RunConfig, dump_config
 from .diffusion import MaskedDiffusion
+from .runfolder import LOCK_FILE, RunFolderError, RunLock
 from .runtime import seed_for
 from .sampling import (PURPOSES, TOKEN, RowStreams, _choose_per_row, encode_fixed, make_canvas, make_sampler,
                        row_seeds)
@@ -447,9 +448,18 @@ def rl_train(cfg: RunConfig, model, diffusion: MaskedDiffusion, tokenizer, devic
         raise ConfigError("rl.mode=schedule needs a schedule to learn: rl.schedule parameters and rl.schedule_std > 0")
     pairs = read_pairs(r.prompts, cfg.data.prompt_field or "prompt", cfg.data.text_field)
     held_out = read_pairs(r.eval_prompts, cfg.data.prompt_field or "prompt", cfg.data.text_field) if r.eval_prompts else []
-    trainer = Trainer(model.to(device), diffusion, tokenizer, cfg, reward or load_reward(r.reward), device)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        raise RunFolderError(f"run_dir={run_dir} is not empty; unmask rl writes a new run folder (it does not "
+                             f"resume), so give one that does not exist yet")
+    with RunLock(run_dir):
+        trainer = Trainer(model.to(device), diffusion, tokenizer, cfg, reward or load_reward(r.reward), device)
+        return _rl_loop(trainer, cfg, model, tokenizer, pairs, held_out, run_dir)
+
+
+def _rl_loop(trainer: "Trainer", cfg: RunConfig, model: torch.nn.Module, tokenizer, pairs: list, held_out: list,
+             run_dir: Path) -> Path:
+    r = cfg.rl
     dump_config(cfg, run_dir / "config.yaml")
     metrics = run_dir / "metrics.jsonl"
     metrics.write_text("")

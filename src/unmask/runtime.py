@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .diffusion import Autoregressive, MaskedDiffusion
 from .model import DiT
 from .schedules import make_schedule
@@ -110,16 +110,64 @@ def set_threads(threads: int, world: int) -> None:
     torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool, device: torch.device):
+    """Within the block, PyTorch picks deterministic kernels where it has them (warning where it has
+    none); on the CPU this makes a run bit-reproducible for a fixed thread count, which multi-threaded
+    training is not otherwise (parallel accumulation into the embedding gradient). cuBLAS needs its
+    workspace setting before CUDA starts, so it is set here only if CUDA has not started yet."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    if device.type == "cuda" and not torch.cuda.is_initialized():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # costs time, fixes nothing here
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = before[2]
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def memory_bytes() -> int:
+    """Physical memory of this machine."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> torch.nn.Module:
     """The network for ``cfg.family``: a bidirectional DiT for mdlm, a causal one for ar, a
     :class:`~unmask.classification.SequenceClassifier` on a bidirectional DiT for classifier, an
-    :class:`~unmask.insertion.InsertionLM` (bidirectional DiT + stop head) for ilm."""
+    :class:`~unmask.insertion.InsertionLM` (bidirectional DiT + stop head) for ilm. It is first built
+    on the meta device (no memory) and refused when its fp32 weights alone exceed this machine's
+    memory, so a typo such as ``model.hidden=1000000`` is an error, not an out-of-memory kill. (The
+    meta build costs seconds once per process, so it is skipped when a generous bound on the size of
+    a transformer of this width, depth and vocabulary is far below the machine's memory.)"""
+    m = cfg.model
+    bound = 4 * (16 * m.blocks * m.hidden * (m.hidden + m.cond_dim) + 2 * tokenizer.vocab_size * m.hidden
+                 + 4 * m.length * m.hidden)
+    if bound < memory_bytes() // 8:
+        return _build_model(cfg, tokenizer)
+    with torch.device("meta"):
+        shape = _build_model(cfg, tokenizer)
+    needed = sum(t.numel() * 4 for t in (*shape.parameters(), *shape.buffers()))
+    if needed > memory_bytes():
+        raise ConfigError(f"a {cfg.family} model of this shape (model.hidden={cfg.model.hidden}, "
+                          f"model.blocks={cfg.model.blocks}, vocabulary {tokenizer.vocab_size}) needs "
+                          f"{needed / 2**30:,.1f} GiB for its fp32 weights alone; this machine has "
+                          f"{memory_bytes() / 2**30:,.1f} GiB")
+    return _build_model(cfg, tokenizer)
+
+
+def _build_model(cfg: RunConfig, tokenizer: Tokenizer) -> torch.nn.Module:
     if cfg.family == "classifier":
         from .classification import build_classifier
 

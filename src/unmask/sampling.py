@@ -814,18 +814,44 @@ def make_sampler(cfg: SampleConfig, objective, tokenizer: Tokenizer, model_lengt
     return SemiAutoregressiveSampler(inner, cfg.window, stride, eos, tokenizer.pad_id)
 
 
-MASK_MARK = re.compile(r"\[MASK(?:\*(\d+))?\]")
+MASK_MARK = re.compile(r"\[MASK(?:\*([^\[\]]*))?\]")  # [MASK], or [MASK*anything]: the count is checked
 
 
-def encode_template(tokenizer: Tokenizer, template: str) -> list[int]:
-    """Token ids of ``template`` where ``[MASK]`` is one masked position and ``[MASK*n]`` is n."""
+def _mask_count(mark: re.Match) -> int:
+    """The number of masked positions a ``[MASK]`` / ``[MASK*n]`` marker stands for."""
+    count = mark.group(1)
+    if count is None:
+        return 1
+    shown = mark.group(0) if len(mark.group(0)) <= 40 else mark.group(0)[:36] + "...]"
+    digits = count.strip().lstrip("0")
+    if not (digits.isascii() and digits.isdigit()):
+        raise SamplingError(f"{shown}: a [MASK*n] marker needs a whole number n >= 1")
+    if len(digits) > 18:
+        raise SamplingError(f"{shown}: n is too large")
+    return int(digits)
+
+
+def encode_template(tokenizer: Tokenizer, template: str, max_length: int | None = None) -> list[int]:
+    """Token ids of ``template`` where ``[MASK]`` is one masked position and ``[MASK*n]`` is n.
+
+    With ``max_length``, a template that would take more tokens is refused before its masks are built.
+    """
     ids: list[int] = []
     pos = 0
+
+    def check(extra: int) -> None:
+        if max_length is not None and len(ids) + extra > max_length:
+            raise SamplingError(f"the template takes more than the maximum of {max_length} tokens")
+
     for m in MASK_MARK.finditer(template):
         ids += encode_fixed(tokenizer, template[pos:m.start()])
-        ids += [tokenizer.mask_id] * int(m.group(1) or 1)
+        count = _mask_count(m)
+        check(count)
+        ids += [tokenizer.mask_id] * count
         pos = m.end()
-    return ids + encode_fixed(tokenizer, template[pos:])
+    ids += encode_fixed(tokenizer, template[pos:])
+    check(0)
+    return ids
 
 
 def encode_fixed(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -874,7 +900,8 @@ def generate(model, objective, tokenizer: Tokenizer, cfg: SampleConfig, length: 
              prompts: list[str] | None = None, template: str | None = None, bos: bool = False,
              device: torch.device | str = "cpu", autocast=None) -> Generation:
     """``cfg.num_samples`` samples per prompt (or per template, or unconditional), canvases of
-    ``length`` (a template sets its own length when longer), row ``i`` seeded by ``(cfg.seed, i)``.
+    ``length``, row ``i`` seeded by ``(cfg.seed, i)``. A template's canvas is the template itself (and
+    BOS): only its masks are generated; an insertion model may grow it up to ``length``.
 
     ``autocast`` is an optional context-manager factory for the network's precision.
     """
@@ -882,8 +909,14 @@ def generate(model, objective, tokenizer: Tokenizer, cfg: SampleConfig, length: 
     if prompts and template:
         raise SamplingError("give prompts or a template, not both")
     if template is not None:
+        if isinstance(sampler, AutoregressiveSampler):
+            raise SamplingError("a template ([MASK] infilling) needs a masked diffusion or insertion model; "
+                                "an autoregressive model only continues a prompt")
         requests = [encode_template(tokenizer, template)]
-        length = max(length, len(requests[0]) + int(bos))
+        if isinstance(sampler, InsertionSampler):
+            length = max(length, len(requests[0]) + int(bos))
+        else:
+            length = len(requests[0]) + int(bos)
     else:
         requests = [encode_fixed(tokenizer, p) for p in prompts] if prompts else [[]]
     if length > model_length and not cfg.window:

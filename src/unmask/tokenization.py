@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import UnsafeFileError, member, read_json
+from .hub import hub_reachable
+
 TEXT8_ALPHABET = "abcdefghijklmnopqrstuvwxyz "
 OOV_POLICIES = ("error", "replace", "drop")
 META_FILE = "unmask_tokenizer.json"
@@ -29,11 +32,16 @@ class OutOfVocabularyError(ValueError):
 
     def __init__(self, symbol: str, position: int, where: str = ""):
         self.symbol, self.position = symbol, position
+        self.reason = (f"symbol {symbol!r} (U+{ord(symbol):04X}) is outside the tokenizer's alphabet; set "
+                       f"data.oov=replace (with data.oov_replacement) or data.oov=drop to map or remove such symbols")
         where = f" {where}" if where else ""
-        super().__init__(
-            f"symbol {symbol!r} (U+{ord(symbol):04X}) at character {position}{where} is outside the "
-            f"tokenizer's alphabet; set data.oov=replace (with data.oov_replacement) or data.oov=drop "
-            f"to map or remove such symbols")
+        super().__init__(f"symbol {symbol!r} (U+{ord(symbol):04X}) at character {position}{where} is outside the "
+                         f"tokenizer's alphabet; set data.oov=replace (with data.oov_replacement) or data.oov=drop "
+                         f"to map or remove such symbols")
+
+
+class TokenizerFileError(ValueError):
+    """A saved tokenizer that cannot be read (malformed, incomplete, unknown kind)."""
 
 
 class Tokenizer:
@@ -258,17 +266,29 @@ class HFTokenizer(Tokenizer):
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        return cls(TK.from_file(str(path)), source=str(path))
+        read_json(path)  # size limit, UTF-8 and JSON errors that name the file
+        try:
+            return cls(TK.from_file(str(path)), source=str(path))
+        except Exception as exc:  # the Rust parser's own error type: one line naming the file
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TokenizerFileError(f"unreadable tokenizer file {path}: {first}") from None
 
     @classmethod
     def from_hub(cls, name: str) -> "HFTokenizer":
-        from tokenizers import Tokenizer as TK
+        """``tokenizer.json`` of the hub repository ``name``: downloaded when the hub is reachable,
+        else from the local Hugging Face cache."""
+        from huggingface_hub import hf_hub_download
 
+        online = hub_reachable()
         try:
-            return cls(TK.from_pretrained(name), source=f"hub:{name}")
-        except Exception as exc:  # network or missing repo: one line that says which
-            raise OSError(f"could not load tokenizer '{name}' from the Hugging Face hub ({exc}); "
-                          f"give data.tokenizer_path to a local tokenizer instead") from None
+            path = hf_hub_download(name, "tokenizer.json", local_files_only=not online)
+        except Exception as exc:  # network, missing repo, not cached: one line that says which
+            why = str(exc).splitlines()[0] if online and str(exc) else "the hub is unreachable and it is not cached"
+            raise OSError(f"could not load tokenizer '{name}' from the Hugging Face hub ({why}); give "
+                          f"data.tokenizer_path to a local tokenizer instead") from None
+        tok = cls.from_file(path)
+        tok.source = f"hub:{name}"
+        return tok
 
     def encode(self, text: str, offset: int = 0) -> np.ndarray:
         return np.asarray(self.tk.encode(text, add_special_tokens=False).ids, dtype=np.int64)
@@ -294,23 +314,29 @@ class HFTokenizer(Tokenizer):
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Inverse of :meth:`Tokenizer.save`."""
+    """Inverse of :meth:`Tokenizer.save`; a missing, malformed or incomplete file is a
+    :class:`TokenizerFileError` naming it."""
     directory = Path(directory)
-    meta_path = directory / META_FILE
+    meta_path = member(directory, META_FILE)
     if not meta_path.is_file():
         raise FileNotFoundError(f"no tokenizer in {directory} ({META_FILE} missing)")
-    meta = json.loads(meta_path.read_text())
-    if meta["kind"] == "char":
-        return CharTokenizer(meta["alphabet"], meta["oov"], meta["oov_replacement"])
-    if meta["kind"] == "dna":
-        return DNATokenizer(meta["oov"], meta["oov_replacement"])
-    if meta["kind"] == "byte":
-        return ByteTokenizer()
-    if meta["kind"] == "hf":
-        tok = HFTokenizer.from_file(directory / "tokenizer.json")
-        tok.source = meta["source"]
-        return tok
-    raise ValueError(f"unknown tokenizer kind {meta['kind']!r} in {meta_path}")
+    try:
+        meta = read_json(meta_path)
+        kind = meta["kind"]
+        if kind == "char":
+            return CharTokenizer(meta["alphabet"], meta["oov"], meta["oov_replacement"])
+        if kind == "dna":
+            return DNATokenizer(meta["oov"], meta["oov_replacement"])
+        if kind == "byte":
+            return ByteTokenizer()
+        if kind == "hf":
+            tok = HFTokenizer.from_file(member(directory, "tokenizer.json"))
+            tok.source = str(meta["source"])
+            return tok
+    except (KeyError, TypeError, ValueError, AttributeError, UnsafeFileError) as exc:
+        what = f"lacks the key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise TokenizerFileError(f"unreadable tokenizer {meta_path}: {what}") from None
+    raise TokenizerFileError(f"unknown tokenizer kind {kind!r} in {meta_path}")
 
 
 def with_oov_policy(tokenizer: Tokenizer, oov: str, replacement: str = " ") -> Tokenizer:

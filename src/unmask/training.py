@@ -23,14 +23,16 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_weights, save_checkpoint
-from .config import ConfigError, RunConfig, dump_config
+from .checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_weights, resume_point, save_checkpoint
+from .config import ConfigError, RunConfig, dump_config, resume_differences
 from .data import BatchOrder, Data, counted_positions, random_lengths
 from .diffusion import draw_noise
 from .evaluation import evaluate
 from .model import count_parameters
-from .runtime import (Distributed, autocast, build_model, build_objective, generator_for, init_distributed,
-                      peak_memory_mb, resolve_precision, seed_for, set_threads, shutdown_distributed)
+from .runfolder import RunLock, clear_run_folder
+from .runtime import (Distributed, autocast, build_model, build_objective, deterministic_algorithms, generator_for,
+                      init_distributed, peak_memory_mb, resolve_precision, seed_for, set_threads,
+                      shutdown_distributed)
 
 
 class EMA:
@@ -120,6 +122,16 @@ def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, to
     load_weights(model, weights, f"train.init_from={source_path}")
 
 
+def check_resumable(ckpt: Checkpoint, cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse to resume ``ckpt`` with settings that change what each step computes."""
+    changed = resume_differences(ckpt.config, cfg)
+    if changed:
+        shown = "; ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise ConfigError(f"{run_dir} was trained with other settings ({shown}); resuming would not continue "
+                          f"that run: use the same settings, another run_dir (train.init_from={run_dir} starts "
+                          f"from its weights) or --fresh")
+
+
 def micro_batching(cfg: RunConfig, world: int) -> tuple[int, int]:
     """(micro batch size per process, accumulation steps) for the global ``train.batch_size``."""
     t = cfg.train
@@ -127,8 +139,6 @@ def micro_batching(cfg: RunConfig, world: int) -> tuple[int, int]:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {world} processes")
     local = t.batch_size // world
     micro = t.micro_batch_size or local
-    if micro < 1:
-        raise ConfigError(f"train.micro_batch_size={micro} must be >= 1 (or 0/null for the whole batch)")
     if local % micro:
         raise ConfigError(f"per-process batch {local} is not divisible by train.micro_batch_size={micro}")
     return micro, local // micro
@@ -146,16 +156,24 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+class TrainingError(RuntimeError):
+    """Training that cannot go on (a non-finite loss)."""
+
+
 def train(cfg: RunConfig, fresh: bool = False) -> Path:
-    """Train (or resume) the run ``cfg.run_dir``; returns the final checkpoint folder."""
+    """Train (or resume) the run ``cfg.run_dir``, holding its :class:`~unmask.runfolder.RunLock`;
+    returns the final checkpoint folder."""
     dist = init_distributed()
+    lock = RunLock(Path(cfg.run_dir))
     try:
-        return _train(cfg, dist, fresh)
+        with deterministic_algorithms(cfg.train.deterministic, dist.device):
+            return _train(cfg, dist, fresh, lock)
     finally:
+        lock.release()
         shutdown_distributed()
 
 
-def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
+def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Path:
     t = cfg.train
     set_threads(t.threads, dist.world)
     device = dist.device
@@ -163,11 +181,16 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
     micro, accumulation = micro_batching(cfg, dist.world)
-    # data: the main process tokenizes (and caches) first, the others then open the cache; a
-    # failure on the main process is shared so that no process waits for it at a barrier
+    # the main process locks the run folder, then tokenizes (and caches) the data; the others then
+    # open the cache. A failure on the main process is shared so that no process waits at a barrier
     failure = None
     if dist.main:
         try:
+            lock.acquire()
+            if lock.stale_owner:
+                print(f"{run_dir}: taking over the lock of {lock.stale_owner}, which is no longer running")
+            if fresh:
+                clear_run_folder(run_dir)
             data = Data(cfg.data, progress=t.progress, tokenizer=init_tokenizer(cfg))
             train_rows = data.rows("train")
             valid_rows = data.rows("valid") if t.eval_every else None
@@ -182,33 +205,26 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
         train_rows = data.rows("train")
         valid_rows = data.rows("valid") if t.eval_every else None
     tokenizer = data.tokenizer
-    if dist.main:
-        if fresh and run_dir.exists():
-            import shutil
-
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        tokenizer.save(run_dir / "tokenizer")
-    dist.barrier()
 
     torch.manual_seed(seed_for(t.seed, 0x1417))
     model = build_model(cfg, tokenizer).to(device)
     objective = build_objective(cfg, tokenizer)
-    existing = list_checkpoints(ckpt_root)
-    if t.init_from and not existing:
+    ckpt = resume_point(ckpt_root, print if dist.main else lambda message: None)
+    if ckpt is not None:
+        check_resumable(ckpt, cfg, run_dir)
+    elif t.init_from:
         initialize_from(model, t.init_from, cfg, tokenizer)
         if dist.main:
             print(f"initialized {run_dir} from {t.init_from}")
+    if dist.main:
+        dump_config(cfg, run_dir / "config.yaml")
+        tokenizer.save(run_dir / "tokenizer")
+    dist.barrier()
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), betas=tuple(t.betas), eps=t.adam_eps)
     ema = EMA(model, t.ema) if t.ema > 0 else None
 
     start_step, elapsed_before = 0, 0.0
-    if existing:
-        ckpt = Checkpoint(existing[-1])
-        if ckpt.config.model != cfg.model or ckpt.config.family != cfg.family:
-            raise ConfigError(f"{run_dir} holds a checkpoint of a different model; use another "
-                              f"run_dir or --fresh")
+    if ckpt is not None:
         load_weights(model, ckpt.weights(ema=False), str(ckpt.path))
         optimizer_state = ckpt.optimizer_state()
         if optimizer_state is None:
@@ -240,11 +256,22 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
     window_loss = window_tokens = 0.0
     window_start, window_steps = time.perf_counter(), 0
     run_start = time.perf_counter()
-    step = start_step
-    last_saved = None
+    step = checked_step = start_step
+    last_saved = ckpt.path if ckpt is not None else None
+    finite = torch.ones((), dtype=torch.bool, device=device)  # losses and gradients finite since checked_step
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - run_start
+
+    def check_finite() -> None:
+        """Stop, on every process, before a non-finite loss is logged or its weights saved."""
+        nonlocal checked_step
+        if dist.all_sum([0.0 if bool(finite) else 1.0])[0]:
+            saved = f"the last checkpoint ({last_saved}) is intact" if last_saved else "no checkpoint was written"
+            raise TrainingError(f"the training loss or gradient became NaN or infinite between steps {checked_step} and "
+                                f"{step}; nothing after step {checked_step} was saved and {saved}; lower "
+                                f"train.lr, raise train.warmup_steps or set train.grad_clip")
+        checked_step = step
 
     def save(at: int) -> Path:
         state = {"elapsed_seconds": elapsed(), "ema_updates": ema.updates if ema else 0,
@@ -286,6 +313,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
             step_loss += loss_sum.detach().double()
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        finite &= torch.isfinite(step_loss) & torch.isfinite(grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
@@ -298,6 +326,9 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
         stop_for_time = False
         if t.max_minutes > 0:
             stop_for_time = dist.all_sum([1.0 if elapsed() >= t.max_minutes * 60 else 0.0])[0] > 0
+        saving = t.save_every and step % t.save_every == 0
+        if (t.log_every > 0 and step % t.log_every == 0) or step == t.steps or stop_for_time or saving:
+            check_finite()
         if (t.log_every > 0 and step % t.log_every == 0) or step == t.steps or stop_for_time:
             loss_sum_g, tokens_g = dist.all_sum([float(window_loss), window_tokens])
             seconds = time.perf_counter() - window_start
@@ -317,16 +348,15 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool) -> Path:
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and dist.main:
             log.write({"step": step, "event": "eval", "split": "valid",
                        **_eval_during_training(cfg, model, ema, objective, valid_rows, tokenizer, device)})
-        if t.save_every and step % t.save_every == 0 and dist.main:
+        if saving and dist.main:
             last_saved = save(step)
         dist.barrier()
         if stop_for_time:
             break
     if bar is not None:
         bar.close()
+    check_finite()
     if dist.main:
-        if last_saved is None and existing and step == start_step:
-            last_saved = existing[-1]  # nothing trained: rewriting it would only risk the checkpoint
         if last_saved is None or not last_saved.name.endswith(f"{step:08d}"):
             last_saved = save(step)
         log.write({"event": "end", "step": step, "elapsed_seconds": elapsed(),
