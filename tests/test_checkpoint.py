@@ -337,3 +337,44 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
         load_weights(three, two.state_dict())
     with pytest.raises(CheckpointError, match=r"missing \[\], unexpected \['blocks\.2\."):
         load_weights(two, three.state_dict())
+
+
+def test_sigkill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path, corpus):
+    """A real kill -9 while a checkpoint is half written (the second save pauses after its first file):
+    the previous checkpoint stays the newest complete one, and training resumes from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    overrides = [*TINY, "data.dataset=text", f"data.path={corpus}", f"run_dir={run}", "train.steps=6",
+                 "train.save_every=2"]
+    script = ("import sys, time; import unmask.checkpoint as c; real = c._save_tensors; calls = []\n"
+              "def slow(*a, **k):\n"
+              "    real(*a, **k); calls.append(1)\n"
+              "    if len(calls) == 4: time.sleep(60)\n"  # the second checkpoint, after its first file
+              "c._save_tensors = slow\n"
+              "from unmask.cli import main; sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, "train", *overrides], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    root = run / "checkpoints"
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.startswith(".tmp-step_00000004") and (p / "model.safetensors").exists()
+                      for p in (root.iterdir() if root.is_dir() else [])):
+            assert proc.poll() is None and time.monotonic() < deadline, "the save never started"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000002"]
+    Checkpoint(root).verify()
+    from unmask.cli import main
+
+    assert main(["train", *overrides]) == 0
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000004", "step_00000006"]
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]

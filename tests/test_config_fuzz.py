@@ -182,6 +182,8 @@ CASES = [
     (["eval", "{tok-missing-key}"], "lacks the key 'alphabet'"),
     (["eval", "{tok-garbage}"], "not valid JSON"),
     (["eval", "{tok-list}"], "JSON list"),
+    (["serve", "{run}", "--timeout", "nan"], "--timeout must be a positive number"),
+    (["serve", "{run}", "--max-body-bytes", "0"], "--max-body-bytes must be a positive number"),
 ]
 
 

@@ -680,8 +680,22 @@ def test_empty_folder_and_missing_path_option(tmp_path):
 
 def test_empty_split_raises(tmp_path):
     (tmp_path / "e.txt").write_text("")
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match="empty") as info:
         Data(text_cfg(tmp_path / "e.txt", tokenizer="byte")).rows("train")
+    assert "train_fraction" not in str(info.value)  # a key that does not exist
+    assert str(tmp_path / "e.txt") in str(info.value) and "data.valid_fraction" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["latin.txt", "latin.txt.xz", "latin.jsonl"])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, name):
+    import lzma
+
+    text = '{"text": "caf\xe9"}\n' if name.endswith(".jsonl") else "caf\xe9 au lait\n" * 10
+    data = text.encode("latin-1")
+    (tmp_path / name).write_bytes(lzma.compress(data) if name.endswith(".xz") else data)
+    with pytest.raises(DataError) as info:
+        Data(text_cfg(tmp_path / name, tokenizer="byte")).rows("train")
+    assert str(info.value).startswith(f"{tmp_path / name} is not UTF-8 text (byte 0xe9"), str(info.value)
 
 
 def test_tokenizer_problems_become_data_errors(tmp_path):

@@ -251,6 +251,13 @@ def test_star_graph_files_are_seeded_and_test_prompts_are_unseen(tmp_path):
     assert a["suggested_length"] == 2 + STAR_VARIANTS["medium"].max_text_length
     with pytest.raises(ValueError, match="unknown star-graph variant"):
         write_star_graph_task(tmp_path / "c", "huge")
+    write_star_graph_task(tmp_path / "a", "medium", train=30, valid=5, test=5, seed=4)  # its own files: replaced
+    assert len((tmp_path / "a" / "test.jsonl").read_text().splitlines()) == 5
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train.jsonl").write_text("the user's data\n")
+    with pytest.raises(ValueError, match="nothing was replaced"):
+        write_star_graph_task(tmp_path / "mine", "medium", train=30, valid=5, test=5)
+    assert (tmp_path / "mine" / "train.jsonl").read_text() == "the user's data\n"
 
 
 def test_answer_is_read_after_the_prompt_up_to_the_first_special():

@@ -103,6 +103,10 @@ def test_temperature_top_k_top_p_and_greedy():
     assert torch.equal(categorical_probs(logits, temperature=0), torch.tensor([[1.0, 0, 0, 0, 0]], dtype=torch.float64))
     excluded = categorical_probs(logits, exclude=0)
     assert excluded[0, 0] == 0 and torch.isclose(excluded.sum(), torch.tensor(1.0, dtype=torch.float64))
+    for tiny in (1e-300, 5e-324):  # logits / T overflowed to +inf and gave NaN: samplers then looped
+        assert torch.equal(categorical_probs(logits, temperature=tiny), categorical_probs(logits, temperature=0))
+        assert torch.equal(categorical_probs(logits, temperature=tiny, exclude=0),
+                           torch.tensor([[0, 1.0, 0, 0, 0]], dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------- exactness on known joints

@@ -355,19 +355,21 @@ def cmd_serve(args) -> int:
     from .serve import ServeConfig, serve
 
     limits = {"--max-batch-rows": args.max_batch_rows, "--max-pending": args.max_pending, "--max-n": args.max_n,
-              "--max-steps": args.max_steps, "--timeout": args.timeout}
+              "--max-steps": args.max_steps, "--timeout": args.timeout, "--max-body-bytes": args.max_body_bytes,
+              "--max-stream-lag": args.max_stream_lag}
     for flag, value in limits.items():
-        if value <= 0:
-            raise ConfigError(f"{flag} must be positive")
+        if not (0 < value < math.inf):
+            raise ConfigError(f"{flag} must be a positive number")
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
-    if args.batch_window_ms < 0:
-        raise ConfigError("--batch-window-ms must be >= 0")
+    if not (0 <= args.batch_window_ms < math.inf):
+        raise ConfigError("--batch-window-ms must be a number >= 0")
     config = ServeConfig(max_batch_rows=args.max_batch_rows, batch_window_ms=args.batch_window_ms,
                          batching=not args.no_batching, max_pending=args.max_pending, timeout_s=args.timeout,
-                         max_n=args.max_n, max_steps=args.max_steps)
+                         max_n=args.max_n, max_steps=args.max_steps, max_body_bytes=args.max_body_bytes,
+                         max_stream_lag=args.max_stream_lag)
     serve(args.checkpoint, args.host, args.port, str(device_for(args.device)), config, args.model_precision,
-          args.tokenizer)
+          args.tokenizer, args.name)
     return 0
 
 
@@ -507,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request before 504")
     p.add_argument("--max-n", type=int, default=8, help="largest n (samples) per request")
     p.add_argument("--max-steps", type=int, default=4096, help="largest number of sampling steps per request")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond it)")
+    p.add_argument("--max-stream-lag", type=int, default=64,
+                   help="canvases a slow streaming client may fall behind before intermediate ones are skipped")
+    p.add_argument("--name", help="the model's id in the API (default: the name of its folder)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("scaling", help="IsoFLOP sweep (sizes x budgets x families), fits and plots; resumable")
     p.add_argument("config", help="YAML path or packaged config name: the data and training settings")

@@ -113,9 +113,9 @@ def set_threads(threads: int, world: int) -> None:
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool, device: torch.device):
     """Within the block, PyTorch picks deterministic kernels where it has them (warning where it has
-    none); on the CPU this makes a run bit-reproducible for a fixed thread count, which multi-threaded
-    training is not otherwise (parallel accumulation into the embedding gradient). cuBLAS needs its
-    workspace setting before CUDA starts, so it is set here only if CUDA has not started yet."""
+    none); on the CPU this makes a run bit-reproducible for a fixed thread count, which two-thread
+    training was not otherwise (``benchmarks/determinism.py``: every repeated pair differed). cuBLAS
+    needs its workspace setting before CUDA starts, so it is set here only if CUDA has not started."""
     if not enabled:
         yield
         return

@@ -65,7 +65,8 @@ def categorical_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int
         logits = logits.index_fill(-1, torch.tensor([exclude], device=logits.device), float("-inf"))
     if temperature == 0:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / temperature
+    # shifted first, so that a tiny temperature sends the others to -inf instead of the best to +inf
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

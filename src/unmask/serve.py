@@ -63,7 +63,7 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ConfigError, SampleConfig
@@ -73,7 +73,6 @@ from .sampling import (MASK_MARK, SamplingError, encode_fixed, encode_template, 
 
 PAGE = Path(__file__).parent / "assets" / "serve.html"
 SAMPLERS = ("ancestral", "first_hitting", "confidence", "ar")
-MIN_TEMPERATURE = 1e-6  # below it logits / temperature can overflow; 0 is greedy
 POLL_S = 0.25  # how often a waiting request checks its client and the worker
 ERROR_TYPES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
                422: "invalid_request", 429: "busy", 499: "cancelled", 500: "internal_error", 503: "unavailable",
@@ -114,13 +113,6 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2 ** 63)
     n: int = Field(1, ge=1)
     stream: bool = False
-
-    @field_validator("temperature")
-    @classmethod
-    def _not_vanishing(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
-        return value
 
 
 class RequestError(ValueError):
@@ -675,14 +667,17 @@ def sse(payload: dict) -> str:
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
-          config: ServeConfig | None = None, model_precision: str = "fp32", tokenizer: str | None = None) -> None:
-    """Load ``model`` (any source of :func:`unmask.pretrained.open_source`) and serve it until interrupted."""
+          config: ServeConfig | None = None, model_precision: str = "fp32", tokenizer: str | None = None,
+          name: str | None = None) -> None:
+    """Load ``model`` (any source of :func:`unmask.pretrained.open_source`) and serve it as ``name``
+    (default: its folder's name) until interrupted."""
     import uvicorn
 
     from .pretrained import from_pretrained
 
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    service = ModelService(from_pretrained(model, device=dev, tokenizer_path=tokenizer), config, dev, model_precision)
+    service = ModelService(from_pretrained(model, device=dev, tokenizer_path=tokenizer), config, dev, model_precision,
+                           name)
     print(f"serving {service.name} ({service.family}, {service.metadata()['parameters']:,} parameters) on "
           f"http://{host}:{port} ({dev})", flush=True)
     try:

@@ -90,6 +90,15 @@ def star_graph_text(graph: dict) -> tuple[str, str]:
     return f"{edges} {source}>{goal}:", "".join(NODE_LABELS[v] for v in graph["path"])
 
 
+def _written_here(task_file: Path) -> bool:
+    """Whether ``task_file`` is the ``task.json`` of an earlier ``unmask task`` (whose files may be replaced)."""
+    try:
+        meta = json.loads(task_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"sizes", "seed"} <= set(meta)
+
+
 def write_splits(out: Path, draw, sizes: dict[str, int], seed: int, meta: dict) -> dict:
     """Write ``{train,valid,test}.jsonl`` of prompt/answer pairs ``draw(rng)`` (each split from its own
     seeded stream; valid and test prompts unseen in training) and ``task.json`` (``meta`` with the
@@ -97,6 +106,10 @@ def write_splits(out: Path, draw, sizes: dict[str, int], seed: int, meta: dict) 
     for name, n in sizes.items():
         if n < 1:
             raise ValueError(f"--{name} must be >= 1")
+    existing = [f"{name}.jsonl" for name in sizes if (out / f"{name}.jsonl").exists()]
+    if existing and not _written_here(out / "task.json"):
+        raise ValueError(f"{out} already holds {', '.join(existing)}, not written by unmask task; nothing was "
+                         f"replaced: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
     for stream, (split, n) in enumerate(sizes.items()):
