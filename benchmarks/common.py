@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from unmask.data import TOKEN, Data
-from unmask.evaluation import select_rows
-from unmask.generation_metrics import unigram_entropy
-from unmask.sampling import generate
+from unmask.data.dataset import Data
+from unmask.data.layouts import TOKEN
+from unmask.eval.generation import unigram_entropy
+from unmask.eval.likelihood import select_rows
+from unmask.pipeline import generate
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
@@ -110,10 +111,10 @@ def held_out_reference(ckpt, evaluator, samples: int) -> dict:
 def trained(run_dir: Path, overrides: list[str], config: str | None = None) -> tuple[Path, list[dict]]:
     """Train (or resume, or find finished) a run from ``config`` (a packaged name or a path) with
     ``overrides``; returns its final checkpoint and its metrics records."""
-    from unmask.checkpoint import Checkpoint, list_checkpoints
+    from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints
     from unmask.cli import resolve_config_path
     from unmask.config import load_config
-    from unmask.training import train
+    from unmask.train.loop import train
 
     cfg = load_config(resolve_config_path(config), [f"run_dir={run_dir}", "train.progress=false", *overrides])
     done = list_checkpoints(run_dir / "checkpoints")

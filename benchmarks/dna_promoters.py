@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from unmask.checkpoint import Checkpoint, list_checkpoints, load_model
-from unmask.classification import train_classifier
+from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints, load_model
 from unmask.config import SampleConfig, load_config
-from unmask.data import Data
-from unmask.evaluation import evaluate
-from unmask.generation_metrics import CheckpointEvaluator, kmer_spectrum_distance
-from unmask.sampling import generate
-from unmask.training import train
+from unmask.data.dataset import Data
+from unmask.eval.generation import CheckpointEvaluator, kmer_spectrum_distance
+from unmask.eval.likelihood import evaluate
+from unmask.pipeline import generate
+from unmask.train.classifier import train_classifier
+from unmask.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unmask.checkpoint import Checkpoint, load_model
+from unmask.checkpoints.checkpoint import Checkpoint, load_model
 from unmask.config import SampleConfig
-from unmask.data import Data
-from unmask.evaluation import select_rows
-from unmask.generation_metrics import CheckpointEvaluator, unigram_entropy
-from unmask.sampling import generate
-from unmask.tasks import exact_match, read_pairs, write_star_graph_task
+from unmask.data.dataset import Data
+from unmask.data.tasks import read_pairs, write_star_graph_task
+from unmask.eval.exact_match import exact_match
+from unmask.eval.generation import CheckpointEvaluator, unigram_entropy
+from unmask.eval.likelihood import select_rows
+from unmask.pipeline import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

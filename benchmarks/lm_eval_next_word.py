@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from unmask.data import Data
-from unmask.pretrained import open_source
+from unmask.checkpoints.pretrained import open_source
+from unmask.data.dataset import Data
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -75,7 +75,7 @@ def main() -> None:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from unmask.lm_eval_adapter import UnmaskLM
+    from unmask.eval.lm_eval import UnmaskLM
 
     source = open_source(args.mdlm)
     stream = Data(source.config.data, tokenizer=source.tokenizer).stream("test")

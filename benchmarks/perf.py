@@ -34,10 +34,13 @@ from pathlib import Path
 import torch
 
 from unmask.config import MODEL_PRESETS, SampleConfig, load_config
-from unmask.model import count_parameters
-from unmask.runtime import autocast, build_model, build_objective, resolve_precision
-from unmask.sampling import make_canvas, make_sampler, row_seeds
-from unmask.tokenization import CharTokenizer, HFTokenizer, load_tokenizer
+from unmask.data.tokenization import CharTokenizer, HFTokenizer, load_tokenizer
+from unmask.families import build_model, build_objective
+from unmask.models.dit import count_parameters
+from unmask.pipeline import make_canvas
+from unmask.runtime import autocast, resolve_precision
+from unmask.samplers.base import row_seeds
+from unmask.samplers.registry import make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_DIR = ROOT.parent / "shared" / "data" / "gpt2-tokenizer"
@@ -178,7 +181,7 @@ def train_step_seconds(preset: str, args, length: int, batch: int, device) -> fl
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x0 = torch.randint(0, tokenizer.vocab_size - 1, (batch, length), device=device)
     counted = torch.ones_like(x0, dtype=torch.bool)
-    from unmask.diffusion import draw_noise
+    from unmask.objectives.base import draw_noise
 
     noise = draw_noise(batch, length, torch.Generator().manual_seed(0)).to(device)
     precision = resolve_precision(args.precision, device)

@@ -19,9 +19,9 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf import run_config, tokenizer_for  # noqa: E402
-
-from unmask.diffusion import draw_noise  # noqa: E402
-from unmask.runtime import autocast, build_model, build_objective, resolve_precision  # noqa: E402
+from unmask.families import build_model, build_objective
+from unmask.objectives.base import draw_noise
+from unmask.runtime import autocast, resolve_precision
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_addmm_activation")
 ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",

@@ -14,11 +14,15 @@ import json
 import sys
 from pathlib import Path
 
-from unmask.checkpoint import Checkpoint, list_checkpoints
+from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints
 from unmask.config import load_config
-from unmask.pretrained import from_pretrained
-from unmask.reverse_curse import evaluate_reverse_curse, make_facts, write_facts
-from unmask.training import train
+from unmask.experiments.reverse_curse import (
+    evaluate_reverse_curse,
+    make_facts,
+    write_facts,
+)
+from unmask.pipeline import from_pretrained
+from unmask.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -16,10 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-from unmask.checkpoint import load_model
+from unmask.checkpoints.checkpoint import load_model
+from unmask.checkpoints.pretrained import open_source
 from unmask.config import config_from_dict, merge_trees, parse_overrides, to_dict
-from unmask.pretrained import open_source
-from unmask.rl import rl_train
+from unmask.train.rl import rl_train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from unmask.checkpoint import Checkpoint, load_model
+from unmask.checkpoints.checkpoint import Checkpoint, load_model
 from unmask.config import SampleConfig
-from unmask.generation_metrics import CheckpointEvaluator
+from unmask.eval.generation import CheckpointEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from unmask.checkpoint import Checkpoint, load_model
+from unmask.checkpoints.checkpoint import Checkpoint, load_model
 from unmask.config import SampleConfig
-from unmask.data import Data
-from unmask.evaluation import evaluate
-from unmask.generation_metrics import CheckpointEvaluator
+from unmask.data.dataset import Data
+from unmask.eval.generation import CheckpointEvaluator
+from unmask.eval.likelihood import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

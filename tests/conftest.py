@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unmask.data import shipped_corpus_path
+from unmask.data.corpora import shipped_corpus_path
 
 
 @pytest.fixture(autouse=True)

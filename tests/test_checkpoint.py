@@ -10,17 +10,24 @@ from pathlib import Path
 import pytest
 import torch
 
-import unmask.checkpoint as ckpt_mod
-from unmask.checkpoint import (Checkpoint, CheckpointError, flatten_optimizer, list_checkpoints, load_model,
-                               load_tensors, load_weights, resolve_checkpoint, save_checkpoint,
-                               unflatten_optimizer)
+import unmask.checkpoints.checkpoint as ckpt_mod
+from unmask.checkpoints.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    flatten_optimizer,
+    list_checkpoints,
+    load_model,
+    load_tensors,
+    load_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+    unflatten_optimizer,
+)
 from unmask.config import load_config
-from unmask.runtime import build_model
-from unmask.tokenization import CharTokenizer, load_tokenizer
+from unmask.data.tokenization import CharTokenizer, load_tokenizer
+from unmask.families import build_model
 
 from toys import TINY
-
-
 
 
 def tiny_config(tmp_path: Path, *extra: str):
@@ -351,7 +358,7 @@ def test_sigkill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path,
     run = tmp_path / "run"
     overrides = [*TINY, "data.dataset=text", f"data.path={corpus}", f"run_dir={run}", "train.steps=6",
                  "train.save_every=2"]
-    script = ("import sys, time; import unmask.checkpoint as c; real = c._save_tensors; calls = []\n"
+    script = ("import sys, time; import unmask.checkpoints.checkpoint as c; real = c._save_tensors; calls = []\n"
               "def slow(*a, **k):\n"
               "    real(*a, **k); calls.append(1)\n"
               "    if len(calls) == 4: time.sleep(60)\n"  # the second checkpoint, after its first file

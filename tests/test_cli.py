@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unmask.checkpoint import Checkpoint, list_checkpoints
+from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints
 from unmask.cli import main
 from unmask.config import load_config
 

@@ -18,7 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from unmask.cli import main
-from unmask.config import RANGES, ConfigError, RunConfig, config_from_dict, in_interval, load_config
+from unmask.config import (
+    RANGES,
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    in_interval,
+    load_config,
+)
 
 from toys import TINY
 

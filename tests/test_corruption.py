@@ -12,10 +12,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from unmask.checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_tensors, resume_point
+from unmask.checkpoints.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    list_checkpoints,
+    load_tensors,
+    resume_point,
+)
 from unmask.cli import json_safe, main
 from unmask.config import load_config
-from unmask.training import TrainingError, train
+from unmask.train.loop import TrainingError, train
 
 from toys import TINY
 
@@ -119,7 +125,7 @@ def test_a_diverging_run_stops_before_logging_or_saving_non_finite_numbers(corpu
 
 
 def test_non_finite_loss_is_reported_with_the_steps_and_the_last_checkpoint(corpus, tmp_path, monkeypatch):
-    from unmask.diffusion import MaskedDiffusion
+    from unmask.objectives.mdlm import MaskedDiffusion
 
     real = MaskedDiffusion.loss
     calls = {"n": 0}

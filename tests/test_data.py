@@ -12,28 +12,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unmask import data as data_mod
 from unmask.config import DataConfig
-from unmask.data import (
+from unmask.data import corpora, readers
+from unmask.data.cache import tokenize_split
+from unmask.data.corpora import (
+    SHAKESPEARE_CHARS,
+    SHAKESPEARE_SPLITS,
+    shipped_corpus_path,
+)
+from unmask.data.dataset import Data
+from unmask.data.layouts import (
     BOS,
     EOS,
     PAD,
-    SHAKESPEARE_CHARS,
-    SHAKESPEARE_SPLITS,
     TOKEN,
     BatchOrder,
-    Data,
-    DataError,
     PadRows,
     WrapRows,
     counted_positions,
-    shipped_corpus_path,
-    tokenize_split,
 )
-from unmask.tokenization import CharTokenizer
+from unmask.data.readers import DataError
+from unmask.data.tokenization import CharTokenizer
 
 from toys import GPT2_DIR, TEXT8_PREFIX
-
 
 
 @pytest.fixture(autouse=True)
@@ -196,9 +197,10 @@ def test_pad_rows_doc_of_exactly_length_minus_two_is_not_truncated(tmp_path):
 
 def test_pad_rows_with_gpt2_ids_use_kinds_not_ids(tmp_path):
     """With BOS = EOS = PAD (GPT-2 style), kinds still say which position is which."""
-    from tokenizers import Tokenizer as TK, models, pre_tokenizers
+    from tokenizers import Tokenizer as TK
+    from tokenizers import models, pre_tokenizers
 
-    from unmask.tokenization import HFTokenizer
+    from unmask.data.tokenization import HFTokenizer
 
     tk = TK(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2, "<|endoftext|>": 3}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -303,7 +305,7 @@ def test_tokenize_split_directly(tmp_path):
     """The module-level function with an explicit cache_dir, and a char-range corpus."""
     path = tmp_path / "t.txt"
     path.write_text("0123456789")
-    corpus = data_mod.CharRangeCorpus("digits", path, {"train": (0, 6), "valid": (6, 8), "test": (8, 10)})
+    corpus = corpora.CharRangeCorpus("digits", path, {"train": (0, 6), "valid": (6, 8), "test": (8, 10)})
     tok = CharTokenizer("0123456789")
     out = tmp_path / "c"
     s = tokenize_split(corpus, "valid", tok, insert_eos=False, cache_dir=out)
@@ -578,7 +580,7 @@ def test_text_oov_error_names_symbol_position_and_document(tmp_path):
 
 def test_oov_position_counts_across_pieces(tmp_path, monkeypatch):
     """A document read in several pieces reports the position within the whole document."""
-    monkeypatch.setattr(data_mod, "BLOCK_CHARS", 4)
+    monkeypatch.setattr(readers, "BLOCK_CHARS", 4)
     path = tmp_path / "c.txt"
     path.write_text("ab\nab\nabc\naa\nb!a\n")  # '!' at character 14
     with pytest.raises(DataError) as info:
@@ -604,7 +606,7 @@ def test_char_alphabet_built_from_corpus(tmp_path):
 def test_gpt2_tokenizer_through_data(tmp_path):
     if not (GPT2_DIR / "encoder.json").is_file():
         pytest.skip(f"GPT-2 tokenizer files not found in {GPT2_DIR} (shared data absent)")
-    from unmask.tokenization import HFTokenizer
+    from unmask.data.tokenization import HFTokenizer
 
     tok = HFTokenizer.gpt2_from_files(GPT2_DIR)
     path = _jsonl(tmp_path / "d.jsonl", ["Hello world", "Hello world, again and again."])

@@ -12,14 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from unmask.checkpoint import Checkpoint, list_checkpoints
-from unmask.classification import classification_metrics, label_names, read_labelled
+from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints
 from unmask.cli import main
 from unmask.config import ConfigError, load_config
-from unmask.data import Data, DataError, read_fasta, read_fastq, read_table
-from unmask.generation_metrics import kmer_spectrum, kmer_spectrum_distance
-from unmask.tokenization import DNATokenizer, OutOfVocabularyError, build_tokenizer, load_tokenizer
-from unmask.training import train
+from unmask.data.dataset import Data
+from unmask.data.labelled import label_names, read_labelled
+from unmask.data.readers import DataError, read_fasta, read_fastq, read_table
+from unmask.data.tokenization import (
+    DNATokenizer,
+    OutOfVocabularyError,
+    build_tokenizer,
+    load_tokenizer,
+)
+from unmask.eval.classification import classification_metrics
+from unmask.eval.generation import kmer_spectrum, kmer_spectrum_distance
+from unmask.train.loop import train
 
 from toys import SHARED_DATA, TINY
 
@@ -179,7 +186,7 @@ def test_classifier_fine_tunes_from_a_pretrained_mdlm(tmp_path):
                              "data.tokenizer=dna", "data.length=24", "data.layout=pad", f"run_dir={lm}",
                              "train.steps=4"]))
     run = tmp_path / "clf"
-    from unmask.classification import train_classifier
+    from unmask.train.classifier import train_classifier
 
     cfg = load_config(None, classifier_overrides(paths, run, "train.steps=2", f"train.init_from={lm}", "train.lr=0"))
     train_classifier(cfg)
@@ -196,7 +203,7 @@ def test_classifier_config_errors(tmp_path):
         load_config(None, [*TINY, "family=classifier", "data.dataset=text", "data.path=x.csv"])
     paths = separable_files(tmp_path, n=8)
     (tmp_path / "one.csv").write_text("sequence,label\nACGT,1\nAAAA,1\n")
-    from unmask.classification import train_classifier
+    from unmask.train.classifier import train_classifier
 
     with pytest.raises(DataError, match="two classes"):
         train_classifier(load_config(None, classifier_overrides({**paths, "train": tmp_path / "one.csv"},

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from unmask import generation_metrics as gm
-from unmask.checkpoint import Checkpoint, load_model, save_checkpoint
+from unmask.checkpoints.checkpoint import Checkpoint, load_model, save_checkpoint
 from unmask.cli import main
 from unmask.config import load_config
-from unmask.runtime import build_model
-from unmask.tokenization import CharTokenizer
+from unmask.data.tokenization import CharTokenizer
+from unmask.eval import generation as gm
+from unmask.families import build_model
 
 from toys import TINY
 

@@ -22,13 +22,14 @@ from typing import Tuple
 import pytest
 import torch
 
-from unmask.checkpoint import CheckpointError, save_checkpoint
+from unmask.checkpoints.checkpoint import CheckpointError, save_checkpoint
+from unmask.checkpoints.pretrained import save_pretrained
 from unmask.cli import main
 from unmask.config import load_config
+from unmask.data.tokenization import build_tokenizer
+from unmask.families import build_model
 from unmask.files import UnsafeFileError, check_torch_archive
-from unmask.pretrained import from_pretrained, save_pretrained
-from unmask.runtime import build_model
-from unmask.tokenization import build_tokenizer
+from unmask.pipeline import from_pretrained
 
 from toys import TINY
 
@@ -82,7 +83,7 @@ def good(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer)
     ckpt = save_checkpoint(root / "run" / "checkpoints", 3, model.state_dict(), cfg, tokenizer)
-    from unmask.checkpoint import Checkpoint
+    from unmask.checkpoints.checkpoint import Checkpoint
 
     export = save_pretrained(Checkpoint(ckpt), root / "export")
     outside = root / "outside"
@@ -183,7 +184,7 @@ def entry_points(source: Path, tmp_path: Path, good) -> dict:
         return run
 
     def lm_eval():
-        from unmask.lm_eval_adapter import UnmaskLM
+        from unmask.eval.lm_eval import UnmaskLM
 
         UnmaskLM(pretrained=str(source))
 
@@ -307,7 +308,7 @@ def test_symlinks_inside_a_folder_are_followed(good, tmp_path):
 
 def test_restricted_unpickler_still_reads_metadata_bytes(tmp_path):
     """bytes and bytearray with contents (as checkpoint metadata holds them) still load."""
-    from unmask.released import read_lightning_ckpt
+    from unmask.checkpoints.released import read_lightning_ckpt
 
     path = tmp_path / "m.ckpt"
     torch.save({"state_dict": {"backbone.x": torch.zeros(1)}, "blob": bytearray(b"abc"), "raw": b"xyz"}, path)

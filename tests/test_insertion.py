@@ -11,10 +11,18 @@ import torch
 
 from unmask.cli import main
 from unmask.config import ConfigError, ModelConfig, load_config
-from unmask.insertion import InsertionLM, InsertionObjective, joint_log_probs
-from unmask.model import DiT
-from unmask.sampling import InsertionSampler, SamplingError, row_seeds
-from unmask.tasks import STAR_VARIANTS, answer_of, star_graph, star_graph_text, write_star_graph_task
+from unmask.data.tasks import (
+    STAR_VARIANTS,
+    answer_of,
+    star_graph,
+    star_graph_text,
+    write_star_graph_task,
+)
+from unmask.models.dit import DiT
+from unmask.models.insertion import InsertionLM
+from unmask.objectives.ilm import InsertionObjective, joint_log_probs
+from unmask.samplers.base import SamplingError, row_seeds
+from unmask.samplers.insertion import InsertionSampler
 
 from toys import TINY
 
@@ -261,7 +269,7 @@ def test_star_graph_files_are_seeded_and_test_prompts_are_unseen(tmp_path):
 
 
 def test_answer_is_read_after_the_prompt_up_to_the_first_special():
-    from unmask.tokenization import CharTokenizer
+    from unmask.data.tokenization import CharTokenizer
 
     tok = CharTokenizer("abc>: ")
     ids = [tok.bos_id] + tok.encode("ab>c:").tolist() + tok.encode("cab").tolist() + [tok.eos_id, tok.encode("a")[0]]
@@ -315,8 +323,8 @@ def test_padding_in_a_canvas_is_room_without_an_open_gap():
 
 def test_template_infilling_with_an_insertion_model(tmp_path):
     from unmask.config import SampleConfig
-    from unmask.sampling import generate
-    from unmask.tokenization import CharTokenizer
+    from unmask.data.tokenization import CharTokenizer
+    from unmask.pipeline import generate
 
     tok = CharTokenizer("abcde")
     model = random_ilm(vocab=tok.vocab_size, length=12)

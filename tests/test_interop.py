@@ -13,19 +13,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from unmask.checkpoint import CheckpointError, load_model, save_checkpoint
+from unmask.checkpoints.checkpoint import CheckpointError, load_model, save_checkpoint
+from unmask.checkpoints.pretrained import open_source, save_pretrained
+from unmask.checkpoints.released import (
+    UnsafeCheckpointError,
+    mdlm_parameter_names,
+    read_lightning_ckpt,
+    run_config_for,
+    write_mdlm_ckpt,
+    write_mdlm_hf,
+)
 from unmask.cli import main
 from unmask.config import load_config
-from unmask.data import wikitext_detokenize
-from unmask.diffusion import Autoregressive, MaskedDiffusion
-from unmask.evaluation import continuation_loglikelihoods
-from unmask.model import count_parameters
-from unmask.pretrained import from_pretrained, open_source, save_pretrained
-from unmask.released import (UnsafeCheckpointError, mdlm_parameter_names, read_lightning_ckpt, run_config_for,
-                             write_mdlm_ckpt, write_mdlm_hf)
-from unmask.runtime import build_model
-from unmask.schedules import LogLinear
-from unmask.tokenization import HFTokenizer, build_tokenizer
+from unmask.data.corpora import wikitext_detokenize
+from unmask.data.tokenization import HFTokenizer, build_tokenizer
+from unmask.eval.likelihood import continuation_loglikelihoods
+from unmask.families import build_model
+from unmask.models.dit import count_parameters
+from unmask.objectives.ar import Autoregressive
+from unmask.objectives.mdlm import MaskedDiffusion
+from unmask.objectives.schedules import LogLinear
+from unmask.pipeline import from_pretrained
 
 from toys import GPT2_DIR, SHARED_DATA, TINY, EnumeratedModel, random_joint
 
@@ -169,7 +177,7 @@ def test_ckpt_metadata_classes_are_read_inertly(tmp_path, monkeypatch):
     torch.save({"state_dict": {"backbone." + k: v for k, v in model.state_dict().items()}, "global_step": 7,
                 "hyper_parameters": {"config": hp}}, tmp_path / "m.ckpt")
     monkeypatch.delitem(sys.modules, fake.__name__)  # the loader must not need the classes
-    from unmask.released import read_mdlm_ckpt
+    from unmask.checkpoints.released import read_mdlm_ckpt
 
     read, weights, ema, step = read_mdlm_ckpt(tmp_path / "m.ckpt")
     assert (read.model.heads, read.model.length, read.model.time_conditioning, step) == (8, 48, True, 7)
@@ -353,7 +361,7 @@ def test_count_estimator_has_lower_variance_and_choices_share_draws():
               for e in ("time", "count")}
     assert errors["count"] < 0.7 * errors["time"], errors
     # the choices of one question (same context and length) draw the same times and masks
-    from unmask.evaluation import _context_key
+    from unmask.eval.likelihood import _context_key
 
     assert _context_key([1, 2, 0, 1], 2) == _context_key([1, 2, 2, 2], 2)
     assert _context_key([1, 2, 0, 1], 2) != _context_key([1, 0, 0, 1], 2)
@@ -395,7 +403,7 @@ def test_zero_shot_wikitext2_reports_both_eos_conventions(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no EOS between documents" in err and "EOS between documents" in err
     # the token streams differ by one EOS per line of the file (4,358 lines in the test split)
-    from unmask.data import Data
+    from unmask.data.dataset import Data
 
     streams = [Data(load_config(None, ["data.dataset=wikitext2", f"data.path={WIKITEXT2}", "data.tokenizer=gpt2",
                                        f"data.tokenizer_path={GPT2_DIR}", f"data.insert_eos={e}"]).data).stream("test")

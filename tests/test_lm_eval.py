@@ -77,7 +77,7 @@ def test_lm_eval_runs_all_request_types(tmp_path, family):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from unmask.lm_eval_adapter import UnmaskLM
+    from unmask.eval.lm_eval import UnmaskLM
 
     ckpt = tiny_checkpoint(tmp_path, family)
     tasks = write_tasks(tmp_path)
@@ -97,7 +97,7 @@ def test_lm_eval_runs_all_request_types(tmp_path, family):
 
 def test_adapter_rejects_unknown_sampling_options(tmp_path):
     from unmask.config import ConfigError
-    from unmask.lm_eval_adapter import UnmaskLM
+    from unmask.eval.lm_eval import UnmaskLM
 
     with pytest.raises(ConfigError, match="sample.stepz"):
         UnmaskLM(pretrained=str(tiny_checkpoint(tmp_path)), stepz=4)
@@ -107,7 +107,7 @@ def test_adapter_rejects_unknown_sampling_options(tmp_path):
 def test_lm_eval_command_line(tmp_path):
     ckpt = tiny_checkpoint(tmp_path)
     tasks = write_tasks(tmp_path)
-    cmd = [sys.executable, "-m", "unmask.lm_eval_adapter", "--model", "unmask", "--model_args",
+    cmd = [sys.executable, "-m", "unmask.eval.lm_eval", "--model", "unmask", "--model_args",
            f"pretrained={ckpt},mc_samples=2", "--tasks", "unmask_toy_choice", "--include_path", str(tasks),
            "--output_path", str(tmp_path / "out")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -121,7 +121,7 @@ def test_generation_longer_than_the_model(tmp_path, family):
     """MDLM continues in semi-autoregressive windows; AR generates up to its length."""
     from types import SimpleNamespace
 
-    from unmask.lm_eval_adapter import UnmaskLM
+    from unmask.eval.lm_eval import UnmaskLM
 
     model = UnmaskLM(pretrained=str(tiny_checkpoint(tmp_path, family)), sampler="first_hitting" if family == "mdlm"
                      else "ar")

@@ -8,13 +8,28 @@ import pytest
 import torch
 
 from unmask.config import DataConfig
-from unmask.diffusion import (Autoregressive, MaskedDiffusion, Noise, draw_noise, masked_cross_entropy,
-                              stratified_uniform, subs_log_probs)
-from unmask.evaluation import evaluate
-from unmask.schedules import Cosine, Geometric, LogLinear
-from unmask.tokenization import CharTokenizer
+from unmask.data.tokenization import CharTokenizer
+from unmask.eval.likelihood import evaluate
+from unmask.objectives.ar import Autoregressive
+from unmask.objectives.base import (
+    Noise,
+    draw_noise,
+    masked_cross_entropy,
+    stratified_uniform,
+)
+from unmask.objectives.mdlm import MaskedDiffusion, subs_log_probs
+from unmask.objectives.schedules import Cosine, Geometric, LogLinear
 
-from toys import LENGTH, MASK, V_TOKENS, ArrayRows, FactorizedModel, factorized_problem, tiny_dit
+from toys import (
+    LENGTH,
+    MASK,
+    V_TOKENS,
+    ArrayRows,
+    FactorizedModel,
+    factorized_problem,
+    tiny_dit,
+)
+
 
 def run_eval(model, objective, rows, k, seed=0, tokenizer=None):
     tok = tokenizer or CharTokenizer("abcde")

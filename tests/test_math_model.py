@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from unmask.config import MODEL_PRESETS, ModelConfig
-from unmask.model import DiT, apply_rotary, bucketed_positions, count_parameters
+from unmask.models.dit import DiT, apply_rotary, bucketed_positions, count_parameters
 
 MDLM_BLOCK_KEYS = ["norm1.weight", "attn_qkv.weight", "attn_out.weight", "norm2.weight", "mlp.0.weight",
                    "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "adaLN_modulation.weight", "adaLN_modulation.bias"]
@@ -93,7 +93,7 @@ def test_positions_and_inputs_embeds_paths_agree_with_full_forward():
 
 def test_rotary_scores_depend_only_on_relative_position():
     d, length = 8, 20
-    from unmask.model import Rotary
+    from unmask.models.dit import Rotary
 
     cos, sin = Rotary(d)(length, torch.device("cpu"))
     q = torch.randn(d).expand(1, 1, length, d)

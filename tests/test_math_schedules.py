@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from unmask.config import DiffusionConfig
-from unmask.schedules import Cosine, Geometric, Linear, LogLinear, make_schedule
+from unmask.objectives.schedules import (
+    Cosine,
+    Geometric,
+    Linear,
+    LogLinear,
+    make_schedule,
+)
 
 SCHEDULES = {
     "loglinear": LogLinear(0.0),

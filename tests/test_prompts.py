@@ -7,10 +7,11 @@ import time
 import pytest
 
 from unmask.config import SampleConfig
-from unmask.diffusion import MaskedDiffusion
-from unmask.sampling import SamplingError, encode_template, generate
-from unmask.schedules import LogLinear
-from unmask.tokenization import CharTokenizer
+from unmask.data.tokenization import CharTokenizer
+from unmask.objectives.mdlm import MaskedDiffusion
+from unmask.objectives.schedules import LogLinear
+from unmask.pipeline import encode_template, generate
+from unmask.samplers.base import SamplingError
 
 from toys import tiny_dit
 

@@ -3,9 +3,13 @@
 import json
 
 from unmask.config import load_config
-from unmask.pretrained import from_pretrained
-from unmask.reverse_curse import evaluate_reverse_curse, make_facts, write_facts
-from unmask.training import train
+from unmask.experiments.reverse_curse import (
+    evaluate_reverse_curse,
+    make_facts,
+    write_facts,
+)
+from unmask.pipeline import from_pretrained
+from unmask.train.loop import train
 
 from toys import TINY
 

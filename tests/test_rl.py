@@ -10,11 +10,18 @@ import torch
 
 from unmask.cli import main
 from unmask.config import ConfigError, load_config
-from unmask.diffusion import MaskedDiffusion
-from unmask.rl import Rollouts, SchedulePolicy, group_advantages, load_reward, model_loss, scheduled_rollouts
-from unmask.sampling import row_seeds
-from unmask.schedules import LogLinear
-from unmask.tokenization import CharTokenizer
+from unmask.data.tokenization import CharTokenizer
+from unmask.objectives.mdlm import MaskedDiffusion
+from unmask.objectives.schedules import LogLinear
+from unmask.samplers.base import row_seeds
+from unmask.train.rl import (
+    Rollouts,
+    SchedulePolicy,
+    group_advantages,
+    load_reward,
+    model_loss,
+    scheduled_rollouts,
+)
 
 from toys import TINY
 
@@ -122,7 +129,7 @@ def test_schedule_grpo_lowers_the_temperature_when_greedy_answers_win():
     policy = SchedulePolicy(1, ("temperature",), temperature=2.0, std=0.5)
     optimizer = torch.optim.Adam(policy.parameters(), lr=0.1)
     canvas = torch.tensor([[BOS] + [MASK] * 6] * 64)
-    from unmask.rl import schedule_loss
+    from unmask.train.rl import schedule_loss
 
     before = policy.summary()["temperature"][0]
     for it in range(15):
@@ -152,8 +159,8 @@ def tiny_mdlm(tmp_path):
 
 
 def test_a_zero_variance_schedule_reduces_co_grpo_to_grpo(tmp_path):
-    from unmask.checkpoint import Checkpoint, list_checkpoints, load_model
-    from unmask.rl import rl_train
+    from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints, load_model
+    from unmask.train.rl import rl_train
 
     run, data = tiny_mdlm(tmp_path)
     ckpt = Checkpoint(list_checkpoints(run / "checkpoints")[-1])
@@ -200,7 +207,7 @@ def test_rl_through_the_cli_alternates_and_saves_a_usable_model(tmp_path, capsys
 def test_rewards_and_config_errors():
     assert load_reward("exact_match")(["p"], ["ab", "b"], ["ab", "a"]) == [1.0, 0.0]
     assert load_reward("prefix_match")(["p"], ["abc"], ["abd"]) == [pytest.approx(2 / 3)]
-    assert load_reward("unmask.rl:exact_match_reward") is load_reward("exact_match")
+    assert load_reward("unmask.train.rl:exact_match_reward") is load_reward("exact_match")
     with pytest.raises(ConfigError, match="unknown reward"):
         load_reward("accuracy")
     with pytest.raises(ConfigError, match="cannot be imported"):
@@ -212,7 +219,7 @@ def test_rewards_and_config_errors():
 
 
 def test_trainer_rejects_a_schedule_only_run_without_a_schedule(tmp_path):
-    from unmask.rl import rl_train
+    from unmask.train.rl import rl_train
 
     cfg = load_config(None, ["rl.mode=schedule", "rl.schedule_std=0", f"rl.prompts={pairs_file(tmp_path / 'p.jsonl')}"])
     tok = CharTokenizer("ab:")

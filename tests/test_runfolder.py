@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from unmask.checkpoint import Checkpoint, list_checkpoints
+from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints
+from unmask.checkpoints.runfolder import (
+    LOCK_FILE,
+    RunFolderError,
+    RunLock,
+    clear_run_folder,
+)
 from unmask.cli import main
-from unmask.runfolder import LOCK_FILE, RunFolderError, RunLock, clear_run_folder
 
 from toys import TINY
-
 
 
 def train_args(corpus: Path, run: Path, *extra: str) -> list[str]:

@@ -9,16 +9,33 @@ import torch
 
 from unmask import rng
 from unmask.config import SampleConfig
-from unmask.diffusion import MaskedDiffusion
-from unmask.sampling import (AncestralSampler, AutoregressiveSampler, ConfidenceSampler, FirstHittingSampler,
-                             SamplingError, SemiAutoregressiveSampler, categorical_probs, encode_template,
-                             generate, make_canvas, make_sampler, reveal_schedule, row_seeds,
-                             sample_categorical, sample_exponential_race_float32)
-from unmask.schedules import Cosine, LogLinear
-from unmask.tokenization import CharTokenizer
+from unmask.data.tokenization import CharTokenizer
+from unmask.objectives.mdlm import MaskedDiffusion
+from unmask.objectives.schedules import Cosine, LogLinear
+from unmask.pipeline import encode_template, generate, make_canvas
+from unmask.samplers.ancestral import AncestralSampler
+from unmask.samplers.ar import AutoregressiveSampler
+from unmask.samplers.base import (
+    SamplingError,
+    categorical_probs,
+    row_seeds,
+    sample_categorical,
+    sample_exponential_race_float32,
+)
+from unmask.samplers.confidence import ConfidenceSampler, reveal_schedule
+from unmask.samplers.first_hitting import FirstHittingSampler
+from unmask.samplers.registry import make_sampler
+from unmask.samplers.semi_ar import SemiAutoregressiveSampler
 
-from toys import (MASK, V_TOKENS, EnumeratedModel, FactorizedModel, markov_chain,
-                  random_joint, tiny_dit)
+from toys import (
+    MASK,
+    V_TOKENS,
+    EnumeratedModel,
+    FactorizedModel,
+    markov_chain,
+    random_joint,
+    tiny_dit,
+)
 
 CHI2_999 = {1: 10.83, 2: 13.82, 4: 18.47, 5: 20.52, 8: 26.12, 26: 54.05}
 
@@ -369,7 +386,7 @@ def test_bad_requests_are_clear_errors():
         make_canvas(tok, [], length=3)
     with pytest.raises(SamplingError, match="non-empty"):
         AncestralSampler(diffusion, steps=2).sample(model, torch.zeros((0, 4), dtype=torch.long), seeds(0))
-    from unmask.tokenization import ByteTokenizer
+    from unmask.data.tokenization import ByteTokenizer
 
     class WithMaskText(ByteTokenizer):
         def encode(self, text, offset=0):
@@ -459,7 +476,7 @@ class RecordingModel(torch.nn.Module):
 
 
 def test_unconditional_branch_masks_exactly_the_prompt_and_combines_the_logits():
-    from unmask.sampling import Denoiser
+    from unmask.samplers.denoiser import Denoiser
 
     model = RecordingModel(tiny_dit(seed=3))
     diffusion = MaskedDiffusion(LogLinear(0.0), MASK)
@@ -489,7 +506,7 @@ def test_unconditional_branch_masks_exactly_the_prompt_and_combines_the_logits()
 
 
 def test_linear_guidance_schedule_fades_with_time():
-    from unmask.sampling import guidance_weight
+    from unmask.samplers.denoiser import guidance_weight
 
     t = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
     assert guidance_weight(2.0, "linear", t).tolist() == [2.0, 1.0, 0.0]

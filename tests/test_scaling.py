@@ -5,7 +5,13 @@ import math
 import numpy as np
 import pytest
 
-from unmask.scaling import PowerLaw, compute_factor, fit_isoflop, fit_power_law, fit_sweep
+from unmask.experiments.scaling import (
+    PowerLaw,
+    compute_factor,
+    fit_isoflop,
+    fit_power_law,
+    fit_sweep,
+)
 
 
 def synthetic_sweep(loss_law: PowerLaw, size_law: PowerLaw, budgets, curvature=0.05, noise=0.0, seed=0):

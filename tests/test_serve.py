@@ -23,13 +23,18 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from unmask.checkpoint import save_checkpoint  # noqa: E402
-from unmask.config import load_config  # noqa: E402
-from unmask.pretrained import from_pretrained  # noqa: E402
-from unmask.runtime import build_model  # noqa: E402
-from unmask.serve import (CompletionRequest, EventStream, ModelService, ServeConfig, model_name,  # noqa: E402
-                          running_server)
-from unmask.tokenization import build_tokenizer  # noqa: E402
+from unmask.checkpoints.checkpoint import save_checkpoint
+from unmask.config import load_config
+from unmask.data.tokenization import build_tokenizer
+from unmask.families import build_model
+from unmask.pipeline import from_pretrained
+from unmask.serve.app import EventStream, running_server
+from unmask.serve.service import (
+    CompletionRequest,
+    ModelService,
+    ServeConfig,
+    model_name,
+)
 
 from toys import TINY  # noqa: E402
 

@@ -15,10 +15,10 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from unmask.pretrained import from_pretrained  # noqa: E402
-from unmask.serve import ModelService, ServeConfig, running_server  # noqa: E402
-
 from test_serve import ALPHABET, make_checkpoint  # noqa: E402
+from unmask.pipeline import from_pretrained
+from unmask.serve.app import running_server
+from unmask.serve.service import ModelService, ServeConfig
 
 FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "sampler", "steps", "tokens_per_step",
           "guidance", "seed", "n", "stream"]

@@ -16,10 +16,10 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from unmask.pretrained import from_pretrained  # noqa: E402
-from unmask.serve import ModelService, ServeConfig, running_server  # noqa: E402
-
 from test_serve import make_checkpoint  # noqa: E402
+from unmask.pipeline import from_pretrained
+from unmask.serve.app import running_server
+from unmask.serve.service import ModelService, ServeConfig
 
 REQUESTS, CONCURRENCY = 240, 16
 PROMPTS = ["", "a", "to ", "the king ", "and so, ", "we are such stuff as dreams ", "to be, [MASK*6] not",

@@ -10,10 +10,21 @@ import pytest
 import torch
 
 from unmask.config import ConfigError, load_config
-from unmask.data import BOS, EOS, PAD, PROMPT, TOKEN, Data, DataError, counted_positions, random_lengths
-from unmask.diffusion import MaskedDiffusion, draw_noise
-from unmask.schedules import LogLinear
-from unmask.training import train
+from unmask.data.dataset import Data
+from unmask.data.layouts import (
+    BOS,
+    EOS,
+    PAD,
+    PROMPT,
+    TOKEN,
+    counted_positions,
+    random_lengths,
+)
+from unmask.data.readers import DataError
+from unmask.objectives.base import draw_noise
+from unmask.objectives.mdlm import MaskedDiffusion
+from unmask.objectives.schedules import LogLinear
+from unmask.train.loop import train
 
 from toys import TINY
 

@@ -8,12 +8,23 @@ import pytest
 import torch
 
 from unmask.config import ConfigError, ModelConfig, load_config
-from unmask.diffusion import MaskedDiffusion, Noise, draw_noise
-from unmask.model import DiT
-from unmask.sampling import AncestralSampler, ConfidenceSampler, Denoiser, FirstHittingSampler, SemiAutoregressiveSampler
-from unmask.schedules import LogLinear
-from unmask.softmask import (OMEGA_A_INIT, OMEGA_B_INIT, OMEGA_S_INIT, SoftFeedback, SoftMask,
-                             entropy_without_mask)
+from unmask.models.dit import DiT
+from unmask.models.softmask import (
+    OMEGA_A_INIT,
+    OMEGA_B_INIT,
+    OMEGA_S_INIT,
+    SoftFeedback,
+    SoftMask,
+    entropy_without_mask,
+)
+from unmask.objectives.base import Noise, draw_noise
+from unmask.objectives.mdlm import MaskedDiffusion
+from unmask.objectives.schedules import LogLinear
+from unmask.samplers.ancestral import AncestralSampler
+from unmask.samplers.confidence import ConfidenceSampler
+from unmask.samplers.denoiser import Denoiser
+from unmask.samplers.first_hitting import FirstHittingSampler
+from unmask.samplers.semi_ar import SemiAutoregressiveSampler
 
 from toys import MASK, TINY, V_TOKENS, tiny_dit
 

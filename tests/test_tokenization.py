@@ -1,4 +1,4 @@
-"""Tests for unmask.tokenization: char / byte / Hugging Face tokenizers, specials, OOV policy,
+"""Tests for unmask.data.tokenization: char / byte / Hugging Face tokenizers, specials, OOV policy,
 save/load and the build_tokenizer factory."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from unmask.tokenization import (
+from unmask.data.tokenization import (
     META_FILE,
     TEXT8_ALPHABET,
     ByteTokenizer,
@@ -20,9 +20,6 @@ from unmask.tokenization import (
 )
 
 from toys import GPT2_DIR
-
-
-
 
 # ----------------------------------------------------------------------------- character tokenizer
 
@@ -250,7 +247,8 @@ def test_build_gpt2_missing_files(tmp_path):
 # ----------------------------------------------------------------------------- HF tokenizer (synthetic)
 
 def _word_level(vocab: dict[str, int]):
-    from tokenizers import Tokenizer as TK, models, pre_tokenizers
+    from tokenizers import Tokenizer as TK
+    from tokenizers import models, pre_tokenizers
 
     tk = TK(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from unmask.checkpoint import Checkpoint, list_checkpoints, load_tensors
+from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints, load_tensors
 from unmask.config import ConfigError, load_config
-from unmask.data import DataError
-from unmask.model import count_parameters
-from unmask.runtime import build_model
-from unmask.training import EMA, initialize_from, learning_rate, micro_batching, parameter_groups, train
+from unmask.data.readers import DataError
+from unmask.families import build_model
+from unmask.models.dit import count_parameters
+from unmask.train.loop import initialize_from, micro_batching, train
+from unmask.train.optim import EMA, learning_rate, parameter_groups
 
 from toys import TINY
 

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from unmask.config import ModelConfig
-from unmask.data import TOKEN, Rows
-from unmask.model import DiT
+from unmask.data.layouts import TOKEN, Rows
+from unmask.models.dit import DiT
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GPT2_DIR = SHARED_DATA / "gpt2-tokenizer"

@@ -27,21 +27,28 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-from .checkpoint import Checkpoint, CheckpointError, load_model
-from .config import (ConfigError, RunConfig, config_from_dict, load_config, merge_trees, parse_overrides,
-                     to_dict)
-from .data import TOKEN, Data, DataError
-from .evaluation import EvaluationError, evaluate, format_result, select_rows
-from .generation_metrics import generation_metrics, load_evaluator
-from .pretrained import Pretrained, export, open_source
-from .runtime import autocast, resolve_precision
-from .sampling import Generation, SamplingError, generate
-from .tokenization import DNATokenizer, OutOfVocabularyError, TokenizerFileError, with_oov_policy
-from .training import TrainingError
+from .checkpoints.checkpoint import Checkpoint, CheckpointError, load_model
+from .checkpoints.pretrained import export, open_source
+from .config import (
+    ConfigError,
+    config_from_dict,
+    load_config,
+    merge_trees,
+    parse_overrides,
+    to_dict,
+)
+from .data.readers import DataError
+from .data.tokenization import OutOfVocabularyError, TokenizerFileError, with_oov_policy
+from .eval.likelihood import EvaluationError, format_result
+from .eval.runs import run_eval, run_sample, run_zero_shot
+from .pipeline import Generation, checkpoint_config
+from .runtime import device_for
+from .samplers.base import SamplingError
+from .train.loop import TrainingError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+
 USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfVocabularyError, FileNotFoundError, SamplingError,
                TokenizerFileError, TrainingError, EvaluationError)
 
@@ -61,158 +68,6 @@ def resolve_config_path(name: str | None) -> Path | None:
         return packaged
     raise ConfigError(f"config '{name}' is neither a file nor a packaged config "
                       f"({', '.join(packaged_configs())})")
-
-
-Source = Checkpoint | Pretrained
-
-
-def checkpoint_config(ckpt: Source, overrides: list[str]) -> RunConfig:
-    """The checkpoint's config with ``eval.*``/``sample.*``/``data.*`` overrides applied."""
-    tree = parse_overrides(overrides)
-    for section in tree:
-        if section not in ("eval", "sample", "data"):
-            raise ConfigError(f"only eval.*, sample.* and data.* can be overridden for a checkpoint, "
-                              f"not '{section}'")
-    return config_from_dict(merge_trees(to_dict(ckpt.config), tree))
-
-
-def device_for(name: str | None) -> torch.device:
-    """The device ``--device`` names (default: CUDA when available), checked to exist here."""
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps ...)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no CUDA device is available to this PyTorch "
-                              f"({'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {name}: MPS is not available here")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {name}: unmask runs on cpu, cuda or mps")
-    return device
-
-
-def reading_tokenizer(ckpt: Source, cfg: RunConfig):
-    """The model's tokenizer under the run's ``data.oov`` policy (ids unchanged)."""
-    return with_oov_policy(ckpt.tokenizer, cfg.data.oov, cfg.data.oov_replacement)
-
-
-def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool = True) -> dict:
-    if cfg.family == "classifier":
-        return run_classifier_eval(ckpt, cfg, device)
-    if cfg.eval.metric == "generation":
-        return run_generation_eval(ckpt, cfg, device)
-    if cfg.eval.metric == "exact_match":
-        return run_exact_match(ckpt, cfg, device)
-    model, objective = load_model(ckpt, ema=cfg.eval.use_ema, device=device)
-    tokenizer = reading_tokenizer(ckpt, cfg)
-    data = Data(cfg.data, tokenizer=tokenizer, progress=progress)
-    e = cfg.eval
-    result = evaluate(model, objective, data.rows(e.split), cfg.data, tokenizer, e.mc_samples, e.batch_size,
-                      e.max_sequences, e.seed, resolve_precision(e.precision, device), device, progress)
-    result.update(split=e.split, checkpoint=str(ckpt.path), step=ckpt.step, ema=e.use_ema)
-    return result
-
-
-def run_classifier_eval(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
-    """Accuracy, MCC, AUC and cross-entropy of a classifier on ``eval.split`` (its data file)."""
-    from .classification import LabelledSplit, classification_metrics, predict
-
-    path = {"train": cfg.data.path, "valid": cfg.data.valid_path, "test": cfg.data.test_path}[cfg.eval.split]
-    if not path:
-        raise ConfigError(f"this classifier has no {cfg.eval.split} file: set data.{cfg.eval.split}_path")
-    model, _ = load_model(ckpt, ema=False, device=device)
-    split = LabelledSplit(path, cfg, ckpt.tokenizer, cfg.classifier.labels)
-    probs = predict(model, split, cfg.eval.batch_size, device, resolve_precision(cfg.eval.precision, device))
-    return {**classification_metrics(probs, split.labels), "split": cfg.eval.split, "path": path,
-            "checkpoint": str(ckpt.path), "step": ckpt.step}
-
-
-def run_exact_match(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
-    """Exact-match accuracy of generated answers on the prompt/answer pairs of ``eval.split``."""
-    from .tasks import exact_match, read_pairs
-
-    path = {"train": cfg.data.path, "valid": cfg.data.valid_path, "test": cfg.data.test_path}[cfg.eval.split]
-    if not path or not cfg.data.prompt_field:
-        raise ConfigError("eval.metric=exact_match needs prompt/answer files: data.prompt_field and "
-                          f"data.{cfg.eval.split}_path (JSONL)")
-    pairs = read_pairs(path, cfg.data.prompt_field, cfg.data.text_field)
-    if cfg.eval.max_sequences > 0:
-        pairs = [pairs[i] for i in select_rows(len(pairs), cfg.eval.max_sequences, cfg.eval.seed)]
-    s = cfg.sample
-    model, objective = load_model(ckpt, ema=s.use_ema, device=device)
-    precision = resolve_precision(s.model_precision, device)
-    tokenizer = reading_tokenizer(ckpt, cfg)
-    result = exact_match(model, objective, tokenizer, s, pairs, s.length or cfg.data.length, cfg.model.length,
-                         device, autocast=lambda: autocast(device, precision))
-    result.update(split=cfg.eval.split, path=path, sampler=s.sampler, checkpoint=str(ckpt.path), step=ckpt.step)
-    return result
-
-
-def run_sample(ckpt: Source, cfg: RunConfig, device: torch.device, prompts: list[str] | None = None,
-               template: str | None = None) -> Generation:
-    s = cfg.sample
-    model, objective = load_model(ckpt, ema=s.use_ema, device=device)
-    precision = resolve_precision(s.model_precision, device)
-    return generate(model, objective, reading_tokenizer(ckpt, cfg), s, s.length or cfg.data.length, cfg.model.length,
-                    prompts, template, bos=cfg.data.layout == "pad" or cfg.data.frame, device=device,
-                    autocast=lambda: autocast(device, precision))
-
-
-def run_generation_eval(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
-    """Unconditional samples (``sample.*``) scored by ``eval.evaluator`` next to as many held-out
-    rows of the ``eval.split`` of the same length."""
-    if not cfg.eval.evaluator:
-        raise ConfigError("eval.metric=generation needs eval.evaluator: an AR checkpoint of this project "
-                          "or a Hugging Face causal LM folder")
-    evaluator = load_evaluator(cfg.eval.evaluator, device)
-    gen = run_sample(ckpt, cfg, device)
-    rows = Data(cfg.data, tokenizer=reading_tokenizer(ckpt, cfg)).rows(cfg.eval.split)
-    ids, kinds = rows.get(select_rows(len(rows), len(gen.texts), cfg.eval.seed))
-    length = len(gen.ids[0])
-    reference_ids = [row[k == TOKEN][:length].tolist() for row, k in zip(ids, kinds)]
-    sample_ids = [[t for t in row if t not in ckpt.tokenizer.special_ids] for row in gen.ids]
-    dna = isinstance(ckpt.tokenizer, DNATokenizer)
-    result = generation_metrics(gen.texts, sample_ids, [ckpt.tokenizer.decode(r) for r in reference_ids],
-                                reference_ids, evaluator, mauve=cfg.eval.mauve and not dna,
-                                kmer_sizes=(3, 4, 6) if dna else ())
-    result.update(gen.summary(), sampler=cfg.sample.sampler, steps=cfg.sample.steps, split=cfg.eval.split,
-                  checkpoint=str(ckpt.path), step=ckpt.step)
-    return result
-
-
-def run_zero_shot(ckpt: Source, cfg: RunConfig, target: str, overrides: list[str], device: torch.device,
-                  progress: bool = True) -> dict:
-    """Likelihood on ``target`` (``wikitext2``/``wikitext103`` with ``data.path``, or a text file or
-    folder, all of it as the test split) in the model's row layout, under both of MDLM's conventions:
-    EOS inserted between documents (the released code) and not (the paper, bd3lms, DUO)."""
-    given = parse_overrides(overrides).get("data", {})
-    data = dict(to_dict(cfg.data), hf_split_names=["train", "validation", "test"])
-    if target in ("wikitext2", "wikitext103"):
-        data.update(dataset=target)
-    else:
-        path = Path(target)
-        if not path.exists():
-            raise DataError(f"--zero-shot {target}: neither wikitext2/wikitext103 nor an existing file or folder")
-        data.update(dataset="text", path=str(path), test_path=str(path), valid_path=None,
-                    documents=given.get("documents", "line"))
-    data.update({k: v for k, v in given.items() if k not in ("insert_eos",)})
-    out = {"zero_shot": target, "split": cfg.eval.split, "checkpoint": str(ckpt.path), "step": ckpt.step}
-    model, objective = load_model(ckpt, ema=cfg.eval.use_ema, device=device)
-    e = cfg.eval
-    for insert_eos in (True, False):
-        run_cfg = config_from_dict(merge_trees(to_dict(cfg), {"data": dict(data, insert_eos=insert_eos)}))
-        tokenizer = with_oov_policy(ckpt.tokenizer, run_cfg.data.oov, run_cfg.data.oov_replacement)
-        rows = Data(run_cfg.data, tokenizer=tokenizer, progress=progress).rows(e.split)
-        result = evaluate(model, objective, rows, run_cfg.data, tokenizer, e.mc_samples, e.batch_size,
-                          e.max_sequences, e.seed, resolve_precision(e.precision, device), device, progress)
-        out["with_eos" if insert_eos else "without_eos"] = result
-    return out
 
 
 def format_zero_shot(r: dict) -> str:
@@ -244,11 +99,11 @@ def print_samples(gen: Generation) -> None:
 
 
 def cmd_train(args) -> int:
-    from .training import train
+    from .train.loop import train
 
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     if cfg.family == "classifier":
-        from .classification import train_classifier
+        from .train.classifier import train_classifier
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("classifier fine-tuning runs in one process; start it without torchrun")
@@ -318,7 +173,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_scaling(args) -> int:
-    from .scaling import plot_sweep, run_sweep, summarize
+    from .experiments.scaling import plot_sweep, run_sweep, summarize
 
     try:
         budgets = [float(b) for b in args.budgets.split(",")]
@@ -352,7 +207,8 @@ def cmd_scaling(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import ServeConfig, serve
+    from .serve.app import serve
+    from .serve.service import ServeConfig
 
     limits = {"--max-batch-rows": args.max_batch_rows, "--max-pending": args.max_pending, "--max-n": args.max_n,
               "--max-steps": args.max_steps, "--timeout": args.timeout, "--max-body-bytes": args.max_body_bytes,
@@ -392,7 +248,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from .training import train
+    from .train.loop import train
 
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", args.overrides)
     print(f"training a {cfg.family} model ({cfg.model.preset} preset) on {cfg.data.dataset}; run folder "
@@ -409,7 +265,7 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_rl(args) -> int:
-    from .rl import rl_train
+    from .train.rl import rl_train
 
     ckpt = open_source(args.checkpoint, args.tokenizer)
     tree = parse_overrides(args.overrides)
@@ -433,7 +289,7 @@ def cmd_rl(args) -> int:
 
 
 def cmd_task(args) -> int:
-    from .tasks import write_sorting_task, write_star_graph_task
+    from .data.tasks import write_sorting_task, write_star_graph_task
 
     try:
         if args.name == "star-graph":

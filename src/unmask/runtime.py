@@ -13,11 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, RunConfig
-from .diffusion import Autoregressive, MaskedDiffusion
-from .model import DiT
-from .schedules import make_schedule
-from .tokenization import Tokenizer
+from .config import ConfigError
 
 
 @dataclass
@@ -143,53 +139,22 @@ def memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> torch.nn.Module:
-    """The network for ``cfg.family``: a bidirectional DiT for mdlm, a causal one for ar, a
-    :class:`~unmask.classification.SequenceClassifier` on a bidirectional DiT for classifier, an
-    :class:`~unmask.insertion.InsertionLM` (bidirectional DiT + stop head) for ilm. It is first built
-    on the meta device (no memory) and refused when its fp32 weights alone exceed this machine's
-    memory, so a typo such as ``model.hidden=1000000`` is an error, not an out-of-memory kill. (The
-    meta build costs seconds once per process, so it is skipped when a generous bound on the size of
-    a transformer of this width, depth and vocabulary is far below the machine's memory.)"""
-    m = cfg.model
-    bound = 4 * (16 * m.blocks * m.hidden * (m.hidden + m.cond_dim) + 2 * tokenizer.vocab_size * m.hidden
-                 + 4 * m.length * m.hidden)
-    if bound < memory_bytes() // 8:
-        return _build_model(cfg, tokenizer)
-    with torch.device("meta"):
-        shape = _build_model(cfg, tokenizer)
-    needed = sum(t.numel() * 4 for t in (*shape.parameters(), *shape.buffers()))
-    if needed > memory_bytes():
-        raise ConfigError(f"a {cfg.family} model of this shape (model.hidden={cfg.model.hidden}, "
-                          f"model.blocks={cfg.model.blocks}, vocabulary {tokenizer.vocab_size}) needs "
-                          f"{needed / 2**30:,.1f} GiB for its fp32 weights alone; this machine has "
-                          f"{memory_bytes() / 2**30:,.1f} GiB")
-    return _build_model(cfg, tokenizer)
-
-
-def _build_model(cfg: RunConfig, tokenizer: Tokenizer) -> torch.nn.Module:
-    if cfg.family == "classifier":
-        from .classification import build_classifier
-
-        return build_classifier(cfg, tokenizer)
-    if cfg.family == "ilm":
-        from .insertion import build_insertion_model
-
-        return build_insertion_model(cfg, tokenizer)
-    return DiT(cfg.model, tokenizer.vocab_size, causal=cfg.family == "ar", mask_id=tokenizer.mask_id)
-
-
-def build_objective(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusion | Autoregressive | None:
-    """The training objective of ``cfg.family`` (None for classifiers, trained by cross-entropy)."""
-    if cfg.family == "classifier":
-        return None
-    if cfg.family == "ar":
-        return Autoregressive(tokenizer.bos_id, tokenizer.mask_id)
-    if cfg.family == "ilm":
-        from .insertion import InsertionObjective
-
-        return InsertionObjective(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id,
-                                  tokenizer.special_ids, tokenizer.vocab_size)
-    d = cfg.diffusion
-    return MaskedDiffusion(make_schedule(d), tokenizer.mask_id, d.t_min, d.discrete_steps, d.antithetic,
-                           soft_mask_top_k=cfg.model.soft_mask_top_k, soft_mask_prob=d.soft_mask_prob)
+def device_for(name: str | None) -> torch.device:
+    """The device ``--device`` names (default: CUDA when available), checked to exist here."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA device is available to this PyTorch "
+                              f"({'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: unmask runs on cpu, cuda or mps")
+    return device

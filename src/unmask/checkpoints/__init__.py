@@ -1,0 +1,1 @@
+"""What is on disk: checkpoints, exported folders, released formats, run folders."""

@@ -1,0 +1,1 @@
+"""Evaluation: likelihood bounds, generation quality, classification, exact match, lm-eval."""

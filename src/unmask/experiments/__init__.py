@@ -1,0 +1,1 @@
+"""Experiments built from the library: scaling-law sweeps and the reverse curse."""

@@ -1,0 +1,1 @@
+"""Networks: the DiT backbone, the soft-mask input module, and the heads of each family."""

@@ -1,0 +1,295 @@
+"""The DiT backbone of MDLM (``models/dit.py``), with switches instead of copies.
+
+One module serves every family:
+
+* ``causal=False``: bidirectional attention, the masked-diffusion denoiser;
+  ``causal=True``: the autoregressive baseline of the same size.
+* ``time_conditioning``: when off (MDLM's default) the adaLN conditioning sees ``sigma = 0``.
+* input as token ids or as input embeddings (``inputs_embeds``);
+* ``soft_mask_top_k > 0``: the model owns a :class:`~unmask.models.softmask.SoftMask` (``soft_mask.{a,b,c}``)
+  and ``forward(ids, feedback=...)`` blends the embeddings of masked positions with the previous
+  pass's top-k predictions. Without it the state dict has MDLM's keys exactly.
+
+Module and parameter names follow MDLM's layout (``vocab_embed.embedding``, ``sigma_map.mlp.{0,2}``,
+``rotary_emb.inv_freq``, ``blocks.{i}.{norm1,attn_qkv,attn_out,norm2,mlp.0,mlp.2,adaLN_modulation}``,
+``output_layer.{norm_final,linear,adaLN_modulation}``) so released checkpoints load without renaming.
+
+Shapes: ids (B, L) -> logits (B, L, V) over the whole vocabulary, mask included (the
+parameterization, not the backbone, removes it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .softmask import SoftFeedback, SoftMask
+
+
+class LayerNorm(nn.Module):
+    """Non-affine layer norm in fp32 times a learnable ``weight`` (no bias), as in MDLM."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.layer_norm(x.float(), [self.dim])
+        return y * self.weight[None, None, :]
+
+
+def modulate(x, shift, scale):
+    """adaLN: ``x * (1 + scale) + shift`` with per-sequence shift/scale of shape (B, 1, H)."""
+    return x * (1 + scale) + shift
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, non-interleaved rotate-half over the full head dimension."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq)  # persistent: MDLM checkpoints carry it
+        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is None or self._cache[0] != length or self._cache[1] != device:
+            t = torch.arange(length, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self._cache = (length, device, emb.cos(), emb.sin())
+        return self._cache[2], self._cache[3]
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """x: (B, heads, L, d); cos/sin: (L, d)."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class TimestepEmbedder(nn.Module):
+    """``sigma_map``: 256-dim sinusoidal embedding of sigma, then Linear -> SiLU -> Linear."""
+
+    def __init__(self, cond_dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma):
+        half = self.frequency_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+        args = sigma.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class EmbeddingLayer(nn.Module):
+    """``vocab_embed.embedding``: a raw (V, H) parameter with Kaiming-uniform init."""
+
+    def __init__(self, hidden: int, vocab_size: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, hidden))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, ids):
+        return self.embedding[ids]
+
+
+class DDiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero modulation (shift/scale/gate for attn and MLP)."""
+
+    def __init__(self, hidden: int, heads: int, cond_dim: int, dropout: float, mlp_ratio: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = LayerNorm(hidden)
+        self.attn_qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.attn_out = nn.Linear(hidden, hidden, bias=False)
+        self.norm2 = LayerNorm(hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_ratio * hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_ratio * hidden, hidden))
+        self.dropout = nn.Dropout(dropout)
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * hidden)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x, rotary, c, causal: bool, cache: "KVCache | None" = None, layer: int = 0,
+                keep: torch.Tensor | None = None):
+        b, length, hidden = x.shape
+        (shift_msa, scale_msa, gate_msa,
+         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        qkv = self.attn_qkv(h).view(b, length, 3, self.heads, hidden // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d)
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if keep is not None:  # key padding: no query attends to the positions outside ``keep``
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        elif cache is None:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            k, v, mask = cache.update(layer, k, v)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        attn = attn.transpose(1, 2).reshape(b, length, hidden)
+        x = x + gate_msa * self.dropout(self.attn_out(attn))
+        x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return x
+
+
+class DDiTFinalLayer(nn.Module):
+    """adaLN-modulated norm, then a zero-initialised Linear(H -> V) with bias."""
+
+    def __init__(self, hidden: int, vocab_size: int, cond_dim: int):
+        super().__init__()
+        self.norm_final = LayerNorm(hidden)
+        self.linear = nn.Linear(hidden, vocab_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * hidden)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x, c, positions=None):
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+        h = modulate(self.norm_final(x), shift, scale)
+        if positions is not None:
+            h = h[positions] if positions.dtype == torch.bool else h.reshape(-1, h.shape[-1])[positions]
+        return self.linear(h)
+
+
+class DiT(nn.Module):
+    """MDLM's DiT. ``forward(ids, sigma)`` -> logits (B, L, V).
+
+    ``positions`` restricts the output layer to selected positions and returns (N, V) logits: a
+    bool mask (B, L), or flat indices into the B*L positions (see :func:`bucketed_positions`). The
+    masked-diffusion loss only needs masked positions, and the output layer is the largest matmul for
+    big vocabularies.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, causal: bool = False, mask_id: int | None = None):
+        super().__init__()
+        self.cfg, self.vocab_size, self.causal, self.mask_id = cfg, vocab_size, causal, mask_id
+        self.vocab_embed = EmbeddingLayer(cfg.hidden, vocab_size)
+        self.soft_mask = None
+        if cfg.soft_mask_top_k:
+            if causal or mask_id is None:
+                raise ValueError("soft-masking needs a bidirectional model and its mask id")
+            if not 1 <= cfg.soft_mask_top_k < vocab_size:
+                raise ValueError(f"soft_mask_top_k={cfg.soft_mask_top_k} must lie in [1, {vocab_size - 1}]")
+            self.soft_mask = SoftMask(cfg.soft_mask_top_k)
+        self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+        self.rotary_emb = Rotary(cfg.hidden // cfg.heads, cfg.rope_base)
+        self.blocks = nn.ModuleList(DDiTBlock(cfg.hidden, cfg.heads, cfg.cond_dim, cfg.dropout)
+                                    for _ in range(cfg.blocks))
+        self.output_layer = DDiTFinalLayer(cfg.hidden, vocab_size, cfg.cond_dim)
+
+    @property
+    def time_conditioning(self) -> bool:
+        return self.cfg.time_conditioning
+
+    def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: "KVCache | None" = None, feedback: SoftFeedback | None = None,
+                keep: torch.Tensor | None = None):
+        """``cache`` (causal models only): the new tokens continue the cached ones; keys and values
+        are appended and the logits of the new positions returned. ``feedback`` (soft-mask models,
+        with ``ids``): the previous pass, see :mod:`unmask.softmask`. ``keep`` (B, L) bool
+        (bidirectional models): attend only to these positions (variable-length rows, padding
+        invisible)."""
+        x, c = self.features(ids, sigma, inputs_embeds, cache, feedback, keep)
+        return self.output_layer(x, c, positions)
+
+    def features(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
+                 inputs_embeds: torch.Tensor | None = None, cache: "KVCache | None" = None,
+                 feedback: SoftFeedback | None = None,
+                 keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's hidden states (B, L, H) and the conditioning vector (B, cond_dim)."""
+        if keep is not None and (self.causal or cache is not None):
+            raise ValueError("a key padding mask (keep) is for bidirectional models without a cache")
+        if (ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of ids and inputs_embeds")
+        if feedback is not None:
+            if self.soft_mask is None or ids is None:
+                raise ValueError("soft-mask feedback needs a soft-mask model (model.soft_mask_top_k > 0) and ids")
+            x = self.soft_mask(self.vocab_embed.embedding, ids, feedback, self.mask_id)
+        else:
+            x = self.vocab_embed(ids) if ids is not None else inputs_embeds
+        b, length = x.shape[:2]
+        start = 0
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("a KV cache is only exact for a causal model")
+            start = cache.length
+        if start + length > self.cfg.length:
+            raise ValueError(f"sequence length {start + length} exceeds the model's maximum {self.cfg.length}")
+        if sigma is None or not self.cfg.time_conditioning:
+            sigma = torch.zeros(b, device=x.device)
+        c = F.silu(self.sigma_map(sigma))
+        cos, sin = self.rotary_emb(start + length, x.device)
+        rotary = (cos[start:], sin[start:])
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, c, self.causal, cache, i, keep)
+        if cache is not None:
+            cache.length += length
+        return x, c
+
+    def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  capacity: int | None = None) -> "KVCache":
+        cfg = self.cfg
+        return KVCache(cfg.blocks, batch, cfg.heads, cfg.hidden // cfg.heads, capacity or cfg.length, device, dtype)
+
+
+class KVCache:
+    """Keys and values of the tokens a causal model has seen, per block: (B, heads, capacity, d)."""
+
+    def __init__(self, blocks: int, batch: int, heads: int, head_dim: int, capacity: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (batch, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(blocks)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(blocks)]
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys/values; return all keys/values so far and the attention mask of the
+        new queries (``None`` when a plain full or causal pattern applies)."""
+        start, new = self.length, k.shape[2]
+        end = start + new
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        mask = None
+        if new > 1:  # query i (absolute position start+i) sees keys 0..start+i
+            mask = torch.ones(new, end, dtype=torch.bool, device=k.device).tril(diagonal=start)
+        return self.keys[layer][:, :, :end].to(k.dtype), self.values[layer][:, :, :end].to(k.dtype), mask
+
+
+def bucketed_positions(mask: torch.Tensor, buckets: int = 16) -> tuple[torch.Tensor, int]:
+    """Flat indices of the ``True`` entries of ``mask`` (B, L), padded with index 0 up to a multiple
+    of ``B*L / buckets``; returns (indices, number of real entries).
+
+    The count of masked positions changes every step. Padding it to a few sizes keeps the output
+    layer's matmul at a handful of shapes: oneDNN (CPU bf16) and ``torch.compile`` build and cache a
+    kernel per shape, and an unbounded number of shapes cost time and memory.
+    """
+    flat = mask.reshape(-1).nonzero()[:, 0]
+    n, total = flat.numel(), mask.numel()
+    quantum = -(-total // buckets)
+    size = min(total, max(quantum, -(-n // quantum) * quantum))
+    if size > n:
+        flat = torch.cat([flat, flat.new_zeros(size - n)])
+    return flat, n
+
+
+def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        total -= model.vocab_embed.embedding.numel()
+        total -= sum(p.numel() for p in model.output_layer.linear.parameters())
+    return total

@@ -1,0 +1,1 @@
+"""Training objectives and noise schedules; every objective returns per-sequence sums."""

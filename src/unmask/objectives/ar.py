@@ -1,0 +1,32 @@
+"""The autoregressive baseline's objective: exact next-token NLL on the same rows."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.dit import bucketed_positions
+from .base import Noise, _per_sequence, masked_cross_entropy
+
+
+class Autoregressive:
+    """Next-token prediction on the same rows: input ``[BOS, x_0 .. x_{L-2}]``, targets ``x``.
+
+    Prepending BOS lets the AR model score every position of the row, the first included, so its
+    NLL and the diffusion NELBO cover exactly the same tokens.
+    """
+
+    family = "ar"
+
+    def __init__(self, bos_id: int, mask_id: int):
+        self.bos_id, self.mask_id = bos_id, mask_id
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.full_like(x[:, :1], self.bos_id), x[:, :-1]], dim=1)
+
+    def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise | None = None,
+             exact: bool = False) -> torch.Tensor:
+        """Per-sequence exact NLL (B,) over counted positions."""
+        index, n = bucketed_positions(counted)
+        logits = model(self.inputs(x0), positions=index)[:n]
+        return _per_sequence(masked_cross_entropy(logits, x0.reshape(-1)[index[:n]], self.mask_id),
+                             index[:n], x0.shape)

@@ -1,0 +1,67 @@
+"""What every objective shares: the noise of a step, per-sequence sums, model unwrapping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Noise:
+    """The randomness of one loss evaluation: a uniform per sequence (time) and per token (mask), and
+    per sequence whether it gets the soft-mask input (``soft_u < soft_mask_prob``; None: every row)."""
+
+    time_u: torch.Tensor  # (B,)
+    mask_u: torch.Tensor  # (B, L)
+    soft_u: torch.Tensor | None = None  # (B,)
+
+    def slice(self, start: int, stop: int) -> "Noise":
+        soft = None if self.soft_u is None else self.soft_u[start:stop]
+        return Noise(self.time_u[start:stop], self.mask_u[start:stop], soft)
+
+    def to(self, device) -> "Noise":
+        soft = None if self.soft_u is None else self.soft_u.to(device)
+        return Noise(self.time_u.to(device), self.mask_u.to(device), soft)
+
+
+def stratified_uniform(n: int, generator: torch.Generator | None = None, antithetic: bool = True) -> torch.Tensor:
+    """``n`` uniforms on [0, 1); with ``antithetic`` the i-th lies in ``[i/n, (i+1)/n)`` (MDLM's
+    low-discrepancy sampler), so the batch covers [0, 1) evenly."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    if antithetic:
+        u = (u + torch.arange(n, dtype=torch.float64)) / n
+    return u
+
+
+def draw_noise(batch: int, length: int, generator: torch.Generator, antithetic: bool = True) -> Noise:
+    """Noise for a whole (global) batch; data-parallel ranks slice their share so a run on any
+    number of processes sees the same draws."""
+    time_u = stratified_uniform(batch, generator, antithetic)
+    mask_u = torch.rand(batch, length, generator=generator)
+    return Noise(time_u, mask_u, torch.rand(batch, generator=generator))
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """``-log p(target)`` under softmax(logits) with the mask class excluded; logits (N, V)."""
+    logits = logits.float()
+    logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def _per_sequence(values: torch.Tensor, flat_index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum per-position ``values`` at flat indices into B*L back into per-sequence totals (B,)."""
+    out = torch.zeros(shape[0], device=values.device, dtype=torch.float32)
+    return out.index_add_(0, flat_index // shape[1], values.float())
+
+
+def unwrap(model):
+    """The module inside ``torch.compile`` and ``DistributedDataParallel`` wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,132 @@
+"""Insertion language models (ILM; Patel et al. 2025, ``algorithms.md`` section 5).
+
+An ILM state is a sequence without masks, ``[BOS] prefix tokens...``; position ``j`` owns the gap to
+its right. The network (the shared bidirectional DiT, no time input, padding invisible through a key
+padding mask) gives logits ``s[j, v]`` for inserting token ``v`` into gap ``j``, all under **one joint
+softmax over (j, v)**, and a stop logit from the BOS position (it plays the paper's ``[CLS]``).
+Special tokens and gaps that may not grow (padding, inside a fixed prefix) get ``-inf``.
+
+Training ("biased denoising", the paper's objective): with ``n0`` droppable tokens, draw
+``n ~ Uniform{0..n0}`` and drop a uniformly random ``n``-subset; ``T[j, v]`` counts the dropped tokens
+equal to ``v`` lying between kept token ``j`` and the next kept token, ``q = T / n``, and
+
+    L = -sum_{j,v} q[j,v] log softmax_{(j,v)}(s)[j,v]   (only when n > 0)
+        + BCE(stop logit, n == 0)
+
+per sequence, averaged over the batch (no ``1/n`` weighting, no marginalisation over orders; a
+multiset target per gap, so the objective is biased but low-variance). ``sum T log p`` is computed as
+a sum over the dropped tokens of ``log p[gap, token]``, so ``T`` is never materialized.
+
+Which tokens may be dropped: the counted, non-special tokens of a row (``data.layout=pad``, so the
+row is ``[BOS] (prompt) text [EOS] [PAD]...``). BOS and a prompt form the fixed prefix; the last
+prefix position owns the first gap that may grow. EOS and PAD are not part of an ILM sequence: the
+stop head decides where it ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def forbidden_token_mask(vocab_size: int, special_ids, device=None) -> torch.Tensor:
+    """(V,) bool: the tokens that are never inserted (the tokenizer's special tokens)."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[list(special_ids)] = True
+    return mask
+
+
+def joint_log_probs(logits: torch.Tensor, open_gaps: torch.Tensor, forbidden: torch.Tensor) -> torch.Tensor:
+    """``log softmax`` over all (gap, token) pairs of each row, float32 (B, L, V); closed gaps
+    (``open_gaps`` False) and forbidden tokens get ``-inf``."""
+    allowed = open_gaps[:, :, None] & ~forbidden[None, None, :]
+    scores = logits.float().masked_fill(~allowed, float("-inf"))
+    flat = scores.reshape(len(scores), -1)
+    return (flat - flat.logsumexp(dim=-1, keepdim=True)).reshape(scores.shape)
+
+
+@dataclass
+class InsertionBatch:
+    """What the network sees after dropping tokens, and the targets.
+
+    ``ids`` (B, L): kept tokens left-aligned, PAD after; ``keep`` (B, L) the positions in use;
+    ``open_gaps`` (B, L) the gaps that may receive insertions; ``dropped`` (B,) how many tokens were
+    dropped (``n``); the dropped tokens as flat lists ``row``, ``gap``, ``token`` (N,) (the gap is the
+    index, in ``ids``, of the kept token before the dropped one)."""
+
+    ids: torch.Tensor
+    keep: torch.Tensor
+    open_gaps: torch.Tensor
+    dropped: torch.Tensor
+    row: torch.Tensor
+    gap: torch.Tensor
+    token: torch.Tensor
+
+    def counts(self, vocab_size: int) -> torch.Tensor:
+        """The count targets ``T`` (B, L, V) as a dense tensor (for inspection and tests)."""
+        t = torch.zeros(*self.ids.shape, vocab_size, dtype=torch.float64, device=self.ids.device)
+        return t.index_put_((self.row, self.gap, self.token), torch.ones_like(self.row, dtype=torch.float64),
+                            accumulate=True)
+
+
+class InsertionObjective:
+    """The ILM training objective (module docstring) over rows from the data pipeline."""
+
+    family = "ilm"
+    per_sequence = True  # losses are per sequence, normalised by the number of rows, not of tokens
+
+    def __init__(self, bos_id: int, eos_id: int, pad_id: int, mask_id: int, special_ids, vocab_size: int):
+        self.bos_id, self.eos_id, self.pad_id, self.mask_id = bos_id, eos_id, pad_id, mask_id
+        self.special = sorted(set(special_ids) | {bos_id, eos_id, pad_id, mask_id})
+        self.vocab_size = vocab_size
+
+    def forbidden(self, device) -> torch.Tensor:
+        return forbidden_token_mask(self.vocab_size, self.special, device)
+
+    def drop(self, x0: torch.Tensor, counted: torch.Tensor, time_u: torch.Tensor,
+             mask_u: torch.Tensor) -> InsertionBatch:
+        """Drop ``n = floor(u (n0 + 1))`` of each row's ``n0`` droppable tokens (a uniform count from
+        the row's time uniform ``u``), those with the smallest ``mask_u``: a uniformly random subset."""
+        b, length = x0.shape
+        positions = torch.arange(length, device=x0.device)
+        special = torch.isin(x0, torch.tensor(self.special, device=x0.device))
+        present = (positions[None] == 0) | ~special  # BOS, prompt and text; EOS/PAD are not part of it
+        droppable = counted & ~special
+        n0 = droppable.sum(1)
+        n = (time_u.to(x0.device, torch.float64) * (n0 + 1)).floor().long().clamp(max=n0)
+        keys = torch.where(droppable, mask_u.to(x0.device), torch.full_like(mask_u, 2.0, device=x0.device))
+        dropped = droppable & (keys.argsort(1).argsort(1) < n[:, None])
+        kept = present & ~dropped
+        new_index = kept.long().cumsum(1) - 1  # kept: its place in the new row; dropped: its gap
+        sizes = kept.sum(1)
+        ids = torch.full_like(x0, self.pad_id)
+        rows_k, cols_k = kept.nonzero(as_tuple=True)
+        ids[rows_k, new_index[rows_k, cols_k]] = x0[rows_k, cols_k]
+        keep = positions[None] < sizes[:, None]
+        # the first gap that may grow: the last fixed (present, not droppable) position before the text
+        prefix = present & ~droppable
+        last_fixed = torch.where(prefix & (positions[None] < first_true(droppable, length)[:, None]),
+                                 positions[None], torch.zeros_like(positions)[None]).amax(1)
+        first_open = new_index.gather(1, last_fixed[:, None])[:, 0]
+        open_gaps = keep & (positions[None] >= first_open[:, None])
+        rows_d, cols_d = dropped.nonzero(as_tuple=True)
+        return InsertionBatch(ids, keep, open_gaps, n, rows_d, new_index[rows_d, cols_d], x0[rows_d, cols_d])
+
+    def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise, exact: bool = False) -> torch.Tensor:
+        """Per-sequence ILM loss (B,): insertion cross-entropy against ``q = T/n`` plus the stop BCE."""
+        batch = self.drop(x0, counted, noise.time_u, noise.mask_u)
+        logits, stop = model(batch.ids, batch.keep)
+        log_p = joint_log_probs(logits, batch.open_gaps, self.forbidden(x0.device))
+        picked = log_p[batch.row, batch.gap, batch.token]
+        insertion = torch.zeros(len(x0), device=x0.device).index_add_(0, batch.row, -picked)
+        insertion = insertion / batch.dropped.clamp(min=1).float()
+        target = (batch.dropped == 0).float()
+        return insertion + F.binary_cross_entropy_with_logits(stop.float(), target, reduction="none")
+
+
+def first_true(mask: torch.Tensor, default: int) -> torch.Tensor:
+    """Index of the first True per row of (B, L), or ``default`` where a row has none."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask, positions[None], torch.full_like(positions, default)[None]).amin(1)

@@ -1,0 +1,157 @@
+"""What every sampler shares: the float64 categorical primitive, per-row random streams, the ``Sampler`` interface and its result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import rng
+
+ROWS_PER_CHUNK_ELEMENTS = 1 << 24
+
+
+# what a draw is for: part of the counter, so the streams for different purposes never overlap
+TOKEN, TIME, ORDER, REMASK = 0, 1, 2, 3
+
+
+PURPOSES = 4
+
+
+class SamplingError(ValueError):
+    """Impossible sampling request (steps < 1, top-p outside (0, 1], k larger than the canvas...)."""
+
+
+def categorical_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      exclude: int | None = None) -> torch.Tensor:
+    """float64 probabilities (N, V) from logits (N, V): temperature (0 = greedy, one-hot on the
+    argmax), then top-k, then top-p (the smallest set of most likely tokens whose mass reaches
+    ``top_p``); ``exclude`` gets probability 0."""
+    logits = logits.to(torch.float64)
+    if exclude is not None:
+        logits = logits.index_fill(-1, torch.tensor([exclude], device=logits.device), float("-inf"))
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    # shifted first, so that a tiny temperature sends the others to -inf instead of the best to +inf
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly before each token
+        drop = before >= top_p
+        drop[:, 0] = False
+        probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample_categorical(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw per row of nonnegative (unnormalised) ``weights`` (N, V) in float64, from
+    uniforms ``u`` (N,) on [0, 1)."""
+    n, v = weights.shape
+    out = torch.empty(n, dtype=torch.long, device=weights.device)
+    rows = max(1, ROWS_PER_CHUNK_ELEMENTS // max(v, 1))
+    for start in range(0, n, rows):
+        cdf = weights[start:start + rows].to(torch.float64).cumsum(dim=-1)
+        target = u[start:start + rows, None].to(torch.float64) * cdf[:, -1:]
+        out[start:start + rows] = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max(v - 1)
+    return out
+
+
+def sample_exponential_race_float32(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """MDLM's float32 draw ``argmax(w / -log u)`` with float32 uniforms ``u`` (N, V)."""
+    return (weights.to(torch.float32) / -torch.log(u)).argmax(dim=-1)
+
+
+class RowStreams:
+    """Per-row random streams: draw ``counter`` of row ``r`` at ``index`` is
+    ``rng.uniform(seed_r, counter, index)``."""
+
+    def __init__(self, seeds: torch.Tensor):
+        self.seeds = seeds.to(torch.int64)
+
+    def uniform(self, rows: torch.Tensor, counter, index) -> torch.Tensor:
+        return rng.uniform(self.seeds.to(rows.device)[rows], counter, index)
+
+    def categorical(self, weights: torch.Tensor, rows: torch.Tensor, counter, index: torch.Tensor,
+                    precision: str = "float64") -> torch.Tensor:
+        """One categorical draw per row of ``weights`` (N, V), keyed by (row, counter, index)."""
+        if precision == "float64":
+            return sample_categorical(weights, self.uniform(rows, counter, index))
+        if precision == "float32":
+            base = rng.hash64(self.seeds.to(rows.device)[rows], counter, index)
+            cells = torch.arange(weights.shape[1], device=weights.device)
+            return sample_exponential_race_float32(weights, rng.to_uniform32(rng.stream(base[:, None], cells)))
+        raise SamplingError(f"unknown sampling precision {precision!r} (float64 or float32)")
+
+
+def row_seeds(seed: int, n: int, first: int = 0) -> torch.Tensor:
+    """Seeds of rows ``first .. first+n-1`` of a request with base ``seed``."""
+    return rng.hash64(seed, torch.arange(first, first + n))
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # (B, L)
+    nfe: int  # network calls (a batched forward counts once)
+    row_nfe: torch.Tensor  # (B,) evaluations of each row
+    seconds: float
+    generated: int  # positions that were masked in the input canvas
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens (only) per second of wall time."""
+        return self.generated / self.seconds if self.seconds > 0 else float("inf")
+
+
+StepCallback = Callable[[torch.Tensor], None]
+
+
+class Sampler:
+    """Generates the masked positions of a canvas (B, L); see the module docstring.
+
+    ``on_step`` (optional) is called with the canvas (B, L) after every step, for streaming; it must
+    copy what it keeps and must not modify it.
+    """
+
+    mask_id: int
+
+    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
+               on_step: StepCallback | None = None) -> SampleResult:
+        raise NotImplementedError
+
+    def check(self, canvas: torch.Tensor, seeds: torch.Tensor) -> None:
+        if canvas.dim() != 2 or canvas.shape[0] == 0 or canvas.shape[1] == 0:
+            raise SamplingError(f"the canvas must be a non-empty (batch, length) tensor, got shape "
+                                f"{tuple(canvas.shape)}")
+        if seeds.shape != (canvas.shape[0],):
+            raise SamplingError(f"need one seed per row: {canvas.shape[0]} rows, seeds of shape {tuple(seeds.shape)}")
+
+
+def check_knobs(temperature: float, top_k: int, top_p: float, precision: str) -> None:
+    if temperature < 0:
+        raise SamplingError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise SamplingError(f"top_k must be >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise SamplingError(f"top_p must lie in (0, 1], got {top_p}")
+    if precision not in ("float64", "float32"):
+        raise SamplingError(f"sampling precision must be float64 or float32, got {precision!r}")
+
+
+def _choose_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool (R, L): in each row the ``counts[r]`` entries with the highest ``scores`` (-inf never)."""
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device)
+                                             .expand_as(order).contiguous())
+    return (ranks < counts[:, None]) & (scores > float("-inf"))
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None

@@ -1,0 +1,113 @@
+"""One insertion per step for insertion LMs, stopping on the stop head."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .base import (
+    ORDER,
+    PURPOSES,
+    TOKEN,
+    RowStreams,
+    Sampler,
+    SampleResult,
+    SamplingError,
+    StepCallback,
+    categorical_probs,
+    check_knobs,
+)
+
+
+class InsertionSampler(Sampler):
+    """Insertion LMs (``algorithms.md`` section 5): every step is one network call and one insertion
+    per unfinished row, and rows finish at different lengths.
+
+    The canvas (B, W) says where to insert: its tokens other than mask and PAD are kept, in order, and
+    a run of mask ids after a token opens the gap after it (the number of masks does not matter: the
+    model decides how many tokens a gap receives); PAD is room to grow into without opening a gap.
+    ``[BOS] prompt [MASK]`` continues a prompt; ``[BOS] [MASK]`` is unconditional; ``[BOS] left [MASK]
+    right [PAD]...`` infills one span of unknown length (``generate`` builds that from a template).
+    Inserted tokens open the gaps after them. The width ``W`` bounds the final length; the result holds
+    each row's sequence left-aligned, PAD after it.
+
+    Per step and row: stop when ``P(stop) >= stop_threshold`` (or the row is full); otherwise choose
+    the gap from the position marginals ``logsumexp_v s[j, v]`` (``gap="greedy"``: the argmax, the
+    released setting; ``"sample"``: a draw, which with the token draw below is a draw from the joint
+    softmax) and the token from ``softmax(s[j, :])`` with temperature/top-k/top-p (float64), then
+    shift everything after the gap right by one.
+    """
+
+    def __init__(self, mask_id: int, pad_id: int, special_ids, stop_threshold: float = 0.9, gap: str = "greedy",
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, precision: str = "float64"):
+        check_knobs(temperature, top_k, top_p, precision)
+        if not 0 < stop_threshold <= 1:
+            raise SamplingError(f"stop_threshold must lie in (0, 1], got {stop_threshold}")
+        if gap not in ("greedy", "sample"):
+            raise SamplingError(f"gap choice must be greedy or sample, got {gap!r}")
+        self.mask_id, self.pad_id, self.special = mask_id, pad_id, sorted(set(special_ids) | {mask_id, pad_id})
+        self.stop_threshold, self.gap = stop_threshold, gap
+        self.temperature, self.top_k, self.top_p, self.precision = temperature, top_k, top_p, precision
+
+    def start(self, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids (B, W) left-aligned, open gaps (B, W), lengths (B,)) of a canvas."""
+        masks = canvas == self.mask_id
+        fixed = ~masks & (canvas != self.pad_id)
+        if not fixed[:, 0].all():
+            raise SamplingError("an insertion canvas must start with a fixed token (BOS) that owns the first gap")
+        before_mask = torch.cat([masks[:, 1:], torch.zeros_like(masks[:, :1])], dim=1)
+        place = fixed.long().cumsum(1) - 1
+        ids = torch.full_like(canvas, self.pad_id)
+        opened = torch.zeros_like(masks)
+        rows, cols = fixed.nonzero(as_tuple=True)
+        ids[rows, place[rows, cols]] = canvas[rows, cols]
+        opened[rows, place[rows, cols]] = before_mask[rows, cols]
+        return ids, opened, fixed.sum(1)
+
+    @torch.no_grad()
+    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
+               on_step: StepCallback | None = None) -> SampleResult:
+        self.check(canvas, seeds)
+        start = time.perf_counter()
+        ids, opened, lengths = self.start(canvas)
+        b, width = ids.shape
+        streams = RowStreams(seeds)
+        forbidden = torch.zeros(model.backbone.vocab_size, dtype=torch.bool, device=ids.device)
+        forbidden[self.special] = True
+        positions = torch.arange(width, device=ids.device)
+        active = opened.any(1) & (lengths < width)
+        row_nfe = torch.zeros(b, dtype=torch.long)
+        calls = step = 0
+        while active.any():
+            rows = active.nonzero()[:, 0]
+            keep = positions[None] < lengths[rows, None]
+            logits, stop = model(ids[rows], keep)
+            calls += 1
+            row_nfe[rows.cpu()] += 1
+            go = stop.double().sigmoid() < self.stop_threshold
+            active[rows[~go]] = False
+            rows, logits = rows[go], logits[go]
+            if len(rows):
+                scores = logits.double().masked_fill(forbidden[None, None], float("-inf"))
+                marginals = scores.logsumexp(-1).masked_fill(~(opened[rows] & keep[go]), float("-inf"))
+                index = torch.zeros_like(rows)
+                if self.gap == "greedy":
+                    gap = marginals.argmax(1)
+                else:
+                    gap = streams.categorical(marginals.softmax(1), rows, step * PURPOSES + ORDER, index)
+                probs = categorical_probs(scores[torch.arange(len(rows)), gap], self.temperature, self.top_k, self.top_p)
+                token = streams.categorical(probs, rows, step * PURPOSES + TOKEN, index, self.precision)
+                after = positions[None] > gap[:, None] + 1
+                at = positions[None] == gap[:, None] + 1
+                shifted_ids = torch.cat([ids[rows, :1], ids[rows, :-1]], 1)
+                shifted_open = torch.cat([opened[rows, :1], opened[rows, :-1]], 1)
+                ids[rows] = torch.where(at, token[:, None], torch.where(after, shifted_ids, ids[rows]))
+                opened[rows] = at | torch.where(after, shifted_open, opened[rows])
+                lengths[rows] += 1
+                active[rows] = lengths[rows] < width
+            step += 1
+            if on_step is not None:
+                on_step(ids)
+        generated = int((lengths - ((canvas != self.mask_id) & (canvas != self.pad_id)).sum(1)).sum())
+        return SampleResult(ids, calls, row_nfe, time.perf_counter() - start, generated)

@@ -1,0 +1,71 @@
+"""Any diffusion sampler in overlapping windows (MDLM's semi-autoregressive decoding)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import rng
+from .base import Sampler, SampleResult, SamplingError, StepCallback
+
+
+class SemiAutoregressiveSampler(Sampler):
+    """MDLM's semi-autoregressive generation for canvases longer than the model.
+
+    Windows of ``window`` positions, shifted by ``stride``: each round runs ``inner`` on the window
+    (the tokens of earlier rounds are fixed there, so the tail of the previous window is the prompt of
+    the next) until the end of the canvas. With ``eos_id`` a row stops at its first generated EOS;
+    the positions after it that were still to be generated become PAD. The inner sampler's guidance
+    treats every fixed token of a window (prompt and earlier rounds) as the condition.
+    """
+
+    def __init__(self, inner: Sampler, window: int, stride: int, eos_id: int | None = None, pad_id: int | None = None):
+        if window < 1 or not 1 <= stride <= window:
+            raise SamplingError(f"need 1 <= stride <= window, got window {window}, stride {stride}")
+        if eos_id is not None and pad_id is None:
+            raise SamplingError("stopping at EOS needs a PAD id to fill the rest")
+        self.inner, self.window, self.stride = inner, window, stride
+        self.mask_id, self.eos_id, self.pad_id = inner.mask_id, eos_id, pad_id
+
+    @torch.no_grad()
+    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
+               on_step: StepCallback | None = None) -> SampleResult:
+        self.check(canvas, seeds)
+        start_time = time.perf_counter()
+        x = canvas.clone()
+        b, n = x.shape
+        free = canvas == self.mask_id
+        done = torch.zeros(b, dtype=torch.bool, device=x.device)
+        nfe, row_nfe = 0, torch.zeros(b, dtype=torch.long)
+        start, round_ = 0, 0
+        while True:
+            end = min(start + self.window, n)
+            rows = (~done).nonzero()[:, 0]
+            if len(rows):
+                inner_step = None
+                if on_step is not None:
+                    def inner_step(window, rows=rows, start=start, end=end):
+                        view = x.clone()
+                        view[rows, start:end] = window
+                        on_step(view)
+                result = self.inner.sample(model, x[rows, start:end], rng.hash64(seeds.to(x.device)[rows], round_),
+                                           inner_step)
+                x[rows, start:end] = result.tokens
+                nfe += result.nfe
+                row_nfe[rows.cpu()] += result.row_nfe
+            if self.eos_id is not None:
+                hit = free & (x == self.eos_id)
+                hit[:, end:] = False
+                stopped = hit.any(dim=1) & ~done
+                for r in stopped.nonzero()[:, 0].tolist():
+                    first = int(hit[r].nonzero()[0])
+                    tail = free[r].clone()
+                    tail[:first + 1] = False
+                    x[r, tail] = self.pad_id
+                done |= stopped
+            if end == n or bool(done.all()):
+                break
+            start += self.stride
+            round_ += 1
+        return SampleResult(x, nfe, row_nfe, time.perf_counter() - start_time, int(free.sum()))

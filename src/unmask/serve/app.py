@@ -1,0 +1,297 @@
+"""The HTTP application: endpoints, the error shape, the body limit, event streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .service import (
+    Busy,
+    CompletionRequest,
+    ModelService,
+    RequestError,
+    ServeConfig,
+    Unavailable,
+)
+
+PAGE = Path(__file__).resolve().parents[1] / "assets" / "serve.html"
+
+
+POLL_S = 0.25  # how often a waiting request checks its client and the worker
+
+
+ERROR_TYPES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+               422: "invalid_request", 429: "busy", 499: "cancelled", 500: "internal_error", 503: "unavailable",
+               504: "timeout"}
+
+
+FAILURES = {"error": 500, "unavailable": 503, "timeout": 504, "cancelled": 499}  # worker event -> status
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """``text`` on one printable line (control characters and lone surrogates escaped), at most ``limit``
+    characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit + 1])
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """The documented error body, ``{"error": {"type", "message"}}``."""
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": {"type": ERROR_TYPES.get(status, "error"), "message": one_line(message)}})
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``limit`` bytes, from its Content-Length before
+    reading it, or while reading a body without one."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body exceeds this server's limit of {self.limit} bytes"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and (len(declared) > 18 or int(declared) > self.limit):
+            await error_response(413, message)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited():
+            nonlocal received
+            event = await receive()
+            received += len(event.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, limited, send)
+
+
+def _field_errors(exc: RequestValidationError) -> str:
+    """One line for a request's validation errors."""
+    problems = []
+    for err in exc.errors()[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            problems.append(f"body: invalid JSON at character {loc[0] if loc else '?'} "
+                            f"({err.get('ctx', {}).get('error', 'decode error')})")
+        elif not loc and err.get("type") in ("missing", "model_attributes_type", "model_type", "dict_type"):
+            problems.append("body: the request must be a JSON object")
+        elif not loc:
+            problems.append(f"body: {err.get('msg')}")
+        elif err.get("type") == "extra_forbidden":
+            problems.append(f"unknown field {loc[-1][:40]!r}")
+        else:
+            problems.append(f"{'.'.join(loc)}: {err.get('msg')}")
+    return "; ".join(problems)
+
+
+class Stalled(Exception):
+    """A streaming client stopped reading."""
+
+
+def _only(exc: BaseException, kind: type) -> bool:
+    """Whether ``exc`` is a ``kind``, or a group of them (task groups wrap what their tasks raise)."""
+    if isinstance(exc, kind):
+        return True
+    inner = getattr(exc, "exceptions", None)
+    return bool(inner) and all(_only(e, kind) for e in inner)
+
+
+class EventStream(StreamingResponse):
+    """A ``text/event-stream`` response that drops a client which stops reading once ``deadline``
+    (``time.monotonic()``) has passed, and calls ``on_close`` however it ends."""
+
+    def __init__(self, events, deadline: float, on_close):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.deadline, self.on_close = deadline, on_close
+
+    async def __call__(self, scope, receive, send):
+        async def bounded(message):
+            try:
+                await asyncio.wait_for(send(message), max(1.0, self.deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise Stalled from None
+
+        try:
+            await super().__call__(scope, receive, bounded)
+        except Exception as exc:
+            if not _only(exc, Stalled):
+                raise
+        finally:
+            self.on_close()
+
+
+def create_app(service: ModelService):
+    """The FastAPI application around ``service``."""
+    app = FastAPI(title="unmask", version="0.1.0")
+    app.add_middleware(BodyLimit, limit=service.config.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return error_response(422, _field_errors(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        return error_response(500, f"internal error ({type(exc).__name__})")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health():
+        problem = service.check_worker()
+        if problem:
+            return error_response(503, problem)
+        return {"status": "ok", "pending": service.pending, **service.stats}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [service.metadata()]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        deadline = time.monotonic() + service.config.timeout_s
+        try:
+            job, seed = await service.submit(req)
+        except RequestError as exc:
+            raise HTTPException(400, str(exc)) from None
+        except Busy as exc:
+            raise HTTPException(429, str(exc)) from None
+        except Unavailable as exc:
+            raise HTTPException(503, str(exc)) from None
+        ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": ident, "created": created, "model": service.name}
+
+        def final(payload) -> dict:
+            tokens = payload["tokens"]
+            choices = [{"index": i, "text": service.completion_text(job.canvas[i], tokens[i]),
+                        "tokens": service.pieces(tokens[i]), "finish_reason": "length",
+                        "nfe": int(payload["row_nfe"][i])} for i in range(len(tokens))]
+            generated = int((job.canvas == service.tokenizer.mask_id).sum())
+            prompt = int((job.canvas != service.tokenizer.mask_id).sum())
+            return {**head, "object": "text_completion", "choices": choices,
+                    "usage": {"prompt_tokens": prompt, "completion_tokens": generated,
+                              "total_tokens": prompt + generated},
+                    "unmask": {"seed": seed, "sampler": job.sample_cfg.sampler, "steps": job.sample_cfg.steps,
+                               "seconds": payload["seconds"], "batched_with": payload["batch_requests"] - 1}}
+
+        async def next_event(watch_client: bool):
+            """The job's next event; meanwhile the deadline, the worker and (``watch_client``) the client."""
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    job.cancelled = True
+                    return "timeout", f"the request did not finish within {service.config.timeout_s:g} s"
+                try:
+                    return await asyncio.wait_for(job.events.get(), timeout=min(POLL_S, left))
+                except asyncio.TimeoutError:
+                    service.check_worker()
+                    if watch_client and await request.is_disconnected():
+                        job.cancelled = True
+                        return "cancelled", "the client disconnected"
+
+        if not req.stream:
+            try:
+                kind, payload = await next_event(watch_client=True)
+            finally:
+                job.cancelled = True  # a no-op once done; stops the work when this handler is cancelled
+            if kind == "done":
+                return final(payload)
+            raise HTTPException(FAILURES[kind], payload)
+
+        async def events():
+            yield sse({**head, "object": "text_completion.chunk", "step": 0,
+                       "choices": [{"index": i, "tokens": service.pieces(job.canvas[i])}
+                                   for i in range(len(job.canvas))]})
+            while True:
+                kind, payload = await next_event(watch_client=False)  # the response watches the client
+                if kind == "step":
+                    job.taken += 1
+                    step, rows = payload
+                    yield sse({**head, "object": "text_completion.chunk", "step": step,
+                               "choices": [{"index": i, "tokens": service.pieces(row)}
+                                           for i, row in enumerate(rows)]})
+                elif kind == "done":
+                    yield sse({**final(payload), "object": "text_completion.final", "step": payload["steps"]})
+                    break
+                else:
+                    yield sse({"error": {"type": ERROR_TYPES[FAILURES[kind]], "message": one_line(payload)}})
+                    break
+            yield "data: [DONE]\n\n"
+
+        def closed() -> None:
+            job.cancelled = True  # a client that goes away stops the work (once no one else shares it)
+
+        return EventStream(events(), deadline, closed)
+
+    return app
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
+          config: ServeConfig | None = None, model_precision: str = "fp32", tokenizer: str | None = None,
+          name: str | None = None) -> None:
+    """Load ``model`` (any source of :func:`unmask.checkpoints.pretrained.open_source`) and serve it as ``name``
+    (default: its folder's name) until interrupted."""
+    import uvicorn
+
+    from ..pipeline import from_pretrained
+
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    service = ModelService(from_pretrained(model, device=dev, tokenizer_path=tokenizer), config, dev, model_precision,
+                           name)
+    print(f"serving {service.name} ({service.family}, {service.metadata()['parameters']:,} parameters) on "
+          f"http://{host}:{port} ({dev})", flush=True)
+    try:
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    finally:
+        service.close()
+
+
+@contextlib.contextmanager
+def running_server(service: ModelService, host: str = "127.0.0.1", port: int = 0):
+    """Serve ``service`` from a background thread; yields the base URL (tests, benchmarks)."""
+    import socket
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

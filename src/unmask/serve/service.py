@@ -1,0 +1,397 @@
+"""The model service behind the HTTP app: request preparation, limits, the batching worker."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import ConfigError, SampleConfig
+from ..pipeline import MASK_MARK, encode_fixed, encode_template, make_canvas
+from ..runtime import autocast, resolve_precision
+from ..samplers.base import SamplingError, row_seeds
+from ..samplers.registry import make_sampler
+
+SAMPLERS = ("ancestral", "first_hitting", "confidence", "ar")
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """Limits and batching of a server."""
+
+    max_batch_rows: int = 32
+    batch_window_ms: float = 5.0
+    batching: bool = True
+    max_pending: int = 64
+    timeout_s: float = 120.0
+    max_n: int = 8
+    max_steps: int = 4096
+    max_body_bytes: int = 1 << 20
+    max_stream_lag: int = 64
+
+
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions``; unknown fields are an error, and so is a value of the wrong JSON type."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str = ""
+    max_tokens: int | None = Field(None, ge=1)  # None: up to the length the model was trained on
+    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0)
+    sampler: Literal["ancestral", "first_hitting", "confidence", "ar"] | None = None
+    steps: int | None = Field(None, ge=1)
+    tokens_per_step: int = Field(1, ge=1)
+    guidance: float = Field(0.0, ge=-1.0, le=100.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=2 ** 63)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+
+
+class RequestError(ValueError):
+    """A request that is well-formed JSON but cannot be served (too long, too many steps...)."""
+
+
+class Busy(RuntimeError):
+    """Too much work queued."""
+
+
+class Unavailable(RuntimeError):
+    """The server is shutting down."""
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One request's rows on their way through the worker (compared by identity)."""
+
+    canvas: torch.Tensor  # (n, L)
+    seeds: torch.Tensor  # (n,)
+    key: tuple  # requests with equal keys can share a batch
+    sample_cfg: SampleConfig
+    events: "asyncio.Queue"
+    loop: asyncio.AbstractEventLoop
+    stream: bool
+    cancelled: bool = False
+    finished: bool = False
+    queued: int = 0  # step events sent (written by the worker only)
+    taken: int = 0  # step events read (written by the event loop only)
+
+    def emit(self, kind: str, payload) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the server's event loop is gone (shutting down): nobody is waiting
+            self.cancelled = True
+
+
+class Cancelled(Exception):
+    pass
+
+
+def model_name(path: Path) -> str:
+    """A name for the model at ``path`` that does not reveal where it lies on this machine."""
+    path = Path(path)
+    for part in path.parts:
+        if part.startswith("models--"):  # a Hugging Face hub cache folder
+            return part[len("models--"):].replace("--", "/")
+    if path.parent.name == "checkpoints":  # run/checkpoints/step_N
+        return path.parent.parent.name
+    return path.name
+
+
+class ModelService:
+    """A loaded model, the request -> canvas logic, and the batching worker thread."""
+
+    def __init__(self, loaded, config: ServeConfig | None = None, device: torch.device | str = "cpu",
+                 model_precision: str = "fp32", name: str | None = None):
+        self.loaded, self.config = loaded, config or ServeConfig()
+        self.device = torch.device(device)
+        self.name = name or model_name(loaded.source.path)
+        self.model, self.tokenizer, self.run = loaded.model, loaded.tokenizer, loaded.config
+        self.family = self.run.family
+        if self.family not in ("mdlm", "ar"):
+            raise ConfigError(f"unmask serve runs masked diffusion (mdlm) and ar models, not {self.family}; "
+                              f"use unmask sample for it")
+        self.length = self.run.model.length
+        self.default_length = min(self.run.data.length, self.length)
+        self.bos = self.run.data.layout == "pad" or self.run.data.frame
+        self.precision = resolve_precision(model_precision, self.device)
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.backlog: collections.deque[Job] = collections.deque()  # taken from the queue, not yet run
+        self.current: list[Job] = []  # the batch the worker is gathering or running
+        self.pending = 0
+        self.lock = threading.Lock()
+        self.stats = {"requests": 0, "batches": 0, "rows": 0, "largest_batch": 0, "restarts": 0}
+        self.stopping = False
+        self.died = ""
+        self.worker = self._start_worker()
+
+    # --- requests -----------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        cfg = self.run
+        return {"id": self.name, "object": "model", "family": self.family, "max_length": self.length,
+                "default_length": self.default_length,
+                "vocab_size": self.tokenizer.vocab_size, "tokenizer": self.tokenizer.describe().get("kind"),
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "step": self.loaded.source.step, "soft_mask": bool(cfg.model.soft_mask_top_k),
+                "samplers": ["ar"] if self.family == "ar" else [s for s in SAMPLERS if s != "ar"],
+                "default_sampler": "ar" if self.family == "ar" else "first_hitting",
+                "limits": dataclasses.asdict(self.config), "device": str(self.device)}
+
+    def prepare(self, req: CompletionRequest) -> tuple[torch.Tensor, torch.Tensor, SampleConfig, int]:
+        """(canvas (n, L), seeds (n,), sampler config, seed) for a request, or RequestError. Sizes are
+        checked before anything of that size is built."""
+        c = self.config
+        if req.n > c.max_n:
+            raise RequestError(f"n={req.n} exceeds this server's limit of {c.max_n}")
+        if req.steps is not None and req.steps > c.max_steps:
+            raise RequestError(f"steps={req.steps} exceeds this server's limit of {c.max_steps}")
+        if req.model not in (None, "", self.name):
+            raise RequestError(f"model '{req.model}' is not served here (this server serves '{self.name}')")
+        sampler = req.sampler or ("ar" if self.family == "ar" else "first_hitting")
+        if (sampler == "ar") != (self.family == "ar"):
+            raise RequestError(f"sampler '{sampler}' does not apply to this {self.family} model")
+        room = self.length - int(self.bos)
+        if req.max_tokens is not None and req.max_tokens > room:
+            raise RequestError(f"max_tokens={req.max_tokens} does not fit: this model's maximum is {self.length} "
+                               f"tokens" + (" with BOS" if self.bos else ""))
+        infill = bool(MASK_MARK.search(req.prompt))
+        if infill and self.family == "ar":
+            raise RequestError("infilling ([MASK] markers) needs a masked diffusion model")
+        try:
+            ids = encode_template(self.tokenizer, req.prompt, room) if infill else \
+                self._continuation(encode_fixed(self.tokenizer, req.prompt), req.max_tokens)
+        except (SamplingError, ValueError) as exc:
+            raise RequestError(f"prompt: {exc}") from None
+        length = len(ids) + int(self.bos)
+        if req.tokens_per_step > length:
+            raise RequestError(f"tokens_per_step={req.tokens_per_step} is larger than the canvas of {length}")
+        steps = req.steps or max(1, ids.count(self.tokenizer.mask_id))
+        if steps > c.max_steps:
+            raise RequestError(f"steps={steps} exceeds this server's limit of {c.max_steps}")
+        seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7], "little")
+        cfg = SampleConfig(sampler=sampler, steps=steps, temperature=req.temperature, top_p=req.top_p,
+                           top_k=req.top_k, tokens_per_step=req.tokens_per_step, guidance=req.guidance, seed=seed)
+        try:
+            make_sampler(cfg, self.loaded.objective, self.tokenizer, self.length)
+            canvas = make_canvas(self.tokenizer, [ids] * req.n, length, self.bos)
+        except SamplingError as exc:
+            raise RequestError(str(exc)) from None
+        return canvas, row_seeds(seed, req.n), cfg, seed
+
+    def _continuation(self, ids: list[int], max_tokens: int | None) -> list[int]:
+        """A prompt's ids followed by the masks to generate (``max_tokens``, or up to the default length)."""
+        used = len(ids) + int(self.bos)
+        if max_tokens is None:
+            if used >= self.length:
+                raise RequestError(f"a prompt of {len(ids)} tokens leaves no room in this model's maximum of "
+                                   f"{self.length}")
+            if used >= self.default_length:
+                raise RequestError(f"a prompt of {len(ids)} tokens leaves no room in the {self.default_length} "
+                                   f"tokens this model was trained on; set max_tokens (at most "
+                                   f"{self.length - used})")
+            max_tokens = self.default_length - used
+        if used + max_tokens > self.length:
+            raise RequestError(f"prompt and completion take {used + max_tokens} tokens; this model's maximum "
+                               f"is {self.length}")
+        return ids + [self.tokenizer.mask_id] * max_tokens
+
+    async def submit(self, req: CompletionRequest) -> tuple[Job, int]:
+        """Queue a request: a slot first (Busy, Unavailable), then its canvas, built off the event loop."""
+        self.check_worker()
+        with self.lock:
+            if self.stopping:
+                raise Unavailable("the server is shutting down")
+            if self.pending >= self.config.max_pending:
+                raise Busy(f"{self.pending} requests are queued or running (limit {self.config.max_pending}); "
+                           f"retry later")
+            self.pending += 1
+        try:
+            canvas, seeds, cfg, seed = await asyncio.to_thread(self.prepare, req)
+        except BaseException:
+            with self.lock:
+                self.pending -= 1
+            raise
+        key = (dataclasses.astuple(dataclasses.replace(cfg, seed=0)), canvas.shape[1])
+        job = Job(canvas, seeds, key, cfg, asyncio.Queue(), asyncio.get_running_loop(), req.stream)
+        with self.lock:  # close() drains the queue after it sets stopping: nothing may arrive later
+            if self.stopping:
+                self.pending -= 1
+                raise Unavailable("the server is shutting down")
+            self.stats["requests"] += 1
+            self.jobs.put(job)
+        return job, seed
+
+    # --- the worker -----------------------------------------------------------------------------
+    def _start_worker(self) -> threading.Thread:
+        worker = threading.Thread(target=self._work, name="unmask-sampler", daemon=True)
+        worker.start()
+        return worker
+
+    def check_worker(self) -> str | None:
+        """None while the worker runs; otherwise what happened, after restarting it (unless closing):
+        the requests it was running get 503, queued ones wait for the new worker."""
+        with self.lock:
+            if self.stopping:
+                return "the server is shutting down"
+            if self.worker.is_alive():
+                return None
+            lost, self.current = self.current, []
+            reason, self.died = self.died or "no reason given", ""
+            self.stats["restarts"] += 1
+            self.worker = self._start_worker()
+        for job in lost:
+            self._finish(job, "unavailable", f"the sampling worker stopped ({reason}) and was restarted; retry")
+        return f"the sampling worker had stopped ({reason}); it was restarted"
+
+    def _work(self) -> None:
+        """Gather a batch and run it, until closed; an error fails that batch's requests only."""
+        torch.set_grad_enabled(False)
+        try:
+            while not self.stopping:
+                batch: list[Job] = []
+                self.current = batch
+                try:
+                    self._gather(batch)
+                    if batch:
+                        self._run(batch)
+                except Exception as exc:
+                    for job in batch:
+                        self._finish(job, "error", f"{type(exc).__name__}: {exc}")
+        except BaseException as exc:  # the thread ends here; check_worker reports it and starts another
+            self.died = f"{type(exc).__name__}: {exc}"
+
+    def _gather(self, batch: list[Job]) -> None:
+        """Take the oldest request, and the requests of the same shape that arrive within the batch
+        window (up to ``max_batch_rows`` rows), into ``batch``. Requests of other shapes met on the way
+        keep their order and go first in the next round."""
+        if self.backlog:
+            first = self.backlog.popleft()
+        else:
+            try:
+                first = self.jobs.get(timeout=0.2)
+            except queue.Empty:
+                return
+        batch.append(first)
+        if not self.config.batching:
+            return
+        rows, limit = len(first.canvas), self.config.max_batch_rows
+        later: collections.deque[Job] = collections.deque()
+        for job in self.backlog:
+            if job.key == first.key and rows + len(job.canvas) <= limit:
+                batch.append(job)
+                rows += len(job.canvas)
+            else:
+                later.append(job)
+        self.backlog = later
+        deadline = time.monotonic() + self.config.batch_window_ms / 1000
+        while rows < limit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                job = self.jobs.get(timeout=left)
+            except queue.Empty:
+                break
+            if job.key == first.key and rows + len(job.canvas) <= limit:
+                batch.append(job)
+                rows += len(job.canvas)
+            else:
+                self.backlog.append(job)
+
+    def _run(self, batch: list[Job]) -> None:
+        for job in batch:
+            if job.cancelled:
+                self._finish(job, "cancelled", None)
+        batch = [job for job in batch if not job.cancelled]
+        if not batch:
+            return
+        canvas = torch.cat([job.canvas for job in batch]).to(self.device)
+        seeds = torch.cat([job.seeds for job in batch]).to(self.device)
+        bounds = [0]
+        for job in batch:
+            bounds.append(bounds[-1] + len(job.canvas))
+        streaming = [i for i, job in enumerate(batch) if job.stream]
+        steps = 0
+
+        def on_step(x: torch.Tensor) -> None:
+            nonlocal steps
+            steps += 1
+            if self.stopping or all(job.cancelled for job in batch):
+                raise Cancelled
+            keeping_up = [i for i in streaming if batch[i].queued - batch[i].taken < self.config.max_stream_lag]
+            if keeping_up:
+                x = x.cpu()
+                for i in keeping_up:
+                    batch[i].queued += 1
+                    batch[i].emit("step", (steps, x[bounds[i]:bounds[i + 1]].clone()))
+
+        try:
+            sampler = make_sampler(batch[0].sample_cfg, self.loaded.objective, self.tokenizer, self.length)
+            with autocast(self.device, self.precision):
+                result = sampler.sample(self.model, canvas, seeds, on_step)
+        except Cancelled:
+            for job in batch:
+                if self.stopping:
+                    self._finish(job, "unavailable", "the server is shutting down")
+                else:
+                    self._finish(job, "cancelled", None)
+            return
+        with self.lock:
+            self.stats["batches"] += 1
+            self.stats["rows"] += len(canvas)
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        tokens, row_nfe = result.tokens.cpu(), result.row_nfe.cpu()
+        for i, job in enumerate(batch):
+            self._finish(job, "done", {"tokens": tokens[bounds[i]:bounds[i + 1]], "steps": steps,
+                                       "row_nfe": row_nfe[bounds[i]:bounds[i + 1]], "seconds": result.seconds,
+                                       "batch_requests": len(batch)})
+
+    def _finish(self, job: Job, kind: str, payload) -> None:
+        """Send a job its last event and free its slot, once."""
+        with self.lock:
+            if job.finished:
+                return
+            job.finished = True
+            self.pending -= 1
+        job.emit(kind, payload)
+
+    def close(self) -> None:
+        """Stop the worker; every queued or running request is answered 503."""
+        with self.lock:
+            self.stopping = True
+        self.worker.join(timeout=5)
+        held = list(self.current) + list(self.backlog)
+        while True:
+            try:
+                held.append(self.jobs.get_nowait())
+            except queue.Empty:
+                break
+        for job in held:
+            self._finish(job, "unavailable", "the server is shutting down")
+
+    # --- rendering ------------------------------------------------------------------------------
+    def pieces(self, row: torch.Tensor) -> list[str | None]:
+        """One string per position (``None`` where masked; special tokens as empty strings)."""
+        tok = self.tokenizer
+        specials = tok.special_ids - {tok.mask_id}
+        return [None if i == tok.mask_id else ("" if i in specials else tok.decode([i], skip_special=False))
+                for i in row.tolist()]
+
+    def completion_text(self, canvas: torch.Tensor, row: torch.Tensor) -> str:
+        """The generated text: the continuation after a prompt, or the whole filled text for infilling."""
+        generated = (canvas == self.tokenizer.mask_id).nonzero()[:, 0]
+        if len(generated) and int(generated[-1]) - int(generated[0]) + 1 == len(generated) and \
+                int(generated[-1]) == len(row) - 1:
+            return self.tokenizer.decode(row[int(generated[0]):])
+        return self.tokenizer.decode(row)

@@ -1,0 +1,350 @@
+"""The training loop: one function, plain PyTorch, data-parallel through ``torchrun``.
+
+Every source of randomness at step ``s`` is derived from ``(seed, s)``: the rows read
+(:class:`~unmask.data.layouts.BatchOrder`), the diffusion noise (drawn for the global batch, then sliced per
+process) and dropout (seeded per step and rank). A run resumed from a checkpoint at step ``s``
+therefore computes exactly what the uninterrupted run would have, and one process with the global
+batch makes the same update as several processes sharing it.
+
+Loss normalisation: each process divides its sum of per-token losses by the *global* number of
+counted tokens in the step (one all-reduce), so gradients equal those of the whole batch at once,
+whatever the number of processes and accumulation steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..checkpoints.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    list_checkpoints,
+    load_weights,
+    resume_point,
+    save_checkpoint,
+)
+from ..checkpoints.runfolder import RunLock, clear_run_folder
+from ..config import ConfigError, RunConfig, dump_config, resume_differences
+from ..data.dataset import Data
+from ..data.layouts import BatchOrder, counted_positions, random_lengths
+from ..eval.likelihood import evaluate
+from ..families import build_model, build_objective
+from ..models.dit import count_parameters
+from ..objectives.base import draw_noise
+from ..runtime import (
+    Distributed,
+    autocast,
+    deterministic_algorithms,
+    generator_for,
+    init_distributed,
+    peak_memory_mb,
+    resolve_precision,
+    seed_for,
+    set_threads,
+    shutdown_distributed,
+)
+from .optim import EMA, learning_rate, parameter_groups
+
+
+def init_tokenizer(cfg: RunConfig):
+    """With ``train.init_from``, the run reads its data with the source model's tokenizer (under
+    ``data.oov``), so fine-tuning data need not rebuild the same vocabulary; None otherwise."""
+    if not cfg.train.init_from:
+        return None
+    from ..checkpoints.pretrained import open_source
+    from ..data.tokenization import with_oov_policy
+
+    return with_oov_policy(open_source(cfg.train.init_from).tokenizer, cfg.data.oov, cfg.data.oov_replacement)
+
+
+def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, tokenizer,
+                    family: str | None = None) -> None:
+    """Continued pretraining: copy the weights of ``source_path`` (any source of
+    :func:`unmask.checkpoints.pretrained.open_source`; EMA weights when it has them) into a new run's model (a
+    DiT), which must be of ``family`` (default: the run's). The architecture and tokenizer must match;
+    a soft-mask model may start from a binary one (its soft-mask scalars keep their initialization,
+    w_s ~ 0, so training starts from the binary model)."""
+    from ..checkpoints.pretrained import open_source
+
+    family = family or cfg.family
+    source = open_source(source_path)
+    if source.config.family != family:
+        raise ConfigError(f"train.init_from={source_path} is a {source.config.family} model; this run needs "
+                          f"a {family} model")
+    if source.tokenizer.vocabulary() != tokenizer.vocabulary():
+        raise ConfigError(f"train.init_from={source_path} was trained with another tokenizer than data.tokenizer "
+                          f"({source.tokenizer.describe()} vs {tokenizer.describe()})")
+    weights = dict(source.weights(ema=True))
+    for name, value in model.state_dict().items():
+        if name.startswith("soft_mask.") and name not in weights:
+            weights[name] = value
+    if model.soft_mask is None:
+        weights = {k: v for k, v in weights.items() if not k.startswith("soft_mask.")}
+    load_weights(model, weights, f"train.init_from={source_path}")
+
+
+def check_resumable(ckpt: Checkpoint, cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse to resume ``ckpt`` with settings that change what each step computes."""
+    changed = resume_differences(ckpt.config, cfg)
+    if changed:
+        shown = "; ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise ConfigError(f"{run_dir} was trained with other settings ({shown}); resuming would not continue "
+                          f"that run: use the same settings, another run_dir (train.init_from={run_dir} starts "
+                          f"from its weights) or --fresh")
+
+
+def micro_batching(cfg: RunConfig, world: int) -> tuple[int, int]:
+    """(micro batch size per process, accumulation steps) for the global ``train.batch_size``."""
+    t = cfg.train
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {world} processes")
+    local = t.batch_size // world
+    micro = t.micro_batch_size or local
+    if local % micro:
+        raise ConfigError(f"per-process batch {local} is not divisible by train.micro_batch_size={micro}")
+    return micro, local // micro
+
+
+class MetricsLog:
+    """Append-only JSONL metrics, written by the main process."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class TrainingError(RuntimeError):
+    """Training that cannot go on (a non-finite loss)."""
+
+
+def train(cfg: RunConfig, fresh: bool = False) -> Path:
+    """Train (or resume) the run ``cfg.run_dir``, holding its :class:`~unmask.checkpoints.runfolder.RunLock`;
+    returns the final checkpoint folder."""
+    dist = init_distributed()
+    lock = RunLock(Path(cfg.run_dir))
+    try:
+        with deterministic_algorithms(cfg.train.deterministic, dist.device):
+            return _train(cfg, dist, fresh, lock)
+    finally:
+        lock.release()
+        shutdown_distributed()
+
+
+def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Path:
+    t = cfg.train
+    set_threads(t.threads, dist.world)
+    device = dist.device
+    precision = resolve_precision(t.precision, device)
+    run_dir = Path(cfg.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    micro, accumulation = micro_batching(cfg, dist.world)
+    # the main process locks the run folder, then tokenizes (and caches) the data; the others then
+    # open the cache. A failure on the main process is shared so that no process waits at a barrier
+    failure = None
+    if dist.main:
+        try:
+            lock.acquire()
+            if lock.stale_owner:
+                print(f"{run_dir}: taking over the lock of {lock.stale_owner}, which is no longer running")
+            if fresh:
+                clear_run_folder(run_dir)
+            data = Data(cfg.data, progress=t.progress, tokenizer=init_tokenizer(cfg))
+            train_rows = data.rows("train")
+            valid_rows = data.rows("valid") if t.eval_every else None
+        except Exception as exc:
+            failure = exc
+    if dist.all_sum([1.0 if failure else 0.0])[0]:
+        if failure:
+            raise failure
+        raise RuntimeError("the main process failed to prepare the data")
+    if not dist.main:
+        data = Data(cfg.data, tokenizer=init_tokenizer(cfg))
+        train_rows = data.rows("train")
+        valid_rows = data.rows("valid") if t.eval_every else None
+    tokenizer = data.tokenizer
+
+    torch.manual_seed(seed_for(t.seed, 0x1417))
+    model = build_model(cfg, tokenizer).to(device)
+    objective = build_objective(cfg, tokenizer)
+    ckpt = resume_point(ckpt_root, print if dist.main else lambda message: None)
+    if ckpt is not None:
+        check_resumable(ckpt, cfg, run_dir)
+    elif t.init_from:
+        initialize_from(model, t.init_from, cfg, tokenizer)
+        if dist.main:
+            print(f"initialized {run_dir} from {t.init_from}")
+    if dist.main:
+        dump_config(cfg, run_dir / "config.yaml")
+        tokenizer.save(run_dir / "tokenizer")
+    dist.barrier()
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), betas=tuple(t.betas), eps=t.adam_eps)
+    ema = EMA(model, t.ema) if t.ema > 0 else None
+
+    start_step, elapsed_before = 0, 0.0
+    if ckpt is not None:
+        load_weights(model, ckpt.weights(ema=False), str(ckpt.path))
+        optimizer_state = ckpt.optimizer_state()
+        if optimizer_state is None:
+            raise CheckpointError(f"{ckpt.path} has no optimizer state, so training cannot resume from it")
+        optimizer.load_state_dict(optimizer_state)
+        if ema is not None and ckpt.ema_state() is not None:
+            ema.load(ckpt.ema_state(), ckpt.state.get("ema_updates", ckpt.step))
+        start_step, elapsed_before = ckpt.step, ckpt.state.get("elapsed_seconds", 0.0)
+        if dist.main:
+            print(f"resuming {run_dir} from step {start_step}")
+
+    seq_len = cfg.data.length
+    params = count_parameters(model)
+    local = micro * accumulation
+    ddp_model = DistributedDataParallel(model) if dist.world > 1 else model
+    forward_model = torch.compile(ddp_model) if t.compile else ddp_model
+    order = BatchOrder(len(train_rows), t.batch_size, t.seed)
+    log = MetricsLog(run_dir / "metrics.jsonl", dist.main)
+    if dist.main:
+        log.write({"event": "start", "step": start_step, "parameters": params, "world": dist.world,
+                   "precision": precision, "device": str(device), "train_rows": len(train_rows),
+                   "micro_batch": micro, "accumulation": accumulation})
+
+    bar = None
+    if dist.main and t.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start_step, desc=f"train {cfg.family}", unit="step", dynamic_ncols=True)
+    window_loss = window_tokens = 0.0
+    window_start, window_steps = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    step = checked_step = start_step
+    last_saved = ckpt.path if ckpt is not None else None
+    finite = torch.ones((), dtype=torch.bool, device=device)  # losses and gradients finite since checked_step
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - run_start
+
+    def check_finite() -> None:
+        """Stop, on every process, before a non-finite loss is logged or its weights saved."""
+        nonlocal checked_step
+        if dist.all_sum([0.0 if bool(finite) else 1.0])[0]:
+            saved = f"the last checkpoint ({last_saved}) is intact" if last_saved else "no checkpoint was written"
+            raise TrainingError(f"the training loss or gradient became NaN or infinite between steps {checked_step} and "
+                                f"{step}; nothing after step {checked_step} was saved and {saved}; lower "
+                                f"train.lr, raise train.warmup_steps or set train.grad_clip")
+        checked_step = step
+
+    def save(at: int) -> Path:
+        state = {"elapsed_seconds": elapsed(), "ema_updates": ema.updates if ema else 0,
+                 "epoch": order.epoch_of(at), "rows_seen": at * t.batch_size}
+        return save_checkpoint(ckpt_root, at, model.state_dict(), cfg, tokenizer, optimizer.state_dict(),
+                               ema.state_dict(model) if ema else None, state, keep=t.keep_checkpoints)
+
+    while step < t.steps:
+        model.train()
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        rows = order.batch(step)[dist.rank * local:(dist.rank + 1) * local]
+        ids_np, kinds = train_rows.get(rows)
+        if t.random_length_prob > 0:  # drawn for the global batch, then this process's share
+            u = np.random.default_rng(seed_for(t.seed, step, 0x1E27)).random((2, t.batch_size))
+            u = u[:, dist.rank * local:(dist.rank + 1) * local]
+            ids_np, kinds = random_lengths(ids_np, kinds, u[0] < t.random_length_prob, u[1], tokenizer.pad_id)
+        # host-side counts and device-side loss sums: no host-device synchronization inside a step
+        counted_np = counted_positions(kinds, cfg.data)
+        x0 = torch.from_numpy(ids_np).to(device, non_blocking=True)
+        counted = torch.from_numpy(counted_np).to(device, non_blocking=True)
+        noise = draw_noise(t.batch_size, seq_len, generator_for(t.seed, step, 0x7015E), cfg.diffusion.antithetic)
+        noise = noise.slice(dist.rank * local, (dist.rank + 1) * local).to(device)
+        # the unit losses are averaged over: counted tokens, or rows for per-sequence objectives (ILM)
+        local_tokens = float(len(counted_np) if getattr(objective, "per_sequence", False) else counted_np.sum())
+        global_tokens = dist.all_sum([local_tokens])[0]
+        torch.manual_seed(seed_for(t.seed, step, dist.rank, 0xD0))
+        step_loss = torch.zeros((), device=device, dtype=torch.float64)
+        for m in range(accumulation):
+            part = slice(m * micro, (m + 1) * micro)
+            sync = m == accumulation - 1 or dist.world == 1
+            ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                with autocast(device, precision):
+                    loss_sum = objective.loss(forward_model, x0[part], counted[part],
+                                              noise.slice(m * micro, (m + 1) * micro)).sum()
+                (loss_sum * dist.world / max(global_tokens, 1.0)).backward()
+            step_loss += loss_sum.detach().double()
+        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        finite &= torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        window_loss = window_loss + step_loss
+        window_tokens += local_tokens
+        window_steps += 1
+
+        stop_for_time = False
+        if t.max_minutes > 0:
+            stop_for_time = dist.all_sum([1.0 if elapsed() >= t.max_minutes * 60 else 0.0])[0] > 0
+        saving = t.save_every and step % t.save_every == 0
+        if (t.log_every > 0 and step % t.log_every == 0) or step == t.steps or stop_for_time or saving:
+            check_finite()
+        if (t.log_every > 0 and step % t.log_every == 0) or step == t.steps or stop_for_time:
+            loss_sum_g, tokens_g = dist.all_sum([float(window_loss), window_tokens])
+            seconds = time.perf_counter() - window_start
+            record = {"step": step, "loss": loss_sum_g / max(tokens_g, 1.0), "lr": lr,
+                      "grad_norm": float(grad_norm),
+                      "tokens_per_second": window_steps * t.batch_size * seq_len / seconds,
+                      "elapsed_seconds": elapsed(), "epoch": order.epoch_of(step)}
+            if getattr(model, "soft_mask", None) is not None:
+                record["soft_mask_omegas"] = [float(w.detach()) for w in model.soft_mask.omegas]
+            log.write(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            window_loss = window_tokens = 0.0
+            window_start, window_steps = time.perf_counter(), 0
+        if bar is not None:
+            bar.update(1)
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and dist.main:
+            log.write({"step": step, "event": "eval", "split": "valid",
+                       **_eval_during_training(cfg, model, ema, objective, valid_rows, tokenizer, device)})
+        if saving and dist.main:
+            last_saved = save(step)
+        dist.barrier()
+        if stop_for_time:
+            break
+    if bar is not None:
+        bar.close()
+    check_finite()
+    if dist.main:
+        if last_saved is None or not last_saved.name.endswith(f"{step:08d}"):
+            last_saved = save(step)
+        log.write({"event": "end", "step": step, "elapsed_seconds": elapsed(),
+                   "peak_memory_mb": peak_memory_mb(device)})
+    dist.barrier()
+    return last_saved or list_checkpoints(ckpt_root)[-1]
+
+
+def _eval_during_training(cfg, model, ema, objective, rows, tokenizer, device) -> dict:
+    """Validation NELBO on ``train.eval_sequences`` rows, with the EMA weights when available."""
+    backup = None
+    if ema is not None and cfg.eval.use_ema:
+        backup = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(ema.state_dict(model))
+    try:
+        result = evaluate(model, objective, rows, cfg.data, tokenizer, mc_samples=cfg.eval.mc_samples,
+                          batch_size=cfg.eval.batch_size, max_sequences=cfg.train.eval_sequences,
+                          seed=cfg.eval.seed, precision=resolve_precision(cfg.eval.precision, device), device=device)
+    finally:
+        if backup is not None:
+            model.load_state_dict(backup)
+    keys = ("nll", "stderr", "perplexity", "bits_per_token", "bits_per_char", "loss")
+    return {k: result[k] for k in keys if k in result}

@@ -1,0 +1,59 @@
+"""Optimization pieces of training: the learning-rate schedule, parameter groups, the EMA."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import RunConfig
+
+
+class EMA:
+    """Exponential moving average of parameters, decay ``min(decay, (1 + n) / (10 + n))`` (MDLM)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.names = [name for name, _ in model.named_parameters()]
+        self.shadow = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in model.parameters()], 1 - decay)
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Full model state with parameters replaced by their averages (buffers as in ``model``)."""
+        state = {k: v for k, v in model.state_dict().items()}
+        state.update(zip(self.names, self.shadow))
+        return state
+
+    def load(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        for i, name in enumerate(self.names):
+            self.shadow[i].copy_(state[name])
+        self.updates = updates
+
+
+def learning_rate(cfg: RunConfig, step: int) -> float:
+    """Linear warm-up to ``lr``, then constant (MDLM) or cosine decay to ``min_lr_ratio * lr``."""
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - 1 - t.warmup_steps))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
+    """AdamW groups: the backbone at ``train.lr`` with ``train.weight_decay``; the soft-mask scalars
+    (when present) at ``train.soft_mask_lr`` without weight decay. ``lr_scale`` is each group's rate
+    relative to ``train.lr``, so warm-up and decay apply to both."""
+    t = cfg.train
+    soft = [p for name, p in model.named_parameters() if name.startswith("soft_mask.")]
+    rest = [p for name, p in model.named_parameters() if not name.startswith("soft_mask.")]
+    groups = [{"params": rest, "lr": t.lr, "lr_scale": 1.0, "weight_decay": t.weight_decay}]
+    if soft:
+        groups.append({"params": soft, "lr": t.soft_mask_lr, "lr_scale": t.soft_mask_lr / t.lr, "weight_decay": 0.0})
+    return groups
