@@ -38,13 +38,17 @@ from .config import (
     to_dict,
 )
 from .data.readers import DataError
+from .data.tasks import write_sorting_task, write_star_graph_task
 from .data.tokenization import OutOfVocabularyError, TokenizerFileError, with_oov_policy
 from .eval.likelihood import EvaluationError, format_result
 from .eval.runs import run_eval, run_sample, run_zero_shot
+from .experiments.scaling import plot_sweep, run_sweep, summarize
 from .pipeline import Generation, checkpoint_config
 from .runtime import device_for
 from .samplers.base import SamplingError
-from .train.loop import TrainingError
+from .train.classifier import train_classifier
+from .train.loop import TrainingError, train
+from .train.rl import rl_train
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -99,11 +103,8 @@ def print_samples(gen: Generation) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train.loop import train
-
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     if cfg.family == "classifier":
-        from .train.classifier import train_classifier
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("classifier fine-tuning runs in one process; start it without torchrun")
@@ -173,8 +174,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_scaling(args) -> int:
-    from .experiments.scaling import plot_sweep, run_sweep, summarize
-
     try:
         budgets = [float(b) for b in args.budgets.split(",")]
     except ValueError:
@@ -207,7 +206,7 @@ def cmd_scaling(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve.app import serve
+    from .serve.app import serve  # FastAPI and uvicorn: loaded only to serve
     from .serve.service import ServeConfig
 
     limits = {"--max-batch-rows": args.max_batch_rows, "--max-pending": args.max_pending, "--max-n": args.max_n,
@@ -248,8 +247,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from .train.loop import train
-
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", args.overrides)
     print(f"training a {cfg.family} model ({cfg.model.preset} preset) on {cfg.data.dataset}; run folder "
           f"{cfg.run_dir}")
@@ -265,8 +262,6 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_rl(args) -> int:
-    from .train.rl import rl_train
-
     ckpt = open_source(args.checkpoint, args.tokenizer)
     tree = parse_overrides(args.overrides)
     for section in tree:
@@ -289,8 +284,6 @@ def cmd_rl(args) -> int:
 
 
 def cmd_task(args) -> int:
-    from .data.tasks import write_sorting_task, write_star_graph_task
-
     try:
         if args.name == "star-graph":
             meta = write_star_graph_task(args.out, args.variant, args.train, args.valid, args.test, args.seed)

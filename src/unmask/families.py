@@ -6,8 +6,11 @@ import torch
 
 from .config import ConfigError, RunConfig
 from .data.tokenization import Tokenizer
+from .models.classifier import build_classifier
 from .models.dit import DiT
+from .models.insertion import build_insertion_model
 from .objectives.ar import Autoregressive
+from .objectives.ilm import InsertionObjective
 from .objectives.mdlm import MaskedDiffusion
 from .objectives.schedules import make_schedule
 from .runtime import memory_bytes
@@ -39,11 +42,9 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> torch.nn.Module:
 
 def _build_model(cfg: RunConfig, tokenizer: Tokenizer) -> torch.nn.Module:
     if cfg.family == "classifier":
-        from .models.classifier import build_classifier
 
         return build_classifier(cfg, tokenizer)
     if cfg.family == "ilm":
-        from .models.insertion import build_insertion_model
 
         return build_insertion_model(cfg, tokenizer)
     return DiT(cfg.model, tokenizer.vocab_size, causal=cfg.family == "ar", mask_id=tokenizer.mask_id)
@@ -56,7 +57,6 @@ def build_objective(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusion | A
     if cfg.family == "ar":
         return Autoregressive(tokenizer.bos_id, tokenizer.mask_id)
     if cfg.family == "ilm":
-        from .objectives.ilm import InsertionObjective
 
         return InsertionObjective(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id,
                                   tokenizer.special_ids, tokenizer.vocab_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -154,8 +155,6 @@ def generate(model, objective, tokenizer: Tokenizer, cfg: SampleConfig, length: 
 
 
 def _no_autocast():
-    import contextlib
-
     return contextlib.nullcontext()
 
 
@@ -171,8 +170,6 @@ class LoadedModel:
 
     def generate(self, prompts: list[str] | None = None, template: str | None = None, **sample):
         """Samples with ``SampleConfig`` fields as keywords (``num_samples``, ``sampler``, ``seed``, ...)."""
-        from .pipeline import generate
-
         cfg = dataclasses.replace(self.config.sample, **sample)
         device = next(self.model.parameters()).device
         return generate(self.model, self.objective, self.tokenizer, cfg, cfg.length or self.config.data.length,
@@ -187,7 +184,6 @@ class LoadedModel:
 def from_pretrained(path: str | Path, ema: bool = True, device: str | torch.device = "cpu",
                     tokenizer_path: str | None = None, **ckpt_options) -> LoadedModel:
     """Load any model source (run folder, ``save_pretrained`` folder, released MDLM, hub id)."""
-
     source = open_source(path, tokenizer_path, **ckpt_options)
     model, objective = load_model(source, ema=ema, device=device)
     return LoadedModel(model, objective, source.tokenizer, source.config, source)

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import RunConfig, dump_config, load_config
 from ..data.tokenization import Tokenizer, load_tokenizer
+from ..families import build_model, build_objective
 from ..files import CheckpointError, member, read_json, sha256_file
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -292,8 +293,6 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
 
 def load_model(ckpt: Checkpoint, ema: bool = True, device: torch.device | str = "cpu"):
     """(model in eval mode, objective) of a checkpoint, with EMA weights by default."""
-    from ..families import build_model, build_objective
-
     model = build_model(ckpt.config, ckpt.tokenizer)
     load_weights(model, ckpt.weights(ema=ema), str(ckpt.path))
     return model.to(device).eval(), build_objective(ckpt.config, ckpt.tokenizer)

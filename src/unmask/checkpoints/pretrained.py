@@ -29,11 +29,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..config import RunConfig, config_from_dict, to_dict
 from ..data.tokenization import HFTokenizer, Tokenizer, load_tokenizer
+from ..families import build_model
 from ..files import member, read_json
 from ..hub import hub_reachable
+from ..models.dit import count_parameters
 from . import released
 from .checkpoint import (
     CHECKSUMS,
@@ -248,9 +251,6 @@ def save_pretrained(source: Checkpoint | Pretrained, directory: str | Path, ema:
     style folder. It is written next to ``directory`` and renamed into place, so an interrupted
     export leaves no half folder. An existing ``directory`` is replaced only when it is an earlier
     export (nothing in it but what this function writes); anything else is refused untouched."""
-    from ..families import build_model
-    from ..models.dit import count_parameters
-
     directory = Path(directory)
     if not earlier_export(directory):
         raise CheckpointError(f"{directory} exists and is not an earlier export of unmask; nothing was written "
@@ -268,7 +268,6 @@ def save_pretrained(source: Checkpoint | Pretrained, directory: str | Path, ema:
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt"})

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from ..config import RunConfig, config_from_dict
 from ..files import check_torch_archive, member
@@ -105,8 +106,6 @@ def read_mdlm_hf(folder: Path, hf: dict, root: Path | None = None) -> tuple[RunC
 
 def write_mdlm_hf(folder: Path, weights: dict[str, torch.Tensor], cfg: RunConfig, vocab_size: int) -> None:
     """The ``mdlm-owt`` layout, for MDLM's own code (``backbone=hf_dit``)."""
-    from safetensors.torch import save_file
-
     m = cfg.model
     hf = {"architectures": ["MDLM"], "model_type": "mdlm",
           "auto_map": {"AutoConfig": "configuration_mdlm.MDLMConfig",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from tqdm import tqdm
 
 from .corpora import Corpus
 from .readers import BLOCK_CHARS, DataError, Document
@@ -58,7 +59,6 @@ def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, insert_eos:
     n_tokens, n_chars, starts, prompt_lengths = 0, 0, [], []
     bar = None
     if progress:
-        from tqdm import tqdm
 
         bar = tqdm(desc=f"tokenizing {corpus.name}/{split}", unit=" chars", unit_scale=True, leave=False)
     try:

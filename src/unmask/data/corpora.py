@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import zipfile
@@ -295,7 +296,6 @@ def make_corpus(cfg: DataConfig) -> Corpus:
         return FilesCorpus(cfg)
     if cfg.dataset == "hf":
         return HFCorpus(cfg)
-    import difflib
 
     close = difflib.get_close_matches(cfg.dataset, DATASETS, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""

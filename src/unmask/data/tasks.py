@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .readers import DataError, read_jsonl
+
 NODE_LABELS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
@@ -164,8 +166,6 @@ def write_sorting_task(out: str | Path, length: int = 8, alphabet: str = "abcdef
 
 def read_pairs(path: str | Path, prompt_field: str = "prompt", answer_field: str = "text") -> list[tuple[str, str]]:
     """(prompt, answer) pairs of a JSONL file."""
-    from .readers import DataError, read_jsonl
-
     pairs = [(str(p), str(a)) for p, a in read_jsonl(Path(path), (prompt_field, answer_field))]
     if not pairs:
         raise DataError(f"{path} holds no prompt/answer pairs")

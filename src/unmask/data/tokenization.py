@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as TK
 
 from ..files import UnsafeFileError, member, read_json
 from ..hub import hub_reachable
@@ -244,7 +246,6 @@ class HFTokenizer(Tokenizer):
         self.pad_id = pad if pad is not None else self.eos_id
         mask = find(MASK_CANDIDATES)
         if mask is None:
-            from tokenizers import AddedToken
 
             tokenizer.add_special_tokens([AddedToken("<|mask|>", special=True)])
             mask = tokenizer.token_to_id("<|mask|>")
@@ -257,9 +258,6 @@ class HFTokenizer(Tokenizer):
                         merges: str = "vocab.bpe") -> "HFTokenizer":
         """GPT-2 byte-level BPE from ``encoder.json`` + ``vocab.bpe`` (the original release files; the
         Hugging Face names are ``vocab.json`` + ``merges.txt``)."""
-        from tokenizers import AddedToken, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as TK
-
         directory = Path(directory)
         for name in (vocab, merges):
             if not (directory / name).is_file():
@@ -272,8 +270,6 @@ class HFTokenizer(Tokenizer):
 
     @classmethod
     def from_file(cls, path: str | Path) -> "HFTokenizer":
-        from tokenizers import Tokenizer as TK
-
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"

@@ -7,13 +7,12 @@ import torch
 
 from ..data.labelled import LabelledSplit
 from ..models.classifier import SequenceClassifier
+from ..runtime import autocast
 
 
 @torch.no_grad()
 def predict(model: SequenceClassifier, split: LabelledSplit, batch_size: int, device, precision: str) -> torch.Tensor:
     """Class probabilities (N, C), float64."""
-    from ..runtime import autocast
-
     model.eval()
     out = []
     for start in range(0, len(split), batch_size):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..data.tasks import answer_of
+from ..pipeline import encode_fixed, generate
 
 
 def exact_match(model, objective, tokenizer, sample_cfg, pairs: list[tuple[str, str]], length: int,
@@ -12,10 +14,6 @@ def exact_match(model, objective, tokenizer, sample_cfg, pairs: list[tuple[str, 
     """Generate an answer for every prompt (``sample_cfg``, one sample each, canvases of ``length``:
     ``[BOS] prompt`` then the positions to fill) and score exact matches; the standard error is the
     binomial one."""
-    from dataclasses import replace
-
-    from ..pipeline import encode_fixed, generate
-
     cfg = replace(sample_cfg, num_samples=1)
     gen = generate(model, objective, tokenizer, cfg, length, model_length, prompts=[p for p, _ in pairs],
                    bos=True, device=device, autocast=autocast)

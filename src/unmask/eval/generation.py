@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoints.checkpoint import load_model
+from ..checkpoints.pretrained import open_source
 from ..files import CheckpointError, member, read_json
 
 
@@ -69,9 +71,6 @@ class CheckpointEvaluator(Evaluator):
     """A ``family: ar`` checkpoint of this project."""
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu", batch_size: int = 16):
-        from ..checkpoints.checkpoint import load_model
-        from ..checkpoints.pretrained import open_source
-
         ckpt = open_source(path)
         if ckpt.config.family != "ar":
             raise CheckpointError(f"evaluator {ckpt.path} is a {ckpt.config.family} model; an AR model is needed")

@@ -20,6 +20,7 @@ import zlib
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..config import DataConfig
 from ..data.layouts import TOKEN, Rows, counted_positions
@@ -57,7 +58,6 @@ def evaluate(model, objective: MaskedDiffusion | Autoregressive, rows: Rows, dat
     start = time.perf_counter()
     bar = None
     if progress:
-        from tqdm import tqdm
 
         bar = tqdm(total=len(indices), desc="eval", unit=" seq", leave=False)
     for b, lo in enumerate(range(0, len(indices), batch_size)):

@@ -16,11 +16,15 @@ from ..config import (
     to_dict,
 )
 from ..data.dataset import Data
+from ..data.labelled import LabelledSplit
 from ..data.layouts import TOKEN
 from ..data.readers import DataError
+from ..data.tasks import read_pairs
 from ..data.tokenization import DNATokenizer, with_oov_policy
 from ..pipeline import Generation, Source, generate
 from ..runtime import autocast, resolve_precision
+from .classification import classification_metrics, predict
+from .exact_match import exact_match
 from .generation import generation_metrics, load_evaluator
 from .likelihood import evaluate, select_rows
 
@@ -49,9 +53,6 @@ def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool 
 
 def run_classifier_eval(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
     """Accuracy, MCC, AUC and cross-entropy of a classifier on ``eval.split`` (its data file)."""
-    from ..data.labelled import LabelledSplit
-    from .classification import classification_metrics, predict
-
     path = {"train": cfg.data.path, "valid": cfg.data.valid_path, "test": cfg.data.test_path}[cfg.eval.split]
     if not path:
         raise ConfigError(f"this classifier has no {cfg.eval.split} file: set data.{cfg.eval.split}_path")
@@ -64,9 +65,6 @@ def run_classifier_eval(ckpt: Source, cfg: RunConfig, device: torch.device) -> d
 
 def run_exact_match(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
     """Exact-match accuracy of generated answers on the prompt/answer pairs of ``eval.split``."""
-    from ..data.tasks import read_pairs
-    from .exact_match import exact_match
-
     path = {"train": cfg.data.path, "valid": cfg.data.valid_path, "test": cfg.data.test_path}[cfg.eval.split]
     if not path or not cfg.data.prompt_field:
         raise ConfigError("eval.metric=exact_match needs prompt/answer files: data.prompt_field and "

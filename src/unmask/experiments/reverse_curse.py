@@ -27,6 +27,13 @@ from pathlib import Path
 
 import torch
 
+from ..config import SampleConfig
+from ..objectives.ar import Autoregressive
+from ..objectives.base import Noise
+from ..runtime import generator_for
+from ..samplers.base import row_seeds
+from ..samplers.registry import make_sampler
+
 ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "j", "k", "l", "m", "n", "p", "r", "s", "st", "t", "th",
           "v", "w", "z"]
 
@@ -100,10 +107,6 @@ def _layout(loaded, ids: list[int]) -> list[int]:
 def _greedy(loaded, rows: list[list[int]], guidance: float) -> list[list[int]]:
     """Fill the mask ids of each row (laid out as in training) greedily: the MDM one position per step
     by confidence, the AR model left to right."""
-    from ..config import SampleConfig
-    from ..samplers.base import row_seeds
-    from ..samplers.registry import make_sampler
-
     tok, family = loaded.tokenizer, loaded.config.family
     outputs = []
     for row in rows:  # rows differ in their number of masks, hence in steps: one at a time
@@ -135,10 +138,6 @@ def sentence_nll(loaded, statements: list[str], mc_samples: int = 16, seed: int 
     """``-log p(statement)`` (nats, (N,)) of each statement laid out as in training, its tokens and EOS
     counted: exact for the AR model; for the MDM the NELBO bound from ``mc_samples`` any-order draws
     that are the same for every statement (common random numbers)."""
-    from ..objectives.ar import Autoregressive
-    from ..objectives.base import Noise
-    from ..runtime import generator_for
-
     tok = loaded.tokenizer
     device = next(loaded.model.parameters()).device
     x0 = torch.tensor([_layout(loaded, tok.encode(s).tolist()) for s in statements], device=device)

@@ -18,10 +18,21 @@ reaches with ``C``.
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from ..checkpoints.checkpoint import Checkpoint, load_model
+from ..config import ConfigError, load_config
+from ..data.dataset import Data
+from ..eval.likelihood import evaluate
+from ..families import build_model
+from ..models.dit import count_parameters
+from ..train.loop import train
 
 
 @dataclass
@@ -129,18 +140,6 @@ def parse_size(spec: str) -> tuple[int, int]:
 def run_sweep(config_path, overrides: list[str], sizes: list[str], budgets: list[float], families: list[str],
               out: str, eval_sequences: int = 256) -> list[dict]:
     """Train and score every grid point not yet in ``out/records.jsonl``; returns all records."""
-    import json
-    import time
-    from pathlib import Path
-
-    from ..checkpoints.checkpoint import Checkpoint, load_model
-    from ..config import ConfigError, load_config
-    from ..data.dataset import Data
-    from ..eval.likelihood import evaluate
-    from ..families import build_model
-    from ..models.dit import count_parameters
-    from ..train.loop import train
-
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     records_path = out_dir / "records.jsonl"

@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import torch
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..pipeline import from_pretrained
 from .service import (
     Busy,
     CompletionRequest,
@@ -257,10 +260,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | N
           name: str | None = None) -> None:
     """Load ``model`` (any source of :func:`unmask.checkpoints.pretrained.open_source`) and serve it as ``name``
     (default: its folder's name) until interrupted."""
-    import uvicorn
-
-    from ..pipeline import from_pretrained
-
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     service = ModelService(from_pretrained(model, device=dev, tokenizer_path=tokenizer), config, dev, model_precision,
                            name)
@@ -275,10 +274,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | N
 @contextlib.contextmanager
 def running_server(service: ModelService, host: str = "127.0.0.1", port: int = 0):
     """Serve ``service`` from a background thread; yields the base URL (tests, benchmarks)."""
-    import socket
-
-    import uvicorn
-
     if port == 0:
         with socket.socket() as s:
             s.bind((host, 0))

@@ -26,21 +26,36 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..checkpoints.checkpoint import (
+    Checkpoint,
+    list_checkpoints,
+    load_weights,
+    resume_point,
+    save_checkpoint,
+)
+from ..checkpoints.runfolder import RunLock, clear_run_folder
 from ..config import RunConfig, dump_config
 from ..data.labelled import LabelledSplit, label_names, read_labelled
+from ..data.layouts import BatchOrder
 from ..data.readers import DataError
 from ..data.tokenization import build_tokenizer
 from ..eval.classification import classification_metrics, predict, selection_score
 from ..models.classifier import build_classifier
+from ..runtime import autocast, deterministic_algorithms, resolve_precision, seed_for, set_threads
+from .loop import (
+    MetricsLog,
+    TrainingError,
+    check_resumable,
+    init_tokenizer,
+    initialize_from,
+)
+from .optim import learning_rate
 
 
 def train_classifier(cfg: RunConfig, fresh: bool = False) -> Path:
     """Fine-tune (``train.init_from``) or train from scratch; returns the best checkpoint folder. Writes
     the run folder like ``unmask train`` (config, metrics.jsonl, checkpoints) plus ``test_metrics.json``,
     holding its lock."""
-    from ..checkpoints.runfolder import RunLock, clear_run_folder
-    from ..runtime import deterministic_algorithms
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with RunLock(Path(cfg.run_dir)), deterministic_algorithms(cfg.train.deterministic, device):
         if fresh:
@@ -49,24 +64,6 @@ def train_classifier(cfg: RunConfig, fresh: bool = False) -> Path:
 
 
 def _train_classifier(cfg: RunConfig, device: torch.device) -> Path:
-    from ..checkpoints.checkpoint import (
-        Checkpoint,
-        list_checkpoints,
-        load_weights,
-        resume_point,
-        save_checkpoint,
-    )
-    from ..data.layouts import BatchOrder
-    from ..runtime import autocast, resolve_precision, seed_for, set_threads
-    from .loop import (
-        MetricsLog,
-        TrainingError,
-        check_resumable,
-        init_tokenizer,
-        initialize_from,
-    )
-    from .optim import learning_rate
-
     t, d = cfg.train, cfg.data
     set_threads(t.threads, 1)
     precision = resolve_precision(t.precision, device)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from ..checkpoints.checkpoint import (
     Checkpoint,
@@ -30,10 +31,12 @@ from ..checkpoints.checkpoint import (
     resume_point,
     save_checkpoint,
 )
+from ..checkpoints.pretrained import open_source
 from ..checkpoints.runfolder import RunLock, clear_run_folder
 from ..config import ConfigError, RunConfig, dump_config, resume_differences
 from ..data.dataset import Data
 from ..data.layouts import BatchOrder, counted_positions, random_lengths
+from ..data.tokenization import with_oov_policy
 from ..eval.likelihood import evaluate
 from ..families import build_model, build_objective
 from ..models.dit import count_parameters
@@ -58,8 +61,6 @@ def init_tokenizer(cfg: RunConfig):
     ``data.oov``), so fine-tuning data need not rebuild the same vocabulary; None otherwise."""
     if not cfg.train.init_from:
         return None
-    from ..checkpoints.pretrained import open_source
-    from ..data.tokenization import with_oov_policy
 
     return with_oov_policy(open_source(cfg.train.init_from).tokenizer, cfg.data.oov, cfg.data.oov_replacement)
 
@@ -71,8 +72,6 @@ def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, to
     DiT), which must be of ``family`` (default: the run's). The architecture and tokenizer must match;
     a soft-mask model may start from a binary one (its soft-mask scalars keep their initialization,
     w_s ~ 0, so training starts from the binary model)."""
-    from ..checkpoints.pretrained import open_source
-
     family = family or cfg.family
     source = open_source(source_path)
     if source.config.family != family:
@@ -218,7 +217,6 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
 
     bar = None
     if dist.main and t.progress:
-        from tqdm import tqdm
 
         bar = tqdm(total=t.steps, initial=start_step, desc=f"train {cfg.family}", unit="step", dynamic_ncols=True)
     window_loss = window_tokens = 0.0
