@@ -20,7 +20,7 @@ from unmask.data.dataset import Data
 from unmask.data.layouts import TOKEN
 from unmask.eval.generation import unigram_entropy
 from unmask.eval.likelihood import select_rows
-from unmask.pipeline import generate
+from unmask.pipeline import generate_rows
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
@@ -85,7 +85,7 @@ def measure(model, objective, tokenizer, cfg, length: int, model_length: int, ev
     """Generate ``cfg.num_samples`` unconditional samples of ``length`` and score them: gen-PPL under
     ``evaluator`` (with its bootstrap standard error), mean per-sample unigram entropy (with its
     standard error), NFE, wall time, generated tokens per second."""
-    gen = generate(model, objective, tokenizer, cfg, length, model_length, device=device)
+    gen = generate_rows(model, objective, tokenizer, cfg, length, model_length, device=device)
     totals, counts = evaluator.nll(gen.texts)
     ids = [[t for t in row if t not in tokenizer.special_ids] for row in gen.ids]
     gen_ppl, gen_ppl_se = pooled_ppl(totals, counts)

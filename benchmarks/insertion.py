@@ -35,7 +35,7 @@ from unmask.data.tasks import read_pairs, write_star_graph_task
 from unmask.eval.exact_match import exact_match
 from unmask.eval.generation import CheckpointEvaluator, unigram_entropy
 from unmask.eval.likelihood import select_rows
-from unmask.pipeline import generate
+from unmask.pipeline import generate_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -137,7 +137,7 @@ def text(args, runs: Path, previous: dict | None = None) -> dict:
                    "mdlm": {"ancestral, T=128, t=1": base},
                    "ar": {"left to right, t=1": base}}[family]
         for name, cfg in configs.items():
-            gen = generate(model, objective, tok, cfg, 128, 128, bos=True)
+            gen = generate_rows(model, objective, tok, cfg, 128, 128, bos=True)
             texts = [text_of(ids, tok) for ids in gen.ids]
             scored = [t for t in texts if t]
             totals, counts = evaluator.nll(scored)

@@ -267,7 +267,7 @@ def test_eval_and_sample_errors(runs, tmp_path, capsys):
         (["eval", run, "eval.mc_samples"], ["not of the form key=value"]),
         (["sample", run, "sample.length=64"], ["canvas of 64 tokens (sample.length)", "32", "sample.window"]),
         (["sample", run, "sample.length=8", "--prompt", "abcdefgh"], ["prompt of 9 tokens", "canvas of 8"]),
-        (["sample", run, "sample.sampler=ar"], ["autoregressive model"]),
+        (["sample", run, "sample.sampler=ar"], ["for autoregressive language models", "uses ancestral"]),
         (["sample", run, "sample.sampler=first_hitting", "sample.tokens_per_step=99"], ["larger than the canvas"]),
         (["sample", run, "sample.top_p=0"], ["sample.top_p=0"]),
         (["sample", run, "sample.steps=0"], ["sample.steps"]),

@@ -324,12 +324,12 @@ def test_padding_in_a_canvas_is_room_without_an_open_gap():
 def test_template_infilling_with_an_insertion_model(tmp_path):
     from unmask.config import SampleConfig
     from unmask.data.tokenization import CharTokenizer
-    from unmask.pipeline import generate
+    from unmask.pipeline import generate_rows
 
     tok = CharTokenizer("abcde")
     model = random_ilm(vocab=tok.vocab_size, length=12)
     objective = InsertionObjective(tok.bos_id, tok.eos_id, tok.pad_id, tok.mask_id, tok.special_ids, tok.vocab_size)
-    gen = generate(model, objective, tok, SampleConfig(num_samples=3, stop_threshold=1.0), 12, 12,
+    gen = generate_rows(model, objective, tok, SampleConfig(num_samples=3, stop_threshold=1.0), 12, 12,
                    template="ab[MASK]cd", bos=True)
     for text in gen.texts:
         assert text.startswith("ab") and text.endswith("cd") and len(text) == 11

@@ -278,7 +278,7 @@ def test_cli_export_then_sample_and_mdlm_layouts(tmp_path, capsys):
                        from_pretrained(ckpt, ema=False).model.output_layer.linear.bias)
     ar = tiny_checkpoint(tmp_path, "ar")
     assert main(["export", str(ar), str(tmp_path / "ar.ckpt"), "--to", "mdlm-ckpt"]) == 2
-    assert "only MDLM models" in capsys.readouterr().err
+    assert "a ar model cannot be written as 'mdlm-ckpt'" in capsys.readouterr().err
 
 
 # --- continuation likelihoods (lm-eval's loglikelihood) ------------------------------------------------

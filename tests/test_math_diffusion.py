@@ -9,7 +9,7 @@ import torch
 
 from unmask.config import DataConfig
 from unmask.data.tokenization import CharTokenizer
-from unmask.eval.likelihood import evaluate
+from unmask.eval.likelihood import likelihood_of_rows
 from unmask.objectives.ar import Autoregressive
 from unmask.objectives.base import (
     Noise,
@@ -33,7 +33,7 @@ from toys import (
 
 def run_eval(model, objective, rows, k, seed=0, tokenizer=None):
     tok = tokenizer or CharTokenizer("abcde")
-    return evaluate(model, objective, rows, DataConfig(), tok, mc_samples=k, batch_size=64, seed=seed)
+    return likelihood_of_rows(model, objective, rows, DataConfig(), tok, mc_samples=k, batch_size=64, seed=seed)
 
 
 @pytest.mark.parametrize("schedule,t_min,steps", [

@@ -8,9 +8,10 @@ import pytest
 
 from unmask.config import SampleConfig
 from unmask.data.tokenization import CharTokenizer
+from unmask.objectives.ar import Autoregressive
 from unmask.objectives.mdlm import MaskedDiffusion
 from unmask.objectives.schedules import LogLinear
-from unmask.pipeline import encode_template, generate
+from unmask.pipeline import encode_template, generate_rows
 from unmask.samplers.base import SamplingError
 
 from toys import tiny_dit
@@ -45,7 +46,7 @@ def test_a_template_canvas_is_the_template_and_nothing_more():
     model = tiny_dit(vocab=TOK.vocab_size, seed=3)
     diffusion = MaskedDiffusion(LogLinear(0.0), TOK.mask_id)
     for bos in (False, True):
-        gen = generate(model, diffusion, TOK, SampleConfig(sampler="ancestral", steps=4, num_samples=2), 40, 64,
+        gen = generate_rows(model, diffusion, TOK, SampleConfig(sampler="ancestral", steps=4, num_samples=2), 40, 64,
                        template="ab[MASK*3]cd", bos=bos)
         assert all(len(ids) == 7 + int(bos) for ids in gen.ids)
         assert all(text.startswith("ab") and text.endswith("cd") and len(text) == 7 for text in gen.texts)
@@ -54,5 +55,6 @@ def test_a_template_canvas_is_the_template_and_nothing_more():
 
 def test_an_autoregressive_model_refuses_a_template():
     model = tiny_dit(vocab=TOK.vocab_size, causal=True)
-    with pytest.raises(SamplingError, match="template .* needs a masked diffusion or insertion model"):
-        generate(model, None, TOK, SampleConfig(sampler="ar"), 16, 64, template="ab[MASK*3]cd")
+    objective = Autoregressive(TOK.bos_id, TOK.mask_id)
+    with pytest.raises(SamplingError, match="template .* needs a model that infills; a ar model"):
+        generate_rows(model, objective, TOK, SampleConfig(sampler="ar"), 16, 64, template="ab[MASK*3]cd")

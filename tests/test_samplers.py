@@ -10,9 +10,10 @@ import torch
 from unmask import rng
 from unmask.config import SampleConfig
 from unmask.data.tokenization import CharTokenizer
+from unmask.objectives.ar import Autoregressive
 from unmask.objectives.mdlm import MaskedDiffusion
 from unmask.objectives.schedules import Cosine, LogLinear
-from unmask.pipeline import encode_template, generate, make_canvas
+from unmask.pipeline import encode_template, generate_rows, make_canvas
 from unmask.samplers.ancestral import AncestralSampler
 from unmask.samplers.ar import AutoregressiveSampler
 from unmask.samplers.base import (
@@ -401,18 +402,18 @@ def test_generate_from_config_counts_generated_tokens_only():
     model = tiny_dit(vocab=tok.vocab_size, seed=9)
     diffusion = MaskedDiffusion(LogLinear(0.0), tok.mask_id)
     cfg = SampleConfig(sampler="first_hitting", num_samples=3, batch_size=2, seed=5)
-    gen = generate(model, diffusion, tok, cfg, length=10, model_length=40, prompts=["abc", "a"])
+    gen = generate_rows(model, diffusion, tok, cfg, length=10, model_length=40, prompts=["abc", "a"])
     assert len(gen.texts) == 6 and gen.generated == 3 * 7 + 3 * 9
     assert all(t.startswith("abc") for t in gen.texts[:3]) and gen.row_nfe[:3] == [7, 7, 7]
-    again = generate(model, diffusion, tok, SampleConfig(sampler="first_hitting", num_samples=3, batch_size=6,
+    again = generate_rows(model, diffusion, tok, SampleConfig(sampler="first_hitting", num_samples=3, batch_size=6,
                                                           seed=5), length=10, model_length=40, prompts=["abc", "a"])
     assert again.texts == gen.texts  # batch size does not change the samples
     long_cfg = SampleConfig(sampler="ancestral", steps=8, window=16, stride=8, num_samples=2)
-    long = generate(model, diffusion, tok, long_cfg, length=50, model_length=40)
+    long = generate_rows(model, diffusion, tok, long_cfg, length=50, model_length=40)
     assert all(len(ids) == 50 for ids in long.ids) and tok.mask_id not in sum(long.ids, [])
     with pytest.raises(SamplingError, match="window"):
-        generate(model, diffusion, tok, SampleConfig(), length=50, model_length=40)
-    with pytest.raises(SamplingError, match="autoregressive model"):
+        generate_rows(model, diffusion, tok, SampleConfig(), length=50, model_length=40)
+    with pytest.raises(SamplingError, match="for autoregressive language models"):
         make_sampler(SampleConfig(sampler="ar"), diffusion, tok, 40)
 
 
@@ -468,7 +469,7 @@ class RecordingModel(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner, self.inputs = inner, []
-        self.time_conditioning = False
+        self.time_conditioning, self.soft_mask = False, None  # the denoiser interface of a binary DiT
 
     def forward(self, ids, sigma=None, positions=None, **kw):
         self.inputs.append(ids.clone())
@@ -567,4 +568,4 @@ def test_ar_sampler_streams_and_refuses_guidance():
     assert len(frames) == 5 and torch.equal(frames[-1], out.tokens)
     assert [int((f == tok.mask_id).sum()) for f in frames] == [8, 6, 4, 2, 0]
     with pytest.raises(SamplingError, match="guidance"):
-        make_sampler(SampleConfig(sampler="ar", guidance=1.0), None, tok, 40)
+        make_sampler(SampleConfig(sampler="ar", guidance=1.0), Autoregressive(tok.bos_id, tok.mask_id), tok, 40)

@@ -61,7 +61,7 @@ class Slow(torch.nn.Module):
     def __init__(self, inner, delay):
         super().__init__()
         self.inner, self.delay = inner, delay
-        self.time_conditioning = False
+        self.time_conditioning, self.soft_mask = False, None  # the denoiser interface of a binary DiT
 
     def forward(self, *args, **kw):
         time.sleep(self.delay)
@@ -74,7 +74,7 @@ class Failing(torch.nn.Module):
     def __init__(self, inner, error, times=1):
         super().__init__()
         self.inner, self.error, self.times = inner, error, times
-        self.time_conditioning = False
+        self.time_conditioning, self.soft_mask = False, None  # the denoiser interface of a binary DiT
 
     def forward(self, *args, **kw):
         if self.times:

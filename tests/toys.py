@@ -25,6 +25,8 @@ MASK = V_TOKENS  # ids 0..4 are tokens, 5 is the mask
 class FactorizedModel(torch.nn.Module):
     """The optimal denoiser of a factorized distribution: p(x0_l | x_t) = p_l, whatever x_t is."""
 
+    soft_mask = None  # a denoiser network without a soft-mask input module (as a binary DiT)
+
     def __init__(self, probs: torch.Tensor):
         super().__init__()
         logits = torch.cat([probs.log(), torch.zeros(probs.shape[0], 1)], dim=1)  # mask column ignored
@@ -71,6 +73,8 @@ class EnumeratedModel(torch.nn.Module):
     """The exact denoiser of a distribution over short sequences given as ``states`` (S, L) with
     probabilities ``weights`` (S,): p(x_l = v | unmasked tokens of x_t), by enumeration. ``causal``
     gives next-token conditionals instead (for AR samplers: inputs are [BOS, x_0 .. x_{L-2}])."""
+
+    soft_mask = None  # a denoiser network without a soft-mask input module (as a binary DiT)
 
     def __init__(self, states: torch.Tensor, weights: torch.Tensor, vocab: int, causal: bool = False):
         super().__init__()

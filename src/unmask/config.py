@@ -236,9 +236,9 @@ class RunConfig:
     rl: RLConfig = field(default_factory=RLConfig)
 
 
-FAMILIES = ("mdlm", "ar", "classifier", "ilm")
+# Allowed values of string keys. The families (``unmask.families``) and the samplers
+# (``unmask.samplers.registry``) register theirs, so that each is named in one place.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "family": FAMILIES,
     "data.layout": ("wrap", "pad"),
     "data.documents": ("file", "line", "blank_line"),
     "data.oov": ("error", "replace", "drop"),
@@ -251,15 +251,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.precision": ("auto", "fp32", "bf16"),
     "sample.precision": ("float64", "float32"),
     "sample.model_precision": ("auto", "fp32", "bf16"),
-    "sample.sampler": ("auto", "ancestral", "first_hitting", "confidence", "ar", "insertion"),
-    "sample.gap": ("greedy", "sample"),
-    "sample.score": ("confidence", "margin", "entropy", "random"),
-    "sample.reveal": ("linear", "cosine"),
-    "sample.guidance_schedule": ("constant", "linear"),
     "classifier.pooling": ("mean", "cls"),
     "rl.mode": ("model", "schedule", "co"),
-    "rl.sampler": ("scheduled", "ancestral", "first_hitting", "confidence"),
 }
+
+
+def register_choices(key: str, options: tuple[str, ...]) -> None:
+    """Declare the allowed values of the string key ``key`` (its registry owns the names)."""
+    CHOICES[key] = options
 
 
 def _suggest(name: str, options: typing.Iterable[str]) -> str:

@@ -1,65 +1,109 @@
-"""Model families: one registry entry per family."""
+"""Model families: one :class:`FamilySpec` per family, the only place that tells them apart.
+
+A family is a network (``build_model``), its training objective (``build_objective``) and what the rest
+of unmask needs to know to train, score, sample, serve and export it. Everything else asks the spec
+(``family_of(cfg)``), never compares family names. Adding a family is one new entry here (plus its
+model and objective modules).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Literal
+
 import torch
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, register_choices
 from .data.tokenization import Tokenizer
 from .models.classifier import build_classifier
 from .models.dit import DiT
 from .models.insertion import build_insertion_model
 from .objectives.ar import Autoregressive
+from .objectives.base import Objective
 from .objectives.ilm import InsertionObjective
 from .objectives.mdlm import MaskedDiffusion
 from .objectives.schedules import make_schedule
 from .runtime import memory_bytes
 
 
+@dataclass(frozen=True)
+class FamilySpec:
+    """What unmask needs to know about a model family."""
+
+    name: str
+    description: str  # "masked diffusion (MDLM) language": model cards and help texts
+    card_tag: str  # the model card's tag on the hub
+    network: Callable[[RunConfig, Tokenizer], torch.nn.Module]
+    objective: Callable[[RunConfig, Tokenizer], Objective | None]
+    decoding: Literal["diffusion", "ar", "insertion"] | None  # the samplers that generate with it (None: no text)
+    default_sampler: str | None  # what sample.sampler=auto means
+    infills: bool  # generates into [MASK] gaps of a template
+    likelihood: bool  # its evaluation is a likelihood (a bound or exact), usable in scaling sweeps
+    exports: tuple[str, ...] = ("unmask",)  # formats `unmask export --to` writes
+    servable: bool = False  # `unmask serve` serves it
+    labels: bool = False  # it learns a label per sequence (classification) instead of the sequences
+
+
+def _diffusion(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusion:
+    d = cfg.diffusion
+    return MaskedDiffusion(make_schedule(d), tokenizer.mask_id, d.t_min, d.discrete_steps, d.antithetic,
+                           soft_mask_top_k=cfg.model.soft_mask_top_k, soft_mask_prob=d.soft_mask_prob)
+
+
+def _insertion_objective(cfg: RunConfig, tokenizer: Tokenizer) -> InsertionObjective:
+    return InsertionObjective(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id,
+                              tokenizer.special_ids, tokenizer.vocab_size)
+
+
+FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
+    FamilySpec("mdlm", "masked diffusion (MDLM) language", "masked-diffusion",
+               lambda cfg, tok: DiT(cfg.model, tok.vocab_size, causal=False, mask_id=tok.mask_id), _diffusion,
+               decoding="diffusion", default_sampler="ancestral", infills=True, likelihood=True,
+               exports=("unmask", "mdlm-hf", "mdlm-ckpt"), servable=True),
+    FamilySpec("ar", "autoregressive language", "causal-lm",
+               lambda cfg, tok: DiT(cfg.model, tok.vocab_size, causal=True, mask_id=tok.mask_id),
+               lambda cfg, tok: Autoregressive(tok.bos_id, tok.mask_id),
+               decoding="ar", default_sampler="ar", infills=False, likelihood=True, servable=True),
+    FamilySpec("ilm", "insertion (ILM) language", "insertion-lm", build_insertion_model, _insertion_objective,
+               decoding="insertion", default_sampler="insertion", infills=True, likelihood=False),
+    FamilySpec("classifier", "sequence classification", "text-classification", build_classifier,
+               lambda cfg, tok: None, decoding=None, default_sampler=None, infills=False, likelihood=False,
+               labels=True),
+)}
+register_choices("family", tuple(FAMILIES))
+
+
+def family_of(cfg: RunConfig | str) -> FamilySpec:
+    """The spec of a config's family (or of a family name)."""
+    name = cfg if isinstance(cfg, str) else cfg.family
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown family {name!r} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
 def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> torch.nn.Module:
-    """The network for ``cfg.family``: a bidirectional DiT for mdlm, a causal one for ar, a
-    :class:`~unmask.models.classifier.SequenceClassifier` on a bidirectional DiT for classifier, an
-    :class:`~unmask.models.insertion.InsertionLM` (bidirectional DiT + stop head) for ilm. It is first built
-    on the meta device (no memory) and refused when its fp32 weights alone exceed this machine's
-    memory, so a typo such as ``model.hidden=1000000`` is an error, not an out-of-memory kill. (The
-    meta build costs seconds once per process, so it is skipped when a generous bound on the size of
-    a transformer of this width, depth and vocabulary is far below the machine's memory.)"""
+    """The network of ``cfg``'s family. It is first built on the meta device (no memory) and refused
+    when its fp32 weights alone exceed this machine's memory, so a typo such as
+    ``model.hidden=1000000`` is an error, not an out-of-memory kill. (The meta build costs seconds once
+    per process, so it is skipped when a generous bound on the size of a transformer of this width,
+    depth and vocabulary is far below the machine's memory.)"""
+    network = family_of(cfg).network
     m = cfg.model
     bound = 4 * (16 * m.blocks * m.hidden * (m.hidden + m.cond_dim) + 2 * tokenizer.vocab_size * m.hidden
                  + 4 * m.length * m.hidden)
     if bound < memory_bytes() // 8:
-        return _build_model(cfg, tokenizer)
+        return network(cfg, tokenizer)
     with torch.device("meta"):
-        shape = _build_model(cfg, tokenizer)
+        shape = network(cfg, tokenizer)
     needed = sum(t.numel() * 4 for t in (*shape.parameters(), *shape.buffers()))
     if needed > memory_bytes():
         raise ConfigError(f"a {cfg.family} model of this shape (model.hidden={cfg.model.hidden}, "
                           f"model.blocks={cfg.model.blocks}, vocabulary {tokenizer.vocab_size}) needs "
                           f"{needed / 2**30:,.1f} GiB for its fp32 weights alone; this machine has "
                           f"{memory_bytes() / 2**30:,.1f} GiB")
-    return _build_model(cfg, tokenizer)
+    return network(cfg, tokenizer)
 
 
-def _build_model(cfg: RunConfig, tokenizer: Tokenizer) -> torch.nn.Module:
-    if cfg.family == "classifier":
-
-        return build_classifier(cfg, tokenizer)
-    if cfg.family == "ilm":
-
-        return build_insertion_model(cfg, tokenizer)
-    return DiT(cfg.model, tokenizer.vocab_size, causal=cfg.family == "ar", mask_id=tokenizer.mask_id)
-
-
-def build_objective(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusion | Autoregressive | None:
-    """The training objective of ``cfg.family`` (None for classifiers, trained by cross-entropy)."""
-    if cfg.family == "classifier":
-        return None
-    if cfg.family == "ar":
-        return Autoregressive(tokenizer.bos_id, tokenizer.mask_id)
-    if cfg.family == "ilm":
-
-        return InsertionObjective(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id,
-                                  tokenizer.special_ids, tokenizer.vocab_size)
-    d = cfg.diffusion
-    return MaskedDiffusion(make_schedule(d), tokenizer.mask_id, d.t_min, d.discrete_steps, d.antithetic,
-                           soft_mask_top_k=cfg.model.soft_mask_top_k, soft_mask_prob=d.soft_mask_prob)
+def build_objective(cfg: RunConfig, tokenizer: Tokenizer) -> Objective | None:
+    """The training objective of ``cfg``'s family (None for classifiers, trained by cross-entropy)."""
+    return family_of(cfg).objective(cfg, tokenizer)

@@ -1,4 +1,9 @@
-"""A loaded model ready to use: prompts and templates to canvases, and generation."""
+"""A loaded model ready to use: prompts and templates to canvases, and generation.
+
+``from_pretrained(source)`` gives a :class:`LoadedModel` (network, objective, tokenizer, config) from any
+model source; :func:`generate` samples from it (or from a source path) with ``sample.*`` settings as
+keywords. :func:`generate_rows` is the engine underneath, for callers that hold the parts.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +26,11 @@ from .config import (
     parse_overrides,
     to_dict,
 )
+from .data.layouts import starts_with_bos
 from .data.tokenization import Tokenizer
-from .samplers.ar import AutoregressiveSampler
+from .families import family_of
+from .objectives.base import Objective
 from .samplers.base import SamplingError, row_seeds
-from .samplers.insertion import InsertionSampler
 from .samplers.registry import make_sampler
 
 MASK_MARK = re.compile(r"\[MASK(?:\*([^\[\]]*))?\]")  # [MASK], or [MASK*anything]: the count is checked
@@ -109,9 +115,9 @@ class Generation:
                 "nfe": self.nfe, "mean_row_nfe": sum(self.row_nfe) / max(len(self.row_nfe), 1)}
 
 
-def generate(model, objective, tokenizer: Tokenizer, cfg: SampleConfig, length: int, model_length: int,
-             prompts: list[str] | None = None, template: str | None = None, bos: bool = False,
-             device: torch.device | str = "cpu", autocast=None) -> Generation:
+def generate_rows(model, objective: Objective, tokenizer: Tokenizer, cfg: SampleConfig, length: int,
+                  model_length: int, prompts: list[str] | None = None, template: str | None = None,
+                  bos: bool = False, device: torch.device | str = "cpu", autocast=None) -> Generation:
     """``cfg.num_samples`` samples per prompt (or per template, or unconditional), canvases of
     ``length``, row ``i`` seeded by ``(cfg.seed, i)``. A template's canvas is the template itself (and
     BOS): only its masks are generated; an insertion model may grow it up to ``length``.
@@ -119,17 +125,16 @@ def generate(model, objective, tokenizer: Tokenizer, cfg: SampleConfig, length: 
     ``autocast`` is an optional context-manager factory for the network's precision.
     """
     sampler = make_sampler(cfg, objective, tokenizer, model_length)
+    family = family_of(objective.family)
+    grows = family.decoding == "insertion"  # an insertion model lengthens its canvas
     if prompts and template:
         raise SamplingError("give prompts or a template, not both")
     if template is not None:
-        if isinstance(sampler, AutoregressiveSampler):
-            raise SamplingError("a template ([MASK] infilling) needs a masked diffusion or insertion model; "
-                                "an autoregressive model only continues a prompt")
+        if not family.infills:
+            raise SamplingError(f"a template ([MASK] infilling) needs a model that infills; a {family.name} model "
+                                f"only continues a prompt")
         requests = [encode_template(tokenizer, template)]
-        if isinstance(sampler, InsertionSampler):
-            length = max(length, len(requests[0]) + int(bos))
-        else:
-            length = len(requests[0]) + int(bos)
+        length = max(length, len(requests[0]) + int(bos)) if grows else len(requests[0]) + int(bos)
     else:
         requests = [encode_fixed(tokenizer, p) for p in prompts] if prompts else [[]]
     if length > model_length and not cfg.window:
@@ -140,9 +145,9 @@ def generate(model, objective, tokenizer: Tokenizer, cfg: SampleConfig, length: 
     out = Generation([], [], [], 0, 0.0, 0)
     for start in range(0, len(rows), cfg.batch_size):
         canvas = make_canvas(tokenizer, rows[start:start + cfg.batch_size], length, bos).to(device)
-        if template is not None and isinstance(sampler, InsertionSampler):  # infill only the template's gaps
+        if template is not None and grows:  # infill only the template's gaps
             canvas[:, len(requests[0]) + int(bos):] = tokenizer.pad_id
-        with (autocast() if autocast else _no_autocast()):
+        with (autocast() if autocast else contextlib.nullcontext()):
             result = sampler.sample(model, canvas, seeds[start:start + len(canvas)].to(device))
         for row, n in zip(result.tokens.cpu(), result.row_nfe.tolist()):
             out.texts.append(tokenizer.decode(row))
@@ -154,16 +159,12 @@ def generate(model, objective, tokenizer: Tokenizer, cfg: SampleConfig, length: 
     return out
 
 
-def _no_autocast():
-    return contextlib.nullcontext()
-
-
 @dataclasses.dataclass
 class LoadedModel:
     """A ready model: the network (eval mode), its objective, tokenizer and config."""
 
     model: torch.nn.Module
-    objective: object
+    objective: Objective | None
     tokenizer: Tokenizer
     config: RunConfig
     source: Checkpoint | Pretrained
@@ -172,9 +173,9 @@ class LoadedModel:
         """Samples with ``SampleConfig`` fields as keywords (``num_samples``, ``sampler``, ``seed``, ...)."""
         cfg = dataclasses.replace(self.config.sample, **sample)
         device = next(self.model.parameters()).device
-        return generate(self.model, self.objective, self.tokenizer, cfg, cfg.length or self.config.data.length,
-                        self.config.model.length, prompts, template,
-                        bos=self.config.data.layout == "pad" or self.config.data.frame, device=device)
+        return generate_rows(self.model, self.objective, self.tokenizer, cfg, cfg.length or self.config.data.length,
+                             self.config.model.length, prompts, template, bos=starts_with_bos(self.config.data),
+                             device=device)
 
     def save_pretrained(self, directory: str | Path, **kw) -> Path:
         """The current weights of ``model`` (fine-tuned or not) with this config and tokenizer."""
@@ -190,6 +191,16 @@ def from_pretrained(path: str | Path, ema: bool = True, device: str | torch.devi
 
 
 Source = Checkpoint | Pretrained
+
+
+def generate(model: LoadedModel | str | Path, prompts: list[str] | None = None, template: str | None = None,
+             **sample) -> Generation:
+    """Samples from ``model`` (a :class:`LoadedModel`, or any model source to load), continuing each of
+    ``prompts`` or filling the ``[MASK]`` gaps of ``template`` (or unconditional), with
+    :class:`~unmask.config.SampleConfig` fields as keywords (``num_samples``, ``sampler``, ``steps``,
+    ``seed``, ...)."""
+    loaded = model if isinstance(model, LoadedModel) else from_pretrained(model)
+    return loaded.generate(prompts, template, **sample)
 
 
 def checkpoint_config(ckpt: Source, overrides: list[str]) -> RunConfig:

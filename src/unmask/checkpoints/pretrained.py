@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from ..config import RunConfig, config_from_dict, to_dict
 from ..data.tokenization import HFTokenizer, Tokenizer, load_tokenizer
-from ..families import build_model
+from ..families import build_model, family_of
 from ..files import member, read_json
 from ..hub import hub_reachable
 from ..models.dit import count_parameters
@@ -59,7 +59,8 @@ EXPORT_LAYOUT = {name: FILE for name in ("config.json", "model.safetensors", "RE
 class Pretrained:
     """A model source read from disk: ``config``, ``tokenizer``, ``step``, ``path``, ``weights()``.
 
-    The same interface as :class:`~unmask.checkpoints.checkpoint.Checkpoint`, so :func:`unmask.checkpoints.checkpoint.load_model`
+    The same interface as :class:`~unmask.checkpoints.checkpoint.Checkpoint`, so
+    :func:`unmask.checkpoints.checkpoint.load_model`
     and the CLI take either.
     """
 
@@ -178,15 +179,11 @@ def read_pretrained(folder: Path, meta: dict, root: Path | None = None) -> Pretr
     return Pretrained(folder, cfg, tokenizer, step if isinstance(step, int) else 0, weights, card=meta.get("card"))
 
 
-FAMILY_CARDS = {"mdlm": ("masked-diffusion", "masked diffusion (MDLM) language"),
-                "ar": ("causal-lm", "autoregressive language"),
-                "ilm": ("insertion-lm", "insertion (ILM) language")}
-
-
 def _model_card(source, card: dict) -> str:
     cfg = source.config
     data = cfg.data
-    tag, kind = FAMILY_CARDS.get(cfg.family, ("text-classification", "sequence classification"))
+    family = family_of(cfg)
+    tag, kind = family.card_tag, family.description
     lines = ["---", "library_name: unmask", "tags:", f"- {tag}",
              "- text-generation", "---", "",
              f"# {card.get('name') or Path(str(source.path)).name}", "",
@@ -289,9 +286,9 @@ def export(source: Checkpoint | Pretrained, out: str | Path, to: str = MODEL_TYP
     out = Path(out)
     if to == MODEL_TYPE:
         return save_pretrained(source, out, ema=ema, metrics=metrics)
-    if source.config.family != "mdlm":
-        raise CheckpointError(f"only MDLM models can be written in MDLM's layouts, not a {source.config.family} "
-                              f"model")
+    if to not in family_of(source.config).exports:
+        raise CheckpointError(f"a {source.config.family} model cannot be written as {to!r} (it exports as "
+                              f"{', '.join(family_of(source.config).exports)})")
     if source.config.model.soft_mask_top_k:
         raise CheckpointError("MDLM's layouts have no place for the soft-mask module; export this model as 'unmask'")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):

@@ -12,6 +12,12 @@ from .tokenization import Tokenizer
 TOKEN, BOS, EOS, PAD, PROMPT = 0, 1, 2, 3, 4
 
 
+def starts_with_bos(cfg: DataConfig) -> bool:
+    """Whether rows of this layout begin with BOS (pad rows always; wrapped rows when framed), so a canvas
+    for the model trained on them does too."""
+    return cfg.layout == "pad" or cfg.frame
+
+
 class Rows:
     """Fixed-length rows of a tokenized split. ``get(indices)`` -> (ids, kinds), both (n, L)."""
 

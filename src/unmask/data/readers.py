@@ -1,4 +1,5 @@
-"""Reading text files: UTF-8 streams (optionally compressed), FASTA/FASTQ/CSV/TSV/JSONL records, and documents that know where they start."""
+"""Reading text files: UTF-8 streams (optionally compressed), FASTA/FASTQ/CSV/TSV/JSONL records, and
+documents that know where they start."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import replace
 
 from ..data.tasks import answer_of
-from ..pipeline import encode_fixed, generate
+from ..pipeline import encode_fixed, generate_rows
 
 
 def exact_match(model, objective, tokenizer, sample_cfg, pairs: list[tuple[str, str]], length: int,
@@ -15,8 +15,8 @@ def exact_match(model, objective, tokenizer, sample_cfg, pairs: list[tuple[str, 
     ``[BOS] prompt`` then the positions to fill) and score exact matches; the standard error is the
     binomial one."""
     cfg = replace(sample_cfg, num_samples=1)
-    gen = generate(model, objective, tokenizer, cfg, length, model_length, prompts=[p for p, _ in pairs],
-                   bos=True, device=device, autocast=autocast)
+    gen = generate_rows(model, objective, tokenizer, cfg, length, model_length, prompts=[p for p, _ in pairs],
+                        bos=True, device=device, autocast=autocast)
     answers = [answer_of(ids, len(encode_fixed(tokenizer, p)), tokenizer) for ids, (p, _) in zip(gen.ids, pairs)]
     hits = [a == truth for a, (_, truth) in zip(answers, pairs)]
     n, accuracy = len(hits), sum(hits) / len(hits)

@@ -21,6 +21,7 @@ import torch
 
 from ..checkpoints.checkpoint import load_model
 from ..checkpoints.pretrained import open_source
+from ..families import family_of
 from ..files import CheckpointError, member, read_json
 
 
@@ -72,7 +73,7 @@ class CheckpointEvaluator(Evaluator):
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu", batch_size: int = 16):
         ckpt = open_source(path)
-        if ckpt.config.family != "ar":
+        if family_of(ckpt.config).decoding != "ar":
             raise CheckpointError(f"evaluator {ckpt.path} is a {ckpt.config.family} model; an AR model is needed")
         self.model, _ = load_model(ckpt, ema=True, device=device)
         self.tokenizer, self.device, self.batch_size = ckpt.tokenizer, torch.device(device), batch_size

@@ -33,6 +33,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..config import config_from_dict, merge_trees, to_dict
+from ..data.layouts import starts_with_bos
+from ..families import family_of
 from ..pipeline import from_pretrained, make_canvas
 from ..runtime import autocast, resolve_precision
 from ..samplers.base import row_seeds
@@ -59,7 +61,7 @@ class UnmaskLM(LM):
         # sampling options are SampleConfig fields, checked like `sample.*` overrides
         cfg = config_from_dict(merge_trees(to_dict(self.lm.config), {"sample": dict(sample, num_samples=1)}))
         self.sample_cfg = cfg.sample
-        self.bos = [self.lm.tokenizer.bos_id] if (cfg.data.layout == "pad" or cfg.data.frame) else []
+        self.bos = [self.lm.tokenizer.bos_id] if starts_with_bos(cfg.data) else []
         self.max_length = cfg.model.length
         self.last_stderr: float | None = None
 
@@ -132,7 +134,7 @@ class UnmaskLM(LM):
                 cfg = dataclasses.replace(cfg, temperature=0.0)
             ctx = self._encode(context)
             room = self.max_length - len(self.bos)
-            if lm.config.family == "ar":  # left to right up to the model's length
+            if family_of(lm.config).decoding == "ar":  # left to right up to the model's length
                 max_new = min(max_new, room)
             elif max_new > room // 2 and not cfg.window:  # longer than one canvas: semi-autoregressive windows
                 cfg = dataclasses.replace(cfg, window=self.max_length, stride=self.max_length // 2)

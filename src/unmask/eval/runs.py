@@ -17,16 +17,17 @@ from ..config import (
 )
 from ..data.dataset import Data
 from ..data.labelled import LabelledSplit
-from ..data.layouts import TOKEN
+from ..data.layouts import TOKEN, starts_with_bos
 from ..data.readers import DataError
 from ..data.tasks import read_pairs
 from ..data.tokenization import DNATokenizer, with_oov_policy
-from ..pipeline import Generation, Source, generate
+from ..families import family_of
+from ..pipeline import Generation, Source, generate_rows
 from ..runtime import autocast, resolve_precision
 from .classification import classification_metrics, predict
 from .exact_match import exact_match
 from .generation import generation_metrics, load_evaluator
-from .likelihood import evaluate, select_rows
+from .likelihood import likelihood_of_rows, select_rows
 
 
 def reading_tokenizer(ckpt: Source, cfg: RunConfig):
@@ -35,7 +36,7 @@ def reading_tokenizer(ckpt: Source, cfg: RunConfig):
 
 
 def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool = True) -> dict:
-    if cfg.family == "classifier":
+    if family_of(cfg).labels:
         return run_classifier_eval(ckpt, cfg, device)
     if cfg.eval.metric == "generation":
         return run_generation_eval(ckpt, cfg, device)
@@ -45,8 +46,8 @@ def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool 
     tokenizer = reading_tokenizer(ckpt, cfg)
     data = Data(cfg.data, tokenizer=tokenizer, progress=progress)
     e = cfg.eval
-    result = evaluate(model, objective, data.rows(e.split), cfg.data, tokenizer, e.mc_samples, e.batch_size,
-                      e.max_sequences, e.seed, resolve_precision(e.precision, device), device, progress)
+    result = likelihood_of_rows(model, objective, data.rows(e.split), cfg.data, tokenizer, e.mc_samples, e.batch_size,
+                                e.max_sequences, e.seed, resolve_precision(e.precision, device), device, progress)
     result.update(split=e.split, checkpoint=str(ckpt.path), step=ckpt.step, ema=e.use_ema)
     return result
 
@@ -87,9 +88,9 @@ def run_sample(ckpt: Source, cfg: RunConfig, device: torch.device, prompts: list
     s = cfg.sample
     model, objective = load_model(ckpt, ema=s.use_ema, device=device)
     precision = resolve_precision(s.model_precision, device)
-    return generate(model, objective, reading_tokenizer(ckpt, cfg), s, s.length or cfg.data.length, cfg.model.length,
-                    prompts, template, bos=cfg.data.layout == "pad" or cfg.data.frame, device=device,
-                    autocast=lambda: autocast(device, precision))
+    return generate_rows(model, objective, reading_tokenizer(ckpt, cfg), s, s.length or cfg.data.length,
+                         cfg.model.length, prompts, template, bos=starts_with_bos(cfg.data), device=device,
+                         autocast=lambda: autocast(device, precision))
 
 
 def run_generation_eval(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
@@ -137,7 +138,7 @@ def run_zero_shot(ckpt: Source, cfg: RunConfig, target: str, overrides: list[str
         run_cfg = config_from_dict(merge_trees(to_dict(cfg), {"data": dict(data, insert_eos=insert_eos)}))
         tokenizer = with_oov_policy(ckpt.tokenizer, run_cfg.data.oov, run_cfg.data.oov_replacement)
         rows = Data(run_cfg.data, tokenizer=tokenizer, progress=progress).rows(e.split)
-        result = evaluate(model, objective, rows, run_cfg.data, tokenizer, e.mc_samples, e.batch_size,
-                          e.max_sequences, e.seed, resolve_precision(e.precision, device), device, progress)
+        result = likelihood_of_rows(model, objective, rows, run_cfg.data, tokenizer, e.mc_samples, e.batch_size,
+                                    e.max_sequences, e.seed, resolve_precision(e.precision, device), device, progress)
         out["with_eos" if insert_eos else "without_eos"] = result
     return out

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..config import SampleConfig
-from ..objectives.ar import Autoregressive
+from ..families import family_of
 from ..objectives.base import Noise
 from ..runtime import generator_for
 from ..samplers.base import row_seeds
@@ -107,12 +107,12 @@ def _layout(loaded, ids: list[int]) -> list[int]:
 def _greedy(loaded, rows: list[list[int]], guidance: float) -> list[list[int]]:
     """Fill the mask ids of each row (laid out as in training) greedily: the MDM one position per step
     by confidence, the AR model left to right."""
-    tok, family = loaded.tokenizer, loaded.config.family
+    tok, ar = loaded.tokenizer, family_of(loaded.config).decoding == "ar"
     outputs = []
     for row in rows:  # rows differ in their number of masks, hence in steps: one at a time
         masks = row.count(tok.mask_id)
-        cfg = SampleConfig(sampler="ar" if family == "ar" else "confidence", steps=max(1, masks), temperature=0.0,
-                           guidance=guidance if family != "ar" else 0.0)
+        cfg = SampleConfig(sampler="ar" if ar else "confidence", steps=max(1, masks), temperature=0.0,
+                           guidance=0.0 if ar else guidance)
         sampler = make_sampler(cfg, loaded.objective, tok, loaded.config.model.length)
         canvas = torch.tensor([_layout(loaded, row)], device=next(loaded.model.parameters()).device)
         outputs.append(sampler.sample(loaded.model, canvas, row_seeds(0, 1)).tokens[0, 1:1 + len(row)].tolist())
@@ -142,7 +142,7 @@ def sentence_nll(loaded, statements: list[str], mc_samples: int = 16, seed: int 
     device = next(loaded.model.parameters()).device
     x0 = torch.tensor([_layout(loaded, tok.encode(s).tolist()) for s in statements], device=device)
     counted = (x0 != tok.pad_id) & (x0 != tok.bos_id)
-    if isinstance(loaded.objective, Autoregressive):
+    if loaded.objective.bound == "exact":
         return loaded.objective.loss(loaded.model, x0, counted).double().cpu()
     gen = generator_for(seed, 0x2E7)
     offset = torch.rand(1, generator=gen, dtype=torch.float64)
@@ -170,7 +170,7 @@ def evaluate_reverse_curse(loaded, facts: list[Fact], guidance: float = 0.0, mc_
     out = {"forward": _accuracy(loaded, facts, lambda f: (f"{f.name} is ", "."), lambda f: f.description, guidance),
            "reverse_reversed_sentence": _accuracy(loaded, facts, lambda f: (f"{f.description} is ", "."),
                                                   lambda f: f.name, guidance)}
-    if loaded.config.family != "ar":
+    if family_of(loaded.config).infills:
         out["reverse_same_sentence"] = _accuracy(loaded, facts, lambda f: ("", f" is {f.description}."),
                                                  lambda f: f.name, guidance)
     if not guidance:

@@ -29,8 +29,8 @@ import numpy as np
 from ..checkpoints.checkpoint import Checkpoint, load_model
 from ..config import ConfigError, load_config
 from ..data.dataset import Data
-from ..eval.likelihood import evaluate
-from ..families import build_model
+from ..eval.likelihood import likelihood_of_rows
+from ..families import FAMILIES, build_model
 from ..models.dit import count_parameters
 from ..train.loop import train
 
@@ -120,6 +120,9 @@ def fit_sweep(records: list[dict]) -> dict:
     return out
 
 
+FACTOR_BETWEEN = ("mdlm", "ar")  # SMDM's compute factor: the MDM's compute over the AR model's at equal loss
+
+
 def compute_factor(mdm: PowerLaw, ar: PowerLaw, budget: float) -> float:
     """How many times the compute ``budget`` the MDM needs to reach the optimal loss the AR model
     reaches with ``budget`` (from the two loss laws)."""
@@ -139,7 +142,12 @@ def parse_size(spec: str) -> tuple[int, int]:
 
 def run_sweep(config_path, overrides: list[str], sizes: list[str], budgets: list[float], families: list[str],
               out: str, eval_sequences: int = 256) -> list[dict]:
-    """Train and score every grid point not yet in ``out/records.jsonl``; returns all records."""
+    """Train and score every grid point not yet in ``out/records.jsonl``; returns all records. Families
+    must be scored by a likelihood (a bound or exact), so that their losses compare."""
+    scored = [name for name, spec in FAMILIES.items() if spec.likelihood]
+    wrong = [f for f in families if f not in scored]
+    if wrong or not families:
+        raise ValueError(f"--families: {' and/or '.join(scored)}, not {', '.join(wrong) or 'nothing'}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     records_path = out_dir / "records.jsonl"
@@ -170,9 +178,9 @@ def run_sweep(config_path, overrides: list[str], sizes: list[str], budgets: list
         final = train(cfg)
         seconds = time.perf_counter() - start
         model, objective = load_model(Checkpoint(final), ema=cfg.eval.use_ema)
-        result = evaluate(model, objective, data.rows("valid"), cfg.data, data.tokenizer,
-                          mc_samples=cfg.eval.mc_samples, batch_size=cfg.eval.batch_size,
-                          max_sequences=eval_sequences, seed=cfg.eval.seed)
+        result = likelihood_of_rows(model, objective, data.rows("valid"), cfg.data, data.tokenizer,
+                                    mc_samples=cfg.eval.mc_samples, batch_size=cfg.eval.batch_size,
+                                    max_sequences=eval_sequences, seed=cfg.eval.seed)
         record = {"family": family, "size": spec, "hidden": hidden, "blocks": blocks, "parameters": n,
                   "budget": budget, "steps": steps, "tokens": steps * tokens_per_step,
                   "loss": result["nll"], "stderr": result["stderr"], "train_seconds": seconds}
@@ -197,10 +205,10 @@ def summarize(records: list[dict]) -> dict:
             if law in fit:
                 entry[law] = {"coefficient": fit[law].coefficient, "exponent": fit[law].exponent}
         out["families"][f] = entry
-    laws_ok = all("loss_law" in fits.get(f, {}) and fits[f]["loss_law"].exponent < 0 for f in ("mdlm", "ar"))
-    if laws_ok:
+    mdm, ar = FACTOR_BETWEEN
+    if all("loss_law" in fits.get(f, {}) and fits[f]["loss_law"].exponent < 0 for f in FACTOR_BETWEEN):
         budgets = sorted({r["budget"] for r in records})
-        out["compute_factor"] = {f"{c:.3g}": compute_factor(fits["mdlm"]["loss_law"], fits["ar"]["loss_law"], c)
+        out["compute_factor"] = {f"{c:.3g}": compute_factor(fits[mdm]["loss_law"], fits[ar]["loss_law"], c)
                                  for c in budgets}
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..models.dit import bucketed_positions
-from .base import Noise, _per_sequence, masked_cross_entropy
+from .base import Noise, masked_cross_entropy, per_sequence_sums
 
 
 class Autoregressive:
@@ -16,6 +16,8 @@ class Autoregressive:
     """
 
     family = "ar"
+    per_sequence = False
+    bound = "exact"
 
     def __init__(self, bos_id: int, mask_id: int):
         self.bos_id, self.mask_id = bos_id, mask_id
@@ -28,5 +30,5 @@ class Autoregressive:
         """Per-sequence exact NLL (B,) over counted positions."""
         index, n = bucketed_positions(counted)
         logits = model(self.inputs(x0), positions=index)[:n]
-        return _per_sequence(masked_cross_entropy(logits, x0.reshape(-1)[index[:n]], self.mask_id),
+        return per_sequence_sums(masked_cross_entropy(logits, x0.reshape(-1)[index[:n]], self.mask_id),
                              index[:n], x0.shape)

@@ -1,8 +1,10 @@
-"""What every objective shares: the noise of a step, per-sequence sums, model unwrapping."""
+"""What every objective shares: the :class:`Objective` interface, the noise of a step, per-sequence
+sums, model unwrapping."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,23 @@ class Noise:
     def to(self, device) -> "Noise":
         soft = None if self.soft_u is None else self.soft_u.to(device)
         return Noise(self.time_u.to(device), self.mask_u.to(device), soft)
+
+
+class Objective(Protocol):
+    """A training objective of a family (``unmask.families``).
+
+    ``loss`` returns per-sequence sums (B,) of nats over the counted positions of ``x0`` (B, L): the
+    training loop divides them by the global number of counted tokens, or of rows when
+    ``per_sequence``. ``exact`` selects the evaluation estimator. ``bound`` says what the evaluated
+    number is: an upper bound on the NLL (``nelbo``), the NLL itself (``exact``) or neither (``none``).
+    """
+
+    family: str
+    per_sequence: bool
+    bound: Literal["nelbo", "exact", "none"]
+
+    def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise,
+             exact: bool = False) -> torch.Tensor: ...
 
 
 def stratified_uniform(n: int, generator: torch.Generator | None = None, antithetic: bool = True) -> torch.Tensor:
@@ -50,7 +69,7 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask_id: i
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-def _per_sequence(values: torch.Tensor, flat_index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def per_sequence_sums(values: torch.Tensor, flat_index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Sum per-position ``values`` at flat indices into B*L back into per-sequence totals (B,)."""
     out = torch.zeros(shape[0], device=values.device, dtype=torch.float32)
     return out.index_add_(0, flat_index // shape[1], values.float())

@@ -76,6 +76,7 @@ class InsertionObjective:
 
     family = "ilm"
     per_sequence = True  # losses are per sequence, normalised by the number of rows, not of tokens
+    bound = "none"  # the training objective, not a bound on the likelihood
 
     def __init__(self, bos_id: int, eos_id: int, pad_id: int, mask_id: int, special_ids, vocab_size: int):
         self.bos_id, self.eos_id, self.pad_id, self.mask_id = bos_id, eos_id, pad_id, mask_id

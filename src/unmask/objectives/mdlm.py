@@ -32,7 +32,8 @@ import torch
 
 from ..models.dit import bucketed_positions
 from ..models.softmask import SoftFeedback
-from .base import Noise, _per_sequence, masked_cross_entropy, unwrap
+from .base import Noise, masked_cross_entropy, per_sequence_sums, unwrap
+from .guidance import guided_logits, unconditional_input
 from .schedules import NoiseSchedule
 
 
@@ -55,6 +56,8 @@ class MaskedDiffusion:
     """The MDLM objective over a noise schedule."""
 
     family = "mdlm"
+    per_sequence = False
+    bound = "nelbo"
 
     def __init__(self, schedule: NoiseSchedule, mask_id: int, t_min: float = 1e-3,
                  discrete_steps: int = 0, antithetic: bool = True, soft_mask_top_k: int = 0,
@@ -109,10 +112,9 @@ class MaskedDiffusion:
         extra = {} if feedback is None else {"feedback": feedback}
         logits = model(xt, sigma, positions=index, **extra)[:n]
         if guidance and condition is not None:
-            unconditional = torch.where(condition, torch.full_like(xt, self.mask_id), xt)
-            l_u = model(unconditional, sigma, positions=index, **extra)[:n].float()
-            logits = l_u + (1 + guidance) * (logits.float() - l_u)
-        return _per_sequence(masked_cross_entropy(logits, x0.reshape(-1)[index[:n]], self.mask_id),
+            l_u = model(unconditional_input(xt, condition, self.mask_id), sigma, positions=index, **extra)[:n].float()
+            logits = guided_logits(logits.float(), l_u, guidance)
+        return per_sequence_sums(masked_cross_entropy(logits, x0.reshape(-1)[index[:n]], self.mask_id),
                              index[:n], x0.shape)
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from ..objectives.base import unwrap
 from ..objectives.mdlm import MaskedDiffusion
 from .base import (
     PURPOSES,
@@ -51,7 +52,7 @@ class AncestralSampler(DiffusionSampler):
     def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
                on_step: StepCallback | None = None) -> SampleResult:
         self.check(canvas, seeds)
-        if self.cache and getattr(model, "time_conditioning", False):
+        if self.cache and unwrap(model).time_conditioning:
             raise SamplingError("the cached ancestral sampler needs a model without time conditioning")
         start = time.perf_counter()
         x, streams, denoise = canvas.clone(), RowStreams(seeds), self.denoiser(model, canvas)

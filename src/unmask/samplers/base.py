@@ -1,4 +1,5 @@
-"""What every sampler shares: the float64 categorical primitive, per-row random streams, the ``Sampler`` interface and its result."""
+"""What every sampler shares: the float64 categorical primitive, per-row random streams, the
+``Sampler`` interface and its result."""
 
 from __future__ import annotations
 

@@ -22,6 +22,8 @@ from .base import (
 )
 from .denoiser import DiffusionSampler
 
+REVEAL_SCHEDULES = ("linear", "cosine")
+
 
 def reveal_schedule(kind: str, total: torch.Tensor, step: int, steps: int) -> torch.Tensor:
     """Masks that should remain after ``step`` of ``steps`` (1-based) out of ``total`` (per row):
@@ -32,7 +34,7 @@ def reveal_schedule(kind: str, total: torch.Tensor, step: int, steps: int) -> to
     elif kind == "cosine":
         remain = total.to(torch.float64) * math.cos(math.pi / 2 * frac)
     else:
-        raise SamplingError(f"unknown reveal schedule {kind!r} (linear or cosine)")
+        raise SamplingError(f"unknown reveal schedule {kind!r} ({' or '.join(REVEAL_SCHEDULES)})")
     return remain.floor().long() if step < steps else torch.zeros_like(total)
 
 

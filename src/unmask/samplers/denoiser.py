@@ -8,6 +8,8 @@ import torch
 
 from ..models.dit import bucketed_positions
 from ..models.softmask import SoftFeedback
+from ..objectives.base import unwrap
+from ..objectives.guidance import guided_logits, unconditional_input
 from ..objectives.mdlm import MaskedDiffusion
 from .base import Sampler, SamplingError, check_knobs
 
@@ -53,7 +55,7 @@ class Denoiser:
         self.quantum = max(1, -(-len(canvas) // 8))
         self.calls = 0
         self.feedback: SoftFeedback | None = None
-        if soft and getattr(model, "soft_mask", None) is not None:
+        if soft and unwrap(model).soft_mask is not None:
             self.feedback = SoftFeedback.empty(*canvas.shape, model.soft_mask.top_k, device=canvas.device)
         self.guidance, self.guidance_schedule = guidance, guidance_schedule
         self.prompt = (canvas != diffusion.mask_id) if guidance else None
@@ -89,12 +91,11 @@ class Denoiser:
             prompt = self.prompt[rows]
             guided = prompt.any(dim=1)
             if guided.any():
-                unconditional = torch.where(prompt, torch.full_like(x, self.diffusion.mask_id), x)
-                x_u = self._pad(n_rows, unconditional)[0]
+                x_u = self._pad(n_rows, unconditional_input(x, prompt, self.diffusion.mask_id))[0]
                 l_u = self._forward(x_u, sigma, pos_p, feedback)
                 w = guidance_weight(self.guidance, self.guidance_schedule, t).to(logits.dtype)
                 per_position = (w * guided)[positions.nonzero()[:, 0]][:, None]
-                logits = torch.where(per_position != 0, l_u + (1 + per_position) * (logits - l_u), logits)
+                logits = torch.where(per_position != 0, guided_logits(logits, l_u, per_position), logits)
         if self.feedback is not None:
             self.feedback.store(rows, positions, logits, self.diffusion.mask_id)
             return logits[wanted[positions]]

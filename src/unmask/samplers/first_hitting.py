@@ -41,7 +41,8 @@ class FirstHittingSampler(DiffusionSampler):
     def next_time(self, tau: torch.Tensor, n: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         schedule = self.diffusion.schedule
         target = 1 - u ** (1.0 / n.to(torch.float64)) * (1 - schedule.alpha(tau))
-        return schedule.inverse(target.clamp(max=float(schedule.alpha(torch.zeros((), dtype=torch.float64))))).clamp(0, 1)
+        alpha_0 = float(schedule.alpha(torch.zeros((), dtype=torch.float64)))
+        return schedule.inverse(target.clamp(max=alpha_0)).clamp(0, 1)
 
     @torch.no_grad()
     def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,

@@ -19,6 +19,8 @@ from .base import (
     check_knobs,
 )
 
+GAP_CHOICES = ("greedy", "sample")  # the gap with the largest marginal, or one drawn (joint sampling)
+
 
 class InsertionSampler(Sampler):
     """Insertion LMs (``algorithms.md`` section 5): every step is one network call and one insertion
@@ -44,8 +46,8 @@ class InsertionSampler(Sampler):
         check_knobs(temperature, top_k, top_p, precision)
         if not 0 < stop_threshold <= 1:
             raise SamplingError(f"stop_threshold must lie in (0, 1], got {stop_threshold}")
-        if gap not in ("greedy", "sample"):
-            raise SamplingError(f"gap choice must be greedy or sample, got {gap!r}")
+        if gap not in GAP_CHOICES:
+            raise SamplingError(f"gap choice must be {' or '.join(GAP_CHOICES)}, got {gap!r}")
         self.mask_id, self.pad_id, self.special = mask_id, pad_id, sorted(set(special_ids) | {mask_id, pad_id})
         self.stop_threshold, self.gap = stop_threshold, gap
         self.temperature, self.top_k, self.top_p, self.precision = temperature, top_k, top_p, precision
@@ -96,7 +98,8 @@ class InsertionSampler(Sampler):
                     gap = marginals.argmax(1)
                 else:
                     gap = streams.categorical(marginals.softmax(1), rows, step * PURPOSES + ORDER, index)
-                probs = categorical_probs(scores[torch.arange(len(rows)), gap], self.temperature, self.top_k, self.top_p)
+                probs = categorical_probs(scores[torch.arange(len(rows)), gap], self.temperature, self.top_k,
+                                          self.top_p)
                 token = streams.categorical(probs, rows, step * PURPOSES + TOKEN, index, self.precision)
                 after = positions[None] > gap[:, None] + 1
                 at = positions[None] == gap[:, None] + 1

@@ -1,55 +1,111 @@
-"""Which sampler a config asks for."""
+"""The sampler registry: one :class:`SamplerSpec` per sampler, read by the config's choices, the server's
+schema, the command line's help and the tests.
+
+Each sampler lives in its own module; its entry here says which models it drives (a family's
+``decoding``), which ``sample.*`` keys it reads and how to build it from a :class:`SampleConfig`.
+``make_sampler`` resolves ``sample.sampler=auto`` to the family's default, checks that the sampler fits
+the model and wraps diffusion samplers in semi-autoregressive windows when ``sample.window`` is set.
+Adding a sampler is one new module plus one entry in :data:`SAMPLERS`.
+"""
 
 from __future__ import annotations
 
-from ..config import SampleConfig
+from dataclasses import dataclass
+from typing import Callable
+
+from ..config import SampleConfig, register_choices
 from ..data.tokenization import Tokenizer
-from ..objectives.mdlm import MaskedDiffusion
+from ..families import FAMILIES, family_of
+from ..objectives.base import Objective
 from .ancestral import AncestralSampler
 from .ar import AutoregressiveSampler
 from .base import Sampler, SamplingError
-from .confidence import ConfidenceSampler
+from .confidence import CONFIDENCE_SCORES, REVEAL_SCHEDULES, ConfidenceSampler
+from .denoiser import GUIDANCE_SCHEDULES
 from .first_hitting import FirstHittingSampler
-from .insertion import InsertionSampler
+from .insertion import GAP_CHOICES, InsertionSampler
 from .semi_ar import SemiAutoregressiveSampler
 
+COMMON = ("temperature", "top_k", "top_p", "precision")  # every sampler's draw
+DIFFUSION = COMMON + ("soft_mask", "guidance", "guidance_schedule", "window", "stride", "stop_at_eos")
 
-def make_sampler(cfg: SampleConfig, objective, tokenizer: Tokenizer, model_length: int) -> Sampler:
-    """The sampler a :class:`SampleConfig` describes, wrapped in semi-AR windows when ``window`` > 0."""
-    kind = cfg.sampler
-    is_diffusion = isinstance(objective, MaskedDiffusion)
-    is_insertion = getattr(objective, "family", None) == "ilm"
-    if kind == "auto":
-        kind = "ancestral" if is_diffusion else "insertion" if is_insertion else "ar"
-    knobs = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, precision=cfg.precision)
-    if (kind == "insertion") != is_insertion:
-        raise SamplingError(f"sampler '{kind}' does not apply to a {getattr(objective, 'family', '?')} model"
-                            + ("; insertion models use sampler=insertion (or auto)" if is_insertion else ""))
-    if kind == "insertion":
-        if cfg.guidance or cfg.window:
-            raise SamplingError("guidance and semi-autoregressive windows are not defined for insertion models")
-        return InsertionSampler(tokenizer.mask_id, tokenizer.pad_id, tokenizer.special_ids, cfg.stop_threshold,
-                                cfg.gap, **knobs)
-    if kind == "ar":
-        if is_diffusion:
-            raise SamplingError("sampler 'ar' needs an autoregressive model (family ar)")
-        if cfg.guidance:
-            raise SamplingError("unsupervised guidance (sample.guidance) is for masked diffusion samplers")
-        if cfg.window:
-            raise SamplingError("semi-autoregressive windows are for diffusion samplers; the AR sampler "
-                                "generates up to the model length")
-        return AutoregressiveSampler(tokenizer.bos_id, tokenizer.mask_id, kv_cache=cfg.kv_cache, **knobs)
-    if not is_diffusion:
-        raise SamplingError(f"sampler '{kind}' needs a masked diffusion model; use sampler=ar or auto")
-    knobs.update(soft_mask=cfg.soft_mask, guidance=cfg.guidance, guidance_schedule=cfg.guidance_schedule)
-    if kind == "ancestral":
-        inner: Sampler = AncestralSampler(objective, cfg.steps, cache=cfg.cache, **knobs)
-    elif kind == "first_hitting":
-        inner = FirstHittingSampler(objective, cfg.tokens_per_step, **knobs)
-    elif kind == "confidence":
-        inner = ConfidenceSampler(objective, cfg.steps, cfg.score, cfg.reveal, cfg.remask, **knobs)
-    else:
-        raise SamplingError(f"unknown sampler {kind!r}")
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler: what it drives, the ``sample.*`` keys it reads, how to build it, one line about it."""
+
+    name: str
+    decoding: str  # the family decoding it generates for: diffusion, ar, insertion
+    knobs: tuple[str, ...]
+    build: Callable[[SampleConfig, Objective, Tokenizer], Sampler]
+    summary: str
+
+
+def _draw(cfg: SampleConfig) -> dict:
+    return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, precision=cfg.precision)
+
+
+def _denoise(cfg: SampleConfig) -> dict:
+    return dict(_draw(cfg), soft_mask=cfg.soft_mask, guidance=cfg.guidance, guidance_schedule=cfg.guidance_schedule)
+
+
+SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
+    SamplerSpec("ancestral", "diffusion", ("steps", "cache") + DIFFUSION,
+                lambda cfg, objective, tok: AncestralSampler(objective, cfg.steps, cache=cfg.cache, **_denoise(cfg)),
+                "MDLM's ancestral update on sample.steps steps of the schedule (cache: reuse unchanged rows)"),
+    SamplerSpec("first_hitting", "diffusion", ("tokens_per_step",) + DIFFUSION,
+                lambda cfg, objective, tok: FirstHittingSampler(objective, cfg.tokens_per_step, **_denoise(cfg)),
+                "exact first-hitting sampling (one token per network call; tokens_per_step > 1 is parallel)"),
+    SamplerSpec("confidence", "diffusion", ("steps", "score", "reveal", "remask") + DIFFUSION,
+                lambda cfg, objective, tok: ConfidenceSampler(objective, cfg.steps, cfg.score, cfg.reveal, cfg.remask,
+                                                              **_denoise(cfg)),
+                "reveal the most confident positions on a linear or cosine schedule, optionally remasking"),
+    SamplerSpec("ar", "ar", ("kv_cache",) + COMMON,
+                lambda cfg, objective, tok: AutoregressiveSampler(tok.bos_id, tok.mask_id, kv_cache=cfg.kv_cache,
+                                                                  **_draw(cfg)),
+                "left to right with a KV cache (autoregressive models)"),
+    SamplerSpec("insertion", "insertion", ("stop_threshold", "gap") + COMMON,
+                lambda cfg, objective, tok: InsertionSampler(tok.mask_id, tok.pad_id, tok.special_ids,
+                                                             cfg.stop_threshold, cfg.gap, **_draw(cfg)),
+                "one insertion per step until the stop head says stop (insertion models)"),
+)}
+register_choices("sample.sampler", ("auto", *SAMPLERS))
+register_choices("sample.score", CONFIDENCE_SCORES)
+register_choices("sample.reveal", REVEAL_SCHEDULES)
+register_choices("sample.guidance_schedule", GUIDANCE_SCHEDULES)
+register_choices("sample.gap", GAP_CHOICES)
+assert all(spec.default_sampler in SAMPLERS for spec in FAMILIES.values() if spec.default_sampler)
+
+
+def samplers_for(decoding: str | None) -> list[str]:
+    """The names of the samplers that generate for a family of this ``decoding``."""
+    return [name for name, spec in SAMPLERS.items() if spec.decoding == decoding]
+
+
+def sampler_name(cfg: SampleConfig, family: str) -> str:
+    """``sample.sampler`` with ``auto`` resolved to the family's default."""
+    spec = family_of(family)
+    if spec.decoding is None:
+        raise SamplingError(f"a {family} model does not generate text")
+    return spec.default_sampler if cfg.sampler == "auto" else cfg.sampler
+
+
+def make_sampler(cfg: SampleConfig, objective: Objective, tokenizer: Tokenizer, model_length: int) -> Sampler:
+    """The sampler a :class:`SampleConfig` describes for ``objective``'s family, wrapped in semi-AR
+    windows when ``window`` > 0."""
+    family = family_of(objective.family)
+    name = sampler_name(cfg, family.name)
+    if name not in SAMPLERS:
+        raise SamplingError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+    spec = SAMPLERS[name]
+    if spec.decoding != family.decoding:
+        serves = " or ".join(f.description for f in FAMILIES.values() if f.decoding == spec.decoding)
+        raise SamplingError(f"sampler '{name}' is for {serves} models; this {family.description} model uses "
+                            f"{' or '.join(samplers_for(family.decoding))} (or auto)")
+    unused = [knob for knob in ("guidance", "window", "stop_at_eos") if getattr(cfg, knob) and knob not in spec.knobs]
+    if unused:
+        raise SamplingError(f"sample.{unused[0]} is for masked diffusion samplers, not for '{name}'")
+    inner = spec.build(cfg, objective, tokenizer)
     if not cfg.window:
         if cfg.stop_at_eos:
             raise SamplingError("sample.stop_at_eos needs semi-autoregressive windows (sample.window > 0)")

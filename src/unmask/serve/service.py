@@ -16,12 +16,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import ConfigError, SampleConfig
+from ..data.layouts import starts_with_bos
+from ..families import FAMILIES, family_of
 from ..pipeline import MASK_MARK, encode_fixed, encode_template, make_canvas
 from ..runtime import autocast, resolve_precision
 from ..samplers.base import SamplingError, row_seeds
-from ..samplers.registry import make_sampler
-
-SAMPLERS = ("ancestral", "first_hitting", "confidence", "ar")
+from ..samplers.registry import SAMPLERS, make_sampler, samplers_for
 
 
 @dataclasses.dataclass
@@ -50,7 +50,7 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0)
-    sampler: Literal["ancestral", "first_hitting", "confidence", "ar"] | None = None
+    sampler: Literal[tuple(SAMPLERS)] | None = None  # the registry's names; None: the family's default
     steps: int | None = Field(None, ge=1)
     tokens_per_step: int = Field(1, ge=1)
     guidance: float = Field(0.0, ge=-1.0, le=100.0, allow_inf_nan=False)
@@ -118,13 +118,13 @@ class ModelService:
         self.device = torch.device(device)
         self.name = name or model_name(loaded.source.path)
         self.model, self.tokenizer, self.run = loaded.model, loaded.tokenizer, loaded.config
-        self.family = self.run.family
-        if self.family not in ("mdlm", "ar"):
-            raise ConfigError(f"unmask serve runs masked diffusion (mdlm) and ar models, not {self.family}; "
-                              f"use unmask sample for it")
+        self.family = family_of(self.run)
+        if not self.family.servable:
+            served = ", ".join(name for name, spec in FAMILIES.items() if spec.servable)
+            raise ConfigError(f"unmask serve runs {served} models, not {self.family.name}; use unmask sample for it")
         self.length = self.run.model.length
         self.default_length = min(self.run.data.length, self.length)
-        self.bos = self.run.data.layout == "pad" or self.run.data.frame
+        self.bos = starts_with_bos(self.run.data)
         self.precision = resolve_precision(model_precision, self.device)
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.backlog: collections.deque[Job] = collections.deque()  # taken from the queue, not yet run
@@ -139,13 +139,12 @@ class ModelService:
     # --- requests -----------------------------------------------------------------------------
     def metadata(self) -> dict:
         cfg = self.run
-        return {"id": self.name, "object": "model", "family": self.family, "max_length": self.length,
+        return {"id": self.name, "object": "model", "family": self.family.name, "max_length": self.length,
                 "default_length": self.default_length,
                 "vocab_size": self.tokenizer.vocab_size, "tokenizer": self.tokenizer.describe().get("kind"),
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "step": self.loaded.source.step, "soft_mask": bool(cfg.model.soft_mask_top_k),
-                "samplers": ["ar"] if self.family == "ar" else [s for s in SAMPLERS if s != "ar"],
-                "default_sampler": "ar" if self.family == "ar" else "first_hitting",
+                "samplers": samplers_for(self.family.decoding), "default_sampler": self.family.default_sampler,
                 "limits": dataclasses.asdict(self.config), "device": str(self.device)}
 
     def prepare(self, req: CompletionRequest) -> tuple[torch.Tensor, torch.Tensor, SampleConfig, int]:
@@ -158,16 +157,16 @@ class ModelService:
             raise RequestError(f"steps={req.steps} exceeds this server's limit of {c.max_steps}")
         if req.model not in (None, "", self.name):
             raise RequestError(f"model '{req.model}' is not served here (this server serves '{self.name}')")
-        sampler = req.sampler or ("ar" if self.family == "ar" else "first_hitting")
-        if (sampler == "ar") != (self.family == "ar"):
-            raise RequestError(f"sampler '{sampler}' does not apply to this {self.family} model")
+        sampler = req.sampler or self.family.default_sampler
+        if sampler not in samplers_for(self.family.decoding):
+            raise RequestError(f"sampler '{sampler}' does not apply to this {self.family.name} model")
         room = self.length - int(self.bos)
         if req.max_tokens is not None and req.max_tokens > room:
             raise RequestError(f"max_tokens={req.max_tokens} does not fit: this model's maximum is {self.length} "
                                f"tokens" + (" with BOS" if self.bos else ""))
         infill = bool(MASK_MARK.search(req.prompt))
-        if infill and self.family == "ar":
-            raise RequestError("infilling ([MASK] markers) needs a masked diffusion model")
+        if infill and not self.family.infills:
+            raise RequestError(f"infilling ([MASK] markers) needs a model that infills, not a {self.family.name} model")
         try:
             ids = encode_template(self.tokenizer, req.prompt, room) if infill else \
                 self._continuation(encode_fixed(self.tokenizer, req.prompt), req.max_tokens)

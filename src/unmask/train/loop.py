@@ -37,7 +37,7 @@ from ..config import ConfigError, RunConfig, dump_config, resume_differences
 from ..data.dataset import Data
 from ..data.layouts import BatchOrder, counted_positions, random_lengths
 from ..data.tokenization import with_oov_policy
-from ..eval.likelihood import evaluate
+from ..eval.likelihood import likelihood_of_rows
 from ..families import build_model, build_objective
 from ..models.dit import count_parameters
 from ..objectives.base import draw_noise
@@ -234,8 +234,8 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
         nonlocal checked_step
         if dist.all_sum([0.0 if bool(finite) else 1.0])[0]:
             saved = f"the last checkpoint ({last_saved}) is intact" if last_saved else "no checkpoint was written"
-            raise TrainingError(f"the training loss or gradient became NaN or infinite between steps {checked_step} and "
-                                f"{step}; nothing after step {checked_step} was saved and {saved}; lower "
+            raise TrainingError(f"the training loss or gradient became NaN or infinite between steps {checked_step} "
+                                f"and {step}; nothing after step {checked_step} was saved and {saved}; lower "
                                 f"train.lr, raise train.warmup_steps or set train.grad_clip")
         checked_step = step
 
@@ -263,7 +263,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
         noise = draw_noise(t.batch_size, seq_len, generator_for(t.seed, step, 0x7015E), cfg.diffusion.antithetic)
         noise = noise.slice(dist.rank * local, (dist.rank + 1) * local).to(device)
         # the unit losses are averaged over: counted tokens, or rows for per-sequence objectives (ILM)
-        local_tokens = float(len(counted_np) if getattr(objective, "per_sequence", False) else counted_np.sum())
+        local_tokens = float(len(counted_np) if objective.per_sequence else counted_np.sum())
         global_tokens = dist.all_sum([local_tokens])[0]
         torch.manual_seed(seed_for(t.seed, step, dist.rank, 0xD0))
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
@@ -302,7 +302,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
                       "grad_norm": float(grad_norm),
                       "tokens_per_second": window_steps * t.batch_size * seq_len / seconds,
                       "elapsed_seconds": elapsed(), "epoch": order.epoch_of(step)}
-            if getattr(model, "soft_mask", None) is not None:
+            if cfg.model.soft_mask_top_k:
                 record["soft_mask_omegas"] = [float(w.detach()) for w in model.soft_mask.omegas]
             log.write(record)
             if bar is not None:
@@ -338,9 +338,10 @@ def _eval_during_training(cfg, model, ema, objective, rows, tokenizer, device) -
         backup = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(ema.state_dict(model))
     try:
-        result = evaluate(model, objective, rows, cfg.data, tokenizer, mc_samples=cfg.eval.mc_samples,
-                          batch_size=cfg.eval.batch_size, max_sequences=cfg.train.eval_sequences,
-                          seed=cfg.eval.seed, precision=resolve_precision(cfg.eval.precision, device), device=device)
+        result = likelihood_of_rows(model, objective, rows, cfg.data, tokenizer, mc_samples=cfg.eval.mc_samples,
+                                    batch_size=cfg.eval.batch_size, max_sequences=cfg.train.eval_sequences,
+                                    seed=cfg.eval.seed, precision=resolve_precision(cfg.eval.precision, device),
+                                    device=device)
     finally:
         if backup is not None:
             model.load_state_dict(backup)

@@ -48,15 +48,18 @@ import torch.nn as nn
 
 from ..checkpoints.checkpoint import save_checkpoint
 from ..checkpoints.runfolder import LOCK_FILE, RunFolderError, RunLock
-from ..config import ConfigError, RunConfig, dump_config
+from ..config import ConfigError, RunConfig, dump_config, register_choices
 from ..data.tasks import answer_of, read_pairs
+from ..families import family_of
+from ..objectives.guidance import guided_logits, unconditional_input
 from ..objectives.mdlm import MaskedDiffusion
 from ..pipeline import encode_fixed, make_canvas
 from ..runtime import seed_for
 from ..samplers.base import PURPOSES, TOKEN, RowStreams, _choose_per_row, row_seeds
-from ..samplers.registry import make_sampler
+from ..samplers.registry import make_sampler, samplers_for
 
 SCHEDULE_PARAMETERS = ("reveal", "temperature", "guidance")
+register_choices("rl.sampler", ("scheduled", *samplers_for("diffusion")))  # scheduled: this module's rollout
 
 
 Reward = Callable[[list[str], list[str], list[str]], list[float]]
@@ -196,8 +199,8 @@ class Rollouts:
         return (self.canvases[:, k] == mask_id) & (self.canvases[:, k + 1] != mask_id)
 
 
-def guided_logits(model, diffusion: MaskedDiffusion, x: torch.Tensor, prompt: torch.Tensor,
-                  guidance: torch.Tensor) -> torch.Tensor:
+def rollout_logits(model, diffusion: MaskedDiffusion, x: torch.Tensor, prompt: torch.Tensor,
+                   guidance: torch.Tensor) -> torch.Tensor:
     """Logits (N, L, V) in float32 with the mask class at ``-inf``; rows with ``guidance != 0`` use
     ``l_u + (1 + w)(l_c - l_u)``, the unconditional branch being ``x`` with the prompt masked."""
     masked = (x == diffusion.mask_id).float()
@@ -206,10 +209,9 @@ def guided_logits(model, diffusion: MaskedDiffusion, x: torch.Tensor, prompt: to
     guided = guidance != 0
     if guided.any():
         rows = guided.nonzero()[:, 0]
-        unconditional = torch.where(prompt[rows], torch.full_like(x[rows], diffusion.mask_id), x[rows])
-        l_u = model(unconditional, sigma[rows]).float()
+        l_u = model(unconditional_input(x[rows], prompt[rows], diffusion.mask_id), sigma[rows]).float()
         w = guidance[rows].float()[:, None, None]
-        logits = logits.index_put((rows,), l_u + (1 + w) * (logits[rows] - l_u))
+        logits = logits.index_put((rows,), guided_logits(logits[rows], l_u, w))
     return logits.index_fill(-1, torch.tensor([diffusion.mask_id], device=x.device), float("-inf"))
 
 
@@ -233,7 +235,7 @@ def scheduled_rollouts(model, diffusion: MaskedDiffusion, policy: SchedulePolicy
         masked = x == diffusion.mask_id
         m = masked.sum(1)
         count = torch.minimum(m, torch.floor(a["reveal"].to(x.device) * m + 0.5).long().clamp(min=1))
-        logits = guided_logits(model, diffusion, x, prompt, a["guidance"].to(x.device))
+        logits = rollout_logits(model, diffusion, x, prompt, a["guidance"].to(x.device))
         lp = tempered_log_probs(logits, a["temperature"].to(x.device))
         rows, cols = masked.nonzero(as_tuple=True)
         tokens = streams.categorical(lp[rows, cols].double().exp(), rows, k * PURPOSES + TOKEN, cols)
@@ -275,10 +277,11 @@ def recorded_rollouts(model, diffusion: MaskedDiffusion, sampler, canvas: torch.
     log_probs = []
     for k in range(steps):
         x, nxt = canvases[:, k], canvases[:, k + 1]
-        lp = tempered_log_probs(guided_logits(model, diffusion, x, prompt, zero), temp[:, k])
+        lp = tempered_log_probs(rollout_logits(model, diffusion, x, prompt, zero), temp[:, k])
         revealed = (x == diffusion.mask_id) & (nxt != diffusion.mask_id)
         log_probs.append(torch.where(revealed, lp.gather(2, nxt[:, :, None])[:, :, 0], torch.zeros_like(lp[..., 0])))
-    return canvases, torch.zeros(n, steps, 0), temp, torch.zeros(n, steps, dtype=torch.float64), torch.stack(log_probs, 1)
+    return (canvases, torch.zeros(n, steps, 0), temp, torch.zeros(n, steps, dtype=torch.float64),
+            torch.stack(log_probs, 1))
 
 
 def clipped_surrogate(ratio: torch.Tensor, advantage: torch.Tensor, clip: float) -> torch.Tensor:
@@ -298,7 +301,7 @@ def model_loss(model, reference, diffusion: MaskedDiffusion, rollouts: Rollouts,
         if not revealed.any():
             continue
         x, nxt = rollouts.canvases[:, k], rollouts.canvases[:, k + 1]
-        logits = guided_logits(model, diffusion, x, rollouts.prompt, rollouts.guidance[:, k])
+        logits = rollout_logits(model, diffusion, x, rollouts.prompt, rollouts.guidance[:, k])
         new = tempered_log_probs(logits, rollouts.temperature[:, k]).gather(2, nxt[:, :, None])[:, :, 0]
         new = torch.where(revealed, new, torch.zeros_like(new))  # elsewhere -inf (still masked) or meaningless
         ratio = torch.exp(new - rollouts.old_log_probs[:, k])
@@ -306,7 +309,7 @@ def model_loss(model, reference, diffusion: MaskedDiffusion, rollouts: Rollouts,
         objective = clipped_surrogate(ratio, adv, clip)
         if beta > 0:
             with torch.no_grad():
-                ref_logits = guided_logits(reference, diffusion, x, rollouts.prompt, rollouts.guidance[:, k])
+                ref_logits = rollout_logits(reference, diffusion, x, rollouts.prompt, rollouts.guidance[:, k])
                 ref = tempered_log_probs(ref_logits, rollouts.temperature[:, k]).gather(2, nxt[:, :, None])[:, :, 0]
                 ref = torch.where(revealed, ref, torch.zeros_like(ref))
             kl = torch.exp(ref - new) - (ref - new) - 1
@@ -366,7 +369,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(seed)
         self.model.eval()
         if self.sampler is not None:
-            parts = recorded_rollouts(self.model, self.diffusion, self.sampler, canvas, seeds, self.cfg.sample.temperature)
+            parts = recorded_rollouts(self.model, self.diffusion, self.sampler, canvas, seeds,
+                                      self.cfg.sample.temperature)
         else:
             policy = self.policy
             if mean_schedule and not policy.deterministic:
@@ -383,7 +387,8 @@ class Trainer:
         if not self.policy.deterministic and self.sampler is None:
             n, steps = z.shape[:2]
             with torch.no_grad():
-                old_schedule = self.policy.log_prob(torch.arange(steps).repeat(n), z.reshape(n * steps, -1)).reshape(n, steps)
+                old_schedule = self.policy.log_prob(torch.arange(steps).repeat(n),
+                                                    z.reshape(n * steps, -1)).reshape(n, steps)
         return Rollouts(canvases, z, temperature, guidance, old, old_schedule, canvas != self.diffusion.mask_id,
                         completions, rewards, group)
 
@@ -431,16 +436,17 @@ def rl_train(cfg: RunConfig, model, diffusion: MaskedDiffusion, tokenizer, devic
     run folder (resolved config, ``metrics.jsonl``, the model checkpoint with the schedule's summary,
     ``schedule.json``, ``rewards.png``) and returns the checkpoint."""
     r = cfg.rl
-    if not isinstance(diffusion, MaskedDiffusion):
-        raise ConfigError(f"unmask rl fine-tunes masked diffusion (mdlm) models, not {cfg.family}")
+    if family_of(cfg).decoding != "diffusion":
+        raise ConfigError(f"unmask rl fine-tunes masked diffusion models, not {cfg.family}")
     if not r.prompts:
         raise ConfigError("rl.prompts: a JSONL file of prompt/answer pairs (data.prompt_field/data.text_field)")
     if r.mode != "model" and r.sampler != "scheduled":
         raise ConfigError(f"rl.mode={r.mode} learns a schedule, which only rl.sampler=scheduled follows")
     if r.mode == "schedule" and (r.schedule_std == 0 or not r.schedule):
         raise ConfigError("rl.mode=schedule needs a schedule to learn: rl.schedule parameters and rl.schedule_std > 0")
-    pairs = read_pairs(r.prompts, cfg.data.prompt_field or "prompt", cfg.data.text_field)
-    held_out = read_pairs(r.eval_prompts, cfg.data.prompt_field or "prompt", cfg.data.text_field) if r.eval_prompts else []
+    prompt_field = cfg.data.prompt_field or "prompt"
+    pairs = read_pairs(r.prompts, prompt_field, cfg.data.text_field)
+    held_out = read_pairs(r.eval_prompts, prompt_field, cfg.data.text_field) if r.eval_prompts else []
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise RunFolderError(f"run_dir={run_dir} is not empty; unmask rl writes a new run folder (it does not "
