@@ -112,11 +112,10 @@ def trained(run_dir: Path, overrides: list[str], config: str | None = None) -> t
     """Train (or resume, or find finished) a run from ``config`` (a packaged name or a path) with
     ``overrides``; returns its final checkpoint and its metrics records."""
     from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints
-    from unmask.cli import resolve_config_path
     from unmask.config import load_config
     from unmask.train.loop import train
 
-    cfg = load_config(resolve_config_path(config), [f"run_dir={run_dir}", "train.progress=false", *overrides])
+    cfg = load_config(config, [f"run_dir={run_dir}", "train.progress=false", *overrides])
     done = list_checkpoints(run_dir / "checkpoints")
     if not done or Checkpoint(done[-1]).step < cfg.train.steps:
         print(f"training {run_dir.name} ({cfg.train.steps} steps)", flush=True)

@@ -1,3 +1,27 @@
-"""unmask: masked diffusion language models (MDLM) with an autoregressive baseline."""
+"""unmask: masked diffusion language models, with autoregressive and insertion baselines.
+
+The Python API (the same operations as the ``unmask`` command)::
+
+    import unmask
+
+    cfg = unmask.load_config("quickstart", ["train.steps=200"])   # a packaged config or a YAML file
+    checkpoint = unmask.train(cfg)                                 # the final checkpoint folder
+    print(unmask.evaluate(checkpoint, max_sequences=64))           # eval.* settings as keywords
+    lm = unmask.from_pretrained(checkpoint)                        # any model source
+    print(unmask.generate(lm, ["ROMEO:"], num_samples=2).texts)    # sample.* settings as keywords
+    lm.save_pretrained("exported")
+
+``FAMILIES`` and ``SAMPLERS`` are the registries of model families and samplers.
+"""
+
+from .config import RunConfig, load_config
+from .eval.runs import evaluate
+from .families import FAMILIES
+from .pipeline import Generation, LoadedModel, from_pretrained, generate
+from .samplers.registry import SAMPLERS
+from .train.loop import train
+from .train.rl import rl_train
 
 __version__ = "0.1.0"
+__all__ = ["FAMILIES", "SAMPLERS", "Generation", "LoadedModel", "RunConfig", "evaluate", "from_pretrained",
+           "generate", "load_config", "rl_train", "train"]

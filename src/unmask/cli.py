@@ -30,10 +30,14 @@ from pathlib import Path
 from .checkpoints.checkpoint import Checkpoint, CheckpointError, load_model
 from .checkpoints.pretrained import export, open_source
 from .config import (
+    CONFIG_DIR,
     ConfigError,
+    SampleConfig,
     config_from_dict,
+    config_keys,
     load_config,
     merge_trees,
+    packaged_configs,
     parse_overrides,
     to_dict,
 )
@@ -47,32 +51,13 @@ from .families import family_of
 from .pipeline import Generation, checkpoint_config
 from .runtime import device_for
 from .samplers.base import SamplingError
+from .samplers.registry import SAMPLERS
 from .train.classifier import train_classifier
 from .train.loop import TrainingError, train
 from .train.rl import rl_train
 
-CONFIG_DIR = Path(__file__).parent / "configs"
-
-
 USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfVocabularyError, FileNotFoundError, SamplingError,
                TokenizerFileError, TrainingError, EvaluationError)
-
-
-def packaged_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def resolve_config_path(name: str | None) -> Path | None:
-    if name is None:
-        return None
-    path = Path(name)
-    if path.is_file():
-        return path
-    packaged = CONFIG_DIR / f"{name}.yaml"
-    if packaged.is_file():
-        return packaged
-    raise ConfigError(f"config '{name}' is neither a file nor a packaged config "
-                      f"({', '.join(packaged_configs())})")
 
 
 def format_zero_shot(r: dict) -> str:
@@ -104,7 +89,7 @@ def print_samples(gen: Generation) -> None:
 
 
 def cmd_train(args) -> int:
-    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    cfg = load_config(args.config, args.overrides)
     if family_of(cfg).labels:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("classifier fine-tuning runs in one process; start it without torchrun")
@@ -180,7 +165,7 @@ def cmd_scaling(args) -> int:
         raise ConfigError(f"--budgets {args.budgets!r}: comma-separated numbers expected") from None
     families = [f for f in args.families.split(",") if f]
     try:
-        records = run_sweep(resolve_config_path(args.config), args.overrides, args.sizes.split(","), budgets,
+        records = run_sweep(args.config, args.overrides, args.sizes.split(","), budgets,
                             families, args.out, args.eval_sequences)
         summary = summarize(records)
     except ValueError as exc:
@@ -244,7 +229,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    cfg = load_config(CONFIG_DIR / "quickstart.yaml", args.overrides)
+    cfg = load_config("quickstart", args.overrides)
     print(f"training a {cfg.family} model ({cfg.model.preset} preset) on {cfg.data.dataset}; run folder "
           f"{cfg.run_dir}")
     final = train(cfg, fresh=args.fresh)
@@ -297,6 +282,26 @@ def cmd_task(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    keys = [k for k in config_keys() if k.key.startswith(args.prefix or "")]
+    if not keys:
+        raise ConfigError(f"no config key starts with {args.prefix!r}")
+    width = max(len(k.key) for k in keys)
+    for k in keys:
+        print(f"{k.key:{width}}  {k.type:12} = {k.default!r:<14} {k.help}")
+    return 0
+
+
+def sampler_help() -> str:
+    """Every sampler with the ``sample.*`` keys it reads and their defaults (from the registry)."""
+    defaults = SampleConfig()
+    lines = ["samplers (sample.sampler=NAME; auto: the family's default):"]
+    for spec in SAMPLERS.values():
+        lines.append(f"  {spec.name} ({spec.decoding} models): {spec.summary}")
+        lines.append("      " + ", ".join(f"{knob}={getattr(defaults, knob)!r}" for knob in spec.knobs))
+    return "\n".join(lines)
+
+
 def cmd_configs(args) -> int:
     for name in packaged_configs():
         first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
@@ -312,9 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
     p.set_defaults(func=cmd_train)
+    p.epilog = "every config key with its type, default and meaning: unmask config [PREFIX]"
     model_help = ("run or checkpoint folder, save_pretrained folder, released MDLM folder or .ckpt, or hub id")
     for name, func, helptext in (("eval", cmd_eval, "evaluate a model"), ("sample", cmd_sample, "sample")):
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, help=helptext, epilog=sampler_help() if name == "sample" else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("checkpoint", help=model_help)
         p.add_argument("overrides", nargs="*", help="eval.*, sample.* or data.* overrides")
         p.add_argument("--json", help="also write the result as JSON to this file")
@@ -390,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart config")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     p.set_defaults(func=cmd_quickstart)
+    p = sub.add_parser("config", help="every config key with its type, default, meaning and allowed values")
+    p.add_argument("prefix", nargs="?", help="only keys starting with this (e.g. train. or sample.)")
+    p.set_defaults(func=cmd_config)
     p = sub.add_parser("configs", help="list the packaged configs")
     p.set_defaults(func=cmd_configs)
     return parser
@@ -418,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unmask: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`unmask config | head`): nothing left to say
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ wrong types and unknown presets raise :class:`ConfigError` with a one-line messa
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import math
 import re
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,15 +39,15 @@ class ModelConfig:
     ``preset`` fills every field it names; keys given explicitly next to it win.
     """
 
-    preset: str | None = None
-    hidden: int = 768
-    blocks: int = 12
-    heads: int = 12
-    cond_dim: int = 128
-    dropout: float = 0.1
-    length: int = 1024
-    time_conditioning: bool = False
-    rope_base: float = 10000.0
+    preset: str | None = None  # tiny/small/medium (MDLM) or nano/micro/mini (CPU); fills the keys below
+    hidden: int = 768  # width of the DiT
+    blocks: int = 12  # transformer blocks
+    heads: int = 12  # attention heads (hidden / heads must be even)
+    cond_dim: int = 128  # width of the time-conditioning embedding
+    dropout: float = 0.1  # dropout in attention and MLP outputs
+    length: int = 1024  # longest sequence the model takes (rotary table size)
+    time_conditioning: bool = False  # feed sigma(t) to the network (MDLM's adaLN); off: sigma = 0
+    rope_base: float = 10000.0  # rotary embedding base
     soft_mask_top_k: int = 0  # > 0: soft-masked inputs from the top-k of the previous pass (0 = binary MDLM)
 
 
@@ -62,74 +67,74 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 class DataConfig:
     """Where the text comes from, how it is tokenized and how it is cut into rows."""
 
-    dataset: str = "tinyshakespeare"
-    path: str | None = None
-    valid_path: str | None = None
-    test_path: str | None = None
-    hf_config: str | None = None
-    hf_split_names: list[str] = field(default_factory=lambda: ["train", "validation", "test"])
-    hf_streaming: bool = False
-    text_field: str = "text"
+    dataset: str = "tinyshakespeare"  # tinyshakespeare, text8, text8-prefix, wikitext2, wikitext103, text (files) or hf
+    path: str | None = None  # file, folder or dataset name (text, hf, text8 zip, wikitext folder)
+    valid_path: str | None = None  # explicit validation file (text); else a fraction of path
+    test_path: str | None = None  # explicit test file (text); else a fraction of path
+    hf_config: str | None = None  # Hugging Face dataset configuration name
+    hf_split_names: list[str] = field(default_factory=lambda: ["train", "validation", "test"])  # its train, valid, test
+    hf_streaming: bool = False  # stream a hub dataset instead of downloading it whole
+    text_field: str = "text"  # JSONL/CSV/hf column with the text (the response for prompt/response pairs)
     label_field: str = "label"  # family classifier: the label column of CSV/TSV/JSONL files
     prompt_field: str | None = None  # supervised pairs: the prompt column; data.text_field is the response
     pad_with_eos: bool = False  # pad layout: fill rows with EOS (counted when count_eos) instead of PAD
-    documents: str = "file"
-    valid_fraction: float = 0.05
-    test_fraction: float = 0.05
-    tokenizer: str = "char"
-    tokenizer_path: str | None = None
-    alphabet: str | None = None
-    oov: str = "error"
-    oov_replacement: str = " "
-    length: int = 256
-    layout: str = "wrap"
-    frame: bool = True
-    insert_eos: bool = True
-    count_bos: bool = True
-    count_eos: bool = True
-    count_pad: bool = False
-    cache_dir: str | None = None
+    documents: str = "file"  # what a document is in plain text files: file, line or blank_line (paragraph)
+    valid_fraction: float = 0.05  # share of the documents (or characters) held out for validation
+    test_fraction: float = 0.05  # share held out for testing
+    tokenizer: str = "char"  # char, text8, dna, byte, gpt2 or hf
+    tokenizer_path: str | None = None  # tokenizer files (gpt2: encoder.json + vocab.bpe; hf: tokenizer.json or hub id)
+    alphabet: str | None = None  # the char tokenizer's symbols (default: those of the corpus)
+    oov: str = "error"  # symbols outside a closed alphabet: error, replace or drop
+    oov_replacement: str = " "  # the symbol that replaces them (data.oov=replace)
+    length: int = 256  # tokens per row
+    layout: str = "wrap"  # wrap (documents joined and cut) or pad (one document per row)
+    frame: bool = True  # wrap layout: [BOS] chunk [EOS] rows (else bare chunks)
+    insert_eos: bool = True  # wrap layout: EOS after every document
+    count_bos: bool = True  # score BOS positions in losses and bounds
+    count_eos: bool = True  # score EOS positions
+    count_pad: bool = False  # score PAD positions
+    cache_dir: str | None = None  # where token caches go (default $UNMASK_CACHE or ~/.cache/unmask)
 
 
 @dataclass
 class DiffusionConfig:
     """Noise schedule and NELBO estimator (``mdlm-reference.md`` section 2)."""
 
-    schedule: str = "loglinear"
-    schedule_eps: float = 0.0
-    sigma_min: float = 1e-4
-    sigma_max: float = 20.0
-    t_min: float = 1e-3
-    antithetic: bool = True
-    discrete_steps: int = 0
+    schedule: str = "loglinear"  # noise schedule alpha(t): loglinear, cosine, linear or geometric
+    schedule_eps: float = 0.0  # alpha(1) = eps (MDLM trains with 1e-3)
+    sigma_min: float = 1e-4  # linear/geometric schedules: smallest noise level
+    sigma_max: float = 20.0  # linear/geometric schedules: largest noise level
+    t_min: float = 1e-3  # training draws t from [t_min, 1]
+    antithetic: bool = True  # stratified (low-discrepancy) times over the global batch
+    discrete_steps: int = 0  # T > 0: the T-step NELBO instead of the continuous one
     soft_mask_prob: float = 0.8  # soft-mask models: share of training rows given the two-pass soft input
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 32
-    micro_batch_size: int | None = None
-    lr: float = 3e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    lr_schedule: str = "constant"
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    ema: float = 0.9999
-    precision: str = "auto"
-    compile: bool = False
-    seed: int = 1
-    log_every: int = 10
-    eval_every: int = 0
-    eval_sequences: int = 64
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    max_minutes: float = 0.0
-    progress: bool = True
-    threads: int = 0
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 32  # rows per step over all processes
+    micro_batch_size: int | None = None  # rows per pass per process (0/null: the whole share)
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    adam_eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 100  # linear warm-up steps
+    lr_schedule: str = "constant"  # after warm-up: constant or cosine
+    min_lr_ratio: float = 0.1  # cosine: final learning rate as a share of lr
+    grad_clip: float = 1.0  # gradient norm clipping (0: none)
+    ema: float = 0.9999  # EMA decay of the weights used for evaluation and sampling (0: off)
+    precision: str = "auto"  # auto (bf16 where native), fp32 or bf16 autocast
+    compile: bool = False  # wrap the model in torch.compile
+    seed: int = 1  # every draw of the run derives from it
+    log_every: int = 10  # steps between metrics.jsonl records
+    eval_every: int = 0  # steps between validation scores (0: none)
+    eval_sequences: int = 64  # validation rows scored each time
+    save_every: int = 0  # steps between checkpoints (0: only the last)
+    keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
+    max_minutes: float = 0.0  # stop and save after this wall-clock time (0: no limit)
+    progress: bool = True  # show a progress bar
+    threads: int = 0  # CPU threads (0: the machine's cores shared among local processes)
     deterministic: bool = True  # deterministic kernels: same seed and threads -> bit-identical runs (see README)
     init_from: str | None = None  # start a new run from these weights (continued pretraining)
     soft_mask_lr: float = 1e-2  # learning rate of the soft-mask scalars (their own AdamW group)
@@ -141,43 +146,43 @@ class EvalConfig:
     """``metric: likelihood`` (NELBO / NLL), ``generation`` (samples scored by ``evaluator``) or
     ``exact_match`` (answers generated for the prompts of a prompt/answer split, see ``unmask.tasks``)."""
 
-    metric: str = "likelihood"
-    evaluator: str | None = None
-    mauve: bool = True
-    split: str = "test"
-    mc_samples: int = 4
-    batch_size: int = 16
-    max_sequences: int = 0
-    use_ema: bool = True
-    seed: int = 0
-    precision: str = "fp32"
+    metric: str = "likelihood"  # likelihood, generation or exact_match
+    evaluator: str | None = None  # generation: the AR model that scores samples (run folder or HF causal LM folder)
+    mauve: bool = True  # generation: also MAUVE (needs mauve-text)
+    split: str = "test"  # train, valid or test
+    mc_samples: int = 4  # Monte-Carlo draws of the bound per row
+    batch_size: int = 16  # rows per forward pass
+    max_sequences: int = 0  # score a seeded subset of this many rows (0: all)
+    use_ema: bool = True  # score the EMA weights
+    seed: int = 0  # seed of the Monte-Carlo draws and the row subset
+    precision: str = "fp32"  # auto, fp32 or bf16
 
 
 @dataclass
 class SampleConfig:
     """Which sampler and how (see ``unmask.sampling``); ``auto`` = ancestral for mdlm, ar for ar."""
 
-    sampler: str = "auto"
-    num_samples: int = 4
-    length: int = 0
-    steps: int = 128
-    cache: bool = False
-    tokens_per_step: int = 1
-    score: str = "confidence"
-    reveal: str = "linear"
-    remask: float = 0.0
-    window: int = 0
-    stride: int = 0
-    stop_at_eos: bool = False
-    kv_cache: bool = True
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    precision: str = "float64"
-    model_precision: str = "fp32"
-    seed: int = 0
-    batch_size: int = 16
-    use_ema: bool = True
+    sampler: str = "auto"  # auto (the family's default) or a sampler of `unmask sample --help`
+    num_samples: int = 4  # samples per prompt (or unconditional)
+    length: int = 0  # canvas length (0: data.length)
+    steps: int = 128  # denoising steps (ancestral, confidence)
+    cache: bool = False  # ancestral: reuse a row's prediction while its canvas is unchanged
+    tokens_per_step: int = 1  # first_hitting: tokens revealed per network call
+    score: str = "confidence"  # confidence: confidence, margin, entropy or random
+    reveal: str = "linear"  # confidence: linear or cosine reveal schedule
+    remask: float = 0.0  # confidence: share of revealed tokens masked again per step
+    window: int = 0  # semi-autoregressive window (0: one canvas)
+    stride: int = 0  # semi-autoregressive stride (0: window / 2)
+    stop_at_eos: bool = False  # semi-autoregressive: stop a row at EOS
+    kv_cache: bool = True  # ar: reuse keys and values of the prefix
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    top_p: float = 1.0  # keep the smallest set with this probability mass
+    precision: str = "float64"  # float64 (exact draws) or float32 (MDLM's truncated draw, research only)
+    model_precision: str = "fp32"  # the network's precision: auto, fp32 or bf16
+    seed: int = 0  # row i draws from (seed, i): batching does not change samples
+    batch_size: int = 16  # rows per sampler call
+    use_ema: bool = True  # sample with the EMA weights
     soft_mask: bool = True  # soft-mask models: feed back the previous step (false = binary inputs)
     guidance: float = 0.0  # unsupervised classifier-free guidance weight w (0 = none)
     guidance_schedule: str = "constant"  # constant w, or linear w * t (fading as the canvas fills)
@@ -190,7 +195,7 @@ class ClassifierConfig:
     """``family: classifier``: a classification head on the DiT backbone (``unmask.classification``)."""
 
     pooling: str = "mean"  # mean over non-padding positions, or cls (the BOS position)
-    dropout: float = 0.1
+    dropout: float = 0.1  # dropout before the classification layer
     labels: list[str] | None = None  # class names in index order; read from the training data when unset
 
 
@@ -206,26 +211,26 @@ class RLConfig:
     schedule: list[str] = field(default_factory=lambda: ["reveal", "temperature"])  # learned schedule parameters
     schedule_std: float = 0.3  # initial std of the schedule policy's Gaussians (0: deterministic)
     sample_steps: int = 8  # K, steps of a scheduled rollout
-    iterations: int = 100
-    prompts_per_step: int = 8
+    iterations: int = 100  # GRPO iterations
+    prompts_per_step: int = 8  # prompts per iteration
     group_size: int = 8  # G rollouts per prompt
     epochs: int = 1  # updates per batch of rollouts
-    clip: float = 0.2
+    clip: float = 0.2  # PPO clipping epsilon
     kl: float = 0.04  # beta, weight of the KL to the initial model
     lr: float = 1e-5  # the model's learning rate
-    schedule_lr: float = 0.05
-    grad_clip: float = 1.0
+    schedule_lr: float = 0.05  # learning rate of the schedule policy
+    grad_clip: float = 1.0  # gradient norm clipping of the model
     step_subsample: int = 0  # steps of each rollout scored per model update (0 = all)
     alternate_every: int = 5  # co: iterations per block before switching between model and schedule
-    eval_every: int = 10
-    eval_batch: int = 100
-    seed: int = 0
+    eval_every: int = 10  # iterations between held-out scores (0: none)
+    eval_batch: int = 100  # held-out prompts scored
+    seed: int = 0  # seed of prompt order and rollouts
 
 
 @dataclass
 class RunConfig:
-    family: str = "mdlm"
-    run_dir: str = "runs/default"
+    family: str = "mdlm"  # the model family (unmask.families)
+    run_dir: str = "runs/default"  # the run folder: config, metrics, checkpoints
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -499,13 +504,30 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     return validate(_build(RunConfig, _resolve_preset(tree or {}), ""))
 
 
+CONFIG_DIR = Path(__file__).parent / "configs"  # the packaged configs (`unmask configs`)
+
+
+def packaged_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def config_path(name: str | Path) -> Path:
+    """A YAML file, or the packaged config of that name."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = CONFIG_DIR / f"{name}.yaml"
+    if packaged.is_file():
+        return packaged
+    raise ConfigError(f"config '{name}' is neither a file nor a packaged config ({', '.join(packaged_configs())})")
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Read a YAML config (or start from defaults), apply ``key=value`` overrides, validate."""
+    """Read a YAML config (a file or a packaged config's name; or start from defaults), apply
+    ``key=value`` overrides, validate."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = config_path(path)
         try:
             tree = yaml.safe_load(read_text(path)) or {}
         except UnsafeFileError as exc:
@@ -518,6 +540,45 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return config_from_dict(merge_trees(tree, parse_overrides(overrides)))
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One config key: dotted name, type, default and the meaning written next to its field."""
+
+    key: str
+    type: str
+    default: Any
+    help: str
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field of a dataclass, read from its source."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    tree = ast.parse(source).body[0]
+    return {node.target.id: comments.get(node.end_lineno, "") for node in tree.body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+
+
+def config_keys(cls: type = RunConfig, prefix: str = "") -> list[KeyInfo]:
+    """Every key of the config with its type, default and meaning, generated from the dataclasses (so
+    the help cannot drift from the code); ``CHOICES`` and ``RANGES`` add the allowed values."""
+    hints, comments = typing.get_type_hints(cls), _field_comments(cls)
+    defaults = cls()
+    out = []
+    for f in dataclasses.fields(cls):
+        key, annotation = prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            out += config_keys(annotation, key + ".")
+            continue
+        allowed = CHOICES.get(key) or RANGES.get(key)
+        meaning = comments[f.name] + (f" [{' | '.join(allowed)}]" if key in CHOICES else "")
+        meaning += f" {allowed}" if key in RANGES else ""
+        type_name = str(annotation).replace("typing.", "") if not isinstance(annotation, type) else annotation.__name__
+        out.append(KeyInfo(key, type_name, getattr(defaults, f.name), meaning.strip()))
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

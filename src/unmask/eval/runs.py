@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..checkpoints.checkpoint import load_model
+from ..checkpoints.pretrained import open_source
 from ..config import (
     ConfigError,
     RunConfig,
@@ -22,8 +25,8 @@ from ..data.readers import DataError
 from ..data.tasks import read_pairs
 from ..data.tokenization import DNATokenizer, with_oov_policy
 from ..families import family_of
-from ..pipeline import Generation, Source, generate_rows
-from ..runtime import autocast, resolve_precision
+from ..pipeline import Generation, LoadedModel, Source, checkpoint_config, generate_rows
+from ..runtime import autocast, device_for, resolve_precision
 from .classification import classification_metrics, predict
 from .exact_match import exact_match
 from .generation import generation_metrics, load_evaluator
@@ -33,6 +36,18 @@ from .likelihood import likelihood_of_rows, select_rows
 def reading_tokenizer(ckpt: Source, cfg: RunConfig):
     """The model's tokenizer under the run's ``data.oov`` policy (ids unchanged)."""
     return with_oov_policy(ckpt.tokenizer, cfg.data.oov, cfg.data.oov_replacement)
+
+
+def evaluate(model: LoadedModel | Source | str | Path, overrides: Sequence[str] = (), device: str | None = None,
+             progress: bool = False, **eval_settings) -> dict:
+    """Score ``model`` (a :class:`LoadedModel`, a model source or its path) as ``unmask eval`` does:
+    ``eval.*`` settings as keywords (``split="valid"``, ``mc_samples=8``, ``metric="generation"``, ...),
+    other ``eval.*``/``sample.*``/``data.*`` overrides as ``key=value`` strings."""
+    source = model.source if isinstance(model, LoadedModel) else \
+        model if isinstance(model, Source) else open_source(model)
+    settings = [f"eval.{key}={json.dumps(value)}" for key, value in eval_settings.items()]
+    cfg = checkpoint_config(source, [*overrides, *settings])
+    return run_eval(source, cfg, device_for(device), progress)
 
 
 def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool = True) -> dict:
