@@ -30,8 +30,8 @@ from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints, load_mod
 from unmask.config import SampleConfig, load_config
 from unmask.data.dataset import Data
 from unmask.eval.generation import CheckpointEvaluator, kmer_spectrum_distance
-from unmask.eval.likelihood import evaluate
-from unmask.pipeline import generate
+from unmask.eval.likelihood import likelihood_of_rows
+from unmask.pipeline import generate_rows
 from unmask.train.classifier import train_classifier
 from unmask.train.loop import train
 
@@ -85,8 +85,8 @@ def main() -> None:
     for family, ckpt in pretrained.items():
         model, objective = load_model(ckpt, device=device)
         rows = Data(ckpt.config.data, tokenizer=ckpt.tokenizer).rows("test")
-        r = evaluate(model, objective, rows, ckpt.config.data, ckpt.tokenizer, mc_samples=args.mc_samples,
-                     batch_size=256, seed=0, device=device)
+        r = likelihood_of_rows(model, objective, rows, ckpt.config.data, ckpt.tokenizer,
+                               mc_samples=args.mc_samples, batch_size=256, seed=0, device=device)
         likelihood[family] = {"bits_per_base": r["bits_per_token"], "stderr_bits": r["stderr"] / math.log(2),
                               "sequences": r.get("sequences"), "tokens": r.get("tokens")}
         print(f"{family}: {r['bits_per_token']:.4f} bits/base (test)", flush=True)
@@ -110,7 +110,7 @@ def main() -> None:
     reference = {"bits_per_base_under_ar": float(ref_totals.sum() / ref_counts.sum() / math.log(2))}
     for label, model, obj, knobs in settings:
         cfg = dataclasses.replace(base, **knobs)
-        gen = generate(model, obj, tok, cfg, 71, 72, bos=True, device=device)
+        gen = generate_rows(model, obj, tok, cfg, 71, 72, bos=True, device=device)
         texts = [t[:70] for t in gen.texts]
         totals, counts = evaluator.nll(texts)
         row = {"sampler": label, "bits_per_base_under_ar": float(totals.sum() / counts.sum() / math.log(2)),

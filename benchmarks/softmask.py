@@ -33,7 +33,7 @@ from unmask.checkpoints.checkpoint import Checkpoint, load_model
 from unmask.config import SampleConfig
 from unmask.data.dataset import Data
 from unmask.eval.generation import CheckpointEvaluator
-from unmask.eval.likelihood import evaluate
+from unmask.eval.likelihood import likelihood_of_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -112,8 +112,8 @@ def main() -> None:
     for name, path in [("base", base), *models.items()]:
         ckpt = Checkpoint(path)
         model, objective = load_model(ckpt, device=device)
-        e = evaluate(model, objective, valid_rows, ckpt.config.data, ckpt.tokenizer, mc_samples=8, batch_size=64,
-                     max_sequences=args.eval_sequences, seed=0, device=device)
+        e = likelihood_of_rows(model, objective, valid_rows, ckpt.config.data, ckpt.tokenizer, mc_samples=8,
+                               batch_size=64, max_sequences=args.eval_sequences, seed=0, device=device)
         nelbo[name] = {k: e[k] for k in ("nll", "stderr", "bits_per_char")}
         print(f"{name:18s} valid NELBO {e['nll']:.4f} +- {e['stderr']:.4f} nats/token", flush=True)
         feedbacks = (True, False) if ckpt.config.model.soft_mask_top_k else (True,)

@@ -1,0 +1,24 @@
+"""Benchmark scripts do not rot: every one imports against the current package and answers --help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py")
+
+
+def test_every_benchmark_script_answers_help():
+    code = ("import runpy, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    sys.argv = [name, '--help']\n"
+            "    try:\n"
+            "        runpy.run_path(name, run_name='__main__')\n"
+            "    except SystemExit as exc:\n"
+            "        assert exc.code in (0, None), (name, exc.code)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *SCRIPTS], cwd=BENCHMARKS, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("usage:") == len(SCRIPTS), proc.stdout[-2000:]
