@@ -14,13 +14,13 @@ from unmask.data.tokenization import CharTokenizer
 from unmask.objectives.mdlm import MaskedDiffusion
 from unmask.objectives.schedules import LogLinear
 from unmask.samplers.base import row_seeds
+from unmask.samplers.scheduled import ScheduledSampler
 from unmask.train.rl import (
     Rollouts,
     SchedulePolicy,
     group_advantages,
     load_reward,
     model_loss,
-    scheduled_rollouts,
 )
 
 from toys import TINY
@@ -76,9 +76,11 @@ DIFFUSION = MaskedDiffusion(LogLinear(), MASK)
 
 
 def rollouts_of(model, policy, canvas, rewards_fn, seed=0):
-    parts = scheduled_rollouts(model, DIFFUSION, policy, canvas, row_seeds(seed, len(canvas)),
-                               torch.Generator().manual_seed(seed))
-    canvases, z, temperature, guidance, old = parts
+    sampler = ScheduledSampler(DIFFUSION, policy, torch.Generator().manual_seed(seed))
+    result = sampler.sample(model, canvas, row_seeds(seed, len(canvas)))
+    t = sampler.trajectory
+    assert torch.equal(result.tokens, t.canvases[:, -1]) and result.generated == int((canvas == MASK).sum())
+    canvases, z, temperature, guidance, old = t.canvases, t.z, t.temperature, t.guidance, t.log_probs
     rewards = rewards_fn(canvases[:, -1])
     old_schedule = None
     if not policy.deterministic:

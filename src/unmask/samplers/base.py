@@ -144,7 +144,7 @@ def check_knobs(temperature: float, top_k: int, top_p: float, precision: str) ->
         raise SamplingError(f"sampling precision must be float64 or float32, got {precision!r}")
 
 
-def _choose_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def choose_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Bool (R, L): in each row the ``counts[r]`` entries with the highest ``scores`` (-inf never)."""
     order = scores.argsort(dim=1, descending=True, stable=True)
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device)

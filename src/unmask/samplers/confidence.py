@@ -17,8 +17,8 @@ from .base import (
     SampleResult,
     SamplingError,
     StepCallback,
-    _choose_per_row,
     categorical_probs,
+    choose_per_row,
 )
 from .denoiser import DiffusionSampler
 
@@ -103,7 +103,7 @@ class ConfidenceSampler(DiffusionSampler):
             keys = streams.uniform(abs_rows, counter + ORDER, where[:, 1])
             score = torch.full(masked[rows].shape, float("-inf"), dtype=torch.float64, device=x.device)
             score[where[:, 0], where[:, 1]] = self.scores(probs, draws, keys)
-            chosen = _choose_per_row(score, reveal[rows])
+            chosen = choose_per_row(score, reveal[rows])
             sub = x[rows]
             candidate = torch.full_like(sub, self.mask_id)
             candidate[where[:, 0], where[:, 1]] = draws

@@ -16,8 +16,8 @@ from .base import (
     SampleResult,
     SamplingError,
     StepCallback,
-    _choose_per_row,
     categorical_probs,
+    choose_per_row,
 )
 from .denoiser import DiffusionSampler
 
@@ -72,7 +72,7 @@ class FirstHittingSampler(DiffusionSampler):
                 t_next = torch.where(live, self.next_time(t_next, (n[rows] - j).clamp(min=1), u), t_next)
                 first = t_next if first is None else first
             keys = streams.uniform(rows[:, None], (counter + ORDER)[:, None], cols)
-            chosen = _choose_per_row(torch.where(masked[rows], keys, float("-inf")), k)
+            chosen = choose_per_row(torch.where(masked[rows], keys, float("-inf")), k)
             logits = denoise(x[rows], first, chosen, rows)
             probs = categorical_probs(logits, self.temperature, self.top_k, self.top_p, exclude=self.mask_id)
             where = chosen.nonzero()

@@ -51,12 +51,12 @@ from ..checkpoints.runfolder import LOCK_FILE, RunFolderError, RunLock
 from ..config import ConfigError, RunConfig, dump_config, register_choices
 from ..data.tasks import answer_of, read_pairs
 from ..families import family_of
-from ..objectives.guidance import guided_logits, unconditional_input
 from ..objectives.mdlm import MaskedDiffusion
 from ..pipeline import encode_fixed, make_canvas
 from ..runtime import seed_for
-from ..samplers.base import PURPOSES, TOKEN, RowStreams, _choose_per_row, row_seeds
+from ..samplers.base import row_seeds
 from ..samplers.registry import make_sampler, samplers_for
+from ..samplers.scheduled import ScheduledSampler, Trajectory, rollout_logits, tempered_log_probs
 
 SCHEDULE_PARAMETERS = ("reveal", "temperature", "guidance")
 register_choices("rl.sampler", ("scheduled", *samplers_for("diffusion")))  # scheduled: this module's rollout
@@ -199,69 +199,12 @@ class Rollouts:
         return (self.canvases[:, k] == mask_id) & (self.canvases[:, k + 1] != mask_id)
 
 
-def rollout_logits(model, diffusion: MaskedDiffusion, x: torch.Tensor, prompt: torch.Tensor,
-                   guidance: torch.Tensor) -> torch.Tensor:
-    """Logits (N, L, V) in float32 with the mask class at ``-inf``; rows with ``guidance != 0`` use
-    ``l_u + (1 + w)(l_c - l_u)``, the unconditional branch being ``x`` with the prompt masked."""
-    masked = (x == diffusion.mask_id).float()
-    sigma = diffusion.model_sigma((masked.sum(1) / (~prompt).sum(1).clamp(min=1)).double())
-    logits = model(x, sigma).float()
-    guided = guidance != 0
-    if guided.any():
-        rows = guided.nonzero()[:, 0]
-        l_u = model(unconditional_input(x[rows], prompt[rows], diffusion.mask_id), sigma[rows]).float()
-        w = guidance[rows].float()[:, None, None]
-        logits = logits.index_put((rows,), guided_logits(logits[rows], l_u, w))
-    return logits.index_fill(-1, torch.tensor([diffusion.mask_id], device=x.device), float("-inf"))
-
-
-def tempered_log_probs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """``log softmax(l / tau)`` per row: logits (N, L, V), temperature (N,)."""
-    return (logits / temperature.float()[:, None, None]).log_softmax(-1)
-
-
-@torch.no_grad()
-def scheduled_rollouts(model, diffusion: MaskedDiffusion, policy: SchedulePolicy, canvas: torch.Tensor,
-                       seeds: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Run the MDP of the module docstring on ``canvas`` (N, L) for ``policy.steps`` steps. Returns
-    (canvases (N, K+1, L), z (N, K, D), temperature (N, K), guidance (N, K), old log-probs (N, K, L))."""
-    n, steps = len(canvas), policy.steps
-    x, prompt, streams = canvas.clone(), canvas != diffusion.mask_id, RowStreams(seeds)
-    canvases = [x.clone()]
-    zs, temps, weights, log_probs = [], [], [], []
-    for k in range(steps):
-        z = policy.sample(k, n, generator).to(x.device)
-        a = policy.actions(k, z)
-        masked = x == diffusion.mask_id
-        m = masked.sum(1)
-        count = torch.minimum(m, torch.floor(a["reveal"].to(x.device) * m + 0.5).long().clamp(min=1))
-        logits = rollout_logits(model, diffusion, x, prompt, a["guidance"].to(x.device))
-        lp = tempered_log_probs(logits, a["temperature"].to(x.device))
-        rows, cols = masked.nonzero(as_tuple=True)
-        tokens = streams.categorical(lp[rows, cols].double().exp(), rows, k * PURPOSES + TOKEN, cols)
-        drawn = torch.full_like(x, diffusion.mask_id)
-        drawn[rows, cols] = tokens
-        confidence = torch.full(x.shape, float("-inf"), dtype=torch.float64, device=x.device)
-        confidence[rows, cols] = lp[rows, cols].gather(1, tokens[:, None])[:, 0].double()
-        reveal = _choose_per_row(confidence, count) & masked
-        x = torch.where(reveal, drawn, x)
-        chosen = torch.zeros(x.shape, device=x.device)
-        chosen[reveal] = lp.gather(2, x[:, :, None])[:, :, 0][reveal]
-        canvases.append(x.clone())
-        zs.append(z)
-        temps.append(a["temperature"])
-        weights.append(a["guidance"])
-        log_probs.append(chosen)
-    return (torch.stack(canvases, 1), torch.stack(zs, 1), torch.stack(temps, 1), torch.stack(weights, 1),
-            torch.stack(log_probs, 1))
-
-
 @torch.no_grad()
 def recorded_rollouts(model, diffusion: MaskedDiffusion, sampler, canvas: torch.Tensor, seeds: torch.Tensor,
-                      temperature: float) -> tuple[torch.Tensor, ...]:
+                      temperature: float) -> Trajectory:
     """Rollouts from any diffusion sampler: its canvases after every step that changed something (through
-    ``on_step``), scored as the tokens revealed at ``temperature``; same return as
-    :func:`scheduled_rollouts` (D = 0, guidance 0)."""
+    ``on_step``), scored as the tokens revealed at ``temperature``; the trajectory of a scheduled rollout
+    with D = 0 and no guidance."""
     frames = [canvas.clone()]
 
     def keep(c):
@@ -280,8 +223,8 @@ def recorded_rollouts(model, diffusion: MaskedDiffusion, sampler, canvas: torch.
         lp = tempered_log_probs(rollout_logits(model, diffusion, x, prompt, zero), temp[:, k])
         revealed = (x == diffusion.mask_id) & (nxt != diffusion.mask_id)
         log_probs.append(torch.where(revealed, lp.gather(2, nxt[:, :, None])[:, :, 0], torch.zeros_like(lp[..., 0])))
-    return (canvases, torch.zeros(n, steps, 0), temp, torch.zeros(n, steps, dtype=torch.float64),
-            torch.stack(log_probs, 1))
+    return Trajectory(canvases, torch.zeros(n, steps, 0), temp, torch.zeros(n, steps, dtype=torch.float64),
+                      torch.stack(log_probs, 1))
 
 
 def clipped_surrogate(ratio: torch.Tensor, advantage: torch.Tensor, clip: float) -> torch.Tensor:
@@ -369,15 +312,16 @@ class Trainer:
         generator = torch.Generator().manual_seed(seed)
         self.model.eval()
         if self.sampler is not None:
-            parts = recorded_rollouts(self.model, self.diffusion, self.sampler, canvas, seeds,
-                                      self.cfg.sample.temperature)
+            t = recorded_rollouts(self.model, self.diffusion, self.sampler, canvas, seeds, self.cfg.sample.temperature)
         else:
             policy = self.policy
             if mean_schedule and not policy.deterministic:
                 policy = copy.deepcopy(policy)
                 policy.std0 = 0.0
-            parts = scheduled_rollouts(self.model, self.diffusion, policy, canvas, seeds, generator)
-        canvases, z, temperature, guidance, old = parts
+            sampler = ScheduledSampler(self.diffusion, policy, generator)
+            sampler.sample(self.model, canvas, seeds)
+            t = sampler.trajectory
+        canvases, z, temperature, guidance, old = t.canvases, t.z, t.temperature, t.guidance, t.log_probs
         completions = [answer_of(row.tolist(), len(prompt_ids[i // group]), self.tokenizer)
                        for i, row in enumerate(canvases[:, -1].cpu())]
         prompts = [p for p, _ in pairs for _ in range(group)]
