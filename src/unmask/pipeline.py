@@ -81,17 +81,33 @@ def encode_fixed(tokenizer: Tokenizer, text: str) -> list[int]:
     return ids
 
 
-def make_canvas(tokenizer: Tokenizer, rows: list[list[int]], length: int, bos: bool = False) -> torch.Tensor:
-    """A canvas of ``length`` per row: optional BOS, the row's tokens (mask ids where to generate),
-    then masks up to ``length``. Rows may have different prompt lengths."""
+def request_ids(tokenizer: Tokenizer, text: str, template: bool, new_tokens: int | None = None,
+                max_length: int | None = None) -> list[int]:
+    """The ids of one request, mask ids where tokens are to be generated: a template's (its ``[MASK]`` /
+    ``[MASK*n]`` markers masked) or a prompt's followed by ``new_tokens`` masks (None: the canvas's
+    length decides). Longer than ``max_length`` is refused before anything of that size is built."""
+    if template:
+        return encode_template(tokenizer, text, max_length)
+    ids = encode_fixed(tokenizer, text)
+    if max_length is not None and len(ids) + (new_tokens or 0) > max_length:
+        raise SamplingError(f"prompt and completion take {len(ids) + (new_tokens or 0)} tokens, more than the "
+                            f"maximum of {max_length}")
+    return ids + [tokenizer.mask_id] * (new_tokens or 0)
+
+
+def make_canvas(tokenizer: Tokenizer, rows: list[list[int]], length: int, bos: bool = False,
+                close: bool = False) -> torch.Tensor:
+    """Canvases (B, ``length``), one per row of ids (mask ids where to generate): optional BOS, the
+    row, then masks up to ``length``; with ``close``, EOS after the row and padding to ``length``
+    instead (a row as the pad layout trains it). Rows may have different lengths."""
     if not rows:
         raise SamplingError("nothing to sample: the batch is empty")
-    canvas = torch.full((len(rows), length), tokenizer.mask_id, dtype=torch.long)
+    canvas = torch.full((len(rows), length), tokenizer.pad_id if close else tokenizer.mask_id, dtype=torch.long)
     for r, ids in enumerate(rows):
-        prefix = ([tokenizer.bos_id] if bos else []) + list(ids)
+        prefix = ([tokenizer.bos_id] if bos else []) + list(ids) + ([tokenizer.eos_id] if close else [])
         if len(prefix) > length:
-            raise SamplingError(f"a prompt of {len(prefix)} tokens does not fit a canvas of {length}")
-        if len(prefix) == length and tokenizer.mask_id not in prefix:
+            raise SamplingError(f"a row of {len(prefix)} tokens does not fit a canvas of {length}")
+        if len(prefix) == length and tokenizer.mask_id not in prefix and not close:
             raise SamplingError(f"a prompt of {len(prefix)} tokens leaves nothing to generate in a canvas "
                                 f"of {length}")
         canvas[r, :len(prefix)] = torch.tensor(prefix, dtype=torch.long)
@@ -133,10 +149,10 @@ def generate_rows(model, objective: Objective, tokenizer: Tokenizer, cfg: Sample
         if not family.infills:
             raise SamplingError(f"a template ([MASK] infilling) needs a model that infills; a {family.name} model "
                                 f"only continues a prompt")
-        requests = [encode_template(tokenizer, template)]
+        requests = [request_ids(tokenizer, template, template=True)]
         length = max(length, len(requests[0]) + int(bos)) if grows else len(requests[0]) + int(bos)
     else:
-        requests = [encode_fixed(tokenizer, p) for p in prompts] if prompts else [[]]
+        requests = [request_ids(tokenizer, p, template=False) for p in prompts] if prompts else [[]]
     if length > model_length and not cfg.window:
         raise SamplingError(f"a canvas of {length} tokens (sample.length) exceeds the model's maximum length "
                             f"{model_length}; set sample.window (semi-autoregressive) for longer outputs")

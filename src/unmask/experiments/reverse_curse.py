@@ -30,6 +30,7 @@ import torch
 from ..config import SampleConfig
 from ..families import family_of
 from ..objectives.base import Noise
+from ..pipeline import make_canvas
 from ..runtime import generator_for
 from ..samplers.base import row_seeds
 from ..samplers.registry import make_sampler
@@ -95,13 +96,10 @@ def write_facts(facts: list[Fact], path: str | Path) -> Path:
     return path
 
 
-def _layout(loaded, ids: list[int]) -> list[int]:
-    """A row as the model was trained on it: ``[BOS] ids [EOS] [PAD]...`` of ``data.length``."""
-    tok, length = loaded.tokenizer, loaded.config.data.length
-    row = [tok.bos_id, *ids, tok.eos_id]
-    if len(row) > length:
-        raise ValueError(f"a fact of {len(ids)} tokens does not fit rows of {length}")
-    return row + [tok.pad_id] * (length - len(row))
+def _layout(loaded, rows: list[list[int]]) -> torch.Tensor:
+    """Rows as the model was trained on them: ``[BOS] ids [EOS] [PAD]...`` of ``data.length``."""
+    canvas = make_canvas(loaded.tokenizer, rows, loaded.config.data.length, bos=True, close=True)
+    return canvas.to(next(loaded.model.parameters()).device)
 
 
 def _greedy(loaded, rows: list[list[int]], guidance: float) -> list[list[int]]:
@@ -114,7 +112,7 @@ def _greedy(loaded, rows: list[list[int]], guidance: float) -> list[list[int]]:
         cfg = SampleConfig(sampler="ar" if ar else "confidence", steps=max(1, masks), temperature=0.0,
                            guidance=0.0 if ar else guidance)
         sampler = make_sampler(cfg, loaded.objective, tok, loaded.config.model.length)
-        canvas = torch.tensor([_layout(loaded, row)], device=next(loaded.model.parameters()).device)
+        canvas = _layout(loaded, [row])
         outputs.append(sampler.sample(loaded.model, canvas, row_seeds(0, 1)).tokens[0, 1:1 + len(row)].tolist())
     return outputs
 
@@ -140,7 +138,7 @@ def sentence_nll(loaded, statements: list[str], mc_samples: int = 16, seed: int 
     that are the same for every statement (common random numbers)."""
     tok = loaded.tokenizer
     device = next(loaded.model.parameters()).device
-    x0 = torch.tensor([_layout(loaded, tok.encode(s).tolist()) for s in statements], device=device)
+    x0 = _layout(loaded, [tok.encode(s).tolist() for s in statements])
     counted = (x0 != tok.pad_id) & (x0 != tok.bos_id)
     if loaded.objective.bound == "exact":
         return loaded.objective.loss(loaded.model, x0, counted).double().cpu()

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config import ConfigError, SampleConfig
 from ..data.layouts import starts_with_bos
 from ..families import FAMILIES, family_of
-from ..pipeline import MASK_MARK, encode_fixed, encode_template, make_canvas
+from ..pipeline import MASK_MARK, encode_fixed, make_canvas, request_ids
 from ..runtime import autocast, resolve_precision
 from ..samplers.base import SamplingError, row_seeds
 from ..samplers.registry import SAMPLERS, make_sampler, samplers_for
@@ -168,8 +168,7 @@ class ModelService:
         if infill and not self.family.infills:
             raise RequestError(f"infilling ([MASK] markers) needs a model that infills, not a {self.family.name} model")
         try:
-            ids = encode_template(self.tokenizer, req.prompt, room) if infill else \
-                self._continuation(encode_fixed(self.tokenizer, req.prompt), req.max_tokens)
+            ids = request_ids(self.tokenizer, req.prompt, infill, None if infill else self._new_tokens(req), room)
         except (SamplingError, ValueError) as exc:
             raise RequestError(f"prompt: {exc}") from None
         length = len(ids) + int(self.bos)
@@ -188,9 +187,11 @@ class ModelService:
             raise RequestError(str(exc)) from None
         return canvas, row_seeds(seed, req.n), cfg, seed
 
-    def _continuation(self, ids: list[int], max_tokens: int | None) -> list[int]:
-        """A prompt's ids followed by the masks to generate (``max_tokens``, or up to the default length)."""
-        used = len(ids) + int(self.bos)
+    def _new_tokens(self, req: CompletionRequest) -> int:
+        """The tokens to generate after a prompt: ``max_tokens``, or up to the length the model was
+        trained on."""
+        ids = encode_fixed(self.tokenizer, req.prompt)
+        used, max_tokens = len(ids) + int(self.bos), req.max_tokens
         if max_tokens is None:
             if used >= self.length:
                 raise RequestError(f"a prompt of {len(ids)} tokens leaves no room in this model's maximum of "
@@ -203,7 +204,7 @@ class ModelService:
         if used + max_tokens > self.length:
             raise RequestError(f"prompt and completion take {used + max_tokens} tokens; this model's maximum "
                                f"is {self.length}")
-        return ids + [self.tokenizer.mask_id] * max_tokens
+        return max_tokens
 
     async def submit(self, req: CompletionRequest) -> tuple[Job, int]:
         """Queue a request: a slot first (Busy, Unavailable), then its canvas, built off the event loop."""

@@ -52,7 +52,7 @@ from ..config import ConfigError, RunConfig, dump_config, register_choices
 from ..data.tasks import answer_of, read_pairs
 from ..families import family_of
 from ..objectives.mdlm import MaskedDiffusion
-from ..pipeline import encode_fixed, make_canvas
+from ..pipeline import make_canvas, request_ids
 from ..runtime import seed_for
 from ..samplers.base import row_seeds
 from ..samplers.registry import make_sampler, samplers_for
@@ -305,7 +305,7 @@ class Trainer:
 
     def rollouts(self, pairs: list[tuple[str, str]], group: int, seed: int, mean_schedule: bool = False) -> Rollouts:
         """``group`` rollouts for each (prompt, answer) pair, scored by the reward."""
-        prompt_ids = [encode_fixed(self.tokenizer, p) for p, _ in pairs]
+        prompt_ids = [request_ids(self.tokenizer, p, template=False) for p, _ in pairs]
         rows = [ids for ids in prompt_ids for _ in range(group)]
         canvas = make_canvas(self.tokenizer, rows, self.cfg.data.length, bos=True).to(self.device)
         seeds = row_seeds(seed, len(rows)).to(self.device)
