@@ -32,7 +32,6 @@ from unmask.data.dataset import Data
 from unmask.eval.generation import CheckpointEvaluator, kmer_spectrum_distance
 from unmask.eval.likelihood import likelihood_of_rows
 from unmask.pipeline import generate_rows
-from unmask.train.classifier import train_classifier
 from unmask.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +133,7 @@ def main() -> None:
         run_dir = runs / ("clf-pretrained" if init else "clf-scratch")
         if not (run_dir / "test_metrics.json").is_file():
             print(f"classifier {name} ({args.finetune_steps} steps)", flush=True)
-            train_classifier(load_config(None, [*finetune, f"run_dir={run_dir}", *init]))
+            train(load_config(None, [*finetune, f"run_dir={run_dir}", *init]))
         classification[name] = json.loads((run_dir / "test_metrics.json").read_text())
         t = classification[name]["test"]
         print(f"{name:26s} test AUC {t['auc']:.4f} accuracy {t['accuracy']:.4f} MCC {t['mcc']:.4f}", flush=True)

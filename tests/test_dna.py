@@ -186,16 +186,14 @@ def test_classifier_fine_tunes_from_a_pretrained_mdlm(tmp_path):
                              "data.tokenizer=dna", "data.length=24", "data.layout=pad", f"run_dir={lm}",
                              "train.steps=4"]))
     run = tmp_path / "clf"
-    from unmask.train.classifier import train_classifier
-
     cfg = load_config(None, classifier_overrides(paths, run, "train.steps=2", f"train.init_from={lm}", "train.lr=0"))
-    train_classifier(cfg)
+    train(cfg)
     source = Checkpoint(lm).weights(ema=True)
     tuned = Checkpoint(list_checkpoints(run / "checkpoints")[-1]).weights()
     for name, value in source.items():  # lr 0: the backbone is still exactly the pretrained MDLM
         assert torch.equal(tuned[f"backbone.{name}"], value), name
     with pytest.raises(ConfigError, match="needs a mdlm model"):
-        train_classifier(load_config(None, classifier_overrides(paths, tmp_path / "x", f"train.init_from={run}")))
+        train(load_config(None, classifier_overrides(paths, tmp_path / "x", f"train.init_from={run}")))
 
 
 def test_classifier_config_errors(tmp_path):
@@ -203,15 +201,11 @@ def test_classifier_config_errors(tmp_path):
         load_config(None, [*TINY, "family=classifier", "data.dataset=text", "data.path=x.csv"])
     paths = separable_files(tmp_path, n=8)
     (tmp_path / "one.csv").write_text("sequence,label\nACGT,1\nAAAA,1\n")
-    from unmask.train.classifier import train_classifier
-
     with pytest.raises(DataError, match="two classes"):
-        train_classifier(load_config(None, classifier_overrides({**paths, "train": tmp_path / "one.csv"},
-                                                                tmp_path / "r")))
+        train(load_config(None, classifier_overrides({**paths, "train": tmp_path / "one.csv"}, tmp_path / "r")))
     (tmp_path / "bad.csv").write_text("sequence,label\nACGT,1\nACXT,0\n")
     with pytest.raises(DataError, match=r"row 2.*'X'"):
-        train_classifier(load_config(None, classifier_overrides({**paths, "train": tmp_path / "bad.csv"},
-                                                                tmp_path / "r")))
+        train(load_config(None, classifier_overrides({**paths, "train": tmp_path / "bad.csv"}, tmp_path / "r")))
 
 
 @pytest.mark.skipif(not PROMOTERS.is_dir(), reason=f"promoter data not found at {PROMOTERS}")

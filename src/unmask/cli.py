@@ -52,7 +52,6 @@ from .pipeline import Generation, checkpoint_config
 from .runtime import device_for
 from .samplers.base import SamplingError
 from .samplers.registry import SAMPLERS
-from .train.classifier import train_classifier
 from .train.loop import TrainingError, train
 from .train.rl import rl_train
 
@@ -90,21 +89,17 @@ def print_samples(gen: Generation) -> None:
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    final = train(cfg, fresh=args.fresh)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if family_of(cfg).labels:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("classifier fine-tuning runs in one process; start it without torchrun")
-        best = train_classifier(cfg, fresh=args.fresh)
         result = json.loads((Path(cfg.run_dir) / "test_metrics.json").read_text())
         for split in ("valid", "test"):
             if split in result:
                 r = result[split]
                 print(f"{split}: AUC {r['auc']:.4f}  accuracy {r['accuracy']:.4f}  MCC {r['mcc']:.4f}  "
                       f"({r['n']} rows, best step {result['best_step']})")
-        print(f"checkpoint: {best}")
-        return 0
-    final = train(cfg, fresh=args.fresh)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"checkpoint: {final}")
+    print(f"checkpoint: {final}")
     return 0
 
 

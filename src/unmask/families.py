@@ -14,12 +14,15 @@ from typing import Callable, Literal
 import torch
 
 from .config import ConfigError, RunConfig, register_choices
+from .data.dataset import Data
+from .data.labelled import LabelledData
 from .data.tokenization import Tokenizer
 from .models.classifier import build_classifier
 from .models.dit import DiT
 from .models.insertion import build_insertion_model
 from .objectives.ar import Autoregressive
 from .objectives.base import Objective
+from .objectives.classification import ClassificationObjective
 from .objectives.ilm import InsertionObjective
 from .objectives.mdlm import MaskedDiffusion
 from .objectives.schedules import make_schedule
@@ -34,14 +37,18 @@ class FamilySpec:
     description: str  # "masked diffusion (MDLM) language": model cards and help texts
     card_tag: str  # the model card's tag on the hub
     network: Callable[[RunConfig, Tokenizer], torch.nn.Module]
-    objective: Callable[[RunConfig, Tokenizer], Objective | None]
+    objective: Callable[[RunConfig, Tokenizer], Objective]
     decoding: Literal["diffusion", "ar", "insertion"] | None  # the samplers that generate with it (None: no text)
     default_sampler: str | None  # what sample.sampler=auto means
     infills: bool  # generates into [MASK] gaps of a template
     likelihood: bool  # its evaluation is a likelihood (a bound or exact), usable in scaling sweeps
     exports: tuple[str, ...] = ("unmask",)  # formats `unmask export --to` writes
     servable: bool = False  # `unmask serve` serves it
-    labels: bool = False  # it learns a label per sequence (classification) instead of the sequences
+    labels: bool = False  # it learns a label per sequence (classification): labelled data, validation picks best/
+    ema: bool = True  # training keeps an EMA of the weights (train.ema)
+    starts_from: str | None = None  # train.init_from fills its `backbone` from a model of this family (None: same)
+    data: Callable[[RunConfig, Tokenizer | None, bool], Data | LabelledData] = \
+        lambda cfg, tokenizer, progress: Data(cfg.data, tokenizer, progress)  # the run's splits
 
 
 def _diffusion(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusion:
@@ -67,8 +74,9 @@ FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
     FamilySpec("ilm", "insertion (ILM) language", "insertion-lm", build_insertion_model, _insertion_objective,
                decoding="insertion", default_sampler="insertion", infills=True, likelihood=False),
     FamilySpec("classifier", "sequence classification", "text-classification", build_classifier,
-               lambda cfg, tok: None, decoding=None, default_sampler=None, infills=False, likelihood=False,
-               labels=True),
+               lambda cfg, tok: ClassificationObjective(), decoding=None, default_sampler=None, infills=False,
+               likelihood=False, labels=True, ema=False, starts_from="mdlm",
+               data=lambda cfg, tokenizer, progress: LabelledData(cfg, tokenizer)),
 )}
 register_choices("family", tuple(FAMILIES))
 
@@ -104,6 +112,6 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> torch.nn.Module:
     return network(cfg, tokenizer)
 
 
-def build_objective(cfg: RunConfig, tokenizer: Tokenizer) -> Objective | None:
-    """The training objective of ``cfg``'s family (None for classifiers, trained by cross-entropy)."""
+def build_objective(cfg: RunConfig, tokenizer: Tokenizer) -> Objective:
+    """The training objective of ``cfg``'s family."""
     return family_of(cfg).objective(cfg, tokenizer)

@@ -106,7 +106,8 @@ def make_canvas(tokenizer: Tokenizer, rows: list[list[int]], length: int, bos: b
     for r, ids in enumerate(rows):
         prefix = ([tokenizer.bos_id] if bos else []) + list(ids) + ([tokenizer.eos_id] if close else [])
         if len(prefix) > length:
-            raise SamplingError(f"a row of {len(prefix)} tokens does not fit a canvas of {length}")
+            raise SamplingError(f"a {'row' if close else 'prompt'} of {len(prefix)} tokens does not fit a canvas of "
+                                f"{length}")
         if len(prefix) == length and tokenizer.mask_id not in prefix and not close:
             raise SamplingError(f"a prompt of {len(prefix)} tokens leaves nothing to generate in a canvas "
                                 f"of {length}")

@@ -1,14 +1,17 @@
-"""Labelled rows for sequence classification (CSV/TSV/JSONL with a text and a label column)."""
+"""Labelled rows for sequence classification (CSV/TSV/JSONL with a text and a label column): the data
+of a ``family: classifier`` run, with the interface of :class:`~unmask.data.dataset.Data`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import RunConfig
+from .layouts import PAD, TOKEN, Rows
 from .readers import DataError, file_format, read_jsonl, read_table
-from .tokenization import OutOfVocabularyError, Tokenizer
+from .tokenization import OutOfVocabularyError, Tokenizer, build_tokenizer
 
 
 def read_labelled(path: str | Path, text_field: str, label_field: str) -> tuple[list[str], list[str]]:
@@ -49,8 +52,11 @@ def encode_rows(texts: list[str], tokenizer: Tokenizer, length: int, where: str)
     return ids, keep
 
 
-class LabelledSplit:
-    """One split in memory: ``ids`` (N, L), ``keep`` (N, L), ``labels`` (N,) class indices."""
+class LabelledSplit(Rows):
+    """One split in memory: ``ids`` (N, L), ``keep`` (N, L) its non-padding positions, ``labels`` (N,)
+    class indices. As :class:`~unmask.data.layouts.Rows`, ``get`` gives the ids of ``[BOS] text [EOS]
+    [PAD]...`` rows and their kinds: every non-padding position, BOS and EOS included, is a token of
+    the sequence the classifier reads (``data.count_*`` do not apply), padding is padding."""
 
     def __init__(self, path: str, cfg: RunConfig, tokenizer: Tokenizer, names: list[str]):
         texts, labels = read_labelled(path, cfg.data.text_field, cfg.data.label_field)
@@ -62,6 +68,44 @@ class LabelledSplit:
             raise DataError(f"{path}: labels {unknown[:5]} are not among the classes {names}")
         self.ids, self.keep = encode_rows(texts, tokenizer, cfg.data.length, str(path))
         self.labels = torch.tensor([index[label] for label in labels])
+        self.length = cfg.data.length
+        self.kinds = np.where(self.keep.numpy(), TOKEN, PAD).astype(np.int8)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.ids.numpy()[indices], self.kinds[indices]
+
+
+class LabelledData:
+    """The tokenizer and the labelled splits of a classifier run (``data.path`` train,
+    ``data.valid_path``, ``data.test_path``). The classes are ``classifier.labels`` or, when unset,
+    those of the training file, written into ``cfg`` so that the run's config names them."""
+
+    def __init__(self, cfg: RunConfig, tokenizer: Tokenizer | None = None):
+        d = cfg.data
+        texts, labels = read_labelled(d.path, d.text_field, d.label_field)
+        names = cfg.classifier.labels or label_names(labels)
+        if len(names) < 2:
+            raise DataError(f"{d.path}: a classifier needs at least two classes, found {names}")
+        cfg.classifier.labels = names
+        if tokenizer is None:
+            try:
+                tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_path, d.alphabet, d.oov, d.oov_replacement,
+                                            corpus_symbols=lambda: set("".join(texts)))
+            except (OSError, ValueError) as exc:
+                raise DataError(str(exc)) from None
+        self.cfg, self.tokenizer, self.names = cfg, tokenizer, names
+        self.paths = {"train": d.path, "valid": d.valid_path, "test": d.test_path}
+        self._rows: dict[str, LabelledSplit] = {}
+
+    def has(self, split: str) -> bool:
+        return bool(self.paths.get(split))
+
+    def rows(self, split: str) -> LabelledSplit:
+        if not self.has(split):
+            raise DataError(f"this classifier has no {split} file: set data.{split}_path")
+        if split not in self._rows:
+            self._rows[split] = LabelledSplit(self.paths[split], self.cfg, self.tokenizer, self.names)
+        return self._rows[split]

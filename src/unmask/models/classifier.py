@@ -1,4 +1,17 @@
-"""A classification head on the bidirectional DiT backbone (``family: classifier``)."""
+"""Sequence classification on the DiT backbone (MDLM's downstream fine-tuning), for DNA and for text.
+
+``family: classifier`` runs put a head on the bidirectional backbone: the last block's hidden states,
+pooled (``mean`` over non-padding positions, or ``cls``: the BOS position), a layer norm, dropout and a
+linear layer to the classes. Rows are ``[BOS] sequence [EOS] [PAD]...`` of ``data.length`` (longer
+sequences are truncated), read from CSV/TSV/JSONL files with ``data.text_field`` and
+``data.label_field`` (``data.path`` train, ``data.valid_path``, ``data.test_path``; ``unmask.data.labelled``).
+The backbone starts from a pretrained MDLM (``train.init_from``) or from scratch; the input is the clean
+sequence (no masks). The training loop (``unmask.train.loop``) trains it with the cross-entropy objective
+(``unmask.objectives.classification``), scores the validation file every ``train.eval_every`` steps (a
+tenth of the run by default), keeps the checkpoint with the best validation score (ROC AUC for two
+classes, accuracy otherwise) as ``best/`` and scores it on the test file at the end
+(``test_metrics.json``). One process; no EMA.
+"""
 
 from __future__ import annotations
 

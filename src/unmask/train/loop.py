@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -34,11 +35,11 @@ from ..checkpoints.checkpoint import (
 from ..checkpoints.pretrained import open_source
 from ..checkpoints.runfolder import RunLock, clear_run_folder
 from ..config import ConfigError, RunConfig, dump_config, resume_differences
-from ..data.dataset import Data
 from ..data.layouts import BatchOrder, counted_positions, random_lengths
 from ..data.tokenization import with_oov_policy
+from ..eval.classification import classification_metrics, predict, selection_score
 from ..eval.likelihood import likelihood_of_rows
-from ..families import build_model, build_objective
+from ..families import build_model, build_objective, family_of
 from ..models.dit import count_parameters
 from ..objectives.base import draw_noise
 from ..runtime import (
@@ -148,6 +149,11 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
     micro, accumulation = micro_batching(cfg, dist.world)
+    spec = family_of(cfg)
+    if spec.labels and dist.world > 1:
+        raise ConfigError(f"{spec.description} runs in one process; start it without torchrun")
+    # a classifier validates (and keeps its best checkpoint) ten times a run unless told otherwise
+    eval_every = t.eval_every or (max(1, t.steps // 10) if spec.labels else 0)
     # the main process locks the run folder, then tokenizes (and caches) the data; the others then
     # open the cache. A failure on the main process is shared so that no process waits at a barrier
     failure = None
@@ -158,9 +164,9 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
                 print(f"{run_dir}: taking over the lock of {lock.stale_owner}, which is no longer running")
             if fresh:
                 clear_run_folder(run_dir)
-            data = Data(cfg.data, progress=t.progress, tokenizer=init_tokenizer(cfg))
+            data = spec.data(cfg, init_tokenizer(cfg), t.progress)
             train_rows = data.rows("train")
-            valid_rows = data.rows("valid") if t.eval_every else None
+            valid_rows = data.rows("valid") if eval_every else None
         except Exception as exc:
             failure = exc
     if dist.all_sum([1.0 if failure else 0.0])[0]:
@@ -168,9 +174,9 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
             raise failure
         raise RuntimeError("the main process failed to prepare the data")
     if not dist.main:
-        data = Data(cfg.data, tokenizer=init_tokenizer(cfg))
+        data = spec.data(cfg, init_tokenizer(cfg), False)
         train_rows = data.rows("train")
-        valid_rows = data.rows("valid") if t.eval_every else None
+        valid_rows = data.rows("valid") if eval_every else None
     tokenizer = data.tokenizer
 
     torch.manual_seed(seed_for(t.seed, 0x1417))
@@ -180,7 +186,8 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
     if ckpt is not None:
         check_resumable(ckpt, cfg, run_dir)
     elif t.init_from:
-        initialize_from(model, t.init_from, cfg, tokenizer)
+        initialize_from(model.backbone if spec.starts_from else model, t.init_from, cfg, tokenizer,
+                        spec.starts_from)
         if dist.main:
             print(f"initialized {run_dir} from {t.init_from}")
     if dist.main:
@@ -188,9 +195,10 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
         tokenizer.save(run_dir / "tokenizer")
     dist.barrier()
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), betas=tuple(t.betas), eps=t.adam_eps)
-    ema = EMA(model, t.ema) if t.ema > 0 else None
+    ema = EMA(model, t.ema) if t.ema > 0 and spec.ema else None
 
     start_step, elapsed_before = 0, 0.0
+    best = {"score": -math.inf, "step": 0}  # the best validation score (families that select a checkpoint)
     if ckpt is not None:
         load_weights(model, ckpt.weights(ema=False), str(ckpt.path))
         optimizer_state = ckpt.optimizer_state()
@@ -200,6 +208,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
         if ema is not None and ckpt.ema_state() is not None:
             ema.load(ckpt.ema_state(), ckpt.state.get("ema_updates", ckpt.step))
         start_step, elapsed_before = ckpt.step, ckpt.state.get("elapsed_seconds", 0.0)
+        best = ckpt.state.get("best", best)
         if dist.main:
             print(f"resuming {run_dir} from step {start_step}")
 
@@ -239,11 +248,11 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
                                 f"train.lr, raise train.warmup_steps or set train.grad_clip")
         checked_step = step
 
-    def save(at: int) -> Path:
+    def save(at: int, root: Path = ckpt_root, keep: int = t.keep_checkpoints) -> Path:
         state = {"elapsed_seconds": elapsed(), "ema_updates": ema.updates if ema else 0,
-                 "epoch": order.epoch_of(at), "rows_seen": at * t.batch_size}
-        return save_checkpoint(ckpt_root, at, model.state_dict(), cfg, tokenizer, optimizer.state_dict(),
-                               ema.state_dict(model) if ema else None, state, keep=t.keep_checkpoints)
+                 "epoch": order.epoch_of(at), "rows_seen": at * t.batch_size, "best": best}
+        return save_checkpoint(root, at, model.state_dict(), cfg, tokenizer, optimizer.state_dict(),
+                               ema.state_dict(model) if ema else None, state, keep=keep)
 
     while step < t.steps:
         model.train()
@@ -262,6 +271,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
         counted = torch.from_numpy(counted_np).to(device, non_blocking=True)
         noise = draw_noise(t.batch_size, seq_len, generator_for(t.seed, step, 0x7015E), cfg.diffusion.antithetic)
         noise = noise.slice(dist.rank * local, (dist.rank + 1) * local).to(device)
+        labels = torch.as_tensor(train_rows.labels[rows]).to(device) if spec.labels else None
         # the unit losses are averaged over: counted tokens, or rows for per-sequence objectives (ILM)
         local_tokens = float(len(counted_np) if objective.per_sequence else counted_np.sum())
         global_tokens = dist.all_sum([local_tokens])[0]
@@ -273,8 +283,9 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
             ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with autocast(device, precision):
+                    targets = {} if labels is None else {"labels": labels[part]}
                     loss_sum = objective.loss(forward_model, x0[part], counted[part],
-                                              noise.slice(m * micro, (m + 1) * micro)).sum()
+                                              noise.slice(m * micro, (m + 1) * micro), **targets).sum()
                 (loss_sum * dist.world / max(global_tokens, 1.0)).backward()
             step_loss += loss_sum.detach().double()
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
@@ -292,7 +303,8 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
         stop_for_time = False
         if t.max_minutes > 0:
             stop_for_time = dist.all_sum([1.0 if elapsed() >= t.max_minutes * 60 else 0.0])[0] > 0
-        saving = t.save_every and step % t.save_every == 0
+        validating = bool(eval_every) and (step % eval_every == 0 or step == t.steps)
+        saving = (t.save_every and step % t.save_every == 0) or (validating and spec.labels)
         if (t.log_every > 0 and step % t.log_every == 0) or step == t.steps or stop_for_time or saving:
             check_finite()
         if (t.log_every > 0 and step % t.log_every == 0) or step == t.steps or stop_for_time:
@@ -311,9 +323,12 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
             window_start, window_steps = time.perf_counter(), 0
         if bar is not None:
             bar.update(1)
-        if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and dist.main:
-            log.write({"step": step, "event": "eval", "split": "valid",
-                       **_eval_during_training(cfg, model, ema, objective, valid_rows, tokenizer, device)})
+        if validating and dist.main:
+            metrics, score = _validate(cfg, spec, model, ema, objective, valid_rows, tokenizer, device)
+            log.write({"step": step, "event": "eval", "split": "valid", **metrics})
+            if score is not None and score > best["score"]:
+                best = {"score": score, "step": step}
+                save(step, run_dir / "best", keep=1)
         if saving and dist.main:
             last_saved = save(step)
         dist.barrier()
@@ -325,14 +340,40 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
     if dist.main:
         if last_saved is None or not last_saved.name.endswith(f"{step:08d}"):
             last_saved = save(step)
-        log.write({"event": "end", "step": step, "elapsed_seconds": elapsed(),
-                   "peak_memory_mb": peak_memory_mb(device)})
+        end = {"event": "end", "step": step, "elapsed_seconds": elapsed(), "peak_memory_mb": peak_memory_mb(device)}
+        if spec.labels:
+            last_saved = list_checkpoints(run_dir / "best")[-1]
+            end.update(score_best(cfg, model, data, last_saved, best, device))
+        log.write(end)
     dist.barrier()
     return last_saved or list_checkpoints(ckpt_root)[-1]
 
 
-def _eval_during_training(cfg, model, ema, objective, rows, tokenizer, device) -> dict:
-    """Validation NELBO on ``train.eval_sequences`` rows, with the EMA weights when available."""
+def score_best(cfg: RunConfig, model: torch.nn.Module, data, best_path: Path, best: dict,
+               device: torch.device) -> dict:
+    """A classifier's final figures: the best validation checkpoint scored on the valid and test files,
+    written to ``test_metrics.json``; returned flat for the end record of ``metrics.jsonl``."""
+    load_weights(model, Checkpoint(best_path).weights(ema=False), str(best_path))
+    precision = resolve_precision(cfg.train.precision, device)
+    result = {"best_step": best["step"]}
+    for split in ("valid", "test"):
+        if data.has(split):
+            rows = data.rows(split)
+            result[split] = classification_metrics(predict(model, rows, cfg.eval.batch_size, device, precision),
+                                                   rows.labels)
+    (Path(cfg.run_dir) / "test_metrics.json").write_text(json.dumps(result, indent=1))
+    return {f"{split}_{name}": value for split in ("valid", "test") if split in result
+            for name, value in result[split].items()}
+
+
+def _validate(cfg, spec, model, ema, objective, rows, tokenizer, device) -> tuple[dict, float | None]:
+    """Validation figures and the score that picks the best checkpoint (None: no selection). A
+    classifier: its metrics on the validation file, scored by AUC (two classes) or accuracy; others:
+    the NELBO on ``train.eval_sequences`` rows, with the EMA weights when available."""
+    if spec.labels:
+        precision = resolve_precision(cfg.train.precision, device)
+        metrics = classification_metrics(predict(model, rows, cfg.eval.batch_size, device, precision), rows.labels)
+        return metrics, selection_score(metrics, len(cfg.classifier.labels))
     backup = None
     if ema is not None and cfg.eval.use_ema:
         backup = {k: v.clone() for k, v in model.state_dict().items()}
@@ -346,4 +387,4 @@ def _eval_during_training(cfg, model, ema, objective, rows, tokenizer, device) -
         if backup is not None:
             model.load_state_dict(backup)
     keys = ("nll", "stderr", "perplexity", "bits_per_token", "bits_per_char", "loss")
-    return {k: result[k] for k in keys if k in result}
+    return {k: result[k] for k in keys if k in result}, None
