@@ -4,8 +4,8 @@ rotary embeddings, the positions/inputs_embeds paths."""
 import pytest
 import torch
 
-from unmask.config import MODEL_PRESETS, ModelConfig
-from unmask.models.dit import DiT, apply_rotary, bucketed_positions, count_parameters
+from unmask.config import MODEL_PRESETS, ModelConfig, load_config
+from unmask.models.dit import DiT, Rotary, apply_rotary, bucketed_positions, count_parameters
 
 MDLM_BLOCK_KEYS = ["norm1.weight", "attn_qkv.weight", "attn_out.weight", "norm2.weight", "mlp.0.weight",
                    "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "adaLN_modulation.weight", "adaLN_modulation.bias"]
@@ -93,8 +93,6 @@ def test_positions_and_inputs_embeds_paths_agree_with_full_forward():
 
 def test_rotary_scores_depend_only_on_relative_position():
     d, length = 8, 20
-    from unmask.models.dit import Rotary
-
     cos, sin = Rotary(d)(length, torch.device("cpu"))
     q = torch.randn(d).expand(1, 1, length, d)
     k = torch.randn(d).expand(1, 1, length, d)
@@ -135,3 +133,24 @@ def test_bucketed_positions_pad_to_few_shapes():
         assert torch.all(index[n:] == 0) and len(index) % 8 == 0 and len(index) >= max(n, 8)
         sizes.add(len(index))
     assert len(sizes) <= 8
+
+
+def test_the_rotary_table_is_built_once_per_model_not_per_cached_step():
+    """A KV-cached decoder asks for one more position every step; the table is built once (it was
+    rebuilt for the whole prefix at every token: quadratic work over a sample) and its rows are the
+    same as a table built for exactly that length."""
+    cfg = load_config(None, ["model.hidden=32", "model.blocks=1", "model.heads=2", "model.cond_dim=8",
+                             "model.length=24", "data.length=24"]).model
+    model = DiT(cfg, 10, causal=True).eval()
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        model(torch.randint(0, 10, (2, 4)), cache=cache)
+        for _ in range(20):
+            model(torch.randint(0, 10, (2, 1)), cache=cache)
+    assert model.rotary_emb.builds == 1
+    cos, sin = model.rotary_emb(13, torch.device("cpu"))
+    exact_cos, exact_sin = Rotary(16)(13, torch.device("cpu"))
+    assert torch.equal(cos, exact_cos) and torch.equal(sin, exact_sin)
+    with torch.no_grad():
+        model.rotary_emb.inv_freq.mul_(2.0)  # as loading other weights does: the table follows
+    assert not torch.equal(model.rotary_emb(13, torch.device("cpu"))[0], cos) and model.rotary_emb.builds == 2

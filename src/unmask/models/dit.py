@@ -50,21 +50,31 @@ def modulate(x, shift, scale):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding, non-interleaved rotate-half over the full head dimension."""
+    """Rotary position embedding, non-interleaved rotate-half over the full head dimension.
 
-    def __init__(self, head_dim: int, base: float = 10000.0):
+    The cos/sin table is built once, for ``max_length`` positions (or the longest asked for), and
+    sliced: a KV-cached decoder asking for one more position at every step does not rebuild it. It is
+    rebuilt only on another device or when ``inv_freq`` is overwritten (loading a checkpoint);
+    ``builds`` counts the builds."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0, max_length: int = 0):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
         self.register_buffer("inv_freq", inv_freq)  # persistent: MDLM checkpoints carry it
-        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+        self.max_length, self.builds = max_length, 0
+        self._cache: tuple[tuple, int, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cache is None or self._cache[0] != length or self._cache[1] != device:
-            t = torch.arange(length, device=device, dtype=torch.float32)
+        """cos, sin (length, head_dim) of positions 0 .. length-1."""
+        key = (device, self.inv_freq._version)
+        if self._cache is None or self._cache[0] != key or self._cache[1] < length:
+            size = max(length, self.max_length)
+            t = torch.arange(size, device=device, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq.to(device))
             emb = torch.cat([freqs, freqs], dim=-1)
-            self._cache = (length, device, emb.cos(), emb.sin())
-        return self._cache[2], self._cache[3]
+            self._cache = (key, size, emb.cos(), emb.sin())
+            self.builds += 1
+        return self._cache[2][:length], self._cache[3][:length]
 
 
 def rotate_half(x):
@@ -186,7 +196,7 @@ class DiT(nn.Module):
                 raise ValueError(f"soft_mask_top_k={cfg.soft_mask_top_k} must lie in [1, {vocab_size - 1}]")
             self.soft_mask = SoftMask(cfg.soft_mask_top_k)
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
-        self.rotary_emb = Rotary(cfg.hidden // cfg.heads, cfg.rope_base)
+        self.rotary_emb = Rotary(cfg.hidden // cfg.heads, cfg.rope_base, cfg.length)
         self.blocks = nn.ModuleList(DDiTBlock(cfg.hidden, cfg.heads, cfg.cond_dim, cfg.dropout)
                                     for _ in range(cfg.blocks))
         self.output_layer = DDiTFinalLayer(cfg.hidden, vocab_size, cfg.cond_dim)
