@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -80,7 +81,7 @@ def bandwidth(device: torch.device, mbytes: int = 256) -> float:
 def flops_per_token(cfg, vocab: int, length: int) -> float:
     m = cfg.model
     with torch.device("meta"):
-        model = build_model(cfg, type("T", (), {"vocab_size": vocab})())
+        model = build_model(cfg, types.SimpleNamespace(vocab_size=vocab, mask_id=vocab - 1))
     matmul_params = count_parameters(model) - vocab * m.hidden  # the embedding is a lookup
     return 6 * matmul_params + 12 * m.blocks * length * m.hidden
 

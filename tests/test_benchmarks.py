@@ -22,3 +22,14 @@ def test_every_benchmark_script_answers_help():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("usage:") == len(SCRIPTS), proc.stdout[-2000:]
+
+
+def test_perf_counts_the_flops_of_a_training_step(monkeypatch):
+    """perf.py's FLOP count built its model with a tokenizer stand-in that had no mask id, and crashed."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import perf
+
+    cfg = perf.run_config("nano", "char", 128, 8, "fp32", [])
+    flops = perf.flops_per_token(cfg, 66, 128)
+    m = cfg.model
+    assert flops > 6 * 12 * m.blocks * m.hidden ** 2  # at least 6 N for the blocks' matmuls
