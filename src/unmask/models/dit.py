@@ -221,7 +221,8 @@ class DiT(nn.Module):
                  inputs_embeds: torch.Tensor | None = None, cache: "KVCache | None" = None,
                  feedback: SoftFeedback | None = None,
                  keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last block's hidden states (B, L, H) and the conditioning vector (B, cond_dim)."""
+        """The last block's hidden states (B, L, H) and the conditioning vector (B, cond_dim), or (1,
+        cond_dim) without time conditioning (the same for every row)."""
         if keep is not None and (self.causal or cache is not None):
             raise ValueError("a key padding mask (keep) is for bidirectional models without a cache")
         if (ids is None) == (inputs_embeds is None):
@@ -240,9 +241,10 @@ class DiT(nn.Module):
             start = cache.length
         if start + length > self.cfg.length:
             raise ValueError(f"sequence length {start + length} exceeds the model's maximum {self.cfg.length}")
-        if sigma is None or not self.cfg.time_conditioning:
-            sigma = torch.zeros(b, device=x.device)
-        c = F.silu(self.sigma_map(sigma))
+        if sigma is None or not self.cfg.time_conditioning:  # constant: computed once, broadcast over rows
+            c = F.silu(self.sigma_map(torch.zeros(1, device=x.device)))
+        else:
+            c = F.silu(self.sigma_map(sigma))
         cos, sin = self.rotary_emb(start + length, x.device)
         rotary = (cos[start:], sin[start:])
         for i, block in enumerate(self.blocks):
