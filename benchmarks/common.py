@@ -49,12 +49,20 @@ def machine() -> dict:
             "matmul_gflops_bf16": round(matmul_gflops(torch.bfloat16), 1)}
 
 
+def threads_record() -> dict:
+    """The thread settings a run measured under: torch's intra-op threads and the OpenMP/MKL variables."""
+    names = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
+    return {"torch_threads": torch.get_num_threads(), **{name: os.environ.get(name) for name in names}}
+
+
 def run_header(tag: str) -> dict:
-    """Date, tag, the command line, the commit and the machine: the head of every result record."""
+    """Date, tag, the command line, the commit, the machine and the thread settings: the head of every
+    result record."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
                             capture_output=True, text=True, check=False).stdout.strip()
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "tag": tag,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit, "machine": machine()}
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit, "machine": machine(),
+            "threads": threads_record()}
 
 
 def pyplot():

@@ -128,6 +128,20 @@ def test_subs_parameterization_invariants():
     assert torch.allclose(ce, -logp[masked].gather(-1, targets[:, None])[:, 0], atol=1e-6)
 
 
+def test_masked_cross_entropy_scores_only_the_valid_rows_and_leaves_the_mask_column_without_gradient():
+    g = torch.Generator().manual_seed(4)
+    weights = torch.randn(5, V_TOKENS + 1, generator=g, requires_grad=True)
+    logits = weights * 1.0  # a non-leaf, as a network's output
+    targets = torch.randint(0, V_TOKENS, (5,), generator=g)
+    ce = masked_cross_entropy(logits, targets, MASK, valid=3)
+    reference = -torch.log_softmax(weights.detach()[:, :MASK], -1).gather(-1, targets[:, None])[:, 0]
+    assert torch.allclose(ce[:3], reference[:3], atol=1e-6) and torch.all(ce[3:] == 0)
+    ce.sum().backward()
+    assert torch.all(weights.grad[3:] == 0) and torch.all(weights.grad[:, MASK] == 0)
+    expected = torch.softmax(weights.detach()[:3, :MASK], -1) - torch.nn.functional.one_hot(targets[:3], MASK)
+    assert torch.allclose(weights.grad[:3, :MASK], expected, atol=1e-6)
+
+
 def test_mdlm_loss_equals_a_direct_computation():
     model = tiny_dit()
     objective = MaskedDiffusion(Geometric(1e-4, 20.0), MASK, t_min=1e-3)

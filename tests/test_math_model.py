@@ -4,6 +4,7 @@ rotary embeddings, the positions/inputs_embeds paths."""
 import pytest
 import torch
 
+import unmask.models.dit as dit
 from unmask.config import MODEL_PRESETS, ModelConfig, load_config
 from unmask.models.dit import DiT, Rotary, apply_rotary, bucketed_positions, count_parameters
 
@@ -104,6 +105,55 @@ def test_rotary_scores_depend_only_on_relative_position():
     assert not torch.allclose(scores[2, 5], scores[2, 6], atol=1e-3)
     # rotation preserves norms
     assert torch.allclose(qr.norm(dim=-1), q[0, 0].norm(dim=-1), atol=1e-5)
+
+
+def test_rotary_equals_the_rotate_half_definition():
+    """The implementation rolls x and signs sin; the definition is x cos + [-x2, x1] sin."""
+    cos, sin = Rotary(16)(7, torch.device("cpu"))
+    x = torch.randn(3, 2, 7, 16, generator=torch.Generator().manual_seed(1))
+    x1, x2 = x.chunk(2, dim=-1)
+    assert torch.equal(apply_rotary(x, cos, sin), x * cos + torch.cat([-x2, x1], dim=-1) * sin)
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_training_and_inference_paths_compute_the_same_function(time_conditioning, monkeypatch):
+    """While a gradient is taken, constant modulation folds into layer-norm and linear weights; without
+    one, the output is scaled and the constant rows come from a cache. Same function either way, and
+    the gradients match the unfolded formula's (the rows recomputed and applied by hand)."""
+    model = tiny(time_conditioning=time_conditioning, seed=3)
+    ids = torch.randint(0, 10, (3, 12), generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor([0.1, 1.0, 3.0])
+    with torch.no_grad():
+        cached = model(ids, sigma)
+    training = model(ids, sigma)
+    assert torch.allclose(training, cached, atol=1e-5)
+    training.square().sum().backward()
+    folded = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(dit, "gated_linear", lambda linear, x, gate: gate * linear(x))
+    model(ids, sigma).square().sum().backward()
+    for (name, p), g in zip(model.named_parameters(), folded):
+        if p.grad is not None:
+            assert torch.allclose(g, p.grad, atol=1e-4, rtol=1e-4), name
+
+
+def test_constant_modulation_is_cached_until_the_weights_change():
+    model = tiny(seed=4)
+    ids = torch.randint(0, 10, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        first = model(ids)
+        rows = model._constant_modulations[1]
+        assert torch.equal(model(ids), first) and model._constant_modulations[1] is rows  # reused
+        model.blocks[1].adaLN_modulation.bias.add_(0.5)  # an optimizer step or a checkpoint load
+        changed = model(ids)
+    assert not torch.allclose(changed, first) and model._constant_modulations[1] is not rows
+    fresh = tiny(seed=4)
+    with torch.no_grad():
+        fresh.blocks[1].adaLN_modulation.bias.add_(0.5)
+        assert torch.equal(fresh(ids), changed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # another precision: other rows
+            model(ids)
+    assert model._constant_modulations[1][0].dtype == torch.bfloat16
 
 
 def test_sequence_longer_than_model_length_is_an_error():

@@ -31,22 +31,39 @@ from .softmask import SoftFeedback, SoftMask
 
 
 class LayerNorm(nn.Module):
-    """Non-affine layer norm in fp32 times a learnable ``weight`` (no bias), as in MDLM."""
+    """Non-affine layer norm in fp32 times a learnable ``weight`` (no bias), as in MDLM, optionally
+    followed by adaLN modulation ``y * (1 + scale) + shift``.
+
+    ``shift``, ``scale``: (C, 1, H) with C = 1 (the same for every row, as without time conditioning) or
+    B. With C = 1 the weight, scale and shift fold into layer norm's own affine parameters (one fused
+    kernel: ``w * (1 + scale)`` and ``shift``); per-row modulation multiplies and adds after it."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.dim = dim
 
-    def forward(self, x):
+    def forward(self, x, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None):
         with torch.autocast(x.device.type, enabled=False):
-            y = F.layer_norm(x.float(), [self.dim])
-        return y * self.weight[None, None, :]
+            if shift is None:
+                return F.layer_norm(x.float(), [self.dim], self.weight)
+            if shift.shape[0] == 1:
+                return F.layer_norm(x.float(), [self.dim], self.weight * (1 + scale.reshape(-1).float()),
+                                    shift.reshape(-1).float())
+            y = F.layer_norm(x.float(), [self.dim], self.weight)
+            return torch.addcmul(shift.float(), y, 1 + scale.float())
 
 
-def modulate(x, shift, scale):
-    """adaLN: ``x * (1 + scale) + shift`` with per-sequence shift/scale of shape (B, 1, H)."""
-    return x * (1 + scale) + shift
+def gated_linear(linear: nn.Linear, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``gate * linear(x)`` with gate (C, 1, H_out). While a gradient is taken with C = 1 the gate scales
+    the weight's rows (and the bias) instead of the (N, H_out) output, so the backward pass reduces
+    H_out x H_in products for the gate's gradient instead of N x H_out. Without gradient the output is
+    scaled: one pass, and the same arithmetic for a row whatever the batch (samplers are batch-invariant)."""
+    if gate.shape[0] != 1 or not torch.is_grad_enabled():
+        return gate * linear(x)
+    g = gate.reshape(-1)
+    bias = None if linear.bias is None else linear.bias * g
+    return F.linear(x, linear.weight * g[:, None], bias)
 
 
 class Rotary(nn.Module):
@@ -77,14 +94,13 @@ class Rotary(nn.Module):
         return self._cache[2][:length], self._cache[3][:length]
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rotary(x, cos, sin):
-    """x: (B, heads, L, d); cos/sin: (L, d)."""
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    """Rotate-half rotary embedding ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``
+    (x1, x2 the two halves of the last dimension), computed as ``roll(x, d/2) * [-sin1, sin2]``: the
+    same values with one elementwise pass fewer. cos/sin (..., d) broadcast against x (..., d)."""
+    half = x.shape[-1] // 2
+    signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).to(x.dtype)
+    return x * cos.to(x.dtype) + x.roll(half, dims=-1) * signed
 
 
 class TimestepEmbedder(nn.Module):
@@ -131,16 +147,16 @@ class DDiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x, rotary, c, causal: bool, cache: "KVCache | None" = None, layer: int = 0,
+    def forward(self, x, rotary, modulation, causal: bool, cache: "KVCache | None" = None, layer: int = 0,
                 keep: torch.Tensor | None = None):
         b, length, hidden = x.shape
         (shift_msa, scale_msa, gate_msa,
-         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-        h = modulate(self.norm1(x), shift_msa, scale_msa)
-        qkv = self.attn_qkv(h).view(b, length, 3, self.heads, hidden // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d)
-        cos, sin = rotary
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+         shift_mlp, scale_mlp, gate_mlp) = modulation[:, None].chunk(6, dim=2)
+        qkv = self.attn_qkv(self.norm1(x, shift_msa, scale_msa)).view(b, length, 3, self.heads, hidden // self.heads)
+        cos, sin = rotary  # (L, d): q and k rotated together, (B, L, 2, heads, d)
+        qk = apply_rotary(qkv[:, :, :2], cos[:, None, None], sin[:, None, None])
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d)
+        v = qkv[:, :, 2].transpose(1, 2)
         if keep is not None:  # key padding: no query attends to the positions outside ``keep``
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
         elif cache is None:
@@ -149,9 +165,9 @@ class DDiTBlock(nn.Module):
             k, v, mask = cache.update(layer, k, v)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         attn = attn.transpose(1, 2).reshape(b, length, hidden)
-        x = x + gate_msa * self.dropout(self.attn_out(attn))
-        x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-        return x
+        x = x + self.dropout(gated_linear(self.attn_out, attn, gate_msa))
+        h = self.mlp[1](self.mlp[0](self.norm2(x, shift_mlp, scale_mlp)))
+        return x + self.dropout(gated_linear(self.mlp[2], h, gate_mlp))
 
 
 class DDiTFinalLayer(nn.Module):
@@ -167,9 +183,10 @@ class DDiTFinalLayer(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x, c, positions=None):
-        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        h = modulate(self.norm_final(x), shift, scale)
+    def forward(self, x, modulation, positions=None):
+        """x (B, L, H), modulation (C, 2H) from ``adaLN_modulation`` (C = 1 or B) -> logits."""
+        shift, scale = modulation[:, None].chunk(2, dim=2)
+        h = self.norm_final(x, shift, scale)
         if positions is not None:
             h = h[positions] if positions.dtype == torch.bool else h.reshape(-1, h.shape[-1])[positions]
         return self.linear(h)
@@ -200,6 +217,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DDiTBlock(cfg.hidden, cfg.heads, cfg.cond_dim, cfg.dropout)
                                     for _ in range(cfg.blocks))
         self.output_layer = DDiTFinalLayer(cfg.hidden, vocab_size, cfg.cond_dim)
+        self._constant_modulations: tuple[tuple, list[torch.Tensor]] | None = None
 
     @property
     def time_conditioning(self) -> bool:
@@ -214,15 +232,15 @@ class DiT(nn.Module):
         with ``ids``): the previous pass, see :mod:`unmask.softmask`. ``keep`` (B, L) bool
         (bidirectional models): attend only to these positions (variable-length rows, padding
         invisible)."""
-        x, c = self.features(ids, sigma, inputs_embeds, cache, feedback, keep)
-        return self.output_layer(x, c, positions)
+        x, final = self.features(ids, sigma, inputs_embeds, cache, feedback, keep)
+        return self.output_layer(x, final, positions)
 
     def features(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
                  inputs_embeds: torch.Tensor | None = None, cache: "KVCache | None" = None,
                  feedback: SoftFeedback | None = None,
                  keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last block's hidden states (B, L, H) and the conditioning vector (B, cond_dim), or (1,
-        cond_dim) without time conditioning (the same for every row)."""
+        """The last block's hidden states (B, L, H) and the output layer's modulation (C, 2H) (see
+        :meth:`modulations`)."""
         if keep is not None and (self.causal or cache is not None):
             raise ValueError("a key padding mask (keep) is for bidirectional models without a cache")
         if (ids is None) == (inputs_embeds is None):
@@ -241,17 +259,34 @@ class DiT(nn.Module):
             start = cache.length
         if start + length > self.cfg.length:
             raise ValueError(f"sequence length {start + length} exceeds the model's maximum {self.cfg.length}")
-        if sigma is None or not self.cfg.time_conditioning:  # constant: computed once, broadcast over rows
-            c = F.silu(self.sigma_map(torch.zeros(1, device=x.device)))
-        else:
-            c = F.silu(self.sigma_map(sigma))
+        *blocks, final = self.modulations(sigma, x.device)
         cos, sin = self.rotary_emb(start + length, x.device)
         rotary = (cos[start:], sin[start:])
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, c, self.causal, cache, i, keep)
+            x = block(x, rotary, blocks[i], self.causal, cache, i, keep)
         if cache is not None:
             cache.length += length
-        return x, c
+        return x, final
+
+    def modulations(self, sigma: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
+        """adaLN modulation rows of every block (C, 6H) and of the output layer (C, 2H) from the
+        conditioning ``silu(sigma_map(sigma))``: C = B with time conditioning, else C = 1 (``sigma = 0``
+        for every row, broadcast). The constant rows are kept between calls while no gradient is taken
+        and the weights that make them are unchanged (same storage, same version, same autocast), so a
+        sampler's hundreds of calls compute them once."""
+        constant = sigma is None or not self.cfg.time_conditioning
+        key = None
+        if constant and not torch.is_grad_enabled():
+            autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+            makers = [self.sigma_map, *(b.adaLN_modulation for b in self.blocks), self.output_layer.adaLN_modulation]
+            key = (device, autocast, tuple((p.data_ptr(), p._version) for m in makers for p in m.parameters()))
+            if self._constant_modulations is not None and self._constant_modulations[0] == key:
+                return self._constant_modulations[1]
+        c = F.silu(self.sigma_map(torch.zeros(1, device=device) if constant else sigma))
+        rows = [block.adaLN_modulation(c) for block in self.blocks] + [self.output_layer.adaLN_modulation(c)]
+        if key is not None:
+            self._constant_modulations = (key, rows)
+        return rows
 
     def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   capacity: int | None = None) -> "KVCache":

@@ -25,8 +25,8 @@ class InsertionLM(nn.Module):
         return self.backbone.cfg
 
     def forward(self, ids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, c = self.backbone.features(ids, keep=keep)
-        return self.backbone.output_layer(x, c), self.stop_head(x[:, 0].float())[:, 0]
+        x, final = self.backbone.features(ids, keep=keep)
+        return self.backbone.output_layer(x, final), self.stop_head(x[:, 0].float())[:, 0]
 
 
 def build_insertion_model(cfg, tokenizer) -> InsertionLM:

@@ -29,6 +29,6 @@ class Autoregressive:
              exact: bool = False) -> torch.Tensor:
         """Per-sequence exact NLL (B,) over counted positions."""
         index, n = bucketed_positions(counted)
-        logits = model(self.inputs(x0), positions=index)[:n]
-        return per_sequence_sums(masked_cross_entropy(logits, x0.reshape(-1)[index[:n]], self.mask_id),
-                             index[:n], x0.shape)
+        logits = model(self.inputs(x0), positions=index)
+        return per_sequence_sums(masked_cross_entropy(logits, x0.reshape(-1)[index], self.mask_id, n), index,
+                                 x0.shape)

@@ -62,11 +62,23 @@ def draw_noise(batch: int, length: int, generator: torch.Generator, antithetic: 
     return Noise(time_u, mask_u, torch.rand(batch, generator=generator))
 
 
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """``-log p(target)`` under softmax(logits) with the mask class excluded; logits (N, V)."""
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask_id: int,
+                         valid: int | None = None) -> torch.Tensor:
+    """``-log p(target)`` under softmax(logits) with the mask class excluded; logits (N, V), targets (N,).
+
+    With ``valid``, only the first ``valid`` rows are scored; the rest (the padding of
+    :func:`~unmask.models.dit.bucketed_positions`) give 0 and no gradient, so the padded logits are
+    never sliced (a slice's backward writes a zero tensor of the whole (N, V) and copies into it).
+
+    The mask column is set to -inf in place, outside autograd: its gradient is exactly zero either way
+    (softmax gives it probability 0 and it is never a target), and an out-of-place fill would copy
+    the (N, V) logits forward and their gradient backward. ``logits`` are overwritten there when they
+    are already float32; a caller that saved them for its backward gets autograd's in-place error."""
     logits = logits.float()
-    logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
-    return F.cross_entropy(logits, targets, reduction="none")
+    logits.detach().index_fill_(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    if valid is not None and valid < len(targets):
+        targets = torch.cat([targets[:valid], targets.new_full((len(targets) - valid,), -100)])
+    return F.cross_entropy(logits, targets, reduction="none", ignore_index=-100)
 
 
 def per_sequence_sums(values: torch.Tensor, flat_index: torch.Tensor, shape: torch.Size) -> torch.Tensor:

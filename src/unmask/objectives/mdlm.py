@@ -110,12 +110,12 @@ class MaskedDiffusion:
         ``l_u`` from ``x_t`` with the condition masked."""
         index, n = bucketed_positions(xt == self.mask_id)
         extra = {} if feedback is None else {"feedback": feedback}
-        logits = model(xt, sigma, positions=index, **extra)[:n]
+        logits = model(xt, sigma, positions=index, **extra)
         if guidance and condition is not None:
-            l_u = model(unconditional_input(xt, condition, self.mask_id), sigma, positions=index, **extra)[:n].float()
+            l_u = model(unconditional_input(xt, condition, self.mask_id), sigma, positions=index, **extra).float()
             logits = guided_logits(logits.float(), l_u, guidance)
-        return per_sequence_sums(masked_cross_entropy(logits, x0.reshape(-1)[index[:n]], self.mask_id),
-                             index[:n], x0.shape)
+        return per_sequence_sums(masked_cross_entropy(logits, x0.reshape(-1)[index], self.mask_id, n), index,
+                                 x0.shape)
 
     @torch.no_grad()
     def soft_feedback(self, model, xt: torch.Tensor, sigma: torch.Tensor, noise: Noise,
