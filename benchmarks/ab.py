@@ -131,6 +131,7 @@ def main() -> None:
         return
     if args.smoke:
         args.length, args.batch, args.steps, args.sample_batch, args.sample_repeats, args.rounds = 16, 2, 1, 2, 1, 1
+        args.workloads = "train-mdlm,sample-ar"
     workloads = args.workloads.split(",")
     unknown = set(workloads) - set(WORKLOADS)
     if unknown:

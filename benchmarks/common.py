@@ -34,7 +34,7 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> fl
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
 
 
-def machine() -> dict:
+def machine(ceilings: bool = True) -> dict:
     cpu = platform.processor() or ""
     try:
         for line in open("/proc/cpuinfo"):
@@ -43,10 +43,12 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "matmul_gflops_fp32": round(matmul_gflops(torch.float32), 1),
-            "matmul_gflops_bf16": round(matmul_gflops(torch.bfloat16), 1)}
+    record = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    if ceilings:  # 4 seconds: skipped by the smoke modes
+        record.update(matmul_gflops_fp32=round(matmul_gflops(torch.float32), 1),
+                      matmul_gflops_bf16=round(matmul_gflops(torch.bfloat16), 1))
+    return record
 
 
 def threads_record() -> dict:
@@ -55,13 +57,13 @@ def threads_record() -> dict:
     return {"torch_threads": torch.get_num_threads(), **{name: os.environ.get(name) for name in names}}
 
 
-def run_header(tag: str) -> dict:
+def run_header(tag: str, ceilings: bool = True) -> dict:
     """Date, tag, the command line, the commit, the machine and the thread settings: the head of every
     result record."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
                             capture_output=True, text=True, check=False).stdout.strip()
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "tag": tag,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit, "machine": machine(),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit, "machine": machine(ceilings),
             "threads": threads_record()}
 
 
@@ -114,6 +116,19 @@ def held_out_reference(ckpt, evaluator, samples: int) -> dict:
     totals, counts = evaluator.nll([tokenizer.decode(r) for r in ref_ids])
     return {"gen_ppl": math.exp(totals.sum() / counts.sum()),
             "entropy": sum(unigram_entropy(r) for r in ref_ids) / len(ref_ids)}
+
+
+SMOKE_OVERRIDES = ["model.preset=nano", "model.hidden=32", "model.blocks=1", "model.heads=2", "model.cond_dim=16",
+                   "model.length=32", "data.length=32", "train.batch_size=4", "train.steps=2", "train.log_every=1",
+                   "train.warmup_steps=0", "train.save_every=0", "train.eval_every=0", "train.threads=1"]
+"""A tiny model trained for two steps on the packaged corpus: what a smoke mode trains instead."""
+
+
+def smoke_run(folder: Path, family: str = "mdlm", overrides: tuple[str, ...] = ()) -> Path:
+    """A run folder in ``folder`` with a two-step model of ``family`` (:data:`SMOKE_OVERRIDES`)."""
+    trained(folder / family, [f"family={family}", f"data.cache_dir={folder / 'cache'}", *SMOKE_OVERRIDES,
+                              *overrides])
+    return folder / family
 
 
 def trained(run_dir: Path, overrides: list[str], config: str | None = None) -> tuple[Path, list[dict]]:

@@ -11,6 +11,7 @@ classification, in one run.
    checkpoint with the best validation AUC.
 
     python benchmarks/dna_promoters.py --tag prom-core-nano
+    python benchmarks/dna_promoters.py --smoke          # seconds: the test suite runs this (random sequences)
 
 Writes ``benchmarks/results/dna_promoters-<tag>.json`` and Markdown tables on stdout.
 """
@@ -21,7 +22,9 @@ import argparse
 import dataclasses
 import json
 import math
+import random
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -36,7 +39,7 @@ from unmask.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import run_header  # noqa: E402
+from common import SMOKE_OVERRIDES, run_header  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "dna_gue_prom_core_all"
 
@@ -47,6 +50,15 @@ def data_overrides(data: Path) -> list[str]:
             "data.length=72", "data.layout=pad", "data.count_bos=false", "data.count_eos=false"]
 
 
+def write_random_data(folder: Path) -> None:
+    """Random 70-bp sequences with alternating labels, as the GUE files lay them out: the smoke mode's data."""
+    rng = random.Random(0)
+    folder.mkdir(parents=True)
+    for split, rows in (("train", 64), ("dev", 16), ("test", 24)):
+        lines = ["sequence,label", *(f"{''.join(rng.choices('ACGT', k=70))},{i % 2}" for i in range(rows))]
+        (folder / f"{split}.csv").write_text("\n".join(lines) + "\n")
+
+
 def finished(run_dir: Path, steps: int) -> bool:
     found = list_checkpoints(run_dir / "checkpoints")
     return bool(found) and Checkpoint(found[-1]).step >= steps
@@ -54,7 +66,7 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tag", required=True)
+    parser.add_argument("--tag")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--runs", default="runs/dna")
     parser.add_argument("--preset", default="nano")
@@ -63,9 +75,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--mc-samples", type=int, default=8)
+    parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     args = parser.parse_args()
-    runs = Path(args.runs) / args.tag
-    common = [*data_overrides(args.data), f"model.preset={args.preset}", "model.length=72",
+    if args.tag is None and not args.smoke:
+        parser.error("the following arguments are required: --tag")
+    if not args.smoke:
+        benchmark(args, Path(args.runs) / args.tag, ROOT / "benchmarks" / "results")
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # tiny models, two steps each, random data; runs and record go there
+        args.tag, args.data, args.pretrain_steps, args.finetune_steps = "smoke", Path(tmp) / "data", 2, 2
+        args.batch_size, args.samples, args.mc_samples = 4, 4, 2
+        write_random_data(args.data)
+        benchmark(args, Path(tmp), Path(tmp), (*SMOKE_OVERRIDES, f"data.cache_dir={Path(tmp) / 'cache'}"))
+
+
+def benchmark(args, runs: Path, out_dir: Path, smoke: tuple[str, ...] = ()) -> None:
+    """Train (or find) the runs in ``runs``, measure them, write the record to ``out_dir`` and print the tables;
+    ``smoke``: overrides that come first in every run (the script's own keys win)."""
+    common = [*smoke, *data_overrides(args.data), f"model.preset={args.preset}", "model.length=72",
               f"train.batch_size={args.batch_size}", "train.lr=2e-3", "train.warmup_steps=100",
               "train.lr_schedule=cosine", "train.ema=0.999", "train.log_every=50", "train.progress=false"]
 
@@ -92,7 +119,7 @@ def main() -> None:
 
     evaluator = CheckpointEvaluator(pretrained["ar"].path, device, batch_size=256)
     mdlm, objective = load_model(pretrained["mdlm"], device=device)
-    ar, _ = load_model(pretrained["ar"], device=device)
+    ar, ar_objective = load_model(pretrained["ar"], device=device)
     tok = pretrained["mdlm"].tokenizer
     test_rows = Data(pretrained["mdlm"].config.data, tokenizer=tok).rows("test")
     ids, kinds = test_rows.get(torch.arange(min(args.samples * 4, len(test_rows))).numpy())
@@ -104,7 +131,7 @@ def main() -> None:
                 ("first-hitting", mdlm, objective, dict(sampler="first_hitting")),
                 ("first-hitting k=4", mdlm, objective, dict(sampler="first_hitting", tokens_per_step=4)),
                 ("confidence T=35", mdlm, objective, dict(sampler="confidence", steps=35)),
-                ("AR", ar, None, dict(sampler="ar"))]
+                ("AR", ar, ar_objective, dict(sampler="ar"))]
     ref_totals, ref_counts = evaluator.nll(references)
     reference = {"bits_per_base_under_ar": float(ref_totals.sum() / ref_counts.sum() / math.log(2))}
     for label, model, obj, knobs in settings:
@@ -124,10 +151,10 @@ def main() -> None:
     reference.update({f"kmer{k}_distance": kmer_spectrum_distance(held_out, references, k) for k in (3, 4, 6)})
 
     classification = {}
-    finetune = [*data_overrides(args.data), f"model.preset={args.preset}", "model.length=72", "family=classifier",
-                f"train.steps={args.finetune_steps}", f"train.batch_size={args.batch_size}", "train.lr=5e-4",
-                "train.warmup_steps=50", "train.lr_schedule=cosine", "train.eval_every=100", "train.log_every=50",
-                "train.weight_decay=0.01", "classifier.pooling=mean", "classifier.dropout=0.1"]
+    finetune = [*smoke, *data_overrides(args.data), f"model.preset={args.preset}", "model.length=72",
+                "family=classifier", f"train.steps={args.finetune_steps}", f"train.batch_size={args.batch_size}",
+                "train.lr=5e-4", "train.warmup_steps=50", "train.lr_schedule=cosine", "train.eval_every=100",
+                "train.log_every=50", "train.weight_decay=0.01", "classifier.pooling=mean", "classifier.dropout=0.1"]
     for name, init in (("fine-tuned from the MDLM", [f"train.init_from={pretrained['mdlm'].path}"]),
                        ("from scratch", [])):
         run_dir = runs / ("clf-pretrained" if init else "clf-scratch")
@@ -138,11 +165,11 @@ def main() -> None:
         t = classification[name]["test"]
         print(f"{name:26s} test AUC {t['auc']:.4f} accuracy {t['accuracy']:.4f} MCC {t['mcc']:.4f}", flush=True)
 
-    record = {**run_header(args.tag), "preset": args.preset, "parameters": sum(p.numel() for p in mdlm.parameters()),
-              "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
-              "batch_size": args.batch_size, "likelihood": likelihood, "generation": generation,
-              "reference": reference, "classification": classification}
-    out = ROOT / "benchmarks" / "results" / f"dna_promoters-{args.tag}.json"
+    record = {**run_header(args.tag, ceilings=not args.smoke), "preset": args.preset,
+              "parameters": sum(p.numel() for p in mdlm.parameters()), "pretrain_steps": args.pretrain_steps,
+              "finetune_steps": args.finetune_steps, "batch_size": args.batch_size, "likelihood": likelihood,
+              "generation": generation, "reference": reference, "classification": classification}
+    out = out_dir / f"dna_promoters-{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"\n{record['date']} {record['machine']['cpu']} ({record['machine']['cores']} cores), commit "

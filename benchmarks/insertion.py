@@ -12,6 +12,7 @@
    head for ILM) against the held-out speeches' (after the same cut), and unigram entropy.
 
     python benchmarks/insertion.py --tag nano
+    python benchmarks/insertion.py --smoke          # seconds: the test suite runs this
 
 Each stage resumes or is skipped when its run folder is complete. Writes
 ``benchmarks/results/insertion-<tag>.json`` and Markdown tables on stdout.
@@ -23,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +41,13 @@ from unmask.pipeline import generate_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import pooled_ppl, run_header, trained  # noqa: E402
+from common import SMOKE_OVERRIDES, pooled_ppl, run_header, trained  # noqa: E402
 
 FAMILIES = ("ilm", "mdlm", "ar")
 SHAKESPEARE = ROOT / "src" / "unmask" / "assets" / "tinyshakespeare.txt.xz"
 
 
-def star_graph(args, runs: Path) -> dict:
+def star_graph(args, runs: Path, smoke: tuple[str, ...]) -> dict:
     out = {}
     for variant in args.variants.split(","):
         data = runs / f"data-{variant}"
@@ -53,7 +55,7 @@ def star_graph(args, runs: Path) -> dict:
             write_star_graph_task(data, variant, args.star_train, 200, args.star_test, seed=0)
         meta = json.loads((data / "task.json").read_text())
         length = meta["suggested_length"]
-        common = [f"data.path={data}/train.jsonl", f"data.valid_path={data}/valid.jsonl",
+        common = [*smoke, f"data.path={data}/train.jsonl", f"data.valid_path={data}/valid.jsonl",
                   f"data.test_path={data}/test.jsonl", f"data.length={length}", f"model.preset={args.preset}",
                   f"model.length={length}", f"train.steps={args.star_steps}", f"train.batch_size={args.batch}",
                   f"train.lr={args.lr}", "train.ema=0.99", f"train.threads={args.threads}",
@@ -101,16 +103,16 @@ def text_of(ids: list[int], tokenizer) -> str:
     return tokenizer.decode(out)
 
 
-def text(args, runs: Path, previous: dict | None = None) -> dict:
+def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None) -> dict:
     evaluator_run = args.evaluator
     if not evaluator_run:
         evaluator_run, _ = trained(runs / "text-evaluator", [
-            "family=ar", "data.dataset=tinyshakespeare", "data.tokenizer=char", "data.length=128", "data.frame=false",
-            f"model.preset={args.preset}", f"train.steps={args.evaluator_steps}", "train.batch_size=32",
-            "train.lr=2e-3", "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995",
-            f"train.threads={args.threads}"], None)
+            *smoke, "family=ar", "data.dataset=tinyshakespeare", "data.tokenizer=char", "data.length=128",
+            "data.frame=false", f"model.preset={args.preset}", f"train.steps={args.evaluator_steps}",
+            "train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=50", "train.lr_schedule=cosine",
+            "train.ema=0.995", f"train.threads={args.threads}"], None)
     evaluator = CheckpointEvaluator(evaluator_run, "cpu")
-    data = [f"data.path={SHAKESPEARE}", "data.dataset=text", "data.documents=blank_line", "data.layout=pad",
+    data = [*smoke, f"data.path={SHAKESPEARE}", "data.dataset=text", "data.documents=blank_line", "data.layout=pad",
             "data.pad_with_eos=true", "data.length=128", "data.tokenizer=char", f"model.preset={args.preset}",
             "model.length=128", f"train.steps={args.text_steps}", "train.batch_size=32", "train.lr=2e-3",
             "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995", f"train.threads={args.threads}",
@@ -176,7 +178,7 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tag", required=True)
+    parser.add_argument("--tag")
     parser.add_argument("--runs", default="runs/insertion")
     parser.add_argument("--stages", default="star,text")
     parser.add_argument("--variants", default="easy,medium")
@@ -194,18 +196,34 @@ def main() -> None:
     parser.add_argument("--evaluator", help="an AR run to score text samples (default: train one on the running "
                         "text, nano, 1,500 steps: the recipe of benchmarks/softmask.py's AR model)")
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     args = parser.parse_args()
+    if args.tag is None and not args.smoke:
+        parser.error("the following arguments are required: --tag")
     torch.manual_seed(0)
-    runs = Path(args.runs) / args.tag
-    path = ROOT / "benchmarks" / "results" / f"insertion-{args.tag}.json"
+    if not args.smoke:
+        benchmark(args, Path(args.runs) / args.tag, ROOT / "benchmarks" / "results")
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # tiny models, two steps each, a few rows; runs and record go there
+        args.tag, args.variants, args.star_train, args.star_test, args.samples = "smoke", "tiny", 64, 8, 4
+        args.batch, args.star_steps, args.text_steps, args.evaluator_steps, args.threads = 4, 2, 2, 2, 1
+        # the tiny model at the script's own lengths (the text evaluator's model.length is the preset's)
+        tiny = [o for o in SMOKE_OVERRIDES if not o.startswith(("model.length=", "data.length="))]
+        benchmark(args, Path(tmp), Path(tmp), (*tiny, f"data.cache_dir={Path(tmp) / 'cache'}"))
+
+
+def benchmark(args, runs: Path, out_dir: Path, smoke: tuple[str, ...] = ()) -> None:
+    """The stages in ``runs``, the record in ``out_dir``; ``smoke``: overrides that come first in every run (the
+    script's own keys win)."""
+    path = out_dir / f"insertion-{args.tag}.json"
     result = json.loads(path.read_text()) if path.exists() else {}
-    result.update(run_header(args.tag))
+    result.update(run_header(args.tag, ceilings=not args.smoke))
     stages = args.stages.split(",")
     if "star" in stages:
-        result["star_graph"] = star_graph(args, runs)
+        result["star_graph"] = star_graph(args, runs, smoke)
         path.write_text(json.dumps(result, indent=1) + "\n")
     if "text" in stages:
-        result["text"] = text(args, runs, result.get("text"))
+        result["text"] = text(args, runs, smoke, result.get("text"))
         path.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     print(f"\nwrote {path}")

@@ -1,7 +1,7 @@
 """Training and sampling throughput against the machine's measured limits, in one run.
 
-1. Ceilings: dense matmul throughput (fp32, bf16) at each preset's MLP shape and at 2048^3, and memory
-   bandwidth (a large copy).
+1. Ceilings: dense matmul throughput (fp32, bf16) at each preset's MLP shape and at 2048^3 (``--square``), and
+   memory bandwidth (a large copy).
 2. Training, per preset: ``unmask train`` in its own process on the shipped corpus (real data path,
    optimizer, EMA); tokens/s after warm-up, model FLOPs utilization against the measured matmul ceiling
    of the precision used (the best of its shape and 2048^3), peak memory. Model FLOPs per token:
@@ -15,6 +15,7 @@
 
     python benchmarks/perf.py                        # defaults: presets nano,micro,mini,tiny
     python benchmarks/perf.py --presets small --vocab gpt2 --batch 4 --train-steps 6
+    python benchmarks/perf.py --smoke          # seconds: the test suite runs this
 
 Writes ``benchmarks/results/perf-<tag>.json`` and, with matplotlib, ``perf-<tag>-scaling.png``.
 """
@@ -66,16 +67,17 @@ def timed(fn, device: torch.device, min_seconds: float = 1.0, min_reps: int = 3)
     return (time.perf_counter() - start) / reps
 
 
-def matmul_ceiling(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, tries: int = 3) -> float:
+def matmul_ceiling(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, tries: int = 3,
+                   seconds: float = 1.0) -> float:
     """GFLOP/s of ``(m, k) @ (k, n)``, the best of ``tries`` timings (a ceiling, so noise only lowers it)."""
     a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
-    return max(2 * m * k * n / timed(lambda: a @ b, device) / 1e9 for _ in range(tries))
+    return max(2 * m * k * n / timed(lambda: a @ b, device, seconds) / 1e9 for _ in range(tries))
 
 
-def bandwidth(device: torch.device, mbytes: int = 256) -> float:
+def bandwidth(device: torch.device, mbytes: int = 256, seconds: float = 1.0) -> float:
     src = torch.empty(mbytes * 2**20 // 4, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), device) / 1e9
+    return 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), device, seconds) / 1e9
 
 
 def flops_per_token(cfg, vocab: int, length: int) -> float:
@@ -121,8 +123,9 @@ def train_preset(preset: str, args, ceilings: dict, compile: bool = False) -> di
     tok_s = sum(r["tokens_per_second"] for r in windows) / len(windows)
     cfg = run_config(preset, args.vocab, args.length, args.batch, args.precision, [])
     fpt = flops_per_token(cfg, vocab, args.length)
-    # the best measured matmul throughput of that precision: at the preset's MLP shape or at 2048^3
-    ceiling = max(ceilings[f"{preset}_{start['precision']}"], ceilings[f"square_2048_{start['precision']}"])
+    # the best measured matmul throughput of that precision: at the preset's MLP shape or at --square^3
+    precision = start["precision"]
+    ceiling = max(ceilings[f"{preset}_{precision}"], ceilings[f"square_{args.square}_{precision}"])
     return {"preset": preset, "compile": compile, "parameters": start["parameters"], "precision": start["precision"],
             "tokens_per_second": tok_s, "flops_per_token": fpt, "achieved_gflops": tok_s * fpt / 1e9,
             "ceiling_gflops": ceiling, "mfu": tok_s * fpt / 1e9 / ceiling, "peak_memory_mb": end["peak_memory_mb"]}
@@ -174,7 +177,7 @@ def sampling_model(preset: str, args, length: int, device):
 
 # --- scaling -----------------------------------------------------------------------------------------
 
-def train_step_seconds(preset: str, args, length: int, batch: int, device) -> float:
+def train_step_seconds(preset: str, args, length: int, batch: int, device, seconds: float = 2.0) -> float:
     cfg = run_config(preset, args.vocab, length, batch, args.precision, ["model.length=2048"])
     tokenizer = tokenizer_for(args.vocab)
     model = build_model(cfg, tokenizer).to(device).train()
@@ -194,7 +197,7 @@ def train_step_seconds(preset: str, args, length: int, batch: int, device) -> fl
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, device, min_seconds=2.0)
+    return timed(step, device, min_seconds=seconds)
 
 
 def fit_exponent(xs: list[float], ys: list[float]) -> float:
@@ -211,6 +214,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--square", type=int, default=2048, help="the size n of the n^3 matmul ceiling")
     parser.add_argument("--compile", action="store_true", help="also train each preset with torch.compile, side by side")
     parser.add_argument("--sample-preset", default="nano")
     parser.add_argument("--sample-length", type=int, default=1024)
@@ -224,27 +228,44 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: train,sample,scaling")
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("--replot", action="store_true", help="only redraw the scaling plot from the saved JSON")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     args = parser.parse_args()
     out = ROOT / "benchmarks" / "results" / f"perf-{args.tag}.json"
     if args.replot:
         plot(json.loads(out.read_text()), out.with_name(f"perf-{args.tag}-scaling.png"))
         return
+    if not args.smoke:
+        benchmark(args, out)
+        return
+    # every section at a tiny shape (the ancestral sampler too); the record and the plot go to a temporary folder
+    args.presets, args.length, args.batch, args.train_steps, args.square = "nano", 16, 2, 4, 64
+    args.sample_length, args.sample_batch, args.ancestral = 16, 2, True
+    args.scaling_lengths, args.scaling_batches, args.tag = "16,32", "1,2", "smoke"
+    with tempfile.TemporaryDirectory() as tmp:
+        benchmark(args, Path(tmp) / "perf-smoke.json")
+
+
+def benchmark(args, out: Path) -> None:
+    # the smoke mode: an 8 MB copy, timings a hundredth as long, a tiny fixed side of the scaling sweeps
+    seconds, mbytes = (0.01, 8) if args.smoke else (1.0, 256)
+    sweep_length, sweep_batch = (16, 2) if args.smoke else (256, 4)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     skip = set(filter(None, args.skip.split(",")))
     presets = args.presets.split(",")
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "tag": args.tag,
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(),
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(ceilings=not args.smoke),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                        text=True).stdout.strip(), "args": vars(args)}
 
-    ceilings = {"square_2048_fp32": matmul_ceiling(2048, 2048, 2048, torch.float32, device),
-                "square_2048_bf16": matmul_ceiling(2048, 2048, 2048, torch.bfloat16, device),
-                "memory_bandwidth_gbs": bandwidth(device)}
+    n = args.square
+    ceilings = {f"square_{n}_fp32": matmul_ceiling(n, n, n, torch.float32, device, seconds=seconds),
+                f"square_{n}_bf16": matmul_ceiling(n, n, n, torch.bfloat16, device, seconds=seconds),
+                "memory_bandwidth_gbs": bandwidth(device, mbytes, seconds)}
     for preset in presets:
         h = MODEL_PRESETS[preset]["hidden"]
         tokens = args.batch * args.length
-        ceilings[f"{preset}_fp32"] = matmul_ceiling(tokens, h, 4 * h, torch.float32, device)
-        ceilings[f"{preset}_bf16"] = matmul_ceiling(tokens, h, 4 * h, torch.bfloat16, device)
+        ceilings[f"{preset}_fp32"] = matmul_ceiling(tokens, h, 4 * h, torch.float32, device, seconds=seconds)
+        ceilings[f"{preset}_bf16"] = matmul_ceiling(tokens, h, 4 * h, torch.bfloat16, device, seconds=seconds)
     record["ceilings_gflops"] = ceilings
     print(json.dumps(ceilings), flush=True)
 
@@ -285,13 +306,13 @@ def main() -> None:
         scaling = {"preset": args.scaling_preset, "train_vs_length": [], "train_vs_batch": [],
                    "sample_vs_length": [], "sample_vs_batch": []}
         for length in lengths:
-            s = train_step_seconds(args.scaling_preset, args, length, 4, device)
-            scaling["train_vs_length"].append({"length": length, "batch": 4, "seconds": s})
-            print(f"train step L={length} B=4: {s * 1e3:.1f} ms", flush=True)
+            s = train_step_seconds(args.scaling_preset, args, length, sweep_batch, device, 2 * seconds)
+            scaling["train_vs_length"].append({"length": length, "batch": sweep_batch, "seconds": s})
+            print(f"train step L={length} B={sweep_batch}: {s * 1e3:.1f} ms", flush=True)
         for batch in batches:
-            s = train_step_seconds(args.scaling_preset, args, 256, batch, device)
-            scaling["train_vs_batch"].append({"length": 256, "batch": batch, "seconds": s})
-            print(f"train step L=256 B={batch}: {s * 1e3:.1f} ms", flush=True)
+            s = train_step_seconds(args.scaling_preset, args, sweep_length, batch, device, 2 * seconds)
+            scaling["train_vs_batch"].append({"length": sweep_length, "batch": batch, "seconds": s})
+            print(f"train step L={sweep_length} B={batch}: {s * 1e3:.1f} ms", flush=True)
         model, objective, tokenizer = sampling_model(args.scaling_preset, args, max(lengths), device)
         for length in lengths:
             r = sample_once(model, objective, tokenizer, length, 1, device, precision)
@@ -299,10 +320,10 @@ def main() -> None:
             print(f"first-hitting L={length} B=1: {r['seconds']:.2f}s, network {100 * r['network_share']:.1f}%",
                   flush=True)
         for batch in batches:
-            r = sample_once(model, objective, tokenizer, 256, batch, device, precision)
+            r = sample_once(model, objective, tokenizer, sweep_length, batch, device, precision)
             scaling["sample_vs_batch"].append(r)
-            print(f"first-hitting L=256 B={batch}: {r['seconds']:.2f}s, network {100 * r['network_share']:.1f}%",
-                  flush=True)
+            print(f"first-hitting L={sweep_length} B={batch}: {r['seconds']:.2f}s, network "
+                  f"{100 * r['network_share']:.1f}%", flush=True)
         for key, x in (("train_vs_length", "length"), ("train_vs_batch", "batch"), ("sample_vs_length", "length"),
                        ("sample_vs_batch", "batch")):
             points = scaling[key]
@@ -323,11 +344,14 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.ticker
 
     s = record["scaling"]
+    batch, length = s["train_vs_length"][0]["batch"], s["train_vs_batch"][0]["length"]  # the fixed sides
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, label in (("train_vs_length", "training step (B=4)"), ("sample_vs_length", "first-hitting sampling (B=1)")):
+    for key, label in (("train_vs_length", f"training step (B={batch})"),
+                       ("sample_vs_length", "first-hitting sampling (B=1)")):
         xs = [p["length"] for p in s[key]]
         axes[0].loglog(xs, [p["seconds"] for p in s[key]], "o-", label=f"{label}: ~L^{s[key + '_exponent']:.2f}")
-    for key, label in (("train_vs_batch", "training step (L=256)"), ("sample_vs_batch", "first-hitting sampling (L=256)")):
+    for key, label in (("train_vs_batch", f"training step (L={length})"),
+                       ("sample_vs_batch", f"first-hitting sampling (L={length})")):
         xs = [p["batch"] for p in s[key]]
         axes[1].loglog(xs, [p["seconds"] for p in s[key]], "o-", label=f"{label}: ~B^{s[key + '_exponent']:.2f}")
     for ax, key in ((axes[0], "train_vs_length"), (axes[1], "train_vs_batch")):

@@ -4,6 +4,7 @@ everything else (norms, adaLN modulation, elementwise, optimizer).
 
     python benchmarks/profile_ops.py --preset micro --length 256 --batch 16
     python benchmarks/profile_ops.py --preset nano --length 1024 --batch 8 --inference
+    python benchmarks/profile_ops.py --smoke          # seconds: the test suite runs this
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--inference", action="store_true", help="a sampling forward (all positions masked)")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     args = parser.parse_args()
+    if args.smoke:
+        args.preset, args.length, args.batch, args.top = "nano", 16, 2, 5
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(args.precision, device)
     cfg = run_config(args.preset, args.vocab, args.length, args.batch, precision, ["model.length=2048"])
@@ -50,8 +54,8 @@ def main() -> None:
     counted = torch.ones_like(x0, dtype=torch.bool)
     noise = draw_noise(args.batch, args.length, torch.Generator().manual_seed(0)).to(device)
 
-    def work():
-        if args.inference:
+    def work(inference: bool):
+        if inference:
             model.eval()
             with torch.no_grad(), autocast(device, precision):
                 masked = torch.full_like(x0, tokenizer.mask_id)
@@ -64,23 +68,25 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        work()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
-        for _ in range(3):
-            work()
-    events = prof.key_averages()
-    # self time per operator; group into matmul / attention / rest
-    total = sum(e.self_cpu_time_total for e in events)
-    groups = defaultdict(float)
-    for e in events:
-        kind = "matmul" if e.key in MATMUL else "attention" if "attention" in e.key else "other"
-        groups[kind] += e.self_cpu_time_total
-    print(f"{args.preset} L={args.length} B={args.batch} {precision} {'inference forward' if args.inference else 'training step'}: "
-          + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])))
-    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
-        print(f"  {100 * e.self_cpu_time_total / total:5.1f}%  {e.count:6d}x  {e.key}")
-
+    for inference in (False, True) if args.smoke else (args.inference,):  # the smoke mode profiles both
+        for _ in range(2):
+            work(inference)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                work(inference)
+        events = prof.key_averages()
+        # self time per operator; group into matmul / attention / rest
+        total = sum(e.self_cpu_time_total for e in events)
+        groups = defaultdict(float)
+        for e in events:
+            kind = "matmul" if e.key in MATMUL else "attention" if "attention" in e.key else "other"
+            groups[kind] += e.self_cpu_time_total
+        print(f"{args.preset} L={args.length} B={args.batch} {precision} "
+              f"{'inference forward' if inference else 'training step'}: "
+              + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])))
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
+            print(f"  {100 * e.self_cpu_time_total / total:5.1f}%  {e.count:6d}x  {e.key}")
 
 if __name__ == "__main__":
     main()

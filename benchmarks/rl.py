@@ -2,6 +2,7 @@
 model at equal rollout budgets, on a verifiable task (star-graph paths by default).
 
     python benchmarks/rl.py --model runs/insertion/nano/easy-mdlm --data runs/insertion/nano/data-easy --tag star-easy
+    python benchmarks/rl.py --smoke          # seconds: the test suite runs this
 
 Every method gets the same iterations x prompts x group rollouts; the held-out reward (exact match of
 one rollout per test prompt, the schedule at its means) is measured before training and every
@@ -14,25 +15,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from unmask.checkpoints.checkpoint import load_model
 from unmask.checkpoints.pretrained import open_source
 from unmask.config import config_from_dict, merge_trees, parse_overrides, to_dict
+from unmask.data.tasks import write_star_graph_task
 from unmask.train.rl import rl_train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import pyplot, run_header  # noqa: E402
+from common import SMOKE_OVERRIDES, pyplot, run_header, trained  # noqa: E402
 
 METHODS = {"GRPO, model only": "model", "GRPO, schedule only": "schedule", "Co-GRPO (alternating)": "co"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="an MDLM run trained on the task")
-    parser.add_argument("--data", required=True, help="the task folder (train.jsonl, test.jsonl)")
-    parser.add_argument("--tag", required=True)
+    parser.add_argument("--model", help="an MDLM run trained on the task")
+    parser.add_argument("--data", help="the task folder (train.jsonl, test.jsonl)")
+    parser.add_argument("--tag")
     parser.add_argument("--runs", default="runs/rl")
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--prompts-per-step", type=int, default=8)
@@ -45,13 +48,34 @@ def main() -> None:
     parser.add_argument("--schedule-lr", type=float, default=0.05)
     parser.add_argument("--temperature", type=float, default=1.0, help="the starting schedule's token temperature")
     parser.add_argument("--extra", nargs="*", default=[], help="more rl.* / sample.* overrides for every method")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     args = parser.parse_args()
+    missing = [f"--{name}" for name in ("model", "data", "tag") if getattr(args, name) is None]
+    if missing and not args.smoke:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    if not args.smoke:
+        benchmark(args, ROOT / "benchmarks" / "results")
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # a two-step MDLM on a small star-graph task; runs and record go there
+        data = Path(tmp) / "data"
+        write_star_graph_task(data, "tiny", train=64, valid=8, test=8)
+        trained(Path(tmp) / "mdlm", [*SMOKE_OVERRIDES, "family=mdlm", f"data.path={data / 'train.jsonl'}",
+                                     f"data.valid_path={data / 'valid.jsonl'}", f"data.test_path={data / 'test.jsonl'}",
+                                     f"data.cache_dir={Path(tmp) / 'cache'}"], "star-graph")
+        args.model, args.data, args.tag, args.runs = str(Path(tmp) / "mdlm"), str(data), "smoke", str(Path(tmp) / "rl")
+        args.iterations, args.prompts_per_step, args.group, args.steps, args.eval_every, args.eval_prompts = (
+            1, 2, 2, 2, 1, 4)
+        benchmark(args, Path(tmp))
+
+
+def benchmark(args, out_dir: Path) -> None:
+    """Every method from ``args.model``, run folders in ``args.runs``; the record and its plot go to ``out_dir``."""
     source = open_source(args.model)
     data = Path(args.data)
     held_out = Path(args.runs) / args.tag / "eval.jsonl"
     held_out.parent.mkdir(parents=True, exist_ok=True)
     held_out.write_text("".join((data / "test.jsonl").read_text().splitlines(keepends=True)[:args.eval_prompts]))
-    result = {**run_header(args.tag), "model": args.model, "data": str(data), "methods": {}}
+    result = {**run_header(args.tag, ceilings=not args.smoke), "model": args.model, "data": str(data), "methods": {}}
     for name, mode in METHODS.items():
         overrides = [f"run_dir={Path(args.runs) / args.tag / mode}", f"rl.prompts={data / 'train.jsonl'}",
                      f"rl.eval_prompts={held_out}", f"rl.mode={mode}", f"rl.iterations={args.iterations}",
@@ -69,7 +93,7 @@ def main() -> None:
                                    "schedule": train[-1]["schedule"], "seconds": train[-1]["elapsed_seconds"],
                                    "config": to_dict(cfg.rl)}
         print(f"{name}: held-out reward {evals[0][1]:.3f} -> {evals[-1][1]:.3f}", flush=True)
-    out = ROOT / "benchmarks" / "results" / f"rl-{args.tag}.json"
+    out = out_dir / f"rl-{args.tag}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out.with_suffix(".png"))
     rollouts = args.iterations * args.prompts_per_step * args.group

@@ -7,6 +7,7 @@ the AR model, mean per-sample unigram entropy, NFE (network calls and per-row ev
 time and generated tokens per second. The held-out rows give the reference gen-PPL and entropy.
 
     python benchmarks/sampler_frontier.py --mdlm runs/bench-text8/mdlm --ar runs/bench-text8/ar --tag text8-prefix
+    python benchmarks/sampler_frontier.py --smoke          # seconds: the test suite runs this
 
 Writes ``benchmarks/results/sampler_frontier-<tag>.json``, a Markdown table on stdout and, when
 matplotlib is installed, ``benchmarks/results/sampler_frontier-<tag>.png``.
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ from unmask.eval.generation import CheckpointEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import held_out_reference, measure, pyplot, run_header  # noqa: E402
+from common import held_out_reference, measure, pyplot, run_header, smoke_run  # noqa: E402
 
 
 def settings(length: int) -> list[tuple[str, dict]]:
@@ -49,23 +51,38 @@ def settings(length: int) -> list[tuple[str, dict]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mdlm", required=True)
-    parser.add_argument("--ar", required=True)
-    parser.add_argument("--tag", required=True)
+    parser.add_argument("--mdlm")
+    parser.add_argument("--ar")
+    parser.add_argument("--tag")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--ar-temperatures", default="1.0,1.25,1.5,1.75,2.0,2.25,2.5,3.0")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from the saved JSON")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     args = parser.parse_args()
+    missing = [f"--{name}" for name in ("mdlm", "ar", "tag") if getattr(args, name) is None]
+    if missing and not args.smoke:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     out_dir = ROOT / "benchmarks" / "results"
     if args.replot:
         plot(json.loads((out_dir / f"sampler_frontier-{args.tag}.json").read_text()),
              out_dir / f"sampler_frontier-{args.tag}.png")
         return
+    if not args.smoke:
+        frontier(args, out_dir)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # two-step models of 16 tokens; the record and the plot go there too
+        tiny = ("model.length=16", "data.length=16")
+        args.mdlm, args.ar = str(smoke_run(Path(tmp), "mdlm", tiny)), str(smoke_run(Path(tmp), "ar", tiny))
+        args.tag, args.samples, args.batch_size, args.ar_temperatures = "smoke", 2, 2, "1.0,1.5"
+        frontier(args, Path(tmp))
+
+
+def frontier(args, out_dir: Path) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt, ar_ckpt = Checkpoint(args.mdlm), Checkpoint(args.ar)
     model, objective = load_model(ckpt, device=device)
-    ar_model, _ = load_model(ar_ckpt, device=device)
+    ar_model, ar_objective = load_model(ar_ckpt, device=device)
     evaluator = CheckpointEvaluator(ar_ckpt.path, device)
     tokenizer, length = ckpt.tokenizer, ckpt.config.data.length
     base = SampleConfig(num_samples=args.samples, batch_size=args.batch_size, seed=1)
@@ -82,14 +99,15 @@ def main() -> None:
     for temperature in [float(t) for t in args.ar_temperatures.split(",")]:
         for kv in (True, False) if temperature == 1.0 else (True,):
             cfg = dataclasses.replace(base, sampler="ar", temperature=temperature, kv_cache=kv)
-            r = measure(ar_model, None, ar_ckpt.tokenizer, cfg, length, ar_ckpt.config.model.length, evaluator, device)
+            r = measure(ar_model, ar_objective, ar_ckpt.tokenizer, cfg, length, ar_ckpt.config.model.length, evaluator,
+                        device)
             label = f"AR {'KV cache' if kv else 'no cache'} temperature {temperature}"
             results.append(dict(model="ar", sampler=label, temperature=temperature, kv_cache=kv, **r))
             print(f"{label:28s} gen-ppl {r['gen_ppl']:8.3f} entropy {r['entropy']:.3f} "
                   f"{r['seconds']:7.2f}s {r['generated_tokens_per_second']:9.1f} tok/s", flush=True)
 
-    record = {**run_header(args.tag), "mdlm": str(ckpt.path), "ar": str(ar_ckpt.path), "length": length,
-              "samples": args.samples, "reference": reference, "results": results}
+    record = {**run_header(args.tag, ceilings=not args.smoke), "mdlm": str(ckpt.path), "ar": str(ar_ckpt.path),
+              "length": length, "samples": args.samples, "reference": reference, "results": results}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"sampler_frontier-{args.tag}.json").write_text(json.dumps(record, indent=1))
     print(f"\n{record['date']} {record['machine']['cpu']} ({record['machine']['cores']} cores), commit "

@@ -7,6 +7,7 @@ clients (asyncio + httpx, each request with its own seed), stops the server and 
 generated tokens/s and the p50/p99 latency. Nothing runs longer than the fixed request count.
 
     python benchmarks/serve_load.py --model runs/quickstart --tag quickstart
+    python benchmarks/serve_load.py --smoke          # seconds: the test suite runs this
 
 Writes ``benchmarks/results/serve_load-<tag>.json`` and a Markdown table on stdout.
 """
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +31,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import run_header  # noqa: E402
+from common import run_header, smoke_run  # noqa: E402
 
 
 def free_port() -> int:
@@ -44,18 +47,29 @@ def start_server(model: str, batching: bool, extra: list[str]) -> tuple[subproce
         cmd.append("--no-batching")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_until_healthy(proc: subprocess.Popen, url: str) -> None:
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited: {proc.stdout.read()}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
             time.sleep(0.2)
-    proc.kill()
     raise RuntimeError("the server did not answer /health within 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 async def load(url: str, body: dict, requests: int, concurrency: int) -> dict:
@@ -91,8 +105,8 @@ async def load(url: str, body: dict, requests: int, concurrency: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--tag", required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--tag")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--sampler", default="first_hitting")
@@ -101,24 +115,45 @@ def main() -> None:
                         help="tokens per request (default: the server's, the length the model was trained on)")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--server-args", default="", help="extra arguments for `unmask serve`")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     args = parser.parse_args()
+    missing = [f"--{name}" for name in ("model", "tag") if getattr(args, name) is None]
+    if missing and not args.smoke:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    if not args.smoke:
+        serve_load(args, ROOT / "benchmarks" / "results")
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # a two-step model; the record goes there too
+        args.model, args.tag = str(smoke_run(Path(tmp), "mdlm")), "smoke"
+        args.requests, args.concurrency, args.max_tokens = 4, 2, 8
+        serve_load(args, Path(tmp))
+
+
+def serve_load(args, out_dir: Path) -> None:
     body = {"prompt": args.prompt, "sampler": args.sampler}
     if args.steps:
         body["steps"] = args.steps
     if args.max_tokens:
         body["max_tokens"] = args.max_tokens
     results = {}
-    for batching in (True, False):
-        proc, url = start_server(args.model, batching, args.server_args.split())
-        try:
+    with contextlib.ExitStack() as started:  # every server started is stopped, whatever happens
+
+        def start(batching: bool) -> tuple[subprocess.Popen, str]:
+            proc, url = start_server(args.model, batching, args.server_args.split())
+            started.callback(stop_server, proc)
+            return proc, url
+
+        # the smoke mode starts both servers at once (their start-up is most of its time), the real run each in turn
+        early = {batching: start(batching) for batching in (True, False)} if args.smoke else {}
+        for batching in (True, False):
+            proc, url = early.get(batching) or start(batching)
+            wait_until_healthy(proc, url)
             results["batched" if batching else "one at a time"] = asyncio.run(
                 load(url, body, args.requests, args.concurrency))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    record = {**run_header(args.tag), "model": args.model, "body": body, "concurrency": args.concurrency,
-              "results": results}
-    out = ROOT / "benchmarks" / "results" / f"serve_load-{args.tag}.json"
+            stop_server(proc)
+    record = {**run_header(args.tag, ceilings=not args.smoke), "model": args.model, "body": body,
+              "concurrency": args.concurrency, "results": results}
+    out = out_dir / f"serve_load-{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"{record['date']} {record['machine']['cpu']} ({record['machine']['cores']} cores), "

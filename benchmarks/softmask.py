@@ -14,6 +14,7 @@ Stages (each resumes or is skipped when its run folder is complete, so the scrip
    models also without feedback (binary inputs) as a control.
 
     python benchmarks/softmask.py --tag tinyshakespeare
+    python benchmarks/softmask.py --smoke          # seconds: the test suite runs this
 
 Writes ``benchmarks/results/softmask-<tag>.json``, a Markdown table on stdout and
 ``benchmarks/results/softmask-<tag>.png``.
@@ -25,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,7 +39,7 @@ from unmask.eval.likelihood import likelihood_of_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import held_out_reference, measure, pyplot, run_header, trained  # noqa: E402
+from common import SMOKE_OVERRIDES, held_out_reference, measure, pyplot, run_header, trained  # noqa: E402
 
 CORPORA = {
     "tinyshakespeare": ["data.dataset=tinyshakespeare", "data.tokenizer=char", "data.length=128", "data.frame=false",
@@ -55,7 +57,7 @@ def seconds_per_step(records: list[dict], tokens_per_step: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", choices=sorted(CORPORA), default="tinyshakespeare")
-    parser.add_argument("--tag", required=True)
+    parser.add_argument("--tag")
     parser.add_argument("--runs", default="runs/softmask", help="folder for the run folders")
     parser.add_argument("--base-steps", type=int, default=1500)
     parser.add_argument("--continue-steps", type=int, default=1000)
@@ -69,21 +71,34 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--eval-sequences", type=int, default=512)
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from the saved JSON")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     args = parser.parse_args()
+    if args.tag is None and not args.smoke:
+        parser.error("the following arguments are required: --tag")
     out_dir = ROOT / "benchmarks" / "results"
     if args.replot:
         plot(json.loads((out_dir / f"softmask-{args.tag}.json").read_text()), out_dir / f"softmask-{args.tag}.png")
         return
-    runs = Path(args.runs) / args.tag
+    if not args.smoke:
+        benchmark(args, Path(args.runs) / args.tag, out_dir)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # tiny models, two steps each, a few rows; runs and record go there
+        args.tag, args.base_steps, args.continue_steps, args.samples, args.eval_sequences = "smoke", 2, 2, 4, 4
+        benchmark(args, Path(tmp), Path(tmp), (*SMOKE_OVERRIDES, f"data.cache_dir={Path(tmp) / 'cache'}"))
+
+
+def benchmark(args, runs: Path, out_dir: Path, smoke: tuple[str, ...] = ()) -> None:
+    """Train (or find) the runs in ``runs``, measure them, write the record and the plot to ``out_dir``;
+    ``smoke``: overrides that win over the script's own (but for the iso-compute step count)."""
     data = CORPORA[args.corpus]
     pretrain = [*data, f"train.steps={args.base_steps}", "train.batch_size=32", "train.lr=2e-3",
-                "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995", "train.log_every=20"]
+                "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995", "train.log_every=20", *smoke]
     base, _ = trained(runs / "base", ["family=mdlm", *pretrain])
     ar, _ = trained(runs / "ar", ["family=ar", *pretrain])
 
     cont = [*data, "family=mdlm", f"train.init_from={base}", f"train.lr={args.lr}", "train.warmup_steps=0",
             "train.lr_schedule=constant", "train.batch_size=32", "train.ema=0.995", "train.log_every=20",
-            "train.seed=2"]
+            "train.seed=2", *smoke]
     soft = [f"model.soft_mask_top_k={args.top_k}", f"diffusion.soft_mask_prob={args.p_sm}",
             f"train.soft_mask_lr={args.soft_mask_lr}"]
     n = args.continue_steps
@@ -126,11 +141,11 @@ def main() -> None:
                 print(f"  {label:40s} NFE {nfe:4d} gen-ppl {r['gen_ppl']:8.3f} entropy {r['entropy']:.3f} "
                       f"{r['seconds']:6.2f}s", flush=True)
 
-    record = {**run_header(args.tag), "corpus": args.corpus, "length": length, "samples": args.samples,
-              "top_p": args.top_p, "base_steps": args.base_steps, "continue_steps": n, "iso_compute_steps": iso_steps,
-              "seconds_per_step": seconds, "final_omegas": omegas, "p_sm": args.p_sm, "top_k": args.top_k,
-              "soft_mask_lr": args.soft_mask_lr, "lr": args.lr, "reference": reference, "valid_nelbo": nelbo,
-              "results": results}
+    record = {**run_header(args.tag, ceilings=not args.smoke), "corpus": args.corpus, "length": length,
+              "samples": args.samples, "top_p": args.top_p, "base_steps": args.base_steps, "continue_steps": n,
+              "iso_compute_steps": iso_steps, "seconds_per_step": seconds, "final_omegas": omegas, "p_sm": args.p_sm,
+              "top_k": args.top_k, "soft_mask_lr": args.soft_mask_lr, "lr": args.lr, "reference": reference,
+              "valid_nelbo": nelbo, "results": results}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"softmask-{args.tag}.json").write_text(json.dumps(record, indent=1))
     print_tables(record)

@@ -3,6 +3,7 @@ text8-prefix; test bits per character (MDLM: the NELBO bound; AR: exact), traini
 second and peak memory.
 
     python benchmarks/text8_mdlm_vs_ar.py --minutes 15 --tag run1
+    python benchmarks/text8_mdlm_vs_ar.py --smoke          # seconds: the test suite runs this (tiny-shakespeare)
 
 Each model trains and is evaluated in its own process (``python -m unmask``), so peak memory is
 per model. Results are appended to ``benchmarks/results/text8_mdlm_vs_ar.jsonl`` and a Markdown
@@ -16,9 +17,13 @@ import datetime
 import json
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import machine
+from unmask.data.corpora import shipped_corpus_path
+
+from common import SMOKE_OVERRIDES, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "text8" / "text8_first12500000chars.xz"
@@ -65,20 +70,39 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "bench-text8"))
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for both models")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     args = parser.parse_args()
+    if not args.smoke:
+        benchmark(args, Path(args.runs))
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # tiny models, two steps each, on the packaged tiny-shakespeare
+        args.data, args.eval_sequences = str(shipped_corpus_path()), 8
+        args.overrides = [*SMOKE_OVERRIDES, "data.dataset=tinyshakespeare", "data.tokenizer=char",
+                          f"data.cache_dir={Path(tmp) / 'cache'}", *args.overrides]
+        benchmark(args, Path(tmp))
+
+
+def benchmark(args, runs: Path) -> None:
+    """Both models in ``runs``; the record is appended to the results unless in the smoke mode."""
     if not Path(args.data).is_file():
         sys.exit(f"text8 prefix not found at {args.data}; pass --data")
     info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "tag": args.tag,
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                      text=True).stdout.strip(),
-            "machine": machine()}
-    results = [train_and_eval(family, args, Path(args.runs)) for family in ("mdlm", "ar")]
+            "machine": machine(ceilings=not args.smoke)}
+    families = ("mdlm", "ar")
+    if args.smoke:  # both models at once: the smoke mode's times mean nothing
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda family: train_and_eval(family, args, runs), families))
+    else:
+        results = [train_and_eval(family, args, runs) for family in families]
     record = dict(info, results=results,
                   bpc_ratio_mdlm_over_ar=results[0]["test_bits_per_char"] / results[1]["test_bits_per_char"])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if not args.smoke:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps(record) + "\n")
     print(f"\n{info['date']} {info['machine']['cpu']} ({info['machine']['cores']} cores), torch "
           f"{info['machine']['torch']}, commit {info['commit']}")
     print("| model | params | steps | train tok/s | peak MB | test BPC | ± (MC) |")

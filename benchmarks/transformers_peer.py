@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--tag", default="cpu")
     args = parser.parse_args()
     if args.smoke:
-        args.vocab, args.length, args.batches, args.new_tokens, args.rounds = 300, 128, "1,2", 8, 1
+        args.vocab, args.length, args.batches, args.new_tokens, args.rounds = 300, 64, "2", 4, 1
         args.train_batch, args.train_length, args.train_steps = 2, 32, 1
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,10 +1,14 @@
-"""Benchmark scripts do not rot: every one imports against the current package and answers --help."""
+"""Benchmark scripts do not rot: every one imports against the current package, answers --help and runs
+its whole pipeline at a tiny size (``--smoke``) without writing into the repository."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py")
@@ -22,6 +26,21 @@ def test_every_benchmark_script_answers_help():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("usage:") == len(SCRIPTS), proc.stdout[-2000:]
+
+
+def _results_state() -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").iterdir()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_script_runs_its_smoke_mode(script, tmp_path):
+    before = _results_state()
+    # one thread: on 2 cores a second spinning OpenMP thread competes with pytest's own process
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _results_state() == before, "a smoke run wrote into benchmarks/results"
 
 
 def test_perf_counts_the_flops_of_a_training_step(monkeypatch):
