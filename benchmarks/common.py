@@ -21,6 +21,7 @@ from unmask.data.layouts import TOKEN
 from unmask.eval.generation import unigram_entropy
 from unmask.eval.likelihood import select_rows
 from unmask.pipeline import generate_rows
+from unmask.runtime import cpu_has_bf16
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
@@ -32,6 +33,10 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> fl
         a @ b
         reps += 1
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def native_bf16() -> bool:
+    return torch.cuda.is_available() or cpu_has_bf16()
 
 
 def machine(ceilings: bool = True) -> dict:
@@ -46,8 +51,10 @@ def machine(ceilings: bool = True) -> dict:
     record = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     if ceilings:  # 4 seconds: skipped by the smoke modes
-        record.update(matmul_gflops_fp32=round(matmul_gflops(torch.float32), 1),
-                      matmul_gflops_bf16=round(matmul_gflops(torch.bfloat16), 1))
+        record["matmul_gflops_fp32"] = round(matmul_gflops(torch.float32), 1)
+        # without native bf16 (AVX-512 BF16, AMX, CUDA) a bf16 matmul is emulated, 10-100x slower: not a ceiling
+        record["matmul_gflops_bf16"] = round(matmul_gflops(torch.bfloat16), 1) if native_bf16() else None
+    record["native_bf16"] = native_bf16()
     return record
 
 
