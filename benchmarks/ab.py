@@ -42,7 +42,7 @@ from unmask.train.optim import EMA
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import run_header  # noqa: E402
+from common import append_record, run_header  # noqa: E402
 
 WORKLOADS = ("train-mdlm", "train-ar", "sample-ancestral", "sample-ancestral-cached", "sample-first-hitting",
              "sample-ar")
@@ -159,10 +159,7 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
     if not args.smoke:
-        out = ROOT / "benchmarks" / "results" / "ab.jsonl"
-        with out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"appended to {out}")
+        append_record("ab", record)
 
 
 if __name__ == "__main__":

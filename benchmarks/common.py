@@ -74,6 +74,14 @@ def run_header(tag: str, ceilings: bool = True) -> dict:
             "threads": threads_record()}
 
 
+def append_record(name: str, record: dict) -> None:
+    """Append ``record`` as one JSON line to ``benchmarks/results/<name>.jsonl``."""
+    out = Path(__file__).resolve().parent / "results" / f"{name}.jsonl"
+    with out.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"appended to {out}")
+
+
 def pyplot():
     """``matplotlib.pyplot`` with the file backend, or None (and a note) when matplotlib is missing."""
     try:

@@ -41,7 +41,7 @@ from unmask.samplers.registry import make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import run_header  # noqa: E402
+from common import append_record, run_header  # noqa: E402
 
 SPINNER = "while True:\n    pass\n"
 
@@ -129,10 +129,7 @@ def main() -> None:
         print(f"{workload:6s} threads {threads} {policy:8s} {load:4s}: median {1e3 * r['median_seconds']:8.1f} ms, "
               f"p90 {1e3 * r['p90_seconds']:8.1f} ms", flush=True)
     if not args.smoke:
-        out = ROOT / "benchmarks" / "results" / "threads.jsonl"
-        with out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"appended to {out}")
+        append_record("threads", record)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Appends a record to ``benchmarks/results/transformers_peer.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ from unmask.train.optim import EMA
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import run_header  # noqa: E402
+from common import append_record, run_header  # noqa: E402
 
 
 def unmask_model(preset: str, length: int, vocab: int):
@@ -209,10 +208,7 @@ def main() -> None:
         print(f"train B={args.train_batch} L={args.train_length}: unmask {r['unmask_median']:.0f} tok/s, "
               f"transformers {r['transformers_median']:.0f} tok/s: {r['ratio']:.2f}x", flush=True)
     if not args.smoke:
-        out = ROOT / "benchmarks" / "results" / "transformers_peer.jsonl"
-        with out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"appended to {out}")
+        append_record("transformers_peer", record)
 
 
 if __name__ == "__main__":
