@@ -31,8 +31,8 @@ from .softmask import SoftFeedback, SoftMask
 
 
 class LayerNorm(nn.Module):
-    """Non-affine layer norm in fp32 times a learnable ``weight`` (no bias), as in MDLM, optionally
-    followed by adaLN modulation ``y * (1 + scale) + shift``.
+    """Non-affine layer norm in fp32 times a learnable ``weight`` (no bias), as in MDLM, followed by
+    adaLN modulation ``y * (1 + scale) + shift``.
 
     ``shift``, ``scale``: (C, 1, H) with C = 1 (the same for every row, as without time conditioning) or
     B. With C = 1 the weight, scale and shift fold into layer norm's own affine parameters (one fused
@@ -43,10 +43,8 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.dim = dim
 
-    def forward(self, x, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+    def forward(self, x, shift: torch.Tensor, scale: torch.Tensor):
         with torch.autocast(x.device.type, enabled=False):
-            if shift is None:
-                return F.layer_norm(x.float(), [self.dim], self.weight)
             if shift.shape[0] == 1:
                 return F.layer_norm(x.float(), [self.dim], self.weight * (1 + scale.reshape(-1).float()),
                                     shift.reshape(-1).float())
