@@ -82,7 +82,7 @@ def worker(workload: str, args) -> dict:
         tokens = args.batch * args.length
     else:
         sampler_name = workload.removeprefix("sample-").removesuffix("-cached").replace("-", "_")
-        knobs = {"ancestral": {"steps": args.length}, "first_hitting": {}, "ar": {}}[sampler_name]
+        knobs = {"ancestral": {"steps": args.length, "cache": False}, "first_hitting": {}, "ar": {}}[sampler_name]
         if workload.endswith("-cached"):
             knobs = {"steps": 4 * args.length, "cache": True}
         sampler = make_sampler(SampleConfig(sampler=sampler_name, **knobs), objective, tokenizer, args.length)

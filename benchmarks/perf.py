@@ -312,7 +312,7 @@ def benchmark(args, out: Path) -> None:
         for multiple in filter(None, args.ancestral.split(",")):
             steps = max(1, round(float(multiple) * args.sample_length))
             r = sample_once(model, objective, tokenizer, args.sample_length, args.sample_batch, device, precision,
-                            sampler="ancestral", steps=steps, cache=True)
+                            sampler="ancestral", steps=steps)
             record.setdefault("sampling_ancestral_cached", []).append(
                 dict(r, preset=args.sample_preset, steps=steps, precision=precision))
             print(f"sample cached ancestral T={steps} L={r['length']} B={r['batch']}: {r['seconds']:.2f}s, NFE "

@@ -121,7 +121,7 @@ def benchmark(args, runs: Path, out_dir: Path, smoke: tuple[str, ...] = ()) -> N
     reference = held_out_reference(base_ckpt, evaluator, args.samples)
     length = base_ckpt.config.data.length
     valid_rows = Data(base_ckpt.config.data, tokenizer=base_ckpt.tokenizer).rows("valid")
-    sample_base = SampleConfig(sampler="ancestral", num_samples=args.samples, batch_size=64, seed=1,
+    sample_base = SampleConfig(sampler="ancestral", cache=False, num_samples=args.samples, batch_size=64, seed=1,
                                top_p=args.top_p)
     results, nelbo = [], {}
     for name, path in [("base", base), *models.items()]:

@@ -1,7 +1,8 @@
 """Torch threads and the OpenMP wait policy, on an idle machine and on a busy one.
 
 Every combination of torch threads (``--threads``), OpenMP wait policy (``--policies``: ``default`` =
-the variable unset, or a value of ``OMP_WAIT_POLICY``) and machine load (``idle``, or ``busy``: one
+the variables unset, a value of ``OMP_WAIT_POLICY``, or ``NAME=value`` such as ``GOMP_SPINCOUNT=10000``,
+libgomp's spin count before a waiting thread sleeps) and machine load (``idle``, or ``busy``: one
 process spinning on a core, as another user's job would) runs in its own process (OpenMP reads the
 policy once, at start) and times two workloads of the nano model:
 
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import append_record, run_header  # noqa: E402
 
 SPINNER = "while True:\n    pass\n"
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def worker(workload: str, repeats: int, length: int, batch: int) -> list[float]:
@@ -82,9 +84,10 @@ def worker(workload: str, repeats: int, length: int, batch: int) -> list[float]:
 
 
 def measure(workload: str, threads: int, policy: str, load: str, args) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
     if policy != "default":
-        env["OMP_WAIT_POLICY"] = policy
+        name, _, value = policy.rpartition("=")
+        env[name or "OMP_WAIT_POLICY"] = value
     spinner = subprocess.Popen([sys.executable, "-c", SPINNER]) if load == "busy" else None
     try:
         proc = subprocess.run([sys.executable, __file__, "--worker", workload, "--threads", str(threads),
@@ -126,7 +129,7 @@ def main() -> None:
                                                              args.policies.split(","), args.loads.split(",")):
         r = measure(workload, int(threads), policy, load, args)
         record["results"].append(r)
-        print(f"{workload:6s} threads {threads} {policy:8s} {load:4s}: median {1e3 * r['median_seconds']:8.1f} ms, "
+        print(f"{workload:6s} threads {threads} {policy:20s} {load:4s}: median {1e3 * r['median_seconds']:8.1f} ms, "
               f"p90 {1e3 * r['p90_seconds']:8.1f} ms", flush=True)
     if not args.smoke:
         append_record("threads", record)

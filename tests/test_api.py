@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import unmask
 
@@ -21,6 +26,19 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs" / "api" / "checkpoints" / "step_00000020").is_dir()
     exported = unmask.from_pretrained(tmp_path / "runs" / "api-export")
     assert exported.config.family == "mdlm"
+
+
+@pytest.mark.parametrize("preset, first, expected", [
+    ({}, "unmask", "PASSIVE"),                                   # the safe default on a shared machine
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "unmask", "ACTIVE"),         # the user's choice stands
+    ({"GOMP_SPINCOUNT": "300000"}, "unmask", None),              # a spin count is a choice too
+    ({}, "torch", None),                                         # too late to matter: left alone
+])
+def test_openmp_waits_passively_unless_the_user_chose(preset, first, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | preset
+    code = f"import {first}, unmask, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(expected)
 
 
 def test_public_names():

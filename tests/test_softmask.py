@@ -201,8 +201,8 @@ def test_omega_s_zero_reproduces_the_binary_model_exactly():
 
 def soft_sampler_zoo(diffusion):
     return {
-        "ancestral": AncestralSampler(diffusion, steps=12),
-        "cached": AncestralSampler(diffusion, steps=12, cache=True),
+        "ancestral": AncestralSampler(diffusion, steps=12, cache=False),
+        "cached": AncestralSampler(diffusion, steps=12),
         "first_hitting": FirstHittingSampler(diffusion),
         "parallel_first_hitting": FirstHittingSampler(diffusion, tokens_per_step=3),
         "confidence": ConfidenceSampler(diffusion, steps=4, score="margin", remask=0.2),

@@ -14,6 +14,17 @@ The Python API (the same operations as the ``unmask`` command)::
 ``FAMILIES`` and ``SAMPLERS`` are the registries of model families and samplers.
 """
 
+import os
+import sys
+
+# OpenMP threads that wait for work spin by default. On a machine where another process is busy, two
+# spinning torch threads made a training step 2-3x slower than one thread; sleeping waits
+# (PASSIVE) cost 5-30 % on an idle machine (benchmarks/threads.py, BENCHMARKS.md "Threads"). unmask
+# picks the safe side: PASSIVE, unless the user chose a policy or spin count. OpenMP reads these once,
+# when torch loads, so this takes effect only when unmask is imported first (always, for the CLI).
+if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
 from .config import RunConfig, load_config
 from .eval.runs import evaluate
 from .families import FAMILIES

@@ -166,7 +166,7 @@ class SampleConfig:
     num_samples: int = 4  # samples per prompt (or unconditional)
     length: int = 0  # canvas length (0: data.length)
     steps: int = 128  # denoising steps (ancestral, confidence)
-    cache: bool = False  # ancestral: reuse a row's prediction while its canvas is unchanged
+    cache: bool = True  # ancestral: reuse a row's prediction while its canvas is unchanged (same samples; where exact)
     tokens_per_step: int = 1  # first_hitting: tokens revealed per network call
     score: str = "confidence"  # confidence: confidence, margin, entropy or random
     reveal: str = "linear"  # confidence: linear or cosine reveal schedule

@@ -151,9 +151,10 @@ class DDiTBlock(nn.Module):
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = modulation[:, None].chunk(6, dim=2)
         qkv = self.attn_qkv(self.norm1(x, shift_msa, scale_msa)).view(b, length, 3, self.heads, hidden // self.heads)
+        qk, v = qkv.split([2, 1], dim=2)  # split, not indexing: its backward is one concatenation, no zero fill
         cos, sin = rotary  # (L, d): q and k rotated together, into contiguous (2, B, heads, L, d) for SDPA
-        q, k = apply_rotary(qkv[:, :, :2].permute(2, 0, 3, 1, 4), cos, sin).unbind(0)  # each (B, heads, L, d)
-        v = qkv[:, :, 2].transpose(1, 2)
+        q, k = apply_rotary(qk.permute(2, 0, 3, 1, 4), cos, sin).unbind(0)  # each (B, heads, L, d)
+        v = v.squeeze(2).transpose(1, 2)
         if keep is not None:  # key padding: no query attends to the positions outside ``keep``
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
         elif cache is None:

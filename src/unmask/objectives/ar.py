@@ -29,6 +29,9 @@ class Autoregressive:
              exact: bool = False) -> torch.Tensor:
         """Per-sequence exact NLL (B,) over counted positions."""
         index, n = bucketed_positions(counted)
-        logits = model(self.inputs(x0), positions=index)
+        every = n == x0.numel()  # then ``index`` is 0 .. B*L-1: score the whole output, no gather
+        logits = model(self.inputs(x0), positions=None if every else index)
+        if every:
+            logits = logits.reshape(n, -1)
         return per_sequence_sums(masked_cross_entropy(logits, x0.reshape(-1)[index], self.mask_id, n), index,
                                  x0.shape)
