@@ -29,7 +29,7 @@ from unmask.data.corpora import wikitext_detokenize
 from unmask.data.tokenization import HFTokenizer, build_tokenizer
 from unmask.eval.likelihood import continuation_loglikelihoods
 from unmask.families import build_model
-from unmask.models.dit import count_parameters
+from unmask.models.common import count_parameters
 from unmask.objectives.ar import Autoregressive
 from unmask.objectives.mdlm import MaskedDiffusion
 from unmask.objectives.schedules import LogLinear
@@ -257,8 +257,11 @@ def test_bad_sources_are_clear_errors(tmp_path, monkeypatch):
     (tmp_path / "bad" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         open_source(tmp_path / "bad")
-    (tmp_path / "bad" / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(CheckpointError, match="model_type 'llama'"):
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(CheckpointError, match="model_type 'bert'.*'llada'"):
+        open_source(tmp_path / "bad")
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "llama"}')  # a known layout, incomplete
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
         open_source(tmp_path / "bad")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)

@@ -6,7 +6,8 @@ import torch
 
 import unmask.models.dit as dit
 from unmask.config import MODEL_PRESETS, ModelConfig, load_config
-from unmask.models.dit import DiT, Rotary, apply_rotary, bucketed_positions, count_parameters
+from unmask.models.common import Rotary, apply_rotary, bucketed_positions, count_parameters
+from unmask.models.dit import DiT
 
 MDLM_BLOCK_KEYS = ["norm1.weight", "attn_qkv.weight", "attn_out.weight", "norm2.weight", "mlp.0.weight",
                    "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "adaLN_modulation.weight", "adaLN_modulation.bias"]

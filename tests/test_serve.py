@@ -303,9 +303,9 @@ def test_ar_model_streams_left_to_right(checkpoints):
 
 def test_limits_busy_and_timeout(checkpoints):
     loaded = from_pretrained(checkpoints["mdlm"])
-    loaded.model = Slow(loaded.model, 0.05)
+    loaded.model = Slow(loaded.model, 0.2)
     service = ModelService(loaded, ServeConfig(max_pending=1, timeout_s=0.5, batching=False))
-    with running_server(service) as url:
+    with running_server(service) as url:  # the cached sampler calls the network once per change: 4 x 0.2 s
         slow = {"prompt": "a", "max_tokens": 4, "sampler": "ancestral", "steps": 30}
         results = {}
         t = threading.Thread(target=lambda: results.update(first=post(url, slow)))

@@ -21,7 +21,7 @@ from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints, load_ten
 from unmask.config import ConfigError, load_config
 from unmask.data.readers import DataError
 from unmask.families import build_model
-from unmask.models.dit import count_parameters
+from unmask.models.common import count_parameters
 from unmask.train.loop import initialize_from, micro_batching, train
 from unmask.train.optim import EMA, learning_rate, parameter_groups
 

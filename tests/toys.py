@@ -26,6 +26,7 @@ class FactorizedModel(torch.nn.Module):
     """The optimal denoiser of a factorized distribution: p(x0_l | x_t) = p_l, whatever x_t is."""
 
     soft_mask = None  # a denoiser network without a soft-mask input module (as a binary DiT)
+    time_conditioning = False
 
     def __init__(self, probs: torch.Tensor):
         super().__init__()

@@ -34,16 +34,25 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The DiT backbone (MDLM ``models/dit.py`` layout).
+    """The network: MDLM's DiT (``backbone: dit``, ``models/dit.py``) or a Llama/Qwen2-style transformer
+    (``backbone: llama``, ``models/llama.py``: LLaDA, Dream, SMDM).
 
     ``preset`` fills every field it names; keys given explicitly next to it win.
     """
 
-    preset: str | None = None  # tiny/small/medium (MDLM) or nano/micro/mini (CPU); fills the keys below
-    hidden: int = 768  # width of the DiT
+    preset: str | None = None  # a preset of `unmask config` (nano, micro, mini, tiny, small, llada-8b, ...)
+    backbone: str = "dit"  # dit (MDLM) or llama (LLaDA, Dream, SMDM)
+    hidden: int = 768  # width of the transformer
     blocks: int = 12  # transformer blocks
     heads: int = 12  # attention heads (hidden / heads must be even)
-    cond_dim: int = 128  # width of the time-conditioning embedding
+    kv_heads: int = 0  # llama: key/value heads of grouped-query attention (0: heads)
+    intermediate: int = 0  # llama: width of the SwiGLU MLP (0: 8/3 hidden rounded up to a multiple of 256)
+    vocab: int = 0  # embedding rows when larger than the tokenizer's vocabulary (LLaDA pads to 126464)
+    norm_eps: float = 1e-5  # llama: RMSNorm epsilon
+    qkv_bias: bool = False  # llama: biases on the q, k and v projections (Qwen2, Dream)
+    tie_embeddings: bool = False  # llama: the output layer shares the embedding matrix
+    logit_shift: bool = False  # llama: position i is scored by the output at i - 1 (Dream)
+    cond_dim: int = 128  # dit: width of the time-conditioning embedding
     dropout: float = 0.1  # dropout in attention and MLP outputs
     length: int = 1024  # longest sequence the model takes (rotary table size)
     time_conditioning: bool = False  # feed sigma(t) to the network (MDLM's adaLN); off: sigma = 0
@@ -60,6 +69,14 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "nano": dict(hidden=128, blocks=4, heads=4, cond_dim=64, dropout=0.0, length=1024),
     "micro": dict(hidden=256, blocks=4, heads=4, cond_dim=64, dropout=0.0, length=1024),
     "mini": dict(hidden=384, blocks=6, heads=6, cond_dim=128, dropout=0.0, length=1024),
+    # Llama-style backbones: the released open-weight shapes, and a CPU-sized one with LLaDA's layout
+    "llada-8b": dict(backbone="llama", hidden=4096, blocks=32, heads=32, kv_heads=32, intermediate=12288,
+                     vocab=126464, length=4096, rope_base=500000.0, norm_eps=1e-5, dropout=0.0),
+    "dream-7b": dict(backbone="llama", hidden=3584, blocks=28, heads=28, kv_heads=4, intermediate=18944,
+                     vocab=152064, length=131072, rope_base=1000000.0, norm_eps=1e-6, qkv_bias=True,
+                     logit_shift=True, dropout=0.0),
+    "llama-nano": dict(backbone="llama", hidden=128, blocks=4, heads=4, kv_heads=2, intermediate=384,
+                       length=1024, rope_base=10000.0, norm_eps=1e-5, dropout=0.0),
 }
 
 
@@ -168,7 +185,11 @@ class SampleConfig:
     steps: int = 128  # denoising steps (ancestral, confidence)
     cache: bool = True  # ancestral: reuse a row's prediction while its canvas is unchanged (same samples; where exact)
     tokens_per_step: int = 1  # first_hitting: tokens revealed per network call
-    score: str = "confidence"  # confidence: confidence, margin, entropy or random
+    score: str = "confidence"  # confidence/llada: confidence, margin, entropy or random; dream: also origin
+    block_length: int = 32  # llada: semi-autoregressive block length
+    alg_temp: float = 0.0  # dream: > 0 draws the revealed positions from softmax(confidence / alg_temp)
+    eps: float = 1e-3  # dream: the time grid runs from 1 to eps
+    threshold: float = 0.0  # dream: > 0 reveals every candidate whose confidence reaches it (Fast-dLLM)
     reveal: str = "linear"  # confidence: linear or cosine reveal schedule
     remask: float = 0.0  # confidence: share of revealed tokens masked again per step
     window: int = 0  # semi-autoregressive window (0: one canvas)
@@ -395,7 +416,8 @@ def _resolve_preset(tree: dict[str, Any]) -> dict[str, Any]:
 RANGES: dict[str, str] = {
     "model.hidden": "[1, inf)", "model.blocks": "[1, inf)", "model.heads": "[1, inf)", "model.cond_dim": "[1, inf)",
     "model.dropout": "[0, 1)", "model.length": "[3, inf)", "model.rope_base": "(1, inf)",
-    "model.soft_mask_top_k": "[0, inf)",
+    "model.soft_mask_top_k": "[0, inf)", "model.kv_heads": "[0, inf)", "model.intermediate": "[0, inf)",
+    "model.vocab": "[0, inf)", "model.norm_eps": "(0, 1)",
     "data.valid_fraction": "[0, 1)", "data.test_fraction": "[0, 1)", "data.length": "[3, inf)",
     "diffusion.schedule_eps": "[0, 1)", "diffusion.sigma_min": "(0, inf)", "diffusion.sigma_max": "(0, inf)",
     "diffusion.t_min": "[0, 1)", "diffusion.discrete_steps": "[0, inf)", "diffusion.soft_mask_prob": "[0, 1]",
@@ -409,7 +431,8 @@ RANGES: dict[str, str] = {
     "eval.mc_samples": "[1, inf)", "eval.batch_size": "[1, inf)", "eval.max_sequences": "[0, inf)",
     "eval.seed": "[0, inf)",
     "sample.num_samples": "[1, inf)", "sample.length": "[0, inf)", "sample.steps": "[1, inf)",
-    "sample.tokens_per_step": "[1, inf)", "sample.remask": "[0, 1)", "sample.window": "[0, inf)",
+    "sample.tokens_per_step": "[1, inf)", "sample.block_length": "[1, inf)", "sample.alg_temp": "[0, inf)",
+    "sample.eps": "(0, 1)", "sample.threshold": "[0, 1]", "sample.remask": "[0, 1)", "sample.window": "[0, inf)",
     "sample.stride": "[0, inf)", "sample.temperature": "[0, inf)", "sample.top_k": "[0, inf)",
     "sample.top_p": "(0, 1]", "sample.seed": "[0, inf)", "sample.batch_size": "[1, inf)",
     "sample.guidance": "[-1, inf)", "sample.stop_threshold": "(0, 1]",

@@ -18,8 +18,8 @@ from .data.dataset import Data
 from .data.labelled import LabelledData
 from .data.tokenization import Tokenizer
 from .models.classifier import build_classifier
-from .models.dit import DiT
 from .models.insertion import build_insertion_model
+from .models.registry import build_backbone
 from .objectives.ar import Autoregressive
 from .objectives.base import Objective
 from .objectives.classification import ClassificationObjective
@@ -64,11 +64,11 @@ def _insertion_objective(cfg: RunConfig, tokenizer: Tokenizer) -> InsertionObjec
 
 FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
     FamilySpec("mdlm", "masked diffusion (MDLM) language", "masked-diffusion",
-               lambda cfg, tok: DiT(cfg.model, tok.vocab_size, causal=False, mask_id=tok.mask_id), _diffusion,
+               lambda cfg, tok: build_backbone(cfg.model, tok.vocab_size, False, tok.mask_id), _diffusion,
                decoding="diffusion", default_sampler="ancestral", infills=True, likelihood=True,
                exports=("unmask", "mdlm-hf", "mdlm-ckpt"), servable=True),
     FamilySpec("ar", "autoregressive language", "causal-lm",
-               lambda cfg, tok: DiT(cfg.model, tok.vocab_size, causal=True, mask_id=tok.mask_id),
+               lambda cfg, tok: build_backbone(cfg.model, tok.vocab_size, True, tok.mask_id),
                lambda cfg, tok: Autoregressive(tok.bos_id, tok.mask_id),
                decoding="ar", default_sampler="ar", infills=False, likelihood=True, servable=True),
     FamilySpec("ilm", "insertion (ILM) language", "insertion-lm", build_insertion_model, _insertion_objective,
@@ -97,8 +97,8 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> torch.nn.Module:
     depth and vocabulary is far below the machine's memory.)"""
     network = family_of(cfg).network
     m = cfg.model
-    bound = 4 * (16 * m.blocks * m.hidden * (m.hidden + m.cond_dim) + 2 * tokenizer.vocab_size * m.hidden
-                 + 4 * m.length * m.hidden)
+    bound = 4 * (m.blocks * m.hidden * (16 * (m.hidden + m.cond_dim) + 3 * m.intermediate)
+                 + 2 * max(tokenizer.vocab_size, m.vocab) * m.hidden + 4 * m.length * m.hidden)
     if bound < memory_bytes() // 8:
         return network(cfg, tokenizer)
     with torch.device("meta"):

@@ -196,7 +196,25 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no complete checkpoint in {path}")
 
 
-class Checkpoint:
+class WeightSource:
+    """A model source whose weights come as one state dict (``weights(ema)``) in the layout of
+    ``build_model(config, tokenizer)``; :meth:`build` makes the network."""
+
+    config: RunConfig
+    tokenizer: Tokenizer
+    path: Path
+
+    def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def build(self, ema: bool = True, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """The network with this source's weights (EMA weights by default, where there are)."""
+        model = build_model(self.config, self.tokenizer)
+        load_weights(model, self.weights(ema=ema), str(self.path))
+        return model.to(device)
+
+
+class Checkpoint(WeightSource):
     """A loaded checkpoint folder: config, tokenizer, trainer state, and lazy tensor access; every
     file is verified against ``checksums.json`` as it is read (checkpoints written before checksums
     existed are read unverified)."""
@@ -291,8 +309,6 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
     model.load_state_dict(tensors, strict=True)
 
 
-def load_model(ckpt: Checkpoint, ema: bool = True, device: torch.device | str = "cpu"):
-    """(model in eval mode, objective) of a checkpoint, with EMA weights by default."""
-    model = build_model(ckpt.config, ckpt.tokenizer)
-    load_weights(model, ckpt.weights(ema=ema), str(ckpt.path))
-    return model.to(device).eval(), build_objective(ckpt.config, ckpt.tokenizer)
+def load_model(ckpt: WeightSource, ema: bool = True, device: torch.device | str = "cpu"):
+    """(model in eval mode, objective) of any model source, with EMA weights by default."""
+    return ckpt.build(ema=ema, device=device).eval(), build_objective(ckpt.config, ckpt.tokenizer)

@@ -36,17 +36,19 @@ from ..data.tokenization import HFTokenizer, Tokenizer, load_tokenizer
 from ..families import build_model, family_of
 from ..files import member, read_json
 from ..hub import hub_reachable
-from ..models.dit import count_parameters
+from ..models.common import count_parameters
 from . import released
 from .checkpoint import (
     CHECKSUMS,
     Checkpoint,
     CheckpointError,
+    WeightSource,
     load_tensors,
     load_weights,
     record_checksums,
     verified,
 )
+from .open_weights import LAYOUTS, OpenWeights, read_open_weights
 from .runfolder import FILE, replaceable
 
 MODEL_TYPE = "unmask"
@@ -56,7 +58,7 @@ EXPORT_LAYOUT = {name: FILE for name in ("config.json", "model.safetensors", "RE
                                          "unmask_tokenizer.json", "tokenizer.json")}
 
 
-class Pretrained:
+class Pretrained(WeightSource):
     """A model source read from disk: ``config``, ``tokenizer``, ``step``, ``path``, ``weights()``.
 
     The same interface as :class:`~unmask.checkpoints.checkpoint.Checkpoint`, so
@@ -120,7 +122,8 @@ def _hub_download(name: str) -> Path:
                               f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
-def open_source(path: str | Path, tokenizer_path: str | None = None, **ckpt_options) -> Checkpoint | Pretrained:
+def open_source(path: str | Path, tokenizer_path: str | None = None,
+                **ckpt_options) -> Checkpoint | Pretrained | OpenWeights:
     """The model source at ``path`` (see the module docstring); nothing is built yet.
 
     ``ckpt_options`` (``heads``, ``length``, ``time_conditioning``) complete what a Lightning
@@ -148,9 +151,13 @@ def open_source(path: str | Path, tokenizer_path: str | None = None, **ckpt_opti
         tokenizer = _gpt2_tokenizer(p, tokenizer_path, root)
         _check_vocab(tokenizer, cfg_vocab(weights), p)
         return Pretrained(p, cfg, tokenizer, 0, weights, source_format="mdlm-hf")
+    opened = read_open_weights(p, meta, root)
+    if opened is not None:
+        return opened
     if meta.get("model_type") != MODEL_TYPE:
+        known = [MODEL_TYPE, "mdlm", *(t for layout in LAYOUTS.values() for t in layout.model_types)]
         raise CheckpointError(f"{config} has model_type {meta.get('model_type')!r}; this loader reads "
-                              f"'{MODEL_TYPE}' and 'mdlm' folders")
+                              f"{', '.join(map(repr, known))} folders")
     return read_pretrained(p, meta, root)
 
 

@@ -229,22 +229,31 @@ class HFTokenizer(Tokenizer):
 
     kind = "hf"
 
-    def __init__(self, tokenizer, source: str = ""):
-        self.tk, self.source = tokenizer, source
+    def __init__(self, tokenizer, source: str = "", ids: dict[str, int] | None = None,
+                 chat_template: str | None = None):
+        """``ids`` (keys ``bos``, ``eos``, ``pad``, ``mask``) fixes special ids a model's config states
+        (LLaDA's mask 126336, Dream's 151666) instead of looking them up by name; ``chat_template``
+        is the model's Jinja chat template (``tokenizer_config.json``)."""
+        self.tk, self.source, self.chat_template = tokenizer, source, chat_template
         vocab = tokenizer.get_vocab(with_added_tokens=True)
+        size = tokenizer.get_vocab_size(with_added_tokens=True)
+        given = {k: v for k, v in (ids or {}).items() if v is not None}
+        for name, value in given.items():
+            if name not in ("bos", "eos", "pad", "mask") or not isinstance(value, int) or not 0 <= value < size:
+                raise ValueError(f"tokenizer {source!r}: {name} id {value!r} is not an id of its {size} tokens")
 
         def find(candidates):
             return next((vocab[c] for c in candidates if c in vocab), None)
 
-        bos, eos = find(BOS_CANDIDATES), find(EOS_CANDIDATES)
+        bos, eos = given.get("bos", find(BOS_CANDIDATES)), given.get("eos", find(EOS_CANDIDATES))
         if bos is None and eos is None:
             raise ValueError(f"tokenizer {source!r} has neither a BOS nor an EOS token among "
                              f"{BOS_CANDIDATES + EOS_CANDIDATES}")
         self.bos_id = bos if bos is not None else eos
         self.eos_id = eos if eos is not None else bos
-        pad = find(PAD_CANDIDATES)
+        pad = given.get("pad", find(PAD_CANDIDATES))
         self.pad_id = pad if pad is not None else self.eos_id
-        mask = find(MASK_CANDIDATES)
+        mask = given.get("mask", find(MASK_CANDIDATES))
         if mask is None:
 
             tokenizer.add_special_tokens([AddedToken("<|mask|>", special=True)])
@@ -269,7 +278,8 @@ class HFTokenizer(Tokenizer):
         return cls(tk, source=f"gpt2:{directory}")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "HFTokenizer":
+    def from_file(cls, path: str | Path, source: str | None = None, ids: dict[str, int] | None = None,
+                  chat_template: str | None = None) -> "HFTokenizer":
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -277,10 +287,14 @@ class HFTokenizer(Tokenizer):
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         read_json(path)  # size limit, UTF-8 and JSON errors that name the file
         try:
-            return cls(TK.from_file(str(path)), source=str(path))
+            tk = TK.from_file(str(path))
         except Exception as exc:  # the Rust parser's own error type: one line naming the file
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise TokenizerFileError(f"unreadable tokenizer file {path}: {first}") from None
+        try:
+            return cls(tk, source=source or str(path), ids=ids, chat_template=chat_template)
+        except ValueError as exc:
+            raise TokenizerFileError(f"unusable tokenizer file {path}: {exc}") from None
 
     @classmethod
     def from_hub(cls, name: str) -> "HFTokenizer":
@@ -302,6 +316,16 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str, offset: int = 0) -> np.ndarray:
         return np.asarray(self.tk.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
+    def piece(self, i: int) -> str:
+        """The token's own text (special tokens as written in templates, e.g. ``<|eot_id|>``)."""
+        return self.tk.id_to_token(i)
+
+    def special_token_ids(self) -> set[int]:
+        """Every id of a special token: the four roles and the tokenizer's added special tokens (end of
+        turn, headers, ...)."""
+        added = {i for i, token in self.tk.get_added_tokens_decoder().items() if token.special}
+        return added | self.special_ids
+
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int64)
                 for e in self.tk.encode_batch(texts, add_special_tokens=False)]
@@ -313,9 +337,12 @@ class HFTokenizer(Tokenizer):
         return self.tk.decode(ids, skip_special_tokens=False)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "source": self.source, "vocab_size": self.vocab_size,
-                "bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "mask": self.mask_id,
-                "sha": hashlib.sha256(self.tk.to_str().encode()).hexdigest()[:16]}
+        out = {"kind": self.kind, "source": self.source, "vocab_size": self.vocab_size,
+               "bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "mask": self.mask_id,
+               "sha": hashlib.sha256(self.tk.to_str().encode()).hexdigest()[:16]}
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
+        return out
 
     def save(self, directory: str | Path) -> None:
         super().save(directory)
@@ -339,9 +366,10 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         if kind == "byte":
             return ByteTokenizer()
         if kind == "hf":
-            tok = HFTokenizer.from_file(member(directory, "tokenizer.json"))
-            tok.source = str(meta["source"])
-            return tok
+            template = meta.get("chat_template")
+            return HFTokenizer.from_file(member(directory, "tokenizer.json"), source=str(meta["source"]),
+                                         ids={k: meta[k] for k in ("bos", "eos", "pad", "mask")},
+                                         chat_template=template if isinstance(template, str) else None)
     except (KeyError, TypeError, ValueError, AttributeError, UnsafeFileError) as exc:
         what = f"lacks the key {exc}" if isinstance(exc, KeyError) else str(exc)
         raise TokenizerFileError(f"unreadable tokenizer {meta_path}: {what}") from None

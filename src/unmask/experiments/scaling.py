@@ -31,7 +31,7 @@ from ..config import ConfigError, load_config
 from ..data.dataset import Data
 from ..eval.likelihood import likelihood_of_rows
 from ..families import FAMILIES, build_model
-from ..models.dit import count_parameters
+from ..models.common import count_parameters
 from ..train.loop import train
 
 

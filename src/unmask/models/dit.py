@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .common import KVCache, Rotary, apply_rotary, select_positions
 from .softmask import SoftFeedback, SoftMask
 
 
@@ -62,43 +63,6 @@ def gated_linear(linear: nn.Linear, x: torch.Tensor, gate: torch.Tensor) -> torc
     g = gate.reshape(-1)
     bias = None if linear.bias is None else linear.bias * g
     return F.linear(x, linear.weight * g[:, None], bias)
-
-
-class Rotary(nn.Module):
-    """Rotary position embedding, non-interleaved rotate-half over the full head dimension.
-
-    The cos/sin table is built once, for ``max_length`` positions (or the longest asked for), and
-    sliced: a KV-cached decoder asking for one more position at every step does not rebuild it. It is
-    rebuilt only on another device or when ``inv_freq`` is overwritten (loading a checkpoint);
-    ``builds`` counts the builds."""
-
-    def __init__(self, head_dim: int, base: float = 10000.0, max_length: int = 0):
-        super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq)  # persistent: MDLM checkpoints carry it
-        self.max_length, self.builds = max_length, 0
-        self._cache: tuple[tuple, int, torch.Tensor, torch.Tensor] | None = None
-
-    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (length, head_dim) of positions 0 .. length-1."""
-        key = (device, self.inv_freq._version)
-        if self._cache is None or self._cache[0] != key or self._cache[1] < length:
-            size = max(length, self.max_length)
-            t = torch.arange(size, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            emb = torch.cat([freqs, freqs], dim=-1)
-            self._cache = (key, size, emb.cos(), emb.sin())
-            self.builds += 1
-        return self._cache[2][:length], self._cache[3][:length]
-
-
-def apply_rotary(x, cos, sin):
-    """Rotate-half rotary embedding ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``
-    (x1, x2 the two halves of the last dimension), computed as ``roll(x, d/2) * [-sin1, sin2]``: the
-    same values with one elementwise pass fewer. cos/sin (..., d) broadcast against x (..., d)."""
-    half = x.shape[-1] // 2
-    signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).to(x.dtype)
-    return x * cos.to(x.dtype) + x.roll(half, dims=-1) * signed
 
 
 class TimestepEmbedder(nn.Module):
@@ -145,7 +109,7 @@ class DDiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x, rotary, modulation, causal: bool, cache: "KVCache | None" = None, layer: int = 0,
+    def forward(self, x, rotary, modulation, causal: bool, cache: KVCache | None = None, layer: int = 0,
                 keep: torch.Tensor | None = None):
         b, length, hidden = x.shape
         (shift_msa, scale_msa, gate_msa,
@@ -184,10 +148,7 @@ class DDiTFinalLayer(nn.Module):
     def forward(self, x, modulation, positions=None):
         """x (B, L, H), modulation (C, 2H) from ``adaLN_modulation`` (C = 1 or B) -> logits."""
         shift, scale = modulation[:, None].chunk(2, dim=2)
-        h = self.norm_final(x, shift, scale)
-        if positions is not None:
-            h = h[positions] if positions.dtype == torch.bool else h.reshape(-1, h.shape[-1])[positions]
-        return self.linear(h)
+        return self.linear(select_positions(self.norm_final(x, shift, scale), positions))
 
 
 class DiT(nn.Module):
@@ -223,7 +184,7 @@ class DiT(nn.Module):
 
     def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache: "KVCache | None" = None, feedback: SoftFeedback | None = None,
+                cache: KVCache | None = None, feedback: SoftFeedback | None = None,
                 keep: torch.Tensor | None = None):
         """``cache`` (causal models only): the new tokens continue the cached ones; keys and values
         are appended and the logits of the new positions returned. ``feedback`` (soft-mask models,
@@ -234,7 +195,7 @@ class DiT(nn.Module):
         return self.output_layer(x, final, positions)
 
     def features(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
-                 inputs_embeds: torch.Tensor | None = None, cache: "KVCache | None" = None,
+                 inputs_embeds: torch.Tensor | None = None, cache: KVCache | None = None,
                  feedback: SoftFeedback | None = None,
                  keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block's hidden states (B, L, H) and the output layer's modulation (C, 2H) (see
@@ -286,55 +247,11 @@ class DiT(nn.Module):
             self._constant_modulations = (key, rows)
         return rows
 
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The input embedding and the output layer (what "non-embedding parameters" leave out)."""
+        return [self.vocab_embed.embedding, *self.output_layer.linear.parameters()]
+
     def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  capacity: int | None = None) -> "KVCache":
+                  capacity: int | None = None) -> KVCache:
         cfg = self.cfg
         return KVCache(cfg.blocks, batch, cfg.heads, cfg.hidden // cfg.heads, capacity or cfg.length, device, dtype)
-
-
-class KVCache:
-    """Keys and values of the tokens a causal model has seen, per block: (B, heads, capacity, d)."""
-
-    def __init__(self, blocks: int, batch: int, heads: int, head_dim: int, capacity: int,
-                 device: torch.device | str, dtype: torch.dtype):
-        shape = (batch, heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(blocks)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(blocks)]
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store the new keys/values; return all keys/values so far and the attention mask of the
-        new queries (``None`` when a plain full or causal pattern applies)."""
-        start, new = self.length, k.shape[2]
-        end = start + new
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        mask = None
-        if new > 1:  # query i (absolute position start+i) sees keys 0..start+i
-            mask = torch.ones(new, end, dtype=torch.bool, device=k.device).tril(diagonal=start)
-        return self.keys[layer][:, :, :end].to(k.dtype), self.values[layer][:, :, :end].to(k.dtype), mask
-
-
-def bucketed_positions(mask: torch.Tensor, buckets: int = 16) -> tuple[torch.Tensor, int]:
-    """Flat indices of the ``True`` entries of ``mask`` (B, L), padded with index 0 up to a multiple
-    of ``B*L / buckets``; returns (indices, number of real entries).
-
-    The count of masked positions changes every step. Padding it to a few sizes keeps the output
-    layer's matmul at a handful of shapes: oneDNN (CPU bf16) and ``torch.compile`` build and cache a
-    kernel per shape, and an unbounded number of shapes cost time and memory.
-    """
-    flat = mask.reshape(-1).nonzero()[:, 0]
-    n, total = flat.numel(), mask.numel()
-    quantum = -(-total // buckets)
-    size = min(total, max(quantum, -(-n // quantum) * quantum))
-    if size > n:
-        flat = torch.cat([flat, flat.new_zeros(size - n)])
-    return flat, n
-
-
-def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
-    total = sum(p.numel() for p in model.parameters())
-    if exclude_embeddings:
-        total -= model.vocab_embed.embedding.numel()
-        total -= sum(p.numel() for p in model.output_layer.linear.parameters())
-    return total

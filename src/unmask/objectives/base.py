@@ -67,7 +67,7 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask_id: i
     """``-log p(target)`` under softmax(logits) with the mask class excluded; logits (N, V), targets (N,).
 
     With ``valid``, only the first ``valid`` rows are scored; the rest (the padding of
-    :func:`~unmask.models.dit.bucketed_positions`) give 0 and no gradient, so the padded logits are
+    :func:`~unmask.models.common.bucketed_positions`) give 0 and no gradient, so the padded logits are
     never sliced (a slice's backward writes a zero tensor of the whole (N, V) and copies into it).
 
     The mask column is set to -inf in place, outside autograd: its gradient is exactly zero either way

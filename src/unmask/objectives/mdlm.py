@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.dit import bucketed_positions
+from ..models.common import bucketed_positions
 from ..models.softmask import SoftFeedback
 from .base import Noise, masked_cross_entropy, per_sequence_sums, unwrap
 from .guidance import guided_logits, unconditional_input

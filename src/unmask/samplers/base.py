@@ -78,6 +78,11 @@ class RowStreams:
     def uniform(self, rows: torch.Tensor, counter, index) -> torch.Tensor:
         return rng.uniform(self.seeds.to(rows.device)[rows], counter, index)
 
+    def uniforms(self, rows: torch.Tensor, counter, index: torch.Tensor, n: int) -> torch.Tensor:
+        """float64 uniforms (N, n): ``n`` per (row, counter, index), from one hashed key each."""
+        base = rng.hash64(self.seeds.to(rows.device)[rows], counter, index)
+        return rng.to_uniform(rng.stream(base[:, None], torch.arange(n, device=rows.device)))
+
     def categorical(self, weights: torch.Tensor, rows: torch.Tensor, counter, index: torch.Tensor,
                     precision: str = "float64") -> torch.Tensor:
         """One categorical draw per row of ``weights`` (N, V), keyed by (row, counter, index)."""
@@ -144,12 +149,16 @@ def check_knobs(temperature: float, top_k: int, top_p: float, precision: str) ->
         raise SamplingError(f"sampling precision must be float64 or float32, got {precision!r}")
 
 
+def ranks_in_row(scores: torch.Tensor) -> torch.Tensor:
+    """(R, L) rank of each entry in its row by descending score (0 = best; ties in position order)."""
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    return torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device)
+                                            .expand_as(order).contiguous())
+
+
 def choose_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Bool (R, L): in each row the ``counts[r]`` entries with the highest ``scores`` (-inf never)."""
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device)
-                                             .expand_as(order).contiguous())
-    return (ranks < counts[:, None]) & (scores > float("-inf"))
+    return (ranks_in_row(scores) < counts[:, None]) & (scores > float("-inf"))
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..models.dit import bucketed_positions
+from ..models.common import bucketed_positions
 from ..models.softmask import SoftFeedback
 from ..objectives.base import unwrap
 from ..objectives.guidance import guided_logits, unconditional_input

@@ -22,8 +22,10 @@ from .ar import AutoregressiveSampler
 from .base import Sampler, SamplingError
 from .confidence import CONFIDENCE_SCORES, REVEAL_SCHEDULES, ConfidenceSampler
 from .denoiser import GUIDANCE_SCHEDULES
+from .dream import DREAM_SCORES, DreamSampler
 from .first_hitting import FirstHittingSampler
 from .insertion import GAP_CHOICES, InsertionSampler
+from .llada import LLaDASampler
 from .semi_ar import SemiAutoregressiveSampler
 
 COMMON = ("temperature", "top_k", "top_p", "precision")  # every sampler's draw
@@ -60,6 +62,14 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
                 lambda cfg, objective, tok: ConfidenceSampler(objective, cfg.steps, cfg.score, cfg.reveal, cfg.remask,
                                                               **_denoise(cfg)),
                 "reveal the most confident positions on a linear or cosine schedule, optionally remasking"),
+    SamplerSpec("llada", "diffusion", ("steps", "block_length", "score") + DIFFUSION,
+                lambda cfg, objective, tok: LLaDASampler(objective, cfg.steps, cfg.block_length, cfg.score,
+                                                         **_denoise(cfg)),
+                "LLaDA's decoding: low-confidence (or random) remasking in semi-autoregressive blocks"),
+    SamplerSpec("dream", "diffusion", ("steps", "score", "alg_temp", "eps", "threshold") + DIFFUSION,
+                lambda cfg, objective, tok: DreamSampler(objective, cfg.steps, cfg.score, cfg.alg_temp, cfg.eps,
+                                                         cfg.threshold, **_denoise(cfg)),
+                "Dream's decoding: origin, confidence, margin or entropy order; threshold: Fast-dLLM's rule"),
     SamplerSpec("ar", "ar", ("kv_cache",) + COMMON,
                 lambda cfg, objective, tok: AutoregressiveSampler(tok.bos_id, tok.mask_id, kv_cache=cfg.kv_cache,
                                                                   **_draw(cfg)),
@@ -70,7 +80,7 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
                 "one insertion per step until the stop head says stop (insertion models)"),
 )}
 register_choices("sample.sampler", ("auto", *SAMPLERS))
-register_choices("sample.score", CONFIDENCE_SCORES)
+register_choices("sample.score", tuple(dict.fromkeys(CONFIDENCE_SCORES + DREAM_SCORES)))
 register_choices("sample.reveal", REVEAL_SCHEDULES)
 register_choices("sample.guidance_schedule", GUIDANCE_SCHEDULES)
 register_choices("sample.gap", GAP_CHOICES)

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..pipeline import from_pretrained
 from .service import (
     Busy,
+    ChatCompletionRequest,
     CompletionRequest,
     ModelService,
     RequestError,
@@ -174,6 +175,16 @@ def create_app(service: ModelService):
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
+        return await respond(req, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        if req.prompt:
+            raise HTTPException(400, "a chat request takes messages, not prompt")
+        return await respond(req, request)
+
+    async def respond(req: CompletionRequest, request: Request):
+        chat = isinstance(req, ChatCompletionRequest)
         deadline = time.monotonic() + service.config.timeout_s
         try:
             job, seed = await service.submit(req)
@@ -186,14 +197,20 @@ def create_app(service: ModelService):
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "created": created, "model": service.name}
 
+        def choice(i: int, row, nfe: int) -> dict:
+            if chat:
+                text, reason = service.answer(job.canvas[i], row)
+                return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                        "nfe": nfe}
+            return {"index": i, "text": service.completion_text(job.canvas[i], row), "tokens": service.pieces(row),
+                    "finish_reason": "length", "nfe": nfe}
+
         def final(payload) -> dict:
             tokens = payload["tokens"]
-            choices = [{"index": i, "text": service.completion_text(job.canvas[i], tokens[i]),
-                        "tokens": service.pieces(tokens[i]), "finish_reason": "length",
-                        "nfe": int(payload["row_nfe"][i])} for i in range(len(tokens))]
+            choices = [choice(i, tokens[i], int(payload["row_nfe"][i])) for i in range(len(tokens))]
             generated = int((job.canvas == service.tokenizer.mask_id).sum())
             prompt = int((job.canvas != service.tokenizer.mask_id).sum())
-            return {**head, "object": "text_completion", "choices": choices,
+            return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
                     "usage": {"prompt_tokens": prompt, "completion_tokens": generated,
                               "total_tokens": prompt + generated},
                     "unmask": {"seed": seed, "sampler": job.sample_cfg.sampler, "steps": job.sample_cfg.steps,

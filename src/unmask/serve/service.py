@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import ConfigError, SampleConfig
+from ..data.chat import ChatTemplateError, render_chat
 from ..data.layouts import starts_with_bos
 from ..families import FAMILIES, family_of
 from ..pipeline import MASK_MARK, encode_fixed, make_canvas, request_ids
@@ -47,9 +48,9 @@ class CompletionRequest(BaseModel):
     model: str | None = None
     prompt: str = ""
     max_tokens: int | None = Field(None, ge=1)  # None: up to the length the model was trained on
-    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0)
+    temperature: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)  # None: the model's sample.*
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0)
     sampler: Literal[tuple(SAMPLERS)] | None = None  # the registry's names; None: the family's default
     steps: int | None = Field(None, ge=1)
     tokens_per_step: int = Field(1, ge=1)
@@ -57,6 +58,20 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2 ** 63)
     n: int = Field(1, ge=1)
     stream: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(CompletionRequest):
+    """``POST /v1/chat/completions``: ``messages`` rendered by the model's chat template (which places
+    BOS itself) instead of ``prompt``; the answer ends at the first special token the model generates."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
 
 
 class RequestError(ValueError):
@@ -125,6 +140,8 @@ class ModelService:
         self.length = self.run.model.length
         self.default_length = min(self.run.data.length, self.length)
         self.bos = starts_with_bos(self.run.data)
+        configured = self.run.sample.sampler  # a model's own decoding (LLaDA's, Dream's) is its default
+        self.default_sampler = configured if configured != "auto" else self.family.default_sampler
         self.precision = resolve_precision(model_precision, self.device)
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.backlog: collections.deque[Job] = collections.deque()  # taken from the queue, not yet run
@@ -144,7 +161,8 @@ class ModelService:
                 "vocab_size": self.tokenizer.vocab_size, "tokenizer": self.tokenizer.describe().get("kind"),
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "step": self.loaded.source.step, "soft_mask": bool(cfg.model.soft_mask_top_k),
-                "samplers": samplers_for(self.family.decoding), "default_sampler": self.family.default_sampler,
+                "samplers": samplers_for(self.family.decoding), "default_sampler": self.default_sampler,
+                "chat": self.tokenizer_template() is not None,
                 "limits": dataclasses.asdict(self.config), "device": str(self.device)}
 
     def prepare(self, req: CompletionRequest) -> tuple[torch.Tensor, torch.Tensor, SampleConfig, int]:
@@ -157,41 +175,62 @@ class ModelService:
             raise RequestError(f"steps={req.steps} exceeds this server's limit of {c.max_steps}")
         if req.model not in (None, "", self.name):
             raise RequestError(f"model '{req.model}' is not served here (this server serves '{self.name}')")
-        sampler = req.sampler or self.family.default_sampler
+        sampler = req.sampler or self.default_sampler
         if sampler not in samplers_for(self.family.decoding):
             raise RequestError(f"sampler '{sampler}' does not apply to this {self.family.name} model")
-        room = self.length - int(self.bos)
+        chat = isinstance(req, ChatCompletionRequest)
+        bos = self.bos and not chat
+        room = self.length - int(bos)
         if req.max_tokens is not None and req.max_tokens > room:
             raise RequestError(f"max_tokens={req.max_tokens} does not fit: this model's maximum is {self.length} "
-                               f"tokens" + (" with BOS" if self.bos else ""))
-        infill = bool(MASK_MARK.search(req.prompt))
+                               f"tokens" + (" with BOS" if bos else ""))
+        prompt = self.chat_prompt(req) if chat else req.prompt
+        infill = not chat and bool(MASK_MARK.search(prompt))
         if infill and not self.family.infills:
             raise RequestError(f"infilling ([MASK] markers) needs a model that infills, not a {self.family.name} model")
         try:
-            ids = request_ids(self.tokenizer, req.prompt, infill, None if infill else self._new_tokens(req), room)
+            new = None if infill else self._new_tokens(prompt, req.max_tokens, bos)
+            ids = request_ids(self.tokenizer, prompt, infill, new, room)
         except (SamplingError, ValueError) as exc:
             raise RequestError(f"prompt: {exc}") from None
-        length = len(ids) + int(self.bos)
+        length = len(ids) + int(bos)
         if req.tokens_per_step > length:
             raise RequestError(f"tokens_per_step={req.tokens_per_step} is larger than the canvas of {length}")
         steps = req.steps or max(1, ids.count(self.tokenizer.mask_id))
         if steps > c.max_steps:
             raise RequestError(f"steps={steps} exceeds this server's limit of {c.max_steps}")
         seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7], "little")
-        cfg = SampleConfig(sampler=sampler, steps=steps, temperature=req.temperature, top_p=req.top_p,
-                           top_k=req.top_k, tokens_per_step=req.tokens_per_step, guidance=req.guidance, seed=seed)
+        given = {k: v for k, v in (("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k))
+                 if v is not None}
+        cfg = dataclasses.replace(self.run.sample, sampler=sampler, steps=steps, tokens_per_step=req.tokens_per_step,
+                                  guidance=req.guidance, seed=seed, window=0, **given)
         try:
             make_sampler(cfg, self.loaded.objective, self.tokenizer, self.length)
-            canvas = make_canvas(self.tokenizer, [ids] * req.n, length, self.bos)
+            canvas = make_canvas(self.tokenizer, [ids] * req.n, length, bos)
         except SamplingError as exc:
             raise RequestError(str(exc)) from None
         return canvas, row_seeds(seed, req.n), cfg, seed
 
-    def _new_tokens(self, req: CompletionRequest) -> int:
+    def tokenizer_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None)
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> str:
+        """The prompt text of a chat request under the model's chat template."""
+        template = self.tokenizer_template()
+        if template is None:
+            raise RequestError("this model has no chat template; use /v1/completions")
+        tk = self.tokenizer
+        try:
+            return render_chat(template, [m.model_dump() for m in req.messages], bos_token=tk.piece(tk.bos_id),
+                               eos_token=tk.piece(tk.eos_id))
+        except ChatTemplateError as exc:
+            raise RequestError(str(exc)) from None
+
+    def _new_tokens(self, prompt: str, max_tokens: int | None, bos: bool) -> int:
         """The tokens to generate after a prompt: ``max_tokens``, or up to the length the model was
         trained on."""
-        ids = encode_fixed(self.tokenizer, req.prompt)
-        used, max_tokens = len(ids) + int(self.bos), req.max_tokens
+        ids = encode_fixed(self.tokenizer, prompt)
+        used = len(ids) + int(bos)
         if max_tokens is None:
             if used >= self.length:
                 raise RequestError(f"a prompt of {len(ids)} tokens leaves no room in this model's maximum of "
@@ -387,6 +426,14 @@ class ModelService:
         specials = tok.special_ids - {tok.mask_id}
         return [None if i == tok.mask_id else ("" if i in specials else tok.decode([i], skip_special=False))
                 for i in row.tolist()]
+
+    def answer(self, canvas: torch.Tensor, row: torch.Tensor) -> tuple[str, str]:
+        """A chat answer: the generated ids up to the first special token (end of turn), and the finish
+        reason (``stop`` when the model ended its turn, else ``length``)."""
+        ids = row[canvas == self.tokenizer.mask_id].tolist()
+        special = self.tokenizer.special_token_ids()
+        end = next((i for i, t in enumerate(ids) if t in special), None)
+        return self.tokenizer.decode(ids[:end]), "length" if end is None else "stop"
 
     def completion_text(self, canvas: torch.Tensor, row: torch.Tensor) -> str:
         """The generated text: the continuation after a prompt, or the whole filled text for infilling."""

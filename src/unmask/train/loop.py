@@ -40,7 +40,7 @@ from ..data.tokenization import with_oov_policy
 from ..eval.classification import classification_metrics, predict, selection_score
 from ..eval.likelihood import likelihood_of_rows
 from ..families import build_model, build_objective, family_of
-from ..models.dit import count_parameters
+from ..models.common import count_parameters
 from ..objectives.base import draw_noise
 from ..runtime import (
     Distributed,

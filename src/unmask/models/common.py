@@ -1,0 +1,115 @@
+"""What every backbone shares: rotary positions, the KV cache of causal decoding, and the selection of
+output positions.
+
+Rotary embedding (Su et al. 2021), the non-interleaved "rotate-half" layout of MDLM, GPT-NeoX, Llama,
+LLaDA and Qwen2: for a head vector ``x = [x1, x2]`` (two halves of d/2) at position ``p``,
+``x' = x * cos(p w) + [-x2, x1] * sin(p w)`` with ``w = [w_0 .. w_{d/2-1}, w_0 .. w_{d/2-1}]`` and
+``w_k = base^(-2k/d)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class Rotary(nn.Module):
+    """The cos/sin table of the rotary embedding, built once for ``max_length`` positions (or the longest
+    asked for) and sliced: a KV-cached decoder asking for one more position at every step does not
+    rebuild it. It is rebuilt only on another device or when ``inv_freq`` is overwritten (loading a
+    checkpoint); ``builds`` counts the builds. ``persistent``: whether ``inv_freq`` is part of the state
+    dict (MDLM's checkpoints carry it; Llama-style ones do not)."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0, max_length: int = 0, persistent: bool = True):
+        super().__init__()
+        self.head_dim, self.base, self.max_length, self.builds = head_dim, base, max_length, 0
+        self.register_buffer("inv_freq", self.frequencies(), persistent=persistent)
+        self._cache: tuple[tuple, int, torch.Tensor, torch.Tensor] | None = None
+
+    def frequencies(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``base^(-2k/d)``, k = 0 .. d/2 - 1, float32."""
+        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
+
+    def reset(self, device: torch.device | str) -> None:
+        """Recompute ``inv_freq`` on ``device`` (after the model was made on the meta device)."""
+        self.inv_freq = self.frequencies(device)
+        self._cache = None
+
+    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (length, head_dim) of positions 0 .. length-1, float32."""
+        key = (device, self.inv_freq._version)
+        if self._cache is None or self._cache[0] != key or self._cache[1] < length:
+            size = max(length, self.max_length)
+            t = torch.arange(size, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self._cache = (key, size, emb.cos(), emb.sin())
+            self.builds += 1
+        return self._cache[2][:length], self._cache[3][:length]
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate-half rotary embedding ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``
+    (x1, x2 the two halves of the last dimension), computed as ``roll(x, d/2) * [-sin1, sin2]``: the
+    same values with one elementwise pass fewer. cos/sin (..., d) broadcast against x (..., d)."""
+    half = x.shape[-1] // 2
+    signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).to(x.dtype)
+    return x * cos.to(x.dtype) + x.roll(half, dims=-1) * signed
+
+
+class KVCache:
+    """Keys and values of the tokens a causal model has seen, per block: (B, kv_heads, capacity, d)."""
+
+    def __init__(self, blocks: int, batch: int, heads: int, head_dim: int, capacity: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (batch, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(blocks)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(blocks)]
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys/values; return all keys/values so far and the attention mask of the
+        new queries (``None`` when a plain full or causal pattern applies)."""
+        start, new = self.length, k.shape[2]
+        end = start + new
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        mask = None
+        if new > 1:  # query i (absolute position start+i) sees keys 0..start+i
+            mask = torch.ones(new, end, dtype=torch.bool, device=k.device).tril(diagonal=start)
+        return self.keys[layer][:, :, :end].to(k.dtype), self.values[layer][:, :, :end].to(k.dtype), mask
+
+
+def bucketed_positions(mask: torch.Tensor, buckets: int = 16) -> tuple[torch.Tensor, int]:
+    """Flat indices of the ``True`` entries of ``mask`` (B, L), padded with index 0 up to a multiple
+    of ``B*L / buckets``; returns (indices, number of real entries).
+
+    The count of masked positions changes every step. Padding it to a few sizes keeps the output
+    layer's matmul at a handful of shapes: oneDNN (CPU bf16) and ``torch.compile`` build and cache a
+    kernel per shape, and an unbounded number of shapes cost time and memory.
+    """
+    flat = mask.reshape(-1).nonzero()[:, 0]
+    n, total = flat.numel(), mask.numel()
+    quantum = -(-total // buckets)
+    size = min(total, max(quantum, -(-n // quantum) * quantum))
+    if size > n:
+        flat = torch.cat([flat, flat.new_zeros(size - n)])
+    return flat, n
+
+
+def select_positions(h: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """Hidden states (B, L, H) at ``positions`` (a (B, L) bool mask or flat indices into B*L, see
+    :func:`bucketed_positions`) -> (N, H); all of them when ``positions`` is None."""
+    if positions is None:
+        return h
+    return h[positions] if positions.dtype == torch.bool else h.reshape(-1, h.shape[-1])[positions]
+
+
+def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Parameters of ``model`` (shared ones once); ``exclude_embeddings`` leaves out its input embedding
+    and output layer (``model.embedding_parameters()``), as scaling laws count."""
+    params = {id(p): p for p in model.parameters()}
+    if exclude_embeddings:
+        for p in model.embedding_parameters():
+            params.pop(id(p), None)
+    return sum(p.numel() for p in params.values())

@@ -1,0 +1,195 @@
+"""A Llama/Qwen2-style transformer: the backbone of LLaDA, Dream and SMDM (``model.backbone=llama``).
+
+Pre-norm blocks of RMSNorm (statistics in float32), grouped-query attention with rotary positions
+(rotate-half, base ``model.rope_base``) and a SwiGLU MLP; no time conditioning. Per block::
+
+    x = x + o_proj(attention(rotary(q_proj(n)), rotary(k_proj(n)), v_proj(n)))    n = RMSNorm(x)
+    x = x + down_proj(silu(gate_proj(m)) * up_proj(m))                            m = RMSNorm(x)
+
+then ``logits = lm_head(RMSNorm(x))``. Query head ``j`` uses key/value head ``floor(j / (heads /
+kv_heads))``. ``model.qkv_bias`` adds biases to q/k/v (Qwen2); ``model.tie_embeddings`` shares the
+embedding with the output layer; ``causal`` switches the attention pattern (bidirectional for
+masked diffusion). ``model.logit_shift`` (Dream, adapted from an autoregressive model): position
+``i`` is scored by the output at ``i - 1`` (position 0 by its own), so every sampler and loss sees
+logits aligned with the tokens they score, as for any other model.
+
+Parameter names are those of Hugging Face's Llama/Qwen2 (``model.embed_tokens``,
+``model.layers.{i}.self_attn.{q,k,v,o}_proj``, ``model.layers.{i}.mlp.{gate,up,down}_proj``,
+``model.layers.{i}.{input,post_attention}_layernorm``, ``model.norm``, ``lm_head``): a Qwen2 or Dream
+checkpoint loads as it is, LLaDA's through a renaming (:mod:`unmask.checkpoints.open_weights`).
+
+Shapes: ids (B, L) -> logits (B, L, V), or (N, V) at ``positions`` (see :func:`select_positions`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .common import KVCache, Rotary, apply_rotary, select_positions
+
+
+class RMSNorm(nn.Module):
+    """``w * x / sqrt(mean(x^2) + eps)`` over the last dimension, the statistics in float32 and the result
+    cast back to the input's dtype before the weight (as Llama, Qwen2 and LLaDA)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, bias: bool):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x, rotary, causal: bool, keep: torch.Tensor | None, cache: KVCache | None, layer: int):
+        b, length, _ = x.shape
+        q = self.q_proj(x).view(b, length, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask, is_causal = None, causal
+        if cache is not None:
+            k, v, mask = cache.update(layer, k, v)
+            is_causal = False
+        elif keep is not None:  # key padding: no query attends to the positions outside ``keep``
+            mask = keep[:, None, None, :]
+            if causal:
+                mask = mask & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+                is_causal = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, intermediate: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.self_attn = Attention(cfg.hidden, cfg.heads, cfg.kv_heads or cfg.heads, cfg.qkv_bias)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.mlp = MLP(cfg.hidden, intermediate)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rotary, causal, keep=None, cache=None, layer=0):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotary, causal, keep, cache, layer))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Body(nn.Module):
+    """``model.*``: embedding, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, intermediate: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden)
+        self.layers = nn.ModuleList(Block(cfg, intermediate) for _ in range(cfg.blocks))
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+
+
+class Transformer(nn.Module):
+    """The Llama/Qwen2-style backbone; the same interface as :class:`~unmask.models.dit.DiT`
+    (``forward(ids, sigma, positions=, cache=, keep=)``), ``sigma`` ignored (no time conditioning)."""
+
+    soft_mask = None
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, causal: bool = False, mask_id: int | None = None):
+        super().__init__()
+        if cfg.hidden % cfg.heads or (cfg.hidden // cfg.heads) % 2:
+            raise ValueError(f"model.hidden={cfg.hidden} must split into model.heads={cfg.heads} heads of even size")
+        kv_heads = cfg.kv_heads or cfg.heads
+        if cfg.heads % kv_heads:
+            raise ValueError(f"model.heads={cfg.heads} must be a multiple of model.kv_heads={kv_heads}")
+        if cfg.soft_mask_top_k:
+            raise ValueError("soft-masking is implemented for the DiT backbone only (model.backbone=dit)")
+        if causal and cfg.logit_shift:
+            raise ValueError("model.logit_shift is for bidirectional models (a causal model predicts the next token)")
+        self.cfg, self.causal, self.mask_id = cfg, causal, mask_id
+        self.vocab_size = max(vocab_size, cfg.vocab)
+        self.model = Body(cfg, self.vocab_size, cfg.intermediate or swiglu_width(cfg.hidden))
+        self.lm_head = nn.Linear(cfg.hidden, self.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary_emb = Rotary(cfg.hidden // cfg.heads, cfg.rope_base, cfg.length, persistent=False)
+        self.apply(_init_weights)
+
+    @property
+    def time_conditioning(self) -> bool:
+        return False
+
+    def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, feedback=None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V), or (N, V) at ``positions``. ``cache`` (causal models): the new tokens
+        continue the cached ones. ``keep`` (B, L) bool: attend only to these positions (padding)."""
+        if feedback is not None:
+            raise ValueError("soft-mask feedback needs a soft-mask model "
+                             "(model.backbone=dit, model.soft_mask_top_k > 0)")
+        if (ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of ids and inputs_embeds")
+        if cache is not None and not self.causal:
+            raise ValueError("a KV cache is only exact for a causal model")
+        x = self.model.embed_tokens(ids) if ids is not None else inputs_embeds
+        start = cache.length if cache is not None else 0
+        length = x.shape[1]
+        if start + length > self.cfg.length:
+            raise ValueError(f"sequence length {start + length} exceeds the model's maximum {self.cfg.length}")
+        cos, sin = self.rotary_emb(start + length, x.device)
+        rotary = (cos[start:], sin[start:])
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, rotary, self.causal, keep, cache, i)
+        if cache is not None:
+            cache.length += length
+        h = self.model.norm(x)
+        if self.cfg.logit_shift:  # the output at i - 1 scores position i; position 0 keeps its own
+            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
+        return self.lm_head(select_positions(h, positions))
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        return [self.model.embed_tokens.weight, self.lm_head.weight]
+
+    def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  capacity: int | None = None) -> KVCache:
+        cfg = self.cfg
+        return KVCache(cfg.blocks, batch, cfg.kv_heads or cfg.heads, cfg.hidden // cfg.heads, capacity or cfg.length,
+                       device, dtype)
+
+
+def swiglu_width(hidden: int, multiple: int = 256) -> int:
+    """Llama's SwiGLU width for ``model.intermediate = 0``: 8/3 of ``hidden`` (the parameters of a 4x GELU
+    MLP), rounded up to a multiple of ``multiple``."""
+    return multiple * -(-(8 * hidden // 3) // multiple)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Llama's initialisation: normal(0, 0.02) matrices and embeddings, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)

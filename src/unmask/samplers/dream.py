@@ -1,0 +1,154 @@
+"""Dream's decoding (Ye et al. 2025, ``diffusion_generate``): algorithms ``origin``, ``maskgit_plus``,
+``topk_margin``, ``entropy``, with ``alg_temp``, and Fast-dLLM's ``confidence_threshold``."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..objectives.mdlm import MaskedDiffusion
+from .base import (
+    ORDER,
+    PURPOSES,
+    TIME,
+    TOKEN,
+    RowStreams,
+    SampleResult,
+    SamplingError,
+    StepCallback,
+    categorical_probs,
+    choose_per_row,
+    ranks_in_row,
+)
+from .denoiser import DiffusionSampler
+
+# Dream's algorithm names, and what unmask's `sample.score` calls them
+DREAM_ALGORITHMS = {"origin": "origin", "maskgit_plus": "confidence", "topk_margin": "margin", "entropy": "entropy"}
+DREAM_SCORES = tuple(DREAM_ALGORITHMS.values())
+
+
+class DreamSampler(DiffusionSampler):
+    """Dream's sampler on the time grid ``t_i = linspace(1, eps, steps + 1)`` (float32). Every step calls
+    the network on the whole canvas and, at each masked position, takes ``x0`` (temperature 0: the argmax
+    of ``p = softmax(logits)``; else a draw from ``p`` after temperature, top-k, top-p) and a confidence.
+
+    * ``score="origin"``: each masked position gets ``x0`` with probability ``1 - t_{i+1}/t_i`` (1 at the
+      last step), independently: the ancestral step of ``alpha_t = 1 - t``.
+    * otherwise ``n = int(M (1 - t_{i+1}/t_i))`` positions (M: the row's masks; all at the last step) with
+      the highest confidence are revealed: ``confidence`` = max p (Dream's ``maskgit_plus``), ``margin``
+      = top-1 minus top-2 p (``topk_margin``), ``entropy`` = ``sum p log(p + 1e-10)``. With ``alg_temp >
+      0`` the n positions are drawn without replacement from ``softmax(confidence / alg_temp)``
+      (Gumbel-top-k, the same law as Dream's sequential multinomial draws).
+    * ``threshold > 0`` (Fast-dLLM's ``confidence_threshold``): a row asks for ``n0 + carry`` tokens per
+      step (``n0 = M // steps``, the remainder starting in the carry); the most confident is always
+      revealed, each other one only if its max-p confidence is ``>= threshold``, else it moves to the carry.
+      A rejection in the row's last step sets ``n0 = 0`` and adds a step, until the row is complete.
+
+    Dream computes M as the batch's average mask count; here it is the row's own (the same whenever the
+    rows have as many masks, as in Dream's use, and rows stay batch-invariant). The mask id is never a
+    candidate ``x0``; confidences use ``p`` over the whole vocabulary, as Dream does.
+    """
+
+    def __init__(self, diffusion: MaskedDiffusion, steps: int, score: str = "entropy", alg_temp: float = 0.0,
+                 eps: float = 1e-3, threshold: float = 0.0, **knobs):
+        if steps < 1:
+            raise SamplingError(f"steps must be >= 1, got {steps}")
+        score = DREAM_ALGORITHMS.get(score, score)
+        if score not in DREAM_SCORES:
+            raise SamplingError(f"unknown Dream algorithm {score!r}; known: {', '.join(DREAM_SCORES)} "
+                                f"(Dream's {', '.join(DREAM_ALGORITHMS)})")
+        if not 0 < eps < 1 or alg_temp < 0 or not 0 <= threshold <= 1:
+            raise SamplingError(f"need 0 < eps < 1, alg_temp >= 0 and 0 <= threshold <= 1; got {eps}, {alg_temp}, "
+                                f"{threshold}")
+        if threshold and score != "confidence":
+            raise SamplingError("threshold decoding ranks by max-probability confidence (score=confidence)")
+        super().__init__(diffusion, **knobs)
+        self.steps, self.score, self.alg_temp, self.eps, self.threshold = steps, score, alg_temp, eps, threshold
+        self.streams = RowStreams  # the per-row random streams (a test can give recorded draws instead)
+
+    def candidates(self, logits: torch.Tensor, streams, rows, counter, cols) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, confidence) at N positions from their logits (N, V)."""
+        logits = logits.float()
+        if self.temperature == 0:
+            probs = logits.softmax(-1)
+            allowed = probs.index_fill(-1, torch.tensor([self.mask_id], device=probs.device), -1.0)
+            x0 = allowed.argmax(-1)
+        else:
+            probs = categorical_probs(logits, self.temperature, self.top_k, self.top_p).float()
+            x0 = streams.categorical(categorical_probs(logits, self.temperature, self.top_k, self.top_p,
+                                                       exclude=self.mask_id), rows, counter + TOKEN, cols,
+                                     self.precision)
+        if self.score == "margin":
+            top = probs.topk(2, dim=-1).values
+            confidence = top[:, 0] - top[:, 1]
+        elif self.score == "entropy":
+            confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
+        else:
+            confidence = probs.gather(1, x0[:, None])[:, 0]
+        return x0, confidence
+
+    @torch.no_grad()
+    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
+               on_step: StepCallback | None = None) -> SampleResult:
+        self.check(canvas, seeds)
+        start_time = time.perf_counter()
+        x, streams, denoise = canvas.clone(), self.streams(seeds), self.denoiser(model, canvas)
+        b, length = x.shape
+        free = canvas == self.mask_id
+        grid = torch.linspace(1, self.eps, self.steps + 1)  # float32, as Dream
+        row_nfe = torch.zeros(b, dtype=torch.long)
+        masks = free.sum(dim=1)
+        n0, carry = masks // self.steps, masks % self.steps  # threshold decoding's per-row state
+        last = torch.full((b,), self.steps - 1, device=x.device)
+        step = 0
+        while True:
+            todo = x == self.mask_id
+            rows = todo.any(dim=1).nonzero()[:, 0]
+            if not len(rows) or (not self.threshold and step >= self.steps):
+                break
+            final = step >= self.steps - 1
+            t = grid[min(step, self.steps - 1)]
+            s = grid[min(step + 1, self.steps)]
+            logits = denoise(x[rows], t.double().expand(len(rows)).to(x.device), todo[rows], rows)
+            row_nfe[rows.cpu()] += 1
+            where = todo[rows].nonzero()
+            abs_rows, counter = rows[where[:, 0]], step * PURPOSES
+            x0, confidence = self.candidates(logits, streams, abs_rows, counter, where[:, 1])
+            if self.score == "origin":
+                u = streams.uniform(abs_rows, counter + TIME, where[:, 1])
+                take = u < (1.0 if final else float(1 - s / t))
+                chosen = torch.zeros_like(todo[rows])
+                chosen[where[take, 0], where[take, 1]] = True
+            else:
+                score = torch.full((len(rows), length), float("-inf"), device=x.device, dtype=torch.float64)
+                score[where[:, 0], where[:, 1]] = confidence.double()
+                if self.threshold:
+                    chosen, n0[rows], carry[rows], last[rows] = self._threshold(score, step, n0[rows], carry[rows],
+                                                                                last[rows])
+                else:
+                    left = todo[rows].sum(dim=1)
+                    n = left if final else (left.float() * (1 - s / t)).long()  # float32 then truncation
+                    if self.alg_temp:  # Gumbel-top-k: n draws without replacement from softmax(score / T)
+                        g = -torch.log(-torch.log(streams.uniform(abs_rows, counter + ORDER, where[:, 1])))
+                        score[where[:, 0], where[:, 1]] = score[where[:, 0], where[:, 1]] / self.alg_temp + g
+                    chosen = choose_per_row(score, n)
+            proposal = torch.full((len(rows), length), self.mask_id, dtype=x.dtype, device=x.device)
+            proposal[where[:, 0], where[:, 1]] = x0
+            sub = x[rows]
+            sub[chosen] = proposal[chosen]
+            x[rows] = sub
+            step += 1
+            if on_step is not None:
+                on_step(x)
+        return SampleResult(x, denoise.calls, row_nfe, time.perf_counter() - start_time, int(free.sum()))
+
+    def _threshold(self, score, step, n0, carry, last):
+        """One step of threshold decoding for R rows: (chosen (R, L), n0, carry, last)."""
+        ask = n0 + carry
+        rank = ranks_in_row(score)
+        asked = (rank < ask[:, None]) & (score > float("-inf"))
+        chosen = asked & ((rank == 0) | (score >= self.threshold))
+        rejected = (asked & ~chosen).sum(dim=1)
+        extend = (rejected > 0) & (last == step)
+        return chosen, torch.where(extend, 0, n0), rejected, last + extend.long()

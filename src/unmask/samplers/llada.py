@@ -1,0 +1,119 @@
+"""LLaDA's decoding (Nie et al. 2025, ``generate.py``): low-confidence remasking within semi-autoregressive
+blocks, a fixed number of reveals per step, one network call per step."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..objectives.mdlm import MaskedDiffusion
+from .base import ORDER, PURPOSES, TOKEN, RowStreams, SampleResult, SamplingError, StepCallback, choose_per_row
+from .confidence import CONFIDENCE_SCORES
+from .denoiser import DiffusionSampler
+
+
+def per_step_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's reveal schedule of a block: ``masked`` (R,) masks at the block's start over ``steps``
+    steps -> (R, steps) counts ``floor(M / s) + 1`` for the first ``M mod s`` steps, ``floor(M / s)`` after."""
+    base = (masked // steps)[:, None].expand(-1, steps)
+    extra = torch.arange(steps, device=masked.device)[None] < (masked % steps)[:, None]
+    return base + extra.long()
+
+
+class LLaDASampler(DiffusionSampler):
+    """LLaDA's sampler. The generated part of each row (from its first masked position to the end of the
+    canvas) is cut into blocks of ``block_length`` positions, decoded left to right with ``steps / blocks``
+    steps each (when they do not divide, the first ``steps mod blocks`` blocks get one step more). A step
+    calls the network on the whole canvas; at the masked positions of the current block it takes a
+    candidate ``x0`` (temperature 0: the argmax; else the Gumbel-max draw ``argmax(l / T + g)``, which is a
+    draw from ``softmax(l / T)``) and a confidence (``score``: ``confidence`` = LLaDA's low-confidence
+    remasking, the softmax probability of ``x0`` over the whole vocabulary; ``random`` = LLaDA's random
+    remasking; ``margin``, ``entropy`` as in :class:`~unmask.samplers.confidence.ConfidenceSampler`) and
+    reveals the ``k`` most confident, ``k`` from :func:`per_step_counts` of the block's masks. NFE =
+    ``steps`` (guidance, LLaDA's ``cfg_scale``, adds a second pass per step). The mask id is never a
+    candidate (LLaDA's argmax runs over the whole vocabulary; its released models never predict the
+    mask). Per-row random streams: Gumbel noise and random confidences are keyed by (row seed, step,
+    position), so rows are batch-invariant and ragged prompts get their own blocks.
+    """
+
+    def __init__(self, diffusion: MaskedDiffusion, steps: int, block_length: int, score: str = "confidence",
+                 **knobs):
+        if steps < 1 or block_length < 1:
+            raise SamplingError(f"steps and block_length must be >= 1, got {steps} and {block_length}")
+        if score not in CONFIDENCE_SCORES:
+            raise SamplingError(f"unknown confidence score {score!r}; known: {', '.join(CONFIDENCE_SCORES)}")
+        super().__init__(diffusion, **knobs)
+        if self.top_k or self.top_p < 1 or self.precision != "float64":
+            raise SamplingError("the llada sampler draws by Gumbel-max over the whole vocabulary: top_k, top_p "
+                                "and precision=float32 do not apply")
+        self.steps, self.block_length, self.score = steps, block_length, score
+        self.streams = RowStreams  # the per-row random streams (a test can give recorded draws instead)
+
+    def candidates(self, logits: torch.Tensor, streams: RowStreams, rows: torch.Tensor, step: int,
+                   cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, confidence) at N positions from their logits (N, V)."""
+        logits = logits.float()
+        probs = logits.softmax(-1)  # float32 over the whole vocabulary, as LLaDA's confidence
+        allowed = logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), float("-inf"))
+        counter = step * PURPOSES
+        if self.temperature == 0:
+            x0 = allowed.argmax(-1)
+        else:  # Gumbel-max in float64: argmax(l - T log(-log u)), LLaDA's exp(l) / (-log u)^T in log space
+            u = streams.uniforms(rows, counter + TOKEN, cols, logits.shape[-1])
+            x0 = (allowed.double() - self.temperature * torch.log(-torch.log(u))).argmax(-1)
+        if self.score == "confidence":
+            score = probs.gather(1, x0[:, None])[:, 0]
+        elif self.score == "margin":
+            top = probs.topk(2, dim=1).values
+            score = top[:, 0] - top[:, 1]
+        elif self.score == "entropy":
+            score = (probs * probs.clamp_min(1e-30).log()).sum(dim=1)
+        else:
+            score = streams.uniform(rows, counter + ORDER, cols)
+        return x0, score.double()
+
+    @torch.no_grad()
+    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
+               on_step: StepCallback | None = None) -> SampleResult:
+        self.check(canvas, seeds)
+        start_time = time.perf_counter()
+        x, streams, denoise = canvas.clone(), self.streams(seeds), self.denoiser(model, canvas)
+        b, length = x.shape
+        free = canvas == self.mask_id
+        first = torch.where(free.any(dim=1), free.float().argmax(dim=1), torch.full((b,), length, device=x.device))
+        blocks = int((-(-(length - first) // self.block_length)).max())
+        if blocks > self.steps:
+            raise SamplingError(f"steps={self.steps} is fewer than the {blocks} blocks of {self.block_length} "
+                                f"positions to generate")
+        column = torch.arange(length, device=x.device)[None]
+        block_of = torch.where(column >= first[:, None], (column - first[:, None]) // self.block_length, -1)
+        row_nfe = torch.zeros(b, dtype=torch.long)
+        step = 0
+        for k in range(blocks):
+            per_block = self.steps // blocks + (k < self.steps % blocks)
+            in_block = block_of == k
+            counts = per_step_counts(((x == self.mask_id) & in_block).sum(dim=1), per_block)
+            for i in range(per_block):
+                step += 1
+                todo = (x == self.mask_id) & in_block
+                rows = (counts[:, i] > 0).nonzero()[:, 0]
+                if not len(rows):
+                    continue
+                t = torch.full((len(rows),), 1 - (step - 1) / self.steps, dtype=torch.float64, device=x.device)
+                logits = denoise(x[rows], t, todo[rows], rows)
+                row_nfe[rows.cpu()] += 1
+                where = todo[rows].nonzero()
+                abs_rows = rows[where[:, 0]]
+                x0, score = self.candidates(logits, streams, abs_rows, step - 1, where[:, 1])
+                confidence = torch.full((len(rows), length), float("-inf"), dtype=torch.float64, device=x.device)
+                confidence[where[:, 0], where[:, 1]] = score
+                chosen = choose_per_row(confidence, counts[rows, i])
+                proposal = torch.full((len(rows), length), self.mask_id, dtype=x.dtype, device=x.device)
+                proposal[where[:, 0], where[:, 1]] = x0
+                sub = x[rows]
+                sub[chosen] = proposal[chosen]
+                x[rows] = sub
+                if on_step is not None:
+                    on_step(x)
+        return SampleResult(x, denoise.calls, row_nfe, time.perf_counter() - start_time, int(free.sum()))

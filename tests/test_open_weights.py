@@ -1,0 +1,205 @@
+"""LLaDA and Dream checkpoints in their released layouts: the backbone and the loaders against the
+reference implementations' own numbers (``../shared/reference/vectors``), and on random tiny folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from released_folders import random_folder, reference_folder, vectors
+from unmask.checkpoints.checkpoint import CheckpointError
+from unmask.checkpoints.open_weights import OpenWeights
+from unmask.checkpoints.pretrained import open_source
+from unmask.eval.likelihood import continuation_loglikelihoods
+from unmask.pipeline import from_pretrained
+from unmask.samplers.base import PURPOSES, RowStreams, row_seeds
+from unmask.samplers.dream import DreamSampler
+from unmask.samplers.llada import LLaDASampler
+
+# README of the vectors, section 10: atol per tensor for a float32 port
+ATOL = {"llada": {"logits": 2e-3, "hidden_states.1": 8e-4, "hidden_states.2": 6e-4},
+        "dream": {"logits": 1e-3, "hidden_states.1": 8e-4, "hidden_states.2": 3e-4}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["llada_forward", "dream_forward"])
+def test_forward_pass_matches_the_reference(tmp_path, name):
+    folder, t, meta = reference_folder(tmp_path, name)
+    lm = from_pretrained(folder)  # sharded safetensors + index, read through the public loader
+    model = lm.model
+    kind = "llada" if name.startswith("llada") else "dream"
+    assert lm.tokenizer.mask_id == meta["config"]["mask_token_id"] == 63
+    hidden = {}
+    model.model.embed_tokens.register_forward_hook(lambda m, i, o: hidden.__setitem__("hidden_states.0", o))
+    model.model.layers[0].register_forward_hook(lambda m, i, o: hidden.__setitem__("hidden_states.1", o))
+    model.model.norm.register_forward_hook(lambda m, i, o: hidden.__setitem__("hidden_states.2", o))
+    with torch.no_grad():
+        logits = model(t["input_ids"])
+    assert torch.equal(hidden["hidden_states.0"], t["hidden_states.0"])  # embeddings: bit-exact
+    for key in ("hidden_states.1", "hidden_states.2"):
+        assert (hidden[key] - t[key]).abs().max() <= ATOL[kind][key], key
+    # LLaDA predicts in place; Dream's logit at i - 1 scores position i, and the model applies the shift
+    expected = t["logits"] if kind == "llada" else t["logits_shifted"]
+    assert (logits - expected).abs().max() <= ATOL[kind]["logits"]
+    if kind == "dream":
+        assert (logits[:, 1:] - t["logits"][:, :-1]).abs().max() <= ATOL[kind]["logits"]
+
+
+@pytest.mark.parametrize("layout", ["llada", "dream"])
+def test_a_released_folder_loads_lazily_in_its_own_dtype(tmp_path, layout):
+    folder = random_folder(tmp_path / layout, layout)
+    source = open_source(folder)
+    assert isinstance(source, OpenWeights) and source.config.model.backbone == "llama"
+    model = source.build(dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters()) and not model.rotary_emb.inv_freq.is_meta
+    full = source.build()
+    ids = torch.randint(0, 37, (2, 9))
+    with torch.no_grad():
+        assert (model(ids).float() - full(ids)).abs().max() < 0.1 * full(ids).abs().max()
+
+
+def test_a_broken_folder_is_a_one_line_error(tmp_path):
+    folder = random_folder(tmp_path / "llada", "llada")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"].pop("model.transformer.ln_f.weight")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="lacks 1 parameters.*ln_f"):
+        open_source(folder).build()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "block_type": "sequential"}))
+    with pytest.raises(CheckpointError, match="block_type='sequential' is not supported"):
+        open_source(folder)
+
+
+class RecordedStreams(RowStreams):
+    """The reference's own random draws, indexed by (step, row, position): ``slab`` (steps, B, L[, V])."""
+
+    def __init__(self, seeds, slab):
+        super().__init__(seeds)
+        self.slab = slab
+
+    def uniform(self, rows, counter, index):
+        return self.slab[counter // PURPOSES, rows, index].double()
+
+    def uniforms(self, rows, counter, index, n):
+        return self.slab[counter // PURPOSES, rows, index].double()
+
+
+@pytest.mark.parametrize("run", ["g1_semiar", "g2_oneblock_1tok", "g3_uneven", "g4_cfg", "g5_random_remask",
+                                 "g6_gumbel_t1"])
+def test_llada_decoding_matches_the_reference(tmp_path, run):
+    folder, _, _ = reference_folder(tmp_path, "llada_forward")
+    t, meta = vectors("llada_generate")
+    kwargs = next(r for r in meta["runs"] if r["name"] == run)["kwargs"]
+    lm = from_pretrained(folder)
+    prompt = t["prompt"]
+    canvas = torch.cat([prompt, torch.full((len(prompt), kwargs["gen_length"]), 63)], dim=1)
+    sampler = LLaDASampler(lm.objective, kwargs["steps"], kwargs["block_length"],
+                           score="random" if kwargs["remasking"] == "random" else "confidence",
+                           temperature=kwargs["temperature"], guidance=kwargs["cfg_scale"])
+    slab = t.get(f"{run}.remask_uniform", t.get(f"{run}.gumbel_uniform"))
+    if slab is not None:
+        sampler.streams = lambda seeds: RecordedStreams(seeds, slab)
+    calls = []
+    lm.model.register_forward_pre_hook(lambda m, args: calls.append(args[0].clone()))
+    out = sampler.sample(lm.model, canvas, row_seeds(0, len(prompt)))
+    assert torch.equal(out.tokens, t[f"{run}.output"])
+    assert out.nfe == int(t[f"{run}.nfe"])
+    b = len(prompt)
+    per_step = 2 if kwargs["cfg_scale"] else 1  # guidance: the conditional pass, then the unconditional one
+    inputs = torch.stack([torch.cat(calls[s:s + per_step]) for s in range(0, len(calls), per_step)])
+    assert torch.equal(inputs, t[f"{run}.canvases"][:, :per_step * b])
+
+
+DREAM_RUNS = ["d1_entropy", "d2_maskgit_plus", "d3_topk_margin", "d4_entropy_1tok", "d5_entropy_uneven", "d6_origin",
+              "d7_maskgit_plus_algtemp", "ct_thr_0.9", "ct_thr_0.5"]
+
+
+@pytest.mark.parametrize("run", DREAM_RUNS)
+def test_dream_decoding_matches_the_reference(tmp_path, run):
+    folder, _, _ = reference_folder(tmp_path, "dream_forward")
+    t, meta = vectors("dream_generate")
+    kwargs = next(r for r in meta["runs"] if r["name"] == run)["kwargs"]
+    lm = from_pretrained(folder)
+    prompt = t["ct_prompt"] if run.startswith("ct_") else t["prompt"]
+    b = len(prompt)
+    canvas = torch.cat([prompt, torch.full((b, kwargs["max_new_tokens"]), 63)], dim=1)
+    alg = "maskgit_plus" if kwargs["alg"] == "confidence_threshold" else kwargs["alg"]
+    sampler = DreamSampler(lm.objective, kwargs["steps"], alg, alg_temp=kwargs["alg_temp"] or 0.0,
+                           eps=kwargs["eps"], threshold=kwargs.get("threshold", 0.0), temperature=0.0)
+    history = t[f"{run}.history"]
+    if run == "d6_origin":  # the reference's uniforms: one per masked position, row-major, step by step
+        flat, counts = t[f"{run}.origin_uniform_flat"], t[f"{run}.origin_uniform_counts"].tolist()
+        slab = torch.zeros(len(counts), *canvas.shape)
+        before = torch.cat([canvas[None], history[:-1]])
+        for step, (chunk, state) in enumerate(zip(flat.split(counts), before)):
+            slab[step][state == 63] = chunk
+        sampler.streams = lambda seeds: RecordedStreams(seeds, slab)
+    steps = []
+    out = sampler.sample(lm.model, canvas, row_seeds(0, b), on_step=lambda x: steps.append(x.clone()))
+    assert out.nfe == int(t[f"{run}.nfe"]) == len(steps)
+    if run == "d7_maskgit_plus_algtemp":  # torch's multinomial draws cannot be replayed: the structure
+        prev = canvas
+        for step, state in enumerate(steps):
+            revealed = (prev == 63) & (state != 63)
+            n = int((prev[0] == 63).sum() * (1 - sampler_grid(kwargs, step)))
+            assert revealed.sum(dim=1).tolist() == [n if step < kwargs["steps"] - 1 else int((prev[0] == 63).sum())] * b
+            with torch.no_grad():
+                argmax = lm.model(prev).argmax(-1)
+            assert torch.equal(state[revealed], argmax[revealed])
+            prev = state
+        return
+    assert torch.equal(out.tokens, t[f"{run}.output"])
+    assert torch.equal(torch.stack(steps), history)
+
+
+def sampler_grid(kwargs, step):
+    grid = torch.linspace(1, kwargs["eps"], kwargs["steps"] + 1)
+    return float(grid[step + 1] / grid[step])
+
+
+def test_llada_log_likelihood_matches_the_reference_and_its_expectation(tmp_path):
+    """LLaDA's ``get_log_likelihood`` is the count estimator: k masked answer tokens (k uniform on 1..n),
+    weight n/k. On the reference's own masked batches the same formula gives its value; unmask's
+    stratified estimator converges to the exact expectation (every subset enumerated)."""
+    folder, _, _ = reference_folder(tmp_path, "llada_forward")
+    t, meta = vectors("llada_loglik")
+    lm = from_pretrained(folder)
+    objective, model = lm.objective, lm.model
+    x0 = torch.cat([t["prompt"], t["answer"]])[None]
+    counted = torch.zeros_like(x0, dtype=torch.bool)
+    counted[:, len(t["prompt"]):] = True
+    sigma = torch.zeros(1)
+    per_row = []
+    with torch.no_grad():
+        for batch, p_mask, logits in zip(t["perturbed"], t["p_mask"], t["logits"]):
+            assert (model(batch) - logits).abs().max() <= 2e-3
+            nll = objective.masked_nll(model, x0.expand(len(batch), -1), batch, sigma.expand(len(batch)))
+            per_row.append(nll / p_mask[:, 0])
+    assert abs(-float(torch.cat(per_row).mean()) - float(t["log_likelihood"])) <= 2e-4
+
+    n = int(counted.sum())
+    exact = 0.0
+    with torch.no_grad():
+        subsets = torch.tensor([[(s >> j) & 1 for j in range(n)] for s in range(1, 2 ** n)], dtype=torch.bool)
+        masked = torch.zeros(len(subsets), x0.shape[1], dtype=torch.bool)
+        masked[:, len(t["prompt"]):] = subsets
+        xt = torch.where(masked, torch.full_like(x0, 63), x0)
+        nll = objective.masked_nll(model, x0.expand(len(xt), -1), xt, torch.zeros(len(xt)))
+        k = subsets.sum(1)
+        sizes = torch.bincount(k, minlength=n + 1).double()
+        exact = -float((nll.double() * n / k / n / sizes[k]).sum())  # E_k E_{|M|=k} (n/k) sum CE
+    sequence = x0[0].tolist()
+    (estimate, stderr, _), = continuation_loglikelihoods(model, objective, [sequence], [len(t["prompt"])],
+                                                         mc_samples=280, estimator="count")
+    assert abs(estimate - exact) < 0.5  # stratified draws: far closer than the i.i.d. stderr (about 1.5)
