@@ -39,7 +39,7 @@ import torch
 from unmask.config import MODEL_PRESETS, SampleConfig, load_config
 from unmask.data.tokenization import CharTokenizer, HFTokenizer, load_tokenizer
 from unmask.families import build_model, build_objective
-from unmask.models.dit import count_parameters
+from unmask.models.common import count_parameters
 from unmask.pipeline import make_canvas
 from unmask.runtime import autocast, resolve_precision
 from unmask.samplers.base import row_seeds
