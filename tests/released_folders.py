@@ -103,3 +103,26 @@ def random_folder(folder: Path, layout: str, seed: int = 0, shards: int = 2) -> 
     state = {LAYOUTS[layout].to_theirs(k): v for k, v in model.state_dict().items()}
     return write_folder(folder, layout, config, state, shards=shards,
                         specials={37: "<|eot|>", 38: "<|start|>", 39: "<|mdm_mask|>"})
+
+
+def hf_causal_folder(folder: Path, kind: str, seed: int = 0) -> tuple[Path, torch.nn.Module]:
+    """A tiny random ``transformers`` Qwen2 (embedding padded to 48 rows, spare rows for a mask) or Llama
+    (exactly 40 rows) causal LM saved with ``save_pretrained``, with a tokenizer of 40 ids that has no
+    mask token; returns the folder and the ``transformers`` model."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+                  bos_token_id=37, eos_token_id=37)
+    if kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(vocab_size=48, rope_theta=1e6, **common))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=40, rope_theta=5e5, **common))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer_files(folder, 40, {37: "<|endoftext|>", 38: "<|im_start|>", 39: "<|im_end|>"})
+    return folder, model

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from released_folders import random_folder, reference_folder, vectors
+from released_folders import CHAT_TEMPLATE, random_folder, reference_folder, vectors
 from unmask.checkpoints.checkpoint import CheckpointError
-from unmask.checkpoints.open_weights import OpenWeights
-from unmask.checkpoints.pretrained import open_source
+from unmask.checkpoints.open_weights import LAYOUTS, OpenWeights, save_released
+from unmask.checkpoints.pretrained import export, open_source
 from unmask.eval.likelihood import continuation_loglikelihoods
 from unmask.pipeline import from_pretrained
 from unmask.samplers.base import PURPOSES, RowStreams, row_seeds
@@ -203,3 +203,41 @@ def test_llada_log_likelihood_matches_the_reference_and_its_expectation(tmp_path
     (estimate, stderr, _), = continuation_loglikelihoods(model, objective, [sequence], [len(t["prompt"])],
                                                          mc_samples=280, estimator="count")
     assert abs(estimate - exact) < 0.5  # stratified draws: far closer than the i.i.d. stderr (about 1.5)
+
+
+@pytest.mark.parametrize("layout", ["llada", "dream"])
+def test_export_writes_the_released_layout_back(tmp_path, layout):
+    folder = random_folder(tmp_path / "in", layout)
+    source = open_source(folder)
+    out = export(source, tmp_path / "out", to=layout)
+    again = open_source(out)
+    original, written = json.loads((folder / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    assert LAYOUTS[layout].model(written) == LAYOUTS[layout].model(original)
+    assert {k: written[k] for k in ("mask_token_id", "eos_token_id", "model_type")} == \
+        {k: original[k] for k in ("mask_token_id", "eos_token_id", "model_type")}
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    a, b = source.build(), again.build()
+    ids = torch.randint(0, 37, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(a(ids), b(ids))
+    sharded = save_released(source, tmp_path / "sharded", layout, weights=source.weights(), shard_bytes=20_000)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    with torch.no_grad():
+        assert torch.equal(open_source(sharded).build()(ids), a(ids))
+    with pytest.raises(CheckpointError, match="not empty"):
+        export(source, tmp_path / "out", to=layout)  # never replaces what is there
+    other = "dream" if layout == "llada" else "llada"
+    with pytest.raises(CheckpointError, match="does not fit"):
+        export(source, tmp_path / "other", to=other)
+
+
+def test_our_own_format_holds_llama_backbone_models(tmp_path):
+    source = open_source(random_folder(tmp_path / "in", "dream"))
+    lm = from_pretrained(tmp_path / "in")
+    out = lm.save_pretrained(tmp_path / "ours")
+    again = from_pretrained(out)
+    assert again.config.model.backbone == "llama" and again.config.model.logit_shift
+    ids = torch.randint(0, 37, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(again.model(ids), source.build()(ids))

@@ -5,7 +5,8 @@
     unmask eval MODEL --zero-shot wikitext2 data.path=DIR   perplexity on another corpus, with and
                                                        without EOS between documents
     unmask sample MODEL [key=value ...]                print samples
-    unmask export MODEL OUT [--to unmask|mdlm-hf|mdlm-ckpt]   Hugging Face style folder or MDLM layouts
+    unmask export MODEL OUT [--to FORMAT]              unmask, mdlm-hf, mdlm-ckpt, llada, dream, qwen2, llama
+    unmask convert HF_CAUSAL_LM OUT [--no-shift]       an autoregressive model made a diffusion model (A2D)
     unmask serve MODEL [--port 8000]                   HTTP completions API, streaming, web page
     unmask scaling CONFIG --sizes ... --budgets ... --out DIR   IsoFLOP sweep with fits (resumable)
     unmask task star-graph|sorting --out DIR           write a verifiable task (prompt/answer JSONL)
@@ -28,7 +29,9 @@ import sys
 from pathlib import Path
 
 from .checkpoints.checkpoint import Checkpoint, CheckpointError, load_model
-from .checkpoints.pretrained import export, open_source
+from .checkpoints.conversion import to_diffusion
+from .checkpoints.open_weights import LAYOUTS, OpenWeights
+from .checkpoints.pretrained import export, open_source, save_pretrained
 from .config import (
     CONFIG_DIR,
     ConfigError,
@@ -205,6 +208,19 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    source = open_source(args.model)
+    if not isinstance(source, OpenWeights):
+        raise ConfigError(f"{args.model} is not a Hugging Face causal LM folder (Llama or Qwen2 layout)")
+    converted = to_diffusion(source, shift=not args.no_shift)
+    out = save_pretrained(converted, args.out)
+    m = converted.config.model
+    print(f"wrote {out}: a masked diffusion model from {source.path} (mask id {converted.tokenizer.mask_id}, "
+          f"{'with' if m.logit_shift else 'without'} logit shift); continue it with "
+          f"`unmask train CONFIG train.init_from={out}`")
+    return 0
+
+
 CARD_METRICS = ("nll", "stderr", "perplexity", "bits_per_token", "bits_per_char", "gen_ppl", "entropy", "mauve")
 
 
@@ -334,13 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a model as a Hugging Face style folder or in MDLM's layouts")
     p.add_argument("checkpoint", help=model_help)
     p.add_argument("out", help="output folder (or .ckpt file for --to mdlm-ckpt)")
-    p.add_argument("--to", default="unmask", choices=("unmask", "mdlm-hf", "mdlm-ckpt"),
+    p.add_argument("--to", default="unmask", choices=("unmask", "mdlm-hf", "mdlm-ckpt", *LAYOUTS),
                    help="unmask: config.json + model.safetensors + tokenizer + model card (default); mdlm-hf: "
-                   "the kuleshov-group/mdlm-owt layout; mdlm-ckpt: a Lightning-layout .ckpt")
+                   "the kuleshov-group/mdlm-owt layout; mdlm-ckpt: a Lightning-layout .ckpt; llada, dream, qwen2, "
+                   "llama: the released layouts of those models (Llama-backbone models)")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--metrics", help="an `unmask eval --json` result whose figures go into the model card")
     p.add_argument("--tokenizer", help="GPT-2 tokenizer folder for a released MDLM model that lacks one")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("convert", help="make a Hugging Face causal LM (Llama, Qwen2) a masked diffusion model (A2D)")
+    p.add_argument("model", help="a local folder (or hub id) of a Llama- or Qwen2-layout causal LM")
+    p.add_argument("out", help="output folder (unmask's format)")
+    p.add_argument("--no-shift", action="store_true", help="each position predicts itself instead of the next "
+                   "(default: Dream's shift, position i scored by the output at i - 1)")
+    p.set_defaults(func=cmd_convert)
     p = sub.add_parser("serve", help="HTTP completions API with streaming, and a page that shows the canvas unmask")
     p.add_argument("checkpoint", help=model_help)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")

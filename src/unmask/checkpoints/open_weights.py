@@ -19,18 +19,24 @@ its parameter names to the backbone's (:mod:`unmask.models.llama`, which uses Ll
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from ..config import RunConfig, config_from_dict
+from ..config import ModelConfig, RunConfig, config_from_dict
 from ..data.tokenization import HFTokenizer
 from ..families import family_of
 from ..files import member, read_json
+from ..models.llama import swiglu_width
 from ..runtime import memory_bytes
 from .checkpoint import CheckpointError, WeightSource
 
@@ -46,6 +52,7 @@ class Layout:
     model_types: tuple[str, ...]
     renames: tuple[tuple[str, str], ...]
     model: Callable[[dict], dict]
+    config_json: Callable[[ModelConfig], dict] = lambda m: {}  # ModelConfig -> the layout's config.json fields
     causal: bool = False
     bos_prompt: bool = False  # prompts start with BOS (LLaDA's tokenizer adds it; Qwen2's does not)
     sample: tuple[tuple[str, object], ...] = ()  # the sample.* defaults the model's own repository uses
@@ -101,9 +108,22 @@ def _llada_model(c: dict) -> dict:
                 logit_shift=False)
 
 
+def _rope_theta(c: dict, src: str) -> float:
+    """``rope_theta`` of a ``transformers`` 4 config, or ``rope_parameters`` of a version 5 one; only plain
+    rotary positions (no scaling) are supported."""
+    _require(c, src, rope_scaling=(None,), use_sliding_window=(False, None))
+    params = c.get("rope_parameters") or {}
+    if not isinstance(params, dict) or params.get("rope_type", "default") != "default":
+        raise CheckpointError(f"{src}: rope_parameters={params!r} is not supported (plain rotary positions only)")
+    theta = c.get("rope_theta", params.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 1:
+        raise CheckpointError(f"{src}: rope_theta must be a number above 1, got {theta!r}")
+    return float(theta)
+
+
 def _qwen2_model(c: dict, shift: bool, bias: bool | None = None) -> dict:
     src = "config.json"
-    _require(c, src, hidden_act=("silu",), rope_scaling=(None,))
+    _require(c, src, hidden_act=("silu",))
     heads = _int(c, "num_attention_heads", src)
     hidden = _int(c, "hidden_size", src)
     if c.get("head_dim") not in (None, hidden // max(heads, 1)):
@@ -111,9 +131,29 @@ def _qwen2_model(c: dict, shift: bool, bias: bool | None = None) -> dict:
     return dict(hidden=hidden, heads=heads, kv_heads=_int(c, "num_key_value_heads", src, heads) or heads,
                 blocks=_int(c, "num_hidden_layers", src), intermediate=_int(c, "intermediate_size", src),
                 vocab=_int(c, "vocab_size", src), length=_int(c, "max_position_embeddings", src),
-                rope_base=float(c.get("rope_theta", 10000.0)), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-                qkv_bias=bool(c.get("attention_bias", True)) if bias is None else bias,
+                rope_base=_rope_theta(c, src), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+                qkv_bias=bool(c.get("attention_bias", False)) if bias is None else bias,
                 tie_embeddings=bool(c.get("tie_word_embeddings", False)), logit_shift=shift)
+
+
+def _llada_json(m: ModelConfig) -> dict:
+    return {"architectures": ["LLaDAModelLM"], "d_model": m.hidden, "n_heads": m.heads,
+            "n_kv_heads": m.kv_heads or m.heads, "n_layers": m.blocks, "mlp_hidden_size": m.intermediate,
+            "embedding_size": m.vocab, "max_sequence_length": m.length,
+            "rope_theta": m.rope_base, "rms_norm_eps": m.norm_eps,
+            "include_qkv_bias": m.qkv_bias, "weight_tying": m.tie_embeddings, "block_type": "llama",
+            "layer_norm_type": "rms", "activation_type": "silu", "rope": True, "alibi": False, "include_bias": False,
+            "scale_logits": False, "input_emb_norm": False, "attention_layer_norm": False}
+
+
+def _qwen2_json(architecture: str) -> Callable[[ModelConfig], dict]:
+    def fields_(m: ModelConfig) -> dict:
+        return {"architectures": [architecture], "hidden_size": m.hidden, "num_attention_heads": m.heads,
+                "num_key_value_heads": m.kv_heads or m.heads, "num_hidden_layers": m.blocks,
+                "intermediate_size": m.intermediate, "vocab_size": m.vocab, "max_position_embeddings": m.length,
+                "rope_theta": m.rope_base, "rms_norm_eps": m.norm_eps, "hidden_act": "silu", "rope_scaling": None,
+                "tie_word_embeddings": m.tie_embeddings, "attention_bias": m.qkv_bias}
+    return fields_
 
 
 _HF_NAMES = tuple((n, n) for n in (
@@ -136,13 +176,16 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
         ("model.transformer.blocks.{i}.ff_proj.weight", "model.layers.{i}.mlp.gate_proj.weight"),
         ("model.transformer.blocks.{i}.up_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
         ("model.transformer.blocks.{i}.ff_out.weight", "model.layers.{i}.mlp.down_proj.weight")),
-        _llada_model, bos_prompt=True,
+        _llada_model, _llada_json, bos_prompt=True,
         sample=(("sampler", "llada"), ("steps", 128), ("block_length", 32), ("temperature", 0.0))),
     Layout("dream", ("Dream", "dream"), _HF_NAMES, lambda c: _qwen2_model(c, shift=True, bias=True),
+           _qwen2_json("DreamModel"),
            sample=(("sampler", "dream"), ("score", "entropy"), ("steps", 128), ("temperature", 0.2),
                    ("top_p", 0.95))),
-    Layout("qwen2", ("qwen2",), _HF_NAMES, lambda c: _qwen2_model(c, shift=False, bias=True), causal=True),
-    Layout("llama", ("llama",), _HF_NAMES, lambda c: _qwen2_model(c, shift=False), causal=True),
+    Layout("qwen2", ("qwen2",), _HF_NAMES, lambda c: _qwen2_model(c, shift=False, bias=True),
+           _qwen2_json("Qwen2ForCausalLM"), causal=True),
+    Layout("llama", ("llama",), _HF_NAMES, lambda c: _qwen2_model(c, shift=False), _qwen2_json("LlamaForCausalLM"),
+           causal=True),
 )}
 
 
@@ -160,7 +203,7 @@ class OpenWeights(WeightSource):
                  root: Path | None = None):
         self.path, self.layout, self.config, self.tokenizer, self.meta = folder, layout, config, tokenizer, meta
         self.step, self.format, self.card, self._root = 0, layout.name, {}, root
-        self.dtype = _DTYPES.get(str(meta.get("torch_dtype", "float32")), torch.float32)
+        self.dtype = _DTYPES.get(str(meta.get("torch_dtype", meta.get("dtype", "float32"))), torch.float32)
 
     def shards(self) -> dict[str, list[str]]:
         """Shard file -> the checkpoint keys it holds (one ``model.safetensors``, or the index's map)."""
@@ -223,6 +266,12 @@ class OpenWeights(WeightSource):
         for name, tensor in self.tensors():
             if name not in expected:
                 raise CheckpointError(f"{self.path}: {name!r} has no place in a model of this config")
+            if name in ("model.embed_tokens.weight", "lm_head.weight") and self.tokenizer.appended_mask and \
+                    tuple(tensor.shape) == (expected[name][0] - 1, expected[name][1]):
+                # a causal LM without a mask token: unmask's tokenizer appended one; its row is the mean
+                # embedding (input) and zero (output: excluded by every sampler and loss anyway)
+                extra = tensor.mean(0, keepdim=True) if name == "model.embed_tokens.weight" else tensor[:1] * 0
+                tensor = torch.cat([tensor, extra])
             if tuple(tensor.shape) != expected[name]:
                 raise CheckpointError(f"{self.path}: {name!r} has shape {tuple(tensor.shape)}, the config says "
                                       f"{expected[name]}")
@@ -270,7 +319,7 @@ def read_open_weights(folder: Path, meta: dict, root: Path | None = None) -> Ope
         return None
     tokenizer = _tokenizer(folder, meta, root)
     model = layout.model(meta)
-    if model["vocab"] < tokenizer.vocab_size:
+    if model["vocab"] < tokenizer.vocab_size - int(tokenizer.appended_mask and layout.causal):
         raise CheckpointError(f"{folder}: the model has {model['vocab']} embedding rows but the tokenizer "
                               f"{tokenizer.vocab_size} ids")
     if not layout.causal and meta.get("mask_token_id") is None:
@@ -281,3 +330,71 @@ def read_open_weights(folder: Path, meta: dict, root: Path | None = None) -> Ope
                      "frame": layout.bos_prompt},
             "sample": dict(layout.sample)}
     return OpenWeights(folder, layout, config_from_dict(tree), tokenizer, meta, root)
+
+
+SHARD_BYTES = 5 * 2**30  # Hugging Face's default largest shard
+
+
+def save_released(source, directory: str | Path, layout: str, weights: dict[str, torch.Tensor] | None = None,
+                  shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write a Llama-backbone model (``source``: any model source, or ``weights`` with its config and
+    tokenizer) in a released layout: ``config.json``, safetensors shards of at most ``shard_bytes`` with
+    ``model.safetensors.index.json`` (one ``model.safetensors`` when it fits), ``tokenizer.json`` and
+    ``tokenizer_config.json`` (the chat template). Written beside ``directory`` and renamed into place;
+    an existing non-empty ``directory`` is refused untouched."""
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    lay, cfg, tokenizer = LAYOUTS[layout], source.config, source.tokenizer
+    m = dataclasses.replace(cfg.model, vocab=max(cfg.model.vocab, tokenizer.vocab_size),
+                            intermediate=cfg.model.intermediate or swiglu_width(cfg.model.hidden))
+    if m.backbone != "llama" or not isinstance(tokenizer, HFTokenizer):
+        raise CheckpointError(f"the {layout} layout holds Llama-backbone models with a Hugging Face tokenizer; "
+                              f"this one is {m.backbone} with a {tokenizer.kind} tokenizer (export it as 'unmask')")
+    if lay.causal != (cfg.family == "ar") or (layout == "dream") != m.logit_shift or \
+            (layout == "llada" and m.logit_shift):
+        raise CheckpointError(f"a {cfg.family} model{' with' if m.logit_shift else ' without'} logit shift does "
+                              f"not fit the {layout} layout")
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise CheckpointError(f"{directory} exists and is not empty; nothing was written (choose a new folder)")
+    weights = weights if weights is not None else source.weights(ema=True)
+    theirs = {lay.to_theirs(k): v.detach().contiguous().cpu() for k, v in weights.items()
+              if not (m.tie_embeddings and k == "lm_head.weight")}
+    config = {**lay.config_json(m), "model_type": lay.model_types[0], "vocab_size": tokenizer.vocab_size
+              if layout == "llada" else m.vocab, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+              "pad_token_id": tokenizer.pad_id, "torch_dtype": str(next(iter(theirs.values())).dtype).split(".")[-1]}
+    if not lay.causal:
+        config["mask_token_id"] = tokenizer.mask_id
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(theirs):
+        nbytes = theirs[key].numel() * theirs[key].element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = theirs[key]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(v.numel() * v.element_size() for v in theirs.values())
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    tokenizer.tk.save(str(tmp / "tokenizer.json"))
+    tk_config = {"bos_token": tokenizer.piece(tokenizer.bos_id), "eos_token": tokenizer.piece(tokenizer.eos_id),
+                 "pad_token": tokenizer.piece(tokenizer.pad_id)}
+    if tokenizer.chat_template is not None:
+        tk_config["chat_template"] = tokenizer.chat_template
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tk_config, indent=1) + "\n")
+    if directory.exists():
+        directory.rmdir()  # empty (checked above)
+    os.replace(tmp, directory)
+    return directory

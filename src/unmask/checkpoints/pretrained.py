@@ -48,7 +48,7 @@ from .checkpoint import (
     record_checksums,
     verified,
 )
-from .open_weights import LAYOUTS, OpenWeights, read_open_weights
+from .open_weights import LAYOUTS, OpenWeights, read_open_weights, save_released
 from .runfolder import FILE, replaceable
 
 MODEL_TYPE = "unmask"
@@ -102,8 +102,9 @@ def _gpt2_tokenizer(folder: Path | None, tokenizer_path: str | None, root: Path 
                               "vocab.json + merges.txt, or tokenizer.json)") from None
 
 
-def _check_vocab(tokenizer: Tokenizer, vocab_size: int, source: Path) -> None:
-    if tokenizer.vocab_size != vocab_size:
+def _check_vocab(tokenizer: Tokenizer, vocab_size: int, source: Path, padded: int = 0) -> None:
+    """The embedding has a row per id of the tokenizer (or ``padded`` rows, LLaDA-style, when set)."""
+    if vocab_size not in (tokenizer.vocab_size, padded or tokenizer.vocab_size):
         raise CheckpointError(f"{source}: the model has a vocabulary of {vocab_size} but the tokenizer gives "
                               f"{tokenizer.vocab_size} ids (mask included)")
 
@@ -162,9 +163,9 @@ def open_source(path: str | Path, tokenizer_path: str | None = None,
 
 
 def cfg_vocab(weights: dict[str, torch.Tensor]) -> int:
-    """The vocabulary size of DiT weights (of the backbone's embedding, whatever the wrapper)."""
+    """The vocabulary size of DiT or Llama-backbone weights (of the embedding, whatever the wrapper)."""
     for key, value in weights.items():
-        if key.endswith("vocab_embed.embedding") and value.dim() == 2:
+        if key.endswith(("vocab_embed.embedding", "embed_tokens.weight")) and value.dim() == 2:
             return value.shape[0]
     raise CheckpointError("the weights hold no vocab_embed.embedding matrix: not a model of this project")
 
@@ -181,7 +182,7 @@ def read_pretrained(folder: Path, meta: dict, root: Path | None = None) -> Pretr
     cfg = config_from_dict(meta["run_config"])
     tokenizer = load_tokenizer(folder)
     weights = load_tensors(member(folder, "model.safetensors", root))
-    _check_vocab(tokenizer, cfg_vocab(weights), folder)
+    _check_vocab(tokenizer, cfg_vocab(weights), folder, cfg.model.vocab)
     step = meta.get("step", 0)
     return Pretrained(folder, cfg, tokenizer, step if isinstance(step, int) else 0, weights, card=meta.get("card"))
 
@@ -199,8 +200,9 @@ def _model_card(source, card: dict) -> str:
              "| | |", "|---|---|",
              f"| family | {cfg.family} |",
              f"| parameters | {card.get('parameters', 0):,} |",
-             f"| architecture | DiT, hidden {cfg.model.hidden}, {cfg.model.blocks} blocks, {cfg.model.heads} heads, "
-             f"length {cfg.model.length}, time conditioning {'on' if cfg.model.time_conditioning else 'off'} |",
+             f"| architecture | {cfg.model.backbone}, hidden {cfg.model.hidden}, {cfg.model.blocks} blocks, "
+             f"{cfg.model.heads} heads, length {cfg.model.length}, time conditioning "
+             f"{'on' if cfg.model.time_conditioning else 'off'} |",
              f"| training data | {data.dataset}{f' ({data.path})' if data.path else ''}, {data.tokenizer} tokenizer, "
              f"{data.layout} rows of {data.length} |",
              f"| training steps | {source.step:,} |",
@@ -266,7 +268,7 @@ def save_pretrained(source: Checkpoint | Pretrained, directory: str | Path, ema:
     card = {"name": name or directory.name, "parameters": count_parameters(model), "ema": used_ema,
             "exported": datetime.date.today().isoformat(),
             "metrics": dict(last_metrics(source), **(metrics or {}))}
-    meta = {"model_type": MODEL_TYPE, "architectures": ["DiT"], "family": source.config.family,
+    meta = {"model_type": MODEL_TYPE, "architectures": [type(model).__name__], "family": source.config.family,
             "vocab_size": source.tokenizer.vocab_size, "step": source.step, "card": card,
             "run_config": to_dict(source.config)}
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
@@ -293,6 +295,8 @@ def export(source: Checkpoint | Pretrained, out: str | Path, to: str = MODEL_TYP
     out = Path(out)
     if to == MODEL_TYPE:
         return save_pretrained(source, out, ema=ema, metrics=metrics)
+    if to in LAYOUTS:
+        return save_released(source, out, to, weights=source.weights(ema=ema))
     if to not in family_of(source.config).exports:
         raise CheckpointError(f"a {source.config.family} model cannot be written as {to!r} (it exports as "
                               f"{', '.join(family_of(source.config).exports)})")

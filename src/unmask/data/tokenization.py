@@ -254,6 +254,7 @@ class HFTokenizer(Tokenizer):
         pad = given.get("pad", find(PAD_CANDIDATES))
         self.pad_id = pad if pad is not None else self.eos_id
         mask = given.get("mask", find(MASK_CANDIDATES))
+        self.appended_mask = mask is None  # the mask token is new: no model has an embedding for it yet
         if mask is None:
 
             tokenizer.add_special_tokens([AddedToken("<|mask|>", special=True)])

@@ -14,6 +14,7 @@ whatever the number of processes and accumulation steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -34,7 +35,7 @@ from ..checkpoints.checkpoint import (
 )
 from ..checkpoints.pretrained import open_source
 from ..checkpoints.runfolder import RunLock, clear_run_folder
-from ..config import ConfigError, RunConfig, dump_config, resume_differences
+from ..config import ConfigError, ModelConfig, RunConfig, dump_config, resume_differences
 from ..data.layouts import BatchOrder, counted_positions, random_lengths
 from ..data.tokenization import with_oov_policy
 from ..eval.classification import classification_metrics, predict, selection_score
@@ -141,7 +142,32 @@ def train(cfg: RunConfig, fresh: bool = False) -> Path:
         shutdown_distributed()
 
 
+# the model.* keys that fix the shapes of the weights (the rest: dropout, length, ... may differ from a source)
+ARCHITECTURE = ("backbone", "hidden", "blocks", "heads", "kv_heads", "intermediate", "vocab", "cond_dim", "norm_eps",
+                "qkv_bias", "tie_embeddings", "logit_shift", "rope_base")
+
+
+def with_source_architecture(cfg: RunConfig) -> RunConfig:
+    """With ``train.init_from``, every architecture key of ``model.*`` left at its default takes the
+    source's value, so continuing a released, converted or earlier model needs no model settings; a key
+    set to something else than the source has is an error naming it."""
+    if not cfg.train.init_from:
+        return cfg
+    source, defaults = open_source(cfg.train.init_from).config.model, ModelConfig()
+    adopted, conflicts = {}, []
+    for key in ARCHITECTURE:
+        ours, theirs = getattr(cfg.model, key), getattr(source, key)
+        if ours == getattr(defaults, key):
+            adopted[key] = theirs
+        elif ours != theirs:
+            conflicts.append(f"model.{key}={ours} (it has {theirs})")
+    if conflicts:
+        raise ConfigError(f"train.init_from={cfg.train.init_from} fixes the architecture: {'; '.join(conflicts)}")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **adopted))
+
+
 def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Path:
+    cfg = with_source_architecture(cfg)
     t = cfg.train
     set_threads(t.threads, dist.world)
     device = dist.device
