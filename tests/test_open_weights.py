@@ -4,15 +4,20 @@ reference implementations' own numbers (``../shared/reference/vectors``), and on
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from released_folders import CHAT_TEMPLATE, random_folder, reference_folder, vectors
+from released_folders import CHAT_TEMPLATE, random_folder, reference_folder, vectors, write_folder
 from unmask.checkpoints.checkpoint import CheckpointError
 from unmask.checkpoints.open_weights import LAYOUTS, OpenWeights, save_released
 from unmask.checkpoints.pretrained import export, open_source
+from unmask.config import ModelConfig, load_config
 from unmask.eval.likelihood import continuation_loglikelihoods
+from unmask.models.llama import Transformer
 from unmask.pipeline import from_pretrained
 from unmask.samplers.base import PURPOSES, RowStreams, row_seeds
 from unmask.samplers.dream import DreamSampler
@@ -241,3 +246,65 @@ def test_our_own_format_holds_llama_backbone_models(tmp_path):
     ids = torch.randint(0, 37, (2, 11))
     with torch.no_grad():
         assert torch.equal(again.model(ids), source.build()(ids))
+
+
+MEMORY_PROBE = """
+import json, sys
+import torch
+from unmask.checkpoints.pretrained import open_source
+from unmask.config import ModelConfig
+from unmask.models.llama import Transformer
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+source = open_source(sys.argv[1])
+with torch.device("meta"):  # the first model made on the meta device imports torch's meta kernels (~80 MB)
+    Transformer(ModelConfig(backbone="llama", hidden=8, blocks=1, heads=2), 8)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak resident size (VmHWM) starts again from the current one
+before = status("VmRSS")
+model = source.build()
+growth = status("VmHWM") - before
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"growth": growth, "weights": weights, "dtypes": sorted({str(p.dtype) for p in model.parameters()})}))
+"""
+
+
+def test_loading_holds_the_weights_once_in_their_own_dtype(tmp_path):
+    """A 33M-parameter bf16 checkpoint in five shards: the load's peak memory grows by the bf16 weights plus
+    at most one shard's pages, never by an fp32 copy (which alone would be twice the weights)."""
+    cfg = ModelConfig(backbone="llama", hidden=512, blocks=8, heads=8, kv_heads=4, intermediate=1536, length=256,
+                      qkv_bias=True, logit_shift=True, dropout=0.0)
+    with torch.device("meta"):
+        shape = Transformer(cfg, 8000, causal=False, mask_id=7999)
+    g = torch.Generator().manual_seed(0)
+    state = {LAYOUTS["dream"].to_theirs(k): (torch.randn(v.shape, generator=g) * 0.02).to(torch.bfloat16)
+             for k, v in shape.state_dict().items()}
+    config = {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 4, "num_hidden_layers": 8,
+              "intermediate_size": 1536, "vocab_size": 8000, "max_position_embeddings": 256, "rope_theta": 1e6,
+              "rms_norm_eps": 1e-6, "hidden_act": "silu", "mask_token_id": 7999, "eos_token_id": 7997,
+              "bos_token_id": 7998, "pad_token_id": 7997}
+    folder = write_folder(tmp_path / "big", "dream", config, state, shards=5,
+                          specials={7997: "<|endoftext|>", 7998: "<|start|>", 7999: "<|mask|>"})
+    cfg_json = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg_json, "torch_dtype": "bfloat16"}))
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("this system cannot reset the peak resident size (/proc/self/clear_refs)")
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(folder)], capture_output=True, text=True,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["dtypes"] == ["torch.bfloat16"] and r["weights"] > 60e6
+    assert r["weights"] <= r["growth"] < 1.35 * r["weights"] + 20e6, r
+
+
+def test_the_released_presets_have_the_released_sizes():
+    """LLaDA-8B: 8.02B parameters, Dream-7B (Qwen2.5-7B): 7.62B; built on the meta device (no memory)."""
+    sizes = {}
+    for preset, vocab in (("llada-8b", 126464), ("dream-7b", 152064)):
+        cfg = load_config(None, [f"model.preset={preset}"])
+        with torch.device("meta"):
+            model = Transformer(cfg.model, vocab, causal=False)
+        sizes[preset] = sum(p.numel() for p in model.parameters())
+    assert sizes == {"llada-8b": 8_015_581_184, "dream-7b": 7_615_616_512}

@@ -277,7 +277,9 @@ class OpenWeights(WeightSource):
                                       f"{expected[name]}")
             if not torch.isfinite(tensor).all():
                 raise CheckpointError(f"{self.path}: {name!r} holds NaN or infinite values")
-            model.load_state_dict({name: tensor.to(device=device, dtype=dtype)}, strict=False, assign=True)
+            # a copy in memory of its own: safetensors hands out views of the file (which must not change
+            # under a loaded model), and a read-once copy keeps at most one shard mapped at a time
+            model.load_state_dict({name: tensor.to(device=device, dtype=dtype, copy=True)}, strict=False, assign=True)
             seen.add(name)
         tied = self.config.model.tie_embeddings
         missing = [k for k in expected if k not in seen and not (tied and k == "lm_head.weight")]
