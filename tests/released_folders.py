@@ -106,9 +106,9 @@ def random_folder(folder: Path, layout: str, seed: int = 0, shards: int = 2) -> 
 
 
 def hf_causal_folder(folder: Path, kind: str, seed: int = 0) -> tuple[Path, torch.nn.Module]:
-    """A tiny random ``transformers`` Qwen2 (embedding padded to 48 rows, spare rows for a mask) or Llama
-    (exactly 40 rows) causal LM saved with ``save_pretrained``, with a tokenizer of 40 ids that has no
-    mask token; returns the folder and the ``transformers`` model."""
+    """A tiny random ``transformers`` Qwen2 (embedding padded to 48 rows, spare rows for a mask), Llama or
+    GPT-2 (tied, exactly 40 rows) causal LM saved with ``save_pretrained``, with a tokenizer of 40 ids that
+    has no mask token; returns the folder and the ``transformers`` model."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -116,6 +116,10 @@ def hf_causal_folder(folder: Path, kind: str, seed: int = 0) -> tuple[Path, torc
                   bos_token_id=37, eos_token_id=37)
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(vocab_size=48, rope_theta=1e6, **common))
+    elif kind == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_positions=64, n_embd=32,
+                                                                     n_layer=2, n_head=4, bos_token_id=37,
+                                                                     eos_token_id=37))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=40, rope_theta=5e5, **common))
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Autoregressive to diffusion: Hugging Face causal LMs (Llama, Qwen2 layouts) load as unmask AR models
+"""Autoregressive to diffusion: Hugging Face causal LMs (GPT-2, Llama, Qwen2) load as unmask AR models
 with the same logits, convert into masked diffusion models, and `unmask train` continues them."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from unmask.checkpoints.pretrained import open_source, save_pretrained
 from unmask.pipeline import from_pretrained
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "gpt2"])
 def test_a_causal_lm_loads_with_the_transformers_logits(tmp_path, kind):
     folder, hf = hf_causal_folder(tmp_path / kind, kind)
     lm = from_pretrained(folder)
@@ -28,7 +28,7 @@ def test_a_causal_lm_loads_with_the_transformers_logits(tmp_path, kind):
     assert all(text.startswith("w1 w2") for text in out.texts)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "gpt2"])
 def test_conversion_keeps_the_next_token_predictions_under_causal_attention(tmp_path, kind):
     """Documented: the converted model with Dream's shift, run with causal attention, gives at position i
     exactly the AR model's logits at i - 1 (position 0: its own); with bidirectional attention (what it
@@ -38,7 +38,8 @@ def test_conversion_keeps_the_next_token_predictions_under_causal_attention(tmp_
     model = converted.build().eval()
     assert converted.config.family == "mdlm" and model.cfg.logit_shift and not model.causal
     mask = converted.tokenizer.mask_id
-    assert model.model.embed_tokens.weight.shape[0] == (48 if kind == "qwen2" else 41)  # spare row, or one more
+    embed = model.get_parameter(type(model).INPUT_EMBEDDING)
+    assert embed.shape[0] == (48 if kind == "qwen2" else 41)  # a spare row, or one more
     ids = torch.randint(0, 37, (2, 13))
     with torch.no_grad():
         theirs = hf(ids).logits
@@ -49,12 +50,12 @@ def test_conversion_keeps_the_next_token_predictions_under_causal_attention(tmp_
     assert (causal[:, 1:, :v] - theirs[:, :-1, :v]).abs().max() < 1e-4
     assert (causal[:, 0, :v] - theirs[:, 0, :v]).abs().max() < 1e-4
     assert (bidirectional[:, 1:, :v] - theirs[:, :-1, :v]).abs().max() > 1e-2
-    embed = model.model.embed_tokens.weight
     assert torch.allclose(embed[mask], embed[:40].mean(0), atol=1e-6)
 
 
-def test_convert_then_train_continues_the_model(tmp_path):
-    folder, _ = hf_causal_folder(tmp_path / "qwen2", "qwen2")
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+def test_convert_then_train_continues_the_model(tmp_path, kind):
+    folder, _ = hf_causal_folder(tmp_path / kind, kind)
     corpus = tmp_path / "words.txt"
     corpus.write_text("\n".join(" ".join(f"w{(i * 5 + j) % 30 + 1}" for j in range(30)) for i in range(60)))
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
@@ -68,7 +69,8 @@ def test_convert_then_train_continues_the_model(tmp_path):
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     trained = from_pretrained(tmp_path / "run")
-    assert trained.config.model.backbone == "llama" and trained.config.model.kv_heads == 2
+    assert trained.config.model.backbone == ("gpt2" if kind == "gpt2" else "llama")
+    assert trained.config.model.logit_shift and trained.config.family == "mdlm"
     start = from_pretrained(tmp_path / "a2d")
     moved = [(a - b).abs().max() for a, b in zip(trained.source.weights(ema=False).values(),
                                                  start.source.weights().values())]

@@ -3,6 +3,7 @@ reference implementations' own numbers (``../shared/reference/vectors``), and on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,18 +11,21 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from released_folders import CHAT_TEMPLATE, random_folder, reference_folder, vectors, write_folder
+from released_folders import CHAT_TEMPLATE, random_folder, reference_folder, tokenizer_files, vectors, write_folder
 from unmask.checkpoints.checkpoint import CheckpointError
 from unmask.checkpoints.open_weights import LAYOUTS, OpenWeights, save_released
-from unmask.checkpoints.pretrained import export, open_source
-from unmask.config import ModelConfig, load_config
+from unmask.checkpoints.pretrained import Pretrained, export, open_source
+from unmask.config import ModelConfig, SampleConfig, load_config
 from unmask.eval.likelihood import continuation_loglikelihoods
+from unmask.families import build_model, build_objective
 from unmask.models.llama import Transformer
 from unmask.pipeline import from_pretrained
 from unmask.samplers.base import PURPOSES, RowStreams, row_seeds
 from unmask.samplers.dream import DreamSampler
 from unmask.samplers.llada import LLaDASampler
+from unmask.samplers.registry import make_sampler
 
 # README of the vectors, section 10: atol per tensor for a float32 port
 ATOL = {"llada": {"logits": 2e-3, "hidden_states.1": 8e-4, "hidden_states.2": 6e-4},
@@ -44,7 +48,7 @@ def test_forward_pass_matches_the_reference(tmp_path, name):
     kind = "llada" if name.startswith("llada") else "dream"
     assert lm.tokenizer.mask_id == meta["config"]["mask_token_id"] == 63
     hidden = {}
-    model.model.embed_tokens.register_forward_hook(lambda m, i, o: hidden.__setitem__("hidden_states.0", o))
+    model.model.layers[0].register_forward_pre_hook(lambda m, args: hidden.__setitem__("hidden_states.0", args[0]))
     model.model.layers[0].register_forward_hook(lambda m, i, o: hidden.__setitem__("hidden_states.1", o))
     model.model.norm.register_forward_hook(lambda m, i, o: hidden.__setitem__("hidden_states.2", o))
     with torch.no_grad():
@@ -253,6 +257,7 @@ import json, sys
 import torch
 from unmask.checkpoints.pretrained import open_source
 from unmask.config import ModelConfig
+from unmask.families import build_model, build_objective
 from unmask.models.llama import Transformer
 
 def status(key):
@@ -308,3 +313,75 @@ def test_the_released_presets_have_the_released_sizes():
             model = Transformer(cfg.model, vocab, causal=False)
         sizes[preset] = sum(p.numel() for p in model.parameters())
     assert sizes == {"llada-8b": 8_015_581_184, "dream-7b": 7_615_616_512}
+
+
+def test_dream_style_soft_masking_on_the_llama_backbone(tmp_path):
+    """A Dream-layout model with a soft-mask module (k = 1, the feedback from its shifted logits): at the
+    initial w_s ~ 0 it samples as the binary model; with w_s ~ 1 the feedback changes the samples."""
+    source = open_source(random_folder(tmp_path / "dream", "dream"))
+    config = dataclasses.replace(source.config, model=dataclasses.replace(source.config.model, soft_mask_top_k=1))
+    tokenizer, objective = source.tokenizer, build_objective(source.config, source.tokenizer)
+    model = build_model(config, tokenizer).eval()
+    missing = model.load_state_dict(source.weights(), strict=False).missing_keys
+    assert sorted(missing) == ["soft_mask.a", "soft_mask.b", "soft_mask.c"]
+    canvas = torch.full((6, 16), tokenizer.mask_id)
+    canvas[:, :3] = torch.tensor([1, 2, 3])
+
+    def sample(soft: bool):
+        sampler = make_sampler(SampleConfig(sampler="ancestral", steps=16, soft_mask=soft), objective, tokenizer, 64)
+        return sampler.sample(model, canvas, row_seeds(0, 6)).tokens
+
+    with torch.no_grad():
+        model.soft_mask.a.fill_(-30.0)  # w_s = sigmoid(a) ~ 1e-13
+    assert torch.equal(sample(True), sample(False))
+    with torch.no_grad():
+        model.soft_mask.a.fill_(8.0)  # w_s ~ 1, and w_b = -10 so that lambda ~ 1 even at a random model's
+        model.soft_mask.c.fill_(10.0)  # entropy: the masked inputs become the previous step's predictions
+    assert not torch.equal(sample(True), sample(False))
+    soft = Pretrained(source.path, config, tokenizer, 0, model.state_dict())
+    with pytest.raises(CheckpointError, match="no place for the soft-mask module"):
+        save_released(soft, tmp_path / "out", "dream")
+
+
+def test_an_smdm_checkpoint_loads_with_its_fused_attention_split(tmp_path):
+    """SMDM's release is a bare lit-gpt state dict: fused q/k/v rows grouped per key/value head (the
+    group's query heads, its key head, its value head), SwiGLU w1 = gate, w2 = up, w3 = down, a 32001-row
+    embedding whose last row is the mask and a head without it. Written here from a model of ours by
+    that spec, it loads back to the same function."""
+    cfg = ModelConfig(backbone="llama", hidden=64, blocks=2, heads=4, intermediate=96, length=64, dropout=0.0)
+    torch.manual_seed(0)
+    ours = Transformer(cfg, 41, causal=False, mask_id=40).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+        ours.lm_head.weight[40] = 0.0  # SMDM's head has no mask row: its logit is 0
+    state, d = ours.state_dict(), 16
+    lit = {"transformer.wte.weight": state["model.embed_tokens.weight"], "lm_head.weight": state["lm_head.weight"][:40],
+           "transformer.ln_f.weight": state["model.norm.weight"]}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        q, k, v = (state[p + f"self_attn.{n}_proj.weight"].view(4, d, 64) for n in "qkv")
+        fused = torch.stack([q, k, v], dim=1).reshape(3 * 64, 64)  # per head: [q_h; k_h; v_h]
+        lit.update({f"transformer.h.{i}.attn.attn.weight": fused,
+                    f"transformer.h.{i}.attn.proj.weight": state[p + "self_attn.o_proj.weight"],
+                    f"transformer.h.{i}.norm_1.weight": state[p + "input_layernorm.weight"],
+                    f"transformer.h.{i}.norm_2.weight": state[p + "post_attention_layernorm.weight"],
+                    f"transformer.h.{i}.mlp.swiglu.w1.weight": state[p + "mlp.gate_proj.weight"],
+                    f"transformer.h.{i}.mlp.swiglu.w2.weight": state[p + "mlp.up_proj.weight"],
+                    f"transformer.h.{i}.mlp.swiglu.w3.weight": state[p + "mlp.down_proj.weight"]})
+    (tmp_path / "smdm").mkdir()
+    save_file({k: v.contiguous() for k, v in lit.items()}, str(tmp_path / "smdm" / "mdm-tiny.safetensors"))
+    tokenizer_files(tmp_path / "smdm", 40, {37: "<unk>", 38: "<s>", 39: "</s>"})  # no mask: appended as 40
+    with pytest.raises(CheckpointError, match="head count"):
+        open_source(tmp_path / "smdm" / "mdm-tiny.safetensors")
+    lm = from_pretrained(tmp_path / "smdm" / "mdm-tiny.safetensors", heads=4)
+    assert lm.tokenizer.mask_id == 40 and lm.config.model.backbone == "llama"
+    ids = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids), ours(ids), atol=1e-5)
+    out = lm.generate(["w1 w2"], sampler="first_hitting", length=10, num_samples=2)
+    assert all(t.startswith("w1 w2") for t in out.texts)
+    written = export(lm.source, tmp_path / "back", to="smdm")  # SMDM's own layout again, for its code
+    back = load_file(str(written / "model.safetensors"))
+    assert back.keys() == lit.keys() and all(torch.equal(back[k], lit[k]) for k in lit)
+    assert not (written / "config.json").exists() and (written / "tokenizer.json").is_file()

@@ -115,3 +115,16 @@ def test_lm_eval_scores_a_released_folder(folders):
     results = lm.loglikelihood(requests)
     assert len(results) == 2 and all(r[0] < 0 for r in results)
     assert torch.isfinite(torch.tensor([r[0] for r in results])).all()
+
+
+def test_unmask_rl_fine_tunes_a_released_folder(folders, tmp_path):
+    """GRPO on a LLaDA-layout model, with LLaDA's own decoding as the rollout sampler."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"w{i} w{i + 1}", "text": f"w{i + 2} w{i + 3}"})
+                              for i in range(1, 9)) + "\n")
+    out = unmask("rl", folders["llada"], f"run_dir={tmp_path / 'rl'}", f"rl.prompts={data}", "rl.mode=model",
+                 "rl.sampler=llada", "rl.iterations=2", "rl.prompts_per_step=2", "rl.group_size=2",
+                 "rl.reward=prefix_match", "sample.block_length=2", "sample.temperature=1.0")
+    assert out.returncode == 0, out.stderr
+    tuned = from_pretrained(tmp_path / "rl")
+    assert tuned.config.model.backbone == "llama" and tuned.config.sample.sampler == "llada"

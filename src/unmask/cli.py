@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .checkpoints.checkpoint import Checkpoint, CheckpointError, load_model
 from .checkpoints.conversion import to_diffusion
-from .checkpoints.open_weights import LAYOUTS, OpenWeights
+from .checkpoints.open_weights import WRITABLE, OpenWeights
 from .checkpoints.pretrained import export, open_source, save_pretrained
 from .config import (
     CONFIG_DIR,
@@ -211,7 +211,7 @@ def cmd_serve(args) -> int:
 def cmd_convert(args) -> int:
     source = open_source(args.model)
     if not isinstance(source, OpenWeights):
-        raise ConfigError(f"{args.model} is not a Hugging Face causal LM folder (Llama or Qwen2 layout)")
+        raise ConfigError(f"{args.model} is not a Hugging Face causal LM folder (GPT-2, Llama or Qwen2 layout)")
     converted = to_diffusion(source, shift=not args.no_shift)
     out = save_pretrained(converted, args.out)
     m = converted.config.model
@@ -221,6 +221,7 @@ def cmd_convert(args) -> int:
     return 0
 
 
+TOKENIZER_HELP = "tokenizer folder for a released model that ships none (MDLM: GPT-2's; SMDM: TinyLlama's)"
 CARD_METRICS = ("nll", "stderr", "perplexity", "bits_per_token", "bits_per_char", "gen_ppl", "entropy", "mauve")
 
 
@@ -329,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming")
     p.set_defaults(func=cmd_train)
     p.epilog = "every config key with its type, default and meaning: unmask config [PREFIX]"
-    model_help = ("run or checkpoint folder, save_pretrained folder, released MDLM folder or .ckpt, or hub id")
+    model_help = ("run or checkpoint folder, save_pretrained folder, released MDLM folder or .ckpt, LLaDA/Dream/"
+                  "Qwen2/Llama folder, SMDM .safetensors file, or hub id")
     for name, func, helptext in (("eval", cmd_eval, "evaluate a model"), ("sample", cmd_sample, "sample")):
         p = sub.add_parser(name, help=helptext, epilog=sampler_help() if name == "sample" else None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -337,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="eval.*, sample.* or data.* overrides")
         p.add_argument("--json", help="also write the result as JSON to this file")
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-        p.add_argument("--tokenizer", help="GPT-2 tokenizer folder for a released MDLM model that lacks one")
+        p.add_argument("--tokenizer", help=TOKENIZER_HELP)
         if name == "eval":
             p.add_argument("--zero-shot", metavar="CORPUS", help="wikitext2 / wikitext103 (with data.path=DIR) or "
                            "a text file or folder: perplexity with and without EOS between documents")
@@ -350,16 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a model as a Hugging Face style folder or in MDLM's layouts")
     p.add_argument("checkpoint", help=model_help)
     p.add_argument("out", help="output folder (or .ckpt file for --to mdlm-ckpt)")
-    p.add_argument("--to", default="unmask", choices=("unmask", "mdlm-hf", "mdlm-ckpt", *LAYOUTS),
+    p.add_argument("--to", default="unmask", choices=("unmask", "mdlm-hf", "mdlm-ckpt", *WRITABLE),
                    help="unmask: config.json + model.safetensors + tokenizer + model card (default); mdlm-hf: "
                    "the kuleshov-group/mdlm-owt layout; mdlm-ckpt: a Lightning-layout .ckpt; llada, dream, qwen2, "
-                   "llama: the released layouts of those models (Llama-backbone models)")
+                   "llama, smdm: the released layouts of those models (Llama-backbone models)")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--metrics", help="an `unmask eval --json` result whose figures go into the model card")
-    p.add_argument("--tokenizer", help="GPT-2 tokenizer folder for a released MDLM model that lacks one")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("convert", help="make a Hugging Face causal LM (Llama, Qwen2) a masked diffusion model (A2D)")
-    p.add_argument("model", help="a local folder (or hub id) of a Llama- or Qwen2-layout causal LM")
+    p = sub.add_parser("convert", help="make a Hugging Face causal LM (GPT-2, Llama, Qwen2) a masked diffusion "
+                       "model (A2D)")
+    p.add_argument("model", help="a local folder (or hub id) of a GPT-2, Llama or Qwen2 causal LM")
     p.add_argument("out", help="output folder (unmask's format)")
     p.add_argument("--no-shift", action="store_true", help="each position predicts itself instead of the next "
                    "(default: Dream's shift, position i scored by the output at i - 1)")
@@ -369,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--tokenizer", help="GPT-2 tokenizer folder for a released MDLM model that lacks one")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     p.add_argument("--model-precision", default="fp32", choices=("fp32", "bf16", "auto"),
                    help="network precision (fp32: bit-reproducible samples)")
     p.add_argument("--max-batch-rows", type=int, default=32, help="rows per batched forward pass")
@@ -398,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help=model_help)
     p.add_argument("overrides", nargs="*", help="rl.*, sample.*, data.* and run_dir=... overrides")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--tokenizer", help="GPT-2 tokenizer folder for a released MDLM model that lacks one")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     p.set_defaults(func=cmd_rl)
     p = sub.add_parser("task", help="write a verifiable task's files (star-graph path finding, sorting)")
     p.add_argument("name", choices=("star-graph", "sorting"))

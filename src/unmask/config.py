@@ -41,7 +41,7 @@ class ModelConfig:
     """
 
     preset: str | None = None  # a preset of `unmask config` (nano, micro, mini, tiny, small, llada-8b, ...)
-    backbone: str = "dit"  # dit (MDLM) or llama (LLaDA, Dream, SMDM)
+    backbone: str = "dit"  # dit (MDLM), llama (LLaDA, Dream, SMDM) or gpt2 (A2D from GPT-2)
     hidden: int = 768  # width of the transformer
     blocks: int = 12  # transformer blocks
     heads: int = 12  # attention heads (hidden / heads must be even)

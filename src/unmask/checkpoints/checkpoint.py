@@ -62,8 +62,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def unique_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` without the keys whose tensor is the same as an earlier key's (a tied output layer),
+    detached, contiguous and on the CPU: what safetensors stores (it refuses shared tensors). Loading puts
+    the aliases back (:func:`load_weights`)."""
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        ident = (value.data_ptr(), tuple(value.shape), value.dtype) if value.numel() else (key,)
+        if ident not in seen:
+            seen.add(ident)
+            out[key] = value.detach().contiguous().cpu()
+    return out
+
+
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    save_file(unique_tensors(tensors), str(path), metadata=metadata)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -294,6 +307,12 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
     """Copy ``tensors`` into ``model``; any missing, unexpected or mis-shaped tensor is an error
     that names it."""
     expected = model.state_dict()
+    first: dict[int, str] = {}
+    tensors = dict(tensors)
+    for key, value in model.state_dict(keep_vars=True).items():  # tied parameters: one key holds them
+        alias = first.setdefault(id(value), key)
+        if alias != key and key not in tensors and alias in tensors:
+            tensors[key] = tensors[alias]
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:

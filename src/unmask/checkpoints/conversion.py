@@ -23,6 +23,7 @@ import dataclasses
 import torch
 
 from ..config import config_from_dict, to_dict
+from ..models.registry import BACKBONES
 from .checkpoint import CheckpointError
 from .open_weights import OpenWeights
 from .pretrained import Pretrained
@@ -32,19 +33,23 @@ def to_diffusion(source: OpenWeights, shift: bool = True) -> Pretrained:
     """The masked-diffusion model made from the causal LM ``source`` (its weights in memory, float32)."""
     if not source.layout.causal:
         raise CheckpointError(f"{source.path} is already a {source.config.family} model ({source.layout.name} layout); "
-                              f"conversion takes a causal LM (Llama or Qwen2 layout)")
+                              f"conversion takes a causal LM (GPT-2, Llama or Qwen2 layout)")
     tokenizer, mask = source.tokenizer, source.tokenizer.mask_id
-    weights = {k: v.float() for k, v in source.weights().items()}
-    embed = weights["model.embed_tokens.weight"]
+    tied = source.config.model.tie_embeddings
+    weights = {k: v.float() for k, v in source.weights().items() if not (tied and k == "lm_head.weight")}
+    name = BACKBONES[source.config.model.backbone].INPUT_EMBEDDING
+    embed = weights[name]
     if mask >= len(embed):  # no spare row: grow the embedding and the output layer by one
-        weights["model.embed_tokens.weight"] = embed = torch.cat([embed, embed.new_zeros(1, embed.shape[1])])
+        weights[name] = embed = torch.cat([embed, embed.new_zeros(1, embed.shape[1])])
         if "lm_head.weight" in weights:
             head = weights["lm_head.weight"]
             weights["lm_head.weight"] = torch.cat([head, head.new_zeros(1, head.shape[1])])
-    if tokenizer.appended_mask:  # a new token: a neutral embedding, a zero output row
+    if tokenizer.appended_mask:  # a new token: a neutral embedding, a zero output row (tied: the embedding)
         embed[mask] = embed[:tokenizer.vocab_size - 1].mean(dim=0)
         if "lm_head.weight" in weights:
             weights["lm_head.weight"][mask] = 0.0
+    if tied:
+        weights["lm_head.weight"] = embed
     model = dataclasses.replace(source.config.model, vocab=len(embed), logit_shift=shift)
     tree = to_dict(source.config)
     tree.update(family="mdlm", model=dataclasses.asdict(model))

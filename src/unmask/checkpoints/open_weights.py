@@ -1,4 +1,4 @@
-"""Open-weight diffusion LLMs in their released layouts: LLaDA, Dream, and Hugging Face Llama/Qwen2.
+"""Open-weight models in their released layouts: LLaDA, Dream, SMDM, and Hugging Face GPT-2/Llama/Qwen2.
 
 A folder holds ``config.json``, the weights (``model.safetensors``, or shards listed in
 ``model.safetensors.index.json``) and the tokenizer (``tokenizer.json``, ``tokenizer_config.json``
@@ -8,13 +8,18 @@ the checkpoint's dtype and each tensor is assigned as it is read, one at a time,
 checkpoint needs its 16 GB once, never an fp32 copy.
 
 One :class:`Layout` per released format says how its ``config.json`` maps to :class:`ModelConfig` and
-its parameter names to the backbone's (:mod:`unmask.models.llama`, which uses Llama/Qwen2 names):
+its parameter names to the backbone's (:mod:`unmask.models.llama`, which uses Llama/Qwen2 names, or
+:mod:`unmask.models.gpt2`):
 
 * ``llada`` (``model_type: llada``, LLaDA-8B and LLaDA-1.5): ``model.transformer.blocks.{i}.{q_proj,
   k_proj, v_proj, attn_out, ff_proj, up_proj, ff_out, attn_norm, ff_norm}``, ``wte``, ``ln_f``, ``ff_out``
   (``ff_proj`` is the SwiGLU gate, block ``ff_out`` the down projection); predicts in place.
 * ``dream`` (``model_type: Dream``): Qwen2 names; position ``i`` is scored by the logit at ``i - 1``.
-* ``qwen2`` / ``llama`` (causal LMs of ``transformers``): the source of an AR-to-diffusion conversion.
+* ``qwen2`` / ``llama`` / ``gpt2`` (causal LMs of ``transformers``): the sources of an AR-to-diffusion
+  conversion (:mod:`unmask.checkpoints.conversion`); GPT-2's ``Conv1D`` weights are transposed.
+* ``smdm``: SMDM's bare lit-gpt safetensors file (:func:`read_smdm`); its fused q/k/v weights are split.
+
+``qwen2``, ``llama``, ``llada`` and ``dream`` are also written back (:func:`save_released`).
 """
 
 from __future__ import annotations
@@ -55,6 +60,13 @@ class Layout:
     config_json: Callable[[ModelConfig], dict] = lambda m: {}  # ModelConfig -> the layout's config.json fields
     causal: bool = False
     bos_prompt: bool = False  # prompts start with BOS (LLaDA's tokenizer adds it; Qwen2's does not)
+    # a tensor that needs more than a rename (SMDM's fused q/k/v, GPT-2's transposed Conv1D weights):
+    # (our name, tensor, model) -> our (name, tensor) pieces
+    convert: Callable[[str, torch.Tensor, ModelConfig], list[tuple[str, torch.Tensor]]] | None = None
+    # its inverse, for the layouts unmask writes back: (our state, model, mask id) -> their state
+    unconvert: Callable[[dict[str, torch.Tensor], ModelConfig, int], dict[str, torch.Tensor]] | None = None
+    bare: bool = False  # the release is one safetensors file and a tokenizer, without config.json (SMDM)
+    ignore: tuple[str, ...] = ()  # checkpoint keys that are not parameters (regular expressions)
     sample: tuple[tuple[str, object], ...] = ()  # the sample.* defaults the model's own repository uses
 
     def _compiled(self, forward: bool) -> list[tuple[re.Pattern, str]]:
@@ -71,6 +83,15 @@ class Layout:
             if m:
                 return dst.replace("{i}", m.group(1)) if m.groups() else dst
         return None
+
+    def read(self, key: str, tensor: torch.Tensor, model: ModelConfig) -> list[tuple[str, torch.Tensor]] | None:
+        """Our (name, tensor) pieces of the checkpoint's ``key`` (None: not a parameter of this layout)."""
+        if any(re.fullmatch(pattern, key) for pattern in self.ignore):
+            return []
+        ours = self.to_ours(key)
+        if ours is None:
+            return None
+        return self.convert(ours, tensor, model) if self.convert else [(ours, tensor)]
 
     def to_theirs(self, key: str) -> str:
         for pattern, dst in self._compiled(False):
@@ -156,6 +177,79 @@ def _qwen2_json(architecture: str) -> Callable[[ModelConfig], dict]:
     return fields_
 
 
+def _smdm_unfuse(ours: str, tensor: torch.Tensor, m: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """lit-gpt's fused attention weight, rows grouped per key/value head: the group's ``heads / kv_heads``
+    query heads, then its key head, then its value head (each ``head_dim`` rows)."""
+    if not ours.endswith(".self_attn.qkv_proj.weight"):
+        return [(ours, tensor)]
+    kv, d = m.kv_heads or m.heads, m.hidden // m.heads
+    per = m.heads // kv
+    if tensor.shape != ((m.heads + 2 * kv) * d, m.hidden):
+        raise CheckpointError(f"a fused attention weight of shape {tuple(tensor.shape)} does not fit {m.heads} heads "
+                              f"({kv} key/value heads) of {d}")
+    w = tensor.view(kv, per + 2, d, m.hidden)
+    prefix = ours.removesuffix("qkv_proj.weight")
+    return [(prefix + "q_proj.weight", w[:, :per].reshape(-1, m.hidden)),
+            (prefix + "k_proj.weight", w[:, per].reshape(-1, m.hidden)),
+            (prefix + "v_proj.weight", w[:, per + 1].reshape(-1, m.hidden))]
+
+
+def _gpt2_model(c: dict) -> dict:
+    src = "GPT-2 config.json"
+    _require(c, src, activation_function=("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),
+             scale_attn_weights=(True, None), scale_attn_by_inverse_layer_idx=(False, None),
+             reorder_and_upcast_attn=(False, None))
+    hidden = _int(c, "n_embd", src)
+    return dict(backbone="gpt2", hidden=hidden, blocks=_int(c, "n_layer", src), heads=_int(c, "n_head", src),
+                intermediate=c.get("n_inner") or 4 * hidden, vocab=_int(c, "vocab_size", src),
+                length=_int(c, "n_positions", src), norm_eps=float(c.get("layer_norm_epsilon", 1e-5)),
+                qkv_bias=True, tie_embeddings=True, logit_shift=False)
+
+
+_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
+def _gpt2_transpose(ours: str, tensor: torch.Tensor, m: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """``transformers``' ``Conv1D`` stores ``(in, out)``; ``nn.Linear`` holds ``(out, in)``."""
+    return [(ours, tensor.t().contiguous() if ours.endswith(_CONV1D) else tensor)]
+
+
+_GPT2_NAMES = ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias",
+               *(f"h.{{i}}.{m}.{w}" for m in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+                 for w in ("weight", "bias")))
+
+
+def _smdm_fuse(state: dict[str, torch.Tensor], m: ModelConfig, mask_id: int) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_smdm_unfuse` on a whole state: q/k/v fused per key/value group, the output
+    layer without the mask's row (SMDM's head has one row fewer than its embedding)."""
+    kv, d = m.kv_heads or m.heads, m.hidden // m.heads
+    out = {}
+    for key, value in state.items():
+        if key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            continue
+        if key.endswith("self_attn.q_proj.weight"):
+            prefix = key.removesuffix("q_proj.weight")
+            q = value.view(kv, m.heads // kv, d, m.hidden)
+            k, v = (state[prefix + f"{n}_proj.weight"].view(kv, 1, d, m.hidden) for n in "kv")
+            key, value = prefix + "qkv_proj.weight", torch.cat([q, k, v], dim=1).reshape(-1, m.hidden)
+        elif key == "lm_head.weight":
+            value = value[:mask_id]
+        out[LAYOUTS["smdm"].to_theirs(key)] = value
+    return out
+
+
+# SMDM's released sizes (lit_gpt/config.py, Diff_LLaMA_*M): (blocks, hidden, MLP width) -> heads
+SMDM_HEADS = {(6, 256, 1024): 4, (8, 384, 1536): 6, (8, 512, 2048): 8, (9, 576, 2304): 9, (10, 640, 2560): 10,
+              (13, 640, 2560): 10, (16, 640, 1600): 8, (12, 768, 3072): 12, (15, 768, 3072): 12,
+              (18, 768, 3072): 12, (14, 896, 3584): 14, (16, 896, 3584): 14, (18, 896, 3584): 14,
+              (16, 1024, 4096): 16, (18, 1024, 4096): 16, (20, 1024, 4096): 16, (18, 1280, 5120): 10,
+              (21, 1280, 5120): 10, (24, 1280, 5120): 10, (18, 1408, 5632): 11, (21, 1408, 5632): 11,
+              (24, 1408, 5632): 11, (19, 1536, 6144): 12, (22, 1536, 6144): 12, (25, 1536, 6144): 12,
+              (20, 1792, 7168): 14, (24, 1792, 7168): 14, (22, 2048, 8192): 16, (25, 2048, 8192): 16,
+              (28, 2176, 8704): 17}
+SMDM_TOKENIZER = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"  # Llama-2's 32k vocabulary
+
+
 _HF_NAMES = tuple((n, n) for n in (
     "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
     *(f"model.layers.{{i}}.self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")),
@@ -182,11 +276,31 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
            _qwen2_json("DreamModel"),
            sample=(("sampler", "dream"), ("score", "entropy"), ("steps", 128), ("temperature", 0.2),
                    ("top_p", 0.95))),
+    Layout("smdm", (), (
+        ("transformer.wte.weight", "model.embed_tokens.weight"),
+        ("transformer.ln_f.weight", "model.norm.weight"),
+        ("lm_head.weight", "lm_head.weight"),
+        ("transformer.h.{i}.norm_1.weight", "model.layers.{i}.input_layernorm.weight"),
+        ("transformer.h.{i}.norm_2.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+        ("transformer.h.{i}.attn.attn.weight", "model.layers.{i}.self_attn.qkv_proj.weight"),
+        ("transformer.h.{i}.attn.proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+        ("transformer.h.{i}.mlp.swiglu.w1.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+        ("transformer.h.{i}.mlp.swiglu.w2.weight", "model.layers.{i}.mlp.up_proj.weight"),
+        ("transformer.h.{i}.mlp.swiglu.w3.weight", "model.layers.{i}.mlp.down_proj.weight")),
+        lambda c: {}, convert=_smdm_unfuse, unconvert=_smdm_fuse, bare=True),
+    Layout("gpt2", ("gpt2",), (*((f"transformer.{n}", f"transformer.{n}") for n in _GPT2_NAMES),
+                                *((n, f"transformer.{n}") for n in _GPT2_NAMES), ("lm_head.weight", "lm_head.weight")),
+           _gpt2_model, causal=True, convert=_gpt2_transpose,
+           ignore=(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",)),
     Layout("qwen2", ("qwen2",), _HF_NAMES, lambda c: _qwen2_model(c, shift=False, bias=True),
            _qwen2_json("Qwen2ForCausalLM"), causal=True),
     Layout("llama", ("llama",), _HF_NAMES, lambda c: _qwen2_model(c, shift=False), _qwen2_json("LlamaForCausalLM"),
            causal=True),
 )}
+
+
+# export --to these: the layouts whose tensors are renamed, or converted back
+WRITABLE = tuple(name for name, layout in LAYOUTS.items() if layout.convert is None or layout.unconvert)
 
 
 def layout_of(config: dict) -> Layout | None:
@@ -200,15 +314,17 @@ class OpenWeights(WeightSource):
     lazily by :meth:`build` or :meth:`tensors`."""
 
     def __init__(self, folder: Path, layout: Layout, config: RunConfig, tokenizer: HFTokenizer, meta: dict,
-                 root: Path | None = None):
+                 root: Path | None = None, file: str | None = None):
+        """``file``: one safetensors file of ``folder`` holding every weight (SMDM's release) instead of
+        ``model.safetensors`` or an index."""
         self.path, self.layout, self.config, self.tokenizer, self.meta = folder, layout, config, tokenizer, meta
-        self.step, self.format, self.card, self._root = 0, layout.name, {}, root
+        self.step, self.format, self.card, self._root, self._file = 0, layout.name, {}, root, file
         self.dtype = _DTYPES.get(str(meta.get("torch_dtype", meta.get("dtype", "float32"))), torch.float32)
 
     def shards(self) -> dict[str, list[str]]:
         """Shard file -> the checkpoint keys it holds (one ``model.safetensors``, or the index's map)."""
         index = member(self.path, INDEX, self._root)
-        if index.is_file():
+        if self._file is None and index.is_file():
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index} has no weight_map of parameter names to shard files")
@@ -216,11 +332,12 @@ class OpenWeights(WeightSource):
             for key, shard in weight_map.items():
                 out.setdefault(shard, []).append(key)
             return out
-        single = member(self.path, "model.safetensors", self._root)
+        name = self._file or "model.safetensors"
+        single = member(self.path, name, self._root)
         if not single.is_file():
             raise CheckpointError(f"{self.path} has neither model.safetensors nor {INDEX}")
         with safe_open(str(single), "pt") as f:
-            return {"model.safetensors": list(f.keys())}
+            return {name: list(f.keys())}
 
     def tensors(self):
         """(our name, tensor) of every parameter, read one at a time in the checkpoint's dtype."""
@@ -234,11 +351,11 @@ class OpenWeights(WeightSource):
                     for key in keys:
                         if key not in present:
                             raise CheckpointError(f"{path.name} does not hold {key!r} as its index says")
-                        ours = self.layout.to_ours(key)
-                        if ours is None:
+                        pieces = self.layout.read(key, f.get_tensor(key), self.config.model)
+                        if pieces is None:
                             raise CheckpointError(f"{path.name}: parameter {key!r} is not part of the "
                                                   f"{self.layout.name} layout")
-                        yield ours, f.get_tensor(key)
+                        yield from pieces
             except (OSError, ValueError, RuntimeError) as exc:
                 if isinstance(exc, CheckpointError):
                     raise
@@ -262,15 +379,16 @@ class OpenWeights(WeightSource):
             raise CheckpointError(f"{self.path}: the weights need {needed / 2**30:,.1f} GiB in {dtype}; this "
                                   f"machine has {memory_bytes() / 2**30:,.1f} GiB")
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        embeddings = (model.INPUT_EMBEDDING, "lm_head.weight")
         seen = set()
         for name, tensor in self.tensors():
             if name not in expected:
                 raise CheckpointError(f"{self.path}: {name!r} has no place in a model of this config")
-            if name in ("model.embed_tokens.weight", "lm_head.weight") and self.tokenizer.appended_mask and \
+            if name in embeddings and self.tokenizer.mask_id == expected[name][0] - 1 and \
                     tuple(tensor.shape) == (expected[name][0] - 1, expected[name][1]):
-                # a causal LM without a mask token: unmask's tokenizer appended one; its row is the mean
-                # embedding (input) and zero (output: excluded by every sampler and loss anyway)
-                extra = tensor.mean(0, keepdim=True) if name == "model.embed_tokens.weight" else tensor[:1] * 0
+                # no row for the mask (a causal LM, to which unmask's tokenizer appended one; SMDM's output
+                # layer): the mean embedding as input, zero as output (its logit is excluded anyway)
+                extra = tensor.mean(0, keepdim=True) if name == embeddings[0] else tensor[:1] * 0
                 tensor = torch.cat([tensor, extra])
             if tuple(tensor.shape) != expected[name]:
                 raise CheckpointError(f"{self.path}: {name!r} has shape {tuple(tensor.shape)}, the config says "
@@ -286,9 +404,7 @@ class OpenWeights(WeightSource):
         if missing:
             raise CheckpointError(f"{self.path} lacks {len(missing)} parameters of the model, e.g. "
                                   f"{self.layout.to_theirs(missing[0])!r}")
-        if tied:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        model.rotary_emb.reset(device)
+        model.materialize(device)
         return model
 
 
@@ -327,7 +443,7 @@ def read_open_weights(folder: Path, meta: dict, root: Path | None = None) -> Ope
     if not layout.causal and meta.get("mask_token_id") is None:
         raise CheckpointError(f"{folder}/config.json states no mask_token_id")
     tree = {"family": "ar" if layout.causal else "mdlm",
-            "model": {**model, "backbone": "llama", "dropout": 0.0},
+            "model": {"backbone": "llama", **model, "dropout": 0.0},
             "data": {"tokenizer": "hf", "tokenizer_path": str(folder), "length": min(model["length"], 256),
                      "frame": layout.bos_prompt},
             "sample": dict(layout.sample)}
@@ -344,29 +460,30 @@ def save_released(source, directory: str | Path, layout: str, weights: dict[str,
     ``model.safetensors.index.json`` (one ``model.safetensors`` when it fits), ``tokenizer.json`` and
     ``tokenizer_config.json`` (the chat template). Written beside ``directory`` and renamed into place;
     an existing non-empty ``directory`` is refused untouched."""
-    if layout not in LAYOUTS:
-        raise CheckpointError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    if layout not in WRITABLE:
+        raise CheckpointError(f"unmask writes the {', '.join(WRITABLE)} layouts, not {layout!r}")
     lay, cfg, tokenizer = LAYOUTS[layout], source.config, source.tokenizer
     m = dataclasses.replace(cfg.model, vocab=max(cfg.model.vocab, tokenizer.vocab_size),
                             intermediate=cfg.model.intermediate or swiglu_width(cfg.model.hidden))
     if m.backbone != "llama" or not isinstance(tokenizer, HFTokenizer):
         raise CheckpointError(f"the {layout} layout holds Llama-backbone models with a Hugging Face tokenizer; "
                               f"this one is {m.backbone} with a {tokenizer.kind} tokenizer (export it as 'unmask')")
-    if lay.causal != (cfg.family == "ar") or (layout == "dream") != m.logit_shift or \
-            (layout == "llada" and m.logit_shift):
+    if lay.causal != (cfg.family == "ar") or (layout == "dream") != m.logit_shift:
         raise CheckpointError(f"a {cfg.family} model{' with' if m.logit_shift else ' without'} logit shift does "
                               f"not fit the {layout} layout")
+    if m.soft_mask_top_k:
+        raise CheckpointError(f"the {layout} layout has no place for the soft-mask module; export it as 'unmask'")
+    if lay.bare and (tokenizer.mask_id != m.vocab - 1 or m.qkv_bias or m.tie_embeddings):
+        raise CheckpointError(f"the {layout} layout holds untied models without biases whose mask is the last "
+                              f"embedding row (here {tokenizer.mask_id} of {m.vocab})")
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise CheckpointError(f"{directory} exists and is not empty; nothing was written (choose a new folder)")
     weights = weights if weights is not None else source.weights(ema=True)
-    theirs = {lay.to_theirs(k): v.detach().contiguous().cpu() for k, v in weights.items()
-              if not (m.tie_embeddings and k == "lm_head.weight")}
-    config = {**lay.config_json(m), "model_type": lay.model_types[0], "vocab_size": tokenizer.vocab_size
-              if layout == "llada" else m.vocab, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-              "pad_token_id": tokenizer.pad_id, "torch_dtype": str(next(iter(theirs.values())).dtype).split(".")[-1]}
-    if not lay.causal:
-        config["mask_token_id"] = tokenizer.mask_id
+    weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()
+               if not (m.tie_embeddings and k == "lm_head.weight")}
+    theirs = lay.unconvert(weights, m, tokenizer.mask_id) if lay.unconvert else \
+        {lay.to_theirs(k): v for k, v in weights.items()}
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -379,8 +496,8 @@ def save_released(source, directory: str | Path, layout: str, weights: dict[str,
             size = 0
         shards[-1][key] = theirs[key]
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if len(shards) == 1 or lay.bare:
+        save_file(theirs, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
@@ -389,7 +506,14 @@ def save_released(source, directory: str | Path, layout: str, weights: dict[str,
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(v.numel() * v.element_size() for v in theirs.values())
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    if not lay.bare:
+        config = {**lay.config_json(m), "model_type": lay.model_types[0],
+                  "vocab_size": tokenizer.vocab_size if layout == "llada" else m.vocab,
+                  "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+                  "torch_dtype": str(next(iter(theirs.values())).dtype).split(".")[-1]}
+        if not lay.causal:
+            config["mask_token_id"] = tokenizer.mask_id
+        (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     tokenizer.tk.save(str(tmp / "tokenizer.json"))
     tk_config = {"bos_token": tokenizer.piece(tokenizer.bos_id), "eos_token": tokenizer.piece(tokenizer.eos_id),
                  "pad_token": tokenizer.piece(tokenizer.pad_id)}
@@ -400,3 +524,46 @@ def save_released(source, directory: str | Path, layout: str, weights: dict[str,
         directory.rmdir()  # empty (checked above)
     os.replace(tmp, directory)
     return directory
+
+
+def read_smdm(path: Path, tokenizer_path: str | None = None, heads: int | None = None) -> OpenWeights:
+    """An SMDM checkpoint (``mdm-<size>-<flops>.safetensors``: lit-gpt's bidirectional ``TransEncoder``, a bare
+    state dict): the shape comes from its tensors, the head count from SMDM's size table (or ``heads``).
+    Its tokenizer (TinyLlama's, Llama-2's 32k) is ``tokenizer_path``, else a ``tokenizer.json`` beside the
+    file, else the hub's; the mask is id 32000, the embedding's extra row (the output layer has none: its
+    mask logit is 0 and never used)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"unreadable weights file {path}: {str(exc).splitlines()[0]}") from None
+    if "transformer.wte.weight" not in shapes or "transformer.h.0.attn.attn.weight" not in shapes:
+        raise CheckpointError(f"{path} is not an SMDM checkpoint (no transformer.wte / transformer.h.0.attn.attn)")
+    rows, hidden = shapes["transformer.wte.weight"]
+    blocks = len({k.split(".")[2] for k in shapes if k.startswith("transformer.h.")})
+    intermediate = shapes["transformer.h.0.mlp.swiglu.w1.weight"][0]
+    heads = heads or SMDM_HEADS.get((blocks, hidden, intermediate))
+    if heads is None:
+        raise CheckpointError(f"{path}: {blocks} blocks of width {hidden} are not one of SMDM's sizes; give the "
+                              f"head count (heads=N)")
+    if tokenizer_path:
+        tokenizer_file = Path(tokenizer_path)
+        tokenizer_file = tokenizer_file / "tokenizer.json" if tokenizer_file.is_dir() else tokenizer_file
+    elif (path.parent / "tokenizer.json").is_file():
+        tokenizer_file = path.parent / "tokenizer.json"
+    else:
+        tokenizer_file = None
+    tokenizer = HFTokenizer.from_file(tokenizer_file) if tokenizer_file else HFTokenizer.from_hub(SMDM_TOKENIZER)
+    if tokenizer.mask_id != rows - 1 or tokenizer.vocab_size != rows:
+        raise CheckpointError(f"{path}: the embedding has {rows} rows (mask = the last) but the tokenizer gives "
+                              f"{tokenizer.vocab_size} ids with the mask at {tokenizer.mask_id}")
+    model = dict(backbone="llama", hidden=hidden, blocks=blocks, heads=heads, kv_heads=heads,
+                 intermediate=intermediate, vocab=rows, length=2048, rope_base=10000.0, norm_eps=1e-5,
+                 qkv_bias=False, tie_embeddings=False, logit_shift=False, dropout=0.0)
+    tree = {"family": "mdlm", "model": model,
+            "data": {"tokenizer": "hf", "tokenizer_path": str(tokenizer_file or SMDM_TOKENIZER), "length": 1024,
+                     "frame": True}}
+    with safe_open(str(path), "pt") as f:
+        dtype = {"BF16": "bfloat16", "F16": "float16"}.get(f.get_slice("transformer.wte.weight").get_dtype(), "float32")
+    return OpenWeights(path.parent, LAYOUTS["smdm"], config_from_dict(tree), tokenizer, {"torch_dtype": dtype},
+                       file=path.name)

@@ -37,6 +37,7 @@ from ..families import build_model, family_of
 from ..files import member, read_json
 from ..hub import hub_reachable
 from ..models.common import count_parameters
+from ..models.registry import BACKBONES
 from . import released
 from .checkpoint import (
     CHECKSUMS,
@@ -46,9 +47,10 @@ from .checkpoint import (
     load_tensors,
     load_weights,
     record_checksums,
+    unique_tensors,
     verified,
 )
-from .open_weights import LAYOUTS, OpenWeights, read_open_weights, save_released
+from .open_weights import LAYOUTS, WRITABLE, OpenWeights, read_open_weights, read_smdm, save_released
 from .runfolder import FILE, replaceable
 
 MODEL_TYPE = "unmask"
@@ -138,6 +140,8 @@ def open_source(path: str | Path, tokenizer_path: str | None = None,
             root = p.parent.parent  # models--org--name: snapshots link into its blobs/
         else:
             raise CheckpointError(f"model not found: {path}")
+    if p.is_file() and p.suffix == ".safetensors":
+        return read_smdm(p, tokenizer_path, ckpt_options.get("heads"))
     if p.is_file():
         cfg, weights, ema, step = released.read_mdlm_ckpt(p, **ckpt_options)
         tokenizer = _gpt2_tokenizer(p.parent, tokenizer_path, p.parent)
@@ -163,11 +167,12 @@ def open_source(path: str | Path, tokenizer_path: str | None = None,
 
 
 def cfg_vocab(weights: dict[str, torch.Tensor]) -> int:
-    """The vocabulary size of DiT or Llama-backbone weights (of the embedding, whatever the wrapper)."""
+    """The vocabulary size of any backbone's weights (rows of its input embedding, whatever the wrapper)."""
+    names = tuple(backbone.INPUT_EMBEDDING for backbone in BACKBONES.values())
     for key, value in weights.items():
-        if key.endswith(("vocab_embed.embedding", "embed_tokens.weight")) and value.dim() == 2:
+        if key.endswith(names) and value.dim() == 2:
             return value.shape[0]
-    raise CheckpointError("the weights hold no vocab_embed.embedding matrix: not a model of this project")
+    raise CheckpointError("the weights hold no input embedding matrix of a known backbone: not a model of this project")
 
 
 def read_pretrained(folder: Path, meta: dict, root: Path | None = None) -> Pretrained:
@@ -275,7 +280,7 @@ def save_pretrained(source: Checkpoint | Pretrained, directory: str | Path, ema:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"),
+    save_file(unique_tensors(weights), str(tmp / "model.safetensors"),
               metadata={"format": "pt"})
     source.tokenizer.save(tmp)
     (tmp / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -295,7 +300,7 @@ def export(source: Checkpoint | Pretrained, out: str | Path, to: str = MODEL_TYP
     out = Path(out)
     if to == MODEL_TYPE:
         return save_pretrained(source, out, ema=ema, metrics=metrics)
-    if to in LAYOUTS:
+    if to in WRITABLE:
         return save_released(source, out, to, weights=source.weights(ema=ema))
     if to not in family_of(source.config).exports:
         raise CheckpointError(f"a {source.config.family} model cannot be written as {to!r} (it exports as "

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .common import KVCache, Rotary, apply_rotary, select_positions
-from .softmask import SoftFeedback, SoftMask
+from .softmask import SoftFeedback, input_embeddings, soft_mask_for
 
 
 class LayerNorm(nn.Module):
@@ -164,13 +164,7 @@ class DiT(nn.Module):
         super().__init__()
         self.cfg, self.vocab_size, self.causal, self.mask_id = cfg, vocab_size, causal, mask_id
         self.vocab_embed = EmbeddingLayer(cfg.hidden, vocab_size)
-        self.soft_mask = None
-        if cfg.soft_mask_top_k:
-            if causal or mask_id is None:
-                raise ValueError("soft-masking needs a bidirectional model and its mask id")
-            if not 1 <= cfg.soft_mask_top_k < vocab_size:
-                raise ValueError(f"soft_mask_top_k={cfg.soft_mask_top_k} must lie in [1, {vocab_size - 1}]")
-            self.soft_mask = SoftMask(cfg.soft_mask_top_k)
+        self.soft_mask = soft_mask_for(cfg.soft_mask_top_k, causal, mask_id, vocab_size)
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
         self.rotary_emb = Rotary(cfg.hidden // cfg.heads, cfg.rope_base, cfg.length)
         self.blocks = nn.ModuleList(DDiTBlock(cfg.hidden, cfg.heads, cfg.cond_dim, cfg.dropout)
@@ -202,14 +196,7 @@ class DiT(nn.Module):
         :meth:`modulations`)."""
         if keep is not None and (self.causal or cache is not None):
             raise ValueError("a key padding mask (keep) is for bidirectional models without a cache")
-        if (ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of ids and inputs_embeds")
-        if feedback is not None:
-            if self.soft_mask is None or ids is None:
-                raise ValueError("soft-mask feedback needs a soft-mask model (model.soft_mask_top_k > 0) and ids")
-            x = self.soft_mask(self.vocab_embed.embedding, ids, feedback, self.mask_id)
-        else:
-            x = self.vocab_embed(ids) if ids is not None else inputs_embeds
+        x = input_embeddings(self.vocab_embed.embedding, self.soft_mask, self.mask_id, ids, inputs_embeds, feedback)
         b, length = x.shape[:2]
         start = 0
         if cache is not None:
@@ -246,6 +233,8 @@ class DiT(nn.Module):
         if key is not None:
             self._constant_modulations = (key, rows)
         return rows
+
+    INPUT_EMBEDDING = "vocab_embed.embedding"  # the state-dict name of the input embedding
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         """The input embedding and the output layer (what "non-embedding parameters" leave out)."""

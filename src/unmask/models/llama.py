@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .common import KVCache, Rotary, apply_rotary, select_positions
+from .softmask import SoftFeedback, input_embeddings, soft_mask_for
 
 
 class RMSNorm(nn.Module):
@@ -117,8 +118,6 @@ class Transformer(nn.Module):
     """The Llama/Qwen2-style backbone; the same interface as :class:`~unmask.models.dit.DiT`
     (``forward(ids, sigma, positions=, cache=, keep=)``), ``sigma`` ignored (no time conditioning)."""
 
-    soft_mask = None
-
     def __init__(self, cfg: ModelConfig, vocab_size: int, causal: bool = False, mask_id: int | None = None):
         super().__init__()
         if cfg.hidden % cfg.heads or (cfg.hidden // cfg.heads) % 2:
@@ -126,13 +125,12 @@ class Transformer(nn.Module):
         kv_heads = cfg.kv_heads or cfg.heads
         if cfg.heads % kv_heads:
             raise ValueError(f"model.heads={cfg.heads} must be a multiple of model.kv_heads={kv_heads}")
-        if cfg.soft_mask_top_k:
-            raise ValueError("soft-masking is implemented for the DiT backbone only (model.backbone=dit)")
         if causal and cfg.logit_shift:
             raise ValueError("model.logit_shift is for bidirectional models (a causal model predicts the next token)")
         self.cfg, self.causal, self.mask_id = cfg, causal, mask_id
         self.vocab_size = max(vocab_size, cfg.vocab)
         self.model = Body(cfg, self.vocab_size, cfg.intermediate or swiglu_width(cfg.hidden))
+        self.soft_mask = soft_mask_for(cfg.soft_mask_top_k, causal, mask_id, self.vocab_size)
         self.lm_head = nn.Linear(cfg.hidden, self.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -145,17 +143,16 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, feedback=None, keep: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, feedback: SoftFeedback | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, V), or (N, V) at ``positions``. ``cache`` (causal models): the new tokens
-        continue the cached ones. ``keep`` (B, L) bool: attend only to these positions (padding)."""
-        if feedback is not None:
-            raise ValueError("soft-mask feedback needs a soft-mask model "
-                             "(model.backbone=dit, model.soft_mask_top_k > 0)")
-        if (ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of ids and inputs_embeds")
+        continue the cached ones. ``keep`` (B, L) bool: attend only to these positions (padding).
+        ``feedback`` (soft-mask models): the previous pass, blended into the masked positions' inputs
+        (with ``logit_shift`` the feedback comes from the shifted logits, as Dream's soft-masking)."""
         if cache is not None and not self.causal:
             raise ValueError("a KV cache is only exact for a causal model")
-        x = self.model.embed_tokens(ids) if ids is not None else inputs_embeds
+        x = input_embeddings(self.model.embed_tokens.weight, self.soft_mask, self.mask_id, ids, inputs_embeds,
+                             feedback)
         start = cache.length if cache is not None else 0
         length = x.shape[1]
         if start + length > self.cfg.length:
@@ -170,6 +167,15 @@ class Transformer(nn.Module):
         if self.cfg.logit_shift:  # the output at i - 1 scores position i; position 0 keeps its own
             h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
         return self.lm_head(select_positions(h, positions))
+
+    INPUT_EMBEDDING = "model.embed_tokens.weight"  # the state-dict name of the input embedding
+
+    def materialize(self, device: torch.device | str) -> None:
+        """After the weights were assigned to a model made on the meta device: tie the output layer again
+        (when tied) and compute the rotary table's frequencies on ``device``."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary_emb.reset(device)
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         return [self.model.embed_tokens.weight, self.lm_head.weight]

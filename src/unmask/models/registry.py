@@ -11,9 +11,10 @@ import torch
 
 from ..config import ModelConfig, register_choices
 from .dit import DiT
+from .gpt2 import GPT2
 from .llama import Transformer
 
-BACKBONES = {"dit": DiT, "llama": Transformer}
+BACKBONES = {"dit": DiT, "llama": Transformer, "gpt2": GPT2}
 register_choices("model.backbone", tuple(BACKBONES))
 
 

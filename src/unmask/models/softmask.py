@@ -138,3 +138,28 @@ class SoftMask(nn.Module):
         lam = lam[..., None].to(embedding.dtype)
         # masked positions: (1 - lam) E[mask] + lam * mixture; elsewhere lam = 0 leaves E[x] unchanged
         return torch.where(active[..., None], (1 - lam) * embedding[mask_id] + lam * mixture, clean)
+
+
+def soft_mask_for(top_k: int, causal: bool, mask_id: int | None, vocab_size: int) -> SoftMask | None:
+    """The soft-mask module of a backbone with ``model.soft_mask_top_k = top_k`` (None when 0)."""
+    if not top_k:
+        return None
+    if causal or mask_id is None:
+        raise ValueError("soft-masking needs a bidirectional model and its mask id")
+    if not 1 <= top_k < vocab_size:
+        raise ValueError(f"soft_mask_top_k={top_k} must lie in [1, {vocab_size - 1}]")
+    return SoftMask(top_k)
+
+
+def input_embeddings(embedding: torch.Tensor, soft_mask: SoftMask | None, mask_id: int | None,
+                     ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                     feedback: SoftFeedback | None) -> torch.Tensor:
+    """A backbone's input (B, L, H): the rows of ``embedding`` (V, H) for ``ids``, ``inputs_embeds`` as
+    given, or, with ``feedback``, the soft-masked embeddings of ``ids``."""
+    if (ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of ids and inputs_embeds")
+    if feedback is not None:
+        if soft_mask is None or ids is None:
+            raise ValueError("soft-mask feedback needs a soft-mask model (model.soft_mask_top_k > 0) and ids")
+        return soft_mask(embedding, ids, feedback, mask_id)
+    return embedding[ids] if ids is not None else inputs_embeds

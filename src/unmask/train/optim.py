@@ -24,10 +24,10 @@ class EMA:
         torch._foreach_lerp_(self.shadow, [p.detach() for p in model.parameters()], 1 - decay)
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Full model state with parameters replaced by their averages (buffers as in ``model``)."""
-        state = {k: v for k, v in model.state_dict().items()}
-        state.update(zip(self.names, self.shadow))
-        return state
+        """Full model state with parameters replaced by their averages (buffers as in ``model``); a tied
+        parameter's every name gets its one average."""
+        average = {id(p): s for p, s in zip(model.parameters(), self.shadow)}
+        return {k: average.get(id(v), v.detach()) for k, v in model.state_dict(keep_vars=True).items()}
 
     def load(self, state: dict[str, torch.Tensor], updates: int) -> None:
         for i, name in enumerate(self.names):
