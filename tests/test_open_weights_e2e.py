@@ -51,10 +51,11 @@ def test_ragged_batches_give_each_row_what_it_gets_alone(folders, layout):
     assert len(set(map(tuple, batched.ids))) == 6  # temperature 1: the rows differ from each other
 
 
-def test_unmask_eval_scores_a_text_file(folders, tmp_path):
+@pytest.mark.parametrize("layout", ["llada", "dream"])
+def test_unmask_eval_scores_a_text_file(folders, tmp_path, layout):
     corpus = tmp_path / "words.txt"
     corpus.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 30 + 1}" for j in range(20)) for i in range(40)))
-    out = unmask("eval", folders["dream"], "data.dataset=text", f"data.path={corpus}", "data.length=24",
+    out = unmask("eval", folders[layout], "data.dataset=text", f"data.path={corpus}", "data.length=24",
                  "eval.max_sequences=4", "eval.mc_samples=2", "--json", tmp_path / "out.json")
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "out.json").read_text())
@@ -71,26 +72,27 @@ def test_chat_template_renders_in_the_sandbox():
         render_chat("x", [{"role": "root", "content": "hi"}])
 
 
-@pytest.fixture(scope="module")
-def llada_server(folders):
-    service = ModelService(from_pretrained(folders["llada"]))
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def server(folders, request):
+    service = ModelService(from_pretrained(folders[request.param]))
     with running_server(service) as url:
-        yield url, service
+        yield url, service, request.param
     service.close()
 
 
-def test_serve_completions_use_the_models_own_sampler(llada_server):
-    url, service = llada_server
-    assert service.metadata()["default_sampler"] == "llada"
+def test_serve_completions_use_the_models_own_sampler(server):
+    url, service, layout = server
+    assert service.metadata()["default_sampler"] == layout
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "w1 w2", "max_tokens": 8, "steps": 8, "seed": 3},
                    timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["unmask"]["sampler"] == "llada" and body["choices"][0]["nfe"] <= 8
+    assert body["unmask"]["sampler"] == layout and body["choices"][0]["nfe"] <= 8
+    assert body["usage"]["completion_tokens"] == 8
 
 
-def test_serve_chat_completions_apply_the_chat_template(llada_server):
-    url, service = llada_server
+def test_serve_chat_completions_apply_the_chat_template(server):
+    url, service, _ = server
     messages = [{"role": "user", "content": "w5 w6"}]
     r = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "seed": 1},
                    timeout=60)
@@ -104,11 +106,12 @@ def test_serve_chat_completions_apply_the_chat_template(llada_server):
     assert bad.status_code in (400, 422) and "role" in bad.text
 
 
-def test_lm_eval_scores_a_released_folder(folders):
+@pytest.mark.parametrize("layout", ["llada", "dream"])
+def test_lm_eval_scores_a_released_folder(folders, layout):
     pytest.importorskip("lm_eval")
     from unmask.eval.lm_eval import UnmaskLM
 
-    lm = UnmaskLM(pretrained=str(folders["llada"]), mc_samples=4)
+    lm = UnmaskLM(pretrained=str(folders[layout]), mc_samples=4)
     from lm_eval.api.instance import Instance
 
     requests = [Instance("loglikelihood", {}, ("w1 w2", " w3"), 0), Instance("loglikelihood", {}, ("w1 w2", " w4"), 1)]
