@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -15,12 +16,15 @@ from safetensors.torch import load_file, save_file
 
 from released_folders import CHAT_TEMPLATE, random_folder, reference_folder, tokenizer_files, vectors, write_folder
 from unmask.checkpoints.checkpoint import CheckpointError
-from unmask.checkpoints.open_weights import LAYOUTS, OpenWeights, save_released
+from unmask.checkpoints.open_weights import LAYOUTS, SMDM_SIZES, OpenWeights, save_released
 from unmask.checkpoints.pretrained import Pretrained, export, open_source
-from unmask.config import ModelConfig, SampleConfig, load_config
+from unmask.config import ConfigError, ModelConfig, SampleConfig, load_config
+from unmask.data.tokenization import CharTokenizer
 from unmask.eval.likelihood import continuation_loglikelihoods
 from unmask.families import build_model, build_objective
+from unmask.models.common import count_parameters
 from unmask.models.llama import Transformer
+from unmask.models.registry import build_backbone
 from unmask.pipeline import from_pretrained
 from unmask.samplers.base import PURPOSES, RowStreams, row_seeds
 from unmask.samplers.dream import DreamSampler
@@ -258,7 +262,9 @@ import torch
 from unmask.checkpoints.pretrained import open_source
 from unmask.config import ModelConfig
 from unmask.families import build_model, build_objective
+from unmask.models.common import count_parameters
 from unmask.models.llama import Transformer
+from unmask.models.registry import build_backbone
 
 def status(key):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
@@ -385,3 +391,45 @@ def test_an_smdm_checkpoint_loads_with_its_fused_attention_split(tmp_path):
     back = load_file(str(written / "model.safetensors"))
     assert back.keys() == lit.keys() and all(torch.equal(back[k], lit[k]) for k in lit)
     assert not (written / "config.json").exists() and (written / "tokenizer.json").is_file()
+
+
+def test_smdm_sizes_count_what_their_names_say():
+    """SMDM names its sizes by non-embedding parameters: every entry of the table (and the two presets)
+    built on the meta device must count that many millions."""
+    for name, (blocks, heads, hidden, width) in SMDM_SIZES.items():
+        with torch.device("meta"):
+            model = Transformer(ModelConfig(backbone="llama", hidden=hidden, blocks=blocks, heads=heads,
+                                            intermediate=width, length=2048), 32001)
+        millions = count_parameters(model, exclude_embeddings=True) / 1e6
+        assert abs(millions - int(name.removesuffix("M"))) < 0.6, name  # measured: within 0.46 for all 30
+    for preset, size in (("smdm-170m", 170), ("smdm-1028m", 1028)):
+        cfg = load_config(None, [f"model.preset={preset}"])
+        with torch.device("meta"):
+            model = Transformer(cfg.model, 32001)
+        assert abs(count_parameters(model, exclude_embeddings=True) / 1e6 - size) < 0.6
+
+
+def test_an_8b_model_is_refused_before_it_is_built_in_fp32(tmp_path):
+    cfg = load_config(None, ["model.preset=llada-8b", "data.tokenizer=char"])
+    with pytest.raises(ConfigError, match="GiB for its fp32 weights"):
+        with mock.patch("unmask.families.memory_bytes", return_value=24 * 2 ** 30):
+            build_model(cfg, CharTokenizer("abc"))
+
+
+def test_a_key_padding_mask_makes_ragged_rows_exact():
+    """A short row padded to the batch's length, its padding invisible (``keep``), gives the logits of
+    the same row alone, on the Llama and the GPT-2 backbones."""
+    for backbone in ("llama", "gpt2"):
+        cfg = ModelConfig(backbone=backbone, hidden=32, blocks=2, heads=4, kv_heads=2 if backbone == "llama" else 0,
+                          intermediate=64, length=32, dropout=0.0)
+        torch.manual_seed(0)
+        model = build_backbone(cfg, 20, causal=False, mask_id=19).eval()
+        short, long_ = torch.randint(0, 19, (1, 5)), torch.randint(0, 19, (1, 9))
+        batch = torch.cat([torch.cat([short, torch.full((1, 4), 0)], dim=1), long_])
+        keep = torch.ones_like(batch, dtype=torch.bool)
+        keep[0, 5:] = False
+        with torch.no_grad():
+            together = model(batch, keep=keep)
+            assert torch.allclose(together[0, :5], model(short)[0], atol=1e-5), backbone
+            assert torch.allclose(together[1], model(long_)[0], atol=1e-5), backbone
+            assert not torch.allclose(model(batch)[0, :5], model(short)[0], atol=1e-3)  # without keep it differs

@@ -75,6 +75,11 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "dream-7b": dict(backbone="llama", hidden=3584, blocks=28, heads=28, kv_heads=4, intermediate=18944,
                      vocab=152064, length=131072, rope_base=1000000.0, norm_eps=1e-6, qkv_bias=True,
                      logit_shift=True, dropout=0.0),
+    # SMDM's two main released sizes (Diff_LLaMA_170M and _1028M; vocabulary 32,000 + the mask)
+    "smdm-170m": dict(backbone="llama", hidden=768, blocks=18, heads=12, intermediate=3072, vocab=32001,
+                      length=2048, rope_base=10000.0, norm_eps=1e-5, dropout=0.0),
+    "smdm-1028m": dict(backbone="llama", hidden=1792, blocks=20, heads=14, intermediate=7168, vocab=32001,
+                       length=2048, rope_base=10000.0, norm_eps=1e-5, dropout=0.0),
     "llama-nano": dict(backbone="llama", hidden=128, blocks=4, heads=4, kv_heads=2, intermediate=384,
                        length=1024, rope_base=10000.0, norm_eps=1e-5, dropout=0.0),
 }
