@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class Rotary(nn.Module):
@@ -113,3 +114,36 @@ def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
         for p in model.embedding_parameters():
             params.pop(id(p), None)
     return sum(p.numel() for p in params.values())
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, keep: torch.Tensor | None = None,
+           cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    """SDPA over q (B, H, L, d) and k, v (B, K, L, d) (K divides H: grouped-query attention, query head ``j``
+    on key/value head ``floor(j / (H / K))``). ``cache``: the new keys and values join the cached ones
+    (causal decoding); else ``keep`` (B, L) bool hides the positions outside it (padding) from every query,
+    combined with the causal pattern when ``causal``."""
+    length = q.shape[2]
+    mask, is_causal = None, causal
+    if cache is not None:
+        k, v, mask = cache.update(layer, k, v)
+        is_causal = False
+    elif keep is not None:
+        mask = keep[:, None, None, :]
+        if causal:
+            mask = mask & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+            is_causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def shift_by_one(h: torch.Tensor) -> torch.Tensor:
+    """Dream's logit shift on (B, L, ...): position ``i`` gets position ``i - 1``'s, position 0 its own."""
+    return torch.cat([h[:, :1], h[:, :-1]], dim=1)
+
+
+def normal_init(module: nn.Module) -> None:
+    """Llama's and GPT-2's initialisation: normal(0, 0.02) matrices and embeddings, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)

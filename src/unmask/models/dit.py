@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .common import KVCache, Rotary, apply_rotary, select_positions
+from .common import KVCache, Rotary, apply_rotary, attend, select_positions
 from .softmask import SoftFeedback, input_embeddings, soft_mask_for
 
 
@@ -119,14 +119,7 @@ class DDiTBlock(nn.Module):
         cos, sin = rotary  # (L, d): q and k rotated together, into contiguous (2, B, heads, L, d) for SDPA
         q, k = apply_rotary(qk.permute(2, 0, 3, 1, 4), cos, sin).unbind(0)  # each (B, heads, L, d)
         v = v.squeeze(2).transpose(1, 2)
-        if keep is not None:  # key padding: no query attends to the positions outside ``keep``
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
-        elif cache is None:
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        else:
-            k, v, mask = cache.update(layer, k, v)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        attn = attn.transpose(1, 2).reshape(b, length, hidden)
+        attn = attend(q, k, v, causal, keep, cache, layer).transpose(1, 2).reshape(b, length, hidden)
         x = x + self.dropout(gated_linear(self.attn_out, attn, gate_msa))
         h = self.mlp[1](self.mlp[0](self.norm2(x, shift_mlp, scale_mlp)))
         return x + self.dropout(gated_linear(self.mlp[2], h, gate_mlp))

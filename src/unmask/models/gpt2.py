@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .common import KVCache, select_positions
+from .common import KVCache, attend, normal_init, select_positions, shift_by_one
 from .softmask import SoftFeedback, input_embeddings, soft_mask_for
 
 
@@ -37,16 +37,7 @@ class Attention(nn.Module):
     def forward(self, x, causal: bool, keep: torch.Tensor | None, cache: KVCache | None, layer: int):
         b, length, hidden = x.shape
         q, k, v = self.c_attn(x).view(b, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
-        mask, is_causal = None, causal
-        if cache is not None:
-            k, v, mask = cache.update(layer, k, v)
-            is_causal = False
-        elif keep is not None:
-            mask = keep[:, None, None, :]
-            if causal:
-                mask = mask & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-                is_causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        out = attend(q, k, v, causal, keep, cache, layer)
         return self.c_proj(out.transpose(1, 2).reshape(b, length, hidden))
 
 
@@ -101,7 +92,7 @@ class GPT2(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden, self.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
         self.soft_mask = soft_mask_for(cfg.soft_mask_top_k, causal, mask_id, self.vocab_size)
-        self.apply(_init_weights)
+        self.apply(normal_init)
 
     @property
     def time_conditioning(self) -> bool:
@@ -127,7 +118,7 @@ class GPT2(nn.Module):
             cache.length += length
         h = self.transformer.ln_f(x)
         if self.cfg.logit_shift:
-            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
+            h = shift_by_one(h)
         return self.lm_head(select_positions(h, positions))
 
     INPUT_EMBEDDING = "transformer.wte.weight"  # the state-dict name of the input embedding
@@ -143,11 +134,3 @@ class GPT2(nn.Module):
                   capacity: int | None = None) -> KVCache:
         cfg = self.cfg
         return KVCache(cfg.blocks, batch, cfg.heads, cfg.hidden // cfg.heads, capacity or cfg.length, device, dtype)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """GPT-2's initialisation: normal(0, 0.02) matrices and embeddings, zero biases."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .common import KVCache, Rotary, apply_rotary, select_positions
+from .common import KVCache, Rotary, apply_rotary, attend, normal_init, select_positions, shift_by_one
 from .softmask import SoftFeedback, input_embeddings, soft_mask_for
 
 
@@ -63,17 +63,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask, is_causal = None, causal
-        if cache is not None:
-            k, v, mask = cache.update(layer, k, v)
-            is_causal = False
-        elif keep is not None:  # key padding: no query attends to the positions outside ``keep``
-            mask = keep[:, None, None, :]
-            if causal:
-                mask = mask & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-                is_causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                             enable_gqa=self.kv_heads != self.heads)
+        out = attend(q, k, v, causal, keep, cache, layer)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
 
@@ -135,7 +125,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary_emb = Rotary(cfg.hidden // cfg.heads, cfg.rope_base, cfg.length, persistent=False)
-        self.apply(_init_weights)
+        self.apply(normal_init)
 
     @property
     def time_conditioning(self) -> bool:
@@ -165,7 +155,7 @@ class Transformer(nn.Module):
             cache.length += length
         h = self.model.norm(x)
         if self.cfg.logit_shift:  # the output at i - 1 scores position i; position 0 keeps its own
-            h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
+            h = shift_by_one(h)
         return self.lm_head(select_positions(h, positions))
 
     INPUT_EMBEDDING = "model.embed_tokens.weight"  # the state-dict name of the input embedding
@@ -191,11 +181,3 @@ def swiglu_width(hidden: int, multiple: int = 256) -> int:
     """Llama's SwiGLU width for ``model.intermediate = 0``: 8/3 of ``hidden`` (the parameters of a 4x GELU
     MLP), rounded up to a multiple of ``multiple``."""
     return multiple * -(-(8 * hidden // 3) // multiple)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Llama's initialisation: normal(0, 0.02) matrices and embeddings, zero biases."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
