@@ -4,14 +4,16 @@ written in the released format by the tests themselves."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from released_folders import random_folder
+from unmask.cli import main
 from unmask.data.chat import ChatTemplateError, render_chat
 from unmask.pipeline import from_pretrained
 
@@ -26,9 +28,19 @@ def folders(tmp_path_factory):
     return {layout: random_folder(root / layout, layout) for layout in ("llada", "dream")}
 
 
-def unmask(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "unmask", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+def unmask(*args) -> Run:
+    """The command line, in this process (what `unmask ARGS` prints and returns)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+@dataclasses.dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 @pytest.mark.parametrize("layout, sampler", [("llada", "llada"), ("dream", "dream"), ("llada", "first_hitting")])
