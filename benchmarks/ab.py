@@ -136,7 +136,7 @@ def main() -> None:
     unknown = set(workloads) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
-    record = {**run_header(args.tag), "args": vars(args), "workloads": {}}
+    record = {**run_header(args.tag, ceilings=not args.smoke), "args": vars(args), "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base), args.base], cwd=ROOT, check=True)

@@ -190,7 +190,7 @@ def main() -> None:
     twin = gpt2_twin(model, cfg)
     model.eval()
     twin.eval()
-    record = {**run_header(args.tag), "args": vars(args),
+    record = {**run_header(args.tag, ceilings=not args.smoke), "args": vars(args),
               "parameters": {"unmask": sum(p.numel() for p in model.parameters()),
                              "transformers": sum(p.numel() for p in twin.parameters())}}
     with torch.no_grad():
