@@ -16,6 +16,7 @@ from released_folders import random_folder
 from unmask.cli import main
 from unmask.data.chat import ChatTemplateError, render_chat
 from unmask.pipeline import from_pretrained
+from unmask.samplers.base import SamplingError
 
 httpx = pytest.importorskip("httpx")
 from unmask.serve.app import running_server  # noqa: E402
@@ -143,3 +144,20 @@ def test_unmask_rl_fine_tunes_a_released_folder(folders, tmp_path):
     assert out.returncode == 0, out.stderr
     tuned = from_pretrained(tmp_path / "rl")
     assert tuned.config.model.backbone == "llama" and tuned.config.sample.sampler == "llada"
+
+
+def test_unmask_sample_chat_answers_in_the_chat_template(folders):
+    out = unmask("sample", folders["llada"], "--chat", "--prompt", "w5 w6", "sample.length=24", "sample.steps=16",
+                 "sample.block_length=8", "sample.num_samples=1")
+    assert out.returncode == 0, out.stderr
+    lm = from_pretrained(folders["llada"])
+    gen = lm.generate(["w5 w6"], chat=True, length=24, steps=16, block_length=8, num_samples=1)
+    prompt = lm.tokenizer.encode(render_chat(lm.tokenizer.chat_template, [{"role": "user", "content": "w5 w6"}]))
+    assert gen.ids[0][:len(prompt)] == prompt.tolist()  # the template's text, no BOS added before it
+    generated = gen.ids[0][len(prompt):]
+    special = lm.tokenizer.special_token_ids()
+    cut = next((i for i, t in enumerate(generated) if t in special), len(generated))
+    assert gen.texts[0] == lm.tokenizer.decode(generated[:cut])  # the answer ends at the first special token
+    assert gen.texts[0] in out.stdout  # the command prints the same answer (same seed)
+    with pytest.raises(SamplingError, match="chat takes"):
+        lm.generate(None, chat=True)

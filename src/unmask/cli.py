@@ -148,7 +148,7 @@ def json_safe(value):
 def cmd_sample(args) -> int:
     ckpt = open_source(args.checkpoint, args.tokenizer)
     cfg = checkpoint_config(ckpt, args.overrides)
-    gen = run_sample(ckpt, cfg, device_for(args.device), args.prompt, args.template)
+    gen = run_sample(ckpt, cfg, device_for(args.device), args.prompt, args.template, args.chat)
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": gen.summary(), "texts": gen.texts, "ids": gen.ids,
                                                "row_nfe": gen.row_nfe}) + "\n")
@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "repeat for several prompts, each gets sample.num_samples rows")
             p.add_argument("--template", help="text with [MASK] / [MASK*n] where tokens are to be generated "
                            "(infilling); the rest is kept fixed")
+            p.add_argument("--chat", action="store_true", help="the prompts are a user's messages, put in the "
+                           "model's chat template (instruct models); prints the answers")
         p.set_defaults(func=func)
     p = sub.add_parser("export", help="write a model as a Hugging Face style folder or in MDLM's layouts")
     p.add_argument("checkpoint", help=model_help)

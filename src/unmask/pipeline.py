@@ -26,6 +26,7 @@ from .config import (
     parse_overrides,
     to_dict,
 )
+from .data.chat import ChatTemplateError, render_chat
 from .data.layouts import starts_with_bos
 from .data.tokenization import Tokenizer
 from .families import family_of
@@ -132,15 +133,42 @@ class Generation:
                 "nfe": self.nfe, "mean_row_nfe": sum(self.row_nfe) / max(len(self.row_nfe), 1)}
 
 
+def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> str:
+    """The prompt text of a conversation under the model's chat template (which places BOS itself)."""
+    template = tokenizer.chat_template
+    if template is None:
+        raise SamplingError("this model has no chat template (tokenizer_config.json's chat_template)")
+    try:
+        return render_chat(template, messages, bos_token=tokenizer.piece(tokenizer.bos_id),
+                           eos_token=tokenizer.piece(tokenizer.eos_id))
+    except ChatTemplateError as exc:
+        raise SamplingError(str(exc)) from None
+
+
+def chat_answer(tokenizer: Tokenizer, generated: list[int]) -> tuple[str, bool]:
+    """The answer in ``generated`` ids: up to the first special token (end of turn, padding), and whether
+    the model ended its turn there."""
+    special = tokenizer.special_token_ids()
+    end = next((i for i, t in enumerate(generated) if t in special), None)
+    return tokenizer.decode(generated[:end]), end is not None
+
+
 def generate_rows(model, objective: Objective, tokenizer: Tokenizer, cfg: SampleConfig, length: int,
                   model_length: int, prompts: list[str] | None = None, template: str | None = None,
-                  bos: bool = False, device: torch.device | str = "cpu", autocast=None) -> Generation:
+                  bos: bool = False, device: torch.device | str = "cpu", autocast=None,
+                  chat: bool = False) -> Generation:
     """``cfg.num_samples`` samples per prompt (or per template, or unconditional), canvases of
     ``length``, row ``i`` seeded by ``(cfg.seed, i)``. A template's canvas is the template itself (and
-    BOS): only its masks are generated; an insertion model may grow it up to ``length``.
+    BOS): only its masks are generated; an insertion model may grow it up to ``length``. With ``chat``
+    each prompt is a user's message in the model's chat template, and the texts are the answers.
 
     ``autocast`` is an optional context-manager factory for the network's precision.
     """
+    if chat:
+        if not prompts or template is not None:
+            raise SamplingError("chat takes one or more prompts (the user's messages), and no template")
+        prompts = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        bos = False
     sampler = make_sampler(cfg, objective, tokenizer, model_length)
     family = family_of(objective.family)
     grows = family.decoding == "insertion"  # an insertion model lengthens its canvas
@@ -166,8 +194,8 @@ def generate_rows(model, objective: Objective, tokenizer: Tokenizer, cfg: Sample
             canvas[:, len(requests[0]) + int(bos):] = tokenizer.pad_id
         with (autocast() if autocast else contextlib.nullcontext()):
             result = sampler.sample(model, canvas, seeds[start:start + len(canvas)].to(device))
-        for row, n in zip(result.tokens.cpu(), result.row_nfe.tolist()):
-            out.texts.append(tokenizer.decode(row))
+        for row, n, free in zip(result.tokens.cpu(), result.row_nfe.tolist(), (canvas == tokenizer.mask_id).cpu()):
+            out.texts.append(chat_answer(tokenizer, row[free].tolist())[0] if chat else tokenizer.decode(row))
             out.ids.append(row.tolist())
             out.row_nfe.append(n)
         out.nfe += result.nfe
@@ -186,13 +214,15 @@ class LoadedModel:
     config: RunConfig
     source: Checkpoint | Pretrained
 
-    def generate(self, prompts: list[str] | None = None, template: str | None = None, **sample):
-        """Samples with ``SampleConfig`` fields as keywords (``num_samples``, ``sampler``, ``seed``, ...)."""
+    def generate(self, prompts: list[str] | None = None, template: str | None = None, chat: bool = False,
+                 **sample):
+        """Samples with ``SampleConfig`` fields as keywords (``num_samples``, ``sampler``, ``seed``, ...);
+        ``chat``: the prompts are user messages in the model's chat template, the texts its answers."""
         cfg = dataclasses.replace(self.config.sample, **sample)
         device = next(self.model.parameters()).device
         return generate_rows(self.model, self.objective, self.tokenizer, cfg, cfg.length or self.config.data.length,
                              self.config.model.length, prompts, template, bos=starts_with_bos(self.config.data),
-                             device=device)
+                             device=device, chat=chat)
 
     def save_pretrained(self, directory: str | Path, **kw) -> Path:
         """The current weights of ``model`` (fine-tuned or not) with this config and tokenizer."""

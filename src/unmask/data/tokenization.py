@@ -67,9 +67,15 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = True) -> str:
         raise NotImplementedError
 
+    chat_template: str | None = None  # a model's Jinja chat template (Hugging Face tokenizers that have one)
+
     @property
     def special_ids(self) -> set[int]:
         return {self.bos_id, self.eos_id, self.pad_id, self.mask_id}
+
+    def special_token_ids(self) -> set[int]:
+        """Every id of a special token (an answer ends at the first one it generates)."""
+        return self.special_ids
 
     def token_str(self, i: int) -> str:
         """A printable form of one id, used when showing partially masked canvases."""

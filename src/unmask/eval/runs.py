@@ -99,13 +99,13 @@ def run_exact_match(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
 
 
 def run_sample(ckpt: Source, cfg: RunConfig, device: torch.device, prompts: list[str] | None = None,
-               template: str | None = None) -> Generation:
+               template: str | None = None, chat: bool = False) -> Generation:
     s = cfg.sample
     model, objective = load_model(ckpt, ema=s.use_ema, device=device)
     precision = resolve_precision(s.model_precision, device)
     return generate_rows(model, objective, reading_tokenizer(ckpt, cfg), s, s.length or cfg.data.length,
                          cfg.model.length, prompts, template, bos=starts_with_bos(cfg.data), device=device,
-                         autocast=lambda: autocast(device, precision))
+                         autocast=lambda: autocast(device, precision), chat=chat)
 
 
 def run_generation_eval(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:

@@ -16,10 +16,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import ConfigError, SampleConfig
-from ..data.chat import ChatTemplateError, render_chat
 from ..data.layouts import starts_with_bos
 from ..families import FAMILIES, family_of
-from ..pipeline import MASK_MARK, encode_fixed, make_canvas, request_ids
+from ..pipeline import MASK_MARK, chat_answer, chat_prompt, encode_fixed, make_canvas, request_ids
 from ..runtime import autocast, resolve_precision
 from ..samplers.base import SamplingError, row_seeds
 from ..samplers.registry import SAMPLERS, make_sampler, samplers_for
@@ -162,7 +161,7 @@ class ModelService:
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "step": self.loaded.source.step, "soft_mask": bool(cfg.model.soft_mask_top_k),
                 "samplers": samplers_for(self.family.decoding), "default_sampler": self.default_sampler,
-                "chat": self.tokenizer_template() is not None,
+                "chat": self.tokenizer.chat_template is not None,
                 "limits": dataclasses.asdict(self.config), "device": str(self.device)}
 
     def prepare(self, req: CompletionRequest) -> tuple[torch.Tensor, torch.Tensor, SampleConfig, int]:
@@ -211,20 +210,13 @@ class ModelService:
             raise RequestError(str(exc)) from None
         return canvas, row_seeds(seed, req.n), cfg, seed
 
-    def tokenizer_template(self) -> str | None:
-        return getattr(self.tokenizer, "chat_template", None)
-
     def chat_prompt(self, req: ChatCompletionRequest) -> str:
         """The prompt text of a chat request under the model's chat template."""
-        template = self.tokenizer_template()
-        if template is None:
-            raise RequestError("this model has no chat template; use /v1/completions")
-        tk = self.tokenizer
         try:
-            return render_chat(template, [m.model_dump() for m in req.messages], bos_token=tk.piece(tk.bos_id),
-                               eos_token=tk.piece(tk.eos_id))
-        except ChatTemplateError as exc:
-            raise RequestError(str(exc)) from None
+            return chat_prompt(self.tokenizer, [m.model_dump() for m in req.messages])
+        except SamplingError as exc:
+            raise RequestError(f"{exc}; use /v1/completions" if self.tokenizer.chat_template is None else str(exc)) \
+                from None
 
     def _new_tokens(self, prompt: str, max_tokens: int | None, bos: bool) -> int:
         """The tokens to generate after a prompt: ``max_tokens``, or up to the length the model was
@@ -430,10 +422,8 @@ class ModelService:
     def answer(self, canvas: torch.Tensor, row: torch.Tensor) -> tuple[str, str]:
         """A chat answer: the generated ids up to the first special token (end of turn), and the finish
         reason (``stop`` when the model ended its turn, else ``length``)."""
-        ids = row[canvas == self.tokenizer.mask_id].tolist()
-        special = self.tokenizer.special_token_ids()
-        end = next((i for i, t in enumerate(ids) if t in special), None)
-        return self.tokenizer.decode(ids[:end]), "length" if end is None else "stop"
+        text, ended = chat_answer(self.tokenizer, row[canvas == self.tokenizer.mask_id].tolist())
+        return text, "stop" if ended else "length"
 
     def completion_text(self, canvas: torch.Tensor, row: torch.Tensor) -> str:
         """The generated text: the continuation after a prompt, or the whole filled text for infilling."""
