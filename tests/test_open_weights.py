@@ -433,3 +433,22 @@ def test_a_key_padding_mask_makes_ragged_rows_exact():
             assert torch.allclose(together[0, :5], model(short)[0], atol=1e-5), backbone
             assert torch.allclose(together[1], model(long_)[0], atol=1e-5), backbone
             assert not torch.allclose(model(batch)[0, :5], model(short)[0], atol=1e-3)  # without keep it differs
+
+
+@pytest.mark.parametrize("run", ["thr_none", "thr_0.9", "thr_0.5"])
+def test_fast_dllm_threshold_decoding_matches_the_reference(tmp_path, run):
+    """Fast-dLLM's ``generate`` (no cache): with a threshold every candidate at or above it is revealed,
+    the best always, until the block is complete; without, LLaDA's schedule (float64 confidences)."""
+    folder, _, _ = reference_folder(tmp_path, "llada_forward")
+    t, _ = vectors("fastdllm_llada_generate")
+    lm = from_pretrained(folder)
+    canvas = torch.cat([t["prompt"], torch.full((1, 16), 63)], dim=1)
+    threshold = 0.0 if run == "thr_none" else float(run.removeprefix("thr_"))
+    sampler = LLaDASampler(lm.objective, 8, 8, threshold=threshold, temperature=0.0)
+    calls = []
+    lm.model.register_forward_pre_hook(lambda m, args: calls.append(args[0].clone()))
+    out = sampler.sample(lm.model, canvas, row_seeds(0, 1))
+    key = f"generate.{run}"
+    assert torch.equal(out.tokens, t[f"{key}.output"]) and out.nfe == int(t[f"{key}.nfe"])
+    assert (t[f"{key}.call_kind"] == 0).all()  # every call of this function sees the full canvas
+    assert torch.equal(torch.cat(calls, dim=1), t[f"{key}.call_input_ids_flat"])

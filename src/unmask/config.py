@@ -194,7 +194,7 @@ class SampleConfig:
     block_length: int = 32  # llada: semi-autoregressive block length
     alg_temp: float = 0.0  # dream: > 0 draws the revealed positions from softmax(confidence / alg_temp)
     eps: float = 1e-3  # dream: the time grid runs from 1 to eps
-    threshold: float = 0.0  # dream: > 0 reveals every candidate whose confidence reaches it (Fast-dLLM)
+    threshold: float = 0.0  # llada, dream: > 0 reveals every candidate whose confidence reaches it (Fast-dLLM)
     reveal: str = "linear"  # confidence: linear or cosine reveal schedule
     remask: float = 0.0  # confidence: share of revealed tokens masked again per step
     window: int = 0  # semi-autoregressive window (0: one canvas)

@@ -8,7 +8,17 @@ import time
 import torch
 
 from ..objectives.mdlm import MaskedDiffusion
-from .base import ORDER, PURPOSES, TOKEN, RowStreams, SampleResult, SamplingError, StepCallback, choose_per_row
+from .base import (
+    ORDER,
+    PURPOSES,
+    TOKEN,
+    RowStreams,
+    SampleResult,
+    SamplingError,
+    StepCallback,
+    choose_per_row,
+    ranks_in_row,
+)
 from .confidence import CONFIDENCE_SCORES
 from .denoiser import DiffusionSampler
 
@@ -35,26 +45,35 @@ class LLaDASampler(DiffusionSampler):
     candidate (LLaDA's argmax runs over the whole vocabulary; its released models never predict the
     mask). Per-row random streams: Gumbel noise and random confidences are keyed by (row seed, step,
     position), so rows are batch-invariant and ragged prompts get their own blocks.
+
+    ``threshold > 0`` is Fast-dLLM's threshold decoding (Wu et al. 2025, ``generate(threshold=)``): a step
+    reveals the most confident candidate of the block and every other whose confidence (float64, as
+    Fast-dLLM computes it) reaches the threshold, and a block takes as many steps as it needs (``steps``
+    is then unused; each row stops being evaluated when its block is complete).
     """
 
     def __init__(self, diffusion: MaskedDiffusion, steps: int, block_length: int, score: str = "confidence",
-                 **knobs):
+                 threshold: float = 0.0, **knobs):
         if steps < 1 or block_length < 1:
             raise SamplingError(f"steps and block_length must be >= 1, got {steps} and {block_length}")
+        if not 0 <= threshold <= 1 or (threshold and score != "confidence"):
+            raise SamplingError(f"threshold decoding takes a threshold in [0, 1] and score=confidence; got "
+                                f"{threshold} and {score!r}")
         if score not in CONFIDENCE_SCORES:
             raise SamplingError(f"unknown confidence score {score!r}; known: {', '.join(CONFIDENCE_SCORES)}")
         super().__init__(diffusion, **knobs)
         if self.top_k or self.top_p < 1 or self.precision != "float64":
             raise SamplingError("the llada sampler draws by Gumbel-max over the whole vocabulary: top_k, top_p "
                                 "and precision=float32 do not apply")
-        self.steps, self.block_length, self.score = steps, block_length, score
+        self.steps, self.block_length, self.score, self.threshold = steps, block_length, score, threshold
         self.streams = RowStreams  # the per-row random streams (a test can give recorded draws instead)
 
     def candidates(self, logits: torch.Tensor, streams: RowStreams, rows: torch.Tensor, step: int,
                    cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, confidence) at N positions from their logits (N, V)."""
         logits = logits.float()
-        probs = logits.softmax(-1)  # float32 over the whole vocabulary, as LLaDA's confidence
+        # over the whole vocabulary; float32 as LLaDA's confidence, float64 as Fast-dLLM's with a threshold
+        probs = (logits.double() if self.threshold else logits).softmax(-1)
         allowed = logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), float("-inf"))
         counter = step * PURPOSES
         if self.temperature == 0:
@@ -83,7 +102,7 @@ class LLaDASampler(DiffusionSampler):
         free = canvas == self.mask_id
         first = torch.where(free.any(dim=1), free.float().argmax(dim=1), torch.full((b,), length, device=x.device))
         blocks = int((-(-(length - first) // self.block_length)).max())
-        if blocks > self.steps:
+        if blocks > self.steps and not self.threshold:
             raise SamplingError(f"steps={self.steps} is fewer than the {blocks} blocks of {self.block_length} "
                                 f"positions to generate")
         column = torch.arange(length, device=x.device)[None]
@@ -91,29 +110,46 @@ class LLaDASampler(DiffusionSampler):
         row_nfe = torch.zeros(b, dtype=torch.long)
         step = 0
         for k in range(blocks):
-            per_block = self.steps // blocks + (k < self.steps % blocks)
             in_block = block_of == k
+            if self.threshold:  # Fast-dLLM: as many steps as the block needs
+                while True:
+                    todo = (x == self.mask_id) & in_block
+                    rows = todo.any(dim=1).nonzero()[:, 0]
+                    if not len(rows):
+                        break
+                    step += 1
+                    self._step(x, denoise, streams, rows, todo, step, row_nfe, None)
+                    if on_step is not None:
+                        on_step(x)
+                continue
+            per_block = self.steps // blocks + (k < self.steps % blocks)
             counts = per_step_counts(((x == self.mask_id) & in_block).sum(dim=1), per_block)
             for i in range(per_block):
                 step += 1
-                todo = (x == self.mask_id) & in_block
                 rows = (counts[:, i] > 0).nonzero()[:, 0]
                 if not len(rows):
                     continue
-                t = torch.full((len(rows),), 1 - (step - 1) / self.steps, dtype=torch.float64, device=x.device)
-                logits = denoise(x[rows], t, todo[rows], rows)
-                row_nfe[rows.cpu()] += 1
-                where = todo[rows].nonzero()
-                abs_rows = rows[where[:, 0]]
-                x0, score = self.candidates(logits, streams, abs_rows, step - 1, where[:, 1])
-                confidence = torch.full((len(rows), length), float("-inf"), dtype=torch.float64, device=x.device)
-                confidence[where[:, 0], where[:, 1]] = score
-                chosen = choose_per_row(confidence, counts[rows, i])
-                proposal = torch.full((len(rows), length), self.mask_id, dtype=x.dtype, device=x.device)
-                proposal[where[:, 0], where[:, 1]] = x0
-                sub = x[rows]
-                sub[chosen] = proposal[chosen]
-                x[rows] = sub
+                self._step(x, denoise, streams, rows, (x == self.mask_id) & in_block, step, row_nfe, counts[rows, i])
                 if on_step is not None:
                     on_step(x)
         return SampleResult(x, denoise.calls, row_nfe, time.perf_counter() - start_time, int(free.sum()))
+
+    def _step(self, x, denoise, streams, rows, todo, step: int, row_nfe, counts: torch.Tensor | None) -> None:
+        """One network call for ``rows``: reveal ``counts`` (per row) of the most confident candidates in
+        ``todo``, or (``counts`` None) the most confident and every other at or above the threshold."""
+        t = torch.full((len(rows),), max(0.0, 1 - (step - 1) / self.steps), dtype=torch.float64, device=x.device)
+        logits = denoise(x[rows], t, todo[rows], rows)
+        row_nfe[rows.cpu()] += 1
+        where = todo[rows].nonzero()
+        x0, score = self.candidates(logits, streams, rows[where[:, 0]], step - 1, where[:, 1])
+        confidence = torch.full(todo[rows].shape, float("-inf"), dtype=torch.float64, device=x.device)
+        confidence[where[:, 0], where[:, 1]] = score
+        if counts is None:
+            chosen = ((ranks_in_row(confidence) == 0) | (confidence >= self.threshold)) & (confidence > float("-inf"))
+        else:
+            chosen = choose_per_row(confidence, counts)
+        proposal = torch.full(todo[rows].shape, self.mask_id, dtype=x.dtype, device=x.device)
+        proposal[where[:, 0], where[:, 1]] = x0
+        sub = x[rows]
+        sub[chosen] = proposal[chosen]
+        x[rows] = sub
