@@ -452,3 +452,30 @@ def test_fast_dllm_threshold_decoding_matches_the_reference(tmp_path, run):
     assert torch.equal(out.tokens, t[f"{key}.output"]) and out.nfe == int(t[f"{key}.nfe"])
     assert (t[f"{key}.call_kind"] == 0).all()  # every call of this function sees the full canvas
     assert torch.equal(torch.cat(calls, dim=1), t[f"{key}.call_input_ids_flat"])
+
+
+@pytest.mark.parametrize("function", ["generate_with_prefix_cache", "generate_with_dual_cache"])
+@pytest.mark.parametrize("run", ["thr_none", "thr_0.9", "thr_0.5"])
+def test_fast_dllm_cached_decoding_matches_the_reference(tmp_path, function, run):
+    """Fast-dLLM's prefix and dual caches: every output token, the NFE (including Fast-dLLM's call after a
+    block-completing full forward, in reference_compatible mode) and every call's input (full canvas at a
+    block's start, then the canvas from the block on, or the block alone)."""
+    folder, _, _ = reference_folder(tmp_path, "llada_forward")
+    t, _ = vectors("fastdllm_llada_generate")
+    lm = from_pretrained(folder)
+    canvas = torch.cat([t["prompt"], torch.full((1, 16), 63)], dim=1)
+    threshold = 0.0 if run == "thr_none" else float(run.removeprefix("thr_"))
+    mode = "prefix" if "prefix" in function else "dual"
+    sampler = LLaDASampler(lm.objective, 8, 8, threshold=threshold, temperature=0.0, block_cache=mode,
+                           reference_compatible=True)
+    calls = []
+    lm.model.register_forward_pre_hook(lambda m, args: calls.append(args[0].clone()))
+    out = sampler.sample(lm.model, canvas, row_seeds(0, 1))
+    key = f"{function}.{run}"
+    assert torch.equal(out.tokens, t[f"{key}.output"])
+    assert out.nfe == int(t[f"{key}.nfe"]) == len(calls)
+    assert [c.shape[1] for c in calls] == t[f"{key}.call_lengths"].tolist()
+    assert torch.equal(torch.cat(calls, dim=1), t[f"{key}.call_input_ids_flat"])
+    sampler.reference_compatible = False  # unmask's default skips the call that can change nothing
+    again = sampler.sample(lm.model, canvas, row_seeds(0, 1))
+    assert torch.equal(again.tokens, out.tokens) and again.nfe <= out.nfe

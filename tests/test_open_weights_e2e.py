@@ -161,3 +161,15 @@ def test_unmask_sample_chat_answers_in_the_chat_template(folders):
     assert gen.texts[0] in out.stdout  # the command prints the same answer (same seed)
     with pytest.raises(SamplingError, match="chat takes"):
         lm.generate(None, chat=True)
+
+
+def test_fast_dllm_cached_decoding_from_the_command_line(folders, tmp_path):
+    common = ["sample.sampler=llada", "sample.length=24", "sample.block_length=8", "sample.steps=16",
+              "sample.threshold=0.9", "sample.num_samples=2"]
+    for mode in ("prefix", "dual"):
+        out = unmask("sample", folders["llada"], "--prompt", "w1 w2 w3", *common, f"sample.block_cache={mode}")
+        assert out.returncode == 0, out.stderr
+        assert sum(line.startswith("w1 w2 w3") for line in out.stdout.splitlines()) == 2
+    ragged = unmask("sample", folders["llada"], "--prompt", "w1 w2 w3", "--prompt", "w4", *common,
+                    "sample.block_cache=dual")
+    assert ragged.returncode == 2 and "equal prompt lengths" in ragged.stderr

@@ -59,7 +59,10 @@ def apply_rotary(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of the tokens a causal model has seen, per block: (B, kv_heads, capacity, d)."""
+    """Keys and values of the tokens a causal model has seen, per block: (B, kv_heads, capacity, d).
+    ``length``: the position of the next token; ``advance(n)`` after a call on ``n`` new tokens."""
+
+    bidirectional = False  # exact for causal models only
 
     def __init__(self, blocks: int, batch: int, heads: int, head_dim: int, capacity: int,
                  device: torch.device | str, dtype: torch.dtype):
@@ -79,6 +82,48 @@ class KVCache:
         if new > 1:  # query i (absolute position start+i) sees keys 0..start+i
             mask = torch.ones(new, end, dtype=torch.bool, device=k.device).tril(diagonal=start)
         return self.keys[layer][:, :, :end].to(k.dtype), self.values[layer][:, :, :end].to(k.dtype), mask
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+class BlockCache:
+    """Fast-dLLM's approximate caches for a bidirectional model decoding a canvas block by block (Wu et al.
+    2025). A call with ``recording`` on the whole canvas stores every layer's keys and values (after
+    rotary). Later calls feed a chunk starting at position ``length`` for the batch rows ``rows``:
+
+    * ``prefix``: the chunk is the canvas from the block's start to its end; its queries attend to the
+      stored keys/values of the positions before it and to the chunk's own fresh ones;
+    * ``dual``: the chunk is the block; its fresh keys/values replace the stored ones at its positions and
+      its queries attend to all stored positions (those after the block are as of the last recording).
+
+    The stale keys/values make this an approximation (the canvas changed since the recording); the
+    cache is refreshed by recording again, at every block's start."""
+
+    bidirectional = True
+
+    def __init__(self, mode: str):
+        if mode not in ("prefix", "dual"):
+            raise ValueError(f"block cache mode must be prefix or dual, got {mode!r}")
+        self.mode, self.keys, self.values = mode, {}, {}
+        self.recording, self.length = True, 0
+        self.rows: torch.Tensor | None = None  # the batch rows of the next call (None: all)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.recording:
+            self.keys[layer], self.values[layer] = k, v
+            return k, v, None
+        rows = slice(None) if self.rows is None else self.rows
+        start, end = self.length, self.length + k.shape[2]
+        if self.mode == "prefix":
+            keys, values = self.keys[layer][rows, :, :start], self.values[layer][rows, :, :start]
+            return torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2), None
+        self.keys[layer][rows, :, start:end] = k
+        self.values[layer][rows, :, start:end] = v
+        return self.keys[layer][rows], self.values[layer][rows], None
+
+    def advance(self, n: int) -> None:
+        """The positions of a chunk are set before each call (``length``); nothing moves after it."""
 
 
 def bucketed_positions(mask: torch.Tensor, buckets: int = 16) -> tuple[torch.Tensor, int]:

@@ -193,8 +193,8 @@ class DiT(nn.Module):
         b, length = x.shape[:2]
         start = 0
         if cache is not None:
-            if not self.causal:
-                raise ValueError("a KV cache is only exact for a causal model")
+            if not self.causal or cache.bidirectional:
+                raise ValueError("the DiT takes a KV cache when causal (block caches: the Llama backbone)")
             start = cache.length
         if start + length > self.cfg.length:
             raise ValueError(f"sequence length {start + length} exceeds the model's maximum {self.cfg.length}")
@@ -204,7 +204,7 @@ class DiT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, blocks[i], self.causal, cache, i, keep)
         if cache is not None:
-            cache.length += length
+            cache.advance(length)
         return x, final
 
     def modulations(self, sigma: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
@@ -228,6 +228,7 @@ class DiT(nn.Module):
         return rows
 
     INPUT_EMBEDDING = "vocab_embed.embedding"  # the state-dict name of the input embedding
+    BLOCK_CACHES = False  # takes a BlockCache (Fast-dLLM's prefix and dual caches) when bidirectional
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         """The input embedding and the output layer (what "non-embedding parameters" leave out)."""

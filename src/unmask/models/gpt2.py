@@ -104,8 +104,9 @@ class GPT2(nn.Module):
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, V), or (N, V) at ``positions``; ``cache``, ``keep`` and ``feedback`` as for the
         other backbones."""
-        if cache is not None and not self.causal:
-            raise ValueError("a KV cache is only exact for a causal model")
+        if cache is not None and cache.bidirectional == self.causal:
+            raise ValueError(f"a {type(cache).__name__} is for {'bidirectional' if cache.bidirectional else 'causal'}"
+                             f" models")
         x = input_embeddings(self.transformer.wte.weight, self.soft_mask, self.mask_id, ids, inputs_embeds, feedback)
         start = cache.length if cache is not None else 0
         length = x.shape[1]
@@ -115,13 +116,14 @@ class GPT2(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, self.causal, keep, cache, i)
         if cache is not None:
-            cache.length += length
+            cache.advance(length)
         h = self.transformer.ln_f(x)
         if self.cfg.logit_shift:
             h = shift_by_one(h)
         return self.lm_head(select_positions(h, positions))
 
     INPUT_EMBEDDING = "transformer.wte.weight"  # the state-dict name of the input embedding
+    BLOCK_CACHES = True  # takes a BlockCache (Fast-dLLM's prefix and dual caches) when bidirectional
 
     def materialize(self, device: torch.device | str) -> None:
         """After the weights were assigned to a model made on the meta device: tie the output layer again."""

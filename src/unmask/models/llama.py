@@ -139,8 +139,9 @@ class Transformer(nn.Module):
         continue the cached ones. ``keep`` (B, L) bool: attend only to these positions (padding).
         ``feedback`` (soft-mask models): the previous pass, blended into the masked positions' inputs
         (with ``logit_shift`` the feedback comes from the shifted logits, as Dream's soft-masking)."""
-        if cache is not None and not self.causal:
-            raise ValueError("a KV cache is only exact for a causal model")
+        if cache is not None and cache.bidirectional == self.causal:
+            raise ValueError(f"a {type(cache).__name__} is for {'bidirectional' if cache.bidirectional else 'causal'}"
+                             f" models")
         x = input_embeddings(self.model.embed_tokens.weight, self.soft_mask, self.mask_id, ids, inputs_embeds,
                              feedback)
         start = cache.length if cache is not None else 0
@@ -152,13 +153,14 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rotary, self.causal, keep, cache, i)
         if cache is not None:
-            cache.length += length
+            cache.advance(length)
         h = self.model.norm(x)
         if self.cfg.logit_shift:  # the output at i - 1 scores position i; position 0 keeps its own
             h = shift_by_one(h)
         return self.lm_head(select_positions(h, positions))
 
     INPUT_EMBEDDING = "model.embed_tokens.weight"  # the state-dict name of the input embedding
+    BLOCK_CACHES = True  # takes a BlockCache (Fast-dLLM's prefix and dual caches) when bidirectional
 
     def materialize(self, device: torch.device | str) -> None:
         """After the weights were assigned to a model made on the meta device: tie the output layer again

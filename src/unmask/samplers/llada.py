@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from ..models.common import BlockCache
+from ..objectives.base import unwrap
 from ..objectives.mdlm import MaskedDiffusion
 from .base import (
     ORDER,
@@ -53,7 +55,7 @@ class LLaDASampler(DiffusionSampler):
     """
 
     def __init__(self, diffusion: MaskedDiffusion, steps: int, block_length: int, score: str = "confidence",
-                 threshold: float = 0.0, **knobs):
+                 threshold: float = 0.0, block_cache: str = "none", reference_compatible: bool = False, **knobs):
         if steps < 1 or block_length < 1:
             raise SamplingError(f"steps and block_length must be >= 1, got {steps} and {block_length}")
         if not 0 <= threshold <= 1 or (threshold and score != "confidence"):
@@ -65,7 +67,12 @@ class LLaDASampler(DiffusionSampler):
         if self.top_k or self.top_p < 1 or self.precision != "float64":
             raise SamplingError("the llada sampler draws by Gumbel-max over the whole vocabulary: top_k, top_p "
                                 "and precision=float32 do not apply")
+        if block_cache not in ("none", "prefix", "dual"):
+            raise SamplingError(f"block_cache must be none, prefix or dual, got {block_cache!r}")
+        if block_cache != "none" and self.guidance:
+            raise SamplingError("the block caches run the network directly: no guidance with them")
         self.steps, self.block_length, self.score, self.threshold = steps, block_length, score, threshold
+        self.block_cache, self.reference_compatible = block_cache, reference_compatible
         self.streams = RowStreams  # the per-row random streams (a test can give recorded draws instead)
 
     def candidates(self, logits: torch.Tensor, streams: RowStreams, rows: torch.Tensor, step: int,
@@ -108,6 +115,9 @@ class LLaDASampler(DiffusionSampler):
         column = torch.arange(length, device=x.device)[None]
         block_of = torch.where(column >= first[:, None], (column - first[:, None]) // self.block_length, -1)
         row_nfe = torch.zeros(b, dtype=torch.long)
+        if self.block_cache != "none":
+            calls = self._cached(model, x, streams, first, blocks, block_of, row_nfe, on_step)
+            return SampleResult(x, calls, row_nfe, time.perf_counter() - start_time, int(free.sum()))
         step = 0
         for k in range(blocks):
             in_block = block_of == k
@@ -118,7 +128,7 @@ class LLaDASampler(DiffusionSampler):
                     if not len(rows):
                         break
                     step += 1
-                    self._step(x, denoise, streams, rows, todo, step, row_nfe, None)
+                    self._step(x, self._denoised(denoise, x, step), streams, rows, todo, step, row_nfe, None)
                     if on_step is not None:
                         on_step(x)
                 continue
@@ -129,16 +139,68 @@ class LLaDASampler(DiffusionSampler):
                 rows = (counts[:, i] > 0).nonzero()[:, 0]
                 if not len(rows):
                     continue
-                self._step(x, denoise, streams, rows, (x == self.mask_id) & in_block, step, row_nfe, counts[rows, i])
+                self._step(x, self._denoised(denoise, x, step), streams, rows, (x == self.mask_id) & in_block, step,
+                           row_nfe, counts[rows, i])
                 if on_step is not None:
                     on_step(x)
         return SampleResult(x, denoise.calls, row_nfe, time.perf_counter() - start_time, int(free.sum()))
 
-    def _step(self, x, denoise, streams, rows, todo, step: int, row_nfe, counts: torch.Tensor | None) -> None:
-        """One network call for ``rows``: reveal ``counts`` (per row) of the most confident candidates in
-        ``todo``, or (``counts`` None) the most confident and every other at or above the threshold."""
-        t = torch.full((len(rows),), max(0.0, 1 - (step - 1) / self.steps), dtype=torch.float64, device=x.device)
-        logits = denoise(x[rows], t, todo[rows], rows)
+    def _denoised(self, denoise, x, step: int):
+        """Logits (N, V) at the ``todo`` positions of ``rows``, from the denoiser (guidance, soft-masking)."""
+        def logits(rows, todo):
+            t = torch.full((len(rows),), max(0.0, 1 - (step - 1) / self.steps), dtype=torch.float64, device=x.device)
+            return denoise(x[rows], t, todo[rows], rows)
+        return logits
+
+    def _cached(self, model, x, streams, first, blocks: int, block_of, row_nfe, on_step) -> int:
+        """Fast-dLLM's cached decoding (``block_cache`` prefix or dual, see :class:`BlockCache`): per block,
+        one full-canvas call that records the cache and reveals, then calls on the block (dual) or on the
+        canvas from the block on (prefix) until the block is complete. Every row is evaluated at every call
+        (its results do not depend on the others); the rows must share their block boundaries. Returns the
+        number of network calls. ``reference_compatible``: like Fast-dLLM, call once more after the full
+        forward even when it completed the block (the call changes nothing but is counted)."""
+        if not getattr(unwrap(model), "BLOCK_CACHES", False):
+            raise SamplingError(f"sample.block_cache needs a backbone that takes block caches (llama, gpt2), not "
+                                f"{type(unwrap(model)).__name__}")
+        if not bool((first == first[0]).all()):
+            raise SamplingError("the block caches need rows whose generated parts start at the same position "
+                                "(equal prompt lengths)")
+        b, length = x.shape
+        rows, calls, step = torch.arange(b, device=x.device), 0, 0
+        cache = BlockCache(self.block_cache)
+        for k in range(blocks):
+            start = int(first[0]) + k * self.block_length
+            end = min(start + self.block_length, length)
+            in_block = block_of == k
+            per_block = self.steps // blocks + (k < self.steps % blocks)
+            counts = per_step_counts(((x == self.mask_id) & in_block).sum(dim=1), per_block)
+            i = 0
+            while True:
+                todo = (x == self.mask_id) & in_block
+                if i > 0 and not todo.any() and not (self.reference_compatible and i == 1):
+                    break
+                cache.recording, cache.length = i == 0, 0 if i == 0 else start
+                chunk = x if i == 0 else x[:, start:end] if self.block_cache == "dual" else x[:, start:]
+                out, offset = model(chunk, cache=cache).float(), 0 if i == 0 else start
+
+                def logits(r, t, out=out, offset=offset):  # the chunk's logits at the todo positions
+                    return out[r][t[r][:, offset:offset + out.shape[1]]]
+
+                step, calls = step + 1, calls + 1
+                count = None if self.threshold else counts[:, i] if i < per_block else torch.zeros_like(counts[:, 0])
+                self._step(x, logits, streams, rows, todo, step, row_nfe, count)
+                if on_step is not None:
+                    on_step(x)
+                i += 1
+                if i > 1 and not ((x == self.mask_id) & in_block).any():
+                    break
+        return calls
+
+    def _step(self, x, logits_of, streams, rows, todo, step: int, row_nfe, counts: torch.Tensor | None) -> None:
+        """One network call for ``rows`` (``logits_of(rows, todo)``: logits (N, V) at the ``todo`` positions of
+        those rows, row-major): reveal ``counts`` (per row) of the most confident candidates in ``todo``, or
+        (``counts`` None) the most confident and every other at or above the threshold."""
+        logits = logits_of(rows, todo)
         row_nfe[rows.cpu()] += 1
         where = todo[rows].nonzero()
         x0, score = self.candidates(logits, streams, rows[where[:, 0]], step - 1, where[:, 1])

@@ -62,9 +62,9 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
                 lambda cfg, objective, tok: ConfidenceSampler(objective, cfg.steps, cfg.score, cfg.reveal, cfg.remask,
                                                               **_denoise(cfg)),
                 "reveal the most confident positions on a linear or cosine schedule, optionally remasking"),
-    SamplerSpec("llada", "diffusion", ("steps", "block_length", "score", "threshold") + DIFFUSION,
+    SamplerSpec("llada", "diffusion", ("steps", "block_length", "score", "threshold", "block_cache") + DIFFUSION,
                 lambda cfg, objective, tok: LLaDASampler(objective, cfg.steps, cfg.block_length, cfg.score,
-                                                         cfg.threshold, **_denoise(cfg)),
+                                                         cfg.threshold, cfg.block_cache, **_denoise(cfg)),
                 "LLaDA's decoding: low-confidence (or random) remasking in semi-autoregressive blocks; "
                 "threshold: Fast-dLLM's rule"),
     SamplerSpec("dream", "diffusion", ("steps", "score", "alg_temp", "eps", "threshold") + DIFFUSION,
@@ -85,6 +85,7 @@ register_choices("sample.score", tuple(dict.fromkeys(CONFIDENCE_SCORES + DREAM_S
 register_choices("sample.reveal", REVEAL_SCHEDULES)
 register_choices("sample.guidance_schedule", GUIDANCE_SCHEDULES)
 register_choices("sample.gap", GAP_CHOICES)
+register_choices("sample.block_cache", ("none", "prefix", "dual"))
 assert all(spec.default_sampler in SAMPLERS for spec in FAMILIES.values() if spec.default_sampler)
 
 
