@@ -479,3 +479,22 @@ def test_fast_dllm_cached_decoding_matches_the_reference(tmp_path, function, run
     sampler.reference_compatible = False  # unmask's default skips the call that can change nothing
     again = sampler.sample(lm.model, canvas, row_seeds(0, 1))
     assert torch.equal(again.tokens, out.tokens) and again.nfe <= out.nfe
+
+
+@pytest.mark.parametrize("run", ["confidence_threshold_thr_0.9", "confidence_threshold_thr_0.5", "entropy"])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_fast_dllm_dream_block_decoding_matches_the_reference(tmp_path, run, mode):
+    folder, _, _ = reference_folder(tmp_path, "dream_forward")
+    t, _ = vectors("fastdllm_dream_block_generate")
+    lm = from_pretrained(folder)
+    canvas = torch.cat([t["prompt"], torch.full((1, 16), 63)], dim=1)
+    threshold = float(run.rsplit("_", 1)[1]) if run.startswith("confidence") else 0.0
+    sampler = DreamSampler(lm.objective, 8, "confidence" if threshold else "entropy", threshold=threshold,
+                           temperature=0.0, block_length=8, block_cache=mode)
+    calls = []
+    lm.model.register_forward_pre_hook(lambda m, args: calls.append(args[0].clone()))
+    out = sampler.sample(lm.model, canvas, row_seeds(0, 1))
+    key = f"{run}.{mode}"
+    assert torch.equal(out.tokens, t[f"{key}.output"])
+    assert out.nfe == int(t[f"{key}.nfe"]) == len(calls)
+    assert torch.equal(torch.cat(calls, dim=1), t[f"{key}.call_input_ids_flat"])

@@ -173,3 +173,6 @@ def test_fast_dllm_cached_decoding_from_the_command_line(folders, tmp_path):
     ragged = unmask("sample", folders["llada"], "--prompt", "w1 w2 w3", "--prompt", "w4", *common,
                     "sample.block_cache=dual")
     assert ragged.returncode == 2 and "equal prompt lengths" in ragged.stderr
+    dream = unmask("sample", folders["dream"], "--prompt", "w1 w2 w3", "sample.sampler=dream", "sample.length=24",
+                   "sample.block_length=8", "sample.block_cache=prefix", "sample.threshold=0.9", "sample.score=confidence")
+    assert dream.returncode == 0, dream.stderr

@@ -191,8 +191,8 @@ class SampleConfig:
     cache: bool = True  # ancestral: reuse a row's prediction while its canvas is unchanged (same samples; where exact)
     tokens_per_step: int = 1  # first_hitting: tokens revealed per network call
     score: str = "confidence"  # confidence/llada: confidence, margin, entropy or random; dream: also origin
-    block_length: int = 32  # llada: semi-autoregressive block length
-    block_cache: str = "none"  # llada: Fast-dLLM's approximate KV cache per block: none, prefix or dual
+    block_length: int = 32  # llada, and dream with a block_cache: semi-autoregressive block length
+    block_cache: str = "none"  # llada, dream: Fast-dLLM's approximate KV cache, none, prefix or dual (dream: in blocks)
     alg_temp: float = 0.0  # dream: > 0 draws the revealed positions from softmax(confidence / alg_temp)
     eps: float = 1e-3  # dream: the time grid runs from 1 to eps
     threshold: float = 0.0  # llada, dream: > 0 reveals every candidate whose confidence reaches it (Fast-dLLM)

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from ..models.common import BlockCache
+from ..objectives.base import unwrap
 from ..objectives.mdlm import MaskedDiffusion
 from .base import (
     ORDER,
@@ -51,7 +53,8 @@ class DreamSampler(DiffusionSampler):
     """
 
     def __init__(self, diffusion: MaskedDiffusion, steps: int, score: str = "entropy", alg_temp: float = 0.0,
-                 eps: float = 1e-3, threshold: float = 0.0, **knobs):
+                 eps: float = 1e-3, threshold: float = 0.0, block_length: int = 0, block_cache: str = "none",
+                 **knobs):
         if steps < 1:
             raise SamplingError(f"steps must be >= 1, got {steps}")
         score = DREAM_ALGORITHMS.get(score, score)
@@ -63,8 +66,15 @@ class DreamSampler(DiffusionSampler):
                                 f"{threshold}")
         if threshold and score != "confidence":
             raise SamplingError("threshold decoding ranks by max-probability confidence (score=confidence)")
+        if block_length < 0 or block_cache not in ("none", "prefix", "dual") or (block_cache != "none" and
+                                                                                 not block_length):
+            raise SamplingError(f"block_length >= 0 and block_cache none, prefix or dual (with blocks); got "
+                                f"{block_length}, {block_cache!r}")
         super().__init__(diffusion, **knobs)
+        if block_length and (self.guidance or alg_temp or score == "origin"):
+            raise SamplingError("Fast-dLLM's block sampler takes neither guidance, alg_temp nor origin")
         self.steps, self.score, self.alg_temp, self.eps, self.threshold = steps, score, alg_temp, eps, threshold
+        self.block_length, self.block_cache = block_length, block_cache
         self.streams = RowStreams  # the per-row random streams (a test can give recorded draws instead)
 
     def candidates(self, logits: torch.Tensor, streams, rows, counter, cols) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +106,10 @@ class DreamSampler(DiffusionSampler):
         x, streams, denoise = canvas.clone(), self.streams(seeds), self.denoiser(model, canvas)
         b, length = x.shape
         free = canvas == self.mask_id
+        if self.block_length:
+            row_nfe = torch.zeros(b, dtype=torch.long)
+            calls = self._blocks(model, x, streams, row_nfe, on_step)
+            return SampleResult(x, calls, row_nfe, time.perf_counter() - start_time, int(free.sum()))
         grid = torch.linspace(1, self.eps, self.steps + 1)  # float32, as Dream
         row_nfe = torch.zeros(b, dtype=torch.long)
         masks = free.sum(dim=1)
@@ -152,3 +166,63 @@ class DreamSampler(DiffusionSampler):
         rejected = (asked & ~chosen).sum(dim=1)
         extend = (rejected > 0) & (last == step)
         return chosen, torch.where(extend, 0, n0), rejected, last + extend.long()
+
+    def _blocks(self, model, x, streams, row_nfe, on_step) -> int:
+        """Fast-dLLM's block-wise Dream sampler (``generation_utils_block``): the generated part in blocks of
+        ``block_length``; per block one full-canvas call (recording the ``block_cache``) whose shifted
+        logits reveal the block's first position by argmax, then calls on the canvas from the block on
+        (prefix, or without cache the whole canvas) or on the block alone (dual) until it is complete:
+        with ``threshold`` the best candidate and every other at or above it; else the schedule of
+        ``steps / blocks`` steps per block, ``int(M (1 - t_{i+1}/t_i))`` at step ``i`` (the full call was
+        step 0), everything left at the last. Returns the number of network calls; the rows must share
+        their block boundaries."""
+        b, length = x.shape
+        free = x == self.mask_id
+        first = torch.where(free.any(dim=1), free.float().argmax(dim=1), torch.full((b,), length, device=x.device))
+        if not bool((first == first[0]).all()):
+            raise SamplingError("Fast-dLLM's block sampler needs rows whose generated parts start at the same "
+                                "position (equal prompt lengths)")
+        if self.block_cache != "none" and not getattr(unwrap(model), "BLOCK_CACHES", False):
+            raise SamplingError(f"sample.block_cache needs a backbone that takes block caches (llama, gpt2), not "
+                                f"{type(unwrap(model)).__name__}")
+        start0 = int(first[0])
+        blocks = -(-(length - start0) // self.block_length)
+        per_block = max(1, self.steps // max(blocks, 1))
+        grid = torch.linspace(1, self.eps, per_block + 1)
+        cache = BlockCache(self.block_cache) if self.block_cache != "none" else None
+        calls, step = 0, 0
+        for k in range(blocks):
+            start, end = start0 + k * self.block_length, min(start0 + (k + 1) * self.block_length, length)
+            i = 0
+            while i == 0 or (x[:, start:end] == self.mask_id).any():
+                if cache is not None:
+                    cache.recording, cache.length = i == 0, 0 if i == 0 else start
+                offset = 0 if i == 0 or cache is None else start
+                chunk = x[:, offset:end] if self.block_cache == "dual" and i > 0 else x[:, offset:]
+                out = (model(chunk, cache=cache) if cache is not None else model(chunk)).float()
+                calls, step = calls + 1, step + 1
+                row_nfe += 1
+                todo = torch.zeros_like(free)
+                todo[:, start:end] = x[:, start:end] == self.mask_id
+                where = todo.nonzero()
+                x0, confidence = self.candidates(out[where[:, 0], where[:, 1] - offset], streams, where[:, 0],
+                                                 step * PURPOSES, where[:, 1])
+                score = torch.full(x.shape, float("-inf"), device=x.device, dtype=torch.float64)
+                score[where[:, 0], where[:, 1]] = confidence.double()
+                if i == 0:  # the block's first position, by argmax, whatever its confidence
+                    chosen = torch.zeros_like(free)
+                    chosen[:, start] = todo[:, start]
+                elif self.threshold:
+                    chosen = ((ranks_in_row(score) == 0) | (score >= self.threshold)) & todo
+                else:
+                    left = todo.sum(dim=1)
+                    n = left if i >= per_block - 1 else (left.float() * (1 - grid[i + 1] / grid[i])).long()
+                    chosen = choose_per_row(score, n)
+                proposal = torch.full_like(x, self.mask_id)
+                proposal[where[:, 0], where[:, 1]] = x0
+                x[chosen] = proposal[chosen]
+                i += 1
+                if on_step is not None:
+                    on_step(x)
+        return calls
+

@@ -67,9 +67,11 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
                                                          cfg.threshold, cfg.block_cache, **_denoise(cfg)),
                 "LLaDA's decoding: low-confidence (or random) remasking in semi-autoregressive blocks; "
                 "threshold: Fast-dLLM's rule"),
-    SamplerSpec("dream", "diffusion", ("steps", "score", "alg_temp", "eps", "threshold") + DIFFUSION,
+    SamplerSpec("dream", "diffusion", ("steps", "score", "alg_temp", "eps", "threshold", "block_cache",
+                                       "block_length") + DIFFUSION,
                 lambda cfg, objective, tok: DreamSampler(objective, cfg.steps, cfg.score, cfg.alg_temp, cfg.eps,
-                                                         cfg.threshold, **_denoise(cfg)),
+                                                         cfg.threshold, cfg.block_length if cfg.block_cache != "none"
+                                                         else 0, cfg.block_cache, **_denoise(cfg)),
                 "Dream's decoding: origin, confidence, margin or entropy order; threshold: Fast-dLLM's rule"),
     SamplerSpec("ar", "ar", ("kv_cache",) + COMMON,
                 lambda cfg, objective, tok: AutoregressiveSampler(tok.bos_id, tok.mask_id, kv_cache=cfg.kv_cache,
