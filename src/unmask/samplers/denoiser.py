@@ -121,3 +121,18 @@ class DiffusionSampler(Sampler):
 
     def denoiser(self, model, canvas: torch.Tensor) -> Denoiser:
         return Denoiser(model, self.diffusion, canvas, self.soft_mask, self.guidance, self.guidance_schedule)
+
+
+def block_cache_start(model, canvas: torch.Tensor, mask_id: int, block_cache: str) -> int:
+    """Where the generated part of every row of ``canvas`` starts, for Fast-dLLM's cached block decoding:
+    the rows must share it (one batched call per chunk), and a block cache needs a backbone that takes one."""
+    free = canvas == mask_id
+    first = torch.where(free.any(dim=1), free.float().argmax(dim=1), torch.full_like(free[:, 0], canvas.shape[1],
+                                                                                  dtype=torch.long))
+    if not bool((first == first[0]).all()):
+        raise SamplingError("Fast-dLLM's cached block decoding needs rows whose generated parts start at the same "
+                            "position (equal prompt lengths)")
+    if block_cache != "none" and not getattr(unwrap(model), "BLOCK_CACHES", False):
+        raise SamplingError(f"sample.block_cache needs a backbone that takes block caches (llama, gpt2), not "
+                            f"{type(unwrap(model)).__name__}")
+    return int(first[0])

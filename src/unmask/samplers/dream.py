@@ -8,7 +8,6 @@ import time
 import torch
 
 from ..models.common import BlockCache
-from ..objectives.base import unwrap
 from ..objectives.mdlm import MaskedDiffusion
 from .base import (
     ORDER,
@@ -23,7 +22,7 @@ from .base import (
     choose_per_row,
     ranks_in_row,
 )
-from .denoiser import DiffusionSampler
+from .denoiser import DiffusionSampler, block_cache_start
 
 # Dream's algorithm names, and what unmask's `sample.score` calls them
 DREAM_ALGORITHMS = {"origin": "origin", "maskgit_plus": "confidence", "topk_margin": "margin", "entropy": "entropy"}
@@ -178,14 +177,7 @@ class DreamSampler(DiffusionSampler):
         their block boundaries."""
         b, length = x.shape
         free = x == self.mask_id
-        first = torch.where(free.any(dim=1), free.float().argmax(dim=1), torch.full((b,), length, device=x.device))
-        if not bool((first == first[0]).all()):
-            raise SamplingError("Fast-dLLM's block sampler needs rows whose generated parts start at the same "
-                                "position (equal prompt lengths)")
-        if self.block_cache != "none" and not getattr(unwrap(model), "BLOCK_CACHES", False):
-            raise SamplingError(f"sample.block_cache needs a backbone that takes block caches (llama, gpt2), not "
-                                f"{type(unwrap(model)).__name__}")
-        start0 = int(first[0])
+        start0 = block_cache_start(model, x, self.mask_id, self.block_cache)
         blocks = -(-(length - start0) // self.block_length)
         per_block = max(1, self.steps // max(blocks, 1))
         grid = torch.linspace(1, self.eps, per_block + 1)

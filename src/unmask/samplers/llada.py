@@ -8,7 +8,6 @@ import time
 import torch
 
 from ..models.common import BlockCache
-from ..objectives.base import unwrap
 from ..objectives.mdlm import MaskedDiffusion
 from .base import (
     ORDER,
@@ -22,7 +21,7 @@ from .base import (
     ranks_in_row,
 )
 from .confidence import CONFIDENCE_SCORES
-from .denoiser import DiffusionSampler
+from .denoiser import DiffusionSampler, block_cache_start
 
 
 def per_step_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -116,7 +115,7 @@ class LLaDASampler(DiffusionSampler):
         block_of = torch.where(column >= first[:, None], (column - first[:, None]) // self.block_length, -1)
         row_nfe = torch.zeros(b, dtype=torch.long)
         if self.block_cache != "none":
-            calls = self._cached(model, x, streams, first, blocks, block_of, row_nfe, on_step)
+            calls = self._cached(model, x, streams, blocks, block_of, row_nfe, on_step)
             return SampleResult(x, calls, row_nfe, time.perf_counter() - start_time, int(free.sum()))
         step = 0
         for k in range(blocks):
@@ -152,24 +151,19 @@ class LLaDASampler(DiffusionSampler):
             return denoise(x[rows], t, todo[rows], rows)
         return logits
 
-    def _cached(self, model, x, streams, first, blocks: int, block_of, row_nfe, on_step) -> int:
+    def _cached(self, model, x, streams, blocks: int, block_of, row_nfe, on_step) -> int:
         """Fast-dLLM's cached decoding (``block_cache`` prefix or dual, see :class:`BlockCache`): per block,
         one full-canvas call that records the cache and reveals, then calls on the block (dual) or on the
         canvas from the block on (prefix) until the block is complete. Every row is evaluated at every call
         (its results do not depend on the others); the rows must share their block boundaries. Returns the
         number of network calls. ``reference_compatible``: like Fast-dLLM, call once more after the full
         forward even when it completed the block (the call changes nothing but is counted)."""
-        if not getattr(unwrap(model), "BLOCK_CACHES", False):
-            raise SamplingError(f"sample.block_cache needs a backbone that takes block caches (llama, gpt2), not "
-                                f"{type(unwrap(model)).__name__}")
-        if not bool((first == first[0]).all()):
-            raise SamplingError("the block caches need rows whose generated parts start at the same position "
-                                "(equal prompt lengths)")
+        first0 = block_cache_start(model, x, self.mask_id, self.block_cache)
         b, length = x.shape
         rows, calls, step = torch.arange(b, device=x.device), 0, 0
         cache = BlockCache(self.block_cache)
         for k in range(blocks):
-            start = int(first[0]) + k * self.block_length
+            start = first0 + k * self.block_length
             end = min(start + self.block_length, length)
             in_block = block_of == k
             per_block = self.steps // blocks + (k < self.steps % blocks)
