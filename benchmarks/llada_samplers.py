@@ -10,7 +10,9 @@ setting: median seconds, network calls (NFE) and generated tokens per second (ge
 Random weights: this measures speed, not quality.
 
 * ``llada`` (LLaDA's ``generate``): low-confidence remasking, blocks of ``--block``, ``steps`` = gen (one
-  token per step), gen/2 and gen/4;
+  token per step), gen/2 and gen/4; and at ``steps`` = gen with Fast-dLLM's prefix and dual caches (the
+  same number of calls, each on the canvas from the block on, or on the block alone, after a full call per
+  block);
 * unmask's ``first_hitting`` (exact, one token per call), cached ``ancestral`` at T = gen and gen/4,
   ``confidence`` (margin) at gen/2, and ``dream`` (entropy) at gen/2.
 
@@ -64,6 +66,9 @@ def llada_folder(folder: Path, hidden: int, blocks: int, heads: int, mlp: int, v
 def settings(gen: int, block: int) -> list[tuple[str, dict]]:
     out = [(f"llada steps={s}", dict(sampler="llada", steps=s, block_length=block, temperature=0.0))
            for s in (gen, gen // 2, gen // 4)]
+    out += [(f"llada steps={gen} + Fast-dLLM {mode} cache", dict(sampler="llada", steps=gen, block_length=block,
+                                                                temperature=0.0, block_cache=mode))
+            for mode in ("prefix", "dual")]
     return out + [("first_hitting (exact)", dict(sampler="first_hitting")),
                   (f"ancestral cached T={gen}", dict(sampler="ancestral", steps=gen)),
                   (f"ancestral cached T={gen // 4}", dict(sampler="ancestral", steps=gen // 4)),
