@@ -19,6 +19,12 @@ def _isolated(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """One CPU thread (exact comparisons with reference numbers; the thread count is restored after)."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
 def corpus(tmp_path) -> Path:
     """The first 30,000 characters of tiny-shakespeare (58 symbols): English, so learnable fast."""
     with lzma.open(shipped_corpus_path(), "rt", encoding="utf-8") as f:

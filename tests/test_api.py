@@ -22,7 +22,7 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(block, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert re.search(r"^test bound: \d+\.\d+ bits/char$", out, re.M), out
-    assert "['ar', 'classifier', 'ilm', 'mdlm']" in out and "'first_hitting'" in out
+    assert "['ar', 'bd3lm', 'classifier', 'ilm', 'mdlm']" in out and "'first_hitting'" in out
     assert (tmp_path / "runs" / "api" / "checkpoints" / "step_00000020").is_dir()
     exported = unmask.from_pretrained(tmp_path / "runs" / "api-export")
     assert exported.config.family == "mdlm"
@@ -44,7 +44,7 @@ def test_openmp_waits_passively_unless_the_user_chose(preset, first, expected):
 def test_public_names():
     for name in unmask.__all__:
         assert getattr(unmask, name) is not None, name
-    assert set(unmask.FAMILIES) == {"mdlm", "ar", "ilm", "classifier"}
+    assert set(unmask.FAMILIES) == {"mdlm", "bd3lm", "ar", "ilm", "classifier"}
     assert {spec.default_sampler for spec in unmask.FAMILIES.values()} - {None} <= set(unmask.SAMPLERS)
 
 

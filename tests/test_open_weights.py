@@ -36,12 +36,7 @@ ATOL = {"llada": {"logits": 2e-3, "hidden_states.1": 8e-4, "hidden_states.2": 6e
         "dream": {"logits": 1e-3, "hidden_states.1": 8e-4, "hidden_states.2": 3e-4}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["llada_forward", "dream_forward"])

@@ -58,6 +58,7 @@ class ModelConfig:
     time_conditioning: bool = False  # feed sigma(t) to the network (MDLM's adaLN); off: sigma = 0
     rope_base: float = 10000.0  # rotary embedding base
     soft_mask_top_k: int = 0  # > 0: soft-masked inputs from the top-k of the previous pass (0 = binary MDLM)
+    block_size: int = 0  # bd3lm: tokens per block of block diffusion (1: autoregressive, data.length: MDLM)
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -126,7 +127,8 @@ class DiffusionConfig:
     schedule_eps: float = 0.0  # alpha(1) = eps (MDLM trains with 1e-3)
     sigma_min: float = 1e-4  # linear/geometric schedules: smallest noise level
     sigma_max: float = 20.0  # linear/geometric schedules: largest noise level
-    t_min: float = 1e-3  # training draws t from [t_min, 1]
+    t_min: float = 1e-3  # training draws t from [t_min, t_max]
+    t_max: float = 1.0  # training draws t from [t_min, t_max] (< 1: BD3-LM's clipped schedule)
     antithetic: bool = True  # stratified (low-discrepancy) times over the global batch
     discrete_steps: int = 0  # T > 0: the T-step NELBO instead of the continuous one
     soft_mask_prob: float = 0.8  # soft-mask models: share of training rows given the two-pass soft input
@@ -196,12 +198,13 @@ class SampleConfig:
     alg_temp: float = 0.0  # dream: > 0 draws the revealed positions from softmax(confidence / alg_temp)
     eps: float = 1e-3  # dream: the time grid runs from 1 to eps
     threshold: float = 0.0  # llada, dream: > 0 reveals every candidate whose confidence reaches it (Fast-dLLM)
+    factor: float = 0.0  # llada: > 0 Fast-dLLM's factor rule, the n best revealed while c_(n) >= 1 - factor/(n+1)
     reveal: str = "linear"  # confidence: linear or cosine reveal schedule
     remask: float = 0.0  # confidence: share of revealed tokens masked again per step
     window: int = 0  # semi-autoregressive window (0: one canvas)
     stride: int = 0  # semi-autoregressive stride (0: window / 2)
-    stop_at_eos: bool = False  # semi-autoregressive: stop a row at EOS
-    kv_cache: bool = True  # ar: reuse keys and values of the prefix
+    stop_at_eos: bool = False  # semi-autoregressive windows or block diffusion: stop a row at EOS
+    kv_cache: bool = True  # ar: reuse keys and values of the prefix; bd3lm: of the committed blocks
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # keep the k most likely tokens (0: all)
     top_p: float = 1.0  # keep the smallest set with this probability mass
@@ -423,10 +426,11 @@ RANGES: dict[str, str] = {
     "model.hidden": "[1, inf)", "model.blocks": "[1, inf)", "model.heads": "[1, inf)", "model.cond_dim": "[1, inf)",
     "model.dropout": "[0, 1)", "model.length": "[3, inf)", "model.rope_base": "(1, inf)",
     "model.soft_mask_top_k": "[0, inf)", "model.kv_heads": "[0, inf)", "model.intermediate": "[0, inf)",
-    "model.vocab": "[0, inf)", "model.norm_eps": "(0, 1)",
+    "model.vocab": "[0, inf)", "model.norm_eps": "(0, 1)", "model.block_size": "[0, inf)",
     "data.valid_fraction": "[0, 1)", "data.test_fraction": "[0, 1)", "data.length": "[3, inf)",
     "diffusion.schedule_eps": "[0, 1)", "diffusion.sigma_min": "(0, inf)", "diffusion.sigma_max": "(0, inf)",
-    "diffusion.t_min": "[0, 1)", "diffusion.discrete_steps": "[0, inf)", "diffusion.soft_mask_prob": "[0, 1]",
+    "diffusion.t_min": "[0, 1)", "diffusion.t_max": "(0, 1]",
+    "diffusion.discrete_steps": "[0, inf)", "diffusion.soft_mask_prob": "[0, 1]",
     "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.micro_batch_size": "[0, inf)",
     "train.lr": "[0, inf)", "train.betas": "[0, 1)", "train.adam_eps": "(0, inf)", "train.weight_decay": "[0, inf)",
     "train.warmup_steps": "[0, inf)", "train.min_lr_ratio": "[0, 1]", "train.grad_clip": "[0, inf)",
@@ -438,7 +442,8 @@ RANGES: dict[str, str] = {
     "eval.seed": "[0, inf)",
     "sample.num_samples": "[1, inf)", "sample.length": "[0, inf)", "sample.steps": "[1, inf)",
     "sample.tokens_per_step": "[1, inf)", "sample.block_length": "[1, inf)", "sample.alg_temp": "[0, inf)",
-    "sample.eps": "(0, 1)", "sample.threshold": "[0, 1]", "sample.remask": "[0, 1)", "sample.window": "[0, inf)",
+    "sample.eps": "(0, 1)", "sample.threshold": "[0, 1]", "sample.factor": "[0, inf)", "sample.remask": "[0, 1)",
+    "sample.window": "[0, inf)",
     "sample.stride": "[0, inf)", "sample.temperature": "[0, inf)", "sample.top_k": "[0, inf)",
     "sample.top_p": "(0, 1]", "sample.seed": "[0, inf)", "sample.batch_size": "[1, inf)",
     "sample.guidance": "[-1, inf)", "sample.stop_threshold": "(0, 1]",
@@ -501,6 +506,15 @@ def validate(cfg: RunConfig) -> RunConfig:
                               "data.valid_path (and data.test_path for the final figures)")
     if cfg.family == "ilm" and cfg.data.layout != "pad":
         raise ConfigError("family ilm learns where sequences end: it needs data.layout=pad (one document per row)")
+    if cfg.diffusion.t_min >= cfg.diffusion.t_max:
+        raise ConfigError(f"diffusion.t_min={cfg.diffusion.t_min:g} must be below diffusion.t_max="
+                          f"{cfg.diffusion.t_max:g}")
+    if (cfg.family == "bd3lm") != (m.block_size > 0):
+        raise ConfigError("family bd3lm needs model.block_size >= 1 (tokens per block)" if cfg.family == "bd3lm"
+                          else "model.block_size is for block diffusion models (family bd3lm)")
+    if cfg.family == "bd3lm" and m.time_conditioning:
+        raise ConfigError("block diffusion draws a time per block; the network's conditioning is one per row, so "
+                          "model.time_conditioning must be false for family bd3lm")
     if m.soft_mask_top_k and cfg.family != "mdlm":
         raise ConfigError("model.soft_mask_top_k is for masked diffusion models (family mdlm)")
     return cfg

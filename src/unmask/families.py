@@ -22,6 +22,7 @@ from .models.insertion import build_insertion_model
 from .models.registry import build_backbone
 from .objectives.ar import Autoregressive
 from .objectives.base import Objective
+from .objectives.block_diffusion import BlockDiffusion
 from .objectives.classification import ClassificationObjective
 from .objectives.ilm import InsertionObjective
 from .objectives.mdlm import MaskedDiffusion
@@ -54,7 +55,13 @@ class FamilySpec:
 def _diffusion(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusion:
     d = cfg.diffusion
     return MaskedDiffusion(make_schedule(d), tokenizer.mask_id, d.t_min, d.discrete_steps, d.antithetic,
-                           soft_mask_top_k=cfg.model.soft_mask_top_k, soft_mask_prob=d.soft_mask_prob)
+                           soft_mask_top_k=cfg.model.soft_mask_top_k, soft_mask_prob=d.soft_mask_prob, t_max=d.t_max)
+
+
+def _block_diffusion(cfg: RunConfig, tokenizer: Tokenizer) -> BlockDiffusion:
+    d = cfg.diffusion
+    return BlockDiffusion(make_schedule(d), tokenizer.mask_id, cfg.model.block_size, d.t_min, d.t_max,
+                          d.discrete_steps, d.antithetic)
 
 
 def _insertion_objective(cfg: RunConfig, tokenizer: Tokenizer) -> InsertionObjective:
@@ -71,6 +78,9 @@ FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
                lambda cfg, tok: build_backbone(cfg.model, tok.vocab_size, True, tok.mask_id),
                lambda cfg, tok: Autoregressive(tok.bos_id, tok.mask_id),
                decoding="ar", default_sampler="ar", infills=False, likelihood=True, servable=True),
+    FamilySpec("bd3lm", "block diffusion (BD3-LM) language", "block-diffusion",
+               lambda cfg, tok: build_backbone(cfg.model, tok.vocab_size, False, tok.mask_id), _block_diffusion,
+               decoding="diffusion", default_sampler="ancestral", infills=False, likelihood=True, servable=True),
     FamilySpec("ilm", "insertion (ILM) language", "insertion-lm", build_insertion_model, _insertion_objective,
                decoding="insertion", default_sampler="insertion", infills=True, likelihood=False),
     FamilySpec("classifier", "sequence classification", "text-classification", build_classifier,

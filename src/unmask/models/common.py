@@ -9,6 +9,8 @@ LLaDA and Qwen2: for a head vector ``x = [x1, x2]`` (two halves of d/2) at posit
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -126,6 +128,46 @@ class BlockCache:
         """The positions of a chunk are set before each call (``length``); nothing moves after it."""
 
 
+class BlockDiffusionCache:
+    """The exact KV cache of block diffusion (BD3-LM): the keys and values of the committed clean blocks,
+    per layer (B, kv_heads, capacity, d). Every call feeds a chunk at positions ``length ..`` for the batch
+    rows ``rows`` (None: all), whose queries see every cached key and the chunk's keys as ``chunk_allowed``
+    (Lc, Lc) bool says (None: all of them). The first ``commit`` tokens of the chunk are clean blocks being
+    committed: their keys and values stay and ``length`` moves past them; the rest (the noisy block being
+    denoised) leaves the cache as it was (the positions it wrote are overwritten when its block is
+    committed). One call can commit the last block and denoise the next (``chunk_allowed`` from
+    :func:`block_diffusion_layout`).
+
+    Exact because a clean block of the two-stream input only sees clean blocks up to its own, and a noisy
+    block only its own block and the clean blocks before it."""
+
+    bidirectional = True
+
+    def __init__(self, blocks: int, batch: int, heads: int, head_dim: int, capacity: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (batch, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(blocks)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(blocks)]
+        self.length, self.commit = 0, 0
+        self.rows: torch.Tensor | None = None
+        self.chunk_allowed: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start, end = self.length, self.length + k.shape[2]
+        rows = slice(None) if self.rows is None else self.rows
+        self.keys[layer][rows, :, start:end] = k
+        self.values[layer][rows, :, start:end] = v
+        mask = None
+        if self.chunk_allowed is not None:
+            seen = torch.ones(k.shape[2], start, dtype=torch.bool, device=k.device)
+            mask = torch.cat([seen, self.chunk_allowed], dim=1)
+        return self.keys[layer][rows, :, :end].to(k.dtype), self.values[layer][rows, :, :end].to(k.dtype), mask
+
+    def advance(self, n: int) -> None:
+        """Past the committed tokens of the call (its first ``commit``)."""
+        self.length += self.commit
+
+
 def bucketed_positions(mask: torch.Tensor, buckets: int = 16) -> tuple[torch.Tensor, int]:
     """Flat indices of the ``True`` entries of ``mask`` (B, L), padded with index 0 up to a multiple
     of ``B*L / buckets``; returns (indices, number of real entries).
@@ -161,24 +203,69 @@ def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
     return sum(p.numel() for p in params.values())
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, keep: torch.Tensor | None = None,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None = None,
            cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
     """SDPA over q (B, H, L, d) and k, v (B, K, L, d) (K divides H: grouped-query attention, query head ``j``
-    on key/value head ``floor(j / (H / K))``). ``cache``: the new keys and values join the cached ones
-    (causal decoding); else ``keep`` (B, L) bool hides the positions outside it (padding) from every query,
-    combined with the causal pattern when ``causal``."""
+    on key/value head ``floor(j / (H / K))``). ``cache``: the new keys and values join the cached ones and
+    the cache says which each query sees; else ``mask`` (bool, broadcast to (B, H, L, L), see
+    :func:`attention_mask`) hides keys, combined with the causal pattern when ``causal``."""
     length = q.shape[2]
-    mask, is_causal = None, causal
+    is_causal = causal
     if cache is not None:
         k, v, mask = cache.update(layer, k, v)
         is_causal = False
-    elif keep is not None:
-        mask = keep[:, None, None, :]
-        if causal:
-            mask = mask & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-            is_causal = False
+    elif mask is not None and causal:
+        mask = mask & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        is_causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+class Layout(NamedTuple):
+    """Tokens that are not one plain sequence (block diffusion's two streams): the rotary position of each
+    input token (L,) and which keys each query sees (L, L) bool."""
+
+    positions: torch.Tensor
+    allowed: torch.Tensor
+
+
+def block_diffusion_layout(positions: torch.Tensor, clean: torch.Tensor, block_size: int) -> Layout:
+    """BD3-LM's block-causal pattern (Arriola et al. 2025, the ``block_diff_mask``) for tokens at ``positions``
+    (L,) of which ``clean`` (L,) bool belong to the clean stream ``x_0`` and the others to the noisy ``x_t``;
+    block = position // ``block_size``. A noisy token sees the noisy tokens of its own block and the clean
+    tokens of earlier blocks; a clean token sees the clean tokens of its own and earlier blocks."""
+    block = positions // block_size
+    qb, kb = block[:, None], block[None, :]
+    qc, kc = clean[:, None], clean[None, :]
+    allowed = (qc & kc & (kb <= qb)) | (~qc & ~kc & (kb == qb)) | (~qc & kc & (kb < qb))
+    return Layout(positions, allowed)
+
+
+def two_stream_layout(length: int, block_size: int, device: torch.device | str) -> Layout:
+    """The training input ``[x_t ; x_0]`` (2L tokens): positions 0 .. L-1 for each half."""
+    positions = torch.arange(length, device=device).repeat(2)
+    clean = torch.arange(2 * length, device=device) >= length
+    return block_diffusion_layout(positions, clean, block_size)
+
+
+def attention_mask(keep: torch.Tensor | None, layout: Layout | None) -> torch.Tensor | None:
+    """The boolean SDPA mask of a call: ``keep`` (B, L) hides padding keys from every query; ``layout``
+    gives its own pattern (one of them at most)."""
+    if keep is not None and layout is not None:
+        raise ValueError("a key padding mask (keep) and a token layout do not combine")
+    if keep is not None:
+        return keep[:, None, None, :]
+    return None if layout is None else layout.allowed
+
+
+def rotary_table(rotary: Rotary, start: int, length: int, layout: Layout | None,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (L, d) of the call's tokens: positions ``start .. start + length - 1``, or the layout's."""
+    if layout is not None:
+        cos, sin = rotary(int(layout.positions.max()) + 1, device)
+        return cos[layout.positions], sin[layout.positions]
+    cos, sin = rotary(start + length, device)
+    return cos[start:], sin[start:]
 
 
 def shift_by_one(h: torch.Tensor) -> torch.Tensor:

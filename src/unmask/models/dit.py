@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .common import KVCache, Rotary, apply_rotary, attend, select_positions
+from .common import KVCache, Layout, Rotary, apply_rotary, attend, attention_mask, rotary_table, select_positions
 from .softmask import SoftFeedback, input_embeddings, soft_mask_for
 
 
@@ -110,7 +110,7 @@ class DDiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x, rotary, modulation, causal: bool, cache: KVCache | None = None, layer: int = 0,
-                keep: torch.Tensor | None = None):
+                mask: torch.Tensor | None = None):
         b, length, hidden = x.shape
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = modulation[:, None].chunk(6, dim=2)
@@ -119,7 +119,7 @@ class DDiTBlock(nn.Module):
         cos, sin = rotary  # (L, d): q and k rotated together, into contiguous (2, B, heads, L, d) for SDPA
         q, k = apply_rotary(qk.permute(2, 0, 3, 1, 4), cos, sin).unbind(0)  # each (B, heads, L, d)
         v = v.squeeze(2).transpose(1, 2)
-        attn = attend(q, k, v, causal, keep, cache, layer).transpose(1, 2).reshape(b, length, hidden)
+        attn = attend(q, k, v, causal, mask, cache, layer).transpose(1, 2).reshape(b, length, hidden)
         x = x + self.dropout(gated_linear(self.attn_out, attn, gate_msa))
         h = self.mlp[1](self.mlp[0](self.norm2(x, shift_mlp, scale_mlp)))
         return x + self.dropout(gated_linear(self.mlp[2], h, gate_mlp))
@@ -172,37 +172,39 @@ class DiT(nn.Module):
     def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, feedback: SoftFeedback | None = None,
-                keep: torch.Tensor | None = None):
-        """``cache`` (causal models only): the new tokens continue the cached ones; keys and values
-        are appended and the logits of the new positions returned. ``feedback`` (soft-mask models,
-        with ``ids``): the previous pass, see :mod:`unmask.softmask`. ``keep`` (B, L) bool
-        (bidirectional models): attend only to these positions (variable-length rows, padding
-        invisible)."""
-        x, final = self.features(ids, sigma, inputs_embeds, cache, feedback, keep)
+                keep: torch.Tensor | None = None, layout: Layout | None = None):
+        """``cache``: the new tokens continue the cached ones (a causal model's :class:`KVCache`, or a
+        bidirectional model's Fast-dLLM :class:`~unmask.models.common.BlockCache` or block diffusion's
+        :class:`~unmask.models.common.BlockDiffusionCache`); the logits of the new positions are returned.
+        ``feedback`` (soft-mask models, with ``ids``): the previous pass, see :mod:`unmask.softmask`.
+        ``keep`` (B, L) bool (bidirectional models): attend only to these positions (variable-length rows,
+        padding invisible). ``layout``: the tokens' positions and attention pattern (block diffusion's
+        two-stream input, :func:`~unmask.models.common.two_stream_layout`)."""
+        x, final = self.features(ids, sigma, inputs_embeds, cache, feedback, keep, layout)
         return self.output_layer(x, final, positions)
 
     def features(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
                  inputs_embeds: torch.Tensor | None = None, cache: KVCache | None = None,
-                 feedback: SoftFeedback | None = None,
-                 keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 feedback: SoftFeedback | None = None, keep: torch.Tensor | None = None,
+                 layout: Layout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block's hidden states (B, L, H) and the output layer's modulation (C, 2H) (see
         :meth:`modulations`)."""
-        if keep is not None and (self.causal or cache is not None):
-            raise ValueError("a key padding mask (keep) is for bidirectional models without a cache")
+        if (keep is not None or layout is not None) and (self.causal or cache is not None):
+            raise ValueError("a key padding mask (keep) or a layout is for bidirectional models without a cache")
+        if cache is not None and cache.bidirectional == self.causal:
+            raise ValueError(f"a {type(cache).__name__} is for {'bidirectional' if cache.bidirectional else 'causal'}"
+                             f" models")
         x = input_embeddings(self.vocab_embed.embedding, self.soft_mask, self.mask_id, ids, inputs_embeds, feedback)
         b, length = x.shape[:2]
-        start = 0
-        if cache is not None:
-            if not self.causal or cache.bidirectional:
-                raise ValueError("the DiT takes a KV cache when causal (block caches: the Llama backbone)")
-            start = cache.length
-        if start + length > self.cfg.length:
-            raise ValueError(f"sequence length {start + length} exceeds the model's maximum {self.cfg.length}")
+        start = cache.length if cache is not None else 0
+        end = start + length if layout is None else int(layout.positions.max()) + 1
+        if end > self.cfg.length:
+            raise ValueError(f"sequence length {end} exceeds the model's maximum {self.cfg.length}")
         *blocks, final = self.modulations(sigma, x.device)
-        cos, sin = self.rotary_emb(start + length, x.device)
-        rotary = (cos[start:], sin[start:])
+        rotary = rotary_table(self.rotary_emb, start, length, layout, x.device)
+        mask = attention_mask(keep, layout)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, blocks[i], self.causal, cache, i, keep)
+            x = block(x, rotary, blocks[i], self.causal, cache, i, mask)
         if cache is not None:
             cache.advance(length)
         return x, final
@@ -228,13 +230,14 @@ class DiT(nn.Module):
         return rows
 
     INPUT_EMBEDDING = "vocab_embed.embedding"  # the state-dict name of the input embedding
-    BLOCK_CACHES = False  # takes a BlockCache (Fast-dLLM's prefix and dual caches) when bidirectional
+    BLOCK_CACHES = True  # takes a BlockCache (Fast-dLLM's prefix and dual caches) when bidirectional
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         """The input embedding and the output layer (what "non-embedding parameters" leave out)."""
         return [self.vocab_embed.embedding, *self.output_layer.linear.parameters()]
 
     def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  capacity: int | None = None) -> KVCache:
+                  capacity: int | None = None, kind: type = KVCache):
+        """An empty cache of ``kind`` (:class:`KVCache` or :class:`BlockDiffusionCache`) for this model."""
         cfg = self.cfg
-        return KVCache(cfg.blocks, batch, cfg.heads, cfg.hidden // cfg.heads, capacity or cfg.length, device, dtype)
+        return kind(cfg.blocks, batch, cfg.heads, cfg.hidden // cfg.heads, capacity or cfg.length, device, dtype)

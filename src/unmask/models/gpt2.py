@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .common import KVCache, attend, normal_init, select_positions, shift_by_one
+from .common import KVCache, Layout, attend, attention_mask, normal_init, select_positions, shift_by_one
 from .softmask import SoftFeedback, input_embeddings, soft_mask_for
 
 
@@ -34,10 +34,10 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(hidden, 3 * hidden)
         self.c_proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x, causal: bool, keep: torch.Tensor | None, cache: KVCache | None, layer: int):
+    def forward(self, x, causal: bool, mask: torch.Tensor | None, cache: KVCache | None, layer: int):
         b, length, hidden = x.shape
         q, k, v = self.c_attn(x).view(b, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
-        out = attend(q, k, v, causal, keep, cache, layer)
+        out = attend(q, k, v, causal, mask, cache, layer)
         return self.c_proj(out.transpose(1, 2).reshape(b, length, hidden))
 
 
@@ -60,8 +60,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.hidden, cfg.intermediate or 4 * cfg.hidden)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, causal, keep=None, cache=None, layer=0):
-        x = x + self.dropout(self.attn(self.ln_1(x), causal, keep, cache, layer))
+    def forward(self, x, causal, mask=None, cache=None, layer=0):
+        x = x + self.dropout(self.attn(self.ln_1(x), causal, mask, cache, layer))
         return x + self.dropout(self.mlp(self.ln_2(x)))
 
 
@@ -101,20 +101,25 @@ class GPT2(nn.Module):
     def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, feedback: SoftFeedback | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, V), or (N, V) at ``positions``; ``cache``, ``keep`` and ``feedback`` as for the
-        other backbones."""
+                keep: torch.Tensor | None = None, layout: Layout | None = None) -> torch.Tensor:
+        """Logits (B, L, V), or (N, V) at ``positions``; ``cache``, ``keep``, ``feedback`` and ``layout`` as for
+        the other backbones."""
         if cache is not None and cache.bidirectional == self.causal:
             raise ValueError(f"a {type(cache).__name__} is for {'bidirectional' if cache.bidirectional else 'causal'}"
                              f" models")
         x = input_embeddings(self.transformer.wte.weight, self.soft_mask, self.mask_id, ids, inputs_embeds, feedback)
+        if layout is not None and (self.causal or cache is not None):
+            raise ValueError("a layout is for bidirectional models without a cache")
         start = cache.length if cache is not None else 0
         length = x.shape[1]
-        if start + length > self.cfg.length:
-            raise ValueError(f"sequence length {start + length} exceeds the model's maximum {self.cfg.length}")
-        x = x + self.transformer.wpe.weight[start:start + length]
+        end = start + length if layout is None else int(layout.positions.max()) + 1
+        if end > self.cfg.length:
+            raise ValueError(f"sequence length {end} exceeds the model's maximum {self.cfg.length}")
+        wpe = self.transformer.wpe.weight
+        x = x + (wpe[start:end] if layout is None else wpe[layout.positions])
+        mask = attention_mask(keep, layout)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, self.causal, keep, cache, i)
+            x = block(x, self.causal, mask, cache, i)
         if cache is not None:
             cache.advance(length)
         h = self.transformer.ln_f(x)
@@ -133,6 +138,7 @@ class GPT2(nn.Module):
         return [self.transformer.wte.weight, self.transformer.wpe.weight]
 
     def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  capacity: int | None = None) -> KVCache:
+                  capacity: int | None = None, kind: type = KVCache):
+        """An empty cache of ``kind`` (:class:`KVCache` or :class:`BlockDiffusionCache`) for this model."""
         cfg = self.cfg
-        return KVCache(cfg.blocks, batch, cfg.heads, cfg.hidden // cfg.heads, capacity or cfg.length, device, dtype)
+        return kind(cfg.blocks, batch, cfg.heads, cfg.hidden // cfg.heads, capacity or cfg.length, device, dtype)

@@ -28,7 +28,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .common import KVCache, Rotary, apply_rotary, attend, normal_init, select_positions, shift_by_one
+from .common import (
+    KVCache,
+    Layout,
+    Rotary,
+    apply_rotary,
+    attend,
+    attention_mask,
+    normal_init,
+    rotary_table,
+    select_positions,
+    shift_by_one,
+)
 from .softmask import SoftFeedback, input_embeddings, soft_mask_for
 
 
@@ -56,14 +67,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x, rotary, causal: bool, keep: torch.Tensor | None, cache: KVCache | None, layer: int):
+    def forward(self, x, rotary, causal: bool, mask: torch.Tensor | None, cache: KVCache | None, layer: int):
         b, length, _ = x.shape
         q = self.q_proj(x).view(b, length, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attend(q, k, v, causal, keep, cache, layer)
+        out = attend(q, k, v, causal, mask, cache, layer)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
 
@@ -89,8 +100,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.hidden, intermediate)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rotary, causal, keep=None, cache=None, layer=0):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotary, causal, keep, cache, layer))
+    def forward(self, x, rotary, causal, mask=None, cache=None, layer=0):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotary, causal, mask, cache, layer))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -134,9 +145,10 @@ class Transformer(nn.Module):
     def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, feedback: SoftFeedback | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, V), or (N, V) at ``positions``. ``cache`` (causal models): the new tokens
-        continue the cached ones. ``keep`` (B, L) bool: attend only to these positions (padding).
+                keep: torch.Tensor | None = None, layout: Layout | None = None) -> torch.Tensor:
+        """Logits (B, L, V), or (N, V) at ``positions``. ``cache``: the new tokens continue the cached ones
+        (as for the DiT). ``keep`` (B, L) bool: attend only to these positions (padding). ``layout``: the
+        tokens' positions and attention pattern (block diffusion's two-stream input).
         ``feedback`` (soft-mask models): the previous pass, blended into the masked positions' inputs
         (with ``logit_shift`` the feedback comes from the shifted logits, as Dream's soft-masking)."""
         if cache is not None and cache.bidirectional == self.causal:
@@ -144,14 +156,17 @@ class Transformer(nn.Module):
                              f" models")
         x = input_embeddings(self.model.embed_tokens.weight, self.soft_mask, self.mask_id, ids, inputs_embeds,
                              feedback)
+        if layout is not None and (self.causal or cache is not None):
+            raise ValueError("a layout is for bidirectional models without a cache")
         start = cache.length if cache is not None else 0
         length = x.shape[1]
-        if start + length > self.cfg.length:
-            raise ValueError(f"sequence length {start + length} exceeds the model's maximum {self.cfg.length}")
-        cos, sin = self.rotary_emb(start + length, x.device)
-        rotary = (cos[start:], sin[start:])
+        end = start + length if layout is None else int(layout.positions.max()) + 1
+        if end > self.cfg.length:
+            raise ValueError(f"sequence length {end} exceeds the model's maximum {self.cfg.length}")
+        rotary = rotary_table(self.rotary_emb, start, length, layout, x.device)
+        mask = attention_mask(keep, layout)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rotary, self.causal, keep, cache, i)
+            x = layer(x, rotary, self.causal, mask, cache, i)
         if cache is not None:
             cache.advance(length)
         h = self.model.norm(x)
@@ -173,9 +188,10 @@ class Transformer(nn.Module):
         return [self.model.embed_tokens.weight, self.lm_head.weight]
 
     def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  capacity: int | None = None) -> KVCache:
+                  capacity: int | None = None, kind: type = KVCache):
+        """An empty cache of ``kind`` (:class:`KVCache` or :class:`BlockDiffusionCache`) for this model."""
         cfg = self.cfg
-        return KVCache(cfg.blocks, batch, cfg.kv_heads or cfg.heads, cfg.hidden // cfg.heads, capacity or cfg.length,
+        return kind(cfg.blocks, batch, cfg.kv_heads or cfg.heads, cfg.hidden // cfg.heads, capacity or cfg.length,
                        device, dtype)
 
 

@@ -54,10 +54,13 @@ def stratified_uniform(n: int, generator: torch.Generator | None = None, antithe
     return u
 
 
-def draw_noise(batch: int, length: int, generator: torch.Generator, antithetic: bool = True) -> Noise:
+def draw_noise(batch: int, length: int, generator: torch.Generator, antithetic: bool = True,
+               blocks: int = 1) -> Noise:
     """Noise for a whole (global) batch; data-parallel ranks slice their share so a run on any
-    number of processes sees the same draws."""
-    time_u = stratified_uniform(batch, generator, antithetic)
+    number of processes sees the same draws. ``blocks`` > 1: a time per block (B, blocks) (block
+    diffusion), stratified over all ``batch * blocks`` of them."""
+    time_u = stratified_uniform(batch * blocks, generator, antithetic)
+    time_u = time_u.view(batch, blocks) if blocks > 1 else time_u
     mask_u = torch.rand(batch, length, generator=generator)
     return Noise(time_u, mask_u, torch.rand(batch, generator=generator))
 

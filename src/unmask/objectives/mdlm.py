@@ -12,7 +12,8 @@ Masked diffusion (``mdlm-reference.md`` section 2):
   ``T (alpha(t - 1/T) - alpha(t)) / (1 - alpha(t))``, which tends to ``w(t)`` as ``T`` grows;
 * low-discrepancy (antithetic) times: one uniform per sequence, stratified over the global batch.
 
-Training draws ``t = t_min + (1 - t_min) u`` (MDLM). Evaluation uses a valid bound on ``[0, 1]``:
+Training draws ``t = t_min + (t_max - t_min) u`` (MDLM: ``t_max = 1``; a smaller ``t_max`` clips the
+schedule as BD3-LM). Evaluation uses a valid bound on ``[0, 1]``:
 for ``u >= t_min`` the integrand at ``t = u``; for ``u < t_min`` the reconstruction term
 ``E[-log p(x_0 | x_{t_min})]`` spread over ``[0, t_min)`` (weight ``1/t_min`` at ``t = t_min``),
 which for the log-linear schedule is simply ``t = max(u, t_min)`` with weight ``1/t``.
@@ -61,9 +62,11 @@ class MaskedDiffusion:
 
     def __init__(self, schedule: NoiseSchedule, mask_id: int, t_min: float = 1e-3,
                  discrete_steps: int = 0, antithetic: bool = True, soft_mask_top_k: int = 0,
-                 soft_mask_prob: float = 0.0):
+                 soft_mask_prob: float = 0.0, t_max: float = 1.0):
+        if not 0 <= t_min < t_max <= 1:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
         self.schedule, self.mask_id = schedule, mask_id
-        self.t_min, self.discrete_steps, self.antithetic = t_min, discrete_steps, antithetic
+        self.t_min, self.t_max, self.discrete_steps, self.antithetic = t_min, t_max, discrete_steps, antithetic
         self.soft_mask_top_k, self.soft_mask_prob = soft_mask_top_k, soft_mask_prob
 
     # --- forward process -------------------------------------------------------------------
@@ -76,7 +79,7 @@ class MaskedDiffusion:
     # --- time and weight -------------------------------------------------------------------
     def times_and_weights(self, time_u: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Map uniforms to (t, weight) in float64. ``exact`` selects the evaluation bound (see module
-        docstring); otherwise MDLM's training draw on ``[t_min, 1]``."""
+        docstring); otherwise the training draw on ``[t_min, t_max]``."""
         u = time_u.to(torch.float64)
         s = self.schedule
         if self.discrete_steps:
@@ -85,7 +88,7 @@ class MaskedDiffusion:
             t, prev = i / steps, (i - 1) / steps
             return t, steps * (s.alpha(prev) - s.alpha(t)) / (1 - s.alpha(t))
         if not exact:
-            t = self.t_min + (1 - self.t_min) * u
+            t = self.t_min + (self.t_max - self.t_min) * u
             return t, s.weight(t)
         if self.t_min == 0:
             t = u.clamp_min(torch.finfo(torch.float64).tiny)

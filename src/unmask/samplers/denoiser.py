@@ -65,9 +65,11 @@ class Denoiser:
         extra = -(-rows // self.quantum) * self.quantum - rows
         return [torch.cat([v, v[:1].expand(extra, *v.shape[1:])]) if extra else v for v in tensors]
 
-    def _forward(self, x, sigma, positions, feedback) -> torch.Tensor:
+    def _forward(self, x, sigma, positions, feedback, rows) -> torch.Tensor:
         index, n = bucketed_positions(positions)
         extra = {} if feedback is None else {"feedback": feedback}
+        if getattr(self.model, "takes_rows", False):  # a block diffusion context: which canvas rows these are
+            extra["rows"] = rows
         return self.model(x, sigma, positions=index, **extra)[:n].float()
 
     @torch.no_grad()
@@ -86,13 +88,13 @@ class Denoiser:
         if feedback is not None:
             feedback = self.feedback.select(padded[3])
         sigma = self.diffusion.model_sigma(t_p)
-        logits = self._forward(x_p, sigma, pos_p, feedback)
+        logits = self._forward(x_p, sigma, pos_p, feedback, padded[3])
         if self.prompt is not None:
             prompt = self.prompt[rows]
             guided = prompt.any(dim=1)
             if guided.any():
                 x_u = self._pad(n_rows, unconditional_input(x, prompt, self.diffusion.mask_id))[0]
-                l_u = self._forward(x_u, sigma, pos_p, feedback)
+                l_u = self._forward(x_u, sigma, pos_p, feedback, padded[3])
                 w = guidance_weight(self.guidance, self.guidance_schedule, t).to(logits.dtype)
                 per_position = (w * guided)[positions.nonzero()[:, 0]][:, None]
                 logits = torch.where(per_position != 0, guided_logits(logits, l_u, per_position), logits)

@@ -51,15 +51,26 @@ class LLaDASampler(DiffusionSampler):
     reveals the most confident candidate of the block and every other whose confidence (float64, as
     Fast-dLLM computes it) reaches the threshold, and a block takes as many steps as it needs (``steps``
     is then unused; each row stops being evaluated when its block is complete).
+
+    ``factor > 0`` is Fast-dLLM's factor rule (``get_transfer_index_dynamic``): with the block's candidates
+    sorted by confidence ``c_(1) >= c_(2) >= ...``, a step reveals the ``n`` most confident, ``n`` the number
+    of ranks with ``c_(n) >= 1 - factor / (n + 1)`` (at least 1): the more tokens decoded in parallel, the
+    more confident each must be (their theorem's bound ``(n + 1) eps < factor``). Fast-dLLM's loop reveals
+    all ``M`` masks when ``n = M - 1`` pass (an off-by-one at the end of its loop); unmask reveals ``M - 1``.
+    Like the threshold, ``steps`` is then unused.
     """
 
     def __init__(self, diffusion: MaskedDiffusion, steps: int, block_length: int, score: str = "confidence",
-                 threshold: float = 0.0, block_cache: str = "none", reference_compatible: bool = False, **knobs):
+                 threshold: float = 0.0, block_cache: str = "none", reference_compatible: bool = False,
+                 factor: float = 0.0, **knobs):
         if steps < 1 or block_length < 1:
             raise SamplingError(f"steps and block_length must be >= 1, got {steps} and {block_length}")
         if not 0 <= threshold <= 1 or (threshold and score != "confidence"):
             raise SamplingError(f"threshold decoding takes a threshold in [0, 1] and score=confidence; got "
                                 f"{threshold} and {score!r}")
+        if factor < 0 or (factor and (threshold or score != "confidence")):
+            raise SamplingError(f"the factor rule takes a factor >= 0, score=confidence and no threshold; got "
+                                f"factor {factor}, threshold {threshold} and {score!r}")
         if score not in CONFIDENCE_SCORES:
             raise SamplingError(f"unknown confidence score {score!r}; known: {', '.join(CONFIDENCE_SCORES)}")
         super().__init__(diffusion, **knobs)
@@ -71,6 +82,7 @@ class LLaDASampler(DiffusionSampler):
         if block_cache != "none" and self.guidance:
             raise SamplingError("the block caches run the network directly: no guidance with them")
         self.steps, self.block_length, self.score, self.threshold = steps, block_length, score, threshold
+        self.factor, self.parallel = factor, bool(threshold or factor)  # parallel: as many steps as needed
         self.block_cache, self.reference_compatible = block_cache, reference_compatible
         self.streams = RowStreams  # the per-row random streams (a test can give recorded draws instead)
 
@@ -79,7 +91,7 @@ class LLaDASampler(DiffusionSampler):
         """(x0, confidence) at N positions from their logits (N, V)."""
         logits = logits.float()
         # over the whole vocabulary; float32 as LLaDA's confidence, float64 as Fast-dLLM's with a threshold
-        probs = (logits.double() if self.threshold else logits).softmax(-1)
+        probs = (logits.double() if self.parallel else logits).softmax(-1)
         allowed = logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), float("-inf"))
         counter = step * PURPOSES
         if self.temperature == 0:
@@ -108,7 +120,7 @@ class LLaDASampler(DiffusionSampler):
         free = canvas == self.mask_id
         first = torch.where(free.any(dim=1), free.float().argmax(dim=1), torch.full((b,), length, device=x.device))
         blocks = int((-(-(length - first) // self.block_length)).max())
-        if blocks > self.steps and not self.threshold:
+        if blocks > self.steps and not self.parallel:
             raise SamplingError(f"steps={self.steps} is fewer than the {blocks} blocks of {self.block_length} "
                                 f"positions to generate")
         column = torch.arange(length, device=x.device)[None]
@@ -120,7 +132,7 @@ class LLaDASampler(DiffusionSampler):
         step = 0
         for k in range(blocks):
             in_block = block_of == k
-            if self.threshold:  # Fast-dLLM: as many steps as the block needs
+            if self.parallel:  # Fast-dLLM: as many steps as the block needs
                 while True:
                     todo = (x == self.mask_id) & in_block
                     rows = todo.any(dim=1).nonzero()[:, 0]
@@ -181,7 +193,7 @@ class LLaDASampler(DiffusionSampler):
                     return out[r][t[r][:, offset:offset + out.shape[1]]]
 
                 step, calls = step + 1, calls + 1
-                count = None if self.threshold else counts[:, i] if i < per_block else torch.zeros_like(counts[:, 0])
+                count = None if self.parallel else counts[:, i] if i < per_block else torch.zeros_like(counts[:, 0])
                 self._step(x, logits, streams, rows, todo, step, row_nfe, count)
                 if on_step is not None:
                     on_step(x)
@@ -193,7 +205,7 @@ class LLaDASampler(DiffusionSampler):
     def _step(self, x, logits_of, streams, rows, todo, step: int, row_nfe, counts: torch.Tensor | None) -> None:
         """One network call for ``rows`` (``logits_of(rows, todo)``: logits (N, V) at the ``todo`` positions of
         those rows, row-major): reveal ``counts`` (per row) of the most confident candidates in ``todo``, or
-        (``counts`` None) the most confident and every other at or above the threshold."""
+        (``counts`` None) the most confident and every other that passes the threshold or the factor rule."""
         logits = logits_of(rows, todo)
         row_nfe[rows.cpu()] += 1
         where = todo[rows].nonzero()
@@ -201,7 +213,9 @@ class LLaDASampler(DiffusionSampler):
         confidence = torch.full(todo[rows].shape, float("-inf"), dtype=torch.float64, device=x.device)
         confidence[where[:, 0], where[:, 1]] = score
         if counts is None:
-            chosen = ((ranks_in_row(confidence) == 0) | (confidence >= self.threshold)) & (confidence > float("-inf"))
+            rank = ranks_in_row(confidence)
+            bar = 1 - self.factor / (rank + 2) if self.factor else self.threshold  # rank r is the (r + 1)-th best
+            chosen = ((rank == 0) | (confidence >= bar)) & (confidence > float("-inf"))
         else:
             chosen = choose_per_row(confidence, counts)
         proposal = torch.full(todo[rows].shape, self.mask_id, dtype=x.dtype, device=x.device)

@@ -17,9 +17,11 @@ from ..config import SampleConfig, register_choices
 from ..data.tokenization import Tokenizer
 from ..families import FAMILIES, family_of
 from ..objectives.base import Objective
+from ..objectives.block_diffusion import BlockDiffusion
 from .ancestral import AncestralSampler
 from .ar import AutoregressiveSampler
 from .base import Sampler, SamplingError
+from .block_diffusion import BlockDiffusionSampler
 from .confidence import CONFIDENCE_SCORES, REVEAL_SCHEDULES, ConfidenceSampler
 from .denoiser import GUIDANCE_SCHEDULES
 from .dream import DREAM_SCORES, DreamSampler
@@ -62,11 +64,13 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
                 lambda cfg, objective, tok: ConfidenceSampler(objective, cfg.steps, cfg.score, cfg.reveal, cfg.remask,
                                                               **_denoise(cfg)),
                 "reveal the most confident positions on a linear or cosine schedule, optionally remasking"),
-    SamplerSpec("llada", "diffusion", ("steps", "block_length", "score", "threshold", "block_cache") + DIFFUSION,
+    SamplerSpec("llada", "diffusion", ("steps", "block_length", "score", "threshold", "factor", "block_cache")
+                + DIFFUSION,
                 lambda cfg, objective, tok: LLaDASampler(objective, cfg.steps, cfg.block_length, cfg.score,
-                                                         cfg.threshold, cfg.block_cache, **_denoise(cfg)),
+                                                         cfg.threshold, cfg.block_cache, factor=cfg.factor,
+                                                         **_denoise(cfg)),
                 "LLaDA's decoding: low-confidence (or random) remasking in semi-autoregressive blocks; "
-                "threshold: Fast-dLLM's rule"),
+                "threshold, factor: Fast-dLLM's rules"),
     SamplerSpec("dream", "diffusion", ("steps", "score", "alg_temp", "eps", "threshold", "block_cache",
                                        "block_length") + DIFFUSION,
                 lambda cfg, objective, tok: DreamSampler(objective, cfg.steps, cfg.score, cfg.alg_temp, cfg.eps,
@@ -120,6 +124,14 @@ def make_sampler(cfg: SampleConfig, objective: Objective, tokenizer: Tokenizer, 
     if unused:
         raise SamplingError(f"sample.{unused[0]} is for masked diffusion samplers, not for '{name}'")
     inner = spec.build(cfg, objective, tokenizer)
+    if isinstance(objective, BlockDiffusion):
+        if cfg.window:
+            raise SamplingError("a block diffusion model generates block by block: sample.window does not apply")
+        if getattr(inner, "block_cache", "none") != "none":
+            raise SamplingError("sample.block_cache is Fast-dLLM's approximate cache for full-sequence models; a "
+                                "block diffusion model has its exact cache (sample.kv_cache)")
+        eos = tokenizer.eos_id if cfg.stop_at_eos else None
+        return BlockDiffusionSampler(inner, objective.block_size, cfg.kv_cache, eos, tokenizer.pad_id)
     if not cfg.window:
         if cfg.stop_at_eos:
             raise SamplingError("sample.stop_at_eos needs semi-autoregressive windows (sample.window > 0)")

@@ -7,7 +7,7 @@ import time
 import torch
 
 from .. import rng
-from .base import Sampler, SampleResult, SamplingError, StepCallback
+from .base import Sampler, SampleResult, SamplingError, StepCallback, stop_at_eos
 
 
 class SemiAutoregressiveSampler(Sampler):
@@ -55,15 +55,7 @@ class SemiAutoregressiveSampler(Sampler):
                 nfe += result.nfe
                 row_nfe[rows.cpu()] += result.row_nfe
             if self.eos_id is not None:
-                hit = free & (x == self.eos_id)
-                hit[:, end:] = False
-                stopped = hit.any(dim=1) & ~done
-                for r in stopped.nonzero()[:, 0].tolist():
-                    first = int(hit[r].nonzero()[0])
-                    tail = free[r].clone()
-                    tail[:first + 1] = False
-                    x[r, tail] = self.pad_id
-                done |= stopped
+                stop_at_eos(x, free, done, end, self.eos_id, self.pad_id)
             if end == n or bool(done.all()):
                 break
             start += self.stride

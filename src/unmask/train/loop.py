@@ -43,6 +43,7 @@ from ..eval.likelihood import likelihood_of_rows
 from ..families import build_model, build_objective, family_of
 from ..models.common import count_parameters
 from ..objectives.base import draw_noise
+from ..objectives.block_diffusion import BlockDiffusion
 from ..runtime import (
     Distributed,
     autocast,
@@ -239,6 +240,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
             print(f"resuming {run_dir} from step {start_step}")
 
     seq_len = cfg.data.length
+    time_blocks = objective.blocks(seq_len) if isinstance(objective, BlockDiffusion) else 1  # a time per block
     params = count_parameters(model)
     local = micro * accumulation
     ddp_model = DistributedDataParallel(model) if dist.world > 1 else model
@@ -295,7 +297,8 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
         counted_np = counted_positions(kinds, cfg.data)
         x0 = torch.from_numpy(ids_np).to(device, non_blocking=True)
         counted = torch.from_numpy(counted_np).to(device, non_blocking=True)
-        noise = draw_noise(t.batch_size, seq_len, generator_for(t.seed, step, 0x7015E), cfg.diffusion.antithetic)
+        noise = draw_noise(t.batch_size, seq_len, generator_for(t.seed, step, 0x7015E), cfg.diffusion.antithetic,
+                           time_blocks)
         noise = noise.slice(dist.rank * local, (dist.rank + 1) * local).to(device)
         labels = torch.as_tensor(train_rows.labels[rows]).to(device) if spec.labels else None
         # the unit losses are averaged over: counted tokens, or rows for per-sequence objectives (ILM)

@@ -1,0 +1,152 @@
+"""Block diffusion decoding (BD3-LM, Arriola et al. 2025): blocks left to right, any diffusion sampler inside
+a block, an exact KV cache of the committed blocks."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import rng
+from ..models.common import BlockDiffusionCache, block_diffusion_layout
+from ..objectives.base import unwrap
+from .base import Sampler, SampleResult, SamplingError, StepCallback, _autocast_dtype, stop_at_eos
+
+
+def _in_chunk(positions: torch.Tensor | None, rows: int, size: int, offset: int) -> torch.Tensor | None:
+    """Output positions of a block (R, size) (a bool mask or flat indices) in a chunk whose block follows
+    ``offset`` other tokens per row."""
+    if positions is None or not offset:
+        return positions
+    if positions.dtype == torch.bool:
+        return torch.cat([positions.new_zeros(rows, offset), positions], dim=1)
+    return (positions // size) * (offset + size) + offset + positions % size
+
+
+class BlockContext:
+    """What the inner sampler of block ``[start, start + size)`` calls as its model: the network on the
+    block's canvas (R, size) for the batch rows ``rows`` (R,), conditioned on the committed blocks before
+    it. Denoisers pass the canvas rows they evaluate as ``rows``.
+
+    With ``cache``: the clean blocks ``[pending, start)`` of the batch rows ``alive`` are not in it yet; the
+    first call that evaluates every alive row feeds them with the block and commits them (one call, no
+    separate commit), else they are committed by a call of their own first (counted in ``extra_calls``).
+    Without: the committed prefix is fed again with the block at every call (the two-stream pattern of
+    clean prefix and noisy block; the same numbers up to float rounding)."""
+
+    takes_rows = True  # the denoiser says which canvas rows a call is for
+    soft_mask = None
+    time_conditioning = False
+
+    def __init__(self, model, canvas: torch.Tensor, rows: torch.Tensor, start: int, block_size: int,
+                 cache: BlockDiffusionCache | None, pending: int = 0, alive: torch.Tensor | None = None):
+        self.model, self.canvas, self.batch_rows, self.start = model, canvas, rows, start
+        self.block_size, self.cache, self.pending, self.alive = block_size, cache, pending, alive
+        self.extra_calls = 0
+
+    def __call__(self, ids: torch.Tensor, sigma: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        batch_rows = self.batch_rows if rows is None else self.batch_rows[rows]
+        r, size = ids.shape
+        if self.cache is None:
+            return self._uncached(ids, positions, batch_rows)
+        if self.pending < self.start and not bool(torch.isin(self.alive, batch_rows).all()):
+            self.extra_calls += commit(self.model, self.cache, self.canvas, self.alive, self.pending, self.start,
+                                       self.block_size)
+            self.pending = self.start
+        first = self.pending
+        where = torch.arange(first, self.start + size, device=ids.device)
+        layout = block_diffusion_layout(where, where < self.start, self.block_size)
+        chunk = torch.cat([self.canvas[batch_rows, first:self.start], ids], dim=1)
+        self.cache.rows, self.cache.length, self.cache.commit = batch_rows, first, self.start - first
+        self.cache.chunk_allowed = layout.allowed if first < self.start else None
+        self.pending = self.start
+        out = self.model(chunk, positions=_in_chunk(positions, r, size, self.start - first), cache=self.cache)
+        return out if positions is not None else out[:, self.start - first:]
+
+    def _uncached(self, ids, positions, batch_rows):
+        r, size = ids.shape
+        where = torch.arange(self.start + size, device=ids.device)
+        layout = block_diffusion_layout(where, where < self.start, self.block_size)
+        full = torch.cat([self.canvas[batch_rows, :self.start], ids], dim=1)
+        out = self.model(full, positions=_in_chunk(positions, r, size, self.start), layout=layout)
+        return out if positions is not None else out[:, self.start:]
+
+
+def commit(model, cache: BlockDiffusionCache, x: torch.Tensor, rows: torch.Tensor, start: int, end: int,
+           block_size: int) -> int:
+    """Store the keys and values of the clean blocks ``[start, end)`` of ``rows`` in one call; returns 1."""
+    where = torch.arange(start, end, device=x.device)
+    cache.rows, cache.length, cache.commit = rows, start, end - start
+    cache.chunk_allowed = block_diffusion_layout(where, torch.ones_like(where, dtype=torch.bool), block_size).allowed
+    model(x[rows, start:end], positions=torch.zeros(0, dtype=torch.long, device=x.device), cache=cache)
+    return 1
+
+
+class BlockDiffusionSampler(Sampler):
+    """BD3-LM's sampling. The canvas is cut into blocks of ``block_size`` positions (the model's); block by
+    block, rows with masked positions in it run ``inner`` (any diffusion sampler: ancestral, first-hitting,
+    confidence, llada with Fast-dLLM's threshold or factor rule...) on the block, seeing the committed blocks
+    before it. With ``kv_cache`` the keys and values of committed blocks are cached: a finished block is
+    committed by the first call of the next block, which feeds it with the noisy block (one call; BD3-LM's
+    reference spends a call of its own on it), and runs of blocks without masks, such as a prompt, go in
+    the same call. The cache is exact, so cached and uncached decoding give the same tokens (tested).
+    Prompts of any length and ragged rows: a row's blocks without masked positions are only committed
+    (by a call of their own when other rows have work there). With ``eos_id`` a row stops at its first
+    generated EOS: the positions after it become PAD and the row is no longer evaluated. NFE counts every
+    network call.
+    """
+
+    def __init__(self, inner: Sampler, block_size: int, kv_cache: bool = True, eos_id: int | None = None,
+                 pad_id: int | None = None):
+        if block_size < 1:
+            raise SamplingError(f"block_size must be >= 1, got {block_size}")
+        if eos_id is not None and pad_id is None:
+            raise SamplingError("stopping at EOS needs a PAD id to fill the rest")
+        self.inner, self.block_size, self.kv_cache = inner, block_size, kv_cache
+        self.mask_id, self.eos_id, self.pad_id = inner.mask_id, eos_id, pad_id
+
+    @torch.no_grad()
+    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
+               on_step: StepCallback | None = None) -> SampleResult:
+        self.check(canvas, seeds)
+        net = unwrap(model)
+        b, n = canvas.shape
+        if n > net.cfg.length:
+            raise SamplingError(f"a canvas of {n} positions exceeds the model's maximum length {net.cfg.length}")
+        start_time = time.perf_counter()
+        x, free = canvas.clone(), canvas == self.mask_id
+        done = torch.zeros(b, dtype=torch.bool, device=x.device)
+        nfe, row_nfe = 0, torch.zeros(b, dtype=torch.long)
+        cache = None
+        if self.kv_cache:
+            dtype = _autocast_dtype(x.device) or next(net.parameters()).dtype
+            cache = net.new_cache(b, x.device, dtype, capacity=n, kind=BlockDiffusionCache)
+        size = self.block_size
+        blocks = -(-n // size)
+        committed = 0  # positions whose keys and values are in the cache (for every row still going)
+        for j in range(blocks):
+            start, end = j * size, min((j + 1) * size, n)
+            alive = (~done).nonzero()[:, 0]
+            if not len(alive):
+                break
+            rows = alive[(x[alive, start:end] == self.mask_id).any(dim=1)]
+            if not len(rows):
+                continue
+            inner_step = None
+            if on_step is not None:
+                def inner_step(block, rows=rows, start=start, end=end):
+                    view = x.clone()
+                    view[rows, start:end] = block
+                    on_step(view)
+            context = BlockContext(model, x, rows, start, size, cache, committed, alive)
+            result = self.inner.sample(context, x[rows, start:end], rng.hash64(seeds.to(x.device)[rows], j),
+                                       inner_step)
+            x[rows, start:end] = result.tokens
+            nfe += result.nfe + context.extra_calls
+            row_nfe[rows.cpu()] += result.row_nfe
+            row_nfe[alive.cpu()] += context.extra_calls
+            committed = context.pending
+            if self.eos_id is not None:
+                stop_at_eos(x, free, done, end, self.eos_id, self.pad_id)
+        return SampleResult(x, nfe, row_nfe, time.perf_counter() - start_time, int(free.sum()))

@@ -1,0 +1,261 @@
+"""Block diffusion (BD3-LM): the two-stream loss against BD3-LM's own numbers
+(``../shared/reference/vectors/bd3lm_loss.safetensors``), the structure of the bound, and block-wise
+decoding with the exact KV cache of committed blocks (cached = uncached, batched = one row at a time)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from released_folders import vectors
+from unmask.config import ConfigError, ModelConfig, load_config
+from unmask.models.common import BlockCache, two_stream_layout
+from unmask.models.dit import DiT
+from unmask.models.llama import Transformer
+from unmask.objectives.base import Noise, draw_noise
+from unmask.objectives.block_diffusion import BlockDiffusion
+from unmask.objectives.mdlm import MaskedDiffusion, subs_log_probs
+from unmask.objectives.schedules import LogLinear
+from unmask.samplers.ancestral import AncestralSampler
+from unmask.samplers.base import RowStreams, SamplingError, row_seeds
+from unmask.samplers.block_diffusion import BlockDiffusionSampler
+from unmask.samplers.confidence import ConfidenceSampler
+from unmask.samplers.first_hitting import FirstHittingSampler
+from unmask.samplers.llada import LLaDASampler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def reference_model(v: dict) -> DiT:
+    """The reference's DiT (README section 9: hidden 64, heads 4, blocks 2, cond_dim 32, L = 16, V + 1 = 33)."""
+    model = DiT(ModelConfig(hidden=64, heads=4, blocks=2, cond_dim=32, length=16, dropout=0.0), 33, False, 32)
+    state = {k[len("state.backbone."):]: t for k, t in v.items() if k.startswith("state.backbone.")}
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def test_the_two_stream_forward_and_loss_match_bd3lm():
+    v, _ = vectors("bd3lm_loss")
+    model, x0 = reference_model(v), v["x0"]
+    layout = two_stream_layout(16, 4, "cpu")
+    assert torch.equal(layout.allowed, v["block_diff_mask"].bool())
+    with torch.no_grad():
+        logits = model(v["a.x_input"], layout=layout)[:, :16]
+    torch.testing.assert_close(logits, v["a.backbone_logits"], atol=2e-4, rtol=0)
+    # run (a): the block times given; t_min = 0 makes the training draw t = u exactly
+    counted = torch.ones_like(x0, dtype=torch.bool)
+    counted[:, 0] = False  # ignore_bos: BOS is never masked
+    objective = BlockDiffusion(LogLinear(), 32, 4, t_min=0.0)
+    noise = Noise(v["a.t"][:, ::4].double(), v["a.uniform"])
+    xt, weight = objective.noised(x0, counted, noise, exact=False)
+    assert torch.equal(xt, v["a.xt"]) and torch.equal(torch.cat([xt, x0], 1), v["a.x_input"])
+    torch.testing.assert_close(weight.float(), 1 / v["a.t"])
+    log_probs, ref = subs_log_probs(logits, xt, 32), v["a.log_probs"]
+    finite = ref.abs() < 1e5
+    assert torch.equal(finite, log_probs.isfinite())
+    torch.testing.assert_close(log_probs[finite], ref[finite], atol=9e-5, rtol=0)
+    with torch.no_grad():
+        nats = objective.loss(model, x0, counted, noise)
+    torch.testing.assert_close(nats, v["a.loss"].sum(1), atol=16 * 2e-4, rtol=0)
+    # run (b): antithetic block times from eps_b, t clipped to [1e-3, 1]; train and eval differ by BOS's count
+    objective = BlockDiffusion(LogLinear(), 32, 4, t_min=1e-3)
+    for mode, atol in (("train", 4e-6), ("eval", 3e-6)):
+        eps = v[f"b_{mode}.eps_b"].double()
+        u = (eps + torch.arange(eps.numel(), dtype=torch.float64).view_as(eps)) / eps.numel()
+        noise = Noise(u, v[f"b_{mode}.uniform"])
+        t, _ = objective.times_and_weights(u, exact=False)
+        torch.testing.assert_close(t.repeat_interleave(4, 1).float(), v[f"b_{mode}.t"])
+        with torch.no_grad():
+            nats = objective.loss(model, x0, counted, noise)
+        torch.testing.assert_close(nats, v[f"b_{mode}.nlls"].sum(1), atol=16 * 9e-5, rtol=0)
+        token_nll = nats.sum() / v[f"b_{mode}.token_mask"].sum()
+        torch.testing.assert_close(token_nll, v[f"b_{mode}.token_nll"], atol=atol, rtol=0)
+
+
+def test_antithetic_block_times_are_stratified_over_the_global_batch():
+    """draw_noise(blocks=n): block k of the flattened batch lies in [k/N, (k+1)/N), as BD3-LM's sampler."""
+    noise = draw_noise(3, 16, torch.Generator().manual_seed(0), blocks=4)
+    assert noise.time_u.shape == (3, 4)
+    k = torch.arange(12, dtype=torch.float64).view(3, 4)
+    assert bool(((noise.time_u >= k / 12) & (noise.time_u < (k + 1) / 12)).all())
+
+
+def random_dit(length: int = 32, vocab: int = 21, seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    model = DiT(ModelConfig(hidden=32, heads=4, blocks=2, cond_dim=16, length=length, dropout=0.0), vocab, False,
+                vocab - 1).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+def test_a_block_is_scored_given_the_clean_blocks_before_it_only():
+    """The bound's factorisation: changing the noise of other blocks leaves a block's term alone, and with
+    block size 1 each term is -log p(x_l | x_<l) / t (an autoregressive model)."""
+    model, mask_id = random_dit(), 20
+    x0 = torch.randint(0, 20, (2, 16))
+    counted = torch.ones_like(x0, dtype=torch.bool)
+    objective = BlockDiffusion(LogLinear(), mask_id, 4, t_min=0.0)
+    u = torch.tensor([[0.9, 0.6, 0.99, 0.7], [0.8, 0.95, 0.5, 0.85]], dtype=torch.float64)
+    mask_u = torch.rand(2, 16)
+    only = counted.clone()
+    only[:, 4:] = False  # block 0's term alone
+    with torch.no_grad():
+        first = objective.loss(model, x0, only, Noise(u, mask_u))
+        other = mask_u.clone()
+        other[:, 4:] = torch.rand(2, 12)
+        u2 = u.clone()
+        u2[:, 1:] = torch.rand(2, 3, dtype=torch.float64)
+        assert torch.allclose(objective.loss(model, x0, only, Noise(u2, other)), first, atol=1e-5)
+        # block size 1: the masked token sees only the clean tokens before it
+        ar = BlockDiffusion(LogLinear(), mask_id, 1, t_min=0.0)
+        t = torch.rand(2, 16, dtype=torch.float64) * 0.9 + 0.1
+        nats = ar.loss(model, x0, counted, Noise(t, mask_u))
+        everything = torch.full_like(x0, mask_id)
+        logits = model(torch.cat([everything, x0], 1), layout=two_stream_layout(16, 1, "cpu"))[:, :16]
+        nll = -subs_log_probs(logits, everything, mask_id).gather(-1, x0[..., None])[..., 0]
+        expected = (nll / t.float() * (mask_u < t.float())).sum(1)
+    torch.testing.assert_close(nats, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_block_size_l_is_mdlm():
+    """One block over the whole row: the x_t half never sees x_0, so the loss is MDLM's with the same noise."""
+    model, mask_id = random_dit(), 20
+    x0 = torch.randint(0, 20, (3, 16))
+    counted = torch.ones_like(x0, dtype=torch.bool)
+    noise = Noise(torch.tensor([0.2, 0.55, 0.9], dtype=torch.float64), torch.rand(3, 16))
+    with torch.no_grad():
+        block = BlockDiffusion(LogLinear(), mask_id, 16).loss(model, x0, counted, noise)
+        mdlm = MaskedDiffusion(LogLinear(), mask_id).loss(model, x0, counted, noise)
+    torch.testing.assert_close(block, mdlm, atol=1e-4, rtol=1e-5)
+
+
+def test_a_partial_last_block_is_a_bound_on_the_marginal():
+    """Rows whose length is not a multiple of the block size: the missing positions stay masked, so the
+    score of the shorter row equals that of a padded row whose tail is never revealed."""
+    model, mask_id = random_dit(), 20
+    objective = BlockDiffusion(LogLinear(), mask_id, 4)
+    x0 = torch.randint(0, 20, (2, 14))
+    counted = torch.ones_like(x0, dtype=torch.bool)
+    noise = Noise(torch.rand(2, 4, dtype=torch.float64), torch.rand(2, 14))
+    padded = torch.cat([x0, torch.full((2, 2), mask_id)], 1)
+    with torch.no_grad():
+        short = objective.loss(model, x0, counted, noise)
+        full = objective.loss(model, padded, torch.cat([counted, torch.zeros(2, 2, dtype=torch.bool)], 1),
+                              Noise(noise.time_u, torch.cat([noise.mask_u, torch.rand(2, 2)], 1)))
+    torch.testing.assert_close(short, full)
+    assert bool((short > 0).all())
+
+
+def inner_samplers(objective):
+    return {"ancestral": AncestralSampler(objective, 8), "first_hitting": FirstHittingSampler(objective),
+            "confidence": ConfidenceSampler(objective, 4),
+            "threshold": LLaDASampler(objective, 4, 4, threshold=0.3)}
+
+
+@pytest.mark.parametrize("inner", ["ancestral", "first_hitting", "confidence", "threshold"])
+@pytest.mark.parametrize("backbone", ["dit", "llama"])
+def test_the_kv_cache_of_committed_blocks_is_exact(inner, backbone):
+    """Cached decoding gives the tokens of uncached decoding (the prefix fed again at every call), for every
+    inner sampler; a batch of ragged prompts gives what each row gets alone; EOS stops a row."""
+    mask_id, eos, pad = 20, 7, 19
+    if backbone == "dit":
+        model = random_dit()
+    else:
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(backbone="llama", hidden=32, heads=4, blocks=2, intermediate=64, length=32,
+                                        dropout=0.0), 21, False, mask_id).eval()
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    objective = BlockDiffusion(LogLinear(), mask_id, 4)
+    sampler = inner_samplers(objective)[inner]
+    canvas = torch.full((3, 30), mask_id)
+    canvas[0, :5] = torch.arange(5)
+    canvas[1, :9] = torch.arange(9)
+    canvas[2, :1] = 3
+    seeds = row_seeds(5, 3)
+    cached = BlockDiffusionSampler(sampler, 4, True, eos, pad).sample(model, canvas, seeds)
+    plain = BlockDiffusionSampler(sampler, 4, False, eos, pad).sample(model, canvas, seeds)
+    assert torch.equal(cached.tokens, plain.tokens)
+    assert cached.nfe > plain.nfe  # row 1's prompt fills block 1: block 0 is committed by a call of its own
+    alone = torch.cat([BlockDiffusionSampler(sampler, 4, True, eos, pad).sample(model, canvas[i:i + 1],
+                                                                               row_seeds(5, 1, i)).tokens
+                       for i in range(3)])
+    assert torch.equal(alone, cached.tokens)
+    assert torch.equal(cached.tokens[0, :5], torch.arange(5)) and torch.equal(cached.tokens[1, :9], torch.arange(9))
+    assert not bool((cached.tokens == mask_id).any())
+
+
+def test_stopping_at_eos_pads_the_rest_and_stops_evaluating_the_row():
+    model, mask_id, eos, pad = random_dit(), 20, 7, 19
+    objective = BlockDiffusion(LogLinear(), mask_id, 4)
+    canvas = torch.full((4, 32), mask_id)
+    canvas[:, 0] = 3
+    stopped = BlockDiffusionSampler(FirstHittingSampler(objective), 4, True, eos, pad).sample(
+        model, canvas, row_seeds(1, 4))
+    free = BlockDiffusionSampler(FirstHittingSampler(objective), 4, True).sample(model, canvas, row_seeds(1, 4))
+    hits = 0
+    for row, full in zip(stopped.tokens.tolist(), free.tokens.tolist()):
+        if eos in row[1:]:
+            hits += 1
+            first = row.index(eos, 1)
+            assert row[:first + 1] == full[:first + 1] and set(row[first + 1:]) <= {pad}
+        else:
+            assert row == full
+    assert hits > 0 and int(stopped.row_nfe.sum()) < int(free.row_nfe.sum())
+    plain = BlockDiffusionSampler(FirstHittingSampler(objective), 4, False).sample(model, canvas, row_seeds(1, 4))
+    assert torch.equal(plain.tokens, free.tokens) and plain.nfe == free.nfe  # every commit rides on a block's call
+
+
+def test_bad_block_diffusion_configs_are_one_line_errors(tmp_path):
+    for overrides, message in ((["family=bd3lm"], "model.block_size"),
+                               (["model.block_size=4"], "family bd3lm"),
+                               (["family=bd3lm", "model.block_size=4", "model.time_conditioning=true"],
+                                "time per block"),
+                               (["diffusion.t_min=0.5", "diffusion.t_max=0.2"], "t_min")):
+        with pytest.raises(ConfigError, match=message):
+            load_config("quickstart", overrides)
+
+
+# --- Fast-dLLM decoding of the MDLM DiT -------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_the_dit_takes_fast_dllm_caches_exact_on_an_unchanged_canvas(mode):
+    """Fast-dLLM's caches are approximate only because the canvas changes after the recording: on the
+    recorded canvas a cached call gives the full forward's logits."""
+    model, mask_id = random_dit(), 20
+    x = torch.randint(0, 20, (2, 24))
+    x[:, 10:] = mask_id
+    with torch.no_grad():
+        full = model(x)
+        cache = BlockCache(mode)
+        torch.testing.assert_close(model(x, cache=cache), full)
+        cache.recording, cache.length = False, 8
+        chunk = x[:, 8:16] if mode == "dual" else x[:, 8:]
+        torch.testing.assert_close(model(chunk, cache=cache), full[:, 8:8 + chunk.shape[1]], atol=1e-5, rtol=1e-5)
+
+
+def test_the_factor_rule_reveals_the_ranks_whose_confidence_clears_its_bar():
+    """factor f: the n-th most confident is revealed while c_(n) >= 1 - f / (n + 1); the best always."""
+    mask_id, vocab = 5, 6
+    objective = MaskedDiffusion(LogLinear(), mask_id)
+
+    def revealed(confidences, factor):
+        sampler = LLaDASampler(objective, 4, 8, factor=factor, temperature=0.0)
+        c = torch.tensor(confidences, dtype=torch.float64)
+        logits = torch.full((len(c), vocab), float("-inf"), dtype=torch.float64)
+        logits[:, 0] = c.log()
+        logits[:, 1:4] = ((1 - c) / 3).log()[:, None]
+        x = torch.full((1, len(c)), mask_id)
+        todo = x == mask_id
+        sampler._step(x, lambda rows, t: logits.float(), RowStreams(row_seeds(0, 1)), torch.tensor([0]), todo, 1,
+                      torch.zeros(1, dtype=torch.long), None)
+        return (x[0] != mask_id).tolist()
+
+    # bars: rank 2 -> 1 - 1/3, rank 3 -> 0.75, rank 4 -> 0.8
+    assert revealed([0.5, 0.99, 0.8, 0.9], 1.0) == [False, True, True, True]
+    assert revealed([0.5, 0.99, 0.7, 0.9], 1.0) == [False, True, False, True]
+    assert revealed([0.3, 0.4, 0.2, 0.35], 1.0) == [False, True, False, False]  # the best always
+    assert revealed([0.3, 0.4, 0.2, 0.35], 4.0) == [True, True, True, True]  # f >= n + 1: every bar <= 0
+    with pytest.raises(SamplingError):
+        LLaDASampler(objective, 4, 8, factor=1.0, threshold=0.9)
