@@ -133,6 +133,13 @@ def held_out_reference(ckpt, evaluator, samples: int) -> dict:
             "entropy": sum(unigram_entropy(r) for r in ref_ids) / len(ref_ids)}
 
 
+CORPORA = {  # the CPU-sized corpora of the comparisons: data keys and the backbone
+    "tinyshakespeare": ["data.dataset=tinyshakespeare", "data.tokenizer=char", "data.length=128", "data.frame=false",
+                        "model.preset=nano"],
+    "text8-prefix": ["data.dataset=text8-prefix", "data.tokenizer=text8", "data.length=256", "model.preset=nano"],
+}
+
+
 SMOKE_OVERRIDES = ["model.preset=nano", "model.hidden=32", "model.blocks=1", "model.heads=2", "model.cond_dim=16",
                    "model.length=32", "data.length=32", "train.batch_size=4", "train.steps=2", "train.log_every=1",
                    "train.warmup_steps=0", "train.save_every=0", "train.eval_every=0", "train.threads=1"]
@@ -144,6 +151,12 @@ def smoke_run(folder: Path, family: str = "mdlm", overrides: tuple[str, ...] = (
     trained(folder / family, [f"family={family}", f"data.cache_dir={folder / 'cache'}", *SMOKE_OVERRIDES,
                               *overrides])
     return folder / family
+
+
+def seconds_per_step(records: list[dict], tokens_per_step: int) -> float:
+    """Median over the logged windows (the first, with its warm-up, left out) of the training time per step."""
+    rates = sorted([r["tokens_per_second"] for r in records if "loss" in r][1:]) or [float("nan")]
+    return tokens_per_step / rates[len(rates) // 2]
 
 
 def trained(run_dir: Path, overrides: list[str], config: str | None = None) -> tuple[Path, list[dict]]:

@@ -39,19 +39,16 @@ from unmask.eval.likelihood import likelihood_of_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import SMOKE_OVERRIDES, held_out_reference, measure, pyplot, run_header, trained  # noqa: E402
-
-CORPORA = {
-    "tinyshakespeare": ["data.dataset=tinyshakespeare", "data.tokenizer=char", "data.length=128", "data.frame=false",
-                        "model.preset=nano"],
-    "text8-prefix": ["data.dataset=text8-prefix", "data.tokenizer=text8", "data.length=256", "model.preset=nano"],
-}
-
-
-def seconds_per_step(records: list[dict], tokens_per_step: int) -> float:
-    """Median over the logged windows (the first, with its warm-up, left out) of the training time per step."""
-    rates = sorted([r["tokens_per_second"] for r in records if "loss" in r][1:]) or [float("nan")]
-    return tokens_per_step / rates[len(rates) // 2]
+from common import (  # noqa: E402
+    CORPORA,
+    SMOKE_OVERRIDES,
+    held_out_reference,
+    measure,
+    pyplot,
+    run_header,
+    seconds_per_step,
+    trained,
+)
 
 
 def main() -> None:

@@ -23,6 +23,13 @@ def _in_chunk(positions: torch.Tensor | None, rows: int, size: int, offset: int)
     return (positions // size) * (offset + size) + offset + positions % size
 
 
+def _rows(rows: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor | None:
+    """``rows`` for the cache, None when they are every row in order (slices instead of gathers)."""
+    if len(rows) == len(canvas) and bool((rows == torch.arange(len(canvas), device=rows.device)).all()):
+        return None
+    return rows
+
+
 class BlockContext:
     """What the inner sampler of block ``[start, start + size)`` calls as its model: the network on the
     block's canvas (R, size) for the batch rows ``rows`` (R,), conditioned on the committed blocks before
@@ -58,7 +65,8 @@ class BlockContext:
         where = torch.arange(first, self.start + size, device=ids.device)
         layout = block_diffusion_layout(where, where < self.start, self.block_size)
         chunk = torch.cat([self.canvas[batch_rows, first:self.start], ids], dim=1)
-        self.cache.rows, self.cache.length, self.cache.commit = batch_rows, first, self.start - first
+        self.cache.rows, self.cache.length = _rows(batch_rows, self.canvas), first
+        self.cache.commit = self.start - first
         self.cache.chunk_allowed = layout.allowed if first < self.start else None
         self.pending = self.start
         out = self.model(chunk, positions=_in_chunk(positions, r, size, self.start - first), cache=self.cache)
@@ -77,7 +85,7 @@ def commit(model, cache: BlockDiffusionCache, x: torch.Tensor, rows: torch.Tenso
            block_size: int) -> int:
     """Store the keys and values of the clean blocks ``[start, end)`` of ``rows`` in one call; returns 1."""
     where = torch.arange(start, end, device=x.device)
-    cache.rows, cache.length, cache.commit = rows, start, end - start
+    cache.rows, cache.length, cache.commit = _rows(rows, x), start, end - start
     cache.chunk_allowed = block_diffusion_layout(where, torch.ones_like(where, dtype=torch.bool), block_size).allowed
     model(x[rows, start:end], positions=torch.zeros(0, dtype=torch.long, device=x.device), cache=cache)
     return 1
