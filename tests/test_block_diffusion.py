@@ -4,10 +4,15 @@ decoding with the exact KV cache of committed blocks (cached = uncached, batched
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+
 import pytest
 import torch
 
 from released_folders import vectors
+from unmask.cli import main
 from unmask.config import ConfigError, ModelConfig, load_config
 from unmask.models.common import BlockCache, two_stream_layout
 from unmask.models.dit import DiT
@@ -16,6 +21,7 @@ from unmask.objectives.base import Noise, draw_noise
 from unmask.objectives.block_diffusion import BlockDiffusion
 from unmask.objectives.mdlm import MaskedDiffusion, subs_log_probs
 from unmask.objectives.schedules import LogLinear
+from unmask.pipeline import from_pretrained
 from unmask.samplers.ancestral import AncestralSampler
 from unmask.samplers.base import RowStreams, SamplingError, row_seeds
 from unmask.samplers.block_diffusion import BlockDiffusionSampler
@@ -259,3 +265,42 @@ def test_the_factor_rule_reveals_the_ranks_whose_confidence_clears_its_bar():
     assert revealed([0.3, 0.4, 0.2, 0.35], 4.0) == [True, True, True, True]  # f >= n + 1: every bar <= 0
     with pytest.raises(SamplingError):
         LLaDASampler(objective, 4, 8, factor=1.0, threshold=0.9)
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+def test_train_eval_sample_and_serve_a_block_diffusion_model(tmp_path, corpus):
+    """`unmask train` a tiny bd3lm, then `unmask eval` (a bound), `unmask sample` with EOS stops and the
+    server: block diffusion goes through every command like the other families."""
+    def unmask(*args) -> tuple[int, str]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            code = main([str(a) for a in args])
+        return code, out.getvalue()
+
+    run = tmp_path / "bd3"
+    code, _ = unmask("train", "quickstart", f"run_dir={run}", "family=bd3lm", "model.block_size=8", "data.dataset=text",
+                     f"data.path={corpus}", "data.length=32", "model.length=32", "model.hidden=32", "model.blocks=1",
+                     "model.heads=2", "model.cond_dim=16", "train.steps=3", "train.batch_size=4", "train.progress=false",
+                     "train.threads=1")
+    assert code == 0
+    code, out = unmask("eval", run, "eval.max_sequences=4", "eval.mc_samples=2")
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["family"] == "bd3lm" and result["bound"] == "nelbo" and result["nll"] > 0
+    code, out = unmask("sample", run, "--prompt", "ROMEO:", "sample.num_samples=2", "sample.sampler=first_hitting",
+                       "sample.stop_at_eos=true")
+    assert code == 0 and out.count("ROMEO:") == 2
+    code, _ = unmask("sample", run, "sample.window=16")
+    assert code == 2
+    httpx = pytest.importorskip("httpx")  # the server's optional dependencies
+    from unmask.serve.app import running_server
+    from unmask.serve.service import ModelService
+
+    service = ModelService(from_pretrained(run))
+    with running_server(service) as url:
+        reply = httpx.post(f"{url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 10, "seed": 3}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        assert "".join(choice["tokens"][:6]) == "ROMEO:" and len(choice["text"]) == 10 and choice["nfe"] >= 2
+    service.close()
