@@ -13,10 +13,11 @@ import torch
 
 from released_folders import vectors
 from unmask.cli import main
-from unmask.config import ConfigError, ModelConfig, load_config
+from unmask.config import ConfigError, ModelConfig, SampleConfig, load_config
+from unmask.data.tokenization import CharTokenizer
 from unmask.models.common import BlockCache, two_stream_layout
 from unmask.models.dit import DiT
-from unmask.models.llama import Transformer
+from unmask.models.registry import build_backbone
 from unmask.objectives.base import Noise, draw_noise
 from unmask.objectives.block_diffusion import BlockDiffusion
 from unmask.objectives.mdlm import MaskedDiffusion, subs_log_probs
@@ -28,6 +29,7 @@ from unmask.samplers.block_diffusion import BlockDiffusionSampler
 from unmask.samplers.confidence import ConfidenceSampler
 from unmask.samplers.first_hitting import FirstHittingSampler
 from unmask.samplers.llada import LLaDASampler
+from unmask.samplers.registry import make_sampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,21 +138,40 @@ def test_block_size_l_is_mdlm():
     torch.testing.assert_close(block, mdlm, atol=1e-4, rtol=1e-5)
 
 
-def test_a_partial_last_block_is_a_bound_on_the_marginal():
-    """Rows whose length is not a multiple of the block size: the missing positions stay masked, so the
-    score of the shorter row equals that of a padded row whose tail is never revealed."""
+def test_a_short_last_block_leaves_the_blocks_before_it_alone():
+    """A row whose length is not a multiple of the block size ends with a shorter block: the blocks before
+    it score what they score without it, and the short block adds its own (positive) term."""
     model, mask_id = random_dit(), 20
     objective = BlockDiffusion(LogLinear(), mask_id, 4)
     x0 = torch.randint(0, 20, (2, 14))
     counted = torch.ones_like(x0, dtype=torch.bool)
     noise = Noise(torch.rand(2, 4, dtype=torch.float64), torch.rand(2, 14))
-    padded = torch.cat([x0, torch.full((2, 2), mask_id)], 1)
+    noise.mask_u[:, 12:] = 0.0  # the short block's two tokens are masked
     with torch.no_grad():
-        short = objective.loss(model, x0, counted, noise)
-        full = objective.loss(model, padded, torch.cat([counted, torch.zeros(2, 2, dtype=torch.bool)], 1),
-                              Noise(noise.time_u, torch.cat([noise.mask_u, torch.rand(2, 2)], 1)))
-    torch.testing.assert_close(short, full)
-    assert bool((short > 0).all())
+        whole = objective.loss(model, x0, counted, noise)
+        head = objective.loss(model, x0[:, :12], counted[:, :12], Noise(noise.time_u[:, :3], noise.mask_u[:, :12]))
+        tail_only = counted.clone()
+        tail_only[:, :12] = False
+        tail = objective.loss(model, x0, tail_only, noise)
+    torch.testing.assert_close(whole, head + tail, atol=1e-4, rtol=1e-5)
+    assert bool((tail > 0).all())
+
+
+def test_the_logits_of_a_block_model_see_only_earlier_clean_blocks():
+    """``objective.logits`` (what the one-shot greedy check of continuation likelihoods reads): changing a
+    later block of x_0 leaves earlier blocks' logits alone; block size L gives the plain network's."""
+    model, mask_id = random_dit(), 20
+    xt = torch.full((1, 16), mask_id)
+    x0 = torch.randint(0, 20, (1, 16))
+    other = x0.clone()
+    other[:, 8:] = torch.randint(0, 20, (1, 8))
+    objective = BlockDiffusion(LogLinear(), mask_id, 4)
+    with torch.no_grad():
+        a, b = objective.logits(model, xt, x0, None), objective.logits(model, xt, other, None)
+        torch.testing.assert_close(a[:, :12], b[:, :12])
+        assert not torch.allclose(a[:, 12:], b[:, 12:])
+        full = BlockDiffusion(LogLinear(), mask_id, 16).logits(model, xt, x0, None)
+        torch.testing.assert_close(full, model(xt), atol=1e-5, rtol=1e-5)
 
 
 def inner_samplers(objective):
@@ -160,36 +181,36 @@ def inner_samplers(objective):
 
 
 @pytest.mark.parametrize("inner", ["ancestral", "first_hitting", "confidence", "threshold"])
-@pytest.mark.parametrize("backbone", ["dit", "llama"])
+@pytest.mark.parametrize("backbone", ["dit", "llama", "gpt2"])
 def test_the_kv_cache_of_committed_blocks_is_exact(inner, backbone):
     """Cached decoding gives the tokens of uncached decoding (the prefix fed again at every call), for every
-    inner sampler; a batch of ragged prompts gives what each row gets alone; EOS stops a row."""
+    inner sampler and backbone; a batch of ragged prompts (10 rows: the denoiser pads the rows it
+    evaluates) gives what each row gets alone; EOS stops a row."""
     mask_id, eos, pad = 20, 7, 19
     if backbone == "dit":
         model = random_dit()
     else:
         torch.manual_seed(0)
-        model = Transformer(ModelConfig(backbone="llama", hidden=32, heads=4, blocks=2, intermediate=64, length=32,
-                                        dropout=0.0), 21, False, mask_id).eval()
+        shape = ModelConfig(backbone=backbone, hidden=32, heads=4, blocks=2, intermediate=64, length=32, dropout=0.0)
+        model = build_backbone(shape, 21, False, mask_id).eval()
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.3)
     objective = BlockDiffusion(LogLinear(), mask_id, 4)
     sampler = inner_samplers(objective)[inner]
-    canvas = torch.full((3, 30), mask_id)
-    canvas[0, :5] = torch.arange(5)
-    canvas[1, :9] = torch.arange(9)
-    canvas[2, :1] = 3
-    seeds = row_seeds(5, 3)
+    canvas = torch.full((10, 30), mask_id)
+    for row, prompt in enumerate([5, 9, 1, 4, 2, 8, 12, 1, 3, 6]):
+        canvas[row, :prompt] = (torch.arange(prompt) * (row + 1)) % 19
+    seeds = row_seeds(5, 10)
     cached = BlockDiffusionSampler(sampler, 4, True, eos, pad).sample(model, canvas, seeds)
     plain = BlockDiffusionSampler(sampler, 4, False, eos, pad).sample(model, canvas, seeds)
     assert torch.equal(cached.tokens, plain.tokens)
-    assert cached.nfe > plain.nfe  # row 1's prompt fills block 1: block 0 is committed by a call of its own
+    assert cached.nfe > plain.nfe  # row 6's prompt fills block 2: the blocks before it are committed by a call
     alone = torch.cat([BlockDiffusionSampler(sampler, 4, True, eos, pad).sample(model, canvas[i:i + 1],
                                                                                row_seeds(5, 1, i)).tokens
-                       for i in range(3)])
+                       for i in range(10)])
     assert torch.equal(alone, cached.tokens)
-    assert torch.equal(cached.tokens[0, :5], torch.arange(5)) and torch.equal(cached.tokens[1, :9], torch.arange(9))
-    assert not bool((cached.tokens == mask_id).any())
+    fixed = canvas != mask_id
+    assert torch.equal(cached.tokens[fixed], canvas[fixed]) and not bool((cached.tokens == mask_id).any())
 
 
 def test_stopping_at_eos_pads_the_rest_and_stops_evaluating_the_row():
@@ -211,6 +232,28 @@ def test_stopping_at_eos_pads_the_rest_and_stops_evaluating_the_row():
     assert hits > 0 and int(stopped.row_nfe.sum()) < int(free.row_nfe.sum())
     plain = BlockDiffusionSampler(FirstHittingSampler(objective), 4, False).sample(model, canvas, row_seeds(1, 4))
     assert torch.equal(plain.tokens, free.tokens) and plain.nfe == free.nfe  # every commit rides on a block's call
+
+
+def test_what_does_not_apply_to_block_diffusion_is_refused():
+    model, mask_id = random_dit(), 20
+    objective = BlockDiffusion(LogLinear(), mask_id, 4)
+    tokenizer = CharTokenizer("abcdefghijklmnop")
+    for knobs in (dict(guidance=1.0), dict(window=8), dict(sampler="llada", block_cache="dual")):
+        with pytest.raises(SamplingError):
+            make_sampler(SampleConfig(**knobs), objective, tokenizer, 32)
+    with pytest.raises(SamplingError, match="factor"):
+        make_sampler(SampleConfig(sampler="confidence", factor=1.0), objective, tokenizer, 32)
+    with pytest.raises(ValueError, match="count estimator"):
+        objective.loss_by_count(model, torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.bool),
+                                Noise(torch.rand(1, dtype=torch.float64), torch.rand(1, 8)))
+
+
+def test_fast_dllm_caches_refuse_time_conditioned_dits():
+    cfg = ModelConfig(hidden=32, heads=4, blocks=1, cond_dim=16, length=32, dropout=0.0, time_conditioning=True)
+    model = DiT(cfg, 21, False, 20).eval()
+    sampler = LLaDASampler(MaskedDiffusion(LogLinear(), 20), 8, 8, threshold=0.9, block_cache="dual")
+    with pytest.raises(SamplingError, match="time-conditioned"):
+        sampler.sample(model, torch.full((1, 16), 20), row_seeds(0, 1))
 
 
 def test_bad_block_diffusion_configs_are_one_line_errors(tmp_path):

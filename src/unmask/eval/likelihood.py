@@ -172,7 +172,8 @@ def continuation_loglikelihoods(model, objective: Objective, sequences: list[lis
     model.eval()
     is_ar = objective.bound == "exact"
     if estimator == "auto":
-        estimator = "time" if unwrap(model).time_conditioning else "count"
+        counts = getattr(objective, "count_estimator", False)  # MDLM's any-order form (not AR's, not BD3's)
+        estimator = "time" if unwrap(model).time_conditioning or not counts else "count"
     if estimator not in ("time", "count"):
         raise ValueError(f"estimator must be auto, time or count, got {estimator!r}")
     if estimator == "count" and unwrap(model).time_conditioning:
@@ -221,7 +222,7 @@ def continuation_loglikelihoods(model, objective: Objective, sequences: list[lis
                 nats = nats.double().cpu().reshape(len(group), k)
                 full = torch.where(counted, torch.full_like(x0, objective.mask_id), x0)
                 ones = torch.ones(len(group), dtype=torch.float64, device=device)
-                logits = model(full, objective.model_sigma(ones)).float()
+                logits = objective.logits(model, full, x0, objective.model_sigma(ones)).float()
             logits[..., objective.mask_id] = float("-inf")
             greedy = ((logits.argmax(-1) == x0) | ~counted).all(-1)
             for r, i in enumerate(group):

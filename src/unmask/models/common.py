@@ -9,6 +9,7 @@ LLaDA and Qwen2: for a head vector ``x = [x1, x2]`` (two halves of d/2) at posit
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -223,13 +224,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask
 
 class Layout(NamedTuple):
     """Tokens that are not one plain sequence (block diffusion's two streams): the rotary position of each
-    input token (L,) and which keys each query sees (L, L) bool."""
+    input token (L,), which keys each query sees (L, L) bool, and ``span`` = the largest position + 1 (a
+    Python int: no device synchronization in the forward pass)."""
 
     positions: torch.Tensor
     allowed: torch.Tensor
+    span: int
 
 
-def block_diffusion_layout(positions: torch.Tensor, clean: torch.Tensor, block_size: int) -> Layout:
+def block_diffusion_layout(positions: torch.Tensor, clean: torch.Tensor, block_size: int,
+                           span: int | None = None) -> Layout:
     """BD3-LM's block-causal pattern (Arriola et al. 2025, the ``block_diff_mask``) for tokens at ``positions``
     (L,) of which ``clean`` (L,) bool belong to the clean stream ``x_0`` and the others to the noisy ``x_t``;
     block = position // ``block_size``. A noisy token sees the noisy tokens of its own block and the clean
@@ -238,14 +242,16 @@ def block_diffusion_layout(positions: torch.Tensor, clean: torch.Tensor, block_s
     qb, kb = block[:, None], block[None, :]
     qc, kc = clean[:, None], clean[None, :]
     allowed = (qc & kc & (kb <= qb)) | (~qc & ~kc & (kb == qb)) | (~qc & kc & (kb < qb))
-    return Layout(positions, allowed)
+    return Layout(positions, allowed, int(positions.max()) + 1 if span is None else span)
 
 
+@functools.lru_cache(maxsize=16)
 def two_stream_layout(length: int, block_size: int, device: torch.device | str) -> Layout:
-    """The training input ``[x_t ; x_0]`` (2L tokens): positions 0 .. L-1 for each half."""
+    """The training input ``[x_t ; x_0]`` (2L tokens): positions 0 .. L-1 for each half (built once per
+    shape and device; its tensors are never written)."""
     positions = torch.arange(length, device=device).repeat(2)
     clean = torch.arange(2 * length, device=device) >= length
-    return block_diffusion_layout(positions, clean, block_size)
+    return block_diffusion_layout(positions, clean, block_size, span=length)
 
 
 def attention_mask(keep: torch.Tensor | None, layout: Layout | None) -> torch.Tensor | None:
@@ -262,7 +268,7 @@ def rotary_table(rotary: Rotary, start: int, length: int, layout: Layout | None,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (L, d) of the call's tokens: positions ``start .. start + length - 1``, or the layout's."""
     if layout is not None:
-        cos, sin = rotary(int(layout.positions.max()) + 1, device)
+        cos, sin = rotary(layout.span, device)
         return cos[layout.positions], sin[layout.positions]
     cos, sin = rotary(start + length, device)
     return cos[start:], sin[start:]

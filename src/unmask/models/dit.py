@@ -197,7 +197,7 @@ class DiT(nn.Module):
         x = input_embeddings(self.vocab_embed.embedding, self.soft_mask, self.mask_id, ids, inputs_embeds, feedback)
         b, length = x.shape[:2]
         start = cache.length if cache is not None else 0
-        end = start + length if layout is None else int(layout.positions.max()) + 1
+        end = start + length if layout is None else layout.span
         if end > self.cfg.length:
             raise ValueError(f"sequence length {end} exceeds the model's maximum {self.cfg.length}")
         *blocks, final = self.modulations(sigma, x.device)

@@ -112,7 +112,7 @@ class GPT2(nn.Module):
             raise ValueError("a layout is for bidirectional models without a cache")
         start = cache.length if cache is not None else 0
         length = x.shape[1]
-        end = start + length if layout is None else int(layout.positions.max()) + 1
+        end = start + length if layout is None else layout.span
         if end > self.cfg.length:
             raise ValueError(f"sequence length {end} exceeds the model's maximum {self.cfg.length}")
         wpe = self.transformer.wpe.weight

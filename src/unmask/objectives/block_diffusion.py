@@ -4,7 +4,8 @@
 ``log p(x) = sum_b log p(x^b | x^{<b})`` and each term is bounded by an MDLM NELBO of block ``b`` given the
 clean blocks before it, with its own time ``t_b``:
 ``-log p(x) <= sum_b E_{t_b} [ w(t_b) sum_{l in b masked} -log p_theta(x_0^l | x_t^b, x^{<b}) ]``.
-All blocks are scored in one pass over the two-stream input ``[x_t ; x_0]`` (2L tokens) with the
+A row whose length is not a multiple of ``block_size`` has a shorter last block (the same bound). All blocks
+are scored in one pass over the two-stream input ``[x_t ; x_0]`` (2L tokens) with the
 block-causal pattern of :func:`~unmask.models.common.two_stream_layout`; the loss is read on the ``x_t``
 half. Block size 1 is an autoregressive model, block size L is MDLM.
 
@@ -22,7 +23,6 @@ a row), as BD3-LM's released models; soft-masking and guidance are MDLM-only.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..models.common import bucketed_positions, two_stream_layout
 from .base import Noise, masked_cross_entropy, per_sequence_sums
@@ -75,11 +75,6 @@ class BlockDiffusion(MaskedDiffusion):
         b, length = x0.shape
         xt, weight = self.noised(x0, counted, noise, exact)
         masked = (xt == self.mask_id) & counted
-        tail = self.blocks(length) * self.block_size - length
-        if tail:  # a partial last block: its missing positions stay masked (the bound of the marginal)
-            x0, weight = F.pad(x0, (0, tail), value=self.mask_id), F.pad(weight, (0, tail))
-            xt, masked = F.pad(xt, (0, tail), value=self.mask_id), F.pad(masked, (0, tail))
-            length += tail
         index, n = bucketed_positions(torch.cat([masked, torch.zeros_like(masked)], dim=1))
         logits = model(torch.cat([xt, x0], dim=1), torch.zeros(b, device=x0.device), positions=index,
                        layout=two_stream_layout(length, self.block_size, x0.device))
@@ -88,6 +83,13 @@ class BlockDiffusion(MaskedDiffusion):
         nll = masked_cross_entropy(logits, x0.reshape(-1)[flat], self.mask_id, n)
         return per_sequence_sums(nll * weight.reshape(-1)[flat].float(), flat, x0.shape)
 
+    count_estimator = False  # the any-order count estimator is MDLM's (one masked set over the whole row)
+
     def loss_by_count(self, model, x0, counted, noise, guidance: float = 0.0) -> torch.Tensor:
-        """The time estimator (:meth:`loss` with ``exact``): the count estimator is MDLM's."""
-        return self.loss(model, x0, counted, noise, exact=True, guidance=guidance)
+        raise ValueError("the count estimator is MDLM's; block diffusion is scored with the time estimator")
+
+    def logits(self, model, xt: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L, V) at ``x_t``, each block given the clean blocks of ``x0`` before it."""
+        length = xt.shape[1]
+        out = model(torch.cat([xt, x0], dim=1), sigma, layout=two_stream_layout(length, self.block_size, xt.device))
+        return out[:, :length]

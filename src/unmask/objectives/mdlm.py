@@ -102,6 +102,12 @@ class MaskedDiffusion:
         infinite when ``alpha(1) = 0``) by evaluating it at ``min(t, 1 - 1e-6)``."""
         return self.schedule.sigma(t.to(torch.float64).clamp(max=1 - 1e-6)).float()
 
+    count_estimator = True  # :meth:`loss_by_count` applies (models without time conditioning)
+
+    def logits(self, model, xt: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The network's logits (B, L, V) at ``x_t`` (``x0``: the clean row, unused by MDLM)."""
+        return model(xt, sigma)
+
     # --- loss --------------------------------------------------------------------------------
     def masked_nll(self, model, x0: torch.Tensor, xt: torch.Tensor, sigma: torch.Tensor,
                    feedback: SoftFeedback | None = None, guidance: float = 0.0,

@@ -63,7 +63,7 @@ class BlockContext:
             self.pending = self.start
         first = self.pending
         where = torch.arange(first, self.start + size, device=ids.device)
-        layout = block_diffusion_layout(where, where < self.start, self.block_size)
+        layout = block_diffusion_layout(where, where < self.start, self.block_size, self.start + size)
         chunk = torch.cat([self.canvas[batch_rows, first:self.start], ids], dim=1)
         self.cache.rows, self.cache.length = _rows(batch_rows, self.canvas), first
         self.cache.commit = self.start - first
@@ -75,7 +75,7 @@ class BlockContext:
     def _uncached(self, ids, positions, batch_rows):
         r, size = ids.shape
         where = torch.arange(self.start + size, device=ids.device)
-        layout = block_diffusion_layout(where, where < self.start, self.block_size)
+        layout = block_diffusion_layout(where, where < self.start, self.block_size, self.start + size)
         full = torch.cat([self.canvas[batch_rows, :self.start], ids], dim=1)
         out = self.model(full, positions=_in_chunk(positions, r, size, self.start), layout=layout)
         return out if positions is not None else out[:, self.start:]
@@ -86,7 +86,8 @@ def commit(model, cache: BlockDiffusionCache, x: torch.Tensor, rows: torch.Tenso
     """Store the keys and values of the clean blocks ``[start, end)`` of ``rows`` in one call; returns 1."""
     where = torch.arange(start, end, device=x.device)
     cache.rows, cache.length, cache.commit = _rows(rows, x), start, end - start
-    cache.chunk_allowed = block_diffusion_layout(where, torch.ones_like(where, dtype=torch.bool), block_size).allowed
+    clean = torch.ones_like(where, dtype=torch.bool)
+    cache.chunk_allowed = block_diffusion_layout(where, clean, block_size, end).allowed
     model(x[rows, start:end], positions=torch.zeros(0, dtype=torch.long, device=x.device), cache=cache)
     return 1
 

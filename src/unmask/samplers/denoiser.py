@@ -134,7 +134,11 @@ def block_cache_start(model, canvas: torch.Tensor, mask_id: int, block_cache: st
     if not bool((first == first[0]).all()):
         raise SamplingError("Fast-dLLM's cached block decoding needs rows whose generated parts start at the same "
                             "position (equal prompt lengths)")
-    if block_cache != "none" and not getattr(unwrap(model), "BLOCK_CACHES", False):
-        raise SamplingError(f"sample.block_cache needs a backbone that takes block caches (llama, gpt2), not "
-                            f"{type(unwrap(model)).__name__}")
+    net = unwrap(model)
+    if block_cache != "none" and not getattr(net, "BLOCK_CACHES", False):
+        raise SamplingError(f"sample.block_cache needs a backbone that takes block caches (dit, llama, gpt2), not "
+                            f"{type(net).__name__}")
+    if block_cache != "none" and (net.time_conditioning or net.soft_mask is not None):
+        raise SamplingError("Fast-dLLM's block caches call the network directly: not for time-conditioned or "
+                            "soft-mask models")
     return int(first[0])

@@ -214,7 +214,8 @@ class LLaDASampler(DiffusionSampler):
         confidence[where[:, 0], where[:, 1]] = score
         if counts is None:
             rank = ranks_in_row(confidence)
-            bar = 1 - self.factor / (rank + 2) if self.factor else self.threshold  # rank r is the (r + 1)-th best
+            # rank r is the (r + 1)-th most confident
+            bar = 1 - self.factor / (rank.double() + 2) if self.factor else self.threshold
             chosen = ((rank == 0) | (confidence >= bar)) & (confidence > float("-inf"))
         else:
             chosen = choose_per_row(confidence, counts)

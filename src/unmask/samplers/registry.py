@@ -120,13 +120,16 @@ def make_sampler(cfg: SampleConfig, objective: Objective, tokenizer: Tokenizer, 
         serves = " or ".join(f.description for f in FAMILIES.values() if f.decoding == spec.decoding)
         raise SamplingError(f"sampler '{name}' is for {serves} models; this {family.description} model uses "
                             f"{' or '.join(samplers_for(family.decoding))} (or auto)")
-    unused = [knob for knob in ("guidance", "window", "stop_at_eos") if getattr(cfg, knob) and knob not in spec.knobs]
+    unused = [knob for knob in ("guidance", "window", "stop_at_eos", "factor") if getattr(cfg, knob)
+              and knob not in spec.knobs]
     if unused:
-        raise SamplingError(f"sample.{unused[0]} is for masked diffusion samplers, not for '{name}'")
+        raise SamplingError(f"sample.{unused[0]} does not apply to the '{name}' sampler (its keys: "
+                            f"{', '.join(spec.knobs)})")
     inner = spec.build(cfg, objective, tokenizer)
     if isinstance(objective, BlockDiffusion):
-        if cfg.window:
-            raise SamplingError("a block diffusion model generates block by block: sample.window does not apply")
+        if cfg.window or cfg.guidance:
+            raise SamplingError(f"a block diffusion model generates block by block: sample."
+                                f"{'window' if cfg.window else 'guidance'} does not apply")
         if getattr(inner, "block_cache", "none") != "none":
             raise SamplingError("sample.block_cache is Fast-dLLM's approximate cache for full-sequence models; a "
                                 "block diffusion model has its exact cache (sample.kv_cache)")

@@ -51,6 +51,7 @@ from ..checkpoints.runfolder import LOCK_FILE, RunFolderError, RunLock
 from ..config import ConfigError, RunConfig, dump_config, register_choices
 from ..data.tasks import answer_of, read_pairs
 from ..families import family_of
+from ..objectives.block_diffusion import BlockDiffusion
 from ..objectives.mdlm import MaskedDiffusion
 from ..pipeline import make_canvas, request_ids
 from ..runtime import seed_for
@@ -380,8 +381,8 @@ def rl_train(cfg: RunConfig, model, diffusion: MaskedDiffusion, tokenizer, devic
     run folder (resolved config, ``metrics.jsonl``, the model checkpoint with the schedule's summary,
     ``schedule.json``, ``rewards.png``) and returns the checkpoint."""
     r = cfg.rl
-    if family_of(cfg).decoding != "diffusion":
-        raise ConfigError(f"unmask rl fine-tunes masked diffusion models, not {cfg.family}")
+    if family_of(cfg).decoding != "diffusion" or isinstance(diffusion, BlockDiffusion):
+        raise ConfigError(f"unmask rl fine-tunes masked diffusion models (MDLM, LLaDA, Dream), not {cfg.family}")
     if not r.prompts:
         raise ConfigError("rl.prompts: a JSONL file of prompt/answer pairs (data.prompt_field/data.text_field)")
     if r.mode != "model" and r.sampler != "scheduled":
