@@ -133,9 +133,9 @@ def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None)
                          "lengths": lengths_summary([len(t) for t in texts])}
         model, objective = load_model(ckpt)
         base = SampleConfig(num_samples=args.samples, batch_size=64, steps=128, seed=1)
-        configs = {"ilm": {"joint sampling (gap and token drawn), t=1": dataclasses.replace(base, gap="sample"),
+        configs = {"ilm": {"joint sampling (gap, token and stop drawn), t=1": dataclasses.replace(base, gap="sample"),
                            "released settings (greedy gap, top-p 0.2, stop 0.9)": dataclasses.replace(
-                               base, gap="greedy", top_p=0.2)},
+                               base, gap="greedy", top_p=0.2, stop="threshold", stop_threshold=0.9)},
                    "mdlm": {"ancestral, T=128, t=1": base},
                    "ar": {"left to right, t=1": base}}[family]
         for name, cfg in configs.items():

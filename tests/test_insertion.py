@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -24,7 +25,7 @@ from unmask.objectives.ilm import InsertionObjective, joint_log_probs
 from unmask.samplers.base import SamplingError, row_seeds
 from unmask.samplers.insertion import InsertionSampler
 
-from toys import TINY
+from toys import CHI2_999, TINY, chi_square
 
 A, B, C, D, E = range(5)
 BOS, EOS, PAD, MASK = 5, 6, 7, 8
@@ -120,7 +121,10 @@ def test_loss_is_the_joint_softmax_cross_entropy_against_t_over_n_plus_stop_bce(
     sig = torch.sigmoid(stop[0])
     expected0 = insertion - torch.log(1 - sig)  # target "do not stop"
     expected1 = -torch.log(sig)  # nothing dropped: target "stop", no insertion term
-    assert torch.allclose(losses.double(), torch.stack([expected0, expected1]), atol=1e-5)
+    expected = torch.stack([expected0, expected1])
+    assert torch.allclose(losses.double(), expected * (4 + 1) / 7, atol=1e-5)  # path weights: (n0 + 1) / L
+    paper = InsertionObjective(BOS, EOS, PAD, MASK, SPECIAL, V, "paper")
+    assert torch.allclose(paper.loss(FixedLogits(logits, stop), x0, counted, noise).double(), expected, atol=1e-5)
 
 
 def test_joint_log_probs_normalise_over_open_gaps_and_allowed_tokens_only():
@@ -157,6 +161,7 @@ def test_padding_is_invisible_to_the_backbone():
 
 
 def sampler(**kw):
+    kw.setdefault("stop", "threshold" if "stop_threshold" in kw else "draw")
     return InsertionSampler(MASK, PAD, SPECIAL, **kw)
 
 
@@ -212,8 +217,8 @@ def test_batched_and_one_at_a_time_sampling_agree():
                            [BOS, A, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK, D, E],
                            [BOS, E, E, E, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK]])
     seeds = row_seeds(11, 4)
-    for gap in ("greedy", "sample"):
-        s = sampler(stop_threshold=0.3, gap=gap, top_p=0.9)
+    for gap, stop in (("greedy", "threshold"), ("sample", "threshold"), ("sample", "draw")):
+        s = sampler(stop=stop, stop_threshold=0.3, gap=gap, top_p=0.9)
         together = s.sample(model, canvas, seeds)
         alone = [s.sample(model, canvas[i:i + 1], seeds[i:i + 1]) for i in range(4)]
         assert torch.equal(together.tokens, torch.cat([r.tokens for r in alone]))
@@ -329,7 +334,101 @@ def test_template_infilling_with_an_insertion_model(tmp_path):
     tok = CharTokenizer("abcde")
     model = random_ilm(vocab=tok.vocab_size, length=12)
     objective = InsertionObjective(tok.bos_id, tok.eos_id, tok.pad_id, tok.mask_id, tok.special_ids, tok.vocab_size)
-    gen = generate_rows(model, objective, tok, SampleConfig(num_samples=3, stop_threshold=1.0), 12, 12,
+    gen = generate_rows(model, objective, tok, SampleConfig(num_samples=3, stop="threshold", stop_threshold=1.0), 12, 12,
                    template="ab[MASK]cd", bos=True)
     for text in gen.texts:
         assert text.startswith("ab") and text.endswith("cd") and len(text) == 11
+
+
+# An enumerable toy: strings over {a, b} of length 0..3 in rows [BOS] x [EOS] [PAD]...
+TOY = {(): 0.1, (A,): 0.2, (A, B): 0.3, (B, B, A): 0.25, (A, B, A): 0.15}
+TOY_WIDTH = 6
+
+
+def optimal_chain(weighting: str):
+    """The minimisers of the expected ILM loss over every (sequence, n, dropped subset) of ``TOY``,
+    drawn and weighted by the objective itself: per state (the kept tokens), P(stop) and the insertion
+    distribution {(gap, token): q}."""
+    obj = InsertionObjective(BOS, EOS, PAD, MASK, SPECIAL, V, weighting)
+    stop_num, mass, inserts, insert_mass = {}, {}, {}, {}
+    for x, p in TOY.items():
+        m = len(x)
+        row = [BOS, *x, EOS] + [PAD] * (TOY_WIDTH - m - 2)
+        for n in range(m + 1):
+            for subset in itertools.combinations(range(m), n):
+                keys = [1.0 if i - 1 not in subset else 0.5 for i in range(TOY_WIDTH)]
+                batch = obj.drop(torch.tensor([row]), torch.tensor([[0] + [1] * (m + 1) + [0] * (TOY_WIDTH - m - 2)],
+                                                                   dtype=torch.bool),
+                                 torch.tensor([(n + 0.5) / (m + 1)], dtype=torch.float64), torch.tensor([keys]))
+                assert int(batch.dropped[0]) == n
+                w = p / (m + 1) / math.comb(m, n) * float(obj.row_weights(batch)[0])
+                state = tuple(batch.ids[0, 1:int(batch.keep.sum())].tolist())
+                mass[state] = mass.get(state, 0.0) + w
+                stop_num[state] = stop_num.get(state, 0.0) + w * (n == 0)
+                if n:
+                    insert_mass[state] = insert_mass.get(state, 0.0) + w
+                    table = inserts.setdefault(state, {})
+                    for gap, token in zip(batch.gap.tolist(), batch.token.tolist()):
+                        table[gap, token] = table.get((gap, token), 0.0) + w / n
+    stop = {s: stop_num[s] / mass[s] for s in mass}
+    q = {s: {k: v / insert_mass[s] for k, v in table.items()} for s, table in inserts.items()}
+    return stop, q
+
+
+def chain_distribution(stop, q) -> dict:
+    """The distribution over finished sequences of the chain: from the empty state, stop with
+    P(stop), else insert (gap, token) with q (gap j: after the j-th kept token, 0 = after BOS)."""
+    visit, out = {(): 1.0}, {}
+    for length in range(TOY_WIDTH):
+        for state in [s for s in visit if len(s) == length]:
+            out[state] = out.get(state, 0.0) + visit[state] * stop[state]
+            for (gap, token), p in q.get(state, {}).items():
+                child = state[:gap] + (token,) + state[gap:]
+                visit[child] = visit.get(child, 0.0) + visit[state] * (1 - stop[state]) * p
+    return out
+
+
+def test_optimal_ilm_with_path_weights_generates_exactly_the_data_distribution():
+    path = chain_distribution(*optimal_chain("path"))
+    assert all(abs(p - TOY.get(x, 0.0)) < 1e-6 for x, p in path.items()) and set(TOY) <= set(path)
+    # the paper's unweighted rows fit a distribution reweighted by 1/(n0 + 1): too much mass on short
+    paper = chain_distribution(*optimal_chain("paper"))
+    assert paper[()] > TOY[()] + 0.02 and paper[(B, B, A)] < TOY[(B, B, A)] - 0.02
+
+
+class TableILM(torch.nn.Module):
+    """An ILM network that looks its outputs up in tables keyed by the state (the kept tokens)."""
+
+    backbone = type("Backbone", (), {"vocab_size": V})()
+
+    def __init__(self, stop, q):
+        super().__init__()
+        self.stop, self.q = stop, q
+
+    def forward(self, ids, keep):
+        logits = torch.full((*ids.shape, V), float("-inf"))
+        stops = torch.zeros(len(ids))
+        for i, row in enumerate(ids.tolist()):
+            state = tuple(row[1:int(keep[i].sum())])
+            p = min(max(self.stop[state], 1e-15), 1 - 1e-15)
+            stops[i] = math.log(p / (1 - p))
+            for (gap, token), p in self.q.get(state, {}).items():
+                logits[i, gap, token] = math.log(p)
+        return logits, stops
+
+
+def test_joint_sampling_with_drawn_stops_reproduces_the_data_and_a_threshold_does_not():
+    model = TableILM(*optimal_chain("path"))
+    n = 3000
+    canvas = torch.tensor([[BOS, MASK] + [PAD] * (TOY_WIDTH - 2)] * n)
+    outcomes = list(TOY)
+
+    def counts(result):
+        seqs = [tuple(t for t in row if t != PAD)[1:] for row in result.tokens.tolist()]
+        assert set(seqs) <= set(outcomes)
+        return [seqs.count(x) for x in outcomes]
+
+    drawn = sampler(gap="sample", stop="draw").sample(model, canvas, row_seeds(5, n))
+    assert chi_square(counts(drawn), list(TOY.values())) < CHI2_999[4]
+    thresholded = sampler(gap="sample", stop="threshold", stop_threshold=0.9).sample(model, canvas, row_seeds(5, n))
+    assert chi_square(counts(thresholded), list(TOY.values())) > 100

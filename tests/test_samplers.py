@@ -29,24 +29,16 @@ from unmask.samplers.registry import make_sampler
 from unmask.samplers.semi_ar import SemiAutoregressiveSampler
 
 from toys import (
+    CHI2_999,
     MASK,
     V_TOKENS,
     EnumeratedModel,
     FactorizedModel,
+    chi_square,
     markov_chain,
     random_joint,
     tiny_dit,
 )
-
-CHI2_999 = {1: 10.83, 2: 13.82, 4: 18.47, 5: 20.52, 8: 26.12, 26: 54.05}
-
-
-def chi_square(counts, probs) -> float:
-    counts, probs = np.asarray(counts, dtype=float), np.asarray(probs, dtype=float)
-    expected = probs * counts.sum()
-    keep = expected > 0
-    assert counts[~keep].sum() == 0, "a zero-probability outcome was drawn"
-    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
 
 
 def joint_counts(tokens: torch.Tensor, vocab: int) -> np.ndarray:

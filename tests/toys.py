@@ -18,6 +18,18 @@ TINY = ["model.preset=nano", "model.hidden=32", "model.blocks=2", "model.heads=2
         "model.length=32", "data.length=32", "train.batch_size=4", "train.progress=false", "train.threads=1",
         "train.log_every=1", "train.warmup_steps=0"]
 
+CHI2_999 = {1: 10.83, 2: 13.82, 4: 18.47, 5: 20.52, 8: 26.12, 26: 54.05}  # 99.9 % quantiles by degrees of freedom
+
+
+def chi_square(counts, probs) -> float:
+    """Pearson's statistic of observed ``counts`` against ``probs`` (a zero-probability draw fails)."""
+    counts, probs = np.asarray(counts, dtype=float), np.asarray(probs, dtype=float)
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a zero-probability outcome was drawn"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
 V_TOKENS, LENGTH = 5, 8
 MASK = V_TOKENS  # ids 0..4 are tokens, 5 is the mask
 

@@ -132,6 +132,7 @@ class DiffusionConfig:
     antithetic: bool = True  # stratified (low-discrepancy) times over the global batch
     discrete_steps: int = 0  # T > 0: the T-step NELBO instead of the continuous one
     soft_mask_prob: float = 0.8  # soft-mask models: share of training rows given the two-pass soft input
+    ilm_weighting: str = "path"  # insertion models: row weight (n0+1)/L (path, unbiased) or 1 (paper)
 
 
 @dataclass
@@ -216,7 +217,8 @@ class SampleConfig:
     soft_mask: bool = True  # soft-mask models: feed back the previous step (false = binary inputs)
     guidance: float = 0.0  # unsupervised classifier-free guidance weight w (0 = none)
     guidance_schedule: str = "constant"  # constant w, or linear w * t (fading as the canvas fills)
-    stop_threshold: float = 0.9  # insertion models: stop a row once P(stop) reaches this
+    stop: str = "draw"  # insertion models: draw the stop with P(stop) (argmax at temperature 0), or threshold
+    stop_threshold: float = 0.9  # insertion models, stop=threshold: stop a row once P(stop) reaches this
     gap: str = "greedy"  # insertion models: the gap with the largest marginal, or a draw (joint sampling)
 
 

@@ -24,7 +24,7 @@ from .objectives.ar import Autoregressive
 from .objectives.base import Objective
 from .objectives.block_diffusion import BlockDiffusion
 from .objectives.classification import ClassificationObjective
-from .objectives.ilm import InsertionObjective
+from .objectives.ilm import ROW_WEIGHTINGS, InsertionObjective
 from .objectives.mdlm import MaskedDiffusion
 from .objectives.schedules import make_schedule
 from .runtime import memory_bytes
@@ -66,7 +66,7 @@ def _block_diffusion(cfg: RunConfig, tokenizer: Tokenizer) -> BlockDiffusion:
 
 def _insertion_objective(cfg: RunConfig, tokenizer: Tokenizer) -> InsertionObjective:
     return InsertionObjective(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id,
-                              tokenizer.special_ids, tokenizer.vocab_size)
+                              tokenizer.special_ids, tokenizer.vocab_size, cfg.diffusion.ilm_weighting)
 
 
 FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
@@ -89,6 +89,7 @@ FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
                data=lambda cfg, tokenizer, progress: LabelledData(cfg, tokenizer)),
 )}
 register_choices("family", tuple(FAMILIES))
+register_choices("diffusion.ilm_weighting", ROW_WEIGHTINGS)
 
 
 def family_of(cfg: RunConfig | str) -> FamilySpec:

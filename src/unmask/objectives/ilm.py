@@ -14,8 +14,19 @@ equal to ``v`` lying between kept token ``j`` and the next kept token, ``q = T /
         + BCE(stop logit, n == 0)
 
 per sequence, averaged over the batch (no ``1/n`` weighting, no marginalisation over orders; a
-multiset target per gap, so the objective is biased but low-variance). ``sum T log p`` is computed as
-a sum over the dropped tokens of ``log p[gap, token]``, so ``T`` is never materialized.
+multiset target per gap). ``sum T log p`` is computed as a sum over the dropped tokens of
+``log p[gap, token]``, so ``T`` is never materialized.
+
+Row weights (``weighting``). Sampling inserts one token per step in a uniformly random order, so a
+sequence of ``n0`` tokens visits ``n0 + 1`` states, and at a visited state the right stop probability
+and insertion distribution are the posterior over every sequence whose path passes through it. A
+uniform ``n`` visits each of a row's states with probability ``1/(n0 + 1)``, so the paper's loss
+(``"paper"``) fits the posterior of a data distribution reweighted by ``1/(n0 + 1)``: short sequences
+count more, and the stop head and insertions learned from text of varying length are biased toward
+short. ``"path"`` (the default) multiplies each row's loss by ``(n0 + 1) / L``, which makes it an
+unbiased estimate (up to the constant ``1/L``) of ``sum`` over the row's path of the per-step losses:
+the chain of optimal stop and insertion probabilities then generates exactly the data distribution
+(``tests/test_insertion.py`` checks both claims by enumeration). With rows of one length the two agree.
 
 Which tokens may be dropped: the counted, non-special tokens of a row (``data.layout=pad``, so the
 row is ``[BOS] (prompt) text [EOS] [PAD]...``). BOS and a prompt form the fixed prefix; the last
@@ -29,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+ROW_WEIGHTINGS = ("path", "paper")
 
 
 def forbidden_token_mask(vocab_size: int, special_ids, device=None) -> torch.Tensor:
@@ -53,13 +66,14 @@ class InsertionBatch:
 
     ``ids`` (B, L): kept tokens left-aligned, PAD after; ``keep`` (B, L) the positions in use;
     ``open_gaps`` (B, L) the gaps that may receive insertions; ``dropped`` (B,) how many tokens were
-    dropped (``n``); the dropped tokens as flat lists ``row``, ``gap``, ``token`` (N,) (the gap is the
-    index, in ``ids``, of the kept token before the dropped one)."""
+    dropped (``n``) of the ``droppable`` (B,) (``n0``); the dropped tokens as flat lists ``row``, ``gap``,
+    ``token`` (N,) (the gap is the index, in ``ids``, of the kept token before the dropped one)."""
 
     ids: torch.Tensor
     keep: torch.Tensor
     open_gaps: torch.Tensor
     dropped: torch.Tensor
+    droppable: torch.Tensor
     row: torch.Tensor
     gap: torch.Tensor
     token: torch.Tensor
@@ -78,10 +92,13 @@ class InsertionObjective:
     per_sequence = True  # losses are per sequence, normalised by the number of rows, not of tokens
     bound = "none"  # the training objective, not a bound on the likelihood
 
-    def __init__(self, bos_id: int, eos_id: int, pad_id: int, mask_id: int, special_ids, vocab_size: int):
+    def __init__(self, bos_id: int, eos_id: int, pad_id: int, mask_id: int, special_ids, vocab_size: int,
+                 weighting: str = "path"):
+        if weighting not in ROW_WEIGHTINGS:
+            raise ValueError(f"ILM weighting must be {' or '.join(ROW_WEIGHTINGS)}, got {weighting!r}")
         self.bos_id, self.eos_id, self.pad_id, self.mask_id = bos_id, eos_id, pad_id, mask_id
         self.special = sorted(set(special_ids) | {bos_id, eos_id, pad_id, mask_id})
-        self.vocab_size = vocab_size
+        self.vocab_size, self.weighting = vocab_size, weighting
 
     def forbidden(self, device) -> torch.Tensor:
         return forbidden_token_mask(self.vocab_size, self.special, device)
@@ -113,7 +130,13 @@ class InsertionObjective:
         first_open = new_index.gather(1, last_fixed[:, None])[:, 0]
         open_gaps = keep & (positions[None] >= first_open[:, None])
         rows_d, cols_d = dropped.nonzero(as_tuple=True)
-        return InsertionBatch(ids, keep, open_gaps, n, rows_d, new_index[rows_d, cols_d], x0[rows_d, cols_d])
+        return InsertionBatch(ids, keep, open_gaps, n, n0, rows_d, new_index[rows_d, cols_d], x0[rows_d, cols_d])
+
+    def row_weights(self, batch: InsertionBatch) -> torch.Tensor:
+        """(B,) float weights of the rows' losses: 1 (``paper``) or ``(n0 + 1) / L`` (``path``)."""
+        if self.weighting == "paper":
+            return torch.ones(len(batch.ids), device=batch.ids.device)
+        return (batch.droppable + 1).float() / batch.ids.shape[1]
 
     def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise, exact: bool = False) -> torch.Tensor:
         """Per-sequence ILM loss (B,): insertion cross-entropy against ``q = T/n`` plus the stop BCE."""
@@ -124,7 +147,8 @@ class InsertionObjective:
         insertion = torch.zeros(len(x0), device=x0.device).index_add_(0, batch.row, -picked)
         insertion = insertion / batch.dropped.clamp(min=1).float()
         target = (batch.dropped == 0).float()
-        return insertion + F.binary_cross_entropy_with_logits(stop.float(), target, reduction="none")
+        stop_loss = F.binary_cross_entropy_with_logits(stop.float(), target, reduction="none")
+        return (insertion + stop_loss) * self.row_weights(batch)
 
 
 def first_true(mask: torch.Tensor, default: int) -> torch.Tensor:

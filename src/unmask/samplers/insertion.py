@@ -9,6 +9,7 @@ import torch
 from .base import (
     ORDER,
     PURPOSES,
+    TIME,
     TOKEN,
     RowStreams,
     Sampler,
@@ -20,6 +21,7 @@ from .base import (
 )
 
 GAP_CHOICES = ("greedy", "sample")  # the gap with the largest marginal, or one drawn (joint sampling)
+STOP_RULES = ("draw", "threshold")  # stop with probability P(stop), or once P(stop) reaches a threshold
 
 
 class InsertionSampler(Sampler):
@@ -34,22 +36,29 @@ class InsertionSampler(Sampler):
     Inserted tokens open the gaps after them. The width ``W`` bounds the final length; the result holds
     each row's sequence left-aligned, PAD after it.
 
-    Per step and row: stop when ``P(stop) >= stop_threshold`` (or the row is full); otherwise choose
+    Per step and row: stop (or when the row is full); otherwise choose
     the gap from the position marginals ``logsumexp_v s[j, v]`` (``gap="greedy"``: the argmax, the
     released setting; ``"sample"``: a draw, which with the token draw below is a draw from the joint
     softmax) and the token from ``softmax(s[j, :])`` with temperature/top-k/top-p (float64), then
-    shift everything after the gap right by one.
+    shift everything after the gap right by one. The stop: ``stop="draw"`` stops with probability
+    ``P(stop)`` (a uniform from the row's stream; at temperature 0 when ``P(stop) >= 0.5``), the hazard
+    the stop head is trained to be, so that joint sampling generates the model's distribution (tested by
+    enumeration); ``"threshold"`` stops once ``P(stop) >= stop_threshold`` (the released setting, 0.9: a
+    row whose completion is never that certain, as on text, runs to the width).
     """
 
-    def __init__(self, mask_id: int, pad_id: int, special_ids, stop_threshold: float = 0.9, gap: str = "greedy",
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, precision: str = "float64"):
+    def __init__(self, mask_id: int, pad_id: int, special_ids, stop: str = "draw", stop_threshold: float = 0.9,
+                 gap: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 precision: str = "float64"):
         check_knobs(temperature, top_k, top_p, precision)
         if not 0 < stop_threshold <= 1:
             raise SamplingError(f"stop_threshold must lie in (0, 1], got {stop_threshold}")
+        if stop not in STOP_RULES:
+            raise SamplingError(f"stop rule must be {' or '.join(STOP_RULES)}, got {stop!r}")
         if gap not in GAP_CHOICES:
             raise SamplingError(f"gap choice must be {' or '.join(GAP_CHOICES)}, got {gap!r}")
         self.mask_id, self.pad_id, self.special = mask_id, pad_id, sorted(set(special_ids) | {mask_id, pad_id})
-        self.stop_threshold, self.gap = stop_threshold, gap
+        self.stop, self.stop_threshold, self.gap = stop, stop_threshold, gap
         self.temperature, self.top_k, self.top_p, self.precision = temperature, top_k, top_p, precision
 
     def start(self, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,7 +96,13 @@ class InsertionSampler(Sampler):
             logits, stop = model(ids[rows], keep)
             calls += 1
             row_nfe[rows.cpu()] += 1
-            go = stop.double().sigmoid() < self.stop_threshold
+            p_stop = stop.double().sigmoid()
+            if self.stop == "threshold":
+                go = p_stop < self.stop_threshold
+            elif self.temperature == 0:
+                go = p_stop < 0.5
+            else:
+                go = streams.uniform(rows, step * PURPOSES + TIME, torch.zeros_like(rows)) >= p_stop
             active[rows[~go]] = False
             rows, logits = rows[go], logits[go]
             if len(rows):

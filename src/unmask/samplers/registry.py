@@ -26,7 +26,7 @@ from .confidence import CONFIDENCE_SCORES, REVEAL_SCHEDULES, ConfidenceSampler
 from .denoiser import GUIDANCE_SCHEDULES
 from .dream import DREAM_SCORES, DreamSampler
 from .first_hitting import FirstHittingSampler
-from .insertion import GAP_CHOICES, InsertionSampler
+from .insertion import GAP_CHOICES, STOP_RULES, InsertionSampler
 from .llada import LLaDASampler
 from .semi_ar import SemiAutoregressiveSampler
 
@@ -81,8 +81,8 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
                 lambda cfg, objective, tok: AutoregressiveSampler(tok.bos_id, tok.mask_id, kv_cache=cfg.kv_cache,
                                                                   **_draw(cfg)),
                 "left to right with a KV cache (autoregressive models)"),
-    SamplerSpec("insertion", "insertion", ("stop_threshold", "gap") + COMMON,
-                lambda cfg, objective, tok: InsertionSampler(tok.mask_id, tok.pad_id, tok.special_ids,
+    SamplerSpec("insertion", "insertion", ("stop", "stop_threshold", "gap") + COMMON,
+                lambda cfg, objective, tok: InsertionSampler(tok.mask_id, tok.pad_id, tok.special_ids, cfg.stop,
                                                              cfg.stop_threshold, cfg.gap, **_draw(cfg)),
                 "one insertion per step until the stop head says stop (insertion models)"),
 )}
@@ -91,6 +91,7 @@ register_choices("sample.score", tuple(dict.fromkeys(CONFIDENCE_SCORES + DREAM_S
 register_choices("sample.reveal", REVEAL_SCHEDULES)
 register_choices("sample.guidance_schedule", GUIDANCE_SCHEDULES)
 register_choices("sample.gap", GAP_CHOICES)
+register_choices("sample.stop", STOP_RULES)
 register_choices("sample.block_cache", ("none", "prefix", "dual"))
 assert all(spec.default_sampler in SAMPLERS for spec in FAMILIES.values() if spec.default_sampler)
 
