@@ -101,7 +101,7 @@ class InsertionSampler(Sampler):
                 go = p_stop < self.stop_threshold
             elif self.temperature == 0:
                 go = p_stop < 0.5
-            else:
+            else:  # the stop's uniform takes the TIME purpose (an insertion sampler has no times)
                 go = streams.uniform(rows, step * PURPOSES + TIME, torch.zeros_like(rows)) >= p_stop
             active[rows[~go]] = False
             rows, logits = rows[go], logits[go]
