@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from unmask.checkpoints.checkpoint import Checkpoint, load_model
 from unmask.config import SampleConfig
 from unmask.data.dataset import Data
-from unmask.data.tasks import read_pairs, write_star_graph_task
+from unmask.data.tasks import read_pairs, star_graph_path_checks, write_star_graph_task
 from unmask.eval.exact_match import exact_match
 from unmask.eval.generation import CheckpointEvaluator, unigram_entropy
 from unmask.eval.likelihood import select_rows
@@ -49,6 +50,7 @@ SHAKESPEARE = ROOT / "src" / "unmask" / "assets" / "tinyshakespeare.txt.xz"
 
 def star_graph(args, runs: Path, smoke: tuple[str, ...]) -> dict:
     out = {}
+    seeds = [int(x) for x in args.seeds.split(",")]
     for variant in args.variants.split(","):
         data = runs / f"data-{variant}"
         if not (data / "task.json").exists():
@@ -58,30 +60,47 @@ def star_graph(args, runs: Path, smoke: tuple[str, ...]) -> dict:
         common = [*smoke, f"data.path={data}/train.jsonl", f"data.valid_path={data}/valid.jsonl",
                   f"data.test_path={data}/test.jsonl", f"data.length={length}", f"model.preset={args.preset}",
                   f"model.length={length}", f"train.steps={args.star_steps}", f"train.batch_size={args.batch}",
-                  f"train.lr={args.lr}", "train.ema=0.99", f"train.threads={args.threads}",
+                  f"train.lr={args.lr}", f"train.lr_schedule={args.lr_schedule}", "train.ema=0.99",
+                  f"train.threads={args.threads}", f"train.log_every={max(1, args.star_steps // 60)}",
                   f"data.cache_dir={runs / 'cache'}"]
         pairs = read_pairs(data / "test.jsonl")
-        rows = {}
-        for family in FAMILIES:
-            path, records = trained(runs / f"{variant}-{family}", [f"family={family}", *common], "star-graph")
-            ckpt = Checkpoint(path)
-            model, objective = load_model(ckpt)
-            greedy = SampleConfig(temperature=0.0, batch_size=250, stop_threshold=0.5)
-            samplers = {"ilm": {"insertion, greedy": greedy},
-                        "ar": {"left to right, greedy": greedy},
-                        "mdlm": {"ancestral, T=L, temperature 0": dataclasses.replace(greedy, sampler="ancestral",
-                                                                                      steps=length),
-                                 "confidence order, greedy": dataclasses.replace(greedy, sampler="confidence",
-                                                                                 steps=length)}}[family]
-            train_seconds = [r for r in records if r.get("event") == "end"][-1]["elapsed_seconds"]
-            for name, cfg in samplers.items():
-                r = exact_match(model, objective, ckpt.tokenizer, cfg, pairs, length, length, "cpu")
-                rows[f"{family}: {name}"] = {"exact_match": r["exact_match"], "stderr": r["stderr"], "n": r["n"],
-                                             "nfe": r["nfe"], "examples": r["examples"][:3],
-                                             "train_seconds": train_seconds,
-                                             "final_train_loss": [x["loss"] for x in records if "loss" in x][-1]}
-                print(f"{variant} {family} {name}: exact match {r['exact_match']:.3f} ± {r['stderr']:.3f}", flush=True)
-        out[variant] = {"spec": meta["spec"], "length": length, "train_rows": args.star_train, "results": rows}
+        rows, curves = {}, {}
+        for seed in seeds:  # every family's first seed before any second one
+            for family in FAMILIES:
+                run = runs / f"{variant}-{family}-s{seed}"
+                path, records = trained(run, [f"family={family}", f"train.seed={seed}", *common], "star-graph")
+                curves[run.name] = [[r["step"], r["loss"]] for r in records if "loss" in r]
+                ckpt = Checkpoint(path)
+                model, objective = load_model(ckpt)
+                greedy = SampleConfig(temperature=0.0, batch_size=250, stop="threshold", stop_threshold=0.5)
+                samplers = {"ilm": {"insertion, greedy": greedy},
+                            "ar": {"left to right, greedy": greedy},
+                            "mdlm": {"ancestral, T=L, temperature 0": dataclasses.replace(
+                                         greedy, sampler="ancestral", steps=length),
+                                     "confidence order, greedy": dataclasses.replace(
+                                         greedy, sampler="confidence", steps=length)}}[family]
+                train_seconds = [r for r in records if r.get("event") == "end"][-1]["elapsed_seconds"]
+                for name, cfg in samplers.items():
+                    r = exact_match(model, objective, ckpt.tokenizer, cfg, pairs, length, length, "cpu", examples=-1)
+                    checks = [star_graph_path_checks(e["prompt"], e["generated"]) for e in r["examples"]]
+                    entry = rows.setdefault(f"{family}: {name}", {"seeds": {}})
+                    entry["seeds"][seed] = {
+                        "exact_match": r["exact_match"], "stderr": r["stderr"], "n": r["n"], "nfe": r["nfe"],
+                        **{k: float(np.mean([c[k] for c in checks])) for k in checks[0]},
+                        "examples": r["examples"][:3], "train_seconds": train_seconds,
+                        "final_train_loss": curves[run.name][-1][1]}
+                    print(f"{variant} {family} seed {seed} {name}: exact match {r['exact_match']:.3f} "
+                          f"± {r['stderr']:.3f}, follows edges {entry['seeds'][seed]['follows_edges']:.3f}",
+                          flush=True)
+        for entry in rows.values():  # pooled over seeds: the binomial error of all answers together
+            runs_ = list(entry["seeds"].values())
+            n = sum(x["n"] for x in runs_)
+            p = sum(x["exact_match"] * x["n"] for x in runs_) / n
+            entry.update(exact_match=p, stderr=math.sqrt(p * (1 - p) / n), n=n, nfe=runs_[0]["nfe"],
+                         follows_edges=float(np.mean([x["follows_edges"] for x in runs_])))
+        out[variant] = {"spec": meta["spec"], "length": length, "train_rows": args.star_train, "seeds": seeds,
+                        "steps": args.star_steps, "batch": args.batch, "lr": args.lr, "results": rows,
+                        "loss_curves": curves}
     return out
 
 
@@ -158,9 +177,13 @@ def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None)
 def table(result: dict) -> str:
     lines = []
     for variant, v in result.get("star_graph", {}).items():
-        lines += [f"\nStar graph, {variant} ({v['train_rows']} training graphs)\n", "| model: decoding | exact match | NFE |",
-                  "|---|---|---|"]
-        lines += [f"| {k} | {r['exact_match']:.3f} ± {r['stderr']:.3f} | {r['nfe']} |" for k, r in v["results"].items()]
+        lines += [f"\nStar graph, {variant} ({v['train_rows']} training graphs, {v['steps']} steps of {v['batch']}, "
+                  f"seeds {v['seeds']})\n", "| model: decoding | exact match (pooled) | per seed | follows edges | NFE |",
+                  "|---|---|---|---|---|"]
+        for k, r in v["results"].items():
+            per_seed = " / ".join(f"{x['exact_match']:.3f}" for x in r["seeds"].values())
+            lines.append(f"| {k} | {r['exact_match']:.3f} ± {r['stderr']:.3f} | {per_seed} | {r['follows_edges']:.3f} "
+                         f"| {r['nfe']} |")
     if "text" in result:
         t = result["text"]
         ref = t["reference"]
@@ -181,14 +204,16 @@ def main() -> None:
     parser.add_argument("--tag")
     parser.add_argument("--runs", default="runs/insertion")
     parser.add_argument("--stages", default="star,text")
-    parser.add_argument("--variants", default="easy,medium")
+    parser.add_argument("--variants", default="tiny")
     parser.add_argument("--preset", default="nano")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--star-steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--star-steps", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=1e-3, help="star-graph learning rate")
+    parser.add_argument("--lr-schedule", default="constant", help="star-graph learning-rate schedule")
+    parser.add_argument("--seeds", default="1,2", help="star-graph training seeds (a run per family and seed)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: all cores)")
-    parser.add_argument("--star-train", type=int, default=50_000)
-    parser.add_argument("--star-test", type=int, default=500)
+    parser.add_argument("--star-train", type=int, default=500_000)
+    parser.add_argument("--star-test", type=int, default=1000)
     parser.add_argument("--text-steps", type=int, default=1000)
     parser.add_argument("--text-families", default=",".join(FAMILIES), help="families whose text results are "
                         "(re)measured; the others' results are kept from the JSON")
@@ -205,7 +230,7 @@ def main() -> None:
         benchmark(args, Path(args.runs) / args.tag, ROOT / "benchmarks" / "results")
         return
     with tempfile.TemporaryDirectory() as tmp:  # tiny models, two steps each, a few rows; runs and record go there
-        args.tag, args.variants, args.star_train, args.star_test, args.samples = "smoke", "tiny", 64, 8, 4
+        args.tag, args.variants, args.star_train, args.star_test, args.samples, args.seeds = "smoke", "tiny", 64, 8, 4, "1"
         args.batch, args.star_steps, args.text_steps, args.evaluator_steps, args.threads = 4, 2, 2, 2, 1
         # the tiny model at the script's own lengths (the text evaluator's model.length is the preset's)
         tiny = [o for o in SMOKE_OVERRIDES if not o.startswith(("model.length=", "data.length="))]

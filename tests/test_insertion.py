@@ -16,6 +16,7 @@ from unmask.data.tasks import (
     STAR_VARIANTS,
     answer_of,
     star_graph,
+    star_graph_path_checks,
     star_graph_text,
     write_star_graph_task,
 )
@@ -272,6 +273,16 @@ def test_star_graph_files_are_seeded_and_test_prompts_are_unseen(tmp_path):
     with pytest.raises(ValueError, match="nothing was replaced"):
         write_star_graph_task(tmp_path / "mine", "medium", train=30, valid=5, test=5)
     assert (tmp_path / "mine" / "train.jsonl").read_text() == "the user's data\n"
+
+
+def test_path_checks_tell_a_wrong_arm_from_a_broken_path():
+    prompt = "he ch jf la jc fl j>e:"  # arms j-c-h-e (the answer) and j-f-l-a
+    checks = {g: star_graph_path_checks(prompt, g) for g in ("jche", "jfla", "jcla", "che", "jc")}
+    assert checks["jche"] == {"starts": True, "first_step": True, "follows_edges": True, "reaches_goal": True}
+    assert checks["jfla"] == {"starts": True, "first_step": True, "follows_edges": True, "reaches_goal": False}
+    assert checks["jcla"]["first_step"] and not checks["jcla"]["follows_edges"]
+    assert not any(checks["che"].values())
+    assert checks["jc"]["follows_edges"] and not checks["jc"]["reaches_goal"]
 
 
 def test_answer_is_read_after_the_prompt_up_to_the_first_special():

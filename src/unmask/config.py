@@ -164,6 +164,10 @@ class TrainConfig:
     init_from: str | None = None  # start a new run from these weights (continued pretraining)
     soft_mask_lr: float = 1e-2  # learning rate of the soft-mask scalars (their own AdamW group)
     random_length_prob: float = 0.0  # share of rows cut to a random length (SMDM: 0.01)
+    parallel: str = "ddp"  # ddp (a whole copy per process) or fsdp (weights, gradients, optimizer state sharded)
+    reduce_precision: str = "fp32"  # fsdp: dtype of the gradient reduce-scatter (fp32 or bf16)
+    cpu_offload: bool = False  # fsdp on CUDA: keep the sharded weights and optimizer state in CPU memory
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
 
 
 @dataclass
@@ -283,6 +287,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.schedule": ("loglinear", "cosine", "linear", "geometric"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.parallel": ("ddp", "fsdp"),
+    "train.reduce_precision": ("fp32", "bf16"),
     "eval.split": ("train", "valid", "test"),
     "eval.metric": ("likelihood", "generation", "exact_match"),
     "eval.precision": ("auto", "fp32", "bf16"),
@@ -525,7 +531,8 @@ def validate(cfg: RunConfig) -> RunConfig:
 # Keys a resumed run may change: they do not alter what is computed at each step.
 RESUMABLE = ("train.steps", "train.max_minutes", "train.log_every", "train.save_every", "train.keep_checkpoints",
              "train.eval_every", "train.eval_sequences", "train.progress", "train.compile",
-             "train.init_from", "data.cache_dir", "eval", "sample", "rl")
+             "train.init_from", "train.parallel", "train.cpu_offload", "train.activation_checkpointing",
+             "data.cache_dir", "eval", "sample", "rl")
 
 
 def resume_differences(saved: RunConfig, new: RunConfig) -> list[str]:

@@ -40,12 +40,16 @@ class Distributed:
         return t.tolist()
 
 
-def init_distributed() -> Distributed:
-    """Join the process group that ``torchrun`` describes (gloo on CPU, NCCL on CUDA), or run alone."""
+def init_distributed(group: bool = False) -> Distributed:
+    """Join the process group that ``torchrun`` describes (gloo on CPU, NCCL on CUDA), or run alone
+    (in a process group of one with ``group``: what FSDP's device mesh needs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world == 1:
-        return Distributed(device=torch.device("cuda" if cuda else "cpu"))
+        device = torch.device("cuda" if cuda else "cpu")
+        if group and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        return Distributed(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)

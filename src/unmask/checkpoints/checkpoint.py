@@ -11,6 +11,16 @@ A checkpoint is a self-contained folder::
         tokenizer/              the tokenizer (unmask_tokenizer.json [+ tokenizer.json])
         checksums.json          SHA-256 of every other file
 
+A sharded checkpoint (``train.parallel=fsdp``; ``trainer_state.json`` says ``"shards": W``) has, in
+place of each of the three tensor files, one file per process, ``model-00000-of-0000W.safetensors``
+...: process ``r`` writes its rows of every sharded tensor (FSDP2 cuts dim 0 into ``ceil(n / W)``-row
+pieces) and the tensors it holds whole (buffers, optimizer step counts); each file's safetensors
+header metadata ``offsets`` (JSON) gives, per sharded key, the first row of its piece and the full
+row count. Readers get full tensors (:meth:`Checkpoint.tensors` puts the pieces together and checks
+that they tile every tensor exactly), so evaluation, sampling and ``unmask export`` read either kind;
+a run resumed with the same number of processes reads only its own files. Like every file here they
+are safetensors and JSON: nothing is unpickled.
+
 It is written into ``.tmp-step_...`` and renamed into place once complete (``os.replace`` is
 atomic), so a process killed during a save leaves the previous checkpoint intact; leftover temporary
 folders are ignored and removed by the next save.
@@ -32,8 +42,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, Shard
 
 from ..config import RunConfig, dump_config, load_config
 from ..data.tokenization import Tokenizer, load_tokenizer
@@ -41,6 +52,12 @@ from ..families import build_model, build_objective
 from ..files import CheckpointError, member, read_json, sha256_file
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+TENSOR_FILES = ("model", "ema", "optimizer")
+
+
+def shard_name(kind: str, rank: int, world: int) -> str:
+    """The file of process ``rank``'s share of ``kind`` (model, ema or optimizer) in a sharded checkpoint."""
+    return f"{kind}-{rank:05d}-of-{world:05d}.safetensors"
 
 
 CHECKSUMS = "checksums.json"
@@ -81,8 +98,9 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
         os.fsync(f.fileno())
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, whose header size is checked before anything is parsed."""
+def load_tensors(path: Path, with_metadata: bool = False):
+    """The tensors of a safetensors file, whose header size is checked before anything is parsed
+    (and, ``with_metadata``, its header's metadata dict)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     size = path.stat().st_size
@@ -94,9 +112,56 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
                               f"({header if header is not None else 'missing'}) does not fit the file of {size:,} "
                               f"bytes")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
+        if not with_metadata:
+            return tensors
+        with safe_open(str(path), "pt") as f:
+            return tensors, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"corrupt checkpoint file {path}: {exc}") from None
+
+
+def local_shards(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """This process's share of ``tensors``: the rows it holds of each DTensor sharded on dim 0 (FSDP2)
+    with ``{key: [first row, full rows]}``, and every other tensor whole."""
+    local, offsets = {}, {}
+    for key, value in tensors.items():
+        if not isinstance(value, DTensor):
+            local[key] = value
+            continue
+        if tuple(value.placements) != (Shard(0),):
+            raise CheckpointError(f"cannot save '{key}': sharded as {value.placements}, not by rows")
+        rows, world, rank = value.shape[0], value.device_mesh.size(), value.device_mesh.get_local_rank()
+        per = -(-rows // world)
+        start = min(rank * per, rows)
+        local[key] = value.to_local()
+        if local[key].shape[0] != min(per, rows - start):
+            raise CheckpointError(f"cannot save '{key}': {local[key].shape[0]} of {rows} rows on process {rank} "
+                                  f"is not FSDP's even split")
+        offsets[key] = [start, rows]
+    return local, offsets
+
+
+def join_shards(pieces: list[tuple[dict[str, torch.Tensor], dict]], source: str) -> dict[str, torch.Tensor]:
+    """Full tensors from every process's ``(tensors, offsets)`` (:func:`local_shards`), checking that the
+    pieces of each sharded tensor follow each other and cover all its rows."""
+    first, first_offsets = pieces[0]
+    out = {}
+    for key, value in first.items():
+        if key not in first_offsets:
+            out[key] = value
+            continue
+        rows, parts, at = first_offsets[key][1], [], 0
+        for tensors, offsets in pieces:
+            if key not in tensors or list(offsets.get(key, ())) != [at, rows]:
+                raise CheckpointError(f"corrupt sharded checkpoint {source}: the pieces of '{key}' do not tile its "
+                                      f"{rows} rows")
+            parts.append(tensors[key])
+            at += tensors[key].shape[0]
+        if at != rows:
+            raise CheckpointError(f"corrupt sharded checkpoint {source}: '{key}' has {at} of its {rows} rows")
+        out[key] = torch.cat(parts)
+    return out
 
 
 def record_checksums(folder: Path) -> None:
@@ -147,23 +212,50 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor], cfg: RunConfig,
                     tokenizer: Tokenizer, optimizer_state: dict | None = None,
                     ema_state: dict[str, torch.Tensor] | None = None, trainer_state: dict | None = None,
-                    keep: int = 0) -> Path:
-    """Write ``root/step_{step:08d}`` atomically; keep the newest ``keep`` checkpoints (0 = all)."""
-    root.mkdir(parents=True, exist_ok=True)
-    for leftover in root.glob(".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+                    keep: int = 0, group=None) -> Path:
+    """Write ``root/step_{step:08d}`` atomically; keep the newest ``keep`` checkpoints (0 = all).
+
+    ``group`` (a :class:`unmask.runtime.Distributed`): a state holding sharded tensors (FSDP) is written
+    by every process of the group, each its own files (module docstring), the rest by the main process
+    once every shard is on disk; any other state by the main process alone (the only one to call)."""
+    sharded = group is not None and any(isinstance(v, DTensor) for v in model_state.values())
+    main = group is None or group.main
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    meta = {"format": "unmask", "step": str(step)}
-    _save_tensors(model_state, tmp / "model.safetensors", meta)
-    if ema_state is not None:
-        _save_tensors(ema_state, tmp / "ema.safetensors", meta)
+    tmp = root / (f".tmp-{final.name}" if sharded else f".tmp-{final.name}-{os.getpid()}")
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir()
     state = dict(trainer_state or {}, step=step)
+    tensors = {"model": model_state, "ema": ema_state}
     if optimizer_state is not None:
-        tensors, rest = flatten_optimizer(optimizer_state)
-        _save_tensors(tensors, tmp / "optimizer.safetensors", meta)
-        state["optimizer"] = rest
+        tensors["optimizer"], state["optimizer"] = flatten_optimizer(optimizer_state)
+    meta = {"format": "unmask", "step": str(step)}
+    if sharded:
+        group.barrier()
+        for kind, values in tensors.items():
+            if values is not None:
+                local, offsets = local_shards(values)
+                _save_tensors(local, tmp / shard_name(kind, group.rank, group.world),
+                              {**meta, "offsets": json.dumps(offsets)})
+        group.barrier()
+        state["shards"] = group.world
+    elif main:
+        for kind, values in tensors.items():
+            if values is not None:
+                _save_tensors(values, tmp / f"{kind}.safetensors", meta)
+    if main:
+        _finish_checkpoint(tmp, final, root, cfg, tokenizer, state, keep)
+    if sharded:
+        group.barrier()
+    return final
+
+
+def _finish_checkpoint(tmp: Path, final: Path, root: Path, cfg: RunConfig, tokenizer: Tokenizer, state: dict,
+                       keep: int) -> None:
+    """Write the config, tokenizer, trainer state and checksums into ``tmp`` beside its tensor files,
+    then rename it to ``final`` and prune old checkpoints."""
     dump_config(cfg, tmp / "config.yaml")
     tokenizer.save(tmp / "tokenizer")
     with open(tmp / "trainer_state.json", "w") as f:
@@ -183,7 +275,6 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -253,29 +344,59 @@ class Checkpoint(WeightSource):
         """The verified path of a file of this checkpoint."""
         return verified(self.path, name, self.checksums)
 
-    def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
-        if ema and (self.path / "ema.safetensors").is_file():
-            return load_tensors(self.file("ema.safetensors"))
-        return load_tensors(self.file("model.safetensors"))
+    @property
+    def shards(self) -> int:
+        """The number of processes whose shard files hold the tensors (0: whole files)."""
+        shards = self.state.get("shards", 0)
+        if not isinstance(shards, int) or shards < 0:
+            raise CheckpointError(f"corrupt checkpoint {self.path}: shards={shards!r}")
+        return shards
 
-    def optimizer_state(self) -> dict | None:
+    def has(self, kind: str) -> bool:
+        name = shard_name(kind, 0, self.shards) if self.shards else f"{kind}.safetensors"
+        return (self.path / name).is_file()
+
+    def tensors(self, kind: str, rank: int | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of ``kind`` (model, ema or optimizer), full; or, of a sharded checkpoint, only
+        process ``rank``'s share."""
+        if not self.shards:
+            return load_tensors(self.file(f"{kind}.safetensors"))
+        ranks = range(self.shards) if rank is None else [rank]
+        pieces = []
+        for r in ranks:
+            path = self.file(shard_name(kind, r, self.shards))
+            tensors, metadata = load_tensors(path, with_metadata=True)
+            try:
+                offsets = json.loads(metadata.get("offsets", "{}"))
+            except ValueError:
+                raise CheckpointError(f"corrupt checkpoint file {path}: unreadable offsets") from None
+            if not isinstance(offsets, dict):
+                raise CheckpointError(f"corrupt checkpoint file {path}: unreadable offsets")
+            pieces.append((tensors, offsets))
+        return pieces[0][0] if rank is not None else join_shards(pieces, str(self.path))
+
+    def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
+        return self.tensors("ema" if ema and self.has("ema") else "model")
+
+    def optimizer_state(self, rank: int | None = None) -> dict | None:
         if "optimizer" not in self.state:
             return None
         try:
-            return unflatten_optimizer(load_tensors(self.file("optimizer.safetensors")), self.state["optimizer"])
+            return unflatten_optimizer(self.tensors("optimizer", rank), self.state["optimizer"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"corrupt optimizer state in {self.path}: {exc}") from None
 
-    def ema_state(self) -> dict[str, torch.Tensor] | None:
-        return load_tensors(self.file("ema.safetensors")) if (self.path / "ema.safetensors").is_file() else None
+    def ema_state(self, rank: int | None = None) -> dict[str, torch.Tensor] | None:
+        return self.tensors("ema", rank) if self.has("ema") else None
 
     def verify(self) -> None:
         """Read and check every file (checksums, finite weights), as a resume will use them."""
         for name in self.checksums:
             self.file(name)
-        for tensors in (self.weights(ema=False), self.ema_state() or {}):
-            check_finite(tensors, str(self.path))
-        self.optimizer_state()
+        for rank in range(self.shards) if self.shards else [None]:
+            for tensors in (self.tensors("model", rank), self.ema_state(rank) or {}):
+                check_finite(tensors, str(self.path))
+            self.optimizer_state(rank)
 
 
 def resume_point(root: Path, warn: Callable[[str], None]) -> Checkpoint | None:

@@ -30,6 +30,7 @@ TOKENIZER_LAYOUT = {"unmask_tokenizer.json": FILE, "tokenizer.json": FILE}
 
 
 CHECKPOINT_LAYOUT = {"model.safetensors": FILE, "ema.safetensors": FILE, "optimizer.safetensors": FILE,
+                     re.compile(r"(model|ema|optimizer)-\d{5}-of-\d{5}\.safetensors"): FILE,  # sharded (FSDP)
                      "trainer_state.json": FILE, "config.yaml": FILE, "checksums.json": FILE,
                      "tokenizer": TOKENIZER_LAYOUT}
 

@@ -91,6 +91,21 @@ def star_graph_text(graph: dict) -> tuple[str, str]:
     return f"{edges} {source}>{goal}:", "".join(NODE_LABELS[v] for v in graph["path"])
 
 
+def star_graph_path_checks(prompt: str, generated: str) -> dict[str, bool]:
+    """How far a generated answer to a star-graph prompt is right: ``starts`` (at the source),
+    ``first_step`` (its second node is a neighbour of the source: an arm was picked), ``follows_edges``
+    (every step is an edge of the graph: a path), ``reaches_goal`` (a path from the source that ends at
+    the goal, i.e. the answer). A model that follows edges but picks arms at random ("Clever Hans")
+    has ``follows_edges`` near 1 and exact match near 1/degree."""
+    *edges, query = prompt.rstrip(":").split(" ")
+    source, goal = query.split(">")
+    pairs = set(edges)
+    follows = len(generated) >= 2 and all(a + b in pairs for a, b in zip(generated, generated[1:]))
+    starts = generated[:1] == source
+    return {"starts": starts, "first_step": starts and len(generated) >= 2 and source + generated[1] in pairs,
+            "follows_edges": starts and follows, "reaches_goal": starts and follows and generated[-1:] == goal}
+
+
 def _written_here(task_file: Path) -> bool:
     """Whether ``task_file`` is the ``task.json`` of an earlier ``unmask task`` (whose files may be replaced)."""
     try:

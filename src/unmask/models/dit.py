@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from ..config import ModelConfig
 from .common import KVCache, Layout, Rotary, apply_rotary, attend, attention_mask, rotary_table, select_positions
@@ -109,9 +110,14 @@ class DDiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x, rotary, modulation, causal: bool, cache: KVCache | None = None, layer: int = 0,
-                mask: torch.Tensor | None = None):
+    def forward(self, x, rotary, cond, causal: bool, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None, modulation: torch.Tensor | None = None):
+        """``cond`` (C, cond_dim): the conditioning this block's ``adaLN_modulation`` turns into its rows
+        (C, 6H), unless they come precomputed as ``modulation`` (computed here, the block's weights are
+        used inside its own forward: what FSDP, which gathers them per block, needs)."""
         b, length, hidden = x.shape
+        if modulation is None:
+            modulation = self.adaLN_modulation(cond)
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = modulation[:, None].chunk(6, dim=2)
         qkv = self.attn_qkv(self.norm1(x, shift_msa, scale_msa)).view(b, length, 3, self.heads, hidden // self.heads)
@@ -163,7 +169,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DDiTBlock(cfg.hidden, cfg.heads, cfg.cond_dim, cfg.dropout)
                                     for _ in range(cfg.blocks))
         self.output_layer = DDiTFinalLayer(cfg.hidden, vocab_size, cfg.cond_dim)
-        self._constant_modulations: tuple[tuple, list[torch.Tensor]] | None = None
+        self._constant_modulations: tuple[tuple, tuple] | None = None
 
     @property
     def time_conditioning(self) -> bool:
@@ -200,34 +206,39 @@ class DiT(nn.Module):
         end = start + length if layout is None else layout.span
         if end > self.cfg.length:
             raise ValueError(f"sequence length {end} exceeds the model's maximum {self.cfg.length}")
-        *blocks, final = self.modulations(sigma, x.device)
+        cond, rows, final = self.modulations(sigma, x.device)
         rotary = rotary_table(self.rotary_emb, start, length, layout, x.device)
         mask = attention_mask(keep, layout)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, blocks[i], self.causal, cache, i, mask)
+            x = block(x, rotary, cond, self.causal, cache, i, mask, None if rows is None else rows[i])
         if cache is not None:
             cache.advance(length)
         return x, final
 
-    def modulations(self, sigma: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
-        """adaLN modulation rows of every block (C, 6H) and of the output layer (C, 2H) from the
-        conditioning ``silu(sigma_map(sigma))``: C = B with time conditioning, else C = 1 (``sigma = 0``
-        for every row, broadcast). The constant rows are kept between calls while no gradient is taken
-        and the weights that make them are unchanged (same storage, same version, same autocast), so a
-        sampler's hundreds of calls compute them once."""
+    def modulations(self, sigma: torch.Tensor | None,
+                    device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor] | None, torch.Tensor]:
+        """The conditioning ``c = silu(sigma_map(sigma))`` (C, cond_dim), the blocks' adaLN rows (C, 6H)
+        when cached (else None: each block makes its own from ``c``) and the output layer's (C, 2H):
+        C = B with time conditioning, else C = 1 (``sigma = 0`` for every row, broadcast). The constant
+        rows are kept between calls while no gradient is taken and the weights that make them are
+        unchanged (same storage, same version, same autocast), so a sampler's hundreds of calls compute
+        them once; not for weights sharded by FSDP, which exist whole only inside each block's forward."""
         constant = sigma is None or not self.cfg.time_conditioning
         key = None
-        if constant and not torch.is_grad_enabled():
+        sharded = any(isinstance(b.adaLN_modulation.weight, DTensor) for b in self.blocks)
+        if constant and not torch.is_grad_enabled() and not sharded:
             autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
             makers = [self.sigma_map, *(b.adaLN_modulation for b in self.blocks), self.output_layer.adaLN_modulation]
             key = (device, autocast, tuple((p.data_ptr(), p._version) for m in makers for p in m.parameters()))
             if self._constant_modulations is not None and self._constant_modulations[0] == key:
                 return self._constant_modulations[1]
         c = F.silu(self.sigma_map(torch.zeros(1, device=device) if constant else sigma))
-        rows = [block.adaLN_modulation(c) for block in self.blocks] + [self.output_layer.adaLN_modulation(c)]
-        if key is not None:
-            self._constant_modulations = (key, rows)
-        return rows
+        final = self.output_layer.adaLN_modulation(c)
+        if key is None:
+            return c, None, final
+        result = (c, [block.adaLN_modulation(c) for block in self.blocks], final)
+        self._constant_modulations = (key, result)
+        return result
 
     INPUT_EMBEDDING = "vocab_embed.embedding"  # the state-dict name of the input embedding
     BLOCK_CACHES = True  # takes a BlockCache (Fast-dLLM's prefix and dual caches) when bidirectional

@@ -10,14 +10,20 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig, register_choices
-from .dit import DiT
-from .gpt2 import GPT2
-from .llama import Transformer
+from . import gpt2, llama
+from .dit import DDiTBlock, DiT
 
-BACKBONES = {"dit": DiT, "llama": Transformer, "gpt2": GPT2}
+BACKBONES = {"dit": DiT, "llama": llama.Transformer, "gpt2": gpt2.GPT2}
+BLOCKS = (DDiTBlock, llama.Block, gpt2.Block)  # the repeated transformer blocks of the backbones
 register_choices("model.backbone", tuple(BACKBONES))
 
 
 def build_backbone(cfg: ModelConfig, vocab_size: int, causal: bool, mask_id: int | None) -> torch.nn.Module:
     """The network ``cfg.backbone`` names."""
     return BACKBONES[cfg.backbone](cfg, vocab_size, causal=causal, mask_id=mask_id)
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of any network built on a backbone (the units that FSDP shards and
+    activation checkpointing recomputes), in order."""
+    return [m for m in model.modules() if isinstance(m, BLOCKS)]

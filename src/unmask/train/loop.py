@@ -13,7 +13,6 @@ whatever the number of processes and accumulation steps.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -22,12 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..checkpoints.checkpoint import (
     Checkpoint,
-    CheckpointError,
     list_checkpoints,
     load_weights,
     resume_point,
@@ -57,6 +54,7 @@ from ..runtime import (
     shutdown_distributed,
 )
 from .optim import EMA, learning_rate, parameter_groups
+from .parallel import full_value, parallelize, restore
 
 
 def init_tokenizer(cfg: RunConfig):
@@ -133,7 +131,7 @@ class TrainingError(RuntimeError):
 def train(cfg: RunConfig, fresh: bool = False) -> Path:
     """Train (or resume) the run ``cfg.run_dir``, holding its :class:`~unmask.checkpoints.runfolder.RunLock`;
     returns the final checkpoint folder."""
-    dist = init_distributed()
+    dist = init_distributed(group=cfg.train.parallel == "fsdp")
     lock = RunLock(Path(cfg.run_dir))
     try:
         with deterministic_algorithms(cfg.train.deterministic, dist.device):
@@ -221,19 +219,16 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
         dump_config(cfg, run_dir / "config.yaml")
         tokenizer.save(run_dir / "tokenizer")
     dist.barrier()
+    params = count_parameters(model)
+    fsdp = t.parallel == "fsdp"
+    parallel_model, sync = parallelize(model, cfg, dist, precision)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), betas=tuple(t.betas), eps=t.adam_eps)
     ema = EMA(model, t.ema) if t.ema > 0 and spec.ema else None
 
     start_step, elapsed_before = 0, 0.0
     best = {"score": -math.inf, "step": 0}  # the best validation score (families that select a checkpoint)
     if ckpt is not None:
-        load_weights(model, ckpt.weights(ema=False), str(ckpt.path))
-        optimizer_state = ckpt.optimizer_state()
-        if optimizer_state is None:
-            raise CheckpointError(f"{ckpt.path} has no optimizer state, so training cannot resume from it")
-        optimizer.load_state_dict(optimizer_state)
-        if ema is not None and ckpt.ema_state() is not None:
-            ema.load(ckpt.ema_state(), ckpt.state.get("ema_updates", ckpt.step))
+        restore(ckpt, model, optimizer, ema, dist)
         start_step, elapsed_before = ckpt.step, ckpt.state.get("elapsed_seconds", 0.0)
         best = ckpt.state.get("best", best)
         if dist.main:
@@ -241,15 +236,13 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
 
     seq_len = cfg.data.length
     time_blocks = objective.blocks(seq_len) if isinstance(objective, BlockDiffusion) else 1  # a time per block
-    params = count_parameters(model)
     local = micro * accumulation
-    ddp_model = DistributedDataParallel(model) if dist.world > 1 else model
-    forward_model = torch.compile(ddp_model) if t.compile else ddp_model
+    forward_model = torch.compile(parallel_model) if t.compile else parallel_model
     order = BatchOrder(len(train_rows), t.batch_size, t.seed)
     log = MetricsLog(run_dir / "metrics.jsonl", dist.main)
     if dist.main:
         log.write({"event": "start", "step": start_step, "parameters": params, "world": dist.world,
-                   "precision": precision, "device": str(device), "train_rows": len(train_rows),
+                   "parallel": t.parallel, "precision": precision, "device": str(device), "train_rows": len(train_rows),
                    "micro_batch": micro, "accumulation": accumulation})
 
     bar = None
@@ -280,7 +273,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
         state = {"elapsed_seconds": elapsed(), "ema_updates": ema.updates if ema else 0,
                  "epoch": order.epoch_of(at), "rows_seen": at * t.batch_size, "best": best}
         return save_checkpoint(root, at, model.state_dict(), cfg, tokenizer, optimizer.state_dict(),
-                               ema.state_dict(model) if ema else None, state, keep=keep)
+                               ema.state_dict(model) if ema else None, state, keep=keep, group=dist)
 
     while step < t.steps:
         model.train()
@@ -308,9 +301,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
         for m in range(accumulation):
             part = slice(m * micro, (m + 1) * micro)
-            sync = m == accumulation - 1 or dist.world == 1
-            ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
+            with sync(m == accumulation - 1):
                 with autocast(device, precision):
                     targets = {} if labels is None else {"labels": labels[part]}
                     loss_sum = objective.loss(forward_model, x0[part], counted[part],
@@ -318,7 +309,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
                 (loss_sum * dist.world / max(global_tokens, 1.0)).backward()
             step_loss += loss_sum.detach().double()
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
         finite &= torch.isfinite(step_loss) & torch.isfinite(grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -352,13 +343,13 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
             window_start, window_steps = time.perf_counter(), 0
         if bar is not None:
             bar.update(1)
-        if validating and dist.main:
+        if validating and (dist.main or fsdp):  # a sharded model's forward needs every process
             metrics, score = _validate(cfg, spec, model, ema, objective, valid_rows, tokenizer, device)
             log.write({"step": step, "event": "eval", "split": "valid", **metrics})
             if score is not None and score > best["score"]:
                 best = {"score": score, "step": step}
                 save(step, run_dir / "best", keep=1)
-        if saving and dist.main:
+        if saving and (dist.main or fsdp):  # each process writes its shard
             last_saved = save(step)
         dist.barrier()
         if stop_for_time:
@@ -366,9 +357,9 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
     if bar is not None:
         bar.close()
     check_finite()
+    if (dist.main or fsdp) and (last_saved is None or not last_saved.name.endswith(f"{step:08d}")):
+        last_saved = save(step)
     if dist.main:
-        if last_saved is None or not last_saved.name.endswith(f"{step:08d}"):
-            last_saved = save(step)
         end = {"event": "end", "step": step, "elapsed_seconds": elapsed(), "peak_memory_mb": peak_memory_mb(device)}
         if spec.labels:
             last_saved = list_checkpoints(run_dir / "best")[-1]

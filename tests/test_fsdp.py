@@ -1,0 +1,141 @@
+"""Sharded training (FSDP2 on CPU with gloo): two processes make the update of one, sharded checkpoints
+resume exactly after a kill and on another number of processes, and activation checkpointing changes
+nothing but memory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_training import EXACT, config, free_port, max_diff, overrides, records, step_records
+from unmask.checkpoints.checkpoint import Checkpoint, CheckpointError, join_shards, list_checkpoints, shard_name
+from unmask.train.loop import train
+
+pytestmark = pytest.mark.slow
+
+FSDP = ["train.parallel=fsdp"]
+
+
+def torchrun(run_dir: Path, *extra: str, processes: int = 2, wait: bool = True, corpus: Path):
+    """``unmask train`` under ``torchrun`` with ``processes`` CPU processes (one thread each)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "unmask", "train", *overrides(corpus, run_dir, *extra)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def weights(run_dir: Path, kind: str) -> dict[str, torch.Tensor]:
+    return Checkpoint(list_checkpoints(run_dir / "checkpoints")[-1]).tensors(kind)
+
+
+def assert_same_steps(run: Path, reference: Path, rel: float) -> None:
+    a, b = step_records(run), step_records(reference)
+    assert sorted(a) == sorted(b)
+    for s in a:
+        assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=rel, abs=rel), (run.name, s)
+        assert a[s]["grad_norm"] == pytest.approx(b[s]["grad_norm"], rel=rel), (run.name, s)
+
+
+@pytest.mark.parametrize("family", ["mdlm", "ar"])
+def test_two_fsdp_processes_make_the_update_of_one(tmp_path, corpus, family):
+    """Same global batch: same losses, gradient norms, weights, EMA and optimizer state (to float
+    rounding: the shards reduce in another order), with gradient accumulation and activation
+    checkpointing on the sharded run."""
+    common = [*EXACT, f"family={family}", "train.steps=3", "train.batch_size=8", "train.lr=0.003", "train.ema=0.9"]
+    fsdp, single = tmp_path / "fsdp", tmp_path / "single"
+    torchrun(fsdp, *common, *FSDP, "train.micro_batch_size=2", "train.activation_checkpointing=true", corpus=corpus)
+    train(config(corpus, single, *common))
+
+    start = records(fsdp)[0]
+    assert (start["world"], start["parallel"], start["accumulation"]) == (2, "fsdp", 2)
+    assert [r["step"] for r in records(fsdp) if "loss" in r] == [1, 2, 3]
+    assert_same_steps(fsdp, single, 1e-5)
+    ckpt = Checkpoint(fsdp)
+    assert ckpt.shards == 2 and not (ckpt.path / "model.safetensors").exists()
+    assert all((ckpt.path / shard_name(kind, r, 2)).is_file() for kind in ("model", "ema", "optimizer") for r in (0, 1))
+    for kind in ("model", "ema", "optimizer"):
+        assert max_diff(weights(fsdp, kind), weights(single, kind)) < 1e-5, kind
+    assert max_diff(weights(fsdp, "model"), weights(fsdp, "ema")) > 1e-4  # the EMA is its own average
+    # a sharded checkpoint builds the whole model for sampling and evaluation
+    model = ckpt.build()
+    assert max_diff(model.state_dict(), Checkpoint(single).build().state_dict()) < 1e-5
+
+
+def test_sharded_resume_is_exact_after_a_kill_and_continues_on_another_world_size(tmp_path, corpus):
+    steps = 8
+    common = [*EXACT, *FSDP, f"train.steps={steps}", "train.batch_size=8", "train.lr=0.003", "train.ema=0.9",
+              "train.save_every=2", "train.keep_checkpoints=0"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    torchrun(whole, *common, corpus=corpus)
+
+    proc = torchrun(killed, *common, wait=False, corpus=corpus)
+    deadline = time.monotonic() + 180
+    try:
+        while not list_checkpoints(killed / "checkpoints"):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both of its workers
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    resumed_from = Checkpoint(list_checkpoints(killed / "checkpoints")[-1]).step
+    assert resumed_from < steps, "the kill came too late to test a resume"
+    torchrun(killed, *common, corpus=corpus)
+    a, b = step_records(whole), step_records(killed)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for s in a:
+        assert a[s]["loss"] == b[s]["loss"] and a[s]["grad_norm"] == b[s]["grad_norm"], s
+    for kind in ("model", "ema", "optimizer"):
+        assert max_diff(weights(whole, kind), weights(killed, kind)) == 0, kind
+
+    # the two-process run continued by one process from its step-4 checkpoint
+    expected = {kind: weights(whole, kind) for kind in ("model", "ema", "optimizer")}
+    for later in list_checkpoints(whole / "checkpoints")[2:]:
+        shutil.rmtree(later)
+    train(config(corpus, whole, *common))
+    starts = [r for r in records(whole) if r.get("event") == "start"]
+    assert [(r["step"], r["world"]) for r in starts] == [(0, 2), (4, 1)]
+    assert Checkpoint(whole).shards == 1
+    again = step_records(whole)
+    for s in range(5, steps + 1):
+        assert again[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5), s
+    for kind in ("model", "ema", "optimizer"):
+        assert max_diff(weights(whole, kind), expected[kind]) < 1e-5, kind
+
+
+def test_shards_must_tile_each_tensor():
+    rows = torch.arange(10.0).reshape(5, 2)
+    bias = torch.ones(3)
+    good = [({"w": rows[:3], "b": bias}, {"w": [0, 5]}), ({"w": rows[3:], "b": bias}, {"w": [3, 5]})]
+    joined = join_shards(good, "test")
+    assert torch.equal(joined["w"], rows) and torch.equal(joined["b"], bias)
+    for pieces in ([good[0]],  # a missing shard
+                   [good[0], ({"w": rows[2:]}, {"w": [2, 5]})],  # overlapping
+                   [good[0], ({"w": rows[3:]}, {"w": [3, 6]})],  # another row count
+                   [good[0], ({"b": bias}, {})]):  # a shard without the tensor
+        with pytest.raises(CheckpointError):
+            join_shards(pieces, "test")
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, corpus):
+    common = [*EXACT, "train.steps=3", "train.lr=0.003"]
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    train(config(corpus, plain, *common))
+    train(config(corpus, recomputed, *common, "train.activation_checkpointing=true"))
+    assert_same_steps(recomputed, plain, 1e-6)
+    assert max_diff(weights(plain, "model"), weights(recomputed, "model")) < 1e-6
