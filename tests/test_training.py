@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints, load_tensors
+from unmask.checkpoints.pretrained import initialize_from
 from unmask.config import ConfigError, load_config
 from unmask.data.readers import DataError
 from unmask.families import build_model
 from unmask.models.common import count_parameters
-from unmask.train.loop import initialize_from, micro_batching, train
+from unmask.train.loop import micro_batching, train
 from unmask.train.optim import EMA, learning_rate, parameter_groups
 
 from toys import TINY

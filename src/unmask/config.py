@@ -227,6 +227,18 @@ class SampleConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """Parameter-efficient fine-tuning of the model ``train.init_from`` names (``unmask.models.adapters``):
+    the base stays frozen; checkpoints hold the adapters (and soft-mask scalars), readers merge them."""
+
+    kind: str = "none"  # none, lora or dora (LoRA with a learned magnitude per output)
+    rank: int = 16  # r: the rank of the update B A
+    alpha: float = 32.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input
+    targets: list[str] = field(default_factory=lambda: ["attention"])  # attention, mlp, or module names (regex)
+
+
+@dataclass
 class ClassifierConfig:
     """``family: classifier``: a classification head on the DiT backbone (``unmask.classification``)."""
 
@@ -275,6 +287,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
 
 # Allowed values of string keys. The families (``unmask.families``) and the samplers
@@ -289,6 +302,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.parallel": ("ddp", "fsdp"),
     "train.reduce_precision": ("fp32", "bf16"),
+    "adapter.kind": ("none", "lora", "dora"),
     "eval.split": ("train", "valid", "test"),
     "eval.metric": ("likelihood", "generation", "exact_match"),
     "eval.precision": ("auto", "fp32", "bf16"),
@@ -456,6 +470,7 @@ RANGES: dict[str, str] = {
     "sample.top_p": "(0, 1]", "sample.seed": "[0, inf)", "sample.batch_size": "[1, inf)",
     "sample.guidance": "[-1, inf)", "sample.stop_threshold": "(0, 1]",
     "classifier.dropout": "[0, 1)",
+    "adapter.rank": "[1, inf)", "adapter.alpha": "(0, inf)", "adapter.dropout": "[0, 1)",
     "rl.schedule_std": "[0, inf)", "rl.sample_steps": "[1, inf)", "rl.iterations": "[1, inf)",
     "rl.prompts_per_step": "[1, inf)", "rl.group_size": "[2, inf)", "rl.epochs": "[1, inf)", "rl.clip": "(0, inf)",
     "rl.kl": "[0, inf)", "rl.lr": "[0, inf)", "rl.schedule_lr": "[0, inf)", "rl.grad_clip": "[0, inf)",
@@ -512,6 +527,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         if cfg.data.dataset != "text" or not cfg.data.path or not cfg.data.valid_path:
             raise ConfigError("family classifier reads labelled files: data.dataset=text with data.path (train) and "
                               "data.valid_path (and data.test_path for the final figures)")
+    if cfg.adapter.kind != "none" and not cfg.train.init_from:
+        raise ConfigError(f"adapter.kind={cfg.adapter.kind} trains adapters on a frozen model: set train.init_from")
     if cfg.family == "ilm" and cfg.data.layout != "pad":
         raise ConfigError("family ilm learns where sequences end: it needs data.layout=pad (one document per row)")
     if cfg.diffusion.t_min >= cfg.diffusion.t_max:

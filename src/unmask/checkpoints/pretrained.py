@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..config import RunConfig, config_from_dict, to_dict
+from ..config import ConfigError, RunConfig, config_from_dict, to_dict
 from ..data.tokenization import HFTokenizer, Tokenizer, load_tokenizer
 from ..families import build_model, family_of
 from ..files import member, read_json
 from ..hub import hub_reachable
+from ..models.adapters import add_adapters, merged_weights, trainable_names
 from ..models.common import count_parameters
 from ..models.registry import BACKBONES
 from . import released
@@ -44,6 +45,7 @@ from .checkpoint import (
     Checkpoint,
     CheckpointError,
     WeightSource,
+    check_finite,
     load_tensors,
     load_weights,
     record_checksums,
@@ -125,6 +127,61 @@ def _hub_download(name: str) -> Path:
                               f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
+def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, tokenizer,
+                    family: str | None = None) -> None:
+    """Continued pretraining: copy the weights of ``source_path`` (any source of :func:`open_source`;
+    EMA weights when it has them) into a new run's model (a
+    DiT), which must be of ``family`` (default: the run's). The architecture and tokenizer must match;
+    a soft-mask model may start from a binary one (its soft-mask scalars keep their initialization,
+    w_s ~ 0, so training starts from the binary model)."""
+    family = family or cfg.family
+    source = open_source(source_path)
+    if source.config.family != family:
+        raise ConfigError(f"train.init_from={source_path} is a {source.config.family} model; this run needs "
+                          f"a {family} model")
+    if source.tokenizer.vocabulary() != tokenizer.vocabulary():
+        raise ConfigError(f"train.init_from={source_path} was trained with another tokenizer than data.tokenizer "
+                          f"({source.tokenizer.describe()} vs {tokenizer.describe()})")
+    weights = dict(source.weights(ema=True))
+    for name, value in model.state_dict().items():
+        if name.startswith("soft_mask.") and name not in weights:
+            weights[name] = value
+    if model.soft_mask is None:
+        weights = {k: v for k, v in weights.items() if not k.startswith("soft_mask.")}
+    load_weights(model, weights, f"train.init_from={source_path}")
+
+
+class AdapterCheckpoint(WeightSource):
+    """A checkpoint of an adapter run (``adapter.kind``): its files hold the adapters (and soft-mask
+    scalars); the weights it gives are its base (``train.init_from``) with them merged in, so every
+    reader of weights (sampling, evaluation, ``unmask export``) sees a plain model."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt, self.config, self.tokenizer, self.path = ckpt, ckpt.config, ckpt.tokenizer, ckpt.path
+        self.step, self.state = ckpt.step, ckpt.state
+
+    def with_adapters(self, ema: bool = True) -> torch.nn.Module:
+        """The base network with this checkpoint's adapters injected and loaded (not merged)."""
+        cfg = self.config
+        model = build_model(cfg, self.tokenizer)
+        spec = family_of(cfg)
+        initialize_from(model.backbone if spec.starts_from else model, cfg.train.init_from, cfg, self.tokenizer,
+                        spec.starts_from)
+        add_adapters(model, cfg.adapter, cfg.model.backbone)
+        tensors = self.ckpt.tensors("ema" if ema and self.ckpt.has("ema") else "model")
+        if sorted(tensors) != sorted(trainable_names(model)):
+            raise CheckpointError(f"{self.path} does not hold the adapters of adapter.targets={cfg.adapter.targets}")
+        check_finite(tensors, str(self.path))
+        model.load_state_dict(tensors, strict=False)
+        return model
+
+    def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
+        return merged_weights(self.with_adapters(ema))
+
+    def ema_state(self) -> dict[str, torch.Tensor] | None:
+        return self.weights(ema=True) if self.ckpt.has("ema") else None
+
+
 def open_source(path: str | Path, tokenizer_path: str | None = None,
                 **ckpt_options) -> Checkpoint | Pretrained | OpenWeights:
     """The model source at ``path`` (see the module docstring); nothing is built yet.
@@ -149,7 +206,8 @@ def open_source(path: str | Path, tokenizer_path: str | None = None,
         return Pretrained(p, cfg, tokenizer, step, weights, ema, source_format="mdlm-ckpt")
     config = member(p, "config.json", root)
     if not config.is_file():
-        return Checkpoint(p)
+        ckpt = Checkpoint(p)
+        return AdapterCheckpoint(ckpt) if ckpt.config.adapter.kind != "none" else ckpt
     meta = read_json(config)
     if meta.get("model_type") == "mdlm":
         cfg, weights = released.read_mdlm_hf(p, meta, root)

@@ -30,7 +30,7 @@ from ..checkpoints.checkpoint import (
     resume_point,
     save_checkpoint,
 )
-from ..checkpoints.pretrained import open_source
+from ..checkpoints.pretrained import initialize_from, open_source
 from ..checkpoints.runfolder import RunLock, clear_run_folder
 from ..config import ConfigError, ModelConfig, RunConfig, dump_config, resume_differences
 from ..data.layouts import BatchOrder, counted_positions, random_lengths
@@ -38,6 +38,7 @@ from ..data.tokenization import with_oov_policy
 from ..eval.classification import classification_metrics, predict, selection_score
 from ..eval.likelihood import likelihood_of_rows
 from ..families import build_model, build_objective, family_of
+from ..models.adapters import add_adapters, trainable_names
 from ..models.common import count_parameters
 from ..objectives.base import draw_noise
 from ..objectives.block_diffusion import BlockDiffusion
@@ -64,30 +65,6 @@ def init_tokenizer(cfg: RunConfig):
         return None
 
     return with_oov_policy(open_source(cfg.train.init_from).tokenizer, cfg.data.oov, cfg.data.oov_replacement)
-
-
-def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, tokenizer,
-                    family: str | None = None) -> None:
-    """Continued pretraining: copy the weights of ``source_path`` (any source of
-    :func:`unmask.checkpoints.pretrained.open_source`; EMA weights when it has them) into a new run's model (a
-    DiT), which must be of ``family`` (default: the run's). The architecture and tokenizer must match;
-    a soft-mask model may start from a binary one (its soft-mask scalars keep their initialization,
-    w_s ~ 0, so training starts from the binary model)."""
-    family = family or cfg.family
-    source = open_source(source_path)
-    if source.config.family != family:
-        raise ConfigError(f"train.init_from={source_path} is a {source.config.family} model; this run needs "
-                          f"a {family} model")
-    if source.tokenizer.vocabulary() != tokenizer.vocabulary():
-        raise ConfigError(f"train.init_from={source_path} was trained with another tokenizer than data.tokenizer "
-                          f"({source.tokenizer.describe()} vs {tokenizer.describe()})")
-    weights = dict(source.weights(ema=True))
-    for name, value in model.state_dict().items():
-        if name.startswith("soft_mask.") and name not in weights:
-            weights[name] = value
-    if model.soft_mask is None:
-        weights = {k: v for k, v in weights.items() if not k.startswith("soft_mask.")}
-    load_weights(model, weights, f"train.init_from={source_path}")
 
 
 def check_resumable(ckpt: Checkpoint, cfg: RunConfig, run_dir: Path) -> None:
@@ -208,18 +185,23 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
     model = build_model(cfg, tokenizer).to(device)
     objective = build_objective(cfg, tokenizer)
     ckpt = resume_point(ckpt_root, print if dist.main else lambda message: None)
+    adapters = cfg.adapter.kind != "none"
     if ckpt is not None:
         check_resumable(ckpt, cfg, run_dir)
-    elif t.init_from:
+    if t.init_from and (ckpt is None or adapters):  # an adapter run's frozen base is loaded on resume too
         initialize_from(model.backbone if spec.starts_from else model, t.init_from, cfg, tokenizer,
                         spec.starts_from)
-        if dist.main:
+        if dist.main and ckpt is None:
             print(f"initialized {run_dir} from {t.init_from}")
+    if adapters:
+        add_adapters(model, cfg.adapter, cfg.model.backbone)
+    saved_names = set(trainable_names(model)) if adapters else None  # what checkpoints hold (None: all)
     if dist.main:
         dump_config(cfg, run_dir / "config.yaml")
         tokenizer.save(run_dir / "tokenizer")
     dist.barrier()
     params = count_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fsdp = t.parallel == "fsdp"
     parallel_model, sync = parallelize(model, cfg, dist, precision)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), betas=tuple(t.betas), eps=t.adam_eps)
@@ -228,7 +210,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
     start_step, elapsed_before = 0, 0.0
     best = {"score": -math.inf, "step": 0}  # the best validation score (families that select a checkpoint)
     if ckpt is not None:
-        restore(ckpt, model, optimizer, ema, dist)
+        restore(ckpt, model, optimizer, ema, dist, saved_names)
         start_step, elapsed_before = ckpt.step, ckpt.state.get("elapsed_seconds", 0.0)
         best = ckpt.state.get("best", best)
         if dist.main:
@@ -242,8 +224,9 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
     log = MetricsLog(run_dir / "metrics.jsonl", dist.main)
     if dist.main:
         log.write({"event": "start", "step": start_step, "parameters": params, "world": dist.world,
-                   "parallel": t.parallel, "precision": precision, "device": str(device), "train_rows": len(train_rows),
-                   "micro_batch": micro, "accumulation": accumulation})
+                   "parallel": t.parallel, "trainable_parameters": trainable, "precision": precision,
+                   "device": str(device), "train_rows": len(train_rows), "micro_batch": micro,
+                   "accumulation": accumulation})
 
     bar = None
     if dist.main and t.progress:
@@ -272,8 +255,12 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
     def save(at: int, root: Path = ckpt_root, keep: int = t.keep_checkpoints) -> Path:
         state = {"elapsed_seconds": elapsed(), "ema_updates": ema.updates if ema else 0,
                  "epoch": order.epoch_of(at), "rows_seen": at * t.batch_size, "best": best}
-        return save_checkpoint(root, at, model.state_dict(), cfg, tokenizer, optimizer.state_dict(),
-                               ema.state_dict(model) if ema else None, state, keep=keep, group=dist)
+        weights, averages = model.state_dict(), ema.state_dict(model) if ema else None
+        if saved_names is not None:
+            weights = {k: v for k, v in weights.items() if k in saved_names}
+            averages = averages and {k: v for k, v in averages.items() if k in saved_names}
+        return save_checkpoint(root, at, weights, cfg, tokenizer, optimizer.state_dict(), averages, state, keep=keep,
+                               group=dist)
 
     while step < t.steps:
         model.train()
@@ -373,7 +360,7 @@ def score_best(cfg: RunConfig, model: torch.nn.Module, data, best_path: Path, be
                device: torch.device) -> dict:
     """A classifier's final figures: the best validation checkpoint scored on the valid and test files,
     written to ``test_metrics.json``; returned flat for the end record of ``metrics.jsonl``."""
-    load_weights(model, Checkpoint(best_path).weights(ema=False), str(best_path))
+    load_weights(model, open_source(best_path).weights(ema=False), str(best_path))
     precision = resolve_precision(cfg.train.precision, device)
     result = {"best_step": best["step"]}
     for split in ("valid", "test"):

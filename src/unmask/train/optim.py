@@ -10,23 +10,28 @@ from ..config import RunConfig
 
 
 class EMA:
-    """Exponential moving average of parameters, decay ``min(decay, (1 + n) / (10 + n))`` (MDLM)."""
+    """Exponential moving average of the trained parameters, decay ``min(decay, (1 + n) / (10 + n))``
+    (MDLM); frozen ones (an adapter run's base) are their own average."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay, self.updates = decay, 0
-        self.names = [name for name, _ in model.named_parameters()]
-        self.shadow = [p.detach().clone() for p in model.parameters()]
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.trained(model)]
+
+    @staticmethod
+    def trained(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in model.parameters()], 1 - decay)
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.trained(model)], 1 - decay)
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Full model state with parameters replaced by their averages (buffers as in ``model``); a tied
         parameter's every name gets its one average."""
-        average = {id(p): s for p, s in zip(model.parameters(), self.shadow)}
+        average = {id(p): s for p, s in zip(self.trained(model), self.shadow)}
         return {k: average.get(id(v), v.detach()) for k, v in model.state_dict(keep_vars=True).items()}
 
     def load(self, state: dict[str, torch.Tensor], updates: int) -> None:
@@ -47,12 +52,14 @@ def learning_rate(cfg: RunConfig, step: int) -> float:
 
 
 def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
-    """AdamW groups: the backbone at ``train.lr`` with ``train.weight_decay``; the soft-mask scalars
+    """AdamW groups of the trained parameters: the backbone (or its adapters) at ``train.lr`` with
+    ``train.weight_decay``; the soft-mask scalars
     (when present) at ``train.soft_mask_lr`` without weight decay. ``lr_scale`` is each group's rate
     relative to ``train.lr``, so warm-up and decay apply to both."""
     t = cfg.train
-    soft = [p for name, p in model.named_parameters() if name.startswith("soft_mask.")]
-    rest = [p for name, p in model.named_parameters() if not name.startswith("soft_mask.")]
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    soft = [p for name, p in trained if name.startswith("soft_mask.")]
+    rest = [p for name, p in trained if not name.startswith("soft_mask.")]
     groups = [{"params": rest, "lr": t.lr, "lr_scale": 1.0, "weight_decay": t.weight_decay}]
     if soft:
         groups.append({"params": soft, "lr": t.soft_mask_lr, "lr_scale": t.soft_mask_lr / t.lr, "weight_decay": 0.0})

@@ -87,34 +87,33 @@ def shard_like(value: torch.Tensor, like: torch.Tensor, local: bool) -> torch.Te
     return distribute_tensor(value, like.device_mesh, like.placements)
 
 
-def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema, dist: Distributed) -> None:
-    """Load the weights, optimizer state and EMA of ``ckpt`` into a (possibly sharded) training run."""
+def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema, dist: Distributed,
+            names: set[str] | None = None) -> None:
+    """Load the weights, optimizer state and EMA of ``ckpt`` into a (possibly sharded) training run;
+    ``names``: the only weights the checkpoint holds (an adapter run's), None: all of them."""
+    local = ckpt.shards == dist.world  # each process reads its own shard files
+    rank = dist.rank if local and ckpt.shards else None
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    if not sharded:
-        load_weights(model, ckpt.weights(ema=False), str(ckpt.path))
-        optimizer_state = ckpt.optimizer_state()
-        ema_state = ckpt.ema_state()
+    weights = ckpt.tensors("model", rank)
+    expected = {k: v for k, v in model.state_dict().items() if names is None or k in names}
+    if names is None and not sharded:
+        load_weights(model, weights, str(ckpt.path))  # (the plain case also restores tied aliases)
     else:
-        local = ckpt.shards == dist.world  # each process reads its own shard files
-        rank = dist.rank if local else None
-        weights = ckpt.tensors("model", rank)
         check_finite(weights, str(ckpt.path))
-        expected = model.state_dict()
         if sorted(weights) != sorted(expected):
-            raise CheckpointError(f"{ckpt.path} does not match the model (saved from another architecture)")
-        model.load_state_dict({k: shard_like(weights[k], v, local) for k, v in expected.items()})
-        optimizer_state = ckpt.optimizer_state(rank)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if optimizer_state is not None:
-            for index, entries in optimizer_state["state"].items():
-                for name, value in entries.items():
-                    if torch.is_tensor(value) and value.dim():
-                        entries[name] = shard_like(value, params[index], local)
-        ema_state = ckpt.ema_state(rank)
-        if ema_state is not None:
-            ema_state = {k: shard_like(ema_state[k], v, local) for k, v in expected.items()}
+            raise CheckpointError(f"{ckpt.path} does not match the model (saved from another architecture or "
+                                  f"other adapters)")
+        model.load_state_dict({k: shard_like(weights[k], v, local) for k, v in expected.items()}, strict=False)
+    optimizer_state = ckpt.optimizer_state(rank)
     if optimizer_state is None:
         raise CheckpointError(f"{ckpt.path} has no optimizer state, so training cannot resume from it")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entries in optimizer_state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value) and value.dim():
+                entries[name] = shard_like(value, params[index], local)
     optimizer.load_state_dict(optimizer_state)
+    ema_state = ckpt.ema_state(rank)
     if ema is not None and ema_state is not None:
-        ema.load(ema_state, ckpt.state.get("ema_updates", ckpt.step))
+        ema.load({k: shard_like(ema_state[k], v, local) for k, v in expected.items()},
+                 ckpt.state.get("ema_updates", ckpt.step))

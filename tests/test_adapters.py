@@ -1,0 +1,105 @@
+"""LoRA and DoRA through peft: only the adapters (and soft-mask scalars) train, the base stays bit for bit,
+checkpoints hold the adapters alone, readers get the merged model with the same logits, resuming is
+exact, and two FSDP processes make the update of one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_fsdp import torchrun, weights
+from test_training import EXACT, config, max_diff, records, step_records
+from unmask.checkpoints.checkpoint import Checkpoint
+from unmask.checkpoints.pretrained import AdapterCheckpoint, open_source
+from unmask.config import ConfigError, load_config
+from unmask.pipeline import from_pretrained
+from unmask.train.loop import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def base(tmp_path, corpus):
+    run = tmp_path / "base"
+    train(config(corpus, run, *EXACT, "train.steps=3", "train.lr=0.003", "train.ema=0"))
+    return run
+
+
+def adapter_run(corpus, run, base, kind, *extra):
+    return config(corpus, run, *EXACT, f"train.init_from={base}", f"adapter.kind={kind}", "adapter.rank=4",
+                  "adapter.targets=[attention,mlp]", "train.lr=0.01", "train.ema=0.9", *extra)
+
+
+def logits(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 20, (3, 32), generator=g)
+    sigma = torch.rand(3, generator=g)
+    with torch.no_grad():
+        return model.eval()(ids, sigma)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_adapters_train_alone_and_merge_into_the_same_model(tmp_path, corpus, base, kind):
+    soft = ["model.soft_mask_top_k=2", "diffusion.soft_mask_prob=0.5"] if kind == "dora" else []
+    run = tmp_path / kind
+    train(adapter_run(corpus, run, base, kind, "train.steps=4", *soft))
+    start = records(run)[0]
+    assert 0 < start["trainable_parameters"] < start["parameters"] / 5
+
+    ckpt = Checkpoint(run)
+    saved = ckpt.tensors("model")
+    assert saved and all("lora_" in k or k.startswith("soft_mask.") for k in saved)
+    assert any("lora_magnitude_vector" in k for k in saved) == (kind == "dora")
+    assert any(k.startswith("soft_mask.") for k in saved) == bool(soft)
+
+    source = open_source(run)
+    assert isinstance(source, AdapterCheckpoint)
+    adapted = source.with_adapters(ema=False)
+    base_weights = Checkpoint(base).weights(ema=False)
+    for name, value in adapted.state_dict().items():  # the frozen base, bit for bit
+        plain = name.replace(".base_layer.", ".")
+        if "lora_" not in name and not name.startswith("soft_mask."):
+            assert torch.equal(value, base_weights[plain]), name
+    assert max(float(v.abs().max()) for k, v in saved.items() if "lora_B" in k) > 0  # the adapters moved
+
+    merged = from_pretrained(run, ema=False).model
+    assert not any("lora_" in k for k in merged.state_dict())
+    assert torch.allclose(logits(merged), logits(adapted), atol=1e-5)
+    assert not torch.allclose(logits(merged), logits(Checkpoint(base).build(ema=False)), atol=1e-3)
+    # the EMA of the adapters is what readers get by default
+    assert not torch.allclose(logits(from_pretrained(run).model), logits(merged), atol=1e-6)
+
+
+def test_an_adapter_run_resumes_exactly(tmp_path, corpus, base):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(adapter_run(corpus, whole, base, "lora", "train.steps=6"))
+    train(adapter_run(corpus, split, base, "lora", "train.steps=3", "train.save_every=3"))
+    train(adapter_run(corpus, split, base, "lora", "train.steps=6"))
+    a, b = step_records(whole), step_records(split)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert a[s]["loss"] == b[s]["loss"], s
+    for kind in ("model", "ema", "optimizer"):
+        assert max_diff(weights(whole, kind), weights(split, kind)) == 0, kind
+
+
+def test_adapters_on_two_fsdp_processes_make_the_update_of_one(tmp_path, corpus, base):
+    extra = [f"train.init_from={base}", "adapter.kind=lora", "adapter.rank=4", "adapter.targets=[attention,mlp]",
+             *EXACT, "train.lr=0.01", "train.ema=0.9", "train.steps=3", "train.batch_size=8"]
+    fsdp, single = tmp_path / "fsdp", tmp_path / "single"
+    torchrun(fsdp, *extra, "train.parallel=fsdp", corpus=corpus)
+    train(config(corpus, single, *extra))
+    a, b = step_records(fsdp), step_records(single)
+    for s in a:
+        assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-5), s
+    assert Checkpoint(fsdp).shards == 2
+    for kind in ("model", "ema", "optimizer"):
+        assert max_diff(weights(fsdp, kind), weights(single, kind)) < 1e-5, kind
+    assert torch.allclose(logits(from_pretrained(fsdp).model), logits(from_pretrained(single).model), atol=1e-5)
+
+
+def test_adapter_settings_are_checked(tmp_path, corpus, base):
+    with pytest.raises(ConfigError, match="train.init_from"):
+        load_config(None, ["adapter.kind=lora"])
+    with pytest.raises(ConfigError, match="names no linear layer"):
+        train(adapter_run(corpus, tmp_path / "none", base, "lora", "train.steps=1", "adapter.targets=[nothing]"))
