@@ -12,8 +12,13 @@ from test_training import EXACT, config, max_diff, records, step_records
 from unmask.checkpoints.checkpoint import Checkpoint
 from unmask.checkpoints.pretrained import AdapterCheckpoint, open_source
 from unmask.config import ConfigError, load_config
+from unmask.data.tokenization import CharTokenizer
+from unmask.families import build_model
+from unmask.models.adapters import add_adapters, merged_weights, trainable_names
 from unmask.pipeline import from_pretrained
 from unmask.train.loop import train
+
+from toys import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +37,7 @@ def adapter_run(corpus, run, base, kind, *extra):
 
 def logits(model, seed=0):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 20, (3, 32), generator=g)
+    ids = torch.randint(0, 10, (3, 32), generator=g)
     sigma = torch.rand(3, generator=g)
     with torch.no_grad():
         return model.eval()(ids, sigma)
@@ -103,3 +108,37 @@ def test_adapter_settings_are_checked(tmp_path, corpus, base):
         load_config(None, ["adapter.kind=lora"])
     with pytest.raises(ConfigError, match="names no linear layer"):
         train(adapter_run(corpus, tmp_path / "none", base, "lora", "train.steps=1", "adapter.targets=[nothing]"))
+
+
+@pytest.mark.parametrize("backbone", ["dit", "llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_every_backbone_takes_adapters_on_attention_and_mlp_and_merges_them_exactly(backbone, kind):
+    cfg = load_config(None, [*TINY, f"model.backbone={backbone}", "train.init_from=unused", f"adapter.kind={kind}",
+                             "adapter.rank=2", "adapter.targets=[attention,mlp]"])
+    tokenizer = CharTokenizer("abcdefghij")
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer)
+    with torch.no_grad():  # no zero-initialised output layer (the DiT's) to hide what the adapters do
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    add_adapters(model, cfg.adapter, backbone)
+    adapted = {name.rsplit(".lora_", 1)[0] for name in trainable_names(model)}
+    per_block = {"dit": 4, "llama": 7, "gpt2": 4}[backbone]  # q k v o (fused in DiT and GPT-2) and the MLP's
+    assert len(adapted) == 2 * per_block and all(name.split(".")[-1] != "0" or ".mlp." in name for name in adapted)
+    assert not any("sigma_map" in name for name in adapted)
+    with torch.no_grad():  # adapters that do something (peft starts B at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    before = logits(model)
+    merged = build_model(cfg, tokenizer)
+    merged.load_state_dict(merged_weights(model))
+    assert torch.allclose(logits(merged), before, atol=1e-5)
+    assert not torch.allclose(before, logits(load_plain(cfg, tokenizer, plain)), atol=1e-3)
+
+
+def load_plain(cfg, tokenizer, state):
+    model = build_model(cfg, tokenizer)
+    model.load_state_dict(state)
+    return model

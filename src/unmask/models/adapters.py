@@ -33,13 +33,12 @@ def _peft():
 
 
 def target_pattern(cfg: AdapterConfig, backbone: str) -> str:
-    """A regex over module names for ``cfg.targets``: the groups ``attention`` and ``mlp`` of the
-    backbone (:data:`~unmask.models.registry.ADAPTER_TARGETS`) or module-name patterns of their own."""
+    """One regex over module names for ``cfg.targets``: the groups ``attention`` and ``mlp`` of the
+    backbone (:data:`~unmask.models.registry.ADAPTER_TARGETS`) or patterns of their own."""
     parts = []
     for target in cfg.targets:
-        group = ADAPTER_TARGETS[backbone].get(target)
-        parts += [re.escape(s) for s in group] if group else [target]
-    pattern = r"(.*\.)?(" + "|".join(parts) + ")"
+        parts += ADAPTER_TARGETS[backbone].get(target, [target])
+    pattern = "|".join(f"(?:{p})" for p in parts)
     try:
         re.compile(pattern)
     except re.error as exc:

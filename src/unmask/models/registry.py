@@ -15,11 +15,12 @@ from .dit import DDiTBlock, DiT
 
 BACKBONES = {"dit": DiT, "llama": llama.Transformer, "gpt2": gpt2.GPT2}
 BLOCKS = (DDiTBlock, llama.Block, gpt2.Block)  # the repeated transformer blocks of the backbones
-# adapter targets by name: the linear layers of attention (q, k, v, o) and of the MLP, as module-name suffixes
+# adapter targets by group: regexes over module names for the linear layers of attention (q, k, v, o) and
+# of each block's MLP (not, e.g., the DiT's time-embedding MLP)
 ADAPTER_TARGETS = {
-    "dit": {"attention": ["attn_qkv", "attn_out"], "mlp": ["mlp.0", "mlp.2"]},
-    "llama": {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]},
-    "gpt2": {"attention": ["attn.c_attn", "attn.c_proj"], "mlp": ["mlp.c_fc", "mlp.c_proj"]},
+    "dit": {"attention": [r"blocks\.\d+\.attn_(qkv|out)"], "mlp": [r"blocks\.\d+\.mlp\.[02]"]},
+    "llama": {"attention": [r".*\.self_attn\.[qkvo]_proj"], "mlp": [r".*\.mlp\.(gate|up|down)_proj"]},
+    "gpt2": {"attention": [r".*\.attn\.c_(attn|proj)"], "mlp": [r".*\.mlp\.c_(fc|proj)"]},
 }
 register_choices("model.backbone", tuple(BACKBONES))
 
