@@ -13,8 +13,9 @@ from unmask.checkpoints.checkpoint import Checkpoint
 from unmask.checkpoints.pretrained import AdapterCheckpoint, open_source
 from unmask.config import ConfigError, load_config
 from unmask.data.tokenization import CharTokenizer
-from unmask.families import build_model
+from unmask.families import build_model, build_objective
 from unmask.models.adapters import add_adapters, merged_weights, trainable_names
+from unmask.objectives.base import draw_noise
 from unmask.pipeline import from_pretrained
 from unmask.train.loop import train
 
@@ -132,6 +133,11 @@ def test_every_backbone_takes_adapters_on_attention_and_mlp_and_merges_them_exac
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     before = logits(model)
+    # while training, every adapter takes part in the loss
+    x0 = torch.randint(0, 10, (2, 32))
+    build_objective(cfg, tokenizer).loss(model.train(), x0, torch.ones_like(x0, dtype=torch.bool),
+                                         draw_noise(2, 32, torch.Generator().manual_seed(0))).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
     merged = build_model(cfg, tokenizer)
     merged.load_state_dict(merged_weights(model))
     assert torch.allclose(logits(merged), before, atol=1e-5)

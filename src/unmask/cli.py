@@ -56,6 +56,7 @@ from .runtime import device_for
 from .samplers.base import SamplingError
 from .samplers.registry import SAMPLERS
 from .train.loop import TrainingError, train
+from .train.memory import compared_settings, model_shape, plan_memory, plan_table, planning_inputs
 from .train.rl import rl_train
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfVocabularyError, FileNotFoundError, SamplingError,
@@ -321,6 +322,20 @@ def cmd_configs(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    cfg, tokenizer = planning_inputs(cfg)
+    vocab = tokenizer.vocab_size
+    settings = compared_settings(cfg) if args.compare else {"as configured": cfg}
+    for world in args.world:
+        plans = {name: plan_memory(c, model_shape(c, tokenizer), vocab, world) for name, c in settings.items()}
+        first = next(iter(plans.values()))
+        print(f"\n{world} process{'es' if world > 1 else ''}, micro-batch {first.micro_batch} x {cfg.data.length} "
+              f"tokens, precision {cfg.train.precision}; GB per process\n")
+        print(plan_table(plans))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unmask", description="Masked diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -416,6 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=2_000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_task)
+    p = sub.add_parser("plan", help="the memory each training process needs (weights, gradients, AdamW, EMA, "
+                                    "activations) and the GPUs it fits on")
+    p.add_argument("config", nargs="?", help="YAML file or packaged config name (see 'unmask configs')")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--world", type=int, nargs="+", default=[1], help="numbers of processes to plan for")
+    p.add_argument("--compare", action="store_true", help="also FSDP, activation checkpointing and LoRA")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("quickstart", help="train a small model on the shipped corpus, evaluate and sample")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart config")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")

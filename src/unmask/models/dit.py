@@ -58,8 +58,9 @@ def gated_linear(linear: nn.Linear, x: torch.Tensor, gate: torch.Tensor) -> torc
     """``gate * linear(x)`` with gate (C, 1, H_out). While a gradient is taken with C = 1 the gate scales
     the weight's rows (and the bias) instead of the (N, H_out) output, so the backward pass reduces
     H_out x H_in products for the gate's gradient instead of N x H_out. Without gradient the output is
-    scaled: one pass, and the same arithmetic for a row whatever the batch (samplers are batch-invariant)."""
-    if gate.shape[0] != 1 or not torch.is_grad_enabled():
+    scaled: one pass, and the same arithmetic for a row whatever the batch (samplers are batch-invariant).
+    A layer that is not a plain ``nn.Linear`` (one with adapters) is called as it is."""
+    if gate.shape[0] != 1 or not torch.is_grad_enabled() or type(linear) is not nn.Linear:
         return gate * linear(x)
     g = gate.reshape(-1)
     bias = None if linear.bias is None else linear.bias * g

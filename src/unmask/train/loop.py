@@ -344,10 +344,12 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
     if bar is not None:
         bar.close()
     check_finite()
+    peaks = dist.all_sum([peak_memory_mb(device) if r == dist.rank else 0.0 for r in range(dist.world)])
     if (dist.main or fsdp) and (last_saved is None or not last_saved.name.endswith(f"{step:08d}")):
         last_saved = save(step)
     if dist.main:
-        end = {"event": "end", "step": step, "elapsed_seconds": elapsed(), "peak_memory_mb": peak_memory_mb(device)}
+        end = {"event": "end", "step": step, "elapsed_seconds": elapsed(), "peak_memory_mb": peaks[0],
+               "peak_memory_mb_per_process": peaks}
         if spec.labels:
             last_saved = list_checkpoints(run_dir / "best")[-1]
             end.update(score_best(cfg, model, data, last_saved, best, device))

@@ -1,0 +1,135 @@
+"""Peak memory per process and throughput of the ways to train a model too big for one device: DDP,
+FSDP (2 processes), FSDP with activation checkpointing, and LoRA, next to the memory planner's plan.
+
+Every setting is a real ``torchrun --nproc_per_node 2 -m unmask train`` on the CPU (gloo, one thread
+per process), all in one run so the throughputs compare side by side. Peak memory is the operating
+system's (peak resident set of each process, which includes the Python and PyTorch runtime: the
+``runtime`` row is a 2-step run of a tiny model, subtract it to compare with the plan); throughput
+counts training tokens (rows x length) per second over the run's steps after the first.
+
+    python benchmarks/memory.py --tag cpu
+    python benchmarks/memory.py --smoke        # seconds: the test suite runs this
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from unmask.config import load_config  # noqa: E402
+from unmask.train.memory import model_shape, plan_memory, planning_inputs  # noqa: E402
+
+from common import run_header  # noqa: E402
+
+MODELS = {  # the MDLM `small` preset (DiT) and a 100M Llama-style network, on characters
+    "small (DiT, 92M)": ["model.preset=small", "model.dropout=0"],
+    "Llama-style 100M": ["model.backbone=llama", "model.hidden=768", "model.blocks=12", "model.heads=12",
+                         "model.intermediate=2048", "model.dropout=0"],
+}
+SETTINGS = {
+    "DDP": [],
+    "FSDP": ["train.parallel=fsdp"],
+    "FSDP + activation checkpointing": ["train.parallel=fsdp", "train.activation_checkpointing=true"],
+    "LoRA r=16 attention (DDP)": ["adapter.kind=lora", "adapter.rank=16", "adapter.targets=[attention]"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(overrides: list[str], processes: int = 2) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "unmask", "train", *overrides]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+
+
+def measure(run_dir: Path, overrides: list[str]) -> dict:
+    torchrun([f"run_dir={run_dir}", *overrides, "--fresh"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    end = [r for r in records if r.get("event") == "end"][-1]
+    steps = [r for r in records if "tokens_per_second" in r][1:]  # after the first (start-up) step
+    return {"peak_mb_per_process": end["peak_memory_mb_per_process"],
+            "tokens_per_second": sum(r["tokens_per_second"] for r in steps) / max(1, len(steps)),
+            "parameters": records[0]["parameters"], "trainable": records[0]["trainable_parameters"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tag")
+    parser.add_argument("--runs", default="runs/memory")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=8, help="rows per step over both processes")
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            models = {"tiny": ["model.hidden=32", "model.blocks=2", "model.heads=2", "model.cond_dim=16"]}
+            benchmark(args, Path(tmp), models, steps=2, batch=4, length=32, out=None)
+        return
+    if not args.tag:
+        parser.error("--tag is required")
+    benchmark(args, Path(args.runs) / args.tag, MODELS, args.steps, args.batch, args.length,
+              ROOT / "benchmarks" / "results" / f"memory-{args.tag}.json")
+
+
+def benchmark(args, runs: Path, models: dict, steps: int, batch: int, length: int, out: Path | None) -> None:
+    common = ["data.dataset=tinyshakespeare", f"data.length={length}", f"model.length={length}",
+              f"train.batch_size={batch}", f"train.steps={steps}", "train.log_every=1", "train.progress=false",
+              "train.threads=1", "train.precision=fp32", "train.ema=0.9999", "train.warmup_steps=0",
+              f"data.cache_dir={runs / 'cache'}"]
+    result = {**run_header(args.tag or "smoke", ceilings=out is not None), "steps": steps, "batch": batch,
+              "length": length, "processes": 2, "models": {}}
+    result["runtime"] = measure(runs / "runtime", [*common, "train.steps=2", "model.hidden=32", "model.blocks=1",
+                                                   "model.heads=2", "model.cond_dim=16"])
+    for model, model_overrides in models.items():
+        base = runs / f"{len(result['models'])}-base"
+        torchrun([f"run_dir={base}", *common, *model_overrides, "train.steps=1", "--fresh"], processes=1)
+        rows = {}
+        for name, setting in SETTINGS.items():
+            overrides = [*common, *model_overrides, *setting]
+            if "adapter.kind=lora" in setting:
+                overrides.append(f"train.init_from={base}")
+            cfg, tokenizer = planning_inputs(load_config(None, overrides))
+            plan = plan_memory(cfg, model_shape(cfg, tokenizer), tokenizer.vocab_size, world=2)
+            rows[name] = {**measure(runs / f"{len(result['models'])}-{len(rows)}", overrides),
+                          "plan_mb": plan.total / 2**20, "plan": {k: v / 2**20 for k, v in plan.parts().items()}}
+            r = rows[name]
+            print(f"{model} | {name}: peak {max(r['peak_mb_per_process']):.0f} MB per process, plan "
+                  f"{r['plan_mb']:.0f} MB + runtime, {r['tokens_per_second']:.0f} tokens/s", flush=True)
+        result["models"][model] = rows
+    print(table(result))
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nwrote {out}")
+
+
+def table(result: dict) -> str:
+    runtime = max(result["runtime"]["peak_mb_per_process"])
+    lines = [f"runtime alone (tiny model): {runtime:.0f} MB per process\n",
+             "| model | setting | trained parameters | peak per process (MB) | minus runtime | plan (MB) | tokens/s | "
+             "vs DDP |", "|---|---|---|---|---|---|---|---|"]
+    for model, rows in result["models"].items():
+        ddp = rows["DDP"]["tokens_per_second"]
+        for name, r in rows.items():
+            peak = max(r["peak_mb_per_process"])
+            lines.append(f"| {model} | {name} | {r['trainable'] / 1e6:.1f}M | {peak:.0f} | {peak - runtime:.0f} | "
+                         f"{r['plan_mb']:.0f} | {r['tokens_per_second']:.0f} | {r['tokens_per_second'] / ddp:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

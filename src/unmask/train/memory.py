@@ -1,0 +1,170 @@
+"""The memory planner (``unmask plan``): what one process of a training run holds, before it runs.
+
+Per process, with ``P`` parameters of which ``T`` train (all, or an adapter run's adapters), ``W``
+processes (``1/W`` under FSDP, whole under DDP):
+
+* weights ``4 P`` bytes (fp32 master copy); FSDP adds the gathered copy of up to two blocks (the one
+  computing and the one prefetched) in the compute precision;
+* gradients ``4 T``; DDP keeps a second copy in its reduction buckets when ``W > 1``;
+* AdamW state ``8 T`` (two moments); the EMA ``4 T``;
+* activations: each of the micro-batch's tokens keeps ``a * hidden`` floats per block for the backward
+  pass, and the loss ``k * V`` floats over the vocabulary ``V`` (logits, their log-softmax and
+  gradient). ``a`` (per backbone) and ``k`` (per family) were measured on CPU with torch 2.13 by
+  counting the bytes of live tensors through one training step (dit 21, llama 25, gpt2 19; mdlm 1.7,
+  autoregressive losses over every position 3.2); the attention keeps no ``L x L`` matrix (PyTorch's
+  fused attention), so they do not grow with the length. With activation checkpointing a block keeps
+  only its input (``hidden`` floats per token) and one block at a time is recomputed. bf16 compute
+  stores activations in 2 bytes instead of 4 (layer norms and the loss stay fp32: an estimate).
+
+The peak holds the weights, AdamW state, EMA and the larger of activations and gradients (the
+backward pass frees the one as it makes the other). ``tests/test_memory.py`` checks the plan against
+the peak of live tensor bytes of real training steps on CPU (within 15 %). Not counted: the framework
+itself (CUDA context, allocator caching and fragmentation), which is why a GPU "fits" only with 10 %
+to spare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..config import ConfigError, RunConfig
+from ..families import family_of
+from ..models.adapters import add_adapters
+from ..models.registry import transformer_blocks
+from .loop import init_tokenizer, micro_batching, with_source_architecture
+
+ACTIVATION_FLOATS = {"dit": 21.0, "llama": 25.0, "gpt2": 19.0}  # per token, block and hidden unit (measured)
+LOSS_FLOATS = {"ar": 3.2, "ilm": 3.2}  # per token and vocabulary entry (measured); other families: 1.7
+GPU_MEMORY_GB = (24, 40, 80, 141)
+HEADROOM = 0.9  # the share of a GPU's memory a plan may fill
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per process of one training configuration."""
+
+    parameters: int
+    trainable: int
+    world: int
+    micro_batch: int
+    weights: float
+    gradients: float
+    optimizer: float
+    ema: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        """The peak: gradients appear in the backward pass as the activations are freed, so the peak
+        holds one or the other (measured: the sum overshoots by the gradients)."""
+        return self.weights + self.optimizer + self.ema + max(self.activations, self.gradients)
+
+    def parts(self) -> dict[str, float]:
+        return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer, "ema": self.ema,
+                "activations": self.activations, "total": self.total}
+
+    def fits(self, gigabytes: float) -> bool:
+        return self.total <= HEADROOM * gigabytes * 1e9
+
+
+def planning_inputs(cfg: RunConfig):
+    """(the config as training resolves it, with the architecture of ``train.init_from``; the tokenizer
+    training would use)."""
+    cfg = with_source_architecture(cfg)
+    return cfg, family_of(cfg).data(cfg, init_tokenizer(cfg), False).tokenizer
+
+
+def model_shape(cfg: RunConfig, tokenizer) -> torch.nn.Module:
+    """The run's network on the meta device (no memory), with its adapters when it has some."""
+    with torch.device("meta"):  # (not build_model: a plan may be for more memory than this machine has)
+        model = family_of(cfg).network(cfg, tokenizer)
+        if cfg.adapter.kind != "none":
+            add_adapters(model, cfg.adapter, cfg.model.backbone)
+    return model
+
+
+def plan_memory(cfg: RunConfig, model: torch.nn.Module, vocab_size: int, world: int = 1) -> MemoryPlan:
+    """The plan of ``cfg`` run on ``world`` processes; ``model``: its network (e.g. :func:`model_shape`)."""
+    t, m = cfg.train, cfg.model
+    if world < 1:
+        raise ConfigError(f"--world must be at least 1, got {world}")
+    micro, _ = micro_batching(cfg, world)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    compute_bytes = 2 if t.precision == "bf16" else 4
+    blocks = transformer_blocks(model)
+    shards = world if t.parallel == "fsdp" else 1
+    weights = 4 * params / shards
+    if t.parallel == "fsdp":
+        largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
+        weights += 2 * largest * compute_bytes
+    gradients = 4 * trainable / shards * (2 if t.parallel == "ddp" and world > 1 else 1)
+    tokens = micro * cfg.data.length * (2 if m.block_size else 1)  # block diffusion: the two streams
+    per_block = ACTIVATION_FLOATS[m.backbone] * m.hidden
+    if t.activation_checkpointing:
+        kept = len(blocks) * m.hidden + per_block
+    else:
+        kept = len(blocks) * per_block
+    loss = LOSS_FLOATS.get(cfg.family, 1.7) * max(vocab_size, m.vocab) * 4
+    activations = tokens * (kept * compute_bytes + loss)
+    ema = 4 * trainable / shards if t.ema > 0 else 0.0
+    return MemoryPlan(params, trainable, world, micro, weights, gradients, 8 * trainable / shards, ema, activations)
+
+
+def compared_settings(cfg: RunConfig) -> dict[str, RunConfig]:
+    """The run as configured and, beside it, the usual ways to fit more: FSDP, FSDP with activation
+    checkpointing, and LoRA (rank 16 on attention, when the run has no adapters) on top of that."""
+    t = cfg.train
+    fsdp = dataclasses.replace(t, parallel="fsdp")
+    recompute = dataclasses.replace(fsdp, activation_checkpointing=True)
+    settings = {"as configured": cfg, "fsdp": dataclasses.replace(cfg, train=fsdp),
+                "fsdp + activation checkpointing": dataclasses.replace(cfg, train=recompute)}
+    if cfg.adapter.kind == "none":
+        lora = dataclasses.replace(cfg.adapter, kind="lora", rank=16, targets=["attention"])
+        settings["fsdp + checkpointing + LoRA r=16"] = dataclasses.replace(cfg, train=recompute, adapter=lora)
+    return settings
+
+
+def plan_table(plans: dict[str, MemoryPlan]) -> str:
+    """A Markdown table of plans (GB per process) and the GPUs each fits on."""
+    lines = ["| setting | parameters (trained) | weights | gradients | AdamW | EMA | activations | total | fits on |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, p in plans.items():
+        gb = {k: f"{v / 1e9:,.2f}" for k, v in p.parts().items()}
+        fits = ", ".join(f"{g} GB" for g in GPU_MEMORY_GB if p.fits(g)) or "none of 24/40/80/141 GB"
+        lines.append(f"| {name} | {p.parameters / 1e6:,.1f}M ({p.trainable / 1e6:,.1f}M) | {gb['weights']} | "
+                     f"{gb['gradients']} | {gb['optimizer']} | {gb['ema']} | {gb['activations']} | {gb['total']} | "
+                     f"{fits} |")
+    return "\n".join(lines)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Within the block: the bytes of tensor storages created there and still alive (``current``), and
+    their peak (``peak``): the measurement the plan is checked against, on any device, without the
+    allocator's caching."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self.sizes: dict[int, int] = {}
+
+    def _release(self, key: int) -> None:
+        self.current -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                if id(storage) not in self.sizes:
+                    self.sizes[id(storage)] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._release, id(storage))
+        return out

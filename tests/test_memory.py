@@ -1,0 +1,79 @@
+"""The memory planner against the measured peak of live tensor bytes of real training steps (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unmask.cli import main
+from unmask.config import load_config
+from unmask.data.tokenization import CharTokenizer
+from unmask.families import build_model, build_objective
+from unmask.objectives.base import draw_noise
+from unmask.train.memory import LiveTensorBytes, model_shape, plan_memory, plan_table
+from unmask.train.optim import EMA, parameter_groups
+from unmask.train.parallel import checkpoint_activations, transformer_blocks
+
+VOCAB = 1500  # characters; shapes unlike the ones the planner's constants were measured at
+
+
+def measured_step(cfg, tokenizer) -> int:
+    """Peak live bytes of a model, its AdamW state and EMA through a training step (the second one: the
+    first has no AdamW state yet)."""
+    b, length = cfg.train.batch_size, cfg.data.length
+    x0 = torch.randint(0, VOCAB, (b, length))
+    counted = torch.ones(b, length, dtype=torch.bool)
+    noise = draw_noise(b, length, torch.Generator().manual_seed(0))
+    with LiveTensorBytes() as live:
+        model = build_model(cfg, tokenizer)
+        if cfg.train.activation_checkpointing:
+            for block in transformer_blocks(model):
+                checkpoint_activations(block)
+        objective = build_objective(cfg, tokenizer)
+        optimizer = torch.optim.AdamW(parameter_groups(model, cfg))
+        ema = EMA(model, 0.99)
+        for _ in range(2):
+            live.peak = live.current
+            objective.loss(model, x0, counted, noise).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(model)
+    return live.peak
+
+
+@pytest.mark.parametrize("family,backbone,extra", [
+    ("mdlm", "dit", []), ("mdlm", "llama", []), ("ar", "gpt2", []), ("ar", "dit", []),
+    ("mdlm", "dit", ["train.activation_checkpointing=true"]), ("mdlm", "llama", ["model.blocks=5", "data.length=96"]),
+])
+def test_the_plan_is_within_15_percent_of_the_measured_peak(one_thread, family, backbone, extra):
+    cfg = load_config(None, [f"family={family}", f"model.backbone={backbone}", "model.hidden=192", "model.heads=4",
+                             "model.blocks=3", "model.length=160", "data.length=160", "model.dropout=0",
+                             "train.batch_size=6", "train.ema=0.99", "train.precision=fp32", *extra])
+    tokenizer = CharTokenizer("".join(chr(0x4E00 + i) for i in range(VOCAB)))
+    plan = plan_memory(cfg, model_shape(cfg, tokenizer), tokenizer.vocab_size)
+    measured = measured_step(cfg, tokenizer)
+    assert plan.total == pytest.approx(measured, rel=0.15), plan_table({"plan": plan})
+
+
+def test_sharding_divides_what_each_process_holds():
+    cfg = load_config(None, ["model.preset=llada-8b", "data.length=2048", "train.batch_size=8", "train.ema=0",
+                             "train.precision=bf16", "data.tokenizer=byte"])
+    tokenizer = CharTokenizer("ab")
+    model = model_shape(cfg, tokenizer)
+    ddp = plan_memory(cfg, model, tokenizer.vocab_size, world=8)
+    fsdp = plan_memory(load_config(None, ["model.preset=llada-8b", "data.length=2048", "train.batch_size=8",
+                                          "train.ema=0", "train.precision=bf16", "train.parallel=fsdp"]),
+                       model, tokenizer.vocab_size, world=8)
+    assert 7.9e9 < ddp.parameters < 8.1e9
+    assert ddp.optimizer == pytest.approx(8 * ddp.parameters) and fsdp.optimizer == pytest.approx(ddp.optimizer / 8)
+    assert fsdp.activations == ddp.activations
+    assert not ddp.fits(141) and fsdp.fits(141)
+
+
+def test_plan_command_compares_settings_and_refuses_bad_worlds(capsys):
+    assert main(["plan", "quickstart", "--world", "1", "2", "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert "2 processes" in out and "fsdp + activation checkpointing" in out and "LoRA r=16" in out
+    assert main(["plan", "quickstart", "--world", "0"]) == 2
+    assert main(["plan", "quickstart", "train.batch_size=3", "--world", "2"]) == 2
+    assert "not divisible" in capsys.readouterr().err
