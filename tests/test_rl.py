@@ -227,3 +227,30 @@ def test_trainer_rejects_a_schedule_only_run_without_a_schedule(tmp_path):
     tok = CharTokenizer("ab:")
     with pytest.raises(ConfigError, match="needs a schedule to learn"):
         rl_train(cfg, Fixed(torch.zeros(tok.vocab_size)), MaskedDiffusion(LogLinear(), tok.mask_id), tok)
+
+
+def test_rl_with_lora_trains_adapters_against_the_base_under_them(tmp_path, capsys):
+    from unmask.checkpoints.checkpoint import Checkpoint
+    from unmask.checkpoints.pretrained import AdapterCheckpoint, open_source
+    from unmask.models.adapters import adapters_disabled
+
+    run, data = tiny_mdlm(tmp_path)
+    out = tmp_path / "lora"
+    assert main(["rl", str(run), f"run_dir={out}", f"rl.prompts={data}", "rl.mode=model", "rl.iterations=3",
+                 "rl.prompts_per_step=2", "rl.group_size=4", "rl.sample_steps=2", "rl.kl=0.5", "rl.lr=0.05",
+                 "rl.reward=prefix_match", "adapter.kind=lora", "adapter.rank=2",
+                 "adapter.targets=[attention,mlp]"]) == 0
+    saved = Checkpoint(out).tensors("model")
+    assert saved and all("lora_" in k for k in saved)
+    assert max(float(v.abs().max()) for k, v in saved.items() if "lora_B" in k) > 0  # the adapters moved
+    source = open_source(out)
+    assert isinstance(source, AdapterCheckpoint) and source.config.train.init_from == str(run)
+    adapted = source.with_adapters()
+    ids = torch.randint(0, 3, (2, 8))
+    with torch.no_grad():
+        with adapters_disabled(adapted):  # the reference the KL term used: exactly the source model
+            base = adapted(ids, torch.full((2,), 0.5))
+        tuned = adapted(ids, torch.full((2,), 0.5))
+        source_logits = open_source(run).build()(ids, torch.full((2,), 0.5))
+    assert torch.equal(base, source_logits) and not torch.equal(tuned, base)
+    assert main(["eval", str(out), "eval.metric=exact_match", f"data.test_path={data}"]) == 0

@@ -260,13 +260,17 @@ def cmd_rl(args) -> int:
     ckpt = open_source(args.checkpoint, args.tokenizer)
     tree = parse_overrides(args.overrides)
     for section in tree:
-        if section not in ("rl", "sample", "data", "run_dir"):
-            raise ConfigError(f"unmask rl takes rl.*, sample.*, data.* and run_dir overrides, not '{section}'")
+        if section not in ("rl", "sample", "data", "adapter", "run_dir"):
+            raise ConfigError(f"unmask rl takes rl.*, sample.*, data.*, adapter.* and run_dir overrides, not "
+                              f"'{section}'")
     if "run_dir" not in tree:
         raise ConfigError("give run_dir=... for the fine-tuned model (the source run is left as it is)")
+    if tree.get("adapter", {}).get("kind", "none") != "none":  # the source is the adapters' frozen base
+        tree["train"] = {"init_from": str(args.checkpoint)}
     cfg = config_from_dict(merge_trees(to_dict(ckpt.config), tree))
     device = device_for(args.device)
-    model, objective = load_model(ckpt, ema=cfg.sample.use_ema, device=device)
+    # an adapter run's base is the source's EMA weights, as train.init_from reads them
+    model, objective = load_model(ckpt, ema=cfg.sample.use_ema or cfg.adapter.kind != "none", device=device)
     tokenizer = with_oov_policy(ckpt.tokenizer, cfg.data.oov, cfg.data.oov_replacement)
     final = rl_train(cfg, model, objective, tokenizer, device)
     records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]

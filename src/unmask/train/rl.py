@@ -34,6 +34,7 @@ its steps are recorded through ``on_step`` and the tokens it revealed are scored
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
@@ -51,6 +52,7 @@ from ..checkpoints.runfolder import LOCK_FILE, RunFolderError, RunLock
 from ..config import ConfigError, RunConfig, dump_config, register_choices
 from ..data.tasks import answer_of, read_pairs
 from ..families import family_of
+from ..models.adapters import adapters_disabled, add_adapters
 from ..objectives.block_diffusion import BlockDiffusion
 from ..objectives.mdlm import MaskedDiffusion
 from ..pipeline import make_canvas, request_ids
@@ -252,8 +254,10 @@ def model_loss(model, reference, diffusion: MaskedDiffusion, rollouts: Rollouts,
         adv = advantages.float()[:, None].expand_as(ratio)
         objective = clipped_surrogate(ratio, adv, clip)
         if beta > 0:
-            with torch.no_grad():
-                ref_logits = rollout_logits(reference, diffusion, x, rollouts.prompt, rollouts.guidance[:, k])
+            # the reference: a frozen copy, or (adapter runs) the model itself with its adapters off
+            frozen = contextlib.nullcontext(reference) if reference is not None else adapters_disabled(model)
+            with torch.no_grad(), frozen as ref_model:
+                ref_logits = rollout_logits(ref_model, diffusion, x, rollouts.prompt, rollouts.guidance[:, k])
                 ref = tempered_log_probs(ref_logits, rollouts.temperature[:, k]).gather(2, nxt[:, :, None])[:, :, 0]
                 ref = torch.where(revealed, ref, torch.zeros_like(ref))
             kl = torch.exp(ref - new) - (ref - new) - 1
@@ -285,11 +289,14 @@ class Trainer:
         r = cfg.rl
         self.cfg, self.r, self.model, self.diffusion, self.tokenizer = cfg, r, model, diffusion, tokenizer
         self.reward, self.device = reward, torch.device(device)
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if r.kl > 0 else None
+        # with adapters the reference is the frozen base under them (no second copy in memory)
+        adapters = cfg.adapter.kind != "none"
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if r.kl > 0 and not adapters else None
         learned = tuple(r.schedule) if r.mode != "model" else ()
         self.policy = SchedulePolicy(r.sample_steps, learned, cfg.sample.temperature, cfg.sample.guidance,
                                      r.schedule_std if learned else 0.0)
-        self.model_optimizer = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=0.0)
+        self.model_optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.lr,
+                                                 weight_decay=0.0)
         self.schedule_optimizer = torch.optim.Adam(self.policy.parameters(), lr=r.schedule_lr)
         self.sampler = None
         if r.sampler != "scheduled":
@@ -396,6 +403,8 @@ def rl_train(cfg: RunConfig, model, diffusion: MaskedDiffusion, tokenizer, devic
     if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise RunFolderError(f"run_dir={run_dir} is not empty; unmask rl writes a new run folder (it does not "
                              f"resume), so give one that does not exist yet")
+    if cfg.adapter.kind != "none":
+        add_adapters(model, cfg.adapter, cfg.model.backbone)
     with RunLock(run_dir):
         trainer = Trainer(model.to(device), diffusion, tokenizer, cfg, reward or load_reward(r.reward), device)
         return _rl_loop(trainer, cfg, model, tokenizer, pairs, held_out, run_dir)
@@ -425,8 +434,9 @@ def _rl_loop(trainer: "Trainer", cfg: RunConfig, model: torch.nn.Module, tokeniz
             log({"iteration": it + 1, "event": "eval", "reward": trainer.evaluate(held_out, r.seed)})
     (run_dir / "schedule.json").write_text(json.dumps(trainer.policy.summary(), indent=1) + "\n")
     state = {"rl_iterations": r.iterations, "schedule": trainer.policy.summary()}
-    ckpt = save_checkpoint(run_dir / "checkpoints", r.iterations, model.state_dict(), cfg, tokenizer,
-                           trainer_state=state)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    weights = {k: v for k, v in model.state_dict().items() if cfg.adapter.kind == "none" or k in trained}
+    ckpt = save_checkpoint(run_dir / "checkpoints", r.iterations, weights, cfg, tokenizer, trainer_state=state)
     plot_rewards(metrics, run_dir / "rewards.png")
     return ckpt
 
