@@ -178,7 +178,8 @@ def table(result: dict) -> str:
     lines = []
     for variant, v in result.get("star_graph", {}).items():
         lines += [f"\nStar graph, {variant} ({v['train_rows']} training graphs, {v['steps']} steps of {v['batch']}, "
-                  f"seeds {v['seeds']})\n", "| model: decoding | exact match (pooled) | per seed | follows edges | NFE |",
+                  f"seeds {v['seeds']})\n",
+                  "| model: decoding | exact match (pooled) | per seed | follows edges | NFE |",
                   "|---|---|---|---|---|"]
         for k, r in v["results"].items():
             per_seed = " / ".join(f"{x['exact_match']:.3f}" for x in r["seeds"].values())
@@ -230,7 +231,8 @@ def main() -> None:
         benchmark(args, Path(args.runs) / args.tag, ROOT / "benchmarks" / "results")
         return
     with tempfile.TemporaryDirectory() as tmp:  # tiny models, two steps each, a few rows; runs and record go there
-        args.tag, args.variants, args.star_train, args.star_test, args.samples, args.seeds = "smoke", "tiny", 64, 8, 4, "1"
+        args.tag, args.variants, args.star_train, args.star_test, args.samples = "smoke", "tiny", 64, 8, 4
+        args.seeds = "1"
         args.batch, args.star_steps, args.text_steps, args.evaluator_steps, args.threads = 4, 2, 2, 2, 1
         # the tiny model at the script's own lengths (the text evaluator's model.length is the preset's)
         tiny = [o for o in SMOKE_OVERRIDES if not o.startswith(("model.length=", "data.length="))]

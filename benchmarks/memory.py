@@ -104,7 +104,7 @@ def benchmark(args, runs: Path, models: dict, steps: int, batch: int, length: in
             if "adapter.kind=lora" in setting:
                 overrides.append(f"train.init_from={base}")
             cfg, tokenizer = planning_inputs(load_config(None, overrides))
-            plan = plan_memory(cfg, model_shape(cfg, tokenizer), tokenizer.vocab_size, world=2)
+            plan = plan_memory(cfg, model_shape(cfg, tokenizer), tokenizer.vocab_size, world=2, device="cpu")
             rows[name] = {**measure(runs / f"{len(result['models'])}-{len(rows)}", overrides),
                           "plan_mb": plan.total / 2**20, "plan": {k: v / 2**20 for k, v in plan.parts().items()}}
             r = rows[name]

@@ -332,10 +332,11 @@ def cmd_plan(args) -> int:
     vocab = tokenizer.vocab_size
     settings = compared_settings(cfg) if args.compare else {"as configured": cfg}
     for world in args.world:
-        plans = {name: plan_memory(c, model_shape(c, tokenizer), vocab, world) for name, c in settings.items()}
+        plans = {name: plan_memory(c, model_shape(c, tokenizer), vocab, world, args.device)
+                 for name, c in settings.items()}
         first = next(iter(plans.values()))
-        print(f"\n{world} process{'es' if world > 1 else ''}, micro-batch {first.micro_batch} x {cfg.data.length} "
-              f"tokens, precision {cfg.train.precision}; GB per process\n")
+        print(f"\n{world} {args.device} process{'es' if world > 1 else ''}, micro-batch {first.micro_batch} x "
+              f"{cfg.data.length} tokens, precision {cfg.train.precision}; GB per process\n")
         print(plan_table(plans))
     return 0
 
@@ -441,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--world", type=int, nargs="+", default=[1], help="numbers of processes to plan for")
     p.add_argument("--compare", action="store_true", help="also FSDP, activation checkpointing and LoRA")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="the processes' device")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("quickstart", help="train a small model on the shipped corpus, evaluate and sample")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart config")

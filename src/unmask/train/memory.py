@@ -6,7 +6,9 @@ processes (``1/W`` under FSDP, whole under DDP):
 * weights ``4 P`` bytes (fp32 master copy); FSDP adds the gathered copy of up to two blocks (the one
   computing and the one prefetched) in the compute precision;
 * gradients ``4 T``; DDP keeps a second copy in its reduction buckets when ``W > 1``;
-* AdamW state ``8 T`` (two moments); the EMA ``4 T``;
+* AdamW state ``8 T`` (two moments), and while it steps its temporaries: on CUDA its multi-tensor
+  update makes one full-size temporary at a time (``4 T``), on CPU it updates one tensor at a time
+  (two temporaries the size of the largest); the EMA ``4 T``;
 * activations: each of the micro-batch's tokens keeps ``a * hidden`` floats per block for the backward
   pass, and the loss ``k * V`` floats over the vocabulary ``V`` (logits, their log-softmax and
   gradient). ``a`` (per backbone) and ``k`` (per family) were measured on CPU with torch 2.13 by
@@ -16,11 +18,12 @@ processes (``1/W`` under FSDP, whole under DDP):
   only its input (``hidden`` floats per token) and one block at a time is recomputed. bf16 compute
   stores activations in 2 bytes instead of 4 (layer norms and the loss stay fp32: an estimate).
 
-The peak holds the weights, AdamW state, EMA and the larger of activations and gradients (the
-backward pass frees the one as it makes the other). ``tests/test_memory.py`` checks the plan against
-the peak of live tensor bytes of real training steps on CPU (within 15 %). Not counted: the framework
-itself (CUDA context, allocator caching and fragmentation), which is why a GPU "fits" only with 10 %
-to spare.
+The peak holds the weights, AdamW state and EMA, and then the larger of: activations or gradients
+(the backward pass frees the one as it makes the other), or gradients and the step's temporaries.
+``tests/test_memory.py`` checks the plan against the peak of live tensor bytes of real training
+steps on CPU (within 15 %), for shapes where activations dominate and where the parameters do. Not
+counted: the framework itself (CUDA context, allocator caching and fragmentation), which is why a GPU
+"fits" only with 10 % to spare.
 """
 
 from __future__ import annotations
@@ -58,12 +61,13 @@ class MemoryPlan:
     optimizer: float
     ema: float
     activations: float
+    temporaries: float  # AdamW's while it steps
 
     @property
     def total(self) -> float:
-        """The peak: gradients appear in the backward pass as the activations are freed, so the peak
-        holds one or the other (measured: the sum overshoots by the gradients)."""
-        return self.weights + self.optimizer + self.ema + max(self.activations, self.gradients)
+        """The peak (module docstring): the backward pass or the optimizer step, whichever holds more."""
+        passes = max(self.activations, self.gradients)
+        return self.weights + self.optimizer + self.ema + max(passes, self.gradients + self.temporaries)
 
     def parts(self) -> dict[str, float]:
         return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer, "ema": self.ema,
@@ -89,8 +93,10 @@ def model_shape(cfg: RunConfig, tokenizer) -> torch.nn.Module:
     return model
 
 
-def plan_memory(cfg: RunConfig, model: torch.nn.Module, vocab_size: int, world: int = 1) -> MemoryPlan:
-    """The plan of ``cfg`` run on ``world`` processes; ``model``: its network (e.g. :func:`model_shape`)."""
+def plan_memory(cfg: RunConfig, model: torch.nn.Module, vocab_size: int, world: int = 1,
+                device: str = "cuda") -> MemoryPlan:
+    """The plan of ``cfg`` run on ``world`` processes of ``device`` (cuda or cpu); ``model``: its network
+    (e.g. :func:`model_shape`)."""
     t, m = cfg.train, cfg.model
     if world < 1:
         raise ConfigError(f"--world must be at least 1, got {world}")
@@ -114,7 +120,12 @@ def plan_memory(cfg: RunConfig, model: torch.nn.Module, vocab_size: int, world: 
     loss = LOSS_FLOATS.get(cfg.family, 1.7) * max(vocab_size, m.vocab) * 4
     activations = tokens * (kept * compute_bytes + loss)
     ema = 4 * trainable / shards if t.ema > 0 else 0.0
-    return MemoryPlan(params, trainable, world, micro, weights, gradients, 8 * trainable / shards, ema, activations)
+    if device == "cuda":
+        temporaries = 4 * trainable / shards
+    else:
+        temporaries = 2 * 4 * max((p.numel() for p in model.parameters() if p.requires_grad), default=0) / shards
+    return MemoryPlan(params, trainable, world, micro, weights, gradients, 8 * trainable / shards, ema, activations,
+                      temporaries)
 
 
 def compared_settings(cfg: RunConfig) -> dict[str, RunConfig]:
