@@ -10,7 +10,8 @@ from unmask.config import load_config
 from unmask.data.tokenization import CharTokenizer
 from unmask.families import build_model, build_objective
 from unmask.objectives.base import draw_noise
-from unmask.train.memory import LiveTensorBytes, model_shape, plan_memory, plan_table
+from unmask.runtime import LiveTensorBytes
+from unmask.train.memory import model_shape, plan_memory, plan_table
 from unmask.train.optim import EMA, parameter_groups
 from unmask.train.parallel import checkpoint_activations, transformer_blocks
 

@@ -168,6 +168,7 @@ class TrainConfig:
     reduce_precision: str = "fp32"  # fsdp: dtype of the gradient reduce-scatter (fp32 or bf16)
     cpu_offload: bool = False  # fsdp on CUDA: keep the sharded weights and optimizer state in CPU memory
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    track_memory: bool = False  # count live tensor bytes per process (slower): peak_tensor_mb in metrics.jsonl
 
 
 @dataclass
@@ -549,6 +550,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 RESUMABLE = ("train.steps", "train.max_minutes", "train.log_every", "train.save_every", "train.keep_checkpoints",
              "train.eval_every", "train.eval_sequences", "train.progress", "train.compile",
              "train.init_from", "train.parallel", "train.cpu_offload", "train.activation_checkpointing",
+             "train.track_memory",
              "data.cache_dir", "eval", "sample", "rl")
 
 

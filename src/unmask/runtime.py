@@ -6,12 +6,15 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .config import ConfigError
 
@@ -136,6 +139,32 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Within the block: the bytes of tensor storages created there and still alive (``current``), and
+    their peak (``peak``): the measurement the plan is checked against, on any device, without the
+    allocator's caching."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self.sizes: dict[int, int] = {}
+
+    def _release(self, key: int) -> None:
+        self.current -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                if id(storage) not in self.sizes:
+                    self.sizes[id(storage)] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._release, id(storage))
+        return out
 
 
 def memory_bytes() -> int:

@@ -13,6 +13,7 @@ whatever the number of processes and accumulation steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -44,6 +45,7 @@ from ..objectives.base import draw_noise
 from ..objectives.block_diffusion import BlockDiffusion
 from ..runtime import (
     Distributed,
+    LiveTensorBytes,
     autocast,
     deterministic_algorithms,
     generator_for,
@@ -110,9 +112,10 @@ def train(cfg: RunConfig, fresh: bool = False) -> Path:
     returns the final checkpoint folder."""
     dist = init_distributed(group=cfg.train.parallel == "fsdp")
     lock = RunLock(Path(cfg.run_dir))
+    tracker = LiveTensorBytes() if cfg.train.track_memory else None
     try:
-        with deterministic_algorithms(cfg.train.deterministic, dist.device):
-            return _train(cfg, dist, fresh, lock)
+        with deterministic_algorithms(cfg.train.deterministic, dist.device), tracker or contextlib.nullcontext():
+            return _train(cfg, dist, fresh, lock, tracker)
     finally:
         lock.release()
         shutdown_distributed()
@@ -142,7 +145,7 @@ def with_source_architecture(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **adopted))
 
 
-def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Path:
+def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracker: LiveTensorBytes | None) -> Path:
     cfg = with_source_architecture(cfg)
     t = cfg.train
     set_threads(t.threads, dist.world)
@@ -344,12 +347,18 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock) -> Pat
     if bar is not None:
         bar.close()
     check_finite()
-    peaks = dist.all_sum([peak_memory_mb(device) if r == dist.rank else 0.0 for r in range(dist.world)])
+    def per_process(value: float) -> list[float]:
+        return dist.all_sum([value if r == dist.rank else 0.0 for r in range(dist.world)])
+
+    peaks = per_process(peak_memory_mb(device))
+    tensor_peaks = tracker and per_process(tracker.peak / 2**20)
     if (dist.main or fsdp) and (last_saved is None or not last_saved.name.endswith(f"{step:08d}")):
         last_saved = save(step)
     if dist.main:
         end = {"event": "end", "step": step, "elapsed_seconds": elapsed(), "peak_memory_mb": peaks[0],
                "peak_memory_mb_per_process": peaks}
+        if tensor_peaks:
+            end["peak_tensor_mb_per_process"] = tensor_peaks
         if spec.labels:
             last_saved = list_checkpoints(run_dir / "best")[-1]
             end.update(score_best(cfg, model, data, last_saved, best, device))

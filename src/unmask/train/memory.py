@@ -29,12 +29,9 @@ counted: the framework itself (CUDA context, allocator caching and fragmentation
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from ..config import ConfigError, RunConfig
 from ..families import family_of
@@ -154,28 +151,3 @@ def plan_table(plans: dict[str, MemoryPlan]) -> str:
                      f"{fits} |")
     return "\n".join(lines)
 
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Within the block: the bytes of tensor storages created there and still alive (``current``), and
-    their peak (``peak``): the measurement the plan is checked against, on any device, without the
-    allocator's caching."""
-
-    def __init__(self):
-        super().__init__()
-        self.current = self.peak = 0
-        self.sizes: dict[int, int] = {}
-
-    def _release(self, key: int) -> None:
-        self.current -= self.sizes.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                storage = t.untyped_storage()
-                if id(storage) not in self.sizes:
-                    self.sizes[id(storage)] = storage.nbytes()
-                    self.current += storage.nbytes()
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(storage, self._release, id(storage))
-        return out
