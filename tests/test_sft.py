@@ -127,3 +127,38 @@ def test_sft_training_runs_with_random_lengths(tmp_path):
     train(cfg)
     with pytest.raises(ConfigError, match="random_length_prob"):
         load_config(None, sft_overrides(tmp_path, pairs_file(tmp_path), "train.random_length_prob=2"))
+
+
+def test_chat_sft_renders_conversations_with_the_models_template_and_counts_eos_padding(tmp_path):
+    from released_folders import random_folder
+
+    from unmask.checkpoints.pretrained import open_source
+    from unmask.data.chat import chat_pair
+
+    folder = random_folder(tmp_path / "llada", "llada")
+    chats = tmp_path / "chats.jsonl"
+    conversations = [[{"role": "user", "content": f"w{1 + i % 5} w{2 + i % 3}"},
+                      {"role": "assistant", "content": f"w{10 + i % 4} w{20 + i % 6}"}] for i in range(12)]
+    chats.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    overrides = ["family=mdlm", "data.dataset=text", f"data.path={chats}", f"data.valid_path={chats}",
+                 "data.messages_field=messages", "data.layout=pad", "data.pad_with_eos=true", "data.length=24",
+                 "model.length=24", f"train.init_from={folder}", "train.steps=2", "train.batch_size=4",
+                 "train.progress=false", "train.threads=1", f"run_dir={tmp_path}/run", f"data.cache_dir={tmp_path}/c"]
+    cfg = load_config(None, overrides)
+    tokenizer = open_source(folder).tokenizer
+    rows = Data(cfg.data, tokenizer).rows("train")
+    ids, kinds = rows.get(np.arange(len(conversations)))
+    prompt, response = chat_pair(tokenizer.chat_template, conversations[0], "<|start|>", "<|eot|>")
+    assert prompt == "user\nw1 w2<|eot|><|start|>assistant\n" and response == "w10 w20<|eot|>"
+    # [BOS] prompt (never counted) response, then EOS to the end of the row, counted (LLaDA's convention)
+    p, r = len(tokenizer.encode(prompt)), len(tokenizer.encode(response))
+    assert ids[0, 0] == tokenizer.bos_id and (kinds[0, 1:1 + p] == PROMPT).all()
+    assert ids[0, 1 + p:1 + p + r].tolist() == tokenizer.encode(response).tolist()
+    assert (ids[0, 1 + p + r:] == tokenizer.eos_id).all() and (kinds[0, 1 + p + r:] == EOS).all()
+    counted = counted_positions(kinds, cfg.data)
+    assert counted[0, 1 + p:].all() and not counted[0, 1:1 + p].any()
+    assert train(cfg).name == "step_00000002"
+    # a conversation that does not end with the assistant's turn is a one-line error naming it
+    chats.write_text(json.dumps({"messages": conversations[0][:1]}) + "\n")
+    with pytest.raises(DataError, match="conversation 1"):
+        Data(load_config(None, [*overrides, f"data.cache_dir={tmp_path}/c2"]).data, tokenizer).rows("train")

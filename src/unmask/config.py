@@ -100,6 +100,7 @@ class DataConfig:
     text_field: str = "text"  # JSONL/CSV/hf column with the text (the response for prompt/response pairs)
     label_field: str = "label"  # family classifier: the label column of CSV/TSV/JSONL files
     prompt_field: str | None = None  # supervised pairs: the prompt column; data.text_field is the response
+    messages_field: str | None = None  # supervised chats: a JSONL field of messages, rendered by the chat template
     pad_with_eos: bool = False  # pad layout: fill rows with EOS (counted when count_eos) instead of PAD
     documents: str = "file"  # what a document is in plain text files: file, line or blank_line (paragraph)
     valid_fraction: float = 0.05  # share of the documents (or characters) held out for validation
@@ -522,8 +523,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("diffusion.sigma_min must be below diffusion.sigma_max")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"train.betas must be two numbers (beta1, beta2), got {cfg.train.betas}")
-    if cfg.data.prompt_field and cfg.data.layout != "pad":
-        raise ConfigError("prompt/response pairs (data.prompt_field) need data.layout=pad (one pair per row)")
+    if (cfg.data.prompt_field or cfg.data.messages_field) and cfg.data.layout != "pad":
+        raise ConfigError("prompt/response pairs (data.prompt_field, data.messages_field) need data.layout=pad (one "
+                          "pair per row)")
+    if cfg.data.prompt_field and cfg.data.messages_field:
+        raise ConfigError("data.prompt_field and data.messages_field are two ways to give pairs: set one")
     if cfg.family == "classifier":
         if cfg.data.dataset != "text" or not cfg.data.path or not cfg.data.valid_path:
             raise ConfigError("family classifier reads labelled files: data.dataset=text with data.path (train) and "

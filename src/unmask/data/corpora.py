@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import re
 import zipfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..config import DataConfig
 from .readers import (
@@ -106,19 +107,30 @@ class FilesCorpus(Corpus):
         if cfg.test_path:
             self.files["test"] = _list_files(Path(cfg.test_path))
         self.explicit = bool(cfg.valid_path or cfg.test_path)
+        self.chat: tuple[Callable, str] | None = None  # (messages -> (prompt, response), template digest)
         fractions = (cfg.valid_fraction, cfg.test_fraction)
         if not self.explicit and (min(fractions) < 0 or sum(fractions) >= 1):
             raise DataError(f"data.valid_fraction + data.test_fraction must lie in [0, 1), got {fractions}")
         self._bounds: tuple[int, int, int] | None = None
 
+    def use_chat_template(self, pair: Callable, template: str) -> None:
+        """Read ``data.messages_field`` conversations as (prompt, response) documents through ``pair``."""
+        self.chat = (pair, hashlib.sha256(template.encode()).hexdigest()[:16])
+
     def _all_documents(self, files: list[Path]) -> Iterator[Iterable[str]]:
+        chat = None
+        if self.cfg.messages_field:
+            if self.chat is None:
+                raise DataError("conversations (data.messages_field) are rendered with the model's chat template; "
+                                "this tokenizer has none (fine-tune a model that has one: train.init_from)")
+            chat = (self.cfg.messages_field, self.chat[0])
         for f in files:
-            yield from _documents_of_file(f, self.cfg.documents, self.cfg.text_field, self.cfg.prompt_field)
+            yield from _documents_of_file(f, self.cfg.documents, self.cfg.text_field, self.cfg.prompt_field, chat)
 
     def _split_bounds(self) -> tuple[str, int, int, int]:
         files = self.files["train"]
         single = (len(files) == 1 and self.cfg.documents == "file" and file_format(files[0]) == "text"
-                  and not self.cfg.prompt_field)
+                  and not self.cfg.prompt_field and not self.cfg.messages_field)
         if self._bounds is None:
             if single:
                 total = sum(len(p) for p in _read_pieces(files[0]))
@@ -156,7 +168,8 @@ class FilesCorpus(Corpus):
         c = self.cfg
         return json.dumps([split, [_file_id(f) for f in files], c.documents, c.text_field,
                            self.explicit, c.valid_fraction, c.test_fraction]
-                          + ([c.prompt_field] if c.prompt_field else []))
+                          + ([c.prompt_field] if c.prompt_field else [])
+                          + ([c.messages_field, self.chat and self.chat[1]] if c.messages_field else []))
 
 
 class HFCorpus(Corpus):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
 from ..config import DataConfig
 from .cache import TokenStream, tokenize_split
-from .corpora import SPLITS, make_corpus
+from .chat import chat_pair
+from .corpora import SPLITS, FilesCorpus, make_corpus
 from .layouts import PadRows, Rows, WrapRows
 from .readers import DataError
 from .tokenization import Tokenizer, build_tokenizer
@@ -27,6 +29,14 @@ class Data:
             except (OSError, ValueError) as exc:
                 raise DataError(str(exc)) from None
         self.tokenizer = tokenizer
+        if cfg.messages_field:
+            if not isinstance(self.corpus, FilesCorpus):
+                raise DataError("conversations (data.messages_field) are read from JSONL files: data.dataset=text")
+            if tokenizer.chat_template is not None:
+                pair = functools.partial(chat_pair, tokenizer.chat_template,
+                                         bos_token=tokenizer.piece(tokenizer.bos_id),
+                                         eos_token=tokenizer.piece(tokenizer.eos_id))
+                self.corpus.use_chat_template(pair, tokenizer.chat_template)
         self._rows: dict[str, Rows] = {}
 
     def stream(self, split: str) -> TokenStream:
@@ -35,7 +45,7 @@ class Data:
         insert_eos = self.cfg.insert_eos and self.cfg.layout == "wrap"
         cache = Path(self.cfg.cache_dir) if self.cfg.cache_dir else None
         return tokenize_split(self.corpus, split, self.tokenizer, insert_eos, cache, self.progress,
-                              prompted=bool(self.cfg.prompt_field))
+                              prompted=bool(self.cfg.prompt_field or self.cfg.messages_field))
 
     def rows(self, split: str) -> Rows:
         if split not in self._rows:

@@ -10,7 +10,9 @@ import json
 import lzma
 import zipfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
+
+from .chat import ChatTemplateError
 
 BLOCK_CHARS = 1 << 20
 
@@ -261,9 +263,21 @@ class Document:
         return f"{self.path}:{line}:{column}"
 
 
-def _documents_of_file(path: Path, mode: str, text_field: str,
-                       prompt_field: str | None = None) -> Iterator[Document]:
+def _documents_of_file(path: Path, mode: str, text_field: str, prompt_field: str | None = None,
+                       chat: tuple[str, Callable] | None = None) -> Iterator[Document]:
+    """The documents of one file; ``chat``: (field, pair) reads conversations from that JSONL field and
+    makes each a [prompt, response] document with ``pair(messages)``."""
     fmt = file_format(path)
+    if chat is not None:
+        field, pair = chat
+        if fmt != "jsonl":
+            raise DataError(f"{path}: conversations (data.messages_field) need a .jsonl file")
+        for i, (messages,) in enumerate(read_jsonl(path, (field,)), 1):
+            try:
+                yield Document(list(pair(messages)), path, record=i)
+            except ChatTemplateError as exc:
+                raise DataError(f"{path}: conversation {i}: {exc}") from None
+        return
     if prompt_field:  # supervised pairs: the document is [prompt, response]
         if fmt == "jsonl":
             pairs = read_jsonl(path, (prompt_field, text_field))
