@@ -54,7 +54,8 @@ def torchrun(overrides: list[str], processes: int = 2) -> None:
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "unmask", "train", *overrides]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
     if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line or "error:" in line]
+        raise SystemExit(f"{' '.join(cmd)} failed:\n" + "\n".join(errors[:20]))
 
 
 def run_records(run_dir: Path, overrides: list[str]) -> list[dict]:

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from released_folders import random_folder
+from unmask.checkpoints.pretrained import open_source
 from unmask.config import ConfigError, load_config
+from unmask.data.chat import chat_pair
 from unmask.data.dataset import Data
 from unmask.data.layouts import (
     BOS,
@@ -130,11 +133,6 @@ def test_sft_training_runs_with_random_lengths(tmp_path):
 
 
 def test_chat_sft_renders_conversations_with_the_models_template_and_counts_eos_padding(tmp_path):
-    from released_folders import random_folder
-
-    from unmask.checkpoints.pretrained import open_source
-    from unmask.data.chat import chat_pair
-
     folder = random_folder(tmp_path / "llada", "llada")
     chats = tmp_path / "chats.jsonl"
     conversations = [[{"role": "user", "content": f"w{1 + i % 5} w{2 + i % 3}"},

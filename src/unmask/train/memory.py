@@ -68,7 +68,7 @@ class MemoryPlan:
 
     def parts(self) -> dict[str, float]:
         return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer, "ema": self.ema,
-                "activations": self.activations, "total": self.total}
+                "activations": self.activations, "temporaries": self.temporaries, "total": self.total}
 
     def fits(self, gigabytes: float) -> bool:
         return self.total <= HEADROOM * gigabytes * 1e9
@@ -140,14 +140,15 @@ def compared_settings(cfg: RunConfig) -> dict[str, RunConfig]:
 
 
 def plan_table(plans: dict[str, MemoryPlan]) -> str:
-    """A Markdown table of plans (GB per process) and the GPUs each fits on."""
-    lines = ["| setting | parameters (trained) | weights | gradients | AdamW | EMA | activations | total | fits on |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """A Markdown table of plans (GB per process) and the GPUs each fits on; the peak (total) holds the
+    weights, AdamW and EMA, and the larger of the activations or gradients, or gradients + step."""
+    lines = ["| setting | parameters (trained) | weights | gradients | AdamW | EMA | activations | AdamW step | "
+             "peak | fits on |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in plans.items():
         gb = {k: f"{v / 1e9:,.2f}" for k, v in p.parts().items()}
         fits = ", ".join(f"{g} GB" for g in GPU_MEMORY_GB if p.fits(g)) or "none of 24/40/80/141 GB"
         lines.append(f"| {name} | {p.parameters / 1e6:,.1f}M ({p.trainable / 1e6:,.1f}M) | {gb['weights']} | "
-                     f"{gb['gradients']} | {gb['optimizer']} | {gb['ema']} | {gb['activations']} | {gb['total']} | "
-                     f"{fits} |")
+                     f"{gb['gradients']} | {gb['optimizer']} | {gb['ema']} | {gb['activations']} | "
+                     f"{gb['temporaries']} | {gb['total']} | {fits} |")
     return "\n".join(lines)
 
