@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_training import EXACT, config, free_port, max_diff, overrides, records, step_records
+from test_training import EXACT, SOFT_MASK, config, free_port, max_diff, overrides, records, step_records
 from unmask.checkpoints.checkpoint import Checkpoint, CheckpointError, join_shards, list_checkpoints, shard_name
+from unmask.config import ConfigError
 from unmask.train.loop import train
 
 pytestmark = pytest.mark.slow
@@ -49,12 +50,14 @@ def assert_same_steps(run: Path, reference: Path, rel: float) -> None:
         assert a[s]["grad_norm"] == pytest.approx(b[s]["grad_norm"], rel=rel), (run.name, s)
 
 
-@pytest.mark.parametrize("family", ["mdlm", "ar"])
-def test_two_fsdp_processes_make_the_update_of_one(tmp_path, corpus, family):
+@pytest.mark.parametrize("family,extra", [("mdlm", []), ("ar", []), ("mdlm", SOFT_MASK)],
+                         ids=["mdlm", "ar", "soft_mask"])
+def test_two_fsdp_processes_make_the_update_of_one(tmp_path, corpus, family, extra):
     """Same global batch: same losses, gradient norms, weights, EMA and optimizer state (to float
     rounding: the shards reduce in another order), with gradient accumulation and activation
-    checkpointing on the sharded run."""
-    common = [*EXACT, f"family={family}", "train.steps=3", "train.batch_size=8", "train.lr=0.003", "train.ema=0.9"]
+    checkpointing on the sharded run; the soft-mask scalars stay whole and are averaged."""
+    common = [*EXACT, f"family={family}", "train.steps=3", "train.batch_size=8", "train.lr=0.003", "train.ema=0.9",
+              *extra]
     fsdp, single = tmp_path / "fsdp", tmp_path / "single"
     torchrun(fsdp, *common, *FSDP, "train.micro_batch_size=2", "train.activation_checkpointing=true", corpus=corpus)
     train(config(corpus, single, *common))
@@ -139,3 +142,24 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, corpus):
     train(config(corpus, recomputed, *common, "train.activation_checkpointing=true"))
     assert_same_steps(recomputed, plain, 1e-6)
     assert max_diff(weights(plain, "model"), weights(recomputed, "model")) < 1e-6
+
+
+@pytest.mark.parametrize("extra", [
+    ["family=ilm", "data.layout=pad", "data.documents=line"],
+    ["family=bd3lm", "model.block_size=8"],
+    ["model.soft_mask_top_k=2", "diffusion.soft_mask_prob=0.5"],  # soft-masking: two passes per step
+], ids=["ilm", "bd3lm", "soft_mask"])
+def test_every_objective_trains_the_same_when_sharded(tmp_path, corpus, extra):
+    """A process group of one through fully_shard: the same losses as the plain model (FSDP's own path
+    for every objective; the two-process equality is tested above for mdlm and ar)."""
+    common = [*EXACT, "train.steps=3", "train.lr=0.003", "train.ema=0.9", *extra]
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    train(config(corpus, plain, *common))
+    train(config(corpus, sharded, *common, *FSDP))
+    assert_same_steps(sharded, plain, 1e-5)
+    assert max_diff(weights(sharded, "model"), weights(plain, "model")) < 1e-5
+
+
+def test_cpu_offload_is_for_cuda(tmp_path, corpus):
+    with pytest.raises(ConfigError, match="CUDA"):
+        train(config(corpus, tmp_path / "run", *EXACT, *FSDP, "train.cpu_offload=true", "train.steps=1"))

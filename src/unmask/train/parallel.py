@@ -54,14 +54,22 @@ def parallelize(model: torch.nn.Module, cfg: RunConfig, dist: Distributed,
         mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                                      reduce_dtype=DTYPES[t.reduce_precision])
         offload = CPUOffloadPolicy() if t.cpu_offload else OffloadPolicy()
+        # FSDP shards tensors, not scalars (the soft-mask's): those stay whole on every process and their
+        # gradients are averaged here, as FSDP averages the rest
+        scalars = [p for p in model.parameters() if p.dim() == 0]
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mixed, offload_policy=offload)
-        fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+        fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload, ignored_params=set(scalars))
 
         @contextlib.contextmanager
         def fsdp_sync(last: bool):
             model.set_requires_gradient_sync(last)
             yield
+            if last and dist.world > 1:
+                for p in scalars:
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad.div_(dist.world)
 
         return model, fsdp_sync
     if dist.world > 1:
