@@ -5,7 +5,7 @@ processes (``1/W`` under FSDP, whole under DDP):
 
 * weights ``4 P`` bytes (fp32 master copy); FSDP adds the gathered copy of up to two blocks (the one
   computing and the one prefetched) in the compute precision;
-* gradients ``4 T``; DDP keeps a second copy in its reduction buckets when ``W > 1``;
+* gradients ``4 T``; DDP also holds reduction buckets of ``4 T`` for the whole run when ``W > 1``;
 * AdamW state ``8 T`` (two moments), and while it steps its temporaries: on CUDA its multi-tensor
   update makes one full-size temporary at a time (``4 T``), on CPU it updates one tensor at a time
   (two temporaries the size of the largest); the EMA ``4 T``;
@@ -18,8 +18,9 @@ processes (``1/W`` under FSDP, whole under DDP):
   only its input (``hidden`` floats per token) and one block at a time is recomputed. bf16 compute
   stores activations in 2 bytes instead of 4 (layer norms and the loss stay fp32: an estimate).
 
-The peak holds the weights, AdamW state and EMA, and then the larger of: activations or gradients
-(the backward pass frees the one as it makes the other), or gradients and the step's temporaries.
+The peak holds the weights, AdamW state, EMA (and DDP's buckets), and then the larger of: activations
+or gradients (the backward pass frees the one as it makes the other), or gradients and the step's
+temporaries.
 ``tests/test_memory.py`` checks the plan against the peak of live tensor bytes of real training
 steps on CPU (within 15 %), for shapes where activations dominate and where the parameters do. Not
 counted: the framework itself (CUDA context, allocator caching and fragmentation), which is why a GPU
@@ -55,6 +56,7 @@ class MemoryPlan:
     micro_batch: int
     weights: float
     gradients: float
+    buckets: float  # DDP's, for the whole run
     optimizer: float
     ema: float
     activations: float
@@ -64,10 +66,12 @@ class MemoryPlan:
     def total(self) -> float:
         """The peak (module docstring): the backward pass or the optimizer step, whichever holds more."""
         passes = max(self.activations, self.gradients)
-        return self.weights + self.optimizer + self.ema + max(passes, self.gradients + self.temporaries)
+        held = self.weights + self.optimizer + self.ema + self.buckets
+        return held + max(passes, self.gradients + self.temporaries)
 
     def parts(self) -> dict[str, float]:
-        return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer, "ema": self.ema,
+        return {"weights": self.weights, "gradients": self.gradients + self.buckets, "optimizer": self.optimizer,
+                "ema": self.ema,
                 "activations": self.activations, "temporaries": self.temporaries, "total": self.total}
 
     def fits(self, gigabytes: float) -> bool:
@@ -107,7 +111,8 @@ def plan_memory(cfg: RunConfig, model: torch.nn.Module, vocab_size: int, world: 
     if t.parallel == "fsdp":
         largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
         weights += 2 * largest * compute_bytes
-    gradients = 4 * trainable / shards * (2 if t.parallel == "ddp" and world > 1 else 1)
+    gradients = 4 * trainable / shards
+    buckets = 4 * trainable if t.parallel == "ddp" and world > 1 else 0.0
     tokens = micro * cfg.data.length * (2 if m.block_size else 1)  # block diffusion: the two streams
     per_block = ACTIVATION_FLOATS[m.backbone] * m.hidden
     if t.activation_checkpointing:
@@ -121,8 +126,8 @@ def plan_memory(cfg: RunConfig, model: torch.nn.Module, vocab_size: int, world: 
         temporaries = 4 * trainable / shards
     else:
         temporaries = 2 * 4 * max((p.numel() for p in model.parameters() if p.requires_grad), default=0) / shards
-    return MemoryPlan(params, trainable, world, micro, weights, gradients, 8 * trainable / shards, ema, activations,
-                      temporaries)
+    return MemoryPlan(params, trainable, world, micro, weights, gradients, buckets, 8 * trainable / shards, ema,
+                      activations, temporaries)
 
 
 def compared_settings(cfg: RunConfig) -> dict[str, RunConfig]:
