@@ -143,27 +143,43 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class LiveTensorBytes(TorchDispatchMode):
     """Within the block: the bytes of tensor storages created there and still alive (``current``), and
-    their peak (``peak``): the measurement the plan is checked against, on any device, without the
-    allocator's caching."""
+    their peak (``peak``): the measurement the memory plan is checked against, on any device, without
+    the allocator's caching. Storages resized in place (FSDP frees and refills its gathered weights so)
+    are counted at their size when last seen, and all are re-read every few operations."""
+
+    REFRESH = 16  # operations between re-reading the size of every live storage
 
     def __init__(self):
         super().__init__()
-        self.current = self.peak = 0
+        self.current = self.peak = self.calls = 0
         self.sizes: dict[int, int] = {}
+        self.refs: dict[int, weakref.ref] = {}
 
     def _release(self, key: int) -> None:
-        self.current -= self.sizes.pop(key)
+        self.current -= self.sizes.pop(key, 0)
+        self.refs.pop(key, None)
+
+    def _resize(self, key: int, nbytes: int) -> None:
+        self.current += nbytes - self.sizes[key]
+        self.sizes[key] = nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and not t.is_meta:
                 storage = t.untyped_storage()
-                if id(storage) not in self.sizes:
-                    self.sizes[id(storage)] = storage.nbytes()
-                    self.current += storage.nbytes()
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(storage, self._release, id(storage))
+                key = id(storage)
+                if key not in self.sizes:
+                    self.sizes[key], self.refs[key] = 0, weakref.ref(storage)
+                    weakref.finalize(storage, self._release, key)
+                self._resize(key, storage.nbytes())
+        self.calls += 1
+        if self.calls % self.REFRESH == 0:
+            for key, ref in list(self.refs.items()):
+                storage = ref()
+                if storage is not None:
+                    self._resize(key, storage.nbytes())
+        self.peak = max(self.peak, self.current)
         return out
 
 
