@@ -18,7 +18,10 @@ import torch
 from test_training import EXACT, SOFT_MASK, config, free_port, max_diff, overrides, records, step_records
 from unmask.checkpoints.checkpoint import Checkpoint, CheckpointError, join_shards, list_checkpoints, shard_name
 from unmask.config import ConfigError
+from unmask.runtime import Distributed
 from unmask.train.loop import train
+from unmask.train.optim import EMA, parameter_groups
+from unmask.train.parallel import restore
 
 pytestmark = pytest.mark.slow
 
@@ -163,3 +166,34 @@ def test_every_objective_trains_the_same_when_sharded(tmp_path, corpus, extra):
 def test_cpu_offload_is_for_cuda(tmp_path, corpus):
     with pytest.raises(ConfigError, match="CUDA"):
         train(config(corpus, tmp_path / "run", *EXACT, *FSDP, "train.cpu_offload=true", "train.steps=1"))
+
+
+def test_a_whole_model_reads_whole_tensors_from_shards_of_its_own_world_size(tmp_path, corpus):
+    """DDP resuming a two-process FSDP checkpoint with two processes: every process needs the joined
+    tensors, not its own shard (it holds the whole model)."""
+    run = tmp_path / "run"
+    train(config(corpus, run, *EXACT, "train.steps=1", "train.ema=0.9"))
+    ckpt = Checkpoint(run)
+    asked = []
+
+    class TwoShards:  # the checkpoint as a two-process FSDP run would have written it
+        shards, path, step, state = 2, ckpt.path, ckpt.step, ckpt.state
+
+        def tensors(self, kind, rank=None):
+            asked.append(rank)
+            return ckpt.tensors(kind)
+
+        def optimizer_state(self, rank=None):
+            asked.append(rank)
+            return ckpt.optimizer_state()
+
+        def ema_state(self, rank=None):
+            asked.append(rank)
+            return ckpt.ema_state()
+
+    model = ckpt.build(ema=False)
+    cfg = ckpt.config
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg))
+    restore(TwoShards(), model, optimizer, EMA(model, 0.9), Distributed(rank=1, world=2))
+    assert asked and set(asked) == {None}
+    assert max_diff(model.state_dict(), ckpt.weights(ema=False)) == 0

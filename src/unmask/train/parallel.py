@@ -99,9 +99,9 @@ def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Opt
             names: set[str] | None = None) -> None:
     """Load the weights, optimizer state and EMA of ``ckpt`` into a (possibly sharded) training run;
     ``names``: the only weights the checkpoint holds (an adapter run's), None: all of them."""
-    local = ckpt.shards == dist.world  # each process reads its own shard files
-    rank = dist.rank if local and ckpt.shards else None
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    local = sharded and ckpt.shards == dist.world  # each process reads its own shard files
+    rank = dist.rank if local else None
     weights = ckpt.tensors("model", rank)
     expected = {k: v for k, v in model.state_dict().items() if names is None or k in names}
     if names is None and not sharded:
