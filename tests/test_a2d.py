@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from released_folders import hf_causal_folder
 from unmask.checkpoints.conversion import to_diffusion
 from unmask.checkpoints.pretrained import open_source, save_pretrained
 from unmask.cli import main
 from unmask.pipeline import from_pretrained
+
+from released_folders import hf_causal_folder
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama", "gpt2"])

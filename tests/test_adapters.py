@@ -7,8 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_fsdp import torchrun, weights
-from test_training import EXACT, config, max_diff, records, step_records
 from unmask.checkpoints.checkpoint import Checkpoint
 from unmask.checkpoints.pretrained import AdapterCheckpoint, open_source
 from unmask.config import ConfigError, load_config
@@ -19,6 +17,8 @@ from unmask.objectives.base import draw_noise
 from unmask.pipeline import from_pretrained
 from unmask.train.loop import train
 
+from test_fsdp import torchrun, weights
+from test_training import EXACT, config, max_diff, records, step_records
 from toys import TINY
 
 pytestmark = pytest.mark.slow

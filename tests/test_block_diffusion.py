@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 
-from released_folders import vectors
 from unmask.cli import main
 from unmask.config import ConfigError, ModelConfig, SampleConfig, load_config
 from unmask.data.tokenization import CharTokenizer
@@ -30,6 +29,8 @@ from unmask.samplers.confidence import ConfidenceSampler
 from unmask.samplers.first_hitting import FirstHittingSampler
 from unmask.samplers.llada import LLaDASampler
 from unmask.samplers.registry import make_sampler
+
+from released_folders import vectors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_training import EXACT, SOFT_MASK, config, free_port, max_diff, overrides, records, step_records
 from unmask.checkpoints.checkpoint import Checkpoint, CheckpointError, join_shards, list_checkpoints, shard_name
 from unmask.config import ConfigError
 from unmask.runtime import Distributed
 from unmask.train.loop import train
 from unmask.train.optim import EMA, parameter_groups
 from unmask.train.parallel import restore
+
+from test_training import EXACT, SOFT_MASK, config, free_port, max_diff, overrides, records, step_records
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from released_folders import CHAT_TEMPLATE, random_folder, reference_folder, tokenizer_files, vectors, write_folder
 from unmask.checkpoints.checkpoint import CheckpointError
 from unmask.checkpoints.open_weights import LAYOUTS, SMDM_SIZES, OpenWeights, save_released
 from unmask.checkpoints.pretrained import Pretrained, export, open_source
@@ -30,6 +29,8 @@ from unmask.samplers.base import PURPOSES, RowStreams, row_seeds
 from unmask.samplers.dream import DreamSampler
 from unmask.samplers.llada import LLaDASampler
 from unmask.samplers.registry import make_sampler
+
+from released_folders import CHAT_TEMPLATE, random_folder, reference_folder, tokenizer_files, vectors, write_folder
 
 # README of the vectors, section 10: atol per tensor for a float32 port
 ATOL = {"llada": {"logits": 2e-3, "hidden_states.1": 8e-4, "hidden_states.2": 6e-4},

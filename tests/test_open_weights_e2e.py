@@ -12,11 +12,12 @@ import json
 import pytest
 import torch
 
-from released_folders import random_folder
 from unmask.cli import main
 from unmask.data.chat import ChatTemplateError, render_chat
 from unmask.pipeline import from_pretrained
 from unmask.samplers.base import SamplingError
+
+from released_folders import random_folder
 
 httpx = pytest.importorskip("httpx")
 from unmask.serve.app import running_server  # noqa: E402

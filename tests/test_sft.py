@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from released_folders import random_folder
 from unmask.checkpoints.pretrained import open_source
 from unmask.config import ConfigError, load_config
 from unmask.data.chat import chat_pair
@@ -29,6 +28,7 @@ from unmask.objectives.mdlm import MaskedDiffusion
 from unmask.objectives.schedules import LogLinear
 from unmask.train.loop import train
 
+from released_folders import random_folder
 from toys import TINY
 
 
