@@ -198,3 +198,18 @@ def test_a_whole_model_reads_whole_tensors_from_shards_of_its_own_world_size(tmp
     restore(TwoShards(), model, optimizer, EMA(model, 0.9), Distributed(rank=1, world=2))
     assert asked and set(asked) == {None}
     assert max_diff(model.state_dict(), ckpt.weights(ema=False)) == 0
+
+
+@pytest.mark.parametrize("backbone", ["gpt2", "llama"])
+def test_a_sharded_run_with_tied_embeddings_resumes_exactly(tmp_path, corpus, backbone):
+    """GPT-2 ties its output layer to the embedding (as does llama with model.tie_embeddings): the
+    checkpoint stores the matrix once and resuming fills in the other name."""
+    common = [*EXACT, *FSDP, f"model.backbone={backbone}", "model.tie_embeddings=true", "train.lr=0.003",
+              "train.ema=0.9", "train.save_every=2"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(config(corpus, whole, *common, "train.steps=4"))
+    train(config(corpus, split, *common, "train.steps=2"))
+    train(config(corpus, split, *common, "train.steps=4"))
+    a, b = step_records(whole), step_records(split)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(a[s]["loss"] == b[s]["loss"] for s in a)

@@ -424,16 +424,22 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
                                   f"diverged run)")
 
 
+def with_aliases(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with the names of tied parameters filled in (a checkpoint stores one of them)."""
+    first: dict[int, str] = {}
+    tensors = dict(tensors)
+    for key, value in model.state_dict(keep_vars=True).items():
+        alias = first.setdefault(id(value), key)
+        if alias != key and key not in tensors and alias in tensors:
+            tensors[key] = tensors[alias]
+    return tensors
+
+
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Copy ``tensors`` into ``model``; any missing, unexpected or mis-shaped tensor is an error
     that names it."""
     expected = model.state_dict()
-    first: dict[int, str] = {}
-    tensors = dict(tensors)
-    for key, value in model.state_dict(keep_vars=True).items():  # tied parameters: one key holds them
-        alias = first.setdefault(id(value), key)
-        if alias != key and key not in tensors and alias in tensors:
-            tensors[key] = tensors[alias]
+    tensors = with_aliases(model, tensors)
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:

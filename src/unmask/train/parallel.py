@@ -27,7 +27,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoints.checkpoint import Checkpoint, CheckpointError, check_finite, load_weights
+from ..checkpoints.checkpoint import Checkpoint, CheckpointError, check_finite, load_weights, with_aliases
 from ..config import ConfigError, RunConfig
 from ..models.registry import transformer_blocks
 from ..runtime import Distributed
@@ -102,7 +102,7 @@ def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Opt
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     local = sharded and ckpt.shards == dist.world  # each process reads its own shard files
     rank = dist.rank if local else None
-    weights = ckpt.tensors("model", rank)
+    weights = with_aliases(model, ckpt.tensors("model", rank))
     expected = {k: v for k, v in model.state_dict().items() if names is None or k in names}
     if names is None and not sharded:
         load_weights(model, weights, str(ckpt.path))  # (the plain case also restores tied aliases)
@@ -123,5 +123,6 @@ def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Opt
     optimizer.load_state_dict(optimizer_state)
     ema_state = ckpt.ema_state(rank)
     if ema is not None and ema_state is not None:
+        ema_state = with_aliases(model, ema_state)
         ema.load({k: shard_like(ema_state[k], v, local) for k, v in expected.items()},
                  ckpt.state.get("ema_updates", ckpt.step))
