@@ -62,6 +62,7 @@ def star_graph(args, runs: Path, smoke: tuple[str, ...]) -> dict:
                   f"model.length={length}", f"train.steps={args.star_steps}", f"train.batch_size={args.batch}",
                   f"train.lr={args.lr}", f"train.lr_schedule={args.lr_schedule}", "train.ema=0.99",
                   f"train.threads={args.threads}", f"train.log_every={max(1, args.star_steps // 60)}",
+                  "train.save_every=500", "train.keep_checkpoints=1",  # a stopped run keeps its progress
                   f"data.cache_dir={runs / 'cache'}"]
         pairs = read_pairs(data / "test.jsonl")
         rows, curves = {}, {}
