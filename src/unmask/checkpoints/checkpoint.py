@@ -52,7 +52,6 @@ from ..families import build_model, build_objective
 from ..files import CheckpointError, member, read_json, sha256_file
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
-TENSOR_FILES = ("model", "ema", "optimizer")
 
 
 def shard_name(kind: str, rank: int, world: int) -> str:
@@ -112,11 +111,10 @@ def load_tensors(path: Path, with_metadata: bool = False):
                               f"({header if header is not None else 'missing'}) does not fit the file of {size:,} "
                               f"bytes")
     try:
-        tensors = load_file(str(path))
         if not with_metadata:
-            return tensors
-        with safe_open(str(path), "pt") as f:
-            return tensors, f.metadata() or {}
+            return load_file(str(path))
+        with safe_open(str(path), "pt") as f:  # one read for the tensors and the header's metadata
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"corrupt checkpoint file {path}: {exc}") from None
 

@@ -127,14 +127,15 @@ def _hub_download(name: str) -> Path:
                               f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
-def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, tokenizer,
-                    family: str | None = None) -> None:
+def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, tokenizer) -> None:
     """Continued pretraining: copy the weights of ``source_path`` (any source of :func:`open_source`;
-    EMA weights when it has them) into a new run's model (a
-    DiT), which must be of ``family`` (default: the run's). The architecture and tokenizer must match;
-    a soft-mask model may start from a binary one (its soft-mask scalars keep their initialization,
-    w_s ~ 0, so training starts from the binary model)."""
-    family = family or cfg.family
+    EMA weights when it has them) into a new run's ``model``, or into its ``backbone`` when the run's
+    family starts from another one (a classifier from an MDLM). The family, architecture and tokenizer
+    must match; a soft-mask model may start from a binary one (its soft-mask scalars keep their
+    initialization, w_s ~ 0, so training starts from the binary model)."""
+    spec = family_of(cfg)
+    family = spec.starts_from or cfg.family
+    model = model.backbone if spec.starts_from else model
     source = open_source(source_path)
     if source.config.family != family:
         raise ConfigError(f"train.init_from={source_path} is a {source.config.family} model; this run needs "
@@ -164,9 +165,7 @@ class AdapterCheckpoint(WeightSource):
         """The base network with this checkpoint's adapters injected and loaded (not merged)."""
         cfg = self.config
         model = build_model(cfg, self.tokenizer)
-        spec = family_of(cfg)
-        initialize_from(model.backbone if spec.starts_from else model, cfg.train.init_from, cfg, self.tokenizer,
-                        spec.starts_from)
+        initialize_from(model, cfg.train.init_from, cfg, self.tokenizer)
         add_adapters(model, cfg.adapter, cfg.model.backbone)
         tensors = self.ckpt.tensors("ema" if ema and self.ckpt.has("ema") else "model")
         if sorted(tensors) != sorted(trainable_names(model)):

@@ -192,8 +192,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
     if ckpt is not None:
         check_resumable(ckpt, cfg, run_dir)
     if t.init_from and (ckpt is None or adapters):  # an adapter run's frozen base is loaded on resume too
-        initialize_from(model.backbone if spec.starts_from else model, t.init_from, cfg, tokenizer,
-                        spec.starts_from)
+        initialize_from(model, t.init_from, cfg, tokenizer)
         if dist.main and ckpt is None:
             print(f"initialized {run_dir} from {t.init_from}")
     if adapters:
