@@ -10,6 +10,10 @@
    samples at temperature 1 scored by an AR evaluator trained on the running text (NLL per
    character, gen-PPL), their lengths (characters before the model's end: EOS for MDLM/AR, the stop
    head for ILM) against the held-out speeches' (after the same cut), and unigram entropy.
+3. Infilling spans of unknown length with the stage-2 models: in held-out speeches one span of 8-24
+   characters is cut out; the ILM fills the gap with as many characters as it chooses, the MDLM fills
+   as many masks as it is given (the true length, half, twice); the filled speeches are scored by the
+   evaluator, paired with the originals, and the chosen lengths against the true ones.
 
     python benchmarks/insertion.py --tag nano
     python benchmarks/insertion.py --smoke          # seconds: the test suite runs this
@@ -34,11 +38,15 @@ import torch
 from unmask.checkpoints.checkpoint import Checkpoint, load_model
 from unmask.config import SampleConfig
 from unmask.data.dataset import Data
+from unmask.data.layouts import TOKEN
 from unmask.data.tasks import read_pairs, star_graph_path_checks, write_star_graph_task
 from unmask.eval.exact_match import exact_match
 from unmask.eval.generation import CheckpointEvaluator, unigram_entropy
 from unmask.eval.likelihood import select_rows
+from unmask.families import family_of
 from unmask.pipeline import generate_rows
+from unmask.samplers.base import row_seeds
+from unmask.samplers.registry import make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -105,10 +113,14 @@ def star_graph(args, runs: Path, smoke: tuple[str, ...]) -> dict:
     return out
 
 
+LENGTH_BINS = list(range(0, 129, 16))  # histogram edges, characters; the last bin holds 112-127
+
+
 def lengths_summary(lengths) -> dict:
     x = np.asarray(lengths, dtype=float)
     return {"mean": float(x.mean()), "median": float(np.median(x)), "p10": float(np.percentile(x, 10)),
-            "p90": float(np.percentile(x, 90)), "share_at_max": float((x >= x.max()).mean())}
+            "p90": float(np.percentile(x, 90)), "share_at_max": float((x >= x.max()).mean()),
+            "histogram": np.histogram(x, LENGTH_BINS)[0].tolist()}
 
 
 def text_of(ids: list[int], tokenizer) -> str:
@@ -123,25 +135,75 @@ def text_of(ids: list[int], tokenizer) -> str:
     return tokenizer.decode(out)
 
 
-def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None) -> dict:
-    evaluator_run = args.evaluator
-    if not evaluator_run:
-        evaluator_run, _ = trained(runs / "text-evaluator", [
+def text_evaluator(args, runs: Path, smoke: tuple[str, ...]) -> CheckpointEvaluator:
+    """The AR model that scores text (``--evaluator``, or one trained on the running text)."""
+    run = args.evaluator
+    if not run:
+        run, _ = trained(runs / "text-evaluator", [
             *smoke, "family=ar", "data.dataset=tinyshakespeare", "data.tokenizer=char", "data.length=128",
             "data.frame=false", f"model.preset={args.preset}", f"train.steps={args.evaluator_steps}",
             "train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=50", "train.lr_schedule=cosine",
             "train.ema=0.995", f"train.threads={args.threads}"], None)
-    evaluator = CheckpointEvaluator(evaluator_run, "cpu")
-    data = [*smoke, f"data.path={SHAKESPEARE}", "data.dataset=text", "data.documents=blank_line", "data.layout=pad",
-            "data.pad_with_eos=true", "data.length=128", "data.tokenizer=char", f"model.preset={args.preset}",
-            "model.length=128", f"train.steps={args.text_steps}", "train.batch_size=32", "train.lr=2e-3",
-            "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995", f"train.threads={args.threads}",
-            f"data.cache_dir={runs / 'cache'}"]
+    return CheckpointEvaluator(run, "cpu")
+
+
+def text_model(args, runs: Path, smoke: tuple[str, ...], family: str) -> Checkpoint:
+    """A family's model of the speeches: one document per row of 128 characters, EOS after it."""
+    path, _ = trained(runs / f"text-{family}", [
+        f"family={family}", *smoke, f"data.path={SHAKESPEARE}", "data.dataset=text", "data.documents=blank_line",
+        "data.layout=pad", "data.pad_with_eos=true", "data.length=128", "data.tokenizer=char",
+        f"model.preset={args.preset}", "model.length=128", f"train.steps={args.text_steps}", "train.batch_size=32",
+        "train.lr=2e-3", "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995",
+        f"train.threads={args.threads}", f"data.cache_dir={runs / 'cache'}"], None)
+    return Checkpoint(path)
+
+
+CALIBRATION_BINS = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+
+
+@torch.no_grad()
+def stop_calibration(ckpt: Checkpoint, rows, count: int, states: int = 8, seed: int = 0) -> dict:
+    """Reliability of an ILM's stop head on held-out rows along their insertion paths. Per row: the
+    complete state (weight 1) and ``states`` states with ``n ~ Uniform{1..n0}`` tokens dropped (weight
+    ``n0 / states`` each), so every state of every row's path counts once, as sampling visits them.
+    A calibrated hazard has, per bin of predicted P(stop), the weighted mean prediction equal to the
+    weighted share of complete states."""
+    model, objective = load_model(ckpt)
+    ids, kinds = rows.get(select_rows(len(rows), count, 0))
+    x0, counted = torch.from_numpy(ids), torch.from_numpy(kinds == TOKEN)
+    n0 = counted.sum(1)
+    gen = torch.Generator().manual_seed(seed)
+    predicted, complete, weight = [], [], []
+    for k in range(states + 1):
+        n = torch.zeros_like(n0) if k == 0 else 1 + (torch.rand(len(n0), generator=gen) * n0).long().clamp(max=n0 - 1)
+        for lo in range(0, len(x0), 64):
+            part = slice(lo, lo + 64)
+            time_u = (n[part] + 0.5) / (n0[part] + 1)  # drop() draws floor(u (n0 + 1)) = n tokens
+            batch = objective.drop(x0[part], counted[part], time_u, torch.rand(x0[part].shape, generator=gen))
+            predicted.append(torch.sigmoid(model(batch.ids, batch.keep)[1].double()))
+        complete.append(n == 0)
+        weight.append(torch.ones(len(n0), dtype=torch.float64) if k == 0 else n0.double() / states)
+    p, c, w = torch.cat(predicted), torch.cat(complete).double(), torch.cat(weight)
+    bins = []
+    for lo, hi in zip(CALIBRATION_BINS, CALIBRATION_BINS[1:]):
+        inside = (p >= lo) & ((p < hi) if hi < 1 else (p <= hi))
+        if inside.any():
+            ws = w[inside]
+            bins.append({"bin": [lo, hi], "weight": float(ws.sum() / w.sum()), "states": int(inside.sum()),
+                         "predicted": float((p[inside] * ws).sum() / ws.sum()),
+                         "complete": float((c[inside] * ws).sum() / ws.sum())})
+    first = len(n0)  # the complete states come first; then each row's incomplete ones
+    return {"rows": len(n0), "predicted": float((p * w).sum() / w.sum()), "complete": float((c * w).sum() / w.sum()),
+            "mean_p_complete_rows": float(p[:first].mean()), "mean_p_incomplete_rows": float(p[first:].mean()),
+            "bins": bins}
+
+
+def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None) -> dict:
+    evaluator = text_evaluator(args, runs, smoke)
     results = dict((previous or {}).get("results", {}))
     reference = None
     for family in args.text_families.split(","):
-        path, _ = trained(runs / f"text-{family}", [f"family={family}", *data], None)
-        ckpt = Checkpoint(path)
+        ckpt = text_model(args, runs, smoke, family)
         tok = ckpt.tokenizer
         if reference is None:  # held-out speeches, cut as the rows are
             rows = Data(ckpt.config.data, tokenizer=tok).rows("test")
@@ -151,6 +213,8 @@ def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None)
             reference = {"nll_per_char": float(totals.sum() / counts.sum()),
                          "entropy": float(np.mean([unigram_entropy(tok.encode(t).tolist()) for t in texts])),
                          "lengths": lengths_summary([len(t) for t in texts])}
+        if family == "ilm":
+            calibration = stop_calibration(ckpt, Data(ckpt.config.data, tokenizer=tok).rows("test"), args.samples)
         model, objective = load_model(ckpt)
         base = SampleConfig(num_samples=args.samples, batch_size=64, steps=128, seed=1)
         configs = {"ilm": {"joint sampling (gap, token and stop drawn), t=1": dataclasses.replace(base, gap="sample"),
@@ -172,7 +236,97 @@ def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None)
             r = results[f"{family}: {name}"]
             print(f"text {family} {name}: nll/char {r['nll_per_char']:.3f}, mean length {r['lengths']['mean']:.1f}, "
                   f"entropy {r['entropy']:.3f}", flush=True)
-    return {"reference": reference, "results": results, "evaluator": str(evaluator_run)}
+    out = {"reference": reference, "results": results, "evaluator": evaluator.name}
+    if "ilm" in args.text_families.split(","):
+        out["stop_calibration"] = calibration
+    elif previous and "stop_calibration" in previous:
+        out["stop_calibration"] = previous["stop_calibration"]
+    return out
+
+
+def infill_spans(rows, tokenizer, count: int, seed: int = 0) -> list[dict]:
+    """Up to ``count`` held-out speeches of 24-100 characters (complete, and room for a span twice as
+    long), each with one span cut out: 8-24 characters and at most a third of the speech, at a uniform
+    place. Lists of ids: ``left`` (after BOS), ``span`` and ``right``."""
+    ids, kinds = rows.get(np.arange(len(rows)))
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.permutation(len(rows)):
+        doc = [t for t in ids[i, 1:].tolist() if t not in tokenizer.special_ids]
+        if not 24 <= len(doc) <= 100:
+            continue
+        size = int(rng.integers(8, min(24, len(doc) // 3) + 1))
+        start = int(rng.integers(0, len(doc) - size + 1))
+        out.append({"left": doc[:start], "span": doc[start:start + size], "right": doc[start + size:]})
+        if len(out) == count:
+            break
+    return out
+
+
+def fill_spans(ckpt: Checkpoint, cases: list[dict], cfg: SampleConfig, span_length=None) -> tuple[list, dict]:
+    """Each case's span as the model fills it (ids), and the sampling totals. An insertion model gets
+    ``[BOS] left [MASK] right`` and chooses the length; a masked model gets the row as it was trained,
+    ``[BOS] left [MASK]*k right [EOS]...``, with ``k = span_length(true length)``."""
+    model, objective = load_model(ckpt)
+    tok, width = ckpt.tokenizer, ckpt.config.model.length
+    sampler = make_sampler(cfg, objective, tok, width)
+    grows = family_of(objective.family).decoding == "insertion"
+    spans, nfe, seconds = [], 0, 0.0
+    for lo in range(0, len(cases), cfg.batch_size):
+        batch = cases[lo:lo + cfg.batch_size]
+        canvas = torch.full((len(batch), width), tok.pad_id if grows else tok.eos_id, dtype=torch.long)
+        sizes = [1 if grows else span_length(len(c["span"])) for c in batch]
+        for r, (c, k) in enumerate(zip(batch, sizes)):
+            row = [tok.bos_id, *c["left"], *[tok.mask_id] * k, *c["right"]]
+            canvas[r, :len(row)] = torch.tensor(row)
+        result = sampler.sample(model, canvas, row_seeds(cfg.seed, len(batch), lo))
+        nfe, seconds = nfe + result.nfe, seconds + result.seconds
+        for row, c, k in zip(result.tokens.tolist(), batch, sizes):
+            if grows:  # the inserted tokens lie between the fixed left and right
+                k = sum(t != tok.pad_id for t in row) - 1 - len(c["left"]) - len(c["right"])
+            spans.append([t for t in row[1 + len(c["left"]):1 + len(c["left"]) + k] if t not in tok.special_ids])
+    return spans, {"nfe": nfe, "seconds": seconds}
+
+
+def infill(args, runs: Path, smoke: tuple[str, ...]) -> dict:
+    """Spans of unknown length: the ILM chooses the length, the MDLM is told the true one or a wrong one;
+    the filled speeches are scored by the AR evaluator against the originals (paired per speech)."""
+    evaluator = text_evaluator(args, runs, smoke)
+    models = {family: text_model(args, runs, smoke, family) for family in ("ilm", "mdlm")}
+    tok = models["ilm"].tokenizer
+    cases = infill_spans(Data(models["ilm"].config.data, tokenizer=tok).rows("test"), tok, args.samples)
+    original_totals, original_counts = evaluator.nll([tok.decode(c["left"] + c["span"] + c["right"]) for c in cases])
+    base = SampleConfig(batch_size=64, steps=64, seed=1)
+    methods = {"ILM: length chosen by the model (joint sampling, drawn stop, t=1)":
+               ("ilm", dataclasses.replace(base, gap="sample"), None),
+               "MDLM: told the true length (ancestral, T=64, t=1)": ("mdlm", base, lambda n: n),
+               "MDLM: told half the true length": ("mdlm", base, lambda n: max(1, round(n / 2))),
+               "MDLM: told twice the true length": ("mdlm", base, lambda n: 2 * n)}
+    results = {}
+    for name, (family, cfg, span_length) in methods.items():
+        spans, totals = fill_spans(models[family], cases, cfg, span_length)
+        filled = [tok.decode(c["left"] + s + c["right"]) for c, s in zip(cases, spans)]
+        nll, counts = evaluator.nll(filled)
+        excess = nll / counts - original_totals / original_counts  # per speech, paired
+        true_lengths = np.array([len(c["span"]) for c in cases])
+        lengths = np.array([len(s) for s in spans])
+        results[name] = {
+            "nll_per_char": float(nll.sum() / counts.sum()),
+            "excess_nll_per_char": float(excess.mean()),
+            "excess_se": float(excess.std(ddof=1) / math.sqrt(len(excess))),
+            "span_length": float(lengths.mean()), "length_error": float(np.abs(lengths - true_lengths).mean()),
+            "length_exact": float((lengths == true_lengths).mean()),
+            "length_correlation": float(np.corrcoef(lengths, true_lengths)[0, 1]) if lengths.std() > 0 else None,
+            "span_exact": float(np.mean([s == c["span"] for c, s in zip(cases, spans)])), **totals,
+            "examples": [{"left": tok.decode(c["left"]), "true": tok.decode(c["span"]), "filled": tok.decode(s),
+                          "right": tok.decode(c["right"])} for c, s in list(zip(cases, spans))[:3]]}
+        r = results[name]
+        print(f"infill {name}: nll/char {r['nll_per_char']:.3f}, excess {r['excess_nll_per_char']:.3f} ± "
+              f"{r['excess_se']:.3f}, span length {r['span_length']:.1f} (|error| {r['length_error']:.1f})",
+              flush=True)
+    return {"cases": len(cases), "true_span_length": float(np.mean([len(c["span"]) for c in cases])),
+            "original_nll_per_char": float(original_totals.sum() / original_counts.sum()),
+            "results": results, "evaluator": evaluator.name}
 
 
 def table(result: dict) -> str:
@@ -198,6 +352,31 @@ def table(result: dict) -> str:
         for k, r in t["results"].items():
             lines.append(f"| {k} | {r['nll_per_char']:.3f} | {r['lengths']['mean']:.1f} | {r['lengths']['median']:.0f} "
                          f"| {r['lengths']['p10']:.0f}-{r['lengths']['p90']:.0f} | {r['entropy']:.3f} |")
+        bins = [f"{lo}-{hi - 1}" for lo, hi in zip(LENGTH_BINS, LENGTH_BINS[1:])]
+        lines += ["\nLengths (characters; share of samples per bin)\n", f"| | {' | '.join(bins)} |",
+                  "|---" * (len(bins) + 1) + "|"]
+        for k, r in [("held-out speeches", ref), *t["results"].items()]:
+            if "histogram" in r["lengths"]:
+                h = np.asarray(r["lengths"]["histogram"], dtype=float)
+                lines.append(f"| {k} | {' | '.join(f'{x:.2f}' for x in h / h.sum())} |")
+        if "stop_calibration" in t:
+            c = t["stop_calibration"]
+            lines += [f"\nILM stop head along held-out insertion paths ({c['rows']} speeches, every state weighted "
+                      f"as sampling visits it): mean P(stop) {c['predicted']:.4f}, share complete {c['complete']:.4f}; "
+                      f"on complete speeches {c['mean_p_complete_rows']:.3f}, on incomplete states "
+                      f"{c['mean_p_incomplete_rows']:.4f}\n",
+                      "| predicted P(stop) | share of states | mean predicted | share complete |", "|---|---|---|---|"]
+            lines += [f"| {b['bin'][0]}-{b['bin'][1]} | {b['weight']:.4f} | {b['predicted']:.4f} | "
+                      f"{b['complete']:.4f} |" for b in c["bins"]]
+    if "infill" in result:
+        f = result["infill"]
+        lines += [f"\nInfilling one span of {f['true_span_length']:.1f} characters on average in {f['cases']} held-out "
+                  f"speeches (evaluator NLL/char of the originals {f['original_nll_per_char']:.3f})\n",
+                  "| model: length | NLL/char | excess NLL/char over the original (paired) | span length "
+                  "| mean abs length error | exact span | NFE |", "|---|---|---|---|---|---|---|"]
+        for k, r in f["results"].items():
+            lines.append(f"| {k} | {r['nll_per_char']:.3f} | {r['excess_nll_per_char']:+.3f} ± {r['excess_se']:.3f} | "
+                         f"{r['span_length']:.1f} | {r['length_error']:.1f} | {r['span_exact']:.3f} | {r['nfe']} |")
     return "\n".join(lines)
 
 
@@ -205,7 +384,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tag")
     parser.add_argument("--runs", default="runs/insertion")
-    parser.add_argument("--stages", default="star,text")
+    parser.add_argument("--stages", default="star,text,infill")
     parser.add_argument("--variants", default="tiny")
     parser.add_argument("--preset", default="nano")
     parser.add_argument("--batch", type=int, default=128)
@@ -252,6 +431,9 @@ def benchmark(args, runs: Path, out_dir: Path, smoke: tuple[str, ...] = ()) -> N
         path.write_text(json.dumps(result, indent=1) + "\n")
     if "text" in stages:
         result["text"] = text(args, runs, smoke, result.get("text"))
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    if "infill" in stages:
+        result["infill"] = infill(args, runs, smoke)
         path.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     print(f"\nwrote {path}")

@@ -3,6 +3,7 @@ its whole pipeline at a tiny size (``--smoke``) without writing into the reposit
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -52,3 +53,57 @@ def test_perf_counts_the_flops_of_a_training_step(monkeypatch):
     flops = perf.flops_per_token(cfg, 66, 128)
     m = cfg.model
     assert flops > 6 * 12 * m.blocks * m.hidden ** 2  # at least 6 N for the blocks' matmuls
+
+
+@pytest.fixture(scope="module")
+def insertion_text_models(tmp_path_factory):
+    """insertion.py's module and its two-step ILM and MDLM text models."""
+    tmp_path = tmp_path_factory.mktemp("insertion")
+    sys.path.insert(0, str(BENCHMARKS))
+    import insertion
+
+    from common import SMOKE_OVERRIDES
+
+    args = argparse.Namespace(preset="nano", text_steps=2, threads=1)
+    smoke = (*[o for o in SMOKE_OVERRIDES if not o.startswith(("model.length=", "data.length="))],
+             f"data.cache_dir={tmp_path / 'cache'}")
+    return insertion, *(insertion.text_model(args, tmp_path, smoke, family) for family in ("ilm", "mdlm"))
+
+
+def test_infilling_keeps_the_context_and_reads_back_each_models_span(insertion_text_models):
+    """insertion.py's infill stage: the ILM's span is what its sampler inserted between the fixed left and
+    right (the same text as the library's template path gives for that row), an MDLM's the k masked places."""
+    from unmask.config import SampleConfig
+    from unmask.pipeline import generate_rows
+
+    insertion, ilm, mdlm = insertion_text_models
+    tok = ilm.tokenizer
+    cases = [{"left": tok.encode(a).tolist(), "span": tok.encode(b).tolist(), "right": tok.encode(c).tolist()}
+             for a, b, c in [("ROMEO:\nI ", "love thee", " not."), ("", "First", " Citizen:\nSpeak.")]]
+    cfg = SampleConfig(batch_size=8, steps=16, seed=3, gap="sample")
+    spans, totals = insertion.fill_spans(ilm, cases, cfg)
+    assert totals["nfe"] >= 1 and all(len(s) + len(c["left"]) + len(c["right"]) <= 127 for s, c in zip(spans, cases))
+    model, objective = insertion.load_model(ilm)
+    direct = generate_rows(model, objective, tok, SampleConfig(num_samples=1, seed=3, gap="sample"), 128, 128,
+                           template="ROMEO:\nI [MASK] not.", bos=True)
+    assert tok.decode(cases[0]["left"] + spans[0] + cases[0]["right"]) == direct.texts[0]
+    for k in (1, 5, 18):
+        spans, _ = insertion.fill_spans(mdlm, cases, cfg, lambda n, k=k: k)
+        assert all(len(s) <= k for s in spans) and any(len(s) == k for s in spans)
+
+
+def test_stop_calibration_weighs_every_state_of_every_path_once(insertion_text_models):
+    """Complete states weigh 1 and each of ``states`` incomplete ones ``n0 / states``, so the share of
+    complete states is exactly rows / sum(n0 + 1), whatever the model predicts."""
+    from unmask.data.dataset import Data
+    from unmask.data.layouts import TOKEN
+
+    insertion, ilm, _ = insertion_text_models
+    rows = Data(ilm.config.data, tokenizer=ilm.tokenizer).rows("test")
+    c = insertion.stop_calibration(ilm, rows, 24, states=3)
+    _, kinds = rows.get(insertion.select_rows(len(rows), 24, 0))
+    n0 = (kinds == TOKEN).sum(1)
+    assert c["rows"] == 24 and c["complete"] == pytest.approx(24 / (n0 + 1).sum(), rel=1e-12)
+    assert sum(b["weight"] for b in c["bins"]) == pytest.approx(1.0)
+    assert sum(b["states"] for b in c["bins"]) == 24 * 4
+    assert 0 < c["predicted"] < 1
