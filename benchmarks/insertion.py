@@ -18,8 +18,10 @@
     python benchmarks/insertion.py --tag nano
     python benchmarks/insertion.py --smoke          # seconds: the test suite runs this
 
-Each stage resumes or is skipped when its run folder is complete. Writes
-``benchmarks/results/insertion-<tag>.json`` and Markdown tables on stdout.
+Each stage resumes or is skipped when its run folder is complete; a larger ``--star-steps`` continues
+the star-graph runs (constant learning rate: the same as training that long from the start) and adds
+an entry for that budget. Writes ``benchmarks/results/insertion-<tag>.json`` (every entry with the
+command and commit that measured it) and Markdown tables on stdout.
 """
 
 from __future__ import annotations
@@ -107,9 +109,9 @@ def star_graph(args, runs: Path, smoke: tuple[str, ...]) -> dict:
             p = sum(x["exact_match"] * x["n"] for x in runs_) / n
             entry.update(exact_match=p, stderr=math.sqrt(p * (1 - p) / n), n=n, nfe=runs_[0]["nfe"],
                          follows_edges=float(np.mean([x["follows_edges"] for x in runs_])))
-        out[variant] = {"spec": meta["spec"], "length": length, "train_rows": args.star_train, "seeds": seeds,
-                        "steps": args.star_steps, "batch": args.batch, "lr": args.lr, "results": rows,
-                        "loss_curves": curves}
+        out[f"{variant}, {args.star_steps} steps"] = {
+            "variant": variant, "spec": meta["spec"], "length": length, "train_rows": args.star_train, "seeds": seeds,
+            "steps": args.star_steps, "batch": args.batch, "lr": args.lr, "results": rows, "loss_curves": curves}
     return out
 
 
@@ -331,9 +333,9 @@ def infill(args, runs: Path, smoke: tuple[str, ...]) -> dict:
 
 def table(result: dict) -> str:
     lines = []
-    for variant, v in result.get("star_graph", {}).items():
-        lines += [f"\nStar graph, {variant} ({v['train_rows']} training graphs, {v['steps']} steps of {v['batch']}, "
-                  f"seeds {v['seeds']})\n",
+    for key, v in result.get("star_graph", {}).items():
+        lines += [f"\nStar graph, {key} ({v['train_rows']} training graphs, batches of {v['batch']}, "
+                  f"seeds {v['seeds']}; {v['command']}, commit {v['commit']})\n",
                   "| model: decoding | exact match (pooled) | per seed | follows edges | NFE |",
                   "|---|---|---|---|---|"]
         for k, r in v["results"].items():
@@ -424,16 +426,19 @@ def benchmark(args, runs: Path, out_dir: Path, smoke: tuple[str, ...] = ()) -> N
     script's own keys win)."""
     path = out_dir / f"insertion-{args.tag}.json"
     result = json.loads(path.read_text()) if path.exists() else {}
-    result.update(run_header(args.tag, ceilings=not args.smoke))
+    header = run_header(args.tag, ceilings=not args.smoke)
+    result.update(header)
+    stamp = {k: header[k] for k in ("date", "command", "commit")}  # each entry keeps the run that measured it
     stages = args.stages.split(",")
-    if "star" in stages:
-        result["star_graph"] = star_graph(args, runs, smoke)
+    if "star" in stages:  # one entry per variant and budget: a longer run adds to the record
+        for key, entry in star_graph(args, runs, smoke).items():
+            result.setdefault("star_graph", {})[key] = {**entry, **stamp}
         path.write_text(json.dumps(result, indent=1) + "\n")
     if "text" in stages:
-        result["text"] = text(args, runs, smoke, result.get("text"))
+        result["text"] = {**text(args, runs, smoke, result.get("text")), **stamp}
         path.write_text(json.dumps(result, indent=1) + "\n")
     if "infill" in stages:
-        result["infill"] = infill(args, runs, smoke)
+        result["infill"] = {**infill(args, runs, smoke), **stamp}
         path.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     print(f"\nwrote {path}")
