@@ -197,7 +197,24 @@ def stop_calibration(ckpt: Checkpoint, rows, count: int, states: int = 8, seed: 
     first = len(n0)  # the complete states come first; then each row's incomplete ones
     return {"rows": len(n0), "predicted": float((p * w).sum() / w.sum()), "complete": float((c * w).sum() / w.sum()),
             "mean_p_complete_rows": float(p[:first].mean()), "mean_p_incomplete_rows": float(p[first:].mean()),
-            "bins": bins}
+            "bins": bins, "complete_with_substitutions": stop_after_substitutions(model, objective, x0, counted, gen)}
+
+
+def stop_after_substitutions(model, objective, x0, counted, gen, substitutions=(0, 1, 3)) -> dict:
+    """Mean and median P(stop) on complete rows after ``k`` of their characters are replaced by random
+    ordinary ones: nothing is missing, but the text has the kind of defect a model's own samples have."""
+    complete = objective.drop(x0, counted, 0.5 / (counted.sum(1) + 1), torch.rand(x0.shape, generator=gen))
+    ordinary = (~objective.forbidden("cpu")).nonzero()[:, 0]
+    out = {}
+    for k in substitutions:
+        ids = complete.ids.clone()
+        for r in range(len(ids)):
+            places = 1 + torch.randperm(int(counted[r].sum()), generator=gen)[:k]  # after BOS
+            ids[r, places] = ordinary[torch.randint(len(ordinary), (len(places),), generator=gen)]
+        p = torch.cat([torch.sigmoid(model(ids[lo:lo + 64], complete.keep[lo:lo + 64])[1].double())
+                       for lo in range(0, len(ids), 64)])
+        out[k] = {"mean": float(p.mean()), "median": float(p.median())}
+    return out
 
 
 def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None) -> dict:
@@ -220,6 +237,8 @@ def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None)
         model, objective = load_model(ckpt)
         base = SampleConfig(num_samples=args.samples, batch_size=64, steps=128, seed=1)
         configs = {"ilm": {"joint sampling (gap, token and stop drawn), t=1": dataclasses.replace(base, gap="sample"),
+                           "joint sampling, top-p 0.9": dataclasses.replace(base, gap="sample", top_p=0.9),
+                           "greedy gap, token and stop drawn, t=1": dataclasses.replace(base, gap="greedy"),
                            "released settings (greedy gap, top-p 0.2, stop 0.9)": dataclasses.replace(
                                base, gap="greedy", top_p=0.2, stop="threshold", stop_threshold=0.9)},
                    "mdlm": {"ancestral, T=128, t=1": base},
@@ -370,6 +389,11 @@ def table(result: dict) -> str:
                       "| predicted P(stop) | share of states | mean predicted | share complete |", "|---|---|---|---|"]
             lines += [f"| {b['bin'][0]}-{b['bin'][1]} | {b['weight']:.4f} | {b['predicted']:.4f} | "
                       f"{b['complete']:.4f} |" for b in c["bins"]]
+            lines += ["\n| characters substituted in complete held-out speeches | " +
+                      " | ".join(map(str, c["complete_with_substitutions"])) + " |",
+                      "|---" * (1 + len(c["complete_with_substitutions"])) + "|",
+                      "| P(stop), mean (median) | " + " | ".join(f"{x['mean']:.3f} ({x['median']:.3f})" for x in
+                                                             c["complete_with_substitutions"].values()) + " |"]
     if "infill" in result:
         f = result["infill"]
         lines += [f"\nInfilling one span of {f['true_span_length']:.1f} characters on average in {f['cases']} held-out "

@@ -107,3 +107,5 @@ def test_stop_calibration_weighs_every_state_of_every_path_once(insertion_text_m
     assert sum(b["weight"] for b in c["bins"]) == pytest.approx(1.0)
     assert sum(b["states"] for b in c["bins"]) == 24 * 4
     assert 0 < c["predicted"] < 1
+    substituted = c["complete_with_substitutions"]  # none substituted: the complete states above
+    assert list(substituted) == [0, 1, 3] and substituted[0]["mean"] == pytest.approx(c["mean_p_complete_rows"])
