@@ -284,10 +284,11 @@ def infill_spans(rows, tokenizer, count: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def fill_spans(ckpt: Checkpoint, cases: list[dict], cfg: SampleConfig, span_length=None) -> tuple[list, dict]:
+def fill_spans(ckpt: Checkpoint, cases: list[dict], cfg: SampleConfig, lengths: list[int] | None = None
+               ) -> tuple[list, dict]:
     """Each case's span as the model fills it (ids), and the sampling totals. An insertion model gets
     ``[BOS] left [MASK] right`` and chooses the length; a masked model gets the row as it was trained,
-    ``[BOS] left [MASK]*k right [EOS]...``, with ``k = span_length(true length)``."""
+    ``[BOS] left [MASK]*k right [EOS]...``, with ``k = lengths[i]`` for case ``i``."""
     model, objective = load_model(ckpt)
     tok, width = ckpt.tokenizer, ckpt.config.model.length
     sampler = make_sampler(cfg, objective, tok, width)
@@ -296,7 +297,7 @@ def fill_spans(ckpt: Checkpoint, cases: list[dict], cfg: SampleConfig, span_leng
     for lo in range(0, len(cases), cfg.batch_size):
         batch = cases[lo:lo + cfg.batch_size]
         canvas = torch.full((len(batch), width), tok.pad_id if grows else tok.eos_id, dtype=torch.long)
-        sizes = [1 if grows else span_length(len(c["span"])) for c in batch]
+        sizes = [1] * len(batch) if grows else lengths[lo:lo + cfg.batch_size]
         for r, (c, k) in enumerate(zip(batch, sizes)):
             row = [tok.bos_id, *c["left"], *[tok.mask_id] * k, *c["right"]]
             canvas[r, :len(row)] = torch.tensor(row)
@@ -318,19 +319,24 @@ def infill(args, runs: Path, smoke: tuple[str, ...]) -> dict:
     cases = infill_spans(Data(models["ilm"].config.data, tokenizer=tok).rows("test"), tok, args.samples)
     original_totals, original_counts = evaluator.nll([tok.decode(c["left"] + c["span"] + c["right"]) for c in cases])
     base = SampleConfig(batch_size=64, steps=64, seed=1)
+    true_lengths = np.array([len(c["span"]) for c in cases])
+    # the MDLM's span lengths from the true ones and the ILM's choices (measured first)
     methods = {"ILM: length chosen by the model (joint sampling, drawn stop, t=1)":
                ("ilm", dataclasses.replace(base, gap="sample"), None),
-               "MDLM: told the true length (ancestral, T=64, t=1)": ("mdlm", base, lambda n: n),
-               "MDLM: told half the true length": ("mdlm", base, lambda n: max(1, round(n / 2))),
-               "MDLM: told twice the true length": ("mdlm", base, lambda n: 2 * n)}
-    results = {}
-    for name, (family, cfg, span_length) in methods.items():
-        spans, totals = fill_spans(models[family], cases, cfg, span_length)
+               "MDLM: told the true length (ancestral, T=64, t=1)": ("mdlm", base, lambda true, ilm: true),
+               "MDLM: told half the true length": ("mdlm", base, lambda true, ilm: np.maximum(1, np.round(true / 2))),
+               "MDLM: told twice the true length": ("mdlm", base, lambda true, ilm: 2 * true),
+               "MDLM: told the ILM's length (at least 1)": ("mdlm", base, lambda true, ilm: np.maximum(1, ilm))}
+    results, ilm_lengths = {}, None
+    for name, (family, cfg, told) in methods.items():
+        told = None if told is None else told(true_lengths, ilm_lengths).astype(int).tolist()
+        spans, totals = fill_spans(models[family], cases, cfg, told)
         filled = [tok.decode(c["left"] + s + c["right"]) for c, s in zip(cases, spans)]
         nll, counts = evaluator.nll(filled)
         excess = nll / counts - original_totals / original_counts  # per speech, paired
-        true_lengths = np.array([len(c["span"]) for c in cases])
         lengths = np.array([len(s) for s in spans])
+        if family == "ilm":
+            ilm_lengths = lengths
         results[name] = {
             "nll_per_char": float(nll.sum() / counts.sum()),
             "excess_nll_per_char": float(excess.mean()),

@@ -88,7 +88,7 @@ def test_infilling_keeps_the_context_and_reads_back_each_models_span(insertion_t
                            template="ROMEO:\nI [MASK] not.", bos=True)
     assert tok.decode(cases[0]["left"] + spans[0] + cases[0]["right"]) == direct.texts[0]
     for k in (1, 5, 18):
-        spans, _ = insertion.fill_spans(mdlm, cases, cfg, lambda n, k=k: k)
+        spans, _ = insertion.fill_spans(mdlm, cases, cfg, [k] * len(cases))
         assert all(len(s) <= k for s in spans) and any(len(s) == k for s in spans)
 
 
