@@ -110,7 +110,7 @@ def star_graph(args, runs: Path, smoke: tuple[str, ...]) -> dict:
             entry.update(exact_match=p, stderr=math.sqrt(p * (1 - p) / n), n=n, nfe=runs_[0]["nfe"],
                          follows_edges=float(np.mean([x["follows_edges"] for x in runs_])))
         out[f"{variant}, {args.star_steps} steps"] = {
-            "variant": variant, "spec": meta["spec"], "length": length, "train_rows": args.star_train, "seeds": seeds,
+            "variant": variant, "spec": meta["spec"], "length": length, "train_rows": args.star_train,
             "steps": args.star_steps, "batch": args.batch, "lr": args.lr, "results": rows, "loss_curves": curves}
     return out
 
@@ -359,12 +359,11 @@ def infill(args, runs: Path, smoke: tuple[str, ...]) -> dict:
 def table(result: dict) -> str:
     lines = []
     for key, v in result.get("star_graph", {}).items():
-        lines += [f"\nStar graph, {key} ({v['train_rows']} training graphs, batches of {v['batch']}, "
-                  f"seeds {v['seeds']}; {v['command']}, commit {v['commit']})\n",
+        lines += [f"\nStar graph, {key} ({v['train_rows']} training graphs, batches of {v['batch']})\n",
                   "| model: decoding | exact match (pooled) | per seed | follows edges | NFE |",
                   "|---|---|---|---|---|"]
         for k, r in v["results"].items():
-            per_seed = " / ".join(f"{x['exact_match']:.3f}" for x in r["seeds"].values())
+            per_seed = " / ".join(f"s{seed} {x['exact_match']:.3f}" for seed, x in r["seeds"].items())
             lines.append(f"| {k} | {r['exact_match']:.3f} ± {r['stderr']:.3f} | {per_seed} | {r['follows_edges']:.3f} "
                          f"| {r['nfe']} |")
     if "text" in result:
@@ -461,9 +460,13 @@ def benchmark(args, runs: Path, out_dir: Path, smoke: tuple[str, ...] = ()) -> N
     result.update(header)
     stamp = {k: header[k] for k in ("date", "command", "commit")}  # each entry keeps the run that measured it
     stages = args.stages.split(",")
-    if "star" in stages:  # one entry per variant and budget: a longer run adds to the record
+    if "star" in stages:  # one entry per variant and budget (a longer run adds one); rows per decoding
         for key, entry in star_graph(args, runs, smoke).items():
-            result.setdefault("star_graph", {})[key] = {**entry, **stamp}
+            entry["results"] = {k: {**r, **stamp} for k, r in entry["results"].items()}
+            old = result.setdefault("star_graph", {}).get(key, {})
+            for part in ("results", "loss_curves"):  # families measured before keep their rows
+                entry[part] = {**old.get(part, {}), **entry[part]}
+            result["star_graph"][key] = {**entry, **stamp}
         path.write_text(json.dumps(result, indent=1) + "\n")
     if "text" in stages:
         result["text"] = {**text(args, runs, smoke, result.get("text")), **stamp}
