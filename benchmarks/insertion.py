@@ -149,10 +149,18 @@ def text_evaluator(args, runs: Path, smoke: tuple[str, ...]) -> CheckpointEvalua
     return CheckpointEvaluator(run, "cpu")
 
 
+def ilm_label(args) -> str:
+    """The ILM's name in the records: ``ilm``, or with the stop-head noise it was trained with."""
+    return f"ilm, stop noise {args.ilm_stop_noise:g}" if args.ilm_stop_noise else "ilm"
+
+
 def text_model(args, runs: Path, smoke: tuple[str, ...], family: str) -> Checkpoint:
-    """A family's model of the speeches: one document per row of 128 characters, EOS after it."""
-    path, _ = trained(runs / f"text-{family}", [
-        f"family={family}", *smoke, f"data.path={SHAKESPEARE}", "data.dataset=text", "data.documents=blank_line",
+    """A family's model of the speeches: one document per row of 128 characters, EOS after it (the ILM
+    with ``--ilm-stop-noise``, in its own run folder when that is not 0)."""
+    noise = family == "ilm" and args.ilm_stop_noise
+    path, _ = trained(runs / (f"text-ilm-stopnoise{args.ilm_stop_noise:g}" if noise else f"text-{family}"), [
+        f"family={family}", *smoke, *([f"diffusion.ilm_stop_noise={args.ilm_stop_noise}"] if noise else []),
+        f"data.path={SHAKESPEARE}", "data.dataset=text", "data.documents=blank_line",
         "data.layout=pad", "data.pad_with_eos=true", "data.length=128", "data.tokenizer=char",
         f"model.preset={args.preset}", "model.length=128", f"train.steps={args.text_steps}", "train.batch_size=32",
         "train.lr=2e-3", "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995",
@@ -220,6 +228,7 @@ def stop_after_substitutions(model, objective, x0, counted, gen, substitutions=(
 def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None) -> dict:
     evaluator = text_evaluator(args, runs, smoke)
     results = dict((previous or {}).get("results", {}))
+    calibrations = dict((previous or {}).get("stop_calibrations", {}))
     reference = None
     for family in args.text_families.split(","):
         ckpt = text_model(args, runs, smoke, family)
@@ -232,8 +241,10 @@ def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None)
             reference = {"nll_per_char": float(totals.sum() / counts.sum()),
                          "entropy": float(np.mean([unigram_entropy(tok.encode(t).tolist()) for t in texts])),
                          "lengths": lengths_summary([len(t) for t in texts])}
+        label = ilm_label(args) if family == "ilm" else family
         if family == "ilm":
-            calibration = stop_calibration(ckpt, Data(ckpt.config.data, tokenizer=tok).rows("test"), args.samples)
+            calibrations[label] = stop_calibration(ckpt, Data(ckpt.config.data, tokenizer=tok).rows("test"),
+                                                   args.samples)
         model, objective = load_model(ckpt)
         base = SampleConfig(num_samples=args.samples, batch_size=64, steps=128, seed=1)
         configs = {"ilm": {"joint sampling (gap, token and stop drawn), t=1": dataclasses.replace(base, gap="sample"),
@@ -249,20 +260,15 @@ def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None)
             scored = [t for t in texts if t]
             totals, counts = evaluator.nll(scored)
             ppl, ppl_se = pooled_ppl(totals, counts)
-            results[f"{family}: {name}"] = {
+            results[f"{label}: {name}"] = {
                 "nll_per_char": float(totals.sum() / counts.sum()), "gen_ppl": ppl, "gen_ppl_se": ppl_se,
                 "entropy": float(np.mean([unigram_entropy(tok.encode(t).tolist()) for t in texts])),
                 "lengths": lengths_summary([len(t) for t in texts]), "empty": len(texts) - len(scored),
                 "nfe": gen.nfe, "seconds": gen.seconds, "example": texts[0][:200]}
-            r = results[f"{family}: {name}"]
+            r = results[f"{label}: {name}"]
             print(f"text {family} {name}: nll/char {r['nll_per_char']:.3f}, mean length {r['lengths']['mean']:.1f}, "
                   f"entropy {r['entropy']:.3f}", flush=True)
-    out = {"reference": reference, "results": results, "evaluator": evaluator.name}
-    if "ilm" in args.text_families.split(","):
-        out["stop_calibration"] = calibration
-    elif previous and "stop_calibration" in previous:
-        out["stop_calibration"] = previous["stop_calibration"]
-    return out
+    return {"reference": reference, "results": results, "stop_calibrations": calibrations, "evaluator": evaluator.name}
 
 
 def infill_spans(rows, tokenizer, count: int, seed: int = 0) -> list[dict]:
@@ -311,9 +317,10 @@ def fill_spans(ckpt: Checkpoint, cases: list[dict], cfg: SampleConfig, lengths: 
     return spans, {"nfe": nfe, "seconds": seconds}
 
 
-def infill(args, runs: Path, smoke: tuple[str, ...]) -> dict:
+def infill(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None) -> dict:
     """Spans of unknown length: the ILM chooses the length, the MDLM is told the true one or a wrong one;
-    the filled speeches are scored by the AR evaluator against the originals (paired per speech)."""
+    the filled speeches are scored by the AR evaluator against the originals (paired per speech). Rows
+    named after another ILM (``--ilm-stop-noise``) in ``previous`` are kept."""
     evaluator = text_evaluator(args, runs, smoke)
     models = {family: text_model(args, runs, smoke, family) for family in ("ilm", "mdlm")}
     tok = models["ilm"].tokenizer
@@ -322,13 +329,14 @@ def infill(args, runs: Path, smoke: tuple[str, ...]) -> dict:
     base = SampleConfig(batch_size=64, steps=64, seed=1)
     true_lengths = np.array([len(c["span"]) for c in cases])
     # the MDLM's span lengths from the true ones and the ILM's choices (measured first)
-    methods = {"ILM: length chosen by the model (joint sampling, drawn stop, t=1)":
+    ilm = "ILM" + ilm_label(args)[3:]
+    methods = {f"{ilm}: length chosen by the model (joint sampling, drawn stop, t=1)":
                ("ilm", dataclasses.replace(base, gap="sample"), None),
                "MDLM: told the true length (ancestral, T=64, t=1)": ("mdlm", base, lambda true, ilm: true),
                "MDLM: told half the true length": ("mdlm", base, lambda true, ilm: np.maximum(1, np.round(true / 2))),
                "MDLM: told twice the true length": ("mdlm", base, lambda true, ilm: 2 * true),
-               "MDLM: told the ILM's length (at least 1)": ("mdlm", base, lambda true, ilm: np.maximum(1, ilm))}
-    results, ilm_lengths = {}, None
+               f"MDLM: told the {ilm}'s length (at least 1)": ("mdlm", base, lambda true, ilm: np.maximum(1, ilm))}
+    results, ilm_lengths = dict((previous or {}).get("results", {})), None
     for name, (family, cfg, told) in methods.items():
         told = None if told is None else told(true_lengths, ilm_lengths).astype(int).tolist()
         spans, totals = fill_spans(models[family], cases, cfg, told)
@@ -386,9 +394,8 @@ def table(result: dict) -> str:
             if "histogram" in r["lengths"]:
                 h = np.asarray(r["lengths"]["histogram"], dtype=float)
                 lines.append(f"| {k} | {' | '.join(f'{x:.2f}' for x in h / h.sum())} |")
-        if "stop_calibration" in t:
-            c = t["stop_calibration"]
-            lines += [f"\nILM stop head along held-out insertion paths ({c['rows']} speeches, every state weighted "
+        for label, c in t.get("stop_calibrations", {}).items():
+            lines += [f"\n{label}: stop head on held-out insertion paths ({c['rows']} speeches, every state weighted "
                       f"as sampling visits it): mean P(stop) {c['predicted']:.4f}, share complete {c['complete']:.4f}; "
                       f"on complete speeches {c['mean_p_complete_rows']:.3f}, on incomplete states "
                       f"{c['mean_p_incomplete_rows']:.4f}\n",
@@ -431,6 +438,8 @@ def main() -> None:
     parser.add_argument("--text-steps", type=int, default=1000)
     parser.add_argument("--text-families", default=",".join(FAMILIES), help="families whose text results are "
                         "(re)measured; the others' results are kept from the JSON")
+    parser.add_argument("--ilm-stop-noise", type=float, default=0.0, help="the text ILM's diffusion.ilm_stop_noise "
+                        "(its results are recorded under 'ilm, stop noise F')")
     parser.add_argument("--evaluator-steps", type=int, default=1500)
     parser.add_argument("--evaluator", help="an AR run to score text samples (default: train one on the running "
                         "text, nano, 1,500 steps: the recipe of benchmarks/softmask.py's AR model)")
@@ -473,7 +482,7 @@ def benchmark(args, runs: Path, out_dir: Path, smoke: tuple[str, ...] = ()) -> N
         result["text"] = {**text(args, runs, smoke, result.get("text")), **stamp}
         path.write_text(json.dumps(result, indent=1) + "\n")
     if "infill" in stages:
-        result["infill"] = {**infill(args, runs, smoke), **stamp}
+        result["infill"] = {**infill(args, runs, smoke, result.get("infill")), **stamp}
         path.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     print(f"\nwrote {path}")

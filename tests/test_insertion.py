@@ -22,7 +22,7 @@ from unmask.data.tasks import (
 )
 from unmask.models.dit import DiT
 from unmask.models.insertion import InsertionLM
-from unmask.objectives.base import draw_noise
+from unmask.objectives.base import Noise, draw_noise
 from unmask.objectives.ilm import InsertionObjective, forbidden_token_mask, joint_log_probs
 from unmask.samplers.base import SamplingError, row_seeds
 from unmask.samplers.insertion import InsertionSampler
@@ -111,8 +111,7 @@ def test_loss_is_the_joint_softmax_cross_entropy_against_t_over_n_plus_stop_bce(
     stop = torch.tensor([0.3], dtype=torch.float64)
     x0 = torch.tensor([[BOS, A, B, C, D, EOS, PAD]] * 2)
     counted = torch.tensor([[0, 1, 1, 1, 1, 1, 0]] * 2, dtype=torch.bool)
-    noise = type("Noise", (), {"time_u": torch.tensor([0.5, 0.0], dtype=torch.float64),
-                               "mask_u": torch.tensor([[0.9, 0.8, 0.1, 0.2, 0.7, 0, 0]] * 2)})()
+    noise = Noise(torch.tensor([0.5, 0.0], dtype=torch.float64), torch.tensor([[0.9, 0.8, 0.1, 0.2, 0.7, 0, 0]] * 2))
     losses = objective().loss(FixedLogits(logits, stop), x0, counted, noise)
     # reference in float64: kept [BOS] a d (gaps 0..2 open), T[1, b] = T[1, c] = 1, n = 2
     allowed = torch.zeros(7, V, dtype=torch.bool)
@@ -127,6 +126,36 @@ def test_loss_is_the_joint_softmax_cross_entropy_against_t_over_n_plus_stop_bce(
     assert torch.allclose(losses.double(), expected * (4 + 1) / 7, atol=1e-5)  # path weights: (n0 + 1) / L
     paper = InsertionObjective(BOS, EOS, PAD, MASK, SPECIAL, V, "paper")
     assert torch.allclose(paper.loss(FixedLogits(logits, stop), x0, counted, noise).double(), expected, atol=1e-5)
+
+
+def test_stop_noise_copies_substitute_text_tokens_only_and_add_their_stop_loss():
+    # [BOS] d e | a b c [EOS], nothing dropped; the prompt d e is fixed. stop_noise f = 0.5:
+    # row 0: u0 = 0.1 < f, rate 0.2: only position 3 (u = 0.1 < 0.2) is replaced, by ordinary token
+    # floor(0.1 / 0.2 * 5) = 2 (c); row 1: u0 = 0.9, no copy; row 2: u0 = 0.49, rate 0.98: every text token
+    x0 = torch.tensor([[BOS, D, E, A, B, C, EOS]] * 3)
+    counted = torch.tensor([[0, 0, 0, 1, 1, 1, 1]] * 3, dtype=torch.bool)
+    extra = torch.tensor([[0.1, 0.0, 0.0, 0.1, 0.5, 0.5, 0.0], [0.9, 0, 0, 0, 0, 0, 0], [0.49, 0, 0, 0.3, 0.5, 0.7, 0]])
+    noise = Noise(torch.zeros(3, dtype=torch.float64), torch.rand(3, 7), None, extra)
+    noisy = InsertionObjective(BOS, EOS, PAD, MASK, SPECIAL, V, stop_noise=0.5)
+    rows, copies = noisy.stop_copies(noisy.drop(x0, counted, noise.time_u, noise.mask_u), extra)
+    assert rows.tolist() == [0, 2]
+    assert copies[0].tolist() == [BOS, D, E, C, B, C, PAD]
+    ordinary = [A, B, C, D, E]  # token floor(u / 0.98 * 5): 1, 2, 3
+    assert copies[1].tolist() == [BOS, D, E, ordinary[1], ordinary[2], ordinary[3], PAD]
+    # a network blind to its input: each copy adds exactly its row's stop loss again, weighted as the row
+    g = torch.Generator().manual_seed(2)
+    net = FixedLogits(torch.randn(1, 7, V, generator=g, dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64))
+    clean = objective().loss(net, x0, counted, noise)
+    stop_bce = -torch.log(torch.sigmoid(torch.tensor(0.3, dtype=torch.float64))) * (3 + 1) / 7  # n0 = 3
+    assert torch.allclose(noisy.loss(net, x0, counted, noise).double() - clean.double(),
+                          torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64) * stop_bce, atol=1e-6)
+    # evaluation noise (no extra_u) makes no copies
+    plain = Noise(noise.time_u, noise.mask_u)
+    assert torch.allclose(noisy.loss(net, x0, counted, plain), clean)
+    with pytest.raises(ValueError, match="stop noise"):
+        InsertionObjective(BOS, EOS, PAD, MASK, SPECIAL, V, stop_noise=1.5)
+    with pytest.raises(ConfigError):
+        load_config(None, ["family=ilm", "diffusion.ilm_stop_noise=2"])
 
 
 def test_joint_log_probs_normalise_over_open_gaps_and_allowed_tokens_only():

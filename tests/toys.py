@@ -18,7 +18,7 @@ TINY = ["model.preset=nano", "model.hidden=32", "model.blocks=2", "model.heads=2
         "model.length=32", "data.length=32", "train.batch_size=4", "train.progress=false", "train.threads=1",
         "train.log_every=1", "train.warmup_steps=0"]
 
-CHI2_999 = {1: 10.83, 2: 13.82, 4: 18.47, 5: 20.52, 8: 26.12, 26: 54.05}  # 99.9 % quantiles by degrees of freedom
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 26: 54.05}  # 99.9 % quantiles by degrees of freedom
 
 
 def chi_square(counts, probs) -> float:

@@ -134,6 +134,7 @@ class DiffusionConfig:
     discrete_steps: int = 0  # T > 0: the T-step NELBO instead of the continuous one
     soft_mask_prob: float = 0.8  # soft-mask models: share of training rows given the two-pass soft input
     ilm_weighting: str = "path"  # insertion models: row weight (n0+1)/L (path, unbiased) or 1 (paper)
+    ilm_stop_noise: float = 0.0  # insertion models: share of rows given a character-substituted copy for the stop head
 
 
 @dataclass
@@ -455,6 +456,7 @@ RANGES: dict[str, str] = {
     "diffusion.schedule_eps": "[0, 1)", "diffusion.sigma_min": "(0, inf)", "diffusion.sigma_max": "(0, inf)",
     "diffusion.t_min": "[0, 1)", "diffusion.t_max": "(0, 1]",
     "diffusion.discrete_steps": "[0, inf)", "diffusion.soft_mask_prob": "[0, 1]",
+    "diffusion.ilm_stop_noise": "[0, 1]",
     "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.micro_batch_size": "[0, inf)",
     "train.lr": "[0, inf)", "train.betas": "[0, 1)", "train.adam_eps": "(0, inf)", "train.weight_decay": "[0, inf)",
     "train.warmup_steps": "[0, inf)", "train.min_lr_ratio": "[0, 1]", "train.grad_clip": "[0, inf)",

@@ -66,7 +66,8 @@ def _block_diffusion(cfg: RunConfig, tokenizer: Tokenizer) -> BlockDiffusion:
 
 def _insertion_objective(cfg: RunConfig, tokenizer: Tokenizer) -> InsertionObjective:
     return InsertionObjective(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id,
-                              tokenizer.special_ids, tokenizer.vocab_size, cfg.diffusion.ilm_weighting)
+                              tokenizer.special_ids, tokenizer.vocab_size, cfg.diffusion.ilm_weighting,
+                              cfg.diffusion.ilm_stop_noise)
 
 
 FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (

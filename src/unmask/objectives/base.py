@@ -12,20 +12,23 @@ import torch.nn.functional as F
 
 @dataclass
 class Noise:
-    """The randomness of one loss evaluation: a uniform per sequence (time) and per token (mask), and
-    per sequence whether it gets the soft-mask input (``soft_u < soft_mask_prob``; None: every row)."""
+    """The randomness of one loss evaluation: a uniform per sequence (time) and per token (mask), per
+    sequence whether it gets the soft-mask input (``soft_u < soft_mask_prob``; None: every row), and a
+    second uniform per token for training-only augmentations (the ILM's stop-head copies; None: none)."""
 
     time_u: torch.Tensor  # (B,)
     mask_u: torch.Tensor  # (B, L)
     soft_u: torch.Tensor | None = None  # (B,)
+    extra_u: torch.Tensor | None = None  # (B, L)
 
     def slice(self, start: int, stop: int) -> "Noise":
-        soft = None if self.soft_u is None else self.soft_u[start:stop]
-        return Noise(self.time_u[start:stop], self.mask_u[start:stop], soft)
+        return Noise(*(None if u is None else u[start:stop] for u in self.parts()))
 
     def to(self, device) -> "Noise":
-        soft = None if self.soft_u is None else self.soft_u.to(device)
-        return Noise(self.time_u.to(device), self.mask_u.to(device), soft)
+        return Noise(*(None if u is None else u.to(device) for u in self.parts()))
+
+    def parts(self) -> tuple:
+        return self.time_u, self.mask_u, self.soft_u, self.extra_u
 
 
 class Objective(Protocol):
@@ -62,7 +65,8 @@ def draw_noise(batch: int, length: int, generator: torch.Generator, antithetic: 
     time_u = stratified_uniform(batch * blocks, generator, antithetic)
     time_u = time_u.view(batch, blocks) if blocks > 1 else time_u
     mask_u = torch.rand(batch, length, generator=generator)
-    return Noise(time_u, mask_u, torch.rand(batch, generator=generator))
+    soft_u = torch.rand(batch, generator=generator)
+    return Noise(time_u, mask_u, soft_u, torch.rand(batch, length, generator=generator))
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask_id: int,

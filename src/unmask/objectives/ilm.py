@@ -28,6 +28,18 @@ unbiased estimate (up to the constant ``1/L``) of ``sum`` over the row's path of
 the chain of optimal stop and insertion probabilities then generates exactly the data distribution
 (``tests/test_insertion.py`` checks both claims by enumeration). With rows of one length the two agree.
 
+Stop-head noise (``stop_noise = f > 0``; training only, off by default). A model's own samples have
+defects the data never has (a wrong character, which no insertion can repair); a stop head trained on
+clean states alone learns "defective, so incomplete", and defective samples keep growing. A share ``f``
+of the rows gets a second copy of its state in which each kept text token is replaced, with a
+probability ``r ~ U(0, 1)`` drawn per copy, by a uniformly drawn ordinary token; the copy adds only its
+stop loss (label ``n == 0``, the row's weight), so the head learns to judge completeness through
+substitutions. The copies cost ``f`` more rows per forward and leave the insertion targets alone; with
+``f > 0`` the chain no longer generates exactly the data distribution (the head's clean-state
+predictions are shared with the copies). Randomness: ``Noise.extra_u`` (B, L); column 0 picks the
+row (``u < f``, then ``r = u / f``), column ``i`` substitutes token ``i`` of the copy (``u < r``, token
+``floor(u / r * K)`` of the ``K`` ordinary ones). Evaluation noise has no ``extra_u``: no copies.
+
 Which tokens may be dropped: the counted, non-special tokens of a row (``data.layout=pad``, so the
 row is ``[BOS] (prompt) text [EOS] [PAD]...``). BOS and a prompt form the fixed prefix; the last
 prefix position owns the first gap that may grow. EOS and PAD are not part of an ILM sequence: the
@@ -93,9 +105,12 @@ class InsertionObjective:
     bound = "none"  # the training objective, not a bound on the likelihood
 
     def __init__(self, bos_id: int, eos_id: int, pad_id: int, mask_id: int, special_ids, vocab_size: int,
-                 weighting: str = "path"):
+                 weighting: str = "path", stop_noise: float = 0.0):
         if weighting not in ROW_WEIGHTINGS:
             raise ValueError(f"ILM weighting must be {' or '.join(ROW_WEIGHTINGS)}, got {weighting!r}")
+        if not 0.0 <= stop_noise <= 1.0:
+            raise ValueError(f"ILM stop noise must be in [0, 1], got {stop_noise}")
+        self.stop_noise = stop_noise
         self.bos_id, self.eos_id, self.pad_id, self.mask_id = bos_id, eos_id, pad_id, mask_id
         self.special = sorted(set(special_ids) | {bos_id, eos_id, pad_id, mask_id})
         self.vocab_size, self.weighting = vocab_size, weighting
@@ -138,16 +153,36 @@ class InsertionObjective:
             return torch.ones(len(batch.ids), device=batch.ids.device)
         return (batch.droppable + 1).float() / batch.ids.shape[1]
 
+    def stop_copies(self, batch: InsertionBatch, extra_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows given a substituted copy for the stop head (module docstring): their indices (C,)
+        and the copies' ids (C, L)."""
+        rows = (extra_u[:, 0] < self.stop_noise).nonzero()[:, 0]
+        rate = (extra_u[rows, :1] / max(self.stop_noise, 1e-12)).clamp(min=1e-12)
+        u = extra_u[rows]
+        positions = torch.arange(batch.ids.shape[1], device=batch.ids.device)
+        open_gaps = batch.open_gaps[rows]
+        text = open_gaps & (positions[None] > first_true(open_gaps, len(positions))[:, None])
+        ordinary = (~self.forbidden(batch.ids.device)).nonzero()[:, 0]
+        pick = (u / rate * len(ordinary)).clamp(max=len(ordinary) - 1).long()
+        return rows, torch.where(text & (u < rate), ordinary[pick], batch.ids[rows])
+
     def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise, exact: bool = False) -> torch.Tensor:
-        """Per-sequence ILM loss (B,): insertion cross-entropy against ``q = T/n`` plus the stop BCE."""
+        """Per-sequence ILM loss (B,): insertion cross-entropy against ``q = T/n`` plus the stop BCE
+        (plus, in training with ``stop_noise``, the stop BCE of the row's substituted copy)."""
         batch = self.drop(x0, counted, noise.time_u, noise.mask_u)
-        logits, stop = model(batch.ids, batch.keep)
-        log_p = joint_log_probs(logits, batch.open_gaps, self.forbidden(x0.device))
+        b = len(x0)
+        rows, copies = batch.row[:0], batch.ids[:0]
+        if self.stop_noise > 0 and noise.extra_u is not None:
+            rows, copies = self.stop_copies(batch, noise.extra_u.to(x0.device))
+        logits, stop = model(torch.cat([batch.ids, copies]), torch.cat([batch.keep, batch.keep[rows]]))
+        log_p = joint_log_probs(logits[:b], batch.open_gaps, self.forbidden(x0.device))
         picked = log_p[batch.row, batch.gap, batch.token]
-        insertion = torch.zeros(len(x0), device=x0.device).index_add_(0, batch.row, -picked)
+        insertion = torch.zeros(b, device=x0.device).index_add_(0, batch.row, -picked)
         insertion = insertion / batch.dropped.clamp(min=1).float()
         target = (batch.dropped == 0).float()
-        stop_loss = F.binary_cross_entropy_with_logits(stop.float(), target, reduction="none")
+        stop_loss = F.binary_cross_entropy_with_logits(stop[:b].float(), target, reduction="none")
+        copy_loss = F.binary_cross_entropy_with_logits(stop[b:].float(), target[rows], reduction="none")
+        stop_loss = stop_loss.index_add(0, rows, copy_loss)
         return (insertion + stop_loss) * self.row_weights(batch)
 
 
