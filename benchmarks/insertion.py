@@ -294,7 +294,8 @@ def fill_spans(ckpt: Checkpoint, cases: list[dict], cfg: SampleConfig, lengths: 
                ) -> tuple[list, dict]:
     """Each case's span as the model fills it (ids), and the sampling totals. An insertion model gets
     ``[BOS] left [MASK] right`` and chooses the length; a masked model gets the row as it was trained,
-    ``[BOS] left [MASK]*k right [EOS]`` then EOS or PAD (``data.pad_with_eos``), with ``k = lengths[i]``."""
+    ``[BOS] left [MASK]*k right [EOS]`` then EOS or PAD (``data.pad_with_eos``), with ``k = lengths[i]``, at
+    most what the row has room for."""
     model, objective = load_model(ckpt)
     tok, width = ckpt.tokenizer, ckpt.config.model.length
     sampler = make_sampler(cfg, objective, tok, width)
@@ -304,7 +305,8 @@ def fill_spans(ckpt: Checkpoint, cases: list[dict], cfg: SampleConfig, lengths: 
         batch = cases[lo:lo + cfg.batch_size]
         fill = tok.eos_id if not grows and ckpt.config.data.pad_with_eos else tok.pad_id  # as the rows were
         canvas = torch.full((len(batch), width), fill, dtype=torch.long)
-        sizes = [1] * len(batch) if grows else lengths[lo:lo + cfg.batch_size]
+        sizes = [1] * len(batch) if grows else [min(k, width - 2 - len(c["left"]) - len(c["right"]))
+                                                for c, k in zip(batch, lengths[lo:lo + cfg.batch_size])]
         for r, (c, k) in enumerate(zip(batch, sizes)):
             row = [tok.bos_id, *c["left"], *[tok.mask_id] * k, *c["right"], *([] if grows else [tok.eos_id])]
             canvas[r, :len(row)] = torch.tensor(row)
