@@ -149,17 +149,29 @@ def text_evaluator(args, runs: Path, smoke: tuple[str, ...]) -> CheckpointEvalua
     return CheckpointEvaluator(run, "cpu")
 
 
+# the text ILM's departures from the shared recipe: config key, argument, name in records, in folder names
+ILM_RECIPE = (("diffusion.ilm_stop_noise", "ilm_stop_noise", "stop noise", "stopnoise"),
+              ("model.dropout", "ilm_dropout", "dropout", "dropout"))
+
+
+def ilm_recipe(args) -> list[tuple[str, float, str, str]]:
+    """The text ILM's overrides that are not 0 (``--ilm-stop-noise``, ``--ilm-dropout``): (key, value,
+    name, folder name)."""
+    return [(key, getattr(args, arg), name, short) for key, arg, name, short in ILM_RECIPE if getattr(args, arg)]
+
+
 def ilm_label(args) -> str:
-    """The ILM's name in the records: ``ilm``, or with the stop-head noise it was trained with."""
-    return f"ilm, stop noise {args.ilm_stop_noise:g}" if args.ilm_stop_noise else "ilm"
+    """The ILM's name in the records: ``ilm``, or with its recipe (``ilm, stop noise 0.25, dropout 0.1``)."""
+    return ", ".join(["ilm", *(f"{name} {value:g}" for _, value, name, _ in ilm_recipe(args))])
 
 
 def text_model(args, runs: Path, smoke: tuple[str, ...], family: str) -> Checkpoint:
     """A family's model of the speeches: one document per row of 128 characters, EOS after it (the ILM
-    with ``--ilm-stop-noise``, in its own run folder when that is not 0)."""
-    noise = family == "ilm" and args.ilm_stop_noise
-    path, _ = trained(runs / (f"text-ilm-stopnoise{args.ilm_stop_noise:g}" if noise else f"text-{family}"), [
-        f"family={family}", *smoke, *([f"diffusion.ilm_stop_noise={args.ilm_stop_noise}"] if noise else []),
+    with its recipe, :func:`ilm_recipe`, in a run folder named after it)."""
+    recipe = ilm_recipe(args) if family == "ilm" else []
+    folder = "-".join([f"text-{family}", *(f"{short}{value:g}" for _, value, _, short in recipe)])
+    path, _ = trained(runs / folder, [
+        f"family={family}", *smoke, *(f"{key}={value}" for key, value, _, _ in recipe),
         f"data.path={SHAKESPEARE}", "data.dataset=text", "data.documents=blank_line",
         "data.layout=pad", "data.pad_with_eos=true", "data.length=128", "data.tokenizer=char",
         f"model.preset={args.preset}", "model.length=128", f"train.steps={args.text_steps}", "train.batch_size=32",
@@ -442,6 +454,7 @@ def main() -> None:
                         "(re)measured; the others' results are kept from the JSON")
     parser.add_argument("--ilm-stop-noise", type=float, default=0.0, help="the text ILM's diffusion.ilm_stop_noise "
                         "(its results are recorded under 'ilm, stop noise F')")
+    parser.add_argument("--ilm-dropout", type=float, default=0.0, help="the text ILM's model.dropout")
     parser.add_argument("--evaluator-steps", type=int, default=1500)
     parser.add_argument("--evaluator", help="an AR run to score text samples (default: train one on the running "
                         "text, nano, 1,500 steps: the recipe of benchmarks/softmask.py's AR model)")
