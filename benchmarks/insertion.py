@@ -103,16 +103,23 @@ def star_graph(args, runs: Path, smoke: tuple[str, ...]) -> dict:
                     print(f"{variant} {family} seed {seed} {name}: exact match {r['exact_match']:.3f} "
                           f"± {r['stderr']:.3f}, follows edges {entry['seeds'][seed]['follows_edges']:.3f}",
                           flush=True)
-        for entry in rows.values():  # pooled over seeds: the binomial error of all answers together
-            runs_ = list(entry["seeds"].values())
-            n = sum(x["n"] for x in runs_)
-            p = sum(x["exact_match"] * x["n"] for x in runs_) / n
-            entry.update(exact_match=p, stderr=math.sqrt(p * (1 - p) / n), n=n, nfe=runs_[0]["nfe"],
-                         follows_edges=float(np.mean([x["follows_edges"] for x in runs_])))
+        for entry in rows.values():
+            pool_seeds(entry)
         out[f"{variant}, {args.star_steps} steps"] = {
             "variant": variant, "spec": meta["spec"], "length": length, "train_rows": args.star_train,
             "steps": args.star_steps, "batch": args.batch, "lr": args.lr, "results": rows, "loss_curves": curves}
     return out
+
+
+def pool_seeds(entry: dict) -> dict:
+    """A star-graph row's figures pooled over its seeds (``entry["seeds"]``): the exact-match rate and
+    the binomial error of all answers together, the mean share that follows edges."""
+    runs_ = list(entry["seeds"].values())
+    n = sum(x["n"] for x in runs_)
+    p = sum(x["exact_match"] * x["n"] for x in runs_) / n
+    entry.update(exact_match=p, stderr=math.sqrt(p * (1 - p) / n), n=n, nfe=runs_[0]["nfe"],
+                 follows_edges=float(np.mean([x["follows_edges"] for x in runs_])))
+    return entry
 
 
 LENGTH_BINS = list(range(0, 129, 16))  # histogram edges, characters; the last bin holds 112-127
@@ -487,8 +494,11 @@ def benchmark(args, runs: Path, out_dir: Path, smoke: tuple[str, ...] = ()) -> N
     stages = args.stages.split(",")
     if "star" in stages:  # one entry per variant and budget (a longer run adds one); rows per decoding
         for key, entry in star_graph(args, runs, smoke).items():
-            entry["results"] = {k: {**r, **stamp} for k, r in entry["results"].items()}
             old = result.setdefault("star_graph", {}).get(key, {})
+            for name, row in entry["results"].items():  # seeds measured before keep their figures
+                seeds = {str(seed): {**x, **stamp} for seed, x in row["seeds"].items()}
+                row["seeds"] = {**old.get("results", {}).get(name, {}).get("seeds", {}), **seeds}
+                pool_seeds(row).update(stamp)
             for part in ("results", "loss_curves"):  # families measured before keep their rows
                 entry[part] = {**old.get(part, {}), **entry[part]}
             result["star_graph"][key] = {**entry, **stamp}
