@@ -347,6 +347,27 @@ def test_star_graph_task_trains_and_scores_through_the_cli(tmp_path, family, cap
     assert result["family"] == family and (result.get("loss") or result.get("nll")) > 0
 
 
+def test_training_with_stop_noise_adds_the_copies_stop_loss(tmp_path, capsys):
+    """The training loop draws ``extra_u`` for an ILM with stop noise: with every row copied
+    (``diffusion.ilm_stop_noise=1``) the first step's loss, same seed and drops, is larger by the copies'
+    stop losses (a BCE is positive); without the draw it would be equal."""
+    data = tmp_path / "star"
+    assert main(["task", "star-graph", "--variant", "easy", "--out", str(data), "--train", "64", "--valid", "8",
+                 "--test", "16"]) == 0
+    overrides = [o for o in TINY if not o.startswith(("data.length", "model.length"))]
+    losses = []
+    for noise in (0, 1):
+        run = tmp_path / f"noise{noise}"
+        assert main(["train", "star-graph", "family=ilm", f"run_dir={run}", *overrides, "model.length=48",
+                     "data.length=47", "train.steps=1", f"diffusion.ilm_stop_noise={noise}",
+                     f"data.path={data}/train.jsonl", f"data.valid_path={data}/valid.jsonl",
+                     f"data.test_path={data}/test.jsonl", f"data.cache_dir={tmp_path}/cache"]) == 0
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses.append(next(r["loss"] for r in records if "loss" in r))
+    capsys.readouterr()
+    assert losses[1] > losses[0] + 1e-4
+
+
 def test_sorting_task_files(tmp_path, capsys):
     assert main(["task", "sorting", "--length", "5", "--alphabet", "abcd", "--out", str(tmp_path / "s"),
                  "--train", "50", "--valid", "5", "--test", "10"]) == 0

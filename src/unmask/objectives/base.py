@@ -58,15 +58,17 @@ def stratified_uniform(n: int, generator: torch.Generator | None = None, antithe
 
 
 def draw_noise(batch: int, length: int, generator: torch.Generator, antithetic: bool = True,
-               blocks: int = 1) -> Noise:
+               blocks: int = 1, extra: bool = False) -> Noise:
     """Noise for a whole (global) batch; data-parallel ranks slice their share so a run on any
     number of processes sees the same draws. ``blocks`` > 1: a time per block (B, blocks) (block
-    diffusion), stratified over all ``batch * blocks`` of them."""
+    diffusion), stratified over all ``batch * blocks`` of them. ``extra``: also ``extra_u``, drawn
+    last, so the other draws do not depend on it."""
     time_u = stratified_uniform(batch * blocks, generator, antithetic)
     time_u = time_u.view(batch, blocks) if blocks > 1 else time_u
     mask_u = torch.rand(batch, length, generator=generator)
     soft_u = torch.rand(batch, generator=generator)
-    return Noise(time_u, mask_u, soft_u, torch.rand(batch, length, generator=generator))
+    extra_u = torch.rand(batch, length, generator=generator) if extra else None
+    return Noise(time_u, mask_u, soft_u, extra_u)
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask_id: int,

@@ -43,6 +43,7 @@ from ..models.adapters import add_adapters, trainable_names
 from ..models.common import count_parameters
 from ..objectives.base import draw_noise
 from ..objectives.block_diffusion import BlockDiffusion
+from ..objectives.ilm import InsertionObjective
 from ..runtime import (
     Distributed,
     LiveTensorBytes,
@@ -220,6 +221,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
 
     seq_len = cfg.data.length
     time_blocks = objective.blocks(seq_len) if isinstance(objective, BlockDiffusion) else 1  # a time per block
+    extra_noise = isinstance(objective, InsertionObjective) and objective.stop_noise > 0  # stop-head copies
     local = micro * accumulation
     forward_model = torch.compile(parallel_model) if t.compile else parallel_model
     order = BatchOrder(len(train_rows), t.batch_size, t.seed)
@@ -280,7 +282,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
         x0 = torch.from_numpy(ids_np).to(device, non_blocking=True)
         counted = torch.from_numpy(counted_np).to(device, non_blocking=True)
         noise = draw_noise(t.batch_size, seq_len, generator_for(t.seed, step, 0x7015E), cfg.diffusion.antithetic,
-                           time_blocks)
+                           time_blocks, extra_noise)
         noise = noise.slice(dist.rank * local, (dist.rank + 1) * local).to(device)
         labels = torch.as_tensor(train_rows.labels[rows]).to(device) if spec.labels else None
         # the unit losses are averaged over: counted tokens, or rows for per-sequence objectives (ILM)
