@@ -103,8 +103,6 @@ def star_graph(args, runs: Path, smoke: tuple[str, ...]) -> dict:
                     print(f"{variant} {family} seed {seed} {name}: exact match {r['exact_match']:.3f} "
                           f"± {r['stderr']:.3f}, follows edges {entry['seeds'][seed]['follows_edges']:.3f}",
                           flush=True)
-        for entry in rows.values():
-            pool_seeds(entry)
         out[f"{variant}, {args.star_steps} steps"] = {
             "variant": variant, "spec": meta["spec"], "length": length, "train_rows": args.star_train,
             "steps": args.star_steps, "batch": args.batch, "lr": args.lr, "results": rows, "loss_curves": curves}
@@ -341,7 +339,7 @@ def fill_spans(ckpt: Checkpoint, cases: list[dict], cfg: SampleConfig, lengths: 
 def infill(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None) -> dict:
     """Spans of unknown length: the ILM chooses the length, the MDLM is told the true one or a wrong one;
     the filled speeches are scored by the AR evaluator against the originals (paired per speech). Rows
-    named after another ILM (``--ilm-stop-noise``) in ``previous`` are kept."""
+    named after another ILM recipe (``--ilm-stop-noise``, ``--ilm-dropout``) in ``previous`` are kept."""
     evaluator = text_evaluator(args, runs, smoke)
     models = {family: text_model(args, runs, smoke, family) for family in ("ilm", "mdlm")}
     tok = models["ilm"].tokenizer
@@ -350,13 +348,13 @@ def infill(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = Non
     base = SampleConfig(batch_size=64, steps=64, seed=1)
     true_lengths = np.array([len(c["span"]) for c in cases])
     # the MDLM's span lengths from the true ones and the ILM's choices (measured first)
-    ilm = "ILM" + ilm_label(args)[3:]
+    ilm = "ILM" + ilm_label(args)[3:]  # ILM, stop noise 0.25, ...
     methods = {f"{ilm}: length chosen by the model (joint sampling, drawn stop, t=1)":
                ("ilm", dataclasses.replace(base, gap="sample"), None),
-               "MDLM: told the true length (ancestral, T=64, t=1)": ("mdlm", base, lambda true, ilm: true),
-               "MDLM: told half the true length": ("mdlm", base, lambda true, ilm: np.maximum(1, np.round(true / 2))),
-               "MDLM: told twice the true length": ("mdlm", base, lambda true, ilm: 2 * true),
-               f"MDLM: told the {ilm}'s length (at least 1)": ("mdlm", base, lambda true, ilm: np.maximum(1, ilm))}
+               "MDLM: told the true length (ancestral, T=64, t=1)": ("mdlm", base, lambda true, own: true),
+               "MDLM: told half the true length": ("mdlm", base, lambda true, own: np.maximum(1, np.round(true / 2))),
+               "MDLM: told twice the true length": ("mdlm", base, lambda true, own: 2 * true),
+               f"MDLM: told the {ilm}'s length (at least 1)": ("mdlm", base, lambda true, own: np.maximum(1, own))}
     results, ilm_lengths = dict((previous or {}).get("results", {})), None
     for name, (family, cfg, told) in methods.items():
         told = None if told is None else told(true_lengths, ilm_lengths).astype(int).tolist()
