@@ -111,6 +111,8 @@ def test_a_storm_of_mixed_requests_leaves_the_server_healthy(tmp_path):
         while (health := httpx.get(f"{url}/health").json())["pending"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert health["status"] == "ok" and health["pending"] == 0 and health["restarts"] == 0
-        assert service.worker.is_alive() and health["requests"] >= REQUESTS
+        # every 200 went through the queue (and the two single requests); a 429 or a client that timed out
+        # before its request was queued is not counted, so REQUESTS itself is not a bound
+        assert service.worker.is_alive() and health["requests"] >= statuses.count(200) + 2
         assert rss_bytes() - before < 300 * 2 ** 20
     service.close()
