@@ -16,12 +16,15 @@ from pathlib import Path
 
 import torch
 
+from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints
+from unmask.config import load_config
 from unmask.data.dataset import Data
 from unmask.data.layouts import TOKEN
 from unmask.eval.generation import unigram_entropy
 from unmask.eval.likelihood import select_rows
 from unmask.pipeline import generate_rows
 from unmask.runtime import cpu_has_bf16
+from unmask.train.loop import train
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
@@ -70,7 +73,8 @@ def run_header(tag: str, ceilings: bool = True) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
                             capture_output=True, text=True, check=False).stdout.strip()
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "tag": tag,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit, "machine": machine(ceilings),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit,
+            "machine": machine(ceilings),
             "threads": threads_record()}
 
 
@@ -162,10 +166,6 @@ def seconds_per_step(records: list[dict], tokens_per_step: int) -> float:
 def trained(run_dir: Path, overrides: list[str], config: str | None = None) -> tuple[Path, list[dict]]:
     """Train (or resume, or find finished) a run from ``config`` (a packaged name or a path) with
     ``overrides``; returns its final checkpoint and its metrics records."""
-    from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints
-    from unmask.config import load_config
-    from unmask.train.loop import train
-
     cfg = load_config(config, [f"run_dir={run_dir}", "train.progress=false", *overrides])
     done = list_checkpoints(run_dir / "checkpoints")
     if not done or Checkpoint(done[-1]).step < cfg.train.steps:

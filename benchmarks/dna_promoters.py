@@ -183,7 +183,8 @@ def benchmark(args, runs: Path, out_dir: Path, smoke: tuple[str, ...] = ()) -> N
         print(f"| {r['sampler']} | {r['bits_per_base_under_ar']:.4f} | {r['kmer3_distance']:.4f} | "
               f"{r['kmer4_distance']:.4f} | {r['kmer6_distance']:.4f} |")
     print(f"| held-out test sequences ({args.samples} others) | {reference['bits_per_base_under_ar']:.4f} | "
-          f"{reference['kmer3_distance']:.4f} | {reference['kmer4_distance']:.4f} | {reference['kmer6_distance']:.4f} |")
+          f"{reference['kmer3_distance']:.4f} | {reference['kmer4_distance']:.4f} | "
+          f"{reference['kmer6_distance']:.4f} |")
     print("\n| classifier | test AUC | accuracy | MCC | best valid step |\n|---|---|---|---|---|")
     for name, r in classification.items():
         t = r["test"]

@@ -40,6 +40,7 @@ from unmask.config import MODEL_PRESETS, SampleConfig, load_config
 from unmask.data.tokenization import CharTokenizer, HFTokenizer, load_tokenizer
 from unmask.families import build_model, build_objective
 from unmask.models.common import count_parameters
+from unmask.objectives.base import draw_noise
 from unmask.pipeline import make_canvas
 from unmask.runtime import autocast, resolve_precision
 from unmask.samplers.base import row_seeds
@@ -199,8 +200,6 @@ def train_step_seconds(preset: str, args, length: int, batch: int, device, secon
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x0 = torch.randint(0, tokenizer.vocab_size - 1, (batch, length), device=device)
     counted = torch.ones_like(x0, dtype=torch.bool)
-    from unmask.objectives.base import draw_noise
-
     noise = draw_noise(batch, length, torch.Generator().manual_seed(0)).to(device)
     precision = resolve_precision(args.precision, device)
 
@@ -229,7 +228,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--square", type=int, default=2048, help="the size n of the n^3 matmul ceiling")
-    parser.add_argument("--compile", action="store_true", help="also train each preset with torch.compile, side by side")
+    parser.add_argument("--compile", action="store_true",
+                        help="also train each preset with torch.compile, side by side")
     parser.add_argument("--sample-preset", default="nano")
     parser.add_argument("--sample-length", type=int, default=1024)
     parser.add_argument("--sample-batch", type=int, default=8)

@@ -106,7 +106,8 @@ def benchmark(args, runs: Path, out_dir: Path, smoke: tuple[str, ...] = ()) -> N
     seconds = {"binary": seconds_per_step(binary_records, tokens_per_step),
                "soft": seconds_per_step(soft_records, tokens_per_step)}
     iso_steps = max(1, round(n * seconds["binary"] / seconds["soft"]))
-    models["soft iso-compute"], iso_records = trained(runs / "soft-iso-compute", [*cont, *soft, f"train.steps={iso_steps}"])
+    models["soft iso-compute"], iso_records = trained(runs / "soft-iso-compute",
+                                                      [*cont, *soft, f"train.steps={iso_steps}"])
     omegas = {name: records_omegas(r) for name, r in (("soft iso-update", soft_records),
                                                       ("soft iso-compute", iso_records))}
     print(f"seconds per step: binary {seconds['binary']:.3f}, soft {seconds['soft']:.3f}; iso-compute steps "

@@ -45,7 +45,7 @@ from .config import (
     to_dict,
 )
 from .data.readers import DataError
-from .data.tasks import write_sorting_task, write_star_graph_task
+from .data.tasks import STAR_VARIANTS, write_sorting_task, write_star_graph_task
 from .data.tokenization import OutOfVocabularyError, TokenizerFileError, with_oov_policy
 from .eval.likelihood import EvaluationError, format_result
 from .eval.runs import run_eval, run_sample, run_zero_shot
@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rl)
     p = sub.add_parser("task", help="write a verifiable task's files (star-graph path finding, sorting)")
     p.add_argument("name", choices=("star-graph", "sorting"))
-    p.add_argument("--variant", default="easy", choices=("tiny", "easy", "medium", "hard"), help="star graphs")
+    p.add_argument("--variant", default="easy", choices=tuple(STAR_VARIANTS), help="star graphs")
     p.add_argument("--length", type=int, default=8, help="sorting: characters per sequence")
     p.add_argument("--alphabet", default="abcdefghijklmnop", help="sorting: the characters, in their order")
     p.add_argument("--out", required=True, help="folder for train/valid/test.jsonl and task.json")

@@ -10,8 +10,8 @@ edge list, a source (the first node of arm 0) and a goal (its last node); the an
 unique path from source to goal. A left-to-right model must pick the right arm at the centre before
 it has seen where the arms lead; the known failure of next-token prediction on this task.
 
-Variants (the paper's code names): ``tiny`` (ours, for CPU-sized budgets: degree 2, arms of 4, 12
-labels), ``easy`` = star_small (degree 3, arms of 5, 20 node labels),
+Variants (the paper's code names): ``tiny`` and ``short`` (ours, for CPU-sized budgets: degree 2,
+arms of 4, 12 labels; degree 3, arms of 3, 10 labels), ``easy`` = star_small (degree 3, arms of 5, 20 node labels),
 ``medium`` = vstar_small (degree 3, arms of 3-6, 20 labels, min_plan 2), ``hard`` = vstar_medium
 (degree 5, arms of 6-12, 56 labels, min_plan 5).
 
@@ -63,6 +63,7 @@ class StarGraphSpec:
 
 STAR_VARIANTS = {
     "tiny": StarGraphSpec(degree=2, min_arm=4, max_arm=4, nodes=12, min_plan=1, centre_first=True),
+    "short": StarGraphSpec(degree=3, min_arm=3, max_arm=3, nodes=10, min_plan=1, centre_first=True),
     "easy": StarGraphSpec(degree=3, min_arm=5, max_arm=5, nodes=20, min_plan=1, centre_first=True),
     "medium": StarGraphSpec(degree=3, min_arm=3, max_arm=6, nodes=20, min_plan=2, centre_first=False),
     "hard": StarGraphSpec(degree=5, min_arm=6, max_arm=12, nodes=56, min_plan=5, centre_first=False),
