@@ -11,8 +11,8 @@ unique path from source to goal. A left-to-right model must pick the right arm a
 it has seen where the arms lead; the known failure of next-token prediction on this task.
 
 Variants (the paper's code names): ``tiny`` and ``short`` (ours, for CPU-sized budgets: degree 2,
-arms of 4, 12 labels; degree 3, arms of 3, 10 labels), ``easy`` = star_small (degree 3, arms of 5, 20 node labels),
-``medium`` = vstar_small (degree 3, arms of 3-6, 20 labels, min_plan 2), ``hard`` = vstar_medium
+arms of 4, 12 labels; degree 3, arms of 3, 10 labels), ``easy`` = star_small (degree 3, arms of 5,
+20 node labels), ``medium`` = vstar_small (degree 3, arms of 3-6, 20 labels, min_plan 2), ``hard`` = vstar_medium
 (degree 5, arms of 6-12, 56 labels, min_plan 5).
 
 Text format (character-level, one character per node): ``"ab bc cd ... s>g:"`` is the prompt, the
