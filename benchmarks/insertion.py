@@ -165,9 +165,9 @@ def ilm_recipe(args) -> list[tuple[str, float, str, str]]:
     return [(key, getattr(args, arg), name, short) for key, arg, name, short in ILM_RECIPE if getattr(args, arg)]
 
 
-def ilm_label(args) -> str:
+def ilm_label(args, name: str = "ilm") -> str:
     """The ILM's name in the records: ``ilm``, or with its recipe (``ilm, stop noise 0.25, dropout 0.1``)."""
-    return ", ".join(["ilm", *(f"{name} {value:g}" for _, value, name, _ in ilm_recipe(args))])
+    return ", ".join([name, *(f"{key} {value:g}" for _, value, key, _ in ilm_recipe(args))])
 
 
 def text_model(args, runs: Path, smoke: tuple[str, ...], family: str) -> Checkpoint:
@@ -348,7 +348,7 @@ def infill(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = Non
     base = SampleConfig(batch_size=64, steps=64, seed=1)
     true_lengths = np.array([len(c["span"]) for c in cases])
     # the MDLM's span lengths from the true ones and the ILM's choices (measured first)
-    ilm = "ILM" + ilm_label(args)[3:]  # ILM, stop noise 0.25, ...
+    ilm = ilm_label(args, "ILM")
     methods = {f"{ilm}: length chosen by the model (joint sampling, drawn stop, t=1)":
                ("ilm", dataclasses.replace(base, gap="sample"), None),
                "MDLM: told the true length (ancestral, T=64, t=1)": ("mdlm", base, lambda true, own: true),
