@@ -46,6 +46,7 @@ from unmask.eval.exact_match import exact_match
 from unmask.eval.generation import CheckpointEvaluator, unigram_entropy
 from unmask.eval.likelihood import select_rows
 from unmask.families import family_of
+from unmask.models.insertion import STOP_HEADS, stop_log_odds
 from unmask.pipeline import generate_rows
 from unmask.samplers.base import row_seeds
 from unmask.samplers.registry import make_sampler
@@ -121,12 +122,13 @@ def pool_seeds(entry: dict) -> dict:
 
 
 LENGTH_BINS = list(range(0, 129, 16))  # histogram edges, characters; the last bin holds 112-127
+TEXT_LIMIT = 127  # the most characters a text row holds (128 tokens with BOS)
 
 
 def lengths_summary(lengths) -> dict:
     x = np.asarray(lengths, dtype=float)
     return {"mean": float(x.mean()), "median": float(np.median(x)), "p10": float(np.percentile(x, 10)),
-            "p90": float(np.percentile(x, 90)), "share_at_max": float((x >= x.max()).mean()),
+            "p90": float(np.percentile(x, 90)), "share_at_limit": float((x >= TEXT_LIMIT).mean()),
             "histogram": np.histogram(x, LENGTH_BINS)[0].tolist()}
 
 
@@ -154,37 +156,43 @@ def text_evaluator(args, runs: Path, smoke: tuple[str, ...]) -> CheckpointEvalua
     return CheckpointEvaluator(run, "cpu")
 
 
-# the text ILM's departures from the shared recipe: config key, argument, name in records, in folder names
-ILM_RECIPE = (("diffusion.ilm_stop_noise", "ilm_stop_noise", "stop noise", "stopnoise"),
-              ("model.dropout", "ilm_dropout", "dropout", "dropout"))
+# the text ILM's departures from the shared recipe: config key, argument, name in records, in folder
+# names, and the default (not named)
+ILM_RECIPE = (("diffusion.ilm_stop_noise", "ilm_stop_noise", "stop noise", "stopnoise", 0.0),
+              ("model.dropout", "ilm_dropout", "dropout", "dropout", 0.0),
+              ("diffusion.ilm_stop_head", "ilm_stop_head", "stop head", "stophead", "binary"))
 
 
-def ilm_recipe(args) -> list[tuple[str, float, str, str]]:
-    """The text ILM's overrides that are not 0 (``--ilm-stop-noise``, ``--ilm-dropout``): (key, value,
-    name, folder name)."""
-    return [(key, getattr(args, arg), name, short) for key, arg, name, short in ILM_RECIPE if getattr(args, arg)]
+def ilm_recipe(args) -> list[tuple[str, str, str, str]]:
+    """The text ILM's overrides that differ from the defaults (``--ilm-stop-noise``, ``--ilm-dropout``,
+    ``--ilm-stop-head``): (key, value as text, name, folder name)."""
+    return [(key, f"{getattr(args, arg):g}" if isinstance(default, float) else getattr(args, arg), name, short)
+            for key, arg, name, short, default in ILM_RECIPE if getattr(args, arg) != default]
 
 
 def ilm_label(args, name: str = "ilm") -> str:
     """The ILM's name in the records: ``ilm``, or with its recipe (``ilm, stop noise 0.25, dropout 0.1``)."""
-    return ", ".join([name, *(f"{key} {value:g}" for _, value, key, _ in ilm_recipe(args))])
+    return ", ".join([name, *(f"{key} {value}" for _, value, key, _ in ilm_recipe(args))])
 
 
 def text_model(args, runs: Path, smoke: tuple[str, ...], family: str) -> Checkpoint:
     """A family's model of the speeches: one document per row of 128 characters, EOS after it (the ILM
     with its recipe, :func:`ilm_recipe`, in a run folder named after it)."""
     recipe = ilm_recipe(args) if family == "ilm" else []
-    folder = "-".join([f"text-{family}", *(f"{short}{value:g}" for _, value, _, short in recipe)])
+    folder = "-".join([f"text-{family}", *(f"{short}{value}" for _, value, _, short in recipe)])
     path, _ = trained(runs / folder, [
         f"family={family}", *smoke, *(f"{key}={value}" for key, value, _, _ in recipe),
         f"data.path={SHAKESPEARE}", "data.dataset=text", "data.documents=blank_line",
         "data.layout=pad", "data.pad_with_eos=true", "data.length=128", "data.tokenizer=char",
+        f"data.split_order={args.text_split}",
         f"model.preset={args.preset}", "model.length=128", f"train.steps={args.text_steps}", "train.batch_size=32",
         "train.lr=2e-3", "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995",
         f"train.threads={args.threads}", f"data.cache_dir={runs / 'cache'}"], None)
     return Checkpoint(path)
 
 
+# a count-head ILM's second stop rule, in the text and infilling rows
+COUNT_RULE = "joint sampling, number of insertions drawn once from the count head (stop=count), t=1"
 CALIBRATION_BINS = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 
 
@@ -207,7 +215,7 @@ def stop_calibration(ckpt: Checkpoint, rows, count: int, states: int = 8, seed: 
             part = slice(lo, lo + 64)
             time_u = (n[part] + 0.5) / (n0[part] + 1)  # drop() draws floor(u (n0 + 1)) = n tokens
             batch = objective.drop(x0[part], counted[part], time_u, torch.rand(x0[part].shape, generator=gen))
-            predicted.append(torch.sigmoid(model(batch.ids, batch.keep)[1].double()))
+            predicted.append(torch.sigmoid(stop_log_odds(model(batch.ids, batch.keep)[1]).double()))
         complete.append(n == 0)
         weight.append(torch.ones(len(n0), dtype=torch.float64) if k == 0 else n0.double() / states)
     p, c, w = torch.cat(predicted), torch.cat(complete).double(), torch.cat(weight)
@@ -236,7 +244,7 @@ def stop_after_substitutions(model, objective, x0, counted, gen, substitutions=(
         for r in range(len(ids)):
             places = 1 + torch.randperm(int(counted[r].sum()), generator=gen)[:k]  # after BOS
             ids[r, places] = ordinary[torch.randint(len(ordinary), (len(places),), generator=gen)]
-        p = torch.cat([torch.sigmoid(model(ids[lo:lo + 64], complete.keep[lo:lo + 64])[1].double())
+        p = torch.cat([torch.sigmoid(stop_log_odds(model(ids[lo:lo + 64], complete.keep[lo:lo + 64])[1]).double())
                        for lo in range(0, len(ids), 64)])
         out[k] = {"mean": float(p.mean()), "median": float(p.median())}
     return out
@@ -255,9 +263,12 @@ def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None)
             ids, kinds = rows.get(select_rows(len(rows), args.samples, 0))
             texts = [text_of(row.tolist(), tok) for row in ids]
             totals, counts = evaluator.nll(texts)
+            train_rows = Data(ckpt.config.data, tokenizer=tok).rows("train")
+            train, _ = train_rows.get(np.arange(len(train_rows)))
             reference = {"nll_per_char": float(totals.sum() / counts.sum()),
                          "entropy": float(np.mean([unigram_entropy(tok.encode(t).tolist()) for t in texts])),
-                         "lengths": lengths_summary([len(t) for t in texts])}
+                         "lengths": lengths_summary([len(t) for t in texts]),
+                         "train_lengths": lengths_summary([len(text_of(row.tolist(), tok)) for row in train])}
         label = ilm_label(args) if family == "ilm" else family
         if family == "ilm":
             calibrations[label] = stop_calibration(ckpt, Data(ckpt.config.data, tokenizer=tok).rows("test"),
@@ -271,6 +282,8 @@ def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None)
                                base, gap="greedy", top_p=0.2, stop="threshold", stop_threshold=0.9)},
                    "mdlm": {"ancestral, T=128, t=1": base},
                    "ar": {"left to right, t=1": base}}[family]
+        if family == "ilm" and ckpt.config.diffusion.ilm_stop_head == "count":
+            configs[COUNT_RULE] = dataclasses.replace(base, gap="sample", stop="count")
         for name, cfg in configs.items():
             gen = generate_rows(model, objective, tok, cfg, 128, 128, bos=True)
             texts = [text_of(ids, tok) for ids in gen.ids]
@@ -285,7 +298,8 @@ def text(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = None)
             r = results[f"{label}: {name}"]
             print(f"text {family} {name}: nll/char {r['nll_per_char']:.3f}, mean length {r['lengths']['mean']:.1f}, "
                   f"entropy {r['entropy']:.3f}", flush=True)
-    return {"reference": reference, "results": results, "stop_calibrations": calibrations, "evaluator": evaluator.name}
+    return {"reference": reference, "results": results, "stop_calibrations": calibrations, "evaluator": evaluator.name,
+            "split_order": args.text_split}
 
 
 def infill_spans(rows, tokenizer, count: int, seed: int = 0) -> list[dict]:
@@ -351,6 +365,8 @@ def infill(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = Non
     ilm = ilm_label(args, "ILM")
     methods = {f"{ilm}: length chosen by the model (joint sampling, drawn stop, t=1)":
                ("ilm", dataclasses.replace(base, gap="sample"), None),
+               **({f"{ilm}: {COUNT_RULE}": ("ilm", dataclasses.replace(base, gap="sample", stop="count"), None)}
+                  if models["ilm"].config.diffusion.ilm_stop_head == "count" else {}),
                "MDLM: told the true length (ancestral, T=64, t=1)": ("mdlm", base, lambda true, own: true),
                "MDLM: told half the true length": ("mdlm", base, lambda true, own: np.maximum(1, np.round(true / 2))),
                "MDLM: told twice the true length": ("mdlm", base, lambda true, own: 2 * true),
@@ -363,7 +379,7 @@ def infill(args, runs: Path, smoke: tuple[str, ...], previous: dict | None = Non
         nll, counts = evaluator.nll(filled)
         excess = nll / counts - original_totals / original_counts  # per speech, paired
         lengths = np.array([len(s) for s in spans])
-        if family == "ilm":
+        if family == "ilm" and ilm_lengths is None:  # the first ILM row's
             ilm_lengths = lengths
         results[name] = {
             "nll_per_char": float(nll.sum() / counts.sum()),
@@ -460,6 +476,11 @@ def main() -> None:
     parser.add_argument("--ilm-stop-noise", type=float, default=0.0, help="the text ILM's diffusion.ilm_stop_noise "
                         "(its results are recorded under 'ilm, stop noise F')")
     parser.add_argument("--ilm-dropout", type=float, default=0.0, help="the text ILM's model.dropout")
+    parser.add_argument("--ilm-stop-head", default="binary", choices=STOP_HEADS,
+                        help="the text ILM's diffusion.ilm_stop_head")
+    parser.add_argument("--text-split", default="contiguous", choices=("contiguous", "shuffled"),
+                        help="the text models' data.split_order: held-out speeches are the play's last ones, or "
+                        "drawn at random (the same distribution as the training speeches)")
     parser.add_argument("--evaluator-steps", type=int, default=1500)
     parser.add_argument("--evaluator", help="an AR run to score text samples (default: train one on the running "
                         "text, nano, 1,500 steps: the recipe of benchmarks/softmask.py's AR model)")

@@ -499,6 +499,33 @@ def test_text_documents_line_split_by_fraction(tmp_path):
                    "test": ["line8", "line9"]}
 
 
+def test_a_shuffled_split_partitions_the_documents_by_a_fixed_permutation(tmp_path):
+    """``data.split_order=shuffled``: every document lands in exactly one split, in file order, the
+    sizes are the contiguous split's, the assignment does not depend on the run (the seed is fixed),
+    and an ordered file's held-out documents are no longer its last ones."""
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(f"line{i}\n" for i in range(40)))
+
+    def splits(cache):
+        d = Data(text_cfg(path, tokenizer="byte", layout="pad", length=16, documents="line", valid_fraction=0.25,
+                          test_fraction=0.25, split_order="shuffled", cache_dir=str(tmp_path / cache)))
+        return {s: [d.tokenizer.decode(r) for r in all_rows(d.rows(s))[0]] for s in ("train", "valid", "test")}
+
+    dec = splits("a")
+    assert [len(dec[s]) for s in ("train", "valid", "test")] == [20, 10, 10]
+    assert sorted(sum(dec.values(), []), key=lambda x: int(x[4:])) == [f"line{i}" for i in range(40)]
+    assert all(v == sorted(v, key=lambda x: int(x[4:])) for v in dec.values())
+    assert dec["test"] != [f"line{i}" for i in range(30, 40)] and splits("b") == dec
+    contiguous = Data(text_cfg(path, tokenizer="byte", layout="pad", length=16, documents="line", valid_fraction=0.25,
+                               test_fraction=0.25, cache_dir=str(tmp_path / "a")))  # the same cache: its own entry
+    assert [contiguous.tokenizer.decode(r) for r in all_rows(contiguous.rows("test"))[0]] == \
+        [f"line{i}" for i in range(30, 40)]
+    single = tmp_path / "one.txt"
+    single.write_text("abc" * 50)
+    with pytest.raises(DataError, match="split_order=shuffled needs documents"):
+        Data(text_cfg(single, tokenizer="byte", test_fraction=0.2, split_order="shuffled")).rows("test")
+
+
 def test_text_jsonl_with_text_field(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"body": "first doc", "id": 1}) + "\n\n" +

@@ -21,7 +21,7 @@ from unmask.data.tasks import (
     write_star_graph_task,
 )
 from unmask.models.dit import DiT
-from unmask.models.insertion import InsertionLM
+from unmask.models.insertion import InsertionLM, stop_log_odds
 from unmask.objectives.base import Noise, draw_noise
 from unmask.objectives.ilm import InsertionObjective, forbidden_token_mask, joint_log_probs
 from unmask.samplers.base import SamplingError, row_seeds
@@ -102,13 +102,13 @@ class FixedLogits(torch.nn.Module):
 
     def forward(self, ids, keep):
         n, width = ids.shape
-        return self.logits[:, :width].expand(n, -1, -1), self.stop.expand(n)
+        return self.logits[:, :width].expand(n, -1, -1), self.stop.expand(n, -1)
 
 
 def test_loss_is_the_joint_softmax_cross_entropy_against_t_over_n_plus_stop_bce():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(1, 7, V, generator=g, dtype=torch.float64)
-    stop = torch.tensor([0.3], dtype=torch.float64)
+    stop = torch.tensor([[0.3]], dtype=torch.float64)
     x0 = torch.tensor([[BOS, A, B, C, D, EOS, PAD]] * 2)
     counted = torch.tensor([[0, 1, 1, 1, 1, 1, 0]] * 2, dtype=torch.bool)
     noise = Noise(torch.tensor([0.5, 0.0], dtype=torch.float64), torch.tensor([[0.9, 0.8, 0.1, 0.2, 0.7, 0, 0]] * 2))
@@ -119,13 +119,39 @@ def test_loss_is_the_joint_softmax_cross_entropy_against_t_over_n_plus_stop_bce(
     flat = logits[0].masked_fill(~allowed, -math.inf).reshape(-1)
     log_p = (flat - flat.logsumexp(0)).reshape(7, V)
     insertion = -(log_p[1, B] + log_p[1, C]) / 2
-    sig = torch.sigmoid(stop[0])
+    sig = torch.sigmoid(stop[0, 0])
     expected0 = insertion - torch.log(1 - sig)  # target "do not stop"
     expected1 = -torch.log(sig)  # nothing dropped: target "stop", no insertion term
     expected = torch.stack([expected0, expected1])
     assert torch.allclose(losses.double(), expected * (4 + 1) / 7, atol=1e-5)  # path weights: (n0 + 1) / L
     paper = InsertionObjective(BOS, EOS, PAD, MASK, SPECIAL, V, "paper")
     assert torch.allclose(paper.loss(FixedLogits(logits, stop), x0, counted, noise).double(), expected, atol=1e-5)
+
+
+def test_a_count_head_is_scored_by_the_cross_entropy_of_the_missing_count_and_stops_with_p_of_zero():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 7, V, generator=g, dtype=torch.float64)
+    counts = torch.randn(1, 7, generator=g, dtype=torch.float64)  # P(n) over n = 0..6
+    x0 = torch.tensor([[BOS, A, B, C, D, EOS, PAD]] * 2)
+    counted = torch.tensor([[0, 1, 1, 1, 1, 1, 0]] * 2, dtype=torch.bool)
+    noise = Noise(torch.tensor([0.5, 0.0], dtype=torch.float64), torch.tensor([[0.9, 0.8, 0.1, 0.2, 0.7, 0, 0]] * 2))
+    binary = objective().loss(FixedLogits(logits, torch.zeros(1, 1, dtype=torch.float64)), x0, counted, noise)
+    with_counts = objective().loss(FixedLogits(logits, counts), x0, counted, noise)
+    # the same insertion term (row 0: n = 2; row 1: n = 0), the BCE (log 2 at logit 0) replaced by -log P(n)
+    log_p = counts[0].log_softmax(0)
+    expected = binary.double() + (torch.stack([-log_p[2], -log_p[0]]) - math.log(2)) * (4 + 1) / 7
+    assert torch.allclose(with_counts.double(), expected, atol=1e-5)
+    # the stop hazard is P(n = 0): its log-odds, also where a float32 sigmoid of a difference would lose it
+    p0 = counts.softmax(1)[:, 0]
+    assert torch.allclose(stop_log_odds(counts), torch.log(p0 / (1 - p0)), atol=1e-10)
+    extreme = torch.tensor([[40.0, -60.0, -61.0], [-50.0, 10.0, 0.0]])
+    assert torch.allclose(stop_log_odds(extreme).double(), torch.tensor([100.0 - math.log1p(math.exp(-1)),
+                                                                         -60.0 - math.log1p(math.exp(-10))],
+                                                                        dtype=torch.float64), atol=1e-4)
+    model = InsertionLM(DiT(ModelConfig(hidden=32, blocks=1, heads=2, cond_dim=16, length=8), V), "count")
+    assert model(torch.tensor([[BOS, A, PAD] + [PAD] * 5]), torch.arange(8)[None] < 2)[1].shape == (1, 8)
+    with pytest.raises(ConfigError):
+        load_config(None, ["family=ilm", "diffusion.ilm_stop_head=counts"])
 
 
 def test_stop_noise_copies_substitute_text_tokens_only_and_add_their_stop_loss():
@@ -144,7 +170,8 @@ def test_stop_noise_copies_substitute_text_tokens_only_and_add_their_stop_loss()
     assert copies[1].tolist() == [BOS, D, E, ordinary[1], ordinary[2], ordinary[3], PAD]
     # a network blind to its input: each copy adds exactly its row's stop loss again, weighted as the row
     g = torch.Generator().manual_seed(2)
-    net = FixedLogits(torch.randn(1, 7, V, generator=g, dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64))
+    net = FixedLogits(torch.randn(1, 7, V, generator=g, dtype=torch.float64),
+                      torch.tensor([[0.3]], dtype=torch.float64))
     clean = objective().loss(net, x0, counted, noise)
     stop_bce = -torch.log(torch.sigmoid(torch.tensor(0.3, dtype=torch.float64))) * (3 + 1) / 7  # n0 = 3
     assert torch.allclose(noisy.loss(net, x0, counted, noise).double() - clean.double(),
@@ -168,10 +195,10 @@ def test_joint_log_probs_normalise_over_open_gaps_and_allowed_tokens_only():
     assert (log_p[0, 2:] == -math.inf).all() and (log_p[:, :, BOS] == -math.inf).all()
 
 
-def random_ilm(vocab=V, length=16, seed=0):
+def random_ilm(vocab=V, length=16, seed=0, stop_head="binary"):
     torch.manual_seed(seed)
     cfg = ModelConfig(hidden=32, blocks=2, heads=2, cond_dim=16, dropout=0.0, length=length)
-    model = InsertionLM(DiT(cfg, vocab))
+    model = InsertionLM(DiT(cfg, vocab), stop_head)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.4)
@@ -216,7 +243,7 @@ def test_sampler_keeps_fixed_tokens_and_never_inserts_into_closed_gaps_or_specia
 def test_stop_at_the_threshold():
     logits = torch.zeros(1, 8, V)
     canvas = torch.tensor([[BOS, A, MASK, MASK, MASK, MASK, MASK, MASK]])
-    at_half = FixedLogits(logits, torch.tensor([0.0]))  # P(stop) = 0.5 exactly
+    at_half = FixedLogits(logits, torch.tensor([[0.0]]))  # P(stop) = 0.5 exactly
     result = sampler(stop_threshold=0.5).sample(at_half, canvas, row_seeds(0, 1))
     assert result.tokens.tolist() == [[BOS, A] + [PAD] * 6] and result.nfe == 1 and result.generated == 0
     result = sampler(stop_threshold=0.51).sample(at_half, canvas, row_seeds(0, 1))
@@ -231,7 +258,7 @@ def test_stop_probability_is_read_at_every_step():
         backbone = type("Backbone", (), {"vocab_size": V})()
 
         def forward(self, ids, keep):
-            stop = torch.where(keep.sum(1) >= 5, 20.0, -20.0)
+            stop = torch.where(keep.sum(1) >= 5, 20.0, -20.0)[:, None]
             return torch.zeros(*ids.shape, V), stop
 
     canvas = torch.tensor([[BOS, MASK, MASK, MASK, MASK, MASK, MASK, MASK],
@@ -242,20 +269,21 @@ def test_stop_probability_is_read_at_every_step():
 
 
 def test_batched_and_one_at_a_time_sampling_agree():
-    model = random_ilm(length=12)
+    binary, counting = random_ilm(length=12), random_ilm(length=12, stop_head="count")
     canvas = torch.tensor([[BOS, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK],
                            [BOS, C, D, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK],
                            [BOS, A, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK, D, E],
                            [BOS, E, E, E, MASK, MASK, MASK, MASK, MASK, MASK, MASK, MASK]])
     seeds = row_seeds(11, 4)
-    for gap, stop in (("greedy", "threshold"), ("sample", "threshold"), ("sample", "draw")):
+    for model, gap, stop in ((counting, "sample", "draw"), (counting, "greedy", "count"),
+                             (binary, "greedy", "threshold"), (binary, "sample", "threshold"), (binary, "sample", "draw")):
         s = sampler(stop=stop, stop_threshold=0.3, gap=gap, top_p=0.9)
         together = s.sample(model, canvas, seeds)
         alone = [s.sample(model, canvas[i:i + 1], seeds[i:i + 1]) for i in range(4)]
         assert torch.equal(together.tokens, torch.cat([r.tokens for r in alone]))
         assert together.row_nfe.tolist() == [int(r.row_nfe[0]) for r in alone]
     lengths = (together.tokens != PAD).sum(1)
-    assert len(set(lengths.tolist())) > 1  # ragged: rows stopped at different lengths
+    assert len(set(lengths.tolist())) > 1  # ragged: rows stopped at different lengths (the last: binary, draw)
 
 
 def test_sampler_rejects_a_canvas_without_a_first_token():
@@ -409,10 +437,10 @@ TOY_WIDTH = 6
 
 def optimal_chain(weighting: str):
     """The minimisers of the expected ILM loss over every (sequence, n, dropped subset) of ``TOY``,
-    drawn and weighted by the objective itself: per state (the kept tokens), P(stop) and the insertion
-    distribution {(gap, token): q}."""
+    drawn and weighted by the objective itself: per state (the kept tokens), P(stop), the insertion
+    distribution {(gap, token): q} and a count head's P(n) {n: p}."""
     obj = InsertionObjective(BOS, EOS, PAD, MASK, SPECIAL, V, weighting)
-    stop_num, mass, inserts, insert_mass = {}, {}, {}, {}
+    stop_num, mass, inserts, insert_mass, missing = {}, {}, {}, {}, {}
     for x, p in TOY.items():
         m = len(x)
         row = [BOS, *x, EOS] + [PAD] * (TOY_WIDTH - m - 2)
@@ -427,6 +455,7 @@ def optimal_chain(weighting: str):
                 state = tuple(batch.ids[0, 1:int(batch.keep.sum())].tolist())
                 mass[state] = mass.get(state, 0.0) + w
                 stop_num[state] = stop_num.get(state, 0.0) + w * (n == 0)
+                missing.setdefault(state, {})[n] = missing.get(state, {}).get(n, 0.0) + w
                 if n:
                     insert_mass[state] = insert_mass.get(state, 0.0) + w
                     table = inserts.setdefault(state, {})
@@ -434,7 +463,8 @@ def optimal_chain(weighting: str):
                         table[gap, token] = table.get((gap, token), 0.0) + w / n
     stop = {s: stop_num[s] / mass[s] for s in mass}
     q = {s: {k: v / insert_mass[s] for k, v in table.items()} for s, table in inserts.items()}
-    return stop, q
+    counts = {s: {n: v / mass[s] for n, v in table.items()} for s, table in missing.items()}
+    return stop, q, counts
 
 
 def chain_distribution(stop, q) -> dict:
@@ -451,36 +481,40 @@ def chain_distribution(stop, q) -> dict:
 
 
 def test_optimal_ilm_with_path_weights_generates_exactly_the_data_distribution():
-    path = chain_distribution(*optimal_chain("path"))
+    path = chain_distribution(*optimal_chain("path")[:2])
     assert all(abs(p - TOY.get(x, 0.0)) < 1e-6 for x, p in path.items()) and set(TOY) <= set(path)
     # the paper's unweighted rows fit a distribution reweighted by 1/(n0 + 1): too much mass on short
-    paper = chain_distribution(*optimal_chain("paper"))
+    paper = chain_distribution(*optimal_chain("paper")[:2])
     assert paper[()] > TOY[()] + 0.02 and paper[(B, B, A)] < TOY[(B, B, A)] - 0.02
 
 
 class TableILM(torch.nn.Module):
-    """An ILM network that looks its outputs up in tables keyed by the state (the kept tokens)."""
+    """An ILM network that looks its outputs up in tables keyed by the state (the kept tokens): a
+    binary stop head, or with ``counts`` a count head (log P(n) over n = 0..TOY_WIDTH-1)."""
 
     backbone = type("Backbone", (), {"vocab_size": V})()
 
-    def __init__(self, stop, q):
+    def __init__(self, stop, q, counts=None):
         super().__init__()
-        self.stop, self.q = stop, q
+        self.stop, self.q, self.counts = stop, q, counts
 
     def forward(self, ids, keep):
         logits = torch.full((*ids.shape, V), float("-inf"))
-        stops = torch.zeros(len(ids))
+        stops = torch.zeros(len(ids), 1 if self.counts is None else TOY_WIDTH)
         for i, row in enumerate(ids.tolist()):
             state = tuple(row[1:int(keep[i].sum())])
-            p = min(max(self.stop[state], 1e-15), 1 - 1e-15)
-            stops[i] = math.log(p / (1 - p))
+            if self.counts is not None:
+                stops[i] = torch.tensor([math.log(self.counts[state].get(n, 1e-300)) for n in range(TOY_WIDTH)])
+            else:
+                p = min(max(self.stop[state], 1e-15), 1 - 1e-15)
+                stops[i, 0] = math.log(p / (1 - p))
             for (gap, token), p in self.q.get(state, {}).items():
                 logits[i, gap, token] = math.log(p)
         return logits, stops
 
 
 def test_joint_sampling_with_drawn_stops_reproduces_the_data_and_a_threshold_does_not():
-    model = TableILM(*optimal_chain("path"))
+    model = TableILM(*optimal_chain("path")[:2])
     n = 3000
     canvas = torch.tensor([[BOS, MASK] + [PAD] * (TOY_WIDTH - 2)] * n)
     outcomes = list(TOY)
@@ -496,11 +530,36 @@ def test_joint_sampling_with_drawn_stops_reproduces_the_data_and_a_threshold_doe
     assert chi_square(counts(thresholded), list(TOY.values())) > 100
 
 
-def train_toy_ilm(weighting: str, steps: int = 700) -> InsertionLM:
+def test_a_count_head_stops_exactly_with_drawn_stops_and_draws_the_data_lengths_with_the_count_rule():
+    stop, q, counts = optimal_chain("path")
+    model = TableILM(stop, q, counts)
+    n = 3000
+    canvas = torch.tensor([[BOS, MASK] + [PAD] * (TOY_WIDTH - 2)] * n)
+
+    def finished(result):
+        return [tuple(t for t in row if t != PAD)[1:] for row in result.tokens.tolist()]
+
+    # the hazard P(n = 0 | x) read from the count head: the chain generates the data
+    seqs = finished(sampler(gap="sample", stop="draw").sample(model, canvas, row_seeds(5, n)))
+    assert chi_square([seqs.count(x) for x in TOY], list(TOY.values())) < CHI2_999[4]
+    # stop=count: the number of insertions drawn once at the start from P(n | empty) has the data's
+    # length distribution, but the text given the length is not the data's (mass outside its support)
+    seqs = finished(sampler(gap="sample", stop="count").sample(model, canvas, row_seeds(6, n)))
+    data_lengths = [sum(p for x, p in TOY.items() if len(x) == m) for m in range(4)]
+    assert chi_square([sum(len(x) == m for x in seqs) for m in range(4)], data_lengths) < CHI2_999[3]
+    assert sum(x not in TOY for x in seqs) > 0.02 * n
+    # temperature 0: the most likely count (3, probability 0.4) in every row
+    greedy = sampler(gap="sample", stop="count", temperature=0).sample(model, canvas[:8], row_seeds(7, 8))
+    assert set(map(len, finished(greedy))) == {3} and greedy.row_nfe.tolist() == [3] * 8
+    with pytest.raises(SamplingError, match="count stop head"):
+        sampler(stop="count").sample(TableILM(stop, q), canvas[:2], row_seeds(0, 2))
+
+
+def train_toy_ilm(weighting: str, stop_head: str = "binary", steps: int = 700) -> InsertionLM:
     """A tiny DiT ILM trained on rows drawn from ``TOY`` (AdamW, cosine decay to 0)."""
     torch.manual_seed(0)
     model = InsertionLM(DiT(ModelConfig(hidden=32, blocks=2, heads=2, cond_dim=16, dropout=0.0,
-                                        length=TOY_WIDTH), V))
+                                        length=TOY_WIDTH), V), stop_head)
     obj = InsertionObjective(BOS, EOS, PAD, MASK, SPECIAL, V, weighting)
     rows = torch.tensor([[BOS, *x, EOS] + [PAD] * (TOY_WIDTH - len(x) - 2) for x in TOY])
     counted = torch.tensor([[0] + [1] * (len(x) + 1) + [0] * (TOY_WIDTH - len(x) - 2) for x in TOY], dtype=torch.bool)
@@ -529,7 +588,7 @@ def learned_distribution(model: InsertionLM) -> tuple[dict, float]:
         ids = torch.tensor([[BOS, *s] + [PAD] * (TOY_WIDTH - len(s) - 1) for s in level])
         keep = torch.arange(TOY_WIDTH)[None] <= torch.tensor([len(s) for s in level])[:, None]
         logits, stop = model(ids, keep)
-        stop, q = torch.sigmoid(stop.double()), joint_log_probs(logits, keep, forbidden).double().exp()
+        stop, q = torch.sigmoid(stop_log_odds(stop).double()), joint_log_probs(logits, keep, forbidden).double().exp()
         for i, s in enumerate(level):
             out[s] = visit[s] * float(stop[i])
             go_on = visit[s] * (1 - float(stop[i]))
@@ -542,15 +601,13 @@ def learned_distribution(model: InsertionLM) -> tuple[dict, float]:
     return out, unfinished
 
 
-def test_a_trained_ilm_generates_the_data_distribution_and_the_sampler_draws_from_it(one_thread):
-    model = train_toy_ilm("path")
+@pytest.mark.parametrize("stop_head", ["binary", "count"])
+def test_a_trained_ilm_generates_the_data_distribution_and_the_sampler_draws_from_it(one_thread, stop_head):
+    model = train_toy_ilm("path", stop_head)
     learned, unfinished = learned_distribution(model)
     total_variation = 0.5 * (sum(abs(learned.get(x, 0.0) - p) for x, p in TOY.items())
                              + sum(p for x, p in learned.items() if x not in TOY) + unfinished)
     assert total_variation < 0.04
-    # the same recipe with the paper's row weights learns the length-biased distribution
-    paper, _ = learned_distribution(train_toy_ilm("paper"))
-    assert paper[()] > TOY[()] + 0.08 and paper[(B, B, A)] < TOY[(B, B, A)] - 0.06
     # joint sampling with drawn stops draws from the network's own enumerated distribution
     n = 4000
     canvas = torch.tensor([[BOS, MASK] + [PAD] * (TOY_WIDTH - 2)] * n)
@@ -560,3 +617,8 @@ def test_a_trained_ilm_generates_the_data_distribution_and_the_sampler_draws_fro
     observed = [seqs.count(x) for x in outcomes] + [n - sum(seqs.count(x) for x in outcomes)]
     expected = [learned[x] for x in outcomes] + [1 - sum(learned[x] for x in outcomes)]
     assert chi_square(observed, expected) < CHI2_999[len(outcomes)]
+
+
+def test_a_trained_ilm_with_the_papers_row_weights_learns_the_length_biased_distribution(one_thread):
+    paper, _ = learned_distribution(train_toy_ilm("paper"))
+    assert paper[()] > TOY[()] + 0.08 and paper[(B, B, A)] < TOY[(B, B, A)] - 0.06

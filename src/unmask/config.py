@@ -105,6 +105,7 @@ class DataConfig:
     documents: str = "file"  # what a document is in plain text files: file, line or blank_line (paragraph)
     valid_fraction: float = 0.05  # share of the documents (or characters) held out for validation
     test_fraction: float = 0.05  # share held out for testing
+    split_order: str = "contiguous"  # text documents by fraction: contiguous (the last are test) or shuffled (seeded)
     tokenizer: str = "char"  # char, text8, dna, byte, gpt2 or hf
     tokenizer_path: str | None = None  # tokenizer files (gpt2: encoder.json + vocab.bpe; hf: tokenizer.json or hub id)
     alphabet: str | None = None  # the char tokenizer's symbols (default: those of the corpus)
@@ -135,6 +136,7 @@ class DiffusionConfig:
     soft_mask_prob: float = 0.8  # soft-mask models: share of training rows given the two-pass soft input
     ilm_weighting: str = "path"  # insertion models: row weight (n0+1)/L (path, unbiased) or 1 (paper)
     ilm_stop_noise: float = 0.0  # insertion models: share of rows given a character-substituted copy for the stop head
+    ilm_stop_head: str = "binary"  # insertion models: binary (P(stop), BCE) or count (P(n missing), CE; stop = P(n=0))
 
 
 @dataclass
@@ -224,7 +226,7 @@ class SampleConfig:
     soft_mask: bool = True  # soft-mask models: feed back the previous step (false = binary inputs)
     guidance: float = 0.0  # unsupervised classifier-free guidance weight w (0 = none)
     guidance_schedule: str = "constant"  # constant w, or linear w * t (fading as the canvas fills)
-    stop: str = "draw"  # insertion models: draw the stop with P(stop) (argmax at temperature 0), or threshold
+    stop: str = "draw"  # insertion models: draw the stop with P(stop) (argmax at t=0), threshold, or count (N ~ P(n))
     stop_threshold: float = 0.9  # insertion models, stop=threshold: stop a row once P(stop) reaches this
     gap: str = "greedy"  # insertion models: the gap with the largest marginal, or a draw (joint sampling)
 
@@ -298,6 +300,7 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.layout": ("wrap", "pad"),
     "data.documents": ("file", "line", "blank_line"),
+    "data.split_order": ("contiguous", "shuffled"),
     "data.oov": ("error", "replace", "drop"),
     "data.tokenizer": ("char", "text8", "dna", "byte", "gpt2", "hf"),
     "diffusion.schedule": ("loglinear", "cosine", "linear", "geometric"),

@@ -18,7 +18,7 @@ from .data.dataset import Data
 from .data.labelled import LabelledData
 from .data.tokenization import Tokenizer
 from .models.classifier import build_classifier
-from .models.insertion import build_insertion_model
+from .models.insertion import STOP_HEADS, build_insertion_model
 from .models.registry import build_backbone
 from .objectives.ar import Autoregressive
 from .objectives.base import Objective
@@ -91,6 +91,7 @@ FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
 )}
 register_choices("family", tuple(FAMILIES))
 register_choices("diffusion.ilm_weighting", ROW_WEIGHTINGS)
+register_choices("diffusion.ilm_stop_head", STOP_HEADS)
 
 
 def family_of(cfg: RunConfig | str) -> FamilySpec:

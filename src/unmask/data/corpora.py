@@ -10,6 +10,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
+
 from ..config import DataConfig
 from .readers import (
     DataError,
@@ -24,6 +26,7 @@ from .readers import (
 )
 
 SPLITS = ("train", "valid", "test")
+SPLIT_SEED = 0  # data.split_order=shuffled: the permutation that assigns documents to splits
 
 
 DATASETS = ("tinyshakespeare", "text8", "text8-prefix", "wikitext2", "wikitext103", "text", "hf")
@@ -91,8 +94,11 @@ class FilesCorpus(Corpus):
     """Plain text files and folders (``.xz``/``.zip`` allowed, ``.jsonl`` with a text field).
 
     Splits come from ``valid_path``/``test_path`` when given. Otherwise the documents of ``path`` are
-    split contiguously by fraction (the last ``test_fraction`` is test); a single document (one file
-    with ``documents: file``) is split by characters instead.
+    split by fraction: contiguously (``split_order: contiguous``, the last ``test_fraction`` is test),
+    or ``shuffled``: a fixed permutation (seed ``SPLIT_SEED``) of the document indices assigns them,
+    each split keeping the file order; held-out documents then come from the same distribution as
+    the training ones when the file is ordered (by play, by date). A single document (one file with
+    ``documents: file``) is split by characters instead, contiguously.
     """
 
     name = "text"
@@ -155,7 +161,15 @@ class FilesCorpus(Corpus):
             raise DataError(f"dataset 'text' has an empty {split} split: {self.files['train'][0]} is too short or "
                             f"empty ({fractions})")
         if unit == "chars":
+            if self.cfg.split_order == "shuffled":
+                raise DataError("data.split_order=shuffled needs documents to shuffle (data.documents=line or "
+                                "blank_line, or several files); one file is split by characters")
             yield Document(_read_range(self.files["train"][0], start, end), self.files["train"][0], start=start)
+            return
+        if self.cfg.split_order == "shuffled":
+            chosen = np.zeros(total, dtype=bool)
+            chosen[np.random.default_rng(SPLIT_SEED).permutation(total)[start:end]] = True
+            yield from (doc for i, doc in enumerate(self._all_documents(self.files["train"])) if chosen[i])
             return
         for i, doc in enumerate(self._all_documents(self.files["train"])):
             if i >= end:
@@ -168,6 +182,7 @@ class FilesCorpus(Corpus):
         c = self.cfg
         return json.dumps([split, [_file_id(f) for f in files], c.documents, c.text_field,
                            self.explicit, c.valid_fraction, c.test_fraction]
+                          + ([c.split_order] if c.split_order != "contiguous" and not self.explicit else [])
                           + ([c.prompt_field] if c.prompt_field else [])
                           + ([c.messages_field, self.chat and self.chat[1]] if c.messages_field else []))
 

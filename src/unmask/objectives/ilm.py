@@ -3,7 +3,7 @@
 An ILM state is a sequence without masks, ``[BOS] prefix tokens...``; position ``j`` owns the gap to
 its right. The network (the shared bidirectional DiT, no time input, padding invisible through a key
 padding mask) gives logits ``s[j, v]`` for inserting token ``v`` into gap ``j``, all under **one joint
-softmax over (j, v)**, and a stop logit from the BOS position (it plays the paper's ``[CLS]``).
+softmax over (j, v)**, and stop scores from the BOS position (it plays the paper's ``[CLS]``).
 Special tokens and gaps that may not grow (padding, inside a fixed prefix) get ``-inf``.
 
 Training ("biased denoising", the paper's objective): with ``n0`` droppable tokens, draw
@@ -16,6 +16,13 @@ equal to ``v`` lying between kept token ``j`` and the next kept token, ``q = T /
 per sequence, averaged over the batch (no ``1/n`` weighting, no marginalisation over orders; a
 multiset target per gap). ``sum T log p`` is computed as a sum over the dropped tokens of
 ``log p[gap, token]``, so ``T`` is never materialized.
+
+Count head (``diffusion.ilm_stop_head=count``; ``models/insertion.py``). The BCE above has a positive
+label on one row in ``n0 + 1`` (about 1 % of text rows). A count head predicts ``P(n | x)``, how many
+tokens the state misses, with ``-log P(n | x)`` in place of the BCE: a graded label on every row. Its
+optimum has ``P(n = 0 | x)`` equal to the binary head's optimal ``P(stop | x)`` (both are the
+posterior that the visited state is complete), and the sampler stops with it, so everything below
+holds for both heads (the enumeration tests run both).
 
 Row weights (``weighting``). Sampling inserts one token per step in a uniformly random order, so a
 sequence of ``n0`` tokens visits ``n0 + 1`` states, and at a visited state the right stop probability
@@ -33,12 +40,13 @@ defects the data never has (a wrong character, which no insertion can repair); a
 clean states alone learns "defective, so incomplete", and defective samples keep growing. A share ``f``
 of the rows gets a second copy of its state in which each kept text token is replaced, with a
 probability ``r ~ U(0, 1)`` drawn per copy, by a uniformly drawn ordinary token; the copy adds only its
-stop loss (label ``n == 0``, the row's weight), so the head learns to judge completeness through
-substitutions. The copies cost ``f`` more rows per forward and leave the insertion targets alone; with
-``f > 0`` the chain no longer generates exactly the data distribution (the head's clean-state
-predictions are shared with the copies). Randomness: ``Noise.extra_u`` (B, L); column 0 picks the
-row (``u < f``, then ``r = u / f``), column ``i`` substitutes token ``i`` of the copy (``u < r``, token
-``floor(u / r * K)`` of the ``K`` ordinary ones). Evaluation noise has no ``extra_u``: no copies.
+stop loss (the row's label, ``n == 0`` or for a count head ``n``, and the row's weight), so the head
+learns to judge completeness through substitutions. The copies cost ``f`` more rows per forward and
+leave the insertion targets alone; with ``f > 0`` the chain no longer generates exactly the data
+distribution (the head's clean-state predictions are shared with the copies). Randomness:
+``Noise.extra_u`` (B, L); column 0 picks the row (``u < f``, then ``r = u / f``), column ``i``
+substitutes token ``i`` of the copy (``u < r``, token ``floor(u / r * K)`` of the ``K`` ordinary ones).
+Evaluation noise has no ``extra_u``: no copies.
 
 Which tokens may be dropped: the counted, non-special tokens of a row (``data.layout=pad``, so the
 row is ``[BOS] (prompt) text [EOS] [PAD]...``). BOS and a prompt form the fixed prefix; the last
@@ -167,8 +175,8 @@ class InsertionObjective:
         return rows, torch.where(text & (u < rate), ordinary[pick], batch.ids[rows])
 
     def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise, exact: bool = False) -> torch.Tensor:
-        """Per-sequence ILM loss (B,): insertion cross-entropy against ``q = T/n`` plus the stop BCE
-        (plus, in training with ``stop_noise``, the stop BCE of the row's substituted copy)."""
+        """Per-sequence ILM loss (B,): insertion cross-entropy against ``q = T/n`` plus the stop loss
+        (plus, in training with ``stop_noise``, the stop loss of the row's substituted copy)."""
         batch = self.drop(x0, counted, noise.time_u, noise.mask_u)
         b = len(x0)
         rows, copies = batch.row[:0], batch.ids[:0]
@@ -179,11 +187,17 @@ class InsertionObjective:
         picked = log_p[batch.row, batch.gap, batch.token]
         insertion = torch.zeros(b, device=x0.device).index_add_(0, batch.row, -picked)
         insertion = insertion / batch.dropped.clamp(min=1).float()
-        target = (batch.dropped == 0).float()
-        stop_loss = F.binary_cross_entropy_with_logits(stop[:b].float(), target, reduction="none")
-        copy_loss = F.binary_cross_entropy_with_logits(stop[b:].float(), target[rows], reduction="none")
-        stop_loss = stop_loss.index_add(0, rows, copy_loss)
-        return (insertion + stop_loss) * self.row_weights(batch)
+        stop = stop_loss(stop[:b], batch.dropped).index_add(0, rows, stop_loss(stop[b:], batch.dropped[rows]))
+        return (insertion + stop) * self.row_weights(batch)
+
+
+def stop_loss(scores: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+    """(B,) loss of the stop scores (B, K) for states missing ``missing`` (B,) tokens: the BCE of
+    ``P(stop)`` against ``n == 0`` (binary head, K = 1) or the cross-entropy of ``P(n)`` against ``n``
+    (count head, ``n`` clipped to K - 1)."""
+    if scores.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(scores[:, 0].float(), (missing == 0).float(), reduction="none")
+    return F.cross_entropy(scores.float(), missing.clamp(max=scores.shape[1] - 1), reduction="none")
 
 
 def first_true(mask: torch.Tensor, default: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from ..models.insertion import stop_log_odds
 from .base import (
     ORDER,
     PURPOSES,
@@ -21,7 +22,8 @@ from .base import (
 )
 
 GAP_CHOICES = ("greedy", "sample")  # the gap with the largest marginal, or one drawn (joint sampling)
-STOP_RULES = ("draw", "threshold")  # stop with probability P(stop), or once P(stop) reaches a threshold
+# stop with probability P(stop), once P(stop) reaches a threshold, or after a count drawn at the start
+STOP_RULES = ("draw", "threshold", "count")
 
 
 class InsertionSampler(Sampler):
@@ -44,7 +46,11 @@ class InsertionSampler(Sampler):
     ``P(stop)`` (a uniform from the row's stream; at temperature 0 when ``P(stop) >= 0.5``), the hazard
     the stop head is trained to be, so that joint sampling generates the model's distribution (tested by
     enumeration); ``"threshold"`` stops once ``P(stop) >= stop_threshold`` (the released setting, 0.9: a
-    row whose completion is never that certain, as on text, runs to the width).
+    row whose completion is never that certain, as on text, runs to the width); ``"count"`` (a count
+    head only) draws ``N ~ P(n | x)`` once, from the canvas's own state (argmax at temperature 0), and
+    inserts exactly ``N`` tokens: for an optimal model the number of insertions has the data's
+    distribution given the canvas, but the text given that number is not the data's (each insertion
+    averages over completions of every length), so it is not a draw from the model's chain.
     """
 
     def __init__(self, mask_id: int, pad_id: int, special_ids, stop: str = "draw", stop_threshold: float = 0.9,
@@ -89,6 +95,7 @@ class InsertionSampler(Sampler):
         positions = torch.arange(width, device=ids.device)
         active = opened.any(1) & (lengths < width)
         row_nfe = torch.zeros(b, dtype=torch.long)
+        budget = torch.zeros(b, dtype=torch.long, device=ids.device)  # stop="count": insertions left
         calls = step = 0
         while active.any():
             rows = active.nonzero()[:, 0]
@@ -96,13 +103,12 @@ class InsertionSampler(Sampler):
             logits, stop = model(ids[rows], keep)
             calls += 1
             row_nfe[rows.cpu()] += 1
-            p_stop = stop.double().sigmoid()
-            if self.stop == "threshold":
-                go = p_stop < self.stop_threshold
-            elif self.temperature == 0:
-                go = p_stop < 0.5
-            else:  # the stop's uniform takes the TIME purpose (an insertion sampler has no times)
-                go = streams.uniform(rows, step * PURPOSES + TIME, torch.zeros_like(rows)) >= p_stop
+            if self.stop == "count":
+                if step == 0:
+                    budget[rows] = self.draw_count(stop, streams, rows)
+                go = budget[rows] > 0
+            else:
+                go = self.go_on(stop_log_odds(stop).double().sigmoid(), streams, rows, step)
             active[rows[~go]] = False
             rows, logits = rows[go], logits[go]
             if len(rows):
@@ -123,9 +129,28 @@ class InsertionSampler(Sampler):
                 ids[rows] = torch.where(at, token[:, None], torch.where(after, shifted_ids, ids[rows]))
                 opened[rows] = at | torch.where(after, shifted_open, opened[rows])
                 lengths[rows] += 1
-                active[rows] = lengths[rows] < width
+                budget[rows] -= 1
+                active[rows] = (lengths[rows] < width) & ((budget[rows] > 0) | (self.stop != "count"))
             step += 1
             if on_step is not None:
                 on_step(ids)
         generated = int((lengths - ((canvas != self.mask_id) & (canvas != self.pad_id)).sum(1)).sum())
         return SampleResult(ids, calls, row_nfe, time.perf_counter() - start, generated)
+
+    def go_on(self, p_stop: torch.Tensor, streams: RowStreams, rows: torch.Tensor, step: int) -> torch.Tensor:
+        """(N,) bool: the rows that insert at this step rather than stop (``stop`` draw or threshold)."""
+        if self.stop == "threshold":
+            return p_stop < self.stop_threshold
+        if self.temperature == 0:
+            return p_stop < 0.5
+        # the stop's uniform takes the TIME purpose (an insertion sampler has no times)
+        return streams.uniform(rows, step * PURPOSES + TIME, torch.zeros_like(rows)) >= p_stop
+
+    def draw_count(self, scores: torch.Tensor, streams: RowStreams, rows: torch.Tensor) -> torch.Tensor:
+        """(N,) numbers of insertions drawn from a count head's ``P(n | x)`` (scores (N, K)): one draw
+        per row keyed by the row's stream at step 0 (the TIME purpose), the argmax at temperature 0."""
+        if scores.shape[1] == 1:
+            raise SamplingError("sample.stop=count needs a model with a count stop head "
+                                "(trained with diffusion.ilm_stop_head=count)")
+        probs = categorical_probs(scores, 0.0 if self.temperature == 0 else 1.0)
+        return streams.categorical(probs, rows, TIME, torch.zeros_like(rows), self.precision)
