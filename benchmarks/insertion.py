@@ -179,12 +179,13 @@ def text_model(args, runs: Path, smoke: tuple[str, ...], family: str) -> Checkpo
     """A family's model of the speeches: one document per row of 128 characters, EOS after it (the ILM
     with its recipe, :func:`ilm_recipe`, in a run folder named after it)."""
     recipe = ilm_recipe(args) if family == "ilm" else []
-    folder = "-".join([f"text-{family}", *(f"{short}{value}" for _, value, _, short in recipe)])
+    seed = [f"seed{args.text_seed}"] if args.text_seed != 1 else []  # train.seed's default: no suffix
+    folder = "-".join([f"text-{family}", *(f"{short}{value}" for _, value, _, short in recipe), *seed])
     path, _ = trained(runs / folder, [
         f"family={family}", *smoke, *(f"{key}={value}" for key, value, _, _ in recipe),
         f"data.path={SHAKESPEARE}", "data.dataset=text", "data.documents=blank_line",
         "data.layout=pad", "data.pad_with_eos=true", "data.length=128", "data.tokenizer=char",
-        f"data.split_order={args.text_split}",
+        f"data.split_order={args.text_split}", f"train.seed={args.text_seed}",
         f"model.preset={args.preset}", "model.length=128", f"train.steps={args.text_steps}", "train.batch_size=32",
         "train.lr=2e-3", "train.warmup_steps=50", "train.lr_schedule=cosine", "train.ema=0.995",
         f"train.threads={args.threads}", f"data.cache_dir={runs / 'cache'}"], None)
@@ -481,6 +482,7 @@ def main() -> None:
     parser.add_argument("--text-split", default="contiguous", choices=("contiguous", "shuffled"),
                         help="the text models' data.split_order: held-out speeches are the play's last ones, or "
                         "drawn at random (the same distribution as the training speeches)")
+    parser.add_argument("--text-seed", type=int, default=1, help="the text models' train.seed")
     parser.add_argument("--evaluator-steps", type=int, default=1500)
     parser.add_argument("--evaluator", help="an AR run to score text samples (default: train one on the running "
                         "text, nano, 1,500 steps: the recipe of benchmarks/softmask.py's AR model)")

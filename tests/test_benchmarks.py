@@ -65,7 +65,8 @@ def insertion_text_models(tmp_path_factory):
     from common import SMOKE_OVERRIDES
 
     args = argparse.Namespace(preset="nano", text_steps=2, threads=1, ilm_stop_noise=0.0, ilm_dropout=0.0,
-                              ilm_stop_head="binary", text_split="contiguous")
+                              ilm_stop_head="binary", text_split="contiguous",
+                              text_seed=1)
     smoke = (*[o for o in SMOKE_OVERRIDES if not o.startswith(("model.length=", "data.length="))],
              f"data.cache_dir={tmp_path / 'cache'}")
     return insertion, *(insertion.text_model(args, tmp_path, smoke, family) for family in ("ilm", "mdlm"))
