@@ -8,7 +8,9 @@ the workloads also say whether the two trees compute the same numbers (``same_re
 
 Workloads (nano preset, character vocabulary unless ``--vocab``):
   train-mdlm, train-ar: forward, loss, backward, clipping, AdamW and EMA on a (B, L) batch;
-  sample-ancestral (T = L), sample-ancestral-cached (T = 4L), sample-first-hitting, sample-ar (KV cache).
+  sample-ancestral (T = L), sample-ancestral-cached (T = 4L), sample-first-hitting, sample-ar (KV cache),
+  sample-llada-dual (LLaDA's sampler, T = L, blocks of L/4, Fast-dLLM's dual cache),
+  sample-bd3 (block diffusion, blocks of L/8, ancestral T = 16 inside each block, exact KV cache).
 
     python benchmarks/ab.py --base 81ace10 --rounds 3
     python benchmarks/ab.py --smoke            # seconds: the test suite runs this
@@ -45,16 +47,29 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import append_record, run_header  # noqa: E402
 
 WORKLOADS = ("train-mdlm", "train-ar", "sample-ancestral", "sample-ancestral-cached", "sample-first-hitting",
-             "sample-ar")
+             "sample-ar", "sample-llada-dual", "sample-bd3")
+
+
+def sampling(workload: str, length: int) -> tuple[str, dict]:
+    """The family and the ``sample.*`` settings of a sampling workload."""
+    return {"sample-ancestral": ("mdlm", dict(sampler="ancestral", steps=length, cache=False)),
+            "sample-ancestral-cached": ("mdlm", dict(sampler="ancestral", steps=4 * length, cache=True)),
+            "sample-first-hitting": ("mdlm", dict(sampler="first_hitting")),
+            "sample-ar": ("ar", dict(sampler="ar")),
+            "sample-llada-dual": ("mdlm", dict(sampler="llada", steps=length, block_length=length // 4,
+                                               block_cache="dual")),
+            "sample-bd3": ("bd3lm", dict(sampler="ancestral", steps=16))}[workload]
 
 
 def worker(workload: str, args) -> dict:
     """Run one workload in this process (whichever unmask ``PYTHONPATH`` gives) and time it."""
     torch.manual_seed(0)
-    family = "ar" if workload.endswith("-ar") else "mdlm"
+    family = ("ar" if workload == "train-ar" else "mdlm") if workload.startswith("train") else \
+        sampling(workload, args.length)[0]
     tokenizer = CharTokenizer("".join(chr(0x100 + i) for i in range(args.vocab - 4)))
+    blocks = [f"model.block_size={max(1, args.length // 8)}"] if family == "bd3lm" else []
     cfg = load_config(None, [f"model.preset={args.preset}", f"model.length={args.length}", f"data.length={args.length}",
-                             "model.dropout=0.0", f"family={family}"])
+                             "model.dropout=0.0", f"family={family}", *blocks])
     model = build_model(cfg, tokenizer)
     with torch.no_grad():  # away from the zero init, the same on both sides
         for name, p in model.named_parameters():
@@ -81,11 +96,7 @@ def worker(workload: str, args) -> dict:
             digest.update(f"{float(loss):.5e}".encode())
         tokens = args.batch * args.length
     else:
-        sampler_name = workload.removeprefix("sample-").removesuffix("-cached").replace("-", "_")
-        knobs = {"ancestral": {"steps": args.length, "cache": False}, "first_hitting": {}, "ar": {}}[sampler_name]
-        if workload.endswith("-cached"):
-            knobs = {"steps": 4 * args.length, "cache": True}
-        sampler = make_sampler(SampleConfig(sampler=sampler_name, **knobs), objective, tokenizer, args.length)
+        sampler = make_sampler(SampleConfig(**sampling(workload, args.length)[1]), objective, tokenizer, args.length)
         canvas = make_canvas(tokenizer, [[]] * args.sample_batch, args.length)
         model.eval()
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """Insertion LM vs masked diffusion vs autoregressive, same backbone size and training budget.
 
-1. Star-graph path finding (``unmask.tasks``): for each variant, ILM, MDLM and AR models of the
+1. Star-graph path finding (:mod:`unmask.data.tasks`): for each variant, ILM, MDLM and AR models of the
    same preset are trained on the same prompt/answer rows for the same number of steps and batch size,
    then scored by exact match on held-out graphs: ILM greedy (largest gap marginal, argmax token,
    stop when P(stop) >= 0.5); MDLM with two greedy orders (ancestral at temperature 0 over as many

@@ -28,17 +28,21 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
     assert exported.config.family == "mdlm"
 
 
-@pytest.mark.parametrize("preset, first, expected", [
-    ({}, "unmask", "PASSIVE"),                                   # the safe default on a shared machine
-    ({"OMP_WAIT_POLICY": "ACTIVE"}, "unmask", "ACTIVE"),         # the user's choice stands
-    ({"GOMP_SPINCOUNT": "300000"}, "unmask", None),              # a spin count is a choice too
-    ({}, "torch", None),                                         # too late to matter: left alone
+@pytest.mark.parametrize("preset, first, command, expected", [
+    ({}, "unmask", True, "PASSIVE"),                                   # the command's safe default on a shared machine
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "unmask", True, "ACTIVE"),         # the user's choice stands
+    ({"GOMP_SPINCOUNT": "300000"}, "unmask", True, None),              # a spin count is a choice too
+    ({}, "torch", True, None),                                         # too late to matter: left alone
+    ({}, "unmask", False, None),                                       # a library user's process is left alone
 ])
-def test_openmp_waits_passively_unless_the_user_chose(preset, first, expected):
+def test_the_command_makes_openmp_wait_passively_unless_the_user_chose(preset, first, command, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | preset
-    code = f"import {first}, unmask, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    entry = "import unmask.__main__ as entry; entry.wait_passively(); " if command else ""
+    code = f"import {first}, sys; {entry}import os; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(expected)
+    policy, torch_loaded = out.split()
+    assert policy == str(expected)
+    assert torch_loaded == str(first == "torch")  # importing unmask loads nothing heavy
 
 
 def test_public_names():

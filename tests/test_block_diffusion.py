@@ -31,6 +31,7 @@ from unmask.samplers.llada import LLaDASampler
 from unmask.samplers.registry import make_sampler
 
 from released_folders import vectors
+from toys import random_dit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,15 +88,6 @@ def test_antithetic_block_times_are_stratified_over_the_global_batch():
     assert noise.time_u.shape == (3, 4)
     k = torch.arange(12, dtype=torch.float64).view(3, 4)
     assert bool(((noise.time_u >= k / 12) & (noise.time_u < (k + 1) / 12)).all())
-
-
-def random_dit(length: int = 32, vocab: int = 21, seed: int = 0) -> DiT:
-    torch.manual_seed(seed)
-    model = DiT(ModelConfig(hidden=32, heads=4, blocks=2, cond_dim=16, length=length, dropout=0.0), vocab, False,
-                vocab - 1).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model
 
 
 def test_a_block_is_scored_given_the_clean_blocks_before_it_only():
@@ -298,8 +290,8 @@ def test_the_factor_rule_reveals_the_ranks_whose_confidence_clears_its_bar():
         logits[:, 1:4] = ((1 - c) / 3).log()[:, None]
         x = torch.full((1, len(c)), mask_id)
         todo = x == mask_id
-        sampler._step(x, lambda rows, t: logits.float(), RowStreams(row_seeds(0, 1)), torch.tensor([0]), todo, 1,
-                      torch.zeros(1, dtype=torch.long), None)
+        sampler._reveal(x, logits.float(), RowStreams(row_seeds(0, 1)), torch.tensor([0]), todo, 1,
+                        torch.zeros(1, dtype=torch.long), None)
         return (x[0] != mask_id).tolist()
 
     # bars: rank 2 -> 1 - 1/3, rank 3 -> 0.75, rank 4 -> 0.8

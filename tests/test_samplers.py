@@ -474,6 +474,7 @@ class RecordingModel(torch.nn.Module):
 
 def test_unconditional_branch_masks_exactly_the_prompt_and_combines_the_logits():
     from unmask.samplers.denoiser import Denoiser
+    from unmask.samplers.engine import DecodingEngine
 
     model = RecordingModel(tiny_dit(seed=3))
     diffusion = MaskedDiffusion(LogLinear(0.0), MASK)
@@ -484,8 +485,9 @@ def test_unconditional_branch_masks_exactly_the_prompt_and_combines_the_logits()
     x[1, 2] = 0
     positions = x == MASK
     w = 0.7
-    guided = Denoiser(model, diffusion, canvas, guidance=w)(x, torch.full((2,), 0.5, dtype=torch.float64), positions,
-                                                           torch.arange(2))
+    engine = DecodingEngine(model)
+    half = torch.full((2,), 0.5, dtype=torch.float64)
+    guided = engine.denoise([Denoiser(model, diffusion, canvas, guidance=w)(x, half, positions, torch.arange(2))])[0]
     conditional_in, unconditional_in = model.inputs
     assert torch.equal(conditional_in[:2], x)
     expected = x.clone()
@@ -498,7 +500,7 @@ def test_unconditional_branch_masks_exactly_the_prompt_and_combines_the_logits()
     manual = torch.where((rows == 0)[:, None], l_u + (1 + w) * (l_c - l_u), l_c)
     assert torch.allclose(guided, manual, atol=1e-5)
     model.inputs.clear()  # with w = 0 the unconditional pass does not run at all
-    plain = Denoiser(model, diffusion, canvas)(x, torch.full((2,), 0.5, dtype=torch.float64), positions, torch.arange(2))
+    plain = engine.denoise([Denoiser(model, diffusion, canvas)(x, half, positions, torch.arange(2))])[0]
     assert len(model.inputs) == 1 and torch.equal(plain, l_c)
 
 

@@ -23,6 +23,7 @@ from unmask.objectives.schedules import LogLinear
 from unmask.samplers.ancestral import AncestralSampler
 from unmask.samplers.confidence import ConfidenceSampler
 from unmask.samplers.denoiser import Denoiser
+from unmask.samplers.engine import DecodingEngine
 from unmask.samplers.first_hitting import FirstHittingSampler
 from unmask.samplers.semi_ar import SemiAutoregressiveSampler
 
@@ -248,15 +249,15 @@ def test_denoiser_feeds_back_the_rows_previous_pass():
     model.forward = spy
     diffusion = MaskedDiffusion(LogLinear(0.0), MASK)
     canvas = torch.full((2, 6), MASK)
-    denoise = Denoiser(model, diffusion, canvas)
+    denoise, engine = Denoiser(model, diffusion, canvas), DecodingEngine(model)
     t = torch.ones(2, dtype=torch.float64)
-    first = denoise(canvas, t, canvas == MASK, torch.arange(2))
+    first = engine.denoise([denoise(canvas, t, canvas == MASK, torch.arange(2))])[0]
     assert not seen[0].valid.any()  # the first evaluation has no feedback
     x = canvas.clone()
     x[0, :2] = 1  # two positions of row 0 unmask
     only_some = torch.zeros_like(x, dtype=torch.bool)
     only_some[0, 3] = True  # the sampler asks for one position (first-hitting)...
-    out = denoise(x[:1], t[:1], only_some[:1], torch.tensor([0]))
+    out = engine.denoise([denoise(x[:1], t[:1], only_some[:1], torch.tensor([0]))])[0]
     assert out.shape == (1, V)
     fb = seen[1]
     assert fb.valid[0].all()  # the previous pass covered every position of row 0...

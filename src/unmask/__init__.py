@@ -14,25 +14,30 @@ The Python API (the same operations as the ``unmask`` command)::
 ``FAMILIES`` and ``SAMPLERS`` are the registries of model families and samplers.
 """
 
-import os
-import sys
-
-# OpenMP threads that wait for work spin by default. On a machine where another process is busy, two
-# spinning torch threads made a training step 2-3x slower than one thread; sleeping waits
-# (PASSIVE) cost 5-30 % on an idle machine (benchmarks/threads.py, BENCHMARKS.md "Threads"). unmask
-# picks the safe side: PASSIVE, unless the user chose a policy or spin count. OpenMP reads these once,
-# when torch loads, so this takes effect only when unmask is imported first (always, for the CLI).
-if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
-from .config import RunConfig, load_config
-from .eval.runs import evaluate
-from .families import FAMILIES
-from .pipeline import Generation, LoadedModel, from_pretrained, generate
-from .samplers.registry import SAMPLERS
-from .train.loop import train
-from .train.rl import rl_train
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["FAMILIES", "SAMPLERS", "Generation", "LoadedModel", "RunConfig", "evaluate", "from_pretrained",
-           "generate", "load_config", "rl_train", "train"]
+
+# the public names and their modules, imported when first used (PEP 562): `import unmask` loads nothing
+# heavy, so that the command line (`unmask.__main__`) can set process-wide options before torch loads
+_API = {"FAMILIES": "families", "SAMPLERS": "samplers.registry", "Generation": "pipeline", "LoadedModel": "pipeline",
+        "RunConfig": "config", "evaluate": "eval.runs", "from_pretrained": "pipeline", "generate": "pipeline",
+        "load_config": "config", "rl_train": "train.rl", "train": "train.loop"}
+__all__ = sorted(_API)
+
+# `unmask.train` is the training function. The subpackage of the same name is loaded now (it is light)
+# and its name handed to the function: importing the subpackage's modules later cannot rebind it.
+import_module(".train", __name__)
+del globals()["train"]
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'unmask' has no attribute {name!r}")
+    value = getattr(import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

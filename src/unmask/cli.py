@@ -16,7 +16,7 @@
 
 CONFIG is a YAML path or the name of a packaged config; MODEL a run folder (its newest checkpoint), a
 checkpoint folder, a ``save_pretrained`` folder, a released MDLM folder or ``.ckpt``, or a hub id
-(see ``unmask.pretrained``). Overrides use dotted keys (``train.lr=1e-3``).
+(see :mod:`unmask.checkpoints.pretrained`). Overrides use dotted keys (``train.lr=1e-3``).
 """
 
 from __future__ import annotations

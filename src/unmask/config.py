@@ -123,7 +123,7 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Noise schedule and NELBO estimator (``mdlm-reference.md`` section 2)."""
+    """Noise schedule and NELBO estimator (MDLM, Sahoo et al. 2024, section 3)."""
 
     schedule: str = "loglinear"  # noise schedule alpha(t): loglinear, cosine, linear or geometric
     schedule_eps: float = 0.0  # alpha(1) = eps (MDLM trains with 1e-3)
@@ -178,7 +178,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """``metric: likelihood`` (NELBO / NLL), ``generation`` (samples scored by ``evaluator``) or
-    ``exact_match`` (answers generated for the prompts of a prompt/answer split, see ``unmask.tasks``)."""
+    ``exact_match`` (answers generated for the prompts of a prompt/answer split, see :mod:`unmask.data.tasks`)."""
 
     metric: str = "likelihood"  # likelihood, generation or exact_match
     evaluator: str | None = None  # generation: the AR model that scores samples (run folder or HF causal LM folder)
@@ -194,7 +194,7 @@ class EvalConfig:
 
 @dataclass
 class SampleConfig:
-    """Which sampler and how (see ``unmask.sampling``); ``auto`` = ancestral for mdlm, ar for ar."""
+    """Which sampler and how (see :mod:`unmask.samplers`); ``auto`` = ancestral for mdlm, ar for ar."""
 
     sampler: str = "auto"  # auto (the family's default) or a sampler of `unmask sample --help`
     num_samples: int = 4  # samples per prompt (or unconditional)
@@ -245,7 +245,7 @@ class AdapterConfig:
 
 @dataclass
 class ClassifierConfig:
-    """``family: classifier``: a classification head on the DiT backbone (``unmask.classification``)."""
+    """``family: classifier``: a classification head on the DiT backbone (:mod:`unmask.models.classifier`)."""
 
     pooling: str = "mean"  # mean over non-padding positions, or cls (the BOS position)
     dropout: float = 0.1  # dropout before the classification layer
@@ -254,7 +254,7 @@ class ClassifierConfig:
 
 @dataclass
 class RLConfig:
-    """``unmask rl``: GRPO / Co-GRPO fine-tuning of a masked diffusion model (``unmask.rl``)."""
+    """``unmask rl``: GRPO / Co-GRPO fine-tuning of a masked diffusion model (:mod:`unmask.train.rl`)."""
 
     prompts: str | None = None  # JSONL prompt/answer pairs (data.prompt_field, data.text_field) for rollouts
     eval_prompts: str | None = None  # held-out pairs, scored every eval_every iterations

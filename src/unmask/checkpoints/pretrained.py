@@ -11,7 +11,7 @@
 
 * a run folder or checkpoint folder of ``unmask train``;
 * a folder written by ``save_pretrained``;
-* MDLM's released layouts (:mod:`unmask.released`): the ``kuleshov-group/mdlm-owt`` folder, or a
+* MDLM's released layouts (:mod:`unmask.checkpoints.released`): the ``kuleshov-group/mdlm-owt`` folder, or a
   Lightning ``.ckpt`` file (restricted unpickling);
 * a Hugging Face hub id (``org/name``), downloaded with ``huggingface_hub`` when a hub is reachable.
 

@@ -1,7 +1,7 @@
 """MDLM's released checkpoint formats, read and written without their CUDA-only code.
 
-Two layouts hold MDLM's ``DIT`` weights (``mdlm-reference.md`` sections 1 and 9), whose key names
-this project's :class:`~unmask.models.dit.DiT` shares:
+Two layouts hold MDLM's ``DIT`` weights (Sahoo et al. 2024, ``models/dit.py`` of ``kuleshov-group/mdlm``), whose
+key names this project's :class:`~unmask.models.dit.DiT` shares:
 
 * the Hugging Face folder of ``kuleshov-group/mdlm-owt``: ``config.json`` (``model_type: "mdlm"``,
   ``hidden_dim``, ``n_blocks``, ``n_heads``, ``cond_dim``, ``model_length``, ``time_conditioning``,

@@ -1,8 +1,8 @@
 """Verifiable tasks shared by every model family: the star-graph path-finding task and exact-match
 evaluation of prompt/answer pairs.
 
-Star graphs (Bachmann and Nagarajan 2024; the variants of Patel et al. 2025, ``algorithms.md``
-section 5): ``degree`` directed chains ("arms") of ``arm_length`` nodes each (drawn per arm from
+Star graphs (Bachmann and Nagarajan 2024; the variants of Patel et al. 2025, arXiv 2505.05755):
+``degree`` directed chains ("arms") of ``arm_length`` nodes each (drawn per arm from
 ``[min_arm, max_arm]``) share one centre node. In the easy variant the centre is the first node of
 every arm (a plain star); otherwise the centre sits at a random place of each arm, at least
 ``min_plan`` nodes before its end, so nodes lead *into* the centre too. The task shows the shuffled

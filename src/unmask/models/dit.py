@@ -183,7 +183,7 @@ class DiT(nn.Module):
         """``cache``: the new tokens continue the cached ones (a causal model's :class:`KVCache`, or a
         bidirectional model's Fast-dLLM :class:`~unmask.models.common.BlockCache` or block diffusion's
         :class:`~unmask.models.common.BlockDiffusionCache`); the logits of the new positions are returned.
-        ``feedback`` (soft-mask models, with ``ids``): the previous pass, see :mod:`unmask.softmask`.
+        ``feedback`` (soft-mask models, with ``ids``): the previous pass, see :mod:`unmask.models.softmask`.
         ``keep`` (B, L) bool (bidirectional models): attend only to these positions (variable-length rows,
         padding invisible). ``layout``: the tokens' positions and attention pattern (block diffusion's
         two-stream input, :func:`~unmask.models.common.two_stream_layout`)."""

@@ -1,4 +1,4 @@
-"""Soft-masking (Hersche et al. 2025; ``algorithms.md`` section 1): still-masked positions get an input
+"""Soft-masking (Hersche et al. 2025, arXiv 2510.17206): still-masked positions get an input
 embedding that blends the mask embedding with the top-k predictions of the previous forward pass.
 
 For every masked position ``l`` with previous logits ``logits^l`` (the mask class excluded)::

@@ -1,4 +1,4 @@
-"""Block diffusion (BD3-LM, Arriola et al. 2025; ``algorithms.md`` section 6): autoregressive over blocks of
+"""Block diffusion (BD3-LM, Arriola et al. 2025, arXiv 2503.09573): autoregressive over blocks of
 ``block_size`` tokens, masked diffusion within a block.
 
 ``log p(x) = sum_b log p(x^b | x^{<b})`` and each term is bounded by an MDLM NELBO of block ``b`` given the

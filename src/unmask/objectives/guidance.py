@@ -1,4 +1,4 @@
-"""Unsupervised classifier-free guidance (SMDM, Nie et al. 2024, eq. 7; ``algorithms.md`` section 3): the
+"""Unsupervised classifier-free guidance (SMDM, Nie et al. 2024, eq. 7): the
 one place that says what the unconditional branch is and how the two branches combine. Samplers
 (``samplers.denoiser``), likelihood scoring (``objectives.mdlm``) and RL rollouts (``train.rl``) use it."""
 

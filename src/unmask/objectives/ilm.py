@@ -1,4 +1,4 @@
-"""Insertion language models (ILM; Patel et al. 2025, ``algorithms.md`` section 5).
+"""Insertion language models (ILM; Patel et al. 2025, arXiv 2505.05755).
 
 An ILM state is a sequence without masks, ``[BOS] prefix tokens...``; position ``j`` owns the gap to
 its right. The network (the shared bidirectional DiT, no time input, padding invisible through a key

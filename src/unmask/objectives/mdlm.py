@@ -1,6 +1,6 @@
 """Objectives: masked diffusion (MDLM) and the autoregressive baseline, on the same rows.
 
-Masked diffusion (``mdlm-reference.md`` section 2):
+Masked diffusion (MDLM, Sahoo et al. 2024, arXiv 2406.07524, section 3):
 
 * forward process ``q(x_t | x_0)``: each counted token independently becomes the mask with
   probability ``1 - alpha(t)`` (positions that do not count stay clean);
@@ -18,7 +18,7 @@ for ``u >= t_min`` the integrand at ``t = u``; for ``u < t_min`` the reconstruct
 ``E[-log p(x_0 | x_{t_min})]`` spread over ``[0, t_min)`` (weight ``1/t_min`` at ``t = t_min``),
 which for the log-linear schedule is simply ``t = max(u, t_min)`` with weight ``1/t``.
 
-Soft-masking (``algorithms.md`` section 1) for models with a soft-mask module: a share
+Soft-masking (Hersche et al. 2025, arXiv 2510.17206) for models with a soft-mask module: a share
 ``soft_mask_prob`` of the rows (all rows in evaluation) is scored in two passes on the same ``x_t``:
 a no-gradient pass gives the feedback (:class:`~unmask.models.softmask.SoftFeedback`), the second pass, with
 soft inputs, is the one scored and trained. The feedback is a deterministic function of ``x_t``, so

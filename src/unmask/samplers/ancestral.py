@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..objectives.base import unwrap
@@ -13,12 +11,11 @@ from .base import (
     TIME,
     TOKEN,
     RowStreams,
-    SampleResult,
     SamplingError,
-    StepCallback,
     categorical_probs,
 )
 from .denoiser import DiffusionSampler
+from .engine import Decoding, Frame, Outcome
 
 
 class AncestralSampler(DiffusionSampler):
@@ -52,13 +49,13 @@ class AncestralSampler(DiffusionSampler):
             return 1.0, 0.0
         return (a_s - a_t) / (1 - a_t), (1 - a_s) / (1 - a_t)
 
-    @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
-               on_step: StepCallback | None = None) -> SampleResult:
+    def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         self.check(canvas, seeds)
-        cache = self.cache and not unwrap(model).time_conditioning
-        start = time.perf_counter()
-        x, streams, denoise = canvas.clone(), RowStreams(seeds), self.denoiser(model, canvas)
+        return self._decode(canvas, seeds, self.cache and not unwrap(model).time_conditioning,
+                            self.denoiser(model, canvas))
+
+    def _decode(self, canvas: torch.Tensor, seeds: torch.Tensor, cache: bool, denoise) -> Decoding:
+        x, streams = canvas.clone(), RowStreams(seeds)
         b = x.shape[0]
         row_nfe = torch.zeros(b, dtype=torch.long)
         cached: torch.Tensor | None = None  # (B, L, V) logits of the last evaluation of each row
@@ -72,8 +69,8 @@ class AncestralSampler(DiffusionSampler):
             evaluate = active & stale if cache else active
             rows = evaluate.nonzero()[:, 0]
             if len(rows):
-                logits = denoise(x[rows], torch.full((len(rows),), t, dtype=torch.float64, device=x.device),
-                                 masked[rows], rows)
+                logits = yield denoise(x[rows], torch.full((len(rows),), t, dtype=torch.float64, device=x.device),
+                                       masked[rows], rows)
                 row_nfe[rows.cpu()] += 1
                 if cache:
                     if cached is None:
@@ -103,6 +100,5 @@ class AncestralSampler(DiffusionSampler):
             if cache:
                 stale = torch.zeros_like(stale)
                 stale[chosen[:, 0]] = True
-            if on_step is not None:
-                on_step(x)
-        return SampleResult(x, denoise.calls, row_nfe, time.perf_counter() - start, int((canvas == self.mask_id).sum()))
+            yield Frame(x)
+        return Outcome(x, row_nfe)

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from .base import (
-    PURPOSES,
-    TOKEN,
-    RowStreams,
-    Sampler,
-    SampleResult,
-    StepCallback,
-    _autocast_dtype,
-    categorical_probs,
-    check_knobs,
-)
+from .base import PURPOSES, TOKEN, RowStreams, categorical_probs, check_knobs
+from .engine import Causal, Decoding, Frame, Outcome, Sampler
 
 
 class AutoregressiveSampler(Sampler):
@@ -37,36 +26,31 @@ class AutoregressiveSampler(Sampler):
         cols = torch.full_like(rows, j)
         x[rows, j] = streams.categorical(probs, rows, j * PURPOSES + TOKEN, cols, self.precision)
 
-    @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
-               on_step: StepCallback | None = None) -> SampleResult:
+    def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         self.check(canvas, seeds)
-        start = time.perf_counter()
+        return self._decode(canvas, seeds)
+
+    def _decode(self, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         x, streams = canvas.clone(), RowStreams(seeds)
         b, length = x.shape
         columns = (x == self.mask_id).any(dim=0).nonzero()[:, 0].tolist()
         bos = torch.full((b, 1), self.bos_id, dtype=x.dtype, device=x.device)
         calls = 0
         if columns and self.kv_cache:
-            dtype = _autocast_dtype(x.device) or next(model.parameters()).dtype
-            cache = model.new_cache(b, x.device, dtype, capacity=length)
-            fed = 0  # tokens of x fed so far (after BOS)
-            logits = model(torch.cat([bos, x[:, :columns[0]]], dim=1), cache=cache)[:, -1]
-            calls, fed = 1, columns[0]
+            fed = columns[0]  # tokens of x fed so far (after BOS)
+            logits = yield Causal(torch.cat([bos, x[:, :fed]], dim=1), cached=True, capacity=length)
+            calls = 1
             for i, j in enumerate(columns):
                 self._draw(x, j, logits, streams)
-                if on_step is not None:
-                    on_step(x)
+                yield Frame(x)
                 if i + 1 < len(columns):
                     nxt = columns[i + 1]
-                    logits = model(x[:, fed:nxt], cache=cache)[:, -1]
+                    logits = yield Causal(x[:, fed:nxt], cached=True)
                     calls, fed = calls + 1, nxt
         elif columns:
             for j in columns:
-                logits = model(torch.cat([bos, x[:, :j]], dim=1))[:, -1]
+                logits = yield Causal(torch.cat([bos, x[:, :j]], dim=1), cached=False)
                 calls += 1
                 self._draw(x, j, logits, streams)
-                if on_step is not None:
-                    on_step(x)
-        return SampleResult(x, calls, torch.full((b,), calls, dtype=torch.long), time.perf_counter() - start,
-                            int((canvas == self.mask_id).sum()))
+                yield Frame(x)
+        return Outcome(x, torch.full((b,), calls, dtype=torch.long))

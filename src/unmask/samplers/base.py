@@ -117,27 +117,6 @@ class SampleResult:
 StepCallback = Callable[[torch.Tensor], None]
 
 
-class Sampler:
-    """Generates the masked positions of a canvas (B, L); see the module docstring.
-
-    ``on_step`` (optional) is called with the canvas (B, L) after every step, for streaming; it must
-    copy what it keeps and must not modify it.
-    """
-
-    mask_id: int
-
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
-               on_step: StepCallback | None = None) -> SampleResult:
-        raise NotImplementedError
-
-    def check(self, canvas: torch.Tensor, seeds: torch.Tensor) -> None:
-        if canvas.dim() != 2 or canvas.shape[0] == 0 or canvas.shape[1] == 0:
-            raise SamplingError(f"the canvas must be a non-empty (batch, length) tensor, got shape "
-                                f"{tuple(canvas.shape)}")
-        if seeds.shape != (canvas.shape[0],):
-            raise SamplingError(f"need one seed per row: {canvas.shape[0]} rows, seeds of shape {tuple(seeds.shape)}")
-
-
 def check_knobs(temperature: float, top_k: int, top_p: float, precision: str) -> None:
     if temperature < 0:
         raise SamplingError(f"temperature must be >= 0, got {temperature}")

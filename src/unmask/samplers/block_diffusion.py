@@ -3,14 +3,15 @@ a block, an exact KV cache of the committed blocks."""
 
 from __future__ import annotations
 
-import time
+from dataclasses import replace
 
 import torch
 
 from .. import rng
 from ..models.common import BlockDiffusionCache, block_diffusion_layout
 from ..objectives.base import unwrap
-from .base import Sampler, SampleResult, SamplingError, StepCallback, _autocast_dtype, stop_at_eos
+from .base import SamplingError, _autocast_dtype, stop_at_eos
+from .engine import Decoding, Outcome, Sampler, relay
 
 
 def _in_chunk(positions: torch.Tensor | None, rows: int, size: int, offset: int) -> torch.Tensor | None:
@@ -31,25 +32,40 @@ def _rows(rows: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor | None:
 
 
 class BlockContext:
-    """What the inner sampler of block ``[start, start + size)`` calls as its model: the network on the
-    block's canvas (R, size) for the batch rows ``rows`` (R,), conditioned on the committed blocks before
-    it. Denoisers pass the canvas rows they evaluate as ``rows``.
+    """The model as the inner sampler of block ``[start, start + size)`` sees it: the network on the block's
+    canvas (R, size) for the batch rows ``rows`` (R,), conditioned on the committed blocks before it. The
+    inner sampler is started with the context as its model (no soft-mask, no time conditioning); its
+    denoiser calls carry the context, and the engine runs them through :meth:`bind` with the network and
+    the decoding's cache. Denoisers pass the canvas rows they evaluate as ``rows``.
 
-    With ``cache``: the clean blocks ``[pending, start)`` of the batch rows ``alive`` are not in it yet; the
-    first call that evaluates every alive row feeds them with the block and commits them (one call, no
-    separate commit), else they are committed by a call of their own first (counted in ``extra_calls``).
-    Without: the committed prefix is fed again with the block at every call (the two-stream pattern of
-    clean prefix and noisy block; the same numbers up to float rounding)."""
+    With a cache (``cached``): the clean blocks ``[pending, start)`` of the batch rows ``alive`` are not in
+    it yet; the first call that evaluates every alive row feeds them with the block and commits them (one
+    call, no separate commit), else they are committed by a call of their own first (counted in
+    ``extra_calls``). Without: the committed prefix is fed again with the block at every call (the
+    two-stream pattern of clean prefix and noisy block; the same numbers up to float rounding)."""
 
     takes_rows = True  # the denoiser says which canvas rows a call is for
     soft_mask = None
     time_conditioning = False
 
-    def __init__(self, model, canvas: torch.Tensor, rows: torch.Tensor, start: int, block_size: int,
-                 cache: BlockDiffusionCache | None, pending: int = 0, alive: torch.Tensor | None = None):
-        self.model, self.canvas, self.batch_rows, self.start = model, canvas, rows, start
-        self.block_size, self.cache, self.pending, self.alive = block_size, cache, pending, alive
+    def __init__(self, canvas: torch.Tensor, rows: torch.Tensor, start: int, block_size: int, cached: bool,
+                 pending: int = 0, alive: torch.Tensor | None = None):
+        self.canvas, self.batch_rows, self.start = canvas, rows, start
+        self.block_size, self.cached, self.pending, self.alive = block_size, cached, pending, alive
+        self.model, self.cache = None, None
         self.extra_calls = 0
+
+    def new_cache(self, model) -> BlockDiffusionCache:
+        """The exact block cache of the whole canvas (every row, every position)."""
+        net = unwrap(model)
+        dtype = _autocast_dtype(self.canvas.device) or next(net.parameters()).dtype
+        return net.new_cache(len(self.canvas), self.canvas.device, dtype, capacity=self.canvas.shape[1],
+                             kind=BlockDiffusionCache)
+
+    def bind(self, model, cache: BlockDiffusionCache | None) -> BlockContext:
+        """The context calling ``model`` with the decoding's ``cache`` (None without one)."""
+        self.model, self.cache = model, cache
+        return self
 
     def __call__(self, ids: torch.Tensor, sigma: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                  rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,26 +131,21 @@ class BlockDiffusionSampler(Sampler):
         self.inner, self.block_size, self.kv_cache = inner, block_size, kv_cache
         self.mask_id, self.eos_id, self.pad_id = inner.mask_id, eos_id, pad_id
 
-    @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
-               on_step: StepCallback | None = None) -> SampleResult:
+    def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         self.check(canvas, seeds)
-        net = unwrap(model)
+        if canvas.shape[1] > unwrap(model).cfg.length:
+            raise SamplingError(f"a canvas of {canvas.shape[1]} positions exceeds the model's maximum length "
+                                f"{unwrap(model).cfg.length}")
+        return self._decode(canvas, seeds)
+
+    def _decode(self, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         b, n = canvas.shape
-        if n > net.cfg.length:
-            raise SamplingError(f"a canvas of {n} positions exceeds the model's maximum length {net.cfg.length}")
-        start_time = time.perf_counter()
         x, free = canvas.clone(), canvas == self.mask_id
         done = torch.zeros(b, dtype=torch.bool, device=x.device)
-        nfe, row_nfe = 0, torch.zeros(b, dtype=torch.long)
-        cache = None
-        if self.kv_cache:
-            dtype = _autocast_dtype(x.device) or next(net.parameters()).dtype
-            cache = net.new_cache(b, x.device, dtype, capacity=n, kind=BlockDiffusionCache)
+        row_nfe = torch.zeros(b, dtype=torch.long)
         size = self.block_size
-        blocks = -(-n // size)
         committed = 0  # positions whose keys and values are in the cache (for every row still going)
-        for j in range(blocks):
+        for j in range(-(-n // size)):
             start, end = j * size, min((j + 1) * size, n)
             alive = (~done).nonzero()[:, 0]
             if not len(alive):
@@ -142,20 +153,14 @@ class BlockDiffusionSampler(Sampler):
             rows = alive[(x[alive, start:end] == self.mask_id).any(dim=1)]
             if not len(rows):
                 continue
-            inner_step = None
-            if on_step is not None:
-                def inner_step(block, rows=rows, start=start, end=end):
-                    view = x.clone()
-                    view[rows, start:end] = block
-                    on_step(view)
-            context = BlockContext(model, x, rows, start, size, cache, committed, alive)
-            result = self.inner.sample(context, x[rows, start:end], rng.hash64(seeds.to(x.device)[rows], j),
-                                       inner_step)
+            context = BlockContext(x, rows, start, size, self.kv_cache, committed, alive)
+            inner = self.inner.start(context, x[rows, start:end], rng.hash64(seeds.to(x.device)[rows], j))
+            result = yield from relay(inner, call=lambda c: replace(c, context=context),
+                                      frame=lambda f: f.placed(x, rows, start, end))
             x[rows, start:end] = result.tokens
-            nfe += result.nfe + context.extra_calls
             row_nfe[rows.cpu()] += result.row_nfe
             row_nfe[alive.cpu()] += context.extra_calls
             committed = context.pending
             if self.eos_id is not None:
                 stop_at_eos(x, free, done, end, self.eos_id, self.pad_id)
-        return SampleResult(x, nfe, row_nfe, time.perf_counter() - start_time, int(free.sum()))
+        return Outcome(x, row_nfe)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
@@ -14,13 +13,12 @@ from .base import (
     REMASK,
     TOKEN,
     RowStreams,
-    SampleResult,
     SamplingError,
-    StepCallback,
     categorical_probs,
     choose_per_row,
 )
 from .denoiser import DiffusionSampler
+from .engine import Decoding, Frame, Outcome
 
 REVEAL_SCHEDULES = ("linear", "cosine")
 
@@ -76,12 +74,12 @@ class ConfidenceSampler(DiffusionSampler):
             return (probs * probs.clamp_min(1e-300).log()).sum(dim=1)  # -H: higher is more confident
         return keys
 
-    @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
-               on_step: StepCallback | None = None) -> SampleResult:
+    def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         self.check(canvas, seeds)
-        start = time.perf_counter()
-        x, streams, denoise = canvas.clone(), RowStreams(seeds), self.denoiser(model, canvas)
+        return self._decode(canvas, seeds, self.denoiser(model, canvas))
+
+    def _decode(self, canvas: torch.Tensor, seeds: torch.Tensor, denoise) -> Decoding:
+        x, streams = canvas.clone(), RowStreams(seeds)
         b = x.shape[0]
         free = canvas == self.mask_id
         total = free.sum(dim=1)
@@ -93,7 +91,7 @@ class ConfidenceSampler(DiffusionSampler):
             if not len(rows):
                 continue
             t = torch.full((len(rows),), 1 - step / self.steps, dtype=torch.float64, device=x.device)
-            logits = denoise(x[rows], t, masked[rows], rows)
+            logits = yield denoise(x[rows], t, masked[rows], rows)
             row_nfe[rows.cpu()] += 1
             probs = categorical_probs(logits, self.temperature, self.top_k, self.top_p, exclude=self.mask_id)
             where = masked[rows].nonzero()
@@ -115,6 +113,5 @@ class ConfidenceSampler(DiffusionSampler):
                 u = streams.uniform(spots[:, 0], counter + REMASK, spots[:, 1])
                 back = spots[u < self.remask]
                 x[back[:, 0], back[:, 1]] = self.mask_id
-            if on_step is not None:
-                on_step(x)
-        return SampleResult(x, denoise.calls, row_nfe, time.perf_counter() - start, int(free.sum()))
+            yield Frame(x)
+        return Outcome(x, row_nfe)

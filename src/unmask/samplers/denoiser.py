@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..models.common import bucketed_positions
 from ..models.softmask import SoftFeedback
 from ..objectives.base import unwrap
 from ..objectives.guidance import guided_logits, unconditional_input
 from ..objectives.mdlm import MaskedDiffusion
-from .base import Sampler, SamplingError, check_knobs
+from .base import SamplingError, check_knobs
+from .engine import Denoise, Sampler
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
 
@@ -26,18 +27,39 @@ def guidance_weight(weight: float, schedule: str, t: torch.Tensor) -> torch.Tens
     raise SamplingError(f"unknown guidance schedule {schedule!r} ({' or '.join(GUIDANCE_SCHEDULES)})")
 
 
+@dataclass
+class Prepared:
+    """A denoiser call made ready for the network: its rows ``x`` (R, L), ``sigma`` (R,), the ``positions``
+    (R, L) bool whose logits the network computes (every masked one for soft-mask feedback), the
+    unconditional branch's input (None: no guided row) and the per-position guidance weight (N, 1)."""
+
+    x: torch.Tensor
+    sigma: torch.Tensor
+    positions: torch.Tensor
+    wanted: torch.Tensor
+    rows: torch.Tensor
+    unconditional: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+
+    def guide(self, conditional: torch.Tensor, unconditional: torch.Tensor) -> torch.Tensor:
+        """The guided logits ``l_u + (1 + w)(l_c - l_u)`` where the weight is not 0."""
+        return torch.where(self.weight != 0, guided_logits(conditional, unconditional, self.weight), conditional)
+
+
 class Denoiser:
-    """The backbone seen by diffusion samplers: logits at the selected positions of some rows.
+    """The backbone seen by diffusion samplers: logits at the selected positions of some rows. A sampler
+    asks through ``denoiser(x, t, positions, rows)``, which makes the :class:`~unmask.samplers.engine.Denoise`
+    call to yield; the engine runs the network between :meth:`prepare` and :meth:`finish`.
 
-    The number of rows evaluated changes from step to step (rows finish, cached rows are skipped);
-    it is padded up to a multiple of ``batch / 8`` with copies of the first row (whose outputs are
-    not read), so the network sees a handful of shapes (see :func:`bucketed_positions`).
+    The number of rows evaluated changes from step to step (rows finish, cached rows are skipped); the
+    engine pads it up to a multiple of ``batch / 8`` with copies of the first row (whose outputs are not
+    read), so the network sees a handful of shapes (see :func:`bucketed_positions`).
 
-    Unsupervised classifier-free guidance (SMDM, Nie et al. 2024, eq. 7; ``algorithms.md`` section 3)
-    with weight ``w != 0``: the unconditional branch is the same canvas with every fixed token of the
-    sampler's input canvas (the prompt) replaced by the mask, and the logits become
-    ``l_u + (1 + w)(l_c - l_u)``: two forward passes per evaluation of a row that has a prompt. With
-    ``w = 0`` (or no prompt) only the conditional pass runs, so the result is exactly the unguided one.
+    Unsupervised classifier-free guidance (SMDM, Nie et al. 2024, eq. 7) with weight ``w != 0``: the
+    unconditional branch is the same canvas with every fixed token of the sampler's input canvas (the
+    prompt) replaced by the mask, and the logits become ``l_u + (1 + w)(l_c - l_u)``: two forward passes
+    per evaluation of a row that has a prompt. With ``w = 0`` (or no prompt) only the conditional pass
+    runs, so the result is exactly the unguided one.
 
     Soft-masking (a model with a soft-mask module, ``soft=True``): the denoiser keeps, per row, the
     summary of that row's last evaluation at the positions that were masked then, and feeds it back
@@ -51,57 +73,37 @@ class Denoiser:
 
     def __init__(self, model, diffusion: MaskedDiffusion, canvas: torch.Tensor, soft: bool = True,
                  guidance: float = 0.0, guidance_schedule: str = "constant"):
-        self.model, self.diffusion = model, diffusion
-        self.quantum = max(1, -(-len(canvas) // 8))
-        self.calls = 0
+        self.diffusion, self.batch = diffusion, len(canvas)
         self.feedback: SoftFeedback | None = None
         if soft and unwrap(model).soft_mask is not None:
             self.feedback = SoftFeedback.empty(*canvas.shape, model.soft_mask.top_k, device=canvas.device)
         self.guidance, self.guidance_schedule = guidance, guidance_schedule
         self.prompt = (canvas != diffusion.mask_id) if guidance else None
 
-    def _pad(self, rows: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Pad the row dimension to a multiple of the quantum with copies of the first row."""
-        extra = -(-rows // self.quantum) * self.quantum - rows
-        return [torch.cat([v, v[:1].expand(extra, *v.shape[1:])]) if extra else v for v in tensors]
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> Denoise:
+        """The call for logits (N, V) at ``positions`` (R, L) bool (masked positions, row-major) of the canvases
+        ``x`` (R, L) of batch rows ``rows`` (R,) at times ``t`` (R,) float64."""
+        return Denoise(self, x, t, positions, rows)
 
-    def _forward(self, x, sigma, positions, feedback, rows) -> torch.Tensor:
-        index, n = bucketed_positions(positions)
-        extra = {} if feedback is None else {"feedback": feedback}
-        if getattr(self.model, "takes_rows", False):  # a block diffusion context: which canvas rows these are
-            extra["rows"] = rows
-        return self.model(x, sigma, positions=index, **extra)[:n].float()
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """x (R, L) the canvases of batch rows ``rows`` (R,), t (R,) float64, positions (R, L) bool
-        (masked positions) -> logits (N, V) at ``positions`` in row-major order."""
-        self.calls += 1
-        n_rows = x.shape[0]
-        wanted = positions
-        if self.feedback is not None:
-            positions = x == self.diffusion.mask_id
-        feedback = None if self.feedback is None else self.feedback.select(rows)
-        padded = self._pad(n_rows, x, t, positions, rows)
-        x_p, t_p, pos_p = padded[:3]
-        pos_p[n_rows:] = False
-        if feedback is not None:
-            feedback = self.feedback.select(padded[3])
-        sigma = self.diffusion.model_sigma(t_p)
-        logits = self._forward(x_p, sigma, pos_p, feedback, padded[3])
+    def prepare(self, call: Denoise) -> Prepared:
+        mask_id = self.diffusion.mask_id
+        positions = call.x == mask_id if self.feedback is not None else call.positions
+        ready = Prepared(call.x, self.diffusion.model_sigma(call.t), positions, call.positions, call.rows)
         if self.prompt is not None:
-            prompt = self.prompt[rows]
+            prompt = self.prompt[call.rows]
             guided = prompt.any(dim=1)
             if guided.any():
-                x_u = self._pad(n_rows, unconditional_input(x, prompt, self.diffusion.mask_id))[0]
-                l_u = self._forward(x_u, sigma, pos_p, feedback, padded[3])
-                w = guidance_weight(self.guidance, self.guidance_schedule, t).to(logits.dtype)
-                per_position = (w * guided)[positions.nonzero()[:, 0]][:, None]
-                logits = torch.where(per_position != 0, guided_logits(logits, l_u, per_position), logits)
-        if self.feedback is not None:
-            self.feedback.store(rows, positions, logits, self.diffusion.mask_id)
-            return logits[wanted[positions]]
-        return logits
+                ready.unconditional = unconditional_input(call.x, prompt, mask_id)
+                w = guidance_weight(self.guidance, self.guidance_schedule, call.t).float()
+                ready.weight = (w * guided)[positions.nonzero()[:, 0]][:, None]
+        return ready
+
+    def finish(self, ready: Prepared, logits: torch.Tensor) -> torch.Tensor:
+        """The call's logits at the positions it asked for; soft-mask feedback stored for its rows."""
+        if self.feedback is None:
+            return logits
+        self.feedback.store(ready.rows, ready.positions, logits, self.diffusion.mask_id)
+        return logits[ready.wanted[ready.positions]]
 
 
 class DiffusionSampler(Sampler):

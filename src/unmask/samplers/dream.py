@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from ..models.common import BlockCache
 from ..objectives.mdlm import MaskedDiffusion
 from .base import (
     ORDER,
@@ -15,14 +12,13 @@ from .base import (
     TIME,
     TOKEN,
     RowStreams,
-    SampleResult,
     SamplingError,
-    StepCallback,
     categorical_probs,
     choose_per_row,
     ranks_in_row,
 )
 from .denoiser import DiffusionSampler, block_cache_start
+from .engine import Chunk, Decoding, Frame, Outcome
 
 # Dream's algorithm names, and what unmask's `sample.score` calls them
 DREAM_ALGORITHMS = {"origin": "origin", "maskgit_plus": "confidence", "topk_margin": "margin", "entropy": "entropy"}
@@ -97,18 +93,17 @@ class DreamSampler(DiffusionSampler):
             confidence = probs.gather(1, x0[:, None])[:, 0]
         return x0, confidence
 
-    @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
-               on_step: StepCallback | None = None) -> SampleResult:
+    def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         self.check(canvas, seeds)
-        start_time = time.perf_counter()
-        x, streams, denoise = canvas.clone(), self.streams(seeds), self.denoiser(model, canvas)
+        if self.block_length:
+            start = block_cache_start(model, canvas, self.mask_id, self.block_cache)
+            return self._blocks(canvas, self.streams(seeds), start)
+        return self._decode(canvas, self.streams(seeds), self.denoiser(model, canvas))
+
+    def _decode(self, canvas, streams, denoise) -> Decoding:
+        x = canvas.clone()
         b, length = x.shape
         free = canvas == self.mask_id
-        if self.block_length:
-            row_nfe = torch.zeros(b, dtype=torch.long)
-            calls = self._blocks(model, x, streams, row_nfe, on_step)
-            return SampleResult(x, calls, row_nfe, time.perf_counter() - start_time, int(free.sum()))
         grid = torch.linspace(1, self.eps, self.steps + 1)  # float32, as Dream
         row_nfe = torch.zeros(b, dtype=torch.long)
         masks = free.sum(dim=1)
@@ -123,7 +118,7 @@ class DreamSampler(DiffusionSampler):
             final = step >= self.steps - 1
             t = grid[min(step, self.steps - 1)]
             s = grid[min(step + 1, self.steps)]
-            logits = denoise(x[rows], t.double().expand(len(rows)).to(x.device), todo[rows], rows)
+            logits = yield denoise(x[rows], t.double().expand(len(rows)).to(x.device), todo[rows], rows)
             row_nfe[rows.cpu()] += 1
             where = todo[rows].nonzero()
             abs_rows, counter = rows[where[:, 0]], step * PURPOSES
@@ -152,9 +147,8 @@ class DreamSampler(DiffusionSampler):
             sub[chosen] = proposal[chosen]
             x[rows] = sub
             step += 1
-            if on_step is not None:
-                on_step(x)
-        return SampleResult(x, denoise.calls, row_nfe, time.perf_counter() - start_time, int(free.sum()))
+            yield Frame(x)
+        return Outcome(x, row_nfe)
 
     def _threshold(self, score, step, n0, carry, last):
         """One step of threshold decoding for R rows: (chosen (R, L), n0, carry, last)."""
@@ -166,33 +160,31 @@ class DreamSampler(DiffusionSampler):
         extend = (rejected > 0) & (last == step)
         return chosen, torch.where(extend, 0, n0), rejected, last + extend.long()
 
-    def _blocks(self, model, x, streams, row_nfe, on_step) -> int:
+    def _blocks(self, canvas, streams, start0: int) -> Decoding:
         """Fast-dLLM's block-wise Dream sampler (``generation_utils_block``): the generated part in blocks of
         ``block_length``; per block one full-canvas call (recording the ``block_cache``) whose shifted
         logits reveal the block's first position by argmax, then calls on the canvas from the block on
         (prefix, or without cache the whole canvas) or on the block alone (dual) until it is complete:
         with ``threshold`` the best candidate and every other at or above it; else the schedule of
         ``steps / blocks`` steps per block, ``int(M (1 - t_{i+1}/t_i))`` at step ``i`` (the full call was
-        step 0), everything left at the last. Returns the number of network calls; the rows must share
-        their block boundaries."""
+        step 0), everything left at the last. The rows must share their block boundaries."""
+        x = canvas.clone()
         b, length = x.shape
         free = x == self.mask_id
-        start0 = block_cache_start(model, x, self.mask_id, self.block_cache)
+        row_nfe = torch.zeros(b, dtype=torch.long)
         blocks = -(-(length - start0) // self.block_length)
         per_block = max(1, self.steps // max(blocks, 1))
         grid = torch.linspace(1, self.eps, per_block + 1)
-        cache = BlockCache(self.block_cache) if self.block_cache != "none" else None
-        calls, step = 0, 0
+        mode = None if self.block_cache == "none" else self.block_cache
+        step = 0
         for k in range(blocks):
             start, end = start0 + k * self.block_length, min(start0 + (k + 1) * self.block_length, length)
             i = 0
             while i == 0 or (x[:, start:end] == self.mask_id).any():
-                if cache is not None:
-                    cache.recording, cache.length = i == 0, 0 if i == 0 else start
-                offset = 0 if i == 0 or cache is None else start
+                offset = 0 if i == 0 or mode is None else start
                 chunk = x[:, offset:end] if self.block_cache == "dual" and i > 0 else x[:, offset:]
-                out = (model(chunk, cache=cache) if cache is not None else model(chunk)).float()
-                calls, step = calls + 1, step + 1
+                out = yield Chunk(chunk, mode, record=i == 0, length=offset)
+                step += 1
                 row_nfe += 1
                 todo = torch.zeros_like(free)
                 todo[:, start:end] = x[:, start:end] == self.mask_id
@@ -214,7 +206,6 @@ class DreamSampler(DiffusionSampler):
                 proposal[where[:, 0], where[:, 1]] = x0
                 x[chosen] = proposal[chosen]
                 i += 1
-                if on_step is not None:
-                    on_step(x)
-        return calls
+                yield Frame(x)
+        return Outcome(x, row_nfe)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..objectives.mdlm import MaskedDiffusion
@@ -13,13 +11,12 @@ from .base import (
     TIME,
     TOKEN,
     RowStreams,
-    SampleResult,
     SamplingError,
-    StepCallback,
     categorical_probs,
     choose_per_row,
 )
 from .denoiser import DiffusionSampler
+from .engine import Decoding, Frame, Outcome
 
 
 class FirstHittingSampler(DiffusionSampler):
@@ -44,14 +41,14 @@ class FirstHittingSampler(DiffusionSampler):
         alpha_0 = float(schedule.alpha(torch.zeros((), dtype=torch.float64)))
         return schedule.inverse(target.clamp(max=alpha_0)).clamp(0, 1)
 
-    @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
-               on_step: StepCallback | None = None) -> SampleResult:
+    def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         self.check(canvas, seeds)
         if self.k > canvas.shape[1]:
             raise SamplingError(f"{self.k} tokens per step is larger than the canvas of {canvas.shape[1]}")
-        start = time.perf_counter()
-        x, streams, denoise = canvas.clone(), RowStreams(seeds), self.denoiser(model, canvas)
+        return self._decode(canvas, seeds, self.denoiser(model, canvas))
+
+    def _decode(self, canvas: torch.Tensor, seeds: torch.Tensor, denoise) -> Decoding:
+        x, streams = canvas.clone(), RowStreams(seeds)
         b, length = x.shape
         tau = torch.ones(b, dtype=torch.float64, device=x.device)
         steps = torch.zeros(b, dtype=torch.long, device=x.device)
@@ -73,7 +70,7 @@ class FirstHittingSampler(DiffusionSampler):
                 first = t_next if first is None else first
             keys = streams.uniform(rows[:, None], (counter + ORDER)[:, None], cols)
             chosen = choose_per_row(torch.where(masked[rows], keys, float("-inf")), k)
-            logits = denoise(x[rows], first, chosen, rows)
+            logits = yield denoise(x[rows], first, chosen, rows)
             probs = categorical_probs(logits, self.temperature, self.top_k, self.top_p, exclude=self.mask_id)
             where = chosen.nonzero()
             draws = streams.categorical(probs, rows[where[:, 0]], counter[where[:, 0]] + TOKEN, where[:, 1],
@@ -83,7 +80,5 @@ class FirstHittingSampler(DiffusionSampler):
             x[rows] = sub
             tau[rows] = t_next
             steps[rows] += 1
-            if on_step is not None:
-                on_step(x)
-        return SampleResult(x, denoise.calls, steps.cpu(), time.perf_counter() - start,
-                            int((canvas == self.mask_id).sum()))
+            yield Frame(x)
+        return Outcome(x, steps.cpu())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..models.insertion import stop_log_odds
@@ -13,13 +11,11 @@ from .base import (
     TIME,
     TOKEN,
     RowStreams,
-    Sampler,
-    SampleResult,
     SamplingError,
-    StepCallback,
     categorical_probs,
     check_knobs,
 )
+from .engine import Decoding, Forward, Frame, Outcome, Sampler
 
 GAP_CHOICES = ("greedy", "sample")  # the gap with the largest marginal, or one drawn (joint sampling)
 # stop with probability P(stop), once P(stop) reaches a threshold, or after a count drawn at the start
@@ -27,7 +23,7 @@ STOP_RULES = ("draw", "threshold", "count")
 
 
 class InsertionSampler(Sampler):
-    """Insertion LMs (``algorithms.md`` section 5): every step is one network call and one insertion
+    """Insertion LMs (Patel et al. 2025, arXiv 2505.05755): every step is one network call and one insertion
     per unfinished row, and rows finish at different lengths.
 
     The canvas (B, W) says where to insert: its tokens other than mask and PAD are kept, in order, and
@@ -67,7 +63,7 @@ class InsertionSampler(Sampler):
         self.stop, self.stop_threshold, self.gap = stop, stop_threshold, gap
         self.temperature, self.top_k, self.top_p, self.precision = temperature, top_k, top_p, precision
 
-    def start(self, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def layout(self, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids (B, W) left-aligned, open gaps (B, W), lengths (B,)) of a canvas."""
         masks = canvas == self.mask_id
         fixed = ~masks & (canvas != self.pad_id)
@@ -82,26 +78,25 @@ class InsertionSampler(Sampler):
         opened[rows, place[rows, cols]] = before_mask[rows, cols]
         return ids, opened, fixed.sum(1)
 
-    @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
-               on_step: StepCallback | None = None) -> SampleResult:
+    def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         self.check(canvas, seeds)
-        start = time.perf_counter()
-        ids, opened, lengths = self.start(canvas)
+        return self._decode(canvas, seeds, model.backbone.vocab_size)
+
+    def _decode(self, canvas: torch.Tensor, seeds: torch.Tensor, vocab_size: int) -> Decoding:
+        ids, opened, lengths = self.layout(canvas)
         b, width = ids.shape
         streams = RowStreams(seeds)
-        forbidden = torch.zeros(model.backbone.vocab_size, dtype=torch.bool, device=ids.device)
+        forbidden = torch.zeros(vocab_size, dtype=torch.bool, device=ids.device)
         forbidden[self.special] = True
         positions = torch.arange(width, device=ids.device)
         active = opened.any(1) & (lengths < width)
         row_nfe = torch.zeros(b, dtype=torch.long)
         budget = torch.zeros(b, dtype=torch.long, device=ids.device)  # stop="count": insertions left
-        calls = step = 0
+        step = 0
         while active.any():
             rows = active.nonzero()[:, 0]
             keep = positions[None] < lengths[rows, None]
-            logits, stop = model(ids[rows], keep)
-            calls += 1
+            logits, stop = yield Forward(ids[rows], dict(keep=keep))
             row_nfe[rows.cpu()] += 1
             if self.stop == "count":
                 if step == 0:
@@ -132,10 +127,9 @@ class InsertionSampler(Sampler):
                 budget[rows] -= 1
                 active[rows] = (lengths[rows] < width) & ((budget[rows] > 0) | (self.stop != "count"))
             step += 1
-            if on_step is not None:
-                on_step(ids)
+            yield Frame(ids)
         generated = int((lengths - ((canvas != self.mask_id) & (canvas != self.pad_id)).sum(1)).sum())
-        return SampleResult(ids, calls, row_nfe, time.perf_counter() - start, generated)
+        return Outcome(ids, row_nfe, generated)
 
     def go_on(self, p_stop: torch.Tensor, streams: RowStreams, rows: torch.Tensor, step: int) -> torch.Tensor:
         """(N,) bool: the rows that insert at this step rather than stop (``stop`` draw or threshold)."""

@@ -3,25 +3,21 @@ blocks, a fixed number of reveals per step, one network call per step."""
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from ..models.common import BlockCache
 from ..objectives.mdlm import MaskedDiffusion
 from .base import (
     ORDER,
     PURPOSES,
     TOKEN,
     RowStreams,
-    SampleResult,
     SamplingError,
-    StepCallback,
     choose_per_row,
     ranks_in_row,
 )
 from .confidence import CONFIDENCE_SCORES
 from .denoiser import DiffusionSampler, block_cache_start
+from .engine import Chunk, Decoding, Frame, Outcome
 
 
 def per_step_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -110,25 +106,25 @@ class LLaDASampler(DiffusionSampler):
             score = streams.uniform(rows, counter + ORDER, cols)
         return x0, score.double()
 
-    @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
-               on_step: StepCallback | None = None) -> SampleResult:
+    def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         self.check(canvas, seeds)
-        start_time = time.perf_counter()
-        x, streams, denoise = canvas.clone(), self.streams(seeds), self.denoiser(model, canvas)
-        b, length = x.shape
+        b, length = canvas.shape
         free = canvas == self.mask_id
-        first = torch.where(free.any(dim=1), free.float().argmax(dim=1), torch.full((b,), length, device=x.device))
+        first = torch.where(free.any(dim=1), free.float().argmax(dim=1), torch.full((b,), length, device=canvas.device))
         blocks = int((-(-(length - first) // self.block_length)).max())
         if blocks > self.steps and not self.parallel:
             raise SamplingError(f"steps={self.steps} is fewer than the {blocks} blocks of {self.block_length} "
                                 f"positions to generate")
-        column = torch.arange(length, device=x.device)[None]
+        column = torch.arange(length, device=canvas.device)[None]
         block_of = torch.where(column >= first[:, None], (column - first[:, None]) // self.block_length, -1)
-        row_nfe = torch.zeros(b, dtype=torch.long)
         if self.block_cache != "none":
-            calls = self._cached(model, x, streams, blocks, block_of, row_nfe, on_step)
-            return SampleResult(x, calls, row_nfe, time.perf_counter() - start_time, int(free.sum()))
+            start = block_cache_start(model, canvas, self.mask_id, self.block_cache)
+            return self._cached(canvas, self.streams(seeds), start, blocks, block_of)
+        return self._decode(canvas, self.streams(seeds), self.denoiser(model, canvas), blocks, block_of)
+
+    def _decode(self, canvas, streams, denoise, blocks: int, block_of) -> Decoding:
+        x = canvas.clone()
+        row_nfe = torch.zeros(len(x), dtype=torch.long)
         step = 0
         for k in range(blocks):
             in_block = block_of == k
@@ -139,9 +135,9 @@ class LLaDASampler(DiffusionSampler):
                     if not len(rows):
                         break
                     step += 1
-                    self._step(x, self._denoised(denoise, x, step), streams, rows, todo, step, row_nfe, None)
-                    if on_step is not None:
-                        on_step(x)
+                    logits = yield denoise(x[rows], self._time(step, len(rows), x.device), todo[rows], rows)
+                    self._reveal(x, logits, streams, rows, todo, step, row_nfe, None)
+                    yield Frame(x)
                 continue
             per_block = self.steps // blocks + (k < self.steps % blocks)
             counts = per_step_counts(((x == self.mask_id) & in_block).sum(dim=1), per_block)
@@ -150,30 +146,27 @@ class LLaDASampler(DiffusionSampler):
                 rows = (counts[:, i] > 0).nonzero()[:, 0]
                 if not len(rows):
                     continue
-                self._step(x, self._denoised(denoise, x, step), streams, rows, (x == self.mask_id) & in_block, step,
-                           row_nfe, counts[rows, i])
-                if on_step is not None:
-                    on_step(x)
-        return SampleResult(x, denoise.calls, row_nfe, time.perf_counter() - start_time, int(free.sum()))
+                todo = (x == self.mask_id) & in_block
+                logits = yield denoise(x[rows], self._time(step, len(rows), x.device), todo[rows], rows)
+                self._reveal(x, logits, streams, rows, todo, step, row_nfe, counts[rows, i])
+                yield Frame(x)
+        return Outcome(x, row_nfe)
 
-    def _denoised(self, denoise, x, step: int):
-        """Logits (N, V) at the ``todo`` positions of ``rows``, from the denoiser (guidance, soft-masking)."""
-        def logits(rows, todo):
-            t = torch.full((len(rows),), max(0.0, 1 - (step - 1) / self.steps), dtype=torch.float64, device=x.device)
-            return denoise(x[rows], t, todo[rows], rows)
-        return logits
+    def _time(self, step: int, rows: int, device) -> torch.Tensor:
+        """The diffusion time (R,) the denoiser sees at ``step`` (1-based): ``1 - (step - 1) / steps``, at least 0."""
+        return torch.full((rows,), max(0.0, 1 - (step - 1) / self.steps), dtype=torch.float64, device=device)
 
-    def _cached(self, model, x, streams, blocks: int, block_of, row_nfe, on_step) -> int:
+    def _cached(self, canvas, streams, first0: int, blocks: int, block_of) -> Decoding:
         """Fast-dLLM's cached decoding (``block_cache`` prefix or dual, see :class:`BlockCache`): per block,
         one full-canvas call that records the cache and reveals, then calls on the block (dual) or on the
         canvas from the block on (prefix) until the block is complete. Every row is evaluated at every call
-        (its results do not depend on the others); the rows must share their block boundaries. Returns the
-        number of network calls. ``reference_compatible``: like Fast-dLLM, call once more after the full
-        forward even when it completed the block (the call changes nothing but is counted)."""
-        first0 = block_cache_start(model, x, self.mask_id, self.block_cache)
+        (its results do not depend on the others); the rows must share their block boundaries.
+        ``reference_compatible``: like Fast-dLLM, call once more after the full forward even when it
+        completed the block (the call changes nothing but is counted)."""
+        x = canvas.clone()
         b, length = x.shape
-        rows, calls, step = torch.arange(b, device=x.device), 0, 0
-        cache = BlockCache(self.block_cache)
+        row_nfe = torch.zeros(b, dtype=torch.long)
+        rows, step = torch.arange(b, device=x.device), 0
         for k in range(blocks):
             start = first0 + k * self.block_length
             end = min(start + self.block_length, length)
@@ -185,28 +178,22 @@ class LLaDASampler(DiffusionSampler):
                 todo = (x == self.mask_id) & in_block
                 if i > 0 and not todo.any() and not (self.reference_compatible and i == 1):
                     break
-                cache.recording, cache.length = i == 0, 0 if i == 0 else start
+                offset = 0 if i == 0 else start
                 chunk = x if i == 0 else x[:, start:end] if self.block_cache == "dual" else x[:, start:]
-                out, offset = model(chunk, cache=cache).float(), 0 if i == 0 else start
-
-                def logits(r, t, out=out, offset=offset):  # the chunk's logits at the todo positions
-                    return out[r][t[r][:, offset:offset + out.shape[1]]]
-
-                step, calls = step + 1, calls + 1
+                out = yield Chunk(chunk, self.block_cache, record=i == 0, length=offset)
+                step += 1
                 count = None if self.parallel else counts[:, i] if i < per_block else torch.zeros_like(counts[:, 0])
-                self._step(x, logits, streams, rows, todo, step, row_nfe, count)
-                if on_step is not None:
-                    on_step(x)
+                self._reveal(x, out[todo[:, offset:offset + out.shape[1]]], streams, rows, todo, step, row_nfe, count)
+                yield Frame(x)
                 i += 1
                 if i > 1 and not ((x == self.mask_id) & in_block).any():
                     break
-        return calls
+        return Outcome(x, row_nfe)
 
-    def _step(self, x, logits_of, streams, rows, todo, step: int, row_nfe, counts: torch.Tensor | None) -> None:
-        """One network call for ``rows`` (``logits_of(rows, todo)``: logits (N, V) at the ``todo`` positions of
-        those rows, row-major): reveal ``counts`` (per row) of the most confident candidates in ``todo``, or
-        (``counts`` None) the most confident and every other that passes the threshold or the factor rule."""
-        logits = logits_of(rows, todo)
+    def _reveal(self, x, logits, streams, rows, todo, step: int, row_nfe, counts: torch.Tensor | None) -> None:
+        """One network call's reveals for ``rows`` (``logits`` (N, V) at the ``todo`` positions of those rows,
+        row-major): ``counts`` (per row) of the most confident candidates in ``todo``, or (``counts`` None)
+        the most confident and every other that passes the threshold or the factor rule."""
         row_nfe[rows.cpu()] += 1
         where = todo[rows].nonzero()
         x0, score = self.candidates(logits, streams, rows[where[:, 0]], step - 1, where[:, 1])

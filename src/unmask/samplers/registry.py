@@ -20,11 +20,12 @@ from ..objectives.base import Objective
 from ..objectives.block_diffusion import BlockDiffusion
 from .ancestral import AncestralSampler
 from .ar import AutoregressiveSampler
-from .base import Sampler, SamplingError
+from .base import SamplingError
 from .block_diffusion import BlockDiffusionSampler
 from .confidence import CONFIDENCE_SCORES, REVEAL_SCHEDULES, ConfidenceSampler
 from .denoiser import GUIDANCE_SCHEDULES
 from .dream import DREAM_SCORES, DreamSampler
+from .engine import Sampler
 from .first_hitting import FirstHittingSampler
 from .insertion import GAP_CHOICES, STOP_RULES, InsertionSampler
 from .llada import LLaDASampler

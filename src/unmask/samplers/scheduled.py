@@ -1,4 +1,4 @@
-"""The schedule-driven sampler of Co-GRPO rollouts (``algorithms.md`` section 4; trained by
+"""The schedule-driven sampler of Co-GRPO rollouts (Co-GRPO, Zhou et al. 2025; trained by
 :mod:`unmask.train.rl`).
 
 At step ``k`` of ``K`` a :class:`Schedule` draws each row's action: a reveal fraction ``r_k``, a token
@@ -11,7 +11,6 @@ revealed tokens), which is what RL learns from. Draws use the per-row streams of
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,7 +18,8 @@ import torch
 
 from ..objectives.guidance import guided_logits, unconditional_input
 from ..objectives.mdlm import MaskedDiffusion
-from .base import PURPOSES, TOKEN, RowStreams, Sampler, SampleResult, StepCallback, choose_per_row
+from .base import PURPOSES, TOKEN, RowStreams, choose_per_row
+from .engine import Decoding, Forward, Frame, Outcome, Sampler
 
 
 class Schedule(Protocol):
@@ -47,20 +47,34 @@ class Trajectory:
     log_probs: torch.Tensor
 
 
+def rollout_sigma(diffusion: MaskedDiffusion, x: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """What the network sees as the time of canvases ``x`` (N, L): ``sigma`` of their masked share of the
+    positions outside the prompt."""
+    masked = (x == diffusion.mask_id).float()
+    return diffusion.model_sigma((masked.sum(1) / (~prompt).sum(1).clamp(min=1)).double())
+
+
+def rollout_guided(logits: torch.Tensor, l_u: torch.Tensor | None, guidance: torch.Tensor,
+                   mask_id: int) -> torch.Tensor:
+    """The rollout's logits (N, L, V) float32 with the mask class at ``-inf``: the rows with ``guidance != 0``
+    guided by their unconditional logits ``l_u`` (in row order)."""
+    logits = logits.float()
+    if l_u is not None:
+        rows = (guidance != 0).nonzero()[:, 0]
+        weight = guidance[rows].float()[:, None, None]
+        logits = logits.index_put((rows,), guided_logits(logits[rows], l_u.float(), weight))
+    return logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+
+
 def rollout_logits(model, diffusion: MaskedDiffusion, x: torch.Tensor, prompt: torch.Tensor,
                    guidance: torch.Tensor) -> torch.Tensor:
     """Logits (N, L, V) in float32 with the mask class at ``-inf``; rows with ``guidance != 0`` are
     guided, the unconditional branch being ``x`` with the prompt masked."""
-    masked = (x == diffusion.mask_id).float()
-    sigma = diffusion.model_sigma((masked.sum(1) / (~prompt).sum(1).clamp(min=1)).double())
-    logits = model(x, sigma).float()
-    guided = guidance != 0
-    if guided.any():
-        rows = guided.nonzero()[:, 0]
-        l_u = model(unconditional_input(x[rows], prompt[rows], diffusion.mask_id), sigma[rows]).float()
-        w = guidance[rows].float()[:, None, None]
-        logits = logits.index_put((rows,), guided_logits(logits[rows], l_u, w))
-    return logits.index_fill(-1, torch.tensor([diffusion.mask_id], device=x.device), float("-inf"))
+    sigma = rollout_sigma(diffusion, x, prompt)
+    conditional = model(x, sigma)
+    rows = (guidance != 0).nonzero()[:, 0]
+    l_u = model(unconditional_input(x[rows], prompt[rows], diffusion.mask_id), sigma[rows]) if len(rows) else None
+    return rollout_guided(conditional, l_u, guidance, diffusion.mask_id)
 
 
 def tempered_log_probs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -77,16 +91,15 @@ class ScheduledSampler(Sampler):
         self.mask_id = diffusion.mask_id
         self.trajectory: Trajectory | None = None
 
-    @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
-               on_step: StepCallback | None = None) -> SampleResult:
+    def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         self.check(canvas, seeds)
-        start = time.perf_counter()
+        return self._decode(canvas, seeds)
+
+    def _decode(self, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         n, steps, mask_id = len(canvas), self.schedule.steps, self.mask_id
         x, prompt, streams = canvas.clone(), canvas != mask_id, RowStreams(seeds)
         canvases = [x.clone()]
         zs, temps, weights, log_probs = [], [], [], []
-        nfe = 0
         for k in range(steps):
             z = self.schedule.sample(k, n, self.generator).to(x.device)
             a = self.schedule.actions(k, z)
@@ -94,8 +107,13 @@ class ScheduledSampler(Sampler):
             m = masked.sum(1)
             count = torch.minimum(m, torch.floor(a["reveal"].to(x.device) * m + 0.5).long().clamp(min=1))
             guidance = a["guidance"].to(x.device)
-            logits = rollout_logits(model, self.diffusion, x, prompt, guidance)
-            nfe += 1 + int(bool((guidance != 0).any()))
+            sigma = rollout_sigma(self.diffusion, x, prompt)
+            conditional = yield Forward(x, dict(sigma=sigma))
+            guided = (guidance != 0).nonzero()[:, 0]
+            l_u = None
+            if len(guided):
+                l_u = yield Forward(unconditional_input(x[guided], prompt[guided], mask_id), dict(sigma=sigma[guided]))
+            logits = rollout_guided(conditional, l_u, guidance, mask_id)
             lp = tempered_log_probs(logits, a["temperature"].to(x.device))
             rows, cols = masked.nonzero(as_tuple=True)
             tokens = streams.categorical(lp[rows, cols].double().exp(), rows, k * PURPOSES + TOKEN, cols)
@@ -112,9 +130,7 @@ class ScheduledSampler(Sampler):
             temps.append(a["temperature"])
             weights.append(a["guidance"])
             log_probs.append(chosen)
-            if on_step is not None:
-                on_step(x)
+            yield Frame(x)
         self.trajectory = Trajectory(torch.stack(canvases, 1), torch.stack(zs, 1), torch.stack(temps, 1),
                                      torch.stack(weights, 1), torch.stack(log_probs, 1))
-        return SampleResult(x, nfe, torch.full((n,), steps, dtype=torch.long), time.perf_counter() - start,
-                            int((canvas == mask_id).sum()))
+        return Outcome(x, torch.full((n,), steps, dtype=torch.long))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .. import rng
-from .base import Sampler, SampleResult, SamplingError, StepCallback, stop_at_eos
+from .base import SamplingError, stop_at_eos
+from .engine import Decoding, Outcome, Sampler, relay
 
 
 class SemiAutoregressiveSampler(Sampler):
@@ -28,31 +27,24 @@ class SemiAutoregressiveSampler(Sampler):
         self.inner, self.window, self.stride = inner, window, stride
         self.mask_id, self.eos_id, self.pad_id = inner.mask_id, eos_id, pad_id
 
-    @torch.no_grad()
-    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
-               on_step: StepCallback | None = None) -> SampleResult:
+    def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         self.check(canvas, seeds)
-        start_time = time.perf_counter()
+        return self._decode(model, canvas, seeds)
+
+    def _decode(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         x = canvas.clone()
         b, n = x.shape
         free = canvas == self.mask_id
         done = torch.zeros(b, dtype=torch.bool, device=x.device)
-        nfe, row_nfe = 0, torch.zeros(b, dtype=torch.long)
+        row_nfe = torch.zeros(b, dtype=torch.long)
         start, round_ = 0, 0
         while True:
             end = min(start + self.window, n)
             rows = (~done).nonzero()[:, 0]
             if len(rows):
-                inner_step = None
-                if on_step is not None:
-                    def inner_step(window, rows=rows, start=start, end=end):
-                        view = x.clone()
-                        view[rows, start:end] = window
-                        on_step(view)
-                result = self.inner.sample(model, x[rows, start:end], rng.hash64(seeds.to(x.device)[rows], round_),
-                                           inner_step)
+                inner = self.inner.start(model, x[rows, start:end], rng.hash64(seeds.to(x.device)[rows], round_))
+                result = yield from relay(inner, frame=lambda f: f.placed(x, rows, start, end))
                 x[rows, start:end] = result.tokens
-                nfe += result.nfe
                 row_nfe[rows.cpu()] += result.row_nfe
             if self.eos_id is not None:
                 stop_at_eos(x, free, done, end, self.eos_id, self.pad_id)
@@ -60,4 +52,4 @@ class SemiAutoregressiveSampler(Sampler):
                 break
             start += self.stride
             round_ += 1
-        return SampleResult(x, nfe, row_nfe, time.perf_counter() - start_time, int(free.sum()))
+        return Outcome(x, row_nfe)

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from ..pipeline import from_pretrained
 from .service import (
     Busy,
@@ -143,7 +144,7 @@ class EventStream(StreamingResponse):
 
 def create_app(service: ModelService):
     """The FastAPI application around ``service``."""
-    app = FastAPI(title="unmask", version="0.1.0")
+    app = FastAPI(title="unmask", version=__version__)
     app.add_middleware(BodyLimit, limit=service.config.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)

@@ -1,5 +1,6 @@
 """Reinforcement fine-tuning of masked diffusion models: GRPO for the model, for a schedule policy,
-and for both in alternation (Co-GRPO; ``algorithms.md`` section 4, whose text version is ours).
+and for both in alternation (Co-GRPO, Zhou et al. 2025, arXiv 2512.22288; the paper is on images, the
+text version is ours).
 
 Generation is one Markov decision process. At step ``k`` of ``K`` the state is the canvas ``x_k``; the
 action is a schedule action ``A_k`` (reveal fraction ``r_k``, token temperature ``tau_k``, guidance

@@ -1,0 +1,339 @@
+"""The decoding engine and the step-policy interface every sampler implements.
+
+A sampler is a **step policy**: ``sampler.start(model, canvas, seeds)`` checks the request and returns a
+decoding (a Python generator) that never calls the network. Each time it needs the network it yields a
+*call* saying what to evaluate, and it is resumed with the output:
+
+* :class:`Denoise`: logits at some positions of some rows of a diffusion canvas at times ``t`` (the
+  denoiser of the decoding says its guidance and soft-mask feedback; a block-diffusion ``context`` says
+  which committed blocks the rows see);
+* :class:`Chunk`: a chunk of the canvas through the decoding's Fast-dLLM block cache (prefix or dual,
+  recording or reading), or without a cache;
+* :class:`Causal`: next-token logits of a causal model, through the decoding's KV cache or over the whole
+  prefix;
+* :class:`Forward`: the network's output on some ids as it is (insertion models, RL rollouts).
+
+It yields a :class:`Frame` after every step of its own (for streaming) and returns a :class:`Outcome`.
+
+The :class:`DecodingEngine` owns everything around the policies: the network calls (guidance's second
+pass, padding to a few shapes), the caches of each decoding (KV, Fast-dLLM, BD3's exact block cache),
+NFE accounting, timing and ``on_step`` streaming. It holds any number of decodings (different requests,
+samplers, canvases, step counts) and advances them together: :meth:`DecodingEngine.step` evaluates every
+decoding's next call, the denoiser calls of canvases of one length in **one batched forward**, and
+advances each decoding by its own rule. Each row's draws come from its own seed, so a decoding gives
+the same tokens alone or interleaved with others (tested for every sampler).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..models.common import BlockCache, bucketed_positions
+from .base import SampleResult, SamplingError, StepCallback, _autocast_dtype
+
+
+@dataclass
+class Denoise:
+    """Logits (N, V) float32 at ``positions`` (R, L) bool (row-major) of canvases ``x`` (R, L) at diffusion
+    times ``t`` (R,) float64; ``rows`` (R,) are the rows of ``denoiser``'s canvas (its guidance prompt and
+    soft-mask feedback); ``context`` (a :class:`~unmask.samplers.block_diffusion.BlockContext`): the rows
+    are a block that sees the committed blocks before it."""
+
+    denoiser: Any
+    x: torch.Tensor
+    t: torch.Tensor
+    positions: torch.Tensor
+    rows: torch.Tensor
+    context: Any = None
+
+
+@dataclass
+class Chunk:
+    """Fast-dLLM's cached decoding: logits (B, Lc, V) float32 of ``ids`` (B, Lc), the canvas from position
+    ``length`` on, through the decoding's block cache of ``mode`` (prefix or dual; ``record``: store every
+    layer's keys and values, ``length`` 0), or without a cache (``mode`` None)."""
+
+    ids: torch.Tensor
+    mode: str | None
+    record: bool = False
+    length: int = 0
+
+
+@dataclass
+class Causal:
+    """A causal model's next-token logits (B, V) after ``ids`` (B, n): the new tokens through the decoding's
+    KV cache of ``capacity`` positions (``cached``), or the whole prefix."""
+
+    ids: torch.Tensor
+    cached: bool
+    capacity: int = 0
+
+
+@dataclass
+class Forward:
+    """The network's output on ``ids`` with keyword arguments ``kwargs``, as it is."""
+
+    ids: torch.Tensor
+    kwargs: dict = field(default_factory=dict)
+
+
+Call = Denoise | Chunk | Causal | Forward
+
+
+@dataclass
+class Frame:
+    """A step's canvas (B, L) for ``on_step`` (a view the receiver copies if it keeps it), or a function that
+    makes it (composed only when someone streams)."""
+
+    canvas: torch.Tensor | Callable[[], torch.Tensor]
+
+    def view(self) -> torch.Tensor:
+        return self.canvas() if callable(self.canvas) else self.canvas
+
+    def placed(self, canvas: torch.Tensor, rows: torch.Tensor, start: int, end: int) -> Frame:
+        """This frame, a window (R, end - start) of ``rows`` (R,), shown in place in the whole ``canvas``."""
+        def view() -> torch.Tensor:
+            full = canvas.clone()
+            full[rows, start:end] = self.view()
+            return full
+        return Frame(view)
+
+
+@dataclass
+class Outcome:
+    """What a decoding returns: ``tokens`` (B, L), evaluations of each row ``row_nfe`` (B,), generated
+    positions (``None``: the masked positions of the input canvas)."""
+
+    tokens: torch.Tensor
+    row_nfe: torch.Tensor
+    generated: int | None = None
+
+
+Decoding = Generator["Call | Frame", Any, Outcome]
+
+
+class Sampler:
+    """A step policy (module docstring). Subclasses implement :meth:`start`; ``sample`` runs one decoding
+    through a :class:`DecodingEngine`.
+
+    ``on_step`` (optional) is called with the canvas (B, L) after every step, for streaming; it must copy
+    what it keeps and must not modify it.
+    """
+
+    mask_id: int
+
+    def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
+        """Check the request and return its decoding; ``model`` is read (its kind, its caches' shapes),
+        never called."""
+        raise NotImplementedError
+
+    def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
+               on_step: StepCallback | None = None) -> SampleResult:
+        engine = DecodingEngine(model)
+        handle = engine.add(self, canvas, seeds, on_step)
+        engine.run()
+        return handle.result
+
+    def check(self, canvas: torch.Tensor, seeds: torch.Tensor) -> None:
+        if canvas.dim() != 2 or canvas.shape[0] == 0 or canvas.shape[1] == 0:
+            raise SamplingError(f"the canvas must be a non-empty (batch, length) tensor, got shape "
+                                f"{tuple(canvas.shape)}")
+        if seeds.shape != (canvas.shape[0],):
+            raise SamplingError(f"need one seed per row: {canvas.shape[0]} rows, seeds of shape {tuple(seeds.shape)}")
+
+
+def relay(decoding: Decoding, call: Callable[[Call], Call] | None = None,
+          frame: Callable[[Frame], Frame | None] | None = None) -> Generator[Call | Frame, Any, Outcome]:
+    """Run an inner decoding inside an outer one (``yield from``, with its calls and frames rewritten by
+    ``call`` and ``frame``; a frame rewritten to None is dropped)."""
+    try:
+        item = next(decoding)
+        while True:
+            if isinstance(item, Frame):
+                shown = item if frame is None else frame(item)
+                if shown is not None:
+                    yield shown
+                item = decoding.send(None)
+            else:
+                item = decoding.send((yield item if call is None else call(item)))
+    except StopIteration as stop:
+        return stop.value
+
+
+class Handle:
+    """One decoding in an engine: ``result`` (a :class:`SampleResult`, its ``seconds`` the wall time from
+    :meth:`DecodingEngine.add` to the end) once ``done``; ``nfe`` so far; the decoding's ``caches``."""
+
+    def __init__(self, decoding: Decoding, canvas: torch.Tensor, mask_id: int, on_step: StepCallback | None):
+        self.decoding, self.on_step, self.started = decoding, on_step, time.perf_counter()
+        self.masked = int((canvas == mask_id).sum())
+        self.caches: dict[Any, Any] = {}
+        self.nfe, self.done = 0, False
+        self.result: SampleResult | None = None
+        self.call: Call | None = None
+
+    def advance(self, output) -> None:
+        """Resume the decoding with ``output`` until its next call (frames go to ``on_step``) or its end."""
+        try:
+            item = self.decoding.send(output)
+            while isinstance(item, Frame):
+                if self.on_step is not None:
+                    self.on_step(item.view())
+                item = self.decoding.send(None)
+            self.call = item
+        except StopIteration as stop:
+            outcome: Outcome = stop.value
+            self.done, self.call = True, None
+            generated = self.masked if outcome.generated is None else outcome.generated
+            self.result = SampleResult(outcome.tokens, self.nfe, outcome.row_nfe, time.perf_counter() - self.started,
+                                       generated)
+
+
+class DecodingEngine:
+    """Runs decodings of step policies on ``model`` (module docstring)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.handles: list[Handle] = []
+
+    @torch.no_grad()
+    def add(self, sampler: Sampler, canvas: torch.Tensor, seeds: torch.Tensor,
+            on_step: StepCallback | None = None) -> Handle:
+        """Start decoding ``canvas`` (B, L) with ``sampler`` and per-row ``seeds`` (B,); the request is
+        checked here (a :class:`SamplingError`) and the decoding runs up to its first call."""
+        handle = Handle(sampler.start(self.model, canvas, seeds), canvas, sampler.mask_id, on_step)
+        handle.advance(None)  # a generator starts with send(None)
+        self.handles.append(handle)
+        return handle
+
+    @property
+    def active(self) -> list[Handle]:
+        return [h for h in self.handles if not h.done]
+
+    @torch.no_grad()
+    def step(self) -> list[Handle]:
+        """One network evaluation for every unfinished decoding (denoiser calls on canvases of one length
+        share a forward), then each advances to its next call. Returns the decodings that finished."""
+        active = self.active
+        outputs = self.evaluate(active)
+        for handle, output in zip(active, outputs):
+            handle.advance(output)
+        return [h for h in active if h.done]
+
+    def run(self) -> list[SampleResult]:
+        """Step until every decoding is done; their results in the order they were added."""
+        while self.active:
+            self.step()
+        return [h.result for h in self.handles]
+
+    # --------------------------------------------------------------------------------------- network calls
+
+    def evaluate(self, handles: list[Handle]) -> list[Any]:
+        """The outputs of the handles' pending calls: denoiser calls on canvases of one length (without a
+        block context or soft-mask feedback, which are per canvas row) in one forward, the others alone."""
+        outputs: list[Any] = [None] * len(handles)
+        groups: dict[Any, list[int]] = {}
+        for i, h in enumerate(handles):
+            call = h.call
+            shared = isinstance(call, Denoise) and call.context is None and call.denoiser.feedback is None
+            groups.setdefault(("denoise", call.x.shape[1]) if shared else i, []).append(i)
+        for members in groups.values():
+            if len(members) == 1:
+                outputs[members[0]] = self._alone(handles[members[0]])
+                continue
+            for i, out in zip(members, self.denoise([handles[i].call for i in members])):
+                outputs[i] = out
+                handles[i].nfe += 1
+        return outputs
+
+    def _alone(self, handle: Handle) -> Any:
+        call = handle.call
+        if isinstance(call, Denoise):
+            handle.nfe += 1
+            if call.context is None:
+                return self.denoise([call])[0]
+            cache = None
+            if call.context.cached:
+                cache = self._cache(handle, "block_diffusion", lambda: call.context.new_cache(self.model))
+            net = call.context.bind(self.model, cache)
+            before = net.extra_calls
+            out = self.denoise([call], net)[0]
+            handle.nfe += net.extra_calls - before
+            return out
+        handle.nfe += 1
+        if isinstance(call, Chunk):
+            if call.mode is None:
+                return self.model(call.ids).float()
+            cache = self._cache(handle, ("block", call.mode), lambda: BlockCache(call.mode))
+            cache.recording, cache.length = call.record, call.length
+            return self.model(call.ids, cache=cache).float()
+        if isinstance(call, Causal):
+            if not call.cached:
+                return self.model(call.ids)[:, -1]
+            cache = self._cache(handle, "kv", lambda: self._kv_cache(call))
+            return self.model(call.ids, cache=cache)[:, -1]
+        if isinstance(call, Forward):
+            return self.model(call.ids, **call.kwargs)
+        raise TypeError(f"a decoding yielded {type(call).__name__}, not a call")
+
+    @staticmethod
+    def _cache(handle: Handle, key, make: Callable[[], Any]) -> Any:
+        if key not in handle.caches:
+            handle.caches[key] = make()
+        return handle.caches[key]
+
+    def _kv_cache(self, call: Causal):
+        device = call.ids.device
+        dtype = _autocast_dtype(device) or next(self.model.parameters()).dtype
+        return self.model.new_cache(call.ids.shape[0], device, dtype, capacity=call.capacity)
+
+    @torch.no_grad()
+    def denoise(self, calls: list[Denoise], net=None) -> list[torch.Tensor]:
+        """Denoiser calls in one forward (two with guidance): rows concatenated and padded up to a multiple of
+        ``rows / 8`` of their canvases with copies of the first row (a handful of shapes, see
+        :func:`bucketed_positions`); each call gets its own logits back."""
+        net = self.model if net is None else net
+        prepared = [c.denoiser.prepare(c) for c in calls]
+        quantum = max(1, math.ceil(sum(c.denoiser.batch for c in calls) / 8))
+        # one call alone keeps its rows: a block context and soft-mask feedback are per canvas row
+        rows = calls[0].rows if len(calls) == 1 else None
+        feedback = calls[0].denoiser.feedback if len(calls) == 1 else None
+        logits = self._forward(net, _joined([p.x for p in prepared]), _joined([p.sigma for p in prepared]),
+                               _joined([p.positions for p in prepared]), rows, feedback, quantum)
+        counts = [int(p.positions.sum()) for p in prepared] if len(calls) > 1 else [len(logits)]
+        parts = list(logits.split(counts))
+        guided = [i for i, p in enumerate(prepared) if p.unconditional is not None]
+        if guided:
+            l_u = self._forward(net, _joined([prepared[i].unconditional for i in guided]),
+                                _joined([prepared[i].sigma for i in guided]),
+                                _joined([prepared[i].positions for i in guided]), rows, feedback, quantum)
+            for i, part_u in zip(guided, l_u.split([counts[i] for i in guided])):
+                parts[i] = prepared[i].guide(parts[i], part_u)
+        return [c.denoiser.finish(p, part) for c, p, part in zip(calls, prepared, parts)]
+
+    @staticmethod
+    def _forward(net, x, sigma, positions, rows, feedback, quantum: int) -> torch.Tensor:
+        """The network at ``positions`` of ``x`` (R, L), its rows padded to a multiple of ``quantum`` with
+        copies of the first (whose outputs are not read); ``feedback``: the soft-mask feedback of ``rows``."""
+        pad = -(-len(x) // quantum) * quantum - len(x)
+        if pad:
+            x, sigma, positions = (torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) for v in (x, sigma, positions))
+            positions[-pad:] = False
+            if rows is not None:
+                rows = torch.cat([rows, rows[:1].expand(pad)])
+        index, n = bucketed_positions(positions)
+        extra = {} if feedback is None else {"feedback": feedback.select(rows)}
+        if getattr(net, "takes_rows", False):
+            extra["rows"] = rows
+        return net(x, sigma, positions=index, **extra)[:n].float()
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated along the rows (the one tensor itself, not a copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

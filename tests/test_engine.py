@@ -1,0 +1,163 @@
+"""The decoding engine: decodings of different samplers, canvases and step counts advanced together in one
+engine give exactly what each gives alone (tokens, NFE, evaluations per row), for every class of network
+call (plain denoiser calls, a causal KV cache, Fast-dLLM's block caches, block diffusion's exact cache), and
+denoiser calls on canvases of one length share one forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unmask.objectives.block_diffusion import BlockDiffusion
+from unmask.objectives.mdlm import MaskedDiffusion
+from unmask.objectives.schedules import LogLinear
+from unmask.samplers.ancestral import AncestralSampler
+from unmask.samplers.ar import AutoregressiveSampler
+from unmask.samplers.base import row_seeds
+from unmask.samplers.block_diffusion import BlockDiffusionSampler
+from unmask.samplers.confidence import ConfidenceSampler
+from unmask.samplers.dream import DreamSampler
+from unmask.samplers.engine import DecodingEngine
+from unmask.samplers.first_hitting import FirstHittingSampler
+from unmask.samplers.llada import LLaDASampler
+from unmask.samplers.semi_ar import SemiAutoregressiveSampler
+
+from toys import random_dit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 21
+MASK = VOCAB - 1
+BOS = 0
+
+
+class CountingModel(torch.nn.Module):
+    """The network, counting its forward passes."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.forwards = inner, 0
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, *args, **kwargs):
+        self.forwards += 1
+        return self.inner(*args, **kwargs)
+
+
+def canvas(rows: int, length: int, prompts: list[int], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((rows, length), MASK)
+    for r, p in enumerate(prompts):
+        x[r, :p] = torch.randint(1, MASK - 1, (p,), generator=g)
+    return x
+
+
+def requests(kind: str):
+    """(model, [(sampler, canvas, seeds)]) of one class of network call, mixed samplers and shapes."""
+    diffusion = MaskedDiffusion(LogLinear(), MASK)
+    if kind == "plain":
+        return random_dit(), [
+            (AncestralSampler(diffusion, 8), canvas(3, 12, [2, 0, 5], 1), row_seeds(1, 3)),
+            (AncestralSampler(diffusion, 6, cache=False, guidance=1.5), canvas(2, 12, [4, 3], 2), row_seeds(2, 2)),
+            (FirstHittingSampler(diffusion, tokens_per_step=2), canvas(2, 12, [1, 6], 3), row_seeds(3, 2)),
+            (ConfidenceSampler(diffusion, 5, score="margin", remask=0.2), canvas(1, 12, [3], 4), row_seeds(4, 1)),
+            (LLaDASampler(diffusion, 8, 4, temperature=0.7), canvas(2, 16, [4, 2], 5), row_seeds(5, 2)),
+            (DreamSampler(diffusion, 6, score="entropy", temperature=0.5), canvas(2, 10, [3, 3], 6), row_seeds(6, 2)),
+            (SemiAutoregressiveSampler(FirstHittingSampler(diffusion), 8, 4), canvas(2, 20, [3, 5], 7),
+             row_seeds(7, 2)),
+        ]
+    if kind == "fast_dllm":
+        return random_dit(), [
+            (LLaDASampler(diffusion, 8, 4, block_cache="prefix"), canvas(2, 16, [4, 4], 1), row_seeds(1, 2)),
+            (LLaDASampler(diffusion, 8, 4, threshold=0.2, block_cache="dual"), canvas(3, 14, [2, 2, 2], 2),
+             row_seeds(2, 3)),
+            (DreamSampler(diffusion, 8, score="confidence", block_length=4, block_cache="dual", temperature=0.0),
+             canvas(1, 16, [4], 3), row_seeds(3, 1)),
+            (DreamSampler(diffusion, 4, score="confidence", threshold=0.3, block_length=4), canvas(2, 12, [4, 4], 4),
+             row_seeds(4, 2)),
+            (AncestralSampler(diffusion, 8), canvas(2, 16, [1, 3], 5), row_seeds(5, 2)),
+        ]
+    if kind == "causal":
+        return random_dit(causal=True), [
+            (AutoregressiveSampler(BOS, MASK), canvas(2, 9, [3, 3], 1), row_seeds(1, 2)),
+            (AutoregressiveSampler(BOS, MASK, temperature=0.5), canvas(1, 13, [5], 2), row_seeds(2, 1)),
+            (AutoregressiveSampler(BOS, MASK, kv_cache=False), canvas(2, 7, [2, 2], 3), row_seeds(3, 2)),
+        ]
+    assert kind == "block_diffusion"
+    objective = BlockDiffusion(LogLinear(), MASK, 4)
+    return random_dit(), [
+        (BlockDiffusionSampler(LLaDASampler(objective, 4, 4, threshold=0.3), 4, True), canvas(3, 18, [5, 2, 9], 1),
+         row_seeds(1, 3)),
+        (BlockDiffusionSampler(AncestralSampler(objective, 6), 4, False), canvas(2, 12, [3, 4], 2), row_seeds(2, 2)),
+        (BlockDiffusionSampler(FirstHittingSampler(objective), 4, True, 7, 19), canvas(2, 16, [1, 6], 3),
+         row_seeds(3, 2)),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["plain", "fast_dllm", "causal", "block_diffusion"])
+def test_interleaved_decodings_give_what_each_gives_alone(kind):
+    model, asked = requests(kind)
+    alone = [sampler.sample(model, x, seeds) for sampler, x, seeds in asked]
+    engine = DecodingEngine(model)
+    handles = [engine.add(sampler, x, seeds) for sampler, x, seeds in asked]
+    finished, steps = [], 0
+    while engine.active:
+        finished += engine.step()
+        steps += 1
+    assert sorted(map(id, finished)) == sorted(map(id, handles))
+    for (sampler, x, _), h, a in zip(asked, handles, alone):
+        assert torch.equal(h.result.tokens, a.tokens), type(sampler).__name__
+        assert h.result.nfe == a.nfe and torch.equal(h.result.row_nfe, a.row_nfe), type(sampler).__name__
+        assert not bool((h.result.tokens == MASK).any())
+    assert steps == max(a.nfe for a in alone) or kind == "block_diffusion"  # one call per decoding per step
+
+
+def test_denoiser_calls_on_canvases_of_one_length_share_a_forward():
+    model = CountingModel(random_dit())
+    diffusion = MaskedDiffusion(LogLinear(), MASK)
+    asked = [(AncestralSampler(diffusion, 8, cache=False), canvas(2, 12, [3, 1], 1), row_seeds(1, 2)),
+             (ConfidenceSampler(diffusion, 8), canvas(3, 12, [2, 2, 5], 2), row_seeds(2, 3)),
+             (FirstHittingSampler(diffusion, tokens_per_step=4), canvas(1, 12, [4], 3), row_seeds(3, 1)),
+             (AncestralSampler(diffusion, 5, cache=False), canvas(1, 7, [1], 4), row_seeds(4, 1))]
+    engine = DecodingEngine(model)
+    handles = [engine.add(*a) for a in asked]
+    results = engine.run()
+    nfe = [r.nfe for r in results]
+    assert nfe[:3] == [8, 8, 2] and nfe[3] > 0
+    # length 12: max(8, 8, 2) forwards; length 7: its own forwards alongside them, never merged with another length
+    assert model.forwards == 8 + nfe[3]
+    assert all(h.done for h in handles)
+
+
+def test_a_decoding_added_later_joins_the_running_ones():
+    model = random_dit()
+    diffusion = MaskedDiffusion(LogLinear(), MASK)
+    first = (AncestralSampler(diffusion, 8, cache=False), canvas(2, 12, [3, 1], 1), row_seeds(1, 2))
+    later = (ConfidenceSampler(diffusion, 4, score="entropy"), canvas(1, 12, [2], 2), row_seeds(2, 1))
+    engine = DecodingEngine(model)
+    a = engine.add(*first)
+    engine.step()
+    engine.step()
+    b = engine.add(*later)
+    engine.run()
+    assert torch.equal(a.result.tokens, first[0].sample(model, first[1], first[2]).tokens)
+    assert torch.equal(b.result.tokens, later[0].sample(model, later[1], later[2]).tokens)
+
+
+def test_streaming_frames_come_from_the_engine_per_decoding():
+    model = random_dit()
+    diffusion = MaskedDiffusion(LogLinear(), MASK)
+    frames = {0: [], 1: []}
+    engine = DecodingEngine(model)
+    x0, x1 = canvas(1, 12, [2], 1), canvas(2, 20, [3, 5], 2)
+    h0 = engine.add(ConfidenceSampler(diffusion, 4), x0, row_seeds(1, 1), lambda x: frames[0].append(x.clone()))
+    h1 = engine.add(SemiAutoregressiveSampler(FirstHittingSampler(diffusion), 8, 4), x1, row_seeds(2, 2),
+                    lambda x: frames[1].append(x.clone()))
+    engine.run()
+    assert len(frames[0]) == 4 and torch.equal(frames[0][-1], h0.result.tokens)
+    assert all(f.shape == x1.shape for f in frames[1]) and torch.equal(frames[1][-1], h1.result.tokens)
