@@ -42,6 +42,11 @@ from unmask.samplers.base import row_seeds
 from unmask.samplers.registry import make_sampler
 from unmask.train.optim import EMA
 
+try:  # the real training step; a base commit older than it runs the same computation written out
+    from unmask.train.step import Batch, TrainState, train_step
+except ImportError:
+    train_step = None
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import append_record, run_header  # noqa: E402
@@ -86,12 +91,17 @@ def worker(workload: str, args) -> dict:
         for step in range(args.steps + 1):
             noise = draw_noise(args.batch, args.length, torch.Generator().manual_seed(step))
             start = time.perf_counter()
-            loss = objective.loss(model, x0, counted, noise).sum() / counted.sum()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(model)
+            if train_step is not None:
+                metrics = train_step(TrainState(model, objective, optimizer, ema=ema, grad_clip=1.0),
+                                     Batch(x0, counted, noise, float(counted.sum())))
+                loss = metrics.loss_sum / counted.sum()
+            else:  # a base older than train_step: the same computation written out
+                loss = objective.loss(model, x0, counted, noise).sum() / counted.sum()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                ema.update(model)
             times.append(time.perf_counter() - start)
             digest.update(f"{float(loss):.5e}".encode())
         tokens = args.batch * args.length

@@ -30,7 +30,7 @@ from unmask.checkpoints.checkpoint import Checkpoint, load_model
 from unmask.data.dataset import Data
 from unmask.eval.likelihood import likelihood_of_rows
 from unmask.objectives.base import draw_noise
-from unmask.objectives.block_diffusion import BlockDiffusion
+from unmask.train.step import Batch, TrainState, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -73,15 +73,15 @@ def training_step(model, objective, ids, device: torch.device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     x0 = torch.as_tensor(ids, device=device)
     counted = torch.ones_like(x0, dtype=torch.bool)
-    blocks = objective.blocks(x0.shape[1]) if isinstance(objective, BlockDiffusion) else 1
+    blocks = objective.time_blocks(x0.shape[1])
     noise = draw_noise(*x0.shape, torch.Generator().manual_seed(0), blocks=blocks).to(device)
+
+    state = TrainState(model, objective, optimizer, device=device)
 
     def step() -> float:
         start = time.perf_counter()
         for _ in range(3):
-            (objective.loss(model, x0, counted, noise).sum() / x0.numel()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(state, Batch(x0, counted, noise, x0.numel()))
         if device.type == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / 3

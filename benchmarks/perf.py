@@ -45,6 +45,7 @@ from unmask.pipeline import make_canvas
 from unmask.runtime import autocast, resolve_precision
 from unmask.samplers.base import row_seeds
 from unmask.samplers.registry import make_sampler
+from unmask.train.step import Batch, TrainState, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_DIR = ROOT.parent / "shared" / "data" / "gpt2-tokenizer"
@@ -203,14 +204,8 @@ def train_step_seconds(preset: str, args, length: int, batch: int, device, secon
     noise = draw_noise(batch, length, torch.Generator().manual_seed(0)).to(device)
     precision = resolve_precision(args.precision, device)
 
-    def step():
-        with autocast(device, precision):
-            loss = objective.loss(model, x0, counted, noise).sum() / x0.numel()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return timed(step, device, min_seconds=seconds)
+    state = TrainState(model, objective, optimizer, device=device, precision=precision)
+    return timed(lambda: train_step(state, Batch(x0, counted, noise, x0.numel())), device, min_seconds=seconds)
 
 
 def fit_exponent(xs: list[float], ys: list[float]) -> float:

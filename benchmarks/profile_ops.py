@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from unmask.families import build_model, build_objective
 from unmask.objectives.base import draw_noise
 from unmask.runtime import autocast, resolve_precision
+from unmask.train.step import Batch, TrainState, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -63,11 +64,8 @@ def main() -> None:
                 model(masked, positions=torch.ones_like(x0, dtype=torch.bool))
             return
         model.train()
-        with autocast(device, precision):
-            loss = objective.loss(model, x0, counted, noise).sum() / x0.numel()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(TrainState(model, objective, optimizer, device=device, precision=precision),
+                   Batch(x0, counted, noise, x0.numel()))
 
     for inference in (False, True) if args.smoke else (args.inference,):  # the smoke mode profiles both
         for _ in range(2):

@@ -39,6 +39,7 @@ from unmask.objectives.base import draw_noise
 from unmask.pipeline import make_canvas
 from unmask.samplers.base import row_seeds
 from unmask.samplers.registry import make_sampler
+from unmask.train.step import Batch, TrainState, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -70,10 +71,10 @@ def worker(workload: str, repeats: int, length: int, batch: int) -> list[float]:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         noise = draw_noise(batch, length, torch.Generator().manual_seed(2))
 
+        state = TrainState(model, objective, optimizer)
+
         def call():
-            objective.loss(model, x0, counted, noise).sum().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(state, Batch(x0, counted, noise, 1.0))
     call()
     times = []
     for _ in range(repeats):

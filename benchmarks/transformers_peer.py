@@ -39,6 +39,7 @@ from unmask.pipeline import make_canvas
 from unmask.samplers.base import row_seeds
 from unmask.samplers.registry import make_sampler
 from unmask.train.optim import EMA
+from unmask.train.step import Batch, TrainState, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -124,14 +125,11 @@ def training(model, twin, objective, tokenizer, batch: int, length: int, rounds:
     model.train()
     twin.train()
 
+    state = TrainState(model, objective, ours_opt, ema=ema, grad_clip=1.0)
+
     def ours():
         for _ in range(steps):
-            loss = objective.loss(model, x0, counted).sum() / counted.sum()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            ours_opt.step()
-            ours_opt.zero_grad(set_to_none=True)
-            ema.update(model)
+            train_step(state, Batch(x0, counted, None, float(counted.sum())))
 
     def theirs():
         for _ in range(steps):

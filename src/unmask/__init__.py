@@ -18,25 +18,21 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-# the public names and their modules, imported when first used (PEP 562): `import unmask` loads nothing
-# heavy, so that the command line (`unmask.__main__`) can set process-wide options before torch loads
+# the public names and their modules, imported at the first use of any of them (PEP 562): `import unmask`
+# loads nothing heavy, so that the command line (`unmask.__main__`) can set process-wide options before
+# torch loads; the first use loads the whole API at once, with every registry that declares config choices
 _API = {"FAMILIES": "families", "SAMPLERS": "samplers.registry", "Generation": "pipeline", "LoadedModel": "pipeline",
         "RunConfig": "config", "evaluate": "eval.runs", "from_pretrained": "pipeline", "generate": "pipeline",
         "load_config": "config", "rl_train": "train.rl", "train": "train.loop"}
 __all__ = sorted(_API)
 
-# `unmask.train` is the training function. The subpackage of the same name is loaded now (it is light)
-# and its name handed to the function: importing the subpackage's modules later cannot rebind it.
-import_module(".train", __name__)
-del globals()["train"]
-
 
 def __getattr__(name: str):
     if name not in _API:
         raise AttributeError(f"module 'unmask' has no attribute {name!r}")
-    value = getattr(import_module(f".{_API[name]}", __name__), name)
-    globals()[name] = value
-    return value
+    for public, module in _API.items():
+        globals()[public] = getattr(import_module(f".{module}", __name__), public)
+    return globals()[name]
 
 
 def __dir__() -> list[str]:

@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -324,6 +324,15 @@ def register_choices(key: str, options: tuple[str, ...]) -> None:
     CHOICES[key] = options
 
 
+RULES: list[Callable[[RunConfig], None]] = []  # relations between keys that a registry owns (run last)
+
+
+def register_rule(rule: Callable[[RunConfig], None]) -> None:
+    """Declare a check of whole configs (raising :class:`ConfigError`) that a registry owns, such as the
+    keys a model family reads."""
+    RULES.append(rule)
+
+
 def _suggest(name: str, options: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -533,25 +542,13 @@ def validate(cfg: RunConfig) -> RunConfig:
                           "pair per row)")
     if cfg.data.prompt_field and cfg.data.messages_field:
         raise ConfigError("data.prompt_field and data.messages_field are two ways to give pairs: set one")
-    if cfg.family == "classifier":
-        if cfg.data.dataset != "text" or not cfg.data.path or not cfg.data.valid_path:
-            raise ConfigError("family classifier reads labelled files: data.dataset=text with data.path (train) and "
-                              "data.valid_path (and data.test_path for the final figures)")
     if cfg.adapter.kind != "none" and not cfg.train.init_from:
         raise ConfigError(f"adapter.kind={cfg.adapter.kind} trains adapters on a frozen model: set train.init_from")
-    if cfg.family == "ilm" and cfg.data.layout != "pad":
-        raise ConfigError("family ilm learns where sequences end: it needs data.layout=pad (one document per row)")
     if cfg.diffusion.t_min >= cfg.diffusion.t_max:
         raise ConfigError(f"diffusion.t_min={cfg.diffusion.t_min:g} must be below diffusion.t_max="
                           f"{cfg.diffusion.t_max:g}")
-    if (cfg.family == "bd3lm") != (m.block_size > 0):
-        raise ConfigError("family bd3lm needs model.block_size >= 1 (tokens per block)" if cfg.family == "bd3lm"
-                          else "model.block_size is for block diffusion models (family bd3lm)")
-    if cfg.family == "bd3lm" and m.time_conditioning:
-        raise ConfigError("block diffusion draws a time per block; the network's conditioning is one per row, so "
-                          "model.time_conditioning must be false for family bd3lm")
-    if m.soft_mask_top_k and cfg.family != "mdlm":
-        raise ConfigError("model.soft_mask_top_k is for masked diffusion models (family mdlm)")
+    for rule in RULES:
+        rule(cfg)
     return cfg
 
 

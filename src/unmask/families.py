@@ -13,7 +13,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .config import ConfigError, RunConfig, register_choices
+from .config import ConfigError, RunConfig, register_choices, register_rule
 from .data.dataset import Data
 from .data.labelled import LabelledData
 from .data.tokenization import Tokenizer
@@ -50,6 +50,11 @@ class FamilySpec:
     starts_from: str | None = None  # train.init_from fills its `backbone` from a model of this family (None: same)
     data: Callable[[RunConfig, Tokenizer | None, bool], Data | LabelledData] = \
         lambda cfg, tokenizer, progress: Data(cfg.data, tokenizer, progress)  # the run's splits
+    blocks: bool = False  # trains and decodes block by block (model.block_size; two input streams in training)
+    soft_mask: bool = False  # takes a soft-mask module (model.soft_mask_top_k)
+    reinforce: bool = False  # `unmask rl` fine-tunes it
+    loss_floats: float = 1.7  # memory plan: floats its loss keeps per token and vocabulary entry (measured)
+    rules: Callable[[RunConfig], None] | None = None  # checks of the keys a config of this family must set
 
 
 def _diffusion(cfg: RunConfig, tokenizer: Tokenizer) -> MaskedDiffusion:
@@ -64,6 +69,23 @@ def _block_diffusion(cfg: RunConfig, tokenizer: Tokenizer) -> BlockDiffusion:
                           d.discrete_steps, d.antithetic)
 
 
+def _labelled_files(cfg: RunConfig) -> None:
+    if cfg.data.dataset != "text" or not cfg.data.path or not cfg.data.valid_path:
+        raise ConfigError("family classifier reads labelled files: data.dataset=text with data.path (train) and "
+                          "data.valid_path (and data.test_path for the final figures)")
+
+
+def _one_document_per_row(cfg: RunConfig) -> None:
+    if cfg.data.layout != "pad":
+        raise ConfigError("family ilm learns where sequences end: it needs data.layout=pad (one document per row)")
+
+
+def _a_time_per_block(cfg: RunConfig) -> None:
+    if cfg.model.time_conditioning:
+        raise ConfigError("block diffusion draws a time per block; the network's conditioning is one per row, so "
+                          "model.time_conditioning must be false for family bd3lm")
+
+
 def _insertion_objective(cfg: RunConfig, tokenizer: Tokenizer) -> InsertionObjective:
     return InsertionObjective(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id,
                               tokenizer.special_ids, tokenizer.vocab_size, cfg.diffusion.ilm_weighting,
@@ -74,22 +96,42 @@ FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
     FamilySpec("mdlm", "masked diffusion (MDLM) language", "masked-diffusion",
                lambda cfg, tok: build_backbone(cfg.model, tok.vocab_size, False, tok.mask_id), _diffusion,
                decoding="diffusion", default_sampler="ancestral", infills=True, likelihood=True,
-               exports=("unmask", "mdlm-hf", "mdlm-ckpt"), servable=True),
+               exports=("unmask", "mdlm-hf", "mdlm-ckpt"), servable=True, soft_mask=True, reinforce=True),
     FamilySpec("ar", "autoregressive language", "causal-lm",
                lambda cfg, tok: build_backbone(cfg.model, tok.vocab_size, True, tok.mask_id),
                lambda cfg, tok: Autoregressive(tok.bos_id, tok.mask_id),
-               decoding="ar", default_sampler="ar", infills=False, likelihood=True, servable=True),
+               decoding="ar", default_sampler="ar", infills=False, likelihood=True, servable=True, loss_floats=3.2),
     FamilySpec("bd3lm", "block diffusion (BD3-LM) language", "block-diffusion",
                lambda cfg, tok: build_backbone(cfg.model, tok.vocab_size, False, tok.mask_id), _block_diffusion,
-               decoding="diffusion", default_sampler="ancestral", infills=False, likelihood=True, servable=True),
+               decoding="diffusion", default_sampler="ancestral", infills=False, likelihood=True, servable=True,
+               blocks=True, rules=_a_time_per_block),
     FamilySpec("ilm", "insertion (ILM) language", "insertion-lm", build_insertion_model, _insertion_objective,
-               decoding="insertion", default_sampler="insertion", infills=True, likelihood=False),
+               decoding="insertion", default_sampler="insertion", infills=True, likelihood=False, loss_floats=3.2,
+               rules=_one_document_per_row),
     FamilySpec("classifier", "sequence classification", "text-classification", build_classifier,
                lambda cfg, tok: ClassificationObjective(), decoding=None, default_sampler=None, infills=False,
                likelihood=False, labels=True, ema=False, starts_from="mdlm",
-               data=lambda cfg, tokenizer, progress: LabelledData(cfg, tokenizer)),
+               data=lambda cfg, tokenizer, progress: LabelledData(cfg, tokenizer), rules=_labelled_files),
 )}
 register_choices("family", tuple(FAMILIES))
+
+
+def _family_rules(cfg: RunConfig) -> None:
+    """The keys that belong to some families: set for the others, they are errors."""
+    spec = FAMILIES[cfg.family]
+    blocked = " or ".join(f.name for f in FAMILIES.values() if f.blocks)
+    if spec.blocks and cfg.model.block_size < 1:
+        raise ConfigError(f"family {spec.name} needs model.block_size >= 1 (tokens per block)")
+    if not spec.blocks and cfg.model.block_size:
+        raise ConfigError(f"model.block_size is for block diffusion models (family {blocked})")
+    if cfg.model.soft_mask_top_k and not spec.soft_mask:
+        soft = " or ".join(f.name for f in FAMILIES.values() if f.soft_mask)
+        raise ConfigError(f"model.soft_mask_top_k is for masked diffusion models (family {soft})")
+    if spec.rules is not None:
+        spec.rules(cfg)
+
+
+register_rule(_family_rules)
 register_choices("diffusion.ilm_weighting", ROW_WEIGHTINGS)
 register_choices("diffusion.ilm_stop_head", STOP_HEADS)
 

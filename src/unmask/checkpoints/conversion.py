@@ -37,7 +37,7 @@ def to_diffusion(source: OpenWeights, shift: bool = True) -> Pretrained:
     tokenizer, mask = source.tokenizer, source.tokenizer.mask_id
     tied = source.config.model.tie_embeddings
     weights = {k: v.float() for k, v in source.weights().items() if not (tied and k == "lm_head.weight")}
-    name = BACKBONES[source.config.model.backbone].INPUT_EMBEDDING
+    name = BACKBONES[source.config.model.backbone].network.INPUT_EMBEDDING
     embed = weights[name]
     if mask >= len(embed):  # no spare row: grow the embedding and the output layer by one
         weights[name] = embed = torch.cat([embed, embed.new_zeros(1, embed.shape[1])])

@@ -225,7 +225,7 @@ def open_source(path: str | Path, tokenizer_path: str | None = None,
 
 def cfg_vocab(weights: dict[str, torch.Tensor]) -> int:
     """The vocabulary size of any backbone's weights (rows of its input embedding, whatever the wrapper)."""
-    names = tuple(backbone.INPUT_EMBEDDING for backbone in BACKBONES.values())
+    names = tuple(spec.network.INPUT_EMBEDDING for spec in BACKBONES.values())
     for key, value in weights.items():
         if key.endswith(names) and value.dim() == 2:
             return value.shape[0]

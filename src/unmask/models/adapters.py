@@ -19,7 +19,7 @@ import re
 import torch
 
 from ..config import AdapterConfig, ConfigError
-from .registry import ADAPTER_TARGETS
+from .registry import BACKBONES
 
 ALWAYS_TRAINED = ("soft_mask.",)  # parameter-name prefixes trained alongside the adapters
 
@@ -34,10 +34,10 @@ def _peft():
 
 def target_pattern(cfg: AdapterConfig, backbone: str) -> str:
     """One regex over module names for ``cfg.targets``: the groups ``attention`` and ``mlp`` of the
-    backbone (:data:`~unmask.models.registry.ADAPTER_TARGETS`) or patterns of their own."""
+    backbone (:attr:`~unmask.models.registry.BackboneSpec.adapter_targets`) or patterns of their own."""
     parts = []
     for target in cfg.targets:
-        parts += ADAPTER_TARGETS[backbone].get(target, [target])
+        parts += BACKBONES[backbone].adapter_targets.get(target, [target])
     pattern = "|".join(f"(?:{p})" for p in parts)
     try:
         re.compile(pattern)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..models.common import bucketed_positions
-from .base import Noise, masked_cross_entropy, per_sequence_sums
+from .base import Noise, Objective, masked_cross_entropy, per_sequence_sums
 
 
-class Autoregressive:
+class Autoregressive(Objective):
     """Next-token prediction on the same rows: input ``[BOS, x_0 .. x_{L-2}]``, targets ``x``.
 
     Prepending BOS lets the AR model score every position of the row, the first included, so its

@@ -4,7 +4,7 @@ sums, model unwrapping."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,21 +31,29 @@ class Noise:
         return self.time_u, self.mask_u, self.soft_u, self.extra_u
 
 
-class Objective(Protocol):
-    """A training objective of a family (``unmask.families``).
+class Objective:
+    """A training objective of a family (:mod:`unmask.families`).
 
     ``loss`` returns per-sequence sums (B,) of nats over the counted positions of ``x0`` (B, L): the
     training loop divides them by the global number of counted tokens, or of rows when
     ``per_sequence``. ``exact`` selects the evaluation estimator. ``bound`` says what the evaluated
     number is: an upper bound on the NLL (``nelbo``), the NLL itself (``exact``) or neither (``none``).
+    The noise of a step (:func:`draw_noise`) has ``time_blocks(L)`` times per row and, with
+    ``extra_noise``, a second uniform per token.
     """
 
     family: str
     per_sequence: bool
     bound: Literal["nelbo", "exact", "none"]
+    extra_noise: bool = False
 
     def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise,
-             exact: bool = False) -> torch.Tensor: ...
+             exact: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def time_blocks(self, length: int) -> int:
+        """Diffusion times per training row of ``length`` tokens: one, unless the objective draws more."""
+        return 1
 
 
 def stratified_uniform(n: int, generator: torch.Generator | None = None, antithetic: bool = True) -> torch.Tensor:

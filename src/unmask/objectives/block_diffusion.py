@@ -42,12 +42,13 @@ class BlockDiffusion(MaskedDiffusion):
         super().__init__(schedule, mask_id, t_min, discrete_steps, antithetic, t_max=t_max)
         self.block_size = block_size
 
-    def blocks(self, length: int) -> int:
+    def time_blocks(self, length: int) -> int:
+        """A diffusion time per block of the row."""
         return -(-length // self.block_size)
 
     def block_uniforms(self, time_u: torch.Tensor, length: int) -> torch.Tensor:
         """(B, blocks) time uniforms: given per block, or per row ``u`` spread as ``frac(u + j / blocks)``."""
-        blocks = self.blocks(length)
+        blocks = self.time_blocks(length)
         if time_u.dim() == 2:
             if time_u.shape[1] != blocks:
                 raise ValueError(f"need {blocks} block times per row, got {time_u.shape[1]}")

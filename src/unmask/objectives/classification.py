@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Noise
+from .base import Noise, Objective
 
 
-class ClassificationObjective:
+class ClassificationObjective(Objective):
     """``-log p(label | sequence)`` per row (B,), the model pooling over the counted positions; rows
     are averaged (``per_sequence``), and the number is a loss, not a bound on a likelihood."""
 

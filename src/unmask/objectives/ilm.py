@@ -61,6 +61,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .base import Objective
+
 ROW_WEIGHTINGS = ("path", "paper")
 
 
@@ -105,7 +107,7 @@ class InsertionBatch:
                             accumulate=True)
 
 
-class InsertionObjective:
+class InsertionObjective(Objective):
     """The ILM training objective (module docstring) over rows from the data pipeline."""
 
     family = "ilm"
@@ -119,6 +121,7 @@ class InsertionObjective:
         if not 0.0 <= stop_noise <= 1.0:
             raise ValueError(f"ILM stop noise must be in [0, 1], got {stop_noise}")
         self.stop_noise = stop_noise
+        self.extra_noise = stop_noise > 0  # a step draws the uniforms of the stop-head copies
         self.bos_id, self.eos_id, self.pad_id, self.mask_id = bos_id, eos_id, pad_id, mask_id
         self.special = sorted(set(special_ids) | {bos_id, eos_id, pad_id, mask_id})
         self.vocab_size, self.weighting = vocab_size, weighting

@@ -33,7 +33,7 @@ import torch
 
 from ..models.common import bucketed_positions
 from ..models.softmask import SoftFeedback
-from .base import Noise, masked_cross_entropy, per_sequence_sums, unwrap
+from .base import Noise, Objective, masked_cross_entropy, per_sequence_sums, unwrap
 from .guidance import guided_logits, unconditional_input
 from .schedules import NoiseSchedule
 
@@ -53,7 +53,7 @@ def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torc
     return log_probs
 
 
-class MaskedDiffusion:
+class MaskedDiffusion(Objective):
     """The MDLM objective over a noise schedule."""
 
     family = "mdlm"

@@ -17,7 +17,6 @@ from ..config import SampleConfig, register_choices
 from ..data.tokenization import Tokenizer
 from ..families import FAMILIES, family_of
 from ..objectives.base import Objective
-from ..objectives.block_diffusion import BlockDiffusion
 from .ancestral import AncestralSampler
 from .ar import AutoregressiveSampler
 from .base import SamplingError
@@ -128,7 +127,7 @@ def make_sampler(cfg: SampleConfig, objective: Objective, tokenizer: Tokenizer, 
         raise SamplingError(f"sample.{unused[0]} does not apply to the '{name}' sampler (its keys: "
                             f"{', '.join(spec.knobs)})")
     inner = spec.build(cfg, objective, tokenizer)
-    if isinstance(objective, BlockDiffusion):
+    if family.blocks:
         if cfg.window or cfg.guidance:
             raise SamplingError(f"a block diffusion model generates block by block: sample."
                                 f"{'window' if cfg.window else 'guidance'} does not apply")

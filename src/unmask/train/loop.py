@@ -42,12 +42,9 @@ from ..families import build_model, build_objective, family_of
 from ..models.adapters import add_adapters, trainable_names
 from ..models.common import count_parameters
 from ..objectives.base import draw_noise
-from ..objectives.block_diffusion import BlockDiffusion
-from ..objectives.ilm import InsertionObjective
 from ..runtime import (
     Distributed,
     LiveTensorBytes,
-    autocast,
     deterministic_algorithms,
     generator_for,
     init_distributed,
@@ -58,7 +55,8 @@ from ..runtime import (
     shutdown_distributed,
 )
 from .optim import EMA, learning_rate, parameter_groups
-from .parallel import full_value, parallelize, restore
+from .parallel import parallelize, restore
+from .step import Batch, TrainState, train_step
 
 
 def init_tokenizer(cfg: RunConfig):
@@ -220,10 +218,10 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
             print(f"resuming {run_dir} from step {start_step}")
 
     seq_len = cfg.data.length
-    time_blocks = objective.blocks(seq_len) if isinstance(objective, BlockDiffusion) else 1  # a time per block
-    extra_noise = isinstance(objective, InsertionObjective) and objective.stop_noise > 0  # stop-head copies
+    time_blocks, extra_noise = objective.time_blocks(seq_len), objective.extra_noise
     local = micro * accumulation
-    forward_model = torch.compile(parallel_model) if t.compile else parallel_model
+    state = TrainState(model, objective, optimizer, torch.compile(parallel_model) if t.compile else parallel_model,
+                       ema, device, precision, micro, t.grad_clip, dist.world, sync)
     order = BatchOrder(len(train_rows), t.batch_size, t.seed)
     log = MetricsLog(run_dir / "metrics.jsonl", dist.main)
     if dist.main:
@@ -289,25 +287,11 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
         local_tokens = float(len(counted_np) if objective.per_sequence else counted_np.sum())
         global_tokens = dist.all_sum([local_tokens])[0]
         torch.manual_seed(seed_for(t.seed, step, dist.rank, 0xD0))
-        step_loss = torch.zeros((), device=device, dtype=torch.float64)
-        for m in range(accumulation):
-            part = slice(m * micro, (m + 1) * micro)
-            with sync(m == accumulation - 1):
-                with autocast(device, precision):
-                    targets = {} if labels is None else {"labels": labels[part]}
-                    loss_sum = objective.loss(forward_model, x0[part], counted[part],
-                                              noise.slice(m * micro, (m + 1) * micro), **targets).sum()
-                (loss_sum * dist.world / max(global_tokens, 1.0)).backward()
-            step_loss += loss_sum.detach().double()
-        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        finite &= torch.isfinite(step_loss) & torch.isfinite(grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(model)
+        metrics = train_step(state, Batch(x0, counted, noise, global_tokens, labels))
+        finite &= metrics.finite
+        grad_norm = metrics.grad_norm
         step += 1
-        window_loss = window_loss + step_loss
+        window_loss = window_loss + metrics.loss_sum
         window_tokens += local_tokens
         window_steps += 1
 

@@ -11,7 +11,8 @@ processes (``1/W`` under FSDP, whole under DDP):
   (two temporaries the size of the largest); the EMA ``4 T``;
 * activations: each of the micro-batch's tokens keeps ``a * hidden`` floats per block for the backward
   pass, and the loss ``k * V`` floats over the vocabulary ``V`` (logits, their log-softmax and
-  gradient). ``a`` (per backbone) and ``k`` (per family) were measured on CPU with torch 2.13 by
+  gradient). ``a`` (per backbone, :attr:`~unmask.models.registry.BackboneSpec.activation_floats`) and ``k``
+  (per family, :attr:`~unmask.families.FamilySpec.loss_floats`) were measured on CPU with torch 2.13 by
   counting the bytes of live tensors through one training step (dit 21, llama 25, gpt2 19; mdlm 1.7,
   autoregressive losses over every position 3.2); the attention keeps no ``L x L`` matrix (PyTorch's
   fused attention), so they do not grow with the length. With activation checkpointing a block keeps
@@ -37,11 +38,9 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..families import family_of
 from ..models.adapters import add_adapters
-from ..models.registry import transformer_blocks
+from ..models.registry import BACKBONES, transformer_blocks
 from .loop import init_tokenizer, micro_batching, with_source_architecture
 
-ACTIVATION_FLOATS = {"dit": 21.0, "llama": 25.0, "gpt2": 19.0}  # per token, block and hidden unit (measured)
-LOSS_FLOATS = {"ar": 3.2, "ilm": 3.2}  # per token and vocabulary entry (measured); other families: 1.7
 GPU_MEMORY_GB = (24, 40, 80, 141)
 HEADROOM = 0.9  # the share of a GPU's memory a plan may fill
 
@@ -113,13 +112,14 @@ def plan_memory(cfg: RunConfig, model: torch.nn.Module, vocab_size: int, world: 
         weights += 2 * largest * compute_bytes
     gradients = 4 * trainable / shards
     buckets = 4 * trainable if t.parallel == "ddp" and world > 1 else 0.0
-    tokens = micro * cfg.data.length * (2 if m.block_size else 1)  # block diffusion: the two streams
-    per_block = ACTIVATION_FLOATS[m.backbone] * m.hidden
+    family = family_of(cfg)
+    tokens = micro * cfg.data.length * (2 if family.blocks else 1)  # block diffusion: the two streams
+    per_block = BACKBONES[m.backbone].activation_floats * m.hidden
     if t.activation_checkpointing:
         kept = len(blocks) * m.hidden + per_block
     else:
         kept = len(blocks) * per_block
-    loss = LOSS_FLOATS.get(cfg.family, 1.7) * max(vocab_size, m.vocab) * 4
+    loss = family.loss_floats * max(vocab_size, m.vocab) * 4
     activations = tokens * (kept * compute_bytes + loss)
     ema = 4 * trainable / shards if t.ema > 0 else 0.0
     if device == "cuda":

@@ -54,7 +54,6 @@ from ..config import ConfigError, RunConfig, dump_config, register_choices
 from ..data.tasks import answer_of, read_pairs
 from ..families import family_of
 from ..models.adapters import adapters_disabled, add_adapters
-from ..objectives.block_diffusion import BlockDiffusion
 from ..objectives.mdlm import MaskedDiffusion
 from ..pipeline import make_canvas, request_ids
 from ..runtime import seed_for
@@ -389,7 +388,7 @@ def rl_train(cfg: RunConfig, model, diffusion: MaskedDiffusion, tokenizer, devic
     run folder (resolved config, ``metrics.jsonl``, the model checkpoint with the schedule's summary,
     ``schedule.json``, ``rewards.png``) and returns the checkpoint."""
     r = cfg.rl
-    if family_of(cfg).decoding != "diffusion" or isinstance(diffusion, BlockDiffusion):
+    if not family_of(cfg).reinforce:
         raise ConfigError(f"unmask rl fine-tunes masked diffusion models (MDLM, LLaDA, Dream), not {cfg.family}")
     if not r.prompts:
         raise ConfigError("rl.prompts: a JSONL file of prompt/answer pairs (data.prompt_field/data.text_field)")
