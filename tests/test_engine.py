@@ -22,31 +22,13 @@ from unmask.samplers.first_hitting import FirstHittingSampler
 from unmask.samplers.llada import LLaDASampler
 from unmask.samplers.semi_ar import SemiAutoregressiveSampler
 
-from toys import random_dit
+from toys import CountingModel, random_dit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 21
 MASK = VOCAB - 1
 BOS = 0
-
-
-class CountingModel(torch.nn.Module):
-    """The network, counting its forward passes."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.forwards = inner, 0
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
-
-    def forward(self, *args, **kwargs):
-        self.forwards += 1
-        return self.inner(*args, **kwargs)
 
 
 def canvas(rows: int, length: int, prompts: list[int], seed: int) -> torch.Tensor:

@@ -328,24 +328,6 @@ def sampler_zoo(diffusion):
     }
 
 
-@pytest.mark.parametrize("name", list(sampler_zoo(MaskedDiffusion(LogLinear(0.0), MASK))))
-def test_a_rows_sample_depends_only_on_its_seed(name):
-    model = tiny_dit(seed=7)
-    sampler = sampler_zoo(MaskedDiffusion(LogLinear(0.0), MASK))[name]
-    canvas = torch.full((6, 12), MASK)
-    canvas[1, :5] = 2  # ragged prompts
-    canvas[3, 8:] = 1  # a suffix
-    all_seeds = seeds(6, 11)
-    batch = sampler.sample(model, canvas, all_seeds).tokens
-    for r in (0, 1, 3):
-        alone = sampler.sample(model, canvas[r:r + 1], all_seeds[r:r + 1]).tokens
-        assert torch.equal(alone[0], batch[r]), name
-    reordered = sampler.sample(model, canvas.flip(0), all_seeds.flip(0)).tokens
-    assert torch.equal(reordered.flip(0), batch)
-    other = sampler.sample(model, canvas[:1], seeds(1, 99)).tokens
-    assert not torch.equal(other[0], batch[0])
-
-
 def test_fixed_tokens_are_kept_and_infills_have_exactly_their_length():
     tok = CharTokenizer("abcdefgh ")
     ids = encode_template(tok, "ab[MASK*3]cd[MASK]e")

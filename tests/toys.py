@@ -92,6 +92,24 @@ def random_dit(length: int = 32, vocab: int = 21, seed: int = 0, causal: bool = 
     return model
 
 
+class CountingModel(torch.nn.Module):
+    """A network that counts its forward passes (every other attribute is the inner network's)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.forwards = inner, 0
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, *args, **kwargs):
+        self.forwards += 1
+        return self.inner(*args, **kwargs)
+
+
 class EnumeratedModel(torch.nn.Module):
     """The exact denoiser of a distribution over short sequences given as ``states`` (S, L) with
     probabilities ``weights`` (S,): p(x_l = v | unmasked tokens of x_t), by enumeration. ``causal``

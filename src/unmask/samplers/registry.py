@@ -45,48 +45,64 @@ class SamplerSpec:
     summary: str
 
 
-def _draw(cfg: SampleConfig) -> dict:
+def draw_knobs(cfg: SampleConfig) -> dict:
+    """The categorical draw's settings (every sampler's)."""
     return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, precision=cfg.precision)
 
 
-def _denoise(cfg: SampleConfig) -> dict:
-    return dict(_draw(cfg), soft_mask=cfg.soft_mask, guidance=cfg.guidance, guidance_schedule=cfg.guidance_schedule)
+def denoise_knobs(cfg: SampleConfig) -> dict:
+    """A diffusion sampler's shared settings: the draw's, soft-mask feedback and guidance."""
+    return dict(draw_knobs(cfg), soft_mask=cfg.soft_mask, guidance=cfg.guidance,
+                guidance_schedule=cfg.guidance_schedule)
 
 
-SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
+SAMPLERS: dict[str, SamplerSpec] = {}
+
+
+def register_sampler(spec: SamplerSpec) -> None:
+    """Add a sampler: ``sample.sampler`` accepts its name, and the help, the server's request schema (when
+    built after it) and :func:`samplers_for` list it."""
+    if spec.name in SAMPLERS or spec.name == "auto":
+        raise ValueError(f"a sampler named {spec.name!r} is already registered")
+    SAMPLERS[spec.name] = spec
+    register_choices("sample.sampler", ("auto", *SAMPLERS))
+
+
+for _spec in (
     SamplerSpec("ancestral", "diffusion", ("steps", "cache") + DIFFUSION,
-                lambda cfg, objective, tok: AncestralSampler(objective, cfg.steps, cache=cfg.cache, **_denoise(cfg)),
+                lambda cfg, objective, tok: AncestralSampler(objective, cfg.steps, cache=cfg.cache,
+                                                             **denoise_knobs(cfg)),
                 "MDLM's ancestral update on sample.steps steps of the schedule (cache: reuse unchanged rows)"),
     SamplerSpec("first_hitting", "diffusion", ("tokens_per_step",) + DIFFUSION,
-                lambda cfg, objective, tok: FirstHittingSampler(objective, cfg.tokens_per_step, **_denoise(cfg)),
+                lambda cfg, objective, tok: FirstHittingSampler(objective, cfg.tokens_per_step, **denoise_knobs(cfg)),
                 "exact first-hitting sampling (one token per network call; tokens_per_step > 1 is parallel)"),
     SamplerSpec("confidence", "diffusion", ("steps", "score", "reveal", "remask") + DIFFUSION,
                 lambda cfg, objective, tok: ConfidenceSampler(objective, cfg.steps, cfg.score, cfg.reveal, cfg.remask,
-                                                              **_denoise(cfg)),
+                                                              **denoise_knobs(cfg)),
                 "reveal the most confident positions on a linear or cosine schedule, optionally remasking"),
     SamplerSpec("llada", "diffusion", ("steps", "block_length", "score", "threshold", "factor", "block_cache")
                 + DIFFUSION,
                 lambda cfg, objective, tok: LLaDASampler(objective, cfg.steps, cfg.block_length, cfg.score,
                                                          cfg.threshold, cfg.block_cache, factor=cfg.factor,
-                                                         **_denoise(cfg)),
+                                                         **denoise_knobs(cfg)),
                 "LLaDA's decoding: low-confidence (or random) remasking in semi-autoregressive blocks; "
                 "threshold, factor: Fast-dLLM's rules"),
     SamplerSpec("dream", "diffusion", ("steps", "score", "alg_temp", "eps", "threshold", "block_cache",
                                        "block_length") + DIFFUSION,
                 lambda cfg, objective, tok: DreamSampler(objective, cfg.steps, cfg.score, cfg.alg_temp, cfg.eps,
                                                          cfg.threshold, cfg.block_length if cfg.block_cache != "none"
-                                                         else 0, cfg.block_cache, **_denoise(cfg)),
+                                                         else 0, cfg.block_cache, **denoise_knobs(cfg)),
                 "Dream's decoding: origin, confidence, margin or entropy order; threshold: Fast-dLLM's rule"),
     SamplerSpec("ar", "ar", ("kv_cache",) + COMMON,
                 lambda cfg, objective, tok: AutoregressiveSampler(tok.bos_id, tok.mask_id, kv_cache=cfg.kv_cache,
-                                                                  **_draw(cfg)),
+                                                                  **draw_knobs(cfg)),
                 "left to right with a KV cache (autoregressive models)"),
     SamplerSpec("insertion", "insertion", ("stop", "stop_threshold", "gap") + COMMON,
                 lambda cfg, objective, tok: InsertionSampler(tok.mask_id, tok.pad_id, tok.special_ids, cfg.stop,
-                                                             cfg.stop_threshold, cfg.gap, **_draw(cfg)),
+                                                             cfg.stop_threshold, cfg.gap, **draw_knobs(cfg)),
                 "one insertion per step until the stop head says stop (insertion models)"),
-)}
-register_choices("sample.sampler", ("auto", *SAMPLERS))
+):
+    register_sampler(_spec)
 register_choices("sample.score", tuple(dict.fromkeys(CONFIDENCE_SCORES + DREAM_SCORES)))
 register_choices("sample.reveal", REVEAL_SCHEDULES)
 register_choices("sample.guidance_schedule", GUIDANCE_SCHEDULES)

@@ -1,0 +1,195 @@
+"""The contract of every registered sampler, on every family that decodes with it (and the cached and
+wrapped variants): a row's tokens depend only on its seed (batched = alone, reordered, ragged prompts),
+the same seeds give the same tokens, fixed tokens are kept and nothing stays masked, NFE counts the
+network's forward passes, decodings interleaved in one engine give what each gives alone, and malformed
+requests are refused with a :class:`SamplingError`. The cases come from the registries: a sampler or
+family added there is checked here without a line of this file changing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unmask.config import ConfigError, SampleConfig, load_config, register_choices
+from unmask.data.tokenization import CharTokenizer
+from unmask.families import FAMILIES, build_model, build_objective
+from unmask.samplers.base import PURPOSES, TOKEN, RowStreams, SamplingError, categorical_probs, row_seeds
+from unmask.samplers.denoiser import DiffusionSampler
+from unmask.samplers.engine import DecodingEngine, Frame, Outcome
+from unmask.samplers.registry import (
+    DIFFUSION,
+    SAMPLERS,
+    SamplerSpec,
+    denoise_knobs,
+    make_sampler,
+    register_sampler,
+    samplers_for,
+)
+
+from toys import TINY, CountingModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LENGTH = 16
+TOKENIZER = CharTokenizer("abcdefghij ")
+# settings that keep every sampler short on a 16-position canvas (a sampler ignores the keys it does not read)
+SHORT = dict(steps=8, block_length=8)
+# variants beyond each sampler's defaults: caches on and off (ancestral, Fast-dLLM's, KV), float32 draws,
+# parallel first-hitting, remasking, semi-autoregressive windows, guidance
+VARIANTS = {
+    ("mdlm", "llada"): [dict(block_cache="prefix"), dict(block_cache="dual", threshold=0.3)],
+    ("mdlm", "dream"): [dict(block_cache="dual", block_length=8, score="confidence")],
+    ("mdlm", "ancestral"): [dict(cache=False), dict(precision="float32"), dict(window=8, stride=4),
+                            dict(guidance=1.0)],
+    ("mdlm", "first_hitting"): [dict(tokens_per_step=3)],
+    ("mdlm", "confidence"): [dict(score="margin", remask=0.2)],
+    ("ar", "ar"): [dict(kv_cache=False)],
+    ("bd3lm", "ancestral"): [dict(kv_cache=False)],
+}
+
+
+def cases() -> list:
+    out = []
+    for family, spec in FAMILIES.items():
+        for name in samplers_for(spec.decoding):
+            for extra in [{}] + VARIANTS.get((family, name), []):
+                label = ",".join(f"{k}={v}" for k, v in extra.items())
+                out.append(pytest.param(family, name, extra, id=f"{family}-{name}" + (f"-{label}" if label else "")))
+    return out
+
+
+def setup(family: str, name: str, extra: dict):
+    overrides = [*TINY, f"family={family}"] + (["model.block_size=4"] if family == "bd3lm" else []) \
+        + (["data.layout=pad"] if family == "ilm" else [])
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg, TOKENIZER).eval()
+    with torch.no_grad():  # away from the zero initialisation: outputs depend on the inputs
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+        if hasattr(model, "stop_head"):  # an insertion model that inserts a few tokens before it stops
+            model.stop_head.bias.fill_(-2.0)
+    objective = build_objective(cfg, TOKENIZER)
+    sampler = make_sampler(SampleConfig(sampler=name, **{**SHORT, **extra}), objective, TOKENIZER, cfg.model.length)
+    return model, sampler, FAMILIES[family].decoding
+
+
+def canvases(decoding: str, prompts: list[int]) -> torch.Tensor:
+    """Rows with prompts of the given lengths: masks to generate after them (insertion: one gap after the
+    prompt, then room to grow)."""
+    t = TOKENIZER
+    x = torch.full((len(prompts), LENGTH), t.mask_id)
+    for r, p in enumerate(prompts):
+        prompt = [(r + j) % 10 for j in range(p)]
+        if decoding == "insertion":
+            x[r] = t.pad_id
+            x[r, :p + 2] = torch.tensor([t.bos_id, *prompt, t.mask_id])
+        else:
+            x[r, :p] = torch.tensor(prompt)
+    return x
+
+
+def shared_start(extra: dict) -> bool:
+    """Fast-dLLM's cached decoding needs rows whose generated parts start together."""
+    return extra.get("block_cache", "none") != "none"
+
+
+@pytest.mark.parametrize("family, name, extra", cases())
+def test_every_sampler_keeps_the_contract(family, name, extra):
+    model, sampler, decoding = setup(family, name, extra)
+    prompts = [3, 3, 3, 3] if shared_start(extra) else [0, 5, 2, 3]
+    x, seeds = canvases(decoding, prompts), row_seeds(11, 4)
+    counted = CountingModel(model)
+    batch = sampler.sample(counted, x, seeds)
+    tokens = batch.tokens
+    # NFE counts the forward passes (guidance's second pass is part of its call)
+    if extra.get("guidance"):
+        assert batch.nfe <= counted.forwards <= 2 * batch.nfe
+    else:
+        assert batch.nfe == counted.forwards > 0
+    assert int(batch.row_nfe.max()) <= batch.nfe and batch.generated > 0
+    # nothing stays masked; fixed tokens are kept where they were (an insertion model keeps them in order)
+    assert not bool((tokens == TOKENIZER.mask_id).any())
+    if decoding == "insertion":
+        assert bool((tokens[:, 0] == TOKENIZER.bos_id).all())
+    else:
+        fixed = x != TOKENIZER.mask_id
+        assert torch.equal(tokens[fixed], x[fixed])
+    # the same seeds give the same tokens; a row's tokens depend only on its own seed
+    assert torch.equal(sampler.sample(model, x, seeds).tokens, tokens)
+    for r in range(4):
+        alone = sampler.sample(model, x[r:r + 1], seeds[r:r + 1])
+        assert torch.equal(alone.tokens[0], tokens[r]), r
+    flipped = sampler.sample(model, x.flip(0), seeds.flip(0)).tokens
+    assert torch.equal(flipped.flip(0), tokens)
+    others = sampler.sample(model, x, row_seeds(12, 4)).tokens
+    assert not torch.equal(others, tokens)
+    # interleaved with another decoding of itself in one engine: the same tokens and NFE as alone
+    engine = DecodingEngine(model)
+    first, second = engine.add(sampler, x[:2], seeds[:2]), engine.add(sampler, x[2:], seeds[2:])
+    engine.run()
+    assert torch.equal(torch.cat([first.result.tokens, second.result.tokens]), tokens)
+    assert first.result.nfe == sampler.sample(model, x[:2], seeds[:2]).nfe
+
+
+@pytest.mark.parametrize("family, name, extra", cases())
+def test_every_sampler_refuses_malformed_requests(family, name, extra):
+    model, sampler, decoding = setup(family, name, extra)
+    x = canvases(decoding, [2, 2])
+    for canvas, seeds in ((x[:0], row_seeds(0, 0)), (x[0], row_seeds(0, 1)), (x, row_seeds(0, 3))):
+        with pytest.raises(SamplingError):
+            sampler.sample(model, canvas, seeds)
+    if shared_start(extra):
+        with pytest.raises(SamplingError, match="same position"):
+            sampler.sample(model, canvases(decoding, [1, 4]), row_seeds(0, 2))
+
+
+class LeftToRight(DiffusionSampler):
+    """A new sampler, written as the README's "Adding a sampler" says: each step reveals the leftmost masked
+    position of every row, drawn from the model."""
+
+    def start(self, model, canvas, seeds):
+        self.check(canvas, seeds)
+        return self._decode(canvas, RowStreams(seeds), self.denoiser(model, canvas))
+
+    def _decode(self, canvas, streams, denoise):
+        x, step = canvas.clone(), 0
+        row_nfe = torch.zeros(len(x), dtype=torch.long)
+        while (x == self.mask_id).any():
+            masked = x == self.mask_id
+            rows = masked.any(dim=1).nonzero()[:, 0]
+            first = masked[rows].float().argmax(dim=1)
+            at = torch.zeros_like(masked[rows])
+            at[torch.arange(len(rows)), first] = True
+            logits = yield denoise(x[rows], masked[rows].double().mean(dim=1), at, rows)
+            probs = categorical_probs(logits, self.temperature, self.top_k, self.top_p, exclude=self.mask_id)
+            x[rows, first] = streams.categorical(probs, rows, step * PURPOSES + TOKEN, first)
+            row_nfe[rows] += 1
+            step += 1
+            yield Frame(x)
+        return Outcome(x, row_nfe)
+
+
+def test_a_new_sampler_is_one_class_and_one_registry_entry(tmp_path):
+    spec = SamplerSpec("left_to_right", "diffusion", DIFFUSION,
+                       lambda cfg, objective, tokenizer: LeftToRight(objective, **denoise_knobs(cfg)),
+                       "the leftmost masked position of every row per step")
+    register_sampler(spec)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_sampler(spec)
+        cfg = load_config(None, [*TINY, "sample.sampler=left_to_right", "sample.guidance=0.5"])
+        model, _, _ = setup("mdlm", "ancestral", {})
+        sampler = make_sampler(cfg.sample, build_objective(cfg, TOKENIZER), TOKENIZER, LENGTH)
+        x, seeds = canvases("diffusion", [0, 5, 2]), row_seeds(3, 3)
+        out = sampler.sample(model, x, seeds)
+        assert out.nfe == LENGTH and not bool((out.tokens == TOKENIZER.mask_id).any())
+        assert torch.equal(sampler.sample(model, x[1:2], seeds[1:2]).tokens[0], out.tokens[1])
+        with pytest.raises(SamplingError, match="is for masked diffusion"):  # the registry keeps it to its family's decoding
+            make_sampler(cfg.sample, build_objective(load_config(None, [*TINY, "family=ar"]), TOKENIZER), TOKENIZER,
+                         LENGTH)
+    finally:
+        SAMPLERS.pop("left_to_right")
+        register_choices("sample.sampler", ("auto", *SAMPLERS))
+    with pytest.raises(ConfigError, match="left_to_right"):
+        load_config(None, [*TINY, "sample.sampler=left_to_right"])
