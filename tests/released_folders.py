@@ -1,11 +1,17 @@
 """Tiny open-weight folders in the released layouts (LLaDA, Dream), written by the tests themselves:
 ``config.json`` as the released models have it, sharded safetensors with an index file, a
 ``tokenizers`` tokenizer and a ``tokenizer_config.json`` with a chat template. Also the reference
-vectors of ``../shared/reference/vectors`` (skipped with a reason when absent)."""
+vectors of ``../shared/reference/vectors`` (skipped with a reason when absent) and what their README
+states: every shape, id, layer count, run and run setting of the vectors is read from the files' own
+``oracle`` metadata, and every tolerance from the README (section 10), so that any vector set of the
+documented format can be checked, wherever its special ids lie and however many layers it has."""
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,36 +25,255 @@ from unmask.config import ModelConfig
 from unmask.models.llama import Transformer
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "vectors"
+README = VECTORS / "README.md"
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>{% endfor %}"
                  "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
 
+
+# --- the reference vectors and their metadata ------------------------------------------------------------
 
 def vectors(name: str) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and the ``oracle`` metadata of a reference vector file (skips when absent)."""
     path = VECTORS / f"{name}.safetensors"
     if not path.is_file():
         pytest.skip(f"reference vectors not found at {path} (../shared is absent)")
+    return load_file(str(path)), oracle(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _header(name: str) -> tuple[dict, tuple[str, ...]] | None:
+    """The ``oracle`` metadata and the tensor names of ``name`` (None when the file is absent)."""
+    path = VECTORS / f"{name}.safetensors"
+    if not path.is_file():
+        return None
     with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["oracle"])
-    return load_file(str(path)), meta
+        return json.loads(f.metadata()["oracle"]), tuple(f.keys())
+
+
+def oracle(name: str) -> dict:
+    """The ``oracle`` metadata of a vector file (a fresh copy: tests may change it)."""
+    header = _header(name)
+    if header is None:
+        pytest.skip(f"reference vectors not found at {VECTORS / name}.safetensors (../shared is absent)")
+    return json.loads(json.dumps(header[0]))
+
+
+def run_params(name: str, where=lambda run: True) -> list:
+    """pytest parameters: the names of the runs that ``name``'s metadata lists (``runs[*].name``) and
+    ``where(run)`` accepts, read when the tests are collected; one skipped parameter when the file is
+    absent."""
+    header = _header(name)
+    if header is None:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"reference vectors {name} not found at {VECTORS}"))]
+    return [pytest.param(run["name"], id=run["name"]) for run in header[0]["runs"] if where(run)]
+
+
+def run_of(meta: dict, name: str) -> dict:
+    """The metadata entry of run ``name``."""
+    (run,) = [r for r in meta["runs"] if r["name"] == name]
+    return run
+
+
+# The reference model classes (README sections 4 and 8.1, ``cls`` in a forward file's metadata): unmask's
+# layout of their released folders and the config key of their layer count.
+REFERENCE_MODELS = {"LLaDAModelLM": ("llada", "n_layers"), "DreamModel": ("dream", "num_hidden_layers")}
+
+
+@dataclass
+class ReferenceModel:
+    """The model that a vector file runs (its own weights, or those of the forward file of the same
+    config: README section 1), with the file's own tensors and metadata."""
+
+    folder: Path  # the released-layout folder written from the weights and the metadata config
+    name: str  # the vector file
+    t: dict[str, torch.Tensor]
+    meta: dict
+    layout: str  # llada or dream
+    layers: int  # the config's layer count
+
+    @property
+    def config(self) -> dict:
+        return self.meta["config"]
+
+
+def weights_file(name: str) -> str:
+    """The vector file that holds the weights ``name`` runs: itself when it has ``state.*`` tensors, else the
+    one file that does and has the same model config (README section 1: the generation files reuse the
+    weights of the matching forward file)."""
+    meta, keys = _header(name) or pytest.skip(f"reference vectors {name} not found at {VECTORS}")
+    if any(k.startswith("state.") for k in keys):
+        return name
+    found = [p.stem for p in sorted(VECTORS.glob("*.safetensors"))
+             if any(k.startswith("state.") for k in _header(p.stem)[1]) and _header(p.stem)[0].get("config") == meta["config"]]
+    assert len(found) == 1, f"{name}: {len(found)} vector files hold weights of its config ({found})"
+    return found[0]
+
+
+def reference_folder(tmp_path: Path, name: str, relabel=None) -> ReferenceModel:
+    """The model of the reference vector file ``name`` as a released folder (two shards and an index, the
+    tokenizer's special tokens at the ids the metadata config states). ``relabel`` (config, state) ->
+    (config, state) changes both before they are written."""
+    t, meta = vectors(name)
+    source = weights_file(name)
+    w = t if source == name else vectors(source)[0]
+    layout, layers_key = REFERENCE_MODELS[oracle(source)["cls"]]
+    config = meta["config"]
+    state = {k.removeprefix("state."): v for k, v in w.items() if k.startswith("state.")}
+    if relabel is not None:
+        config, state = relabel(config, state)
+    meta = {**meta, "config": config}
+    folder = write_folder(tmp_path / f"{layout}-{name}", layout, config, state, shards=2)
+    return ReferenceModel(folder, name, t, meta, layout, config[layers_key])
+
+
+def tensor_runs(t: dict[str, torch.Tensor]) -> list[str]:
+    """The run prefixes of a file's tensor names (``a``, ``b_eval`` of ``a.loss``, ``b_eval.nlls``), model
+    parameters (``state.*``) and the per-layer ``hidden_states.*`` aside."""
+    return sorted({k.split(".", 1)[0] for k in t if "." in k and not k.startswith(("state.", "hidden_states."))})
+
+
+# --- the README: its tables, and the tolerances ---------------------------------------------------------
+
+@dataclass
+class Table:
+    section: str  # "10", "8.2"
+    header: list[str]
+    rows: list[dict[str, str]]
+
+
+@functools.lru_cache(maxsize=None)
+def readme_tables() -> tuple[Table, ...]:
+    """Every Markdown table of the vectors' README, with the number of the section it is in."""
+    if not README.is_file():
+        pytest.skip(f"the vectors' README is not at {README}")
+    tables, section, current = [], "", None
+    for line in README.read_text(encoding="utf-8").splitlines():
+        heading = re.match(r"#{2,}\s+(\d+(?:\.\d+)*)\.?\s", line)
+        if heading:
+            section = heading.group(1)
+        if not line.startswith("|"):
+            current = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if current is None:
+            current = Table(section, cells, [])
+            tables.append(current)
+        elif not all(set(c) <= set("-: ") for c in cells):
+            current.rows.append(dict(zip(current.header, cells)))
+    return tuple(tables)
+
+
+def readme_run_row(run: str, column: str) -> str | None:
+    """The cell ``column`` of run ``run`` in the README's run tables (None: no table has it)."""
+    cells = [row[column].strip("`") for table in readme_tables() if "run" in table.header and column in table.header
+             for row in table.rows if row["run"].strip("`") == run]
+    assert len(set(cells)) <= 1, f"the README gives run {run!r} several {column!r}: {cells}"
+    return cells[0] if cells else None
+
+
+@functools.lru_cache(maxsize=None)
+def readme_atol() -> dict[tuple[str, str], float]:
+    """(file, tensor) -> atol: the "suggested atol (float32 port)" column of the table of README section 10."""
+    out = {}
+    for table in readme_tables():
+        column = next((h for h in table.header if h.startswith("suggested atol")), None)
+        if table.section != "10" or column is None:
+            continue
+        for row in table.rows:
+            m = re.fullmatch(r"`([^`]+)\.safetensors` : `([^`]+)`", row[table.header[0]])
+            assert m, f"README section 10: unreadable row {row}"
+            out[m.group(1), m.group(2)] = float(row[column])
+    assert out, "README section 10 has no table of suggested atol"
+    return out
+
+
+# The tolerances that README section 10 states in prose only, and the one rule that the tests add; every
+# comparison of a float tensor with the vectors takes its atol from ``atol`` below, always with rtol 0
+# ("use rtol 0", section 10).
+PROSE_ATOL = {
+    "hidden_states.0": 0.0,  # section 10: "`hidden_states.0` (embeddings) must match bit-exactly"
+}
+SENTINEL_BOUND = 1e5  # section 10 (and 9): "`log_probs` is compared only where |value| < 1e5 (the -1e6 sentinels are exact)"
+SAME_ATOL_AS = {
+    "logits_shifted": "logits",  # section 8.1: the shifted logits are the logits moved by one position
+}
+# Added by the tests: a run's tensor that the table has no row for (section 10 lists `b_train.nlls` of
+# bd3lm_loss, not `b_eval.nlls`) takes the largest atol of the same quantity in the file's other runs
+# (section 9: the runs share the backbone and the loss formula).
+
+
+def atol(file: str, tensor: str) -> float:
+    """The atol of ``file``'s float tensor ``tensor`` by README section 10 (its table, then the rules above)."""
+    table = readme_atol()
+    if (file, tensor) in table:
+        return table[file, tensor]
+    if tensor in PROSE_ATOL:
+        return PROSE_ATOL[tensor]
+    if tensor in SAME_ATOL_AS:
+        return atol(file, SAME_ATOL_AS[tensor])
+    run, _, quantity = tensor.partition(".")
+    others = [v for (f, k), v in table.items() if f == file and quantity and k.partition(".")[2] == quantity
+              and k.partition(".")[0] != run and not k.startswith("hidden_states.")]
+    if others and not tensor.startswith("hidden_states."):
+        return max(others)
+    pytest.fail(f"README section 10 gives no atol for {file}.safetensors : {tensor}")
+
+
+def assert_matches(actual: torch.Tensor, t: dict[str, torch.Tensor], file: str, tensor: str, where=None,
+                   summed: int = 1) -> None:
+    """``actual`` equals the vectors' ``tensor`` within its README atol (rtol 0); ``where``: only there;
+    ``summed``: ``actual`` and the tensor are sums of that many terms (the atol grows as many times)."""
+    expected = t[tensor]
+    assert tuple(actual.shape) == tuple(expected.shape), f"{tensor}: shape {tuple(actual.shape)}, not {tuple(expected.shape)}"
+    if where is not None:
+        actual, expected = actual[where], expected[where]
+    tolerance = summed * atol(file, tensor)
+    diff = float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
+    assert diff <= tolerance, f"{file}: {tensor} differs by {diff:.3g} > atol {tolerance:.3g} (README section 10)"
+
+
+# --- released-layout folders ----------------------------------------------------------------------------
+
+# the preferred order when one id plays several roles (Dream: bos = eos = pad)
+SPECIAL_KEYS = ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
+
+
+def special_tokens(config: dict) -> dict[int, str]:
+    """id -> token string of every special token a model config states (``mask_token_id``,
+    ``eos_token_id``, ``pad_token_id``, ``bos_token_id`` and any other ``*_token_id``), wherever the ids
+    lie: ``<|mask|>``, ``<|eos|>``, ... (an id of several roles is named after the first of
+    :data:`SPECIAL_KEYS`)."""
+    keys = [k for k in SPECIAL_KEYS if k in config] + sorted(k for k in config if k.endswith("_token_id")
+                                                             and k not in SPECIAL_KEYS)
+    out: dict[int, str] = {}
+    for key in keys:
+        value = config[key]
+        if isinstance(value, int) and not isinstance(value, bool):
+            out.setdefault(value, f"<|{key.removesuffix('_token_id')}|>")
+    return out
 
 
 def tokenizer_files(folder: Path, vocab: int, specials: dict[int, str]) -> None:
-    """A word-level tokenizer of ``vocab`` ids: ``w0 .. w{n}`` then the special tokens at their ids."""
-    words = {f"w{i}": i for i in range(vocab) if i not in specials}
-    tk = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    """A word-level tokenizer of ``vocab`` ids: the special tokens at their ids (anywhere), the words
+    ``w{i}`` at every other id ``i``."""
+    assert all(0 <= i < vocab for i in specials), f"special ids {sorted(specials)} outside a vocabulary of {vocab}"
+    words = {specials.get(i, f"w{i}"): i for i in range(vocab)}
+    unk = next(f"w{i}" for i in range(vocab) if i not in specials)
+    tk = Tokenizer(models.WordLevel(words, unk_token=unk))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    for i in sorted(specials):
-        assert i == tk.get_vocab_size(with_added_tokens=True), "specials must follow the words"
-        tk.add_special_tokens([AddedToken(specials[i], special=True)])
+    tk.add_special_tokens([AddedToken(specials[i], special=True) for i in sorted(specials)])
+    assert tk.get_vocab_size(with_added_tokens=True) == vocab
+    assert all(tk.token_to_id(s) == i for i, s in specials.items())
     tk.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
 
 
 def write_folder(folder: Path, layout: str, config: dict, state: dict[str, torch.Tensor], shards: int = 2,
                  specials: dict[int, str] | None = None) -> Path:
-    """A released-layout folder with ``state`` (their parameter names) cut into ``shards`` files."""
+    """A released-layout folder with ``state`` (their parameter names) cut into ``shards`` files; the
+    tokenizer has ``config["vocab_size"]`` ids and the special tokens ``specials`` (default: those the
+    config states, :func:`special_tokens`)."""
     folder.mkdir(parents=True, exist_ok=True)
     model_type = {"llada": "llada", "dream": "Dream", "qwen2": "qwen2", "llama": "llama"}[layout]
     (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type, "torch_dtype": "float32"}))
@@ -63,21 +288,9 @@ def write_folder(folder: Path, layout: str, config: dict, state: dict[str, torch
             save_file({k: state[k].contiguous() for k in part}, str(folder / name))
             weight_map.update({k: name for k in part})
         (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    vocab = config["vocab_size"]  # the tokenizer's ids (LLaDA has more embedding rows than that)
-    tokenizer_files(folder, vocab, specials or {vocab - 3: "<|eot|>", vocab - 2: "<|start|>",
-                                                vocab - 1: "<|mdm_mask|>"})
+    vocab = config["vocab_size"]  # the tokenizer's ids (LLaDA may have more embedding rows than that)
+    tokenizer_files(folder, vocab, special_tokens(config) if specials is None else specials)
     return folder
-
-
-def reference_folder(tmp_path: Path, name: str) -> tuple[Path, dict[str, torch.Tensor], dict]:
-    """The model of a reference vector file (``llada_forward`` or ``dream_forward``) as a released folder."""
-    t, meta = vectors(name)
-    layout = "llada" if name.startswith("llada") else "dream"
-    config = meta["config"]
-    specials = {61: "<pad>", 62: "<|eot|>", 63: "<|mdm_mask|>"} if layout == "llada" else \
-        {61: "<|start|>", 62: "<|endoftext|>", 63: "<|mask|>"}
-    state = {k.removeprefix("state."): v for k, v in t.items() if k.startswith("state.")}
-    return write_folder(tmp_path / layout, layout, config, state, shards=2, specials=specials), t, meta
 
 
 LLADA_TINY = {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2, "mlp_hidden_size": 64,
@@ -91,9 +304,15 @@ DREAM_TINY = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads"
               "eos_token_id": 37, "pad_token_id": 37, "bos_token_id": 38, "rope_scaling": None}
 
 
-def random_folder(folder: Path, layout: str, seed: int = 0, shards: int = 2) -> Path:
-    """A random tiny model of ``layout`` (``llada`` or ``dream``) written in the released layout."""
-    config = LLADA_TINY if layout == "llada" else DREAM_TINY
+def random_folder(folder: Path, layout: str, seed: int = 0, shards: int = 2,
+                  special_ids: tuple[int, int, int] | None = None) -> Path:
+    """A random tiny model of ``layout`` (``llada`` or ``dream``) written in the released layout;
+    ``special_ids`` (EOS = PAD, BOS, mask) places the special tokens ``<|eot|>``, ``<|start|>`` and
+    ``<|mdm_mask|>`` (default: the config's, the last three of the 40 ids)."""
+    config = dict(LLADA_TINY if layout == "llada" else DREAM_TINY)
+    if special_ids is not None:
+        eos, bos, mask = special_ids
+        config.update(eos_token_id=eos, pad_token_id=eos, bos_token_id=bos, mask_token_id=mask)
     cfg = ModelConfig(backbone="llama", **LAYOUTS[layout].model(config), dropout=0.0)
     torch.manual_seed(seed)
     model = Transformer(cfg, config["vocab_size"], causal=False, mask_id=config["mask_token_id"])
@@ -102,7 +321,8 @@ def random_folder(folder: Path, layout: str, seed: int = 0, shards: int = 2) -> 
             p.normal_(0, 0.3)
     state = {LAYOUTS[layout].to_theirs(k): v for k, v in model.state_dict().items()}
     return write_folder(folder, layout, config, state, shards=shards,
-                        specials={37: "<|eot|>", 38: "<|start|>", 39: "<|mdm_mask|>"})
+                        specials={config["eos_token_id"]: "<|eot|>", config["bos_token_id"]: "<|start|>",
+                                  config["mask_token_id"]: "<|mdm_mask|>"})
 
 
 def hf_causal_folder(folder: Path, kind: str, seed: int = 0) -> tuple[Path, torch.nn.Module]:
@@ -130,3 +350,25 @@ def hf_causal_folder(folder: Path, kind: str, seed: int = 0) -> tuple[Path, torc
     model.save_pretrained(folder)
     tokenizer_files(folder, 40, {37: "<|endoftext|>", 38: "<|im_start|>", 39: "<|im_end|>"})
     return folder, model
+
+
+def forward_with_hidden_states(model, ids: torch.Tensor, layers: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The logits of a Llama-backbone ``model`` and its hidden states named as the reference's
+    ``output_hidden_states`` (README sections 4 and 8.1): ``hidden_states.0`` the embeddings (block 0's
+    input), ``hidden_states.i`` block ``i - 1``'s output, ``hidden_states.{layers}`` the final norm's."""
+    blocks = model.model.layers
+    assert len(blocks) == layers, f"the model has {len(blocks)} blocks, the config says {layers}"
+    hidden, hooks = {}, []
+    hooks.append(blocks[0].register_forward_pre_hook(lambda m, args: hidden.__setitem__("hidden_states.0", args[0])))
+    for i in range(layers - 1):
+        hooks.append(blocks[i].register_forward_hook(
+            lambda m, args, out, i=i: hidden.__setitem__(f"hidden_states.{i + 1}", out)))
+    hooks.append(model.model.norm.register_forward_hook(
+        lambda m, args, out: hidden.__setitem__(f"hidden_states.{layers}", out)))
+    try:
+        with torch.no_grad():
+            logits = model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, hidden

@@ -1,8 +1,12 @@
 """LLaDA and Dream checkpoints in their released layouts: the backbone and the loaders against the
-reference implementations' own numbers (``../shared/reference/vectors``), and on random tiny folders."""
+reference implementations' own numbers (``../shared/reference/vectors``), and on random tiny folders.
+
+Every fact about the vector set (shapes, special ids, layer count, runs and their settings) comes from the
+vector files' ``oracle`` metadata, every tolerance from the README's section 10 (``released_folders``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,42 +29,61 @@ from unmask.models.common import count_parameters
 from unmask.models.llama import Transformer
 from unmask.models.registry import build_backbone
 from unmask.pipeline import from_pretrained
-from unmask.samplers.base import PURPOSES, RowStreams, row_seeds
+from unmask.samplers.base import ORDER, PURPOSES, TIME, TOKEN, RowStreams, row_seeds
 from unmask.samplers.dream import DreamSampler
 from unmask.samplers.llada import LLaDASampler
 from unmask.samplers.registry import make_sampler
 
-from released_folders import CHAT_TEMPLATE, random_folder, reference_folder, tokenizer_files, vectors, write_folder
-
-# README of the vectors, section 10: atol per tensor for a float32 port
-ATOL = {"llada": {"logits": 2e-3, "hidden_states.1": 8e-4, "hidden_states.2": 6e-4},
-        "dream": {"logits": 1e-3, "hidden_states.1": 8e-4, "hidden_states.2": 3e-4}}
-
+from released_folders import (
+    CHAT_TEMPLATE,
+    assert_matches,
+    forward_with_hidden_states,
+    random_folder,
+    readme_run_row,
+    reference_folder,
+    run_of,
+    run_params,
+    special_tokens,
+    tokenizer_files,
+    vectors,
+    write_folder,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# README section 1: the files that hold a model's weights, input, logits and hidden states
+FORWARD_FILES = ["llada_forward", "dream_forward"]
+# the config's special ids and the tokenizer attribute that must hold each
+SPECIAL_ROLES = {"mask_token_id": "mask_id", "eos_token_id": "eos_id", "pad_token_id": "pad_id", "bos_token_id": "bos_id"}
 
-@pytest.mark.parametrize("name", ["llada_forward", "dream_forward"])
+
+def check_special_ids(tokenizer, config: dict) -> None:
+    """The loaded tokenizer has every special id the config states, and the config's vocabulary."""
+    assert tokenizer.vocab_size == config["vocab_size"]
+    for key, attr in SPECIAL_ROLES.items():
+        if config.get(key) is not None:
+            assert getattr(tokenizer, attr) == config[key], key
+
+
+@pytest.mark.parametrize("name", FORWARD_FILES)
 def test_forward_pass_matches_the_reference(tmp_path, name):
-    folder, t, meta = reference_folder(tmp_path, name)
-    lm = from_pretrained(folder)  # sharded safetensors + index, read through the public loader
-    model = lm.model
-    kind = "llada" if name.startswith("llada") else "dream"
-    assert lm.tokenizer.mask_id == meta["config"]["mask_token_id"] == 63
-    hidden = {}
-    model.model.layers[0].register_forward_pre_hook(lambda m, args: hidden.__setitem__("hidden_states.0", args[0]))
-    model.model.layers[0].register_forward_hook(lambda m, i, o: hidden.__setitem__("hidden_states.1", o))
-    model.model.norm.register_forward_hook(lambda m, i, o: hidden.__setitem__("hidden_states.2", o))
-    with torch.no_grad():
-        logits = model(t["input_ids"])
-    assert torch.equal(hidden["hidden_states.0"], t["hidden_states.0"])  # embeddings: bit-exact
-    for key in ("hidden_states.1", "hidden_states.2"):
-        assert (hidden[key] - t[key]).abs().max() <= ATOL[kind][key], key
-    # LLaDA predicts in place; Dream's logit at i - 1 scores position i, and the model applies the shift
-    expected = t["logits"] if kind == "llada" else t["logits_shifted"]
-    assert (logits - expected).abs().max() <= ATOL[kind]["logits"]
-    if kind == "dream":
-        assert (logits[:, 1:] - t["logits"][:, :-1]).abs().max() <= ATOL[kind]["logits"]
+    ref = reference_folder(tmp_path, name)
+    t = ref.t
+    lm = from_pretrained(ref.folder)  # sharded safetensors + index, read through the public loader
+    check_special_ids(lm.tokenizer, ref.config)
+    logits, hidden = forward_with_hidden_states(lm.model, t["input_ids"], ref.layers)
+    stored = sorted((k for k in t if k.startswith("hidden_states.")), key=lambda k: int(k.split(".")[1]))
+    assert stored == [f"hidden_states.{i}" for i in range(ref.layers + 1)] and sorted(hidden) == sorted(stored)
+    for key in stored:  # hidden_states.0 (the embeddings): bit-exact
+        assert_matches(hidden[key], t, name, key)
+    # LLaDA predicts in place; Dream (the file with shifted logits) scores position i with the logit at i - 1,
+    # and the model applies the shift
+    shifted = "logits_shifted" in t
+    assert lm.config.model.logit_shift == shifted
+    assert_matches(logits, t, name, "logits_shifted" if shifted else "logits")
+    if shifted:
+        assert_matches(logits[:, 1:], {"logits": t["logits"][:, :-1]}, name, "logits")
+        assert torch.equal(t["logits_shifted"][:, 1:], t["logits"][:, :-1])
 
 
 @pytest.mark.parametrize("layout", ["llada", "dream"])
@@ -91,125 +114,236 @@ def test_a_broken_folder_is_a_one_line_error(tmp_path):
 
 
 class RecordedStreams(RowStreams):
-    """The reference's own random draws, indexed by (step, row, position): ``slab`` (steps, B, L[, V])."""
+    """The reference's own random draws: ``slabs[purpose]`` (steps, B, L[, V]), indexed by (step, row,
+    position), for the draws of that purpose (TOKEN, TIME, ORDER of ``unmask.samplers.base``)."""
 
-    def __init__(self, seeds, slab):
+    def __init__(self, seeds, slabs: dict[int, torch.Tensor]):
         super().__init__(seeds)
-        self.slab = slab
+        self.slabs = slabs
+
+    def _slab(self, counter):
+        assert counter % PURPOSES in self.slabs, f"a draw of purpose {counter % PURPOSES} that was not recorded"
+        return self.slabs[counter % PURPOSES][counter // PURPOSES]
 
     def uniform(self, rows, counter, index):
-        return self.slab[counter // PURPOSES, rows, index].double()
+        return self._slab(counter)[rows, index].double()
 
     def uniforms(self, rows, counter, index, n):
-        return self.slab[counter // PURPOSES, rows, index].double()
+        return self._slab(counter)[rows, index].double()
 
 
-@pytest.mark.parametrize("run", ["g1_semiar", "g2_oneblock_1tok", "g3_uneven", "g4_cfg", "g5_random_remask",
-                                 "g6_gumbel_t1"])
-def test_llada_decoding_matches_the_reference(tmp_path, run):
-    folder, _, _ = reference_folder(tmp_path, "llada_forward")
-    t, meta = vectors("llada_generate")
-    kwargs = next(r for r in meta["runs"] if r["name"] == run)["kwargs"]
-    lm = from_pretrained(folder)
-    prompt = t["prompt"]
-    canvas = torch.cat([prompt, torch.full((len(prompt), kwargs["gen_length"]), 63)], dim=1)
-    sampler = LLaDASampler(lm.objective, kwargs["steps"], kwargs["block_length"],
-                           score="random" if kwargs["remasking"] == "random" else "confidence",
-                           temperature=kwargs["temperature"], guidance=kwargs["cfg_scale"])
-    slab = t.get(f"{run}.remask_uniform", t.get(f"{run}.gumbel_uniform"))
-    if slab is not None:
-        sampler.streams = lambda seeds: RecordedStreams(seeds, slab)
+# README sections 5 and 8.2: the recorded random draws of a run (tensor ``<run>.<name>``) and which of
+# unmask's draws each replaces
+LLADA_RECORDED = {"remask_uniform": ORDER, "gumbel_uniform": TOKEN}  # remasking='random' scores, Gumbel noise
+LLADA_REMASKING = {"low_confidence": "confidence", "random": "random"}  # LLaDA's remasking -> unmask's score
+
+
+def start_canvas(prompt: torch.Tensor, new_tokens: int, mask_id: int) -> torch.Tensor:
+    assert not (prompt == mask_id).any()
+    return torch.cat([prompt, torch.full((len(prompt), new_tokens), mask_id)], dim=1)
+
+
+@contextlib.contextmanager
+def recorded_calls(model):
+    """The input ids of every call of ``model`` inside the ``with`` block."""
     calls = []
-    lm.model.register_forward_pre_hook(lambda m, args: calls.append(args[0].clone()))
-    out = sampler.sample(lm.model, canvas, row_seeds(0, len(prompt)))
-    assert torch.equal(out.tokens, t[f"{run}.output"])
-    assert out.nfe == int(t[f"{run}.nfe"])
+    hook = model.register_forward_pre_hook(lambda m, args: calls.append(args[0].clone()))
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
+def check_llada_decoding(lm, t: dict[str, torch.Tensor], spec: dict) -> None:
+    """LLaDA's ``generate`` run ``spec`` (metadata ``runs[*]``) of the vectors ``t`` on ``lm``: every output
+    token, the NFE and the input of every model call (README section 5)."""
+    run, kwargs = spec["name"], spec["kwargs"]
+    mask_id = kwargs["mask_id"]
+    assert mask_id == lm.tokenizer.mask_id
+    # README section 5: the *_eos_* options cannot be used with a tiny vocabulary; no padding
+    assert not spec.get("logits_eos_inf") and not spec.get("confidence_eos_eot_inf")
+    assert spec.get("attention_mask") in (None, "ones")
+    prompt = t["prompt"]
     b = len(prompt)
+    canvas = start_canvas(prompt, kwargs["gen_length"], mask_id)
+    sampler = LLaDASampler(lm.objective, kwargs["steps"], kwargs["block_length"],
+                           score=LLADA_REMASKING[kwargs["remasking"]], temperature=kwargs["temperature"],
+                           guidance=kwargs["cfg_scale"])
+    slabs = {purpose: t[f"{run}.{name}"] for name, purpose in LLADA_RECORDED.items() if f"{run}.{name}" in t}
+    assert bool(kwargs["temperature"]) == (TOKEN in slabs) and (kwargs["remasking"] == "random") == (ORDER in slabs)
+    if slabs:
+        sampler.streams = lambda seeds: RecordedStreams(seeds, slabs)
+    with recorded_calls(lm.model) as calls:
+        out = sampler.sample(lm.model, canvas, row_seeds(0, b))
+    assert torch.equal(out.tokens, t[f"{run}.output"]), run
+    assert out.nfe == int(t[f"{run}.nfe"]) == kwargs["steps"], run  # section 5: no early exit
     per_step = 2 if kwargs["cfg_scale"] else 1  # guidance: the conditional pass, then the unconditional one
+    assert len(calls) == per_step * out.nfe
     inputs = torch.stack([torch.cat(calls[s:s + per_step]) for s in range(0, len(calls), per_step)])
-    assert torch.equal(inputs, t[f"{run}.canvases"][:, :per_step * b])
+    assert torch.equal(inputs, t[f"{run}.canvases"]), run
 
 
-DREAM_RUNS = ["d1_entropy", "d2_maskgit_plus", "d3_topk_margin", "d4_entropy_1tok", "d5_entropy_uneven", "d6_origin",
-              "d7_maskgit_plus_algtemp", "ct_thr_0.9", "ct_thr_0.5"]
+@pytest.mark.parametrize("run", run_params("llada_generate"))
+def test_llada_decoding_matches_the_reference(tmp_path, run):
+    ref = reference_folder(tmp_path, "llada_generate")
+    lm = from_pretrained(ref.folder)
+    spec = run_of(ref.meta, run)
+    assert spec["kwargs"]["mask_id"] == ref.config["mask_token_id"]
+    check_llada_decoding(lm, ref.t, spec)
 
 
-@pytest.mark.parametrize("run", DREAM_RUNS)
+def relabelling(config: dict, rows: int) -> torch.Tensor:
+    """A permutation of the ``rows`` token ids (new id -> old id) that moves the special ids the config
+    states together into the middle of the tokenizer's ids (about half way, or a third of the way when
+    they are there already) and reverses the order of the others."""
+    specials = sorted(special_tokens(config))
+    others = [i for i in reversed(range(rows)) if i not in specials]
+    free = config["vocab_size"] - len(specials)
+    for start in (free // 2, free // 3):
+        order = torch.tensor(others[:start] + specials + others[start:])
+        if int(order[start]) != start:  # the first special id moves
+            return order
+    raise AssertionError(f"no relabelling moves the special ids {specials}")
+
+
+# README section 4: the state-dict keys with one row per token id (input embedding, output head)
+LLADA_VOCAB_ROWS = ("model.transformer.wte.weight", "model.transformer.ff_out.weight")
+
+
+def test_the_reference_holds_with_the_special_ids_inside_the_vocabulary(tmp_path):
+    """The LLaDA forward vectors relabelled by a permutation of the token ids that puts the mask, EOS and PAD
+    ids in the middle of the vocabulary (embedding and output rows, input ids, the logits' last axis and the
+    config's special ids permuted alike): the folder loads with the moved ids and reproduces the moved
+    logits (and LLaDA's decoding runs, relabelled alike, their relabelled tokens), so nothing in the loader,
+    the model or the sampler takes the mask or the special tokens to be the last ids."""
+    t, meta = vectors("llada_forward")
+    config = meta["config"]
+    rows = config.get("embedding_size") or config["vocab_size"]
+    order = relabelling(config, rows)
+    new = torch.empty_like(order)
+    new[order] = torch.arange(rows)  # old id -> new id
+    moved_ids = {key: int(new[value]) for key, value in config.items() if key.endswith("_token_id")
+                 and isinstance(value, int)}
+    count = len(set(moved_ids.values()))
+    assert all(0 < i < config["vocab_size"] - count for i in moved_ids.values()), moved_ids  # at neither end
+    assert moved_ids["mask_token_id"] != config["mask_token_id"]
+
+    def relabel(config, state):
+        assert all(state[k].shape[0] == rows for k in LLADA_VOCAB_ROWS)
+        return {**config, **moved_ids}, {k: v[order] if k in LLADA_VOCAB_ROWS else v for k, v in state.items()}
+
+    ref = reference_folder(tmp_path, "llada_forward", relabel)
+    lm = from_pretrained(ref.folder)
+    check_special_ids(lm.tokenizer, ref.config)
+    assert lm.tokenizer.mask_id == moved_ids["mask_token_id"]
+    moved = {**t, "input_ids": new[t["input_ids"]], "logits": t["logits"][..., order]}
+    assert int((moved["input_ids"] == lm.tokenizer.mask_id).sum()) == int((t["input_ids"] == config["mask_token_id"]).sum()) > 0
+    assert not torch.equal(moved["logits"], t["logits"])
+    logits, hidden = forward_with_hidden_states(lm.model, moved["input_ids"], ref.layers)
+    assert_matches(logits, moved, "llada_forward", "logits")
+    for key in hidden:  # the hidden states do not depend on the ids' names
+        assert_matches(hidden[key], moved, "llada_forward", key)
+    # LLaDA's decoding runs (on these weights, README section 1) relabelled alike: the samplers too find the
+    # mask by its id
+    g, g_meta = vectors("llada_generate")
+    assert g_meta["config"] == config
+    relabelled = {k: new[v] if k == "prompt" or k.endswith((".canvases", ".output")) else
+                  v[..., order] if k.endswith(".gumbel_uniform") else v for k, v in g.items()}
+    for spec in g_meta["runs"]:
+        check_llada_decoding(lm, relabelled, {**spec, "kwargs": {**spec["kwargs"], "mask_id": lm.tokenizer.mask_id}})
+
+
+def dream_run(tmp_path, name: str, run: str):
+    """The model, tensors, call arguments and mask id of a Dream decoding run (top-k/top-p never set)."""
+    ref = reference_folder(tmp_path, name)
+    t, kwargs = ref.t, run_of(ref.meta, run)["kwargs"]
+    lm = from_pretrained(ref.folder)
+    mask_id = kwargs["mask_token_id"]
+    assert mask_id == ref.config["mask_token_id"] == lm.tokenizer.mask_id
+    assert kwargs["top_p"] is None and kwargs["top_k"] is None
+    return ref, t, kwargs, lm, mask_id
+
+
+@pytest.mark.parametrize("run", run_params("dream_generate"))
 def test_dream_decoding_matches_the_reference(tmp_path, run):
-    folder, _, _ = reference_folder(tmp_path, "dream_forward")
-    t, meta = vectors("dream_generate")
-    kwargs = next(r for r in meta["runs"] if r["name"] == run)["kwargs"]
-    lm = from_pretrained(folder)
-    prompt = t["ct_prompt"] if run.startswith("ct_") else t["prompt"]
+    ref, t, kwargs, lm, mask_id = dream_run(tmp_path, "dream_generate", run)
+    prompt = t[readme_run_row(run, "prompt") or "prompt"]  # README section 8.2's table names each run's prompt
     b = len(prompt)
-    canvas = torch.cat([prompt, torch.full((b, kwargs["max_new_tokens"]), 63)], dim=1)
+    canvas = start_canvas(prompt, kwargs["max_new_tokens"], mask_id)
     alg = "maskgit_plus" if kwargs["alg"] == "confidence_threshold" else kwargs["alg"]
     sampler = DreamSampler(lm.objective, kwargs["steps"], alg, alg_temp=kwargs["alg_temp"] or 0.0,
-                           eps=kwargs["eps"], threshold=kwargs.get("threshold", 0.0), temperature=0.0)
+                           eps=kwargs["eps"], threshold=kwargs.get("threshold") or 0.0,
+                           temperature=kwargs["temperature"])
     history = t[f"{run}.history"]
-    if run == "d6_origin":  # the reference's uniforms: one per masked position, row-major, step by step
+    if f"{run}.origin_uniform_flat" in t:  # the reference's uniforms: one per masked position, row-major, per step
         flat, counts = t[f"{run}.origin_uniform_flat"], t[f"{run}.origin_uniform_counts"].tolist()
         slab = torch.zeros(len(counts), *canvas.shape)
         before = torch.cat([canvas[None], history[:-1]])
         for step, (chunk, state) in enumerate(zip(flat.split(counts), before)):
-            slab[step][state == 63] = chunk
-        sampler.streams = lambda seeds: RecordedStreams(seeds, slab)
+            slab[step][state == mask_id] = chunk
+        sampler.streams = lambda seeds: RecordedStreams(seeds, {TIME: slab})
     steps = []
     out = sampler.sample(lm.model, canvas, row_seeds(0, b), on_step=lambda x: steps.append(x.clone()))
     assert out.nfe == int(t[f"{run}.nfe"]) == len(steps)
-    if run == "d7_maskgit_plus_algtemp":  # torch's multinomial draws cannot be replayed: the structure
+    if kwargs["alg_temp"]:  # torch's multinomial draws cannot be replayed: the structure (README section 8.2)
+        grid = torch.linspace(1, kwargs["eps"], kwargs["steps"] + 1)  # float32
         prev = canvas
         for step, state in enumerate(steps):
-            revealed = (prev == 63) & (state != 63)
-            n = int((prev[0] == 63).sum() * (1 - sampler_grid(kwargs, step)))
-            assert revealed.sum(dim=1).tolist() == [n if step < kwargs["steps"] - 1 else int((prev[0] == 63).sum())] * b
+            revealed = (prev == mask_id) & (state != mask_id)
+            masks = (prev == mask_id).sum().float() / b  # the batch's average mask count
+            n = int(masks * (1 - grid[step + 1] / grid[step])) if step < kwargs["steps"] - 1 else int(masks)
+            assert revealed.sum(dim=1).tolist() == [n] * b
             with torch.no_grad():
                 argmax = lm.model(prev).argmax(-1)
             assert torch.equal(state[revealed], argmax[revealed])
             prev = state
+        assert torch.equal(prev, out.tokens) and not (out.tokens == mask_id).any()
+        assert torch.equal(out.tokens[:, :prompt.shape[1]], prompt)
         return
     assert torch.equal(out.tokens, t[f"{run}.output"])
     assert torch.equal(torch.stack(steps), history)
-
-
-def sampler_grid(kwargs, step):
-    grid = torch.linspace(1, kwargs["eps"], kwargs["steps"] + 1)
-    return float(grid[step + 1] / grid[step])
 
 
 def test_llada_log_likelihood_matches_the_reference_and_its_expectation(tmp_path):
     """LLaDA's ``get_log_likelihood`` is the count estimator: k masked answer tokens (k uniform on 1..n),
     weight n/k. On the reference's own masked batches the same formula gives its value; unmask's
     stratified estimator converges to the exact expectation (every subset enumerated)."""
-    folder, _, _ = reference_folder(tmp_path, "llada_forward")
-    t, meta = vectors("llada_loglik")
-    lm = from_pretrained(folder)
+    ref = reference_folder(tmp_path, "llada_loglik")
+    t, kwargs = ref.t, ref.meta["kwargs"]
+    lm = from_pretrained(ref.folder)
     objective, model = lm.objective, lm.model
+    mask_id = kwargs["mask_id"]
+    assert mask_id == ref.config["mask_token_id"] == lm.tokenizer.mask_id == objective.mask_id
+    assert not kwargs["cfg_scale"]  # README section 7: cfg_scale = 0
     x0 = torch.cat([t["prompt"], t["answer"]])[None]
+    prompt = len(t["prompt"])
+    assert t["perturbed"].shape == (kwargs["mc_num"] // kwargs["batch_size"], kwargs["batch_size"], x0.shape[1])
+    assert (t["perturbed"][..., :prompt] == t["prompt"]).all()  # the prompt is never masked
     counted = torch.zeros_like(x0, dtype=torch.bool)
-    counted[:, len(t["prompt"]):] = True
+    counted[:, prompt:] = True
     sigma = torch.zeros(1)
-    per_row = []
+    per_row, logits = [], []
     with torch.no_grad():
-        for batch, p_mask, logits in zip(t["perturbed"], t["p_mask"], t["logits"]):
-            assert (model(batch) - logits).abs().max() <= 2e-3
+        for batch, p_mask in zip(t["perturbed"], t["p_mask"]):
+            logits.append(model(batch))
             nll = objective.masked_nll(model, x0.expand(len(batch), -1), batch, sigma.expand(len(batch)))
             per_row.append(nll / p_mask[:, 0])
-    assert abs(-float(torch.cat(per_row).mean()) - float(t["log_likelihood"])) <= 2e-4
+    assert_matches(torch.stack(logits), t, "llada_loglik", "logits")
+    assert_matches(-torch.cat(per_row).double().mean(), t, "llada_loglik", "log_likelihood")
 
     n = int(counted.sum())
     exact = 0.0
     with torch.no_grad():
         subsets = torch.tensor([[(s >> j) & 1 for j in range(n)] for s in range(1, 2 ** n)], dtype=torch.bool)
         masked = torch.zeros(len(subsets), x0.shape[1], dtype=torch.bool)
-        masked[:, len(t["prompt"]):] = subsets
-        xt = torch.where(masked, torch.full_like(x0, 63), x0)
+        masked[:, prompt:] = subsets
+        xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
         nll = objective.masked_nll(model, x0.expand(len(xt), -1), xt, torch.zeros(len(xt)))
         k = subsets.sum(1)
         sizes = torch.bincount(k, minlength=n + 1).double()
         exact = -float((nll.double() * n / k / n / sizes[k]).sum())  # E_k E_{|M|=k} (n/k) sum CE
     sequence = x0[0].tolist()
-    (estimate, stderr, _), = continuation_loglikelihoods(model, objective, [sequence], [len(t["prompt"])],
+    (estimate, stderr, _), = continuation_loglikelihoods(model, objective, [sequence], [prompt],
                                                          mc_samples=280, estimator="count")
     assert abs(estimate - exact) < 0.5  # stratified draws: far closer than the i.i.d. stderr (about 1.5)
 
@@ -431,66 +565,80 @@ def test_a_key_padding_mask_makes_ragged_rows_exact():
             assert not torch.allclose(model(batch)[0, :5], model(short)[0], atol=1e-3)  # without keep it differs
 
 
-@pytest.mark.parametrize("run", ["thr_none", "thr_0.9", "thr_0.5"])
+
+
+# README section 6: the Fast-dLLM function of a run -> unmask's block cache, and its calls' ``call_kind``
+FAST_DLLM_CACHES = {"generate": "none", "generate_with_prefix_cache": "prefix", "generate_with_dual_cache": "dual"}
+CALL_KINDS = {"none": 0, "prefix": 1, "dual": 2}  # 0: full canvas, 1: from the block on, 2: the block alone
+
+
+def expected_call_kinds(calls: list[torch.Tensor], canvas: torch.Tensor, cache: str) -> list[int]:
+    """Each call's kind by its input: the full canvas is kind 0, anything shorter the cache's kind."""
+    return [0 if c.shape[1] == canvas.shape[1] else CALL_KINDS[cache] for c in calls]
+
+
+def fast_dllm_llada(tmp_path, run: str, **knobs):
+    """Fast-dLLM's LLaDA decoding of ``run`` (its function and settings from the metadata): the reference,
+    the sampler, its start canvas, its outcome and the inputs of its model calls."""
+    ref = reference_folder(tmp_path, "fastdllm_llada_generate")
+    spec = run_of(ref.meta, run)
+    kwargs, cache = spec["kwargs"], FAST_DLLM_CACHES[spec["function"]]
+    lm = from_pretrained(ref.folder)
+    mask_id = kwargs["mask_id"]
+    assert mask_id == ref.config["mask_token_id"] == lm.tokenizer.mask_id
+    assert kwargs["remasking"] == "low_confidence" and kwargs["temperature"] == 0  # README section 6
+    canvas = start_canvas(ref.t["prompt"], kwargs["gen_length"], mask_id)
+    threshold = kwargs["threshold"]
+    assert threshold is None or threshold > 0  # unmask's threshold 0 means none
+    sampler = LLaDASampler(lm.objective, kwargs["steps"], kwargs["block_length"], threshold=threshold or 0.0,
+                           temperature=kwargs["temperature"], block_cache=cache, **knobs)
+    with recorded_calls(lm.model) as calls:
+        out = sampler.sample(lm.model, canvas, row_seeds(0, len(canvas)))
+    t = ref.t
+    assert torch.equal(out.tokens, t[f"{run}.output"])
+    assert out.nfe == int(t[f"{run}.nfe"]) == spec.get("nfe", out.nfe) == len(calls)
+    assert [c.shape[1] for c in calls] == t[f"{run}.call_lengths"].tolist()
+    assert torch.equal(torch.cat(calls, dim=1), t[f"{run}.call_input_ids_flat"])
+    assert expected_call_kinds(calls, canvas, cache) == t[f"{run}.call_kind"].tolist()
+    return lm, sampler, canvas, out
+
+
+@pytest.mark.parametrize("run", run_params("fastdllm_llada_generate", lambda r: r["function"] == "generate"))
 def test_fast_dllm_threshold_decoding_matches_the_reference(tmp_path, run):
     """Fast-dLLM's ``generate`` (no cache): with a threshold every candidate at or above it is revealed,
-    the best always, until the block is complete; without, LLaDA's schedule (float64 confidences)."""
-    folder, _, _ = reference_folder(tmp_path, "llada_forward")
-    t, _ = vectors("fastdllm_llada_generate")
-    lm = from_pretrained(folder)
-    canvas = torch.cat([t["prompt"], torch.full((1, 16), 63)], dim=1)
-    threshold = 0.0 if run == "thr_none" else float(run.removeprefix("thr_"))
-    sampler = LLaDASampler(lm.objective, 8, 8, threshold=threshold, temperature=0.0)
-    calls = []
-    lm.model.register_forward_pre_hook(lambda m, args: calls.append(args[0].clone()))
-    out = sampler.sample(lm.model, canvas, row_seeds(0, 1))
-    key = f"generate.{run}"
-    assert torch.equal(out.tokens, t[f"{key}.output"]) and out.nfe == int(t[f"{key}.nfe"])
-    assert (t[f"{key}.call_kind"] == 0).all()  # every call of this function sees the full canvas
-    assert torch.equal(torch.cat(calls, dim=1), t[f"{key}.call_input_ids_flat"])
+    the best always, until the block is complete; without, LLaDA's schedule (float64 confidences). Every
+    call sees the full canvas."""
+    fast_dllm_llada(tmp_path, run)
 
 
-@pytest.mark.parametrize("function", ["generate_with_prefix_cache", "generate_with_dual_cache"])
-@pytest.mark.parametrize("run", ["thr_none", "thr_0.9", "thr_0.5"])
-def test_fast_dllm_cached_decoding_matches_the_reference(tmp_path, function, run):
+@pytest.mark.parametrize("run", run_params("fastdllm_llada_generate", lambda r: r["function"] != "generate"))
+def test_fast_dllm_cached_decoding_matches_the_reference(tmp_path, run):
     """Fast-dLLM's prefix and dual caches: every output token, the NFE (including Fast-dLLM's call after a
     block-completing full forward, in reference_compatible mode) and every call's input (full canvas at a
     block's start, then the canvas from the block on, or the block alone)."""
-    folder, _, _ = reference_folder(tmp_path, "llada_forward")
-    t, _ = vectors("fastdllm_llada_generate")
-    lm = from_pretrained(folder)
-    canvas = torch.cat([t["prompt"], torch.full((1, 16), 63)], dim=1)
-    threshold = 0.0 if run == "thr_none" else float(run.removeprefix("thr_"))
-    mode = "prefix" if "prefix" in function else "dual"
-    sampler = LLaDASampler(lm.objective, 8, 8, threshold=threshold, temperature=0.0, block_cache=mode,
-                           reference_compatible=True)
-    calls = []
-    lm.model.register_forward_pre_hook(lambda m, args: calls.append(args[0].clone()))
-    out = sampler.sample(lm.model, canvas, row_seeds(0, 1))
-    key = f"{function}.{run}"
-    assert torch.equal(out.tokens, t[f"{key}.output"])
-    assert out.nfe == int(t[f"{key}.nfe"]) == len(calls)
-    assert [c.shape[1] for c in calls] == t[f"{key}.call_lengths"].tolist()
-    assert torch.equal(torch.cat(calls, dim=1), t[f"{key}.call_input_ids_flat"])
+    lm, sampler, canvas, out = fast_dllm_llada(tmp_path, run, reference_compatible=True)
+    assert sampler.block_cache != "none"
     sampler.reference_compatible = False  # unmask's default skips the call that can change nothing
-    again = sampler.sample(lm.model, canvas, row_seeds(0, 1))
+    again = sampler.sample(lm.model, canvas, row_seeds(0, len(canvas)))
     assert torch.equal(again.tokens, out.tokens) and again.nfe <= out.nfe
 
 
-@pytest.mark.parametrize("run", ["confidence_threshold_thr_0.9", "confidence_threshold_thr_0.5", "entropy"])
-@pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_fast_dllm_dream_block_decoding_matches_the_reference(tmp_path, run, mode):
-    folder, _, _ = reference_folder(tmp_path, "dream_forward")
-    t, _ = vectors("fastdllm_dream_block_generate")
-    lm = from_pretrained(folder)
-    canvas = torch.cat([t["prompt"], torch.full((1, 16), 63)], dim=1)
-    threshold = float(run.rsplit("_", 1)[1]) if run.startswith("confidence") else 0.0
-    sampler = DreamSampler(lm.objective, 8, "confidence" if threshold else "entropy", threshold=threshold,
-                           temperature=0.0, block_length=8, block_cache=mode)
-    calls = []
-    lm.model.register_forward_pre_hook(lambda m, args: calls.append(args[0].clone()))
-    out = sampler.sample(lm.model, canvas, row_seeds(0, 1))
-    key = f"{run}.{mode}"
-    assert torch.equal(out.tokens, t[f"{key}.output"])
-    assert out.nfe == int(t[f"{key}.nfe"]) == len(calls)
-    assert torch.equal(torch.cat(calls, dim=1), t[f"{key}.call_input_ids_flat"])
+@pytest.mark.parametrize("run", run_params("fastdllm_dream_block_generate"))
+def test_fast_dllm_dream_block_decoding_matches_the_reference(tmp_path, run):
+    ref, t, kwargs, lm, mask_id = dream_run(tmp_path, "fastdllm_dream_block_generate", run)
+    assert not kwargs["alg_temp"]
+    canvas = start_canvas(t["prompt"], kwargs["max_new_tokens"], mask_id)
+    threshold = kwargs.get("threshold") or 0.0
+    # README section 8.3: confidence_threshold scores by max p; any other alg takes the schedule branch,
+    # which always uses negative entropy
+    score = "confidence" if kwargs["alg"] == "confidence_threshold" else "entropy"
+    cache = "dual" if kwargs["dual_cache"] else "prefix"
+    sampler = DreamSampler(lm.objective, kwargs["steps"], score, threshold=threshold, eps=kwargs["eps"],
+                           temperature=kwargs["temperature"], block_length=kwargs["block_length"], block_cache=cache)
+    with recorded_calls(lm.model) as calls:
+        out = sampler.sample(lm.model, canvas, row_seeds(0, len(canvas)))
+    assert torch.equal(out.tokens, t[f"{run}.output"])
+    assert out.nfe == int(t[f"{run}.nfe"]) == len(calls)
+    assert [c.shape[1] for c in calls] == t[f"{run}.call_lengths"].tolist()
+    assert torch.equal(torch.cat(calls, dim=1), t[f"{run}.call_input_ids_flat"])
+    assert expected_call_kinds(calls, canvas, cache) == t[f"{run}.call_kind"].tolist()

@@ -1,6 +1,6 @@
 """LLaDA- and Dream-layout folders through every command: `unmask sample`, `unmask eval`, `unmask serve`
 (completions and chat completions with the model's chat template) and lm-eval, on tiny random models
-written in the released format by the tests themselves."""
+written in the released format by the tests themselves, their special tokens inside the vocabulary."""
 
 from __future__ import annotations
 
@@ -23,11 +23,15 @@ httpx = pytest.importorskip("httpx")
 from unmask.serve.app import running_server  # noqa: E402
 from unmask.serve.service import ModelService  # noqa: E402
 
+# EOS = PAD, BOS and the mask inside the 40 ids (the words w36 .. w39 follow them, the prompts and texts below
+# use w1 .. w30): no command may take the mask or the special tokens to be the last ids
+SPECIALS_INSIDE = (33, 34, 35)
+
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("released")
-    return {layout: random_folder(root / layout, layout) for layout in ("llada", "dream")}
+    return {layout: random_folder(root / layout, layout, special_ids=SPECIALS_INSIDE) for layout in ("llada", "dream")}
 
 
 def unmask(*args) -> Run:
