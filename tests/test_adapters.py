@@ -17,8 +17,7 @@ from unmask.objectives.base import draw_noise
 from unmask.pipeline import from_pretrained
 from unmask.train.loop import train
 
-from test_fsdp import torchrun, weights
-from test_training import EXACT, config, max_diff, records, step_records
+from runs import EXACT, config, max_diff, records, step_records, torchrun, weights
 from toys import TINY
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,28 +20,11 @@ from unmask.train.loop import train
 from unmask.train.optim import EMA, parameter_groups
 from unmask.train.parallel import restore
 
-from test_training import EXACT, SOFT_MASK, config, free_port, max_diff, overrides, records, step_records
+from runs import EXACT, SOFT_MASK, config, max_diff, records, step_records, torchrun, weights
 
 pytestmark = pytest.mark.slow
 
 FSDP = ["train.parallel=fsdp"]
-
-
-def torchrun(run_dir: Path, *extra: str, processes: int = 2, wait: bool = True, corpus: Path):
-    """``unmask train`` under ``torchrun`` with ``processes`` CPU processes (one thread each)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "unmask", "train", *overrides(corpus, run_dir, *extra)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-def weights(run_dir: Path, kind: str) -> dict[str, torch.Tensor]:
-    return Checkpoint(list_checkpoints(run_dir / "checkpoints")[-1]).tensors(kind)
 
 
 def assert_same_steps(run: Path, reference: Path, rel: float) -> None:

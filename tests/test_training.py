@@ -4,20 +4,17 @@ budget, and follows its learning-rate schedule."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints, load_tensors
+from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints
 from unmask.checkpoints.pretrained import initialize_from
 from unmask.config import ConfigError, load_config
 from unmask.data.readers import DataError
@@ -26,45 +23,9 @@ from unmask.models.common import count_parameters
 from unmask.train.loop import micro_batching, train
 from unmask.train.optim import EMA, learning_rate, parameter_groups
 
+from runs import EXACT, SOFT_MASK, config, final_tensors, free_port, max_diff, overrides, records, step_records
 from toys import TINY
 
-# exact comparisons: fp32 everywhere, no dropout
-EXACT = ["train.precision=fp32", "model.dropout=0.0"]
-
-
-
-
-def overrides(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [*TINY, "data.dataset=text", f"data.path={corpus}", f"run_dir={run_dir}", *extra]
-
-
-def config(corpus: Path, run_dir: Path, *extra: str):
-    return load_config(None, overrides(corpus, run_dir, *extra))
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def step_records(run_dir: Path) -> dict[int, dict]:
-    """The last loss record of every step (metrics.jsonl is append-only: a resumed run re-logs steps)."""
-    out = {}
-    for r in records(run_dir):
-        if "loss" in r:
-            out[r["step"]] = r
-    return out
-
-
-def final_tensors(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
-    return load_tensors(list_checkpoints(Path(run_dir) / "checkpoints")[-1] / name)
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert sorted(a) == sorted(b)
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-
-
-# ----------------------------------------------------------------------------- a real run
 
 @pytest.mark.parametrize("family", ["mdlm", "ar"])
 def test_short_run_learns_and_writes_its_run_folder(tmp_path, corpus, family):
@@ -212,13 +173,6 @@ def test_extending_a_run_matches_the_uninterrupted_run(tmp_path, corpus):
 
 # ----------------------------------------------------------------------------- data parallel
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-SOFT_MASK = ["model.soft_mask_top_k=2", "diffusion.soft_mask_prob=0.5", "train.soft_mask_lr=0.05"]
 
 
 @pytest.mark.parametrize("variant", [[], SOFT_MASK], ids=["binary", "soft_mask"])
