@@ -13,6 +13,7 @@ Workloads (nano preset, character vocabulary unless ``--vocab``):
   sample-bd3 (block diffusion, blocks of L/8, ancestral T = 16 inside each block, exact KV cache).
 
     python benchmarks/ab.py --base 81ace10 --rounds 3
+    python benchmarks/ab.py --base 81ace10 --threads 1 --clock cpu   # steadier on a shared machine
     python benchmarks/ab.py --smoke            # seconds: the test suite runs this
 
 Appends a record to ``benchmarks/results/ab.jsonl``.
@@ -69,6 +70,9 @@ def sampling(workload: str, length: int) -> tuple[str, dict]:
 def worker(workload: str, args) -> dict:
     """Run one workload in this process (whichever unmask ``PYTHONPATH`` gives) and time it."""
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     family = ("ar" if workload == "train-ar" else "mdlm") if workload.startswith("train") else \
         sampling(workload, args.length)[0]
     tokenizer = CharTokenizer("".join(chr(0x100 + i) for i in range(args.vocab - 4)))
@@ -90,7 +94,7 @@ def worker(workload: str, args) -> dict:
         model.train()
         for step in range(args.steps + 1):
             noise = draw_noise(args.batch, args.length, torch.Generator().manual_seed(step))
-            start = time.perf_counter()
+            start = clock()
             if train_step is not None:
                 metrics = train_step(TrainState(model, objective, optimizer, ema=ema, grad_clip=1.0),
                                      Batch(x0, counted, noise, float(counted.sum())))
@@ -102,7 +106,7 @@ def worker(workload: str, args) -> dict:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 ema.update(model)
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
             digest.update(f"{float(loss):.5e}".encode())
         tokens = args.batch * args.length
     else:
@@ -111,9 +115,9 @@ def worker(workload: str, args) -> dict:
         model.eval()
         with torch.no_grad():
             for _ in range(args.sample_repeats + 1):
-                start = time.perf_counter()
+                start = clock()
                 result = sampler.sample(model, canvas, row_seeds(0, args.sample_batch))
-                times.append(time.perf_counter() - start)
+                times.append(clock() - start)
         digest.update(result.tokens.numpy().tobytes())
         tokens = result.generated
     seconds = statistics.median(times[1:])  # the first is the warm-up
@@ -124,7 +128,8 @@ def run_side(tree: Path, workload: str, args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree / "src"))
     cmd = [sys.executable, __file__, "--worker", workload, *(f"--{k.replace('_', '-')}={v}" for k, v in
            (("preset", args.preset), ("vocab", args.vocab), ("length", args.length), ("batch", args.batch),
-            ("steps", args.steps), ("sample_batch", args.sample_batch), ("sample_repeats", args.sample_repeats)))]
+            ("steps", args.steps), ("sample_batch", args.sample_batch), ("sample_repeats", args.sample_repeats),
+            ("threads", args.threads), ("clock", args.clock)))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{workload} on {tree} failed:\n{proc.stderr[-2000:]}")
@@ -146,6 +151,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time by the wall clock, or by the process's CPU time (steadier on a shared machine "
+                             "at one thread)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args)))

@@ -127,6 +127,7 @@ def test_a_decoding_added_later_joins_the_running_ones():
     engine.step()
     b = engine.add(*later)
     engine.run()
+    assert engine.handles == []  # finished decodings leave the engine: a long-running one does not grow
     assert torch.equal(a.result.tokens, first[0].sample(model, first[1], first[2]).tokens)
     assert torch.equal(b.result.tokens, later[0].sample(model, later[1], later[2]).tokens)
 

@@ -21,7 +21,9 @@ NFE accounting, timing and ``on_step`` streaming. It holds any number of decodin
 samplers, canvases, step counts) and advances them together: :meth:`DecodingEngine.step` evaluates every
 decoding's next call, the denoiser calls of canvases of one length in **one batched forward**, and
 advances each decoding by its own rule. Each row's draws come from its own seed, so a decoding gives
-the same tokens alone or interleaved with others (tested for every sampler).
+the same tokens alone or interleaved with others (tested for every sampler). Calls through a cache
+(KV, Fast-dLLM's, BD3's), calls of soft-mask models and canvases of other lengths take one forward per
+decoding in the same step: sharing those forwards needs per-row cache lengths and key padding.
 """
 
 from __future__ import annotations
@@ -200,7 +202,7 @@ class DecodingEngine:
 
     def __init__(self, model):
         self.model = model
-        self.handles: list[Handle] = []
+        self.handles: list[Handle] = []  # the decodings added and not yet returned by a step
 
     @torch.no_grad()
     def add(self, sampler: Sampler, canvas: torch.Tensor, seeds: torch.Tensor,
@@ -214,23 +216,29 @@ class DecodingEngine:
 
     @property
     def active(self) -> list[Handle]:
+        """The decodings not done yet."""
         return [h for h in self.handles if not h.done]
 
     @torch.no_grad()
     def step(self) -> list[Handle]:
         """One network evaluation for every unfinished decoding (denoiser calls on canvases of one length
-        share a forward), then each advances to its next call. Returns the decodings that finished."""
+        share a forward), then each advances to its next call. Returns the decodings that finished; they
+        leave the engine (their handles keep the results)."""
         active = self.active
         outputs = self.evaluate(active)
         for handle, output in zip(active, outputs):
             handle.advance(output)
-        return [h for h in active if h.done]
+        finished = [h for h in self.handles if h.done]
+        self.handles = [h for h in self.handles if not h.done]
+        return finished
 
     def run(self) -> list[SampleResult]:
-        """Step until every decoding is done; their results in the order they were added."""
+        """Step until every decoding is done; the results of the decodings in the engine when called, in
+        the order they were added."""
+        pending = list(self.handles)
         while self.active:
             self.step()
-        return [h.result for h in self.handles]
+        return [h.result for h in pending]
 
     # --------------------------------------------------------------------------------------- network calls
 

@@ -1,0 +1,71 @@
+"""The contract of every registered family and backbone: a tiny model of each trains through the one
+``train_step`` (finite losses that fall on a fixed batch, with the noise its objective asks for), and the
+memory planner has its constants for every family and backbone. A family or backbone added to its
+registry is checked here; a family whose config rules need keys of their own must say so in
+``FAMILY_KEYS`` (a test fails until it does)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unmask.config import load_config
+from unmask.data.tokenization import CharTokenizer
+from unmask.families import FAMILIES, build_model, build_objective
+from unmask.models.registry import BACKBONES
+from unmask.objectives.base import draw_noise
+from unmask.train.memory import model_shape, plan_memory
+from unmask.train.step import Batch, TrainState, train_step
+
+from toys import TINY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOKENIZER = CharTokenizer("abcdefghij ")
+# the keys a family's own config rules ask for (FamilySpec.rules), beyond the tiny run's
+FAMILY_KEYS = {
+    "ilm": ["data.layout=pad"],
+    "classifier": ["data.dataset=text", "data.path=train.tsv", "data.valid_path=valid.tsv",
+                   "classifier.labels=[neg, pos]"],
+    "bd3lm": [],
+}
+
+
+def family_config(family: str, *extra: str):
+    spec = FAMILIES[family]
+    blocks = ["model.block_size=4"] if spec.blocks else []
+    return load_config(None, [*TINY, f"family={family}", *blocks, *FAMILY_KEYS.get(family, []), *extra])
+
+
+def test_every_family_with_rules_is_known_here():
+    assert {name for name, spec in FAMILIES.items() if spec.rules is not None} <= set(FAMILY_KEYS)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_trains_through_the_one_step(family):
+    cfg = family_config(family)
+    torch.manual_seed(0)
+    model = build_model(cfg, TOKENIZER).train()
+    objective = build_objective(cfg, TOKENIZER)
+    rows, length = 4, cfg.data.length
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, 10, (rows, length), generator=g)
+    if FAMILIES[family].decoding == "insertion":  # a document per row: BOS, text, EOS, padding
+        x0[:, 0], x0[:, 12], x0[:, 13:] = TOKENIZER.bos_id, TOKENIZER.eos_id, TOKENIZER.pad_id
+    counted = x0 != TOKENIZER.pad_id
+    noise = draw_noise(rows, length, torch.Generator().manual_seed(2), blocks=objective.time_blocks(length),
+                       extra=objective.extra_noise)
+    labels = torch.tensor([0, 1, 0, 1]) if FAMILIES[family].labels else None
+    tokens = float(rows if objective.per_sequence else counted.sum())
+    state = TrainState(model, objective, torch.optim.AdamW(model.parameters(), lr=3e-3), grad_clip=1.0, micro=2)
+    losses = [train_step(state, Batch(x0, counted, noise, tokens, labels)) for _ in range(8)]
+    assert all(bool(m.finite) for m in losses)
+    assert float(losses[-1].loss_sum) < float(losses[0].loss_sum)  # the same batch: the loss falls
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_memory_plan_knows_every_family_and_backbone(family, backbone):
+    cfg = family_config(family, f"model.backbone={backbone}", "model.intermediate=64")
+    plan = plan_memory(cfg, model_shape(cfg, TOKENIZER), TOKENIZER.vocab_size, device="cpu")
+    assert plan.activations > 0 and plan.total > plan.weights > 0
