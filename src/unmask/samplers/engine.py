@@ -224,20 +224,25 @@ class DecodingEngine:
         """One network evaluation for every unfinished decoding (denoiser calls on canvases of one length
         share a forward), then each advances to its next call. Returns the decodings that finished; they
         leave the engine (their handles keep the results)."""
+        return self._step()
+
+    def _step(self) -> list[Handle]:
         active = self.active
-        outputs = self.evaluate(active)
+        outputs = [self._alone(active[0])] if len(active) == 1 else self.evaluate(active)
         for handle, output in zip(active, outputs):
             handle.advance(output)
         finished = [h for h in self.handles if h.done]
-        self.handles = [h for h in self.handles if not h.done]
+        if finished:
+            self.handles = [h for h in self.handles if not h.done]
         return finished
 
+    @torch.no_grad()
     def run(self) -> list[SampleResult]:
         """Step until every decoding is done; the results of the decodings in the engine when called, in
         the order they were added."""
         pending = list(self.handles)
-        while self.active:
-            self.step()
+        while self.handles:
+            self._step()
         return [h.result for h in pending]
 
     # --------------------------------------------------------------------------------------- network calls
@@ -268,7 +273,9 @@ class DecodingEngine:
                 return self.denoise([call])[0]
             cache = None
             if call.context.cached:
-                cache = self._cache(handle, "block_diffusion", lambda: call.context.new_cache(self.model))
+                cache = handle.caches.get("block_diffusion")
+                if cache is None:
+                    cache = handle.caches["block_diffusion"] = call.context.new_cache(self.model)
             net = call.context.bind(self.model, cache)
             before = net.extra_calls
             out = self.denoise([call], net)[0]
@@ -278,23 +285,21 @@ class DecodingEngine:
         if isinstance(call, Chunk):
             if call.mode is None:
                 return self.model(call.ids).float()
-            cache = self._cache(handle, ("block", call.mode), lambda: BlockCache(call.mode))
+            cache = handle.caches.get(call.mode)
+            if cache is None:
+                cache = handle.caches[call.mode] = BlockCache(call.mode)
             cache.recording, cache.length = call.record, call.length
             return self.model(call.ids, cache=cache).float()
         if isinstance(call, Causal):
             if not call.cached:
                 return self.model(call.ids)[:, -1]
-            cache = self._cache(handle, "kv", lambda: self._kv_cache(call))
+            cache = handle.caches.get("kv")
+            if cache is None:
+                cache = handle.caches["kv"] = self._kv_cache(call)
             return self.model(call.ids, cache=cache)[:, -1]
         if isinstance(call, Forward):
             return self.model(call.ids, **call.kwargs)
         raise TypeError(f"a decoding yielded {type(call).__name__}, not a call")
-
-    @staticmethod
-    def _cache(handle: Handle, key, make: Callable[[], Any]) -> Any:
-        if key not in handle.caches:
-            handle.caches[key] = make()
-        return handle.caches[key]
 
     def _kv_cache(self, call: Causal):
         device = call.ids.device
