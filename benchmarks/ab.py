@@ -10,7 +10,8 @@ Workloads (nano preset, character vocabulary unless ``--vocab``):
   train-mdlm, train-ar: forward, loss, backward, clipping, AdamW and EMA on a (B, L) batch;
   sample-ancestral (T = L), sample-ancestral-cached (T = 4L), sample-first-hitting, sample-ar (KV cache),
   sample-llada-dual (LLaDA's sampler, T = L, blocks of L/4, Fast-dLLM's dual cache),
-  sample-bd3 (block diffusion, blocks of L/8, ancestral T = 16 inside each block, exact KV cache).
+  sample-bd3 (block diffusion, blocks of L/8, ancestral T = 16 inside each block, exact KV cache);
+  loop-ar: sample-ar on a network that returns fixed logits without computing: the decoding loop's own cost.
 
     python benchmarks/ab.py --base 81ace10 --rounds 3
     python benchmarks/ab.py --base 81ace10 --threads 1 --clock cpu   # steadier on a shared machine
@@ -53,7 +54,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import append_record, run_header  # noqa: E402
 
 WORKLOADS = ("train-mdlm", "train-ar", "sample-ancestral", "sample-ancestral-cached", "sample-first-hitting",
-             "sample-ar", "sample-llada-dual", "sample-bd3")
+             "sample-ar", "sample-llada-dual", "sample-bd3", "loop-ar")
+
+
+class FreeNetwork(torch.nn.Module):
+    """A causal network's stand-in that returns fixed logits at once (its KV cache is the real one's)."""
+
+    def __init__(self, model: torch.nn.Module, vocab: int):
+        super().__init__()
+        self.model, self.logits = model, torch.zeros(1, 1, vocab)
+
+    def new_cache(self, *args, **kwargs):
+        return self.model.new_cache(*args, **kwargs)
+
+    def forward(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
+        return self.logits.expand(ids.shape[0], ids.shape[1], -1)
 
 
 def sampling(workload: str, length: int) -> tuple[str, dict]:
@@ -62,6 +77,7 @@ def sampling(workload: str, length: int) -> tuple[str, dict]:
             "sample-ancestral-cached": ("mdlm", dict(sampler="ancestral", steps=4 * length, cache=True)),
             "sample-first-hitting": ("mdlm", dict(sampler="first_hitting")),
             "sample-ar": ("ar", dict(sampler="ar")),
+            "loop-ar": ("ar", dict(sampler="ar")),
             "sample-llada-dual": ("mdlm", dict(sampler="llada", steps=length, block_length=length // 4,
                                                block_cache="dual")),
             "sample-bd3": ("bd3lm", dict(sampler="ancestral", steps=16))}[workload]
@@ -113,6 +129,8 @@ def worker(workload: str, args) -> dict:
         sampler = make_sampler(SampleConfig(**sampling(workload, args.length)[1]), objective, tokenizer, args.length)
         canvas = make_canvas(tokenizer, [[]] * args.sample_batch, args.length)
         model.eval()
+        if workload == "loop-ar":
+            model = FreeNetwork(model, tokenizer.vocab_size)
         with torch.no_grad():
             for _ in range(args.sample_repeats + 1):
                 start = clock()
