@@ -5,7 +5,6 @@ else; and the inputs that used to print tracebacks or be accepted silently are o
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -21,28 +20,15 @@ from unmask.cli import main
 from unmask.config import (
     RANGES,
     ConfigError,
-    RunConfig,
     config_from_dict,
+    config_keys,
     in_interval,
     load_config,
 )
 
 from toys import TINY
 
-
-def leaf_keys(cls=RunConfig, prefix="") -> dict[str, typing.Any]:
-    """Every dotted key of the config with its annotation."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.update(leaf_keys(hints[f.name], f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = hints[f.name]
-    return out
-
-
-KEYS = leaf_keys()
+KEYS = {k.key: k.annotation for k in config_keys()}  # every dotted key (the samplers' too) and its type
 
 
 def nested(key: str, value) -> dict:

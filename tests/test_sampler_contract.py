@@ -7,23 +7,38 @@ family added there is checked here without a line of this file changing."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
+import yaml
 
-from unmask.config import ConfigError, SampleConfig, load_config, register_choices
+from unmask.config import (
+    SAMPLE_KEYS,
+    ConfigError,
+    SampleConfig,
+    config_keys,
+    dump_config,
+    forget_sample_settings,
+    load_config,
+    register_sample_settings,
+)
 from unmask.data.tokenization import CharTokenizer
 from unmask.families import FAMILIES, build_model, build_objective
 from unmask.samplers.base import PURPOSES, TOKEN, RowStreams, SamplingError, categorical_probs, row_seeds
-from unmask.samplers.denoiser import DiffusionSampler
-from unmask.samplers.engine import DecodingEngine, Frame, Outcome
+from unmask.samplers.denoiser import DenoiseSettings, DiffusionSampler
+from unmask.samplers.engine import DecodingEngine, Frame, Outcome, Sampler
 from unmask.samplers.registry import (
-    DIFFUSION,
     SAMPLERS,
     SamplerSpec,
-    denoise_knobs,
     make_sampler,
     register_sampler,
     samplers_for,
+    unregister_sampler,
+    values,
 )
 
 from toys import TINY, CountingModel
@@ -144,9 +159,20 @@ def test_every_sampler_refuses_malformed_requests(family, name, extra):
             sampler.sample(model, canvases(decoding, [1, 4]), row_seeds(0, 2))
 
 
-class LeftToRight(DiffusionSampler):
-    """A new sampler, written as the README's "Adding a sampler" says: each step reveals the leftmost masked
-    position of every row, drawn from the model."""
+@dataclass(frozen=True)
+class EdgeSettings(DenoiseSettings):  # guidance, soft-mask feedback and the draw's keys come with it
+    edge: str = "left"  # the end of each row's masked positions revealed first: left or right
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"edge": ("left", "right")}
+
+
+class EdgeSampler(DiffusionSampler):
+    """A new sampler, written as the README's "Adding a sampler" says: each step reveals the leftmost (or
+    rightmost) masked position of every row, drawn from the model."""
+
+    def __init__(self, diffusion, edge: str = "left", **settings):
+        super().__init__(diffusion, **settings)
+        self.edge = edge
 
     def start(self, model, canvas, seeds):
         self.check(canvas, seeds)
@@ -158,7 +184,9 @@ class LeftToRight(DiffusionSampler):
         while (x == self.mask_id).any():
             masked = x == self.mask_id
             rows = masked.any(dim=1).nonzero()[:, 0]
-            first = masked[rows].float().argmax(dim=1)
+            ends = masked[rows] if self.edge == "left" else masked[rows].flip(1)
+            first = ends.float().argmax(dim=1)
+            first = first if self.edge == "left" else x.shape[1] - 1 - first
             at = torch.zeros_like(masked[rows])
             at[torch.arange(len(rows)), first] = True
             logits = yield denoise(x[rows], masked[rows].double().mean(dim=1), at, rows)
@@ -170,26 +198,81 @@ class LeftToRight(DiffusionSampler):
         return Outcome(x, row_nfe)
 
 
-def test_a_new_sampler_is_one_class_and_one_registry_entry(tmp_path):
-    spec = SamplerSpec("left_to_right", "diffusion", DIFFUSION,
-                       lambda cfg, objective, tokenizer: LeftToRight(objective, **denoise_knobs(cfg)),
-                       "the leftmost masked position of every row per step")
+def test_a_new_sampler_is_one_module_with_its_settings_and_one_registry_entry():
+    spec = SamplerSpec("edge", "diffusion", EdgeSettings,
+                       lambda settings, objective, tokenizer: EdgeSampler(objective, **values(settings)),
+                       "the leftmost (or rightmost) masked position of every row per step")
     register_sampler(spec)
     try:
         with pytest.raises(ValueError, match="already registered"):
             register_sampler(spec)
-        cfg = load_config(None, [*TINY, "sample.sampler=left_to_right", "sample.guidance=0.5"])
+        cfg = load_config(None, [*TINY, "sample.sampler=edge", "sample.edge=right", "sample.guidance=0.5"])
+        assert any(k.key == "sample.edge" and "left | right" in k.help for k in config_keys())
+        with pytest.raises(ConfigError, match="sample.edge.*not one of left, right"):
+            load_config(None, [*TINY, "sample.edge=middle"])
         model, _, _ = setup("mdlm", "ancestral", {})
         sampler = make_sampler(cfg.sample, build_objective(cfg, TOKENIZER), TOKENIZER, LENGTH)
+        assert (sampler.edge, sampler.guidance) == ("right", 0.5)
         x, seeds = canvases("diffusion", [0, 5, 2]), row_seeds(3, 3)
-        out = sampler.sample(model, x, seeds)
+        frames = []
+        out = sampler.sample(model, x, seeds, on_step=lambda frame: frames.append(frame.clone()))
         assert out.nfe == LENGTH and not bool((out.tokens == TOKENIZER.mask_id).any())
+        assert bool((frames[0][:, -1] != TOKENIZER.mask_id).all())  # the right end first
+        assert bool((frames[0][:, :-1] == x[:, :-1]).all())
         assert torch.equal(sampler.sample(model, x[1:2], seeds[1:2]).tokens[0], out.tokens[1])
         with pytest.raises(SamplingError, match="is for masked diffusion"):  # the registry keeps it to its family's decoding
             make_sampler(cfg.sample, build_objective(load_config(None, [*TINY, "family=ar"]), TOKENIZER), TOKENIZER,
                          LENGTH)
     finally:
-        SAMPLERS.pop("left_to_right")
-        register_choices("sample.sampler", ("auto", *SAMPLERS))
-    with pytest.raises(ConfigError, match="left_to_right"):
-        load_config(None, [*TINY, "sample.sampler=left_to_right"])
+        unregister_sampler("edge")
+    for key in ("sample.sampler=edge", "sample.edge=left"):
+        with pytest.raises(ConfigError, match="edge"):
+            load_config(None, [*TINY, key])
+
+
+def test_each_sampler_reads_its_own_settings_from_the_flat_sample_keys(tmp_path):
+    model_cfg = load_config(None, TINY)
+    objective = build_objective(model_cfg, TOKENIZER)
+    build = lambda **keys: make_sampler(SampleConfig(**keys), objective, TOKENIZER, LENGTH)  # noqa: E731
+    for name, spec in SAMPLERS.items():  # every key of a sampler reaches it, under the name it is registered by
+        if spec.decoding == "diffusion":
+            assert isinstance(build(sampler=name, **SHORT), Sampler)
+    assert build(sampler="dream", score="origin").score == "origin"
+    with pytest.raises(SamplingError, match="score='origin' is not one of confidence, margin, entropy, random"):
+        build(sampler="confidence", score="origin")  # Dream's score only
+    assert build(sampler="first_hitting", steps=64).k == 1  # another sampler's key is ignored...
+    with pytest.raises(SamplingError, match="sample.factor does not apply to the 'ancestral' sampler"):
+        build(sampler="ancestral", factor=0.5)  # ...unless it asks for a behaviour
+    ar = build_objective(load_config(None, [*TINY, "family=ar"]), TOKENIZER)
+    with pytest.raises(SamplingError, match="sample.window does not apply to the 'ar' sampler"):
+        make_sampler(SampleConfig(window=8), ar, TOKENIZER, LENGTH)
+    assert make_sampler(SampleConfig(window=0, guidance=0.0), ar, TOKENIZER, LENGTH).kv_cache  # at the default
+    with pytest.raises(SamplingError, match="unknown key sample.stepz"):
+        build(stepz=3)
+    with pytest.raises(ConfigError, match="did you mean 'sample.steps'"):
+        load_config(None, [*TINY, "sample.stepz=3"])
+    cfg = load_config(None, [*TINY, "sample.steps=7"])  # the saved config holds every key, given or default
+    dump_config(cfg, tmp_path / "c.yaml")
+    saved = yaml.safe_load((tmp_path / "c.yaml").read_text())["sample"]
+    assert saved["steps"] == 7 and saved["temperature"] == 1.0 and set(SAMPLE_KEYS) <= set(saved)
+    assert load_config(tmp_path / "c.yaml") == cfg and SampleConfig(steps=128) == SampleConfig() != cfg.sample
+
+
+def test_a_key_means_one_type_default_and_range_across_samplers():
+    @dataclass(frozen=True)
+    class Clashing(DenoiseSettings):
+        steps: int = 5  # another default than every other sampler's steps
+
+    with pytest.raises(ValueError, match="sample.steps is declared with another type, default or range"):
+        register_sample_settings("clashing", Clashing)
+    forget_sample_settings("clashing")
+    assert SAMPLE_KEYS["steps"].default == 128 and "clashing" not in SAMPLE_KEYS["steps"].readers
+
+
+def test_the_config_module_alone_knows_every_registered_key():
+    """``unmask.config`` imported by itself loads the registries that declare keys before reading a config."""
+    code = ("from unmask.config import load_config, ConfigError\n"
+            "assert load_config(None, ['sample.steps=3', 'sample.score=margin']).sample.steps == 3\n"
+            "try:\n    load_config(None, ['family=bogus'])\nexcept ConfigError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "'family' = 'bogus' is not one of" in out.stdout, out.stderr[-2000:]

@@ -268,7 +268,7 @@ def test_confidence_sampler_reveals_on_schedule_and_keeps_fixed_tokens(score):
     model = EnumeratedModel(states, probs, 3)
     canvas = torch.full((5, 6), 3)
     canvas[2, 1] = 0
-    sampler = ConfidenceSampler(diffusion, steps=3, score=score, schedule="linear")
+    sampler = ConfidenceSampler(diffusion, steps=3, score=score, reveal="linear")
     out = sampler.sample(model, canvas, seeds(5))
     assert not (out.tokens == 3).any() and out.tokens[2, 1] == 0
     assert out.row_nfe.tolist() == [3, 3, 3, 3, 3]

@@ -22,6 +22,7 @@ checkpoint folder, a ``save_pretrained`` folder, a released MDLM folder or ``.ck
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -35,7 +36,6 @@ from .checkpoints.pretrained import export, open_source, save_pretrained
 from .config import (
     CONFIG_DIR,
     ConfigError,
-    SampleConfig,
     config_from_dict,
     config_keys,
     load_config,
@@ -54,7 +54,9 @@ from .families import family_of
 from .pipeline import Generation, checkpoint_config
 from .runtime import device_for
 from .samplers.base import SamplingError
-from .samplers.registry import SAMPLERS
+from .samplers.block_diffusion import BlockSettings
+from .samplers.registry import BLOCKS, SAMPLERS, WINDOWS
+from .samplers.semi_ar import WindowSettings
 from .train.loop import TrainingError, train
 from .train.memory import compared_settings, model_shape, plan_memory, plan_table, planning_inputs
 from .train.rl import rl_train
@@ -311,12 +313,18 @@ def cmd_config(args) -> int:
 
 def sampler_help() -> str:
     """Every sampler with the ``sample.*`` keys it reads and their defaults (from the registry)."""
-    defaults = SampleConfig()
     lines = ["samplers (sample.sampler=NAME; auto: the family's default):"]
     for spec in SAMPLERS.values():
         lines.append(f"  {spec.name} ({spec.decoding} models): {spec.summary}")
-        lines.append("      " + ", ".join(f"{knob}={getattr(defaults, knob)!r}" for knob in spec.knobs))
+        lines.append("      " + settings_line(spec.settings))
+    lines.append("around a diffusion sampler:")
+    lines.append(f"  {WINDOWS} (full-sequence models): " + settings_line(WindowSettings))
+    lines.append(f"  {BLOCKS} (block models): " + settings_line(BlockSettings))
     return "\n".join(lines)
+
+
+def settings_line(settings: type) -> str:
+    return ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(settings))
 
 
 def cmd_configs(args) -> int:

@@ -20,6 +20,7 @@ import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
 
@@ -192,43 +193,78 @@ class EvalConfig:
     precision: str = "fp32"  # auto, fp32 or bf16
 
 
-@dataclass
+@dataclass(init=False)
 class SampleConfig:
-    """Which sampler and how (see :mod:`unmask.samplers`); ``auto`` = ancestral for mdlm, ar for ar."""
+    """Which sampler and how (see :mod:`unmask.samplers`); ``auto`` = the family's default sampler.
+
+    The fields are the keys of every decoding. The samplers' own keys (``sample.steps``, ``sample.score``,
+    ...) belong to the samplers: each declares them in its settings dataclass, registered with it
+    (:func:`register_sample_settings`, :data:`SAMPLE_KEYS`). They are flat like the fields: given as keywords
+    (``SampleConfig(sampler="llada", steps=64)``, ``dataclasses.replace(cfg, steps=8)``), written as
+    ``sample.steps`` in YAML and overrides, kept in ``settings`` when given, and read as attributes (a key
+    not given reads as its default).
+    """
 
     sampler: str = "auto"  # auto (the family's default) or a sampler of `unmask sample --help`
     num_samples: int = 4  # samples per prompt (or unconditional)
     length: int = 0  # canvas length (0: data.length)
-    steps: int = 128  # denoising steps (ancestral, confidence)
-    cache: bool = True  # ancestral: reuse a row's prediction while its canvas is unchanged (same samples; where exact)
-    tokens_per_step: int = 1  # first_hitting: tokens revealed per network call
-    score: str = "confidence"  # confidence/llada: confidence, margin, entropy or random; dream: also origin
-    block_length: int = 32  # llada, and dream with a block_cache: semi-autoregressive block length
-    block_cache: str = "none"  # llada, dream: Fast-dLLM's approximate KV cache, none, prefix or dual (dream: in blocks)
-    alg_temp: float = 0.0  # dream: > 0 draws the revealed positions from softmax(confidence / alg_temp)
-    eps: float = 1e-3  # dream: the time grid runs from 1 to eps
-    threshold: float = 0.0  # llada, dream: > 0 reveals every candidate whose confidence reaches it (Fast-dLLM)
-    factor: float = 0.0  # llada: > 0 Fast-dLLM's factor rule, the n best revealed while c_(n) >= 1 - factor/(n+1)
-    reveal: str = "linear"  # confidence: linear or cosine reveal schedule
-    remask: float = 0.0  # confidence: share of revealed tokens masked again per step
-    window: int = 0  # semi-autoregressive window (0: one canvas)
-    stride: int = 0  # semi-autoregressive stride (0: window / 2)
-    stop_at_eos: bool = False  # semi-autoregressive windows or block diffusion: stop a row at EOS
-    kv_cache: bool = True  # ar: reuse keys and values of the prefix; bd3lm: of the committed blocks
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # keep the k most likely tokens (0: all)
-    top_p: float = 1.0  # keep the smallest set with this probability mass
-    precision: str = "float64"  # float64 (exact draws) or float32 (MDLM's truncated draw, research only)
     model_precision: str = "fp32"  # the network's precision: auto, fp32 or bf16
     seed: int = 0  # row i draws from (seed, i): batching does not change samples
     batch_size: int = 16  # rows per sampler call
     use_ema: bool = True  # sample with the EMA weights
-    soft_mask: bool = True  # soft-mask models: feed back the previous step (false = binary inputs)
-    guidance: float = 0.0  # unsupervised classifier-free guidance weight w (0 = none)
-    guidance_schedule: str = "constant"  # constant w, or linear w * t (fading as the canvas fills)
-    stop: str = "draw"  # insertion models: draw the stop with P(stop) (argmax at t=0), threshold, or count (N ~ P(n))
-    stop_threshold: float = 0.9  # insertion models, stop=threshold: stop a row once P(stop) reaches this
-    gap: str = "greedy"  # insertion models: the gap with the largest marginal, or a draw (joint sampling)
+    settings: dict[str, Any] = field(default_factory=dict)  # the samplers' keys given (flat: sample.steps)
+
+    def __init__(self, settings: dict[str, Any] | None = None, **keys: Any):
+        for f in dataclasses.fields(self):
+            if f.name != "settings":
+                setattr(self, f.name, keys.pop(f.name, f.default))
+        self.settings = {**(settings or {}), **keys}
+
+    def resolved(self) -> dict[str, Any]:
+        """Every sampler key with its value: the given ones, defaults for the rest."""
+        load_registries()
+        return {name: self.settings.get(name, key.default) for name, key in SAMPLE_KEYS.items()} | self.settings
+
+    def __eq__(self, other: object) -> bool:  # a key given at its default equals the key not given
+        if not isinstance(other, SampleConfig):
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self)
+                   if f.name != "settings") and self.resolved() == other.resolved()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "settings":
+            raise AttributeError(name)
+        if name in self.settings:
+            return self.settings[name]
+        load_registries()
+        if name in SAMPLE_KEYS:
+            return SAMPLE_KEYS[name].default
+        raise AttributeError(f"no sampler reads sample.{name}{_suggest(name, SAMPLE_KEYS)}")
+
+
+@dataclass
+class SampleKey:
+    """A ``sample.*`` key that samplers read: one type, default and range; each reader's meaning."""
+
+    name: str
+    annotation: Any
+    default: Any
+    readers: dict[str, str]  # reader (a sampler or a wrapper) -> what the key means to it
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # reader -> its allowed values
+    switched: set[str] = field(default_factory=set)  # readers to which a value off the default is a request
+
+    @property
+    def switch(self) -> bool:
+        """A value off the default asks for a behaviour (guidance, windows): a sampler that does not read
+        the key refuses it instead of ignoring it."""
+        return bool(self.switched)
+
+    def allowed(self) -> tuple[str, ...]:
+        """The values some reader allows (empty: any value of the type)."""
+        return tuple(dict.fromkeys(v for options in self.choices.values() for v in options))
+
+
+SAMPLE_KEYS: dict[str, SampleKey] = {}  # filled by register_sample_settings (the sampler registry)
 
 
 @dataclass
@@ -312,7 +348,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.split": ("train", "valid", "test"),
     "eval.metric": ("likelihood", "generation", "exact_match"),
     "eval.precision": ("auto", "fp32", "bf16"),
-    "sample.precision": ("float64", "float32"),
     "sample.model_precision": ("auto", "fp32", "bf16"),
     "classifier.pooling": ("mean", "cls"),
     "rl.mode": ("model", "schedule", "co"),
@@ -324,6 +359,16 @@ def register_choices(key: str, options: tuple[str, ...]) -> None:
     CHOICES[key] = options
 
 
+# The modules that declare keys, choices and rules (the families; the samplers' settings): reading or
+# describing a config loads them first, so that this module used on its own knows every key.
+KEY_REGISTRIES = ("unmask.families", "unmask.samplers.registry")
+
+
+def load_registries() -> None:
+    for module in KEY_REGISTRIES:
+        import_module(module)
+
+
 RULES: list[Callable[[RunConfig], None]] = []  # relations between keys that a registry owns (run last)
 
 
@@ -331,6 +376,60 @@ def register_rule(rule: Callable[[RunConfig], None]) -> None:
     """Declare a check of whole configs (raising :class:`ConfigError`) that a registry owns, such as the
     keys a model family reads."""
     RULES.append(rule)
+
+
+def class_table(cls: type, name: str) -> dict:
+    """A class-level table (``RANGES``, ``CHOICES``) merged over the class and its bases (the class wins)."""
+    out: dict = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get(name, {}))
+    return out
+
+
+def register_sample_settings(reader: str, settings: type) -> None:
+    """Declare the ``sample.*`` keys that ``reader`` (a sampler, or a wrapper such as semi-autoregressive
+    windows) reads: the fields of its ``settings`` dataclass with their types, defaults and trailing
+    comments (the help), and its ``RANGES``, ``CHOICES`` and ``SWITCHES`` (:attr:`SampleKey.switch`). Keys
+    are flat, so a key read by several samplers has one type, default and range wherever it is declared;
+    its allowed values are the union of theirs here, and each sampler checks its own when it is built."""
+    hints, comments = typing.get_type_hints(settings), _field_comments(settings)
+    ranges, choices = class_table(settings, "RANGES"), class_table(settings, "CHOICES")
+    switches = {name for klass in settings.__mro__ for name in vars(klass).get("SWITCHES", ())}
+    run_keys = {f.name for f in dataclasses.fields(SampleConfig)}
+    for f in dataclasses.fields(settings):
+        dotted, known = f"sample.{f.name}", SAMPLE_KEYS.get(f.name)
+        if f.name in run_keys:
+            raise ValueError(f"{reader}: sample.{f.name} is a key of every decoding, not a sampler's")
+        if known is None:
+            SAMPLE_KEYS[f.name] = known = SampleKey(f.name, hints[f.name], f.default, {})
+            if f.name in ranges:
+                RANGES[dotted] = ranges[f.name]
+        elif (known.annotation, known.default, RANGES.get(dotted)) != (hints[f.name], f.default, ranges.get(f.name)):
+            raise ValueError(f"{reader}: sample.{f.name} is declared with another type, default or range by "
+                             f"{', '.join(known.readers)}")
+        known.readers[reader] = comments[f.name]
+        if f.name in switches:
+            known.switched.add(reader)
+        if f.name in choices:
+            known.choices[reader] = tuple(choices[f.name])
+            CHOICES[dotted] = known.allowed()
+
+
+def forget_sample_settings(reader: str) -> None:
+    """Undo :func:`register_sample_settings` for ``reader``: keys nobody else reads are gone, and the
+    allowed values are those of the remaining readers."""
+    for name, key in list(SAMPLE_KEYS.items()):
+        if key.readers.pop(reader, None) is None:
+            continue
+        key.choices.pop(reader, None)
+        key.switched.discard(reader)
+        if key.choices:
+            CHOICES[f"sample.{name}"] = key.allowed()
+        else:
+            CHOICES.pop(f"sample.{name}", None)
+        if not key.readers:
+            del SAMPLE_KEYS[name]
+            RANGES.pop(f"sample.{name}", None)
 
 
 def _suggest(name: str, options: typing.Iterable[str]) -> str:
@@ -392,11 +491,16 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    open_keys = SAMPLE_KEYS if cls is SampleConfig else {}  # the samplers' keys (flat in the section)
+    names -= set(open_keys and ["settings"])
     kwargs = {}
     for key, value in data.items():
         full = prefix + str(key)
+        if key in open_keys:
+            kwargs[key] = _coerce(value, open_keys[key].annotation, full)
+            continue
         if key not in names:
-            close = difflib.get_close_matches(str(key), list(names), n=1)
+            close = difflib.get_close_matches(str(key), list(names | set(open_keys)), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key {full!r}{hint}")
         annotation = hints[key]
@@ -478,13 +582,8 @@ RANGES: dict[str, str] = {
     "train.random_length_prob": "[0, 1]",
     "eval.mc_samples": "[1, inf)", "eval.batch_size": "[1, inf)", "eval.max_sequences": "[0, inf)",
     "eval.seed": "[0, inf)",
-    "sample.num_samples": "[1, inf)", "sample.length": "[0, inf)", "sample.steps": "[1, inf)",
-    "sample.tokens_per_step": "[1, inf)", "sample.block_length": "[1, inf)", "sample.alg_temp": "[0, inf)",
-    "sample.eps": "(0, 1)", "sample.threshold": "[0, 1]", "sample.factor": "[0, inf)", "sample.remask": "[0, 1)",
-    "sample.window": "[0, inf)",
-    "sample.stride": "[0, inf)", "sample.temperature": "[0, inf)", "sample.top_k": "[0, inf)",
-    "sample.top_p": "(0, 1]", "sample.seed": "[0, inf)", "sample.batch_size": "[1, inf)",
-    "sample.guidance": "[-1, inf)", "sample.stop_threshold": "(0, 1]",
+    "sample.num_samples": "[1, inf)", "sample.length": "[0, inf)", "sample.seed": "[0, inf)",
+    "sample.batch_size": "[1, inf)",
     "classifier.dropout": "[0, 1)",
     "adapter.rank": "[1, inf)", "adapter.alpha": "(0, inf)", "adapter.dropout": "[0, 1)",
     "rl.schedule_std": "[0, inf)", "rl.sample_steps": "[1, inf)", "rl.iterations": "[1, inf)",
@@ -511,6 +610,9 @@ def value_at(cfg: Any, dotted: str) -> Any:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check choices, value ranges (:data:`RANGES`) and relations that the types alone do not express."""
+    for name in cfg.sample.settings:
+        if name not in SAMPLE_KEYS:
+            raise ConfigError(f"unknown config key 'sample.{name}'{_suggest(name, SAMPLE_KEYS)}")
     for dotted, options in CHOICES.items():
         node = value_at(cfg, dotted)
         if node not in options:
@@ -552,32 +654,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-# Keys a resumed run may change: they do not alter what is computed at each step.
-RESUMABLE = ("train.steps", "train.max_minutes", "train.log_every", "train.save_every", "train.keep_checkpoints",
-             "train.eval_every", "train.eval_sequences", "train.progress", "train.compile",
-             "train.init_from", "train.parallel", "train.cpu_offload", "train.activation_checkpointing",
-             "train.track_memory",
-             "data.cache_dir", "eval", "sample", "rl")
-
-
-def resume_differences(saved: RunConfig, new: RunConfig) -> list[str]:
-    """Dotted keys whose values differ between a run's saved config and the config it is resumed
-    with, other than :data:`RESUMABLE` ones, as ``key: saved -> new``."""
-    def leaves(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out.update(leaves(value, f"{prefix}{key}."))
-            else:
-                out[prefix + key] = value
-        return out
-
-    a, b = leaves(to_dict(saved)), leaves(to_dict(new))
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
-
-
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    load_registries()
     return validate(_build(RunConfig, _resolve_preset(tree or {}), ""))
 
 
@@ -627,21 +705,36 @@ class KeyInfo:
     type: str
     default: Any
     help: str
+    annotation: Any = None
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """The trailing ``# comment`` of each field of a dataclass, read from its source."""
-    source = textwrap.dedent(inspect.getsource(cls))
-    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
-    tree = ast.parse(source).body[0]
-    return {node.target.id: comments.get(node.end_lineno, "") for node in tree.body
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    """The trailing ``# comment`` of each field of a dataclass and of its dataclass bases, read from
+    their source."""
+    out: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        source = textwrap.dedent(inspect.getsource(klass))
+        comments = {tok.start[0]: tok.string.lstrip("# ").strip() for tok in
+                    tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+        tree = ast.parse(source).body[0]
+        out.update({node.target.id: comments.get(node.end_lineno, "") for node in tree.body
+                    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)})
+    return out
+
+
+def _key_info(key: str, annotation: Any, default: Any, meaning: str) -> KeyInfo:
+    allowed = CHOICES.get(key) or RANGES.get(key)
+    meaning += f" [{' | '.join(allowed)}]" if key in CHOICES else ""
+    meaning += f" {allowed}" if key in RANGES else ""
+    type_name = str(annotation).replace("typing.", "") if not isinstance(annotation, type) else annotation.__name__
+    return KeyInfo(key, type_name, default, meaning.strip(), annotation)
 
 
 def config_keys(cls: type = RunConfig, prefix: str = "") -> list[KeyInfo]:
-    """Every key of the config with its type, default and meaning, generated from the dataclasses (so
-    the help cannot drift from the code); ``CHOICES`` and ``RANGES`` add the allowed values."""
+    """Every key of the config with its type, default and meaning, generated from the dataclasses and the
+    registered sampler settings (so the help cannot drift from the code); ``CHOICES`` and ``RANGES`` add
+    the allowed values."""
+    load_registries()
     hints, comments = typing.get_type_hints(cls), _field_comments(cls)
     defaults = cls()
     out = []
@@ -649,17 +742,26 @@ def config_keys(cls: type = RunConfig, prefix: str = "") -> list[KeyInfo]:
         key, annotation = prefix + f.name, hints[f.name]
         if dataclasses.is_dataclass(annotation):
             out += config_keys(annotation, key + ".")
-            continue
-        allowed = CHOICES.get(key) or RANGES.get(key)
-        meaning = comments[f.name] + (f" [{' | '.join(allowed)}]" if key in CHOICES else "")
-        meaning += f" {allowed}" if key in RANGES else ""
-        type_name = str(annotation).replace("typing.", "") if not isinstance(annotation, type) else annotation.__name__
-        out.append(KeyInfo(key, type_name, getattr(defaults, f.name), meaning.strip()))
+        elif not (cls is SampleConfig and f.name == "settings"):
+            out.append(_key_info(key, annotation, getattr(defaults, f.name), comments[f.name]))
+    if cls is SampleConfig:
+        for name, spec in SAMPLE_KEYS.items():
+            readers: dict[str, list[str]] = {}
+            for reader, meaning in spec.readers.items():
+                readers.setdefault(meaning, []).append(reader)
+            meaning = "; ".join(f"{text} ({', '.join(who)})" for text, who in readers.items())
+            out.append(_key_info(prefix + name, spec.annotation, spec.default, meaning))
     return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """A config as nested plain data; every sampler key sits flat in the ``sample`` section with its value
+    (given or default), as in YAML."""
+    tree = dataclasses.asdict(cfg)
+    if isinstance(cfg, RunConfig):
+        del tree["sample"]["settings"]
+        tree["sample"].update(cfg.sample.resolved())
+    return tree
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from ..objectives.base import unwrap
@@ -14,8 +17,16 @@ from .base import (
     SamplingError,
     categorical_probs,
 )
-from .denoiser import DiffusionSampler
+from .denoiser import DenoiseSettings, DiffusionSampler
 from .engine import Decoding, Frame, Outcome
+
+
+@dataclass(frozen=True)
+class AncestralSettings(DenoiseSettings):
+    steps: int = 128  # denoising steps
+    cache: bool = True  # reuse a row's prediction while its canvas is unchanged (same samples; where exact)
+
+    RANGES: ClassVar[dict[str, str]] = {"steps": "[1, inf)"}
 
 
 class AncestralSampler(DiffusionSampler):

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import PURPOSES, TOKEN, RowStreams, categorical_probs, check_knobs
+from .base import PURPOSES, TOKEN, DrawSettings, RowStreams, categorical_probs, check_knobs
 from .engine import Causal, Decoding, Frame, Outcome, Sampler
+
+
+@dataclass(frozen=True)
+class AutoregressiveSettings(DrawSettings):
+    kv_cache: bool = True  # reuse the keys and values of the prefix
 
 
 class AutoregressiveSampler(Sampler):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -22,6 +23,22 @@ PURPOSES = 4
 
 class SamplingError(ValueError):
     """Impossible sampling request (steps < 1, top-p outside (0, 1], k larger than the canvas...)."""
+
+
+@dataclass(frozen=True)
+class DrawSettings:
+    """The categorical draw every sampler makes. A sampler's settings extend these: their fields are the
+    ``sample.*`` keys it reads (help from the comments), with ``RANGES`` and ``CHOICES`` of allowed values
+    and ``SWITCHES``, keys whose value off the default asks for this reader (refused by the others)."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    top_p: float = 1.0  # keep the smallest set with this probability mass
+    precision: str = "float64"  # float64 (exact draws) or float32 (MDLM's truncated draw, research only)
+
+    RANGES: ClassVar[dict[str, str]] = {"temperature": "[0, inf)", "top_k": "[0, inf)", "top_p": "(0, 1]"}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"precision": ("float64", "float32")}
+    SWITCHES: ClassVar[tuple[str, ...]] = ()
 
 
 def categorical_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -3,7 +3,8 @@ a block, an exact KV cache of the committed blocks."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
@@ -106,6 +107,16 @@ def commit(model, cache: BlockDiffusionCache, x: torch.Tensor, rows: torch.Tenso
     cache.chunk_allowed = block_diffusion_layout(where, clean, block_size, end).allowed
     model(x[rows, start:end], positions=torch.zeros(0, dtype=torch.long, device=x.device), cache=cache)
     return 1
+
+
+@dataclass(frozen=True)
+class BlockSettings:
+    """The keys of block diffusion, around the diffusion sampler that decodes inside each block."""
+
+    kv_cache: bool = True  # keep the keys and values of the committed blocks (exact)
+    stop_at_eos: bool = False  # stop a row at its first generated EOS (PAD after it)
+
+    SWITCHES: ClassVar[tuple[str, ...]] = ("stop_at_eos",)
 
 
 class BlockDiffusionSampler(Sampler):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -17,7 +19,7 @@ from .base import (
     categorical_probs,
     choose_per_row,
 )
-from .denoiser import DiffusionSampler
+from .denoiser import DenoiseSettings, DiffusionSampler
 from .engine import Decoding, Frame, Outcome
 
 REVEAL_SCHEDULES = ("linear", "cosine")
@@ -39,6 +41,17 @@ def reveal_schedule(kind: str, total: torch.Tensor, step: int, steps: int) -> to
 CONFIDENCE_SCORES = ("confidence", "margin", "entropy", "random")
 
 
+@dataclass(frozen=True)
+class ConfidenceSettings(DenoiseSettings):
+    steps: int = 128  # denoising steps
+    score: str = "confidence"  # the order of reveals: probability of the draw, margin, entropy, or random
+    reveal: str = "linear"  # how many masks remain after each step: linear or cosine (MaskGIT)
+    remask: float = 0.0  # share of revealed tokens masked again per step
+
+    RANGES: ClassVar[dict[str, str]] = {"steps": "[1, inf)", "remask": "[0, 1)"}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"score": CONFIDENCE_SCORES, "reveal": REVEAL_SCHEDULES}
+
+
 class ConfidenceSampler(DiffusionSampler):
     """Confidence-ordered decoding (MaskGIT/LLaDA style), T steps.
 
@@ -51,18 +64,18 @@ class ConfidenceSampler(DiffusionSampler):
     last (fixed tokens never), so the model can revise them.
     """
 
-    def __init__(self, diffusion: MaskedDiffusion, steps: int, score: str = "confidence", schedule: str = "linear",
+    def __init__(self, diffusion: MaskedDiffusion, steps: int, score: str = "confidence", reveal: str = "linear",
                  remask: float = 0.0, **knobs):
         if steps < 1:
             raise SamplingError(f"steps must be >= 1, got {steps}")
         if score not in CONFIDENCE_SCORES:
             raise SamplingError(f"unknown confidence score {score!r}; known: {', '.join(CONFIDENCE_SCORES)}")
-        if schedule not in ("linear", "cosine"):
-            raise SamplingError(f"unknown reveal schedule {schedule!r} (linear or cosine)")
+        if reveal not in REVEAL_SCHEDULES:
+            raise SamplingError(f"unknown reveal schedule {reveal!r} ({' or '.join(REVEAL_SCHEDULES)})")
         if not 0 <= remask < 1:
             raise SamplingError(f"remask probability must lie in [0, 1), got {remask}")
         super().__init__(diffusion, **knobs)
-        self.steps, self.score, self.schedule, self.remask = steps, score, schedule, remask
+        self.steps, self.score, self.reveal, self.remask = steps, score, reveal, remask
 
     def scores(self, probs: torch.Tensor, draws: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         if self.score == "confidence":
@@ -86,7 +99,7 @@ class ConfidenceSampler(DiffusionSampler):
         row_nfe = torch.zeros(b, dtype=torch.long)
         for step in range(self.steps):
             masked = x == self.mask_id
-            reveal = masked.sum(dim=1) - reveal_schedule(self.schedule, total, step + 1, self.steps)
+            reveal = masked.sum(dim=1) - reveal_schedule(self.reveal, total, step + 1, self.steps)
             rows = (reveal > 0).nonzero()[:, 0]
             if not len(rows):
                 continue

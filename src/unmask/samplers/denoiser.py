@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -11,10 +12,11 @@ from ..models.softmask import SoftFeedback
 from ..objectives.base import unwrap
 from ..objectives.guidance import guided_logits, unconditional_input
 from ..objectives.mdlm import MaskedDiffusion
-from .base import SamplingError, check_knobs
+from .base import DrawSettings, SamplingError, check_knobs
 from .engine import Denoise, Sampler
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
+BLOCK_CACHES = ("none", "prefix", "dual")  # Fast-dLLM's approximate KV caches of block decoding
 
 
 def guidance_weight(weight: float, schedule: str, t: torch.Tensor) -> torch.Tensor:
@@ -104,6 +106,19 @@ class Denoiser:
             return logits
         self.feedback.store(ready.rows, ready.positions, logits, self.diffusion.mask_id)
         return logits[ready.wanted[ready.positions]]
+
+
+@dataclass(frozen=True)
+class DenoiseSettings(DrawSettings):
+    """What every masked-diffusion sampler reads besides the draw: soft-mask feedback and guidance."""
+
+    soft_mask: bool = True  # soft-mask models: feed back the previous step (false = binary inputs)
+    guidance: float = 0.0  # unsupervised classifier-free guidance weight w (0 = none)
+    guidance_schedule: str = "constant"  # constant w, or linear w * t (fading as the canvas fills)
+
+    RANGES: ClassVar[dict[str, str]] = {"guidance": "[-1, inf)"}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"guidance_schedule": GUIDANCE_SCHEDULES}
+    SWITCHES: ClassVar[tuple[str, ...]] = ("guidance",)
 
 
 class DiffusionSampler(Sampler):

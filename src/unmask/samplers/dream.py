@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from ..objectives.mdlm import MaskedDiffusion
@@ -17,12 +20,27 @@ from .base import (
     choose_per_row,
     ranks_in_row,
 )
-from .denoiser import DiffusionSampler, block_cache_start
+from .denoiser import BLOCK_CACHES, DenoiseSettings, DiffusionSampler, block_cache_start
 from .engine import Chunk, Decoding, Frame, Outcome
 
 # Dream's algorithm names, and what unmask's `sample.score` calls them
 DREAM_ALGORITHMS = {"origin": "origin", "maskgit_plus": "confidence", "topk_margin": "margin", "entropy": "entropy"}
 DREAM_SCORES = tuple(DREAM_ALGORITHMS.values())
+
+
+@dataclass(frozen=True)
+class DreamSettings(DenoiseSettings):
+    steps: int = 128  # denoising steps
+    score: str = "confidence"  # Dream's algorithm: origin (ancestral), confidence, margin or entropy
+    alg_temp: float = 0.0  # > 0 draws the revealed positions from softmax(confidence / alg_temp)
+    eps: float = 1e-3  # the time grid runs from 1 to eps
+    threshold: float = 0.0  # > 0: Fast-dLLM's threshold rule, every candidate whose confidence reaches it
+    block_cache: str = "none"  # Fast-dLLM's approximate KV cache, in blocks: none, prefix or dual
+    block_length: int = 32  # the blocks of a block_cache
+
+    RANGES: ClassVar[dict[str, str]] = {"steps": "[1, inf)", "alg_temp": "[0, inf)", "eps": "(0, 1)",
+                                        "threshold": "[0, 1]", "block_length": "[1, inf)"}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"score": DREAM_SCORES, "block_cache": BLOCK_CACHES}
 
 
 class DreamSampler(DiffusionSampler):
@@ -61,7 +79,7 @@ class DreamSampler(DiffusionSampler):
                                 f"{threshold}")
         if threshold and score != "confidence":
             raise SamplingError("threshold decoding ranks by max-probability confidence (score=confidence)")
-        if block_length < 0 or block_cache not in ("none", "prefix", "dual") or (block_cache != "none" and
+        if block_length < 0 or block_cache not in BLOCK_CACHES or (block_cache != "none" and
                                                                                  not block_length):
             raise SamplingError(f"block_length >= 0 and block_cache none, prefix or dual (with blocks); got "
                                 f"{block_length}, {block_cache!r}")

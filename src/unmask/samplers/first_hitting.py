@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from ..objectives.mdlm import MaskedDiffusion
@@ -15,8 +18,15 @@ from .base import (
     categorical_probs,
     choose_per_row,
 )
-from .denoiser import DiffusionSampler
+from .denoiser import DenoiseSettings, DiffusionSampler
 from .engine import Decoding, Frame, Outcome
+
+
+@dataclass(frozen=True)
+class FirstHittingSettings(DenoiseSettings):
+    tokens_per_step: int = 1  # tokens revealed per network call (1: exact)
+
+    RANGES: ClassVar[dict[str, str]] = {"tokens_per_step": "[1, inf)"}
 
 
 class FirstHittingSampler(DiffusionSampler):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from ..models.insertion import stop_log_odds
@@ -10,6 +13,7 @@ from .base import (
     PURPOSES,
     TIME,
     TOKEN,
+    DrawSettings,
     RowStreams,
     SamplingError,
     categorical_probs,
@@ -20,6 +24,16 @@ from .engine import Decoding, Forward, Frame, Outcome, Sampler
 GAP_CHOICES = ("greedy", "sample")  # the gap with the largest marginal, or one drawn (joint sampling)
 # stop with probability P(stop), once P(stop) reaches a threshold, or after a count drawn at the start
 STOP_RULES = ("draw", "threshold", "count")
+
+
+@dataclass(frozen=True)
+class InsertionSettings(DrawSettings):
+    stop: str = "draw"  # stop with P(stop) (argmax at t=0), at stop_threshold, or after a count N ~ P(n)
+    stop_threshold: float = 0.9  # stop=threshold: stop a row once P(stop) reaches this
+    gap: str = "greedy"  # the gap with the largest marginal, or a draw (joint sampling)
+
+    RANGES: ClassVar[dict[str, str]] = {"stop_threshold": "(0, 1]"}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"stop": STOP_RULES, "gap": GAP_CHOICES}
 
 
 class InsertionSampler(Sampler):

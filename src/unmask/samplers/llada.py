@@ -3,6 +3,9 @@ blocks, a fixed number of reveals per step, one network call per step."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from ..objectives.mdlm import MaskedDiffusion
@@ -16,7 +19,7 @@ from .base import (
     ranks_in_row,
 )
 from .confidence import CONFIDENCE_SCORES
-from .denoiser import DiffusionSampler, block_cache_start
+from .denoiser import BLOCK_CACHES, DenoiseSettings, DiffusionSampler, block_cache_start
 from .engine import Chunk, Decoding, Frame, Outcome
 
 
@@ -26,6 +29,21 @@ def per_step_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
     base = (masked // steps)[:, None].expand(-1, steps)
     extra = torch.arange(steps, device=masked.device)[None] < (masked % steps)[:, None]
     return base + extra.long()
+
+
+@dataclass(frozen=True)
+class LLaDASettings(DenoiseSettings):
+    steps: int = 128  # denoising steps over all blocks
+    block_length: int = 32  # semi-autoregressive block length
+    score: str = "confidence"  # the order of reveals: LLaDA's low-confidence or random remasking, margin, entropy
+    threshold: float = 0.0  # > 0: Fast-dLLM's threshold rule, every candidate whose confidence reaches it
+    factor: float = 0.0  # > 0: Fast-dLLM's factor rule, the n best revealed while c_(n) >= 1 - factor/(n+1)
+    block_cache: str = "none"  # Fast-dLLM's approximate KV cache: none, prefix or dual
+
+    RANGES: ClassVar[dict[str, str]] = {"steps": "[1, inf)", "block_length": "[1, inf)", "threshold": "[0, 1]",
+                                        "factor": "[0, inf)"}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"score": CONFIDENCE_SCORES, "block_cache": BLOCK_CACHES}
+    SWITCHES: ClassVar[tuple[str, ...]] = ("factor",)
 
 
 class LLaDASampler(DiffusionSampler):
@@ -73,7 +91,7 @@ class LLaDASampler(DiffusionSampler):
         if self.top_k or self.top_p < 1 or self.precision != "float64":
             raise SamplingError("the llada sampler draws by Gumbel-max over the whole vocabulary: top_k, top_p "
                                 "and precision=float32 do not apply")
-        if block_cache not in ("none", "prefix", "dual"):
+        if block_cache not in BLOCK_CACHES:
             raise SamplingError(f"block_cache must be none, prefix or dual, got {block_cache!r}")
         if block_cache != "none" and self.guidance:
             raise SamplingError("the block caches run the network directly: no guidance with them")

@@ -1,115 +1,122 @@
-"""The sampler registry: one :class:`SamplerSpec` per sampler, read by the config's choices, the server's
-schema, the command line's help and the tests.
+"""The sampler registry: one :class:`SamplerSpec` per sampler, read by the config's choices and keys, the
+server's schema, the command line's help and the tests.
 
-Each sampler lives in its own module; its entry here says which models it drives (a family's
-``decoding``), which ``sample.*`` keys it reads and how to build it from a :class:`SampleConfig`.
-``make_sampler`` resolves ``sample.sampler=auto`` to the family's default, checks that the sampler fits
-the model and wraps diffusion samplers in semi-autoregressive windows when ``sample.window`` is set.
-Adding a sampler is one new module plus one entry in :data:`SAMPLERS`.
+Each sampler lives in its own module with its settings dataclass (the ``sample.*`` keys it reads: types,
+defaults, help, ranges and choices); its entry here says which models it drives (a family's
+``decoding``), its settings and how to build it from them. :func:`make_sampler` resolves
+``sample.sampler=auto`` to the family's default, checks that the sampler fits the model, reads its
+settings from the :class:`SampleConfig` and wraps it: in block diffusion for block families, in
+semi-autoregressive windows when ``sample.window`` is set. Adding a sampler is one new module plus one
+:func:`register_sampler` call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from ..config import SampleConfig, register_choices
+from ..config import SAMPLE_KEYS, SampleConfig, forget_sample_settings, register_choices, register_sample_settings
 from ..data.tokenization import Tokenizer
 from ..families import FAMILIES, family_of
 from ..objectives.base import Objective
-from .ancestral import AncestralSampler
-from .ar import AutoregressiveSampler
+from .ancestral import AncestralSampler, AncestralSettings
+from .ar import AutoregressiveSampler, AutoregressiveSettings
 from .base import SamplingError
-from .block_diffusion import BlockDiffusionSampler
-from .confidence import CONFIDENCE_SCORES, REVEAL_SCHEDULES, ConfidenceSampler
-from .denoiser import GUIDANCE_SCHEDULES
-from .dream import DREAM_SCORES, DreamSampler
+from .block_diffusion import BlockDiffusionSampler, BlockSettings
+from .confidence import ConfidenceSampler, ConfidenceSettings
+from .dream import DreamSampler, DreamSettings
 from .engine import Sampler
-from .first_hitting import FirstHittingSampler
-from .insertion import GAP_CHOICES, STOP_RULES, InsertionSampler
-from .llada import LLaDASampler
-from .semi_ar import SemiAutoregressiveSampler
+from .first_hitting import FirstHittingSampler, FirstHittingSettings
+from .insertion import InsertionSampler, InsertionSettings
+from .llada import LLaDASampler, LLaDASettings
+from .semi_ar import SemiAutoregressiveSampler, WindowSettings
 
-COMMON = ("temperature", "top_k", "top_p", "precision")  # every sampler's draw
-DIFFUSION = COMMON + ("soft_mask", "guidance", "guidance_schedule", "window", "stride", "stop_at_eos")
+# the wrappers' keys, read around a diffusion sampler: semi-autoregressive windows, block diffusion
+WINDOWS, BLOCKS = "semi-autoregressive windows", "block diffusion"
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler: what it drives, the ``sample.*`` keys it reads, how to build it, one line about it."""
+    """A sampler: what it drives, its settings (the ``sample.*`` keys it reads), how to build it from
+    them, one line about it."""
 
     name: str
     decoding: str  # the family decoding it generates for: diffusion, ar, insertion
-    knobs: tuple[str, ...]
-    build: Callable[[SampleConfig, Objective, Tokenizer], Sampler]
+    settings: type
+    build: Callable[[Any, Objective, Tokenizer], Sampler]  # (settings, objective, tokenizer) -> sampler
     summary: str
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.settings))
 
-def draw_knobs(cfg: SampleConfig) -> dict:
-    """The categorical draw's settings (every sampler's)."""
-    return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, precision=cfg.precision)
 
-
-def denoise_knobs(cfg: SampleConfig) -> dict:
-    """A diffusion sampler's shared settings: the draw's, soft-mask feedback and guidance."""
-    return dict(draw_knobs(cfg), soft_mask=cfg.soft_mask, guidance=cfg.guidance,
-                guidance_schedule=cfg.guidance_schedule)
+def values(settings) -> dict:
+    """A settings dataclass as keyword arguments."""
+    return dataclasses.asdict(settings)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {}
 
 
 def register_sampler(spec: SamplerSpec) -> None:
-    """Add a sampler: ``sample.sampler`` accepts its name, and the help, the server's request schema (when
-    built after it) and :func:`samplers_for` list it."""
+    """Add a sampler: ``sample.sampler`` accepts its name, its settings' keys become ``sample.*`` keys, and
+    the help, the server's request schema (when built after it) and :func:`samplers_for` list it."""
     if spec.name in SAMPLERS or spec.name == "auto":
         raise ValueError(f"a sampler named {spec.name!r} is already registered")
+    register_sample_settings(spec.name, spec.settings)
     SAMPLERS[spec.name] = spec
     register_choices("sample.sampler", ("auto", *SAMPLERS))
 
 
+def unregister_sampler(name: str) -> None:
+    """Remove a sampler and the keys only it reads."""
+    SAMPLERS.pop(name)
+    forget_sample_settings(name)
+    register_choices("sample.sampler", ("auto", *SAMPLERS))
+
+
 for _spec in (
-    SamplerSpec("ancestral", "diffusion", ("steps", "cache") + DIFFUSION,
-                lambda cfg, objective, tok: AncestralSampler(objective, cfg.steps, cache=cfg.cache,
-                                                             **denoise_knobs(cfg)),
+    SamplerSpec("ancestral", "diffusion", AncestralSettings,
+                lambda s, objective, tok: AncestralSampler(objective, **values(s)),
                 "MDLM's ancestral update on sample.steps steps of the schedule (cache: reuse unchanged rows)"),
-    SamplerSpec("first_hitting", "diffusion", ("tokens_per_step",) + DIFFUSION,
-                lambda cfg, objective, tok: FirstHittingSampler(objective, cfg.tokens_per_step, **denoise_knobs(cfg)),
+    SamplerSpec("first_hitting", "diffusion", FirstHittingSettings,
+                lambda s, objective, tok: FirstHittingSampler(objective, **values(s)),
                 "exact first-hitting sampling (one token per network call; tokens_per_step > 1 is parallel)"),
-    SamplerSpec("confidence", "diffusion", ("steps", "score", "reveal", "remask") + DIFFUSION,
-                lambda cfg, objective, tok: ConfidenceSampler(objective, cfg.steps, cfg.score, cfg.reveal, cfg.remask,
-                                                              **denoise_knobs(cfg)),
+    SamplerSpec("confidence", "diffusion", ConfidenceSettings,
+                lambda s, objective, tok: ConfidenceSampler(objective, **values(s)),
                 "reveal the most confident positions on a linear or cosine schedule, optionally remasking"),
-    SamplerSpec("llada", "diffusion", ("steps", "block_length", "score", "threshold", "factor", "block_cache")
-                + DIFFUSION,
-                lambda cfg, objective, tok: LLaDASampler(objective, cfg.steps, cfg.block_length, cfg.score,
-                                                         cfg.threshold, cfg.block_cache, factor=cfg.factor,
-                                                         **denoise_knobs(cfg)),
+    SamplerSpec("llada", "diffusion", LLaDASettings,
+                lambda s, objective, tok: LLaDASampler(objective, **values(s)),
                 "LLaDA's decoding: low-confidence (or random) remasking in semi-autoregressive blocks; "
                 "threshold, factor: Fast-dLLM's rules"),
-    SamplerSpec("dream", "diffusion", ("steps", "score", "alg_temp", "eps", "threshold", "block_cache",
-                                       "block_length") + DIFFUSION,
-                lambda cfg, objective, tok: DreamSampler(objective, cfg.steps, cfg.score, cfg.alg_temp, cfg.eps,
-                                                         cfg.threshold, cfg.block_length if cfg.block_cache != "none"
-                                                         else 0, cfg.block_cache, **denoise_knobs(cfg)),
+    SamplerSpec("dream", "diffusion", DreamSettings,
+                lambda s, objective, tok: DreamSampler(objective, **dict(
+                    values(s), block_length=s.block_length if s.block_cache != "none" else 0)),
                 "Dream's decoding: origin, confidence, margin or entropy order; threshold: Fast-dLLM's rule"),
-    SamplerSpec("ar", "ar", ("kv_cache",) + COMMON,
-                lambda cfg, objective, tok: AutoregressiveSampler(tok.bos_id, tok.mask_id, kv_cache=cfg.kv_cache,
-                                                                  **draw_knobs(cfg)),
+    SamplerSpec("ar", "ar", AutoregressiveSettings,
+                lambda s, objective, tok: AutoregressiveSampler(tok.bos_id, tok.mask_id, **values(s)),
                 "left to right with a KV cache (autoregressive models)"),
-    SamplerSpec("insertion", "insertion", ("stop", "stop_threshold", "gap") + COMMON,
-                lambda cfg, objective, tok: InsertionSampler(tok.mask_id, tok.pad_id, tok.special_ids, cfg.stop,
-                                                             cfg.stop_threshold, cfg.gap, **draw_knobs(cfg)),
+    SamplerSpec("insertion", "insertion", InsertionSettings,
+                lambda s, objective, tok: InsertionSampler(tok.mask_id, tok.pad_id, tok.special_ids, **values(s)),
                 "one insertion per step until the stop head says stop (insertion models)"),
 ):
     register_sampler(_spec)
-register_choices("sample.score", tuple(dict.fromkeys(CONFIDENCE_SCORES + DREAM_SCORES)))
-register_choices("sample.reveal", REVEAL_SCHEDULES)
-register_choices("sample.guidance_schedule", GUIDANCE_SCHEDULES)
-register_choices("sample.gap", GAP_CHOICES)
-register_choices("sample.stop", STOP_RULES)
-register_choices("sample.block_cache", ("none", "prefix", "dual"))
+register_sample_settings(WINDOWS, WindowSettings)
+register_sample_settings(BLOCKS, BlockSettings)
 assert all(spec.default_sampler in SAMPLERS for spec in FAMILIES.values() if spec.default_sampler)
+
+
+def read_settings(settings: type, cfg: SampleConfig, reader: str):
+    """``reader``'s settings from a :class:`SampleConfig`: the keys it was given, defaults for the rest;
+    a value outside the reader's own choices (``sample.score`` differs between samplers) is refused."""
+    given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(settings)}
+    for name, value in given.items():
+        allowed = SAMPLE_KEYS[name].choices.get(reader)
+        if allowed and value not in allowed:
+            raise SamplingError(f"sample.{name}={value!r} is not one of {', '.join(allowed)} for {reader}")
+    return settings(**given)
 
 
 def samplers_for(decoding: str | None) -> list[str]:
@@ -126,8 +133,10 @@ def sampler_name(cfg: SampleConfig, family: str) -> str:
 
 
 def make_sampler(cfg: SampleConfig, objective: Objective, tokenizer: Tokenizer, model_length: int) -> Sampler:
-    """The sampler a :class:`SampleConfig` describes for ``objective``'s family, wrapped in semi-AR
-    windows when ``window`` > 0."""
+    """The sampler a :class:`SampleConfig` describes for ``objective``'s family, wrapped in block diffusion
+    for block families and in semi-autoregressive windows when ``window`` > 0. A key that asks for a
+    behaviour (:attr:`~unmask.config.SampleKey.switch`: guidance, windows, Fast-dLLM's factor) is refused
+    where it does not apply; other keys of other samplers are ignored (a saved config keeps them)."""
     family = family_of(objective.family)
     name = sampler_name(cfg, family.name)
     if name not in SAMPLERS:
@@ -137,27 +146,35 @@ def make_sampler(cfg: SampleConfig, objective: Objective, tokenizer: Tokenizer, 
         serves = " or ".join(f.description for f in FAMILIES.values() if f.decoding == spec.decoding)
         raise SamplingError(f"sampler '{name}' is for {serves} models; this {family.description} model uses "
                             f"{' or '.join(samplers_for(family.decoding))} (or auto)")
-    unused = [knob for knob in ("guidance", "window", "stop_at_eos", "factor") if getattr(cfg, knob)
-              and knob not in spec.knobs]
+    unknown = [key for key in cfg.settings if key not in SAMPLE_KEYS]
+    if unknown:
+        raise SamplingError(f"unknown key sample.{unknown[0]}")
+    wrapper, wrapper_settings = (BLOCKS, BlockSettings) if family.blocks else (WINDOWS, WindowSettings)
+    read = set(spec.keys)
+    if spec.decoding == "diffusion":
+        read |= {f.name for f in dataclasses.fields(wrapper_settings)}
+    unused = [key for key, value in cfg.settings.items() if SAMPLE_KEYS[key].switch and key not in read
+              and value != SAMPLE_KEYS[key].default]
     if unused:
-        raise SamplingError(f"sample.{unused[0]} does not apply to the '{name}' sampler (its keys: "
-                            f"{', '.join(spec.knobs)})")
-    inner = spec.build(cfg, objective, tokenizer)
+        where = f"a {family.description} model" if family.blocks else f"the '{name}' sampler"
+        raise SamplingError(f"sample.{unused[0]} does not apply to {where} (its keys: {', '.join(sorted(read))})")
+    inner = spec.build(read_settings(spec.settings, cfg, name), objective, tokenizer)
+    if spec.decoding != "diffusion":
+        return inner
+    outer = read_settings(wrapper_settings, cfg, wrapper)
+    eos = tokenizer.eos_id if outer.stop_at_eos else None
     if family.blocks:
-        if cfg.window or cfg.guidance:
-            raise SamplingError(f"a block diffusion model generates block by block: sample."
-                                f"{'window' if cfg.window else 'guidance'} does not apply")
+        if getattr(inner, "guidance", 0):
+            raise SamplingError("a block diffusion model generates block by block: sample.guidance does not apply")
         if getattr(inner, "block_cache", "none") != "none":
             raise SamplingError("sample.block_cache is Fast-dLLM's approximate cache for full-sequence models; a "
                                 "block diffusion model has its exact cache (sample.kv_cache)")
-        eos = tokenizer.eos_id if cfg.stop_at_eos else None
-        return BlockDiffusionSampler(inner, objective.block_size, cfg.kv_cache, eos, tokenizer.pad_id)
-    if not cfg.window:
-        if cfg.stop_at_eos:
+        return BlockDiffusionSampler(inner, objective.block_size, outer.kv_cache, eos, tokenizer.pad_id)
+    if not outer.window:
+        if outer.stop_at_eos:
             raise SamplingError("sample.stop_at_eos needs semi-autoregressive windows (sample.window > 0)")
         return inner
-    if cfg.window > model_length:
-        raise SamplingError(f"sample.window={cfg.window} exceeds the model's maximum length {model_length}")
-    stride = cfg.stride or max(1, cfg.window // 2)
-    eos = tokenizer.eos_id if cfg.stop_at_eos else None
-    return SemiAutoregressiveSampler(inner, cfg.window, stride, eos, tokenizer.pad_id)
+    if outer.window > model_length:
+        raise SamplingError(f"sample.window={outer.window} exceeds the model's maximum length {model_length}")
+    stride = outer.stride or max(1, outer.window // 2)
+    return SemiAutoregressiveSampler(inner, outer.window, stride, eos, tokenizer.pad_id)

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from .. import rng
 from .base import SamplingError, stop_at_eos
 from .engine import Decoding, Outcome, Sampler, relay
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """The keys of semi-autoregressive windows, around any diffusion sampler of a full-sequence model."""
+
+    window: int = 0  # > 0: decode in overlapping windows of this length (outputs longer than the model)
+    stride: int = 0  # tokens a window advances (0: window / 2)
+    stop_at_eos: bool = False  # stop a row at its first generated EOS (PAD after it)
+
+    RANGES: ClassVar[dict[str, str]] = {"window": "[0, inf)", "stride": "[0, inf)"}
+    SWITCHES: ClassVar[tuple[str, ...]] = ("window", "stop_at_eos")
 
 
 class SemiAutoregressiveSampler(Sampler):

@@ -33,7 +33,7 @@ from ..checkpoints.checkpoint import (
 )
 from ..checkpoints.pretrained import initialize_from, open_source
 from ..checkpoints.runfolder import RunLock, clear_run_folder
-from ..config import ConfigError, ModelConfig, RunConfig, dump_config, resume_differences
+from ..config import ConfigError, ModelConfig, RunConfig, dump_config, to_dict
 from ..data.layouts import BatchOrder, counted_positions, random_lengths
 from ..data.tokenization import with_oov_policy
 from ..eval.classification import classification_metrics, predict, selection_score
@@ -66,6 +66,30 @@ def init_tokenizer(cfg: RunConfig):
         return None
 
     return with_oov_policy(open_source(cfg.train.init_from).tokenizer, cfg.data.oov, cfg.data.oov_replacement)
+
+
+# Keys a resumed run may change: they do not alter what is computed at each step.
+RESUMABLE = ("train.steps", "train.max_minutes", "train.log_every", "train.save_every", "train.keep_checkpoints",
+             "train.eval_every", "train.eval_sequences", "train.progress", "train.compile",
+             "train.init_from", "train.parallel", "train.cpu_offload", "train.activation_checkpointing",
+             "train.track_memory", "data.cache_dir", "eval", "sample", "rl")
+
+
+def resume_differences(saved: RunConfig, new: RunConfig) -> list[str]:
+    """Dotted keys whose values differ between a run's saved config and the config it is resumed
+    with, other than :data:`RESUMABLE` ones, as ``key: saved -> new``."""
+    def leaves(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(leaves(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    a, b = leaves(to_dict(saved)), leaves(to_dict(new))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
 
 
 def check_resumable(ckpt: Checkpoint, cfg: RunConfig, run_dir: Path) -> None:
