@@ -214,7 +214,7 @@ class SampleConfig:
     use_ema: bool = True  # sample with the EMA weights
     settings: dict[str, Any] = field(default_factory=dict)  # the samplers' keys given (flat: sample.steps)
 
-    def __init__(self, settings: dict[str, Any] | None = None, **keys: Any):
+    def __init__(self, *, settings: dict[str, Any] | None = None, **keys: Any):
         for f in dataclasses.fields(self):
             if f.name != "settings":
                 setattr(self, f.name, keys.pop(f.name, f.default))

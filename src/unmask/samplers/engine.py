@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from ..models.common import BlockCache, bucketed_positions
+from ..models.common import BlockCache, BlockDiffusionCache, block_diffusion_layout, bucketed_positions
+from ..objectives.base import unwrap
 from .base import SampleResult, SamplingError, StepCallback, _autocast_dtype
 
 
@@ -44,7 +45,7 @@ from .base import SampleResult, SamplingError, StepCallback, _autocast_dtype
 class Denoise:
     """Logits (N, V) float32 at ``positions`` (R, L) bool (row-major) of canvases ``x`` (R, L) at diffusion
     times ``t`` (R,) float64; ``rows`` (R,) are the rows of ``denoiser``'s canvas (its guidance prompt and
-    soft-mask feedback); ``context`` (a :class:`~unmask.samplers.block_diffusion.BlockContext`): the rows
+    soft-mask feedback); ``context`` (a :class:`BlockContext`): the rows
     are a block that sees the committed blocks before it."""
 
     denoiser: Any
@@ -195,6 +196,103 @@ class Handle:
             generated = self.masked if outcome.generated is None else outcome.generated
             self.result = SampleResult(outcome.tokens, self.nfe, outcome.row_nfe, time.perf_counter() - self.started,
                                        generated)
+
+
+# ------------------------------------------------------------ block diffusion: the network a block sees
+
+
+def _in_chunk(positions: torch.Tensor | None, rows: int, size: int, offset: int) -> torch.Tensor | None:
+    """Output positions of a block (R, size) (a bool mask or flat indices) in a chunk whose block follows
+    ``offset`` other tokens per row."""
+    if positions is None or not offset:
+        return positions
+    if positions.dtype == torch.bool:
+        return torch.cat([positions.new_zeros(rows, offset), positions], dim=1)
+    return (positions // size) * (offset + size) + offset + positions % size
+
+
+def _rows(rows: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor | None:
+    """``rows`` for the cache, None when they are every row in order (slices instead of gathers)."""
+    if len(rows) == len(canvas) and bool((rows == torch.arange(len(canvas), device=rows.device)).all()):
+        return None
+    return rows
+
+
+class BlockContext:
+    """The model as the inner sampler of block ``[start, start + size)`` sees it: the network on the block's
+    canvas (R, size) for the batch rows ``rows`` (R,), conditioned on the committed blocks before it. The
+    inner sampler is started with the context as its model (no soft-mask, no time conditioning); its
+    denoiser calls carry the context, and the engine runs them through :meth:`bind` with the network and
+    the decoding's cache. Denoisers pass the canvas rows they evaluate as ``rows``.
+
+    With a cache (``cached``): the clean blocks ``[pending, start)`` of the batch rows ``alive`` are not in
+    it yet; the first call that evaluates every alive row feeds them with the block and commits them (one
+    call, no separate commit), else they are committed by a call of their own first (counted in
+    ``extra_calls``). Without: the committed prefix is fed again with the block at every call (the
+    two-stream pattern of clean prefix and noisy block; the same numbers up to float rounding)."""
+
+    takes_rows = True  # the denoiser says which canvas rows a call is for
+    soft_mask = None
+    time_conditioning = False
+
+    def __init__(self, canvas: torch.Tensor, rows: torch.Tensor, start: int, block_size: int, cached: bool,
+                 pending: int = 0, alive: torch.Tensor | None = None):
+        self.canvas, self.batch_rows, self.start = canvas, rows, start
+        self.block_size, self.cached, self.pending, self.alive = block_size, cached, pending, alive
+        self.model, self.cache = None, None
+        self.extra_calls = 0
+
+    def new_cache(self, model) -> BlockDiffusionCache:
+        """The exact block cache of the whole canvas (every row, every position)."""
+        net = unwrap(model)
+        dtype = _autocast_dtype(self.canvas.device) or next(net.parameters()).dtype
+        return net.new_cache(len(self.canvas), self.canvas.device, dtype, capacity=self.canvas.shape[1],
+                             kind=BlockDiffusionCache)
+
+    def bind(self, model, cache: BlockDiffusionCache | None) -> BlockContext:
+        """The context calling ``model`` with the decoding's ``cache`` (None without one)."""
+        self.model, self.cache = model, cache
+        return self
+
+    def __call__(self, ids: torch.Tensor, sigma: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        batch_rows = self.batch_rows if rows is None else self.batch_rows[rows]
+        r, size = ids.shape
+        if self.cache is None:
+            return self._uncached(ids, positions, batch_rows)
+        if self.pending < self.start and not bool(torch.isin(self.alive, batch_rows).all()):
+            self.extra_calls += commit(self.model, self.cache, self.canvas, self.alive, self.pending, self.start,
+                                       self.block_size)
+            self.pending = self.start
+        first = self.pending
+        where = torch.arange(first, self.start + size, device=ids.device)
+        layout = block_diffusion_layout(where, where < self.start, self.block_size, self.start + size)
+        chunk = torch.cat([self.canvas[batch_rows, first:self.start], ids], dim=1)
+        self.cache.rows, self.cache.length = _rows(batch_rows, self.canvas), first
+        self.cache.commit = self.start - first
+        self.cache.chunk_allowed = layout.allowed if first < self.start else None
+        self.pending = self.start
+        out = self.model(chunk, positions=_in_chunk(positions, r, size, self.start - first), cache=self.cache)
+        return out if positions is not None else out[:, self.start - first:]
+
+    def _uncached(self, ids, positions, batch_rows):
+        r, size = ids.shape
+        where = torch.arange(self.start + size, device=ids.device)
+        layout = block_diffusion_layout(where, where < self.start, self.block_size, self.start + size)
+        full = torch.cat([self.canvas[batch_rows, :self.start], ids], dim=1)
+        out = self.model(full, positions=_in_chunk(positions, r, size, self.start), layout=layout)
+        return out if positions is not None else out[:, self.start:]
+
+
+def commit(model, cache: BlockDiffusionCache, x: torch.Tensor, rows: torch.Tensor, start: int, end: int,
+           block_size: int) -> int:
+    """Store the keys and values of the clean blocks ``[start, end)`` of ``rows`` in one call; returns 1."""
+    where = torch.arange(start, end, device=x.device)
+    cache.rows, cache.length, cache.commit = _rows(rows, x), start, end - start
+    clean = torch.ones_like(where, dtype=torch.bool)
+    cache.chunk_allowed = block_diffusion_layout(where, clean, block_size, end).allowed
+    model(x[rows, start:end], positions=torch.zeros(0, dtype=torch.long, device=x.device), cache=cache)
+    return 1
 
 
 class DecodingEngine:

@@ -66,17 +66,6 @@ def rollout_guided(logits: torch.Tensor, l_u: torch.Tensor | None, guidance: tor
     return logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
 
 
-def rollout_logits(model, diffusion: MaskedDiffusion, x: torch.Tensor, prompt: torch.Tensor,
-                   guidance: torch.Tensor) -> torch.Tensor:
-    """Logits (N, L, V) in float32 with the mask class at ``-inf``; rows with ``guidance != 0`` are
-    guided, the unconditional branch being ``x`` with the prompt masked."""
-    sigma = rollout_sigma(diffusion, x, prompt)
-    conditional = model(x, sigma)
-    rows = (guidance != 0).nonzero()[:, 0]
-    l_u = model(unconditional_input(x[rows], prompt[rows], diffusion.mask_id), sigma[rows]) if len(rows) else None
-    return rollout_guided(conditional, l_u, guidance, diffusion.mask_id)
-
-
 def tempered_log_probs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """``log softmax(l / tau)`` per row: logits (N, L, V), temperature (N,)."""
     return (logits / temperature.float()[:, None, None]).log_softmax(-1)

@@ -54,18 +54,30 @@ from ..config import ConfigError, RunConfig, dump_config, register_choices
 from ..data.tasks import answer_of, read_pairs
 from ..families import family_of
 from ..models.adapters import adapters_disabled, add_adapters
+from ..objectives.guidance import unconditional_input
 from ..objectives.mdlm import MaskedDiffusion
 from ..pipeline import make_canvas, request_ids
 from ..runtime import seed_for
 from ..samplers.base import row_seeds
 from ..samplers.registry import make_sampler, samplers_for
-from ..samplers.scheduled import ScheduledSampler, Trajectory, rollout_logits, tempered_log_probs
+from ..samplers.scheduled import ScheduledSampler, Trajectory, rollout_guided, rollout_sigma, tempered_log_probs
 
 SCHEDULE_PARAMETERS = ("reveal", "temperature", "guidance")
 register_choices("rl.sampler", ("scheduled", *samplers_for("diffusion")))  # scheduled: this module's rollout
 
 
 Reward = Callable[[list[str], list[str], list[str]], list[float]]
+
+
+def rollout_logits(model, diffusion: MaskedDiffusion, x: torch.Tensor, prompt: torch.Tensor,
+                   guidance: torch.Tensor) -> torch.Tensor:
+    """Logits (N, L, V) in float32 with the mask class at ``-inf``; rows with ``guidance != 0`` are
+    guided, the unconditional branch being ``x`` with the prompt masked."""
+    sigma = rollout_sigma(diffusion, x, prompt)
+    conditional = model(x, sigma)
+    rows = (guidance != 0).nonzero()[:, 0]
+    l_u = model(unconditional_input(x[rows], prompt[rows], diffusion.mask_id), sigma[rows]) if len(rows) else None
+    return rollout_guided(conditional, l_u, guidance, diffusion.mask_id)
 
 
 def exact_match_reward(prompts: list[str], completions: list[str], answers: list[str]) -> list[float]:
