@@ -19,6 +19,7 @@ from unmask.samplers.ar import AutoregressiveSampler
 from unmask.samplers.base import (
     SamplingError,
     categorical_probs,
+    confidence_scores,
     row_seeds,
     sample_categorical,
     sample_exponential_race_float32,
@@ -549,3 +550,20 @@ def test_ar_sampler_streams_and_refuses_guidance():
     assert [int((f == tok.mask_id).sum()) for f in frames] == [8, 6, 4, 2, 0]
     with pytest.raises(SamplingError, match="guidance"):
         make_sampler(SampleConfig(sampler="ar", guidance=1.0), Autoregressive(tok.bos_id, tok.mask_id), tok, 40)
+
+
+def test_confidence_scores_in_closed_form():
+    """The one place every sampler's scores come from: p(draw), top-1 minus top-2, sum p log(p + 1e-10)
+    (Dream's negative entropy), or given random keys."""
+    probs = torch.tensor([[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    draws = torch.tensor([1, 0])
+    assert torch.allclose(confidence_scores(probs, draws, "confidence"), torch.tensor([0.3, 1.0], dtype=torch.float64))
+    assert torch.allclose(confidence_scores(probs, draws, "margin"), torch.tensor([0.2, 1.0], dtype=torch.float64))
+    negative_entropy = 0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2)
+    assert torch.allclose(confidence_scores(probs, draws, "entropy"), torch.tensor([negative_entropy, 0.0],
+                                                                                   dtype=torch.float64), atol=1e-9)
+    keys = torch.tensor([0.7, 0.1], dtype=torch.float64)
+    assert confidence_scores(probs, draws, "random", keys) is keys
+    for score, given in (("random", None), ("bogus", keys)):
+        with pytest.raises(SamplingError):
+            confidence_scores(probs, draws, score, given)

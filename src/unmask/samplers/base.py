@@ -145,6 +145,47 @@ def check_knobs(temperature: float, top_k: int, top_p: float, precision: str) ->
         raise SamplingError(f"sampling precision must be float64 or float32, got {precision!r}")
 
 
+CONFIDENCE_SCORES = ("confidence", "margin", "entropy", "random")
+
+
+def confidence_scores(probs: torch.Tensor, draws: torch.Tensor, score: str,
+                      random: torch.Tensor | None = None) -> torch.Tensor:
+    """How sure each of N predictions is (N,), from its probabilities ``probs`` (N, V) and drawn token
+    ``draws`` (N,), in ``probs``' dtype: ``confidence`` = p(draw) (LLaDA's low-confidence remasking, Dream's
+    ``maskgit_plus``), ``margin`` = top-1 minus top-2 probability (Dream's ``topk_margin``), ``entropy`` =
+    ``sum p log(p + 1e-10)``, the negative entropy as Dream computes it (higher is surer), ``random`` = the
+    given keys ``random`` (N,) (LLaDA's random remasking)."""
+    if score == "confidence":
+        return probs.gather(1, draws[:, None])[:, 0]
+    if score == "margin":
+        top = probs.topk(2, dim=1).values
+        return top[:, 0] - top[:, 1]
+    if score == "entropy":
+        return (probs * torch.log(probs + 1e-10)).sum(dim=1)
+    if score == "random" and random is not None:
+        return random
+    raise SamplingError(f"unknown confidence score {score!r}; known: {', '.join(CONFIDENCE_SCORES)}")
+
+
+def spread(values: torch.Tensor, where: torch.Tensor, shape: tuple[int, int], fill) -> torch.Tensor:
+    """A (R, L) tensor holding ``values`` (N,) at ``where`` (N, 2: row, position) and ``fill`` elsewhere."""
+    out = torch.full(shape, fill, dtype=values.dtype, device=values.device)
+    out[where[:, 0], where[:, 1]] = values
+    return out
+
+
+def reveal_candidates(x: torch.Tensor, rows: torch.Tensor | None, chosen: torch.Tensor,
+                      candidates: torch.Tensor) -> None:
+    """Write the ``candidates`` (R, L) of the canvas rows ``rows`` (R,) into ``x`` where ``chosen`` (R, L),
+    in place (``rows`` None: every row)."""
+    if rows is None:
+        x[chosen] = candidates[chosen]
+        return
+    sub = x[rows]
+    sub[chosen] = candidates[chosen]
+    x[rows] = sub
+
+
 def ranks_in_row(scores: torch.Tensor) -> torch.Tensor:
     """(R, L) rank of each entry in its row by descending score (0 = best; ties in position order)."""
     order = scores.argsort(dim=1, descending=True, stable=True)

@@ -10,6 +10,7 @@ import torch
 
 from ..objectives.mdlm import MaskedDiffusion
 from .base import (
+    CONFIDENCE_SCORES,
     ORDER,
     PURPOSES,
     REMASK,
@@ -18,6 +19,9 @@ from .base import (
     SamplingError,
     categorical_probs,
     choose_per_row,
+    confidence_scores,
+    reveal_candidates,
+    spread,
 )
 from .denoiser import DenoiseSettings, DiffusionSampler
 from .engine import Decoding, Frame, Outcome
@@ -36,9 +40,6 @@ def reveal_schedule(kind: str, total: torch.Tensor, step: int, steps: int) -> to
     else:
         raise SamplingError(f"unknown reveal schedule {kind!r} ({' or '.join(REVEAL_SCHEDULES)})")
     return remain.floor().long() if step < steps else torch.zeros_like(total)
-
-
-CONFIDENCE_SCORES = ("confidence", "margin", "entropy", "random")
 
 
 @dataclass(frozen=True)
@@ -77,16 +78,6 @@ class ConfidenceSampler(DiffusionSampler):
         super().__init__(diffusion, **knobs)
         self.steps, self.score, self.reveal, self.remask = steps, score, reveal, remask
 
-    def scores(self, probs: torch.Tensor, draws: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        if self.score == "confidence":
-            return probs.gather(1, draws[:, None])[:, 0]
-        if self.score == "margin":
-            top = probs.topk(2, dim=1).values
-            return top[:, 0] - top[:, 1]
-        if self.score == "entropy":
-            return (probs * probs.clamp_min(1e-300).log()).sum(dim=1)  # -H: higher is more confident
-        return keys
-
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         self.check(canvas, seeds)
         return self._decode(canvas, seeds, self.denoiser(model, canvas))
@@ -99,8 +90,8 @@ class ConfidenceSampler(DiffusionSampler):
         row_nfe = torch.zeros(b, dtype=torch.long)
         for step in range(self.steps):
             masked = x == self.mask_id
-            reveal = masked.sum(dim=1) - reveal_schedule(self.reveal, total, step + 1, self.steps)
-            rows = (reveal > 0).nonzero()[:, 0]
+            count = masked.sum(dim=1) - reveal_schedule(self.reveal, total, step + 1, self.steps)
+            rows = (count > 0).nonzero()[:, 0]
             if not len(rows):
                 continue
             t = torch.full((len(rows),), 1 - step / self.steps, dtype=torch.float64, device=x.device)
@@ -112,14 +103,10 @@ class ConfidenceSampler(DiffusionSampler):
             counter = step * PURPOSES
             draws = streams.categorical(probs, abs_rows, counter + TOKEN, where[:, 1], self.precision)
             keys = streams.uniform(abs_rows, counter + ORDER, where[:, 1])
-            score = torch.full(masked[rows].shape, float("-inf"), dtype=torch.float64, device=x.device)
-            score[where[:, 0], where[:, 1]] = self.scores(probs, draws, keys)
-            chosen = choose_per_row(score, reveal[rows])
-            sub = x[rows]
-            candidate = torch.full_like(sub, self.mask_id)
-            candidate[where[:, 0], where[:, 1]] = draws
-            sub[chosen] = candidate[chosen]
-            x[rows] = sub
+            shape = masked[rows].shape
+            score = spread(confidence_scores(probs, draws, self.score, keys).double(), where, shape, float("-inf"))
+            chosen = choose_per_row(score, count[rows])
+            reveal_candidates(x, rows, chosen, spread(draws, where, shape, self.mask_id))
             if self.remask and step < self.steps - 1:
                 generated = free & (x != self.mask_id)
                 spots = generated.nonzero()

@@ -13,7 +13,7 @@ from ..objectives.base import unwrap
 from ..objectives.guidance import guided_logits, unconditional_input
 from ..objectives.mdlm import MaskedDiffusion
 from .base import DrawSettings, SamplingError, check_knobs
-from .engine import Denoise, Sampler
+from .engine import Chunk, Denoise, Sampler
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
 BLOCK_CACHES = ("none", "prefix", "dual")  # Fast-dLLM's approximate KV caches of block decoding
@@ -159,3 +159,13 @@ def block_cache_start(model, canvas: torch.Tensor, mask_id: int, block_cache: st
         raise SamplingError("Fast-dLLM's block caches call the network directly: not for time-conditioned or "
                             "soft-mask models")
     return int(first[0])
+
+
+def block_chunk(x: torch.Tensor, call: int, start: int, end: int, mode: str | None) -> Chunk:
+    """Call ``call`` of Fast-dLLM's cached decoding of the block ``[start, end)`` of ``x`` (B, L): the first
+    feeds the whole canvas and records the cache (``mode`` prefix or dual); later ones feed the block alone
+    (dual) or the canvas from the block on (prefix); without a cache (``mode`` None) every call feeds the
+    whole canvas. The chunk's ``length`` is where its first position sits in the canvas."""
+    if call == 0 or mode is None:
+        return Chunk(x, mode, record=call == 0)
+    return Chunk(x[:, start:end] if mode == "dual" else x[:, start:], mode, length=start)

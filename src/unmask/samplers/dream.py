@@ -18,10 +18,13 @@ from .base import (
     SamplingError,
     categorical_probs,
     choose_per_row,
+    confidence_scores,
     ranks_in_row,
+    reveal_candidates,
+    spread,
 )
-from .denoiser import BLOCK_CACHES, DenoiseSettings, DiffusionSampler, block_cache_start
-from .engine import Chunk, Decoding, Frame, Outcome
+from .denoiser import BLOCK_CACHES, DenoiseSettings, DiffusionSampler, block_cache_start, block_chunk
+from .engine import Decoding, Frame, Outcome
 
 # Dream's algorithm names, and what unmask's `sample.score` calls them
 DREAM_ALGORITHMS = {"origin": "origin", "maskgit_plus": "confidence", "topk_margin": "margin", "entropy": "entropy"}
@@ -102,14 +105,7 @@ class DreamSampler(DiffusionSampler):
             x0 = streams.categorical(categorical_probs(logits, self.temperature, self.top_k, self.top_p,
                                                        exclude=self.mask_id), rows, counter + TOKEN, cols,
                                      self.precision)
-        if self.score == "margin":
-            top = probs.topk(2, dim=-1).values
-            confidence = top[:, 0] - top[:, 1]
-        elif self.score == "entropy":
-            confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
-        else:
-            confidence = probs.gather(1, x0[:, None])[:, 0]
-        return x0, confidence
+        return x0, confidence_scores(probs, x0, "confidence" if self.score == "origin" else self.score)
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         self.check(canvas, seeds)
@@ -147,8 +143,7 @@ class DreamSampler(DiffusionSampler):
                 chosen = torch.zeros_like(todo[rows])
                 chosen[where[take, 0], where[take, 1]] = True
             else:
-                score = torch.full((len(rows), length), float("-inf"), device=x.device, dtype=torch.float64)
-                score[where[:, 0], where[:, 1]] = confidence.double()
+                score = spread(confidence.double(), where, (len(rows), length), float("-inf"))
                 if self.threshold:
                     chosen, n0[rows], carry[rows], last[rows] = self._threshold(score, step, n0[rows], carry[rows],
                                                                                 last[rows])
@@ -159,11 +154,7 @@ class DreamSampler(DiffusionSampler):
                         g = -torch.log(-torch.log(streams.uniform(abs_rows, counter + ORDER, where[:, 1])))
                         score[where[:, 0], where[:, 1]] = score[where[:, 0], where[:, 1]] / self.alg_temp + g
                     chosen = choose_per_row(score, n)
-            proposal = torch.full((len(rows), length), self.mask_id, dtype=x.dtype, device=x.device)
-            proposal[where[:, 0], where[:, 1]] = x0
-            sub = x[rows]
-            sub[chosen] = proposal[chosen]
-            x[rows] = sub
+            reveal_candidates(x, rows, chosen, spread(x0, where, (len(rows), length), self.mask_id))
             step += 1
             yield Frame(x)
         return Outcome(x, row_nfe)
@@ -199,9 +190,8 @@ class DreamSampler(DiffusionSampler):
             start, end = start0 + k * self.block_length, min(start0 + (k + 1) * self.block_length, length)
             i = 0
             while i == 0 or (x[:, start:end] == self.mask_id).any():
-                offset = 0 if i == 0 or mode is None else start
-                chunk = x[:, offset:end] if self.block_cache == "dual" and i > 0 else x[:, offset:]
-                out = yield Chunk(chunk, mode, record=i == 0, length=offset)
+                call = block_chunk(x, i, start, end, mode)
+                out, offset = (yield call), call.length
                 step += 1
                 row_nfe += 1
                 todo = torch.zeros_like(free)
@@ -209,8 +199,7 @@ class DreamSampler(DiffusionSampler):
                 where = todo.nonzero()
                 x0, confidence = self.candidates(out[where[:, 0], where[:, 1] - offset], streams, where[:, 0],
                                                  step * PURPOSES, where[:, 1])
-                score = torch.full(x.shape, float("-inf"), device=x.device, dtype=torch.float64)
-                score[where[:, 0], where[:, 1]] = confidence.double()
+                score = spread(confidence.double(), where, x.shape, float("-inf"))
                 if i == 0:  # the block's first position, by argmax, whatever its confidence
                     chosen = torch.zeros_like(free)
                     chosen[:, start] = todo[:, start]
@@ -220,9 +209,7 @@ class DreamSampler(DiffusionSampler):
                     left = todo.sum(dim=1)
                     n = left if i >= per_block - 1 else (left.float() * (1 - grid[i + 1] / grid[i])).long()
                     chosen = choose_per_row(score, n)
-                proposal = torch.full_like(x, self.mask_id)
-                proposal[where[:, 0], where[:, 1]] = x0
-                x[chosen] = proposal[chosen]
+                reveal_candidates(x, None, chosen, spread(x0, where, x.shape, self.mask_id))
                 i += 1
                 yield Frame(x)
         return Outcome(x, row_nfe)

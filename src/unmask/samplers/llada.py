@@ -10,17 +10,20 @@ import torch
 
 from ..objectives.mdlm import MaskedDiffusion
 from .base import (
+    CONFIDENCE_SCORES,
     ORDER,
     PURPOSES,
     TOKEN,
     RowStreams,
     SamplingError,
     choose_per_row,
+    confidence_scores,
     ranks_in_row,
+    reveal_candidates,
+    spread,
 )
-from .confidence import CONFIDENCE_SCORES
-from .denoiser import BLOCK_CACHES, DenoiseSettings, DiffusionSampler, block_cache_start
-from .engine import Chunk, Decoding, Frame, Outcome
+from .denoiser import BLOCK_CACHES, DenoiseSettings, DiffusionSampler, block_cache_start, block_chunk
+from .engine import Decoding, Frame, Outcome
 
 
 def per_step_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -113,16 +116,8 @@ class LLaDASampler(DiffusionSampler):
         else:  # Gumbel-max in float64: argmax(l - T log(-log u)), LLaDA's exp(l) / (-log u)^T in log space
             u = streams.uniforms(rows, counter + TOKEN, cols, logits.shape[-1])
             x0 = (allowed.double() - self.temperature * torch.log(-torch.log(u))).argmax(-1)
-        if self.score == "confidence":
-            score = probs.gather(1, x0[:, None])[:, 0]
-        elif self.score == "margin":
-            top = probs.topk(2, dim=1).values
-            score = top[:, 0] - top[:, 1]
-        elif self.score == "entropy":
-            score = (probs * probs.clamp_min(1e-30).log()).sum(dim=1)
-        else:
-            score = streams.uniform(rows, counter + ORDER, cols)
-        return x0, score.double()
+        keys = streams.uniform(rows, counter + ORDER, cols) if self.score == "random" else None
+        return x0, confidence_scores(probs, x0, self.score, keys).double()
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         self.check(canvas, seeds)
@@ -196,9 +191,8 @@ class LLaDASampler(DiffusionSampler):
                 todo = (x == self.mask_id) & in_block
                 if i > 0 and not todo.any() and not (self.reference_compatible and i == 1):
                     break
-                offset = 0 if i == 0 else start
-                chunk = x if i == 0 else x[:, start:end] if self.block_cache == "dual" else x[:, start:]
-                out = yield Chunk(chunk, self.block_cache, record=i == 0, length=offset)
+                call = block_chunk(x, i, start, end, self.block_cache)
+                out, offset = (yield call), call.length
                 step += 1
                 count = None if self.parallel else counts[:, i] if i < per_block else torch.zeros_like(counts[:, 0])
                 self._reveal(x, out[todo[:, offset:offset + out.shape[1]]], streams, rows, todo, step, row_nfe, count)
@@ -215,8 +209,8 @@ class LLaDASampler(DiffusionSampler):
         row_nfe[rows.cpu()] += 1
         where = todo[rows].nonzero()
         x0, score = self.candidates(logits, streams, rows[where[:, 0]], step - 1, where[:, 1])
-        confidence = torch.full(todo[rows].shape, float("-inf"), dtype=torch.float64, device=x.device)
-        confidence[where[:, 0], where[:, 1]] = score
+        shape = todo[rows].shape
+        confidence = spread(score, where, shape, float("-inf"))
         if counts is None:
             rank = ranks_in_row(confidence)
             # rank r is the (r + 1)-th most confident
@@ -224,8 +218,4 @@ class LLaDASampler(DiffusionSampler):
             chosen = ((rank == 0) | (confidence >= bar)) & (confidence > float("-inf"))
         else:
             chosen = choose_per_row(confidence, counts)
-        proposal = torch.full(todo[rows].shape, self.mask_id, dtype=x.dtype, device=x.device)
-        proposal[where[:, 0], where[:, 1]] = x0
-        sub = x[rows]
-        sub[chosen] = proposal[chosen]
-        x[rows] = sub
+        reveal_candidates(x, rows, chosen, spread(x0, where, shape, self.mask_id))

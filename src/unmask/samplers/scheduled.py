@@ -18,7 +18,7 @@ import torch
 
 from ..objectives.guidance import guided_logits, unconditional_input
 from ..objectives.mdlm import MaskedDiffusion
-from .base import PURPOSES, TOKEN, RowStreams, choose_per_row
+from .base import PURPOSES, TOKEN, RowStreams, choose_per_row, spread
 from .engine import Decoding, Forward, Frame, Outcome, Sampler
 
 
@@ -104,12 +104,11 @@ class ScheduledSampler(Sampler):
                 l_u = yield Forward(unconditional_input(x[guided], prompt[guided], mask_id), dict(sigma=sigma[guided]))
             logits = rollout_guided(conditional, l_u, guidance, mask_id)
             lp = tempered_log_probs(logits, a["temperature"].to(x.device))
-            rows, cols = masked.nonzero(as_tuple=True)
+            where = masked.nonzero()
+            rows, cols = where[:, 0], where[:, 1]
             tokens = streams.categorical(lp[rows, cols].double().exp(), rows, k * PURPOSES + TOKEN, cols)
-            drawn = torch.full_like(x, mask_id)
-            drawn[rows, cols] = tokens
-            confidence = torch.full(x.shape, float("-inf"), dtype=torch.float64, device=x.device)
-            confidence[rows, cols] = lp[rows, cols].gather(1, tokens[:, None])[:, 0].double()
+            drawn = spread(tokens, where, x.shape, mask_id)
+            confidence = spread(lp[rows, cols].gather(1, tokens[:, None])[:, 0].double(), where, x.shape, float("-inf"))
             reveal = choose_per_row(confidence, count) & masked
             x = torch.where(reveal, drawn, x)
             chosen = torch.zeros(x.shape, device=x.device)
