@@ -8,6 +8,8 @@ import contextlib
 import dataclasses
 import io
 import json
+import shutil
+import time
 
 import pytest
 import torch
@@ -181,3 +183,74 @@ def test_fast_dllm_cached_decoding_from_the_command_line(folders, tmp_path):
     dream = unmask("sample", folders["dream"], "--prompt", "w1 w2 w3", "sample.sampler=dream", "sample.length=24",
                    "sample.block_length=8", "sample.block_cache=prefix", "sample.threshold=0.9", "sample.score=confidence")
     assert dream.returncode == 0, dream.stderr
+
+
+HOSTILE_TEMPLATES = {  # what each costs unbounded, and the one line it gets instead
+    "nested loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "within"),
+    "lipsum": ("{{ lipsum(10**6) }}", "within|MiB|characters"),
+    "long output": ("{{ 'w1 ' * 3*10**7 }}", "characters"),
+    "huge string": ("{{ 'w' * 10**10 }}", "MiB"),
+    "recursion": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recurses"),
+    "include": ("{% include 'other.jinja' %}", "includes or imports 'other.jinja'"),
+}
+
+
+@pytest.fixture
+def quick_renders(monkeypatch):
+    import unmask.data.chat
+
+    monkeypatch.setattr(unmask.data.chat, "RENDER_SECONDS", 1.0)
+
+
+@pytest.mark.parametrize("name", HOSTILE_TEMPLATES)
+def test_a_hostile_chat_template_costs_a_bounded_time_and_one_line(name, quick_renders):
+    template, message = HOSTILE_TEMPLATES[name]
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=message) as caught:
+        render_chat(template, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < 10 and "\n" not in str(caught.value)
+    assert render_chat("{{ messages[0]['content'] }}!", [{"role": "user", "content": "hi"}]) == "hi!"  # renders go on
+
+
+@pytest.fixture(scope="module")
+def hostile_folder(folders, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile") / "llada"
+    shutil.copytree(folders["llada"], folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": HOSTILE_TEMPLATES["nested loops"][0]}))
+    return folder
+
+
+def test_a_hostile_chat_template_is_one_line_at_every_chat_entry_point(hostile_folder, quick_renders):
+    out = unmask("sample", hostile_folder, "--chat", "--prompt", "w5", "sample.length=24", "sample.num_samples=1")
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and "chat template did not render within" in lines[0], out.stderr
+    with pytest.raises(SamplingError, match="chat template did not render"):
+        from_pretrained(hostile_folder).generate(["w5"], chat=True, length=24, num_samples=1)
+
+
+def test_a_server_with_a_hostile_chat_template_keeps_answering_and_stops(hostile_folder, quick_renders):
+    """Chat requests under a template that would run for hours, sent with ordinary completions: each chat
+    request gets a 400 naming the template, the completions are answered within their timeout, /health
+    stays truthful, and the server stops promptly afterwards."""
+    import concurrent.futures
+
+    service = ModelService(from_pretrained(hostile_folder))
+    stop_started = None
+    with running_server(service) as url:
+        def post(path, body):
+            return httpx.post(f"{url}{path}", json=body, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            chats = [pool.submit(post, "/v1/chat/completions", {"messages": [{"role": "user", "content": "w1"}],
+                                                                 "max_tokens": 4}) for _ in range(4)]
+            plain = [pool.submit(post, "/v1/completions", {"prompt": "w1 w2", "max_tokens": 4, "steps": 4,
+                                                           "seed": i}) for i in range(4)]
+            for future in plain:
+                assert future.result().status_code == 200, future.result().text
+            for future in chats:
+                r = future.result()
+                assert r.status_code == 400 and "chat template did not render" in r.text, r.text
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+        stop_started = time.monotonic()
+    assert time.monotonic() - stop_started < 15
+    service.close()
