@@ -124,6 +124,9 @@ def test_serve_chat_completions_apply_the_chat_template(server):
     assert body["usage"]["prompt_tokens"] == len(prompt_ids)  # the template places BOS itself (here: none)
     bad = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "x", "content": "y"}]}, timeout=60)
     assert bad.status_code in (400, 422) and "role" in bad.text
+    lone = httpx.post(f"{url}/v1/chat/completions", content=json.dumps({"messages": [{"role": "user",
+                      "content": "w1 \udfff"}]}), headers={"content-type": "application/json"}, timeout=60)
+    assert lone.status_code == 400 and "a message holds a lone surrogate (U+DFFF" in lone.text, lone.text
 
 
 @pytest.mark.parametrize("layout", ["llada", "dream"])

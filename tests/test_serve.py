@@ -120,7 +120,9 @@ def service_for(checkpoint, delay: float = 0.0, **limits) -> ModelService:
 
 
 def post(url, body, timeout=60, **kw):
-    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout, **kw)
+    """POST ``body`` as JSON, written by ``json.dumps`` (which escapes lone surrogates as a client may)."""
+    return httpx.post(f"{url}/v1/completions", content=json.dumps(body), timeout=timeout,
+                      headers={"content-type": "application/json"}, **kw)
 
 
 def assert_error(r, status: int, words: str = "") -> dict:
@@ -415,6 +417,7 @@ def test_requests_running_when_the_worker_dies_get_503_at_once_and_later_ones_su
     ({"prompt": "a [MASK*-3] b"}, "[MASK*n] marker needs a whole number"),
     ({"prompt": "a [MASK*0] b"}, "[MASK*n] marker needs a whole number"),
     ({"prompt": "a " * 400_000}, "leaves no room"),
+    ({"prompt": "w1 \ud800 w2"}, "the prompt holds a lone surrogate (U+D800 at character 3)"),
 ])
 def test_oversized_and_malformed_prompts_are_refused_at_once(server, body, words):
     url, _ = server

@@ -77,6 +77,15 @@ class RequestError(ValueError):
     """A request that is well-formed JSON but cannot be served (too long, too many steps...)."""
 
 
+def check_unicode(text: str, what: str) -> None:
+    """JSON may carry a lone UTF-16 surrogate (``"\\ud800"``), which is not text: a RequestError naming it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"{what} holds a lone surrogate (U+{ord(text[exc.start]):04X} at character {exc.start}), "
+                           f"which is not Unicode text") from None
+
+
 class Busy(RuntimeError):
     """Too much work queued."""
 
@@ -183,6 +192,8 @@ class ModelService:
         if req.max_tokens is not None and req.max_tokens > room:
             raise RequestError(f"max_tokens={req.max_tokens} does not fit: this model's maximum is {self.length} "
                                f"tokens" + (" with BOS" if bos else ""))
+        for text in [m.content for m in req.messages] if chat else [req.prompt]:
+            check_unicode(text, "a message" if chat else "the prompt")
         prompt = self.chat_prompt(req) if chat else req.prompt
         infill = not chat and bool(MASK_MARK.search(prompt))
         if infill and not self.family.infills:
