@@ -99,6 +99,11 @@ def test_export_never_replaces_what_unmask_did_not_write(corpus, tmp_path, capsy
     export = tmp_path / "export"
     assert main(["export", str(run), str(export)]) == 0
     assert main(["export", str(run), str(export), "--raw"]) == 0  # an earlier export is replaced
+    card = (export / "README.md").read_text()
+    (export / "README.md").write_text(card + "\nmy notes on this model\n")  # ...unless the user edited it
+    assert main(["export", str(run), str(export)]) == 2
+    assert "nothing was written" in error_line(capsys)
+    assert (export / "README.md").read_text().endswith("my notes on this model\n")
     capsys.readouterr()
     for to, name in (("mdlm-hf", "hf"), ("mdlm-ckpt", "m.ckpt")):
         (tmp_path / name).write_text("someone's file") if to == "mdlm-ckpt" else (tmp_path / name).mkdir()

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from ..config import ConfigError, RunConfig, config_from_dict, to_dict
 from ..data.tokenization import HFTokenizer, Tokenizer, load_tokenizer
 from ..families import build_model, family_of
-from ..files import member, read_json
+from ..files import member, read_json, sha256_file
 from ..hub import hub_reachable
 from ..models.adapters import add_adapters, merged_weights, trainable_names
 from ..models.common import count_parameters
@@ -301,14 +301,19 @@ def last_metrics(source) -> dict:
 
 
 def earlier_export(directory: Path) -> bool:
-    """True when ``directory`` is absent, empty, or a folder written by :func:`save_pretrained`."""
+    """True when ``directory`` is absent, empty, or a folder written by :func:`save_pretrained` and left as
+    it was: every file in it recorded in its ``checksums.json`` with the bytes it was written with (an
+    edited model card is the user's now)."""
     if not replaceable(directory, EXPORT_LAYOUT):
         return False
     if not directory.exists() or not any(directory.iterdir()):
         return True
     try:
-        return read_json(directory / "config.json").get("model_type") == MODEL_TYPE
-    except (CheckpointError, FileNotFoundError):
+        sums = read_json(directory / CHECKSUMS)
+        files = {p.name for p in directory.iterdir() if p.name != CHECKSUMS}
+        return (read_json(directory / "config.json").get("model_type") == MODEL_TYPE and isinstance(sums, dict)
+                and set(sums) == files and all(sha256_file(directory / name) == sums[name] for name in files))
+    except (CheckpointError, FileNotFoundError, OSError):
         return False
 
 
