@@ -21,6 +21,7 @@ from unmask.checkpoints.checkpoint import (
 )
 from unmask.cli import json_safe, main
 from unmask.config import load_config
+from unmask.pipeline import from_pretrained
 from unmask.train.loop import TrainingError, train
 
 from toys import TINY
@@ -74,6 +75,19 @@ def test_overwritten_bytes_in_a_checkpoint_are_named_not_evaluated(run, capsys, 
         assert str(newest / "ema.safetensors") in line and "SHA-256" in line, line
 
 
+def test_a_missing_file_of_a_checkpoint_is_named_not_replaced_by_another(run, capsys):
+    """Without ema.safetensors (listed in checksums.json), sample and eval used the raw weights with exit 0
+    and eval's JSON still said "ema": true."""
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    (newest / "ema.safetensors").unlink()
+    for command in (["eval", str(run)], ["sample", str(run), "sample.num_samples=1", "sample.steps=2"]):
+        assert main(command) == 2
+        line = error_line(capsys)
+        assert str(newest / "ema.safetensors") in line and "is missing" in line, line
+    with pytest.raises(CheckpointError, match="is missing"):
+        from_pretrained(run)
+
+
 def test_non_finite_weights_without_checksums_are_an_error(run, capsys):
     newest = list_checkpoints(run / "checkpoints")[-1]
     (newest / "checksums.json").unlink()  # as written before checksums existed
@@ -84,18 +98,22 @@ def test_non_finite_weights_without_checksums_are_an_error(run, capsys):
         Checkpoint(run).verify()
 
 
-def test_resume_falls_back_past_a_corrupt_newest_checkpoint_and_stays_exact(corpus, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["changed bytes", "missing EMA"])
+def test_resume_falls_back_past_a_corrupt_newest_checkpoint_and_stays_exact(corpus, tmp_path, capsys, damage):
     common = ["train.steps=6", "train.save_every=2", "train.keep_checkpoints=2", "train.lr=0.003", "train.ema=0.9"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     train(load_config(None, args(corpus, whole, *common)))
     train(load_config(None, args(corpus, broken, *common, "train.steps=4")))
     newest = list_checkpoints(broken / "checkpoints")[-1]
     assert newest.name == "step_00000004"
-    overwrite_data(newest / "optimizer.safetensors", 1.0)
+    if damage == "changed bytes":
+        overwrite_data(newest / "optimizer.safetensors", 1.0)
+    else:
+        (newest / "ema.safetensors").unlink()
     capsys.readouterr()
     train(load_config(None, args(corpus, broken, *common)))
     out = capsys.readouterr().out
-    assert f"checkpoint {newest} is unusable" in out and "SHA-256" in out
+    assert f"checkpoint {newest} is unusable" in out and ("SHA-256" if damage == "changed bytes" else "missing") in out
     assert f"resuming {broken} from step 2" in out
     for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
         a = load_tensors(list_checkpoints(whole / "checkpoints")[-1] / name)

@@ -176,7 +176,9 @@ def verified(folder: Path, name: str, checksums: dict[str, str]) -> Path:
     """``folder/name`` after checking that it lies in ``folder`` and matches its recorded checksum."""
     path = member(folder, name)
     expected = checksums.get(name)
-    if expected is not None and path.is_file() and sha256_file(path) != expected:
+    if expected is not None and not path.is_file():
+        raise CheckpointError(f"corrupt checkpoint: {path}, recorded in {CHECKSUMS} when it was written, is missing")
+    if expected is not None and sha256_file(path) != expected:
         raise CheckpointError(f"corrupt checkpoint file {path}: its SHA-256 differs from the one recorded when "
                               f"it was written")
     return path
@@ -332,6 +334,9 @@ class Checkpoint(WeightSource):
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"corrupt checkpoint {self.path}: {exc}") from None
+        for name in self.checksums:  # a file written with the checkpoint and gone is corruption, never a fallback
+            if not (self.path / name).is_file():
+                self.file(name)
         self.config = load_config(self.file("config.yaml"))
         for name in self.checksums:
             if name.startswith("tokenizer/"):
