@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unmask.checkpoints.checkpoint import Checkpoint
+from unmask.checkpoints.checkpoint import Checkpoint, CheckpointError
 from unmask.checkpoints.pretrained import AdapterCheckpoint, open_source
+from unmask.cli import main
 from unmask.config import ConfigError, load_config
 from unmask.data.tokenization import CharTokenizer
 from unmask.families import build_model, build_objective
@@ -147,3 +148,24 @@ def load_plain(cfg, tokenizer, state):
     model = build_model(cfg, tokenizer)
     model.load_state_dict(state)
     return model
+
+
+def test_an_adapter_run_pins_its_base_by_path_and_by_content(tmp_path, corpus, base, monkeypatch):
+    """A relative train.init_from is stored resolved (read from anywhere, never looked up on the hub), and the
+    base's weights digest recorded: a base trained further since is refused by readers and by a resume."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "lora"
+    train(adapter_run(corpus, run, base.name, "lora", "train.steps=2", "train.save_every=2"))
+    recorded = load_config(run / "config.yaml").train.init_from
+    assert recorded == str(base.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    before = logits(from_pretrained(run, ema=False).model)
+    train(config(corpus, base, *EXACT, "train.steps=5", "train.lr=0.003", "train.ema=0"))  # the base moves on
+    with pytest.raises(CheckpointError, match="trained on other weights than train.init_from=.*base"):
+        from_pretrained(run)
+    assert main(["eval", str(run)]) == 2
+    with pytest.raises(CheckpointError, match="trained on other weights"):
+        train(adapter_run(corpus, run, base, "lora", "train.steps=4", "train.save_every=2"))
+    assert before.isfinite().all()

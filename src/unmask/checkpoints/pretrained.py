@@ -23,6 +23,7 @@ from ``tokenizer_path``, else from the hub; the mask token is appended as id 502
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -127,12 +128,30 @@ def _hub_download(name: str) -> Path:
                               f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
-def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, tokenizer) -> None:
+def source_reference(path: str) -> str:
+    """How a run records ``train.init_from``: an existing local path made absolute (so that reading the run
+    from another directory finds the same folder, never a hub repository of that name); a hub id as given."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``weights`` (in name order): the identity of a
+    base model that adapters were trained on."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, tokenizer) -> str:
     """Continued pretraining: copy the weights of ``source_path`` (any source of :func:`open_source`;
     EMA weights when it has them) into a new run's ``model``, or into its ``backbone`` when the run's
     family starts from another one (a classifier from an MDLM). The family, architecture and tokenizer
     must match; a soft-mask model may start from a binary one (its soft-mask scalars keep their
-    initialization, w_s ~ 0, so training starts from the binary model)."""
+    initialization, w_s ~ 0, so training starts from the binary model). Returns the
+    :func:`weights_digest` of the source's weights."""
     spec = family_of(cfg)
     family = spec.starts_from or cfg.family
     model = model.backbone if spec.starts_from else model
@@ -144,12 +163,23 @@ def initialize_from(model: torch.nn.Module, source_path: str, cfg: RunConfig, to
         raise ConfigError(f"train.init_from={source_path} was trained with another tokenizer than data.tokenizer "
                           f"({source.tokenizer.describe()} vs {tokenizer.describe()})")
     weights = dict(source.weights(ema=True))
+    digest = weights_digest(weights)
     for name, value in model.state_dict().items():
         if name.startswith("soft_mask.") and name not in weights:
             weights[name] = value
     if model.soft_mask is None:
         weights = {k: v for k, v in weights.items() if not k.startswith("soft_mask.")}
     load_weights(model, weights, f"train.init_from={source_path}")
+    return digest
+
+
+def check_base(recorded: str | None, digest: str, source_path: str, what: str) -> None:
+    """Adapters are valid only on the weights they were trained on: refuse a base whose digest differs from
+    the one ``what`` recorded (checkpoints written before digests were recorded are not checked)."""
+    if recorded is not None and recorded != digest:
+        raise CheckpointError(f"{what} was trained on other weights than train.init_from={source_path} holds now "
+                              f"(SHA-256 {recorded[:12]}… then, {digest[:12]}… now): its adapters apply only to "
+                              f"the base they were trained on")
 
 
 class AdapterCheckpoint(WeightSource):
@@ -165,7 +195,8 @@ class AdapterCheckpoint(WeightSource):
         """The base network with this checkpoint's adapters injected and loaded (not merged)."""
         cfg = self.config
         model = build_model(cfg, self.tokenizer)
-        initialize_from(model, cfg.train.init_from, cfg, self.tokenizer)
+        digest = initialize_from(model, cfg.train.init_from, cfg, self.tokenizer)
+        check_base(self.state.get("base_sha256"), digest, cfg.train.init_from, str(self.path))
         add_adapters(model, cfg.adapter, cfg.model.backbone)
         tensors = self.ckpt.tensors("ema" if ema and self.ckpt.has("ema") else "model")
         if sorted(tensors) != sorted(trainable_names(model)):

@@ -31,7 +31,7 @@ from ..checkpoints.checkpoint import (
     resume_point,
     save_checkpoint,
 )
-from ..checkpoints.pretrained import initialize_from, open_source
+from ..checkpoints.pretrained import check_base, initialize_from, open_source, source_reference
 from ..checkpoints.runfolder import RunLock, clear_run_folder
 from ..config import ConfigError, ModelConfig, RunConfig, dump_config, to_dict
 from ..data.layouts import BatchOrder, counted_positions, random_lengths
@@ -170,6 +170,9 @@ def with_source_architecture(cfg: RunConfig) -> RunConfig:
 
 def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracker: LiveTensorBytes | None) -> Path:
     cfg = with_source_architecture(cfg)
+    if cfg.train.init_from:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                 init_from=source_reference(cfg.train.init_from)))
     t = cfg.train
     set_threads(t.threads, dist.world)
     device = dist.device
@@ -214,8 +217,11 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
     adapters = cfg.adapter.kind != "none"
     if ckpt is not None:
         check_resumable(ckpt, cfg, run_dir)
+    base_digest = None
     if t.init_from and (ckpt is None or adapters):  # an adapter run's frozen base is loaded on resume too
-        initialize_from(model, t.init_from, cfg, tokenizer)
+        base_digest = initialize_from(model, t.init_from, cfg, tokenizer)
+        if adapters and ckpt is not None:
+            check_base(ckpt.state.get("base_sha256"), base_digest, t.init_from, str(ckpt.path))
         if dist.main and ckpt is None:
             print(f"initialized {run_dir} from {t.init_from}")
     if adapters:
@@ -281,6 +287,8 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
     def save(at: int, root: Path = ckpt_root, keep: int = t.keep_checkpoints) -> Path:
         state = {"elapsed_seconds": elapsed(), "ema_updates": ema.updates if ema else 0,
                  "epoch": order.epoch_of(at), "rows_seen": at * t.batch_size, "best": best}
+        if adapters:
+            state["base_sha256"] = base_digest
         weights, averages = model.state_dict(), ema.state_dict(model) if ema else None
         if saved_names is not None:
             weights = {k: v for k, v in weights.items() if k in saved_names}
