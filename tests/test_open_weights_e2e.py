@@ -8,12 +8,15 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 import shutil
 import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from unmask.checkpoints.checkpoint import CheckpointError
 from unmask.cli import main
 from unmask.data.chat import ChatTemplateError, render_chat
 from unmask.pipeline import from_pretrained
@@ -191,7 +194,7 @@ def test_fast_dllm_cached_decoding_from_the_command_line(folders, tmp_path):
 HOSTILE_TEMPLATES = {  # what each costs unbounded, and the one line it gets instead
     "nested loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "within"),
     "lipsum": ("{{ lipsum(10**6) }}", "within|MiB|characters"),
-    "long output": ("{{ 'w1 ' * 3*10**7 }}", "characters"),
+    "long output": ("{{ 'w1 ' * 2*10**6 }}", "characters"),
     "huge string": ("{{ 'w' * 10**10 }}", "MiB"),
     "recursion": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recurses"),
     "include": ("{% include 'other.jinja' %}", "includes or imports 'other.jinja'"),
@@ -257,3 +260,25 @@ def test_a_server_with_a_hostile_chat_template_keeps_answering_and_stops(hostile
         stop_started = time.monotonic()
     assert time.monotonic() - stop_started < 15
     service.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.float8_e4m3fn])
+def test_weights_of_a_type_that_means_nothing_are_refused_at_every_entry_point(folders, tmp_path, dtype, corpus):
+    """int64, uint8 or bool tensors of the right name and shape loaded as garbage numbers with exit 0, and
+    fp8 was a NotImplementedError traceback: a one-line error naming the tensor and its type."""
+    folder = tmp_path / "typed"
+    shutil.copytree(folders["llada"], folder)
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, str(shard))
+    words = f"' is stored as {dtype}, not float32, bfloat16 or float16"
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        from_pretrained(folder)
+    for args in (["sample", folder, "sample.length=8", "sample.num_samples=1"], ["eval", folder],
+                 ["train", f"run_dir={tmp_path / 'ft'}", "data.dataset=text", f"data.path={corpus}",
+                  "data.tokenizer=hf", f"train.init_from={folder}", "train.steps=1", "data.length=16"]):
+        out = unmask(*args)
+        errors = [line for line in out.stderr.splitlines() if "unmask: error:" in line]  # after a progress bar
+        assert out.returncode == 2 and len(errors) == 1 and "stored as" in errors[0], (args, out.stderr[-1500:])

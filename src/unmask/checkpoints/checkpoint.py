@@ -420,6 +420,20 @@ def resume_point(root: Path, warn: Callable[[str], None]) -> Checkpoint | None:
     return None
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what a weight may be stored as
+
+
+def check_dtype(key: str, tensor: torch.Tensor, expected: torch.dtype, source: str) -> None:
+    """A stored tensor must have a type the model's ``expected`` one can take without losing its meaning:
+    a floating weight one of :data:`WEIGHT_DTYPES` (integers or booleans would load as numbers that mean
+    nothing; 8-bit floats need scales unmask does not read), anything else its own type."""
+    fits = tensor.dtype in WEIGHT_DTYPES if expected.is_floating_point else tensor.dtype == expected
+    if not fits:
+        wanted = "float32, bfloat16 or float16" if expected.is_floating_point else str(expected)
+        raise CheckpointError(f"{source}: tensor '{key}' is stored as {tensor.dtype}, not {wanted}"
+                              + (" (8-bit float weights are not supported)" if "float8" in str(tensor.dtype) else ""))
+
+
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
     for key, value in tensors.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
@@ -450,6 +464,7 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
                               f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
                               f"{'...' if len(unexpected) > 3 else ''}")
     for key, value in expected.items():
+        check_dtype(key, tensors[key], value.dtype, source)
         if tuple(tensors[key].shape) != tuple(value.shape):
             raise CheckpointError(f"{source} tensor '{key}' has shape {tuple(tensors[key].shape)} but the "
                                   f"model expects {tuple(value.shape)}: it was saved from a model of a "

@@ -24,7 +24,7 @@ import torch
 
 from ..config import config_from_dict, to_dict
 from ..models.registry import BACKBONES
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, check_dtype
 from .open_weights import OpenWeights
 from .pretrained import Pretrained
 
@@ -36,7 +36,10 @@ def to_diffusion(source: OpenWeights, shift: bool = True) -> Pretrained:
                               f"conversion takes a causal LM (GPT-2, Llama or Qwen2 layout)")
     tokenizer, mask = source.tokenizer, source.tokenizer.mask_id
     tied = source.config.model.tie_embeddings
-    weights = {k: v.float() for k, v in source.weights().items() if not (tied and k == "lm_head.weight")}
+    weights = source.weights()
+    for key, value in weights.items():
+        check_dtype(key, value, torch.float32, str(source.path))
+    weights = {k: v.float() for k, v in weights.items() if not (tied and k == "lm_head.weight")}
     name = BACKBONES[source.config.model.backbone].network.INPUT_EMBEDDING
     embed = weights[name]
     if mask >= len(embed):  # no spare row: grow the embedding and the output layer by one

@@ -43,7 +43,7 @@ from ..families import family_of
 from ..files import member, read_json
 from ..models.llama import swiglu_width
 from ..runtime import memory_bytes
-from .checkpoint import CheckpointError, WeightSource
+from .checkpoint import CheckpointError, WeightSource, check_dtype
 
 INDEX = "model.safetensors.index.json"
 
@@ -394,6 +394,7 @@ class OpenWeights(WeightSource):
                 # layer): the mean embedding as input, zero as output (its logit is excluded anyway)
                 extra = tensor.mean(0, keepdim=True) if name == embeddings[0] else tensor[:1] * 0
                 tensor = torch.cat([tensor, extra])
+            check_dtype(name, tensor, dtype, str(self.path))
             if tuple(tensor.shape) != expected[name]:
                 raise CheckpointError(f"{self.path}: {name!r} has shape {tuple(tensor.shape)}, the config says "
                                       f"{expected[name]}")

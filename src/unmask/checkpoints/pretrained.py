@@ -46,6 +46,7 @@ from .checkpoint import (
     Checkpoint,
     CheckpointError,
     WeightSource,
+    check_dtype,
     check_finite,
     load_tensors,
     load_weights,
@@ -201,6 +202,9 @@ class AdapterCheckpoint(WeightSource):
         tensors = self.ckpt.tensors("ema" if ema and self.ckpt.has("ema") else "model")
         if sorted(tensors) != sorted(trainable_names(model)):
             raise CheckpointError(f"{self.path} does not hold the adapters of adapter.targets={cfg.adapter.targets}")
+        state = model.state_dict()
+        for key, value in tensors.items():
+            check_dtype(key, value, state[key].dtype, str(self.path))
         check_finite(tensors, str(self.path))
         model.load_state_dict(tensors, strict=False)
         return model
