@@ -10,6 +10,7 @@ import io
 import json
 import re
 import shutil
+import struct
 import time
 
 import pytest
@@ -282,3 +283,23 @@ def test_weights_of_a_type_that_means_nothing_are_refused_at_every_entry_point(f
         out = unmask(*args)
         errors = [line for line in out.stderr.splitlines() if "unmask: error:" in line]  # after a progress bar
         assert out.returncode == 2 and len(errors) == 1 and "stored as" in errors[0], (args, out.stderr[-1500:])
+
+
+@pytest.mark.parametrize("damage", ["header of 2^40 bytes", "cut in half"])
+def test_a_broken_shard_is_one_line_at_every_entry_point(folders, tmp_path, damage, corpus):
+    """A shard whose header length is 2^40, or cut in half, was a SafetensorError traceback (exit 1) and
+    from_pretrained raised SafetensorError."""
+    folder = tmp_path / "broken"
+    shutil.copytree(folders["llada"], folder)
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(struct.pack("<Q", 2 ** 40) + data[8:] if damage.startswith("header") else data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match=re.escape(str(shard))):
+        from_pretrained(folder).model
+    for args in (["sample", folder, "sample.length=8", "sample.num_samples=1"], ["eval", folder],
+                 ["export", folder, tmp_path / "out", "--to", "llada"],
+                 ["train", f"run_dir={tmp_path / 'ft'}", "data.dataset=text", f"data.path={corpus}",
+                  "data.tokenizer=hf", f"train.init_from={folder}", "train.steps=1", "data.length=16"]):
+        out = unmask(*args)
+        errors = [line for line in out.stderr.splitlines() if "unmask: error:" in line]
+        assert out.returncode == 2 and len(errors) == 1 and shard.name in errors[0], (args, out.stderr[-1500:])

@@ -97,19 +97,25 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
         os.fsync(f.fileno())
 
 
-def load_tensors(path: Path, with_metadata: bool = False):
-    """The tensors of a safetensors file, whose header size is checked before anything is parsed
-    (and, ``with_metadata``, its header's metadata dict)."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+def check_header(path: Path) -> None:
+    """A safetensors file's header length must fit both the file and :data:`SAFETENSORS_HEADER_LIMIT`,
+    checked before the header is parsed."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
     header = struct.unpack("<Q", head)[0] if len(head) == 8 else None
     if header is None or header > min(SAFETENSORS_HEADER_LIMIT, size - 8):
-        raise CheckpointError(f"corrupt checkpoint file {path}: its header length "
+        raise CheckpointError(f"corrupt weights file {path}: its header length "
                               f"({header if header is not None else 'missing'}) does not fit the file of {size:,} "
                               f"bytes")
+
+
+def load_tensors(path: Path, with_metadata: bool = False):
+    """The tensors of a safetensors file, whose header size is checked before anything is parsed
+    (and, ``with_metadata``, its header's metadata dict)."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    check_header(path)
     try:
         if not with_metadata:
             return load_file(str(path))

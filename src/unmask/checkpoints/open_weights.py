@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig, RunConfig, config_from_dict
@@ -43,7 +43,7 @@ from ..families import family_of
 from ..files import member, read_json
 from ..models.llama import swiglu_width
 from ..runtime import memory_bytes
-from .checkpoint import CheckpointError, WeightSource, check_dtype
+from .checkpoint import CheckpointError, WeightSource, check_dtype, check_header
 
 INDEX = "model.safetensors.index.json"
 
@@ -340,8 +340,12 @@ class OpenWeights(WeightSource):
         single = member(self.path, name, self._root)
         if not single.is_file():
             raise CheckpointError(f"{self.path} has neither model.safetensors nor {INDEX}")
-        with safe_open(str(single), "pt") as f:
-            return {name: list(f.keys())}
+        check_header(single)
+        try:
+            with safe_open(str(single), "pt") as f:
+                return {name: list(f.keys())}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"unreadable weights file {single}: {str(exc).splitlines()[0]}") from None
 
     def tensors(self):
         """(our name, tensor) of every parameter, read one at a time in the checkpoint's dtype."""
@@ -349,6 +353,7 @@ class OpenWeights(WeightSource):
             path = member(self.path, shard, self._root)
             if not path.is_file():
                 raise CheckpointError(f"shard {shard} listed in {INDEX} is missing from {self.path}")
+            check_header(path)
             try:
                 with safe_open(str(path), "pt") as f:
                     present = set(f.keys())
@@ -360,7 +365,7 @@ class OpenWeights(WeightSource):
                             raise CheckpointError(f"{path.name}: parameter {key!r} is not part of the "
                                                   f"{self.layout.name} layout")
                         yield from pieces
-            except (OSError, ValueError, RuntimeError) as exc:
+            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
                 if isinstance(exc, CheckpointError):
                     raise
                 raise CheckpointError(f"unreadable weights file {path}: {str(exc).splitlines()[0]}") from None
@@ -537,10 +542,11 @@ def read_smdm(path: Path, tokenizer_path: str | None = None, heads: int | None =
     Its tokenizer (TinyLlama's, Llama-2's 32k) is ``tokenizer_path``, else a ``tokenizer.json`` beside the
     file, else the hub's; the mask is id 32000, the embedding's extra row (the output layer has none: its
     mask logit is 0 and never used)."""
+    check_header(path)
     try:
         with safe_open(str(path), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"unreadable weights file {path}: {str(exc).splitlines()[0]}") from None
     if "transformer.wte.weight" not in shapes or "transformer.h.0.attn.attn.weight" not in shapes:
         raise CheckpointError(f"{path} is not an SMDM checkpoint (no transformer.wte / transformer.h.0.attn.attn)")
