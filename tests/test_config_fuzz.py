@@ -123,12 +123,14 @@ def test_the_smallest_accepted_model_trains_evaluates_and_samples(tmp_path, caps
     assert main(["sample", str(run), "sample.num_samples=1", "sample.steps=1", "sample.batch_size=1"]) == 0
 
 
-def test_a_model_larger_than_memory_is_refused_before_it_is_built(tmp_path, capsys):
+@pytest.mark.parametrize("shape", [["model.hidden=1000000", "model.heads=2"], ["model.blocks=1000000000"]])
+def test_a_model_larger_than_memory_is_refused_before_it_is_built(tmp_path, capsys, shape):
+    """A billion blocks used to build a billion modules on the meta device (no end in sight)."""
     corpus = tmp_path / "c.txt"
     corpus.write_text("abcabc\n" * 200)
     start = time.perf_counter()
-    assert main(["train", f"run_dir={tmp_path / 'run'}", "data.dataset=text", f"data.path={corpus}",
-                 "model.hidden=1000000", "model.heads=2", "train.progress=false"]) == 2
+    assert main(["train", f"run_dir={tmp_path / 'run'}", "data.dataset=text", f"data.path={corpus}", *shape,
+                 "train.progress=false"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "GiB" in err, err
     assert time.perf_counter() - start < 30

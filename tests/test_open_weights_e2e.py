@@ -303,3 +303,17 @@ def test_a_broken_shard_is_one_line_at_every_entry_point(folders, tmp_path, dama
         out = unmask(*args)
         errors = [line for line in out.stderr.splitlines() if "unmask: error:" in line]
         assert out.returncode == 2 and len(errors) == 1 and shard.name in errors[0], (args, out.stderr[-1500:])
+
+
+def test_a_config_with_absurd_depth_is_refused_before_anything_is_built(folders, tmp_path):
+    """config.json with 10^6 layers: sample ran for minutes with memory growing before."""
+    folder = tmp_path / "deep"
+    shutil.copytree(folders["llada"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["n_layers" if "n_layers" in config else "num_hidden_layers"] = 10 ** 9
+    (folder / "config.json").write_text(json.dumps(config))
+    start = time.monotonic()
+    out = unmask("sample", folder, "sample.length=8", "sample.num_samples=1")
+    errors = [line for line in out.stderr.splitlines() if "unmask: error:" in line]
+    assert out.returncode == 2 and len(errors) == 1 and "GiB" in errors[0], out.stderr[-1500:]
+    assert time.monotonic() - start < 30

@@ -144,18 +144,34 @@ def family_of(cfg: RunConfig | str) -> FamilySpec:
     return FAMILIES[name]
 
 
+def refuse_beyond_memory(cfg: RunConfig, vocab: int, dtype: torch.dtype = torch.float32) -> None:
+    """A ConfigError when a bound from below on the weights of ``cfg``'s network (the query and output
+    projections and the norms of every block, and the embedding) in ``dtype`` exceeds this machine's
+    memory: O(1), before anything of that size, even on the meta device, is built."""
+    m = cfg.model
+    at_least = dtype.itemsize * (m.blocks * (2 * m.hidden * m.hidden + 2 * m.hidden) + vocab * m.hidden)
+    if at_least > memory_bytes():
+        raise ConfigError(f"a {cfg.family} model of this shape (model.hidden={m.hidden}, model.blocks={m.blocks}, "
+                          f"vocabulary {vocab}) needs at least {at_least / 2**30:,.1f} GiB for its {dtype} weights "
+                          f"alone; this machine has {memory_bytes() / 2**30:,.1f} GiB")
+
+
 def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> torch.nn.Module:
     """The network of ``cfg``'s family. It is first built on the meta device (no memory) and refused
     when its fp32 weights alone exceed this machine's memory, so a typo such as
     ``model.hidden=1000000`` is an error, not an out-of-memory kill. (The meta build costs seconds once
     per process, so it is skipped when a generous bound on the size of a transformer of this width,
-    depth and vocabulary is far below the machine's memory.)"""
+    depth and vocabulary is far below the machine's memory; and it is not even tried when a bound from
+    below, the query and output projections and norms of every block and the embedding, is already beyond
+    it: ``model.blocks=1000000000`` is refused at once instead of building a billion meta modules.)"""
     network = family_of(cfg).network
     m = cfg.model
+    vocab = max(tokenizer.vocab_size, m.vocab)
     bound = 4 * (m.blocks * m.hidden * (16 * (m.hidden + m.cond_dim) + 3 * m.intermediate)
-                 + 2 * max(tokenizer.vocab_size, m.vocab) * m.hidden + 4 * m.length * m.hidden)
+                 + 2 * vocab * m.hidden + 4 * m.length * m.hidden)
     if bound < memory_bytes() // 8:
         return network(cfg, tokenizer)
+    refuse_beyond_memory(cfg, vocab)
     with torch.device("meta"):
         shape = network(cfg, tokenizer)
     needed = sum(t.numel() * 4 for t in (*shape.parameters(), *shape.buffers()))

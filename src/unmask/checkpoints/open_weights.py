@@ -37,9 +37,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..config import ModelConfig, RunConfig, config_from_dict
+from ..config import ConfigError, ModelConfig, RunConfig, config_from_dict
 from ..data.tokenization import HFTokenizer
-from ..families import family_of
+from ..families import family_of, refuse_beyond_memory
 from ..files import member, read_json
 from ..models.llama import swiglu_width
 from ..runtime import memory_bytes
@@ -381,6 +381,11 @@ class OpenWeights(WeightSource):
         the released models), made on the meta device and filled tensor by tensor, so the weights are
         in memory once. ``ema`` is accepted for the common interface (released weights have no EMA)."""
         dtype = dtype or self.dtype
+        if torch.device(device).type == "cpu":
+            try:
+                refuse_beyond_memory(self.config, max(self.tokenizer.vocab_size, self.config.model.vocab), dtype)
+            except ConfigError as exc:
+                raise CheckpointError(f"{self.path}: {exc}") from None
         with torch.device("meta"):
             model = family_of(self.config).network(self.config, self.tokenizer).to(dtype)
         needed = sum(t.numel() for t in model.parameters()) * dtype.itemsize
