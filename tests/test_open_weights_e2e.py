@@ -317,3 +317,17 @@ def test_a_config_with_absurd_depth_is_refused_before_anything_is_built(folders,
     errors = [line for line in out.stderr.splitlines() if "unmask: error:" in line]
     assert out.returncode == 2 and len(errors) == 1 and "GiB" in errors[0], out.stderr[-1500:]
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("stated", ["int8", ["bfloat16"], None])
+def test_a_config_stating_an_unknown_weight_type_is_refused(folders, tmp_path, stated):
+    """torch_dtype "int8" or a list used to be read as float32 without a word."""
+    folder = tmp_path / "stated"
+    shutil.copytree(folders["llada"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["torch_dtype"] = stated
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=re.escape(f"torch_dtype={stated!r}")):
+        from_pretrained(folder)
+    out = unmask("sample", folder, "sample.length=8", "sample.num_samples=1")
+    assert out.returncode == 2 and "torch_dtype" in out.stderr.strip().splitlines()[-1], out.stderr[-1500:]

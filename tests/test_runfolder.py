@@ -177,3 +177,11 @@ def test_rl_refuses_a_folder_that_is_not_empty(corpus, tmp_path, capsys):
     assert main(["rl", str(run), f"run_dir={target}", f"rl.prompts={prompts}", "rl.iterations=1"]) == 2
     assert "is not empty" in error_line(capsys)
     assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+
+
+def test_a_run_dir_that_is_a_file_is_a_one_line_error_and_the_file_is_kept(corpus, tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert main(train_args(corpus, a_file)) == 2
+    assert "is a file; a run folder is a directory" in error_line(capsys)
+    assert a_file.read_text() == "mine"

@@ -323,7 +323,11 @@ class OpenWeights(WeightSource):
         ``model.safetensors`` or an index."""
         self.path, self.layout, self.config, self.tokenizer, self.meta = folder, layout, config, tokenizer, meta
         self.step, self.format, self.card, self._root, self._file = 0, layout.name, {}, root, file
-        self.dtype = _DTYPES.get(str(meta.get("torch_dtype", meta.get("dtype", "float32"))), torch.float32)
+        stated = meta.get("torch_dtype", meta.get("dtype", "float32"))
+        if not isinstance(stated, str) or stated not in _DTYPES:
+            raise CheckpointError(f"{folder}: config.json states torch_dtype={stated!r}; released weights are "
+                                  f"{', '.join(_DTYPES)}")
+        self.dtype = _DTYPES[stated]
 
     def shards(self) -> dict[str, list[str]]:
         """Shard file -> the checkpoint keys it holds (one ``model.safetensors``, or the index's map)."""

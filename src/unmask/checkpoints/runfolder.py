@@ -105,6 +105,9 @@ class RunLock:
         self.stale_owner: str | None = None  # the owner named by a lock whose process died holding it
 
     def acquire(self) -> "RunLock":
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RunFolderError(f"run_dir={self.run_dir} is a file; a run folder is a directory (choose another "
+                                 f"run_dir)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
