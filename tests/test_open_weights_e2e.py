@@ -331,3 +331,15 @@ def test_a_config_stating_an_unknown_weight_type_is_refused(folders, tmp_path, s
         from_pretrained(folder)
     out = unmask("sample", folder, "sample.length=8", "sample.num_samples=1")
     assert out.returncode == 2 and "torch_dtype" in out.stderr.strip().splitlines()[-1], out.stderr[-1500:]
+
+
+@pytest.mark.parametrize("mask, words", [("eos", "is also the eos id"), (True, "mask_token_id=True is not a token id"),
+                                         (5, "is the ordinary token 'w5'")])
+def test_a_mask_id_that_is_not_a_token_of_its_own_is_refused(folders, tmp_path, mask, words):
+    folder = tmp_path / "mask"
+    shutil.copytree(folders["llada"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["mask_token_id"] = config["eos_token_id"] if mask == "eos" else mask
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        from_pretrained(folder)

@@ -444,7 +444,19 @@ def _tokenizer(folder: Path, meta: dict, root: Path | None) -> HFTokenizer:
                         None)
     ids = {"bos": meta.get("bos_token_id"), "eos": meta.get("eos_token_id"), "pad": meta.get("pad_token_id"),
            "mask": meta.get("mask_token_id")}
-    return HFTokenizer.from_file(path, ids=ids, chat_template=template if isinstance(template, str) else None)
+    for role, value in ids.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise CheckpointError(f"{folder}/config.json: {role}_token_id={value!r} is not a token id")
+    mask = ids["mask"]
+    shared = [role for role in ("eos", "bos", "pad") if mask is not None and ids[role] == mask]
+    if shared:
+        raise CheckpointError(f"{folder}/config.json: mask_token_id={mask} is also the {shared[0]} id; the mask "
+                              f"must be a token of its own")
+    tokenizer = HFTokenizer.from_file(path, ids=ids, chat_template=template if isinstance(template, str) else None)
+    if mask is not None and mask not in tokenizer.tk.get_added_tokens_decoder():
+        raise CheckpointError(f"{folder}/config.json: mask_token_id={mask} is the ordinary token "
+                              f"{tokenizer.tk.id_to_token(mask)!r} of tokenizer.json, not a special token")
+    return tokenizer
 
 
 def read_open_weights(folder: Path, meta: dict, root: Path | None = None) -> OpenWeights | None:
