@@ -492,7 +492,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     open_keys = SAMPLE_KEYS if cls is SampleConfig else {}  # the samplers' keys (flat in the section)
-    names -= set(open_keys and ["settings"])
+    if cls is SampleConfig:
+        names.discard("settings")  # not a key of its own: what it holds is written flat
     kwargs = {}
     for key, value in data.items():
         full = prefix + str(key)

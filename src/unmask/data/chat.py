@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from jinja2 import DictLoader, TemplateError, TemplateNotFound
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -80,8 +81,11 @@ class TemplateWorker:
     def render(self, request: dict, seconds: float) -> str:
         with self.lock:
             if self.process is None or self.process.poll() is not None:
+                package_root = str(Path(__file__).resolve().parents[2])  # this copy of unmask, installed or not
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root,
+                                                                                os.environ.get("PYTHONPATH")])))
                 self.process = subprocess.Popen([sys.executable, "-m", "unmask.data.chat"], stdin=subprocess.PIPE,
-                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
             try:
                 self.process.stdin.write(json.dumps(request).encode() + b"\n")
                 self.process.stdin.flush()
@@ -93,7 +97,8 @@ class TemplateWorker:
                 self.stop()
                 if ran_out:
                     raise ChatTemplateError(f"the chat template did not render within {seconds:g} s")
-                raise ChatTemplateError(f"the chat template needs more than {RENDER_BYTES >> 20} MiB to render")
+                raise ChatTemplateError(f"the chat template worker stopped while rendering (the template needs more "
+                                        f"than {RENDER_BYTES >> 20} MiB, or the worker could not run)")
         answer = json.loads(line)
         if "error" in answer:
             raise ChatTemplateError(answer["error"])
