@@ -23,7 +23,7 @@ from unmask.data.chat import ChatTemplateError, render_chat
 from unmask.pipeline import from_pretrained
 from unmask.samplers.base import SamplingError
 
-from released_folders import random_folder
+from released_folders import hf_causal_folder, random_folder
 
 httpx = pytest.importorskip("httpx")
 from unmask.serve.app import running_server  # noqa: E402
@@ -343,3 +343,60 @@ def test_a_mask_id_that_is_not_a_token_of_its_own_is_refused(folders, tmp_path, 
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=re.escape(words)):
         from_pretrained(folder)
+
+
+@pytest.mark.parametrize("layout", ["llada", "dream", "qwen2", "llama"])
+def test_export_to_each_released_layout_reads_back_as_the_same_model(folders, tmp_path, layout):
+    """`export --to LAYOUT` of a model of that layout gives a folder unmask reads back with the same logits."""
+    source = folders[layout] if layout in folders else hf_causal_folder(tmp_path / "hf", layout)[0]
+    out = unmask("export", source, tmp_path / "out", "--to", layout)
+    assert out.returncode == 0, out.stderr
+    ids = torch.randint(0, 33, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path / "out").model(ids), from_pretrained(source).model(ids))
+
+
+def _first_tensor(folder, edit):
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    name = sorted(tensors)[0]
+    tensors[name] = edit(tensors[name])
+    save_file(tensors, str(shard))
+
+
+def _config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+DAMAGES = {  # what a released folder holds -> (how to make it, words of the one-line error)
+    "NaN weights": (lambda f: _first_tensor(f, lambda t: t * float("nan")), "holds NaN or infinite values"),
+    "a wrong shape": (lambda f: _first_tensor(f, lambda t: t[:-1]), "has shape (31,)"),
+    "a scalar": (lambda f: _first_tensor(f, lambda t: t.sum()), "has shape ()"),
+    "int64 weights": (lambda f: _first_tensor(f, lambda t: t.long()), "is stored as torch.int64"),
+    "fp8 weights": (lambda f: _first_tensor(f, lambda t: t.to(torch.float8_e4m3fn)), "8-bit float weights"),
+    "a config the weights do not fit": (lambda f: _config(f, mlp_hidden_size=0), "has shape (64, 32)"),
+    "an empty weight_map": (lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": {}}'),
+                            "has no weight_map of parameter names"),
+    "rms_norm_eps='abc'": (lambda f: _config(f, rms_norm_eps="abc"), "rms_norm_eps must be a number above 0"),
+    "rope_theta='x'": (lambda f: _config(f, rope_theta="x"), "rope_theta must be a number above 1"),
+    "kv heads that do not divide": (lambda f: _config(f, n_kv_heads=3), "is not a multiple of model.kv_heads=3"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_folder_is_one_line_at_sample_and_export_writes_nothing(folders, tmp_path, damage):
+    """`export --to llada` wrote NaN, mis-shaped, scalar, integer and fp8 weights and config/weight mismatches
+    with exit 0 (a folder unmask then refused), an empty weight_map was a StopIteration traceback, and config
+    values of the wrong type or shape were ValueError tracebacks."""
+    make, words = DAMAGES[damage]
+    folder = tmp_path / "damaged"
+    shutil.copytree(folders["llada"], folder)
+    make(folder)
+    for args in (["sample", folder, "sample.length=8", "sample.num_samples=1"],
+                 ["export", folder, tmp_path / "out", "--to", "llada"]):
+        out = unmask(*args)
+        errors = [line for line in out.stderr.splitlines() if "unmask: error:" in line]
+        assert out.returncode == 2 and len(errors) == 1, (args, out.stderr[-1500:])
+        assert words in errors[0], errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]  # no folder, no .tmp-* left behind

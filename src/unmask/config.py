@@ -630,6 +630,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
     if (m.hidden // m.heads) % 2:
         raise ConfigError(f"model head dimension {m.hidden // m.heads} must be even for rotary embeddings")
+    if m.kv_heads and m.heads % m.kv_heads:
+        raise ConfigError(f"model.heads={m.heads} is not a multiple of model.kv_heads={m.kv_heads} (each key/value "
+                          f"head serves a whole group of query heads)")
     if cfg.data.length > m.length:
         raise ConfigError(f"data.length={cfg.data.length} exceeds the model's maximum length "
                           f"model.length={m.length}")

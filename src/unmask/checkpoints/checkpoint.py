@@ -458,9 +458,10 @@ def with_aliases(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> di
     return tensors
 
 
-def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy ``tensors`` into ``model``; any missing, unexpected or mis-shaped tensor is an error
-    that names it."""
+def check_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
+    """``tensors`` with tied names filled in, when they are exactly what ``model`` (any device, meta
+    included) holds: every name, each shape, a type it can take and finite values; otherwise a
+    :class:`CheckpointError` naming the first tensor that is not."""
     expected = model.state_dict()
     tensors = with_aliases(model, tensors)
     missing = [k for k in expected if k not in tensors]
@@ -476,7 +477,12 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
                                   f"model expects {tuple(value.shape)}: it was saved from a model of a "
                                   f"different shape")
     check_finite(tensors, source)
-    model.load_state_dict(tensors, strict=True)
+    return tensors
+
+
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy ``tensors`` into ``model`` after :func:`check_weights`."""
+    model.load_state_dict(check_weights(model, tensors, source), strict=True)
 
 
 def load_model(ckpt: WeightSource, ema: bool = True, device: torch.device | str = "cpu"):

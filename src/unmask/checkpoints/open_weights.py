@@ -43,7 +43,7 @@ from ..families import family_of, refuse_beyond_memory
 from ..files import member, read_json
 from ..models.llama import swiglu_width
 from ..runtime import memory_bytes
-from .checkpoint import CheckpointError, WeightSource, check_dtype, check_header
+from .checkpoint import CheckpointError, WeightSource, check_dtype, check_header, check_weights
 
 INDEX = "model.safetensors.index.json"
 
@@ -115,6 +115,14 @@ def _int(config: dict, key: str, source: str, default: int | None = None) -> int
     return value
 
 
+def _number(config: dict, key: str, source: str, default: float, above: float) -> float:
+    """``config[key]`` (or ``default``): a finite number above ``above`` (not a string, not a boolean)."""
+    value = config.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not above < value < float("inf"):
+        raise CheckpointError(f"{source}: {key} must be a number above {above:g}, got {value!r}")
+    return float(value)
+
+
 def _llada_model(c: dict) -> dict:
     src = "LLaDA config.json"
     _require(c, src, block_type=("llama",), layer_norm_type=("rms",), activation_type=("silu",),
@@ -124,7 +132,7 @@ def _llada_model(c: dict) -> dict:
     return dict(hidden=_int(c, "d_model", src), heads=heads, kv_heads=_int(c, "n_kv_heads", src, heads) or heads,
                 blocks=_int(c, "n_layers", src), intermediate=_int(c, "mlp_hidden_size", src),
                 vocab=_int(c, "embedding_size", src, c.get("vocab_size")), length=_int(c, "max_sequence_length", src),
-                rope_base=float(c.get("rope_theta", 10000.0)), norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+                rope_base=_number(c, "rope_theta", src, 10000.0, 1), norm_eps=_number(c, "rms_norm_eps", src, 1e-5, 0),
                 qkv_bias=bool(c.get("include_qkv_bias", False)), tie_embeddings=bool(c.get("weight_tying", False)),
                 logit_shift=False)
 
@@ -136,10 +144,7 @@ def _rope_theta(c: dict, src: str) -> float:
     params = c.get("rope_parameters") or {}
     if not isinstance(params, dict) or params.get("rope_type", "default") != "default":
         raise CheckpointError(f"{src}: rope_parameters={params!r} is not supported (plain rotary positions only)")
-    theta = c.get("rope_theta", params.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 1:
-        raise CheckpointError(f"{src}: rope_theta must be a number above 1, got {theta!r}")
-    return float(theta)
+    return _number(c, "rope_theta", src, params.get("rope_theta", 10000.0), 1)
 
 
 def _qwen2_model(c: dict, shift: bool, bias: bool | None = None) -> dict:
@@ -152,7 +157,7 @@ def _qwen2_model(c: dict, shift: bool, bias: bool | None = None) -> dict:
     return dict(hidden=hidden, heads=heads, kv_heads=_int(c, "num_key_value_heads", src, heads) or heads,
                 blocks=_int(c, "num_hidden_layers", src), intermediate=_int(c, "intermediate_size", src),
                 vocab=_int(c, "vocab_size", src), length=_int(c, "max_position_embeddings", src),
-                rope_base=_rope_theta(c, src), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+                rope_base=_rope_theta(c, src), norm_eps=_number(c, "rms_norm_eps", src, 1e-6, 0),
                 qkv_bias=bool(c.get("attention_bias", False)) if bias is None else bias,
                 tie_embeddings=bool(c.get("tie_word_embeddings", False)), logit_shift=shift)
 
@@ -202,7 +207,7 @@ def _gpt2_model(c: dict) -> dict:
     hidden = _int(c, "n_embd", src)
     return dict(backbone="gpt2", hidden=hidden, blocks=_int(c, "n_layer", src), heads=_int(c, "n_head", src),
                 intermediate=c.get("n_inner") or 4 * hidden, vocab=_int(c, "vocab_size", src),
-                length=_int(c, "n_positions", src), norm_eps=float(c.get("layer_norm_epsilon", 1e-5)),
+                length=_int(c, "n_positions", src), norm_eps=_number(c, "layer_norm_epsilon", src, 1e-5, 0),
                 qkv_bias=True, tie_embeddings=True, logit_shift=False)
 
 
@@ -334,7 +339,7 @@ class OpenWeights(WeightSource):
         index = member(self.path, INDEX, self._root)
         if self._file is None and index.is_file():
             weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index} has no weight_map of parameter names to shard files")
             out: dict[str, list[str]] = {}
             for key, shard in weight_map.items():
@@ -397,17 +402,11 @@ class OpenWeights(WeightSource):
             raise CheckpointError(f"{self.path}: the weights need {needed / 2**30:,.1f} GiB in {dtype}; this "
                                   f"machine has {memory_bytes() / 2**30:,.1f} GiB")
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        embeddings = (model.INPUT_EMBEDDING, "lm_head.weight")
         seen = set()
         for name, tensor in self.tensors():
             if name not in expected:
                 raise CheckpointError(f"{self.path}: {name!r} has no place in a model of this config")
-            if name in embeddings and self.tokenizer.mask_id == expected[name][0] - 1 and \
-                    tuple(tensor.shape) == (expected[name][0] - 1, expected[name][1]):
-                # no row for the mask (a causal LM, to which unmask's tokenizer appended one; SMDM's output
-                # layer): the mean embedding as input, zero as output (its logit is excluded anyway)
-                extra = tensor.mean(0, keepdim=True) if name == embeddings[0] else tensor[:1] * 0
-                tensor = torch.cat([tensor, extra])
+            tensor = with_mask_row(model, name, tensor, expected[name], self.tokenizer.mask_id)
             check_dtype(name, tensor, dtype, str(self.path))
             if tuple(tensor.shape) != expected[name]:
                 raise CheckpointError(f"{self.path}: {name!r} has shape {tuple(tensor.shape)}, the config says "
@@ -425,6 +424,18 @@ class OpenWeights(WeightSource):
                                   f"{self.layout.to_theirs(missing[0])!r}")
         model.materialize(device)
         return model
+
+
+def with_mask_row(model: torch.nn.Module, name: str, tensor: torch.Tensor, shape: tuple[int, ...],
+                  mask_id: int) -> torch.Tensor:
+    """``tensor`` with a row for the mask appended when it is an embedding of ``model`` that has none (a
+    causal LM, to which unmask's tokenizer appended a mask; SMDM's output layer): the mean embedding as
+    input, zero as output (its logit is excluded anyway)."""
+    if name not in (model.INPUT_EMBEDDING, "lm_head.weight") or mask_id != shape[0] - 1 or \
+            tuple(tensor.shape) != (shape[0] - 1, *shape[1:]):
+        return tensor
+    extra = tensor.mean(0, keepdim=True) if name == model.INPUT_EMBEDDING else tensor[:1] * 0
+    return torch.cat([tensor, extra])
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -467,7 +478,10 @@ def read_open_weights(folder: Path, meta: dict, root: Path | None = None) -> Ope
     if layout is None:
         return None
     tokenizer = _tokenizer(folder, meta, root)
-    model = layout.model(meta)
+    try:
+        model = layout.model(meta)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
     if model["vocab"] < tokenizer.vocab_size - int(tokenizer.appended_mask and layout.causal):
         raise CheckpointError(f"{folder}: the model has {model['vocab']} embedding rows but the tokenizer "
                               f"{tokenizer.vocab_size} ids")
@@ -478,7 +492,11 @@ def read_open_weights(folder: Path, meta: dict, root: Path | None = None) -> Ope
             "data": {"tokenizer": "hf", "tokenizer_path": str(folder), "length": min(model["length"], 256),
                      "frame": layout.bos_prompt},
             "sample": dict(layout.sample)}
-    return OpenWeights(folder, layout, config_from_dict(tree), tokenizer, meta, root)
+    try:
+        config = config_from_dict(tree)
+    except ConfigError as exc:  # shapes the architecture cannot take (heads that do not divide, ...)
+        raise CheckpointError(f"{folder}/config.json: {exc}") from None
+    return OpenWeights(folder, layout, config, tokenizer, meta, root)
 
 
 SHARD_BYTES = 5 * 2**30  # Hugging Face's default largest shard
@@ -511,6 +529,12 @@ def save_released(source, directory: str | Path, layout: str, weights: dict[str,
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise CheckpointError(f"{directory} exists and is not empty; nothing was written (choose a new folder)")
     weights = weights if weights is not None else source.weights(ema=True)
+    with torch.device("meta"):  # what the written config.json describes, checked before anything is written
+        described = family_of(cfg).network(dataclasses.replace(cfg, model=m), tokenizer)
+    shapes = {k: tuple(v.shape) for k, v in described.state_dict().items()}
+    weights = {k: with_mask_row(described, k, v, shapes[k], tokenizer.mask_id) if k in shapes else v
+               for k, v in weights.items()}  # the folder's config.json counts the mask's row
+    weights = check_weights(described, weights, f"{getattr(source, 'path', 'the model')}")
     weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()
                if not (m.tie_embeddings and k == "lm_head.weight")}
     theirs = lay.unconvert(weights, m, tokenizer.mask_id) if lay.unconvert else \
