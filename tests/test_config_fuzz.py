@@ -179,6 +179,9 @@ CASES = [
     (["eval", "{tok-list}"], "JSON list"),
     (["serve", "{run}", "--timeout", "nan"], "--timeout must be a positive number"),
     (["serve", "{run}", "--max-body-bytes", "0"], "--max-body-bytes must be a positive number"),
+    (["train", "model.backbone=llama", "model.heads=4", "model.kv_heads=3"], "is not a multiple of model.kv_heads=3"),
+    # a size that held the machine before (4 GB and no output)
+    (["sample", "{run}", "sample.num_samples=100000000"], "GiB of results"),
 ]
 
 

@@ -12,7 +12,7 @@ import torch
 from unmask.config import load_config
 from unmask.data.tokenization import CharTokenizer
 from unmask.families import FAMILIES, build_model, build_objective
-from unmask.models.registry import BACKBONES
+from unmask.models.registry import BACKBONES, transformer_blocks
 from unmask.objectives.base import draw_noise
 from unmask.train.memory import model_shape, plan_memory
 from unmask.train.step import Batch, TrainState, train_step
@@ -66,6 +66,13 @@ def test_every_family_trains_through_the_one_step(family):
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_the_memory_plan_knows_every_family_and_backbone(family, backbone):
-    cfg = family_config(family, f"model.backbone={backbone}", "model.intermediate=64")
-    plan = plan_memory(cfg, model_shape(cfg, TOKENIZER), TOKENIZER.vocab_size, device="cpu")
+    cfg = family_config(family, f"model.backbone={backbone}", "model.intermediate=64", "model.blocks=3")
+    shape = model_shape(cfg, TOKENIZER)  # counted from networks of one and two blocks: exactly a full build's
+    with torch.device("meta"):
+        full = FAMILIES[family].network(cfg, TOKENIZER)
+    blocks = transformer_blocks(full)
+    assert (shape.parameters, shape.trainable, shape.blocks, shape.block_parameters, shape.largest_trainable) == (
+        sum(p.numel() for p in full.parameters()), sum(p.numel() for p in full.parameters()), len(blocks),
+        max(sum(p.numel() for p in b.parameters()) for b in blocks), max(p.numel() for p in full.parameters()))
+    plan = plan_memory(cfg, shape, TOKENIZER.vocab_size, device="cpu")
     assert plan.activations > 0 and plan.total > plan.weights > 0

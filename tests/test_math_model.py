@@ -6,7 +6,7 @@ import torch
 
 import unmask.models.dit as dit
 from unmask.config import MODEL_PRESETS, ModelConfig, load_config
-from unmask.models.common import Rotary, apply_rotary, bucketed_positions, count_parameters
+from unmask.models.common import FIRST_TABLE, Rotary, apply_rotary, bucketed_positions, count_parameters
 from unmask.models.dit import DiT
 
 MDLM_BLOCK_KEYS = ["norm1.weight", "attn_qkv.weight", "attn_out.weight", "norm2.weight", "mlp.0.weight",
@@ -205,3 +205,16 @@ def test_the_rotary_table_is_built_once_per_model_not_per_cached_step():
     with torch.no_grad():
         model.rotary_emb.inv_freq.mul_(2.0)  # as loading other weights does: the table follows
     assert not torch.equal(model.rotary_emb(13, torch.device("cpu"))[0], cos) and model.rotary_emb.builds == 2
+
+
+def test_a_model_allowing_10_to_the_8_positions_builds_the_rotary_rows_it_is_asked_for():
+    """The table was built for every position the config allows at the first call: 8.5 GB for a released
+    config stating max_sequence_length=10^8, before an allocation traceback."""
+    cpu = torch.device("cpu")
+    rotary = Rotary(16, max_length=10 ** 8)
+    cos, sin = rotary(16, cpu)
+    assert rotary._cache[1] == FIRST_TABLE and torch.equal(cos, Rotary(16)(16, cpu)[0])
+    longer, _ = rotary(FIRST_TABLE + 1, cpu)  # doubled, not rebuilt for each new position
+    rotary(FIRST_TABLE + 2, cpu)
+    assert rotary.builds == 2 and rotary._cache[1] == 2 * FIRST_TABLE
+    assert torch.equal(longer, Rotary(16)(FIRST_TABLE + 1, cpu)[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from unmask.cli import main
 from unmask.config import load_config
 from unmask.data.tokenization import CharTokenizer
 from unmask.families import build_model, build_objective
+from unmask.models.adapters import add_adapters
 from unmask.objectives.base import draw_noise
 from unmask.runtime import LiveTensorBytes
 from unmask.train.memory import model_shape, plan_memory, plan_table
@@ -81,3 +84,30 @@ def test_plan_command_compares_settings_and_refuses_bad_worlds(capsys):
     assert main(["plan", "quickstart", "--world", "0"]) == 2
     assert main(["plan", "quickstart", "train.batch_size=3", "--world", "2"]) == 2
     assert "not divisible" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backbone", ["dit", "llama"])
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_the_shape_of_an_adapter_run_is_what_a_full_build_counts(backbone, kind):
+    cfg = load_config(None, [f"model.backbone={backbone}", "model.hidden=64", "model.heads=4", "model.blocks=5",
+                             "model.length=64", "data.length=64", f"adapter.kind={kind}", "train.init_from=x"])
+    tokenizer = CharTokenizer("abcdef")
+    shape = model_shape(cfg, tokenizer)
+    with torch.device("meta"):
+        full = build_model(cfg, tokenizer)
+        add_adapters(full, cfg.adapter, backbone)
+    trained = [p for p in full.parameters() if p.requires_grad]
+    assert shape.parameters == sum(p.numel() for p in full.parameters())
+    assert shape.trainable == sum(p.numel() for p in trained) < shape.parameters
+    assert shape.largest_trainable == max(p.numel() for p in trained)
+
+
+def test_a_plan_of_absurd_depth_is_arithmetic_and_an_impossible_one_is_one_line(capsys):
+    """`plan model.blocks=1000000000` built a billion meta modules (3 GB after six minutes); a hidden size
+    of 10^9 was a storage overflow traceback."""
+    start = time.perf_counter()
+    assert main(["plan", "quickstart", "model.blocks=1000000000"]) == 0
+    assert "none of 24/40/80/141 GB" in capsys.readouterr().out and time.perf_counter() - start < 30
+    assert main(["plan", "quickstart", "model.hidden=1000000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot be built" in err, err

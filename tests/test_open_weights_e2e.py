@@ -364,9 +364,12 @@ def _first_tensor(folder, edit):
     save_file(tensors, str(shard))
 
 
+def _read_config(folder):
+    return json.loads((folder / "config.json").read_text())
+
+
 def _config(folder, **changes):
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    (folder / "config.json").write_text(json.dumps({**_read_config(folder), **changes}))
 
 
 DAMAGES = {  # what a released folder holds -> (how to make it, words of the one-line error)
@@ -400,3 +403,28 @@ def test_a_damaged_folder_is_one_line_at_sample_and_export_writes_nothing(folder
         assert out.returncode == 2 and len(errors) == 1, (args, out.stderr[-1500:])
         assert words in errors[0], errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]  # no folder, no .tmp-* left behind
+
+
+def test_a_config_deeper_than_its_weights_is_refused_from_the_names(folders, tmp_path):
+    """config.json with 100000 layers over the weights of 2: `convert` built the whole network (a minute and
+    more) before it found the weights missing; `sample` ran for minutes."""
+    causal, _ = hf_causal_folder(tmp_path / "hf", "qwen2")
+    for folder, args in ((folders["llada"], ["sample", "sample.length=8", "sample.num_samples=1"]),
+                         (causal, ["convert"])):
+        deep = tmp_path / f"deep-{folder.name}"
+        shutil.copytree(folder, deep)
+        _config(deep, **{"n_layers" if "n_layers" in _read_config(deep) else "num_hidden_layers": 100000})
+        start = time.monotonic()
+        out = unmask(args[0], deep, *([tmp_path / "out"] if args == ["convert"] else args[1:]))
+        errors = [line for line in out.stderr.splitlines() if "unmask: error:" in line]
+        assert out.returncode == 2 and len(errors) == 1, out.stderr[-1500:]
+        assert "states 100000 layers but the weights hold 2" in errors[0] and time.monotonic() - start < 20
+
+
+def test_a_config_allowing_10_to_the_8_positions_samples_in_little_memory(folders, tmp_path):
+    """max_sequence_length=10^8 built a rotary table of 10^8 rows (8.5 GB, then an allocation traceback)."""
+    folder = tmp_path / "long"
+    shutil.copytree(folders["llada"], folder)
+    _config(folder, max_sequence_length=10 ** 8)
+    out = unmask("sample", folder, "sample.length=8", "sample.num_samples=1")
+    assert out.returncode == 0, out.stderr[-1500:]

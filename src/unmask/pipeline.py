@@ -31,6 +31,7 @@ from .data.layouts import starts_with_bos
 from .data.tokenization import Tokenizer
 from .families import family_of
 from .objectives.base import Objective
+from .runtime import memory_bytes
 from .samplers.base import SamplingError, row_seeds
 from .samplers.registry import make_sampler
 
@@ -153,6 +154,9 @@ def chat_answer(tokenizer: Tokenizer, generated: list[int]) -> tuple[str, bool]:
     return tokenizer.decode(generated[:end]), end is not None
 
 
+HELD_BYTES_PER_TOKEN = 64  # a generated token kept as a Python int among the ids, plus its share of the text
+
+
 def generate_rows(model, objective: Objective, tokenizer: Tokenizer, cfg: SampleConfig, length: int,
                   model_length: int, prompts: list[str] | None = None, template: str | None = None,
                   bos: bool = False, device: torch.device | str = "cpu", autocast=None,
@@ -185,6 +189,11 @@ def generate_rows(model, objective: Objective, tokenizer: Tokenizer, cfg: Sample
     if length > model_length and not cfg.window:
         raise SamplingError(f"a canvas of {length} tokens (sample.length) exceeds the model's maximum length "
                             f"{model_length}; set sample.window (semi-autoregressive) for longer outputs")
+    held = len(requests) * cfg.num_samples * length * HELD_BYTES_PER_TOKEN
+    if held > memory_bytes() // 2:
+        raise SamplingError(f"{len(requests) * cfg.num_samples:,} samples of {length} tokens would hold about "
+                            f"{held / 2**30:,.0f} GiB of results; this machine has {memory_bytes() / 2**30:,.0f} GiB "
+                            f"(sample fewer at a time, with another sample.seed each)")
     rows = [ids for ids in requests for _ in range(cfg.num_samples)]
     seeds = row_seeds(cfg.seed, len(rows))
     out = Generation([], [], [], 0, 0.0, 0)

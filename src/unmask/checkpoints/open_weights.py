@@ -339,7 +339,8 @@ class OpenWeights(WeightSource):
         index = member(self.path, INDEX, self._root)
         if self._file is None and index.is_file():
             weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+            if not isinstance(weight_map, dict) or not weight_map or \
+                    not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index} has no weight_map of parameter names to shard files")
             out: dict[str, list[str]] = {}
             for key, shard in weight_map.items():
@@ -356,9 +357,20 @@ class OpenWeights(WeightSource):
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"unreadable weights file {single}: {str(exc).splitlines()[0]}") from None
 
+    def check_depth(self, shards: dict[str, list[str]]) -> None:
+        """The number of layers the weight names hold (one more than the largest layer index in them) must
+        be ``config.json``'s: checked from the names alone, before a network of the stated depth is built."""
+        indices = {int(m.group(1)) for keys in shards.values() for key in keys if (m := _LAYER_INDEX.search(key))}
+        held = max(indices) + 1 if indices else 0
+        if held != self.config.model.blocks:
+            raise CheckpointError(f"{self.path}: config.json states {self.config.model.blocks} layers but the "
+                                  f"weights hold {held}")
+
     def tensors(self):
         """(our name, tensor) of every parameter, read one at a time in the checkpoint's dtype."""
-        for shard, keys in self.shards().items():
+        shards = self.shards()
+        self.check_depth(shards)
+        for shard, keys in shards.items():
             path = member(self.path, shard, self._root)
             if not path.is_file():
                 raise CheckpointError(f"shard {shard} listed in {INDEX} is missing from {self.path}")
@@ -395,6 +407,7 @@ class OpenWeights(WeightSource):
                 refuse_beyond_memory(self.config, max(self.tokenizer.vocab_size, self.config.model.vocab), dtype)
             except ConfigError as exc:
                 raise CheckpointError(f"{self.path}: {exc}") from None
+        self.check_depth(self.shards())
         with torch.device("meta"):
             model = family_of(self.config).network(self.config, self.tokenizer).to(dtype)
         needed = sum(t.numel() for t in model.parameters()) * dtype.itemsize
@@ -438,6 +451,7 @@ def with_mask_row(model: torch.nn.Module, name: str, tensor: torch.Tensor, shape
     return torch.cat([tensor, extra])
 
 
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")  # the layer of a weight name: model.layers.3.mlp..., transformer.h.3....
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

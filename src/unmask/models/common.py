@@ -16,13 +16,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+FIRST_TABLE = 4096  # rotary positions built at the first call (more as longer calls come)
+
 
 class Rotary(nn.Module):
-    """The cos/sin table of the rotary embedding, built once for ``max_length`` positions (or the longest
-    asked for) and sliced: a KV-cached decoder asking for one more position at every step does not
-    rebuild it. It is rebuilt only on another device or when ``inv_freq`` is overwritten (loading a
-    checkpoint); ``builds`` counts the builds. ``persistent``: whether ``inv_freq`` is part of the state
-    dict (MDLM's checkpoints carry it; Llama-style ones do not)."""
+    """The cos/sin table of the rotary embedding, built for the positions asked for and sliced: at first
+    for :data:`FIRST_TABLE` positions (at most ``max_length``, at least the length asked for), then
+    doubled when a longer call comes, so a KV-cached decoder asking for one more position at every step
+    rebuilds it a logarithmic number of times, and a model whose config allows 10^8 positions does not
+    build a table of 10^8 rows before its first short call. It is also rebuilt on another device or when
+    ``inv_freq`` is overwritten (loading a checkpoint); ``builds`` counts the builds. ``persistent``:
+    whether ``inv_freq`` is part of the state dict (MDLM's checkpoints carry it; Llama-style ones do not)."""
 
     def __init__(self, head_dim: int, base: float = 10000.0, max_length: int = 0, persistent: bool = True):
         super().__init__()
@@ -43,7 +47,8 @@ class Rotary(nn.Module):
         """cos, sin (length, head_dim) of positions 0 .. length-1, float32."""
         key = (device, self.inv_freq._version)
         if self._cache is None or self._cache[0] != key or self._cache[1] < length:
-            size = max(length, self.max_length)
+            built = self._cache[1] if self._cache is not None else 0
+            size = max(length, min(self.max_length, max(FIRST_TABLE, 2 * built)))
             t = torch.arange(size, device=device, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
             emb = torch.cat([freqs, freqs], dim=-1)

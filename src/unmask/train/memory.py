@@ -84,48 +84,80 @@ def planning_inputs(cfg: RunConfig):
     return cfg, family_of(cfg).data(cfg, init_tokenizer(cfg), False).tokenizer
 
 
-def model_shape(cfg: RunConfig, tokenizer) -> torch.nn.Module:
-    """The run's network on the meta device (no memory), with its adapters when it has some."""
+@dataclass(frozen=True)
+class NetworkShape:
+    """What the planner needs to know of a network: its parameter counts, its number of transformer
+    blocks, the parameters of one block and the largest trainable tensor (elements)."""
+
+    parameters: int
+    trainable: int
+    blocks: int
+    block_parameters: int
+    largest_trainable: int
+
+
+def _built_shape(cfg: RunConfig, tokenizer, blocks: int) -> torch.nn.Module:
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, blocks=blocks))
     with torch.device("meta"):  # (not build_model: a plan may be for more memory than this machine has)
-        model = family_of(cfg).network(cfg, tokenizer)
+        try:
+            model = family_of(cfg).network(cfg, tokenizer)
+        except RuntimeError as exc:  # a tensor of more than 2^63 bytes
+            raise ConfigError(f"a {cfg.family} model of this shape cannot be built: {str(exc).splitlines()[0]}") \
+                from None
         if cfg.adapter.kind != "none":
             add_adapters(model, cfg.adapter, cfg.model.backbone)
     return model
 
 
-def plan_memory(cfg: RunConfig, model: torch.nn.Module, vocab_size: int, world: int = 1,
+def model_shape(cfg: RunConfig, tokenizer) -> NetworkShape:
+    """The :class:`NetworkShape` of the run's network (with its adapters when it has some) in O(1): the
+    network is built on the meta device with one and with two blocks, and the counts of ``model.blocks``
+    blocks follow exactly, since every block is the same (``P(n) = P(1) + (n - 1) (P(2) - P(1))``); a
+    billion blocks costs what two do."""
+    n = cfg.model.blocks
+    one, two = _built_shape(cfg, tokenizer, 1), _built_shape(cfg, tokenizer, 2)
+
+    def grown(count) -> int:
+        return count(one) + (n - 1) * (count(two) - count(one))
+
+    return NetworkShape(parameters=grown(lambda model: sum(p.numel() for p in model.parameters())),
+                        trainable=grown(lambda model: sum(p.numel() for p in model.parameters() if p.requires_grad)),
+                        blocks=grown(lambda model: len(transformer_blocks(model))),
+                        block_parameters=max((sum(p.numel() for p in b.parameters()) for b in transformer_blocks(two)),
+                                             default=0),
+                        largest_trainable=max((p.numel() for p in two.parameters() if p.requires_grad), default=0))
+
+
+def plan_memory(cfg: RunConfig, shape: NetworkShape, vocab_size: int, world: int = 1,
                 device: str = "cuda") -> MemoryPlan:
-    """The plan of ``cfg`` run on ``world`` processes of ``device`` (cuda or cpu); ``model``: its network
-    (e.g. :func:`model_shape`)."""
+    """The plan of ``cfg`` run on ``world`` processes of ``device`` (cuda or cpu); ``shape``: its network's
+    (:func:`model_shape`)."""
     t, m = cfg.train, cfg.model
     if world < 1:
         raise ConfigError(f"--world must be at least 1, got {world}")
     micro, _ = micro_batching(cfg, world)
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params, trainable = shape.parameters, shape.trainable
     compute_bytes = 2 if t.precision == "bf16" else 4
-    blocks = transformer_blocks(model)
     shards = world if t.parallel == "fsdp" else 1
     weights = 4 * params / shards
     if t.parallel == "fsdp":
-        largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
-        weights += 2 * largest * compute_bytes
+        weights += 2 * shape.block_parameters * compute_bytes
     gradients = 4 * trainable / shards
     buckets = 4 * trainable if t.parallel == "ddp" and world > 1 else 0.0
     family = family_of(cfg)
     tokens = micro * cfg.data.length * (2 if family.blocks else 1)  # block diffusion: the two streams
     per_block = BACKBONES[m.backbone].activation_floats * m.hidden
     if t.activation_checkpointing:
-        kept = len(blocks) * m.hidden + per_block
+        kept = shape.blocks * m.hidden + per_block
     else:
-        kept = len(blocks) * per_block
+        kept = shape.blocks * per_block
     loss = family.loss_floats * max(vocab_size, m.vocab) * 4
     activations = tokens * (kept * compute_bytes + loss)
     ema = 4 * trainable / shards if t.ema > 0 else 0.0
     if device == "cuda":
         temporaries = 4 * trainable / shards
     else:
-        temporaries = 2 * 4 * max((p.numel() for p in model.parameters() if p.requires_grad), default=0) / shards
+        temporaries = 2 * 4 * shape.largest_trainable / shards
     return MemoryPlan(params, trainable, world, micro, weights, gradients, buckets, 8 * trainable / shards, ema,
                       activations, temporaries)
 
