@@ -142,8 +142,8 @@ def worker(workload: str, args) -> dict:
     return {"seconds": seconds, "tokens_per_second": tokens / seconds, "result": digest.hexdigest()[:16]}
 
 
-def run_side(tree: Path, workload: str, args) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+def run_side(tree: Path, workload: str, args, extra_env: dict[str, str] | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"), **(extra_env or {}))
     cmd = [sys.executable, __file__, "--worker", workload, *(f"--{k.replace('_', '-')}={v}" for k, v in
            (("preset", args.preset), ("vocab", args.vocab), ("length", args.length), ("batch", args.batch),
             ("steps", args.steps), ("sample_batch", args.sample_batch), ("sample_repeats", args.sample_repeats),
@@ -169,6 +169,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--base-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for the base side's processes only (e.g. MKL_CBWR=AUTO with "
+                             "--base HEAD: the same code under another BLAS mode)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time by the wall clock, or by the process's CPU time (steadier on a shared machine "
@@ -181,6 +184,9 @@ def main() -> None:
         args.length, args.batch, args.steps, args.sample_batch, args.sample_repeats, args.rounds = 16, 2, 1, 2, 1, 1
         args.workloads = "train-mdlm,sample-ar"
     workloads = args.workloads.split(",")
+    if any("=" not in pair for pair in args.base_env):
+        parser.error("--base-env takes KEY=VALUE")
+    base_env = dict(pair.split("=", 1) for pair in args.base_env)
     unknown = set(workloads) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
@@ -196,7 +202,7 @@ def main() -> None:
                 for r in range(args.rounds):
                     order = (("base", base), ("tree", ROOT)) if r % 2 == 0 else (("tree", ROOT), ("base", base))
                     for name, tree in order:
-                        sides[name].append(run_side(tree, workload, args))
+                        sides[name].append(run_side(tree, workload, args, base_env if name == "base" else None))
                 speed = {k: statistics.median(x["tokens_per_second"] for x in v) for k, v in sides.items()}
                 same = len({x["result"] for v in sides.values() for x in v}) == 1
                 record["workloads"][workload] = {**{f"{k}_tokens_per_second": [x["tokens_per_second"] for x in v]

@@ -8,6 +8,8 @@ import unmask.models.dit as dit
 from unmask.config import MODEL_PRESETS, ModelConfig, load_config
 from unmask.models.common import FIRST_TABLE, Rotary, apply_rotary, bucketed_positions, count_parameters
 from unmask.models.dit import DiT
+from unmask.models.gpt2 import GPT2
+from unmask.models.llama import Transformer
 
 MDLM_BLOCK_KEYS = ["norm1.weight", "attn_qkv.weight", "attn_out.weight", "norm2.weight", "mlp.0.weight",
                    "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "adaLN_modulation.weight", "adaLN_modulation.bias"]
@@ -218,3 +220,23 @@ def test_a_model_allowing_10_to_the_8_positions_builds_the_rotary_rows_it_is_ask
     rotary(FIRST_TABLE + 2, cpu)
     assert rotary.builds == 2 and rotary._cache[1] == 2 * FIRST_TABLE
     assert torch.equal(longer, Rotary(16)(FIRST_TABLE + 1, cpu)[0])
+
+
+@pytest.mark.parametrize("backbone", ["dit", "llama", "gpt2"])
+def test_a_rows_logits_do_not_depend_on_the_other_rows_of_its_forward(backbone):
+    """Batch invariance at its root: Intel's MKL computed small matrix products with other kernels than
+    large ones, so a row's logits alone and among three others differed by ~1e-8 (a cached five-token
+    block gave a LLaDA row other tokens alone than batched); unmask sets MKL's strict mode on import."""
+    cfg = load_config(None, [f"model.backbone={backbone}", "model.hidden=64", "model.heads=4", "model.blocks=2",
+                             "model.cond_dim=16", "model.length=32", "data.length=32", "model.dropout=0"]).model
+    network = {"dit": DiT, "llama": Transformer, "gpt2": GPT2}[backbone]
+    torch.manual_seed(0)
+    model = network(cfg, 50).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        for tokens in (1, 5, 16):
+            ids = torch.randint(0, 50, (4, tokens))
+            together = model(ids, torch.zeros(4))
+            for r in range(4):
+                assert torch.equal(model(ids[r:r + 1], torch.zeros(1))[0], together[r]), (tokens, r)

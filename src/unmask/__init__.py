@@ -14,9 +14,18 @@ The Python API (the same operations as the ``unmask`` command)::
 ``FAMILIES`` and ``SAMPLERS`` are the registries of model families and samplers.
 """
 
+import os
 from importlib import import_module
 
 __version__ = "0.1.0"
+
+# Batch invariance on CPUs: Intel's MKL computes a small matrix product with other kernels than a large
+# one, so a row's logits depended on how many rows shared the forward (by ~1e-8, enough to flip a tie and
+# give a request other tokens alone than batched). MKL's strict reproducibility mode computes each row the
+# same way whatever the number of rows (and threads). MKL reads it at its first call, so it is set when
+# unmask is imported; a user's own MKL_CBWR is kept (MKL_CBWR=AUTO: MKL's fastest kernels, 1.5-3x faster
+# single-row products on Intel CPUs, without the guarantee). README "Guarantees", BENCHMARKS.md "BLAS mode".
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 # the public names and their modules, imported at the first use of any of them (PEP 562): `import unmask`
 # loads nothing heavy, so that the command line (`unmask.__main__`) can set process-wide options before
