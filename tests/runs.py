@@ -71,5 +71,27 @@ def torchrun(run_dir: Path, *extra: str, processes: int = 2, wait: bool = True, 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from Linux's /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command name)"
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
 def weights(run_dir: Path, kind: str) -> dict[str, torch.Tensor]:
     return Checkpoint(list_checkpoints(run_dir / "checkpoints")[-1]).tensors(kind)

@@ -169,3 +169,16 @@ def test_an_adapter_run_pins_its_base_by_path_and_by_content(tmp_path, corpus, b
     with pytest.raises(CheckpointError, match="trained on other weights"):
         train(adapter_run(corpus, run, base, "lora", "train.steps=4", "train.save_every=2"))
     assert before.isfinite().all()
+
+
+def test_an_edited_adapter_rank_is_named_not_a_traceback(tmp_path, corpus, base, capsys):
+    """adapter.rank edited in a checkpoint whose checksums.json is gone was a size-mismatch RuntimeError."""
+    run = tmp_path / "lora"
+    train(adapter_run(corpus, run, base, "lora", "train.steps=1"))
+    for ckpt in (run / "checkpoints").iterdir():
+        (ckpt / "checksums.json").unlink()
+        (ckpt / "config.yaml").write_text((ckpt / "config.yaml").read_text().replace("rank: 4", "rank: 8"))
+    capsys.readouterr()
+    assert main(["sample", str(run), "sample.num_samples=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "but adapter.rank=8 of its config makes" in err, err

@@ -182,6 +182,8 @@ CASES = [
     (["train", "model.backbone=llama", "model.heads=4", "model.kv_heads=3"], "is not a multiple of model.kv_heads=3"),
     # a size that held the machine before (4 GB and no output)
     (["sample", "{run}", "sample.num_samples=100000000"], "GiB of results"),
+    # accepted before, with no effect but twice the network calls
+    (["sample", "{run}", "sample.guidance=1"], "guides towards a prompt"),
 ]
 
 

@@ -20,7 +20,7 @@ from unmask.train.loop import train
 from unmask.train.optim import EMA, parameter_groups
 from unmask.train.parallel import restore
 
-from runs import EXACT, SOFT_MASK, config, max_diff, records, step_records, torchrun, weights
+from runs import EXACT, SOFT_MASK, child_pids, config, max_diff, records, running, step_records, torchrun, weights
 
 pytestmark = pytest.mark.slow
 
@@ -76,11 +76,17 @@ def test_sharded_resume_is_exact_after_a_kill_and_continues_on_another_world_siz
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both of its workers
+        workers = child_pids(proc.pid)
+        assert len(workers) == 2, workers
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's group; each worker is in a session of its own
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    gone_by = time.monotonic() + 10  # the workers die with their launcher (they went on training before)
+    while any(running(pid) for pid in workers) and time.monotonic() < gone_by:
+        time.sleep(0.05)
+    assert not any(running(pid) for pid in workers), workers
     resumed_from = Checkpoint(list_checkpoints(killed / "checkpoints")[-1]).step
     assert resumed_from < steps, "the kill came too late to test a resume"
     torchrun(killed, *common, corpus=corpus)

@@ -428,3 +428,14 @@ def test_a_config_allowing_10_to_the_8_positions_samples_in_little_memory(folder
     _config(folder, max_sequence_length=10 ** 8)
     out = unmask("sample", folder, "sample.length=8", "sample.num_samples=1")
     assert out.returncode == 0, out.stderr[-1500:]
+
+
+def test_convert_refuses_a_vocabulary_the_weights_do_not_have(tmp_path):
+    """A config.json vocab_size of 44 over embeddings of 48 rows was converted with exit 0 (the model took the
+    weights' size and ignored the config)."""
+    causal, _ = hf_causal_folder(tmp_path / "hf", "qwen2")
+    _config(causal, vocab_size=44)
+    out = unmask("convert", causal, tmp_path / "out")
+    errors = [line for line in out.stderr.splitlines() if "unmask: error:" in line]
+    assert out.returncode == 2 and len(errors) == 1 and "has shape (48, 32)" in errors[0], out.stderr[-1500:]
+    assert not (tmp_path / "out").exists()

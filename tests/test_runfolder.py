@@ -114,6 +114,35 @@ def test_export_never_replaces_what_unmask_did_not_write(corpus, tmp_path, capsy
     assert (tmp_path / "m.ckpt").read_text() == "someone's file"
     assert (tmp_path / "hf" / "config.json").read_text() == "{}"
 
+    # a dangling symbolic link (a traceback that left a .tmp-* folder) and an empty folder for a .ckpt file
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "out").symlink_to(tmp_path / "nowhere")
+    for to in ("unmask", "mdlm-hf", "mdlm-ckpt"):
+        assert main(["export", str(run), str(tmp_path / "links" / "out"), "--to", to]) == 2
+        assert "symbolic link" in error_line(capsys)
+    assert [p.name for p in (tmp_path / "links").iterdir()] == ["out"] and not (tmp_path / "nowhere").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(run), str(tmp_path / "empty"), "--to", "mdlm-ckpt"]) == 2
+    assert "writes one .ckpt file" in error_line(capsys) and not any((tmp_path / "empty").iterdir())
+
+
+def test_a_result_file_that_cannot_be_written_loses_nothing(corpus, tmp_path, capsys):
+    """`sample --json FOLDER` and `--json /dev/full` were tracebacks after the work, with the samples lost."""
+    run = tmp_path / "run"
+    assert main(train_args(corpus, run)) == 0
+    capsys.readouterr()
+    for command in (["sample", str(run), "sample.num_samples=1"], ["eval", str(run), "eval.max_sequences=2"]):
+        assert main([*command, "--json", str(tmp_path)]) == 2  # refused before the work
+        captured = capsys.readouterr()
+        assert captured.out == "" and "is a folder" in captured.err.strip() and len(captured.err.splitlines()) == 1
+        assert main([*command, "--json", str(tmp_path / "no" / "such.json")]) == 2
+        assert "does not exist" in error_line(capsys)
+    if Path("/dev/full").exists():
+        assert main(["sample", str(run), "sample.num_samples=1", "--json", "/dev/full"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out.strip()  # the samples were printed first
+        assert captured.err.strip().splitlines()[-1].startswith("unmask: error: --json /dev/full could not be written")
+
 
 def wait_for(condition, proc, log: Path, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds

@@ -51,6 +51,7 @@ from .eval.likelihood import EvaluationError, format_result
 from .eval.runs import run_eval, run_sample, run_zero_shot
 from .experiments.scaling import plot_sweep, run_sweep, summarize
 from .families import family_of
+from .files import OutputFileError, output_file, write_output
 from .pipeline import Generation, checkpoint_config
 from .runtime import device_for
 from .samplers.base import SamplingError
@@ -62,7 +63,7 @@ from .train.memory import compared_settings, model_shape, plan_memory, plan_tabl
 from .train.rl import rl_train
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfVocabularyError, FileNotFoundError, SamplingError,
-               TokenizerFileError, TrainingError, EvaluationError)
+               TokenizerFileError, TrainingError, EvaluationError, OutputFileError)
 
 
 def format_zero_shot(r: dict) -> str:
@@ -110,6 +111,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.json:
+        output_file(args.json, "--json")
     ckpt = open_source(args.checkpoint, args.tokenizer)
     if args.zero_shot:
         cfg = checkpoint_config(ckpt, [o for o in args.overrides if not o.startswith("data.")])
@@ -131,9 +134,9 @@ def cmd_eval(args) -> int:
             line = format_result(result, cfg.eval.split)
     print(line, file=sys.stderr)
     text = json.dumps(json_safe(result), allow_nan=False)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
     print(text)
+    if args.json:
+        write_output(Path(args.json), text + "\n", "--json")
     return 0
 
 
@@ -149,13 +152,15 @@ def json_safe(value):
 
 
 def cmd_sample(args) -> int:
+    if args.json:
+        output_file(args.json, "--json")
     ckpt = open_source(args.checkpoint, args.tokenizer)
     cfg = checkpoint_config(ckpt, args.overrides)
     gen = run_sample(ckpt, cfg, device_for(args.device), args.prompt, args.template, args.chat)
+    print_samples(gen)  # first: a result file that cannot be written loses nothing
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": gen.summary(), "texts": gen.texts, "ids": gen.ids,
-                                               "row_nfe": gen.row_nfe}) + "\n")
-    print_samples(gen)
+        write_output(Path(args.json), json.dumps({"summary": gen.summary(), "texts": gen.texts, "ids": gen.ids,
+                                                  "row_nfe": gen.row_nfe}) + "\n", "--json")
     return 0
 
 

@@ -14,7 +14,9 @@ and ``.ckpt`` files, hub snapshots, evaluator folders) is read through these hel
   before any ``torch`` loading function sees the file: a TorchScript archive (``code/``,
   ``constants.pkl``), which ``torch.load`` would hand to ``torch.jit.load`` and so run code from
   the file, is refused, as are compressed records (zip bombs) and records larger than the file;
-* :func:`sha256_file` is the checksum that checkpoints and exported folders record for their files.
+* :func:`sha256_file` is the checksum that checkpoints and exported folders record for their files;
+* :func:`output_file` / :func:`write_output` check a result file's place before the work and turn a
+  failed write (a full disk) into a one-line error after it.
 """
 
 from __future__ import annotations
@@ -112,6 +114,28 @@ def check_torch_archive(path: Path) -> None:
     pickle = next(r for r in records if r.filename.endswith("/data.pkl"))
     if pickle.file_size > PICKLE_LIMIT:
         raise UnsafeFileError(f"{path}: data.pkl is {pickle.file_size:,} bytes, more than {PICKLE_LIMIT:,}")
+
+
+class OutputFileError(ValueError):
+    """A result cannot be written where the user asked (a folder, a missing folder, a full disk)."""
+
+
+def output_file(path: str | Path, flag: str) -> Path:
+    """``path`` (given with ``flag``) checked before any work: not a folder, inside an existing folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputFileError(f"{flag} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise OutputFileError(f"{flag} {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def write_output(path: Path, text: str, flag: str) -> None:
+    """Write ``text`` to ``path``; an OSError (a full disk, ``/dev/full``) is a one-line error naming it."""
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise OutputFileError(f"{flag} {path} could not be written: {exc.strerror or exc}") from None
 
 
 def sha256_file(path: Path, chunk: int = 2**22) -> str:

@@ -186,6 +186,10 @@ def generate_rows(model, objective: Objective, tokenizer: Tokenizer, cfg: Sample
         length = max(length, len(requests[0]) + int(bos)) if grows else len(requests[0]) + int(bos)
     else:
         requests = [request_ids(tokenizer, p, template=False) for p in prompts] if prompts else [[]]
+    if getattr(cfg, "guidance", 0.0) and not any(requests):
+        raise SamplingError(f"sample.guidance={cfg.guidance:g} guides towards a prompt (SMDM eq. 7), and these "
+                            f"samples have none: it would only double the network calls (give --prompt or "
+                            f"--template, or leave sample.guidance at 0)")
     if length > model_length and not cfg.window:
         raise SamplingError(f"a canvas of {length} tokens (sample.length) exceeds the model's maximum length "
                             f"{model_length}; set sample.window (semi-autoregressive) for longer outputs")

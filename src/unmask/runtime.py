@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import signal
+import threading
+import time
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,9 +47,38 @@ class Distributed:
         return t.tolist()
 
 
+LAUNCHER_POLL_S = 0.5  # how often a worker looks whether its launcher is still there
+
+
+def die_with_launcher() -> None:
+    """End this process (SIGKILL, what a killed launcher got) once the process that started it is gone.
+    ``torchrun`` starts every worker in a session of its own, so a ``kill -9`` of the launcher or of its
+    process group does not reach the workers, which went on training and saving for many minutes. A daemon
+    thread compares the parent's pid with the one at start (an orphan is adopted by another process);
+    started once per process."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(LAUNCHER_POLL_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="unmask-launcher-watch", daemon=True).start()
+
+
+_watching = False
+
+
 def init_distributed(group: bool = False) -> Distributed:
     """Join the process group that ``torchrun`` describes (gloo on CPU, NCCL on CUDA), or run alone
-    (in a process group of one with ``group``: what FSDP's device mesh needs)."""
+    (in a process group of one with ``group``: what FSDP's device mesh needs). A worker of ``torchrun``
+    dies with it (:func:`die_with_launcher`)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_launcher()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world == 1:

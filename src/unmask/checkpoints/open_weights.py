@@ -392,17 +392,23 @@ class OpenWeights(WeightSource):
                 raise CheckpointError(f"unreadable weights file {path}: {str(exc).splitlines()[0]}") from None
 
     def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
-        return dict(self.tensors())
+        """Every parameter under our name, checked against ``config.json`` (names, shapes, types, finite
+        values), with a causal LM's missing mask row appended as :meth:`build` does."""
+        model = self._meta_network(self.dtype, "cpu")
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        tensors = {k: with_mask_row(model, k, v, shapes[k], self.tokenizer.mask_id) if k in shapes else v
+                   for k, v in self.tensors()}
+        return check_weights(model, tensors, str(self.path))
 
     def ema_state(self) -> None:
         return None
 
-    def build(self, ema: bool = True, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-        """The network with the folder's weights, in ``dtype`` (default: the checkpoint's own, bf16 for
-        the released models), made on the meta device and filled tensor by tensor, so the weights are
-        in memory once. ``ema`` is accepted for the common interface (released weights have no EMA)."""
-        dtype = dtype or self.dtype
-        if torch.device(device).type == "cpu":
+    def _meta_network(self, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
+        """The network of ``config.json`` on the meta device, after the checks that cost O(1): weights that
+        would not fit this machine's memory (when they are to be on the CPU) and a depth the weight names do
+        not have."""
+        cpu = torch.device(device).type == "cpu"
+        if cpu:
             try:
                 refuse_beyond_memory(self.config, max(self.tokenizer.vocab_size, self.config.model.vocab), dtype)
             except ConfigError as exc:
@@ -411,9 +417,17 @@ class OpenWeights(WeightSource):
         with torch.device("meta"):
             model = family_of(self.config).network(self.config, self.tokenizer).to(dtype)
         needed = sum(t.numel() for t in model.parameters()) * dtype.itemsize
-        if torch.device(device).type == "cpu" and needed > memory_bytes():
+        if cpu and needed > memory_bytes():
             raise CheckpointError(f"{self.path}: the weights need {needed / 2**30:,.1f} GiB in {dtype}; this "
                                   f"machine has {memory_bytes() / 2**30:,.1f} GiB")
+        return model
+
+    def build(self, ema: bool = True, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+        """The network with the folder's weights, in ``dtype`` (default: the checkpoint's own, bf16 for
+        the released models), made on the meta device and filled tensor by tensor, so the weights are
+        in memory once. ``ema`` is accepted for the common interface (released weights have no EMA)."""
+        dtype = dtype or self.dtype
+        model = self._meta_network(dtype, device)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         seen = set()
         for name, tensor in self.tensors():

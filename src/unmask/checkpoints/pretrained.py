@@ -205,6 +205,9 @@ class AdapterCheckpoint(WeightSource):
         state = model.state_dict()
         for key, value in tensors.items():
             check_dtype(key, value, state[key].dtype, str(self.path))
+            if value.shape != state[key].shape:
+                raise CheckpointError(f"{self.path}: adapter tensor {key!r} has shape {tuple(value.shape)}, but "
+                                      f"adapter.rank={cfg.adapter.rank} of its config makes {tuple(state[key].shape)}")
         check_finite(tensors, str(self.path))
         model.load_state_dict(tensors, strict=False)
         return model
@@ -395,6 +398,8 @@ def export(source: Checkpoint | Pretrained, out: str | Path, to: str = MODEL_TYP
     ``mdlm-hf`` (the ``mdlm-owt`` folder layout, with the tokenizer) or ``mdlm-ckpt`` (a
     Lightning-layout ``.ckpt``)."""
     out = Path(out)
+    if out.is_symlink():
+        raise CheckpointError(f"{out} is a symbolic link; an export never writes through one (choose a new path)")
     if to == MODEL_TYPE:
         return save_pretrained(source, out, ema=ema, metrics=metrics)
     if to in WRITABLE:
@@ -412,6 +417,8 @@ def export(source: Checkpoint | Pretrained, out: str | Path, to: str = MODEL_TYP
             source.tokenizer.tk.save(str(out / "tokenizer.json"))
         return out
     if to == "mdlm-ckpt":
+        if out.is_dir():
+            raise CheckpointError(f"{out} is a folder; --to mdlm-ckpt writes one .ckpt file (give a file name)")
         released.write_mdlm_ckpt(out, source.weights(ema=False), source.ema_state(), source.config, source.step)
         return out
     raise CheckpointError(f"unknown export format '{to}' (unmask, mdlm-hf, mdlm-ckpt)")

@@ -91,10 +91,13 @@ def clear_run_folder(run_dir: Path) -> None:
 
 
 def replaceable(target: Path, layout: dict) -> bool:
-    """True when ``target`` is absent, an empty folder, or a folder holding only ``layout``'s entries."""
+    """True when ``target`` is absent, an empty folder, or a folder holding only ``layout``'s entries (never
+    a symbolic link, even a dangling one: what it points to is not unmask's)."""
+    if target.is_symlink():
+        return False
     if not target.exists():
         return True
-    return target.is_dir() and not target.is_symlink() and not foreign_entries(target, layout)
+    return target.is_dir() and not foreign_entries(target, layout)
 
 
 class RunLock:
