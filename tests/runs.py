@@ -35,7 +35,7 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def step_records(run_dir: Path) -> dict[int, dict]:
-    """The last loss record of every step (metrics.jsonl is append-only: a resumed run re-logs steps)."""
+    """The loss record of every step."""
     out = {}
     for r in records(run_dir):
         if "loss" in r:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import struct
 from pathlib import Path
 
@@ -86,6 +87,25 @@ def test_a_missing_file_of_a_checkpoint_is_named_not_replaced_by_another(run, ca
         assert str(newest / "ema.safetensors") in line and "is missing" in line, line
     with pytest.raises(CheckpointError, match="is missing"):
         from_pretrained(run)
+
+
+def test_a_file_put_into_a_checkpoint_is_not_part_of_it(corpus, tmp_path, capsys):
+    """An ema.safetensors put into a checkpoint trained without an EMA (not in its checksums.json) was read,
+    unverified, as its EMA weights by sample, eval and from_pretrained."""
+    run = tmp_path / "no-ema"
+    assert main(["train", *args(corpus, run, "train.steps=2", "train.ema=0")]) == 0
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    sample = ["sample", str(run), "sample.num_samples=2", "sample.steps=4", "--json", str(tmp_path / "s.json")]
+    assert main(sample) == 0
+    before = json.loads((tmp_path / "s.json").read_text())["ids"]
+    shutil.copy(newest / "model.safetensors", newest / "ema.safetensors")
+    overwrite_data(newest / "ema.safetensors", 1.0)
+    assert main(sample) == 0 and json.loads((tmp_path / "s.json").read_text())["ids"] == before
+    capsys.readouterr()
+    assert main(["eval", str(run), "eval.max_sequences=2"]) == 0
+    assert '"ema": false' in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="not written with the checkpoint"):
+        Checkpoint(run).file("ema.safetensors")
 
 
 def test_non_finite_weights_without_checksums_are_an_error(run, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,6 +194,11 @@ def test_resuming_with_other_settings_is_refused_and_keeps_the_config(corpus, tm
         assert (run / "config.yaml").read_text() == saved
     assert main(train_args(corpus, run, "train.steps=3", "train.log_every=2", "sample.steps=7")) == 0
     assert Checkpoint(run).step == 3
+
+    moved = tmp_path / "moved"  # a copied or moved run folder resumes by its content, not by its old path
+    shutil.copytree(run, moved)
+    assert main(train_args(corpus, moved, "train.steps=4")) == 0
+    assert Checkpoint(moved).step == 4 and Checkpoint(run).step == 3
 
 
 def test_rl_refuses_a_folder_that_is_not_empty(corpus, tmp_path, capsys):

@@ -140,6 +140,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, corpus, capsys, threads):
     a, b = step_records(run_a), step_records(run_b)
     assert sorted(a) == sorted(b) == list(range(1, n + 1))
     lines = records(run_b)
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, n + 1))  # the steps redone are not repeated
     second_start = max(i for i, r in enumerate(lines) if r.get("event") == "start")
     assert [r["step"] for r in lines[second_start:] if "loss" in r] == list(range(resumed_from + 1, n + 1))
     for s in a:  # the killed run's steps and the resumed run's steps alike

@@ -182,6 +182,9 @@ def verified(folder: Path, name: str, checksums: dict[str, str]) -> Path:
     """``folder/name`` after checking that it lies in ``folder`` and matches its recorded checksum."""
     path = member(folder, name)
     expected = checksums.get(name)
+    if checksums and expected is None and path.is_file():
+        raise CheckpointError(f"{path} was not written with the checkpoint (it is not in its {CHECKSUMS}); "
+                              f"refusing to read it")
     if expected is not None and not path.is_file():
         raise CheckpointError(f"corrupt checkpoint: {path}, recorded in {CHECKSUMS} when it was written, is missing")
     if expected is not None and sha256_file(path) != expected:
@@ -317,6 +320,11 @@ class WeightSource:
     def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    @property
+    def has_ema(self) -> bool:
+        """Whether ``weights(ema=True)`` gives EMA weights (else the raw ones)."""
+        return False
+
     def build(self, ema: bool = True, device: torch.device | str = "cpu") -> torch.nn.Module:
         """The network with this source's weights (EMA weights by default, where there are)."""
         model = build_model(self.config, self.tokenizer)
@@ -361,9 +369,15 @@ class Checkpoint(WeightSource):
             raise CheckpointError(f"corrupt checkpoint {self.path}: shards={shards!r}")
         return shards
 
+    @property
+    def has_ema(self) -> bool:
+        return self.has("ema")
+
     def has(self, kind: str) -> bool:
+        """Whether the checkpoint holds ``kind``'s tensors: written with it (listed in ``checksums.json``;
+        a file put there since is not part of it), or present in a checkpoint from before checksums."""
         name = shard_name(kind, 0, self.shards) if self.shards else f"{kind}.safetensors"
-        return (self.path / name).is_file()
+        return name in self.checksums if self.checksums else (self.path / name).is_file()
 
     def tensors(self, kind: str, rank: int | None = None) -> dict[str, torch.Tensor]:
         """The tensors of ``kind`` (model, ema or optimizer), full; or, of a sharded checkpoint, only

@@ -84,6 +84,10 @@ class Pretrained(WeightSource):
     def ema_state(self) -> dict[str, torch.Tensor] | None:
         return self._ema
 
+    @property
+    def has_ema(self) -> bool:
+        return self._ema is not None
+
 
 def _gpt2_tokenizer(folder: Path | None, tokenizer_path: str | None, root: Path | None = None) -> Tokenizer:
     given = Path(tokenizer_path) if tokenizer_path else None
@@ -216,7 +220,11 @@ class AdapterCheckpoint(WeightSource):
         return merged_weights(self.with_adapters(ema))
 
     def ema_state(self) -> dict[str, torch.Tensor] | None:
-        return self.weights(ema=True) if self.ckpt.has("ema") else None
+        return self.weights(ema=True) if self.has_ema else None
+
+    @property
+    def has_ema(self) -> bool:
+        return self.ckpt.has("ema")
 
 
 def open_source(path: str | Path, tokenizer_path: str | None = None,

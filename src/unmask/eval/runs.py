@@ -63,7 +63,7 @@ def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool 
     e = cfg.eval
     result = likelihood_of_rows(model, objective, data.rows(e.split), cfg.data, tokenizer, e.mc_samples, e.batch_size,
                                 e.max_sequences, e.seed, resolve_precision(e.precision, device), device, progress)
-    result.update(split=e.split, checkpoint=str(ckpt.path), step=ckpt.step, ema=e.use_ema)
+    result.update(split=e.split, checkpoint=str(ckpt.path), step=ckpt.step, ema=e.use_ema and ckpt.has_ema)
     return result
 
 

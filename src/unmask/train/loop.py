@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -68,9 +69,10 @@ def init_tokenizer(cfg: RunConfig):
     return with_oov_policy(open_source(cfg.train.init_from).tokenizer, cfg.data.oov, cfg.data.oov_replacement)
 
 
-# Keys a resumed run may change: they do not alter what is computed at each step.
-RESUMABLE = ("train.steps", "train.max_minutes", "train.log_every", "train.save_every", "train.keep_checkpoints",
-             "train.eval_every", "train.eval_sequences", "train.progress", "train.compile",
+# Keys a resumed run may change: they do not alter what is computed at each step (run_dir: a run folder
+# moved or copied elsewhere resumes by its content, not by the path it was trained at).
+RESUMABLE = ("run_dir", "train.steps", "train.max_minutes", "train.log_every", "train.save_every",
+             "train.keep_checkpoints", "train.eval_every", "train.eval_sequences", "train.progress", "train.compile",
              "train.init_from", "train.parallel", "train.cpu_offload", "train.activation_checkpointing",
              "train.track_memory", "data.cache_dir", "eval", "sample", "rl")
 
@@ -115,10 +117,33 @@ def micro_batching(cfg: RunConfig, world: int) -> tuple[int, int]:
 
 
 class MetricsLog:
-    """Append-only JSONL metrics, written by the main process."""
+    """JSONL metrics, appended by the main process; one record per step and event."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
+
+    def resume_at(self, step: int) -> int:
+        """Drop the records of the steps after ``step`` (logged after the checkpoint a resume starts from,
+        before a kill: they are done again) and a line cut short by the kill; rewritten beside the file and
+        renamed into place. Returns how many records were dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if isinstance(record, dict) and record.get("step", 0) > step:
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        if dropped:
+            tmp = self.path.with_name(f".tmp-{self.path.name}-{os.getpid()}")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+        return dropped
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -254,10 +279,11 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
                        ema, device, precision, micro, t.grad_clip, dist.world, sync)
     order = BatchOrder(len(train_rows), t.batch_size, t.seed)
     log = MetricsLog(run_dir / "metrics.jsonl", dist.main)
+    redone = log.resume_at(start_step)
     if dist.main:
-        log.write({"event": "start", "step": start_step, "parameters": params, "world": dist.world,
-                   "parallel": t.parallel, "trainable_parameters": trainable, "precision": precision,
-                   "device": str(device), "train_rows": len(train_rows), "micro_batch": micro,
+        log.write({"event": "start", "step": start_step, "dropped_records": redone, "parameters": params,
+                   "world": dist.world, "parallel": t.parallel, "trainable_parameters": trainable,
+                   "precision": precision, "device": str(device), "train_rows": len(train_rows), "micro_batch": micro,
                    "accumulation": accumulation})
 
     bar = None
