@@ -7,6 +7,7 @@ the continued steps, and the largest absolute difference of the final weights, E
 shards reduce in another order than one process does, so the two drift apart by float rounding).
 
     python benchmarks/fsdp_resume.py --seeds 0,1,2,3 --lrs 0.003,0.01
+    python benchmarks/fsdp_resume.py --extra model.hidden=128 model.blocks=4 model.length=128 data.length=128
     python benchmarks/fsdp_resume.py --smoke          # one setting; nothing is recorded
 """
 
@@ -55,8 +56,9 @@ def largest_difference(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-def compare(tmp: Path, seed: int, lr: float, steps: int) -> dict:
-    overrides = [f"train.seed={seed}", f"train.lr={lr}", f"train.steps={steps}", f"train.save_every={steps // 2}"]
+def compare(tmp: Path, seed: int, lr: float, steps: int, extra: list[str]) -> dict:
+    overrides = [*extra, f"train.seed={seed}", f"train.lr={lr}", f"train.steps={steps}",
+                 f"train.save_every={steps // 2}"]
     two = tmp / f"two-{seed}-{lr}"
     train(two, overrides, processes=2)
     one = tmp / f"one-{seed}-{lr}"
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--lrs", default="0.003,0.01")
     parser.add_argument("--steps", type=int, default=8, help="steps of the two-process run; saved at the half")
+    parser.add_argument("--extra", nargs="*", default=[], help="more key=value overrides (another shape)")
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("--smoke", action="store_true", help="one setting of 4 steps; nothing is recorded")
     args = parser.parse_args()
@@ -89,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in map(int, args.seeds.split(",")):
             for lr in map(float, args.lrs.split(",")):
-                result = compare(Path(tmp), seed, lr, args.steps)
+                result = compare(Path(tmp), seed, lr, args.steps, args.extra)
                 record["settings"].append(result)
                 print(f"seed {seed} lr {lr:g}: loss {result['relative']['loss']:.2e}, grad norm "
                       f"{result['relative']['grad_norm']:.2e} (relative); weights {result['absolute']['model']:.2e}, "
