@@ -29,9 +29,9 @@ class Autoregressive(Objective):
              exact: bool = False) -> torch.Tensor:
         """Per-sequence exact NLL (B,) over counted positions."""
         index, n = bucketed_positions(counted)
-        every = n == x0.numel()  # then ``index`` is 0 .. B*L-1: score the whole output, no gather
-        logits = model(self.inputs(x0), positions=None if every else index)
-        if every:
-            logits = logits.reshape(n, -1)
+        # the output layer at the gathered positions, also when every position counts: its (N, V) logits are
+        # then a tensor of their own, and the loss's in-place fill of the mask column does not make autograd
+        # replay a view of the (B, L, V) output in the backward pass (a copy and a fill of the whole logits)
+        logits = model(self.inputs(x0), positions=index)
         return per_sequence_sums(masked_cross_entropy(logits, x0.reshape(-1)[index], self.mask_id, n), index,
                                  x0.shape)
