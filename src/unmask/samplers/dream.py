@@ -22,6 +22,7 @@ from .base import (
     ranks_in_row,
     reveal_candidates,
     spread,
+    top_index,
 )
 from .denoiser import BLOCK_CACHES, DenoiseSettings, DiffusionSampler, block_cache_start, block_chunk
 from .engine import Decoding, Frame, Outcome
@@ -99,7 +100,7 @@ class DreamSampler(DiffusionSampler):
         if self.temperature == 0:
             probs = logits.softmax(-1)
             allowed = probs.index_fill(-1, torch.tensor([self.mask_id], device=probs.device), -1.0)
-            x0 = allowed.argmax(-1)
+            x0 = top_index(allowed)
         else:
             probs = categorical_probs(logits, self.temperature, self.top_k, self.top_p).float()
             x0 = streams.categorical(categorical_probs(logits, self.temperature, self.top_k, self.top_p,

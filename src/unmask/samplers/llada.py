@@ -21,6 +21,7 @@ from .base import (
     ranks_in_row,
     reveal_candidates,
     spread,
+    top_index,
 )
 from .denoiser import BLOCK_CACHES, DenoiseSettings, DiffusionSampler, block_cache_start, block_chunk
 from .engine import Decoding, Frame, Outcome
@@ -112,10 +113,10 @@ class LLaDASampler(DiffusionSampler):
         allowed = logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), float("-inf"))
         counter = step * PURPOSES
         if self.temperature == 0:
-            x0 = allowed.argmax(-1)
+            x0 = top_index(allowed)
         else:  # Gumbel-max in float64: argmax(l - T log(-log u)), LLaDA's exp(l) / (-log u)^T in log space
             u = streams.uniforms(rows, counter + TOKEN, cols, logits.shape[-1])
-            x0 = (allowed.double() - self.temperature * torch.log(-torch.log(u))).argmax(-1)
+            x0 = top_index(allowed.double() - self.temperature * torch.log(-torch.log(u)))
         keys = streams.uniform(rows, counter + ORDER, cols) if self.score == "random" else None
         return x0, confidence_scores(probs, x0, self.score, keys).double()
 
