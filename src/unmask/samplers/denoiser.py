@@ -161,11 +161,13 @@ def block_cache_start(model, canvas: torch.Tensor, mask_id: int, block_cache: st
     return int(first[0])
 
 
-def block_chunk(x: torch.Tensor, call: int, start: int, end: int, mode: str | None) -> Chunk:
+def block_chunk(x: torch.Tensor, call: int, start: int, end: int, mode: str | None, read: torch.Tensor) -> Chunk:
     """Call ``call`` of Fast-dLLM's cached decoding of the block ``[start, end)`` of ``x`` (B, L): the first
     feeds the whole canvas and records the cache (``mode`` prefix or dual); later ones feed the block alone
     (dual) or the canvas from the block on (prefix); without a cache (``mode`` None) every call feeds the
-    whole canvas. The chunk's ``length`` is where its first position sits in the canvas."""
+    whole canvas. The chunk's ``length`` is where its first position sits in the canvas; its logits come
+    at the positions ``read`` (B, L) bool of the canvas (inside the block), (N, V) row-major."""
     if call == 0 or mode is None:
-        return Chunk(x, mode, record=call == 0)
-    return Chunk(x[:, start:end] if mode == "dual" else x[:, start:], mode, length=start)
+        return Chunk(x, mode, record=call == 0, positions=read)
+    stop = end if mode == "dual" else x.shape[1]
+    return Chunk(x[:, start:stop], mode, length=start, positions=read[:, start:stop])

@@ -191,15 +191,13 @@ class DreamSampler(DiffusionSampler):
             start, end = start0 + k * self.block_length, min(start0 + (k + 1) * self.block_length, length)
             i = 0
             while i == 0 or (x[:, start:end] == self.mask_id).any():
-                call = block_chunk(x, i, start, end, mode)
-                out, offset = (yield call), call.length
-                step += 1
-                row_nfe += 1
                 todo = torch.zeros_like(free)
                 todo[:, start:end] = x[:, start:end] == self.mask_id
+                out = yield block_chunk(x, i, start, end, mode, read=todo)
+                step += 1
+                row_nfe += 1
                 where = todo.nonzero()
-                x0, confidence = self.candidates(out[where[:, 0], where[:, 1] - offset], streams, where[:, 0],
-                                                 step * PURPOSES, where[:, 1])
+                x0, confidence = self.candidates(out, streams, where[:, 0], step * PURPOSES, where[:, 1])
                 score = spread(confidence.double(), where, x.shape, float("-inf"))
                 if i == 0:  # the block's first position, by argmax, whatever its confidence
                     chosen = torch.zeros_like(free)

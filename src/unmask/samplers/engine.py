@@ -58,14 +58,16 @@ class Denoise:
 
 @dataclass
 class Chunk:
-    """Fast-dLLM's cached decoding: logits (B, Lc, V) float32 of ``ids`` (B, Lc), the canvas from position
-    ``length`` on, through the decoding's block cache of ``mode`` (prefix or dual; ``record``: store every
-    layer's keys and values, ``length`` 0), or without a cache (``mode`` None)."""
+    """Fast-dLLM's cached decoding: logits float32 of ``ids`` (B, Lc), the canvas from position ``length``
+    on, through the decoding's block cache of ``mode`` (prefix or dual; ``record``: store every layer's keys
+    and values, ``length`` 0), or without a cache (``mode`` None): (B, Lc, V), or (N, V) at the ``positions``
+    (B, Lc) bool the decoding reads, row-major (the output layer runs only there)."""
 
     ids: torch.Tensor
     mode: str | None
     record: bool = False
     length: int = 0
+    positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -382,12 +384,12 @@ class DecodingEngine:
         handle.nfe += 1
         if isinstance(call, Chunk):
             if call.mode is None:
-                return self.model(call.ids).float()
+                return self.model(call.ids, positions=call.positions).float()
             cache = handle.caches.get(call.mode)
             if cache is None:
                 cache = handle.caches[call.mode] = BlockCache(call.mode)
             cache.recording, cache.length = call.record, call.length
-            return self.model(call.ids, cache=cache).float()
+            return self.model(call.ids, cache=cache, positions=call.positions).float()
         if isinstance(call, Causal):
             if not call.cached:
                 return self.model(call.ids)[:, -1]

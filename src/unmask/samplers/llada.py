@@ -192,11 +192,10 @@ class LLaDASampler(DiffusionSampler):
                 todo = (x == self.mask_id) & in_block
                 if i > 0 and not todo.any() and not (self.reference_compatible and i == 1):
                     break
-                call = block_chunk(x, i, start, end, self.block_cache)
-                out, offset = (yield call), call.length
+                out = yield block_chunk(x, i, start, end, self.block_cache, read=todo)
                 step += 1
                 count = None if self.parallel else counts[:, i] if i < per_block else torch.zeros_like(counts[:, 0])
-                self._reveal(x, out[todo[:, offset:offset + out.shape[1]]], streams, rows, todo, step, row_nfe, count)
+                self._reveal(x, out, streams, rows, todo, step, row_nfe, count)
                 yield Frame(x)
                 i += 1
                 if i > 1 and not ((x == self.mask_id) & in_block).any():
