@@ -50,16 +50,13 @@ class Distributed:
 LAUNCHER_POLL_S = 0.5  # how often a worker looks whether its launcher is still there
 
 
+@lru_cache(maxsize=1)
 def die_with_launcher() -> None:
     """End this process (SIGKILL, what a killed launcher got) once the process that started it is gone.
     ``torchrun`` starts every worker in a session of its own, so a ``kill -9`` of the launcher or of its
     process group does not reach the workers, which went on training and saving for many minutes. A daemon
     thread compares the parent's pid with the one at start (an orphan is adopted by another process);
     started once per process."""
-    global _watching
-    if _watching:
-        return
-    _watching = True
     parent = os.getppid()
 
     def watch() -> None:
@@ -68,9 +65,6 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="unmask-launcher-watch", daemon=True).start()
-
-
-_watching = False
 
 
 def init_distributed(group: bool = False) -> Distributed:

@@ -367,10 +367,9 @@ class OpenWeights(WeightSource):
                                   f"weights hold {held}")
 
     def tensors(self):
-        """(our name, tensor) of every parameter, read one at a time in the checkpoint's dtype."""
-        shards = self.shards()
-        self.check_depth(shards)
-        for shard, keys in shards.items():
+        """(our name, tensor) of every parameter, read one at a time in the checkpoint's dtype (after
+        :meth:`_meta_network`'s checks, which :meth:`weights` and :meth:`build` make first)."""
+        for shard, keys in self.shards().items():
             path = member(self.path, shard, self._root)
             if not path.is_file():
                 raise CheckpointError(f"shard {shard} listed in {INDEX} is missing from {self.path}")
