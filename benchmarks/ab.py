@@ -7,7 +7,8 @@ alternating order, so machine drift cancels. Weights, data and seeds are the sam
 the workloads also say whether the two trees compute the same numbers (``same_result``).
 
 Workloads (nano preset, character vocabulary unless ``--vocab``):
-  train-mdlm, train-ar: forward, loss, backward, clipping, AdamW and EMA on a (B, L) batch;
+  train-mdlm, train-ar, train-bd3: forward, loss, backward, clipping, AdamW and EMA on a (B, L) batch
+  (train-bd3: block diffusion, blocks of L/8);
   sample-ancestral (T = L), sample-ancestral-cached (T = 4L), sample-first-hitting, sample-ar (KV cache),
   sample-llada-dual (LLaDA's sampler, T = L, blocks of L/4, Fast-dLLM's dual cache),
   sample-bd3 (block diffusion, blocks of L/8, ancestral T = 16 inside each block, exact KV cache);
@@ -53,8 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import append_record, run_header  # noqa: E402
 
-WORKLOADS = ("train-mdlm", "train-ar", "sample-ancestral", "sample-ancestral-cached", "sample-first-hitting",
-             "sample-ar", "sample-llada-dual", "sample-bd3", "loop-ar")
+WORKLOADS = ("train-mdlm", "train-ar", "train-bd3", "sample-ancestral", "sample-ancestral-cached",
+             "sample-first-hitting", "sample-ar", "sample-llada-dual", "sample-bd3", "loop-ar")
 
 
 class FreeNetwork(torch.nn.Module):
@@ -89,7 +90,7 @@ def worker(workload: str, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    family = ("ar" if workload == "train-ar" else "mdlm") if workload.startswith("train") else \
+    family = {"train-ar": "ar", "train-bd3": "bd3lm"}.get(workload, "mdlm") if workload.startswith("train") else \
         sampling(workload, args.length)[0]
     tokenizer = CharTokenizer("".join(chr(0x100 + i) for i in range(args.vocab - 4)))
     blocks = [f"model.block_size={max(1, args.length // 8)}"] if family == "bd3lm" else []

@@ -77,24 +77,34 @@ def settings(gen: int, block: int) -> list[tuple[str, dict]]:
                                                            temperature=0.0))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def shape_arguments(parser: argparse.ArgumentParser, blocks: int, prompt: int, batches: str) -> None:
+    """The LLaDA-shaped model's and the decoding's flags (shared by the scripts that use :func:`llada_folder`)."""
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--blocks", type=int, default=blocks)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--mlp", type=int, default=1536)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=prompt)
     parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("--block", type=int, default=32)
-    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--batches", default=batches)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     parser.add_argument("--tag", default="cpu")
+
+
+def smoke_shape(args: argparse.Namespace) -> None:
+    """``--smoke``: the tiny model and decoding."""
+    args.hidden, args.blocks, args.heads, args.mlp, args.vocab = 32, 1, 2, 64, 64
+    args.prompt, args.gen, args.block, args.batches, args.rounds = 4, 8, 4, "2", 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    shape_arguments(parser, blocks=8, prompt=32, batches="1,4")
     args = parser.parse_args()
     if args.smoke:
-        args.hidden, args.blocks, args.heads, args.mlp, args.vocab = 32, 1, 2, 64, 64
-        args.prompt, args.gen, args.block, args.batches, args.rounds = 4, 8, 4, "2", 1
+        smoke_shape(args)
     with tempfile.TemporaryDirectory() as tmp:
         folder = llada_folder(Path(tmp) / "llada", args.hidden, args.blocks, args.heads, args.mlp, args.vocab,
                               args.prompt + args.gen + 8)

@@ -14,7 +14,7 @@ import torch
 from unmask.cli import main
 from unmask.config import ConfigError, ModelConfig, SampleConfig, load_config
 from unmask.data.tokenization import CharTokenizer
-from unmask.models.common import BlockCache, two_stream_layout
+from unmask.models.common import BlockCache, Layout, attend, two_stream_layout
 from unmask.models.dit import DiT
 from unmask.models.registry import build_backbone
 from unmask.objectives.base import Noise, draw_noise
@@ -196,6 +196,61 @@ def test_the_logits_of_a_block_model_see_only_earlier_clean_blocks():
         assert not torch.allclose(a[:, 12:], b[:, 12:])
         full = BlockDiffusion(LogLinear(), mask_id, 16).logits(model, xt, x0, None)
         torch.testing.assert_close(full, model(xt), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length,block,kv_heads", [(16, 1, 4), (30, 4, 2), (24, 24, 4), (28, 8, 1)])
+def test_the_tiled_two_stream_attention_equals_the_dense_mask(length, block, kv_heads):
+    """The tiles of the two-stream pattern give the values and gradients of one SDPA call with the whole
+    2L x 2L mask, with and without the last block's clean tokens, for grouped-query attention too."""
+    torch.manual_seed(length + block)
+    for clean in (length, block * ((length - 1) // block)):
+        layout = two_stream_layout(length, block, "cpu", clean)
+        n = length + clean
+        assert layout.tiles and sum(t.queries.stop - t.queries.start for t in layout.tiles) == n
+        assert sum(t.allowed.numel() if t.allowed is not None else 0 for t in layout.tiles) < n * n
+        q = torch.randn(2, 4, n, 8, dtype=torch.float64, requires_grad=True)
+        k, v = (torch.randn(2, kv_heads, n, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        g = torch.randn(2, 4, n, 8, dtype=torch.float64)
+        tiled = attend(q, k, v, False, layout.tiles)
+        grads = torch.autograd.grad((tiled * g).sum(), (q, k, v))
+        dense = attend(q, k, v, False, layout.allowed)
+        expected = torch.autograd.grad((dense * g).sum(), (q, k, v))
+        torch.testing.assert_close(tiled, dense, rtol=1e-12, atol=1e-12)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backbone", ["dit", "llama", "gpt2"])
+def test_the_training_pass_equals_the_full_two_stream_pass(backbone):
+    """The loss's pass (tiles, the last block's clean tokens left out, the last layer computing the x_t half
+    only) gives the loss and the gradients of the plain pass: all 2L tokens, the dense mask, every output."""
+    mask_id, length, block = 20, 30, 8
+    if backbone == "dit":
+        model = random_dit(length=32)
+    else:
+        torch.manual_seed(0)
+        shape = ModelConfig(backbone=backbone, hidden=32, heads=4, blocks=2, intermediate=64, length=32, dropout=0.0,
+                            kv_heads=2 if backbone == "llama" else 0)
+        model = build_backbone(shape, 21, False, mask_id)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    objective = BlockDiffusion(LogLinear(), mask_id, block, t_min=0.0)
+    x0 = torch.randint(0, 20, (3, length))
+    counted = torch.ones_like(x0, dtype=torch.bool)
+    noise = draw_noise(3, length, torch.Generator().manual_seed(2))
+    fast = objective.loss(model, x0, counted, noise)
+    fast_grads = torch.autograd.grad(fast.sum(), list(model.parameters()))
+    xt, weight = objective.noised(x0, counted, noise, False)
+    full = two_stream_layout(length, block, "cpu")
+    dense = Layout(full.positions, full.allowed, full.span)
+    logits = model(torch.cat([xt, x0], 1), torch.zeros(3), layout=dense)[:, :length]
+    never_mask = logits.index_fill(-1, torch.tensor([mask_id]), float("-inf"))  # SUBS: x_0 is never the mask
+    nll = -never_mask.log_softmax(-1).gather(-1, x0[..., None])[..., 0]
+    plain = (nll.double() * weight * (xt == mask_id)).sum(1)
+    plain_grads = torch.autograd.grad(plain.sum(), list(model.parameters()))
+    torch.testing.assert_close(fast.double(), plain, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))  # fp32 sums
 
 
 def inner_samplers(objective):

@@ -35,6 +35,7 @@ from .checkpoints.open_weights import WRITABLE, OpenWeights
 from .checkpoints.pretrained import export, open_source, save_pretrained
 from .config import (
     CONFIG_DIR,
+    QUANTIZE_SCHEMES,
     ConfigError,
     config_from_dict,
     config_keys,
@@ -110,9 +111,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def quantize_overrides(args, sections: tuple[str, ...]) -> None:
+    """``--quantize X`` as the overrides ``SECTION.quantize=X``, after the others (the flag wins)."""
+    if args.quantize:
+        args.overrides = [*args.overrides, *(f"{section}.quantize={args.quantize}" for section in sections)]
+
+
 def cmd_eval(args) -> int:
     if args.json:
         output_file(args.json, "--json")
+    quantize_overrides(args, ("eval", "sample"))
     ckpt = open_source(args.checkpoint, args.tokenizer)
     if args.zero_shot:
         cfg = checkpoint_config(ckpt, [o for o in args.overrides if not o.startswith("data.")])
@@ -154,6 +162,7 @@ def json_safe(value):
 def cmd_sample(args) -> int:
     if args.json:
         output_file(args.json, "--json")
+    quantize_overrides(args, ("sample",))
     ckpt = open_source(args.checkpoint, args.tokenizer)
     cfg = checkpoint_config(ckpt, args.overrides)
     gen = run_sample(ckpt, cfg, device_for(args.device), args.prompt, args.template, args.chat)
@@ -212,7 +221,7 @@ def cmd_serve(args) -> int:
                          max_n=args.max_n, max_steps=args.max_steps, max_body_bytes=args.max_body_bytes,
                          max_stream_lag=args.max_stream_lag)
     serve(args.checkpoint, args.host, args.port, str(device_for(args.device)), config, args.model_precision,
-          args.tokenizer, args.name)
+          args.tokenizer, args.name, args.quantize)
     return 0
 
 
@@ -229,6 +238,7 @@ def cmd_convert(args) -> int:
     return 0
 
 
+QUANTIZE_HELP = "the network's weights for inference: int8 weight-only (torchao; unmask[quantize]) or none"
 TOKENIZER_HELP = "tokenizer folder for a released model that ships none (MDLM: GPT-2's; SMDM: TinyLlama's)"
 CARD_METRICS = ("nll", "stderr", "perplexity", "bits_per_token", "bits_per_char", "gen_ppl", "entropy", "mauve")
 
@@ -373,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", help="also write the result as JSON to this file")
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         p.add_argument("--tokenizer", help=TOKENIZER_HELP)
+        p.add_argument("--quantize", choices=QUANTIZE_SCHEMES,
+                       help=QUANTIZE_HELP + (" (sets eval.quantize and sample.quantize)" if name == "eval" else
+                                             " (sets sample.quantize)"))
         if name == "eval":
             p.add_argument("--zero-shot", metavar="CORPUS", help="wikitext2 / wikitext103 (with data.path=DIR) or "
                            "a text file or folder: perplexity with and without EOS between documents")
@@ -410,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     p.add_argument("--model-precision", default="fp32", choices=("fp32", "bf16", "auto"),
                    help="network precision (fp32: bit-reproducible samples)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE_SCHEMES, help=QUANTIZE_HELP)
     p.add_argument("--max-batch-rows", type=int, default=32, help="rows per batched forward pass")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long the worker waits for more requests of the same shape")

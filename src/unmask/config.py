@@ -191,6 +191,7 @@ class EvalConfig:
     use_ema: bool = True  # score the EMA weights
     seed: int = 0  # seed of the Monte-Carlo draws and the row subset
     precision: str = "fp32"  # auto, fp32 or bf16
+    quantize: str = "none"  # weights of the scored network: none or int8 (weight-only, torchao)
 
 
 @dataclass(init=False)
@@ -209,6 +210,7 @@ class SampleConfig:
     num_samples: int = 4  # samples per prompt (or unconditional)
     length: int = 0  # canvas length (0: data.length)
     model_precision: str = "fp32"  # the network's precision: auto, fp32 or bf16
+    quantize: str = "none"  # the network's weights: none or int8 (weight-only, torchao)
     seed: int = 0  # row i draws from (seed, i): batching does not change samples
     batch_size: int = 16  # rows per sampler call
     use_ema: bool = True  # sample with the EMA weights
@@ -333,6 +335,8 @@ class RunConfig:
 
 # Allowed values of string keys. The families (``unmask.families``) and the samplers
 # (``unmask.samplers.registry``) register theirs, so that each is named in one place.
+QUANTIZE_SCHEMES = ("none", "int8")  # see unmask.models.quantize
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.layout": ("wrap", "pad"),
     "data.documents": ("file", "line", "blank_line"),
@@ -349,6 +353,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.metric": ("likelihood", "generation", "exact_match"),
     "eval.precision": ("auto", "fp32", "bf16"),
     "sample.model_precision": ("auto", "fp32", "bf16"),
+    "eval.quantize": QUANTIZE_SCHEMES,
+    "sample.quantize": QUANTIZE_SCHEMES,
     "classifier.pooling": ("mean", "cls"),
     "rl.mode": ("model", "schedule", "co"),
 }

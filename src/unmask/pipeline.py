@@ -243,10 +243,11 @@ class LoadedModel:
 
 
 def from_pretrained(path: str | Path, ema: bool = True, device: str | torch.device = "cpu",
-                    tokenizer_path: str | None = None, **ckpt_options) -> LoadedModel:
-    """Load any model source (run folder, ``save_pretrained`` folder, released MDLM, hub id)."""
+                    tokenizer_path: str | None = None, quantize: str = "none", **ckpt_options) -> LoadedModel:
+    """Load any model source (run folder, ``save_pretrained`` folder, released MDLM, hub id); ``quantize``:
+    ``int8`` weights for inference (:mod:`unmask.models.quantize`)."""
     source = open_source(path, tokenizer_path, **ckpt_options)
-    model, objective = load_model(source, ema=ema, device=device)
+    model, objective = load_model(source, ema=ema, device=device, quantize=quantize)
     return LoadedModel(model, objective, source.tokenizer, source.config, source)
 
 

@@ -50,6 +50,7 @@ from ..config import RunConfig, dump_config, load_config
 from ..data.tokenization import Tokenizer, load_tokenizer
 from ..families import build_model, build_objective
 from ..files import CheckpointError, member, read_json, sha256_file
+from ..models.quantize import quantize_weights
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -499,6 +500,8 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
     model.load_state_dict(check_weights(model, tensors, source), strict=True)
 
 
-def load_model(ckpt: WeightSource, ema: bool = True, device: torch.device | str = "cpu"):
-    """(model in eval mode, objective) of any model source, with EMA weights by default."""
-    return ckpt.build(ema=ema, device=device).eval(), build_objective(ckpt.config, ckpt.tokenizer)
+def load_model(ckpt: WeightSource, ema: bool = True, device: torch.device | str = "cpu", quantize: str = "none"):
+    """(model in eval mode, objective) of any model source, with EMA weights by default; ``quantize``: its
+    weights for inference (``int8``, see :mod:`unmask.models.quantize`)."""
+    model = quantize_weights(ckpt.build(ema=ema, device=device).eval(), quantize)
+    return model, build_objective(ckpt.config, ckpt.tokenizer)

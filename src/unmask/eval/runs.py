@@ -57,13 +57,14 @@ def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool 
         return run_generation_eval(ckpt, cfg, device)
     if cfg.eval.metric == "exact_match":
         return run_exact_match(ckpt, cfg, device)
-    model, objective = load_model(ckpt, ema=cfg.eval.use_ema, device=device)
+    model, objective = load_model(ckpt, ema=cfg.eval.use_ema, device=device, quantize=cfg.eval.quantize)
     tokenizer = reading_tokenizer(ckpt, cfg)
     data = Data(cfg.data, tokenizer=tokenizer, progress=progress)
     e = cfg.eval
     result = likelihood_of_rows(model, objective, data.rows(e.split), cfg.data, tokenizer, e.mc_samples, e.batch_size,
                                 e.max_sequences, e.seed, resolve_precision(e.precision, device), device, progress)
-    result.update(split=e.split, checkpoint=str(ckpt.path), step=ckpt.step, ema=e.use_ema and ckpt.has_ema)
+    result.update(split=e.split, checkpoint=str(ckpt.path), step=ckpt.step, ema=e.use_ema and ckpt.has_ema,
+                  quantize=e.quantize)
     return result
 
 
@@ -89,7 +90,7 @@ def run_exact_match(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
     if cfg.eval.max_sequences > 0:
         pairs = [pairs[i] for i in select_rows(len(pairs), cfg.eval.max_sequences, cfg.eval.seed)]
     s = cfg.sample
-    model, objective = load_model(ckpt, ema=s.use_ema, device=device)
+    model, objective = load_model(ckpt, ema=s.use_ema, device=device, quantize=s.quantize)
     precision = resolve_precision(s.model_precision, device)
     tokenizer = reading_tokenizer(ckpt, cfg)
     result = exact_match(model, objective, tokenizer, s, pairs, s.length or cfg.data.length, cfg.model.length,
@@ -101,7 +102,7 @@ def run_exact_match(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
 def run_sample(ckpt: Source, cfg: RunConfig, device: torch.device, prompts: list[str] | None = None,
                template: str | None = None, chat: bool = False) -> Generation:
     s = cfg.sample
-    model, objective = load_model(ckpt, ema=s.use_ema, device=device)
+    model, objective = load_model(ckpt, ema=s.use_ema, device=device, quantize=s.quantize)
     precision = resolve_precision(s.model_precision, device)
     return generate_rows(model, objective, reading_tokenizer(ckpt, cfg), s, s.length or cfg.data.length,
                          cfg.model.length, prompts, template, bos=starts_with_bos(cfg.data), device=device,
@@ -147,7 +148,7 @@ def run_zero_shot(ckpt: Source, cfg: RunConfig, target: str, overrides: list[str
                     documents=given.get("documents", "line"))
     data.update({k: v for k, v in given.items() if k not in ("insert_eos",)})
     out = {"zero_shot": target, "split": cfg.eval.split, "checkpoint": str(ckpt.path), "step": ckpt.step}
-    model, objective = load_model(ckpt, ema=cfg.eval.use_ema, device=device)
+    model, objective = load_model(ckpt, ema=cfg.eval.use_ema, device=device, quantize=cfg.eval.quantize)
     e = cfg.eval
     for insert_eos in (True, False):
         run_cfg = config_from_dict(merge_trees(to_dict(cfg), {"data": dict(data, insert_eos=insert_eos)}))

@@ -209,14 +209,17 @@ def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
     return sum(p.numel() for p in params.values())
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None = None,
-           cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+           mask: torch.Tensor | tuple[AttentionTile, ...] | None = None, cache: KVCache | None = None,
+           layer: int = 0) -> torch.Tensor:
     """SDPA over q (B, H, L, d) and k, v (B, K, L, d) (K divides H: grouped-query attention, query head ``j``
     on key/value head ``floor(j / (H / K))``). ``cache``: the new keys and values join the cached ones and
-    the cache says which each query sees; else ``mask`` (bool, broadcast to (B, H, L, L), see
-    :func:`attention_mask`) hides keys, combined with the causal pattern when ``causal``."""
+    the cache says which each query sees; else ``mask`` (bool, broadcast to (B, H, L, L), or a layout's
+    tiles, see :func:`attention_mask`) hides keys, combined with the causal pattern when ``causal``."""
     length = q.shape[2]
     is_causal = causal
+    if isinstance(mask, tuple):
+        return tiled_attention(q, k, v, mask)
     if cache is not None:
         k, v, mask = cache.update(layer, k, v)
         is_causal = False
@@ -227,14 +230,61 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
+class AttentionTile(NamedTuple):
+    """A run of consecutive queries and the only keys any of them sees: ``keys`` a slice or (K,) indices,
+    ``allowed`` (Q, K) bool among those keys, or None where every query sees every one of them."""
+
+    queries: slice
+    keys: slice | torch.Tensor
+    allowed: torch.Tensor | None
+
+
+def attention_tiles(allowed: torch.Tensor, queries_per_tile: int) -> tuple[AttentionTile, ...]:
+    """The (L, L) bool pattern ``allowed`` cut into runs of ``queries_per_tile`` queries, each keeping only
+    the keys it sees. A sparse pattern (block diffusion's two streams: a noisy block sees its own block and
+    the clean blocks before it) then costs the scores it allows plus the tiles' ragged edges, not L^2."""
+    tiles = []
+    for start in range(0, allowed.shape[0], queries_per_tile):
+        rows = allowed[start:start + queries_per_tile]
+        keys = rows.any(0).nonzero()[:, 0]
+        sub = rows[:, keys]
+        first, count = int(keys[0]), keys.numel()
+        contiguous = int(keys[-1]) - first + 1 == count
+        tiles.append(AttentionTile(slice(start, start + rows.shape[0]),
+                                   slice(first, first + count) if contiguous else keys,
+                                   None if bool(sub.all()) else sub))
+    return tuple(tiles)
+
+
+def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    tiles: tuple[AttentionTile, ...]) -> torch.Tensor:
+    """SDPA tile by tile (:func:`attention_tiles`, covering the queries in order): the same softmax over the
+    same keys as one call with the whole mask, summed in another order (equal to float rounding)."""
+    out = []
+    queries = q.split([tile.queries.stop - tile.queries.start for tile in tiles], dim=2)
+    for tile, query in zip(tiles, queries):
+        if isinstance(tile.keys, slice):
+            keys, values = k[:, :, tile.keys], v[:, :, tile.keys]
+        else:
+            keys, values = k.index_select(2, tile.keys), v.index_select(2, tile.keys)
+        out.append(F.scaled_dot_product_attention(query, keys, values, attn_mask=tile.allowed,
+                                                  enable_gqa=k.shape[1] != q.shape[1]))
+    return torch.cat(out, dim=2)
+
+
 class Layout(NamedTuple):
     """Tokens that are not one plain sequence (block diffusion's two streams): the rotary position of each
     input token (L,), which keys each query sees (L, L) bool, and ``span`` = the largest position + 1 (a
-    Python int: no device synchronization in the forward pass)."""
+    Python int: no device synchronization in the forward pass). ``tiles``: the same pattern cut into
+    :func:`attention_tiles` (what the forward pass uses when given), else the whole mask goes to SDPA.
+    ``read``: only the first ``read`` tokens' outputs are read (None: all), so the last block computes
+    queries, attention and MLP for them alone (every token's keys and values are still needed)."""
 
     positions: torch.Tensor
     allowed: torch.Tensor
     span: int
+    tiles: tuple[AttentionTile, ...] | None = None
+    read: int | None = None
 
 
 def block_diffusion_layout(positions: torch.Tensor, clean: torch.Tensor, block_size: int,
@@ -250,23 +300,52 @@ def block_diffusion_layout(positions: torch.Tensor, clean: torch.Tensor, block_s
     return Layout(positions, allowed, int(positions.max()) + 1 if span is None else span)
 
 
+TILES_PER_STREAM = 4  # tiles of the two-stream training pattern: fewer calls, or fewer wasted scores
+
+
 @functools.lru_cache(maxsize=16)
-def two_stream_layout(length: int, block_size: int, device: torch.device | str) -> Layout:
-    """The training input ``[x_t ; x_0]`` (2L tokens): positions 0 .. L-1 for each half (built once per
-    shape and device; its tensors are never written)."""
-    positions = torch.arange(length, device=device).repeat(2)
-    clean = torch.arange(2 * length, device=device) >= length
-    return block_diffusion_layout(positions, clean, block_size, span=length)
+def two_stream_layout(length: int, block_size: int, device: torch.device | str, clean: int | None = None) -> Layout:
+    """The training input ``[x_t ; x_0[:clean]]``: positions 0 .. L-1, then 0 .. clean-1 (``clean`` = L when
+    None; no query of ``x_t`` reads the clean tokens of the last block, so the loss may leave them out).
+    Its tiles are whole blocks, at most :data:`TILES_PER_STREAM` per stream, so each stream's tile skips
+    the later blocks it cannot see; only the ``x_t`` half is read. Built once per shape and device; its
+    tensors are never written."""
+    clean = length if clean is None else clean
+    positions = torch.cat([torch.arange(length, device=device), torch.arange(clean, device=device)])
+    stream = torch.arange(length + clean, device=device) >= length
+    layout = block_diffusion_layout(positions, stream, block_size, span=length)
+    per_tile = block_size * -(-length // (block_size * TILES_PER_STREAM))
+    noisy = attention_tiles(layout.allowed[:length], per_tile)
+    clean_tiles = attention_tiles(layout.allowed[length:], per_tile) if clean else ()
+    shifted = tuple(tile._replace(queries=slice(tile.queries.start + length, tile.queries.stop + length))
+                    for tile in clean_tiles)
+    return layout._replace(tiles=noisy + shifted, read=length)
 
 
-def attention_mask(keep: torch.Tensor | None, layout: Layout | None) -> torch.Tensor | None:
+def attention_mask(keep: torch.Tensor | None,
+                   layout: Layout | None) -> torch.Tensor | tuple[AttentionTile, ...] | None:
     """The boolean SDPA mask of a call: ``keep`` (B, L) hides padding keys from every query; ``layout``
-    gives its own pattern (one of them at most)."""
+    gives its own pattern, its tiles when it has them (one of ``keep`` and ``layout`` at most)."""
     if keep is not None and layout is not None:
         raise ValueError("a key padding mask (keep) and a token layout do not combine")
     if keep is not None:
         return keep[:, None, None, :]
-    return None if layout is None else layout.allowed
+    if layout is None:
+        return None
+    return layout.allowed if layout.tiles is None else layout.tiles
+
+
+def layer_attention(mask: torch.Tensor | tuple[AttentionTile, ...] | None, layout: Layout | None, layer: int,
+                    layers: int) -> tuple[torch.Tensor | tuple[AttentionTile, ...] | None, int | None]:
+    """The mask of block ``layer`` of ``layers`` and how many leading tokens it computes outputs for: in the
+    last block, only the tokens the layout reads (its tiles of those queries), else all of them (None)."""
+    if layout is None or layout.read is None or layer != layers - 1:
+        return mask, None
+    if isinstance(mask, tuple):
+        mask = tuple(tile for tile in mask if tile.queries.stop <= layout.read)
+    else:
+        mask = mask[:layout.read]
+    return mask, layout.read
 
 
 def rotary_table(rotary: Rotary, start: int, length: int, layout: Layout | None,

@@ -28,7 +28,17 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from ..config import ModelConfig
-from .common import KVCache, Layout, Rotary, apply_rotary, attend, attention_mask, rotary_table, select_positions
+from .common import (
+    KVCache,
+    Layout,
+    Rotary,
+    apply_rotary,
+    attend,
+    attention_mask,
+    layer_attention,
+    rotary_table,
+    select_positions,
+)
 from .softmask import SoftFeedback, input_embeddings, soft_mask_for
 
 
@@ -112,10 +122,11 @@ class DDiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x, rotary, cond, causal: bool, cache: KVCache | None = None, layer: int = 0,
-                mask: torch.Tensor | None = None, modulation: torch.Tensor | None = None):
+                mask: torch.Tensor | None = None, modulation: torch.Tensor | None = None, read: int | None = None):
         """``cond`` (C, cond_dim): the conditioning this block's ``adaLN_modulation`` turns into its rows
         (C, 6H), unless they come precomputed as ``modulation`` (computed here, the block's weights are
-        used inside its own forward: what FSDP, which gathers them per block, needs)."""
+        used inside its own forward: what FSDP, which gathers them per block, needs). ``read``: outputs
+        (B, read, H) of the first ``read`` tokens only (all tokens' keys and values)."""
         b, length, hidden = x.shape
         if modulation is None:
             modulation = self.adaLN_modulation(cond)
@@ -126,6 +137,8 @@ class DDiTBlock(nn.Module):
         cos, sin = rotary  # (L, d): q and k rotated together, into contiguous (2, B, heads, L, d) for SDPA
         q, k = apply_rotary(qk.permute(2, 0, 3, 1, 4), cos, sin).unbind(0)  # each (B, heads, L, d)
         v = v.squeeze(2).transpose(1, 2)
+        if read is not None:
+            x, q, length = x[:, :read], q[:, :, :read], read
         attn = attend(q, k, v, causal, mask, cache, layer).transpose(1, 2).reshape(b, length, hidden)
         x = x + self.dropout(gated_linear(self.attn_out, attn, gate_msa))
         h = self.mlp[1](self.mlp[0](self.norm2(x, shift_mlp, scale_mlp)))
@@ -211,7 +224,8 @@ class DiT(nn.Module):
         rotary = rotary_table(self.rotary_emb, start, length, layout, x.device)
         mask = attention_mask(keep, layout)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, cond, self.causal, cache, i, mask, None if rows is None else rows[i])
+            block_mask, read = layer_attention(mask, layout, i, len(self.blocks))
+            x = block(x, rotary, cond, self.causal, cache, i, block_mask, None if rows is None else rows[i], read)
         if cache is not None:
             cache.advance(length)
         return x, final

@@ -23,7 +23,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .common import KVCache, Layout, attend, attention_mask, normal_init, select_positions, shift_by_one
+from .common import (
+    KVCache,
+    Layout,
+    attend,
+    attention_mask,
+    layer_attention,
+    normal_init,
+    select_positions,
+    shift_by_one,
+)
 from .softmask import SoftFeedback, input_embeddings, soft_mask_for
 
 
@@ -34,9 +43,13 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(hidden, 3 * hidden)
         self.c_proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x, causal: bool, mask: torch.Tensor | None, cache: KVCache | None, layer: int):
+    def forward(self, x, causal: bool, mask: torch.Tensor | None, cache: KVCache | None, layer: int,
+                read: int | None = None):
+        """Outputs (B, L, H), or (B, read, H) of the first ``read`` tokens (every token's keys and values)."""
         b, length, hidden = x.shape
         q, k, v = self.c_attn(x).view(b, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        if read is not None:
+            q, length = q[:, :, :read], read
         out = attend(q, k, v, causal, mask, cache, layer)
         return self.c_proj(out.transpose(1, 2).reshape(b, length, hidden))
 
@@ -60,8 +73,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.hidden, cfg.intermediate or 4 * cfg.hidden)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, causal, mask=None, cache=None, layer=0):
-        x = x + self.dropout(self.attn(self.ln_1(x), causal, mask, cache, layer))
+    def forward(self, x, causal, mask=None, cache=None, layer=0, read=None):
+        attn = self.attn(self.ln_1(x), causal, mask, cache, layer, read)
+        x = (x if read is None else x[:, :read]) + self.dropout(attn)
         return x + self.dropout(self.mlp(self.ln_2(x)))
 
 
@@ -119,7 +133,8 @@ class GPT2(nn.Module):
         x = x + (wpe[start:end] if layout is None else wpe[layout.positions])
         mask = attention_mask(keep, layout)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, self.causal, mask, cache, i)
+            block_mask, read = layer_attention(mask, layout, i, len(self.transformer.h))
+            x = block(x, self.causal, block_mask, cache, i, read)
         if cache is not None:
             cache.advance(length)
         h = self.transformer.ln_f(x)

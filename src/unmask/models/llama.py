@@ -35,6 +35,7 @@ from .common import (
     apply_rotary,
     attend,
     attention_mask,
+    layer_attention,
     normal_init,
     rotary_table,
     select_positions,
@@ -67,15 +68,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x, rotary, causal: bool, mask: torch.Tensor | None, cache: KVCache | None, layer: int):
+    def forward(self, x, rotary, causal: bool, mask: torch.Tensor | None, cache: KVCache | None, layer: int,
+                read: int | None = None):
+        """Outputs (B, L, H), or (B, read, H) of the first ``read`` tokens (every token's keys and values)."""
         b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary
+        reads = length if read is None else read
+        q = self.q_proj(x[:, :reads]).view(b, reads, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rotary
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos[:reads], sin[:reads]), apply_rotary(k, cos, sin)
         out = attend(q, k, v, causal, mask, cache, layer)
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, reads, -1))
 
 
 class MLP(nn.Module):
@@ -100,8 +104,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.hidden, intermediate)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rotary, causal, mask=None, cache=None, layer=0):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotary, causal, mask, cache, layer))
+    def forward(self, x, rotary, causal, mask=None, cache=None, layer=0, read=None):
+        attn = self.self_attn(self.input_layernorm(x), rotary, causal, mask, cache, layer, read)
+        x = (x if read is None else x[:, :read]) + self.dropout(attn)
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -166,7 +171,8 @@ class Transformer(nn.Module):
         rotary = rotary_table(self.rotary_emb, start, length, layout, x.device)
         mask = attention_mask(keep, layout)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rotary, self.causal, mask, cache, i)
+            layer_mask, read = layer_attention(mask, layout, i, len(self.model.layers))
+            x = layer(x, rotary, self.causal, layer_mask, cache, i, read)
         if cache is not None:
             cache.advance(length)
         h = self.model.norm(x)

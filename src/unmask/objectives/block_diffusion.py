@@ -5,9 +5,11 @@
 clean blocks before it, with its own time ``t_b``:
 ``-log p(x) <= sum_b E_{t_b} [ w(t_b) sum_{l in b masked} -log p_theta(x_0^l | x_t^b, x^{<b}) ]``.
 A row whose length is not a multiple of ``block_size`` has a shorter last block (the same bound). All blocks
-are scored in one pass over the two-stream input ``[x_t ; x_0]`` (2L tokens) with the
-block-causal pattern of :func:`~unmask.models.common.two_stream_layout`; the loss is read on the ``x_t``
-half. Block size 1 is an autoregressive model, block size L is MDLM.
+are scored in one pass over the two-stream input ``[x_t ; x_0]`` with the block-causal pattern of
+:func:`~unmask.models.common.two_stream_layout`, attended tile by tile (no 2L x 2L mask); the loss is read
+on the ``x_t`` half. The clean tokens of the last block are left out of the training input: no ``x_t``
+token sees them, so the loss and its gradient are the same without their work. Block size 1 is an
+autoregressive model, block size L is MDLM.
 
 Times: one uniform per block (``Noise.time_u`` of shape (B, L / block_size), stratified over the global
 batch's B * L / block_size blocks as BD3-LM's antithetic sampler); a (B,) ``time_u`` is spread over the
@@ -76,11 +78,10 @@ class BlockDiffusion(MaskedDiffusion):
         b, length = x0.shape
         xt, weight = self.noised(x0, counted, noise, exact)
         masked = (xt == self.mask_id) & counted
-        index, n = bucketed_positions(torch.cat([masked, torch.zeros_like(masked)], dim=1))
-        logits = model(torch.cat([xt, x0], dim=1), torch.zeros(b, device=x0.device), positions=index,
-                       layout=two_stream_layout(length, self.block_size, x0.device))
-        row, col = index // (2 * length), index % (2 * length)  # col < L at the real entries
-        flat = row * length + col.clamp(max=length - 1)
+        clean = self.block_size * ((length - 1) // self.block_size)  # x_0 before the last block
+        flat, n = bucketed_positions(masked)  # the model's outputs are the x_t half's (the layout reads it)
+        logits = model(torch.cat([xt, x0[:, :clean]], dim=1), torch.zeros(b, device=x0.device), positions=flat,
+                       layout=two_stream_layout(length, self.block_size, x0.device, clean))
         nll = masked_cross_entropy(logits, x0.reshape(-1)[flat], self.mask_id, n)
         return per_sequence_sums(nll * weight.reshape(-1)[flat].float(), flat, x0.shape)
 
@@ -92,5 +93,4 @@ class BlockDiffusion(MaskedDiffusion):
     def logits(self, model, xt: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Logits (B, L, V) at ``x_t``, each block given the clean blocks of ``x0`` before it."""
         length = xt.shape[1]
-        out = model(torch.cat([xt, x0], dim=1), sigma, layout=two_stream_layout(length, self.block_size, xt.device))
-        return out[:, :length]
+        return model(torch.cat([xt, x0], dim=1), sigma, layout=two_stream_layout(length, self.block_size, xt.device))

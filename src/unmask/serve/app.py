@@ -275,12 +275,12 @@ def sse(payload: dict) -> str:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
           config: ServeConfig | None = None, model_precision: str = "fp32", tokenizer: str | None = None,
-          name: str | None = None) -> None:
-    """Load ``model`` (any source of :func:`unmask.checkpoints.pretrained.open_source`) and serve it as ``name``
-    (default: its folder's name) until interrupted."""
+          name: str | None = None, quantize: str = "none") -> None:
+    """Load ``model`` (any source of :func:`unmask.checkpoints.pretrained.open_source`, its weights ``quantize``d)
+    and serve it as ``name`` (default: its folder's name) until interrupted."""
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    service = ModelService(from_pretrained(model, device=dev, tokenizer_path=tokenizer), config, dev, model_precision,
-                           name)
+    loaded = from_pretrained(model, device=dev, tokenizer_path=tokenizer, quantize=quantize)
+    service = ModelService(loaded, config, dev, model_precision, name)
     print(f"serving {service.name} ({service.family}, {service.metadata()['parameters']:,} parameters) on "
           f"http://{host}:{port} ({dev})", flush=True)
     try:
