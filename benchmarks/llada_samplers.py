@@ -45,14 +45,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import append_record, run_header  # noqa: E402
 
 
-def llada_folder(folder: Path, hidden: int, blocks: int, heads: int, mlp: int, vocab: int, length: int) -> Path:
-    """A random model written in LLaDA's released layout by unmask's own writer (float32): a word-level
-    tokenizer ``w0 .. w{vocab-4}`` and three special tokens, the mask last."""
+def word_tokenizer(vocab: int) -> HFTokenizer:
+    """A word-level tokenizer ``w0 .. w{vocab-4}`` and three special tokens (EOS = PAD, BOS, the mask last)."""
     tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab - 3)}, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.add_special_tokens([AddedToken(t, special=True) for t in ("<|eot|>", "<|start|>", "<|mdm_mask|>")])
-    tokenizer = HFTokenizer(tk, "benchmark", ids={"eos": vocab - 3, "pad": vocab - 3, "bos": vocab - 2,
-                                                 "mask": vocab - 1})
+    return HFTokenizer(tk, "benchmark", ids={"eos": vocab - 3, "pad": vocab - 3, "bos": vocab - 2, "mask": vocab - 1})
+
+
+def llada_folder(folder: Path, hidden: int, blocks: int, heads: int, mlp: int, vocab: int, length: int) -> Path:
+    """A random model written in LLaDA's released layout by unmask's own writer (float32) with
+    :func:`word_tokenizer`."""
+    tokenizer = word_tokenizer(vocab)
     cfg = load_config(None, ["family=mdlm", "model.backbone=llama", f"model.hidden={hidden}", f"model.blocks={blocks}",
                              f"model.heads={heads}", f"model.intermediate={mlp}", f"model.length={length}",
                              "model.rope_base=500000", "model.dropout=0", "data.tokenizer=hf", f"data.length={length}"])

@@ -10,8 +10,8 @@ modulation and gates, an output bias): the work per token is the same up to thos
   against ``GPT2LMHeadModel.generate`` (KV cache, ``do_sample=True, top_k=0``, exactly ``--new-tokens``
   tokens, no early stop), from the same prompt, at each batch size; generated tokens per second.
 * Training: one optimizer step of each on the same batch of rows: forward, next-token loss, backward,
-  gradient clipping at 1.0, AdamW, zero_grad; unmask's step also updates its EMA, as ``unmask train``
-  does. Tokens per second.
+  gradient clipping at 1.0, AdamW, zero_grad: the same work (``train``), and unmask's step also updating
+  its EMA as ``unmask train`` does (``train+ema``). Tokens per second.
 
 Rounds interleave the two (A, B, A, B, ...) in one process so machine drift cancels; the ratio is
 unmask / transformers of the medians (above 1: unmask is faster).
@@ -115,17 +115,16 @@ def generation(model, twin, objective, tokenizer, cfg, batch: int, prompt: int, 
     return interleave(ours, theirs, rounds, batch * new_tokens)
 
 
-def training(model, twin, objective, tokenizer, batch: int, length: int, rounds: int, steps: int):
+def training(model, twin, objective, tokenizer, batch: int, length: int, rounds: int, steps: int, ema: bool):
     x0 = torch.randint(0, tokenizer.vocab_size - 4, (batch, length), generator=torch.Generator().manual_seed(2))
     counted = torch.ones_like(x0, dtype=torch.bool)
     hf_inputs = objective.inputs(x0)  # BOS, x_0 .. x_{L-2}: the same rows
     ours_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     theirs_opt = torch.optim.AdamW(twin.parameters(), lr=1e-4)
-    ema = EMA(model, 0.9999)
     model.train()
     twin.train()
 
-    state = TrainState(model, objective, ours_opt, ema=ema, grad_clip=1.0)
+    state = TrainState(model, objective, ours_opt, ema=EMA(model, 0.9999) if ema else None, grad_clip=1.0)
 
     def ours():
         for _ in range(steps):
@@ -199,11 +198,13 @@ def main() -> None:
                 record[f"generate_batch{batch}"] = r
                 print(f"generate B={batch}: unmask {r['unmask_median']:.0f} tok/s, transformers "
                       f"{r['transformers_median']:.0f} tok/s: {r['ratio']:.2f}x", flush=True)
-    if "train" not in skip:
+    for name, ema in (("train", False), ("train+ema", True)):
+        if "train" in skip:
+            break
         r = training(model, twin, objective, tokenizer, args.train_batch, args.train_length, args.rounds,
-                     args.train_steps)
-        record["train"] = r
-        print(f"train B={args.train_batch} L={args.train_length}: unmask {r['unmask_median']:.0f} tok/s, "
+                     args.train_steps, ema)
+        record[name] = r
+        print(f"{name} B={args.train_batch} L={args.train_length}: unmask {r['unmask_median']:.0f} tok/s, "
               f"transformers {r['transformers_median']:.0f} tok/s: {r['ratio']:.2f}x", flush=True)
     if not args.smoke:
         append_record("transformers_peer", record)

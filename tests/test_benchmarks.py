@@ -13,6 +13,8 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py")
+# run by another script, not on its own: reference_peers.py starts it under the references' Python
+WORKERS = ("reference_worker.py",)
 
 
 def test_every_benchmark_script_answers_help():
@@ -34,7 +36,7 @@ def _results_state() -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s not in WORKERS])
 def test_every_benchmark_script_runs_its_smoke_mode(script, tmp_path):
     before = _results_state()
     # one thread: on 2 cores a second spinning OpenMP thread competes with pytest's own process
@@ -42,6 +44,25 @@ def test_every_benchmark_script_runs_its_smoke_mode(script, tmp_path):
                           text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _results_state() == before, "a smoke run wrote into benchmarks/results"
+
+
+@pytest.mark.slow
+def test_reference_peers_against_the_references_themselves(tmp_path):
+    """``reference_peers.py --smoke`` with real checkouts (its own smoke test uses a stand-in reference):
+    ``UNMASK_FAST_DLLM`` and ``UNMASK_LLADA`` name them, ``UNMASK_REFERENCE_PYTHON`` their environment
+    (transformers 4.49). Every case at a tiny shape, tokens equal on both sides."""
+    fast_dllm, llada = os.environ.get("UNMASK_FAST_DLLM"), os.environ.get("UNMASK_LLADA")
+    if not (fast_dllm and llada):
+        pytest.skip("no reference checkouts: set UNMASK_FAST_DLLM and UNMASK_LLADA (and UNMASK_REFERENCE_PYTHON)")
+    python = os.environ.get("UNMASK_REFERENCE_PYTHON", sys.executable)
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "reference_peers.py"), "--smoke", "--fast-dllm", fast_dllm,
+                           "--llada", llada, "--reference-python", python, "--cases",
+                           "llada,fast-dllm-thr0.9,fast-dllm-prefix,fast-dllm-dual,dream,dream-block-dual"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 8 and all("| yes |" in row for row in rows), proc.stdout
 
 
 def test_perf_counts_the_flops_of_a_training_step(monkeypatch):

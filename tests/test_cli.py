@@ -20,6 +20,7 @@ from unmask.checkpoints.checkpoint import Checkpoint, list_checkpoints
 from unmask.cli import main
 from unmask.config import load_config
 from unmask.models.quantize import QuantizeError, quantize_weights
+from unmask.pipeline import from_pretrained
 
 from toys import TINY as BASE_TINY
 
@@ -143,6 +144,19 @@ def test_quantize_on_the_command_line(runs, tmp_path, capsys):
         patch.setitem(sys.modules, "torchao.quantization", None)
         assert main(["sample", str(runs["mdlm"]), "--quantize", "int8"]) == 2
     assert "pip install 'unmask[quantize]'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_eager_tokens(runs, monkeypatch):
+    """``sample.compile=true``: first-hitting through ``torch.compile`` gives the tokens of eager decoding (the
+    other paths are measured in BENCHMARKS.md: a compilation each would cost this suite seconds)."""
+    lm = from_pretrained(runs["mdlm"])
+    eager = lm.generate(num_samples=3, batch_size=3, seed=1, sampler="first_hitting")
+    compiles, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiles.append(kw) or compile(model, **kw))
+    compiled = lm.generate(num_samples=3, batch_size=3, seed=1, compile=True, sampler="first_hitting")
+    assert compiles == [{"dynamic": True}]
+    assert compiled.ids == eager.ids and compiled.nfe == eager.nfe
 
 
 

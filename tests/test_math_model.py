@@ -7,7 +7,7 @@ import torch
 import unmask.models.dit as dit
 from unmask.config import MODEL_PRESETS, ModelConfig, load_config
 from unmask.models.common import FIRST_TABLE, Rotary, apply_rotary, bucketed_positions, count_parameters
-from unmask.models.dit import DiT
+from unmask.models.dit import DiT, biased_linear
 from unmask.models.gpt2 import GPT2
 from unmask.models.llama import Transformer
 
@@ -240,3 +240,20 @@ def test_a_rows_logits_do_not_depend_on_the_other_rows_of_its_forward(backbone):
             together = model(ids, torch.zeros(4))
             for r in range(4):
                 assert torch.equal(model(ids[r:r + 1], torch.zeros(1))[0], together[r]), (tokens, r)
+
+
+def test_the_output_layer_as_one_product_equals_the_linear_layer():
+    """``[x, 1] [W, b]^T`` (the training path of the DiT's output layer) gives ``x W^T + b`` and its gradients
+    (float64), and leaves a layer without gradient or without bias to ``nn.Linear`` itself."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 40).double()
+    x = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
+    fused, plain = biased_linear(x, layer), layer(x)
+    g = torch.randn_like(plain)
+    for got, want in zip(torch.autograd.grad((fused * g).sum(), (x, layer.weight, layer.bias)),
+                         torch.autograd.grad((plain * g).sum(), (x, layer.weight, layer.bias))):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    assert fused.grad_fn.name() == "MmBackward0" and plain.grad_fn.name() == "AddmmBackward0"
+    with torch.no_grad():
+        assert torch.equal(biased_linear(x, layer), layer(x))

@@ -214,6 +214,7 @@ class SampleConfig:
     seed: int = 0  # row i draws from (seed, i): batching does not change samples
     batch_size: int = 16  # rows per sampler call
     use_ema: bool = True  # sample with the EMA weights
+    compile: bool = False  # torch.compile the network for decoding (pays after tens of seconds of compiling)
     settings: dict[str, Any] = field(default_factory=dict)  # the samplers' keys given (flat: sample.steps)
 
     def __init__(self, *, settings: dict[str, Any] | None = None, **keys: Any):

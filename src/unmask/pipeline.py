@@ -174,6 +174,8 @@ def generate_rows(model, objective: Objective, tokenizer: Tokenizer, cfg: Sample
         prompts = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
         bos = False
     sampler = make_sampler(cfg, objective, tokenizer, model_length)
+    if cfg.compile:
+        model = compiled_for_decoding(model)
     family = family_of(objective.family)
     grows = family.decoding == "insertion"  # an insertion model lengthens its canvas
     if prompts and template:
@@ -215,6 +217,15 @@ def generate_rows(model, objective: Objective, tokenizer: Tokenizer, cfg: Sample
         out.seconds += result.seconds
         out.generated += result.generated
     return out
+
+
+def compiled_for_decoding(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(model, dynamic=True)``: one graph for the canvas lengths and batch sizes a sampler
+    feeds. On the CPU 1.16-1.28x per decoding path after 19-45 s of compilation (BENCHMARKS.md, "Compiled
+    decoding and training"); fused kernels round differently, so near-ties may resolve otherwise than in
+    eager decoding (first-hitting, ancestral and AR gave the eager tokens there, LLaDA with the dual cache
+    did not)."""
+    return torch.compile(model, dynamic=True)
 
 
 @dataclasses.dataclass

@@ -596,6 +596,11 @@ def save_released(source, directory: str | Path, layout: str, weights: dict[str,
         if not lay.causal:
             config["mask_token_id"] = tokenizer.mask_id
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        # the special ids again, where the model's own generation code reads them (Dream's from_pretrained
+        # requires the file)
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id")
+                      if k in config}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1) + "\n")
     tokenizer.tk.save(str(tmp / "tokenizer.json"))
     tk_config = {"bos_token": tokenizer.piece(tokenizer.bos_id), "eos_token": tokenizer.piece(tokenizer.eos_id),
                  "pad_token": tokenizer.piece(tokenizer.pad_id)}

