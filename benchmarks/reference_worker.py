@@ -61,10 +61,12 @@ def reference_call(case: dict, fast_dllm: Path, llada: Path, folder: Path, promp
         model = LLaDAModelLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
         source = llada / "generate.py" if repo == "llada" else fast_dllm / "llada" / "generate.py"
         decode = getattr(load_file(source, f"reference_{repo}_generate"), function)
+        counter = NfeCounter(model)
 
-        def call():
+        def call():  # Fast-dLLM's functions return (tokens, nfe), LLaDA's the tokens: its calls are counted
+            counter.calls = 0
             out = decode(model, prompt, mask_id=mask_id, **kwargs)
-            tokens, nfe = out if isinstance(out, tuple) else (out, None)
+            tokens, nfe = out if isinstance(out, tuple) else (out, counter.calls)
             return tokens[:, prompt.shape[1]:], nfe
         return call
     sys.path.insert(0, str(fast_dllm / "dream"))
