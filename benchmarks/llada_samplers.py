@@ -53,18 +53,26 @@ def word_tokenizer(vocab: int) -> HFTokenizer:
     return HFTokenizer(tk, "benchmark", ids={"eos": vocab - 3, "pad": vocab - 3, "bos": vocab - 2, "mask": vocab - 1})
 
 
-def llada_folder(folder: Path, hidden: int, blocks: int, heads: int, mlp: int, vocab: int, length: int) -> Path:
-    """A random model written in LLaDA's released layout by unmask's own writer (float32) with
-    :func:`word_tokenizer`."""
+# the config keys of each released layout's shape beyond the sizes: LLaDA's rotary base; Dream's (Qwen2's)
+# grouped-query attention, q/k/v biases, logit shift and rotary base
+LAYOUT_KEYS = {"llada": ["model.rope_base=500000"],
+               "dream": ["model.kv_heads=2", "model.qkv_bias=true", "model.logit_shift=true",
+                         "model.rope_base=1000000"]}
+
+
+def released_folder(folder: Path, hidden: int, blocks: int, heads: int, mlp: int, vocab: int, length: int,
+                 layout: str = "llada") -> Path:
+    """A random model written in a released layout (LLaDA's, or Dream's: :data:`LAYOUT_KEYS`) by unmask's own
+    writer (float32) with :func:`word_tokenizer`."""
     tokenizer = word_tokenizer(vocab)
     cfg = load_config(None, ["family=mdlm", "model.backbone=llama", f"model.hidden={hidden}", f"model.blocks={blocks}",
                              f"model.heads={heads}", f"model.intermediate={mlp}", f"model.length={length}",
-                             "model.rope_base=500000", "model.dropout=0", "data.tokenizer=hf", f"data.length={length}"])
+                             "model.dropout=0", "data.tokenizer=hf", f"data.length={length}", *LAYOUT_KEYS[layout]])
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer)
     with torch.no_grad():  # spread the logits so that confidences differ between positions
         model.lm_head.weight.normal_(0, 1.0 / hidden ** 0.5)
-    return save_released(Pretrained(folder, cfg, tokenizer, 0, model.state_dict()), folder, "llada")
+    return save_released(Pretrained(folder, cfg, tokenizer, 0, model.state_dict()), folder, layout)
 
 
 def settings(gen: int, block: int) -> list[tuple[str, dict]]:
@@ -82,7 +90,7 @@ def settings(gen: int, block: int) -> list[tuple[str, dict]]:
 
 
 def shape_arguments(parser: argparse.ArgumentParser, blocks: int, prompt: int, batches: str) -> None:
-    """The LLaDA-shaped model's and the decoding's flags (shared by the scripts that use :func:`llada_folder`)."""
+    """The LLaDA-shaped model's and the decoding's flags (shared by the scripts that use :func:`released_folder`)."""
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--blocks", type=int, default=blocks)
     parser.add_argument("--heads", type=int, default=8)
@@ -110,7 +118,7 @@ def main() -> None:
     if args.smoke:
         smoke_shape(args)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = llada_folder(Path(tmp) / "llada", args.hidden, args.blocks, args.heads, args.mlp, args.vocab,
+        folder = released_folder(Path(tmp) / "llada", args.hidden, args.blocks, args.heads, args.mlp, args.vocab,
                               args.prompt + args.gen + 8)
         lm = from_pretrained(folder)
     parameters = sum(p.numel() for p in lm.model.parameters())

@@ -2,7 +2,7 @@
 
 Two models:
 
-* a random LLaDA-shaped model (``llada_samplers.llada_folder``: hidden 512, 4 blocks, 8 heads, MLP 1536,
+* a random LLaDA-shaped model (``llada_samplers.released_folder``: hidden 512, 4 blocks, 8 heads, MLP 1536,
   vocabulary 32,000) loaded through the public loader three ways: fp32, bf16 autocast
   (``sample.model_precision=bf16``) and ``quantize=int8``. Per way: the bytes its weights hold, LLaDA's
   sampler (temperature 0, ``--gen`` tokens after a ``--prompt``-token prompt, blocks of ``--block``, one
@@ -36,7 +36,7 @@ from unmask.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from llada_samplers import llada_folder, shape_arguments, smoke_shape  # noqa: E402
+from llada_samplers import released_folder, shape_arguments, smoke_shape  # noqa: E402
 
 from common import append_record, run_header  # noqa: E402
 
@@ -116,7 +116,7 @@ def main() -> None:
         args.eval_rows, args.mc, args.samples = 4, 2, 2
     record = {**run_header(args.tag, ceilings=not args.smoke), "args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = llada_folder(Path(tmp) / "llada", args.hidden, args.blocks, args.heads, args.mlp, args.vocab,
+        folder = released_folder(Path(tmp) / "llada", args.hidden, args.blocks, args.heads, args.mlp, args.vocab,
                               args.prompt + args.gen + 8)
         record["llada_shaped"] = llada_table(args, folder)
         run = smoke_run(Path(tmp)) if args.smoke else Path(args.run)

@@ -47,17 +47,14 @@ from pathlib import Path
 
 import torch
 
-from unmask.checkpoints.open_weights import save_released
-from unmask.checkpoints.pretrained import Pretrained
-from unmask.config import SampleConfig, load_config
-from unmask.families import build_model
+from unmask.config import SampleConfig
 from unmask.pipeline import from_pretrained
 from unmask.samplers.base import row_seeds
 from unmask.samplers.registry import make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from llada_samplers import word_tokenizer  # noqa: E402
+from llada_samplers import released_folder  # noqa: E402
 from reference_worker import timed  # noqa: E402
 
 from common import append_record, run_header  # noqa: E402
@@ -94,23 +91,8 @@ def add_cases(gen: int, block: int) -> None:
 
 def write_models(root: Path, args) -> dict[str, Path]:
     """The two random models in LLaDA's and Dream's released layouts (float32), written by unmask."""
-    tokenizer = word_tokenizer(args.vocab)
-    folders = {}
-    for layout, extra in (("llada", ["model.rope_base=500000"]),
-                          ("dream", ["model.kv_heads=2", "model.qkv_bias=true", "model.logit_shift=true",
-                                     "model.rope_base=1000000"])):
-        cfg = load_config(None, ["family=mdlm", "model.backbone=llama", f"model.hidden={args.hidden}",
-                                 f"model.blocks={args.blocks}", f"model.heads={args.heads}",
-                                 f"model.intermediate={args.mlp}", f"model.length={args.prompt + args.gen + 8}",
-                                 "model.dropout=0", "data.tokenizer=hf", f"data.length={args.prompt + args.gen}",
-                                 *extra])
-        torch.manual_seed(0)
-        model = build_model(cfg, tokenizer)
-        with torch.no_grad():  # spread the logits so that confidences differ between positions
-            model.lm_head.weight.normal_(0, 1.0 / args.hidden ** 0.5)
-        folder = root / layout
-        folders[layout] = save_released(Pretrained(folder, cfg, tokenizer, 0, model.state_dict()), folder, layout)
-    return folders
+    return {layout: released_folder(root / layout, args.hidden, args.blocks, args.heads, args.mlp, args.vocab,
+                                 args.prompt + args.gen + 8, layout) for layout in ("llada", "dream")}
 
 
 def prompt_ids(batch: int, length: int, vocab: int) -> torch.Tensor:
