@@ -78,6 +78,15 @@ def run_header(tag: str, ceilings: bool = True) -> dict:
             "threads": threads_record()}
 
 
+def draw_modulations(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Draws a DiT's adaLN modulations and output layer from N(0, std^2) (from the global generator): MDLM's
+    zero init makes every block the identity, so a random benchmark model would not use its blocks."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN" in name or name.startswith("output_layer.linear"):
+                p.normal_(0, std)
+
+
 def append_record(name: str, record: dict) -> None:
     """Append ``record`` as one JSON line to ``benchmarks/results/<name>.jsonl``."""
     out = Path(__file__).resolve().parent / "results" / f"{name}.jsonl"

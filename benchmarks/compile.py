@@ -34,7 +34,7 @@ from unmask.train.step import Batch, TrainState, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import append_record, run_header  # noqa: E402
+from common import append_record, draw_modulations, run_header  # noqa: E402
 
 DECODING = {"first_hitting": ("mdlm", dict(sampler="first_hitting")),
             "ancestral cached T=4L": ("mdlm", dict(sampler="ancestral", steps=-4)),
@@ -47,10 +47,7 @@ def network(family: str, args, tokenizer):
                              "model.dropout=0.0", f"family={family}"])
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN" in name or name.startswith("output_layer.linear"):
-                p.normal_(0, 0.02)
+    draw_modulations(model)
     return model, build_objective(cfg, tokenizer)
 
 

@@ -34,7 +34,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 from unmask.checkpoints.open_weights import save_released
-from unmask.checkpoints.pretrained import Pretrained
+from unmask.checkpoints.pretrained import Pretrained, save_pretrained
 from unmask.config import load_config
 from unmask.data.tokenization import HFTokenizer
 from unmask.families import build_model
@@ -42,7 +42,7 @@ from unmask.pipeline import from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import append_record, run_header  # noqa: E402
+from common import append_record, draw_modulations, run_header  # noqa: E402
 
 
 def word_tokenizer(vocab: int) -> HFTokenizer:
@@ -73,6 +73,21 @@ def released_folder(folder: Path, hidden: int, blocks: int, heads: int, mlp: int
     with torch.no_grad():  # spread the logits so that confidences differ between positions
         model.lm_head.weight.normal_(0, 1.0 / hidden ** 0.5)
     return save_released(Pretrained(folder, cfg, tokenizer, 0, model.state_dict()), folder, layout)
+
+
+def dit_folder(folder: Path, hidden: int, blocks: int, heads: int, vocab: int, length: int, block: int = 0) -> Path:
+    """A random MDLM-style DiT (MLP 4x, conditioning width 128, no time conditioning) with
+    :func:`word_tokenizer`, saved by ``save_pretrained``: family ``bd3lm`` with blocks of ``block`` positions, or
+    ``mdlm`` when ``block`` is 0; its adaLN modulations drawn (:func:`common.draw_modulations`)."""
+    tokenizer = word_tokenizer(vocab)
+    family = ["family=bd3lm", f"model.block_size={block}"] if block else ["family=mdlm"]
+    cfg = load_config(None, [*family, "model.backbone=dit", f"model.hidden={hidden}", f"model.blocks={blocks}",
+                             f"model.heads={heads}", "model.cond_dim=128", f"model.length={length}", "model.dropout=0",
+                             "data.tokenizer=hf", f"data.length={length}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer)
+    draw_modulations(model)
+    return save_pretrained(Pretrained(folder, cfg, tokenizer, 0, model.state_dict()), folder)
 
 
 def settings(gen: int, block: int) -> list[tuple[str, dict]]:

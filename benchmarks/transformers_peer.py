@@ -43,7 +43,7 @@ from unmask.train.step import Batch, TrainState, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import append_record, run_header  # noqa: E402
+from common import append_record, draw_modulations, run_header  # noqa: E402
 
 
 def unmask_model(preset: str, length: int, vocab: int):
@@ -52,10 +52,7 @@ def unmask_model(preset: str, length: int, vocab: int):
                              "model.dropout=0.0", "family=ar"])
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer)
-    with torch.no_grad():  # non-degenerate outputs: MDLM's zero init makes every block the identity
-        for name, p in model.named_parameters():
-            if "adaLN" in name or name.startswith("output_layer.linear"):
-                p.normal_(0, 0.02)
+    draw_modulations(model)
     return cfg, tokenizer, model, build_objective(cfg, tokenizer)
 
 

@@ -50,19 +50,26 @@ def test_every_benchmark_script_runs_its_smoke_mode(script, tmp_path):
 def test_reference_peers_against_the_references_themselves(tmp_path):
     """``reference_peers.py --smoke`` with real checkouts (its own smoke test uses a stand-in reference):
     ``UNMASK_FAST_DLLM`` and ``UNMASK_LLADA`` name them, ``UNMASK_REFERENCE_PYTHON`` their environment
-    (transformers 4.49). Every case at a tiny shape, tokens equal on both sides."""
+    (transformers 4.49), and ``UNMASK_BD3LMS`` (optional) bd3lms' (lightning, hydra-core, omegaconf there). Every
+    case at a tiny shape: tokens equal on both sides, or for bd3lms' sampled cases equal NFE."""
     fast_dllm, llada = os.environ.get("UNMASK_FAST_DLLM"), os.environ.get("UNMASK_LLADA")
     if not (fast_dllm and llada):
-        pytest.skip("no reference checkouts: set UNMASK_FAST_DLLM and UNMASK_LLADA (and UNMASK_REFERENCE_PYTHON)")
+        pytest.skip("no reference checkouts: set UNMASK_FAST_DLLM and UNMASK_LLADA (and UNMASK_REFERENCE_PYTHON, "
+                    "UNMASK_BD3LMS)")
     python = os.environ.get("UNMASK_REFERENCE_PYTHON", sys.executable)
+    cases = "llada,fast-dllm-thr0.9,fast-dllm-prefix,fast-dllm-dual,dream,dream-block-dual"
+    bd3lms = os.environ.get("UNMASK_BD3LMS")
+    flags = ["--bd3lms", bd3lms, "--cases", cases + ",bd3lm,mdlm"] if bd3lms else ["--cases", cases]
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "reference_peers.py"), "--smoke", "--fast-dllm", fast_dllm,
-                           "--llada", llada, "--reference-python", python, "--cases",
-                           "llada,fast-dllm-thr0.9,fast-dllm-prefix,fast-dllm-dual,dream,dream-block-dual"],
+                           "--llada", llada, "--reference-python", python, *flags],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 8 and all("| yes |" in row for row in rows), proc.stdout
+    equal = [row for row in rows if "| tokens equal |" in row]
+    sampled = [row for row in rows if "| sampled, NFE equal |" in row]
+    assert len(equal) == 8 and len(sampled) == (2 if bd3lms else 0) and len(rows) == len(equal) + len(sampled), \
+        proc.stdout
 
 
 def test_perf_counts_the_flops_of_a_training_step(monkeypatch):

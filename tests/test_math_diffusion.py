@@ -10,9 +10,12 @@ import torch
 from unmask.config import DataConfig
 from unmask.data.tokenization import CharTokenizer
 from unmask.eval.likelihood import likelihood_of_rows
+from unmask.objectives import base
 from unmask.objectives.ar import Autoregressive
 from unmask.objectives.base import (
+    IGNORED,
     Noise,
+    SoftmaxCrossEntropy,
     draw_noise,
     masked_cross_entropy,
     stratified_uniform,
@@ -140,6 +143,38 @@ def test_masked_cross_entropy_scores_only_the_valid_rows_and_leaves_the_mask_col
     assert torch.all(weights.grad[3:] == 0) and torch.all(weights.grad[:, MASK] == 0)
     expected = torch.softmax(weights.detach()[:3, :MASK], -1) - torch.nn.functional.one_hot(targets[:3], MASK)
     assert torch.allclose(weights.grad[:3, :MASK], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1 << 18, 7 * 33])  # one chunk; 7 rows per chunk, the last one short
+def test_the_cpu_cross_entropy_equals_torch_in_value_and_gradient(monkeypatch, chunk):
+    """SoftmaxCrossEntropy against F.cross_entropy in float64: per-row values and the gradient of a weighted
+    sum, with ignored rows, a -inf column and extreme logits, chunked or not."""
+    monkeypatch.setattr(base, "CROSS_ENTROPY_CHUNK", chunk)
+    g = torch.Generator().manual_seed(5)
+    weights = (torch.randn(30, 33, generator=g, dtype=torch.float64) * 20).requires_grad_()
+    targets = torch.randint(0, 32, (30,), generator=g)
+    targets[[2, 17, 29]] = IGNORED
+    upstream = torch.rand(30, generator=g, dtype=torch.float64)
+    grads = []
+    for loss in (SoftmaxCrossEntropy.apply, lambda x, t: torch.nn.functional.cross_entropy(
+            x, t, reduction="none", ignore_index=IGNORED)):
+        logits = weights * 1.0
+        logits.detach()[:, 32] = float("-inf")
+        value = loss(logits, targets)
+        (value * upstream).sum().backward()
+        grads.append((value.detach(), weights.grad.clone()))
+        weights.grad = None
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-12, atol=1e-12)
+    assert torch.all(grads[0][0][[2, 17, 29]] == 0) and torch.all(grads[0][1][[2, 17, 29]] == 0)
+
+
+def test_the_cpu_cross_entropy_refuses_a_second_backward():
+    logits = torch.randn(4, 9, requires_grad=True)
+    loss = SoftmaxCrossEntropy.apply(logits * 1.0, torch.tensor([0, 3, 8, 1])).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()
 
 
 def test_mdlm_loss_equals_a_direct_computation():

@@ -14,8 +14,11 @@ processes (``1/W`` under FSDP, whole under DDP):
   gradient). ``a`` (per backbone, :attr:`~unmask.models.registry.BackboneSpec.activation_floats`) and ``k``
   (per family, :attr:`~unmask.families.FamilySpec.loss_floats`) were measured on CPU with torch 2.13 by
   counting the bytes of live tensors through one training step (dit 21, llama 25, gpt2 19; mdlm 1.7,
-  autoregressive losses over every position 3.2); the attention keeps no ``L x L`` matrix (PyTorch's
-  fused attention), so they do not grow with the length. With activation checkpointing a block keeps
+  autoregressive losses over every position 3.2: ``F.cross_entropy``'s log-softmax and gradient, as on
+  CUDA); on CPU unmask's cross-entropy (:class:`~unmask.objectives.base.SoftmaxCrossEntropy`) keeps one
+  (N, V) tensor fewer, so there the loss keeps :data:`CPU_LOSS_SHARE` of it (re-measured: autoregressive
+  1.1-1.7 instead of 2.1-2.7 over the other terms, mdlm 0.6 fewer); the attention keeps no ``L x L`` matrix
+  (PyTorch's fused attention), so they do not grow with the length. With activation checkpointing a block keeps
   only its input (``hidden`` floats per token) and one block at a time is recomputed. bf16 compute
   stores activations in 2 bytes instead of 4 (layer norms and the loss stay fp32: an estimate).
 
@@ -128,6 +131,9 @@ def model_shape(cfg: RunConfig, tokenizer) -> NetworkShape:
                         largest_trainable=max((p.numel() for p in two.parameters() if p.requires_grad), default=0))
 
 
+CPU_LOSS_SHARE = 2.2 / 3.2  # of the 3.2 floats per token and vocabulary entry of an AR loss, 1 is not kept on CPU
+
+
 def plan_memory(cfg: RunConfig, shape: NetworkShape, vocab_size: int, world: int = 1,
                 device: str = "cuda") -> MemoryPlan:
     """The plan of ``cfg`` run on ``world`` processes of ``device`` (cuda or cpu); ``shape``: its network's
@@ -151,7 +157,7 @@ def plan_memory(cfg: RunConfig, shape: NetworkShape, vocab_size: int, world: int
         kept = shape.blocks * m.hidden + per_block
     else:
         kept = shape.blocks * per_block
-    loss = family.loss_floats * max(vocab_size, m.vocab) * 4
+    loss = family.loss_floats * (CPU_LOSS_SHARE if device == "cpu" else 1.0) * max(vocab_size, m.vocab) * 4
     activations = tokens * (kept * compute_bytes + loss)
     ema = 4 * trainable / shards if t.ema > 0 else 0.0
     if device == "cuda":
