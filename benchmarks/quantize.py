@@ -1,14 +1,15 @@
-"""Quantized inference: int8 weight-only against fp32 and bf16, memory, speed and quality in one table.
+"""Quantized inference: int8 weight-only and int8-dynamic against fp32 and bf16: memory, speed and quality.
 
 Two models:
 
 * a random LLaDA-shaped model (``llada_samplers.released_folder``: hidden 512, 4 blocks, 8 heads, MLP 1536,
-  vocabulary 32,000) loaded through the public loader three ways: fp32, bf16 autocast
-  (``sample.model_precision=bf16``) and ``quantize=int8``. Per way: the bytes its weights hold, LLaDA's
-  sampler (temperature 0, ``--gen`` tokens after a ``--prompt``-token prompt, blocks of ``--block``, one
-  token per step) at batch 1 and 8 in interleaved rounds, and its logits' RMS error against fp32;
+  vocabulary 32,000) loaded through the public loader four ways: fp32, bf16 autocast
+  (``sample.model_precision=bf16``), ``quantize=int8`` and ``quantize=int8-dynamic``. Per way: the bytes its
+  weights hold, LLaDA's sampler (temperature 0, ``--gen`` tokens after a ``--prompt``-token prompt, blocks of
+  ``--block``, one token per step) at batch 1 and 8 in interleaved rounds, and its logits' RMS error against
+  fp32;
 * a trained run (``--run``, the quickstart's by default): the test-set NELBO of ``unmask eval`` (same rows,
-  same draws) and the sampler's tokens/s, fp32 against int8.
+  same draws) and the sampler's tokens/s, fp32 against both int8 schemes.
 
     python benchmarks/quantize.py --run runs/quickstart --rounds 3
     python benchmarks/quantize.py --smoke       # seconds: the test suite runs this
@@ -40,7 +41,9 @@ from llada_samplers import released_folder, shape_arguments, smoke_shape  # noqa
 
 from common import append_record, run_header  # noqa: E402
 
-WAYS = {"fp32": dict(quantize="none"), "bf16": dict(quantize="none"), "int8": dict(quantize="int8")}
+WAYS = {"fp32": dict(quantize="none"), "bf16": dict(quantize="none"), "int8": dict(quantize="int8"),
+        "int8-dynamic": dict(quantize="int8-dynamic")}
+SCHEMES = ("none", "int8", "int8-dynamic")
 
 
 def rms_error(logits: torch.Tensor, exact: torch.Tensor) -> float:
@@ -54,7 +57,7 @@ def llada_table(args, folder: Path) -> list[dict]:
     ids = torch.randint(0, args.vocab - 3, (2, args.prompt + args.gen), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         exact = models["fp32"].model(ids)
-        logits = {way: models[way].model(ids) for way in ("fp32", "int8")}
+        logits = {way: models[way].model(ids) for way in WAYS if way != "bf16"}
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits["bf16"] = models["bf16"].model(ids)
     rows = {way: {"way": way, "weight_bytes": weight_bytes(models[way].model), "logits_rms_error": rms_error(
@@ -77,9 +80,9 @@ def llada_table(args, folder: Path) -> list[dict]:
 
 
 def trained_table(args, run: Path) -> list[dict]:
-    """NELBO (same rows and draws) and sampling tokens/s of a trained run, fp32 and int8."""
+    """NELBO (same rows and draws) and sampling tokens/s of a trained run, fp32 and each int8 scheme."""
     rows = []
-    for quantize in ("none", "int8"):
+    for quantize in SCHEMES:
         start = time.perf_counter()
         result = evaluate(run, [f"eval.quantize={quantize}"], max_sequences=args.eval_rows, mc_samples=args.mc,
                           batch_size=32)
@@ -91,7 +94,8 @@ def trained_table(args, run: Path) -> list[dict]:
                      "bits_per_char": result.get("bits_per_char"), "score_seconds": score_seconds,
                      "weight_bytes": weight_bytes(lm.model), "sample_tokens_per_second": out[0].generated / seconds,
                      "sample_nfe": out[0].nfe})
-    rows[1]["nll_over_fp32"] = rows[1]["nll"] / rows[0]["nll"]
+    for row in rows[1:]:
+        row["nll_over_fp32"] = row["nll"] / rows[0]["nll"]
     return rows
 
 
@@ -136,7 +140,8 @@ def main() -> None:
     for row in record["trained_run"]["rows"]:
         print(f"  {row['quantize']}: NELBO {row['nll']:.4f} ± {row['stderr']:.4f} nats/token, "
               f"{row['sample_tokens_per_second']:.1f} tok/s sampling, weights {row['weight_bytes'] / 1e6:.2f} MB")
-    print(f"  int8 NELBO / fp32: {record['trained_run']['rows'][1]['nll_over_fp32']:.4f}")
+    for row in record["trained_run"]["rows"][1:]:
+        print(f"  {row['quantize']} NELBO / fp32: {row['nll_over_fp32']:.4f}")
     if not args.smoke:
         append_record("quantize", record)
 

@@ -118,8 +118,9 @@ def test_configs_lists_the_packaged_configs(capsys):
 # ----------------------------------------------------------------------------- eval
 
 def test_quantize_on_the_command_line(runs, tmp_path, capsys):
-    """``eval``/``sample --quantize int8`` run and record it (the bound within 2 % of fp32's on a trained tiny
-    model, and not equal to it); int4, unknown schemes and a missing torchao are one-line errors."""
+    """``eval``/``sample --quantize int8`` (and ``eval --quantize int8-dynamic``) run and record it (the bound
+    within 2 % of fp32's on a trained tiny model, and not equal to it); int4, unknown schemes and a missing
+    torchao are one-line errors."""
     scored = ["eval", str(runs["mdlm"]), "eval.max_sequences=8", "eval.mc_samples=2"]
     assert main(scored) == 0
     exact = json.loads(capsys.readouterr().out)
@@ -131,6 +132,9 @@ def test_quantize_on_the_command_line(runs, tmp_path, capsys):
     assert quantized["nll"] != exact["nll"] and quantized["nll"] == pytest.approx(exact["nll"], rel=0.02)
     assert main(["sample", str(runs["mdlm"]), "--quantize", "int8", "sample.num_samples=1", "sample.steps=4"]) == 0
     assert capsys.readouterr().out.strip()
+    assert main([*scored, "--quantize", "int8-dynamic"]) == 0
+    dynamic = json.loads(capsys.readouterr().out)
+    assert dynamic["quantize"] == "int8-dynamic" and dynamic["nll"] == pytest.approx(exact["nll"], rel=0.02)
     for bad in (["--quantize", "int4"], ["sample.quantize=int4"]):
         if bad[0] == "--quantize":  # argparse's choices: exit 2
             with pytest.raises(SystemExit, match="2"):

@@ -238,7 +238,8 @@ def cmd_convert(args) -> int:
     return 0
 
 
-QUANTIZE_HELP = "the network's weights for inference: int8 weight-only (torchao; unmask[quantize]) or none"
+QUANTIZE_HELP = ("the network for inference: int8 weight-only (torchao; unmask[quantize]), int8-dynamic (int8 weights "
+                 "and per-row int8 inputs, CPU) or none")
 TOKENIZER_HELP = "tokenizer folder for a released model that ships none (MDLM: GPT-2's; SMDM: TinyLlama's)"
 CARD_METRICS = ("nll", "stderr", "perplexity", "bits_per_token", "bits_per_char", "gen_ppl", "entropy", "mauve")
 

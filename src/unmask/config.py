@@ -336,7 +336,7 @@ class RunConfig:
 
 # Allowed values of string keys. The families (``unmask.families``) and the samplers
 # (``unmask.samplers.registry``) register theirs, so that each is named in one place.
-QUANTIZE_SCHEMES = ("none", "int8")  # see unmask.models.quantize
+QUANTIZE_SCHEMES = ("none", "int8", "int8-dynamic")  # see unmask.models.quantize
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.layout": ("wrap", "pad"),

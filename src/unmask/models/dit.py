@@ -253,11 +253,12 @@ class DiT(nn.Module):
         them once; not for weights sharded by FSDP, which exist whole only inside each block's forward."""
         constant = sigma is None or not self.cfg.time_conditioning
         key = None
-        sharded = any(isinstance(b.adaLN_modulation.weight, DTensor) for b in self.blocks)
+        sharded = any(isinstance(p, DTensor) for b in self.blocks for p in b.adaLN_modulation.parameters())
         if constant and not torch.is_grad_enabled() and not sharded:
             autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
             makers = [self.sigma_map, *(b.adaLN_modulation for b in self.blocks), self.output_layer.adaLN_modulation]
-            key = (device, autocast, tuple((p.data_ptr(), p._version) for m in makers for p in m.parameters()))
+            key = (device, autocast, tuple((p.data_ptr(), p._version) for m in makers
+                                           for p in [*m.parameters(), *m.buffers()]))
             if self._constant_modulations is not None and self._constant_modulations[0] == key:
                 return self._constant_modulations[1]
         c = F.silu(self.sigma_map(torch.zeros(1, device=device) if constant else sigma))
