@@ -1,4 +1,4 @@
-"""The public Python API: the README's example runs as written, and the top-level names exist."""
+"""The public Python API: the README's and the docs' example runs as written, and the top-level names exist."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ import pytest
 
 import unmask
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
-    text = README.read_text()
-    block = re.search(r"From Python, the same operations.*?```python\n(.*?)```", text, re.S).group(1)
+@pytest.mark.parametrize("page", ["README.md", "docs/get-started/tour.md"])
+def test_the_python_example_runs_as_written(page, tmp_path, monkeypatch, capsys):
+    text = (ROOT / page).read_text()
+    block = re.search(r"From Python.*?```python\n(.*?)```", text, re.S).group(1)
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {})
+    exec(compile(block, page, "exec"), {})
     out = capsys.readouterr().out
     assert re.search(r"^test bound: \d+\.\d+ bits/char$", out, re.M), out
     assert "['ar', 'bd3lm', 'classifier', 'ilm', 'mdlm']" in out and "'first_hitting'" in out

@@ -167,7 +167,7 @@ class EdgeSettings(DenoiseSettings):  # guidance, soft-mask feedback and the dra
 
 
 class EdgeSampler(DiffusionSampler):
-    """A new sampler, written as the README's "Adding a sampler" says: each step reveals the leftmost (or
+    """A new sampler, written as the docs' "Adding a sampler" page says: each step reveals the leftmost (or
     rightmost) masked position of every row, drawn from the model."""
 
     def __init__(self, diffusion, edge: str = "left", **settings):

@@ -1,4 +1,4 @@
-"""The ``unmask`` command line.
+"""The ``unmask`` command line::
 
     unmask train [CONFIG] [key=value ...] [--fresh]    train or resume (torchrun for several processes)
     unmask eval MODEL [key=value ...]                  NELBO / NLL on a split (JSON on stdout)

@@ -165,7 +165,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop and save after this wall-clock time (0: no limit)
     progress: bool = True  # show a progress bar
     threads: int = 0  # CPU threads (0: the machine's cores shared among local processes)
-    deterministic: bool = True  # deterministic kernels: same seed and threads -> bit-identical runs (see README)
+    deterministic: bool = True  # deterministic kernels: same seed and threads -> bit-identical runs (docs: Guarantees)
     init_from: str | None = None  # start a new run from these weights (continued pretraining)
     soft_mask_lr: float = 1e-2  # learning rate of the soft-mask scalars (their own AdamW group)
     random_length_prob: float = 0.0  # share of rows cut to a random length (SMDM: 0.01)

@@ -4,7 +4,7 @@
 :func:`make_facts` writes fictitious facts (invented names and descriptions, seeded). A model is
 trained on the forward statements only, then asked:
 
-* **forward**: ``NAME is [MASK...].`` -> the description (the AR model: the prompt ``NAME is `` and the
+* **forward**: ``NAME is [MASK...].`` -> the description (the AR model: the prompt ``NAME is`` and the
   description generated after it);
 * **reverse, same sentence**: ``[MASK...] is DESCRIPTION.`` -> the name. A masked diffusion model can
   infill it directly; an AR model cannot condition on what follows, so it is scored by ranking (below);
