@@ -129,7 +129,8 @@ def api_page() -> str:
 
 
 def write_reference(app) -> None:
-    folder = DOCS / "reference"
+    folder = DOCS / "reference"  # every page in it is generated (and ignored by git)
+    folder.mkdir(exist_ok=True)
     for name, page in (("cli", cli_page), ("config", config_page), ("samplers", samplers_page), ("api", api_page)):
         text = page()
         path = folder / f"{name}.md"
