@@ -18,6 +18,8 @@ from unmask.config import CHOICES, config_keys
 from unmask.samplers.block_diffusion import BlockSettings
 from unmask.samplers.registry import BLOCKS, SAMPLERS, WINDOWS
 from unmask.samplers.semi_ar import WindowSettings
+from unmask.serve.app import create_app
+from unmask.serve.service import ServeConfig
 
 DOCS = Path(__file__).resolve().parent
 
@@ -99,6 +101,47 @@ def samplers_page() -> str:
             + table(["sampler", "decodes", "what it does", "keys (defaults)"], rows))
 
 
+def schema_type(schema: dict) -> str:
+    """A JSON schema as one line: its types, enum values and bounds."""
+    if "anyOf" in schema:
+        return " or ".join(schema_type(s) for s in schema["anyOf"])
+    if "$ref" in schema:
+        return schema["$ref"].rsplit("/", 1)[-1]
+    if schema.get("type") == "array":
+        return f"array of {schema_type(schema.get('items', {}))}"
+    text = schema.get("type", "any")
+    if "enum" in schema:
+        text += " (" + ", ".join(map(str, schema["enum"])) + ")"
+    bounds = [f"{op} {schema[key]:g}" for key, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="),
+                                                      ("exclusiveMaximum", "<")) if key in schema]
+    bounds += [f"{key} {schema[key]}" for key in ("minLength", "maxLength", "minItems", "maxItems") if key in schema]
+    return text + (" " + ", ".join(bounds) if bounds else "")
+
+
+def http_page() -> str:
+    """The HTTP API of ``unmask serve``: every route and every request schema (from the app's OpenAPI
+    schema; the routes are declared without a model, so a placeholder service with the default limits
+    stands in for one)."""
+    import types
+
+    spec = create_app(types.SimpleNamespace(config=ServeConfig())).openapi()
+    out = ["# HTTP API\n", "The routes of `unmask serve` and the JSON bodies they accept, generated from the "
+           "application's OpenAPI schema (FastAPI; the server also serves it at `/openapi.json`). Unknown fields "
+           "are refused (422); limits beyond the schema's (`--max-tokens`, `--max-n`, `--max-steps`, "
+           "`--max-body-bytes`) are the server's flags, see the [command line](cli.md).\n",
+           table(["method", "path", "what"], [[m.upper(), f"`{path}`", op.get("description") or op.get("summary", "")]
+                                            for path, ops in spec["paths"].items() for m, op in ops.items()])]
+    for name, schema in spec["components"]["schemas"].items():
+        if "Validation" in name:
+            continue
+        out.append(f"## {name}\n\n{schema.get('description', '')}\n")
+        required = set(schema.get("required", ()))
+        rows = [[f"`{field}`", schema_type(prop), "required" if field in required else f"`{prop.get('default')!r}`",
+                 prop.get("description", "")] for field, prop in schema.get("properties", {}).items()]
+        out.append(table(["field", "type", "default", "meaning"], rows))
+    return "\n".join(out)
+
+
 PACKAGE = Path(unmask.__file__).resolve().parent
 
 
@@ -131,7 +174,8 @@ def api_page() -> str:
 def write_reference(app) -> None:
     folder = DOCS / "reference"  # every page in it is generated (and ignored by git)
     folder.mkdir(exist_ok=True)
-    for name, page in (("cli", cli_page), ("config", config_page), ("samplers", samplers_page), ("api", api_page)):
+    for name, page in (("cli", cli_page), ("config", config_page), ("samplers", samplers_page), ("api", api_page),
+                       ("http", http_page)):
         text = page()
         path = folder / f"{name}.md"
         if not path.is_file() or path.read_text() != text:

@@ -161,10 +161,12 @@ def create_app(service: ModelService):
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
+        """A web page that sends a prompt and shows the canvas unmask step by step."""
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():
+        """``ok`` with the pending requests and counters, or 503 naming the problem."""
         problem = service.check_worker()
         if problem:
             return error_response(503, problem)
@@ -172,14 +174,17 @@ def create_app(service: ModelService):
 
     @app.get("/v1/models")
     async def models():
+        """The one model served: its name, family, lengths, tokenizer, samplers and limits (OpenAI's list format)."""
         return {"object": "list", "data": [service.metadata()]}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
+        """Completions of ``prompt`` (OpenAI's format; streamed with ``stream``)."""
         return await respond(req, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        """The answer to ``messages`` in the model's chat template (OpenAI's format)."""
         if req.prompt:
             raise HTTPException(400, "a chat request takes messages, not prompt")
         return await respond(req, request)

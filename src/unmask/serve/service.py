@@ -44,33 +44,40 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = None
-    prompt: str = ""
-    max_tokens: int | None = Field(None, ge=1)  # None: up to the length the model was trained on
-    temperature: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)  # None: the model's sample.*
-    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=0)
-    sampler: Literal[tuple(SAMPLERS)] | None = None  # the registry's names; None: the family's default
-    steps: int | None = Field(None, ge=1)
-    tokens_per_step: int = Field(1, ge=1)
-    guidance: float = Field(0.0, ge=-1.0, le=100.0, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, lt=2 ** 63)
-    n: int = Field(1, ge=1)
-    stream: bool = False
+    model: str | None = Field(None, description="ignored: the server serves one model (OpenAI clients send it)")
+    prompt: str = Field("", description="the text the completion continues; [MASK] / [MASK*n] mark gaps to infill")
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate; null: up to the model's trained "
+                                   "length")
+    temperature: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False,
+                                      description="sampling temperature; null: the model's sample.temperature")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
+    top_k: int | None = Field(None, ge=0, description="sample among the k most likely tokens (0: all)")
+    sampler: Literal[tuple(SAMPLERS)] | None = Field(None, description="a sampler of the registry; null: the "
+                                                     "family's default")
+    steps: int | None = Field(None, ge=1, description="denoising steps (diffusion samplers)")
+    tokens_per_step: int = Field(1, ge=1, description="tokens revealed per step where the sampler takes it")
+    guidance: float = Field(0.0, ge=-1.0, le=100.0, allow_inf_nan=False,
+                            description="unsupervised classifier-free guidance weight (0: off)")
+    seed: int | None = Field(None, ge=0, lt=2 ** 63, description="seed of the request's rows (reproducible, "
+                             "batch-invariant); null: drawn")
+    n: int = Field(1, ge=1, description="completions to return")
+    stream: bool = Field(False, description="answer as text/event-stream: one event per sampling step with the canvas")
 
 
 class ChatMessage(BaseModel):
+    """One message of a chat."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant"] = Field(description="who speaks")
+    content: str = Field(description="what is said")
 
 
 class ChatCompletionRequest(CompletionRequest):
     """``POST /v1/chat/completions``: ``messages`` rendered by the model's chat template (which places
     BOS itself) instead of ``prompt``; the answer ends at the first special token the model generates."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
 
 
 class RequestError(ValueError):
