@@ -112,7 +112,7 @@ class SoftmaxCrossEntropy(torch.autograd.Function):
     the backward of ``g`` (N,) is ``(p - onehot(target)) * g`` written into ``p`` itself. Against
     ``log_softmax`` + ``nll_loss`` (which save the log-probabilities, fill a zero (N, V) gradient, scatter
     into it and run ``log_softmax``'s backward) it saves the same (N, V) tensor and makes half the passes
-    over it: 1.9x faster forward + backward at (2048, 50257) on one CPU thread (benchmarks/BENCHMARKS.md).
+    over it: 1.9x faster forward + backward at (2048, 50257) on one CPU thread (BENCHMARKS.md).
     Used on CPU outside ``torch.compile`` (inductor fuses ``F.cross_entropy`` itself; on GPUs its fused
     kernels are used). The backward consumes ``p``, so it runs once: a second backward (``retain_graph``)
     is refused, never answered with wrong numbers."""
