@@ -21,7 +21,9 @@
 Each stage resumes or is skipped when its run folder is complete; a larger ``--star-steps`` continues
 the star-graph runs (constant learning rate: the same as training that long from the start) and adds
 an entry for that budget. Writes ``benchmarks/results/insertion-<tag>.json`` (every entry with the
-command and commit that measured it) and Markdown tables on stdout.
+command and commit that measured it), Markdown tables on stdout and, with matplotlib, the figures
+``insertion-<tag>-star.png`` (star-graph training losses) and ``insertion-<tag>-lengths.png`` (text
+lengths against the held-out speeches'); ``--replot`` redraws them from the JSON alone.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from unmask.samplers.registry import make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import SMOKE_OVERRIDES, pooled_ppl, run_header, trained  # noqa: E402
+from common import SMOKE_OVERRIDES, pooled_ppl, pyplot, run_header, trained  # noqa: E402
 
 FAMILIES = ("ilm", "mdlm", "ar")
 SHAKESPEARE = ROOT / "src" / "unmask" / "assets" / "tinyshakespeare.txt.xz"
@@ -488,9 +490,14 @@ def main() -> None:
                         "text, nano, 1,500 steps: the recipe of benchmarks/softmask.py's AR model)")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
+    parser.add_argument("--replot", action="store_true", help="only redraw the figures of --tag's JSON")
     args = parser.parse_args()
     if args.tag is None and not args.smoke:
         parser.error("the following arguments are required: --tag")
+    if args.replot:
+        path = ROOT / "benchmarks" / "results" / f"insertion-{args.tag}.json"
+        figures(json.loads(path.read_text()), path.with_suffix(""))
+        return
     torch.manual_seed(0)
     if not args.smoke:
         benchmark(args, Path(args.runs) / args.tag, ROOT / "benchmarks" / "results")
@@ -531,7 +538,56 @@ def benchmark(args, runs: Path, out_dir: Path, smoke: tuple[str, ...] = ()) -> N
         result["infill"] = {**infill(args, runs, smoke, result.get("infill")), **stamp}
         path.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
+    figures(result, path.with_suffix(""))
     print(f"\nwrote {path}")
+
+
+def figures(result: dict, stem: Path) -> None:
+    """``<stem>-star.png``: the training loss of every star-graph run (per family and seed, the longest
+    budget of each variant); ``<stem>-lengths.png``: each text sampler's lengths (p10-p90 bar, median
+    tick, mean dot) against the held-out speeches'. Only the figures the record has data for."""
+    plt = pyplot()
+    if plt is None:
+        return
+    longest = {}  # variant -> its entry with the most runs' curves (the later budget on a tie)
+    for key, entry in result.get("star_graph", {}).items():
+        variant = key.split(",")[0]
+        if len(entry.get("loss_curves", {})) >= len(longest.get(variant, {}).get("loss_curves", {})) > -1:
+            longest[variant] = entry
+    longest = {k: v for k, v in longest.items() if v.get("loss_curves")}
+    if longest:
+        fig, axes = plt.subplots(1, len(longest), figsize=(5.5 * len(longest), 4), squeeze=False)
+        for ax, (variant, entry) in zip(axes[0], sorted(longest.items())):
+            for name, curve in sorted(entry["loss_curves"].items()):
+                steps, losses = zip(*curve)
+                ax.plot(steps, losses, label=name.removeprefix(f"{variant}-"), linewidth=1)
+            ax.set(title=f"star graphs, {variant}", xlabel="step", ylabel="training loss", yscale="log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(f"{stem}-star.png", dpi=120)
+        plt.close(fig)
+        print(f"plot: {stem}-star.png")
+    text_results = result.get("text", {}).get("results", {})
+    rows = [(name, r["lengths"]) for name, r in text_results.items() if r.get("lengths")]
+    if rows:
+        reference = result["text"]["reference"]["lengths"]
+        rows = [("held-out speeches", reference), *rows]
+        fig, ax = plt.subplots(figsize=(11, 0.42 * len(rows) + 1.4))
+        for y, (name, stats) in enumerate(rows):
+            ax.plot([stats["p10"], stats["p90"]], [y, y], color="tab:gray" if y == 0 else "tab:blue", linewidth=6,
+                    alpha=0.5)
+            ax.plot(stats["median"], y, "|", color="black", markersize=14)
+            ax.plot(stats["mean"], y, "o", color="tab:red", markersize=5)
+        ax.set_yticks(range(len(rows)), [name[:70] for name, _ in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("characters before the model's end (bar: p10-p90, tick: median, dot: mean)")
+        ax.set_title("unconditional text: lengths drawn from each model", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(f"{stem}-lengths.png", dpi=120)
+        plt.close(fig)
+        print(f"plot: {stem}-lengths.png")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ second and peak memory.
 
 Each model trains and is evaluated in its own process (``python -m unmask``), so peak memory is
 per model. Results are appended to ``benchmarks/results/text8_mdlm_vs_ar.jsonl`` and a Markdown
-table is printed; see ``benchmarks/README.md`` for the committed figures.
+table is printed; see ``docs/results/mdlm-vs-ar.md`` for the committed figures.
 """
 
 from __future__ import annotations

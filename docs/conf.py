@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import re
-import shutil
 from pathlib import Path
 
 import unmask
@@ -173,26 +171,6 @@ def api_page() -> str:
     return "\n".join(out)
 
 
-def slug(title: str) -> str:
-    return "-".join(re.findall(r"[a-z0-9]+", title.lower()))[:60]
-
-
-def write_results() -> None:
-    """One page per study of ``BENCHMARKS.md`` (its ``##`` sections, headings moved up a level) under
-    ``results/studies/``, numbered in the file's order; ``BENCHMARKS.md`` stays the one source."""
-    folder = DOCS / "results" / "studies"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    text = (DOCS.parent / "BENCHMARKS.md").read_text(encoding="utf-8")
-    sections = re.split(r"^## ", text, flags=re.M)
-    preamble = sections[0].split("\n", 1)[1]
-    (folder / "00-how-to-read.md").write_text("# How to read these figures\n" + preamble)
-    for number, section in enumerate(sections[1:], 1):
-        title, body = section.split("\n", 1)
-        body = re.sub(r"^(#{3,}) ", lambda m: m.group(1)[1:] + " ", body, flags=re.M)
-        (folder / f"{number:02d}-{slug(title)}.md").write_text(f"# {title}\n{body}")
-
-
 def write_reference(app) -> None:
     folder = DOCS / "reference"  # every page in it is generated (and ignored by git)
     folder.mkdir(exist_ok=True)
@@ -202,7 +180,6 @@ def write_reference(app) -> None:
         path = folder / f"{name}.md"
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
-    write_results()
 
 
 def exists_in_code(target: str, module: str | None, cls: str | None) -> bool:

@@ -41,9 +41,10 @@ def test_every_family_with_rules_is_known_here():
     assert {name for name, spec in FAMILIES.items() if spec.rules is not None} <= set(FAMILY_KEYS)
 
 
+@pytest.mark.parametrize("backbone", list(BACKBONES))
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_family_trains_through_the_one_step(family):
-    cfg = family_config(family)
+def test_every_family_trains_through_the_one_step(family, backbone):
+    cfg = family_config(family, f"model.backbone={backbone}", "model.intermediate=64")
     torch.manual_seed(0)
     model = build_model(cfg, TOKENIZER).train()
     objective = build_objective(cfg, TOKENIZER)

@@ -24,7 +24,8 @@ __version__ = "0.1.0"
 # give a request other tokens alone than batched). MKL's strict reproducibility mode computes each row the
 # same way whatever the number of rows (and threads). MKL reads it at its first call, so it is set when
 # unmask is imported; a user's own MKL_CBWR is kept (MKL_CBWR=AUTO: MKL's fastest kernels, 1.5-3x faster
-# single-row products on Intel CPUs, without the guarantee). Docs: "Guarantees"; BENCHMARKS.md "BLAS mode".
+# single-row products on Intel CPUs, without the guarantee). Docs: "Guarantees" and the results page
+# "BLAS mode" (docs/results/blas-mode.md).
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 # the public names and their modules, imported at the first use of any of them (PEP 562): `import unmask`

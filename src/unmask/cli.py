@@ -68,6 +68,7 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfVocabularyError, Fi
 
 
 def format_zero_shot(r: dict) -> str:
+    """The lines of an ``unmask eval --zero-shot`` result: perplexity with and without EOS between documents."""
     lines = []
     for key, label in (("with_eos", "EOS between documents"), ("without_eos", "no EOS between documents")):
         x = r[key]
@@ -79,6 +80,8 @@ def format_zero_shot(r: dict) -> str:
 
 
 def format_generation(r: dict) -> str:
+    """The line of a generation-quality result (``eval.metric=generation``): gen-ppl, entropy, MAUVE, k-mer
+    distances."""
     mauve = f", MAUVE {r['mauve']:.3f}" if r.get("mauve") is not None else ""
     kmers = "".join(f", {k.split('_')[0]} distance {v:.4f}" for k, v in r.items() if k.startswith("kmer"))
     return (f"gen-ppl {r['gen_ppl']:.3f} (held-out {r['reference_gen_ppl']:.3f}), entropy {r['entropy']:.3f} "
@@ -87,6 +90,7 @@ def format_generation(r: dict) -> str:
 
 
 def print_samples(gen: Generation) -> None:
+    """Print each sample with its number of network calls, then a summary line (tokens, seconds, throughput)."""
     for i, (text, nfe) in enumerate(zip(gen.texts, gen.row_nfe)):
         print(f"--- sample {i} ({nfe} NFE)\n{text}")
     summary = gen.summary()
@@ -96,6 +100,7 @@ def print_samples(gen: Generation) -> None:
 
 
 def cmd_train(args) -> int:
+    """Run ``unmask train``."""
     cfg = load_config(args.config, args.overrides)
     final = train(cfg, fresh=args.fresh)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -118,6 +123,7 @@ def quantize_overrides(args, sections: tuple[str, ...]) -> None:
 
 
 def cmd_eval(args) -> int:
+    """Run ``unmask eval``."""
     if args.json:
         output_file(args.json, "--json")
     quantize_overrides(args, ("eval", "sample"))
@@ -160,6 +166,7 @@ def json_safe(value):
 
 
 def cmd_sample(args) -> int:
+    """Run ``unmask sample``."""
     if args.json:
         output_file(args.json, "--json")
     quantize_overrides(args, ("sample",))
@@ -174,6 +181,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_scaling(args) -> int:
+    """Run ``unmask scaling``."""
     try:
         budgets = [float(b) for b in args.budgets.split(",")]
     except ValueError:
@@ -203,6 +211,7 @@ def cmd_scaling(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    """Run ``unmask serve``."""
     from .serve.app import serve  # FastAPI and uvicorn: loaded only to serve
     from .serve.service import ServeConfig
 
@@ -226,6 +235,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    """Run ``unmask convert``."""
     source = open_source(args.model)
     if not isinstance(source, OpenWeights):
         raise ConfigError(f"{args.model} is not a Hugging Face causal LM folder (GPT-2, Llama or Qwen2 layout)")
@@ -245,6 +255,7 @@ CARD_METRICS = ("nll", "stderr", "perplexity", "bits_per_token", "bits_per_char"
 
 
 def cmd_export(args) -> int:
+    """Run ``unmask export``."""
     source = open_source(args.checkpoint, args.tokenizer)
     metrics = None
     if args.metrics:
@@ -260,6 +271,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
+    """Run ``unmask quickstart``."""
     cfg = load_config("quickstart", args.overrides)
     print(f"training a {cfg.family} model ({cfg.model.preset} preset) on {cfg.data.dataset}; run folder "
           f"{cfg.run_dir}")
@@ -275,6 +287,7 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_rl(args) -> int:
+    """Run ``unmask rl``."""
     ckpt = open_source(args.checkpoint, args.tokenizer)
     tree = parse_overrides(args.overrides)
     for section in tree:
@@ -301,6 +314,7 @@ def cmd_rl(args) -> int:
 
 
 def cmd_task(args) -> int:
+    """Run ``unmask task``."""
     try:
         if args.name == "star-graph":
             meta = write_star_graph_task(args.out, args.variant, args.train, args.valid, args.test, args.seed)
@@ -318,6 +332,7 @@ def cmd_task(args) -> int:
 
 
 def cmd_config(args) -> int:
+    """Run ``unmask config``."""
     keys = [k for k in config_keys() if k.key.startswith(args.prefix or "")]
     if not keys:
         raise ConfigError(f"no config key starts with {args.prefix!r}")
@@ -340,10 +355,12 @@ def sampler_help() -> str:
 
 
 def settings_line(settings: type) -> str:
+    """A settings dataclass's fields as ``name=default`` pairs, comma-separated."""
     return ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(settings))
 
 
 def cmd_configs(args) -> int:
+    """Run ``unmask configs``."""
     for name in packaged_configs():
         first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
         print(f"{name:24s} {first}")
@@ -351,6 +368,7 @@ def cmd_configs(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    """Run ``unmask plan``."""
     cfg = load_config(args.config, args.overrides)
     cfg, tokenizer = planning_inputs(cfg)
     vocab = tokenizer.vocab_size
@@ -366,6 +384,7 @@ def cmd_plan(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``unmask`` command, one subcommand per ``cmd_*`` handler."""
     parser = argparse.ArgumentParser(prog="unmask", description="Masked diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train or resume a run")
@@ -485,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the process's arguments) and run the command; the exit status (a user error is
+    printed as one line, status 2)."""
     parser = build_parser()
     # argparse stops filling the positional overrides at the first option, so the overrides after
     # it (`unmask train a=1 --fresh b=2`) come back as extras: they are overrides too.

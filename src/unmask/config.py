@@ -142,6 +142,9 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
+    """Optimization (AdamW, warm-up, learning-rate schedule, EMA, clipping), precision, parallelism, and the cadence
+    of logging, evaluation and checkpoints."""
+
     steps: int = 1000  # optimizer steps
     batch_size: int = 32  # rows per step over all processes
     micro_batch_size: int | None = None  # rows per pass per process (0/null: the whole share)
@@ -321,6 +324,9 @@ class RLConfig:
 
 @dataclass
 class RunConfig:
+    """A whole run: the model family, the run folder and one section per concern (``model``, ``data``, ``diffusion``,
+    ``train``, ``eval``, ``sample``, ``classifier``, ``rl``, ``adapter``)."""
+
     family: str = "mdlm"  # the model family (unmask.families)
     run_dir: str = "runs/default"  # the run folder: config, metrics, checkpoints
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -372,6 +378,7 @@ KEY_REGISTRIES = ("unmask.families", "unmask.samplers.registry")
 
 
 def load_registries() -> None:
+    """Import the modules that register keys, choices and rules (the families, the samplers)."""
     for module in KEY_REGISTRIES:
         import_module(module)
 
@@ -550,6 +557,7 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
 
 
 def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``update``, nested dicts merged key by key (``update`` wins); neither is changed."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
@@ -604,6 +612,7 @@ INTERVAL = re.compile(r"([\[(])(-?[\d.]+), (inf|-?[\d.]+)([\])])")
 
 
 def in_interval(value: float, interval: str) -> bool:
+    """Whether ``value`` lies in ``interval``, written as in :data:`RANGES` (``[a, b)``, ``(a, inf)``, ...)."""
     opening, low, high, closing = INTERVAL.fullmatch(interval).groups()
     above = value >= float(low) if opening == "[" else value > float(low)
     below = high == "inf" or (value <= float(high) if closing == "]" else value < float(high))
@@ -611,6 +620,7 @@ def in_interval(value: float, interval: str) -> bool:
 
 
 def value_at(cfg: Any, dotted: str) -> Any:
+    """The value of the dotted key ``dotted`` (``train.lr``) of ``cfg``."""
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
@@ -666,6 +676,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    """The validated :class:`RunConfig` of a nested dict (a preset resolved, registries loaded)."""
     load_registries()
     return validate(_build(RunConfig, _resolve_preset(tree or {}), ""))
 
@@ -674,6 +685,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"  # the packaged configs (`unmask 
 
 
 def packaged_configs() -> list[str]:
+    """The names of the packaged configs (``unmask configs``), sorted."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 

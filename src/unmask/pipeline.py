@@ -129,6 +129,8 @@ class Generation:
     generated: int
 
     def summary(self) -> dict:
+        """The totals as a dict: samples, generated tokens, seconds, tokens per second, network calls
+        (total and mean per row)."""
         return {"samples": len(self.texts), "generated_tokens": self.generated, "seconds": self.seconds,
                 "generated_tokens_per_second": self.generated / self.seconds if self.seconds else None,
                 "nfe": self.nfe, "mean_row_nfe": sum(self.row_nfe) / max(len(self.row_nfe), 1)}
@@ -221,7 +223,7 @@ def generate_rows(model, objective: Objective, tokenizer: Tokenizer, cfg: Sample
 
 def compiled_for_decoding(model: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile(model, dynamic=True)``: one graph for the canvas lengths and batch sizes a sampler
-    feeds. On the CPU 1.16-1.28x per decoding path after 19-45 s of compilation (BENCHMARKS.md, "Compiled
+    feeds. On the CPU 1.16-1.28x per decoding path after 19-45 s of compilation (docs/results/compile.md, "Compiled
     decoding and training"); fused kernels round differently, so near-ties may resolve otherwise than in
     eager decoding (first-hitting, ancestral and AR gave the eager tokens there, LLaDA with the dual cache
     did not)."""

@@ -25,6 +25,8 @@ from .config import ConfigError
 
 @dataclass
 class Distributed:
+    """This process's place in the run: its ``rank`` among ``world`` processes, its local rank and device."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -32,9 +34,11 @@ class Distributed:
 
     @property
     def main(self) -> bool:
+        """Whether this is the main process (rank 0), the one that writes shared files."""
         return self.rank == 0
 
     def barrier(self) -> None:
+        """Wait for every process of the group (nothing when alone)."""
         if self.world > 1:
             dist.barrier()
 
@@ -92,6 +96,7 @@ def init_distributed(group: bool = False) -> Distributed:
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group, if one was joined."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -118,6 +123,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str):
+    """A bf16 autocast context on ``device`` when ``precision`` is ``bf16``; otherwise one that does nothing."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -129,6 +135,7 @@ def seed_for(*parts: int) -> int:
 
 
 def generator_for(*parts: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded by :func:`seed_for` of ``parts``."""
     return torch.Generator(device=device).manual_seed(seed_for(*parts))
 
 
@@ -163,6 +170,7 @@ def deterministic_algorithms(enabled: bool, device: torch.device):
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: the CUDA allocator's peak on a GPU, else the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -208,6 +208,7 @@ def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    """An optimizer ``state_dict`` again from :func:`flatten_optimizer`'s tensors and JSON-able rest."""
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
@@ -319,6 +320,7 @@ class WeightSource:
     path: Path
 
     def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
+        """The state dict of the network: the EMA weights when ``ema`` and the source has them, else the raw ones."""
         raise NotImplementedError
 
     @property
@@ -372,6 +374,7 @@ class Checkpoint(WeightSource):
 
     @property
     def has_ema(self) -> bool:
+        """Whether the checkpoint holds EMA weights."""
         return self.has("ema")
 
     def has(self, kind: str) -> bool:
@@ -400,9 +403,12 @@ class Checkpoint(WeightSource):
         return pieces[0][0] if rank is not None else join_shards(pieces, str(self.path))
 
     def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
+        """The full EMA weights when ``ema`` and the checkpoint has them, else the raw model weights."""
         return self.tensors("ema" if ema and self.has("ema") else "model")
 
     def optimizer_state(self, rank: int | None = None) -> dict | None:
+        """The optimizer ``state_dict`` (None: saved without one); of a sharded checkpoint, process ``rank``'s share
+        when ``rank`` is given."""
         if "optimizer" not in self.state:
             return None
         try:
@@ -411,6 +417,8 @@ class Checkpoint(WeightSource):
             raise CheckpointError(f"corrupt optimizer state in {self.path}: {exc}") from None
 
     def ema_state(self, rank: int | None = None) -> dict[str, torch.Tensor] | None:
+        """The EMA tensors (None: saved without EMA); of a sharded checkpoint, process ``rank``'s share when ``rank``
+        is given."""
         return self.tensors("ema", rank) if self.has("ema") else None
 
     def verify(self) -> None:
@@ -456,6 +464,7 @@ def check_dtype(key: str, tensor: torch.Tensor, expected: torch.dtype, source: s
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a :class:`CheckpointError` naming the first floating tensor with NaN or infinite values."""
     for key, value in tensors.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{source}: tensor '{key}' holds NaN or infinite values (a corrupt file or a "

@@ -94,6 +94,7 @@ class Layout:
         return self.convert(ours, tensor, model) if self.convert else [(ours, tensor)]
 
     def to_theirs(self, key: str) -> str:
+        """The layout's name of our parameter ``key`` (the inverse of :meth:`to_ours`); an error when it has none."""
         for pattern, dst in self._compiled(False):
             m = pattern.match(key)
             if m:
@@ -400,6 +401,7 @@ class OpenWeights(WeightSource):
         return check_weights(model, tensors, str(self.path))
 
     def ema_state(self) -> None:
+        """None: released weights come without a separate EMA."""
         return None
 
     def _meta_network(self, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:

@@ -79,13 +79,16 @@ class Pretrained(WeightSource):
         self._weights, self._ema, self.format, self.card = weights, ema, source_format, card or {}
 
     def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
+        """The EMA weights when ``ema`` and the source has them, else the raw ones."""
         return self._ema if ema and self._ema is not None else self._weights
 
     def ema_state(self) -> dict[str, torch.Tensor] | None:
+        """The EMA weights (None: the source has none)."""
         return self._ema
 
     @property
     def has_ema(self) -> bool:
+        """Whether the source holds EMA weights."""
         return self._ema is not None
 
 
@@ -217,13 +220,16 @@ class AdapterCheckpoint(WeightSource):
         return model
 
     def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
+        """The base weights with the adapters (EMA ones when ``ema`` and present) merged in."""
         return merged_weights(self.with_adapters(ema))
 
     def ema_state(self) -> dict[str, torch.Tensor] | None:
+        """The merged weights of the EMA adapters (None: the run kept no EMA)."""
         return self.weights(ema=True) if self.has_ema else None
 
     @property
     def has_ema(self) -> bool:
+        """Whether the checkpoint holds EMA adapters."""
         return self.ckpt.has("ema")
 
 

@@ -62,6 +62,7 @@ def mdlm_parameter_names(n_blocks: int) -> list[str]:
 
 
 def n_blocks_of(weights: dict[str, torch.Tensor]) -> int:
+    """The number of DIT blocks in ``weights`` (their ``blocks.<i>.`` indices must be 0..n-1)."""
     blocks = {int(k.split(".")[1]) for k in weights if k.startswith("blocks.")}
     if blocks != set(range(len(blocks))):
         raise CheckpointError(f"block indices {sorted(blocks)} are not 0..n-1")
@@ -120,6 +121,7 @@ def write_mdlm_hf(folder: Path, weights: dict[str, torch.Tensor], cfg: RunConfig
 
 
 def strip_prefix(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The ``backbone.*`` tensors of an MDLM checkpoint under their DIT names (prefix removed)."""
     out = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
     if not out:
         raise CheckpointError(f"{source} holds no '{PREFIX}*' tensors: not an MDLM checkpoint")
@@ -127,6 +129,7 @@ def strip_prefix(tensors: dict[str, torch.Tensor], source: str) -> dict[str, tor
 
 
 def check_shapes(weights: dict[str, torch.Tensor], cfg: RunConfig, vocab_size: int, source: str) -> None:
+    """Check that the vocabulary embedding of ``weights`` is (``vocab_size``, ``cfg.model.hidden``)."""
     embedding = weights.get("vocab_embed.embedding")
     if embedding is None:
         raise CheckpointError(f"{source} lacks vocab_embed.embedding")
@@ -141,6 +144,7 @@ class Inert:
     origin = "?"
 
     def __new__(cls, *args, **kwargs):
+        """A bare instance; the pickle's arguments reach no code of the class it stands for."""
         return object.__new__(cls)
 
     def __init__(self, *args, **kwargs):
@@ -153,9 +157,11 @@ class Inert:
         self.items[key] = value
 
     def append(self, value):  # list subclasses
+        """Record ``value`` as the next item (what a pickled list subclass calls)."""
         self.items[len(self.items)] = value
 
     def extend(self, values):
+        """Record each of ``values`` as :meth:`append` does."""
         for v in values:
             self.append(v)
 
@@ -224,6 +230,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     """``find_class`` is the only way a pickle reaches code: allow-list it."""
 
     def find_class(self, module: str, name: str):
+        """The allow-listed global for ``module.name``, an :class:`Inert` placeholder for a class of the training
+        stack, or an :class:`UnsafeCheckpointError` for anything else."""
         # protocol-2 pickles (torch.save's default) name builtins the Python 2 way ('__builtin__')
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)

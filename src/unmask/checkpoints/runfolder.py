@@ -108,6 +108,8 @@ class RunLock:
         self.stale_owner: str | None = None  # the owner named by a lock whose process died holding it
 
     def acquire(self) -> "RunLock":
+        """Take the run folder's lock (created if need be) and write this process as its owner; a
+        :class:`RunFolderError` when another process holds it."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise RunFolderError(f"run_dir={self.run_dir} is a file; a run folder is a directory (choose another "
                                  f"run_dir)")
@@ -128,6 +130,7 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Clear the owner and release the lock (nothing when not held)."""
         if self.fd is not None:
             os.ftruncate(self.fd, 0)  # a clean exit leaves no owner behind
             os.close(self.fd)  # closing the descriptor releases the flock

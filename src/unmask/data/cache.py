@@ -20,6 +20,7 @@ CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
+    """The token cache folder: ``$UNMASK_CACHE``, else ``~/.cache/unmask``."""
     return Path(os.environ.get("UNMASK_CACHE", Path.home() / ".cache" / "unmask"))
 
 

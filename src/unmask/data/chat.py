@@ -79,6 +79,8 @@ class TemplateWorker:
         atexit.register(self.stop)
 
     def render(self, request: dict, seconds: float) -> str:
+        """The text the worker renders for ``request`` (started or restarted as needed); a :class:`ChatTemplateError`
+        when it fails, or gives no answer within ``seconds``."""
         with self.lock:
             if self.process is None or self.process.poll() is not None:
                 package_root = str(Path(__file__).resolve().parents[2])  # this copy of unmask, installed or not
@@ -119,6 +121,7 @@ class TemplateWorker:
                 return b"".join(chunks)
 
     def stop(self) -> None:
+        """Kill the worker process, if one runs, and wait for it to end."""
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.kill()

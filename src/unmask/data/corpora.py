@@ -56,9 +56,11 @@ class Corpus:
     name = "corpus"
 
     def documents(self, split: str) -> Iterator[Iterable[str]]:
+        """The documents of ``split``, in order, each an iterable of text pieces."""
         raise NotImplementedError
 
     def fingerprint(self, split: str) -> str:
+        """A string that changes whenever ``split``'s documents may (the token cache's key)."""
         raise NotImplementedError
 
     def symbols(self) -> set[str]:
@@ -83,10 +85,12 @@ class CharRangeCorpus(Corpus):
         self.source_id = source_id or _file_id(self.path)
 
     def documents(self, split: str) -> Iterator[Iterable[str]]:
+        """The one document of ``split``: its character range of the text."""
         start, end = self.ranges[split]
         yield _read_range(self.path, start, end)
 
     def fingerprint(self, split: str) -> str:
+        """The corpus name, the file's identity and ``split``'s character range."""
         return f"{self.name}|{self.source_id}|{self.ranges[split]}"
 
 
@@ -148,6 +152,7 @@ class FilesCorpus(Corpus):
         return ("chars" if single else "documents", *self._bounds)
 
     def documents(self, split: str) -> Iterator[Iterable[str]]:
+        """The documents of ``split``: its own files, or its share of ``path``'s documents (class docstring)."""
         if self.explicit:
             if split not in self.files:
                 raise DataError(f"dataset 'text' has no {split} split: give data.{split}_path")
@@ -178,6 +183,7 @@ class FilesCorpus(Corpus):
                 yield doc
 
     def fingerprint(self, split: str) -> str:
+        """The files' identities and every setting that decides ``split``'s documents, as JSON."""
         files = self.files.get(split if self.explicit else "train", [])
         c = self.cfg
         return json.dumps([split, [_file_id(f) for f in files], c.documents, c.text_field,
@@ -230,6 +236,7 @@ class HFCorpus(Corpus):
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
     def documents(self, split: str) -> Iterator[Iterable[str]]:
+        """The ``text_field`` of each record of ``split``, one document each."""
         field = self.cfg.text_field
         for record in self._load(split):
             if field not in record:
@@ -237,6 +244,7 @@ class HFCorpus(Corpus):
             yield [record[field]]
 
     def fingerprint(self, split: str) -> str:
+        """The dataset, config, split name, ``datasets`` fingerprint and text field, as JSON."""
         ds = self._load(split)
         ident = getattr(ds, "_fingerprint", None) or "streaming"
         return json.dumps([self.cfg.path, self.cfg.hf_config, self.split_names[split], ident,
@@ -286,15 +294,18 @@ class WikiTextCorpus(Corpus):
         raise DataError(f"{self.name}: no {split} split in {self.folder} (wiki.{stem}.tokens or .raw)")
 
     def documents(self, split: str) -> Iterator[Iterable[str]]:
+        """One detokenized document per line of ``split``'s file (blank lines as empty documents)."""
         with open_text(self._file(split)) as f:
             for line in f:
                 yield [wikitext_detokenize(line) if line.strip() else ""]
 
     def fingerprint(self, split: str) -> str:
+        """The corpus name and the identity of ``split``'s file."""
         return f"{self.name}|{_file_id(self._file(split))}|lines-detokenized"
 
 
 def shipped_corpus_path() -> Path:
+    """The tiny-shakespeare text shipped with the package (xz-compressed)."""
     return Path(__file__).resolve().parents[1] / "assets" / "tinyshakespeare.txt.xz"
 
 

@@ -40,6 +40,7 @@ class Data:
         self._rows: dict[str, Rows] = {}
 
     def stream(self, split: str) -> TokenStream:
+        """The tokenized ``split`` (tokenized into the cache on first use)."""
         if split not in SPLITS:
             raise DataError(f"unknown split '{split}'; known: {', '.join(SPLITS)}")
         insert_eos = self.cfg.insert_eos and self.cfg.layout == "wrap"
@@ -48,6 +49,7 @@ class Data:
                               prompted=bool(self.cfg.prompt_field or self.cfg.messages_field))
 
     def rows(self, split: str) -> Rows:
+        """The rows of ``split`` in the configured layout (``wrap`` or ``pad``), built once."""
         if split not in self._rows:
             stream = self.stream(split)
             if self.cfg.layout == "wrap":

@@ -75,6 +75,7 @@ class LabelledSplit(Rows):
         return len(self.labels)
 
     def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ids and kinds, both (n, L), of the rows at ``indices``."""
         return self.ids.numpy()[indices], self.kinds[indices]
 
 
@@ -101,9 +102,11 @@ class LabelledData:
         self._rows: dict[str, LabelledSplit] = {}
 
     def has(self, split: str) -> bool:
+        """Whether the run has a file for ``split``."""
         return bool(self.paths.get(split))
 
     def rows(self, split: str) -> LabelledSplit:
+        """The rows of ``split`` (read and tokenized once); an error when it has no file."""
         if not self.has(split):
             raise DataError(f"this classifier has no {split} file: set data.{split}_path")
         if split not in self._rows:

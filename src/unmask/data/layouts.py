@@ -27,6 +27,8 @@ class Rows:
         raise NotImplementedError
 
     def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The token ids and the per-position kinds (``TOKEN``, ``BOS``, ...) of the rows at ``indices``, both
+        (n, L)."""
         raise NotImplementedError
 
 
@@ -46,6 +48,8 @@ class WrapRows(Rows):
         return self.n
 
     def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``indices`` of the stream cut into chunks, framed ``[BOS] chunk [EOS]`` when ``frame``: ids and
+        kinds, (n, L)."""
         indices = np.asarray(indices, dtype=np.int64)
         ids = np.empty((len(indices), self.length), dtype=np.int64)
         body = slice(1, -1) if self.frame else slice(None)
@@ -82,6 +86,8 @@ class PadRows(Rows):
         return len(self.starts)
 
     def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The documents at ``indices`` as ``[BOS] doc [EOS] [PAD]...`` rows (prompt positions marked ``PROMPT``):
+        ids and kinds, (n, L)."""
         indices = np.asarray(indices, dtype=np.int64)
         ids = np.full((len(indices), self.length), self.pad, dtype=np.int64)
         kinds = np.full((len(indices), self.length), PAD, dtype=np.int8)
@@ -139,9 +145,11 @@ class BatchOrder:
         return self._perm
 
     def epoch_of(self, step: int) -> float:
+        """The (fractional) number of passes over the rows completed before step ``step``."""
         return step * self.batch_size / self.n
 
     def batch(self, step: int) -> np.ndarray:
+        """The row indices (B,) that step ``step`` reads."""
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         out = np.empty(self.batch_size, dtype=np.int64)
         for epoch in np.unique(positions // self.n):

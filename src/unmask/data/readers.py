@@ -42,9 +42,11 @@ class TextFile:
                             f"decoded); convert it, e.g. with iconv -f latin1 -t utf-8") from None
 
     def read(self, size: int = -1) -> str:
+        """Up to ``size`` characters (all with -1), as :meth:`io.TextIOBase.read`."""
         return self._decoded(self.stream.read, size)
 
     def readline(self) -> str:
+        """The next line (empty at the end)."""
         return self._decoded(self.stream.readline)
 
     def __iter__(self):
@@ -57,6 +59,7 @@ class TextFile:
         return line
 
     def close(self) -> None:
+        """Close the stream and what it reads from."""
         self.stream.close()
         if self._close is not None:
             self._close()

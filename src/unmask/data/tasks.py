@@ -37,6 +37,9 @@ NODE_LABELS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 @dataclass(frozen=True)
 class StarGraphSpec:
+    """A star-graph variant (module docstring): ``degree`` arms of ``min_arm`` to ``max_arm`` nodes drawn from
+    ``nodes`` labels."""
+
     degree: int
     min_arm: int
     max_arm: int

@@ -65,12 +65,15 @@ class Tokenizer:
         raise NotImplementedError
 
     def decode(self, ids, skip_special: bool = True) -> str:
+        """The text of ``ids`` (any shape); with ``skip_special`` the special tokens are left out, else shown by
+        name."""
         raise NotImplementedError
 
     chat_template: str | None = None  # a model's Jinja chat template (Hugging Face tokenizers that have one)
 
     @property
     def special_ids(self) -> set[int]:
+        """The ids of the four roles: BOS, EOS, PAD and mask."""
         return {self.bos_id, self.eos_id, self.pad_id, self.mask_id}
 
     def special_token_ids(self) -> set[int]:
@@ -85,9 +88,11 @@ class Tokenizer:
         return names.get(i) or self.decode([i], skip_special=False)
 
     def describe(self) -> dict:
+        """Everything that defines the tokenizer, as JSON-able data (what :meth:`save` writes)."""
         raise NotImplementedError
 
     def fingerprint(self) -> str:
+        """A short hash of :meth:`describe` (part of the token cache's key)."""
         return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:16]
 
     def vocabulary(self) -> dict:
@@ -96,6 +101,7 @@ class Tokenizer:
         return {k: v for k, v in self.describe().items() if k not in ("oov", "oov_replacement")}
 
     def save(self, directory: str | Path) -> None:
+        """Write the tokenizer into ``directory`` (read back by :func:`load_tokenizer`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / META_FILE).write_text(json.dumps(self.describe(), indent=1))
@@ -126,9 +132,11 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_corpus_symbols(cls, symbols: set[str], **kw) -> "CharTokenizer":
+        """The tokenizer whose alphabet is ``symbols``, in code point order."""
         return cls("".join(sorted(symbols)), **kw)
 
     def encode(self, text: str, offset: int = 0) -> np.ndarray:
+        """Token ids (n,) of ``text``; out-of-alphabet symbols raise, are replaced or dropped as ``oov`` says."""
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
         pos = np.searchsorted(self._sorted_codes, codes).clip(max=len(self._sorted_codes) - 1)
         known = self._sorted_codes[pos] == codes
@@ -144,6 +152,7 @@ class CharTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids, skip_special: bool = True) -> str:
+        """The symbols of ``ids``; special tokens left out with ``skip_special``, else shown by name."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         n = len(self.alphabet)
         if skip_special:
@@ -151,6 +160,7 @@ class CharTokenizer(Tokenizer):
         return "".join(self.alphabet[i] if i < n else self.token_str(int(i)) for i in ids)
 
     def describe(self) -> dict:
+        """Kind, alphabet and out-of-alphabet policy."""
         return {"kind": self.kind, "alphabet": self.alphabet, "oov": self.oov,
                 "oov_replacement": self.oov_replacement}
 
@@ -176,9 +186,11 @@ class DNATokenizer(CharTokenizer):
         super().__init__(DNA_ALPHABET, oov, oov_replacement)
 
     def encode(self, text: str, offset: int = 0) -> np.ndarray:
+        """Token ids (n,) of ``text`` read as upper case."""
         return super().encode(text.upper(), offset)
 
     def describe(self) -> dict:
+        """Kind and out-of-alphabet policy (the alphabet is fixed)."""
         return {"kind": self.kind, "oov": self.oov, "oov_replacement": self.oov_replacement}
 
 
@@ -192,9 +204,12 @@ class ByteTokenizer(Tokenizer):
         self.vocab_size = 260
 
     def encode(self, text: str, offset: int = 0) -> np.ndarray:
+        """The UTF-8 bytes (n,) of ``text``."""
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
     def decode(self, ids, skip_special: bool = True) -> str:
+        """The text of ``ids`` (invalid UTF-8 replaced); special tokens left out with ``skip_special``, else shown by
+        name."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not skip_special:  # decode runs of bytes together so multi-byte characters survive
             out, run = [], []
@@ -210,6 +225,7 @@ class ByteTokenizer(Tokenizer):
         return bytes(ids[ids < 256].astype(np.uint8).tolist()).decode("utf-8", errors="replace")
 
     def describe(self) -> dict:
+        """The kind alone (the vocabulary is fixed)."""
         return {"kind": self.kind}
 
 
@@ -287,6 +303,8 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def from_file(cls, path: str | Path, source: str | None = None, ids: dict[str, int] | None = None,
                   chat_template: str | None = None) -> "HFTokenizer":
+        """The tokenizer of a ``tokenizer.json`` file (or the one in folder ``path``); ``ids`` and ``chat_template``
+        as in the constructor."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -321,6 +339,7 @@ class HFTokenizer(Tokenizer):
         return tok
 
     def encode(self, text: str, offset: int = 0) -> np.ndarray:
+        """Token ids (n,) of ``text``, without special tokens."""
         return np.asarray(self.tk.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
     def piece(self, i: int) -> str:
@@ -334,16 +353,19 @@ class HFTokenizer(Tokenizer):
         return added | self.special_ids
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each of ``texts`` (batched encoding), without special tokens."""
         return [np.asarray(e.ids, dtype=np.int64)
                 for e in self.tk.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids, skip_special: bool = True) -> str:
+        """The text of ``ids``; with ``skip_special`` the special tokens are left out."""
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         if skip_special:
             return self.tk.decode([i for i in ids if i not in self.special_ids], skip_special_tokens=True)
         return self.tk.decode(ids, skip_special_tokens=False)
 
     def describe(self) -> dict:
+        """Source, vocabulary size, special ids, a hash of the tokenizer's JSON and its chat template."""
         out = {"kind": self.kind, "source": self.source, "vocab_size": self.vocab_size,
                "bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "mask": self.mask_id,
                "sha": hashlib.sha256(self.tk.to_str().encode()).hexdigest()[:16]}
@@ -352,6 +374,7 @@ class HFTokenizer(Tokenizer):
         return out
 
     def save(self, directory: str | Path) -> None:
+        """Write the description and ``tokenizer.json`` into ``directory``."""
         super().save(directory)
         self.tk.save(str(Path(directory) / "tokenizer.json"))
 

@@ -43,4 +43,5 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def selection_score(metrics: dict, classes: int) -> float:
+    """The score that picks a classifier's best checkpoint: AUC with two classes, else accuracy."""
     return metrics["auc"] if classes == 2 else metrics["accuracy"]

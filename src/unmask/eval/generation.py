@@ -92,6 +92,8 @@ class CheckpointEvaluator(Evaluator):
 
     @torch.no_grad()
     def nll(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per text: summed next-token NLL (nats) and the number of scored tokens, over windows of the model's length
+        each starting with BOS."""
         totals, counts = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
         pieces = self._windows(texts)
         for lo in range(0, len(pieces), self.batch_size):
@@ -113,6 +115,7 @@ class CheckpointEvaluator(Evaluator):
 
     @torch.no_grad()
     def features(self, texts: list[str]) -> np.ndarray:
+        """One embedding per text (N, hidden): the final hidden state at the last position, for MAUVE."""
         hidden: list[torch.Tensor] = []
         handle = self.model.output_layer.register_forward_hook(lambda m, args, out: hidden.append(args[0]))
         try:
@@ -152,6 +155,8 @@ class HuggingFaceEvaluator(Evaluator):
 
     @torch.no_grad()
     def nll(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per text: summed next-token NLL (nats) and the number of scored tokens, over windows of the model's
+        context each starting with EOS."""
         eos = self.tokenizer.eos_token_id
         totals, counts = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
         for i, text in enumerate(texts):
@@ -168,6 +173,7 @@ class HuggingFaceEvaluator(Evaluator):
 
     @torch.no_grad()
     def features(self, texts: list[str]) -> np.ndarray:
+        """One embedding per text (N, hidden): the last hidden state at the last position, for MAUVE."""
         out = []
         for text in texts:
             ids = self.tokenizer(text, return_tensors="pt", truncation=True, max_length=self.window)["input_ids"]

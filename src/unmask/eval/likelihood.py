@@ -45,6 +45,8 @@ def likelihood_of_rows(model, objective: Objective, rows: Rows, data_cfg: DataCo
              tokenizer: Tokenizer, mc_samples: int = 4, batch_size: int = 16, max_sequences: int = 0,
              seed: int = 0, precision: str = "fp32", device: torch.device = torch.device("cpu"),
              progress: bool = False) -> dict:
+    """Score ``rows`` (or ``max_sequences`` of them) with ``objective``'s exact estimator: ``mc_samples`` stratified
+    draws per row for a bound, one pass for an exact NLL; the result dict of the module docstring."""
     model.eval()
     is_ar = objective.bound == "exact"  # one pass is the exact NLL
     k = 1 if is_ar else mc_samples

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 @register_model("unmask")
 class UnmaskLM(LM):
+    """An unmask model for EleutherAI's ``lm-evaluation-harness`` (``--model unmask``): log-likelihoods from the
+    objective's estimator, generation with the configured sampler."""
+
     def __init__(self, pretrained: str, mc_samples: int = 32, batch_size: int | str = 64, device: str | None = None,
                  seed: int = 0, tokenizer_path: str | None = None, ema: bool = True, precision: str = "fp32",
                  max_batch_size: int | None = None, estimator: str = "auto", **sample):
@@ -67,6 +70,7 @@ class UnmaskLM(LM):
 
     @property
     def device(self) -> torch.device:
+        """The device the model runs on."""
         return self._device
 
     # --- likelihoods -------------------------------------------------------------------------
@@ -94,6 +98,7 @@ class UnmaskLM(LM):
         return out
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """(log-likelihood of the continuation, whether it is the greedy one) per (context, continuation) request."""
         pairs = []
         for request in requests:
             context, continuation = request.args
@@ -108,6 +113,7 @@ class UnmaskLM(LM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """The log-likelihood of each request's whole text, scored in windows of the model's length."""
         window = self.max_length - len(self.bos)
         out = []
         for request in requests:
@@ -119,6 +125,8 @@ class UnmaskLM(LM):
 
     # --- generation --------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """The generated continuation of each request's context, cut at its first ``until`` string, at most
+        ``max_gen_toks`` tokens."""
         lm, tok = self.lm, self.lm.tokenizer
         out = []
         for index, request in enumerate(requests):

@@ -51,6 +51,8 @@ def evaluate(model: LoadedModel | Source | str | Path, overrides: Sequence[str] 
 
 
 def run_eval(ckpt: Source, cfg: RunConfig, device: torch.device, progress: bool = True) -> dict:
+    """The result of ``unmask eval`` on ``ckpt`` under ``cfg``: classifier metrics, generation quality, exact match
+    or likelihood (``eval.metric``)."""
     if family_of(cfg).labels:
         return run_classifier_eval(ckpt, cfg, device)
     if cfg.eval.metric == "generation":
@@ -101,6 +103,8 @@ def run_exact_match(ckpt: Source, cfg: RunConfig, device: torch.device) -> dict:
 
 def run_sample(ckpt: Source, cfg: RunConfig, device: torch.device, prompts: list[str] | None = None,
                template: str | None = None, chat: bool = False) -> Generation:
+    """Samples of ``ckpt`` under ``cfg.sample`` (``unmask sample``): unconditional, after ``prompts``, infilling
+    ``template``, or answers in the chat template."""
     s = cfg.sample
     model, objective = load_model(ckpt, ema=s.use_ema, device=device, quantize=s.quantize)
     precision = resolve_precision(s.model_precision, device)

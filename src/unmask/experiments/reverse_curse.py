@@ -59,11 +59,14 @@ ADJECTIVES = ["silent", "crimson", "hidden", "golden", "distant", "broken", "end
 
 @dataclasses.dataclass(frozen=True)
 class Fact:
+    """A fictitious fact: an invented ``name`` and the ``description`` it is."""
+
     name: str
     description: str
 
     @property
     def statement(self) -> str:
+        """The forward sentence ``NAME is DESCRIPTION.`` (what the model is trained on)."""
         return f"{self.name} is {self.description}."
 
 

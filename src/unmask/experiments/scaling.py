@@ -46,13 +46,16 @@ class IsoFLOPFit:
 
     @property
     def optimal_size(self) -> float:
+        """The compute-optimal size ``N*`` at the vertex: ``exp(-b / 2a)``."""
         return math.exp(-self.b / (2 * self.a))
 
     @property
     def optimal_loss(self) -> float:
+        """The loss at the vertex, ``L* = c - b^2 / 4a``."""
         return self.c - self.b ** 2 / (4 * self.a)
 
     def loss(self, size: float) -> float:
+        """The fitted loss of a model of ``size`` parameters."""
         x = math.log(size)
         return self.a * x * x + self.b * x + self.c
 
@@ -65,9 +68,11 @@ class PowerLaw:
     exponent: float
 
     def __call__(self, x):
+        """``coefficient * x^exponent`` (element-wise for arrays)."""
         return self.coefficient * np.asarray(x, dtype=float) ** self.exponent
 
     def inverse(self, y):
+        """The ``x`` whose value is ``y``: ``(y / coefficient)^(1 / exponent)``."""
         return (np.asarray(y, dtype=float) / self.coefficient) ** (1 / self.exponent)
 
 

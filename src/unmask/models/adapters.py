@@ -62,10 +62,12 @@ def add_adapters(model: torch.nn.Module, cfg: AdapterConfig, backbone: str) -> t
 
 
 def trainable_names(model: torch.nn.Module) -> list[str]:
+    """The names of the parameters that train (``requires_grad``): the adapters and the soft-mask scalars."""
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
 def adapter_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers of ``model`` that ``peft`` injected (its tuner layers)."""
     peft = _peft()
     return [m for m in model.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
 

@@ -50,6 +50,8 @@ class SequenceClassifier(nn.Module):
 
 
 def build_classifier(cfg: RunConfig, tokenizer: Tokenizer) -> SequenceClassifier:
+    """The :class:`SequenceClassifier` of ``cfg``: a bidirectional DiT backbone and a head with one output per class
+    of ``classifier.labels``."""
     if not cfg.classifier.labels:
         raise ConfigError("the classifier's classes are unknown: set classifier.labels or train on labelled data")
     backbone = DiT(cfg.model, tokenizer.vocab_size, causal=False, mask_id=tokenizer.mask_id)

@@ -92,6 +92,7 @@ class KVCache:
         return self.keys[layer][:, :, :end].to(k.dtype), self.values[layer][:, :, :end].to(k.dtype), mask
 
     def advance(self, n: int) -> None:
+        """Move the next position ``length`` past the ``n`` tokens of the last call."""
         self.length += n
 
 
@@ -118,6 +119,8 @@ class BlockCache:
         self.rows: torch.Tensor | None = None  # the batch rows of the next call (None: all)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Keys and values (B, kv_heads, Lk, d) the chunk's queries attend to, after storing ``k``, ``v``
+        (B, kv_heads, Lc, d) as ``recording`` and ``mode`` say (class docstring); no mask."""
         if self.recording:
             self.keys[layer], self.values[layer] = k, v
             return k, v, None
@@ -159,6 +162,8 @@ class BlockDiffusionCache:
         self.chunk_allowed: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the chunk's ``k``, ``v`` (B, kv_heads, Lc, d) at its positions; return every key and value up to its
+        end and the attention mask (Lc, Lk) of its queries (None: all)."""
         start, end = self.length, self.length + k.shape[2]
         rows = slice(None) if self.rows is None else self.rows
         self.keys[layer][rows, :, start:end] = k

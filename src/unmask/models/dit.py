@@ -56,6 +56,7 @@ class LayerNorm(nn.Module):
         self.dim = dim
 
     def forward(self, x, shift: torch.Tensor, scale: torch.Tensor):
+        """Layer norm of ``x`` (B, L, H) in float32, modulated: ``norm(x) * (1 + scale) + shift``; (B, L, H) float32."""
         with torch.autocast(x.device.type, enabled=False):
             if shift.shape[0] == 1:
                 return F.layer_norm(x.float(), [self.dim], self.weight * (1 + scale.reshape(-1).float()),
@@ -99,6 +100,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
 
     def forward(self, sigma):
+        """The conditioning vectors (B, cond_dim) of noise levels ``sigma`` (B,)."""
         half = self.frequency_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
         args = sigma.float()[:, None] * freqs[None]
@@ -114,6 +116,7 @@ class EmbeddingLayer(nn.Module):
         nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
 
     def forward(self, ids):
+        """Embeddings (B, L, H) of token ids (B, L)."""
         return self.embedding[ids]
 
 
@@ -200,6 +203,7 @@ class DiT(nn.Module):
 
     @property
     def time_conditioning(self) -> bool:
+        """Whether the network reads the noise level ``sigma`` (``model.time_conditioning``)."""
         return self.cfg.time_conditioning
 
     def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,

@@ -37,6 +37,8 @@ from .softmask import SoftFeedback, input_embeddings, soft_mask_for
 
 
 class Attention(nn.Module):
+    """GPT-2's multi-head attention: fused biased q/k/v projection ``c_attn``, output projection ``c_proj``."""
+
     def __init__(self, hidden: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -55,16 +57,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's MLP: ``c_proj(gelu(c_fc(x)))`` (GELU, tanh approximation)."""
+
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
         self.c_fc = nn.Linear(hidden, intermediate)
         self.c_proj = nn.Linear(intermediate, hidden)
 
     def forward(self, x):
+        """(B, L, H) -> (B, L, H)."""
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
 class Block(nn.Module):
+    """A pre-norm GPT-2 block: attention and MLP, each after its LayerNorm and added to the residual."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
@@ -74,6 +81,8 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, causal, mask=None, cache=None, layer=0, read=None):
+        """Hidden states (B, L, H) -> (B, L, H), or (B, read, H) of the first ``read`` tokens; ``mask``, ``cache``
+        and ``layer`` as for :meth:`Attention.forward`."""
         attn = self.attn(self.ln_1(x), causal, mask, cache, layer, read)
         x = (x if read is None else x[:, :read]) + self.dropout(attn)
         return x + self.dropout(self.mlp(self.ln_2(x)))
@@ -110,6 +119,7 @@ class GPT2(nn.Module):
 
     @property
     def time_conditioning(self) -> bool:
+        """False: GPT-2 ignores ``sigma``."""
         return False
 
     def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
@@ -150,6 +160,7 @@ class GPT2(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight
 
     def embedding_parameters(self) -> list[nn.Parameter]:
+        """The token and position embeddings (the output layer is tied to the first)."""
         return [self.transformer.wte.weight, self.transformer.wpe.weight]
 
     def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -30,9 +30,11 @@ class InsertionLM(nn.Module):
 
     @property
     def cfg(self):
+        """The backbone's model config."""
         return self.backbone.cfg
 
     def forward(self, ids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, L), keep (B, L) bool -> insertion logits (B, L, V) and stop scores (B, K)."""
         x, final = self.backbone.features(ids, keep=keep)
         return self.backbone.output_layer(x, final), self.stop_head(x[:, 0].float())
 
@@ -46,4 +48,5 @@ def stop_log_odds(scores: torch.Tensor) -> torch.Tensor:
 
 
 def build_insertion_model(cfg, tokenizer) -> InsertionLM:
+    """The :class:`InsertionLM` of a run config: a bidirectional DiT and the ``diffusion.ilm_stop_head`` head."""
     return InsertionLM(DiT(cfg.model, tokenizer.vocab_size, causal=False), cfg.diffusion.ilm_stop_head)

@@ -54,12 +54,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., H), in the input's dtype."""
         with torch.autocast(x.device.type, enabled=False):
             y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with rotary positions: ``heads`` query heads share ``kv_heads`` key/value heads;
+    ``q_proj``/``k_proj``/``v_proj`` biased when ``bias`` (Qwen2)."""
+
     def __init__(self, hidden: int, heads: int, kv_heads: int, bias: bool):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
@@ -92,10 +96,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
+        """(B, L, H) -> (B, L, H)."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
+    """A pre-norm Llama block: attention and SwiGLU MLP, each after its RMSNorm and added to the residual."""
+
     def __init__(self, cfg: ModelConfig, intermediate: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
@@ -105,6 +112,8 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rotary, causal, mask=None, cache=None, layer=0, read=None):
+        """Hidden states (B, L, H) -> (B, L, H), or (B, read, H) of the first ``read`` tokens; ``rotary`` is the
+        (cos, sin) table, the rest as for :meth:`Attention.forward`."""
         attn = self.self_attn(self.input_layernorm(x), rotary, causal, mask, cache, layer, read)
         x = (x if read is None else x[:, :read]) + self.dropout(attn)
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
@@ -145,6 +154,7 @@ class Transformer(nn.Module):
 
     @property
     def time_conditioning(self) -> bool:
+        """False: the backbone ignores ``sigma``."""
         return False
 
     def forward(self, ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
@@ -191,6 +201,7 @@ class Transformer(nn.Module):
         self.rotary_emb.reset(device)
 
     def embedding_parameters(self) -> list[nn.Parameter]:
+        """The input embedding and the output layer (one parameter when tied)."""
         return [self.model.embed_tokens.weight, self.lm_head.weight]
 
     def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -93,6 +93,8 @@ class DynamicInt8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (..., in) -> (..., out) in ``x``'s dtype: each row quantized to int8 by its absolute maximum,
+        multiplied in int8 and rescaled."""
         rows = x.reshape(-1, self.in_features).float()
         if not len(rows):
             return x.new_zeros(*x.shape[:-1], self.out_features)
@@ -104,6 +106,7 @@ class DynamicInt8Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
+        """The layer's sizes and kind, for ``repr``."""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and inputs"
 
 

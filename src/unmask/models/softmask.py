@@ -65,6 +65,7 @@ class SoftFeedback:
 
     @classmethod
     def empty(cls, batch: int, length: int, top_k: int, device: torch.device | str = "cpu") -> "SoftFeedback":
+        """Feedback of shape (``batch``, ``length``) with no valid position (what the first step sees)."""
         return cls(torch.zeros(batch, length, device=device),
                    torch.zeros(batch, length, top_k, dtype=torch.long, device=device),
                    torch.zeros(batch, length, top_k, device=device),
@@ -129,6 +130,9 @@ class SoftMask(nn.Module):
 
     def forward(self, embedding: torch.Tensor, ids: torch.Tensor, feedback: SoftFeedback | None,
                 mask_id: int) -> torch.Tensor:
+        """Input embeddings (B, L, H) of ``ids`` (B, L): masked positions with feedback get
+        ``(1 - lambda) E[mask] + lambda sum_j pi_j E[i_j]`` (Hersche et al., 2025; module docstring), others
+        ``E[x]``."""
         clean = embedding[ids]
         if feedback is None:
             return clean

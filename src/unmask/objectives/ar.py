@@ -23,6 +23,7 @@ class Autoregressive(Objective):
         self.bos_id, self.mask_id = bos_id, mask_id
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's input for rows ``x`` (B, L): ``[BOS, x_0 .. x_{L-2}]`` (B, L)."""
         return torch.cat([torch.full_like(x[:, :1], self.bos_id), x[:, :-1]], dim=1)
 
     def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise | None = None,

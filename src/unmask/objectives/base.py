@@ -22,12 +22,15 @@ class Noise:
     extra_u: torch.Tensor | None = None  # (B, L)
 
     def slice(self, start: int, stop: int) -> "Noise":
+        """The noise of rows ``start:stop``."""
         return Noise(*(None if u is None else u[start:stop] for u in self.parts()))
 
     def to(self, device) -> "Noise":
+        """The noise with every tensor on ``device``."""
         return Noise(*(None if u is None else u.to(device) for u in self.parts()))
 
     def parts(self) -> tuple:
+        """``(time_u, mask_u, soft_u, extra_u)``, in field order."""
         return self.time_u, self.mask_u, self.soft_u, self.extra_u
 
 
@@ -49,6 +52,8 @@ class Objective:
 
     def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise,
              exact: bool = False) -> torch.Tensor:
+        """Per-sequence sums (B,) of nats over the ``counted`` (B, L) positions of ``x0`` (B, L) under ``noise``;
+        ``exact``: the evaluation estimator instead of the training one."""
         raise NotImplementedError
 
     def time_blocks(self, length: int) -> int:
@@ -112,13 +117,15 @@ class SoftmaxCrossEntropy(torch.autograd.Function):
     the backward of ``g`` (N,) is ``(p - onehot(target)) * g`` written into ``p`` itself. Against
     ``log_softmax`` + ``nll_loss`` (which save the log-probabilities, fill a zero (N, V) gradient, scatter
     into it and run ``log_softmax``'s backward) it saves the same (N, V) tensor and makes half the passes
-    over it: 1.9x faster forward + backward at (2048, 50257) on one CPU thread (BENCHMARKS.md).
+    over it: 1.9x faster forward + backward at (2048, 50257) on one CPU thread (docs/results/performance-peers.md).
     Used on CPU outside ``torch.compile`` (inductor fuses ``F.cross_entropy`` itself; on GPUs its fused
     kernels are used). The backward consumes ``p``, so it runs once: a second backward (``retain_graph``)
     is refused, never answered with wrong numbers."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``-log softmax(logits)[target]`` (N,) of logits (N, V) and targets (N,); saves the softmax for the
+        backward."""
         n, v = logits.shape
         p, lse = torch.empty_like(logits), logits.new_empty(n)
         rows = max(1, CROSS_ENTROPY_CHUNK // max(v, 1))
@@ -137,6 +144,7 @@ class SoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
+        """The logits' gradient ``(p - onehot(target)) * g`` (N, V), written into the saved softmax ``p``."""
         if ctx.consumed:
             raise RuntimeError("SoftmaxCrossEntropy's backward reuses its saved softmax and runs once; a second "
                                "backward through the same graph (retain_graph) is not supported")

@@ -88,6 +88,7 @@ class BlockDiffusion(MaskedDiffusion):
     count_estimator = False  # the any-order count estimator is MDLM's (one masked set over the whole row)
 
     def loss_by_count(self, model, x0, counted, noise, guidance: float = 0.0) -> torch.Tensor:
+        """Not available: the count estimator is MDLM's; always raises ``ValueError``."""
         raise ValueError("the count estimator is MDLM's; block diffusion is scored with the time estimator")
 
     def logits(self, model, xt: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ class ClassificationObjective(Objective):
 
     def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise | None = None,
              exact: bool = False, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy (B,) of ``labels`` (B,) under the model's class logits for rows ``x0`` (B, L), pooled over
+        ``counted``; ``noise`` and ``exact`` are unused."""
         if labels is None:
             raise ValueError("the classification objective needs the rows' labels")
         return F.cross_entropy(model(x0, counted).float(), labels, reduction="none")

@@ -127,6 +127,7 @@ class InsertionObjective(Objective):
         self.vocab_size, self.weighting = vocab_size, weighting
 
     def forbidden(self, device) -> torch.Tensor:
+        """(V,) bool on ``device``: the tokens never inserted (the special tokens)."""
         return forbidden_token_mask(self.vocab_size, self.special, device)
 
     def drop(self, x0: torch.Tensor, counted: torch.Tensor, time_u: torch.Tensor,

@@ -23,6 +23,8 @@ from .engine import Decoding, Frame, Outcome
 
 @dataclass(frozen=True)
 class AncestralSettings(DenoiseSettings):
+    """The ``sample.*`` keys of the ``ancestral`` sampler (:class:`AncestralSampler`)."""
+
     steps: int = 128  # denoising steps
     cache: bool = True  # reuse a row's prediction while its canvas is unchanged (same samples; where exact)
 
@@ -61,6 +63,8 @@ class AncestralSampler(DiffusionSampler):
         return (a_s - a_t) / (1 - a_t), (1 - a_s) / (1 - a_t)
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
+        """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring (cached only for
+        models without time conditioning)."""
         self.check(canvas, seeds)
         return self._decode(canvas, seeds, self.cache and not unwrap(model).time_conditioning,
                             self.denoiser(model, canvas))

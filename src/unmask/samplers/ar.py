@@ -12,6 +12,8 @@ from .engine import Causal, Decoding, Frame, Outcome, Sampler
 
 @dataclass(frozen=True)
 class AutoregressiveSettings(DrawSettings):
+    """The ``sample.*`` keys of the ``ar`` sampler (:class:`AutoregressiveSampler`)."""
+
     kv_cache: bool = True  # reuse the keys and values of the prefix
 
 
@@ -34,6 +36,7 @@ class AutoregressiveSampler(Sampler):
         x[rows, j] = streams.categorical(probs, rows, j * PURPOSES + TOKEN, cols, self.precision)
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
+        """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring."""
         self.check(canvas, seeds)
         return self._decode(canvas, seeds)
 

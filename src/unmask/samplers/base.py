@@ -100,6 +100,7 @@ class RowStreams:
         self.seeds = seeds.to(torch.int64)
 
     def uniform(self, rows: torch.Tensor, counter, index) -> torch.Tensor:
+        """float64 uniforms (N,), one per (row of ``rows``, ``counter``, ``index``)."""
         return rng.uniform(self.seeds.to(rows.device)[rows], counter, index)
 
     def uniforms(self, rows: torch.Tensor, counter, index: torch.Tensor, n: int) -> torch.Tensor:
@@ -126,6 +127,8 @@ def row_seeds(seed: int, n: int, first: int = 0) -> torch.Tensor:
 
 @dataclass
 class SampleResult:
+    """What a sampler returns: the final canvases, network calls per batch and per row, wall time."""
+
     tokens: torch.Tensor  # (B, L)
     nfe: int  # network calls (a batched forward counts once)
     row_nfe: torch.Tensor  # (B,) evaluations of each row
@@ -142,6 +145,8 @@ StepCallback = Callable[[torch.Tensor], None]
 
 
 def check_knobs(temperature: float, top_k: int, top_p: float, precision: str) -> None:
+    """Raise a :class:`SamplingError` for a negative temperature or top-k, a top-p outside (0, 1] or an unknown
+    precision."""
     if temperature < 0:
         raise SamplingError(f"temperature must be >= 0, got {temperature}")
     if top_k < 0:

@@ -48,6 +48,8 @@ class BlockDiffusionSampler(Sampler):
         self.mask_id, self.eos_id, self.pad_id = inner.mask_id, eos_id, pad_id
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
+        """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring (the canvas at
+        most the model's length)."""
         self.check(canvas, seeds)
         if canvas.shape[1] > unwrap(model).cfg.length:
             raise SamplingError(f"a canvas of {canvas.shape[1]} positions exceeds the model's maximum length "

@@ -44,6 +44,8 @@ def reveal_schedule(kind: str, total: torch.Tensor, step: int, steps: int) -> to
 
 @dataclass(frozen=True)
 class ConfidenceSettings(DenoiseSettings):
+    """The ``sample.*`` keys of the ``confidence`` sampler (:class:`ConfidenceSampler`)."""
+
     steps: int = 128  # denoising steps
     score: str = "confidence"  # the order of reveals: probability of the draw, margin, entropy, or random
     reveal: str = "linear"  # how many masks remain after each step: linear or cosine (MaskGIT)
@@ -79,6 +81,7 @@ class ConfidenceSampler(DiffusionSampler):
         self.steps, self.score, self.reveal, self.remask = steps, score, reveal, remask
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
+        """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring."""
         self.check(canvas, seeds)
         return self._decode(canvas, seeds, self.denoiser(model, canvas))
 

@@ -88,6 +88,8 @@ class Denoiser:
         return Denoise(self, x, t, positions, rows)
 
     def prepare(self, call: Denoise) -> Prepared:
+        """The network's inputs for ``call``: positions widened to every masked one for soft-mask feedback, the
+        unconditional branch and the guidance weights of its guided rows."""
         mask_id = self.diffusion.mask_id
         positions = call.x == mask_id if self.feedback is not None else call.positions
         ready = Prepared(call.x, self.diffusion.model_sigma(call.t), positions, call.positions, call.rows)
@@ -139,6 +141,7 @@ class DiffusionSampler(Sampler):
         self.soft_mask, self.guidance, self.guidance_schedule = soft_mask, guidance, guidance_schedule
 
     def denoiser(self, model, canvas: torch.Tensor) -> Denoiser:
+        """A :class:`Denoiser` of ``model`` for ``canvas`` with this sampler's soft-mask and guidance settings."""
         return Denoiser(model, self.diffusion, canvas, self.soft_mask, self.guidance, self.guidance_schedule)
 
 

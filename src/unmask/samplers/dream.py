@@ -34,6 +34,8 @@ DREAM_SCORES = tuple(DREAM_ALGORITHMS.values())
 
 @dataclass(frozen=True)
 class DreamSettings(DenoiseSettings):
+    """The ``sample.*`` keys of the ``dream`` sampler (:class:`DreamSampler`)."""
+
     steps: int = 128  # denoising steps
     score: str = "confidence"  # Dream's algorithm: origin (ancestral), confidence, margin or entropy
     alg_temp: float = 0.0  # > 0 draws the revealed positions from softmax(confidence / alg_temp)
@@ -109,6 +111,8 @@ class DreamSampler(DiffusionSampler):
         return x0, confidence_scores(probs, x0, "confidence" if self.score == "origin" else self.score)
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
+        """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring (in Fast-dLLM's
+        cached blocks with ``block_length``)."""
         self.check(canvas, seeds)
         if self.block_length:
             start = block_cache_start(model, canvas, self.mask_id, self.block_cache)

@@ -99,6 +99,7 @@ class Frame:
     canvas: torch.Tensor | Callable[[], torch.Tensor]
 
     def view(self) -> torch.Tensor:
+        """The canvas (B, L), composed now if the frame holds a function."""
         return self.canvas() if callable(self.canvas) else self.canvas
 
     def placed(self, canvas: torch.Tensor, rows: torch.Tensor, start: int, end: int) -> Frame:
@@ -140,12 +141,15 @@ class Sampler:
 
     def sample(self, model, canvas: torch.Tensor, seeds: torch.Tensor,
                on_step: StepCallback | None = None) -> SampleResult:
+        """Decode ``canvas`` (B, L) with one seed per row (B,) through a fresh :class:`DecodingEngine`; ``on_step``
+        gets the canvas after every step."""
         engine = DecodingEngine(model)
         handle = engine.add(self, canvas, seeds, on_step)
         engine.run()
         return handle.result
 
     def check(self, canvas: torch.Tensor, seeds: torch.Tensor) -> None:
+        """Raise a :class:`SamplingError` unless ``canvas`` is a non-empty (B, L) tensor and ``seeds`` is (B,)."""
         if canvas.dim() != 2 or canvas.shape[0] == 0 or canvas.shape[1] == 0:
             raise SamplingError(f"the canvas must be a non-empty (batch, length) tensor, got shape "
                                 f"{tuple(canvas.shape)}")
@@ -258,6 +262,8 @@ class BlockContext:
 
     def __call__(self, ids: torch.Tensor, sigma: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                  rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the block canvas ``ids`` (R, size) for batch rows ``rows`` given the committed blocks:
+        (R, size, V), or (N, V) at ``positions``; through the cache when bound to one."""
         batch_rows = self.batch_rows if rows is None else self.batch_rows[rows]
         r, size = ids.shape
         if self.cache is None:

@@ -24,6 +24,8 @@ from .engine import Decoding, Frame, Outcome
 
 @dataclass(frozen=True)
 class FirstHittingSettings(DenoiseSettings):
+    """The ``sample.*`` keys of the ``first_hitting`` sampler (:class:`FirstHittingSampler`)."""
+
     tokens_per_step: int = 1  # tokens revealed per network call (1: exact)
 
     RANGES: ClassVar[dict[str, str]] = {"tokens_per_step": "[1, inf)"}
@@ -46,12 +48,15 @@ class FirstHittingSampler(DiffusionSampler):
         self.k = tokens_per_step
 
     def next_time(self, tau: torch.Tensor, n: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The next unmask time ``alpha^{-1}(1 - u^{1/n} (1 - alpha(tau)))`` (R,) of rows at times ``tau`` with ``n``
+        masks (Zheng et al., 2024, Prop. 4.1)."""
         schedule = self.diffusion.schedule
         target = 1 - u ** (1.0 / n.to(torch.float64)) * (1 - schedule.alpha(tau))
         alpha_0 = float(schedule.alpha(torch.zeros((), dtype=torch.float64)))
         return schedule.inverse(target.clamp(max=alpha_0)).clamp(0, 1)
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
+        """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring."""
         self.check(canvas, seeds)
         if self.k > canvas.shape[1]:
             raise SamplingError(f"{self.k} tokens per step is larger than the canvas of {canvas.shape[1]}")

@@ -28,6 +28,8 @@ STOP_RULES = ("draw", "threshold", "count")
 
 @dataclass(frozen=True)
 class InsertionSettings(DrawSettings):
+    """The ``sample.*`` keys of the ``insertion`` sampler (:class:`InsertionSampler`)."""
+
     stop: str = "draw"  # stop with P(stop) (argmax at t=0), at stop_threshold, or after a count N ~ P(n)
     stop_threshold: float = 0.9  # stop=threshold: stop a row once P(stop) reaches this
     gap: str = "greedy"  # the gap with the largest marginal, or a draw (joint sampling)
@@ -93,6 +95,7 @@ class InsertionSampler(Sampler):
         return ids, opened, fixed.sum(1)
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
+        """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring."""
         self.check(canvas, seeds)
         return self._decode(canvas, seeds, model.backbone.vocab_size)
 

@@ -37,6 +37,8 @@ def per_step_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LLaDASettings(DenoiseSettings):
+    """The ``sample.*`` keys of the ``llada`` sampler (:class:`LLaDASampler`)."""
+
     steps: int = 128  # denoising steps over all blocks
     block_length: int = 32  # semi-autoregressive block length
     score: str = "confidence"  # the order of reveals: LLaDA's low-confidence or random remasking, margin, entropy
@@ -121,6 +123,8 @@ class LLaDASampler(DiffusionSampler):
         return x0, confidence_scores(probs, x0, self.score, keys).double()
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
+        """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring (``steps`` must
+        cover the blocks unless the threshold or factor rule decodes in parallel)."""
         self.check(canvas, seeds)
         b, length = canvas.shape
         free = canvas == self.mask_id

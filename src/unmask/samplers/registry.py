@@ -49,6 +49,7 @@ class SamplerSpec:
 
     @property
     def keys(self) -> tuple[str, ...]:
+        """The names of the sampler's settings (its ``sample.*`` keys without the prefix)."""
         return tuple(f.name for f in dataclasses.fields(self.settings))
 
 

@@ -81,6 +81,7 @@ class ScheduledSampler(Sampler):
         self.trajectory: Trajectory | None = None
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
+        """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring."""
         self.check(canvas, seeds)
         return self._decode(canvas, seeds)
 

@@ -43,6 +43,7 @@ class SemiAutoregressiveSampler(Sampler):
         self.mask_id, self.eos_id, self.pad_id = inner.mask_id, eos_id, pad_id
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
+        """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring."""
         self.check(canvas, seeds)
         return self._decode(model, canvas, seeds)
 

@@ -65,6 +65,7 @@ class BodyLimit:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
+        """Pass the request on, answering 413 when its body exceeds the limit (declared or as read)."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -127,6 +128,8 @@ class EventStream(StreamingResponse):
         self.deadline, self.on_close = deadline, on_close
 
     async def __call__(self, scope, receive, send):
+        """Send the stream, ending it quietly when the client stops reading past the deadline; ``on_close`` runs at
+        the end."""
         async def bounded(message):
             try:
                 await asyncio.wait_for(send(message), max(1.0, self.deadline - time.monotonic()))
@@ -275,6 +278,7 @@ def create_app(service: ModelService):
 
 
 def sse(payload: dict) -> str:
+    """One server-sent event: ``data: <payload as JSON>`` and a blank line."""
     return f"data: {json.dumps(payload)}\n\n"
 
 
@@ -286,7 +290,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | N
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = from_pretrained(model, device=dev, tokenizer_path=tokenizer, quantize=quantize)
     service = ModelService(loaded, config, dev, model_precision, name)
-    print(f"serving {service.name} ({service.family}, {service.metadata()['parameters']:,} parameters) on "
+    print(f"serving {service.name} ({service.family.name}, {service.metadata()['parameters']:,} parameters) on "
           f"http://{host}:{port} ({dev})", flush=True)
     try:
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning")

@@ -118,6 +118,8 @@ class Job:
     taken: int = 0  # step events read (written by the event loop only)
 
     def emit(self, kind: str, payload) -> None:
+        """Queue the event ``(kind, payload)`` for the request's handler (thread-safe); cancels the job when the
+        event loop is gone."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
         except RuntimeError:  # the server's event loop is gone (shutting down): nobody is waiting
@@ -125,6 +127,8 @@ class Job:
 
 
 class Cancelled(Exception):
+    """Raised inside a batch's step callback to abandon it: the server is stopping or every job of it is cancelled."""
+
     pass
 
 
@@ -170,6 +174,7 @@ class ModelService:
 
     # --- requests -----------------------------------------------------------------------------
     def metadata(self) -> dict:
+        """The model's entry of ``GET /v1/models``: name, family, lengths, vocabulary, parameters, samplers, ..."""
         cfg = self.run
         return {"id": self.name, "object": "model", "family": self.family.name, "max_length": self.length,
                 "default_length": self.default_length,

@@ -146,6 +146,7 @@ class MetricsLog:
         return dropped
 
     def write(self, record: dict) -> None:
+        """Append ``record`` as one JSON line (main process only)."""
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")

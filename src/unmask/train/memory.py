@@ -72,11 +72,13 @@ class MemoryPlan:
         return held + max(passes, self.gradients + self.temporaries)
 
     def parts(self) -> dict[str, float]:
+        """The plan's bytes by part (weights, gradients, optimizer, EMA, activations, temporaries) and the total."""
         return {"weights": self.weights, "gradients": self.gradients + self.buckets, "optimizer": self.optimizer,
                 "ema": self.ema,
                 "activations": self.activations, "temporaries": self.temporaries, "total": self.total}
 
     def fits(self, gigabytes: float) -> bool:
+        """Whether the total fits within the usable share (``HEADROOM``) of ``gigabytes`` of device memory."""
         return self.total <= HEADROOM * gigabytes * 1e9
 
 

@@ -20,10 +20,12 @@ class EMA:
 
     @staticmethod
     def trained(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The parameters of ``model`` that train (``requires_grad``), in order."""
         return [p for p in model.parameters() if p.requires_grad]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        """Move each average towards its parameter with the decay ``min(decay, (1 + n) / (10 + n))`` of update ``n``."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.trained(model)], 1 - decay)
@@ -35,6 +37,7 @@ class EMA:
         return {k: average.get(id(v), v.detach()) for k, v in model.state_dict(keep_vars=True).items()}
 
     def load(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        """Restore the averages from a saved EMA state (by parameter name) and the number of ``updates`` made."""
         for i, name in enumerate(self.names):
             self.shadow[i].copy_(state[name])
         self.updates = updates

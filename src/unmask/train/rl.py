@@ -134,7 +134,7 @@ class SchedulePolicy(nn.Module):
             raise ConfigError(f"rl.schedule: parameters among {', '.join(SCHEDULE_PARAMETERS)} without repeats, "
                               f"got {list(learned)}")
         if steps < 1 or temperature <= 0 or std < 0:
-            raise ConfigError("rl.sample_steps >= 1, temperature > 0 and rl.schedule_std >= 0 needed")
+            raise ConfigError("rl.sample_steps >= 1, sample.temperature > 0 and rl.schedule_std >= 0 needed")
         self.steps, self.learned = steps, tuple(learned)
         self.fixed = {"temperature": temperature, "guidance": guidance}
         reveal = torch.zeros(steps, dtype=torch.float64)  # the last step reveals everything anyway
@@ -148,9 +148,11 @@ class SchedulePolicy(nn.Module):
 
     @property
     def deterministic(self) -> bool:
+        """Whether the policy always gives its means (zero ``std`` or nothing learned)."""
         return self.std0 == 0 or not self.learned
 
     def std(self) -> torch.Tensor:
+        """The standard deviations (D,) of the learned parameters (zeros for a deterministic policy)."""
         return torch.zeros_like(self.log_std) if self.std0 == 0 else self.log_std.exp()
 
     def sample(self, k: int, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -207,6 +209,7 @@ class Rollouts:
 
     @property
     def steps(self) -> int:
+        """The number of steps ``K`` of each trajectory."""
         return self.canvases.shape[1] - 1
 
     def revealed(self, k: int, mask_id: int) -> torch.Tensor:
@@ -357,6 +360,8 @@ class Trainer:
                         completions, rewards, group)
 
     def update(self, iteration: int, pairs: list[tuple[str, str]]) -> dict:
+        """One iteration on the prompt/answer ``pairs``: rollouts, group advantages, then ``rl.epochs`` updates of
+        the model or the schedule (:meth:`phase`); returns the iteration's metrics."""
         r = self.r
         seed = seed_for(r.seed, iteration, 0x6E90)
         rollouts = self.rollouts(pairs, r.group_size, seed)
