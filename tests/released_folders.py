@@ -1,10 +1,11 @@
 """Tiny open-weight folders in the released layouts (LLaDA, Dream), written by the tests themselves:
 ``config.json`` as the released models have it, sharded safetensors with an index file, a
 ``tokenizers`` tokenizer and a ``tokenizer_config.json`` with a chat template. Also the reference
-vectors of ``../shared/reference/vectors`` (skipped with a reason when absent) and what their README
-states: every shape, id, layer count, run and run setting of the vectors is read from the files' own
-``oracle`` metadata, and every tolerance from the README (section 10), so that any vector set of the
-documented format can be checked, wherever its special ids lie and however many layers it has."""
+vector sets ``../shared/reference/vectors`` and ``vectors2026`` (:class:`VectorSet`; skipped with a reason
+when absent) and what their READMEs state: every shape, id, layer count, run and run setting of the
+vectors is read from the files' own ``oracle`` metadata, and every tolerance from the README (section 10,
+section 11 of the 2026 set), so that any vector set of the documented format can be checked, wherever its
+special ids lie and however many layers it has."""
 
 from __future__ import annotations
 
@@ -24,49 +25,196 @@ from unmask.checkpoints.open_weights import INDEX, LAYOUTS
 from unmask.config import ModelConfig
 from unmask.models.llama import Transformer
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "vectors"
-README = VECTORS / "README.md"
-
 CHAT_TEMPLATE = ("{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>{% endfor %}"
                  "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
 
 
 # --- the reference vectors and their metadata ------------------------------------------------------------
 
-def vectors(name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and the ``oracle`` metadata of a reference vector file (skips when absent)."""
-    path = VECTORS / f"{name}.safetensors"
-    if not path.is_file():
-        pytest.skip(f"reference vectors not found at {path} (../shared is absent)")
-    return load_file(str(path)), oracle(name)
+@dataclass
+class Table:
+    section: str  # "10", "8.2"
+    header: list[str]
+    rows: list[dict[str, str]]
 
 
-@functools.lru_cache(maxsize=None)
-def _header(name: str) -> tuple[dict, tuple[str, ...]] | None:
-    """The ``oracle`` metadata and the tensor names of ``name`` (None when the file is absent)."""
-    path = VECTORS / f"{name}.safetensors"
-    if not path.is_file():
-        return None
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["oracle"]), tuple(f.keys())
+@dataclass(frozen=True, eq=False)
+class VectorSet:
+    """A folder of reference vector files with the README that states their conventions: the tensors and
+    ``oracle`` metadata of each file, its runs, and every tolerance (the "suggested atol (float32 port)"
+    column of the table of README section ``section``, then the rules the README states in prose,
+    ``prose(file, tensor)`` -> atol or None, always with rtol 0)."""
+
+    root: Path
+    section: str
+    prose: object  # (VectorSet, file, tensor) -> float | None
+
+    @property
+    def readme(self) -> Path:
+        return self.root / "README.md"
+
+    def vectors(self, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """The tensors and the ``oracle`` metadata of a reference vector file (skips when absent)."""
+        path = self.root / f"{name}.safetensors"
+        if not path.is_file():
+            pytest.skip(f"reference vectors not found at {path} (../shared is absent)")
+        return load_file(str(path)), self.oracle(name)
+
+    @functools.lru_cache(maxsize=None)
+    def header(self, name: str) -> tuple[dict, tuple[str, ...]] | None:
+        """The ``oracle`` metadata and the tensor names of ``name`` (None when the file is absent)."""
+        path = self.root / f"{name}.safetensors"
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["oracle"]), tuple(f.keys())
+
+    def oracle(self, name: str) -> dict:
+        """The ``oracle`` metadata of a vector file (a fresh copy: tests may change it)."""
+        header = self.header(name)
+        if header is None:
+            pytest.skip(f"reference vectors not found at {self.root / name}.safetensors (../shared is absent)")
+        return json.loads(json.dumps(header[0]))
+
+    def run_params(self, name: str, where=lambda run: True) -> list:
+        """pytest parameters: the names of the runs that ``name``'s metadata lists (``runs[*].name``) and
+        ``where(run)`` accepts, read when the tests are collected; one skipped parameter when the file is
+        absent."""
+        header = self.header(name)
+        if header is None:
+            return [pytest.param(None, marks=pytest.mark.skip(reason=f"reference vectors {name} not found at "
+                                                                      f"{self.root}"))]
+        return [pytest.param(run["name"], id=run["name"]) for run in header[0]["runs"] if where(run)]
+
+    def holds_weights(self, name: str) -> bool:
+        return any(k.startswith("state.") for k in self.header(name)[1])
+
+    @functools.lru_cache(maxsize=None)
+    def tables(self) -> tuple[Table, ...]:
+        """Every Markdown table of the README, with the number of the section it is in."""
+        if not self.readme.is_file():
+            pytest.skip(f"the vectors' README is not at {self.readme}")
+        tables, section, current = [], "", None
+        for line in self.readme.read_text(encoding="utf-8").splitlines():
+            heading = re.match(r"#{2,}\s+(\d+(?:\.\d+)*)\.?\s", line)
+            if heading:
+                section = heading.group(1)
+            if not line.startswith("|"):
+                current = None
+                continue
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if current is None:
+                current = Table(section, cells, [])
+                tables.append(current)
+            elif not all(set(c) <= set("-: ") for c in cells):
+                current.rows.append(dict(zip(current.header, cells)))
+        return tuple(tables)
+
+    def run_row(self, run: str, column: str) -> str | None:
+        """The cell ``column`` of run ``run`` in the README's run tables (None: no table has it)."""
+        cells = [row[column].strip("`") for table in self.tables() if "run" in table.header
+                 and column in table.header for row in table.rows if row["run"].strip("`") == run]
+        assert len(set(cells)) <= 1, f"the README gives run {run!r} several {column!r}: {cells}"
+        return cells[0] if cells else None
+
+    @functools.lru_cache(maxsize=None)
+    def table_atol(self) -> dict[tuple[str, str], float]:
+        """(file, tensor) -> atol: the "suggested atol (float32 port)" column of README section ``section``."""
+        out = {}
+        for table in self.tables():
+            column = next((h for h in table.header if h.startswith("suggested atol")), None)
+            if table.section != self.section or column is None:
+                continue
+            for row in table.rows:
+                m = re.fullmatch(r"`([^`]+)\.safetensors` : `([^`]+)`", row[table.header[0]])
+                assert m, f"README section {self.section}: unreadable row {row}"
+                out[m.group(1), m.group(2)] = float(row[column])
+        assert out, f"README section {self.section} has no table of suggested atol"
+        return out
+
+    def atol(self, file: str, tensor: str) -> float:
+        """The atol of ``file``'s float tensor ``tensor``: the README's table, then its prose rules."""
+        table = self.table_atol()
+        if (file, tensor) in table:
+            return table[file, tensor]
+        found = self.prose(self, file, tensor)
+        if found is None:
+            pytest.fail(f"README section {self.section} gives no atol for {file}.safetensors : {tensor}")
+        return found
+
+    def assert_matches(self, actual: torch.Tensor, t: dict[str, torch.Tensor], file: str, tensor: str, where=None,
+                       summed: int = 1) -> None:
+        """``actual`` equals the vectors' ``tensor`` within its README atol (rtol 0); ``where``: only there;
+        ``summed``: ``actual`` and the tensor are sums of that many terms (the atol grows as many times)."""
+        expected = t[tensor]
+        assert tuple(actual.shape) == tuple(expected.shape), \
+            f"{tensor}: shape {tuple(actual.shape)}, not {tuple(expected.shape)}"
+        if where is not None:
+            actual, expected = actual[where], expected[where]
+        tolerance = summed * self.atol(file, tensor)
+        diff = float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
+        assert diff <= tolerance, f"{file}: {tensor} differs by {diff:.3g} > atol {tolerance:.3g} (README)"
 
 
-def oracle(name: str) -> dict:
-    """The ``oracle`` metadata of a vector file (a fresh copy: tests may change it)."""
-    header = _header(name)
-    if header is None:
-        pytest.skip(f"reference vectors not found at {VECTORS / name}.safetensors (../shared is absent)")
-    return json.loads(json.dumps(header[0]))
+# The tolerances that README section 10 of the 2025 set states in prose only, and the one rule that the tests
+# add; every comparison of a float tensor with the vectors takes its atol from the set's ``atol``, always with
+# rtol 0 ("use rtol 0", section 10).
+PROSE_ATOL = {
+    "hidden_states.0": 0.0,  # section 10: "`hidden_states.0` (embeddings) must match bit-exactly"
+}
+SENTINEL_BOUND = 1e5  # section 10 (and 9): "`log_probs` is compared only where |value| < 1e5 (the -1e6 sentinels are exact)"
+SAME_ATOL_AS = {
+    "logits_shifted": "logits",  # section 8.1: the shifted logits are the logits moved by one position
+}
+# Added by the tests: a run's tensor that the table has no row for (section 10 lists `b_train.nlls` of
+# bd3lm_loss, not `b_eval.nlls`) takes the largest atol of the same quantity in the file's other runs
+# (section 9: the runs share the backbone and the loss formula).
 
 
-def run_params(name: str, where=lambda run: True) -> list:
-    """pytest parameters: the names of the runs that ``name``'s metadata lists (``runs[*].name``) and
-    ``where(run)`` accepts, read when the tests are collected; one skipped parameter when the file is
-    absent."""
-    header = _header(name)
-    if header is None:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"reference vectors {name} not found at {VECTORS}"))]
-    return [pytest.param(run["name"], id=run["name"]) for run in header[0]["runs"] if where(run)]
+def _prose_2025(vs: VectorSet, file: str, tensor: str) -> float | None:
+    table = vs.table_atol()
+    if tensor in PROSE_ATOL:
+        return PROSE_ATOL[tensor]
+    if tensor in SAME_ATOL_AS:
+        return vs.atol(file, SAME_ATOL_AS[tensor])
+    run, _, quantity = tensor.partition(".")
+    others = [v for (f, k), v in table.items() if f == file and quantity and k.partition(".")[2] == quantity
+              and k.partition(".")[0] != run and not k.startswith("hidden_states.")]
+    if others and not tensor.startswith("hidden_states."):
+        return max(others)
+    return None
+
+
+# The 2026 set's README (section 11) in prose: embeddings 1e-6; the logits inside generation files take "the
+# forward file's logits atol of the same family" (the smaller of its runs' rows: the tests take the stricter
+# reading); sampled probabilities 1e-5. Added by the tests, where the README gives no figure: router weights
+# and router logits 1e-5 (the measured float32 deviations are below 3e-6).
+EMBEDDINGS_2026 = ("hidden_states.0", "dec.token_embeddings", "enc.hidden_states.0")
+GENERATION_LOGITS_2026 = ("step_logits", "block_logits", "denoise_logits")
+PROSE_2026 = {"sampled_probs": 1e-5, "router_topk_weight": 1e-5, "router_logits": 1e-5}
+
+
+def _prose_2026(vs: VectorSet, file: str, tensor: str) -> float | None:
+    quantity = tensor.partition(".")[2] or tensor
+    if quantity in EMBEDDINGS_2026:
+        return 1e-6
+    if quantity in PROSE_2026:
+        return PROSE_2026[quantity]
+    if quantity in GENERATION_LOGITS_2026:
+        family = file.split("_")[0]
+        rows = [v for (f, k), v in vs.table_atol().items() if f == f"{family}_forward" and k.endswith(".logits")]
+        return min(rows) if rows else None
+    return None
+
+
+VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "vectors"
+V2025 = VectorSet(VECTORS, "10", _prose_2025)
+V2026 = VectorSet(VECTORS.with_name("vectors2026"), "11", _prose_2026)
+README = V2025.readme
+
+# the 2025 set's helpers by their old names
+vectors, oracle, run_params, assert_matches = V2025.vectors, V2025.oracle, V2025.run_params, V2025.assert_matches
+readme_tables, readme_run_row, readme_atol, atol = V2025.tables, V2025.run_row, V2025.table_atol, V2025.atol
 
 
 def run_of(meta: dict, name: str) -> dict:
@@ -101,11 +249,11 @@ def weights_file(name: str) -> str:
     """The vector file that holds the weights ``name`` runs: itself when it has ``state.*`` tensors, else the
     one file that does and has the same model config (README section 1: the generation files reuse the
     weights of the matching forward file)."""
-    meta, keys = _header(name) or pytest.skip(f"reference vectors {name} not found at {VECTORS}")
-    if any(k.startswith("state.") for k in keys):
+    meta, keys = V2025.header(name) or pytest.skip(f"reference vectors {name} not found at {VECTORS}")
+    if V2025.holds_weights(name):
         return name
     found = [p.stem for p in sorted(VECTORS.glob("*.safetensors"))
-             if any(k.startswith("state.") for k in _header(p.stem)[1]) and _header(p.stem)[0].get("config") == meta["config"]]
+             if V2025.holds_weights(p.stem) and V2025.header(p.stem)[0].get("config") == meta["config"]]
     assert len(found) == 1, f"{name}: {len(found)} vector files hold weights of its config ({found})"
     return found[0]
 
@@ -131,106 +279,6 @@ def tensor_runs(t: dict[str, torch.Tensor]) -> list[str]:
     """The run prefixes of a file's tensor names (``a``, ``b_eval`` of ``a.loss``, ``b_eval.nlls``), model
     parameters (``state.*``) and the per-layer ``hidden_states.*`` aside."""
     return sorted({k.split(".", 1)[0] for k in t if "." in k and not k.startswith(("state.", "hidden_states."))})
-
-
-# --- the README: its tables, and the tolerances ---------------------------------------------------------
-
-@dataclass
-class Table:
-    section: str  # "10", "8.2"
-    header: list[str]
-    rows: list[dict[str, str]]
-
-
-@functools.lru_cache(maxsize=None)
-def readme_tables() -> tuple[Table, ...]:
-    """Every Markdown table of the vectors' README, with the number of the section it is in."""
-    if not README.is_file():
-        pytest.skip(f"the vectors' README is not at {README}")
-    tables, section, current = [], "", None
-    for line in README.read_text(encoding="utf-8").splitlines():
-        heading = re.match(r"#{2,}\s+(\d+(?:\.\d+)*)\.?\s", line)
-        if heading:
-            section = heading.group(1)
-        if not line.startswith("|"):
-            current = None
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if current is None:
-            current = Table(section, cells, [])
-            tables.append(current)
-        elif not all(set(c) <= set("-: ") for c in cells):
-            current.rows.append(dict(zip(current.header, cells)))
-    return tuple(tables)
-
-
-def readme_run_row(run: str, column: str) -> str | None:
-    """The cell ``column`` of run ``run`` in the README's run tables (None: no table has it)."""
-    cells = [row[column].strip("`") for table in readme_tables() if "run" in table.header and column in table.header
-             for row in table.rows if row["run"].strip("`") == run]
-    assert len(set(cells)) <= 1, f"the README gives run {run!r} several {column!r}: {cells}"
-    return cells[0] if cells else None
-
-
-@functools.lru_cache(maxsize=None)
-def readme_atol() -> dict[tuple[str, str], float]:
-    """(file, tensor) -> atol: the "suggested atol (float32 port)" column of the table of README section 10."""
-    out = {}
-    for table in readme_tables():
-        column = next((h for h in table.header if h.startswith("suggested atol")), None)
-        if table.section != "10" or column is None:
-            continue
-        for row in table.rows:
-            m = re.fullmatch(r"`([^`]+)\.safetensors` : `([^`]+)`", row[table.header[0]])
-            assert m, f"README section 10: unreadable row {row}"
-            out[m.group(1), m.group(2)] = float(row[column])
-    assert out, "README section 10 has no table of suggested atol"
-    return out
-
-
-# The tolerances that README section 10 states in prose only, and the one rule that the tests add; every
-# comparison of a float tensor with the vectors takes its atol from ``atol`` below, always with rtol 0
-# ("use rtol 0", section 10).
-PROSE_ATOL = {
-    "hidden_states.0": 0.0,  # section 10: "`hidden_states.0` (embeddings) must match bit-exactly"
-}
-SENTINEL_BOUND = 1e5  # section 10 (and 9): "`log_probs` is compared only where |value| < 1e5 (the -1e6 sentinels are exact)"
-SAME_ATOL_AS = {
-    "logits_shifted": "logits",  # section 8.1: the shifted logits are the logits moved by one position
-}
-# Added by the tests: a run's tensor that the table has no row for (section 10 lists `b_train.nlls` of
-# bd3lm_loss, not `b_eval.nlls`) takes the largest atol of the same quantity in the file's other runs
-# (section 9: the runs share the backbone and the loss formula).
-
-
-def atol(file: str, tensor: str) -> float:
-    """The atol of ``file``'s float tensor ``tensor`` by README section 10 (its table, then the rules above)."""
-    table = readme_atol()
-    if (file, tensor) in table:
-        return table[file, tensor]
-    if tensor in PROSE_ATOL:
-        return PROSE_ATOL[tensor]
-    if tensor in SAME_ATOL_AS:
-        return atol(file, SAME_ATOL_AS[tensor])
-    run, _, quantity = tensor.partition(".")
-    others = [v for (f, k), v in table.items() if f == file and quantity and k.partition(".")[2] == quantity
-              and k.partition(".")[0] != run and not k.startswith("hidden_states.")]
-    if others and not tensor.startswith("hidden_states."):
-        return max(others)
-    pytest.fail(f"README section 10 gives no atol for {file}.safetensors : {tensor}")
-
-
-def assert_matches(actual: torch.Tensor, t: dict[str, torch.Tensor], file: str, tensor: str, where=None,
-                   summed: int = 1) -> None:
-    """``actual`` equals the vectors' ``tensor`` within its README atol (rtol 0); ``where``: only there;
-    ``summed``: ``actual`` and the tensor are sums of that many terms (the atol grows as many times)."""
-    expected = t[tensor]
-    assert tuple(actual.shape) == tuple(expected.shape), f"{tensor}: shape {tuple(actual.shape)}, not {tuple(expected.shape)}"
-    if where is not None:
-        actual, expected = actual[where], expected[where]
-    tolerance = summed * atol(file, tensor)
-    diff = float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
-    assert diff <= tolerance, f"{file}: {tensor} differs by {diff:.3g} > atol {tolerance:.3g} (README section 10)"
 
 
 # --- released-layout folders ----------------------------------------------------------------------------
@@ -275,7 +323,7 @@ def write_folder(folder: Path, layout: str, config: dict, state: dict[str, torch
     tokenizer has ``config["vocab_size"]`` ids and the special tokens ``specials`` (default: those the
     config states, :func:`special_tokens`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    model_type = {"llada": "llada", "dream": "Dream", "qwen2": "qwen2", "llama": "llama"}[layout]
+    model_type = {"llada": "llada", "dream": "Dream", "qwen2": "qwen2", "llama": "llama", "sdar": "sdar"}[layout]
     (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type, "torch_dtype": "float32"}))
     keys = sorted(state)
     if shards == 1:
@@ -352,22 +400,26 @@ def hf_causal_folder(folder: Path, kind: str, seed: int = 0) -> tuple[Path, torc
     return folder, model
 
 
-def forward_with_hidden_states(model, ids: torch.Tensor, layers: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The logits of a Llama-backbone ``model`` and its hidden states named as the reference's
-    ``output_hidden_states`` (README sections 4 and 8.1): ``hidden_states.0`` the embeddings (block 0's
-    input), ``hidden_states.i`` block ``i - 1``'s output, ``hidden_states.{layers}`` the final norm's."""
+def forward_with_hidden_states(model, ids: torch.Tensor, layers: int, norm_index: int | None = None,
+                               **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The logits of a Llama-backbone ``model`` (called with ``kwargs``) and its hidden states named as the
+    reference's ``output_hidden_states``: ``hidden_states.0`` the embeddings (block 0's input),
+    ``hidden_states.i`` block ``i - 1``'s output, and the final norm's at ``norm_index``: ``layers`` in the
+    2025 set (README sections 4 and 8.1: it replaces the last block's output), ``layers + 1`` in the 2026 set
+    (every block's output is kept)."""
+    norm_index = layers if norm_index is None else norm_index
     blocks = model.model.layers
     assert len(blocks) == layers, f"the model has {len(blocks)} blocks, the config says {layers}"
     hidden, hooks = {}, []
     hooks.append(blocks[0].register_forward_pre_hook(lambda m, args: hidden.__setitem__("hidden_states.0", args[0])))
-    for i in range(layers - 1):
+    for i in range(min(layers, norm_index - 1)):
         hooks.append(blocks[i].register_forward_hook(
             lambda m, args, out, i=i: hidden.__setitem__(f"hidden_states.{i + 1}", out)))
     hooks.append(model.model.norm.register_forward_hook(
-        lambda m, args, out: hidden.__setitem__(f"hidden_states.{layers}", out)))
+        lambda m, args, out: hidden.__setitem__(f"hidden_states.{norm_index}", out)))
     try:
         with torch.no_grad():
-            logits = model(ids)
+            logits = model(ids, **kwargs)
     finally:
         for hook in hooks:
             hook.remove()

@@ -47,6 +47,8 @@ class ModelConfig:
     blocks: int = 12  # transformer blocks
     heads: int = 12  # attention heads (hidden / heads must be even)
     kv_heads: int = 0  # llama: key/value heads of grouped-query attention (0: heads)
+    head_dim: int = 0  # llama: width of each attention head (0: hidden / heads; Qwen3 and SDAR set it apart)
+    qk_norm: bool = False  # llama: RMSNorm of each head's queries and keys before the rotary positions (Qwen3, SDAR)
     intermediate: int = 0  # llama: width of the SwiGLU MLP (0: 8/3 hidden rounded up to a multiple of 256)
     vocab: int = 0  # embedding rows when larger than the tokenizer's vocabulary (LLaDA pads to 126464)
     norm_eps: float = 1e-5  # llama: RMSNorm epsilon
@@ -60,6 +62,11 @@ class ModelConfig:
     rope_base: float = 10000.0  # rotary embedding base
     soft_mask_top_k: int = 0  # > 0: soft-masked inputs from the top-k of the previous pass (0 = binary MDLM)
     block_size: int = 0  # bd3lm: tokens per block of block diffusion (1: autoregressive, data.length: MDLM)
+
+    @property
+    def head_size(self) -> int:
+        """The width of each attention head: ``head_dim``, or ``hidden / heads``."""
+        return self.head_dim or self.hidden // self.heads
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -583,7 +590,7 @@ RANGES: dict[str, str] = {
     "model.hidden": "[1, inf)", "model.blocks": "[1, inf)", "model.heads": "[1, inf)", "model.cond_dim": "[1, inf)",
     "model.dropout": "[0, 1)", "model.length": "[3, inf)", "model.rope_base": "(1, inf)",
     "model.soft_mask_top_k": "[0, inf)", "model.kv_heads": "[0, inf)", "model.intermediate": "[0, inf)",
-    "model.vocab": "[0, inf)", "model.norm_eps": "(0, 1)", "model.block_size": "[0, inf)",
+    "model.vocab": "[0, inf)", "model.norm_eps": "(0, 1)", "model.block_size": "[0, inf)", "model.head_dim": "[0, inf)",
     "data.valid_fraction": "[0, 1)", "data.test_fraction": "[0, 1)", "data.length": "[3, inf)",
     "diffusion.schedule_eps": "[0, 1)", "diffusion.sigma_min": "(0, inf)", "diffusion.sigma_max": "(0, inf)",
     "diffusion.t_min": "[0, 1)", "diffusion.t_max": "(0, 1]",
@@ -643,10 +650,12 @@ def validate(cfg: RunConfig) -> RunConfig:
                 shown = f"{value:g}" if isinstance(value, float) else value
                 raise ConfigError(f"{dotted}={shown} is out of range: it must lie in {interval}")
     m = cfg.model
-    if m.hidden % m.heads:
-        raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
-    if (m.hidden // m.heads) % 2:
-        raise ConfigError(f"model head dimension {m.hidden // m.heads} must be even for rotary embeddings")
+    if m.hidden % m.heads and not m.head_dim:
+        raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads} (or set model.head_dim)")
+    if m.head_size % 2:
+        raise ConfigError(f"model head dimension {m.head_size} must be even for rotary embeddings")
+    if (m.head_dim or m.qk_norm) and m.backbone != "llama":
+        raise ConfigError(f"model.head_dim and model.qk_norm are settings of the llama backbone, not {m.backbone}")
     if m.kv_heads and m.heads % m.kv_heads:
         raise ConfigError(f"model.heads={m.heads} is not a multiple of model.kv_heads={m.kv_heads} (each key/value "
                           f"head serves a whole group of query heads)")

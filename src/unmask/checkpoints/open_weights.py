@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from ..config import ConfigError, ModelConfig, RunConfig, config_from_dict
 from ..data.tokenization import HFTokenizer
@@ -66,6 +67,8 @@ class Layout:
     # its inverse, for the layouts unmask writes back: (our state, model, mask id) -> their state
     unconvert: Callable[[dict[str, torch.Tensor], ModelConfig, int], dict[str, torch.Tensor]] | None = None
     bare: bool = False  # the release is one safetensors file and a tokenizer, without config.json (SMDM)
+    family: str | None = None  # the family its models are (None: ar when causal, else mdlm)
+    qk_norm: bool = False  # its attention has query/key norms and heads of their own width (Qwen3)
     ignore: tuple[str, ...] = ()  # checkpoint keys that are not parameters (regular expressions)
     sample: tuple[tuple[str, object], ...] = ()  # the sample.* defaults the model's own repository uses
 
@@ -148,19 +151,36 @@ def _rope_theta(c: dict, src: str) -> float:
     return _number(c, "rope_theta", src, params.get("rope_theta", 10000.0), 1)
 
 
-def _qwen2_model(c: dict, shift: bool, bias: bool | None = None) -> dict:
+def _qwen2_model(c: dict, shift: bool, bias: bool | None = None, qk_norm: bool = False) -> dict:
+    """The :class:`ModelConfig` fields of a Qwen2/Llama ``config.json`` (``qk_norm``: Qwen3's, whose heads may be
+    wider or narrower than ``hidden_size / num_attention_heads``)."""
     src = "config.json"
     _require(c, src, hidden_act=("silu",))
     heads = _int(c, "num_attention_heads", src)
     hidden = _int(c, "hidden_size", src)
-    if c.get("head_dim") not in (None, hidden // max(heads, 1)):
+    head_dim = c.get("head_dim")
+    if head_dim not in (None, hidden // max(heads, 1)) and not qk_norm:
         raise CheckpointError(f"{src}: head_dim={c['head_dim']} differs from hidden_size / num_attention_heads")
-    return dict(hidden=hidden, heads=heads, kv_heads=_int(c, "num_key_value_heads", src, heads) or heads,
+    extra = dict(head_dim=_int(c, "head_dim", src, hidden // max(heads, 1)), qk_norm=True) if qk_norm else {}
+    return dict(**extra, hidden=hidden, heads=heads, kv_heads=_int(c, "num_key_value_heads", src, heads) or heads,
                 blocks=_int(c, "num_hidden_layers", src), intermediate=_int(c, "intermediate_size", src),
                 vocab=_int(c, "vocab_size", src), length=_int(c, "max_position_embeddings", src),
                 rope_base=_rope_theta(c, src), norm_eps=_number(c, "rms_norm_eps", src, 1e-6, 0),
                 qkv_bias=bool(c.get("attention_bias", False)) if bias is None else bias,
                 tie_embeddings=bool(c.get("tie_word_embeddings", False)), logit_shift=shift)
+
+
+def _sdar_model(c: dict) -> dict:
+    """SDAR's ``config.json`` (Qwen3 with block diffusion): the Qwen3 fields and ``block_size``."""
+    src = "SDAR config.json"
+    _require(c, src, fuse_cross_entropy=(False, True, None))
+    return dict(**_qwen2_model(c, shift=False, bias=bool(c.get("attention_bias", False)), qk_norm=True),
+                block_size=_int(c, "block_size", src, 4) or 4)
+
+
+def _sdar_json(m: ModelConfig) -> dict:
+    return {**_qwen2_json("SDARForCausalLM")(m), "head_dim": m.head_size, "block_size": m.block_size,
+            "use_sliding_window": False}
 
 
 def _llada_json(m: ModelConfig) -> dict:
@@ -302,6 +322,10 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
                                 *((n, f"transformer.{n}") for n in _GPT2_NAMES), ("lm_head.weight", "lm_head.weight")),
            _gpt2_model, causal=True, convert=_gpt2_transpose,
            ignore=(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",)),
+    Layout("sdar", ("sdar",), (*_HF_NAMES, *((f"model.layers.{{i}}.self_attn.{p}_norm.weight",) * 2 for p in "qk")),
+           _sdar_model, _sdar_json, family="bd3lm", qk_norm=True,
+           sample=(("sampler", "sdar"), ("steps", 4), ("temperature", 1.0), ("strategy", "dynamic"),
+                   ("threshold", 0.85), ("stop_at_eos", True))),
     Layout("qwen2", ("qwen2",), _HF_NAMES, lambda c: _qwen2_model(c, shift=False, bias=True),
            _qwen2_json("Qwen2ForCausalLM"), causal=True),
     Layout("llama", ("llama",), _HF_NAMES, lambda c: _qwen2_model(c, shift=False), _qwen2_json("LlamaForCausalLM"),
@@ -487,6 +511,8 @@ def _tokenizer(folder: Path, meta: dict, root: Path | None) -> HFTokenizer:
     for role, value in ids.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise CheckpointError(f"{folder}/config.json: {role}_token_id={value!r} is not a token id")
+    if ids["mask"] is None and tk_config.get("mask_token") is not None:  # SDAR names it in tokenizer_config.json
+        ids["mask"] = _named_token(path, tk_config["mask_token"], f"{folder}/tokenizer_config.json: mask_token")
     mask = ids["mask"]
     shared = [role for role in ("eos", "bos", "pad") if mask is not None and ids[role] == mask]
     if shared:
@@ -497,6 +523,16 @@ def _tokenizer(folder: Path, meta: dict, root: Path | None) -> HFTokenizer:
         raise CheckpointError(f"{folder}/config.json: mask_token_id={mask} is the ordinary token "
                               f"{tokenizer.tk.id_to_token(mask)!r} of tokenizer.json, not a special token")
     return tokenizer
+
+
+def _named_token(tokenizer_json: Path, token, source: str) -> int:
+    """The id ``tokenizer.json`` gives the token ``token`` (a string, or ``{"content": ...}`` as
+    ``tokenizer_config.json`` writes added tokens)."""
+    content = token.get("content") if isinstance(token, dict) else token
+    found = Tokenizer.from_file(str(tokenizer_json)).token_to_id(content) if isinstance(content, str) else None
+    if found is None:
+        raise CheckpointError(f"{source}={content!r} is not a token of {tokenizer_json.name}")
+    return found
 
 
 def read_open_weights(folder: Path, meta: dict, root: Path | None = None) -> OpenWeights | None:
@@ -514,9 +550,10 @@ def read_open_weights(folder: Path, meta: dict, root: Path | None = None) -> Ope
     if model["vocab"] < tokenizer.vocab_size - int(tokenizer.appended_mask and layout.causal):
         raise CheckpointError(f"{folder}: the model has {model['vocab']} embedding rows but the tokenizer "
                               f"{tokenizer.vocab_size} ids")
-    if not layout.causal and meta.get("mask_token_id") is None:
-        raise CheckpointError(f"{folder}/config.json states no mask_token_id")
-    tree = {"family": "ar" if layout.causal else "mdlm",
+    if not layout.causal and tokenizer.appended_mask:
+        raise CheckpointError(f"{folder}: neither config.json (mask_token_id) nor tokenizer_config.json (mask_token) "
+                              f"states the mask token")
+    tree = {"family": layout.family or ("ar" if layout.causal else "mdlm"),
             "model": {"backbone": "llama", **model, "dropout": 0.0},
             "data": {"tokenizer": "hf", "tokenizer_path": str(folder), "length": min(model["length"], 256),
                      "frame": layout.bos_prompt},
@@ -546,9 +583,14 @@ def save_released(source, directory: str | Path, layout: str, weights: dict[str,
     if m.backbone != "llama" or not isinstance(tokenizer, HFTokenizer):
         raise CheckpointError(f"the {layout} layout holds Llama-backbone models with a Hugging Face tokenizer; "
                               f"this one is {m.backbone} with a {tokenizer.kind} tokenizer (export it as 'unmask')")
-    if lay.causal != (cfg.family == "ar") or (layout == "dream") != m.logit_shift:
+    family = lay.family or ("ar" if lay.causal else "mdlm")
+    if family != cfg.family or (layout == "dream") != m.logit_shift:
         raise CheckpointError(f"a {cfg.family} model{' with' if m.logit_shift else ' without'} logit shift does "
-                              f"not fit the {layout} layout")
+                              f"not fit the {layout} layout (it holds {family} models)")
+    if m.qk_norm != lay.qk_norm or (m.head_size != m.hidden // m.heads and not lay.qk_norm):
+        raise CheckpointError(f"the {layout} layout holds models {'with' if lay.qk_norm else 'without'} query/key "
+                              f"norms{'' if lay.qk_norm else ' and heads of hidden / heads'}; this one has "
+                              f"model.qk_norm={m.qk_norm}, heads of {m.head_size}")
     if m.soft_mask_top_k:
         raise CheckpointError(f"the {layout} layout has no place for the soft-mask module; export it as 'unmask'")
     if lay.bare and (tokenizer.mask_id != m.vocab - 1 or m.qkv_bias or m.tie_embeddings):

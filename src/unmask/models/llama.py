@@ -1,4 +1,4 @@
-"""A Llama/Qwen2-style transformer: the backbone of LLaDA, Dream and SMDM (``model.backbone=llama``).
+"""A Llama/Qwen2/Qwen3-style transformer: the backbone of LLaDA, Dream, SMDM and SDAR (``model.backbone=llama``).
 
 Pre-norm blocks of RMSNorm (statistics in float32), grouped-query attention with rotary positions
 (rotate-half, base ``model.rope_base``) and a SwiGLU MLP; no time conditioning. Per block::
@@ -7,7 +7,9 @@ Pre-norm blocks of RMSNorm (statistics in float32), grouped-query attention with
     x = x + down_proj(silu(gate_proj(m)) * up_proj(m))                            m = RMSNorm(x)
 
 then ``logits = lm_head(RMSNorm(x))``. Query head ``j`` uses key/value head ``floor(j / (heads /
-kv_heads))``. ``model.qkv_bias`` adds biases to q/k/v (Qwen2); ``model.tie_embeddings`` shares the
+kv_heads))``; heads are ``model.head_dim`` wide (default ``hidden / heads``), and ``model.qk_norm`` puts an
+RMSNorm on each head's queries and keys before the rotary positions (Qwen3, SDAR: ``q_norm``, ``k_norm``).
+``model.qkv_bias`` adds biases to q/k/v (Qwen2); ``model.tie_embeddings`` shares the
 embedding with the output layer; ``causal`` switches the attention pattern (bidirectional for
 masked diffusion). ``model.logit_shift`` (Dream, adapted from an autoregressive model): position
 ``i`` is scored by the output at ``i - 1`` (position 0 by its own), so every sampler and loss sees
@@ -61,16 +63,21 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with rotary positions: ``heads`` query heads share ``kv_heads`` key/value heads;
-    ``q_proj``/``k_proj``/``v_proj`` biased when ``bias`` (Qwen2)."""
+    """Grouped-query attention with rotary positions: ``heads`` query heads of ``head_dim`` share ``kv_heads``
+    key/value heads; ``q_proj``/``k_proj``/``v_proj`` biased when ``bias`` (Qwen2); with ``qk_norm`` each
+    head's queries and keys pass an RMSNorm over ``head_dim`` (``q_norm``, ``k_norm``) before the rotary
+    positions (Qwen3, SDAR)."""
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int, bias: bool):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: bool, qk_norm: bool = False,
+                 eps: float = 1e-6):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
-        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
 
     def forward(self, x, rotary, causal: bool, mask: torch.Tensor | None, cache: KVCache | None, layer: int,
                 read: int | None = None):
@@ -81,6 +88,8 @@ class Attention(nn.Module):
         q = self.q_proj(x[:, :reads]).view(b, reads, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos[:reads], sin[:reads]), apply_rotary(k, cos, sin)
         out = attend(q, k, v, causal, mask, cache, layer)
         return self.o_proj(out.transpose(1, 2).reshape(b, reads, -1))
@@ -106,7 +115,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, intermediate: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.self_attn = Attention(cfg.hidden, cfg.heads, cfg.kv_heads or cfg.heads, cfg.qkv_bias)
+        self.self_attn = Attention(cfg.hidden, cfg.heads, cfg.kv_heads or cfg.heads, cfg.head_size, cfg.qkv_bias,
+                                   cfg.qk_norm, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.mlp = MLP(cfg.hidden, intermediate)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -135,8 +145,9 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, causal: bool = False, mask_id: int | None = None):
         super().__init__()
-        if cfg.hidden % cfg.heads or (cfg.hidden // cfg.heads) % 2:
-            raise ValueError(f"model.hidden={cfg.hidden} must split into model.heads={cfg.heads} heads of even size")
+        if (cfg.hidden % cfg.heads and not cfg.head_dim) or cfg.head_size % 2:
+            raise ValueError(f"model.hidden={cfg.hidden} must split into model.heads={cfg.heads} heads of even size "
+                             f"(or model.head_dim must be even)")
         kv_heads = cfg.kv_heads or cfg.heads
         if cfg.heads % kv_heads:
             raise ValueError(f"model.heads={cfg.heads} must be a multiple of model.kv_heads={kv_heads}")
@@ -149,7 +160,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden, self.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary_emb = Rotary(cfg.hidden // cfg.heads, cfg.rope_base, cfg.length, persistent=False)
+        self.rotary_emb = Rotary(cfg.head_size, cfg.rope_base, cfg.length, persistent=False)
         self.apply(normal_init)
 
     @property
@@ -208,7 +219,7 @@ class Transformer(nn.Module):
                   capacity: int | None = None, kind: type = KVCache):
         """An empty cache of ``kind`` (:class:`KVCache` or :class:`BlockDiffusionCache`) for this model."""
         cfg = self.cfg
-        return kind(cfg.blocks, batch, cfg.kv_heads or cfg.heads, cfg.hidden // cfg.heads, capacity or cfg.length,
+        return kind(cfg.blocks, batch, cfg.kv_heads or cfg.heads, cfg.head_size, capacity or cfg.length,
                        device, dtype)
 
 

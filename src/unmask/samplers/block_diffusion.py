@@ -11,7 +11,10 @@ import torch
 from .. import rng
 from ..objectives.base import unwrap
 from .base import SamplingError, stop_at_eos
-from .engine import BlockContext, Decoding, Outcome, Sampler, relay
+from .engine import BlockContext, Decoding, Outcome, Sampler, Store, relay
+
+COMMIT_CALLS = ("joint", "separate")  # how finished blocks enter the KV cache
+AFTER_STOP = ("pad", "keep")  # what follows a row's stop
 
 
 @dataclass(frozen=True)
@@ -19,44 +22,63 @@ class BlockSettings:
     """The keys of block diffusion, around the diffusion sampler that decodes inside each block."""
 
     kv_cache: bool = True  # keep the keys and values of the committed blocks (exact)
-    stop_at_eos: bool = False  # stop a row at its first generated EOS (PAD after it)
+    stop_at_eos: bool = False  # stop a row after the block that holds its first generated EOS
+    block_size: int = 0  # positions per decoded block (0: the model's model.block_size)
+    commit_calls: str = "joint"  # a decoded block enters the cache with the next block's first call, or alone
+    after_stop: str = "pad"  # stop_at_eos: PAD after the EOS, or keep the block as decoded (later blocks masked)
 
-    SWITCHES: ClassVar[tuple[str, ...]] = ("stop_at_eos",)
+    RANGES: ClassVar[dict[str, str]] = {"block_size": "[0, inf)"}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"commit_calls": COMMIT_CALLS, "after_stop": AFTER_STOP}
+    SWITCHES: ClassVar[tuple[str, ...]] = ("stop_at_eos", "block_size", "commit_calls", "after_stop")
 
 
 class BlockDiffusionSampler(Sampler):
     """BD3-LM's sampling. The canvas is cut into blocks of ``block_size`` positions (the model's); block by
     block, rows with masked positions in it run ``inner`` (any diffusion sampler: ancestral, first-hitting,
-    confidence, llada with Fast-dLLM's threshold or factor rule...) on the block, seeing the committed blocks
-    before it. With ``kv_cache`` the keys and values of committed blocks are cached: a finished block is
-    committed by the first call of the next block, which feeds it with the noisy block (one call; BD3-LM's
-    reference spends a call of its own on it), and runs of blocks without masks, such as a prompt, go in
-    the same call. The cache is exact, so cached and uncached decoding give the same tokens (tested).
-    Prompts of any length and ragged rows: a row's blocks without masked positions are only committed
-    (by a call of their own when other rows have work there). With ``eos_id`` a row stops at its first
-    generated EOS: the positions after it become PAD and the row is no longer evaluated. NFE counts every
+    confidence, llada with Fast-dLLM's threshold or factor rule, SDAR's...) on the block, seeing the
+    committed blocks before it. A canvas whose length is not a multiple of ``block_size`` is decoded with its
+    last block filled up with masked positions (as SDAR and LLaDA2 decode; the model is trained on whole
+    blocks), which are dropped from the result, where the model's length allows. With ``kv_cache`` the keys
+    and values of committed blocks are cached. ``commit_calls="joint"``: a finished block is committed by
+    the first call of the next block, which feeds it with the noisy block (one call), and runs of blocks
+    without masks, such as a prompt, go in the same call; ``"separate"``: the blocks before the first one
+    decoded are stored by a call of their own, and so is every block once decoded, the last one included
+    (SDAR's and BD3-LM's reference code: more calls, the same tokens). The cache is exact, so cached and
+    uncached decoding give the same tokens (tested). Prompts of any length and ragged rows: a row's blocks
+    without masked positions are only committed (by a call of their own when other rows have work there).
+    With ``eos_id`` a row stops after the block that holds its first generated EOS: ``after_stop="pad"``
+    makes the positions after that EOS PAD; ``"keep"`` leaves that block as decoded and the later blocks
+    masked (SDAR's ``stopping_criteria_idx``). A stopped row is no longer evaluated. NFE counts every
     network call.
     """
 
     def __init__(self, inner: Sampler, block_size: int, kv_cache: bool = True, eos_id: int | None = None,
-                 pad_id: int | None = None):
+                 pad_id: int | None = None, commit_calls: str = "joint", after_stop: str = "pad"):
         if block_size < 1:
             raise SamplingError(f"block_size must be >= 1, got {block_size}")
-        if eos_id is not None and pad_id is None:
+        if eos_id is not None and pad_id is None and after_stop == "pad":
             raise SamplingError("stopping at EOS needs a PAD id to fill the rest")
+        if commit_calls not in COMMIT_CALLS or after_stop not in AFTER_STOP:
+            raise SamplingError(f"commit_calls is one of {', '.join(COMMIT_CALLS)} and after_stop one of "
+                                f"{', '.join(AFTER_STOP)}; got {commit_calls!r} and {after_stop!r}")
         self.inner, self.block_size, self.kv_cache = inner, block_size, kv_cache
         self.mask_id, self.eos_id, self.pad_id = inner.mask_id, eos_id, pad_id
+        self.separate, self.after_stop = commit_calls == "separate", after_stop
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring (the canvas at
         most the model's length)."""
         self.check(canvas, seeds)
-        if canvas.shape[1] > unwrap(model).cfg.length:
+        limit = unwrap(model).cfg.length
+        if canvas.shape[1] > limit:
             raise SamplingError(f"a canvas of {canvas.shape[1]} positions exceeds the model's maximum length "
-                                f"{unwrap(model).cfg.length}")
-        return self._decode(canvas, seeds)
+                                f"{limit}")
+        return self._decode(canvas, seeds, limit)
 
-    def _decode(self, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
+    def _decode(self, canvas: torch.Tensor, seeds: torch.Tensor, limit: int) -> Decoding:
+        length = canvas.shape[1]
+        fill = -length % self.block_size if length + (-length % self.block_size) <= limit else 0
+        canvas = torch.cat([canvas, canvas.new_full((len(canvas), fill), self.mask_id)], dim=1)
         b, n = canvas.shape
         x, free = canvas.clone(), canvas == self.mask_id
         done = torch.zeros(b, dtype=torch.bool, device=x.device)
@@ -71,14 +93,22 @@ class BlockDiffusionSampler(Sampler):
             rows = alive[(x[alive, start:end] == self.mask_id).any(dim=1)]
             if not len(rows):
                 continue
-            context = BlockContext(x, rows, start, size, self.kv_cache, committed, alive)
+            context = BlockContext(x, rows, start, size, self.kv_cache, committed, alive, separate=self.separate)
             inner = self.inner.start(context, x[rows, start:end], rng.hash64(seeds.to(x.device)[rows], j))
             result = yield from relay(inner, call=lambda c: replace(c, context=context),
                                       frame=lambda f: f.placed(x, rows, start, end))
             x[rows, start:end] = result.tokens
             row_nfe[rows.cpu()] += result.row_nfe
-            row_nfe[alive.cpu()] += context.extra_calls
             committed = context.pending
+            if self.separate and self.kv_cache:  # the decoded block is stored by a call of its own
+                yield Store(context, end)
+                context.extra_calls += 1
+                committed = end
+            row_nfe[alive.cpu()] += context.extra_calls
             if self.eos_id is not None:
-                stop_at_eos(x, free, done, end, self.eos_id, self.pad_id)
-        return Outcome(x, row_nfe)
+                if self.after_stop == "pad":
+                    stop_at_eos(x, free, done, end, self.eos_id, self.pad_id)
+                else:
+                    hit = free[:, :end] & (x[:, :end] == self.eos_id)
+                    done |= hit.any(dim=1)
+        return Outcome(x[:, :length], row_nfe)

@@ -11,7 +11,8 @@ decoding (a Python generator) that never calls the network. Each time it needs t
   recording or reading), or without a cache;
 * :class:`Causal`: next-token logits of a causal model, through the decoding's KV cache or over the whole
   prefix;
-* :class:`Forward`: the network's output on some ids as it is (insertion models, RL rollouts).
+* :class:`Forward`: the network's output on some ids as it is (insertion models, RL rollouts);
+* :class:`Store`: block diffusion's committed blocks stored in the decoding's cache, alone (SDAR's calls).
 
 It yields a :class:`Frame` after every step of its own (for streaming) and returns a :class:`Outcome`.
 
@@ -88,7 +89,16 @@ class Forward:
     kwargs: dict = field(default_factory=dict)
 
 
-Call = Denoise | Chunk | Causal | Forward
+@dataclass
+class Store:
+    """Block diffusion: the keys and values of the clean positions ``[context.pending, end)`` of the
+    context's rows stored in the decoding's block cache by a call of their own (no output)."""
+
+    context: Any
+    end: int
+
+
+Call = Denoise | Chunk | Causal | Forward | Store
 
 
 @dataclass
@@ -234,7 +244,8 @@ class BlockContext:
     With a cache (``cached``): the clean blocks ``[pending, start)`` of the batch rows ``alive`` are not in
     it yet; the first call that evaluates every alive row feeds them with the block and commits them (one
     call, no separate commit), else they are committed by a call of their own first (counted in
-    ``extra_calls``). Without: the committed prefix is fed again with the block at every call (the
+    ``extra_calls``); with ``separate`` always by a call of their own (and the block, once decoded, by a
+    :class:`Store` call). Without: the committed prefix is fed again with the block at every call (the
     two-stream pattern of clean prefix and noisy block; the same numbers up to float rounding)."""
 
     takes_rows = True  # the denoiser says which canvas rows a call is for
@@ -242,9 +253,10 @@ class BlockContext:
     time_conditioning = False
 
     def __init__(self, canvas: torch.Tensor, rows: torch.Tensor, start: int, block_size: int, cached: bool,
-                 pending: int = 0, alive: torch.Tensor | None = None):
+                 pending: int = 0, alive: torch.Tensor | None = None, separate: bool = False):
         self.canvas, self.batch_rows, self.start = canvas, rows, start
         self.block_size, self.cached, self.pending, self.alive = block_size, cached, pending, alive
+        self.separate = separate
         self.model, self.cache = None, None
         self.extra_calls = 0
 
@@ -268,7 +280,7 @@ class BlockContext:
         r, size = ids.shape
         if self.cache is None:
             return self._uncached(ids, positions, batch_rows)
-        if self.pending < self.start and not bool(torch.isin(self.alive, batch_rows).all()):
+        if self.pending < self.start and (self.separate or not bool(torch.isin(self.alive, batch_rows).all())):
             self.extra_calls += commit(self.model, self.cache, self.canvas, self.alive, self.pending, self.start,
                                        self.block_size)
             self.pending = self.start
@@ -282,6 +294,11 @@ class BlockContext:
         self.pending = self.start
         out = self.model(chunk, positions=_in_chunk(positions, r, size, self.start - first), cache=self.cache)
         return out if positions is not None else out[:, self.start - first:]
+
+    def store(self, end: int) -> None:
+        """Store the clean positions ``[pending, end)`` of the alive rows in the cache (a :class:`Store` call)."""
+        commit(self.model, self.cache, self.canvas, self.alive, self.pending, end, self.block_size)
+        self.pending = end
 
     def _uncached(self, ids, positions, batch_rows):
         r, size = ids.shape
@@ -377,17 +394,15 @@ class DecodingEngine:
             handle.nfe += 1
             if call.context is None:
                 return self.denoise([call])[0]
-            cache = None
-            if call.context.cached:
-                cache = handle.caches.get("block_diffusion")
-                if cache is None:
-                    cache = handle.caches["block_diffusion"] = call.context.new_cache(self.model)
-            net = call.context.bind(self.model, cache)
+            net = call.context.bind(self.model, self._block_cache(handle, call.context))
             before = net.extra_calls
             out = self.denoise([call], net)[0]
             handle.nfe += net.extra_calls - before
             return out
         handle.nfe += 1
+        if isinstance(call, Store):
+            call.context.bind(self.model, self._block_cache(handle, call.context)).store(call.end)
+            return None
         if isinstance(call, Chunk):
             if call.mode is None:
                 return self.model(call.ids, positions=call.positions).float()
@@ -406,6 +421,15 @@ class DecodingEngine:
         if isinstance(call, Forward):
             return self.model(call.ids, **call.kwargs)
         raise TypeError(f"a decoding yielded {type(call).__name__}, not a call")
+
+    def _block_cache(self, handle: Handle, context: BlockContext) -> BlockDiffusionCache | None:
+        """The decoding's exact block cache (made at its first use), or None for an uncached context."""
+        if not context.cached:
+            return None
+        cache = handle.caches.get("block_diffusion")
+        if cache is None:
+            cache = handle.caches["block_diffusion"] = context.new_cache(self.model)
+        return cache
 
     def _kv_cache(self, call: Causal):
         device = call.ids.device

@@ -30,6 +30,7 @@ from .engine import Sampler
 from .first_hitting import FirstHittingSampler, FirstHittingSettings
 from .insertion import InsertionSampler, InsertionSettings
 from .llada import LLaDASampler, LLaDASettings
+from .sdar import SDARSampler, SDARSettings
 from .semi_ar import SemiAutoregressiveSampler, WindowSettings
 
 # the wrappers' keys, read around a diffusion sampler: semi-autoregressive windows, block diffusion
@@ -96,6 +97,10 @@ for _spec in (
                 lambda s, objective, tok: DreamSampler(objective, **dict(
                     values(s), block_length=s.block_length if s.block_cache != "none" else 0)),
                 "Dream's decoding: origin, confidence, margin or entropy order; threshold: Fast-dLLM's rule"),
+    SamplerSpec("sdar", "diffusion", SDARSettings,
+                lambda s, objective, tok: SDARSampler(objective, **values(s)),
+                "SDAR's decoding in each block: multinomial draws, dynamic/static low-confidence or sequential "
+                "commits on a fixed schedule"),
     SamplerSpec("ar", "ar", AutoregressiveSettings,
                 lambda s, objective, tok: AutoregressiveSampler(tok.bos_id, tok.mask_id, **values(s)),
                 "left to right with a KV cache (autoregressive models)"),
@@ -170,7 +175,8 @@ def make_sampler(cfg: SampleConfig, objective: Objective, tokenizer: Tokenizer, 
         if getattr(inner, "block_cache", "none") != "none":
             raise SamplingError("sample.block_cache is Fast-dLLM's approximate cache for full-sequence models; a "
                                 "block diffusion model has its exact cache (sample.kv_cache)")
-        return BlockDiffusionSampler(inner, objective.block_size, outer.kv_cache, eos, tokenizer.pad_id)
+        return BlockDiffusionSampler(inner, outer.block_size or objective.block_size, outer.kv_cache, eos,
+                                     tokenizer.pad_id, outer.commit_calls, outer.after_stop)
     if not outer.window:
         if outer.stop_at_eos:
             raise SamplingError("sample.stop_at_eos needs semi-autoregressive windows (sample.window > 0)")

@@ -1,0 +1,194 @@
+"""The 2026 open-weight block-diffusion models against their references' own numbers
+(``../shared/reference/vectors2026``, skipped with the reason when absent): each model written as a folder
+in its released layout from the vector file's weights and metadata config, loaded through
+:func:`unmask.from_pretrained`, and run through unmask's own network and samplers. Every shape, id,
+layer count, run and setting comes from the files' metadata, every tolerance from the README (section 11)
+or its prose (see :data:`released_folders.V2026`).
+
+SDAR (README sections 9 and 10): the forward pass with its block-causal mask (run a) and through the exact
+block cache after a prefill (run b); ``block_diffusion_generate`` replayed with the reference's own Exp(1)
+draws: every output token, the NFE, every network call's input ids, first position, key length and
+whether it stored its keys, every step's block before and after and its commits, and the logits of every
+denoising call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from unmask import from_pretrained
+from unmask.checkpoints.checkpoint import CheckpointError
+from unmask.checkpoints.open_weights import LAYOUTS
+from unmask.checkpoints.pretrained import export, open_source
+from unmask.config import SampleConfig
+from unmask.models.common import BlockDiffusionCache, Layout
+from unmask.samplers.base import PURPOSES, TOKEN, RowStreams
+from unmask.samplers.block_diffusion import BlockDiffusionSampler
+from unmask.samplers.engine import commit
+from unmask.samplers.registry import make_sampler
+from unmask.samplers.sdar import SDARSampler
+
+from released_folders import V2026, forward_with_hidden_states, write_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SDAR_STRATEGIES = {"low_confidence_dynamic": "dynamic", "low_confidence_static": "static",
+                   "sequential": "sequential"}  # SDAR's remasking_strategy -> sample.strategy
+
+
+def weights_of(name: str) -> str:
+    """The vector file whose ``state.*`` tensors ``name`` runs: itself, or the file its metadata's ``weights``
+    names (README section 1: the generation files hold no weights)."""
+    if V2026.holds_weights(name):
+        return name
+    stated = V2026.oracle(name)["weights"]
+    source = stated.split(" of ")[-1].removesuffix(".safetensors")
+    assert V2026.holds_weights(source), f"{name}: its weights are said to be in {source}, which holds none"
+    return source
+
+
+def released_folder(tmp_path: Path, name: str, layout: str) -> Path:
+    """The model of vector file ``name`` as a folder in ``layout`` (two shards and an index; the tokenizer's
+    special tokens at the ids the metadata config states)."""
+    source = weights_of(name)
+    w, _ = V2026.vectors(source)
+    state = {k.removeprefix("state."): v for k, v in w.items() if k.startswith("state.")}
+    return write_folder(tmp_path / f"{layout}-{name}", layout, V2026.oracle(name)["config"], state, shards=2)
+
+
+# --- SDAR ---------------------------------------------------------------------------------------------------
+
+def test_sdar_forward_with_its_block_mask_and_through_the_block_cache(tmp_path):
+    t, meta = V2026.vectors("sdar_forward")
+    config = meta["config"]
+    lm = from_pretrained(released_folder(tmp_path, "sdar_forward", "sdar"))
+    model, layers = lm.model, config["num_hidden_layers"]
+    assert lm.config.family == "bd3lm" and lm.config.model.block_size == config["block_size"]
+    assert lm.tokenizer.mask_id == config["mask_token_id"] and lm.config.model.head_size == config["head_dim"]
+    ids = t["input_ids"]
+    length = ids.shape[1]
+    layout = Layout(torch.arange(length), t["block_attention_mask"].bool(), length)
+    logits, hidden = forward_with_hidden_states(model, ids, layers, norm_index=layers + 1, layout=layout)
+    V2026.assert_matches(logits, t, "sdar_forward", "a.logits")
+    for name, value in hidden.items():
+        V2026.assert_matches(value, t, "sdar_forward", f"a.{name}")
+    # run b: a prefill of the blocks before the block stores their keys and values, then the block alone
+    run_b = next(run for run in meta["runs"] if run["name"] == "b")
+    prefix, end = (int(v) for v in re.fullmatch(r"input_ids\[:, (\d+):(\d+)\]", run_b["kwargs"]["input_ids"]).groups())
+    assert run_b["kwargs"]["prefill"]["input_ids"] == f"input_ids[:, :{prefix}]"
+    block = config["block_size"]
+    cache = model.new_cache(len(ids), kind=BlockDiffusionCache, capacity=length)
+    commit(model, cache, ids, torch.arange(len(ids)), 0, prefix, block)
+    cache.rows, cache.length, cache.commit, cache.chunk_allowed = None, prefix, 0, None
+    logits, hidden = forward_with_hidden_states(model, ids[:, prefix:end], layers, norm_index=layers + 1,
+                                                cache=cache)
+    V2026.assert_matches(logits, t, "sdar_forward", "b.logits")
+    for name, value in hidden.items():
+        V2026.assert_matches(value, t, "sdar_forward", f"b.{name}")
+
+
+class ExponentialDraws(RowStreams):
+    """The reference's recorded Exp(1) draws ``q`` [call, B, block, V], one slab per denoising call in the
+    order the calls are made (across blocks: ``counter`` is shared by every block's streams); a sampler's
+    uniforms ``u`` become ``exp(-q)``, so that its ``-log u`` is the reference's ``q``."""
+
+    def __init__(self, seeds, slabs: torch.Tensor, counter: list[int]):
+        super().__init__(seeds)
+        self.slabs, self.counter = slabs, counter
+
+    def uniforms(self, rows, counter, index, n):
+        assert counter % PURPOSES == TOKEN, "SDAR draws tokens only"
+        slab = self.slabs[self.counter[0]]
+        self.counter[0] += 1
+        assert slab.shape[-1] == n
+        return torch.exp(-slab[rows, index].double())
+
+
+@pytest.mark.parametrize("run", V2026.run_params("sdar_generate"))
+def test_sdar_block_diffusion_generate_call_by_call(tmp_path, run):
+    t, meta = V2026.vectors("sdar_generate")
+    spec = next(r for r in meta["runs"] if r["name"] == run)
+    kw = spec["kwargs"]
+    lm = from_pretrained(released_folder(tmp_path, "sdar_generate", "sdar"))
+    assert kw["mask_id"] == lm.tokenizer.mask_id
+    prompt = t[f"{run}.prompt"]
+    block = kw["block_length"]
+    total = -(-(prompt.shape[1] + kw["gen_length"]) // block) * block  # README section 10: whole blocks
+    canvas = torch.cat([prompt, torch.full((1, total - prompt.shape[1]), kw["mask_id"])], dim=1)
+    stops = kw["stopping_criteria_idx"] or []
+    assert stops in ([], [lm.tokenizer.eos_id]), "unmask stops at the tokenizer's EOS"
+    cfg = SampleConfig(sampler="sdar", steps=kw["denoising_steps"], strategy=SDAR_STRATEGIES[kw["remasking_strategy"]],
+                       threshold=kw["confidence_threshold"], temperature=kw["temperature"], top_k=kw["top_k"],
+                       top_p=kw["top_p"], block_size=block, commit_calls="separate", stop_at_eos=bool(stops),
+                       after_stop="keep")
+    sampler = make_sampler(cfg, lm.objective, lm.tokenizer, lm.config.model.length)
+    assert isinstance(sampler, BlockDiffusionSampler) and isinstance(sampler.inner, SDARSampler)
+    drawn = [0]
+    sampler.inner.streams = lambda seeds: ExponentialDraws(seeds, t[f"{run}.exponential"], drawn)
+    calls, frames = [], []
+
+    def record(module, args, kwargs):
+        cache = kwargs["cache"]
+        calls.append((args[0].clone(), cache.length, cache.length + args[0].shape[1], cache.commit > 0))
+
+    def output(module, args, kwargs, out):
+        if not kwargs["cache"].commit:
+            frames.append(("logits", out.detach().clone()))
+
+    hooks = [lm.model.register_forward_pre_hook(record, with_kwargs=True),
+             lm.model.register_forward_hook(output, with_kwargs=True)]
+    try:
+        result = sampler.sample(lm.model, canvas, torch.zeros(1, dtype=torch.long),
+                                on_step=lambda x: frames.append(("canvas", x.clone())))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(result.tokens, t[f"{run}.output"]) and result.nfe == int(t[f"{run}.nfe"]) == spec["nfe"]
+    # every call: its input ids, first position, keys seen and whether it stored them
+    assert [c[0].shape[1] for c in calls] == t[f"{run}.call_lengths"].tolist()
+    assert torch.equal(torch.cat([c[0] for c in calls], dim=1), t[f"{run}.call_input_ids_flat"])
+    assert [c[1] for c in calls] == t[f"{run}.call_position_start"].tolist()
+    assert [c[2] for c in calls] == t[f"{run}.call_key_length"].tolist()
+    assert [int(c[3]) for c in calls] == t[f"{run}.call_store_kv"].tolist()
+    # every denoising step: the block before and after, the commits, the logits at the masked positions
+    denoising = [c for c in calls if not c[3]]
+    logits = [f[1] for f in frames if f[0] == "logits"]
+    after = [f[1] for f in frames if f[0] == "canvas"]
+    assert len(denoising) == len(logits) == len(after) == t[f"{run}.denoise_logits"].shape[0] == drawn[0]
+    previous = canvas
+    for s, (call, out, now) in enumerate(zip(denoising, logits, after)):
+        where = slice(call[1], call[2])
+        before_block, after_block = previous[:, where], now[:, where]
+        assert torch.equal(before_block, t[f"{run}.step_block_before"][s])
+        assert torch.equal(after_block, t[f"{run}.step_block_after"][s])
+        committed = (before_block == kw["mask_id"]) & (after_block != kw["mask_id"])
+        assert torch.equal(committed, t[f"{run}.step_transfer"][s].bool())
+        masked = before_block == kw["mask_id"]
+        expected = t[f"{run}.denoise_logits"][s][masked]
+        got = out[:len(expected)]
+        assert got.shape == expected.shape
+        tolerance = V2026.atol("sdar_generate", "denoise_logits")
+        assert float((got.double() - expected.double()).abs().max()) <= tolerance, f"step {s}: logits"
+        previous = now
+
+
+def test_sdar_exports_back_to_its_layout_and_reads_back_as_the_same_model(tmp_path):
+    """``export --to sdar`` of an SDAR folder gives the same config fields, special ids and logits; the layout
+    refuses models it cannot hold (another family, no query/key norms) and writes nothing."""
+    folder = released_folder(tmp_path, "sdar_forward", "sdar")
+    out = export(open_source(folder), tmp_path / "out", to="sdar")
+    original, written = (json.loads((f / "config.json").read_text()) for f in (folder, out))
+    assert LAYOUTS["sdar"].model(written) == LAYOUTS["sdar"].model(original)
+    assert {k: written[k] for k in ("mask_token_id", "eos_token_id", "model_type", "block_size", "head_dim")} == \
+        {k: original[k] for k in ("mask_token_id", "eos_token_id", "model_type", "block_size", "head_dim")}
+    ids = V2026.vectors("sdar_forward")[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(out).model(ids), from_pretrained(folder).model(ids))
+    with pytest.raises(CheckpointError, match="does not fit the llada layout"):
+        export(open_source(folder), tmp_path / "llada", to="llada")
+    assert not (tmp_path / "llada").exists()
