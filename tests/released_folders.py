@@ -195,8 +195,8 @@ PROSE_2026 = {"sampled_probs": 1e-5, "router_topk_weight": 1e-5, "router_logits"
 
 
 def _prose_2026(vs: VectorSet, file: str, tensor: str) -> float | None:
-    quantity = tensor.partition(".")[2] or tensor
-    if quantity in EMBEDDINGS_2026:
+    quantity = re.sub(r"\.\d+$", "", tensor.partition(".")[2] or tensor)  # router_logits.1: the layer aside
+    if tensor.partition(".")[2] in EMBEDDINGS_2026:
         return 1e-6
     if quantity in PROSE_2026:
         return PROSE_2026[quantity]
@@ -323,7 +323,8 @@ def write_folder(folder: Path, layout: str, config: dict, state: dict[str, torch
     tokenizer has ``config["vocab_size"]`` ids and the special tokens ``specials`` (default: those the
     config states, :func:`special_tokens`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    model_type = {"llada": "llada", "dream": "Dream", "qwen2": "qwen2", "llama": "llama", "sdar": "sdar"}[layout]
+    model_type = {"llada": "llada", "dream": "Dream", "qwen2": "qwen2", "llama": "llama", "sdar": "sdar",
+                  "llada2": "llada2_moe"}[layout]
     (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type, "torch_dtype": "float32"}))
     keys = sorted(state)
     if shards == 1:

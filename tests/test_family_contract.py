@@ -41,10 +41,18 @@ def test_every_family_with_rules_is_known_here():
     assert {name for name, spec in FAMILIES.items() if spec.rules is not None} <= set(FAMILY_KEYS)
 
 
-@pytest.mark.parametrize("backbone", list(BACKBONES))
+# a backbone's variants beyond its defaults: the llama backbone with LLaDA2's mixture of experts and partial rotary
+VARIANTS = {**{name: [] for name in BACKBONES},
+            "llama-moe": ["model.backbone=llama", "model.moe_experts=4", "model.moe_top_k=2", "model.moe_width=16",
+                          "model.moe_shared=1", "model.moe_groups=2", "model.moe_top_groups=1",
+                          "model.moe_dense_layers=1", "model.rotary_dim=8", "model.qk_norm=true"]}
+
+
+@pytest.mark.parametrize("backbone", list(VARIANTS))
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_trains_through_the_one_step(family, backbone):
-    cfg = family_config(family, f"model.backbone={backbone}", "model.intermediate=64")
+    variant = VARIANTS[backbone] or [f"model.backbone={backbone}"]
+    cfg = family_config(family, *variant, "model.intermediate=64")
     torch.manual_seed(0)
     model = build_model(cfg, TOKENIZER).train()
     objective = build_objective(cfg, TOKENIZER)

@@ -177,18 +177,69 @@ def test_sdar_block_diffusion_generate_call_by_call(tmp_path, run):
         previous = now
 
 
-def test_sdar_exports_back_to_its_layout_and_reads_back_as_the_same_model(tmp_path):
-    """``export --to sdar`` of an SDAR folder gives the same config fields, special ids and logits; the layout
-    refuses models it cannot hold (another family, no query/key norms) and writes nothing."""
-    folder = released_folder(tmp_path, "sdar_forward", "sdar")
-    out = export(open_source(folder), tmp_path / "out", to="sdar")
+@pytest.mark.parametrize("name, layout", [("sdar_forward", "sdar"), ("llada2_forward", "llada2")])
+def test_exported_back_to_its_layout_it_reads_back_as_the_same_model(tmp_path, name, layout):
+    """``export --to LAYOUT`` of a folder of that layout gives the same config fields, special ids and logits;
+    the layout refuses a model of another family and writes nothing."""
+    folder = released_folder(tmp_path, name, layout)
+    out = export(open_source(folder), tmp_path / "out", to=layout)
     original, written = (json.loads((f / "config.json").read_text()) for f in (folder, out))
-    assert LAYOUTS["sdar"].model(written) == LAYOUTS["sdar"].model(original)
-    assert {k: written[k] for k in ("mask_token_id", "eos_token_id", "model_type", "block_size", "head_dim")} == \
-        {k: original[k] for k in ("mask_token_id", "eos_token_id", "model_type", "block_size", "head_dim")}
-    ids = V2026.vectors("sdar_forward")[0]["input_ids"]
+    assert LAYOUTS[layout].model(written) == LAYOUTS[layout].model(original)
+    assert {k: written[k] for k in ("mask_token_id", "eos_token_id", "head_dim")} == \
+        {k: original[k] for k in ("mask_token_id", "eos_token_id", "head_dim")}
+    ids = V2026.vectors(name)[0]["input_ids"]
     with torch.no_grad():
         assert torch.equal(from_pretrained(out).model(ids), from_pretrained(folder).model(ids))
     with pytest.raises(CheckpointError, match="does not fit the llada layout"):
         export(open_source(folder), tmp_path / "llada", to="llada")
     assert not (tmp_path / "llada").exists()
+
+
+# --- LLaDA2 ------------------------------------------------------------------------------------------------
+
+def routed_forward(model, ids, layers: int, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits, hidden states (2026 numbering) and every MoE layer's routing: ``router_logits.i``,
+    ``router_topk_index.i`` and ``router_topk_weight.i`` (the experts of each token sorted, with their
+    weights: the README compares the indices as sets per token)."""
+    routed, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None and hasattr(gate, "expert_bias"):
+            hooks.append(gate.register_forward_hook(lambda m, args, out, i=i: routed.__setitem__(i, out)))
+    try:
+        logits, hidden = forward_with_hidden_states(model, ids, layers, norm_index=layers + 1, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for i, routing in routed.items():
+        index, order = routing.index.sort(dim=1)
+        hidden[f"router_logits.{i}"] = routing.logits
+        hidden[f"router_topk_index.{i}"] = index
+        hidden[f"router_topk_weight.{i}"] = routing.weight.gather(1, order)
+    return logits, hidden
+
+
+def test_llada2_forward_with_its_block_mask_and_bidirectional(tmp_path):
+    t, meta = V2026.vectors("llada2_forward")
+    config = meta["config"]
+    lm = from_pretrained(released_folder(tmp_path, "llada2_forward", "llada2"))
+    model, layers = lm.model, config["num_hidden_layers"]
+    assert lm.config.family == "bd3lm" and lm.tokenizer.mask_id == config["mask_token_id"]
+    dense = config["first_k_dense_replace"]
+    ids = t["input_ids"]
+    length = ids.shape[1]
+    runs = {"a": {"layout": Layout(torch.arange(length), t["block_attention_mask"].bool(), length)}, "b": {}}
+    for run, kwargs in runs.items():
+        logits, hidden = routed_forward(model, ids, layers, **kwargs)
+        V2026.assert_matches(logits, t, "llada2_forward", f"{run}.logits")
+        routed = [k for k in t if k.startswith(f"{run}.router_topk_index.")]
+        assert sorted(int(k.rsplit(".", 1)[1]) for k in routed) == list(range(dense, layers))
+        for name, value in hidden.items():
+            if name.startswith("router_topk_index."):
+                assert torch.equal(value, t[f"{run}.{name}"].sort(dim=1).values), f"{run}.{name}"
+            elif name.startswith("router_topk_weight."):
+                order = t[f"{run}.router_topk_index.{name.rsplit('.', 1)[1]}"].argsort(dim=1)
+                expected = {f"{run}.{name}": t[f"{run}.{name}"].gather(1, order)}
+                V2026.assert_matches(value, expected, "llada2_forward", f"{run}.{name}")
+            else:
+                V2026.assert_matches(value, t, "llada2_forward", f"{run}.{name}")

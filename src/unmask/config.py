@@ -49,6 +49,15 @@ class ModelConfig:
     kv_heads: int = 0  # llama: key/value heads of grouped-query attention (0: heads)
     head_dim: int = 0  # llama: width of each attention head (0: hidden / heads; Qwen3 and SDAR set it apart)
     qk_norm: bool = False  # llama: RMSNorm of each head's queries and keys before the rotary positions (Qwen3, SDAR)
+    rotary_dim: int = 0  # llama: the leading features of each head the rotary positions turn (0: all; LLaDA2: half)
+    moe_experts: int = 0  # llama: > 0: mixture-of-experts MLPs of this many routed experts (LLaDA2)
+    moe_top_k: int = 0  # llama MoE: experts each token is routed to
+    moe_width: int = 0  # llama MoE: the intermediate width of each expert
+    moe_shared: int = 0  # llama MoE: shared experts every token also passes (one MLP this many experts wide)
+    moe_groups: int = 1  # llama MoE: groups of consecutive experts; a token's experts come from its best groups
+    moe_top_groups: int = 1  # llama MoE: the groups a token may use (ranked by the sum of their two best scores)
+    moe_scale: float = 1.0  # llama MoE: the routed experts' weights are multiplied by it
+    moe_dense_layers: int = 0  # llama MoE: the first layers keep a dense MLP (model.intermediate wide)
     intermediate: int = 0  # llama: width of the SwiGLU MLP (0: 8/3 hidden rounded up to a multiple of 256)
     vocab: int = 0  # embedding rows when larger than the tokenizer's vocabulary (LLaDA pads to 126464)
     norm_eps: float = 1e-5  # llama: RMSNorm epsilon
@@ -591,6 +600,9 @@ RANGES: dict[str, str] = {
     "model.dropout": "[0, 1)", "model.length": "[3, inf)", "model.rope_base": "(1, inf)",
     "model.soft_mask_top_k": "[0, inf)", "model.kv_heads": "[0, inf)", "model.intermediate": "[0, inf)",
     "model.vocab": "[0, inf)", "model.norm_eps": "(0, 1)", "model.block_size": "[0, inf)", "model.head_dim": "[0, inf)",
+    "model.rotary_dim": "[0, inf)", "model.moe_experts": "[0, inf)", "model.moe_top_k": "[0, inf)",
+    "model.moe_width": "[0, inf)", "model.moe_shared": "[0, inf)", "model.moe_groups": "[1, inf)",
+    "model.moe_top_groups": "[1, inf)", "model.moe_scale": "(0, inf)", "model.moe_dense_layers": "[0, inf)",
     "data.valid_fraction": "[0, 1)", "data.test_fraction": "[0, 1)", "data.length": "[3, inf)",
     "diffusion.schedule_eps": "[0, 1)", "diffusion.sigma_min": "(0, inf)", "diffusion.sigma_max": "(0, inf)",
     "diffusion.t_min": "[0, 1)", "diffusion.t_max": "(0, 1]",
@@ -654,8 +666,17 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads} (or set model.head_dim)")
     if m.head_size % 2:
         raise ConfigError(f"model head dimension {m.head_size} must be even for rotary embeddings")
-    if (m.head_dim or m.qk_norm) and m.backbone != "llama":
-        raise ConfigError(f"model.head_dim and model.qk_norm are settings of the llama backbone, not {m.backbone}")
+    if (m.head_dim or m.qk_norm or m.rotary_dim or m.moe_experts) and m.backbone != "llama":
+        raise ConfigError(f"model.head_dim, qk_norm, rotary_dim and moe_* are settings of the llama backbone, not "
+                          f"{m.backbone}")
+    if m.rotary_dim % 2 or m.rotary_dim > m.head_size:
+        raise ConfigError(f"model.rotary_dim={m.rotary_dim} must be even and at most the head width {m.head_size}")
+    if m.moe_experts and not (0 < m.moe_top_k <= m.moe_experts and m.moe_width > 0 and m.moe_experts % m.moe_groups == 0
+                              and m.moe_top_groups <= m.moe_groups
+                              and m.moe_top_k <= m.moe_top_groups * (m.moe_experts // m.moe_groups)):
+        raise ConfigError(f"model.moe_*: {m.moe_experts} experts in {m.moe_groups} groups, {m.moe_top_k} per token "
+                          f"from {m.moe_top_groups} groups, width {m.moe_width}: need 0 < top_k <= the experts of "
+                          f"the groups used, groups dividing the experts and a width > 0")
     if m.kv_heads and m.heads % m.kv_heads:
         raise ConfigError(f"model.heads={m.heads} is not a multiple of model.kv_heads={m.kv_heads} (each key/value "
                           f"head serves a whole group of query heads)")

@@ -73,18 +73,24 @@ class Layout:
     sample: tuple[tuple[str, object], ...] = ()  # the sample.* defaults the model's own repository uses
 
     def _compiled(self, forward: bool) -> list[tuple[re.Pattern, str]]:
+        """(pattern, target) per rename: ``{i}`` (the layer) and ``{e}`` (the expert) match numbers."""
         out = []
         for theirs, ours in self.renames:
             src, dst = (theirs, ours) if forward else (ours, theirs)
-            out.append((re.compile("^" + re.escape(src).replace(r"\{i\}", r"(\d+)") + "$"), dst))
+            pattern = re.sub(r"\\\{(\w)\\\}", r"(?P<\1>\\d+)", re.escape(src))
+            out.append((re.compile("^" + pattern + "$"), dst))
         return out
+
+    @staticmethod
+    def _filled(dst: str, m: re.Match) -> str:
+        return re.sub(r"\{(\w)\}", lambda slot: m.group(slot.group(1)), dst)
 
     def to_ours(self, key: str) -> str | None:
         """Our name of the checkpoint's parameter ``key`` (None: not a parameter of this layout)."""
         for pattern, dst in self._compiled(True):
             m = pattern.match(key)
             if m:
-                return dst.replace("{i}", m.group(1)) if m.groups() else dst
+                return self._filled(dst, m)
         return None
 
     def read(self, key: str, tensor: torch.Tensor, model: ModelConfig) -> list[tuple[str, torch.Tensor]] | None:
@@ -101,7 +107,7 @@ class Layout:
         for pattern, dst in self._compiled(False):
             m = pattern.match(key)
             if m:
-                return dst.replace("{i}", m.group(1)) if m.groups() else dst
+                return self._filled(dst, m)
         raise CheckpointError(f"parameter {key!r} has no name in the {self.name} layout")
 
 
@@ -183,6 +189,82 @@ def _sdar_json(m: ModelConfig) -> dict:
             "use_sliding_window": False}
 
 
+LLADA2_BLOCK = 32  # LLaDA2's configs state no block size; its generate's block_length default
+
+
+def _llada2_model(c: dict) -> dict:
+    """LLaDA2.0/2.1's ``config.json`` (Ling 2.0's MoE: ``model_type`` ``llada2_moe``, dllm's ``llada21_moe``),
+    transformers 4 or 5 (``rope_parameters``); the routing variants other than the one implemented are refused
+    by name."""
+    src = "LLaDA2 config.json"
+    _require(c, src, hidden_act=("silu",), use_qkv_bias=(False, None), use_bias=(False, None), norm_head=(False, None),
+             score_function=("sigmoid", None), moe_router_enable_expert_bias=(True, None), norm_topk_prob=(True, None),
+             router_dtype=("fp32", None), use_qk_norm=(True, False, None))
+    heads, hidden = _int(c, "num_attention_heads", src), _int(c, "hidden_size", src)
+    head_dim = _int(c, "head_dim", src, hidden // max(heads, 1))
+    params = c.get("rope_parameters") or {}
+    factor = _number(c, "partial_rotary_factor", src, params.get("partial_rotary_factor", 1.0), 0)
+    if factor > 1:
+        raise CheckpointError(f"{src}: partial_rotary_factor={factor} is above 1")
+    return dict(hidden=hidden, heads=heads, kv_heads=_int(c, "num_key_value_heads", src, heads) or heads,
+                head_dim=head_dim, qk_norm=bool(c.get("use_qk_norm", True)), rotary_dim=int(head_dim * factor),
+                blocks=_int(c, "num_hidden_layers", src), intermediate=_int(c, "intermediate_size", src),
+                vocab=_int(c, "vocab_size", src), length=_int(c, "max_position_embeddings", src),
+                rope_base=_rope_theta(c, src), norm_eps=_number(c, "rms_norm_eps", src, 1e-6, 0), qkv_bias=False,
+                tie_embeddings=bool(c.get("tie_word_embeddings", False)), logit_shift=False,
+                moe_experts=_int(c, "num_experts", src), moe_top_k=_int(c, "num_experts_per_tok", src),
+                moe_width=_int(c, "moe_intermediate_size", src), moe_shared=_int(c, "num_shared_experts", src, 0),
+                moe_groups=_int(c, "n_group", src, 1) or 1, moe_top_groups=_int(c, "topk_group", src, 1) or 1,
+                moe_scale=_number(c, "routed_scaling_factor", src, 1.0, 0),
+                moe_dense_layers=_int(c, "first_k_dense_replace", src, 0), block_size=LLADA2_BLOCK)
+
+
+def _llada2_json(m: ModelConfig) -> dict:
+    return {"architectures": ["LLaDA2MoeModelLM"], "hidden_size": m.hidden, "num_attention_heads": m.heads,
+            "num_key_value_heads": m.kv_heads or m.heads, "head_dim": m.head_size, "num_hidden_layers": m.blocks,
+            "intermediate_size": m.intermediate, "vocab_size": m.vocab, "max_position_embeddings": m.length,
+            "rope_theta": m.rope_base, "rope_scaling": None, "rms_norm_eps": m.norm_eps, "hidden_act": "silu",
+            "partial_rotary_factor": (m.rotary_dim or m.head_size) / m.head_size, "use_qk_norm": m.qk_norm,
+            "use_qkv_bias": False, "use_bias": False, "norm_head": False, "tie_word_embeddings": m.tie_embeddings,
+            "num_experts": m.moe_experts, "num_experts_per_tok": m.moe_top_k, "moe_intermediate_size": m.moe_width,
+            "num_shared_experts": m.moe_shared, "n_group": m.moe_groups, "topk_group": m.moe_top_groups,
+            "routed_scaling_factor": m.moe_scale, "first_k_dense_replace": m.moe_dense_layers,
+            "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "norm_topk_prob": True}
+
+
+def _llada2_unfuse(ours: str, tensor: torch.Tensor, m: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """LLaDA2's fused attention weight: the rows of every query head, then of every key head, then of every
+    value head (``head_dim`` rows each)."""
+    if not ours.endswith(".self_attn.qkv_proj.weight"):
+        return [(ours, tensor)]
+    kv, d = m.kv_heads or m.heads, m.head_size
+    if tensor.shape != ((m.heads + 2 * kv) * d, m.hidden):
+        raise CheckpointError(f"a fused attention weight of shape {tuple(tensor.shape)} does not fit {m.heads} heads "
+                              f"({kv} key/value heads) of {d}")
+    q, k, v = tensor.split([m.heads * d, kv * d, kv * d])
+    prefix = ours.removesuffix("qkv_proj.weight")
+    return [(prefix + "q_proj.weight", q), (prefix + "k_proj.weight", k), (prefix + "v_proj.weight", v)]
+
+
+def _llada2_fuse(state: dict[str, torch.Tensor], m: ModelConfig, mask_id: int) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_llada2_unfuse` on a whole state, every other tensor renamed."""
+    return _fused(state, "llada2", lambda q, k, v: torch.cat([q, k, v]))
+
+
+_LLADA2_NAMES = (
+    ("model.word_embeddings.weight", "model.embed_tokens.weight"), ("model.norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("model.layers.{i}.attention.query_key_value.weight", "model.layers.{i}.self_attn.qkv_proj.weight"),
+    ("model.layers.{i}.attention.dense.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("model.layers.{i}.attention.query_layernorm.weight", "model.layers.{i}.self_attn.q_norm.weight"),
+    ("model.layers.{i}.attention.key_layernorm.weight", "model.layers.{i}.self_attn.k_norm.weight"),
+    *((f"model.layers.{{i}}.{n}.weight",) * 2 for n in ("input_layernorm", "post_attention_layernorm", "mlp.gate")),
+    ("model.layers.{i}.mlp.gate.expert_bias",) * 2,
+    *((f"model.layers.{{i}}.mlp.{p}_proj.weight",) * 2 for p in ("gate", "up", "down")),
+    *((f"model.layers.{{i}}.mlp.experts.{{e}}.{p}_proj.weight",) * 2 for p in ("gate", "up", "down")),
+    *((f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight",) * 2 for p in ("gate", "up", "down")))
+
+
 def _llada_json(m: ModelConfig) -> dict:
     return {"architectures": ["LLaDAModelLM"], "d_model": m.hidden, "n_heads": m.heads,
             "n_kv_heads": m.kv_heads or m.heads, "n_layers": m.blocks, "mlp_hidden_size": m.intermediate,
@@ -245,23 +327,34 @@ _GPT2_NAMES = ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias",
                  for w in ("weight", "bias")))
 
 
-def _smdm_fuse(state: dict[str, torch.Tensor], m: ModelConfig, mask_id: int) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`_smdm_unfuse` on a whole state: q/k/v fused per key/value group, the output
-    layer without the mask's row (SMDM's head has one row fewer than its embedding)."""
-    kv, d = m.kv_heads or m.heads, m.hidden // m.heads
+def _fused(state: dict[str, torch.Tensor], layout: str, fuse,
+           other=lambda key, value: value) -> dict[str, torch.Tensor]:
+    """``state`` under ``layout``'s names, each layer's q/k/v weights made one by ``fuse(q, k, v)`` and every other
+    tensor passed through ``other(key, value)``."""
     out = {}
     for key, value in state.items():
         if key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
             continue
         if key.endswith("self_attn.q_proj.weight"):
             prefix = key.removesuffix("q_proj.weight")
-            q = value.view(kv, m.heads // kv, d, m.hidden)
-            k, v = (state[prefix + f"{n}_proj.weight"].view(kv, 1, d, m.hidden) for n in "kv")
-            key, value = prefix + "qkv_proj.weight", torch.cat([q, k, v], dim=1).reshape(-1, m.hidden)
-        elif key == "lm_head.weight":
-            value = value[:mask_id]
-        out[LAYOUTS["smdm"].to_theirs(key)] = value
+            key, value = prefix + "qkv_proj.weight", fuse(value, state[prefix + "k_proj.weight"],
+                                                          state[prefix + "v_proj.weight"])
+        else:
+            value = other(key, value)
+        out[LAYOUTS[layout].to_theirs(key)] = value
     return out
+
+
+def _smdm_fuse(state: dict[str, torch.Tensor], m: ModelConfig, mask_id: int) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_smdm_unfuse` on a whole state: q/k/v fused per key/value group, the output
+    layer without the mask's row (SMDM's head has one row fewer than its embedding)."""
+    kv, d = m.kv_heads or m.heads, m.hidden // m.heads
+
+    def fuse(q, k, v):
+        groups = [q.view(kv, m.heads // kv, d, m.hidden), k.view(kv, 1, d, m.hidden), v.view(kv, 1, d, m.hidden)]
+        return torch.cat(groups, dim=1).reshape(-1, m.hidden)
+
+    return _fused(state, "smdm", fuse, lambda key, value: value[:mask_id] if key == "lm_head.weight" else value)
 
 
 # SMDM's released sizes (lit_gpt/config.py, Diff_LLaMA_<size>M; the size counts non-embedding parameters):
@@ -326,6 +419,8 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
            _sdar_model, _sdar_json, family="bd3lm", qk_norm=True,
            sample=(("sampler", "sdar"), ("steps", 4), ("temperature", 1.0), ("strategy", "dynamic"),
                    ("threshold", 0.85), ("stop_at_eos", True))),
+    Layout("llada2", ("llada2_moe", "llada21_moe"), _LLADA2_NAMES, _llada2_model, _llada2_json,
+           convert=_llada2_unfuse, unconvert=_llada2_fuse, family="bd3lm", qk_norm=True),
     Layout("qwen2", ("qwen2",), _HF_NAMES, lambda c: _qwen2_model(c, shift=False, bias=True),
            _qwen2_json("Qwen2ForCausalLM"), causal=True),
     Layout("llama", ("llama",), _HF_NAMES, lambda c: _qwen2_model(c, shift=False), _qwen2_json("LlamaForCausalLM"),

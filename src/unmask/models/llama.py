@@ -9,6 +9,8 @@ Pre-norm blocks of RMSNorm (statistics in float32), grouped-query attention with
 then ``logits = lm_head(RMSNorm(x))``. Query head ``j`` uses key/value head ``floor(j / (heads /
 kv_heads))``; heads are ``model.head_dim`` wide (default ``hidden / heads``), and ``model.qk_norm`` puts an
 RMSNorm on each head's queries and keys before the rotary positions (Qwen3, SDAR: ``q_norm``, ``k_norm``).
+``model.rotary_dim`` turns only each head's leading features (LLaDA2's partial rotary); ``model.moe_*``
+replaces the MLP of the layers from ``model.moe_dense_layers`` on by a :class:`MoE` (LLaDA2, Ling 2.0).
 ``model.qkv_bias`` adds biases to q/k/v (Qwen2); ``model.tie_embeddings`` shares the
 embedding with the output layer; ``causal`` switches the attention pattern (bidirectional for
 masked diffusion). ``model.logit_shift`` (Dream, adapted from an autoregressive model): position
@@ -24,6 +26,8 @@ Shapes: ids (B, L) -> logits (B, L, V), or (N, V) at ``positions`` (see :func:`s
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -69,9 +73,10 @@ class Attention(nn.Module):
     positions (Qwen3, SDAR)."""
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: bool, qk_norm: bool = False,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, rotary_dim: int = 0):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.rotary_dim = rotary_dim or head_dim  # the leading features the rotary positions turn
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
@@ -90,9 +95,18 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos[:reads], sin[:reads]), apply_rotary(k, cos, sin)
+        q, k = self._rotate(q, cos[:reads], sin[:reads]), self._rotate(k, cos, sin)
         out = attend(q, k, v, causal, mask, cache, layer)
         return self.o_proj(out.transpose(1, 2).reshape(b, reads, -1))
+
+
+    def _rotate(self, x, cos, sin):
+        """Rotary positions on the first ``rotary_dim`` features of each head (rotate-half within them, LLaDA2's
+        partial rotary); the others pass unchanged."""
+        r = self.rotary_dim
+        if r == x.shape[-1]:
+            return apply_rotary(x, cos, sin)
+        return torch.cat([apply_rotary(x[..., :r], cos, sin), x[..., r:]], dim=-1)
 
 
 class MLP(nn.Module):
@@ -109,16 +123,96 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nn.Module):
-    """A pre-norm Llama block: attention and SwiGLU MLP, each after its RMSNorm and added to the residual."""
+class Routing(NamedTuple):
+    """A router's decision for N tokens: its ``logits`` (N, E) float32, the ``index`` (N, k) of each token's
+    experts and their ``weight`` (N, k) float32."""
 
-    def __init__(self, cfg: ModelConfig, intermediate: int):
+    logits: torch.Tensor
+    index: torch.Tensor
+    weight: torch.Tensor
+
+
+class Router(nn.Module):
+    """LLaDA2's (Ling 2.0's) router: scores ``s = sigmoid(h W^T)`` in float32; the selection adds the learned
+    ``expert_bias`` (a buffer, for selection only), keeps the ``top_groups`` best of ``groups`` groups of
+    consecutive experts (a group scores the sum of its two best biased scores) and takes the ``top_k`` best
+    biased scores among them; the weights are the chosen experts' unbiased ``s``, normalised to sum 1 (when
+    ``top_k > 1``) and multiplied by ``scale`` (DeepSeek-V3's auxiliary-loss-free routing, Liu et al. 2024)."""
+
+    def __init__(self, hidden: int, experts: int, top_k: int, groups: int, top_groups: int, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(experts, hidden))
+        nn.init.normal_(self.weight, std=0.02)
+        self.register_buffer("expert_bias", torch.zeros(experts))
+        self.top_k, self.groups, self.top_groups, self.scale = top_k, groups, top_groups, scale
+
+    def forward(self, h: torch.Tensor) -> Routing:
+        """Tokens (N, H) -> their :class:`Routing`."""
+        with torch.autocast(h.device.type, enabled=False):
+            logits = h.float() @ self.weight.float().t()
+        scores = logits.sigmoid()
+        biased = scores + self.expert_bias.float()
+        n, experts = biased.shape
+        if self.top_groups < self.groups:
+            per_group = biased.view(n, self.groups, experts // self.groups)
+            group_score = per_group.topk(min(2, per_group.shape[-1]), dim=-1).values.sum(-1)
+            kept = torch.zeros_like(group_score, dtype=torch.bool).scatter_(
+                1, group_score.topk(self.top_groups, dim=-1).indices, True)
+            biased = biased.masked_fill(~kept.repeat_interleave(experts // self.groups, dim=1), float("-inf"))
+        index = biased.topk(self.top_k, dim=-1).indices
+        weight = scores.gather(1, index)
+        if self.top_k > 1:
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(logits, index, weight * self.scale)
+
+
+class MoE(nn.Module):
+    """A mixture of SwiGLU experts: each token passes the ``top_k`` routed experts its :class:`Router` picks,
+    weighted, plus the shared experts (one MLP ``shared`` experts wide). The experts run batched: the
+    (token, expert) pairs are grouped by expert, each expert evaluates its tokens in one call, and the
+    weighted outputs are summed in float32."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg.hidden, cfg.moe_experts, cfg.moe_top_k, cfg.moe_groups, cfg.moe_top_groups,
+                           cfg.moe_scale)
+        self.experts = nn.ModuleList(MLP(cfg.hidden, cfg.moe_width) for _ in range(cfg.moe_experts))
+        self.shared_experts = MLP(cfg.hidden, cfg.moe_width * cfg.moe_shared) if cfg.moe_shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) -> (B, L, H)."""
+        flat = x.reshape(-1, x.shape[-1])
+        routing = self.gate(flat)
+        k = routing.index.shape[1]
+        expert = routing.index.flatten()
+        order = expert.argsort(stable=True)
+        token = torch.arange(len(flat), device=x.device).repeat_interleave(k)[order]
+        weight = routing.weight.flatten()[order]
+        counts = torch.bincount(expert, minlength=len(self.experts)).tolist()
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                rows = token[start:start + count]
+                out.index_add_(0, rows, self.experts[e](flat[rows]).float() * weight[start:start + count, None])
+                start += count
+        out = out.to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view_as(x)
+
+
+class Block(nn.Module):
+    """A pre-norm Llama block: attention and SwiGLU MLP (or a :class:`MoE`), each after its RMSNorm and added to
+    the residual."""
+
+    def __init__(self, cfg: ModelConfig, intermediate: int, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.self_attn = Attention(cfg.hidden, cfg.heads, cfg.kv_heads or cfg.heads, cfg.head_size, cfg.qkv_bias,
-                                   cfg.qk_norm, cfg.norm_eps)
+                                   cfg.qk_norm, cfg.norm_eps, cfg.rotary_dim)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.mlp = MLP(cfg.hidden, intermediate)
+        self.mlp = MoE(cfg) if cfg.moe_experts and layer >= cfg.moe_dense_layers else MLP(cfg.hidden, intermediate)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rotary, causal, mask=None, cache=None, layer=0, read=None):
@@ -135,7 +229,7 @@ class Body(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, intermediate: int):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden)
-        self.layers = nn.ModuleList(Block(cfg, intermediate) for _ in range(cfg.blocks))
+        self.layers = nn.ModuleList(Block(cfg, intermediate, i) for i in range(cfg.blocks))
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
 
 
@@ -160,7 +254,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden, self.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary_emb = Rotary(cfg.head_size, cfg.rope_base, cfg.length, persistent=False)
+        self.rotary_emb = Rotary(cfg.rotary_dim or cfg.head_size, cfg.rope_base, cfg.length, persistent=False)
         self.apply(normal_init)
 
     @property

@@ -36,7 +36,8 @@ BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     BackboneSpec("dit", DiT, DDiTBlock,
                  {"attention": [r"blocks\.\d+\.attn_(qkv|out)"], "mlp": [r"blocks\.\d+\.mlp\.[02]"]}, 21.0),
     BackboneSpec("llama", llama.Transformer, llama.Block,
-                 {"attention": [r".*\.self_attn\.[qkvo]_proj"], "mlp": [r".*\.mlp\.(gate|up|down)_proj"]}, 25.0),
+                 {"attention": [r".*\.self_attn\.[qkvo]_proj"],
+                  "mlp": [r".*\.mlp\.((experts\.\d+|shared_experts)\.)?(gate|up|down)_proj"]}, 25.0),
     BackboneSpec("gpt2", gpt2.GPT2, gpt2.Block,
                  {"attention": [r".*\.attn\.c_(attn|proj)"], "mlp": [r".*\.mlp\.c_(fc|proj)"]}, 19.0),
 )}
