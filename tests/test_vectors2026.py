@@ -243,3 +243,80 @@ def test_llada2_forward_with_its_block_mask_and_bidirectional(tmp_path):
                 V2026.assert_matches(value, expected, "llada2_forward", f"{run}.{name}")
             else:
                 V2026.assert_matches(value, t, "llada2_forward", f"{run}.{name}")
+
+
+class RecordedCalls:
+    """The input ids of every call of ``model`` and, for the calls that return logits, the logits."""
+
+    def __init__(self, model):
+        self.inputs, self.outputs = [], []
+        self.hooks = [model.register_forward_pre_hook(lambda m, args: self.inputs.append(args[0].clone())),
+                      model.register_forward_hook(lambda m, args, out: self.outputs.append(out.detach().clone()))]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("run", V2026.run_params("llada2_generate"))
+def test_llada2_official_generate_call_by_call(tmp_path, run):
+    """LLaDA2.1's ``generate`` (threshold commits and token-to-token edits: the ``llada2`` sampler) and
+    LLaDA2.0's (the same rule as SDAR's dynamic strategy at temperature 0: the ``sdar`` sampler) in block
+    diffusion without a cache, as the references call the model (the window of every block so far): the final
+    canvas, the output cut after its first EOS, the NFE, every call's window, every step's block before and
+    after, its commits and edits, and the logits of the block; then with the exact block cache, the same
+    tokens and NFE."""
+    t, meta = V2026.vectors("llada2_generate")
+    spec = next(r for r in meta["runs"] if r["name"] == run)
+    kw = spec["kwargs"]
+    lm = from_pretrained(released_folder(tmp_path, "llada2_generate", "llada2"))
+    assert (kw["mask_id"], kw["eos_id"]) == (lm.tokenizer.mask_id, lm.tokenizer.eos_id)
+    prompt, block = t[f"{run}.prompt"], kw["block_length"]
+    total = -(-(prompt.shape[1] + kw["gen_length"]) // block) * block  # README section 7: whole blocks
+    canvas = torch.cat([prompt, torch.full((1, total - prompt.shape[1]), kw["mask_id"])], dim=1)
+    v21 = "LLaDA2.1" in spec["function"]
+    assert v21 or "LLaDA2.0" in spec["function"]
+    decoding = (dict(sampler="llada2", edit_threshold=kw["editing_threshold"], max_post_steps=kw["max_post_steps"])
+                if v21 else dict(sampler="sdar", strategy="dynamic", steps=kw["steps"]))
+    results = {}
+    for cached in (False, True):
+        cfg = SampleConfig(**decoding, threshold=kw["threshold"], temperature=kw["temperature"], block_size=block,
+                           kv_cache=cached)
+        sampler = make_sampler(cfg, lm.objective, lm.tokenizer, lm.config.model.length)
+        if f"{run}.exponential" in t:
+            drawn = [0]
+            sampler.inner.streams = lambda seeds: ExponentialDraws(seeds, t[f"{run}.exponential"], drawn)
+        frames = []
+        with RecordedCalls(lm.model) as calls:
+            results[cached] = sampler.sample(lm.model, canvas, torch.zeros(1, dtype=torch.long),
+                                             on_step=lambda x: frames.append(x.clone()))
+        if not cached:
+            uncached_calls, uncached_frames = calls, frames
+    result = results[False]
+    assert torch.equal(result.tokens, t[f"{run}.final_canvas"]) and result.nfe == int(t[f"{run}.nfe"]) == spec["nfe"]
+    generated = result.tokens[0, prompt.shape[1]:prompt.shape[1] + kw["gen_length"]]
+    eos = (generated == kw["eos_id"]).nonzero()
+    assert torch.equal(generated[:int(eos[0]) + 1] if len(eos) else generated, t[f"{run}.output"][0])
+    assert torch.equal(results[True].tokens, result.tokens) and results[True].nfe == result.nfe
+    calls = uncached_calls
+    assert [c.shape[1] for c in calls.inputs] == t[f"{run}.call_lengths"].tolist()
+    assert torch.equal(torch.cat(calls.inputs, dim=1), t[f"{run}.call_input_ids_flat"])
+    previous, edits = canvas, 0
+    for s, (window, out, now) in enumerate(zip(calls.inputs, calls.outputs, uncached_frames, strict=True)):
+        where = slice(window.shape[1] - block, window.shape[1])
+        before, after = previous[:, where], now[:, where]
+        assert torch.equal(before, t[f"{run}.step_block_before"][s]) and torch.equal(after, t[f"{run}.step_block_after"][s])
+        unmasked = (before == kw["mask_id"]) & (after != kw["mask_id"])
+        edited = (before != kw["mask_id"]) & (after != before)
+        assert torch.equal(unmasked, t[f"{run}.step_unmasked"][s].bool()), f"step {s}"
+        assert torch.equal(edited, t[f"{run}.step_edited"][s].bool()), f"step {s}"
+        edits += int(edited.sum())
+        read = (canvas[:, where] == kw["mask_id"]) if v21 else (before == kw["mask_id"])
+        expected = t[f"{run}.block_logits"][s][read]
+        assert float((out[:len(expected)].double() - expected.double()).abs().max()) <= \
+            V2026.atol("llada2_generate", "block_logits"), f"step {s}: logits"
+        previous = now
+    assert edits == spec["edits"]

@@ -92,6 +92,21 @@ def sample_exponential_race_float32(weights: torch.Tensor, u: torch.Tensor) -> t
     return top_index(weights.to(torch.float32) / -torch.log(u))
 
 
+def drawn_candidates(logits: torch.Tensor, streams: RowStreams, rows: torch.Tensor, counter: int, cols: torch.Tensor,
+                     temperature: float, top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, confidence) at N positions from their logits (N, V), as ``torch.multinomial`` draws them in SDAR's and
+    LLaDA2's samplers: ``x0 = argmax(p / q)`` over the tempered, top-k/top-p filtered distribution ``p``, with
+    ``q = -log u`` an Exp(1) draw per (row, ``counter``, position) and vocabulary entry, and confidence ``p(x0)``;
+    temperature 0: the argmax, its confidence under the untempered distribution."""
+    if temperature == 0:
+        probs = logits.double().softmax(-1)
+        x0 = top_index(logits)
+    else:
+        probs = categorical_probs(logits, temperature, top_k, top_p)
+        x0 = top_index(probs / -torch.log(streams.uniforms(rows, counter, cols, probs.shape[-1])))
+    return x0, probs.gather(-1, x0[:, None])[:, 0]
+
+
 class RowStreams:
     """Per-row random streams: draw ``counter`` of row ``r`` at ``index`` is
     ``rng.uniform(seed_r, counter, index)``."""

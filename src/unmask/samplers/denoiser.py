@@ -12,8 +12,8 @@ from ..models.softmask import SoftFeedback
 from ..objectives.base import unwrap
 from ..objectives.guidance import guided_logits, unconditional_input
 from ..objectives.mdlm import MaskedDiffusion
-from .base import DrawSettings, SamplingError, check_knobs
-from .engine import Chunk, Denoise, Sampler
+from .base import DrawSettings, RowStreams, SamplingError, check_knobs
+from .engine import Chunk, Decoding, Denoise, Sampler
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
 BLOCK_CACHES = ("none", "prefix", "dual")  # Fast-dLLM's approximate KV caches of block decoding
@@ -143,6 +143,27 @@ class DiffusionSampler(Sampler):
     def denoiser(self, model, canvas: torch.Tensor) -> Denoiser:
         """A :class:`Denoiser` of ``model`` for ``canvas`` with this sampler's soft-mask and guidance settings."""
         return Denoiser(model, self.diffusion, canvas, self.soft_mask, self.guidance, self.guidance_schedule)
+
+
+class MultinomialSampler(DiffusionSampler):
+    """A diffusion sampler whose candidates are multinomial draws, as ``torch.multinomial`` makes them in SDAR's and
+    LLaDA2's code (:func:`~unmask.samplers.base.drawn_candidates`, an exponential race in float64), from per-row
+    streams (``streams``: a test can give the reference's recorded draws instead); subclasses write ``_decode``."""
+
+    def __init__(self, diffusion: MaskedDiffusion, **knobs):
+        super().__init__(diffusion, **knobs)
+        if self.precision != "float64":
+            raise SamplingError(f"the {type(self).__name__} draws by an exponential race in float64: "
+                                f"precision=float32 does not apply")
+        self.streams = RowStreams
+
+    def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
+        """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring."""
+        self.check(canvas, seeds)
+        return self._decode(canvas, self.streams(seeds), self.denoiser(model, canvas))
+
+    def _decode(self, canvas: torch.Tensor, streams: RowStreams, denoise) -> Decoding:
+        raise NotImplementedError
 
 
 def block_cache_start(model, canvas: torch.Tensor, mask_id: int, block_cache: str) -> int:

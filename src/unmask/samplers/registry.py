@@ -30,6 +30,7 @@ from .engine import Sampler
 from .first_hitting import FirstHittingSampler, FirstHittingSettings
 from .insertion import InsertionSampler, InsertionSettings
 from .llada import LLaDASampler, LLaDASettings
+from .llada2 import LLaDA2Sampler, LLaDA2Settings
 from .sdar import SDARSampler, SDARSettings
 from .semi_ar import SemiAutoregressiveSampler, WindowSettings
 
@@ -101,6 +102,9 @@ for _spec in (
                 lambda s, objective, tok: SDARSampler(objective, **values(s)),
                 "SDAR's decoding in each block: multinomial draws, dynamic/static low-confidence or sequential "
                 "commits on a fixed schedule"),
+    SamplerSpec("llada2", "diffusion", LLaDA2Settings,
+                lambda s, objective, tok: LLaDA2Sampler(objective, **values(s)),
+                "LLaDA2.1's decoding in each block: threshold commits and token-to-token edits, then verification"),
     SamplerSpec("ar", "ar", AutoregressiveSettings,
                 lambda s, objective, tok: AutoregressiveSampler(tok.bos_id, tok.mask_id, **values(s)),
                 "left to right with a KV cache (autoregressive models)"),

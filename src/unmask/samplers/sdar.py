@@ -9,8 +9,8 @@ from typing import ClassVar
 import torch
 
 from ..objectives.mdlm import MaskedDiffusion
-from .base import PURPOSES, TOKEN, RowStreams, SamplingError, categorical_probs, choose_per_row, spread, top_index
-from .denoiser import DenoiseSettings, DiffusionSampler
+from .base import PURPOSES, TOKEN, RowStreams, SamplingError, choose_per_row, drawn_candidates, spread
+from .denoiser import DenoiseSettings, MultinomialSampler
 from .engine import Decoding, Frame, Outcome
 
 STRATEGIES = ("dynamic", "static", "sequential")
@@ -34,7 +34,7 @@ class SDARSettings(DenoiseSettings):
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"strategy": STRATEGIES}
 
 
-class SDARSampler(DiffusionSampler):
+class SDARSampler(MultinomialSampler):
     """SDAR's sampler for the positions of one block (the inner sampler of
     :class:`~unmask.samplers.block_diffusion.BlockDiffusionSampler`, which gives it each block's canvas).
     Step ``s`` of ``steps`` commits ``n_s`` of the block's masked positions (:func:`schedule` of the block
@@ -50,8 +50,10 @@ class SDARSampler(DiffusionSampler):
     A block ends when it has no masked position left. Where fewer positions are masked than ``n_s`` (a block
     holding the end of the prompt), all of them are committed: SDAR's own code then also overwrites prompt
     tokens with draws (``torch.topk`` over positions of confidence -inf), which unmask does not reproduce.
-    As SDAR, the draw is made even at a low temperature (temperature 0: the argmax, a limit SDAR's code
-    cannot take), and the mask token is not excluded from it (SDAR's models give it no mass). Its
+    As SDAR, the draw is made even at a low temperature (temperature 0: the argmax with its untempered
+    probability as confidence, a limit SDAR's code cannot take; :func:`~unmask.samplers.base.drawn_candidates`),
+    and the mask token is not excluded from it (SDAR's models give it no mass). With ``dynamic`` and
+    temperature 0 this is also LLaDA2.0's ``generate`` (its threshold rule with a per-step floor). Its
     ``entropy_bounded`` strategy is not offered: SDAR's code for it fails before committing anything. Per-row
     random streams keyed by (row seed, step, position): rows are batch-invariant.
     """
@@ -65,25 +67,7 @@ class SDARSampler(DiffusionSampler):
         if not 0 <= threshold <= 1:
             raise SamplingError(f"threshold must lie in [0, 1], got {threshold}")
         super().__init__(diffusion, **knobs)
-        if self.precision != "float64":
-            raise SamplingError("the sdar sampler draws by an exponential race in float64: precision=float32 does "
-                                "not apply")
         self.steps, self.strategy, self.threshold = steps, strategy, threshold
-        self.streams = RowStreams  # the per-row random streams (a test can give recorded draws instead)
-
-    def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
-        """Check ``canvas`` (B, L), one block, and ``seeds`` (B,) and return the decoding of the class docstring."""
-        self.check(canvas, seeds)
-        return self._decode(canvas, self.streams(seeds), self.denoiser(model, canvas))
-
-    def candidates(self, logits: torch.Tensor, streams: RowStreams, rows: torch.Tensor, step: int,
-                   cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, confidence) at N positions from their logits (N, V): ``x0 = argmax(p / q)`` with
-        ``q = -log u`` per (row, step, position) and vocabulary entry, confidence ``p(x0)``."""
-        probs = categorical_probs(logits, self.temperature, self.top_k, self.top_p)
-        u = streams.uniforms(rows, step * PURPOSES + TOKEN, cols, probs.shape[-1])
-        x0 = top_index(probs / -torch.log(u))
-        return x0, probs.gather(-1, x0[:, None])[:, 0]
 
     def _decode(self, canvas: torch.Tensor, streams: RowStreams, denoise) -> Decoding:
         x = canvas.clone()
@@ -99,7 +83,8 @@ class SDARSampler(DiffusionSampler):
             logits = yield denoise(x[rows], t, todo[rows], rows)
             row_nfe[rows.cpu()] += 1
             where = todo[rows].nonzero()
-            x0, p = self.candidates(logits, streams, rows[where[:, 0]], step, where[:, 1])
+            x0, p = drawn_candidates(logits, streams, rows[where[:, 0]], step * PURPOSES + TOKEN, where[:, 1],
+                                     self.temperature, self.top_k, self.top_p)
             shape = todo[rows].shape
             confidence = spread(p, where, shape, float("-inf"))
             counts = todo[rows].sum(dim=1).clamp(max=count)
