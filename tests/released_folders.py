@@ -353,12 +353,23 @@ DREAM_TINY = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads"
               "eos_token_id": 37, "pad_token_id": 37, "bos_token_id": 38, "rope_scaling": None}
 
 
+SDAR_TINY = {**DREAM_TINY, "head_dim": 16, "block_size": 4, "attention_bias": False, "max_position_embeddings": 128}
+LLADA2_TINY = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+               "num_hidden_layers": 2, "intermediate_size": 64, "vocab_size": 40, "max_position_embeddings": 128,
+               "rope_theta": 600000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False,
+               "partial_rotary_factor": 0.5, "use_qk_norm": True, "num_experts": 4, "num_experts_per_tok": 2,
+               "moe_intermediate_size": 16, "num_shared_experts": 1, "n_group": 2, "topk_group": 1,
+               "routed_scaling_factor": 2.5, "first_k_dense_replace": 1, "mask_token_id": 39, "eos_token_id": 37,
+               "pad_token_id": 37, "bos_token_id": 38}
+TINY_CONFIGS = {"llada": LLADA_TINY, "dream": DREAM_TINY, "sdar": SDAR_TINY, "llada2": LLADA2_TINY}
+
+
 def random_folder(folder: Path, layout: str, seed: int = 0, shards: int = 2,
                   special_ids: tuple[int, int, int] | None = None) -> Path:
-    """A random tiny model of ``layout`` (``llada`` or ``dream``) written in the released layout;
-    ``special_ids`` (EOS = PAD, BOS, mask) places the special tokens ``<|eot|>``, ``<|start|>`` and
+    """A random tiny model of ``layout`` (``llada``, ``dream``, ``sdar`` or ``llada2``) written in the released
+    layout; ``special_ids`` (EOS = PAD, BOS, mask) places the special tokens ``<|eot|>``, ``<|start|>`` and
     ``<|mdm_mask|>`` (default: the config's, the last three of the 40 ids)."""
-    config = dict(LLADA_TINY if layout == "llada" else DREAM_TINY)
+    config = dict(TINY_CONFIGS[layout])
     if special_ids is not None:
         eos, bos, mask = special_ids
         config.update(eos_token_id=eos, pad_token_id=eos, bos_token_id=bos, mask_token_id=mask)
@@ -368,7 +379,9 @@ def random_folder(folder: Path, layout: str, seed: int = 0, shards: int = 2,
     with torch.no_grad():  # away from the 0.02 init, so that outputs differ between positions
         for p in model.parameters():
             p.normal_(0, 0.3)
-    state = {LAYOUTS[layout].to_theirs(k): v for k, v in model.state_dict().items()}
+    lay = LAYOUTS[layout]
+    state = lay.unconvert(model.state_dict(), cfg, config["mask_token_id"]) if lay.unconvert else \
+        {lay.to_theirs(k): v for k, v in model.state_dict().items()}
     return write_folder(folder, layout, config, state, shards=shards,
                         specials={config["eos_token_id"]: "<|eot|>", config["bos_token_id"]: "<|start|>",
                                   config["mask_token_id"]: "<|mdm_mask|>"})

@@ -8,10 +8,14 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +28,7 @@ from unmask.pipeline import from_pretrained
 from unmask.samplers.base import SamplingError
 
 from released_folders import hf_causal_folder, random_folder
+from runs import free_port
 
 httpx = pytest.importorskip("httpx")
 from unmask.serve.app import running_server  # noqa: E402
@@ -32,12 +37,13 @@ from unmask.serve.service import ModelService  # noqa: E402
 # EOS = PAD, BOS and the mask inside the 40 ids (the words w36 .. w39 follow them, the prompts and texts below
 # use w1 .. w30): no command may take the mask or the special tokens to be the last ids
 SPECIALS_INSIDE = (33, 34, 35)
+DIFFUSION_LAYOUTS = ("llada", "dream", "sdar", "llada2")  # each with its own decoding as the folder's default
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("released")
-    return {layout: random_folder(root / layout, layout, special_ids=SPECIALS_INSIDE) for layout in ("llada", "dream")}
+    return {layout: random_folder(root / layout, layout, special_ids=SPECIALS_INSIDE) for layout in DIFFUSION_LAYOUTS}
 
 
 def unmask(*args) -> Run:
@@ -55,7 +61,8 @@ class Run:
     stderr: str
 
 
-@pytest.mark.parametrize("layout, sampler", [("llada", "llada"), ("dream", "dream"), ("llada", "first_hitting")])
+@pytest.mark.parametrize("layout, sampler", [*((layout, layout) for layout in DIFFUSION_LAYOUTS),
+                                             ("llada", "first_hitting")])
 def test_unmask_sample_on_a_released_folder(folders, layout, sampler):
     out = unmask("sample", folders[layout], "--prompt", "w1 w2 w3", "--prompt", "w4", f"sample.sampler={sampler}",
                  "sample.length=24", "sample.num_samples=2", "sample.steps=16", "sample.block_length=8")
@@ -64,7 +71,7 @@ def test_unmask_sample_on_a_released_folder(folders, layout, sampler):
     assert len(texts) == 4 and texts[0].startswith("w1 w2 w3") and texts[2].startswith("w4")
 
 
-@pytest.mark.parametrize("layout", ["llada", "dream"])
+@pytest.mark.parametrize("layout", DIFFUSION_LAYOUTS)
 def test_ragged_batches_give_each_row_what_it_gets_alone(folders, layout):
     """Rows of different prompt lengths in one batch, each with its own stream: batching changes nothing."""
     lm = from_pretrained(folders[layout])
@@ -75,7 +82,7 @@ def test_ragged_batches_give_each_row_what_it_gets_alone(folders, layout):
     assert len(set(map(tuple, batched.ids))) == 6  # temperature 1: the rows differ from each other
 
 
-@pytest.mark.parametrize("layout", ["llada", "dream"])
+@pytest.mark.parametrize("layout", DIFFUSION_LAYOUTS)
 def test_unmask_eval_scores_a_text_file(folders, tmp_path, layout):
     corpus = tmp_path / "words.txt"
     corpus.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 30 + 1}" for j in range(20)) for i in range(40)))
@@ -96,7 +103,7 @@ def test_chat_template_renders_in_the_sandbox():
         render_chat("x", [{"role": "root", "content": "hi"}])
 
 
-@pytest.fixture(scope="module", params=["llada", "dream"])
+@pytest.fixture(scope="module", params=DIFFUSION_LAYOUTS)
 def server(folders, request):
     service = ModelService(from_pretrained(folders[request.param]))
     with running_server(service) as url:
@@ -111,7 +118,11 @@ def test_serve_completions_use_the_models_own_sampler(server):
                    timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["unmask"]["sampler"] == layout and body["choices"][0]["nfe"] <= 8
+    # block models decode whole blocks: at most the steps per block or one call per position, and a verification
+    size, prompt = service.run.model.block_size, body["usage"]["prompt_tokens"]
+    blocks = -(-(prompt + 8) // size) if size else 1
+    bound = max(8 * blocks, blocks * size - prompt) + blocks if size else 8
+    assert body["unmask"]["sampler"] == layout and body["choices"][0]["nfe"] <= bound
     assert body["usage"]["completion_tokens"] == 8
 
 
@@ -439,3 +450,64 @@ def test_convert_refuses_a_vocabulary_the_weights_do_not_have(tmp_path):
     errors = [line for line in out.stderr.splitlines() if "unmask: error:" in line]
     assert out.returncode == 2 and len(errors) == 1 and "has shape (48, 32)" in errors[0], out.stderr[-1500:]
     assert not (tmp_path / "out").exists()
+
+
+FINE_TUNE = ["family=bd3lm", "model.block_size=4", "train.steps=2", "train.batch_size=4", "train.log_every=1",
+             "train.progress=false", "train.threads=1", "data.dataset=text", "data.documents=line", "data.length=16",
+             "data.layout=pad"]
+
+
+def word_lines(path: Path) -> Path:
+    path.write_text("\n".join(" ".join(f"w{(i * 5 + j) % 30 + 1}" for j in range(12)) for i in range(40)))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["sdar", "llada2"])
+def test_a_block_diffusion_folder_fine_tunes_with_lora_and_exports_back(folders, tmp_path, layout):
+    """LoRA on every linear layer of an SDAR or LLaDA2 folder (LLaDA2: its routed and shared experts too), as a
+    bd3lm run with the architecture taken from the folder; the run samples, and exports back to its layout
+    with the adapters merged, read back with the run's logits."""
+    corpus, run = word_lines(tmp_path / "words.txt"), tmp_path / "run"
+    out = unmask("train", *FINE_TUNE, f"data.path={corpus}", f"run_dir={run}", f"train.init_from={folders[layout]}",
+                 "adapter.kind=lora", "adapter.rank=4", "adapter.targets=[attention,mlp]")
+    assert out.returncode == 0, out.stderr
+    assert unmask("sample", run, "--prompt", "w1 w2", "sample.length=12", "sample.num_samples=1").returncode == 0
+    exported = unmask("export", run, tmp_path / "out", "--to", layout)
+    assert exported.returncode == 0, exported.stderr
+    ids = torch.randint(0, 30, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(from_pretrained(tmp_path / "out").model(ids), from_pretrained(run).model(ids), atol=1e-5)
+
+
+def test_a_moe_folder_fine_tunes_with_fsdp_on_two_processes(folders, tmp_path):
+    """LLaDA2's mixture of experts trained with FSDP2 on two gloo processes (each expert sharded with its block),
+    from the folder's weights; the run samples."""
+    corpus, run = word_lines(tmp_path / "words.txt"), tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "unmask", "train", *FINE_TUNE,
+           f"data.path={corpus}", f"run_dir={run}", f"train.init_from={folders['llada2']}", "train.parallel=fsdp"]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert unmask("sample", run, "--prompt", "w1 w2", "sample.length=12", "sample.num_samples=1").returncode == 0
+
+
+BAD_VARIANTS = {  # a released folder's config edited -> the words of the one-line error
+    ("llada2", "score_function"): ({"score_function": "softmax"}, "score_function='softmax' is not supported"),
+    ("llada2", "norm_topk_prob"): ({"norm_topk_prob": False}, "norm_topk_prob=False is not supported"),
+    ("llada2", "rope_scaling"): ({"rope_scaling": {"type": "yarn", "factor": 4}}, "rope_scaling="),
+    ("llada2", "experts"): ({"num_experts": 6}, "model.layers.1.mlp.gate.weight"),
+    ("llada2", "groups"): ({"n_group": 3}, "model.moe_*"),
+    ("sdar", "sliding window"): ({"use_sliding_window": True}, "use_sliding_window=True is not supported"),
+    ("sdar", "head_dim"): ({"head_dim": 12}, "has shape"),
+    ("sdar", "no mask"): ({"mask_token_id": None}, "states the mask token"),
+}
+
+
+@pytest.mark.parametrize("layout, case", BAD_VARIANTS, ids=[f"{a}-{b}" for a, b in BAD_VARIANTS])
+def test_an_unknown_variant_or_a_mismatch_is_one_line_naming_the_field(folders, tmp_path, layout, case):
+    changes, words = BAD_VARIANTS[layout, case]
+    folder = tmp_path / layout
+    shutil.copytree(folders[layout], folder)
+    _config(folder, **changes)
+    out = unmask("sample", folder, "--prompt", "w1", "sample.length=8", "sample.num_samples=1")
+    assert out.returncode == 2 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

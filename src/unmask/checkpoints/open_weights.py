@@ -644,12 +644,12 @@ def read_open_weights(folder: Path, meta: dict, root: Path | None = None) -> Ope
         model = layout.model(meta)
     except CheckpointError as exc:
         raise CheckpointError(f"{folder}: {exc}") from None
-    if model["vocab"] < tokenizer.vocab_size - int(tokenizer.appended_mask and layout.causal):
-        raise CheckpointError(f"{folder}: the model has {model['vocab']} embedding rows but the tokenizer "
-                              f"{tokenizer.vocab_size} ids")
     if not layout.causal and tokenizer.appended_mask:
         raise CheckpointError(f"{folder}: neither config.json (mask_token_id) nor tokenizer_config.json (mask_token) "
                               f"states the mask token")
+    if model["vocab"] < tokenizer.vocab_size - int(tokenizer.appended_mask and layout.causal):
+        raise CheckpointError(f"{folder}: the model has {model['vocab']} embedding rows but the tokenizer "
+                              f"{tokenizer.vocab_size} ids")
     tree = {"family": layout.family or ("ar" if layout.causal else "mdlm"),
             "model": {"backbone": "llama", **model, "dropout": 0.0},
             "data": {"tokenizer": "hf", "tokenizer_path": str(folder), "length": min(model["length"], 256),

@@ -172,7 +172,9 @@ def train(cfg: RunConfig, fresh: bool = False) -> Path:
 
 # the model.* keys that fix the shapes of the weights (the rest: dropout, length, ... may differ from a source)
 ARCHITECTURE = ("backbone", "hidden", "blocks", "heads", "kv_heads", "intermediate", "vocab", "cond_dim", "norm_eps",
-                "qkv_bias", "tie_embeddings", "logit_shift", "rope_base")
+                "qkv_bias", "tie_embeddings", "logit_shift", "rope_base", "head_dim", "qk_norm", "rotary_dim",
+                "moe_experts", "moe_top_k", "moe_width", "moe_shared", "moe_groups", "moe_top_groups", "moe_scale",
+                "moe_dense_layers")
 
 
 def with_source_architecture(cfg: RunConfig) -> RunConfig:
