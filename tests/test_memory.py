@@ -51,6 +51,9 @@ def measured_step(cfg, tokenizer) -> int:
     # parameters dominate: the optimizer step is the peak
     ("mdlm", "dit", ["model.hidden=512", "train.batch_size=1", "data.length=16"]),
     ("ar", "llama", ["model.hidden=512", "train.batch_size=1", "data.length=16"]),
+    # LLaDA2's mixture of experts (a dense first layer, 8 experts of which 2 per token and a shared one)
+    ("mdlm", "llama", ["model.moe_experts=8", "model.moe_top_k=2", "model.moe_width=128", "model.moe_shared=1",
+                       "model.moe_groups=4", "model.moe_top_groups=2", "model.moe_dense_layers=1"]),
 ])
 def test_the_plan_is_within_15_percent_of_the_measured_peak(one_thread, family, backbone, extra):
     cfg = load_config(None, [f"family={family}", f"model.backbone={backbone}", "model.hidden=192", "model.heads=4",
@@ -111,3 +114,16 @@ def test_a_plan_of_absurd_depth_is_arithmetic_and_an_impossible_one_is_one_line(
     assert main(["plan", "quickstart", "model.hidden=1000000000"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot be built" in err, err
+
+
+def test_a_mixture_of_experts_counts_its_dense_layers_and_the_parameters_a_token_uses():
+    moe = ["model.backbone=llama", "model.hidden=64", "model.heads=4", "model.blocks=5", "model.intermediate=96",
+           "model.moe_experts=8", "model.moe_top_k=2", "model.moe_width=16", "model.moe_shared=1", "model.moe_groups=4",
+           "model.moe_top_groups=2", "model.moe_dense_layers=2"]
+    cfg = load_config(None, moe)
+    tokenizer = CharTokenizer("abcdefgh")
+    model = build_model(cfg, tokenizer)
+    shape = model_shape(cfg, tokenizer)
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for layer in model.model.layers[2:] for p in layer.mlp.experts.parameters())
+    assert shape.parameters == total and shape.active == total - routed * 6 // 8

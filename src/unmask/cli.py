@@ -373,6 +373,10 @@ def cmd_plan(args) -> int:
     cfg, tokenizer = planning_inputs(cfg)
     vocab = tokenizer.vocab_size
     settings = compared_settings(cfg) if args.compare else {"as configured": cfg}
+    if cfg.model.moe_experts:
+        shape = model_shape(cfg, tokenizer)
+        print(f"mixture of experts: {shape.parameters / 1e9:,.2f}B parameters, {shape.active / 1e9:,.2f}B active per "
+              f"token (bf16 weights for inference: {2 * shape.parameters / 1e9:,.1f} GB)")
     for world in args.world:
         plans = {name: plan_memory(c, model_shape(c, tokenizer), vocab, world, args.device)
                  for name, c in settings.items()}

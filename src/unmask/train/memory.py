@@ -99,6 +99,7 @@ class NetworkShape:
     blocks: int
     block_parameters: int
     largest_trainable: int
+    active: int = 0  # the parameters a token passes through (a mixture of experts: the routed experts it uses)
 
 
 def _built_shape(cfg: RunConfig, tokenizer, blocks: int) -> torch.nn.Module:
@@ -117,20 +118,29 @@ def _built_shape(cfg: RunConfig, tokenizer, blocks: int) -> torch.nn.Module:
 def model_shape(cfg: RunConfig, tokenizer) -> NetworkShape:
     """The :class:`NetworkShape` of the run's network (with its adapters when it has some) in O(1): the
     network is built on the meta device with one and with two blocks, and the counts of ``model.blocks``
-    blocks follow exactly, since every block is the same (``P(n) = P(1) + (n - 1) (P(2) - P(1))``); a
-    billion blocks costs what two do."""
-    n = cfg.model.blocks
-    one, two = _built_shape(cfg, tokenizer, 1), _built_shape(cfg, tokenizer, 2)
+    blocks follow exactly, since every block is the same (``P(n) = P(1) + (n - 1) (P(2) - P(1))``; with a
+    mixture of experts after ``model.moe_dense_layers`` dense ones, from those layers plus one and two); a
+    billion blocks costs what two do. ``active``: the parameters one token passes through."""
+    m = cfg.model
+    n = m.blocks
+    first = min(m.moe_dense_layers, n - 1) if m.moe_experts else 0  # the dense layers before the experts'
+    one, two = _built_shape(cfg, tokenizer, first + 1), _built_shape(cfg, tokenizer, first + 2)
 
     def grown(count) -> int:
-        return count(one) + (n - 1) * (count(two) - count(one))
+        return count(one) + (n - first - 1) * (count(two) - count(one))
 
-    return NetworkShape(parameters=grown(lambda model: sum(p.numel() for p in model.parameters())),
+    def idle(model) -> int:  # the routed experts a token does not use
+        experts = [b.mlp.experts for b in transformer_blocks(model) if hasattr(b.mlp, "experts")]
+        return sum(sum(p.numel() for p in group.parameters()) * (1 - m.moe_top_k / len(group)) for group in experts)
+
+    parameters = grown(lambda model: sum(p.numel() for p in model.parameters()))
+    return NetworkShape(parameters=parameters,
                         trainable=grown(lambda model: sum(p.numel() for p in model.parameters() if p.requires_grad)),
                         blocks=grown(lambda model: len(transformer_blocks(model))),
                         block_parameters=max((sum(p.numel() for p in b.parameters()) for b in transformer_blocks(two)),
                                              default=0),
-                        largest_trainable=max((p.numel() for p in two.parameters() if p.requires_grad), default=0))
+                        largest_trainable=max((p.numel() for p in two.parameters() if p.requires_grad), default=0),
+                        active=parameters - round(grown(idle)))
 
 
 CPU_LOSS_SHARE = 2.2 / 3.2  # of the 3.2 floats per token and vocabulary entry of an AR loss, 1 is not kept on CPU
