@@ -320,3 +320,61 @@ def test_llada2_official_generate_call_by_call(tmp_path, run):
             V2026.atol("llada2_generate", "block_logits"), f"step {s}: logits"
         previous = now
     assert edits == spec["edits"]
+
+
+class RecordedDraws(RowStreams):
+    """The reference's Exp(1) draws [call, B, block, V] of a decoding of the whole batch, one slab per call with
+    draws in call order (rows index the batch)."""
+
+    def __init__(self, seeds, slabs: torch.Tensor, counter: list[int]):
+        super().__init__(seeds)
+        self.slabs, self.counter = slabs, counter
+
+    def uniforms(self, rows, counter, index, n):
+        slab = self.slabs[self.counter[0]]
+        self.counter[0] += 1
+        return torch.exp(-slab[rows, index].double())
+
+
+@pytest.mark.parametrize("run", V2026.run_params("llada2_diffusers_generate"))
+def test_llada2_diffusers_pipeline_call_by_call(tmp_path, run):
+    """diffusers' LLaDA2Pipeline with its BlockRefinementScheduler (README section 8; a folder with the
+    transformers-5 config of the file, ``rope_parameters``): the output, the NFE, every call's window and
+    whether it attended causally (the pipeline's 2-D mask with zeros), every step's block before it and the
+    block's logits; the first step of a sampled run uses the reference's own draws."""
+    t, meta = V2026.vectors("llada2_diffusers_generate")
+    spec = next(r for r in meta["runs"] if r["name"] == run)
+    kw = spec["kwargs"]
+    lm = from_pretrained(released_folder(tmp_path, "llada2_diffusers_generate", "llada2"))
+    assert (kw["mask_token_id"], kw["eos_token_id"]) == (lm.tokenizer.mask_id, lm.tokenizer.eos_id)
+    assert kw["eos_early_stop"] and kw["output_type"] == "seq"
+    prompt, block, gen = t[f"{run}.prompt"], kw["block_length"], kw["gen_length"]
+    canvas = torch.cat([prompt, torch.full((len(prompt), gen), kw["mask_token_id"])], dim=1)
+    edit = kw["editing_threshold"] if kw["editing_threshold"] is not None else 1.0
+    cfg = SampleConfig(sampler="llada2_pipeline", steps=kw["num_inference_steps"], block_length=block,
+                       threshold=kw["threshold"], edit_threshold=edit, max_post_steps=kw.get("max_post_steps", 16),
+                       temperature=kw["temperature"])
+    sampler = make_sampler(cfg, lm.objective, lm.tokenizer, lm.config.model.length)
+    assert sampler.coupled
+    if f"{run}.exponential" in t:
+        drawn = [0]
+        sampler.streams = lambda seeds: RecordedDraws(seeds, t[f"{run}.exponential"], drawn)
+    causal = []
+    hook = lm.model.register_forward_pre_hook(lambda m, args, kwargs: causal.append("layout" in kwargs),
+                                              with_kwargs=True)
+    try:
+        with RecordedCalls(lm.model) as calls:
+            result = sampler.sample(lm.model, canvas, torch.zeros(len(prompt), dtype=torch.long))
+    finally:
+        hook.remove()
+    assert torch.equal(result.tokens[:, prompt.shape[1]:], t[f"{run}.output"])
+    assert result.nfe == int(t[f"{run}.nfe"]) == spec["nfe"]
+    assert [c.shape[1] for c in calls.inputs] == t[f"{run}.call_lengths"].tolist()
+    assert torch.equal(torch.cat(calls.inputs, dim=1), t[f"{run}.call_input_ids_flat"])
+    masks = t[f"{run}.call_attention_mask_flat"].split(t[f"{run}.call_lengths"].tolist(), dim=1)
+    assert causal == [not bool(m.all()) for m in masks]
+    for s, (window, out) in enumerate(zip(calls.inputs, calls.outputs, strict=True)):
+        where = slice(window.shape[1] - block, window.shape[1])
+        assert torch.equal(window[:, where], t[f"{run}.step_block_before"][s]), f"step {s}"
+        V2026.assert_matches(out.view(len(prompt), block, -1), {f"{run}.block_logits": t[f"{run}.block_logits"][s]},
+                             "llada2_diffusers_generate", f"{run}.block_logits")

@@ -143,6 +143,7 @@ class Sampler:
     """
 
     mask_id: int
+    coupled = False  # True: the rows of a canvas are decoded together (a reference's literal mode), not alone
 
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         """Check the request and return its decoding; ``model`` is read (its kind, its caches' shapes),

@@ -31,6 +31,7 @@ from .first_hitting import FirstHittingSampler, FirstHittingSettings
 from .insertion import InsertionSampler, InsertionSettings
 from .llada import LLaDASampler, LLaDASettings
 from .llada2 import LLaDA2Sampler, LLaDA2Settings
+from .llada2_pipeline import LLaDA2PipelineSampler, LLaDA2PipelineSettings
 from .sdar import SDARSampler, SDARSettings
 from .semi_ar import SemiAutoregressiveSampler, WindowSettings
 
@@ -48,6 +49,7 @@ class SamplerSpec:
     settings: type
     build: Callable[[Any, Objective, Tokenizer], Sampler]  # (settings, objective, tokenizer) -> sampler
     summary: str
+    whole_canvas: bool = False  # it cuts the canvas into blocks itself: never wrapped (block diffusion, windows)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -105,6 +107,10 @@ for _spec in (
     SamplerSpec("llada2", "diffusion", LLaDA2Settings,
                 lambda s, objective, tok: LLaDA2Sampler(objective, **values(s)),
                 "LLaDA2.1's decoding in each block: threshold commits and token-to-token edits, then verification"),
+    SamplerSpec("llada2_pipeline", "diffusion", LLaDA2PipelineSettings,
+                lambda s, objective, tok: LLaDA2PipelineSampler(objective, eos_id=tok.eos_id, **values(s)),
+                "diffusers' LLaDA2 pipeline call for call (bidirectional windows; rows decoded together: not "
+                "batch-invariant)", whole_canvas=True),
     SamplerSpec("ar", "ar", AutoregressiveSettings,
                 lambda s, objective, tok: AutoregressiveSampler(tok.bos_id, tok.mask_id, **values(s)),
                 "left to right with a KV cache (autoregressive models)"),
@@ -161,7 +167,7 @@ def make_sampler(cfg: SampleConfig, objective: Objective, tokenizer: Tokenizer, 
         raise SamplingError(f"unknown key sample.{unknown[0]}")
     wrapper, wrapper_settings = (BLOCKS, BlockSettings) if family.blocks else (WINDOWS, WindowSettings)
     read = set(spec.keys)
-    if spec.decoding == "diffusion":
+    if spec.decoding == "diffusion" and not spec.whole_canvas:
         read |= {f.name for f in dataclasses.fields(wrapper_settings)}
     unused = [key for key, value in cfg.settings.items() if SAMPLE_KEYS[key].switch and key not in read
               and value != SAMPLE_KEYS[key].default]
@@ -169,7 +175,7 @@ def make_sampler(cfg: SampleConfig, objective: Objective, tokenizer: Tokenizer, 
         where = f"a {family.description} model" if family.blocks else f"the '{name}' sampler"
         raise SamplingError(f"sample.{unused[0]} does not apply to {where} (its keys: {', '.join(sorted(read))})")
     inner = spec.build(read_settings(spec.settings, cfg, name), objective, tokenizer)
-    if spec.decoding != "diffusion":
+    if spec.decoding != "diffusion" or spec.whole_canvas:
         return inner
     outer = read_settings(wrapper_settings, cfg, wrapper)
     eos = tokenizer.eos_id if outer.stop_at_eos else None
