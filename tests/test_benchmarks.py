@@ -48,28 +48,63 @@ def test_every_benchmark_script_runs_its_smoke_mode(script, tmp_path):
 
 @pytest.mark.slow
 def test_reference_peers_against_the_references_themselves(tmp_path):
-    """``reference_peers.py --smoke`` with real checkouts (its own smoke test uses a stand-in reference):
-    ``UNMASK_FAST_DLLM`` and ``UNMASK_LLADA`` name them, ``UNMASK_REFERENCE_PYTHON`` their environment
-    (transformers 4.49), and ``UNMASK_BD3LMS`` (optional) bd3lms' (lightning, hydra-core, omegaconf there). Every
-    case at a tiny shape: tokens equal on both sides, or for bd3lms' sampled cases equal NFE."""
-    fast_dllm, llada = os.environ.get("UNMASK_FAST_DLLM"), os.environ.get("UNMASK_LLADA")
-    if not (fast_dllm and llada):
-        pytest.skip("no reference checkouts: set UNMASK_FAST_DLLM and UNMASK_LLADA (and UNMASK_REFERENCE_PYTHON, "
-                    "UNMASK_BD3LMS)")
-    python = os.environ.get("UNMASK_REFERENCE_PYTHON", sys.executable)
-    cases = "llada,fast-dllm-thr0.9,fast-dllm-prefix,fast-dllm-dual,dream,dream-block-dual"
-    bd3lms = os.environ.get("UNMASK_BD3LMS")
-    flags = ["--bd3lms", bd3lms, "--cases", cases + ",bd3lm,mdlm"] if bd3lms else ["--cases", cases]
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "reference_peers.py"), "--smoke", "--fast-dllm", fast_dllm,
-                           "--llada", llada, "--reference-python", python, *flags],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    """``reference_peers.py --smoke`` with real checkouts (its own smoke test uses a stand-in reference), each
+    group optional: ``UNMASK_FAST_DLLM`` and ``UNMASK_LLADA`` name them, ``UNMASK_REFERENCE_PYTHON`` their
+    environment (transformers 4.49); ``UNMASK_BD3LMS`` bd3lms' (lightning, hydra-core, omegaconf in that
+    environment); ``UNMASK_SDAR`` SDAR's with ``UNMASK_SDAR_PYTHON`` (transformers 4.52.4, einops) and
+    ``UNMASK_DLLM`` dllm's with ``UNMASK_DLLM_PYTHON`` (transformers 4.57). Every case of the checkouts given at
+    a tiny shape: tokens equal on both sides, for bd3lms' sampled cases equal NFE, for SDAR's (sampled, the
+    reference's draws replayed by unmask's warm-up) equal tokens and NFE."""
+    env = os.environ.get
+    flags, cases, rows = ["--reference-python", env("UNMASK_REFERENCE_PYTHON", sys.executable)], [], {}
+    if env("UNMASK_FAST_DLLM") and env("UNMASK_LLADA"):
+        flags += ["--fast-dllm", env("UNMASK_FAST_DLLM"), "--llada", env("UNMASK_LLADA")]
+        cases += ["llada", "fast-dllm-thr0.9", "fast-dllm-prefix", "fast-dllm-dual", "dream", "dream-block-dual"]
+        rows["tokens equal"] = 8  # llada and dream at two batch sizes
+    if env("UNMASK_BD3LMS"):
+        flags += ["--bd3lms", env("UNMASK_BD3LMS")]
+        cases += ["bd3lm", "mdlm"]
+        rows["sampled, NFE equal"] = 2
+    if env("UNMASK_SDAR"):
+        flags += ["--sdar", env("UNMASK_SDAR"), "--sdar-python", env("UNMASK_SDAR_PYTHON", sys.executable)]
+        cases.append("sdar")
+        rows["sampled, tokens equal"] = 1
+    if env("UNMASK_DLLM"):
+        flags += ["--dllm", env("UNMASK_DLLM"), "--dllm-python", env("UNMASK_DLLM_PYTHON", sys.executable)]
+        cases.append("llada2")
+        rows["tokens equal"] = rows.get("tokens equal", 0) + 1
+    if not cases:
+        pytest.skip("no reference checkouts: set UNMASK_FAST_DLLM and UNMASK_LLADA (and UNMASK_REFERENCE_PYTHON), "
+                    "UNMASK_BD3LMS, UNMASK_SDAR (and UNMASK_SDAR_PYTHON) or UNMASK_DLLM (and UNMASK_DLLM_PYTHON)")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "reference_peers.py"), "--smoke", *flags,
+                           "--cases", ",".join(cases)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    equal = [row for row in rows if "| tokens equal |" in row]
-    sampled = [row for row in rows if "| sampled, NFE equal |" in row]
-    assert len(equal) == 8 and len(sampled) == (2 if bd3lms else 0) and len(rows) == len(equal) + len(sampled), \
-        proc.stdout
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    found = {label: sum(f"| {label} |" in row for row in table) for label in rows}
+    assert found == rows and len(table) == sum(rows.values()), proc.stdout
+
+
+def test_reference_peers_replays_the_draws_of_torch_multinomial(monkeypatch):
+    """reference_peers' sdar case compares sampled tokens because unmask's warm-up draws what SDAR's
+    ``generate`` draws: ``torch.multinomial`` over a block's (block, V) probabilities after
+    ``torch.manual_seed(0)`` is ``argmax(p / q)`` with ``q`` one ``exponential_`` slab per call, which
+    ``TorchMultinomialDraws`` gives unmask's sampler (as uniforms ``exp(-q)``), whichever positions it reads."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import reference_peers
+
+    block, vocab = 4, 50
+    probs = torch.rand(3, block, vocab, generator=torch.Generator().manual_seed(1)).pow(4).softmax(-1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        expected = [torch.multinomial(p, num_samples=1)[:, 0] for p in probs]
+    draws = reference_peers.TorchMultinomialDraws(torch.zeros(1, dtype=torch.long), torch.Generator().manual_seed(0),
+                                                  block)
+    for p, want, where in zip(probs, expected, (torch.arange(block), torch.tensor([1, 3]), torch.tensor([2]))):
+        u = draws.uniforms(torch.zeros(len(where), dtype=torch.long), 0, where, vocab)
+        assert torch.equal((p[where].double() / -torch.log(u)).argmax(-1), want[where])
 
 
 def test_perf_counts_the_flops_of_a_training_step(monkeypatch):

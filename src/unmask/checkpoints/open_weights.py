@@ -186,7 +186,7 @@ def _sdar_model(c: dict) -> dict:
 
 def _sdar_json(m: ModelConfig) -> dict:
     return {**_qwen2_json("SDARForCausalLM")(m), "head_dim": m.head_size, "block_size": m.block_size,
-            "use_sliding_window": False}
+            "use_sliding_window": False, "fuse_cross_entropy": False}  # SDAR's forward reads it even in eval
 
 
 LLADA2_BLOCK = 32  # LLaDA2's configs state no block size; its generate's block_length default
