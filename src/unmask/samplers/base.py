@@ -225,13 +225,15 @@ def choose_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return (ranks_in_row(scores) < counts[:, None]) & (scores > float("-inf"))
 
 
-def stop_at_eos(x: torch.Tensor, free: torch.Tensor, done: torch.Tensor, end: int, eos_id: int, pad_id: int) -> None:
-    """Rows not yet ``done`` whose generated positions (``free``) before ``end`` hold an EOS stop: their
-    generated positions after the first such EOS become PAD and ``done`` is set (in place)."""
+def stop_at_eos(x: torch.Tensor, free: torch.Tensor, done: torch.Tensor, end: int, eos_id: int,
+                pad_id: int | None) -> None:
+    """Rows not yet ``done`` whose generated positions (``free``) before ``end`` hold an EOS stop: ``done`` is set
+    (in place) and their generated positions after the first such EOS become PAD (``pad_id`` None: they are left
+    as they are)."""
     hit = free & (x == eos_id)
     hit[:, end:] = False
     stopped = hit.any(dim=1) & ~done
-    for r in stopped.nonzero()[:, 0].tolist():
+    for r in stopped.nonzero()[:, 0].tolist() if pad_id is not None else []:
         tail = free[r].clone()
         tail[:int(hit[r].nonzero()[0]) + 1] = False
         x[r, tail] = pad_id

@@ -77,7 +77,8 @@ class BlockDiffusionSampler(Sampler):
 
     def _decode(self, canvas: torch.Tensor, seeds: torch.Tensor, limit: int) -> Decoding:
         length = canvas.shape[1]
-        fill = -length % self.block_size if length + (-length % self.block_size) <= limit else 0
+        fill = -length % self.block_size  # the last block filled up, where the model's length allows
+        fill = fill if length + fill <= limit else 0
         canvas = torch.cat([canvas, canvas.new_full((len(canvas), fill), self.mask_id)], dim=1)
         b, n = canvas.shape
         x, free = canvas.clone(), canvas == self.mask_id
@@ -106,9 +107,5 @@ class BlockDiffusionSampler(Sampler):
                 committed = end
             row_nfe[alive.cpu()] += context.extra_calls
             if self.eos_id is not None:
-                if self.after_stop == "pad":
-                    stop_at_eos(x, free, done, end, self.eos_id, self.pad_id)
-                else:
-                    hit = free[:, :end] & (x[:, :end] == self.eos_id)
-                    done |= hit.any(dim=1)
+                stop_at_eos(x, free, done, end, self.eos_id, self.pad_id if self.after_stop == "pad" else None)
         return Outcome(x[:, :length], row_nfe)

@@ -83,7 +83,7 @@ class LLaDA2Sampler(MultinomialSampler):
             change = commit | edit
             old[change] = candidate[change]
             x[rows] = old
-            going[rows] &= ~(~masked.any(dim=1) & ~edit.any(dim=1))
+            going[rows] &= masked.any(dim=1) | edit.any(dim=1)  # a verification that edits nothing ends the block
             call += 1
             yield Frame(x)
         return Outcome(x, row_nfe)
