@@ -23,7 +23,7 @@ def test_the_python_example_runs_as_written(page, tmp_path, monkeypatch, capsys)
     exec(compile(block, page, "exec"), {})
     out = capsys.readouterr().out
     assert re.search(r"^test bound: \d+\.\d+ bits/char$", out, re.M), out
-    assert "['ar', 'bd3lm', 'classifier', 'ilm', 'mdlm']" in out and "'first_hitting'" in out
+    assert "['ar', 'bd3lm', 'classifier', 'ilm', 'mdlm', 'udlm']" in out and "'first_hitting'" in out
     assert (tmp_path / "runs" / "api" / "checkpoints" / "step_00000020").is_dir()
     exported = unmask.from_pretrained(tmp_path / "runs" / "api-export")
     assert exported.config.family == "mdlm"
@@ -49,7 +49,7 @@ def test_the_command_makes_openmp_wait_passively_unless_the_user_chose(preset, f
 def test_public_names():
     for name in unmask.__all__:
         assert getattr(unmask, name) is not None, name
-    assert set(unmask.FAMILIES) == {"mdlm", "bd3lm", "ar", "ilm", "classifier"}
+    assert set(unmask.FAMILIES) == {"mdlm", "bd3lm", "ar", "ilm", "classifier", "udlm"}
     assert {spec.default_sampler for spec in unmask.FAMILIES.values()} - {None} <= set(unmask.SAMPLERS)
 
 

@@ -242,3 +242,49 @@ def test_autoregressive_loss_is_teacher_forced_nll_of_every_counted_token():
     only_prefix[:, -1] = False
     with torch.no_grad():
         assert torch.allclose(objective.loss(model, x0, only_prefix), objective.loss(model, x1, only_prefix))
+
+
+# --- uniform-noise diffusion (UDLM's bound) -----------------------------------------------------------------------
+
+def _udlm_paper_form(p_theta, x0, zt, alpha, alpha_prime):
+    """UDLM's continuous-time integrand as the paper writes it (Schiff et al. 2024, section 4), float64:
+    alpha'/(N alpha) [N/xbar_i - N/xbar_theta_i - sum_j (xbar_j/xbar_i) log(xbar_theta_i xbar_j / (xbar_theta_j xbar_i))]."""
+    n = p_theta.shape[-1]
+    onehot = torch.nn.functional.one_hot(x0, n).double()
+    xbar = n * alpha[:, None] * onehot + (1 - alpha[:, None])
+    xbar_theta = n * alpha[:, None] * p_theta + (1 - alpha[:, None])
+    i = zt[:, None]
+    xi, xti = xbar.gather(1, i), xbar_theta.gather(1, i)
+    inner = (xbar / xi * torch.log(xti * xbar / (xbar_theta * xi))).sum(1)
+    return alpha_prime / (n * alpha) * (n / xi[:, 0] - n / xti[:, 0] - inner)
+
+
+def test_the_uniform_noise_bound_matches_the_papers_form_and_its_closed_forms():
+    from unmask.objectives.uniform import uniform_nelbo_integrand
+
+    g = torch.Generator().manual_seed(0)
+    n, count = 5, 400
+    logits = torch.randn(count, n, generator=g, dtype=torch.float64) * 2
+    x0, zt = torch.randint(0, n, (count,), generator=g), torch.randint(0, n, (count,), generator=g)
+    alpha = torch.rand(count, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    ours = uniform_nelbo_integrand(logits.log_softmax(-1), x0, zt, alpha, -torch.ones(count, dtype=torch.float64))
+    paper = _udlm_paper_form(logits.softmax(-1), x0, zt, alpha, -torch.ones(count, dtype=torch.float64))
+    assert torch.allclose(ours, paper, rtol=1e-8, atol=1e-12) and bool((ours >= 0).all())
+    # a model that knows the clean token pays nothing
+    perfect = torch.nn.functional.one_hot(x0, n).double().clamp_min(1e-300).log()
+    assert float(uniform_nelbo_integrand(perfect, x0, zt, alpha, -torch.ones(count, dtype=torch.float64)).abs().max()) < 1e-12
+    # a uniform model: the bound is exact, log N (alpha = 1 - t; E over z_t enumerated, t by Gauss-Legendre on
+    # geometric pieces of [0, 1]: the integrand has a log(1/t) singularity at 0)
+    nodes, w = np.polynomial.legendre.leggauss(40)
+    edges = [0.0] + [10.0 ** -k for k in range(16, -1, -1)]
+    t = torch.tensor(np.concatenate([lo + (hi - lo) * (nodes + 1) / 2 for lo, hi in zip(edges, edges[1:])]))
+    weights = np.concatenate([(hi - lo) * w for lo, hi in zip(edges, edges[1:])])
+    total = 0.0
+    for x in range(n):
+        for z in range(n):
+            a = 1 - t
+            q = a * (z == x) + (1 - a) / n  # q_t(z | x)
+            f = uniform_nelbo_integrand(torch.full((len(t), n), -math.log(n), dtype=torch.float64),
+                                        torch.full((len(t),), x), torch.full((len(t),), z), a, -torch.ones_like(t))
+            total += float((torch.tensor(weights / 2) * q * f).sum()) / n
+    assert abs(total - math.log(n)) < 1e-9

@@ -378,3 +378,139 @@ def test_llada2_diffusers_pipeline_call_by_call(tmp_path, run):
         assert torch.equal(window[:, where], t[f"{run}.step_block_before"][s]), f"step {s}"
         V2026.assert_matches(out.view(len(prompt), block, -1), {f"{run}.block_logits": t[f"{run}.block_logits"][s]},
                              "llada2_diffusers_generate", f"{run}.block_logits")
+
+
+# --- DiffusionGemma ------------------------------------------------------------------------------------------
+
+def gemma_folder(tmp_path: Path, name: str) -> Path:
+    """The DiffusionGemma of vector file ``name`` as a released folder (its config nests the text model's fields
+    and token ids in ``text_config``; the image ids lie outside the text vocabulary, so the tokenizer has only
+    the text's special tokens)."""
+    source = weights_of(name)
+    w, _ = V2026.vectors(source)
+    state = {k.removeprefix("state."): v for k, v in w.items() if k.startswith("state.")}
+    return write_folder(tmp_path / f"diffusiongemma-{name}", "diffusiongemma", V2026.oracle(name)["config"], state)
+
+
+def test_diffusiongemma_forward_encoder_and_decoder_with_and_without_self_conditioning(tmp_path):
+    t, meta = V2026.vectors("diffusiongemma_forward")
+    config, text = meta["config"], meta["config"]["text_config"]
+    lm = from_pretrained(gemma_folder(tmp_path, "diffusiongemma_forward"))
+    model, layers = lm.model, text["num_hidden_layers"]
+    assert lm.config.family == "udlm" and lm.config.model.block_size == config["canvas_length"]
+    assert lm.tokenizer.eos_id == text["eos_token_id"] and lm.tokenizer.pad_id == text["pad_token_id"]
+    kinds = [(layer.self_attn.head_dim, layer.self_attn.kv_heads,
+              "sliding_attention" if layer.self_attn.sliding else "full_attention") for layer in model.layers]
+    assert kinds == [(v["head_dim"], v["num_key_value_heads"], v["layer_type"])
+                     for _, v in sorted(meta["per_layer_resolved"].items(), key=lambda kv: int(kv[0]))]
+    ids, canvas = t["input_ids"], t["decoder_input_ids"]
+    for run in meta["runs"]:
+        conditioning = run["kwargs"]["self_conditioning_logits"]
+        run = run["name"]
+        with torch.no_grad():
+            cache = model.new_encoder_cache(len(ids), ids.device)
+            encoded = model.encode(ids, cache)
+            routed = {f"enc.router_topk_index.{i}": layer.routing for i, layer in enumerate(model.layers)}
+            hidden = []
+            logits = model.decode(canvas, cache, t[conditioning] if conditioning else None, hidden=hidden)
+            routed.update({f"dec.router_topk_index.{i}": layer.routing for i, layer in enumerate(model.layers)})
+            embedded = model.embed(canvas)
+            pre_softcap = (hidden[-1] @ model.embed_tokens.weight.t()).float()  # the final norm times the tied E^T
+        assert len(encoded) == len(hidden) == layers + 2
+        for i, (enc, dec) in enumerate(zip(encoded, hidden)):
+            V2026.assert_matches(enc, t, "diffusiongemma_forward", f"{run}.enc.hidden_states.{i}")
+            V2026.assert_matches(dec, t, "diffusiongemma_forward", f"{run}.dec.hidden_states.{i}")
+        V2026.assert_matches(embedded, t, "diffusiongemma_forward", f"{run}.dec.token_embeddings")
+        V2026.assert_matches(logits, t, "diffusiongemma_forward", f"{run}.logits")
+        V2026.assert_matches(pre_softcap, t, "diffusiongemma_forward", f"{run}.logits_pre_softcap")
+        cap = lm.config.model.softcap
+        assert cap == text["final_logit_softcapping"] and torch.allclose(logits, cap * torch.tanh(pre_softcap / cap))
+        for name, (index, weight) in routed.items():  # the experts of each token as a set, with their weights
+            stored = t[f"{run}.{name}"].view(-1, index.shape[1])
+            assert torch.equal(index.sort(1).values, stored.sort(1).values), f"{run}.{name}"
+            weights = f"{run}.{name.replace('index', 'weight')}"
+            expected = {weights: t[weights].view(-1, index.shape[1]).gather(1, stored.argsort(1))}
+            V2026.assert_matches(weight.gather(1, index.argsort(1)), expected, "diffusiongemma_forward", weights)
+
+
+class GemmaDraws(RowStreams):
+    """The reference's recorded draws, in the order they are made: ``canvas_init`` (one slab per canvas) and
+    ``step_renoise_uniform`` (one per step) as integers, ``step_exponential`` (one per step) as Exp(1) draws ``q``
+    returned as uniforms ``exp(-q)``; each indexed by batch row and position."""
+
+    def __init__(self, seeds, t: dict[str, torch.Tensor], run: str, steps: int):
+        super().__init__(seeds)
+        self.t, self.run, self.steps = t, run, steps
+        self.taken = {"canvas_init": 0, "step_renoise_uniform": 0, "step_exponential": 0}
+
+    def _next(self, name: str) -> torch.Tensor:
+        slab = self.t[f"{self.run}.{name}"][self.taken[name]]
+        self.taken[name] += 1
+        return slab
+
+    def integers(self, rows, counter, index, high):
+        assert high == self.t[f"{self.run}.step_exponential"].shape[-1]
+        first = (counter // PURPOSES) % (self.steps + 1) == 0  # draw 0 of a canvas: its initial noise
+        return self._next("canvas_init" if first else "step_renoise_uniform")[rows, index]
+
+    def uniforms(self, rows, counter, index, n):
+        assert counter % PURPOSES == TOKEN
+        return torch.exp(-self._next("step_exponential")[rows, index].double())
+
+
+@pytest.mark.parametrize("run", V2026.run_params("diffusiongemma_generate"))
+def test_diffusiongemma_generate_step_by_step(tmp_path, run):
+    t, meta = V2026.vectors("diffusiongemma_generate")
+    kw = next(r for r in meta["runs"] if r["name"] == run)["kwargs"]
+    lm = from_pretrained(gemma_folder(tmp_path, "diffusiongemma_generate"))
+    assert (kw["eos_token_id"], kw["pad_token_id"]) == (lm.tokenizer.eos_id, lm.tokenizer.pad_id)
+    prompt = t[f"{run}.prompt"]
+    size = lm.config.model.block_size  # the reference generates whole canvases (README section 5): so does the canvas
+    canvas = torch.cat([prompt, torch.full((len(prompt), -(-kw["max_new_tokens"] // size) * size), lm.tokenizer.mask_id)],
+                       dim=1)
+    adaptive = kw["stability_threshold"] is not None and kw["confidence_threshold"] is not None
+    cfg = SampleConfig(sampler="entropy_bound", steps=kw["max_denoising_steps"],
+                       entropy_bound=kw["sampler_config"]["entropy_bound"], temperature_max=kw["t_max"],
+                       temperature_min=kw["t_min"], stable_steps=kw["stability_threshold"] or 0,
+                       stop_entropy=kw["confidence_threshold"] if adaptive else 0.0)
+    sampler = make_sampler(cfg, lm.objective, lm.tokenizer, lm.config.model.length)
+    draws = []
+    sampler.streams = lambda seeds: draws.append(GemmaDraws(seeds, t, run, kw["max_denoising_steps"])) or draws[-1]
+    model, encoded, steps = lm.model, [], []
+    encode, decode = model.encode, model.decode
+
+    def recorded_encode(ids, cache, valid=None):
+        starts = cache.length[valid.any(1)].unique()  # the rows still generating continue at one position
+        assert len(starts) == 1
+        encoded.append((ids[:, :int(valid.sum(1).max())].clone(), int(starts)))
+        return encode(ids, cache, valid)
+
+    def recorded_decode(x, cache, self_conditioning=None, rows=None, hidden=None):
+        s = len(steps)
+        forced = t[f"{run}.step_logits"][s - 1] / t[f"{run}.step_temperature"][s - 1] if self_conditioning is not None \
+            else None  # teacher-forced: the reference's own previous tempered logits (rows still denoising)
+        out = decode(x, cache, self_conditioning, rows, hidden)
+        teacher = decode(x, cache, None if forced is None else forced[rows], rows)
+        steps.append((x.clone(), rows.clone(), int(cache.length[rows].min()), teacher))
+        return out
+
+    model.encode, model.decode = recorded_encode, recorded_decode
+    result = sampler.sample(model, canvas, torch.zeros(len(canvas), dtype=torch.long))
+    expected = t[f"{run}.output"]
+    assert torch.equal(result.tokens, expected)
+    assert result.nfe == int(t[f"{run}.nfe"]) == len(steps)
+    assert torch.equal(result.tokens_per_forward, t[f"{run}.tokens_per_forward"].float())
+    # the encoder calls: the prompt, then each appended canvas, at the positions that follow
+    lengths = t[f"{run}.encoder_call_lengths"].tolist()
+    assert [e[0].shape[1] for e in encoded] == lengths
+    assert torch.equal(torch.cat([e[0] for e in encoded], dim=1), t[f"{run}.encoder_call_input_ids_flat"])
+    assert [e[1] for e in encoded] == t[f"{run}.encoder_call_position_start"].tolist()
+    # every decoder call: the canvas of the rows still denoising, its positions, the teacher-forced logits (the rows
+    # each call evaluates are pinned by tokens_per_forward: generated tokens over each row's own calls)
+    tolerance = V2026.atol("diffusiongemma_generate", "step_logits")
+    for s, (x, rows, start, logits) in enumerate(steps):
+        assert torch.equal(x, t[f"{run}.step_canvas_in"][s][rows]), f"step {s}: canvas"
+        assert start == int(t[f"{run}.step_position_ids"][s][0])
+        diff = float((logits.double() - t[f"{run}.step_logits"][s][rows].double()).abs().max())
+        assert diff <= tolerance, f"step {s}: logits differ by {diff:.3g}"
+    assert draws[0].taken["step_exponential"] == len(steps)

@@ -18,6 +18,11 @@ TINY = ["model.preset=nano", "model.hidden=32", "model.blocks=2", "model.heads=2
         "model.length=32", "data.length=32", "train.batch_size=4", "train.progress=false", "train.threads=1",
         "train.log_every=1", "train.warmup_steps=0"]
 
+# a tiny DiffusionGemma-style encoder-decoder (family udlm): a sliding and a full layer, four experts, canvases of 4
+TINY_CANVAS = ["model.backbone=diffusiongemma", "model.block_size=4", "model.intermediate=64",
+               "model.layer_types=[sliding_attention,full_attention]", "model.sliding_window=4", "model.moe_experts=4",
+               "model.moe_top_k=2", "model.moe_width=16", "model.softcap=30"]
+
 CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 26: 54.05}  # 99.9 % quantiles by degrees of freedom
 
 

@@ -42,7 +42,7 @@ class ModelConfig:
     """
 
     preset: str | None = None  # a preset of `unmask config` (nano, micro, mini, tiny, small, llada-8b, ...)
-    backbone: str = "dit"  # dit (MDLM), llama (LLaDA, Dream, SMDM) or gpt2 (A2D from GPT-2)
+    backbone: str = "dit"  # dit (MDLM), llama (LLaDA, Dream, SMDM), gpt2 (A2D from GPT-2) or diffusiongemma
     hidden: int = 768  # width of the transformer
     blocks: int = 12  # transformer blocks
     heads: int = 12  # attention heads (hidden / heads must be even)
@@ -70,7 +70,14 @@ class ModelConfig:
     time_conditioning: bool = False  # feed sigma(t) to the network (MDLM's adaLN); off: sigma = 0
     rope_base: float = 10000.0  # rotary embedding base
     soft_mask_top_k: int = 0  # > 0: soft-masked inputs from the top-k of the previous pass (0 = binary MDLM)
-    block_size: int = 0  # bd3lm: tokens per block of block diffusion (1: autoregressive, data.length: MDLM)
+    block_size: int = 0  # bd3lm: tokens per block (1: autoregressive, data.length: MDLM); udlm: canvas length
+    layer_types: list[str] = field(default_factory=list)  # diffusiongemma: per layer sliding_attention/full_attention
+    sliding_window: int = 0  # diffusiongemma: positions a sliding_attention layer sees
+    global_head_dim: int = 0  # diffusiongemma: head width of full_attention layers (0: model.head_dim)
+    global_kv_heads: int = 0  # diffusiongemma: key/value heads of full_attention layers (0: model.kv_heads)
+    global_rope_base: float = 0.0  # diffusiongemma: rotary base of full_attention layers (0: model.rope_base)
+    global_rotary_fraction: float = 1.0  # diffusiongemma: the fraction of rotary pairs full_attention layers turn
+    softcap: float = 0.0  # diffusiongemma: logits c tanh(z / c) (0: none)
 
     @property
     def head_size(self) -> int:
@@ -159,6 +166,7 @@ class DiffusionConfig:
     antithetic: bool = True  # stratified (low-discrepancy) times over the global batch
     discrete_steps: int = 0  # T > 0: the T-step NELBO instead of the continuous one
     soft_mask_prob: float = 0.8  # soft-mask models: share of training rows given the two-pass soft input
+    self_conditioning: float = 0.5  # udlm: share of training rows whose second pass takes the first pass's logits
     ilm_weighting: str = "path"  # insertion models: row weight (n0+1)/L (path, unbiased) or 1 (paper)
     ilm_stop_noise: float = 0.0  # insertion models: share of rows given a character-substituted copy for the stop head
     ilm_stop_head: str = "binary"  # insertion models: binary (P(stop), BCE) or count (P(n missing), CE; stop = P(n=0))
@@ -674,9 +682,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads} (or set model.head_dim)")
     if m.head_size % 2:
         raise ConfigError(f"model head dimension {m.head_size} must be even for rotary embeddings")
-    if (m.head_dim or m.qk_norm or m.rotary_dim or m.moe_experts) and m.backbone != "llama":
-        raise ConfigError(f"model.head_dim, qk_norm, rotary_dim and moe_* are settings of the llama backbone, not "
-                          f"{m.backbone}")
+    if (m.qk_norm or m.rotary_dim) and m.backbone != "llama" or \
+            (m.head_dim or m.moe_experts) and m.backbone not in ("llama", "diffusiongemma"):
+        raise ConfigError(f"model.head_dim, qk_norm, rotary_dim and moe_* are settings of the llama backbone (head_dim "
+                          f"and moe_* also of diffusiongemma), not {m.backbone}")
+    gemma = (m.layer_types, m.sliding_window, m.global_head_dim, m.global_kv_heads, m.global_rope_base, m.softcap)
+    if any(gemma) and m.backbone != "diffusiongemma":
+        raise ConfigError("model.layer_types, sliding_window, global_* and softcap are settings of the diffusiongemma "
+                          f"backbone, not {m.backbone}")
     if m.rotary_dim % 2 or m.rotary_dim > m.head_size:
         raise ConfigError(f"model.rotary_dim={m.rotary_dim} must be even and at most the head width {m.head_size}")
     if m.moe_experts and not (0 < m.moe_top_k <= m.moe_experts and m.moe_width > 0 and m.moe_experts % m.moe_groups == 0

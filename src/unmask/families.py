@@ -19,7 +19,7 @@ from .data.labelled import LabelledData
 from .data.tokenization import Tokenizer
 from .models.classifier import build_classifier
 from .models.insertion import STOP_HEADS, build_insertion_model
-from .models.registry import build_backbone
+from .models.registry import BACKBONES, build_backbone
 from .objectives.ar import Autoregressive
 from .objectives.base import Objective
 from .objectives.block_diffusion import BlockDiffusion
@@ -27,6 +27,7 @@ from .objectives.classification import ClassificationObjective
 from .objectives.ilm import ROW_WEIGHTINGS, InsertionObjective
 from .objectives.mdlm import MaskedDiffusion
 from .objectives.schedules import make_schedule
+from .objectives.uniform import UniformDiffusion
 from .runtime import memory_bytes
 
 
@@ -39,7 +40,7 @@ class FamilySpec:
     card_tag: str  # the model card's tag on the hub
     network: Callable[[RunConfig, Tokenizer], torch.nn.Module]
     objective: Callable[[RunConfig, Tokenizer], Objective]
-    decoding: Literal["diffusion", "ar", "insertion"] | None  # the samplers that generate with it (None: no text)
+    decoding: Literal["diffusion", "ar", "insertion", "canvas"] | None  # its samplers' kind (None: it makes no text)
     default_sampler: str | None  # what sample.sampler=auto means
     infills: bool  # generates into [MASK] gaps of a template
     likelihood: bool  # its evaluation is a likelihood (a bound or exact), usable in scaling sweeps
@@ -67,6 +68,22 @@ def _block_diffusion(cfg: RunConfig, tokenizer: Tokenizer) -> BlockDiffusion:
     d = cfg.diffusion
     return BlockDiffusion(make_schedule(d), tokenizer.mask_id, cfg.model.block_size, d.t_min, d.t_max,
                           d.discrete_steps, d.antithetic)
+
+
+def canvas_vocab(cfg: RunConfig, tokenizer: Tokenizer) -> int:
+    """The token ids of a uniform-noise model (what noise draws from and the network predicts):
+    ``model.vocab`` when set (a released model's), else the tokenizer's ids without its mask when the mask is
+    the last id (a uniform-noise model never sees a mask), else all of them."""
+    if cfg.model.vocab:
+        return cfg.model.vocab
+    last = tokenizer.mask_id == tokenizer.vocab_size - 1
+    return tokenizer.vocab_size - 1 if last else tokenizer.vocab_size
+
+
+def _uniform(cfg: RunConfig, tokenizer: Tokenizer) -> UniformDiffusion:
+    d = cfg.diffusion
+    return UniformDiffusion(make_schedule(d), canvas_vocab(cfg, tokenizer), cfg.model.block_size, d.t_min, d.t_max,
+                            d.antithetic, d.self_conditioning, tokenizer.mask_id)
 
 
 def _labelled_files(cfg: RunConfig) -> None:
@@ -105,6 +122,9 @@ FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
                lambda cfg, tok: build_backbone(cfg.model, tok.vocab_size, False, tok.mask_id), _block_diffusion,
                decoding="diffusion", default_sampler="ancestral", infills=False, likelihood=True, servable=True,
                blocks=True, rules=_a_time_per_block),
+    FamilySpec("udlm", "uniform-noise canvas diffusion (DiffusionGemma) language", "uniform-diffusion",
+               lambda cfg, tok: build_backbone(cfg.model, canvas_vocab(cfg, tok), False, None), _uniform,
+               decoding="canvas", default_sampler="entropy_bound", infills=False, likelihood=True, blocks=True),
     FamilySpec("ilm", "insertion (ILM) language", "insertion-lm", build_insertion_model, _insertion_objective,
                decoding="insertion", default_sampler="insertion", infills=True, likelihood=False, loss_floats=3.2,
                rules=_one_document_per_row),
@@ -116,9 +136,22 @@ FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
 register_choices("family", tuple(FAMILIES))
 
 
+def fits(family: str, backbone: str) -> bool:
+    """Whether ``backbone`` serves ``family``: a backbone that names its families serves those alone; the others
+    serve every family no such backbone is named for."""
+    named = BACKBONES[backbone].families
+    if named is not None:
+        return family in named
+    return not any(family in (spec.families or ()) for spec in BACKBONES.values())
+
+
 def _family_rules(cfg: RunConfig) -> None:
     """The keys that belong to some families: set for the others, they are errors."""
     spec = FAMILIES[cfg.family]
+    if not fits(cfg.family, cfg.model.backbone):
+        usable = [name for name in BACKBONES if fits(cfg.family, name)]
+        raise ConfigError(f"family {cfg.family} does not run on model.backbone={cfg.model.backbone} "
+                          f"(it runs on {' or '.join(usable)})")
     blocked = " or ".join(f.name for f in FAMILIES.values() if f.blocks)
     if spec.blocks and cfg.model.block_size < 1:
         raise ConfigError(f"family {spec.name} needs model.block_size >= 1 (tokens per block)")

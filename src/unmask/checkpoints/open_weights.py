@@ -71,6 +71,9 @@ class Layout:
     qk_norm: bool = False  # its attention has query/key norms and heads of their own width (Qwen3)
     ignore: tuple[str, ...] = ()  # checkpoint keys that are not parameters (regular expressions)
     sample: tuple[tuple[str, object], ...] = ()  # the sample.* defaults the model's own repository uses
+    backbone: str = "llama"  # the network its models run on (model.backbone)
+    nested: str | None = None  # the config.json entry that holds the model's fields and token ids (text_config)
+    masks: bool = True  # its models have a mask token (else the tokenizer's appended mask is never an input)
 
     def _compiled(self, forward: bool) -> list[tuple[re.Pattern, str]]:
         """(pattern, target) per rename: ``{i}`` (the layer) and ``{e}`` (the expert) match numbers."""
@@ -265,6 +268,83 @@ _LLADA2_NAMES = (
     *((f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight",) * 2 for p in ("gate", "up", "down")))
 
 
+def _diffusiongemma_model(c: dict) -> dict:
+    """DiffusionGemma's ``text_config`` (transformers 5.25 ``diffusion_gemma_text``): the layer kinds, the heads of
+    full-attention layers (``per_layer_config`` or ``global_head_dim`` / ``num_global_key_value_heads``), the
+    rotary of each kind (``rope_parameters``), experts, soft cap; ``canvas_length`` is the top level's."""
+    src = "DiffusionGemma config.json text_config"
+    _require(c, src, hidden_activation=("gelu_pytorch_tanh",), attention_bias=(False, None),
+             tie_word_embeddings=(True, None), use_bidirectional_attention=(None, False))
+    kinds = c.get("layer_types")
+    layers = _int(c, "num_hidden_layers", src)
+    if not isinstance(kinds, list) or len(kinds) != layers or not set(kinds) <= {"sliding_attention", "full_attention"}:
+        raise CheckpointError(f"{src}: layer_types must list {layers} sliding_attention or full_attention layers")
+    heads, head_dim = _int(c, "num_attention_heads", src), _int(c, "head_dim", src)
+    kv = _int(c, "num_key_value_heads", src, heads) or heads
+    per = c.get("per_layer_config") or {}
+    overrides = [per.get(str(i), {}) for i, kind in enumerate(kinds) if kind == "full_attention"]
+    if not isinstance(per, dict) or any(o != overrides[0] for o in overrides) or \
+            any(str(i) in per for i, kind in enumerate(kinds) if kind != "full_attention"):
+        raise CheckpointError(f"{src}: per_layer_config must give every full_attention layer the same head shape, "
+                              f"and no sliding layer one of its own")
+    full = overrides[0] if overrides else {}
+    rope = c.get("rope_parameters") or {}
+    sliding_rope, full_rope = rope.get("sliding_attention", {}), rope.get("full_attention", {})
+    if sliding_rope.get("rope_type", "default") != "default" or \
+            full_rope.get("rope_type", "default") not in ("default", "proportional"):
+        raise CheckpointError(f"{src}: rope_parameters={rope!r} is not supported (default sliding, proportional full)")
+    return dict(hidden=_int(c, "hidden_size", src), heads=heads, kv_heads=kv, head_dim=head_dim, blocks=layers,
+                layer_types=kinds, sliding_window=_int(c, "sliding_window", src, 0),
+                global_head_dim=_int(full, "head_dim", src, c.get("global_head_dim") or head_dim),
+                global_kv_heads=_int(full, "num_key_value_heads", src, c.get("num_global_key_value_heads") or kv),
+                rope_base=_number(sliding_rope, "rope_theta", src, 10000.0, 1),
+                global_rope_base=_number(full_rope, "rope_theta", src, 1000000.0, 1),
+                global_rotary_fraction=_number(full_rope, "partial_rotary_factor", src, 1.0, 0),
+                intermediate=_int(c, "intermediate_size", src), vocab=_int(c, "vocab_size", src),
+                length=_int(c, "max_position_embeddings", src), norm_eps=_number(c, "rms_norm_eps", src, 1e-6, 0),
+                moe_experts=_int(c, "num_experts", src), moe_top_k=_int(c, "top_k_experts", src),
+                moe_width=_int(c, "moe_intermediate_size", src), softcap=float(c.get("final_logit_softcapping") or 0.0),
+                tie_embeddings=True)
+
+
+def _diffusiongemma_json(m: ModelConfig) -> dict:
+    """The text fields of DiffusionGemma's ``config.json`` (:func:`save_released` nests them in ``text_config``)."""
+    kinds = list(m.layer_types) or ["full_attention"] * m.blocks
+    return {"architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma_text",
+            "hidden_size": m.hidden, "num_attention_heads": m.heads, "num_key_value_heads": m.kv_heads or m.heads,
+            "head_dim": m.head_size, "num_hidden_layers": m.blocks, "layer_types": kinds,
+            "sliding_window": m.sliding_window,
+            "per_layer_config": {str(i): {"head_dim": m.global_head_dim or m.head_size,
+                                          "num_key_value_heads": m.global_kv_heads or m.kv_heads or m.heads}
+                                 for i, kind in enumerate(kinds) if kind == "full_attention"},
+            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": m.rope_base},
+                                "full_attention": {"rope_type": "proportional",
+                                                   "rope_theta": m.global_rope_base or m.rope_base,
+                                                   "partial_rotary_factor": m.global_rotary_fraction}},
+            "intermediate_size": m.intermediate, "vocab_size": m.vocab, "max_position_embeddings": m.length,
+            "rms_norm_eps": m.norm_eps, "num_experts": m.moe_experts, "top_k_experts": m.moe_top_k,
+            "moe_intermediate_size": m.moe_width, "final_logit_softcapping": m.softcap or None,
+            "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False, "tie_word_embeddings": True}
+
+
+_DG_LAYER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+             "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+             "mlp.down_proj.weight", "router.proj.weight", "router.scale", "router.per_expert_scale",
+             "experts.gate_up_proj", "experts.down_proj", "layer_scalar",
+             *(f"{n}.weight" for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                       "pre_feedforward_layernorm_2", "post_feedforward_layernorm",
+                                       "post_feedforward_layernorm_1", "post_feedforward_layernorm_2")))
+_DIFFUSIONGEMMA_NAMES = (
+    ("model.decoder.embed_tokens.weight", "embed_tokens.weight"), ("model.decoder.norm.weight", "norm.weight"),
+    *((f"model.decoder.self_conditioning.{n}.weight", f"self_conditioning.{n}.weight")
+      for n in ("pre_norm", "gate_proj", "up_proj", "down_proj")),
+    *((f"model.decoder.layers.{{i}}.{n}", f"layers.{{i}}.{n}") for n in _DG_LAYER),
+    ("model.encoder.language_model.layers.{i}.layer_scalar", "layers.{i}.encoder_layer_scalar"))
+# the tied aliases of decoder tensors (the output layer, the encoder's copies) and the vision tower
+_DIFFUSIONGEMMA_IGNORED = (r"lm_head\.weight", r"model\.encoder\.language_model\.(?!layers\.\d+\.layer_scalar$).*",
+                           r"model\.encoder\.(vision_tower|embed_vision)\..*")
+
+
 def _llada_json(m: ModelConfig) -> dict:
     return {"architectures": ["LLaDAModelLM"], "d_model": m.hidden, "n_heads": m.heads,
             "n_kv_heads": m.kv_heads or m.heads, "n_layers": m.blocks, "mlp_hidden_size": m.intermediate,
@@ -423,6 +503,9 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
            convert=_llada2_unfuse, unconvert=_llada2_fuse, family="bd3lm", qk_norm=True,
            sample=(("sampler", "llada2"), ("threshold", 0.95), ("temperature", 0.0), ("stop_at_eos", True),
                    ("after_stop", "keep"))),
+    Layout("diffusiongemma", ("diffusion_gemma",), _DIFFUSIONGEMMA_NAMES, _diffusiongemma_model, _diffusiongemma_json,
+           family="udlm", backbone="diffusiongemma", nested="text_config", masks=False, ignore=_DIFFUSIONGEMMA_IGNORED,
+           sample=(("sampler", "entropy_bound"), ("steps", 48))),
     Layout("qwen2", ("qwen2",), _HF_NAMES, lambda c: _qwen2_model(c, shift=False, bias=True),
            _qwen2_json("Qwen2ForCausalLM"), causal=True),
     Layout("llama", ("llama",), _HF_NAMES, lambda c: _qwen2_model(c, shift=False), _qwen2_json("LlamaForCausalLM"),
@@ -482,7 +565,9 @@ class OpenWeights(WeightSource):
     def check_depth(self, shards: dict[str, list[str]]) -> None:
         """The number of layers the weight names hold (one more than the largest layer index in them) must
         be ``config.json``'s: checked from the names alone, before a network of the stated depth is built."""
-        indices = {int(m.group(1)) for keys in shards.values() for key in keys if (m := _LAYER_INDEX.search(key))}
+        ignored = [re.compile(pattern) for pattern in self.layout.ignore]
+        indices = {int(m.group(1)) for keys in shards.values() for key in keys
+                   if (m := _LAYER_INDEX.search(key)) and not any(p.fullmatch(key) for p in ignored)}
         held = max(indices) + 1 if indices else 0
         if held != self.config.model.blocks:
             raise CheckpointError(f"{self.path}: config.json states {self.config.model.blocks} layers but the "
@@ -639,19 +724,26 @@ def read_open_weights(folder: Path, meta: dict, root: Path | None = None) -> Ope
     layout = layout_of(meta)
     if layout is None:
         return None
-    tokenizer = _tokenizer(folder, meta, root)
+    fields = meta
+    if layout.nested is not None:
+        fields = meta.get(layout.nested)
+        if not isinstance(fields, dict):
+            raise CheckpointError(f"{folder}/config.json has no {layout.nested} object")
+    tokenizer = _tokenizer(folder, fields, root)
     try:
-        model = layout.model(meta)
+        model = layout.model(fields)
+        if layout.nested is not None:  # DiffusionGemma: the canvas length is the top level's
+            model["block_size"] = _int(meta, "canvas_length", "config.json", 256)
     except CheckpointError as exc:
         raise CheckpointError(f"{folder}: {exc}") from None
-    if not layout.causal and tokenizer.appended_mask:
+    if not layout.causal and layout.masks and tokenizer.appended_mask:
         raise CheckpointError(f"{folder}: neither config.json (mask_token_id) nor tokenizer_config.json (mask_token) "
                               f"states the mask token")
-    if model["vocab"] < tokenizer.vocab_size - int(tokenizer.appended_mask and layout.causal):
+    if model["vocab"] < tokenizer.vocab_size - int(tokenizer.appended_mask and (layout.causal or not layout.masks)):
         raise CheckpointError(f"{folder}: the model has {model['vocab']} embedding rows but the tokenizer "
                               f"{tokenizer.vocab_size} ids")
     tree = {"family": layout.family or ("ar" if layout.causal else "mdlm"),
-            "model": {"backbone": "llama", **model, "dropout": 0.0},
+            "model": {"backbone": layout.backbone, **model, "dropout": 0.0},
             "data": {"tokenizer": "hf", "tokenizer_path": str(folder), "length": min(model["length"], 256),
                      "frame": layout.bos_prompt},
             "sample": dict(layout.sample)}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig, register_choices
-from . import gpt2, llama
+from . import diffusiongemma, gpt2, llama
 from .dit import DDiTBlock, DiT
 
 
@@ -30,6 +30,7 @@ class BackboneSpec:
     block: type[torch.nn.Module]
     adapter_targets: dict[str, list[str]]
     activation_floats: float
+    families: tuple[str, ...] | None = None  # the only families it serves (None: every family of one token stream)
 
 
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
@@ -40,6 +41,9 @@ BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
                   "mlp": [r".*\.mlp\.((experts\.\d+|shared_experts)\.)?(gate|up|down)_proj"]}, 25.0),
     BackboneSpec("gpt2", gpt2.GPT2, gpt2.Block,
                  {"attention": [r".*\.attn\.c_(attn|proj)"], "mlp": [r".*\.mlp\.c_(fc|proj)"]}, 19.0),
+    BackboneSpec("diffusiongemma", diffusiongemma.DiffusionGemma, diffusiongemma.Layer,
+                 {"attention": [r"layers\.\d+\.self_attn\.[qkvo]_proj"],
+                  "mlp": [r"layers\.\d+\.mlp\.(gate|up|down)_proj"]}, 40.0, families=("udlm",)),
 )}
 register_choices("model.backbone", tuple(BACKBONES))
 

@@ -123,6 +123,10 @@ class RowStreams:
         base = rng.hash64(self.seeds.to(rows.device)[rows], counter, index)
         return rng.to_uniform(rng.stream(base[:, None], torch.arange(n, device=rows.device)))
 
+    def integers(self, rows: torch.Tensor, counter, index, high: int) -> torch.Tensor:
+        """Uniform integers in ``[0, high)`` (N,), one per (row, ``counter``, ``index``)."""
+        return (self.uniform(rows, counter, index) * high).long().clamp_max(high - 1)
+
     def categorical(self, weights: torch.Tensor, rows: torch.Tensor, counter, index: torch.Tensor,
                     precision: str = "float64") -> torch.Tensor:
         """One categorical draw per row of ``weights`` (N, V), keyed by (row, counter, index)."""
@@ -149,6 +153,15 @@ class SampleResult:
     row_nfe: torch.Tensor  # (B,) evaluations of each row
     seconds: float
     generated: int  # positions that were masked in the input canvas
+    row_tokens: torch.Tensor | None = None  # (B,) tokens each row generated, where it differs from its masked positions
+    extra_calls: int = 0  # network passes not counted in NFE (an encoder-decoder's encoder passes)
+
+    @property
+    def tokens_per_forward(self) -> torch.Tensor:
+        """(B,) float32: each row's generated tokens over the network calls it took part in."""
+        if self.row_tokens is None:
+            raise ValueError("this sampler does not report tokens per row")
+        return self.row_tokens.float() / self.row_nfe.clamp(min=1).float()
 
     @property
     def tokens_per_second(self) -> float:

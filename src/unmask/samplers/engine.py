@@ -12,7 +12,10 @@ decoding (a Python generator) that never calls the network. Each time it needs t
 * :class:`Causal`: next-token logits of a causal model, through the decoding's KV cache or over the whole
   prefix;
 * :class:`Forward`: the network's output on some ids as it is (insertion models, RL rollouts);
-* :class:`Store`: block diffusion's committed blocks stored in the decoding's cache, alone (SDAR's calls).
+* :class:`Store`: block diffusion's committed blocks stored in the decoding's cache, alone (SDAR's calls);
+* :class:`Encode` / :class:`DecodeCanvas`: an encoder-decoder canvas model (DiffusionGemma) encoding clean
+  tokens into the decoding's encoder cache (not counted in NFE, as the reference counts: ``extra_calls``), and
+  decoding a canvas of some rows against it.
 
 It yields a :class:`Frame` after every step of its own (for streaming) and returns a :class:`Outcome`.
 
@@ -98,7 +101,26 @@ class Store:
     end: int
 
 
-Call = Denoise | Chunk | Causal | Forward | Store
+@dataclass
+class Encode:
+    """Encode ``ids`` (B, n) of every row after its encoded tokens into the decoding's encoder cache;
+    ``valid`` (B, n): which are tokens (the rest is padding). No output."""
+
+    ids: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass
+class DecodeCanvas:
+    """Logits (R, C, V) float32 of the canvas ``x`` (R, C) of batch rows ``rows`` (R,) at each row's next
+    positions, against the encoder cache; ``self_conditioning`` (R, C, V): the previous step's logits."""
+
+    x: torch.Tensor
+    rows: torch.Tensor
+    self_conditioning: torch.Tensor | None = None
+
+
+Call = Denoise | Chunk | Causal | Forward | Store | Encode | DecodeCanvas
 
 
 @dataclass
@@ -129,6 +151,7 @@ class Outcome:
     tokens: torch.Tensor
     row_nfe: torch.Tensor
     generated: int | None = None
+    row_tokens: torch.Tensor | None = None  # (B,) tokens each row generated (for tokens per forward)
 
 
 Decoding = Generator["Call | Frame", Any, Outcome]
@@ -194,7 +217,7 @@ class Handle:
         self.decoding, self.on_step, self.started = decoding, on_step, time.perf_counter()
         self.masked = int((canvas == mask_id).sum())
         self.caches: dict[Any, Any] = {}
-        self.nfe, self.done = 0, False
+        self.nfe, self.extra_calls, self.done = 0, 0, False
         self.result: SampleResult | None = None
         self.call: Call | None = None
 
@@ -212,7 +235,7 @@ class Handle:
             self.done, self.call = True, None
             generated = self.masked if outcome.generated is None else outcome.generated
             self.result = SampleResult(outcome.tokens, self.nfe, outcome.row_nfe, time.perf_counter() - self.started,
-                                       generated)
+                                       generated, outcome.row_tokens, self.extra_calls)
 
 
 # ------------------------------------------------------------ block diffusion: the network a block sees
@@ -400,7 +423,18 @@ class DecodingEngine:
             out = self.denoise([call], net)[0]
             handle.nfe += net.extra_calls - before
             return out
+        if isinstance(call, Encode):
+            cache = handle.caches.get("encoder")
+            if cache is None:
+                cache = handle.caches["encoder"] = unwrap(self.model).new_encoder_cache(len(call.ids), call.ids.device)
+            if call.ids.shape[1]:  # (unconditional rows start with nothing to encode)
+                handle.extra_calls += 1
+                self.model(call.ids, cache=cache, encode=True, valid=call.valid)
+            return None
         handle.nfe += 1
+        if isinstance(call, DecodeCanvas):
+            return self.model(call.x, cache=handle.caches["encoder"], rows=call.rows,
+                              self_conditioning=call.self_conditioning)
         if isinstance(call, Store):
             call.context.bind(self.model, self._block_cache(handle, call.context)).store(call.end)
             return None

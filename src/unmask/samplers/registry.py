@@ -27,6 +27,7 @@ from .block_diffusion import BlockDiffusionSampler, BlockSettings
 from .confidence import ConfidenceSampler, ConfidenceSettings
 from .dream import DreamSampler, DreamSettings
 from .engine import Sampler
+from .entropy_bound import EntropyBoundSampler, EntropyBoundSettings
 from .first_hitting import FirstHittingSampler, FirstHittingSettings
 from .insertion import InsertionSampler, InsertionSettings
 from .llada import LLaDASampler, LLaDASettings
@@ -111,6 +112,11 @@ for _spec in (
                 lambda s, objective, tok: LLaDA2PipelineSampler(objective, eos_id=tok.eos_id, **values(s)),
                 "diffusers' LLaDA2 pipeline call for call (bidirectional windows; rows decoded together: not "
                 "batch-invariant)", whole_canvas=True),
+    SamplerSpec("entropy_bound", "canvas", EntropyBoundSettings,
+                lambda s, objective, tok: EntropyBoundSampler(tok.mask_id, objective.vocab, objective.block_size,
+                                                              tok.eos_id, tok.pad_id, **values(s)),
+                "DiffusionGemma's decoding: canvases of uniform noise, entropy-bounded acceptance, renoising, "
+                "self-conditioning, adaptive stopping"),
     SamplerSpec("ar", "ar", AutoregressiveSettings,
                 lambda s, objective, tok: AutoregressiveSampler(tok.bos_id, tok.mask_id, **values(s)),
                 "left to right with a KV cache (autoregressive models)"),

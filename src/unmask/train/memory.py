@@ -120,17 +120,22 @@ def model_shape(cfg: RunConfig, tokenizer) -> NetworkShape:
     network is built on the meta device with one and with two blocks, and the counts of ``model.blocks``
     blocks follow exactly, since every block is the same (``P(n) = P(1) + (n - 1) (P(2) - P(1))``; with a
     mixture of experts after ``model.moe_dense_layers`` dense ones, from those layers plus one and two); a
-    billion blocks costs what two do. ``active``: the parameters one token passes through."""
+    billion blocks costs what two do. Layers of kinds of their own (``model.layer_types``, one per layer) are
+    counted on the whole network. ``active``: the parameters one token passes through."""
     m = cfg.model
     n = m.blocks
     first = min(m.moe_dense_layers, n - 1) if m.moe_experts else 0  # the dense layers before the experts'
-    one, two = _built_shape(cfg, tokenizer, first + 1), _built_shape(cfg, tokenizer, first + 2)
+    if m.layer_types:
+        one = two = _built_shape(cfg, tokenizer, n)
+    else:
+        one, two = _built_shape(cfg, tokenizer, first + 1), _built_shape(cfg, tokenizer, first + 2)
 
     def grown(count) -> int:
-        return count(one) + (n - first - 1) * (count(two) - count(one))
+        return count(one) if m.layer_types else count(one) + (n - first - 1) * (count(two) - count(one))
 
     def idle(model) -> int:  # the routed experts a token does not use
-        experts = [b.mlp.experts for b in transformer_blocks(model) if hasattr(b.mlp, "experts")]
+        experts = [getattr(b, "experts", None) or b.mlp.experts for b in transformer_blocks(model)
+                   if hasattr(b, "experts") or hasattr(b.mlp, "experts")]
         return sum(sum(p.numel() for p in group.parameters()) * (1 - m.moe_top_k / len(group)) for group in experts)
 
     parameters = grown(lambda model: sum(p.numel() for p in model.parameters()))
