@@ -23,6 +23,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 from unmask.checkpoints.open_weights import INDEX, LAYOUTS
 from unmask.config import ModelConfig
+from unmask.models.diffusiongemma import DiffusionGemma
 from unmask.models.llama import Transformer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>{% endfor %}"
@@ -368,14 +369,27 @@ LLADA2_TINY = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads
                "moe_intermediate_size": 16, "num_shared_experts": 1, "n_group": 2, "topk_group": 1,
                "routed_scaling_factor": 2.5, "first_k_dense_replace": 1, "mask_token_id": 39, "eos_token_id": 37,
                "pad_token_id": 37, "bos_token_id": 38}
-TINY_CONFIGS = {"llada": LLADA_TINY, "dream": DREAM_TINY, "sdar": SDAR_TINY, "llada2": LLADA2_TINY}
+DIFFUSIONGEMMA_TINY = {"canvas_length": 4, "text_config": {
+    "model_type": "diffusion_gemma_text", "vocab_size": 40, "hidden_size": 32, "num_attention_heads": 4, "head_dim": 8,
+    "num_key_value_heads": 2, "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"],
+    "sliding_window": 4, "per_layer_config": {"1": {"head_dim": 16, "num_key_value_heads": 1}}, "intermediate_size": 48,
+    "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16, "final_logit_softcapping": 30.0,
+    "rms_norm_eps": 1e-6, "max_position_embeddings": 128, "hidden_activation": "gelu_pytorch_tanh",
+    "tie_word_embeddings": True, "eos_token_id": 37, "pad_token_id": 37, "bos_token_id": 38,
+    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                           "rope_theta": 1000000.0}}}}
+TINY_CONFIGS = {"llada": LLADA_TINY, "dream": DREAM_TINY, "sdar": SDAR_TINY, "llada2": LLADA2_TINY,
+                "diffusiongemma": DIFFUSIONGEMMA_TINY}
 
 
 def random_folder(folder: Path, layout: str, seed: int = 0, shards: int = 2,
                   special_ids: tuple[int, int, int] | None = None) -> Path:
-    """A random tiny model of ``layout`` (``llada``, ``dream``, ``sdar`` or ``llada2``) written in the released
-    layout; ``special_ids`` (EOS = PAD, BOS, mask) places the special tokens ``<|eot|>``, ``<|start|>`` and
-    ``<|mdm_mask|>`` (default: the config's, the last three of the 40 ids)."""
+    """A random tiny model of ``layout`` (``llada``, ``dream``, ``sdar``, ``llada2`` or ``diffusiongemma``) written in
+    the released layout; ``special_ids`` (EOS = PAD, BOS, mask) places the special tokens ``<|eot|>``, ``<|start|>``
+    and ``<|mdm_mask|>`` (default: the config's, the last three of the 40 ids; DiffusionGemma has no mask token)."""
+    if layout == "diffusiongemma":
+        return _random_gemma_folder(folder, seed, shards, special_ids)
     config = dict(TINY_CONFIGS[layout])
     if special_ids is not None:
         eos, bos, mask = special_ids
@@ -392,6 +406,23 @@ def random_folder(folder: Path, layout: str, seed: int = 0, shards: int = 2,
     return write_folder(folder, layout, config, state, shards=shards,
                         specials={config["eos_token_id"]: "<|eot|>", config["bos_token_id"]: "<|start|>",
                                   config["mask_token_id"]: "<|mdm_mask|>"})
+
+
+def _random_gemma_folder(folder: Path, seed: int, shards: int, special_ids: tuple[int, int, int] | None) -> Path:
+    text = dict(DIFFUSIONGEMMA_TINY["text_config"])
+    if special_ids is not None:
+        text.update(eos_token_id=special_ids[0], pad_token_id=special_ids[0], bos_token_id=special_ids[1])
+    config = {**DIFFUSIONGEMMA_TINY, "text_config": text}
+    lay = LAYOUTS["diffusiongemma"]
+    cfg = ModelConfig(backbone="diffusiongemma", **lay.model(text), block_size=config["canvas_length"], dropout=0.0)
+    torch.manual_seed(seed)
+    model = DiffusionGemma(cfg, text["vocab_size"])
+    with torch.no_grad():  # away from the 0.02 init, so that outputs differ between positions
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    state = {lay.to_theirs(k): v for k, v in model.state_dict().items()}
+    return write_folder(folder, "diffusiongemma", config, state, shards=shards,
+                        specials={text["eos_token_id"]: "<|eot|>", text["bos_token_id"]: "<|start|>"})
 
 
 def hf_causal_folder(folder: Path, kind: str, seed: int = 0) -> tuple[Path, torch.nn.Module]:

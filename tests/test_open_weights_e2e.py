@@ -37,7 +37,8 @@ from unmask.serve.service import ModelService  # noqa: E402
 # EOS = PAD, BOS and the mask inside the 40 ids (the words w36 .. w39 follow them, the prompts and texts below
 # use w1 .. w30): no command may take the mask or the special tokens to be the last ids
 SPECIALS_INSIDE = (33, 34, 35)
-DIFFUSION_LAYOUTS = ("llada", "dream", "sdar", "llada2")  # each with its own decoding as the folder's default
+DIFFUSION_LAYOUTS = ("llada", "dream", "sdar", "llada2", "diffusiongemma")  # each with its own decoding by default
+OWN_SAMPLER = {"diffusiongemma": "entropy_bound"}  # the layouts whose default sampler is not named after them
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ class Run:
     stderr: str
 
 
-@pytest.mark.parametrize("layout, sampler", [*((layout, layout) for layout in DIFFUSION_LAYOUTS),
+@pytest.mark.parametrize("layout, sampler", [*((layout, OWN_SAMPLER.get(layout, layout)) for layout in DIFFUSION_LAYOUTS),
                                              ("llada", "first_hitting")])
 def test_unmask_sample_on_a_released_folder(folders, layout, sampler):
     out = unmask("sample", folders[layout], "--prompt", "w1 w2 w3", "--prompt", "w4", f"sample.sampler={sampler}",
@@ -113,7 +114,8 @@ def server(folders, request):
 
 def test_serve_completions_use_the_models_own_sampler(server):
     url, service, layout = server
-    assert service.metadata()["default_sampler"] == layout
+    sampler = OWN_SAMPLER.get(layout, layout)
+    assert service.metadata()["default_sampler"] == sampler
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "w1 w2", "max_tokens": 8, "steps": 8, "seed": 3},
                    timeout=60)
     assert r.status_code == 200, r.text
@@ -122,7 +124,7 @@ def test_serve_completions_use_the_models_own_sampler(server):
     size, prompt = service.run.model.block_size, body["usage"]["prompt_tokens"]
     blocks = -(-(prompt + 8) // size) if size else 1
     bound = max(8 * blocks, blocks * size - prompt) + blocks if size else 8
-    assert body["unmask"]["sampler"] == layout and body["choices"][0]["nfe"] <= bound
+    assert body["unmask"]["sampler"] == sampler and body["choices"][0]["nfe"] <= bound
     assert body["usage"]["completion_tokens"] == 8
 
 
@@ -380,7 +382,12 @@ def _read_config(folder):
 
 
 def _config(folder, **changes):
-    (folder / "config.json").write_text(json.dumps({**_read_config(folder), **changes}))
+    """``config.json`` with ``changes``; a change of a nested object (DiffusionGemma's ``text_config``) is merged in."""
+    config = _read_config(folder)
+    for key, value in changes.items():
+        nested = isinstance(value, dict) and isinstance(config.get(key), dict)
+        config[key] = {**config[key], **value} if nested else value
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 DAMAGES = {  # what a released folder holds -> (how to make it, words of the one-line error)
@@ -462,30 +469,39 @@ def word_lines(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("layout", ["sdar", "llada2"])
+def fine_tune(layout: str) -> list[str]:
+    """The fine-tuning keys for a folder of ``layout``: its family (uniform-noise canvases for DiffusionGemma)."""
+    return [f"family={'udlm' if layout == 'diffusiongemma' else 'bd3lm'}", *FINE_TUNE[1:]]
+
+
+@pytest.mark.parametrize("layout", ["sdar", "llada2", "diffusiongemma"])
 def test_a_block_diffusion_folder_fine_tunes_with_lora_and_exports_back(folders, tmp_path, layout):
-    """LoRA on every linear layer of an SDAR or LLaDA2 folder (LLaDA2: its routed and shared experts too), as a
-    bd3lm run with the architecture taken from the folder; the run samples, and exports back to its layout
-    with the adapters merged, read back with the run's logits."""
+    """LoRA on every linear layer of an SDAR, LLaDA2 or DiffusionGemma folder (LLaDA2: its routed and shared
+    experts too), as a run of its family with the architecture taken from the folder; the run samples, and
+    exports back to its layout with the adapters merged, read back with the run's logits."""
     corpus, run = word_lines(tmp_path / "words.txt"), tmp_path / "run"
-    out = unmask("train", *FINE_TUNE, f"data.path={corpus}", f"run_dir={run}", f"train.init_from={folders[layout]}",
-                 "adapter.kind=lora", "adapter.rank=4", "adapter.targets=[attention,mlp]")
+    out = unmask("train", *fine_tune(layout), f"data.path={corpus}", f"run_dir={run}",
+                 f"train.init_from={folders[layout]}", "adapter.kind=lora", "adapter.rank=4",
+                 "adapter.targets=[attention,mlp]")
     assert out.returncode == 0, out.stderr
     assert unmask("sample", run, "--prompt", "w1 w2", "sample.length=12", "sample.num_samples=1").returncode == 0
     exported = unmask("export", run, tmp_path / "out", "--to", layout)
     assert exported.returncode == 0, exported.stderr
     ids = torch.randint(0, 30, (2, 8))
+    inputs = {"clean": ids} if layout == "diffusiongemma" else {}
     with torch.no_grad():
-        assert torch.allclose(from_pretrained(tmp_path / "out").model(ids), from_pretrained(run).model(ids), atol=1e-5)
+        assert torch.allclose(from_pretrained(tmp_path / "out").model(ids, **inputs),
+                              from_pretrained(run).model(ids, **inputs), atol=1e-5)
 
 
-def test_a_moe_folder_fine_tunes_with_fsdp_on_two_processes(folders, tmp_path):
-    """LLaDA2's mixture of experts trained with FSDP2 on two gloo processes (each expert sharded with its block),
-    from the folder's weights; the run samples."""
+@pytest.mark.parametrize("layout", ["llada2", "diffusiongemma"])
+def test_a_moe_folder_fine_tunes_with_fsdp_on_two_processes(folders, tmp_path, layout):
+    """LLaDA2's and DiffusionGemma's mixtures of experts trained with FSDP2 on two gloo processes (each expert
+    sharded with its block), from the folder's weights; the run samples."""
     corpus, run = word_lines(tmp_path / "words.txt"), tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), "-m", "unmask", "train", *FINE_TUNE,
-           f"data.path={corpus}", f"run_dir={run}", f"train.init_from={folders['llada2']}", "train.parallel=fsdp"]
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "unmask", "train", *fine_tune(layout),
+           f"data.path={corpus}", f"run_dir={run}", f"train.init_from={folders[layout]}", "train.parallel=fsdp"]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert unmask("sample", run, "--prompt", "w1 w2", "sample.length=12", "sample.num_samples=1").returncode == 0
@@ -500,6 +516,14 @@ BAD_VARIANTS = {  # a released folder's config edited -> the words of the one-li
     ("sdar", "sliding window"): ({"use_sliding_window": True}, "use_sliding_window=True is not supported"),
     ("sdar", "head_dim"): ({"head_dim": 12}, "has shape"),
     ("sdar", "no mask"): ({"mask_token_id": None}, "states the mask token"),
+    ("diffusiongemma", "activation"): ({"text_config": {"hidden_activation": "gelu"}},
+                                       "hidden_activation='gelu' is not supported"),
+    ("diffusiongemma", "layer types"): ({"text_config": {"layer_types": ["full_attention"]}},
+                                        "layer_types must list 2 sliding_attention or full_attention layers"),
+    ("diffusiongemma", "rotary"): ({"text_config": {"rope_parameters": {"full_attention": {"rope_type": "yarn"}}}},
+                                   "rope_parameters="),
+    ("diffusiongemma", "window"): ({"text_config": {"sliding_window": 1}}, "model.sliding_window >= 2"),
+    ("diffusiongemma", "no text model"): ({"text_config": None}, "has no text_config object"),
 }
 
 

@@ -435,8 +435,8 @@ def test_diffusiongemma_forward_encoder_and_decoder_with_and_without_self_condit
 
 class GemmaDraws(RowStreams):
     """The reference's recorded draws, in the order they are made: ``canvas_init`` (one slab per canvas) and
-    ``step_renoise_uniform`` (one per step) as integers, ``step_exponential`` (one per step) as Exp(1) draws ``q``
-    returned as uniforms ``exp(-q)``; each indexed by batch row and position."""
+    ``step_renoise_uniform`` (one per step) as integers, ``step_exponential`` (one per step) as the Exp(1) draws
+    ``q`` of ``torch.multinomial``'s race ``argmax p / q``; each indexed by batch row and position."""
 
     def __init__(self, seeds, t: dict[str, torch.Tensor], run: str, steps: int):
         super().__init__(seeds)
@@ -453,9 +453,9 @@ class GemmaDraws(RowStreams):
         first = (counter // PURPOSES) % (self.steps + 1) == 0  # draw 0 of a canvas: its initial noise
         return self._next("canvas_init" if first else "step_renoise_uniform")[rows, index]
 
-    def uniforms(self, rows, counter, index, n):
+    def categorical(self, weights, rows, counter, index, precision="float64"):
         assert counter % PURPOSES == TOKEN
-        return torch.exp(-self._next("step_exponential")[rows, index].double())
+        return (weights / self._next("step_exponential")[rows, index]).argmax(-1)  # torch.multinomial's race
 
 
 @pytest.mark.parametrize("run", V2026.run_params("diffusiongemma_generate"))

@@ -661,6 +661,22 @@ def value_at(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+def _check_diffusiongemma(m: ModelConfig) -> None:
+    """The shape rules of the diffusiongemma backbone: a kind per layer, a window for sliding layers, experts in
+    every layer, a dense MLP width, a canvas."""
+    kinds = list(m.layer_types) or ["full_attention"] * m.blocks
+    if len(kinds) != m.blocks or not set(kinds) <= {"sliding_attention", "full_attention"}:
+        raise ConfigError(f"model.layer_types must name {m.blocks} layers (model.blocks), each sliding_attention or "
+                          f"full_attention")
+    if "sliding_attention" in kinds and m.sliding_window < 2:
+        raise ConfigError(f"sliding_attention layers need model.sliding_window >= 2, got {m.sliding_window}")
+    if m.moe_experts < 1 or not 1 <= m.moe_top_k <= m.moe_experts or m.moe_width < 1 or m.intermediate < 1:
+        raise ConfigError("model.backbone=diffusiongemma has a dense MLP and experts in every layer: set "
+                          "model.intermediate, model.moe_experts, model.moe_top_k (<= experts) and model.moe_width")
+    if (m.global_head_dim or m.head_size) % 2 or not 0 <= m.global_rotary_fraction <= 1:
+        raise ConfigError("model.global_head_dim must be even and model.global_rotary_fraction in [0, 1]")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check choices, value ranges (:data:`RANGES`) and relations that the types alone do not express."""
     for name in cfg.sample.settings:
@@ -690,6 +706,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if any(gemma) and m.backbone != "diffusiongemma":
         raise ConfigError("model.layer_types, sliding_window, global_* and softcap are settings of the diffusiongemma "
                           f"backbone, not {m.backbone}")
+    if m.backbone == "diffusiongemma":
+        _check_diffusiongemma(m)
     if m.rotary_dim % 2 or m.rotary_dim > m.head_size:
         raise ConfigError(f"model.rotary_dim={m.rotary_dim} must be even and at most the head width {m.head_size}")
     if m.moe_experts and not (0 < m.moe_top_k <= m.moe_experts and m.moe_width > 0 and m.moe_experts % m.moe_groups == 0

@@ -13,7 +13,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .config import ConfigError, RunConfig, register_choices, register_rule
+from .config import ConfigError, ModelConfig, RunConfig, register_choices, register_rule
 from .data.dataset import Data
 from .data.labelled import LabelledData
 from .data.tokenization import Tokenizer
@@ -124,7 +124,8 @@ FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
                blocks=True, rules=_a_time_per_block),
     FamilySpec("udlm", "uniform-noise canvas diffusion (DiffusionGemma) language", "uniform-diffusion",
                lambda cfg, tok: build_backbone(cfg.model, canvas_vocab(cfg, tok), False, None), _uniform,
-               decoding="canvas", default_sampler="entropy_bound", infills=False, likelihood=True, blocks=True),
+               decoding="canvas", default_sampler="entropy_bound", infills=False, likelihood=True, blocks=True,
+               servable=True),
     FamilySpec("ilm", "insertion (ILM) language", "insertion-lm", build_insertion_model, _insertion_objective,
                decoding="insertion", default_sampler="insertion", infills=True, likelihood=False, loss_floats=3.2,
                rules=_one_document_per_row),
@@ -148,7 +149,8 @@ def fits(family: str, backbone: str) -> bool:
 def _family_rules(cfg: RunConfig) -> None:
     """The keys that belong to some families: set for the others, they are errors."""
     spec = FAMILIES[cfg.family]
-    if not fits(cfg.family, cfg.model.backbone):
+    adopted = cfg.train.init_from and cfg.model.backbone == ModelConfig.backbone  # the source's backbone, later
+    if not fits(cfg.family, cfg.model.backbone) and not adopted:
         usable = [name for name in BACKBONES if fits(cfg.family, name)]
         raise ConfigError(f"family {cfg.family} does not run on model.backbone={cfg.model.backbone} "
                           f"(it runs on {' or '.join(usable)})")

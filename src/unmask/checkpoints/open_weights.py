@@ -268,17 +268,24 @@ _LLADA2_NAMES = (
     *((f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight",) * 2 for p in ("gate", "up", "down")))
 
 
+GEMMA_GLOBAL_HEAD_DIM = 512  # transformers' width of full-attention heads when a config names none
+
+
 def _diffusiongemma_model(c: dict) -> dict:
     """DiffusionGemma's ``text_config`` (transformers 5.25 ``diffusion_gemma_text``): the layer kinds, the heads of
     full-attention layers (``per_layer_config`` or ``global_head_dim`` / ``num_global_key_value_heads``), the
     rotary of each kind (``rope_parameters``), experts, soft cap; ``canvas_length`` is the top level's."""
     src = "DiffusionGemma config.json text_config"
+    # use_bidirectional_attention "vision" makes image tokens attend both ways: text alone stays causal
     _require(c, src, hidden_activation=("gelu_pytorch_tanh",), attention_bias=(False, None),
-             tie_word_embeddings=(True, None), use_bidirectional_attention=(None, False))
-    kinds = c.get("layer_types")
+             tie_word_embeddings=(True, None), use_bidirectional_attention=(None, False, "vision"))
     layers = _int(c, "num_hidden_layers", src)
+    kinds = c.get("layer_types")
+    if kinds is None:  # transformers' default: five sliding layers, then a full one
+        kinds = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
     if not isinstance(kinds, list) or len(kinds) != layers or not set(kinds) <= {"sliding_attention", "full_attention"}:
         raise CheckpointError(f"{src}: layer_types must list {layers} sliding_attention or full_attention layers")
+    kinds = [*kinds[:-1], "full_attention"]  # transformers makes the last layer full whatever the config says
     heads, head_dim = _int(c, "num_attention_heads", src), _int(c, "head_dim", src)
     kv = _int(c, "num_key_value_heads", src, heads) or heads
     per = c.get("per_layer_config") or {}
@@ -295,7 +302,7 @@ def _diffusiongemma_model(c: dict) -> dict:
         raise CheckpointError(f"{src}: rope_parameters={rope!r} is not supported (default sliding, proportional full)")
     return dict(hidden=_int(c, "hidden_size", src), heads=heads, kv_heads=kv, head_dim=head_dim, blocks=layers,
                 layer_types=kinds, sliding_window=_int(c, "sliding_window", src, 0),
-                global_head_dim=_int(full, "head_dim", src, c.get("global_head_dim") or head_dim),
+                global_head_dim=_int(full, "head_dim", src, c.get("global_head_dim") or GEMMA_GLOBAL_HEAD_DIM),
                 global_kv_heads=_int(full, "num_key_value_heads", src, c.get("num_global_key_value_heads") or kv),
                 rope_base=_number(sliding_rope, "rope_theta", src, 10000.0, 1),
                 global_rope_base=_number(full_rope, "rope_theta", src, 1000000.0, 1),
@@ -739,7 +746,8 @@ def read_open_weights(folder: Path, meta: dict, root: Path | None = None) -> Ope
     if not layout.causal and layout.masks and tokenizer.appended_mask:
         raise CheckpointError(f"{folder}: neither config.json (mask_token_id) nor tokenizer_config.json (mask_token) "
                               f"states the mask token")
-    if model["vocab"] < tokenizer.vocab_size - int(tokenizer.appended_mask and (layout.causal or not layout.masks)):
+    beyond = tokenizer.appended_mask or (not layout.masks and tokenizer.mask_id == tokenizer.vocab_size - 1)
+    if model["vocab"] < tokenizer.vocab_size - int(beyond and (layout.causal or not layout.masks)):
         raise CheckpointError(f"{folder}: the model has {model['vocab']} embedding rows but the tokenizer "
                               f"{tokenizer.vocab_size} ids")
     tree = {"family": layout.family or ("ar" if layout.causal else "mdlm"),
@@ -767,16 +775,20 @@ def save_released(source, directory: str | Path, layout: str, weights: dict[str,
     if layout not in WRITABLE:
         raise CheckpointError(f"unmask writes the {', '.join(WRITABLE)} layouts, not {layout!r}")
     lay, cfg, tokenizer = LAYOUTS[layout], source.config, source.tokenizer
-    m = dataclasses.replace(cfg.model, vocab=max(cfg.model.vocab, tokenizer.vocab_size),
+    vocab = cfg.model.vocab or tokenizer.vocab_size - int(tokenizer.appended_mask) if not lay.masks else \
+        max(cfg.model.vocab, tokenizer.vocab_size)  # a model without a mask token has no row for the appended one
+    m = dataclasses.replace(cfg.model, vocab=vocab,
                             intermediate=cfg.model.intermediate or swiglu_width(cfg.model.hidden))
-    if m.backbone != "llama" or not isinstance(tokenizer, HFTokenizer):
-        raise CheckpointError(f"the {layout} layout holds Llama-backbone models with a Hugging Face tokenizer; "
-                              f"this one is {m.backbone} with a {tokenizer.kind} tokenizer (export it as 'unmask')")
+    if m.backbone != lay.backbone or not isinstance(tokenizer, HFTokenizer):
+        raise CheckpointError(f"the {layout} layout holds {lay.backbone}-backbone models with a Hugging Face "
+                              f"tokenizer; this one is {m.backbone} with a {tokenizer.kind} tokenizer (export it as "
+                              f"'unmask')")
     family = lay.family or ("ar" if lay.causal else "mdlm")
     if family != cfg.family or (layout == "dream") != m.logit_shift:
         raise CheckpointError(f"a {cfg.family} model{' with' if m.logit_shift else ' without'} logit shift does "
                               f"not fit the {layout} layout (it holds {family} models)")
-    if m.qk_norm != lay.qk_norm or (m.head_size != m.hidden // m.heads and not lay.qk_norm):
+    plain_heads = m.head_size == m.hidden // m.heads
+    if lay.backbone == "llama" and (m.qk_norm != lay.qk_norm or (not plain_heads and not lay.qk_norm)):
         raise CheckpointError(f"the {layout} layout holds models {'with' if lay.qk_norm else 'without'} query/key "
                               f"norms{'' if lay.qk_norm else ' and heads of hidden / heads'}; this one has "
                               f"model.qk_norm={m.qk_norm}, heads of {m.head_size}")
@@ -822,19 +834,28 @@ def save_released(source, directory: str | Path, layout: str, weights: dict[str,
         total = sum(v.numel() * v.element_size() for v in theirs.values())
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     if not lay.bare:
+        dtype = str(next(iter(theirs.values())).dtype).split(".")[-1]
         config = {**lay.config_json(m), "model_type": lay.model_types[0],
                   "vocab_size": tokenizer.vocab_size if layout == "llada" else m.vocab,
                   "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
-                  "torch_dtype": str(next(iter(theirs.values())).dtype).split(".")[-1]}
-        if not lay.causal:
+                  "torch_dtype": dtype}
+        if not lay.causal and lay.masks:
             config["mask_token_id"] = tokenizer.mask_id
+        if lay.nested is not None:  # DiffusionGemma: the text model's fields nested, the canvas length at the top
+            text = {**config, "model_type": lay.config_json(m)["model_type"]}
+            config = {"architectures": text.pop("architectures"), "model_type": lay.model_types[0], lay.nested: text,
+                      "canvas_length": m.block_size, "tie_word_embeddings": True, "torch_dtype": dtype,
+                      **{k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         # the special ids again, where the model's own generation code reads them (Dream's from_pretrained
         # requires the file)
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id")
                       if k in config}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1) + "\n")
-    tokenizer.tk.save(str(tmp / "tokenizer.json"))
+    written = json.loads(tokenizer.tk.to_str())
+    if not lay.masks and tokenizer.mask_id >= m.vocab:  # a mask beyond the model's ids is not the model's: left out
+        written["added_tokens"] = [t for t in written.get("added_tokens", []) if t.get("id") != tokenizer.mask_id]
+    (tmp / "tokenizer.json").write_text(json.dumps(written, ensure_ascii=False))
     tk_config = {"bos_token": tokenizer.piece(tokenizer.bos_id), "eos_token": tokenizer.piece(tokenizer.eos_id),
                  "pad_token": tokenizer.piece(tokenizer.pad_id)}
     if tokenizer.chat_template is not None:

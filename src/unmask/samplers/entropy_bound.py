@@ -46,25 +46,27 @@ def accepted(h: torch.Tensor, bound: float) -> torch.Tensor:
 
 
 class EntropyBoundSampler(Sampler):
-    """DiffusionGemma's sampler (its ``generate``). The generated region of each row (the masked positions
-    after its prompt) is filled canvas by canvas, ``C`` = the model's canvas length (``model.block_size``),
-    the last canvas whole. For each canvas: the tokens not yet encoded (the prompt, then the previous canvas)
-    are encoded (an :class:`~unmask.samplers.engine.Encode` call, not counted in NFE: NFE counts decoder
-    passes, as the reference); the canvas starts as uniform draws over the model's vocabulary; step
-    ``s = steps .. 1`` decodes it (self-conditioned on the previous step's tempered logits), tempers with
-    ``T = t_min + (t_max - t_min) s / steps`` (float32), draws ``x ~ softmax(z / T)`` per position
-    (``argmax p / q``, ``q ~ Exp(1)``), accepts the positions :func:`accepted` by ``entropy_bound`` (entropies
-    of the tempered distribution), keeps the draws there and renoises every other position with a uniform
-    token. With ``stop_entropy > 0`` a row stops denoising the canvas once its argmax canvas has been the same
-    for ``stable_steps`` steps and its mean entropy is below ``stop_entropy`` (its canvas, argmax and
-    self-conditioning then stay as they were). The **argmax** canvas of the last step is appended. A row ends
-    at the first canvas holding an EOS (PAD after it) or at the end of its region; PAD fills what follows.
-    Every draw comes from the row's own stream, keyed by (canvas, step, position): rows are batch-invariant,
-    and finished or stopped rows are no longer evaluated. ``tokens_per_forward`` of a row: its generated
-    non-PAD tokens over the decoder passes it took part in (the reference's definition).
+    """DiffusionGemma's sampler (its ``generate``). The generated region of each row (the masked positions after its
+    prompt) is filled canvas by canvas, ``C`` = the model's canvas length (``model.block_size``), the last canvas
+    whole. For each canvas: the tokens not yet encoded (the prompt, then the previous canvas) are encoded (an
+    :class:`~unmask.samplers.engine.Encode` call, not counted in NFE: NFE counts decoder passes, as the reference);
+    the canvas starts as uniform draws over the model's vocabulary; step ``s = steps .. 1`` decodes it (self-conditioned
+    on the previous step's tempered logits), tempers with ``T = t_min + (t_max - t_min) s / steps``
+    (float32), draws ``x ~ softmax(z / T)`` per position (one float64 inverse-CDF draw each; the reference's
+    ``torch.multinomial`` is the race ``argmax p / q``, ``q ~ Exp(1)``: the same distribution, and the tests replay
+    its draws that way), accepts the positions :func:`accepted` by ``entropy_bound`` (entropies of the tempered
+    distribution), keeps the draws there and renoises every other position with a uniform token. With
+    ``stop_entropy > 0`` a row stops denoising the canvas once its argmax canvas has been the same for
+    ``stable_steps`` steps and its mean entropy is below ``stop_entropy`` (its canvas, argmax and
+    self-conditioning then stay as they were).
+    The **argmax** canvas of the last step is appended. A row ends at the first canvas holding an EOS (PAD after it)
+    or at the end of its region; PAD fills what follows. Every draw comes from the row's own stream, keyed by
+    (canvas, step, position): rows are batch-invariant, and finished or stopped rows are no longer evaluated.
+    ``tokens_per_forward`` of a row: its generated non-PAD tokens over the decoder passes it took part in (the
+    reference's definition).
 
-    diffusers' ``DiffusionGemmaPipeline`` differs (it appends the sampled canvas, pads nothing after EOS and
-    applies the temperature twice); this follows transformers' ``generate``, the model's reference.
+    diffusers' ``DiffusionGemmaPipeline`` differs (it appends the sampled canvas, pads nothing after EOS and applies
+    the temperature twice); this follows transformers' ``generate``, the model's reference.
     """
 
     streams = RowStreams  # per-row random streams (tests replay a reference's draws through it)
@@ -135,9 +137,9 @@ class EntropyBoundSampler(Sampler):
                 z = logits / self.temperature(step).to(device)
                 counter = (k * (self.steps + 1) + j)
                 index = torch.arange(c, device=device).repeat(len(live))
-                u = streams.uniforms(rows[live].repeat_interleave(c), counter * PURPOSES + TOKEN, index, z.shape[-1])
                 probs = z.softmax(-1)
-                sampled = top_index(probs / -torch.log(u).float().view_as(probs))
+                sampled = streams.categorical(probs.view(-1, probs.shape[-1]), rows[live].repeat_interleave(c),
+                                              counter * PURPOSES + TOKEN, index).view(len(live), c)
                 h = entropy(z)
                 keep = accepted(h, self.entropy_bound)
                 noise = self._draws(streams, rows[live], counter, REMASK)

@@ -174,7 +174,8 @@ def train(cfg: RunConfig, fresh: bool = False) -> Path:
 ARCHITECTURE = ("backbone", "hidden", "blocks", "heads", "kv_heads", "intermediate", "vocab", "cond_dim", "norm_eps",
                 "qkv_bias", "tie_embeddings", "logit_shift", "rope_base", "head_dim", "qk_norm", "rotary_dim",
                 "moe_experts", "moe_top_k", "moe_width", "moe_shared", "moe_groups", "moe_top_groups", "moe_scale",
-                "moe_dense_layers")
+                "moe_dense_layers", "layer_types", "sliding_window", "global_head_dim", "global_kv_heads",
+                "global_rope_base", "global_rotary_fraction", "softcap")
 
 
 def with_source_architecture(cfg: RunConfig) -> RunConfig:
