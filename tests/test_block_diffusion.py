@@ -5,6 +5,7 @@ decoding with the exact KV cache of committed blocks (cached = uncached, batched
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -311,6 +312,31 @@ def test_stopping_at_eos_pads_the_rest_and_stops_evaluating_the_row():
     assert hits > 0 and int(stopped.row_nfe.sum()) < int(free.row_nfe.sum())
     plain = BlockDiffusionSampler(FirstHittingSampler(objective), 4, False).sample(model, canvas, row_seeds(1, 4))
     assert torch.equal(plain.tokens, free.tokens) and plain.nfe == free.nfe  # every commit rides on a block's call
+
+
+def test_a_stop_list_stops_a_row_at_the_first_of_its_ids():
+    """EOS and ``sample.stop_ids`` (SDAR's ``stopping_criteria_idx``): a row stops at the first of any of them."""
+    model, mask_id, pad = random_dit(), 20, 19
+    objective = BlockDiffusion(LogLinear(), mask_id, 4)
+    tokenizer = CharTokenizer("abcdefghijklmnop")  # (its EOS: 17)
+    canvas = torch.full((4, 32), mask_id)
+    canvas[:, 0] = 3
+    free = BlockDiffusionSampler(FirstHittingSampler(objective), 4, True).sample(model, canvas, row_seeds(1, 4))
+    stops = (tokenizer.eos_id, 5, 11)
+    stopped = BlockDiffusionSampler(FirstHittingSampler(objective), 4, True, stops, pad).sample(
+        model, canvas, row_seeds(1, 4))
+    hits = 0
+    for row, full in zip(stopped.tokens.tolist(), free.tokens.tolist()):
+        first = next((i for i in range(1, len(full)) if full[i] in stops), None)
+        hits += first is not None
+        assert row == (full if first is None else full[:first + 1] + [pad] * (len(full) - first - 1))
+    assert hits > 0
+    cfg = SampleConfig(sampler="first_hitting", stop_at_eos=True, stop_ids=[5, 11])
+    assert make_sampler(cfg, objective, tokenizer, 32).eos_id == stops
+    for bad, words in (({"stop_at_eos": False}, "need sample.stop_at_eos=true"),
+                       ({"stop_ids": [tokenizer.vocab_size]}, "is not a token id")):
+        with pytest.raises(SamplingError, match=words):
+            make_sampler(dataclasses.replace(cfg, **bad), objective, tokenizer, 32)
 
 
 def test_what_does_not_apply_to_block_diffusion_is_refused():

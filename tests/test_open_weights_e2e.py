@@ -485,6 +485,10 @@ def test_a_block_diffusion_folder_fine_tunes_with_lora_and_exports_back(folders,
                  "adapter.targets=[attention,mlp]")
     assert out.returncode == 0, out.stderr
     assert unmask("sample", run, "--prompt", "w1 w2", "sample.length=12", "sample.num_samples=1").returncode == 0
+    kept = from_pretrained(run).config.sample  # the run decodes as its source does
+    source = from_pretrained(folders[layout]).config.sample.settings
+    assert kept.sampler == OWN_SAMPLER.get(layout, layout) and source
+    assert {key: getattr(kept, key) for key in source} == source
     exported = unmask("export", run, tmp_path / "out", "--to", layout)
     assert exported.returncode == 0, exported.stderr
     ids = torch.randint(0, 30, (2, 8))

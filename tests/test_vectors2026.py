@@ -120,12 +120,11 @@ def test_sdar_block_diffusion_generate_call_by_call(tmp_path, run):
     block = kw["block_length"]
     total = -(-(prompt.shape[1] + kw["gen_length"]) // block) * block  # README section 10: whole blocks
     canvas = torch.cat([prompt, torch.full((1, total - prompt.shape[1]), kw["mask_id"])], dim=1)
-    stops = kw["stopping_criteria_idx"] or []
-    assert stops in ([], [lm.tokenizer.eos_id]), "unmask stops at the tokenizer's EOS"
+    stops = kw["stopping_criteria_idx"] or []  # SDAR's stop list: EOS and the rest as sample.stop_ids
     cfg = SampleConfig(sampler="sdar", steps=kw["denoising_steps"], strategy=SDAR_STRATEGIES[kw["remasking_strategy"]],
                        threshold=kw["confidence_threshold"], temperature=kw["temperature"], top_k=kw["top_k"],
                        top_p=kw["top_p"], block_size=block, commit_calls="separate", stop_at_eos=bool(stops),
-                       after_stop="keep")
+                       stop_ids=[i for i in stops if i != lm.tokenizer.eos_id], after_stop="keep")
     sampler = make_sampler(cfg, lm.objective, lm.tokenizer, lm.config.model.length)
     assert isinstance(sampler, BlockDiffusionSampler) and isinstance(sampler.inner, SDARSampler)
     drawn = [0]

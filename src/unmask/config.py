@@ -444,13 +444,14 @@ def register_sample_settings(reader: str, settings: type) -> None:
     run_keys = {f.name for f in dataclasses.fields(SampleConfig)}
     for f in dataclasses.fields(settings):
         dotted, known = f"sample.{f.name}", SAMPLE_KEYS.get(f.name)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # (a list: its factory's)
         if f.name in run_keys:
             raise ValueError(f"{reader}: sample.{f.name} is a key of every decoding, not a sampler's")
         if known is None:
-            SAMPLE_KEYS[f.name] = known = SampleKey(f.name, hints[f.name], f.default, {})
+            SAMPLE_KEYS[f.name] = known = SampleKey(f.name, hints[f.name], default, {})
             if f.name in ranges:
                 RANGES[dotted] = ranges[f.name]
-        elif (known.annotation, known.default, RANGES.get(dotted)) != (hints[f.name], f.default, ranges.get(f.name)):
+        elif (known.annotation, known.default, RANGES.get(dotted)) != (hints[f.name], default, ranges.get(f.name)):
             raise ValueError(f"{reader}: sample.{f.name} is declared with another type, default or range by "
                              f"{', '.join(known.readers)}")
         known.readers[reader] = comments[f.name]

@@ -238,12 +238,12 @@ def choose_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return (ranks_in_row(scores) < counts[:, None]) & (scores > float("-inf"))
 
 
-def stop_at_eos(x: torch.Tensor, free: torch.Tensor, done: torch.Tensor, end: int, eos_id: int,
+def stop_at_eos(x: torch.Tensor, free: torch.Tensor, done: torch.Tensor, end: int, eos_id: int | tuple[int, ...],
                 pad_id: int | None) -> None:
-    """Rows not yet ``done`` whose generated positions (``free``) before ``end`` hold an EOS stop: ``done`` is set
-    (in place) and their generated positions after the first such EOS become PAD (``pad_id`` None: they are left
-    as they are)."""
-    hit = free & (x == eos_id)
+    """Rows not yet ``done`` whose generated positions (``free``) before ``end`` hold an EOS (or any of the stop ids
+    ``eos_id`` names) stop: ``done`` is set (in place) and their generated positions after the first such token
+    become PAD (``pad_id`` None: they are left as they are)."""
+    hit = free & torch.isin(x, torch.tensor(eos_id, device=x.device))
     hit[:, end:] = False
     stopped = hit.any(dim=1) & ~done
     for r in stopped.nonzero()[:, 0].tolist() if pad_id is not None else []:

@@ -3,7 +3,7 @@ a block, an exact KV cache of the committed blocks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -26,10 +26,11 @@ class BlockSettings:
     block_size: int = 0  # positions per decoded block (0: the model's model.block_size)
     commit_calls: str = "joint"  # a decoded block enters the cache with the next block's first call, or alone
     after_stop: str = "pad"  # stop_at_eos: PAD after the EOS, or keep the block as decoded (later blocks masked)
+    stop_ids: list[int] = field(default_factory=list)  # stop_at_eos: more ids that stop a row as EOS does
 
     RANGES: ClassVar[dict[str, str]] = {"block_size": "[0, inf)"}
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"commit_calls": COMMIT_CALLS, "after_stop": AFTER_STOP}
-    SWITCHES: ClassVar[tuple[str, ...]] = ("stop_at_eos", "block_size", "commit_calls", "after_stop")
+    SWITCHES: ClassVar[tuple[str, ...]] = ("stop_at_eos", "block_size", "commit_calls", "after_stop", "stop_ids")
 
 
 class BlockDiffusionSampler(Sampler):
@@ -48,12 +49,14 @@ class BlockDiffusionSampler(Sampler):
     without masked positions are only committed (by a call of their own when other rows have work there).
     With ``eos_id`` a row stops after the block that holds its first generated EOS: ``after_stop="pad"``
     makes the positions after that EOS PAD; ``"keep"`` leaves that block as decoded and the later blocks
-    masked (SDAR's ``stopping_criteria_idx``). A stopped row is no longer evaluated. NFE counts every
+    masked (SDAR's ``stopping_criteria_idx``); ``eos_id`` may be several ids (a stop list: any of them stops a
+    row). A stopped row is no longer evaluated. NFE counts every
     network call.
     """
 
-    def __init__(self, inner: Sampler, block_size: int, kv_cache: bool = True, eos_id: int | None = None,
-                 pad_id: int | None = None, commit_calls: str = "joint", after_stop: str = "pad"):
+    def __init__(self, inner: Sampler, block_size: int, kv_cache: bool = True,
+                 eos_id: int | tuple[int, ...] | None = None, pad_id: int | None = None, commit_calls: str = "joint",
+                 after_stop: str = "pad"):
         if block_size < 1:
             raise SamplingError(f"block_size must be >= 1, got {block_size}")
         if eos_id is not None and pad_id is None and after_stop == "pad":

@@ -184,7 +184,13 @@ def make_sampler(cfg: SampleConfig, objective: Objective, tokenizer: Tokenizer, 
     if spec.decoding != "diffusion" or spec.whole_canvas:
         return inner
     outer = read_settings(wrapper_settings, cfg, wrapper)
-    eos = tokenizer.eos_id if outer.stop_at_eos else None
+    if outer.stop_ids and not outer.stop_at_eos:
+        raise SamplingError("sample.stop_ids are stop tokens beside EOS: they need sample.stop_at_eos=true")
+    outside = [i for i in outer.stop_ids if not 0 <= i < tokenizer.vocab_size]
+    if outside:
+        raise SamplingError(f"sample.stop_ids: {outside[0]} is not a token id (the vocabulary has "
+                            f"{tokenizer.vocab_size})")
+    eos = (tokenizer.eos_id, *outer.stop_ids) if outer.stop_at_eos else None
     if family.blocks:
         if getattr(inner, "guidance", 0):
             raise SamplingError("a block diffusion model generates block by block: sample.guidance does not apply")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -19,9 +19,10 @@ class WindowSettings:
     window: int = 0  # > 0: decode in overlapping windows of this length (outputs longer than the model)
     stride: int = 0  # tokens a window advances (0: window / 2)
     stop_at_eos: bool = False  # stop a row at its first generated EOS (PAD after it)
+    stop_ids: list[int] = field(default_factory=list)  # stop_at_eos: more ids that stop a row as EOS does
 
     RANGES: ClassVar[dict[str, str]] = {"window": "[0, inf)", "stride": "[0, inf)"}
-    SWITCHES: ClassVar[tuple[str, ...]] = ("window", "stop_at_eos")
+    SWITCHES: ClassVar[tuple[str, ...]] = ("window", "stop_at_eos", "stop_ids")
 
 
 class SemiAutoregressiveSampler(Sampler):
@@ -29,12 +30,14 @@ class SemiAutoregressiveSampler(Sampler):
 
     Windows of ``window`` positions, shifted by ``stride``: each round runs ``inner`` on the window
     (the tokens of earlier rounds are fixed there, so the tail of the previous window is the prompt of
-    the next) until the end of the canvas. With ``eos_id`` a row stops at its first generated EOS;
+    the next) until the end of the canvas. With ``eos_id`` (an id, or several: a stop list) a row stops at its
+    first generated EOS;
     the positions after it that were still to be generated become PAD. The inner sampler's guidance
     treats every fixed token of a window (prompt and earlier rounds) as the condition.
     """
 
-    def __init__(self, inner: Sampler, window: int, stride: int, eos_id: int | None = None, pad_id: int | None = None):
+    def __init__(self, inner: Sampler, window: int, stride: int, eos_id: int | tuple[int, ...] | None = None,
+                 pad_id: int | None = None):
         if window < 1 or not 1 <= stride <= window:
             raise SamplingError(f"need 1 <= stride <= window, got window {window}, stride {stride}")
         if eos_id is not None and pad_id is None:

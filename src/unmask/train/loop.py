@@ -181,10 +181,16 @@ ARCHITECTURE = ("backbone", "hidden", "blocks", "heads", "kv_heads", "intermedia
 def with_source_architecture(cfg: RunConfig) -> RunConfig:
     """With ``train.init_from``, every architecture key of ``model.*`` left at its default takes the
     source's value, so continuing a released, converted or earlier model needs no model settings; a key
-    set to something else than the source has is an error naming it."""
+    set to something else than the source has is an error naming it. A run of the source's family also
+    keeps its decoding: with ``sample.sampler=auto``, the source's sampler and the sampler keys the run does
+    not set (an SDAR fine-tune samples as SDAR does)."""
     if not cfg.train.init_from:
         return cfg
-    source, defaults = open_source(cfg.train.init_from).config.model, ModelConfig()
+    opened = open_source(cfg.train.init_from).config
+    if opened.family == cfg.family and cfg.sample.sampler == "auto":
+        cfg = dataclasses.replace(cfg, sample=dataclasses.replace(
+            cfg.sample, sampler=opened.sample.sampler, settings={**opened.sample.settings, **cfg.sample.settings}))
+    source, defaults = opened.model, ModelConfig()
     adopted, conflicts = {}, []
     for key in ARCHITECTURE:
         ours, theirs = getattr(cfg.model, key), getattr(source, key)
