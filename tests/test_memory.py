@@ -54,6 +54,11 @@ def measured_step(cfg, tokenizer) -> int:
     # LLaDA2's mixture of experts (a dense first layer, 8 experts of which 2 per token and a shared one)
     ("mdlm", "llama", ["model.moe_experts=8", "model.moe_top_k=2", "model.moe_width=128", "model.moe_shared=1",
                        "model.moe_groups=4", "model.moe_top_groups=2", "model.moe_dense_layers=1"]),
+    # DiffusionGemma's encoder-decoder on uniform-noise canvases (the constants were measured at 3 layers, 160)
+    ("udlm", "diffusiongemma", ["model.blocks=4", "data.length=96",
+                                "model.layer_types=[sliding_attention,full_attention,sliding_attention,full_attention]",
+                                "model.block_size=16", "model.sliding_window=8", "model.moe_experts=6",
+                                "model.moe_top_k=2", "model.moe_width=64", "model.intermediate=256"]),
 ])
 def test_the_plan_is_within_15_percent_of_the_measured_peak(one_thread, family, backbone, extra):
     cfg = load_config(None, [f"family={family}", f"model.backbone={backbone}", "model.hidden=192", "model.heads=4",

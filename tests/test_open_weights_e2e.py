@@ -470,8 +470,11 @@ def word_lines(path: Path) -> Path:
 
 
 def fine_tune(layout: str) -> list[str]:
-    """The fine-tuning keys for a folder of ``layout``: its family (uniform-noise canvases for DiffusionGemma)."""
-    return [f"family={'udlm' if layout == 'diffusiongemma' else 'bd3lm'}", *FINE_TUNE[1:]]
+    """The fine-tuning keys for a folder of ``layout``: its family (uniform-noise canvases for DiffusionGemma, whose
+    canvas length then comes from the folder)."""
+    if layout == "diffusiongemma":
+        return ["family=udlm", *(k for k in FINE_TUNE[1:] if not k.startswith("model.block_size="))]
+    return FINE_TUNE
 
 
 @pytest.mark.parametrize("layout", ["sdar", "llada2", "diffusiongemma"])
@@ -486,9 +489,12 @@ def test_a_block_diffusion_folder_fine_tunes_with_lora_and_exports_back(folders,
     assert out.returncode == 0, out.stderr
     assert unmask("sample", run, "--prompt", "w1 w2", "sample.length=12", "sample.num_samples=1").returncode == 0
     kept = from_pretrained(run).config.sample  # the run decodes as its source does
-    source = from_pretrained(folders[layout]).config.sample.settings
+    released = from_pretrained(folders[layout]).config
+    source = released.sample.settings
     assert kept.sampler == OWN_SAMPLER.get(layout, layout) and source
     assert {key: getattr(kept, key) for key in source} == source
+    assert from_pretrained(run).config.model.block_size == (released.model.block_size if layout == "diffusiongemma"
+                                                             else 4)  # the source's, unless the run chooses
     exported = unmask("export", run, tmp_path / "out", "--to", layout)
     assert exported.returncode == 0, exported.stderr
     ids = torch.randint(0, 30, (2, 8))

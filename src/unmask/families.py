@@ -125,7 +125,7 @@ FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (
     FamilySpec("udlm", "uniform-noise canvas diffusion (DiffusionGemma) language", "uniform-diffusion",
                lambda cfg, tok: build_backbone(cfg.model, canvas_vocab(cfg, tok), False, None), _uniform,
                decoding="canvas", default_sampler="entropy_bound", infills=False, likelihood=True, blocks=True,
-               servable=True),
+               servable=True, loss_floats=18.6),
     FamilySpec("ilm", "insertion (ILM) language", "insertion-lm", build_insertion_model, _insertion_objective,
                decoding="insertion", default_sampler="insertion", infills=True, likelihood=False, loss_floats=3.2,
                rules=_one_document_per_row),
@@ -155,7 +155,7 @@ def _family_rules(cfg: RunConfig) -> None:
         raise ConfigError(f"family {cfg.family} does not run on model.backbone={cfg.model.backbone} "
                           f"(it runs on {' or '.join(usable)})")
     blocked = " or ".join(f.name for f in FAMILIES.values() if f.blocks)
-    if spec.blocks and cfg.model.block_size < 1:
+    if spec.blocks and cfg.model.block_size < 1 and not cfg.train.init_from:  # (else the source's, checked then)
         raise ConfigError(f"family {spec.name} needs model.block_size >= 1 (tokens per block)")
     if not spec.blocks and cfg.model.block_size:
         raise ConfigError(f"model.block_size is for block diffusion models (family {blocked})")

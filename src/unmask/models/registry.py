@@ -43,7 +43,7 @@ BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
                  {"attention": [r".*\.attn\.c_(attn|proj)"], "mlp": [r".*\.mlp\.c_(fc|proj)"]}, 19.0),
     BackboneSpec("diffusiongemma", diffusiongemma.DiffusionGemma, diffusiongemma.Layer,
                  {"attention": [r"layers\.\d+\.self_attn\.[qkvo]_proj"],
-                  "mlp": [r"layers\.\d+\.mlp\.(gate|up|down)_proj"]}, 40.0, families=("udlm",)),
+                  "mlp": [r"layers\.\d+\.mlp\.(gate|up|down)_proj"]}, 32.1, families=("udlm",)),
 )}
 register_choices("model.backbone", tuple(BACKBONES))
 

@@ -34,7 +34,7 @@ from ..checkpoints.checkpoint import (
 )
 from ..checkpoints.pretrained import check_base, initialize_from, open_source, source_reference
 from ..checkpoints.runfolder import RunLock, clear_run_folder
-from ..config import ConfigError, ModelConfig, RunConfig, dump_config, to_dict
+from ..config import ConfigError, ModelConfig, RunConfig, dump_config, to_dict, validate
 from ..data.layouts import BatchOrder, counted_positions, random_lengths
 from ..data.tokenization import with_oov_policy
 from ..eval.classification import classification_metrics, predict, selection_score
@@ -176,6 +176,7 @@ ARCHITECTURE = ("backbone", "hidden", "blocks", "heads", "kv_heads", "intermedia
                 "moe_experts", "moe_top_k", "moe_width", "moe_shared", "moe_groups", "moe_top_groups", "moe_scale",
                 "moe_dense_layers", "layer_types", "sliding_window", "global_head_dim", "global_kv_heads",
                 "global_rope_base", "global_rotary_fraction", "softcap")
+CHOSEN = ("block_size",)  # taken from the source when left at the default, else the run's own choice
 
 
 def with_source_architecture(cfg: RunConfig) -> RunConfig:
@@ -192,15 +193,15 @@ def with_source_architecture(cfg: RunConfig) -> RunConfig:
             cfg.sample, sampler=opened.sample.sampler, settings={**opened.sample.settings, **cfg.sample.settings}))
     source, defaults = opened.model, ModelConfig()
     adopted, conflicts = {}, []
-    for key in ARCHITECTURE:
+    for key in (*ARCHITECTURE, *CHOSEN):
         ours, theirs = getattr(cfg.model, key), getattr(source, key)
         if ours == getattr(defaults, key):
             adopted[key] = theirs
-        elif ours != theirs:
+        elif ours != theirs and key not in CHOSEN:
             conflicts.append(f"model.{key}={ours} (it has {theirs})")
     if conflicts:
         raise ConfigError(f"train.init_from={cfg.train.init_from} fixes the architecture: {'; '.join(conflicts)}")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **adopted))
+    return validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **adopted)))
 
 
 def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracker: LiveTensorBytes | None) -> Path:
