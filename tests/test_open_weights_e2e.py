@@ -146,7 +146,7 @@ def test_serve_chat_completions_apply_the_chat_template(server):
     assert lone.status_code == 400 and "a message holds a lone surrogate (U+DFFF" in lone.text, lone.text
 
 
-@pytest.mark.parametrize("layout", ["llada", "dream"])
+@pytest.mark.parametrize("layout", ["llada", "dream", "diffusiongemma"])
 def test_lm_eval_scores_a_released_folder(folders, layout):
     pytest.importorskip("lm_eval")
     from unmask.eval.lm_eval import UnmaskLM
@@ -173,11 +173,12 @@ def test_unmask_rl_fine_tunes_a_released_folder(folders, tmp_path):
     assert tuned.config.model.backbone == "llama" and tuned.config.sample.sampler == "llada"
 
 
-def test_unmask_sample_chat_answers_in_the_chat_template(folders):
-    out = unmask("sample", folders["llada"], "--chat", "--prompt", "w5 w6", "sample.length=24", "sample.steps=16",
+@pytest.mark.parametrize("layout", ["llada", "diffusiongemma"])
+def test_unmask_sample_chat_answers_in_the_chat_template(folders, layout):
+    out = unmask("sample", folders[layout], "--chat", "--prompt", "w5 w6", "sample.length=24", "sample.steps=16",
                  "sample.block_length=8", "sample.num_samples=1")
     assert out.returncode == 0, out.stderr
-    lm = from_pretrained(folders["llada"])
+    lm = from_pretrained(folders[layout])
     gen = lm.generate(["w5 w6"], chat=True, length=24, steps=16, block_length=8, num_samples=1)
     prompt = lm.tokenizer.encode(render_chat(lm.tokenizer.chat_template, [{"role": "user", "content": "w5 w6"}]))
     assert gen.ids[0][:len(prompt)] == prompt.tolist()  # the template's text, no BOS added before it

@@ -225,7 +225,8 @@ def continuation_loglikelihoods(model, objective: Objective, sequences: list[lis
                 full = torch.where(counted, torch.full_like(x0, objective.mask_id), x0)
                 ones = torch.ones(len(group), dtype=torch.float64, device=device)
                 logits = objective.logits(model, full, x0, objective.model_sigma(ones)).float()
-            logits[..., objective.mask_id] = float("-inf")
+            if objective.mask_id < logits.shape[-1]:  # (a uniform-noise model has no mask among its outputs)
+                logits[..., objective.mask_id] = float("-inf")
             greedy = ((logits.argmax(-1) == x0) | ~counted).all(-1)
             for r, i in enumerate(group):
                 stderr = float(nats[r].std() / math.sqrt(k)) if k > 1 else float("nan")

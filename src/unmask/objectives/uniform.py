@@ -114,6 +114,12 @@ class UniformDiffusion(BlockDiffusion):
         """Not available: the count estimator is MDLM's; always raises ``ValueError``."""
         raise ValueError("the count estimator is MDLM's; uniform-noise diffusion is scored with the time estimator")
 
+    NOISE_SEED = 0  # the fixed draw that stands for the mask in a canvas asked for at t = 1
+
     def logits(self, model, xt: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Logits (B, L, V) at ``x_t``, each canvas given the clean tokens of ``x0`` before it."""
+        """Logits (B, L, V) at ``x_t``, each canvas given the clean tokens of ``x0`` before it; positions of ``x_t``
+        holding the mask (a canvas at ``t = 1``, as the likelihood's greedy check asks) take uniform tokens of a
+        fixed draw (:data:`NOISE_SEED`): a uniform-noise model never sees a mask."""
+        noise = torch.randint(0, self.vocab, xt.shape, generator=torch.Generator().manual_seed(self.NOISE_SEED))
+        xt = torch.where(xt == self.mask_id, noise.to(xt.device), xt)
         return model(xt, clean=x0)
