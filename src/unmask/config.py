@@ -101,17 +101,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                      vocab=152064, length=131072, rope_base=1000000.0, norm_eps=1e-6, qkv_bias=True,
                      logit_shift=True, dropout=0.0),
     # the 2026 block-diffusion releases (family=bd3lm with model.block_size; their README figures): LLaDA2.0/2.1-mini
-    # (Ling 2.0 MoE, 16B total) and SDAR-1.7B/4B/8B (Qwen3's shapes)
+    # (Ling 2.0 MoE, 16B total) and SDAR-4B/8B-Chat (their config.json: Qwen3's shapes, untied)
     "llada2-mini": dict(backbone="llama", hidden=2048, blocks=20, heads=16, kv_heads=4, head_dim=128, qk_norm=True,
                         rotary_dim=64, intermediate=5120, vocab=157184, length=32768, rope_base=600000.0, norm_eps=1e-6,
                         moe_experts=256, moe_top_k=8, moe_width=512, moe_shared=1, moe_groups=8, moe_top_groups=4,
                         moe_scale=2.5, moe_dense_layers=1, dropout=0.0),
-    "sdar-1.7b": dict(backbone="llama", hidden=2048, blocks=28, heads=16, kv_heads=8, head_dim=128, qk_norm=True,
-                      intermediate=6144, vocab=151936, length=32768, rope_base=1000000.0, norm_eps=1e-6,
-                      tie_embeddings=True, dropout=0.0),
     "sdar-4b": dict(backbone="llama", hidden=2560, blocks=36, heads=32, kv_heads=8, head_dim=128, qk_norm=True,
-                    intermediate=9728, vocab=151936, length=32768, rope_base=1000000.0, norm_eps=1e-6,
-                    tie_embeddings=True, dropout=0.0),
+                    intermediate=9728, vocab=151936, length=32768, rope_base=1000000.0, norm_eps=1e-6, dropout=0.0),
     "sdar-8b": dict(backbone="llama", hidden=4096, blocks=36, heads=32, kv_heads=8, head_dim=128, qk_norm=True,
                     intermediate=12288, vocab=151936, length=32768, rope_base=1000000.0, norm_eps=1e-6, dropout=0.0),
     # SMDM's two main released sizes (Diff_LLaMA_170M and _1028M; vocabulary 32,000 + the mask)
