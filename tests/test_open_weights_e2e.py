@@ -535,6 +535,7 @@ BAD_VARIANTS = {  # a released folder's config edited -> the words of the one-li
                                    "rope_parameters="),
     ("diffusiongemma", "window"): ({"text_config": {"sliding_window": 1}}, "model.sliding_window >= 2"),
     ("diffusiongemma", "no text model"): ({"text_config": None}, "has no text_config object"),
+    ("diffusiongemma", "huge canvas"): ({"canvas_length": 10 ** 9}, "model.block_size=1000000000 (the canvas) exceeds"),
 }
 
 
@@ -546,3 +547,12 @@ def test_an_unknown_variant_or_a_mismatch_is_one_line_naming_the_field(folders, 
     _config(folder, **changes)
     out = unmask("sample", folder, "--prompt", "w1", "sample.length=8", "sample.num_samples=1")
     assert out.returncode == 2 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_diffusiongemma_request_past_the_models_length_is_one_line(folders):
+    """Whole canvases after the prompt must fit the model's positions: refused before any work."""
+    limit = from_pretrained(folders["diffusiongemma"]).config.model.length
+    out = unmask("sample", folders["diffusiongemma"], "--prompt", "w1", f"sample.length={limit - 1}",
+                 "sample.num_samples=1")
+    assert out.returncode == 2 and "exceed the model's length" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -676,6 +676,8 @@ def _check_diffusiongemma(m: ModelConfig) -> None:
     if m.moe_experts < 1 or not 1 <= m.moe_top_k <= m.moe_experts or m.moe_width < 1 or m.intermediate < 1:
         raise ConfigError("model.backbone=diffusiongemma has a dense MLP and experts in every layer: set "
                           "model.intermediate, model.moe_experts, model.moe_top_k (<= experts) and model.moe_width")
+    if m.block_size > m.length:
+        raise ConfigError(f"model.block_size={m.block_size} (the canvas) exceeds the model's length {m.length}")
     if (m.global_head_dim or m.head_size) % 2 or not 0 <= m.global_rotary_fraction <= 1:
         raise ConfigError("model.global_head_dim must be even and model.global_rotary_fraction in [0, 1]")
 

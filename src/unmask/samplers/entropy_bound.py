@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from ..objectives.base import unwrap
 from .base import ORDER, PURPOSES, REMASK, TOKEN, RowStreams, SamplingError, top_index
 from .engine import DecodeCanvas, Decoding, Encode, Frame, Outcome, Sampler
 
@@ -102,6 +103,11 @@ class EntropyBoundSampler(Sampler):
             raise SamplingError("every row needs masked positions to generate")
         if bool(((canvas >= self.vocab) & ~free).any()):
             raise SamplingError(f"a prompt token is outside the model's {self.vocab} ids")
+        whole = int(prompt.max()) + self.canvas * int((-(-(canvas.shape[1] - prompt) // self.canvas)).max())
+        limit = unwrap(model).cfg.length
+        if whole > limit:
+            raise SamplingError(f"{whole} positions (the prompt and whole canvases of {self.canvas}) exceed the "
+                                f"model's length {limit}")
         return self._decode(canvas, prompt, self.streams(seeds))
 
     def _draws(self, streams: RowStreams, rows: torch.Tensor, counter: int, purpose: int) -> torch.Tensor:
