@@ -46,6 +46,11 @@ def test_the_command_makes_openmp_wait_passively_unless_the_user_chose(preset, f
     assert torch_loaded == str(first == "torch")  # importing unmask loads nothing heavy
 
 
+def test_an_unknown_loading_option_is_an_error_not_ignored(tmp_path):
+    with pytest.raises(TypeError, match="unknown model-source option 'dtype'"):
+        unmask.from_pretrained(tmp_path, dtype="bfloat16")
+
+
 def test_public_names():
     for name in unmask.__all__:
         assert getattr(unmask, name) is not None, name

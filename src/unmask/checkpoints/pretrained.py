@@ -233,6 +233,9 @@ class AdapterCheckpoint(WeightSource):
         return self.ckpt.has("ema")
 
 
+CKPT_OPTIONS = {"heads", "length", "time_conditioning"}  # what a Lightning .ckpt cannot say about itself
+
+
 def open_source(path: str | Path, tokenizer_path: str | None = None,
                 **ckpt_options) -> Checkpoint | Pretrained | OpenWeights:
     """The model source at ``path`` (see the module docstring); nothing is built yet.
@@ -241,6 +244,9 @@ def open_source(path: str | Path, tokenizer_path: str | None = None,
     ``.ckpt`` cannot say about itself. Files are read only from inside the given folder (or, for a
     hub snapshot, inside its repository's cache folder).
     """
+    unknown = sorted(set(ckpt_options) - CKPT_OPTIONS)
+    if unknown:  # (not silently ignored: from_pretrained passes its extra keywords here)
+        raise TypeError(f"unknown model-source option {unknown[0]!r} (known: {', '.join(sorted(CKPT_OPTIONS))})")
     p, root = Path(path), None
     if not p.exists():
         if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
