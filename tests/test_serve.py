@@ -170,6 +170,30 @@ def test_health_metadata_and_page(server):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "/v1/completions" in page.text
 
 
+def test_metrics_count_requests_tokens_batches_and_latencies(checkpoints):
+    """``GET /metrics`` in Prometheus' text format (parsed by its own client), on a server of its own."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    service = service_for(checkpoints["mdlm"])
+    with running_server(service) as url:
+        assert post(url, {"prompt": "the ", "max_tokens": 8, "n": 2, "seed": 1, "steps": 4}).status_code == 200
+        events = stream_events(url, {"prompt": "a", "max_tokens": 6, "seed": 2, "steps": 3})
+        assert events[-1] == "[DONE]"
+        assert_error(post(url, {"prompt": "x", "steps": 10 ** 6}), 400)  # refused before admission: not counted
+        r = httpx.get(f"{url}/metrics")
+    service.close()
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(r.text) for s in family.samples}
+    assert samples["unmask_requests_total", (("outcome", "done"),)] == 2
+    assert samples["unmask_generated_tokens_total", ()] == 2 * 8 + 6
+    assert samples["unmask_batch_rows_count", ()] == 2 and samples["unmask_batch_rows_sum", ()] == 3
+    assert samples["unmask_request_seconds_count", ()] == 2 and samples["unmask_request_seconds_sum", ()] > 0
+    assert samples["unmask_time_to_first_step_seconds_count", ()] == 1
+    assert samples["unmask_requests_pending", ()] == 0 and samples["unmask_requests_running", ()] == 0
+    assert samples["unmask_generated_tokens_per_second", ()] > 0
+
+
 def test_completion_is_reproducible_by_seed(server):
     url, _ = server
     body = {"prompt": "the ", "max_tokens": 12, "seed": 7, "sampler": "ancestral", "steps": 6}

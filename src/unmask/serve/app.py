@@ -15,7 +15,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -174,6 +174,10 @@ def create_app(service: ModelService):
         if problem:
             return error_response(503, problem)
         return {"status": "ok", "pending": service.pending, **service.stats}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.exposition(), media_type=service.metrics.content_type)
 
     @app.get("/v1/models")
     async def models():

@@ -22,6 +22,7 @@ from ..pipeline import MASK_MARK, chat_answer, chat_prompt, encode_fixed, make_c
 from ..runtime import autocast, resolve_precision
 from ..samplers.base import SamplingError, row_seeds
 from ..samplers.registry import SAMPLERS, make_sampler, samplers_for
+from .metrics import ServeMetrics
 
 
 @dataclasses.dataclass
@@ -116,6 +117,7 @@ class Job:
     finished: bool = False
     queued: int = 0  # step events sent (written by the worker only)
     taken: int = 0  # step events read (written by the event loop only)
+    admitted: float = dataclasses.field(default_factory=time.monotonic)  # when it was queued (for the metrics)
 
     def emit(self, kind: str, payload) -> None:
         """Queue the event ``(kind, payload)`` for the request's handler (thread-safe); cancels the job when the
@@ -168,6 +170,7 @@ class ModelService:
         self.pending = 0
         self.lock = threading.Lock()
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "largest_batch": 0, "restarts": 0}
+        self.metrics = ServeMetrics(pending=lambda: self.pending, running=lambda: len(self.current))
         self.stopping = False
         self.died = ""
         self.worker = self._start_worker()
@@ -387,6 +390,8 @@ class ModelService:
             if keeping_up:
                 x = x.cpu()
                 for i in keeping_up:
+                    if not batch[i].queued:
+                        self.metrics.first_step.observe(time.monotonic() - batch[i].admitted)
                     batch[i].queued += 1
                     batch[i].emit("step", (steps, x[bounds[i]:bounds[i + 1]].clone()))
 
@@ -405,6 +410,7 @@ class ModelService:
             self.stats["batches"] += 1
             self.stats["rows"] += len(canvas)
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        self.metrics.batch(len(canvas), result.generated, result.seconds)
         tokens, row_nfe = result.tokens.cpu(), result.row_nfe.cpu()
         for i, job in enumerate(batch):
             self._finish(job, "done", {"tokens": tokens[bounds[i]:bounds[i + 1]], "steps": steps,
@@ -418,6 +424,7 @@ class ModelService:
                 return
             job.finished = True
             self.pending -= 1
+        self.metrics.answered(kind, time.monotonic() - job.admitted)
         job.emit(kind, payload)
 
     def close(self) -> None:
