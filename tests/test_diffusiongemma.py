@@ -67,10 +67,12 @@ def unmask_logits(model, ids, canvas, self_conditioning=None):
 
 
 # the text config's variants: image tokens attending both ways (text alone is causal as without), and transformers'
-# defaults for the layer pattern (5 sliding : 1 full, the last full) and the full layers' heads (512 wide)
+# defaults for the layer pattern (5 sliding : 1 full, the last full), the full layers' heads (512 wide), the rotary
+# of each kind and the soft cap (class defaults: not in config.json)
 VARIANTS = {"as given": TEXT, "bidirectional vision": {**TEXT, "use_bidirectional_attention": "vision"},
             "defaults": {**{k: v for k, v in TEXT.items()
-                            if k not in ("layer_types", "global_head_dim", "num_global_key_value_heads")},
+                            if k not in ("layer_types", "global_head_dim", "num_global_key_value_heads",
+                                         "final_logit_softcapping", "rope_parameters")},
                          "num_hidden_layers": 7}}
 
 
@@ -79,8 +81,8 @@ def test_a_folder_written_by_transformers_gives_its_logits(tmp_path, variant):
     folder, reference = reference_folder(tmp_path / "dg", text=VARIANTS[variant])
     if variant == "defaults":  # a config.json that leaves them out: unmask fills in what transformers would
         config = json.loads((folder / "config.json").read_text())
-        for key in ("layer_types", "per_layer_config"):
-            del config["text_config"][key]
+        for key in ("layer_types", "per_layer_config", "rope_parameters", "final_logit_softcapping"):
+            config["text_config"].pop(key, None)
         (folder / "config.json").write_text(json.dumps(config))
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert any(".vision_tower." in k for k in f.keys())  # the vision tower is there, and ignored

@@ -288,3 +288,18 @@ def test_the_uniform_noise_bound_matches_the_papers_form_and_its_closed_forms():
                                         torch.full((len(t),), x), torch.full((len(t),), z), a, -torch.ones_like(t))
             total += float((torch.tensor(weights / 2) * q * f).sum()) / n
     assert abs(total - math.log(n)) < 1e-9
+
+
+def test_the_uniform_noise_bound_has_finite_gradients_at_the_ends_of_time():
+    """t = 1 (alpha = 0: the integrand's limit 0) and t so small that alpha rounds to 1 in float32 give finite
+    values and gradients (float32 model outputs, float64 times)."""
+    from unmask.objectives.uniform import uniform_nelbo_integrand
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 7, requires_grad=True)
+    x0, zt = torch.tensor([2, 2, 3, 3]), torch.tensor([2, 5, 3, 6])
+    alpha = torch.tensor([0.0, 1 - 1e-9, 1 - 1e-12, 0.5], dtype=torch.float64)
+    f = uniform_nelbo_integrand(logits.log_softmax(-1), x0, zt, alpha, -torch.ones(4, dtype=torch.float64))
+    f.sum().backward()
+    assert bool(torch.isfinite(f).all()) and bool(torch.isfinite(logits.grad).all())
+    assert float(f[0]) == 0 and float(f[1]) > 1e6  # a rare corruption seen at t near 0 weighs ~ 1 / (1 - alpha)

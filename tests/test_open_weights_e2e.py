@@ -23,9 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from unmask.checkpoints.checkpoint import CheckpointError
 from unmask.cli import main
+from unmask.config import SampleConfig
 from unmask.data.chat import ChatTemplateError, render_chat
 from unmask.pipeline import from_pretrained
 from unmask.samplers.base import SamplingError
+from unmask.samplers.registry import make_sampler
 
 from released_folders import hf_causal_folder, random_folder
 from runs import free_port
@@ -556,3 +558,50 @@ def test_a_diffusiongemma_request_past_the_models_length_is_one_line(folders):
                  "sample.num_samples=1")
     assert out.returncode == 2 and "exceed the model's length" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_diffusiongemma_frames_show_the_canvas_and_each_row_is_checked_on_its_own(folders):
+    """Streamed frames have the request's width, masks where nothing is decided yet; the length check is per row
+    (a batch whose rows each fit is served)."""
+    lm = from_pretrained(folders["diffusiongemma"])
+    size, limit, mask = lm.config.model.block_size, lm.config.model.length, lm.tokenizer.mask_id
+    sampler = make_sampler(SampleConfig(sampler="entropy_bound", steps=2), lm.objective, lm.tokenizer, limit)
+    length = limit - 1
+    canvas = torch.full((2, length), mask)
+    canvas[1, :size] = torch.arange(1, size + 1)  # row 1: a prompt of one canvas; row 0: none
+    frames = []
+    result = sampler.sample(lm.model, canvas, torch.arange(2), on_step=lambda x: frames.append(x.clone()))
+    assert frames and all(f.shape == canvas.shape for f in frames)
+    assert bool((frames[0][:, 2 * size:] == mask).all()) and not bool((result.tokens == mask).any())
+    assert torch.equal(result.tokens[1, :size], canvas[1, :size])
+
+
+def test_diffusiongemma_tied_copies_are_checked_against_what_they_copy(folders, tmp_path):
+    """A folder may store the tied copies (the output layer, the encoder's weights): equal ones load, a copy that
+    differs from the decoder tensor it stands for is a one-line error naming both."""
+    folder = tmp_path / "dg"
+    shutil.copytree(folders["diffusiongemma"], folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    originals = {}
+    for shard in set(index["weight_map"].values()):
+        originals.update(load_file(str(folder / shard)))
+    copies = {"lm_head.weight": originals["model.decoder.embed_tokens.weight"],
+              "model.encoder.language_model.layers.0.mlp.gate_proj.weight":
+                  originals["model.decoder.layers.0.mlp.gate_proj.weight"]}
+
+    def store(tensors):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "copies.safetensors"))
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {**index, "weight_map": {**index["weight_map"], **dict.fromkeys(tensors, "copies.safetensors")}}))
+
+    store(copies)
+    ids = torch.randint(0, 30, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(folder).model(ids, clean=ids),
+                           from_pretrained(folders["diffusiongemma"]).model(ids, clean=ids))
+    store({**copies, "model.encoder.language_model.layers.0.mlp.gate_proj.weight":
+           torch.zeros_like(copies["model.encoder.language_model.layers.0.mlp.gate_proj.weight"])})
+    out = unmask("sample", folder, "--prompt", "w1", "sample.length=8", "sample.num_samples=1")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "'model.encoder.language_model.layers.0.mlp.gate_proj.weight' is a tied copy of " \
+           "'model.decoder.layers.0.mlp.gate_proj.weight' but differs" in out.stderr

@@ -71,6 +71,8 @@ class Layout:
     qk_norm: bool = False  # its attention has query/key norms and heads of their own width (Qwen3)
     ignore: tuple[str, ...] = ()  # checkpoint keys that are not parameters (regular expressions)
     sample: tuple[tuple[str, object], ...] = ()  # the sample.* defaults the model's own repository uses
+    # a tied copy's checkpoint key -> the key of the tensor it must equal (None: not a copy); checked, not loaded
+    tied: Callable[[str], str | None] | None = None
     backbone: str = "llama"  # the network its models run on (model.backbone)
     nested: str | None = None  # the config.json entry that holds the model's fields and token ids (text_config)
     masks: bool = True  # its models have a mask token (else the tokenizer's appended mask is never an input)
@@ -268,7 +270,12 @@ _LLADA2_NAMES = (
     *((f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight",) * 2 for p in ("gate", "up", "down")))
 
 
-GEMMA_GLOBAL_HEAD_DIM = 512  # transformers' width of full-attention heads when a config names none
+# transformers' values where a DiffusionGemma config.json says nothing (its class defaults, which save_pretrained
+# does not write): the full layers' head width, the rotary of each kind, the logits' soft cap
+GEMMA_GLOBAL_HEAD_DIM = 512
+GEMMA_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+              "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0}}
+GEMMA_SOFTCAP = 30.0
 
 
 def _diffusiongemma_model(c: dict) -> dict:
@@ -295,8 +302,8 @@ def _diffusiongemma_model(c: dict) -> dict:
         raise CheckpointError(f"{src}: per_layer_config must give every full_attention layer the same head shape, "
                               f"and no sliding layer one of its own")
     full = overrides[0] if overrides else {}
-    rope = c.get("rope_parameters") or {}
-    sliding_rope, full_rope = rope.get("sliding_attention", {}), rope.get("full_attention", {})
+    rope = {**GEMMA_ROPE, **(c.get("rope_parameters") or {})}
+    sliding_rope, full_rope = rope["sliding_attention"], rope["full_attention"]
     if sliding_rope.get("rope_type", "default") != "default" or \
             full_rope.get("rope_type", "default") not in ("default", "proportional"):
         raise CheckpointError(f"{src}: rope_parameters={rope!r} is not supported (default sliding, proportional full)")
@@ -310,7 +317,8 @@ def _diffusiongemma_model(c: dict) -> dict:
                 intermediate=_int(c, "intermediate_size", src), vocab=_int(c, "vocab_size", src),
                 length=_int(c, "max_position_embeddings", src), norm_eps=_number(c, "rms_norm_eps", src, 1e-6, 0),
                 moe_experts=_int(c, "num_experts", src), moe_top_k=_int(c, "top_k_experts", src),
-                moe_width=_int(c, "moe_intermediate_size", src), softcap=float(c.get("final_logit_softcapping") or 0.0),
+                moe_width=_int(c, "moe_intermediate_size", src),
+                softcap=float(c.get("final_logit_softcapping", GEMMA_SOFTCAP) or 0.0),  # (null: none)
                 tie_embeddings=True)
 
 
@@ -347,9 +355,19 @@ _DIFFUSIONGEMMA_NAMES = (
       for n in ("pre_norm", "gate_proj", "up_proj", "down_proj")),
     *((f"model.decoder.layers.{{i}}.{n}", f"layers.{{i}}.{n}") for n in _DG_LAYER),
     ("model.encoder.language_model.layers.{i}.layer_scalar", "layers.{i}.encoder_layer_scalar"))
-# the tied aliases of decoder tensors (the output layer, the encoder's copies) and the vision tower
+# the tied copies of decoder tensors (the output layer, the encoder's copies: checked against them) and the vision tower
 _DIFFUSIONGEMMA_IGNORED = (r"lm_head\.weight", r"model\.encoder\.language_model\.(?!layers\.\d+\.layer_scalar$).*",
                            r"model\.encoder\.(vision_tower|embed_vision)\..*")
+
+
+def _diffusiongemma_tied(key: str) -> str | None:
+    """The decoder key a tied copy stands for: the output layer is the embedding; the encoder's weights (not its
+    layer scalars) are the decoder's."""
+    if key == "lm_head.weight":
+        return "model.decoder.embed_tokens.weight"
+    m = re.fullmatch(r"model\.encoder\.language_model\.(.+)", key)
+    return None if m is None or re.fullmatch(r"layers\.\d+\.layer_scalar", m.group(1)) else \
+        f"model.decoder.{m.group(1)}"
 
 
 def _llada_json(m: ModelConfig) -> dict:
@@ -512,6 +530,7 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
                    ("after_stop", "keep"))),
     Layout("diffusiongemma", ("diffusion_gemma",), _DIFFUSIONGEMMA_NAMES, _diffusiongemma_model, _diffusiongemma_json,
            family="udlm", backbone="diffusiongemma", nested="text_config", masks=False, ignore=_DIFFUSIONGEMMA_IGNORED,
+           tied=_diffusiongemma_tied,
            sample=(("sampler", "entropy_bound"), ("steps", 48))),
     Layout("qwen2", ("qwen2",), _HF_NAMES, lambda c: _qwen2_model(c, shift=False, bias=True),
            _qwen2_json("Qwen2ForCausalLM"), causal=True),
@@ -611,7 +630,9 @@ class OpenWeights(WeightSource):
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         tensors = {k: with_mask_row(model, k, v, shapes[k], self.tokenizer.mask_id) if k in shapes else v
                    for k, v in self.tensors()}
-        return check_weights(model, tensors, str(self.path))
+        checked = check_weights(model, tensors, str(self.path))
+        self.check_tied_copies(checked)
+        return checked
 
     def ema_state(self) -> None:
         """None: released weights come without a separate EMA."""
@@ -663,8 +684,27 @@ class OpenWeights(WeightSource):
         if missing:
             raise CheckpointError(f"{self.path} lacks {len(missing)} parameters of the model, e.g. "
                                   f"{self.layout.to_theirs(missing[0])!r}")
+        self.check_tied_copies(model.state_dict())
         model.materialize(device)
         return model
+
+    def check_tied_copies(self, state: dict[str, torch.Tensor]) -> None:
+        """Every tied copy the folder stores (``Layout.tied``) equals the tensor it stands for, as loaded in
+        ``state`` (our names); a CheckpointError naming both otherwise. Copies are read one at a time."""
+        if self.layout.tied is None:
+            return
+        for shard, keys in self.shards().items():
+            copies = [(k, self.layout.tied(k)) for k in keys if self.layout.tied(k) is not None]
+            if not copies:
+                continue
+            with safe_open(str(member(self.path, shard, self._root)), "pt") as f:
+                for key, original in copies:
+                    ours = self.layout.to_ours(original)
+                    copy = f.get_tensor(key)
+                    if ours not in state or tuple(copy.shape) != tuple(state[ours].shape) or \
+                            not torch.equal(copy.to(state[ours].dtype), state[ours].cpu()):
+                        raise CheckpointError(f"{self.path}: {key!r} is a tied copy of {original!r} but differs "
+                                              f"from it")
 
 
 def with_mask_row(model: torch.nn.Module, name: str, tensor: torch.Tensor, shape: tuple[int, ...],

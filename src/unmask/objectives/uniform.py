@@ -14,7 +14,9 @@ and ``i = z_t``, the continuous-time NELBO of a token is (UDLM's integrand, rear
 ``alpha_1 = 0`` (``diffusion.schedule_eps = 0``). Training draws ``t`` on ``[t_min, t_max]`` per canvas (as
 block diffusion); evaluation integrates ``t`` over ``[0, 1]``. Self-conditioning (Chen et al. 2022): with
 probability ``self_conditioning`` a row's first pass, without gradient, gives logits that the second pass
-takes as input (evaluation always uses it when the probability is > 0, as generation does).
+takes as input (evaluation always uses it when the probability is > 0, as generation does). Training conditions on
+the first pass's untempered logits, while generation (``entropy_bound``, as transformers' ``generate``) feeds the
+previous step's tempered ones: DiffusionGemma's training recipe is not public, so this is unmask's choice.
 """
 
 from __future__ import annotations
@@ -43,21 +45,24 @@ def uniform_nelbo_integrand(log_probs: torch.Tensor, x0: torch.Tensor, zt: torch
                             alpha_prime: torch.Tensor) -> torch.Tensor:
     """``f`` (module docstring) at N tokens: the model's log-probabilities of the clean token (N, V), clean ids
     ``x0`` (N,), noisy ids ``zt`` (N,), ``alpha_t`` and ``alpha'_t`` (N,); (N,) in ``log_probs``' dtype."""
-    v = log_probs.shape[-1]
-    alpha = alpha.to(log_probs.dtype)[:, None]
-    floor = torch.log1p(-alpha) - torch.log(torch.tensor(float(v), dtype=log_probs.dtype))  # log (1 - alpha) / N
-    log_qth = torch.logaddexp(torch.log(alpha) + log_probs, floor)
+    v, dtype = log_probs.shape[-1], log_probs.dtype
+    alpha = alpha.double()
+    zero = alpha <= 0  # the limit is 0 there; a finite stand-in keeps the gradients of the other rows finite
+    alpha = torch.where(zero, torch.full_like(alpha, 0.5), alpha)
+    log_alpha = alpha.log().to(dtype)[:, None]
+    floor = (torch.log1p(-alpha) - math.log(v)).to(dtype)[:, None]  # log (1 - alpha) / N, from float64 alpha
+    log_qth = torch.logaddexp(log_alpha + log_probs, floor)
     hit = torch.nn.functional.one_hot(x0, v).bool()
-    log_qx = torch.where(hit, torch.logaddexp(torch.log(alpha), floor), floor)
+    log_qx = torch.where(hit, torch.logaddexp(log_alpha, floor), floor)
     # KL(q^x || q^th) = sum_j q^x_j psi(log q^th_j / q^x_j), non-negative terms (q^th_j where q^x_j = 0: alpha = 1)
     possible = log_qx > float("-inf")
     kl = torch.where(possible, log_qx.exp() * psi(log_qth - torch.where(possible, log_qx, 0)), log_qth.exp()).sum(-1)
     at = zt[:, None]
     log_qx_i, log_qth_i = log_qx.gather(-1, at)[:, 0], log_qth.gather(-1, at)[:, 0]
-    scale = -alpha_prime.to(log_probs.dtype) / (v * alpha[:, 0] * log_qx_i.exp())
+    scale = -alpha_prime.to(dtype) / (v * alpha.to(dtype) * log_qx_i.exp())
     f = scale * (kl + psi(log_qx_i - log_qth_i))
     # alpha = 0: the limit 0; a z_t that q_t cannot give (alpha = 1, z_t != x0): weight 0
-    return torch.where((alpha[:, 0] > 0) & (log_qx_i > float("-inf")), f, torch.zeros_like(kl))
+    return torch.where(~zero & (log_qx_i > float("-inf")), f, torch.zeros_like(kl))
 
 
 class UniformDiffusion(BlockDiffusion):

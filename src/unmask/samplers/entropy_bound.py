@@ -41,7 +41,7 @@ def entropy(z: torch.Tensor) -> torch.Tensor:
 def accepted(h: torch.Tensor, bound: float) -> torch.Tensor:
     """(R, C) bool: with the entropies ``h`` (R, C) sorted ascending, rank ``r`` is accepted when the entropies
     of the ranks before it sum to at most ``bound`` (the lowest always is)."""
-    ordered, order = h.sort(-1)
+    ordered, order = h.sort(dim=-1, stable=True)
     keep = (ordered.cumsum(-1) - ordered) <= bound
     return torch.zeros_like(keep).scatter(-1, order, keep)
 
@@ -79,7 +79,7 @@ class EntropyBoundSampler(Sampler):
             raise SamplingError(f"steps must be >= 1, got {steps}")
         if entropy_bound < 0 or stop_entropy < 0 or stable_steps < 0:
             raise SamplingError("sample.entropy_bound, sample.stop_entropy and sample.stable_steps must be >= 0")
-        if not 0 < temperature_min and 0 < temperature_max:
+        if not (temperature_min > 0 and temperature_max > 0):
             raise SamplingError("sample.temperature_min and sample.temperature_max must be > 0")
         self.mask_id, self.vocab, self.canvas, self.eos_id, self.pad_id = mask_id, vocab, canvas, eos_id, pad_id
         self.steps, self.entropy_bound, self.stable_steps, self.stop_entropy = steps, entropy_bound, stable_steps, \
@@ -103,10 +103,10 @@ class EntropyBoundSampler(Sampler):
             raise SamplingError("every row needs masked positions to generate")
         if bool(((canvas >= self.vocab) & ~free).any()):
             raise SamplingError(f"a prompt token is outside the model's {self.vocab} ids")
-        whole = int(prompt.max()) + self.canvas * int((-(-(canvas.shape[1] - prompt) // self.canvas)).max())
+        whole = int((prompt + self.canvas * (-(-(canvas.shape[1] - prompt) // self.canvas))).max())
         limit = unwrap(model).cfg.length
         if whole > limit:
-            raise SamplingError(f"{whole} positions (the prompt and whole canvases of {self.canvas}) exceed the "
+            raise SamplingError(f"{whole} positions (a prompt and its whole canvases of {self.canvas}) exceed the "
                                 f"model's length {limit}")
         return self._decode(canvas, prompt, self.streams(seeds))
 
@@ -119,16 +119,18 @@ class EntropyBoundSampler(Sampler):
     def _decode(self, canvas: torch.Tensor, prompt: torch.Tensor, streams: RowStreams) -> Decoding:
         b, length = canvas.shape
         c, device = self.canvas, canvas.device
-        canvases = int((-(-(length - prompt) // c)).max())
-        out = torch.full((b, int(prompt.max()) + c * canvases), self.pad_id, dtype=torch.long, device=device)
-        column = torch.arange(out.shape[1], device=device)
+        counts = -(-(length - prompt) // c)  # each row's canvases: its region in whole canvases
+        ends = prompt + c * counts
+        width = int(ends.max())
+        column = torch.arange(width, device=device)
+        out = torch.full((b, width), self.pad_id, dtype=torch.long, device=device)
         out[:, :length] = torch.where(canvas == self.mask_id, self.pad_id, canvas)
-        ends = length  # each row's region ends at the canvas's end
+        written = column[None] < prompt[:, None]  # the prompt and the canvases appended so far
         row_nfe = torch.zeros(b, dtype=torch.long)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         pending = out[:, :int(prompt.max())]
-        valid = column[None, :pending.shape[1]] < prompt[:, None]
-        for k in range(canvases):
+        valid = written[:, :pending.shape[1]]
+        for k in range(int(counts.max())):
             yield Encode(pending, valid & ~done[:, None])
             start = prompt + c * k  # each row's canvas position
             rows = (~done).nonzero()[:, 0]
@@ -158,7 +160,7 @@ class EntropyBoundSampler(Sampler):
                     if self.stable_steps:
                         history[:, live] = torch.cat([history[1:, live], now[None]])
                     stopped[live] = stable & (h.mean(-1) < self.stop_entropy)
-                yield Frame(lambda: self._shown(out, rows, start, argmax))
+                yield Frame(lambda: self._shown(out, written, rows, start, argmax, length))
                 if bool(stopped.all()):
                     break
             new = argmax.clone()
@@ -167,17 +169,21 @@ class EntropyBoundSampler(Sampler):
             new[after] = self.pad_id
             place = start[rows, None] + torch.arange(c, device=device)
             out[rows[:, None], place] = new
-            done[rows] = eos.any(1) | (start[rows] + c >= ends)
+            written[rows[:, None], place] = True
+            done[rows] = eos.any(1) | (start[rows] + c >= ends[rows])
             if bool(done.all()):
                 break
-            pending = out[torch.arange(b, device=device)[:, None], start[:, None] + torch.arange(c, device=device)]
+            at = (start[:, None] + c + torch.arange(c, device=device)).clamp(max=width - 1) - c  # (finished: any)
+            pending = out.gather(1, at)
             valid = ~done[:, None].expand(-1, c)
         generated = (column[None] >= prompt[:, None]) & (out != self.pad_id)
         return Outcome(out[:, :length], row_nfe, row_tokens=generated.sum(1).cpu())
 
-    @staticmethod
-    def _shown(out: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
-        shown = out.clone()
+    def _shown(self, out: torch.Tensor, written: torch.Tensor, rows: torch.Tensor, start: torch.Tensor,
+               argmax: torch.Tensor, length: int) -> torch.Tensor:
+        """The canvas (B, length) as streamed: the prompt and the appended canvases, the current canvases'
+        argmax, masks where nothing is decided yet."""
+        shown = torch.where(written, out, self.mask_id)
         place = start[rows, None] + torch.arange(argmax.shape[1], device=out.device)
         shown[rows[:, None], place] = argmax
-        return shown[:, :out.shape[1]]
+        return shown[:, :length]
