@@ -43,8 +43,7 @@ def free_port() -> int:
 def start_server(model: str, batching: bool, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "unmask", "serve", model, "--port", str(port), *extra]
-    if not batching:
-        cmd.append("--no-batching")
+    cmd += ["--scheduling", "request" if batching else "serial"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     return proc, f"http://127.0.0.1:{port}"

@@ -144,3 +144,32 @@ def test_streaming_frames_come_from_the_engine_per_decoding():
     engine.run()
     assert len(frames[0]) == 4 and torch.equal(frames[0][-1], h0.result.tokens)
     assert all(f.shape == x1.shape for f in frames[1]) and torch.equal(frames[1][-1], h1.result.tokens)
+
+
+def test_ragged_canvases_of_one_length_bucket_share_a_forward_with_their_padding_hidden():
+    """Canvases of 9, 12 and 16 positions (one power-of-two bucket) share every forward: the shorter ones are
+    padded and the padding is hidden by a key padding mask, so each gets its own logits (to float rounding)
+    and its own tokens; a canvas of another bucket (5) keeps its own forwards."""
+    net = random_dit()
+    model = CountingModel(net)
+    diffusion = MaskedDiffusion(LogLinear(), MASK)
+    asked = [(AncestralSampler(diffusion, 6, cache=False), canvas(2, 12, [3, 1], 1), row_seeds(1, 2)),
+             (AncestralSampler(diffusion, 6, cache=False, guidance=1.0), canvas(1, 9, [4], 2), row_seeds(2, 1)),
+             (ConfidenceSampler(diffusion, 6), canvas(2, 16, [2, 5], 3), row_seeds(3, 2)),
+             (AncestralSampler(diffusion, 4, cache=False), canvas(1, 5, [1], 4), row_seeds(4, 1))]
+    alone = [sampler.sample(net, x, seeds) for sampler, x, seeds in asked]
+    engine = DecodingEngine(model)
+    handles = [engine.add(*a) for a in asked]
+    engine.run()
+    for h, a in zip(handles, alone):
+        assert torch.equal(h.result.tokens, a.tokens) and h.result.nfe == a.nfe
+    # bucket 16: one forward per step of the longest decoding, plus the guided canvas's second pass at each of
+    # its steps; bucket 8: its own forwards
+    nfe = [a.nfe for a in alone]
+    assert model.forwards == max(nfe[:3]) + nfe[1] + nfe[3]
+    calls = [AncestralSampler(diffusion, 6).denoiser(net, x)(x, torch.full((len(x),), 0.5, dtype=torch.float64),
+                                                             x == MASK, torch.arange(len(x)))
+             for _, x, _ in asked[:3]]
+    together = engine.denoise(calls)
+    for call, logits in zip(calls, together):
+        torch.testing.assert_close(logits, engine.denoise([call])[0], atol=1e-5, rtol=1e-5)

@@ -187,7 +187,10 @@ def test_metrics_count_requests_tokens_batches_and_latencies(checkpoints):
                for family in text_string_to_metric_families(r.text) for s in family.samples}
     assert samples["unmask_requests_total", (("outcome", "done"),)] == 2
     assert samples["unmask_generated_tokens_total", ()] == 2 * 8 + 6
-    assert samples["unmask_batch_rows_count", ()] == 2 and samples["unmask_batch_rows_sum", ()] == 3
+    # one observation per step: the request of 2 rows, then the one of 1 row, each alone
+    steps = service.stats["steps"]
+    assert samples["unmask_batch_rows_count", ()] == steps and steps < samples["unmask_batch_rows_sum", ()] < 2 * steps
+    assert samples["unmask_cache_bytes", ()] == 0 and samples["unmask_cache_reserved_bytes", ()] == 0
     assert samples["unmask_request_seconds_count", ()] == 2 and samples["unmask_request_seconds_sum", ()] > 0
     assert samples["unmask_time_to_first_step_seconds_count", ()] == 1
     assert samples["unmask_requests_pending", ()] == 0 and samples["unmask_requests_running", ()] == 0
@@ -330,7 +333,7 @@ def test_ar_model_streams_left_to_right(checkpoints):
 def test_limits_busy_and_timeout(checkpoints):
     loaded = from_pretrained(checkpoints["mdlm"])
     loaded.model = Slow(loaded.model, 0.2)
-    service = ModelService(loaded, ServeConfig(max_pending=1, timeout_s=0.5, batching=False))
+    service = ModelService(loaded, ServeConfig(max_pending=1, timeout_s=0.5, scheduling="serial"))
     with running_server(service) as url:  # the cached sampler calls the network once per change: 4 x 0.2 s
         slow = {"prompt": "a", "max_tokens": 4, "sampler": "ancestral", "steps": 30}
         results = {}
@@ -532,7 +535,7 @@ def test_a_client_that_gives_up_cancels_its_request(checkpoints):
 
 
 def test_closing_the_service_answers_running_and_queued_requests_with_503(checkpoints):
-    service = service_for(checkpoints["mdlm"], delay=0.1, timeout_s=10, batching=False)
+    service = service_for(checkpoints["mdlm"], delay=0.1, timeout_s=10, scheduling="serial")
     with running_server(service) as url:
         results = {}
         slow = {"prompt": "a", "max_tokens": 8, "sampler": "ancestral", "steps": 60}

@@ -217,7 +217,8 @@ def cmd_serve(args) -> int:
 
     limits = {"--max-batch-rows": args.max_batch_rows, "--max-pending": args.max_pending, "--max-n": args.max_n,
               "--max-steps": args.max_steps, "--timeout": args.timeout, "--max-body-bytes": args.max_body_bytes,
-              "--max-stream-lag": args.max_stream_lag}
+              "--max-stream-lag": args.max_stream_lag, "--max-step-tokens": args.max_step_tokens,
+              "--cache-budget-bytes": args.cache_budget_bytes, "--max-likelihood-rows": args.max_likelihood_rows}
     for flag, value in limits.items():
         if not (0 < value < math.inf):
             raise ConfigError(f"{flag} must be a positive number")
@@ -225,8 +226,10 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
     if not (0 <= args.batch_window_ms < math.inf):
         raise ConfigError("--batch-window-ms must be a number >= 0")
-    config = ServeConfig(max_batch_rows=args.max_batch_rows, batch_window_ms=args.batch_window_ms,
-                         batching=not args.no_batching, max_pending=args.max_pending, timeout_s=args.timeout,
+    config = ServeConfig(scheduling=args.scheduling, max_batch_rows=args.max_batch_rows,
+                         max_step_tokens=args.max_step_tokens, cache_budget_bytes=args.cache_budget_bytes,
+                         max_likelihood_rows=args.max_likelihood_rows,
+                         batch_window_ms=args.batch_window_ms, max_pending=args.max_pending, timeout_s=args.timeout,
                          max_n=args.max_n, max_steps=args.max_steps, max_body_bytes=args.max_body_bytes,
                          max_stream_lag=args.max_stream_lag)
     serve(args.checkpoint, args.host, args.port, str(device_for(args.device)), config, args.model_precision,
@@ -448,10 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-precision", default="fp32", choices=("fp32", "bf16", "auto"),
                    help="network precision (fp32: bit-reproducible samples)")
     p.add_argument("--quantize", default="none", choices=QUANTIZE_SCHEMES, help=QUANTIZE_HELP)
-    p.add_argument("--max-batch-rows", type=int, default=32, help="rows per batched forward pass")
+    p.add_argument("--scheduling", default="step", choices=("step", "request", "serial"),
+                   help="step: continuous batching (requests join and leave between denoising steps); request: "
+                   "requests of one shape batched within --batch-window-ms, run to the end; serial: one at a time")
+    p.add_argument("--max-batch-rows", type=int, default=32, help="rows decoded together (per step or batch)")
+    p.add_argument("--max-step-tokens", type=int, default=8192,
+                   help="step scheduling: canvas positions decoded together per step (rows x length)")
+    p.add_argument("--cache-budget-bytes", type=int, default=1 << 30,
+                   help="bytes the queued and running requests' caches may reserve (429 beyond it)")
+    p.add_argument("--max-likelihood-rows", type=int, default=4096,
+                   help="largest likelihood request (echo with logprobs), in network rows")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
-                   help="how long the worker waits for more requests of the same shape")
-    p.add_argument("--no-batching", action="store_true", help="run requests one at a time")
+                   help="request scheduling: how long the worker waits for more requests of the same shape")
     p.add_argument("--max-pending", type=int, default=64, help="queued or running requests before 429")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request before 504")
     p.add_argument("--max-n", type=int, default=8, help="largest n (samples) per request")

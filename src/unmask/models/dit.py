@@ -275,6 +275,7 @@ class DiT(nn.Module):
 
     INPUT_EMBEDDING = "vocab_embed.embedding"  # the state-dict name of the input embedding
     BLOCK_CACHES = True  # takes a BlockCache (Fast-dLLM's prefix and dual caches) when bidirectional
+    KEY_PADDING = True  # takes a key padding mask (keep) when bidirectional: ragged canvases share a forward
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         """The input embedding and the output layer (what "non-embedding parameters" leave out)."""

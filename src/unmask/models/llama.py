@@ -297,6 +297,7 @@ class Transformer(nn.Module):
 
     INPUT_EMBEDDING = "model.embed_tokens.weight"  # the state-dict name of the input embedding
     BLOCK_CACHES = True  # takes a BlockCache (Fast-dLLM's prefix and dual caches) when bidirectional
+    KEY_PADDING = True  # takes a key padding mask (keep) when bidirectional: ragged canvases share a forward
 
     def materialize(self, device: torch.device | str) -> None:
         """After the weights were assigned to a model made on the meta device: tie the output layer again

@@ -35,6 +35,11 @@ class AutoregressiveSampler(Sampler):
         cols = torch.full_like(rows, j)
         x[rows, j] = streams.categorical(probs, rows, j * PURPOSES + TOKEN, cols, self.precision)
 
+    @property
+    def holds_cache(self) -> bool:
+        """Whether its decodings keep a KV cache (``kv_cache``)."""
+        return self.kv_cache
+
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring."""
         self.check(canvas, seeds)

@@ -68,6 +68,16 @@ class BlockDiffusionSampler(Sampler):
         self.mask_id, self.eos_id, self.pad_id = inner.mask_id, eos_id, pad_id
         self.separate, self.after_stop = commit_calls == "separate", after_stop
 
+    @property
+    def revises(self) -> bool:
+        """Whether the inner sampler revises revealed tokens."""
+        return self.inner.revises
+
+    @property
+    def holds_cache(self) -> bool:
+        """Whether a decoding keeps a cache between calls (its own or the inner sampler's)."""
+        return self.kv_cache or self.inner.holds_cache
+
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring (the canvas at
         most the model's length)."""

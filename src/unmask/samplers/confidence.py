@@ -80,6 +80,11 @@ class ConfidenceSampler(DiffusionSampler):
         super().__init__(diffusion, **knobs)
         self.steps, self.score, self.reveal, self.remask = steps, score, reveal, remask
 
+    @property
+    def revises(self) -> bool:
+        """Whether revealed tokens may be masked again (``remask > 0``)."""
+        return self.remask > 0
+
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring."""
         self.check(canvas, seeds)

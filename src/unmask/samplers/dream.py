@@ -110,6 +110,11 @@ class DreamSampler(DiffusionSampler):
                                      self.precision)
         return x0, confidence_scores(probs, x0, "confidence" if self.score == "origin" else self.score)
 
+    @property
+    def holds_cache(self) -> bool:
+        """Whether its decodings keep Fast-dLLM's block cache (``block_cache``)."""
+        return self.block_cache != "none"
+
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring (in Fast-dLLM's
         cached blocks with ``block_length``)."""

@@ -168,6 +168,18 @@ class Sampler:
     mask_id: int
     coupled = False  # True: the rows of a canvas are decoded together (a reference's literal mode), not alone
 
+    @property
+    def revises(self) -> bool:
+        """Whether a revealed token may still change before the decoding ends (remasking, editing, renoising):
+        only where it may not is a revealed token final as soon as it shows (what a stream may commit)."""
+        return False
+
+    @property
+    def holds_cache(self) -> bool:
+        """Whether a decoding keeps keys and values between its calls (a KV, Fast-dLLM, block-diffusion or
+        encoder cache, see :class:`Handle`), which a server counts against its memory budget."""
+        return False
+
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         """Check the request and return its decoding; ``model`` is read (its kind, its caches' shapes),
         never called."""
@@ -221,6 +233,10 @@ class Handle:
         self.result: SampleResult | None = None
         self.call: Call | None = None
 
+    def cache_bytes(self) -> int:
+        """Bytes held by the decoding's caches now (every tensor they keep)."""
+        return sum(tensor_bytes(cache) for cache in self.caches.values())
+
     def advance(self, output) -> None:
         """Resume the decoding with ``output`` until its next call (frames go to ``on_step``) or its end."""
         try:
@@ -236,6 +252,25 @@ class Handle:
             generated = self.masked if outcome.generated is None else outcome.generated
             self.result = SampleResult(outcome.tokens, self.nfe, outcome.row_nfe, time.perf_counter() - self.started,
                                        generated, outcome.row_tokens, self.extra_calls)
+
+
+def tensor_bytes(obj, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages reachable from ``obj`` through its attributes, lists, tuples and
+    dicts (a cache object)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return tensor_bytes(vars(obj), seen)
+    return 0
 
 
 # ------------------------------------------------------------ block diffusion: the network a block sees
@@ -361,6 +396,13 @@ class DecodingEngine:
         self.handles.append(handle)
         return handle
 
+    def remove(self, handle: Handle) -> None:
+        """Abandon a decoding (a cancelled request): it leaves the engine with its caches, unfinished."""
+        if handle in self.handles:
+            self.handles.remove(handle)
+        handle.decoding.close()
+        handle.caches.clear()
+
     @property
     def active(self) -> list[Handle]:
         """The decodings not done yet."""
@@ -395,14 +437,19 @@ class DecodingEngine:
     # --------------------------------------------------------------------------------------- network calls
 
     def evaluate(self, handles: list[Handle]) -> list[Any]:
-        """The outputs of the handles' pending calls: denoiser calls on canvases of one length (without a
-        block context or soft-mask feedback, which are per canvas row) in one forward, the others alone."""
+        """The outputs of the handles' pending calls: denoiser calls without a block context or soft-mask
+        feedback (which are per canvas row) in one forward per canvas length, or, for a network that takes a
+        key padding mask (``KEY_PADDING``), per :func:`length_bucket` (shorter canvases padded, their padding
+        hidden from every query); the other calls alone."""
         outputs: list[Any] = [None] * len(handles)
         groups: dict[Any, list[int]] = {}
+        ragged = getattr(unwrap(self.model), "KEY_PADDING", False)
         for i, h in enumerate(handles):
             call = h.call
             shared = isinstance(call, Denoise) and call.context is None and call.denoiser.feedback is None
-            groups.setdefault(("denoise", call.x.shape[1]) if shared else i, []).append(i)
+            length = call.x.shape[1] if shared else 0
+            groups.setdefault(("denoise", length_bucket(length) if ragged else length) if shared else i,
+                              []).append(i)
         for members in groups.values():
             if len(members) == 1:
                 outputs[members[0]] = self._alone(handles[members[0]])
@@ -482,34 +529,59 @@ class DecodingEngine:
         # one call alone keeps its rows: a block context and soft-mask feedback are per canvas row
         rows = calls[0].rows if len(calls) == 1 else None
         feedback = calls[0].denoiser.feedback if len(calls) == 1 else None
-        logits = self._forward(net, _joined([p.x for p in prepared]), _joined([p.sigma for p in prepared]),
-                               _joined([p.positions for p in prepared]), rows, feedback, quantum)
+        width = max(p.x.shape[1] for p in prepared)
+        logits = self._forward(net, *_ragged([p.x for p in prepared], [p.positions for p in prepared], width),
+                               _joined([p.sigma for p in prepared]), rows, feedback, quantum)
         counts = [int(p.positions.sum()) for p in prepared] if len(calls) > 1 else [len(logits)]
         parts = list(logits.split(counts))
         guided = [i for i, p in enumerate(prepared) if p.unconditional is not None]
         if guided:
-            l_u = self._forward(net, _joined([prepared[i].unconditional for i in guided]),
-                                _joined([prepared[i].sigma for i in guided]),
-                                _joined([prepared[i].positions for i in guided]), rows, feedback, quantum)
+            l_u = self._forward(net, *_ragged([prepared[i].unconditional for i in guided],
+                                              [prepared[i].positions for i in guided], width),
+                                _joined([prepared[i].sigma for i in guided]), rows, feedback, quantum)
             for i, part_u in zip(guided, l_u.split([counts[i] for i in guided])):
                 parts[i] = prepared[i].guide(parts[i], part_u)
         return [c.denoiser.finish(p, part) for c, p, part in zip(calls, prepared, parts)]
 
     @staticmethod
-    def _forward(net, x, sigma, positions, rows, feedback, quantum: int) -> torch.Tensor:
+    def _forward(net, x, positions, keep, sigma, rows, feedback, quantum: int) -> torch.Tensor:
         """The network at ``positions`` of ``x`` (R, L), its rows padded to a multiple of ``quantum`` with
-        copies of the first (whose outputs are not read); ``feedback``: the soft-mask feedback of ``rows``."""
+        copies of the first (whose outputs are not read); ``feedback``: the soft-mask feedback of ``rows``;
+        ``keep`` (R, L) bool: the key padding mask of ragged rows (None: every position is a token)."""
         pad = -(-len(x) // quantum) * quantum - len(x)
         if pad:
             x, sigma, positions = (torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) for v in (x, sigma, positions))
             positions[-pad:] = False
+            if keep is not None:
+                keep = torch.cat([keep, keep[:1].expand(pad, -1)])
             if rows is not None:
                 rows = torch.cat([rows, rows[:1].expand(pad)])
         index, n = bucketed_positions(positions)
         extra = {} if feedback is None else {"feedback": feedback.select(rows)}
+        if keep is not None:
+            extra["keep"] = keep
         if getattr(net, "takes_rows", False):
             extra["rows"] = rows
         return net(x, sigma, positions=index, **extra)[:n].float()
+
+
+def length_bucket(length: int) -> int:
+    """The power of two at or above ``length``: canvases of one bucket share a forward when the network takes a
+    key padding mask, so no row is padded to more than twice its length."""
+    return 1 << max(0, length - 1).bit_length()
+
+
+def _ragged(xs: list[torch.Tensor], positions: list[torch.Tensor],
+            width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Canvases ``xs`` (R_i, L_i) and their output ``positions`` joined into (R, ``width``), the shorter ones
+    right-padded (token 0, never an output position), and the key padding mask (R, width) that hides the
+    padding (None when every canvas is ``width`` long)."""
+    if all(x.shape[1] == width for x in xs):
+        return _joined(xs), _joined(positions), None
+    def pad(x, fill):
+        return x if x.shape[1] == width else torch.cat([x, x.new_full((len(x), width - x.shape[1]), fill)], dim=1)
+    keep = torch.cat([pad(torch.ones_like(p), False) for p in positions])
+    return torch.cat([pad(x, 0) for x in xs]), torch.cat([pad(p, False) for p in positions]), keep
 
 
 def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:

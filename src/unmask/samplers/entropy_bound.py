@@ -91,6 +91,9 @@ class EntropyBoundSampler(Sampler):
         t_min, t_max = torch.tensor(self.t_min), torch.tensor(self.t_max)
         return t_min + (t_max - t_min) * (torch.tensor(float(step)) / self.steps)
 
+    revises = True  # renoising redraws accepted tokens
+    holds_cache = True  # the encoder cache of the prompt and finished canvases
+
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         """Check the request (prompts first, then only masked positions) and return its decoding."""
         self.check(canvas, seeds)

@@ -122,6 +122,11 @@ class LLaDASampler(DiffusionSampler):
         keys = streams.uniform(rows, counter + ORDER, cols) if self.score == "random" else None
         return x0, confidence_scores(probs, x0, self.score, keys).double()
 
+    @property
+    def holds_cache(self) -> bool:
+        """Whether its decodings keep Fast-dLLM's block cache (``block_cache``)."""
+        return self.block_cache != "none"
+
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring (``steps`` must
         cover the blocks unless the threshold or factor rule decodes in parallel)."""

@@ -52,6 +52,11 @@ class LLaDA2Sampler(MultinomialSampler):
         super().__init__(diffusion, **knobs)
         self.threshold, self.edit_threshold, self.max_post_steps = threshold, edit_threshold, max_post_steps
 
+    @property
+    def revises(self) -> bool:
+        """Whether decoded tokens may be edited (``edit_threshold < 1``)."""
+        return self.edit_threshold < 1
+
     def _decode(self, canvas: torch.Tensor, streams: RowStreams, denoise) -> Decoding:
         x = canvas.clone()
         generated = x == self.mask_id  # the positions this decoding may write; the rest is prompt

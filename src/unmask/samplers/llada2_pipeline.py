@@ -64,6 +64,11 @@ class LLaDA2PipelineSampler(MultinomialSampler):
         self.steps, self.block_length, self.threshold = steps, block_length, threshold
         self.edit_threshold, self.max_post_steps, self.eos_id = edit_threshold, max_post_steps, eos_id
 
+    @property
+    def revises(self) -> bool:
+        """Whether decoded tokens may be edited (``edit_threshold < 1``)."""
+        return self.edit_threshold < 1
+
     def _decode(self, canvas: torch.Tensor, streams: RowStreams, denoise) -> Decoding:
         b, total = canvas.shape
         masked = canvas == self.mask_id

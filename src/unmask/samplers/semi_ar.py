@@ -45,6 +45,16 @@ class SemiAutoregressiveSampler(Sampler):
         self.inner, self.window, self.stride = inner, window, stride
         self.mask_id, self.eos_id, self.pad_id = inner.mask_id, eos_id, pad_id
 
+    @property
+    def revises(self) -> bool:
+        """Whether the inner sampler revises revealed tokens."""
+        return self.inner.revises
+
+    @property
+    def holds_cache(self) -> bool:
+        """Whether a decoding keeps a cache between calls (its own or the inner sampler's)."""
+        return self.inner.holds_cache
+
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring."""
         self.check(canvas, seeds)

@@ -204,7 +204,7 @@ def create_app(service: ModelService):
         except RequestError as exc:
             raise HTTPException(400, str(exc)) from None
         except Busy as exc:
-            raise HTTPException(429, str(exc)) from None
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
         except Unavailable as exc:
             raise HTTPException(503, str(exc)) from None
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())

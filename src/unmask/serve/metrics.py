@@ -6,17 +6,21 @@ Each :class:`~unmask.serve.service.ModelService` has a registry of its own, so s
 
 * ``unmask_requests_total{outcome}``: requests answered, by outcome (done, cancelled, error, unavailable, timeout);
 * ``unmask_requests_pending``: requests queued or running; ``unmask_requests_running``: those being decoded;
-* ``unmask_batch_rows``: rows per decoding batch (histogram);
+* ``unmask_batch_rows``: rows per forward batch (histogram): per step with step scheduling, per request batch
+  otherwise;
 * ``unmask_generated_tokens_total``: positions generated (the masked positions of the answered requests);
-* ``unmask_generated_tokens_per_second``: of the last batch;
+* ``unmask_generated_tokens_per_second``: over the last 10 seconds;
+* ``unmask_cache_bytes``: bytes the running requests' caches hold (measured after each step);
+  ``unmask_cache_reserved_bytes``: the budget the queued and running requests reserve;
 * ``unmask_request_seconds``: from the request's admission to its answer (histogram);
 * ``unmask_time_to_first_step_seconds``: of streamed requests, from admission to their first step event.
-
-The request-level server keeps no cache between requests, so there is no cache-bytes gauge yet.
 """
 
 from __future__ import annotations
 
+import collections
+import threading
+import time
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -30,31 +34,61 @@ class ServeMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, pending: Callable[[], int], running: Callable[[], int]):
+    WINDOW_S = 10.0  # of the tokens/s gauge
+
+    def __init__(self, pending: Callable[[], int], running: Callable[[], int], reserved: Callable[[], int]):
         self.registry = CollectorRegistry()
+        self.lock = threading.Lock()
+        self.recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) in the window
+        self.mean_latency = 0.0
         r = self.registry
         self.requests = Counter("unmask_requests", "requests answered, by outcome", ["outcome"], registry=r)
         Gauge("unmask_requests_pending", "requests queued or running", registry=r).set_function(pending)
         Gauge("unmask_requests_running", "requests in the batch being decoded", registry=r).set_function(running)
-        self.batch_rows = Histogram("unmask_batch_rows", "rows per decoding batch", buckets=ROWS, registry=r)
+        self.batch_rows = Histogram("unmask_batch_rows", "rows per forward batch", buckets=ROWS, registry=r)
         self.tokens = Counter("unmask_generated_tokens", "positions generated", registry=r)
-        self.tokens_per_second = Gauge("unmask_generated_tokens_per_second", "generated tokens per second of the "
-                                       "last batch", registry=r)
+        Gauge("unmask_generated_tokens_per_second", "generated tokens per second over the last 10 seconds",
+              registry=r).set_function(self.tokens_per_second)
+        self.cache_bytes = Gauge("unmask_cache_bytes", "bytes held by the running requests' caches", registry=r)
+        Gauge("unmask_cache_reserved_bytes", "cache budget reserved by queued and running requests",
+              registry=r).set_function(reserved)
         self.latency = Histogram("unmask_request_seconds", "from admission to answer", buckets=SECONDS, registry=r)
         self.first_step = Histogram("unmask_time_to_first_step_seconds", "streamed requests: from admission to "
                                     "their first step event", buckets=SECONDS, registry=r)
 
-    def batch(self, rows: int, generated: int, seconds: float) -> None:
-        """A decoding batch of ``rows`` rows that generated ``generated`` positions in ``seconds``."""
+    def batch(self, rows: int) -> None:
+        """A forward batch (a step, or a request batch) of ``rows`` rows."""
         self.batch_rows.observe(rows)
-        self.tokens.inc(generated)
-        if seconds > 0:
-            self.tokens_per_second.set(generated / seconds)
+
+    def step(self, rows: int, cache_bytes: int) -> None:
+        """A step of ``rows`` rows after which the caches hold ``cache_bytes``."""
+        self.batch_rows.observe(rows)
+        self.cache_bytes.set(cache_bytes)
+
+    def generated(self, tokens: int) -> None:
+        """A request generated ``tokens`` positions."""
+        self.tokens.inc(tokens)
+        with self.lock:
+            self.recent.append((time.monotonic(), tokens))
+
+    def tokens_per_second(self) -> float:
+        """Positions generated per second over the last ``WINDOW_S`` seconds."""
+        now = time.monotonic()
+        with self.lock:
+            while self.recent and self.recent[0][0] < now - self.WINDOW_S:
+                self.recent.popleft()
+            return sum(n for _, n in self.recent) / self.WINDOW_S
 
     def answered(self, outcome: str, seconds: float) -> None:
         """A request answered with ``outcome`` after ``seconds`` since its admission."""
         self.requests.labels(outcome).inc()
         self.latency.observe(seconds)
+        if outcome == "done":
+            self.mean_latency = seconds if not self.mean_latency else 0.8 * self.mean_latency + 0.2 * seconds
+
+    def recent_latency(self) -> float:
+        """A moving average of the latency of the requests answered lately (0 before the first)."""
+        return self.mean_latency
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format."""

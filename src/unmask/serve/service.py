@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import math
 import queue
 import threading
 import time
@@ -18,20 +19,32 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config import ConfigError, SampleConfig
 from ..data.layouts import starts_with_bos
 from ..families import FAMILIES, family_of
+from ..objectives.base import unwrap
 from ..pipeline import MASK_MARK, chat_answer, chat_prompt, encode_fixed, make_canvas, request_ids
 from ..runtime import autocast, resolve_precision
 from ..samplers.base import SamplingError, row_seeds
+from ..samplers.engine import DecodingEngine, Handle, Sampler, tensor_bytes
 from ..samplers.registry import SAMPLERS, make_sampler, samplers_for
 from .metrics import ServeMetrics
+
+SCHEDULING = ("step", "request", "serial")
 
 
 @dataclasses.dataclass
 class ServeConfig:
-    """Limits and batching of a server."""
+    """Limits and scheduling of a server.
 
-    max_batch_rows: int = 32
+    ``scheduling``: ``step`` (continuous batching: requests join and leave between denoising steps, every step
+    one forward over all of them, see :class:`ModelService`), ``request`` (requests of one shape that arrive
+    within ``batch_window_ms`` run together as one ``sample`` call, to the end) or ``serial`` (one request at a
+    time)."""
+
+    scheduling: str = "step"
+    max_batch_rows: int = 32  # rows decoded together (per step, or per request batch)
+    max_step_tokens: int = 8192  # step scheduling: canvas positions decoded together (rows x length)
+    cache_budget_bytes: int = 1 << 30  # the caches of the requests queued and running (KV, block, encoder)
+    max_likelihood_rows: int = 4096  # network rows one likelihood request may evaluate (prompt tokens x samples)
     batch_window_ms: float = 5.0
-    batching: bool = True
     max_pending: int = 64
     timeout_s: float = 120.0
     max_n: int = 8
@@ -95,7 +108,11 @@ def check_unicode(text: str, what: str) -> None:
 
 
 class Busy(RuntimeError):
-    """Too much work queued."""
+    """Too much work queued, or the cache budget is full: retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unavailable(RuntimeError):
@@ -108,13 +125,17 @@ class Job:
 
     canvas: torch.Tensor  # (n, L)
     seeds: torch.Tensor  # (n,)
-    key: tuple  # requests with equal keys can share a batch
+    key: tuple  # requests with equal keys can share a request batch
     sample_cfg: SampleConfig
+    sampler: Sampler
     events: "asyncio.Queue"
     loop: asyncio.AbstractEventLoop
     stream: bool
+    reserved: int = 0  # cache bytes counted against the budget while it is queued or running
     cancelled: bool = False
     finished: bool = False
+    steps: int = 0  # steps taken (step scheduling)
+    company: int = 0  # the most other requests it was decoded with in one forward
     queued: int = 0  # step events sent (written by the worker only)
     taken: int = 0  # step events read (written by the event loop only)
     admitted: float = dataclasses.field(default_factory=time.monotonic)  # when it was queued (for the metrics)
@@ -145,6 +166,15 @@ def model_name(path: Path) -> str:
     return path.name
 
 
+def cache_bytes_per_position(model) -> int:
+    """Bytes of keys and values one position of one row takes in the model's KV cache (float32, every layer;
+    the same in a block-diffusion or Fast-dLLM cache); 0 for a network without one."""
+    net = unwrap(model)
+    if not hasattr(net, "new_cache"):
+        return 0
+    return tensor_bytes(net.new_cache(1, "cpu", torch.float32, capacity=1))
+
+
 class ModelService:
     """A loaded model, the request -> canvas logic, and the batching worker thread."""
 
@@ -164,13 +194,18 @@ class ModelService:
         configured = self.run.sample.sampler  # a model's own decoding (LLaDA's, Dream's) is its default
         self.default_sampler = configured if configured != "auto" else self.family.default_sampler
         self.precision = resolve_precision(model_precision, self.device)
+        if self.config.scheduling not in SCHEDULING:
+            raise ConfigError(f"scheduling must be one of {', '.join(SCHEDULING)}, not {self.config.scheduling!r}")
+        self.position_bytes = cache_bytes_per_position(self.model)
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.backlog: collections.deque[Job] = collections.deque()  # taken from the queue, not yet run
-        self.current: list[Job] = []  # the batch the worker is gathering or running
+        self.current: list[Job] = []  # the jobs the worker is running (or gathering, for request batches)
         self.pending = 0
+        self.reserved = 0  # cache bytes of the jobs queued and running
         self.lock = threading.Lock()
-        self.stats = {"requests": 0, "batches": 0, "rows": 0, "largest_batch": 0, "restarts": 0}
-        self.metrics = ServeMetrics(pending=lambda: self.pending, running=lambda: len(self.current))
+        self.stats = {"requests": 0, "batches": 0, "steps": 0, "rows": 0, "largest_batch": 0, "restarts": 0}
+        self.metrics = ServeMetrics(pending=lambda: self.pending, running=lambda: len(self.current),
+                                    reserved=lambda: self.reserved)
         self.stopping = False
         self.died = ""
         self.worker = self._start_worker()
@@ -188,8 +223,8 @@ class ModelService:
                 "chat": self.tokenizer.chat_template is not None,
                 "limits": dataclasses.asdict(self.config), "device": str(self.device)}
 
-    def prepare(self, req: CompletionRequest) -> tuple[torch.Tensor, torch.Tensor, SampleConfig, int]:
-        """(canvas (n, L), seeds (n,), sampler config, seed) for a request, or RequestError. Sizes are
+    def prepare(self, req: CompletionRequest) -> tuple[torch.Tensor, torch.Tensor, SampleConfig, Sampler, int]:
+        """(canvas (n, L), seeds (n,), sampler config, sampler, seed) for a request, or RequestError. Sizes are
         checked before anything of that size is built."""
         c = self.config
         if req.n > c.max_n:
@@ -230,11 +265,21 @@ class ModelService:
         cfg = dataclasses.replace(self.run.sample, sampler=sampler, steps=steps, tokens_per_step=req.tokens_per_step,
                                   guidance=req.guidance, seed=seed, window=0, **given)
         try:
-            make_sampler(cfg, self.loaded.objective, self.tokenizer, self.length)
+            sampler = make_sampler(cfg, self.loaded.objective, self.tokenizer, self.length)
             canvas = make_canvas(self.tokenizer, [ids] * req.n, length, bos)
         except SamplingError as exc:
             raise RequestError(str(exc)) from None
-        return canvas, row_seeds(seed, req.n), cfg, seed
+        need = self.cache_estimate(sampler, canvas)
+        if need > self.config.cache_budget_bytes:
+            raise RequestError(f"the request's cache needs {need:,} bytes; this server's cache budget is "
+                               f"{self.config.cache_budget_bytes:,}")
+        return canvas, row_seeds(seed, req.n), cfg, sampler, seed
+
+    def cache_estimate(self, sampler: Sampler, canvas: torch.Tensor) -> int:
+        """The bytes a decoding of ``canvas`` (n, L) by ``sampler`` may keep in caches: keys and values of every
+        position of every row (an upper bound of a KV, Fast-dLLM or block-diffusion cache), 0 for a sampler
+        that keeps none."""
+        return self.position_bytes * canvas.numel() if sampler.holds_cache else 0
 
     def chat_prompt(self, req: ChatCompletionRequest) -> str:
         """The prompt text of a chat request under the model's chat template."""
@@ -271,23 +316,35 @@ class ModelService:
                 raise Unavailable("the server is shutting down")
             if self.pending >= self.config.max_pending:
                 raise Busy(f"{self.pending} requests are queued or running (limit {self.config.max_pending}); "
-                           f"retry later")
+                           f"retry later", self.retry_after())
             self.pending += 1
         try:
-            canvas, seeds, cfg, seed = await asyncio.to_thread(self.prepare, req)
+            canvas, seeds, cfg, sampler, seed = await asyncio.to_thread(self.prepare, req)
         except BaseException:
             with self.lock:
                 self.pending -= 1
             raise
         key = (dataclasses.astuple(dataclasses.replace(cfg, seed=0)), canvas.shape[1])
-        job = Job(canvas, seeds, key, cfg, asyncio.Queue(), asyncio.get_running_loop(), req.stream)
+        job = Job(canvas, seeds, key, cfg, sampler, asyncio.Queue(), asyncio.get_running_loop(), req.stream,
+                  reserved=self.cache_estimate(sampler, canvas))
         with self.lock:  # close() drains the queue after it sets stopping: nothing may arrive later
+            problem = None
             if self.stopping:
+                problem = Unavailable("the server is shutting down")
+            elif self.reserved + job.reserved > self.config.cache_budget_bytes:
+                problem = Busy(f"the cache budget is full ({self.reserved:,} of {self.config.cache_budget_bytes:,} "
+                               f"bytes held; this request needs {job.reserved:,}); retry later", self.retry_after())
+            if problem is not None:
                 self.pending -= 1
-                raise Unavailable("the server is shutting down")
+                raise problem
+            self.reserved += job.reserved
             self.stats["requests"] += 1
             self.jobs.put(job)
         return job, seed
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: the mean time requests took lately (at least 1)."""
+        return max(1, math.ceil(self.metrics.recent_latency()))
 
     # --- the worker -----------------------------------------------------------------------------
     def _start_worker(self) -> threading.Thread:
@@ -312,9 +369,12 @@ class ModelService:
         return f"the sampling worker had stopped ({reason}); it was restarted"
 
     def _work(self) -> None:
-        """Gather a batch and run it, until closed; an error fails that batch's requests only."""
+        """Run requests by the configured scheduling until closed; an error fails the requests it touched only."""
         torch.set_grad_enabled(False)
         try:
+            if self.config.scheduling == "step":
+                self._work_steps()
+                return
             while not self.stopping:
                 batch: list[Job] = []
                 self.current = batch
@@ -328,6 +388,108 @@ class ModelService:
         except BaseException as exc:  # the thread ends here; check_worker reports it and starts another
             self.died = f"{type(exc).__name__}: {exc}"
 
+    # --- step scheduling: continuous batching over the decoding engine ----------------------------------
+    def _work_steps(self) -> None:
+        """Continuous batching. Between two steps, finished and cancelled requests leave and queued ones join
+        (first come, first served: a request waits while the one before it does not fit the step's rows
+        ``max_batch_rows`` and positions ``max_step_tokens``, so none is overtaken forever); each step is one
+        :meth:`~unmask.samplers.engine.DecodingEngine.step`: one network evaluation for every running request,
+        denoiser calls of every request in one forward (ragged canvases padded, see the engine), each request
+        then advanced by its own sampler. A request therefore finishes after its own number of steps,
+        whatever else runs: a long request does not hold back short ones. Each row draws from its own seed,
+        so a request's tokens do not depend on what it was batched with or when it joined. An error in a
+        step fails the requests of that step, the others queued go on."""
+        engine = DecodingEngine(self.model)
+        running: dict[Handle, Job] = {}
+        while not self.stopping:
+            try:
+                self._admit(engine, running)
+            except Exception:  # the queue itself failed: no request is lost, the next round reads it again
+                time.sleep(0.01)
+                continue
+            self._leave(engine, running)
+            if not engine.active:
+                continue
+            for job in running.values():
+                job.company = max(job.company, len(running) - 1)
+            rows = sum(len(job.canvas) for job in running.values())
+            try:
+                with autocast(self.device, self.precision):
+                    finished = engine.step()
+            except Exception as exc:
+                for job in running.values():
+                    self._finish(job, "error", f"{type(exc).__name__}: {exc}")
+                engine, running = DecodingEngine(self.model), {}
+                self.current = []
+                continue
+            with self.lock:
+                self.stats["steps"] += 1
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
+            self.metrics.step(rows, sum(h.cache_bytes() for h in engine.handles) if self.reserved else 0)
+            for handle in finished:
+                self._done(handle, running.pop(handle))
+            self.current = list(running.values())
+
+    def _admit(self, engine: DecodingEngine, running: dict) -> None:
+        """Start the queued requests that fit this step, in their order (waiting up to 0.2 s for one when
+        nothing runs)."""
+        rows = sum(len(job.canvas) for job in running.values())
+        positions = sum(job.canvas.numel() for job in running.values())
+        while not self.stopping:
+            if not self.backlog:
+                try:
+                    self.backlog.append(self.jobs.get(timeout=0.2) if not running else self.jobs.get_nowait())
+                except queue.Empty:
+                    return
+            job = self.backlog[0]
+            if not job.cancelled and running and (rows + len(job.canvas) > self.config.max_batch_rows or
+                                                  positions + job.canvas.numel() > self.config.max_step_tokens):
+                return
+            self.backlog.popleft()
+            if job.cancelled:
+                self._finish(job, "cancelled", None)
+                continue
+            try:
+                with autocast(self.device, self.precision):
+                    handle = engine.add(job.sampler, job.canvas.to(self.device), job.seeds.to(self.device),
+                                        self._frames(job))
+            except Exception as exc:
+                self._finish(job, "error", f"{type(exc).__name__}: {exc}")
+                continue
+            running[handle] = job
+            self.current = list(running.values())
+            rows, positions = rows + len(job.canvas), positions + job.canvas.numel()
+
+    def _leave(self, engine: DecodingEngine, running: dict) -> None:
+        """Requests that finished on joining, or were cancelled, leave the engine."""
+        for handle, job in list(running.items()):
+            if handle.done or job.cancelled:
+                engine.remove(handle)
+                del running[handle]
+                self._done(handle, job) if handle.done else self._finish(job, "cancelled", None)
+        self.current = list(running.values())
+
+    def _frames(self, job: Job):
+        """The step callback of a job: counts its steps and queues a copy of its canvas for a stream that keeps
+        up (at most ``max_stream_lag`` unread)."""
+        def on_step(x: torch.Tensor) -> None:
+            job.steps += 1
+            if job.stream and job.queued - job.taken < self.config.max_stream_lag:
+                if not job.queued:
+                    self.metrics.first_step.observe(time.monotonic() - job.admitted)
+                job.queued += 1
+                job.emit("step", (job.steps, x.cpu().clone()))
+        return on_step
+
+    def _done(self, handle: Handle, job: Job) -> None:
+        result = handle.result
+        with self.lock:
+            self.stats["rows"] += len(job.canvas)
+        self.metrics.generated(result.generated)
+        self._finish(job, "done", {"tokens": result.tokens.cpu(), "steps": job.steps, "row_nfe": result.row_nfe.cpu(),
+                                   "seconds": result.seconds, "batch_requests": job.company + 1})
+
+    # --- request scheduling: batches of whole requests ---------------------------------------------------
     def _gather(self, batch: list[Job]) -> None:
         """Take the oldest request, and the requests of the same shape that arrive within the batch
         window (up to ``max_batch_rows`` rows), into ``batch``. Requests of other shapes met on the way
@@ -340,7 +502,7 @@ class ModelService:
             except queue.Empty:
                 return
         batch.append(first)
-        if not self.config.batching:
+        if self.config.scheduling == "serial":
             return
         rows, limit = len(first.canvas), self.config.max_batch_rows
         later: collections.deque[Job] = collections.deque()
@@ -396,7 +558,7 @@ class ModelService:
                     batch[i].emit("step", (steps, x[bounds[i]:bounds[i + 1]].clone()))
 
         try:
-            sampler = make_sampler(batch[0].sample_cfg, self.loaded.objective, self.tokenizer, self.length)
+            sampler = batch[0].sampler
             with autocast(self.device, self.precision):
                 result = sampler.sample(self.model, canvas, seeds, on_step)
         except Cancelled:
@@ -410,7 +572,8 @@ class ModelService:
             self.stats["batches"] += 1
             self.stats["rows"] += len(canvas)
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-        self.metrics.batch(len(canvas), result.generated, result.seconds)
+        self.metrics.batch(len(canvas))
+        self.metrics.generated(result.generated)
         tokens, row_nfe = result.tokens.cpu(), result.row_nfe.cpu()
         for i, job in enumerate(batch):
             self._finish(job, "done", {"tokens": tokens[bounds[i]:bounds[i + 1]], "steps": steps,
@@ -424,6 +587,7 @@ class ModelService:
                 return
             job.finished = True
             self.pending -= 1
+            self.reserved -= job.reserved
         self.metrics.answered(kind, time.monotonic() - job.admitted)
         job.emit(kind, payload)
 
