@@ -244,7 +244,7 @@ def test_infilling_by_mask_markers_and_guidance(server):
     ({"prompt": "a", "max_tokens": 4, "temprature": 1.0}, 422, "temprature"),
     ({"prompt": "a", "temperature": -1}, 422, "temperature"),
     ({"prompt": "a", "top_p": 0}, 422, "top_p"),
-    ({"prompt": "a", "max_tokens": 0}, 422, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens=0"),
     ({"prompt": 5}, 422, "prompt"),
     ({"prompt": "a", "sampler": "magic"}, 422, "sampler"),
     ({"prompt": "a" * 40}, 400, "maximum of 32"),

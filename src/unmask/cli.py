@@ -218,7 +218,8 @@ def cmd_serve(args) -> int:
     limits = {"--max-batch-rows": args.max_batch_rows, "--max-pending": args.max_pending, "--max-n": args.max_n,
               "--max-steps": args.max_steps, "--timeout": args.timeout, "--max-body-bytes": args.max_body_bytes,
               "--max-stream-lag": args.max_stream_lag, "--max-step-tokens": args.max_step_tokens,
-              "--cache-budget-bytes": args.cache_budget_bytes, "--max-likelihood-rows": args.max_likelihood_rows}
+              "--cache-budget-bytes": args.cache_budget_bytes, "--max-likelihood-rows": args.max_likelihood_rows,
+              "--mc-samples": args.mc_samples}
     for flag, value in limits.items():
         if not (0 < value < math.inf):
             raise ConfigError(f"{flag} must be a positive number")
@@ -228,7 +229,7 @@ def cmd_serve(args) -> int:
         raise ConfigError("--batch-window-ms must be a number >= 0")
     config = ServeConfig(scheduling=args.scheduling, max_batch_rows=args.max_batch_rows,
                          max_step_tokens=args.max_step_tokens, cache_budget_bytes=args.cache_budget_bytes,
-                         max_likelihood_rows=args.max_likelihood_rows,
+                         max_likelihood_rows=args.max_likelihood_rows, mc_samples=args.mc_samples,
                          batch_window_ms=args.batch_window_ms, max_pending=args.max_pending, timeout_s=args.timeout,
                          max_n=args.max_n, max_steps=args.max_steps, max_body_bytes=args.max_body_bytes,
                          max_stream_lag=args.max_stream_lag)
@@ -461,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes the queued and running requests' caches may reserve (429 beyond it)")
     p.add_argument("--max-likelihood-rows", type=int, default=4096,
                    help="largest likelihood request (echo with logprobs), in network rows")
+    p.add_argument("--mc-samples", type=int, default=32,
+                   help="Monte-Carlo draws of a diffusion model's likelihood bound (a request's mc_samples wins)")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="request scheduling: how long the worker waits for more requests of the same shape")
     p.add_argument("--max-pending", type=int, default=64, help="queued or running requests before 429")

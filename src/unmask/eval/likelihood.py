@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -232,3 +233,89 @@ def continuation_loglikelihoods(model, objective: Objective, sequences: list[lis
                 stderr = float(nats[r].std() / math.sqrt(k)) if k > 1 else float("nan")
                 results[i] = (-float(nats[r].mean()), stderr, bool(greedy[r]))
     return results
+
+
+@dataclass
+class TokenScores:
+    """Per-token log-likelihood terms of a sequence ``x`` of n tokens after its BOS (OpenAI's echoed
+    ``logprobs``), built so that for every ``k`` the terms from ``k`` on sum to ``suffix[k]``, the
+    log-likelihood of ``x[k:]`` given ``x[:k]`` that :func:`continuation_loglikelihoods` gives for that split:
+    exact for AR models, the NELBO bound for diffusion models (``bound``), with its Monte-Carlo standard
+    error ``stderr[k]``. So a client that sums the terms of a continuation (lm-eval's ``local-completions``)
+    gets the same number as unmask's own lm-eval model. ``top[k]``: the ``top_k`` most likely tokens at
+    position ``k`` with their log-probabilities (AR: given ``x[:k]``; diffusion: with ``x[k:]`` masked).
+    ``next_token``: (id, log-probability, top) of the most likely token after the sequence, when asked."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+    suffix: list[float]
+    stderr: list[float]
+    bound: bool
+    next_token: tuple[int, float, list[tuple[int, float]]] | None = None
+
+
+def _top(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The ``k`` largest entries of log-probabilities ``logp`` (V,) as (id, value)."""
+    if k <= 0:
+        return []
+    values, ids = logp.topk(min(k, logp.numel()))
+    return list(zip(ids.tolist(), values.tolist()))
+
+
+@torch.no_grad()
+def token_loglikelihoods(model, objective: Objective, ids: list[int], bos: list[int], top_k: int = 0,
+                         mc_samples: int = 32, seed: int = 0, batch_rows: int = 64, precision: str = "fp32",
+                         device: torch.device = torch.device("cpu"), estimator: str = "auto",
+                         next_token: bool = False) -> TokenScores:
+    """The :class:`TokenScores` of ``ids`` (n tokens) after ``bos`` (the model's BOS, or nothing).
+
+    AR: one forward, ``logprobs[k] = log p(x_k | x_<k)``. Diffusion: ``suffix[k]`` is the NELBO bound of
+    ``x[k:]`` given ``x[:k]`` (:func:`continuation_loglikelihoods` with start ``k``, the same draws as for
+    that split alone) and ``logprobs[k] = suffix[k] - suffix[k + 1]`` (``suffix[n] = 0``): a telescoping
+    split of the bound, so each term alone is noisy (and may be positive) while every suffix sum is the
+    bound itself. Costs ``n * mc_samples + n`` network rows (+ 1 with ``next_token``)."""
+    model.eval()
+    seq, b, n = bos + ids, len(bos), len(ids)
+    if n == 0:
+        raise ValueError("there is no token to score")
+    mask_id = objective.mask_id
+    exact = objective.bound == "exact"
+    x0 = torch.tensor([seq], dtype=torch.long, device=device)
+    if exact:
+        fed = torch.cat([x0, x0[:, :1]], dim=1) if next_token else x0  # one more output: the next token's
+        with autocast(device, precision):
+            logits = model(objective.inputs(fed))[0].float()
+        logits[..., mask_id] = float("-inf")
+        logp = logits.log_softmax(-1)
+        terms = logp[b:b + n].gather(-1, x0[0, b:, None])[:, 0].double()
+        suffix = terms.flip(0).cumsum(0).flip(0).tolist()
+        top = [_top(logp[b + k], top_k) for k in range(n)]
+        after = logp[-1]
+        scores = TokenScores(terms.tolist(), top, suffix, [0.0] * n, bound=False)
+    else:
+        parts = continuation_loglikelihoods(model, objective, [seq] * n, [b + k for k in range(n)], mc_samples,
+                                            batch_rows, seed, precision, device, estimator)
+        suffix = [ll for ll, _, _ in parts]
+        terms = [suffix[k] - (suffix[k + 1] if k + 1 < n else 0.0) for k in range(n)]
+        hidden = torch.arange(b + n, device=device)[None, :] >= (b + torch.arange(n, device=device))[:, None]
+        rows = x0.expand(n, -1)
+        full = torch.where(hidden, torch.full_like(rows, mask_id), rows)
+        ones = torch.ones(n, dtype=torch.float64, device=device)
+        with autocast(device, precision):
+            logits = objective.logits(model, full, rows, objective.model_sigma(ones)).float()
+        if mask_id < logits.shape[-1]:
+            logits[..., mask_id] = float("-inf")
+        logp = logits.log_softmax(-1)
+        top = [_top(logp[k, b + k], top_k) for k in range(n)]
+        scores = TokenScores(terms, top, suffix, [e for _, e, _ in parts], bound=True)
+        if next_token:
+            canvas = torch.cat([x0, torch.full_like(x0[:, :1], mask_id)], dim=1)
+            with autocast(device, precision):
+                last = objective.logits(model, canvas, canvas, objective.model_sigma(ones[:1])).float()[0, -1]
+            if mask_id < last.numel():
+                last[mask_id] = float("-inf")
+            after = last.log_softmax(-1)
+    if next_token:
+        best = int(after.argmax())
+        scores.next_token = (best, float(after[best]), _top(after, top_k))
+    return scores

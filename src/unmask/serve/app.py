@@ -24,9 +24,11 @@ from .service import (
     Busy,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     ModelService,
     RequestError,
     ServeConfig,
+    TokenizeRequest,
     Unavailable,
 )
 
@@ -179,6 +181,29 @@ def create_app(service: ModelService):
     async def metrics():
         return Response(service.metrics.exposition(), media_type=service.metrics.content_type)
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """The tokenizer's special tokens, maximum length and chat template (vLLM's endpoint, read by lm-eval's
+        remote tokenizer)."""
+        return service.tokenizer_info()
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        """Token ids of a text (vLLM's format)."""
+        try:
+            tokens = await asyncio.to_thread(service.tokenize, req.prompt, req.add_special_tokens)
+        except RequestError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": service.length}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        """The text of token ids (vLLM's format)."""
+        try:
+            return {"prompt": service.detokenize(req.tokens)}
+        except RequestError as exc:
+            raise HTTPException(400, str(exc)) from None
+
     @app.get("/v1/models")
     async def models():
         """The one model served: its name, family, lengths, tokenizer, samplers and limits (OpenAI's list format)."""
@@ -249,9 +274,19 @@ def create_app(service: ModelService):
                 kind, payload = await next_event(watch_client=True)
             finally:
                 job.cancelled = True  # a no-op once done; stops the work when this handler is cancelled
-            if kind == "done":
+            if kind != "done":
+                raise HTTPException(FAILURES[kind], payload)
+            if job.work is None:
                 return final(payload)
-            raise HTTPException(FAILURES[kind], payload)
+            choices = service.likelihood_choices(job, payload["scores"])
+            prompt = sum(len(ids) for ids in job.prompts)
+            completion = sum(len(c["logprobs"]["tokens"]) for c in choices) - prompt
+            bound = bool(choices) and choices[0]["unmask"]["bound"]
+            return {**head, "object": "text_completion", "choices": choices,
+                    "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                              "total_tokens": prompt + completion},
+                    "unmask": {"seed": seed, "likelihood": "bound" if bound else "exact",
+                               "mc_samples": job.mc_samples if bound else None, "seconds": payload["seconds"]}}
 
         async def events():
             yield sse({**head, "object": "text_completion.chunk", "step": 0,

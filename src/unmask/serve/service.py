@@ -7,9 +7,11 @@ import collections
 import dataclasses
 import math
 import queue
+import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import ConfigError, SampleConfig
 from ..data.layouts import starts_with_bos
+from ..eval.likelihood import TokenScores, token_loglikelihoods
 from ..families import FAMILIES, family_of
 from ..objectives.base import unwrap
 from ..pipeline import MASK_MARK, chat_answer, chat_prompt, encode_fixed, make_canvas, request_ids
@@ -44,6 +47,7 @@ class ServeConfig:
     max_step_tokens: int = 8192  # step scheduling: canvas positions decoded together (rows x length)
     cache_budget_bytes: int = 1 << 30  # the caches of the requests queued and running (KV, block, encoder)
     max_likelihood_rows: int = 4096  # network rows one likelihood request may evaluate (prompt tokens x samples)
+    mc_samples: int = 32  # Monte-Carlo draws of a diffusion model's likelihood bound (a request may set its own)
     batch_window_ms: float = 5.0
     max_pending: int = 64
     timeout_s: float = 120.0
@@ -59,9 +63,16 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(None, description="ignored: the server serves one model (OpenAI clients send it)")
-    prompt: str = Field("", description="the text the completion continues; [MASK] / [MASK*n] mark gaps to infill")
-    max_tokens: int | None = Field(None, ge=1, description="tokens to generate; null: up to the model's trained "
-                                   "length")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        "", description="the text the completion continues ([MASK] / [MASK*n] mark gaps to infill), or its token "
+        "ids; a list of prompts (texts or token-id lists) for likelihood requests")
+    max_tokens: int | None = Field(None, ge=0, description="tokens to generate; null: up to the model's trained "
+                                   "length; 0 (with echo and logprobs): score the prompt only")
+    echo: bool = Field(False, description="with logprobs: return the prompt's tokens and their log-probabilities")
+    logprobs: int | None = Field(None, ge=0, le=20, description="with echo: also the most likely tokens at each "
+                                 "position, this many")
+    mc_samples: int | None = Field(None, ge=1, le=4096, description="likelihood requests of diffusion models: "
+                                   "Monte-Carlo draws of the bound (null: the server's --mc-samples)")
     temperature: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False,
                                       description="sampling temperature; null: the model's sample.temperature")
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
@@ -94,6 +105,25 @@ class ChatCompletionRequest(CompletionRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
 
 
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` (vLLM's format)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(description="the text to tokenize")
+    add_special_tokens: bool = Field(False, description="start with the BOS the model's prompts start with")
+    model: str | None = Field(None, description="ignored: the server serves one model")
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize`` (vLLM's format)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    tokens: list[int] = Field(description="token ids")
+    model: str | None = Field(None, description="ignored: the server serves one model")
+
+
 class RequestError(ValueError):
     """A request that is well-formed JSON but cannot be served (too long, too many steps...)."""
 
@@ -123,15 +153,18 @@ class Unavailable(RuntimeError):
 class Job:
     """One request's rows on their way through the worker (compared by identity)."""
 
-    canvas: torch.Tensor  # (n, L)
+    canvas: torch.Tensor  # (n, L); no rows for a likelihood request
     seeds: torch.Tensor  # (n,)
     key: tuple  # requests with equal keys can share a request batch
-    sample_cfg: SampleConfig
-    sampler: Sampler
+    sample_cfg: SampleConfig | None
+    sampler: Sampler | None
     events: "asyncio.Queue"
     loop: asyncio.AbstractEventLoop
     stream: bool
     reserved: int = 0  # cache bytes counted against the budget while it is queued or running
+    work: Callable[[], object] | None = None  # a likelihood request: what the worker runs between two steps
+    prompts: list[list[int]] | None = None  # a likelihood request's prompts (token ids)
+    mc_samples: int = 0  # a likelihood request's Monte-Carlo draws
     cancelled: bool = False
     finished: bool = False
     steps: int = 0  # steps taken (step scheduling)
@@ -164,6 +197,15 @@ def model_name(path: Path) -> str:
     if path.parent.name == "checkpoints":  # run/checkpoints/step_N
         return path.parent.parent.name
     return path.name
+
+
+def prompt_list(prompt: str | list) -> list[str | list[int]]:
+    """The prompts of a request's ``prompt``: a text, token ids, or a list of either."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise RequestError("prompt: an empty list holds no prompt")
+    return [prompt] if isinstance(prompt[0], int) else list(prompt)
 
 
 def cache_bytes_per_position(model) -> int:
@@ -242,15 +284,27 @@ class ModelService:
         if req.max_tokens is not None and req.max_tokens > room:
             raise RequestError(f"max_tokens={req.max_tokens} does not fit: this model's maximum is {self.length} "
                                f"tokens" + (" with BOS" if bos else ""))
-        for text in [m.content for m in req.messages] if chat else [req.prompt]:
+        if req.echo or req.logprobs is not None or req.max_tokens == 0:
+            raise RequestError("echo, logprobs and max_tokens=0 make a likelihood request: echo true, logprobs set, "
+                               "max_tokens 0 or 1, not streamed" + (" (completions only)" if chat else ""))
+        prompts = [] if chat else prompt_list(req.prompt)
+        if len(prompts) > 1:
+            raise RequestError("a generation request takes one prompt; a list of prompts is for likelihood requests "
+                               "(echo with logprobs)")
+        for text in [m.content for m in req.messages] if chat else [p for p in prompts if isinstance(p, str)]:
             check_unicode(text, "a message" if chat else "the prompt")
-        prompt = self.chat_prompt(req) if chat else req.prompt
-        infill = not chat and bool(MASK_MARK.search(prompt))
+        given = None if chat or isinstance(prompts[0], str) else self.check_ids(prompts[0])
+        prompt = self.chat_prompt(req) if chat else prompts[0] if given is None else ""
+        infill = given is None and bool(MASK_MARK.search(prompt))
         if infill and not self.family.infills:
             raise RequestError(f"infilling ([MASK] markers) needs a model that infills, not a {self.family.name} model")
         try:
-            new = None if infill else self._new_tokens(prompt, req.max_tokens, bos)
-            ids = request_ids(self.tokenizer, prompt, infill, new, room)
+            if given is not None:
+                ids = given + [self.tokenizer.mask_id] * self._new_tokens(len(given), req.max_tokens, bos)
+            else:
+                new = None if infill else self._new_tokens(len(encode_fixed(self.tokenizer, prompt)), req.max_tokens,
+                                                           bos)
+                ids = request_ids(self.tokenizer, prompt, infill, new, room)
         except (SamplingError, ValueError) as exc:
             raise RequestError(f"prompt: {exc}") from None
         length = len(ids) + int(bos)
@@ -289,17 +343,16 @@ class ModelService:
             raise RequestError(f"{exc}; use /v1/completions" if self.tokenizer.chat_template is None else str(exc)) \
                 from None
 
-    def _new_tokens(self, prompt: str, max_tokens: int | None, bos: bool) -> int:
-        """The tokens to generate after a prompt: ``max_tokens``, or up to the length the model was
-        trained on."""
-        ids = encode_fixed(self.tokenizer, prompt)
-        used = len(ids) + int(bos)
+    def _new_tokens(self, count: int, max_tokens: int | None, bos: bool) -> int:
+        """The tokens to generate after a prompt of ``count`` tokens: ``max_tokens``, or up to the length the
+        model was trained on."""
+        used = count + int(bos)
         if max_tokens is None:
             if used >= self.length:
-                raise RequestError(f"a prompt of {len(ids)} tokens leaves no room in this model's maximum of "
+                raise RequestError(f"a prompt of {count} tokens leaves no room in this model's maximum of "
                                    f"{self.length}")
             if used >= self.default_length:
-                raise RequestError(f"a prompt of {len(ids)} tokens leaves no room in the {self.default_length} "
+                raise RequestError(f"a prompt of {count} tokens leaves no room in the {self.default_length} "
                                    f"tokens this model was trained on; set max_tokens (at most "
                                    f"{self.length - used})")
             max_tokens = self.default_length - used
@@ -308,8 +361,71 @@ class ModelService:
                                f"is {self.length}")
         return max_tokens
 
+    def check_ids(self, ids: list[int]) -> list[int]:
+        """A prompt given as token ids, checked: ids of the vocabulary, not the mask."""
+        vocab = self.tokenizer.vocab_size
+        for i in ids:
+            if not 0 <= i < vocab:
+                raise RequestError(f"prompt: token id {i} is not in this model's vocabulary of {vocab}")
+            if i == self.tokenizer.mask_id:
+                raise RequestError(f"prompt: token id {i} is the mask token; mark gaps with [MASK] in a text prompt")
+        return list(ids)
+
+    def prepare_likelihood(self, req: CompletionRequest) -> tuple[Callable[[], list[TokenScores]], list[list[int]],
+                                                                   int, int]:
+        """A likelihood request (``echo`` with ``logprobs``, ``max_tokens`` 0 or 1): (the work, each prompt's ids,
+        Monte-Carlo draws, seed), or RequestError; its cost in network rows is bounded before any work."""
+        if isinstance(req, ChatCompletionRequest):
+            raise RequestError("likelihood requests (echo with logprobs) are served by /v1/completions")
+        if not req.echo or req.logprobs is None:
+            raise RequestError("log-probabilities are served for echoed prompts: set echo true and logprobs")
+        if req.stream or req.n != 1 or (req.max_tokens or 0) > 1:
+            raise RequestError("a likelihood request scores its prompts: max_tokens 0 or 1 (the most likely next "
+                               "token), n 1, not streamed")
+        if req.temperature or req.top_p is not None or req.top_k is not None or req.guidance or req.sampler or \
+                req.steps is not None or req.tokens_per_step != 1:
+            raise RequestError("sampling settings do not apply to a likelihood request (the next token it returns "
+                               "is the most likely one: temperature 0)")
+        if not self.family.likelihood:
+            raise RequestError(f"a {self.family.name} model has no likelihood to serve")
+        if req.model not in (None, "", self.name):
+            raise RequestError(f"model '{req.model}' is not served here (this server serves '{self.name}')")
+        samples = req.mc_samples or self.config.mc_samples
+        bound = self.loaded.objective.bound != "exact"
+        prompts, rows = [], 0
+        for prompt in prompt_list(req.prompt):
+            if isinstance(prompt, str):
+                check_unicode(prompt, "the prompt")
+                try:
+                    ids = encode_fixed(self.tokenizer, prompt)
+                except (SamplingError, ValueError) as exc:
+                    raise RequestError(f"prompt: {exc}") from None
+            else:
+                ids = self.check_ids(prompt)
+            if not ids:
+                raise RequestError("an empty prompt has no token to score")
+            if int(self.bos) + len(ids) + (req.max_tokens or 0) > self.length:
+                raise RequestError(f"a prompt of {len(ids)} tokens" + (" and the next token" if req.max_tokens else "")
+                                   + f" does not fit this model's maximum of {self.length}"
+                                   + (" with BOS" if self.bos else ""))
+            prompts.append(ids)
+            rows += len(ids) * (samples + 1) + 1 if bound else 1
+        if rows > self.config.max_likelihood_rows:
+            raise RequestError(f"scoring these prompts takes {rows} network rows (prompt tokens x (mc_samples + 1)); "
+                               f"this server's limit is {self.config.max_likelihood_rows}")
+        seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7], "little")
+        bos = [self.tokenizer.bos_id] if self.bos else []
+        model, objective = self.model, self.loaded.objective
+
+        def work() -> list[TokenScores]:
+            return [token_loglikelihoods(model, objective, ids, bos, req.logprobs, samples, seed,
+                                         self.config.max_batch_rows * max(1, samples), self.precision, self.device,
+                                         next_token=bool(req.max_tokens)) for ids in prompts]
+        return work, prompts, samples, seed
+
     async def submit(self, req: CompletionRequest) -> tuple[Job, int]:
-        """Queue a request: a slot first (Busy, Unavailable), then its canvas, built off the event loop."""
+        """Queue a request: a slot first (Busy, Unavailable), then its canvas (or, for a likelihood request, its
+        work), built off the event loop."""
         self.check_worker()
         with self.lock:
             if self.stopping:
@@ -318,15 +434,24 @@ class ModelService:
                 raise Busy(f"{self.pending} requests are queued or running (limit {self.config.max_pending}); "
                            f"retry later", self.retry_after())
             self.pending += 1
+        likelihood = req.echo or req.logprobs is not None
         try:
-            canvas, seeds, cfg, sampler, seed = await asyncio.to_thread(self.prepare, req)
+            if likelihood:
+                work, prompts, samples, seed = await asyncio.to_thread(self.prepare_likelihood, req)
+            else:
+                canvas, seeds, cfg, sampler, seed = await asyncio.to_thread(self.prepare, req)
         except BaseException:
             with self.lock:
                 self.pending -= 1
             raise
-        key = (dataclasses.astuple(dataclasses.replace(cfg, seed=0)), canvas.shape[1])
-        job = Job(canvas, seeds, key, cfg, sampler, asyncio.Queue(), asyncio.get_running_loop(), req.stream,
-                  reserved=self.cache_estimate(sampler, canvas))
+        if likelihood:
+            job = Job(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long), (object(),), None, None,
+                      asyncio.Queue(), asyncio.get_running_loop(), False, work=work, prompts=prompts,
+                      mc_samples=samples)
+        else:
+            key = (dataclasses.astuple(dataclasses.replace(cfg, seed=0)), canvas.shape[1])
+            job = Job(canvas, seeds, key, cfg, sampler, asyncio.Queue(), asyncio.get_running_loop(), req.stream,
+                      reserved=self.cache_estimate(sampler, canvas))
         with self.lock:  # close() drains the queue after it sets stopping: nothing may arrive later
             problem = None
             if self.stopping:
@@ -449,6 +574,9 @@ class ModelService:
             if job.cancelled:
                 self._finish(job, "cancelled", None)
                 continue
+            if job.work is not None:  # a likelihood request runs whole, between two steps
+                self._score(job)
+                continue
             try:
                 with autocast(self.device, self.precision):
                     handle = engine.add(job.sampler, job.canvas.to(self.device), job.seeds.to(self.device),
@@ -459,6 +587,16 @@ class ModelService:
             running[handle] = job
             self.current = list(running.values())
             rows, positions = rows + len(job.canvas), positions + job.canvas.numel()
+
+    def _score(self, job: Job) -> None:
+        """Run a likelihood request's work and answer it."""
+        start = time.perf_counter()
+        try:
+            scores = job.work()
+        except Exception as exc:
+            self._finish(job, "error", f"{type(exc).__name__}: {exc}")
+            return
+        self._finish(job, "done", {"scores": scores, "seconds": time.perf_counter() - start})
 
     def _leave(self, engine: DecodingEngine, running: dict) -> None:
         """Requests that finished on joining, or were cancelled, leave the engine."""
@@ -535,6 +673,9 @@ class ModelService:
         batch = [job for job in batch if not job.cancelled]
         if not batch:
             return
+        if batch[0].work is not None:  # a likelihood request (its key is its own: alone in its batch)
+            self._score(batch[0])
+            return
         canvas = torch.cat([job.canvas for job in batch]).to(self.device)
         seeds = torch.cat([job.seeds for job in batch]).to(self.device)
         bounds = [0]
@@ -605,7 +746,73 @@ class ModelService:
         for job in held:
             self._finish(job, "unavailable", "the server is shutting down")
 
+    # --- the tokenizer over HTTP (vLLM's /tokenize, /detokenize, /tokenizer_info: lm-eval's remote tokenizer) ---
+    def special_names(self) -> dict[str, int]:
+        """The written form of each special token but the mask (BOS, EOS, PAD) and its id."""
+        tok = self.tokenizer
+        return {tok.decode([i], skip_special=False): i for i in sorted(tok.special_token_ids() - {tok.mask_id})}
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``, its special tokens' written forms read as those tokens; with
+        ``add_special_tokens``, the BOS the model's prompts start with. RequestError for text the tokenizer
+        cannot encode."""
+        check_unicode(text, "the text")
+        names = self.special_names()
+        pattern = re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True) if n))
+        ids = [self.tokenizer.bos_id] if add_special_tokens and self.bos else []
+        try:
+            at = 0
+            for match in pattern.finditer(text) if pattern.pattern else ():
+                ids += encode_fixed(self.tokenizer, text[at:match.start()]) + [names[match.group()]]
+                at = match.end()
+            ids += encode_fixed(self.tokenizer, text[at:])
+        except (SamplingError, ValueError) as exc:
+            raise RequestError(f"text: {exc}") from None
+        return ids
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids (special tokens written out), RequestError for an id outside the vocabulary."""
+        vocab = self.tokenizer.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is not in this model's vocabulary of {vocab}")
+        return self.tokenizer.decode(ids, skip_special=False) if ids else ""
+
+    def tokenizer_info(self) -> dict:
+        """What a remote-tokenizer client needs: the special tokens' written forms, the maximum length, the chat
+        template."""
+        tok = self.tokenizer
+        name = lambda i: tok.decode([i], skip_special=False)  # noqa: E731
+        return {"tokenizer_class": tok.describe().get("kind"), "bos_token": name(tok.bos_id),
+                "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id), "model_max_length": self.length,
+                "chat_template": tok.chat_template}
+
     # --- rendering ------------------------------------------------------------------------------
+    def likelihood_choices(self, job: Job, scores: list[TokenScores]) -> list[dict]:
+        """OpenAI's echoed ``logprobs`` of each prompt of a likelihood request (and of the next token when one
+        was asked for), with unmask's extension: whether the terms are a bound, and each suffix's log-likelihood
+        and Monte-Carlo standard error."""
+        tok = self.tokenizer
+        piece = lambda i: tok.decode([i], skip_special=False)  # noqa: E731
+        choices = []
+        for index, (ids, score) in enumerate(zip(job.prompts, scores)):
+            ids, values, tops = list(ids), list(score.logprobs), list(score.top)
+            if score.next_token is not None:
+                ids.append(score.next_token[0])
+                values.append(score.next_token[1])
+                tops.append(score.next_token[2])
+            pieces = [piece(i) for i in ids]
+            offsets = [0]
+            for p in pieces[:-1]:
+                offsets.append(offsets[-1] + len(p))
+            choices.append({"index": index, "text": "".join(pieces), "finish_reason": "length",
+                            "logprobs": {"tokens": pieces, "token_logprobs": values,
+                                         "top_logprobs": [{piece(i): v for i, v in top} for top in tops],
+                                         "text_offset": offsets},
+                            "unmask": {"bound": score.bound, "suffix_logprobs": score.suffix,
+                                       "suffix_stderr": score.stderr}})
+        return choices
+
     def pieces(self, row: torch.Tensor) -> list[str | None]:
         """One string per position (``None`` where masked; special tokens as empty strings)."""
         tok = self.tokenizer
