@@ -145,6 +145,28 @@ def wait_until(condition, seconds: float) -> bool:
     return True
 
 
+def canvases(events: list) -> list:
+    """The canvases (choices x positions, None where masked) after each event of a stream (its first event carries
+    them, later ones the positions revealed and changed), as the page rebuilds them."""
+    frames = []
+    for event in events:
+        if event == "[DONE]":
+            break
+        rows = []
+        for i, choice in enumerate(event["choices"]):
+            row = list(choice["unmask"]["canvas"]) if "canvas" in choice["unmask"] else list(frames[-1][i])
+            for position, piece in choice["unmask"].get("revealed", []) + choice["unmask"].get("changed", []):
+                row[position] = piece
+            rows.append(row)
+        frames.append(rows)
+    return frames
+
+
+def streamed_text(events: list, index: int = 0) -> str:
+    """What an OpenAI client makes of a completion stream: the text deltas of choice ``index``, appended."""
+    return "".join(e["choices"][index]["text"] for e in events if e != "[DONE]")
+
+
 def stream_events(url, body) -> list:
     events = []
     with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
@@ -220,15 +242,18 @@ def test_stream_events_end_at_the_non_streaming_result(server, sampler):
     events = stream_events(url, body)
     assert events[-1] == "[DONE]"
     final, chunks = events[-2], events[:-2]
-    assert final["object"] == "text_completion.final"
+    assert final["unmask"]["final"] and all(e["object"] == "text_completion" for e in events[:-1])
     assert [e["step"] for e in chunks] == list(range(len(chunks))) and len(chunks) >= 2
-    masks = [sum(t is None for t in e["choices"][0]["tokens"]) for e in chunks]
+    frames = canvases(events)
+    masks = [sum(t is None for t in frame[0]) for frame in frames[:-1]]
     assert masks[0] == 10 and masks == sorted(masks, reverse=True)
-    assert all(len(e["choices"]) == 2 and len(e["choices"][1]["tokens"]) == 14 for e in chunks)
-    assert [c["tokens"] for c in chunks[-1]["choices"]] == [c["tokens"] for c in final["choices"]]
+    assert all(len(frame) == 2 and len(frame[1]) == 14 for frame in frames)
+    assert frames[-2] == frames[-1] == [c["unmask"]["tokens"] for c in final["choices"]]
+    assert [c["finish_reason"] for c in final["choices"]] == ["length", "length"]
     plain = post(url, body).json()
-    assert [c["text"] for c in plain["choices"]] == [c["text"] for c in final["choices"]]
-    assert [c["tokens"] for c in plain["choices"]] == [c["tokens"] for c in final["choices"]]
+    assert [streamed_text(events, i) for i in range(2)] == [c["text"] for c in plain["choices"]]
+    assert [c["unmask"]["text"] for c in final["choices"]] == [c["text"] for c in plain["choices"]]
+    assert [c["tokens"] for c in plain["choices"]] == [c["unmask"]["tokens"] for c in final["choices"]]
 
 
 def test_infilling_by_mask_markers_and_guidance(server):
@@ -323,8 +348,12 @@ def test_ar_model_streams_left_to_right(checkpoints):
     service = ModelService(from_pretrained(checkpoints["ar"]))
     with running_server(service) as url:
         events = stream_events(url, {"prompt": "a", "max_tokens": 5, "seed": 2})
-        masks = [sum(t is None for t in e["choices"][0]["tokens"]) for e in events[:-2]]
+        masks = [sum(t is None for t in frame[0]) for frame in canvases(events[:-2])]
         assert masks == [5, 4, 3, 2, 1, 0]
+        # left to right: every step commits its token, so the text streams a piece per step (empty for a
+        # special token)
+        deltas = [e["choices"][0]["text"] for e in events[1:-2]]
+        assert sum(map(bool, deltas)) >= 3 and "".join(deltas) == events[-2]["choices"][0]["unmask"]["text"]
         assert post(url, {"prompt": "a[MASK]b"}).status_code == 400
         assert post(url, {"prompt": "a", "guidance": 1.0}).status_code == 400
     service.close()
@@ -640,3 +669,20 @@ def test_the_page_unmasks_the_canvas_in_headless_chromium(server, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "serve.png").stat().st_size > 1000
+
+
+def test_a_stream_of_a_revising_sampler_sends_its_changes_by_position_and_its_text_once_final(tmp_path):
+    """Confidence decoding with remasking takes revealed tokens back: the stream says so position by position
+    (``changed``), and sends no text before the end, since an OpenAI client cannot take text back."""
+    ckpt = make_checkpoint(tmp_path, "mdlm", ("sample.sampler=confidence", "sample.remask=0.5"))
+    service = ModelService(from_pretrained(ckpt))
+    with running_server(service) as url:
+        body = {"prompt": "to ", "max_tokens": 12, "steps": 8, "seed": 3}
+        events = stream_events(url, body)
+        plain = post(url, body).json()["choices"][0]
+    service.close()
+    steps, final = events[1:-2], events[-2]
+    assert any(e["choices"][0]["unmask"]["changed"] for e in steps)
+    assert all(e["choices"][0]["text"] == "" for e in events[:-2])
+    assert final["choices"][0]["text"] == plain["text"] == streamed_text(events)
+    assert canvases(events)[-1][0] == plain["tokens"]

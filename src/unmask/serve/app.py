@@ -28,6 +28,7 @@ from .service import (
     ModelService,
     RequestError,
     ServeConfig,
+    StreamText,
     TokenizeRequest,
     Unavailable,
 )
@@ -288,20 +289,38 @@ def create_app(service: ModelService):
                     "unmask": {"seed": seed, "likelihood": "bound" if bound else "exact",
                                "mc_samples": job.mc_samples if bound else None, "seconds": payload["seconds"]}}
 
+        stream = StreamText(service, job.canvas, chat, job.sampler.revises)
+        chunk_object = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(step: int, texts: list[str], extensions: list[dict], reasons: list | None = None) -> dict:
+            """An OpenAI chunk of every choice (a text delta; for chat, a message delta) with unmask's extension."""
+            choices = []
+            for i, (text, extra) in enumerate(zip(texts, extensions)):
+                choice = {"index": i, "finish_reason": None if reasons is None else reasons[i], "unmask": extra}
+                if chat:
+                    choice["delta"] = {"content": text, **({"role": "assistant"} if step == 0 else {})}
+                else:
+                    choice["text"] = text
+                choices.append(choice)
+            return {**head, "object": chunk_object, "step": step, "choices": choices}
+
         async def events():
-            yield sse({**head, "object": "text_completion.chunk", "step": 0,
-                       "choices": [{"index": i, "tokens": service.pieces(job.canvas[i])}
-                                   for i in range(len(job.canvas))]})
+            yield sse(chunk(0, [""] * len(job.canvas), [{"canvas": service.pieces(row)} for row in job.canvas]))
             while True:
                 kind, payload = await next_event(watch_client=False)  # the response watches the client
                 if kind == "step":
                     job.taken += 1
                     step, rows = payload
-                    yield sse({**head, "object": "text_completion.chunk", "step": step,
-                               "choices": [{"index": i, "tokens": service.pieces(row)}
-                                           for i, row in enumerate(rows)]})
+                    yield sse(chunk(step, stream.step(rows), stream.positions(rows)))
                 elif kind == "done":
-                    yield sse({**final(payload), "object": "text_completion.final", "step": payload["steps"]})
+                    whole = final(payload)
+                    texts = [c["message"]["content"] if chat else c["text"] for c in whole["choices"]]
+                    moves = stream.positions(payload["tokens"])
+                    extras = [{**move, "tokens": service.pieces(row), "text": text, "nfe": c["nfe"]}
+                              for move, row, text, c in zip(moves, payload["tokens"], texts, whole["choices"])]
+                    last = chunk(payload["steps"], [stream.delta(i, t) for i, t in enumerate(texts)], extras,
+                                 [c["finish_reason"] for c in whole["choices"]])
+                    yield sse({**last, "usage": whole["usage"], "unmask": {**whole["unmask"], "final": True}})
                     break
                 else:
                     yield sse({"error": {"type": ERROR_TYPES[FAILURES[kind]], "message": one_line(payload)}})

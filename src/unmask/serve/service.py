@@ -217,6 +217,44 @@ def cache_bytes_per_position(model) -> int:
     return tensor_bytes(net.new_cache(1, "cpu", torch.float32, capacity=1))
 
 
+class StreamText:
+    """The text deltas of a streamed choice: OpenAI clients append every ``text`` they receive, so a stream
+    sends only text that cannot change: the committed left-to-right prefix of each step, then the rest of the
+    final text. Positional changes (revealed and revised positions) travel beside it."""
+
+    def __init__(self, service: ModelService, canvas: torch.Tensor, chat: bool, revises: bool):
+        self.service, self.canvas, self.chat, self.revises = service, canvas, chat, revises
+        self.sent = [""] * len(canvas)
+        self.before = canvas.clone()
+
+    def positions(self, rows: torch.Tensor) -> list[dict]:
+        """Per row of ``rows`` (n, L): ``revealed`` [[position, piece]] (masked before, a token now) and
+        ``changed`` [[position, piece or None]] (a token before, another token or the mask now)."""
+        mask, out = self.service.tokenizer.mask_id, []
+        for before, now in zip(self.before, rows):
+            differ = (before != now).nonzero()[:, 0].tolist()
+            pieces = self.service.pieces(now)
+            out.append({"revealed": [[i, pieces[i]] for i in differ if before[i] == mask],
+                        "changed": [[i, pieces[i]] for i in differ if before[i] != mask]})
+        self.before = rows.clone()
+        return out
+
+    def delta(self, r: int, text: str) -> str:
+        """What row ``r``'s client has not received of ``text`` (nothing if ``text`` does not extend what it
+        has: the held-back text goes out once it does)."""
+        if not text.startswith(self.sent[r]):
+            return ""
+        new, self.sent[r] = text[len(self.sent[r]):], text
+        return new
+
+    def step(self, rows: torch.Tensor) -> list[str]:
+        """The text deltas of a step's rows (n, L)."""
+        if self.revises:
+            return [""] * len(rows)
+        committed = self.service.committed_text
+        return [self.delta(r, committed(self.canvas[r], row, self.chat)) for r, row in enumerate(rows)]
+
+
 class ModelService:
     """A loaded model, the request -> canvas logic, and the batching worker thread."""
 
@@ -825,6 +863,22 @@ class ModelService:
         reason (``stop`` when the model ended its turn, else ``length``)."""
         text, ended = chat_answer(self.tokenizer, row[canvas == self.tokenizer.mask_id].tolist())
         return text, "stop" if ended else "length"
+
+    def committed_text(self, canvas: torch.Tensor, row: torch.Tensor, chat: bool) -> str:
+        """The text of a partly decoded ``row`` that can no longer change, read left to right: the decoded
+        positions before the first still-masked one (a chat answer up to its end of turn), without a trailing
+        partial character. The caller streams it only for samplers that never revise a revealed token."""
+        masked = (row == self.tokenizer.mask_id).nonzero()
+        first = int(masked[0, 0]) if len(masked) else len(row)
+        generated = (canvas == self.tokenizer.mask_id).nonzero()[:, 0]
+        if chat:
+            text, _ = chat_answer(self.tokenizer, row[generated[generated < first]].tolist())
+        elif len(generated) and int(generated[-1]) - int(generated[0]) + 1 == len(generated) and \
+                int(generated[-1]) == len(row) - 1:
+            text = self.tokenizer.decode(row[int(generated[0]):first])
+        else:
+            text = self.tokenizer.decode(row[:first])
+        return text.rstrip("\ufffd")
 
     def completion_text(self, canvas: torch.Tensor, row: torch.Tensor) -> str:
         """The generated text: the continuation after a prompt, or the whole filled text for infilling."""
