@@ -1,15 +1,20 @@
-"""A bounded load test of ``unmask serve`` over loopback: throughput and latency with and without
-request batching, side by side in one run.
+"""A bounded load test of ``unmask serve`` over loopback: step-level continuous batching against request-level
+batching, side by side in one run, on one mixed workload.
 
-For each mode the script starts ``unmask serve MODEL`` in its own process on a free loopback port,
-waits for ``/health``, sends a fixed number of completion requests from ``--concurrency`` concurrent
-clients (asyncio + httpx, each request with its own seed), stops the server and reports requests/s,
-generated tokens/s and the p50/p99 latency. Nothing runs longer than the fixed request count.
+The workload is a fixed list of completion requests (seeded): prompts of mixed lengths (cut from the model's
+own corpus text) and mixed ``max_tokens``, each with its own seed, steps in proportion to its tokens. For each
+concurrency level and each scheduling (``--scheduling step`` and ``request``, in turn, each in a server
+process of its own on a free loopback port), the clients send the requests (asyncio + httpx, ``concurrency``
+at a time) and the script records generated tokens/s, requests/s, p50/p99 latency and, for a second pass of
+the same requests streamed, the time to the first streamed token (the first event that reveals one) p50/p99.
+Before the servers start it times the same first requests sampled directly in this process (the sampler
+``unmask sample`` runs, no server), so the step engine's overhead at concurrency 1 is measured too.
 
     python benchmarks/serve_load.py --model runs/quickstart --tag quickstart
     python benchmarks/serve_load.py --smoke          # seconds: the test suite runs this
 
-Writes ``benchmarks/results/serve_load-<tag>.json`` and a Markdown table on stdout.
+Writes ``benchmarks/results/serve-<tag>.json`` (one record per concurrency level with ``concurrency`` and
+``throughput_vs_request_batching``) and a Markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -28,10 +34,18 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from unmask.pipeline import from_pretrained  # noqa: E402
+from unmask.serve.service import CompletionRequest, ModelService  # noqa: E402
+
 from common import run_header, smoke_run  # noqa: E402
+
+SCHEDULINGS = ("step", "request")
+TEXT = ("ROMEO: But, soft! what light through yonder window breaks? It is the east, and Juliet is the sun. Arise, "
+        "fair sun, and kill the envious moon, who is already sick and pale with grief.")
 
 
 def free_port() -> int:
@@ -40,10 +54,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, batching: bool, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def workload(requests: int, max_length: int, sampler: str, tokens_per_step: float, seed: int = 0) -> list[dict]:
+    """The requests: prompt lengths uniform in [0, max_length / 4], max_tokens in [max_length / 8, max_length / 2]."""
+    rng = random.Random(seed)
+    bodies = []
+    for i in range(requests):
+        prompt = TEXT[:rng.randint(0, max_length // 4)]
+        new = rng.randint(max(1, max_length // 8), max_length // 2)
+        bodies.append({"prompt": prompt, "max_tokens": new, "sampler": sampler, "seed": i,
+                       "steps": max(1, round(new / tokens_per_step))})
+    return bodies
+
+
+def start_server(model: str, scheduling: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "unmask", "serve", model, "--port", str(port), *extra]
-    cmd += ["--scheduling", "request" if batching else "serial"]
+    cmd = [sys.executable, "-m", "unmask", "serve", model, "--port", str(port), "--scheduling", scheduling, *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     return proc, f"http://127.0.0.1:{port}"
@@ -71,48 +96,155 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def load(url: str, body: dict, requests: int, concurrency: int) -> dict:
-    latencies: list[float] = []
-    tokens = 0
-    failures = 0
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+async def load(url: str, bodies: list[dict], concurrency: int, stream: bool) -> dict:
+    """Send ``bodies`` from ``concurrency`` clients; throughput, latencies and (streamed) times to first token."""
+    latencies, first_tokens = [], []
+    tokens = failures = 0
     gate = asyncio.Semaphore(concurrency)
 
     async with httpx.AsyncClient(timeout=600) as client:
-        async def one(i: int) -> None:
+        async def one(body: dict) -> None:
             nonlocal tokens, failures
             async with gate:
                 start = time.perf_counter()
-                r = await client.post(f"{url}/v1/completions", json={**body, "seed": i})
-                latencies.append(time.perf_counter() - start)
-                if r.status_code != 200:
-                    failures += 1
+                if not stream:
+                    r = await client.post(f"{url}/v1/completions", json=body)
+                    latencies.append(time.perf_counter() - start)
+                    if r.status_code != 200:
+                        failures += 1
+                        return
+                    tokens += r.json()["usage"]["completion_tokens"]
                     return
-                tokens += r.json()["usage"]["completion_tokens"]
+                first = None
+                async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
+                    if r.status_code != 200:
+                        failures += 1
+                        return
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        event = json.loads(line[len("data: "):])
+                        if first is None and any(c["unmask"].get("revealed") for c in event["choices"]):
+                            first = time.perf_counter() - start
+                            first_tokens.append(first)
+                        if event.get("unmask", {}).get("final"):
+                            tokens += event["usage"]["completion_tokens"]
+                latencies.append(time.perf_counter() - start)
 
-        await client.post(f"{url}/v1/completions", json={**body, "seed": 10 ** 6})  # warm-up
+        await client.post(f"{url}/v1/completions", json={**bodies[0], "seed": 10 ** 6})  # warm-up
         start = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(requests)))
+        await asyncio.gather(*(one(body) for body in bodies))
         wall = time.perf_counter() - start
         health = (await client.get(f"{url}/health")).json()
-    latencies.sort()
-    return {"requests": requests, "failures": failures, "wall_seconds": wall, "requests_per_second": requests / wall,
-            "generated_tokens_per_second": tokens / wall, "p50_seconds": statistics.median(latencies),
-            "p99_seconds": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
-            "mean_seconds": statistics.fmean(latencies), "batches": health["batches"] - 1,
-            "largest_batch": health["largest_batch"]}
+    record = {"requests": len(bodies), "failures": failures, "wall_seconds": wall,
+              "requests_per_second": len(bodies) / wall, "generated_tokens_per_second": tokens / wall,
+              "p50_seconds": statistics.median(latencies), "p99_seconds": percentile(latencies, 0.99),
+              "mean_seconds": statistics.fmean(latencies), "largest_batch": health["largest_batch"]}
+    if stream:
+        record.update(ttft_p50_seconds=statistics.median(first_tokens), ttft_p99_seconds=percentile(first_tokens, 0.99))
+    return record
+
+
+def direct_seconds(model: str, bodies: list[dict]) -> list[float]:
+    """Seconds each request takes sampled in this process, without a server (the sampler ``unmask sample``
+    runs on the request's canvas and seeds), after one warm-up."""
+    service = ModelService(from_pretrained(model))
+    try:
+        prepared = [service.prepare(CompletionRequest(**body)) for body in [bodies[0], *bodies]]
+        seconds = []
+        with torch.no_grad():
+            for canvas, seeds, _, sampler, _ in prepared:
+                start = time.perf_counter()
+                sampler.sample(service.model, canvas, seeds)
+                seconds.append(time.perf_counter() - start)
+        return seconds[1:]
+    finally:
+        service.close()
+
+
+def serve_load(args, out_dir: Path) -> dict:
+    length = from_pretrained(args.model).config.model.length
+    bodies = workload(args.requests, length, args.sampler, args.tokens_per_step)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    single = bodies[:args.single_requests]
+    direct = direct_seconds(args.model, single) if 1 in levels else None
+    records = []
+    with contextlib.ExitStack() as started:  # every server started is stopped, whatever happens
+        servers = {}
+        for scheduling in SCHEDULINGS:
+            proc, url = start_server(args.model, scheduling, args.server_args.split())
+            started.callback(stop_server, proc)
+            servers[scheduling] = (proc, url)
+        for proc, url in servers.values():
+            wait_until_healthy(proc, url)
+        for concurrency in levels:
+            asked = single if concurrency == 1 else bodies
+            record = {"concurrency": concurrency, "modes": {}}
+            for scheduling, (_, url) in servers.items():  # side by side: the same requests, one after the other
+                record["modes"][scheduling] = asyncio.run(load(url, asked, concurrency, stream=False))
+            if concurrency > 1:
+                for scheduling, (_, url) in servers.items():
+                    streamed = asyncio.run(load(url, asked, concurrency, stream=True))
+                    record["modes"][scheduling]["streamed"] = streamed
+            step, request = record["modes"]["step"], record["modes"]["request"]
+            record["throughput_vs_request_batching"] = \
+                step["generated_tokens_per_second"] / request["generated_tokens_per_second"]
+            record["p99_latency_vs_request_batching"] = step["p99_seconds"] / request["p99_seconds"]
+            if concurrency > 1:
+                record["ttft_p50_vs_request_batching"] = \
+                    step["streamed"]["ttft_p50_seconds"] / request["streamed"]["ttft_p50_seconds"]
+            if concurrency == 1 and direct:
+                record["direct_mean_seconds"] = statistics.fmean(direct)
+                record["step_overhead_vs_direct_sampling"] = step["mean_seconds"] / statistics.fmean(direct) - 1
+            records.append(record)
+    result = {**run_header(args.tag, ceilings=not args.smoke), "model": args.model,
+              "workload": {"requests": args.requests, "single_requests": args.single_requests, "length": length,
+                           "sampler": args.sampler, "tokens_per_step": args.tokens_per_step,
+                           "server_args": args.server_args},
+              "levels": records}
+    out = out_dir / f"serve-{args.tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print_table(result)
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"{result['date']} {result['machine']['cpu']} ({result['machine']['cores']} cores), commit "
+          f"{result['commit']}; {json.dumps(result['workload'])}")
+    print("| concurrency | scheduling | tokens/s | requests/s | p50 (s) | p99 (s) | TTFT p50 (s) | TTFT p99 (s) | "
+          "largest step/batch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for level in result["levels"]:
+        for scheduling, r in level["modes"].items():
+            s = r.get("streamed", {})
+            ttft = (f"{s['ttft_p50_seconds']:.3f} | {s['ttft_p99_seconds']:.3f}" if s else "- | -")
+            print(f"| {level['concurrency']} | {scheduling} | {r['generated_tokens_per_second']:.0f} | "
+                  f"{r['requests_per_second']:.2f} | {r['p50_seconds']:.3f} | {r['p99_seconds']:.3f} | {ttft} | "
+                  f"{r['largest_batch']} |")
+        extra = f", TTFT p50 {level['ttft_p50_vs_request_batching']:.2f}x" if "ttft_p50_vs_request_batching" in level \
+            else ""
+        if "step_overhead_vs_direct_sampling" in level:
+            extra += f", step engine vs direct sampling {100 * level['step_overhead_vs_direct_sampling']:+.1f}%"
+        print(f"concurrency {level['concurrency']}: step/request throughput "
+              f"{level['throughput_vs_request_batching']:.2f}x, p99 latency "
+              f"{level['p99_latency_vs_request_batching']:.2f}x{extra}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model")
     parser.add_argument("--tag")
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--sampler", default="first_hitting")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="tokens per request (default: the server's, the length the model was trained on)")
-    parser.add_argument("--prompt", default="")
+    parser.add_argument("--requests", type=int, default=96, help="requests per concurrency level above 1")
+    parser.add_argument("--single-requests", type=int, default=16, help="requests at concurrency 1")
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated levels")
+    parser.add_argument("--sampler", default="confidence")
+    parser.add_argument("--tokens-per-step", type=float, default=2.0, help="steps = max_tokens / this")
     parser.add_argument("--server-args", default="", help="extra arguments for `unmask serve`")
     parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     args = parser.parse_args()
@@ -124,47 +256,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:  # a two-step model; the record goes there too
         args.model, args.tag = str(smoke_run(Path(tmp), "mdlm")), "smoke"
-        args.requests, args.concurrency, args.max_tokens = 4, 2, 8
+        args.requests, args.single_requests, args.concurrency = 6, 2, "1,3"
         serve_load(args, Path(tmp))
-
-
-def serve_load(args, out_dir: Path) -> None:
-    body = {"prompt": args.prompt, "sampler": args.sampler}
-    if args.steps:
-        body["steps"] = args.steps
-    if args.max_tokens:
-        body["max_tokens"] = args.max_tokens
-    results = {}
-    with contextlib.ExitStack() as started:  # every server started is stopped, whatever happens
-
-        def start(batching: bool) -> tuple[subprocess.Popen, str]:
-            proc, url = start_server(args.model, batching, args.server_args.split())
-            started.callback(stop_server, proc)
-            return proc, url
-
-        # the smoke mode starts both servers at once (their start-up is most of its time), the real run each in turn
-        early = {batching: start(batching) for batching in (True, False)} if args.smoke else {}
-        for batching in (True, False):
-            proc, url = early.get(batching) or start(batching)
-            wait_until_healthy(proc, url)
-            results["batched" if batching else "one at a time"] = asyncio.run(
-                load(url, body, args.requests, args.concurrency))
-            stop_server(proc)
-    record = {**run_header(args.tag, ceilings=not args.smoke), "model": args.model, "body": body,
-              "concurrency": args.concurrency, "results": results}
-    out = out_dir / f"serve_load-{args.tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"{record['date']} {record['machine']['cpu']} ({record['machine']['cores']} cores), "
-          f"commit {record['commit']}; "
-          f"{args.requests} requests, {args.concurrency} concurrent, {json.dumps(body)}")
-    print("| mode | requests/s | generated tokens/s | p50 latency (s) | p99 latency (s) | batches | largest batch |")
-    print("|---|---|---|---|---|---|---|")
-    for mode, r in results.items():
-        print(f"| {mode} | {r['requests_per_second']:.2f} | {r['generated_tokens_per_second']:.0f} | "
-              f"{r['p50_seconds']:.3f} | {r['p99_seconds']:.3f} | {r['batches']} | {r['largest_batch']} |")
-    ratio = results["batched"]["requests_per_second"] / results["one at a time"]["requests_per_second"]
-    print(f"batching: {ratio:.2f}x the throughput")
 
 
 if __name__ == "__main__":

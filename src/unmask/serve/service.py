@@ -456,9 +456,11 @@ class ModelService:
         model, objective = self.model, self.loaded.objective
 
         def work() -> list[TokenScores]:
+            # forwards of about --max-step-tokens positions (at least one sequence's draws)
             return [token_loglikelihoods(model, objective, ids, bos, req.logprobs, samples, seed,
-                                         self.config.max_batch_rows * max(1, samples), self.precision, self.device,
-                                         next_token=bool(req.max_tokens)) for ids in prompts]
+                                         max(samples, self.config.max_step_tokens // (len(bos) + len(ids))),
+                                         self.precision, self.device, next_token=bool(req.max_tokens))
+                    for ids in prompts]
         return work, prompts, samples, seed
 
     async def submit(self, req: CompletionRequest) -> tuple[Job, int]:
