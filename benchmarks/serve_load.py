@@ -55,7 +55,8 @@ def free_port() -> int:
 
 
 def workload(requests: int, max_length: int, sampler: str, tokens_per_step: float, seed: int = 0) -> list[dict]:
-    """The requests: prompt lengths uniform in [0, max_length / 4], max_tokens in [max_length / 8, max_length / 2]."""
+    """The requests: prompt lengths uniform in [0, max_length / 4], max_tokens in [max_length / 8, max_length / 2]
+    (``max_length``: the length the model was trained on)."""
     rng = random.Random(seed)
     bodies = []
     for i in range(requests):
@@ -168,7 +169,8 @@ def direct_seconds(model: str, bodies: list[dict]) -> list[float]:
 
 
 def serve_load(args, out_dir: Path) -> dict:
-    length = from_pretrained(args.model).config.model.length
+    config = from_pretrained(args.model).config
+    length = min(config.data.length, config.model.length)  # the length it was trained on: the server's default
     bodies = workload(args.requests, length, args.sampler, args.tokens_per_step)
     levels = [int(c) for c in args.concurrency.split(",")]
     single = bodies[:args.single_requests]

@@ -173,3 +173,24 @@ def test_ragged_canvases_of_one_length_bucket_share_a_forward_with_their_padding
     together = engine.denoise(calls)
     for call, logits in zip(calls, together):
         torch.testing.assert_close(logits, engine.denoise([call])[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["fast_dllm", "causal", "block_diffusion"])
+def test_the_caches_a_decoding_holds_never_exceed_what_a_server_reserves_for_it(kind):
+    """``unmask serve`` reserves keys and values of every canvas position (float32, every layer) for a request
+    whose sampler holds a cache: measured after every step, no decoding holds more; samplers that say they
+    hold none hold none."""
+    from unmask.serve.service import cache_bytes_per_position
+
+    model, asked = requests(kind)
+    per_position = cache_bytes_per_position(model)
+    engine = DecodingEngine(model)
+    handles = [(engine.add(sampler, x, seeds), sampler, x) for sampler, x, seeds in asked]
+    held = {id(h): 0 for h, _, _ in handles}
+    while engine.active:
+        engine.step()
+        for h, _, _ in handles:
+            held[id(h)] = max(held[id(h)], h.cache_bytes())
+    for h, sampler, x in handles:
+        assert held[id(h)] <= per_position * len(x) * sampler.cache_positions(x.shape[1]), type(sampler).__name__
+        assert (held[id(h)] > 0) == sampler.holds_cache, type(sampler).__name__

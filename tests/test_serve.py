@@ -686,3 +686,37 @@ def test_a_stream_of_a_revising_sampler_sends_its_changes_by_position_and_its_te
     assert all(e["choices"][0]["text"] == "" for e in events[:-2])
     assert final["choices"][0]["text"] == plain["text"] == streamed_text(events)
     assert canvases(events)[-1][0] == plain["tokens"]
+
+
+def test_the_command_decodes_in_its_main_thread_and_stops_cleanly_on_sigterm(checkpoints):
+    """``unmask serve`` answers HTTP from a thread and decodes in its main thread; SIGTERM stops it (exit 0),
+    and a second server on a taken port is a one-line error (exit 2)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "unmask", "serve", str(checkpoints["mdlm"]), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None
+
+        assert wait_until(healthy, 60) and proc.poll() is None
+        assert post(url, {"prompt": "a", "max_tokens": 4, "seed": 1}).status_code == 200
+        taken = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert taken.returncode == 2 and f"could not listen on 127.0.0.1:{port}: Address already in use" in taken.stderr
+        assert len(taken.stderr.strip().splitlines()) == 1, taken.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.wait()

@@ -121,8 +121,8 @@ class BlockCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Keys and values (B, kv_heads, Lk, d) the chunk's queries attend to, after storing ``k``, ``v``
         (B, kv_heads, Lc, d) as ``recording`` and ``mode`` say (class docstring); no mask."""
-        if self.recording:
-            self.keys[layer], self.values[layer] = k, v
+        if self.recording:  # copies: views would keep the whole projection (queries too) alive
+            self.keys[layer], self.values[layer] = k.contiguous().clone(), v.contiguous().clone()
             return k, v, None
         rows = slice(None) if self.rows is None else self.rows
         start, end = self.length, self.length + k.shape[2]

@@ -78,6 +78,10 @@ class BlockDiffusionSampler(Sampler):
         """Whether a decoding keeps a cache between calls (its own or the inner sampler's)."""
         return self.kv_cache or self.inner.holds_cache
 
+    def cache_positions(self, length: int) -> int:
+        """The canvas filled up to whole blocks, when a decoding keeps a cache."""
+        return -(-length // self.block_size) * self.block_size if self.holds_cache else 0
+
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         """Check ``canvas`` (B, L) and ``seeds`` (B,) and return the decoding of the class docstring (the canvas at
         most the model's length)."""

@@ -180,6 +180,10 @@ class Sampler:
         encoder cache, see :class:`Handle`), which a server counts against its memory budget."""
         return False
 
+    def cache_positions(self, length: int) -> int:
+        """Positions per row the caches of a decoding of a canvas of ``length`` may hold (0: it keeps none)."""
+        return length if self.holds_cache else 0
+
     def start(self, model, canvas: torch.Tensor, seeds: torch.Tensor) -> Decoding:
         """Check the request and return its decoding; ``model`` is read (its kind, its caches' shapes),
         never called."""
@@ -352,6 +356,7 @@ class BlockContext:
         self.cache.chunk_allowed = layout.allowed if first < self.start else None
         self.pending = self.start
         out = self.model(chunk, positions=_in_chunk(positions, r, size, self.start - first), cache=self.cache)
+        self.cache.rows = self.cache.chunk_allowed = None  # a call's own, not kept between steps
         return out if positions is not None else out[:, self.start - first:]
 
     def store(self, end: int) -> None:
@@ -376,6 +381,7 @@ def commit(model, cache: BlockDiffusionCache, x: torch.Tensor, rows: torch.Tenso
     clean = torch.ones_like(where, dtype=torch.bool)
     cache.chunk_allowed = block_diffusion_layout(where, clean, block_size, end).allowed
     model(x[rows, start:end], positions=torch.zeros(0, dtype=torch.long, device=x.device), cache=cache)
+    cache.rows = cache.chunk_allowed = None
     return 1
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -19,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..config import ConfigError
 from ..pipeline import from_pretrained
 from .service import (
     Busy,
@@ -344,32 +347,52 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | N
           config: ServeConfig | None = None, model_precision: str = "fp32", tokenizer: str | None = None,
           name: str | None = None, quantize: str = "none") -> None:
     """Load ``model`` (any source of :func:`unmask.checkpoints.pretrained.open_source`, its weights ``quantize``d)
-    and serve it as ``name`` (default: its folder's name) until interrupted."""
+    and serve it as ``name`` (default: its folder's name) until interrupted (SIGINT or SIGTERM): HTTP from a
+    thread, decoding in this (the main) thread (see :meth:`ModelService.serve_forever`)."""
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = from_pretrained(model, device=dev, tokenizer_path=tokenizer, quantize=quantize)
-    service = ModelService(loaded, config, dev, model_precision, name)
+    service = ModelService(loaded, config, dev, model_precision, name, worker=False)
+    server, thread, port = start_server(service, host, port)
     print(f"serving {service.name} ({service.family.name}, {service.metadata()['parameters']:,} parameters) on "
           f"http://{host}:{port} ({dev})", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop as on Ctrl-C: every request gets its answer
     try:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+        service.serve_forever()
+    except (KeyboardInterrupt, SystemExit):
+        pass
     finally:
         service.close()
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def start_server(service: ModelService, host: str, port: int) -> tuple[uvicorn.Server, threading.Thread, int]:
+    """Start serving ``service`` on ``host:port`` (0: a free port) from a background thread, once it listens;
+    returns the server, its thread and the port. ConfigError if it cannot listen there (the port is taken, the
+    address is not this machine's)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        service.close()
+        raise ConfigError(f"could not listen on {host}:{port}: {exc.strerror or exc}") from None
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            service.close()
+            raise ConfigError(f"the HTTP server did not start on {host}:{port}")
+        time.sleep(0.02)
+    return server, thread, sock.getsockname()[1]
 
 
 @contextlib.contextmanager
 def running_server(service: ModelService, host: str = "127.0.0.1", port: int = 0):
     """Serve ``service`` from a background thread; yields the base URL (tests, benchmarks)."""
-    if port == 0:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError(f"the server did not start on {host}:{port}")
-        time.sleep(0.02)
+    server, thread, port = start_server(service, host, port)
     try:
         yield f"http://{host}:{port}"
     finally:
