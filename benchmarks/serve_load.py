@@ -13,8 +13,13 @@ Before the servers start it times the same first requests sampled directly in th
     python benchmarks/serve_load.py --model runs/quickstart --tag quickstart
     python benchmarks/serve_load.py --smoke          # seconds: the test suite runs this
 
+With ``--shared-prefix MODEL`` (a causal model) it also runs a shared-system-prompt load: every prompt starts
+with the same text (half the trained length) and ends differently; the step server with its prefix cache
+against one without (``--prefix-cache-bytes 0``), side by side: the prompt tokens not recomputed (the cache's
+counts in ``/health``), and the throughput gain.
+
 Writes ``benchmarks/results/serve-<tag>.json`` (one record per concurrency level with ``concurrency`` and
-``throughput_vs_request_batching``) and a Markdown table on stdout.
+``throughput_vs_request_batching``; ``shared_prefix``) and a Markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -34,7 +40,6 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -65,6 +70,15 @@ def workload(requests: int, max_length: int, sampler: str, tokens_per_step: floa
         bodies.append({"prompt": prompt, "max_tokens": new, "sampler": sampler, "seed": i,
                        "steps": max(1, round(new / tokens_per_step))})
     return bodies
+
+
+def shared_prefix_workload(requests: int, max_length: int, seed: int = 0) -> list[dict]:
+    """Prompts of one system text (``max_length / 2``) and a varied tail of up to 8 characters, then
+    ``max_length / 8`` new tokens."""
+    rng = random.Random(seed)
+    head = TEXT[:max_length // 2]
+    return [{"prompt": head + TEXT[rng.randint(0, 80):][:rng.randint(1, 8)], "max_tokens": max_length // 8,
+             "seed": i} for i in range(requests)]
 
 
 def start_server(model: str, scheduling: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
@@ -152,17 +166,28 @@ async def load(url: str, bodies: list[dict], concurrency: int, stream: bool) -> 
 
 
 def direct_seconds(model: str, bodies: list[dict]) -> list[float]:
-    """Seconds each request takes sampled in this process, without a server (the sampler ``unmask sample``
-    runs on the request's canvas and seeds), after one warm-up."""
+    """Seconds each request takes sampled without a server (the sampler ``unmask sample`` runs on the request's
+    canvas and seeds), after one warm-up, in a process of its own with the OpenMP wait policy the servers get
+    (``unmask serve`` spins unless told otherwise)."""
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # read by the child's OpenMP when its torch loads
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_direct_seconds, (model, bodies))
+    finally:
+        if policy is None:
+            del os.environ["OMP_WAIT_POLICY"]
+
+
+def _direct_seconds(model: str, bodies: list[dict]) -> list[float]:
     service = ModelService(from_pretrained(model))
     try:
         prepared = [service.prepare(CompletionRequest(**body)) for body in [bodies[0], *bodies]]
         seconds = []
-        with torch.no_grad():
-            for canvas, seeds, _, sampler, _ in prepared:
-                start = time.perf_counter()
-                sampler.sample(service.model, canvas, seeds)
-                seconds.append(time.perf_counter() - start)
+        for canvas, seeds, _, sampler, _ in prepared:
+            start = time.perf_counter()
+            sampler.sample(service.model, canvas, seeds)
+            seconds.append(time.perf_counter() - start)
         return seconds[1:]
     finally:
         service.close()
@@ -204,6 +229,8 @@ def serve_load(args, out_dir: Path) -> dict:
                 record["direct_mean_seconds"] = statistics.fmean(direct)
                 record["step_overhead_vs_direct_sampling"] = step["mean_seconds"] / statistics.fmean(direct) - 1
             records.append(record)
+    if args.shared_prefix:
+        records.append(shared_prefix(args))
     result = {**run_header(args.tag, ceilings=not args.smoke), "model": args.model,
               "workload": {"requests": args.requests, "single_requests": args.single_requests, "length": length,
                            "sampler": args.sampler, "tokens_per_step": args.tokens_per_step,
@@ -216,6 +243,36 @@ def serve_load(args, out_dir: Path) -> dict:
     return result
 
 
+def shared_prefix(args) -> dict:
+    """The shared-system-prompt load on the causal model ``args.shared_prefix``: the step server with and
+    without its prefix cache, side by side."""
+    config = from_pretrained(args.shared_prefix).config
+    length = min(config.data.length, config.model.length)
+    bodies = shared_prefix_workload(args.requests, length)
+    concurrency = max(int(c) for c in args.concurrency.split(","))
+    record = {"shared_prefix": args.shared_prefix, "concurrency": concurrency, "length": length, "modes": {}}
+    with contextlib.ExitStack() as started:
+        servers = {}
+        for name, budget in (("prefix cache", str(1 << 28)), ("no prefix cache", "0")):
+            proc, url = start_server(args.shared_prefix, "step", ["--prefix-cache-bytes", budget])
+            started.callback(stop_server, proc)
+            servers[name] = (proc, url)
+        for name, (proc, url) in servers.items():
+            wait_until_healthy(proc, url)
+            before = httpx.get(f"{url}/health").json()
+            run = asyncio.run(load(url, bodies, concurrency, stream=False))
+            after = httpx.get(f"{url}/health").json()
+            if "prefix_tokens_reused" in after:
+                reused = after["prefix_tokens_reused"] - before["prefix_tokens_reused"]
+                computed = after["prefix_tokens_computed"] - before["prefix_tokens_computed"]
+                run.update(prompt_tokens_reused=reused, prompt_tokens_computed=computed,
+                           prefix_hit_rate=reused / max(1, reused + computed))
+            record["modes"][name] = run
+    record["throughput_vs_no_prefix_cache"] = (record["modes"]["prefix cache"]["generated_tokens_per_second"]
+                                               / record["modes"]["no prefix cache"]["generated_tokens_per_second"])
+    return record
+
+
 def print_table(result: dict) -> None:
     print(f"{result['date']} {result['machine']['cpu']} ({result['machine']['cores']} cores), commit "
           f"{result['commit']}; {json.dumps(result['workload'])}")
@@ -223,6 +280,15 @@ def print_table(result: dict) -> None:
           "largest step/batch |")
     print("|---|---|---|---|---|---|---|---|---|")
     for level in result["levels"]:
+        if "shared_prefix" in level:
+            cached = level["modes"]["prefix cache"]
+            print(f"shared prefix ({level['shared_prefix']}, concurrency {level['concurrency']}): "
+                  f"{cached['generated_tokens_per_second']:.0f} against "
+                  f"{level['modes']['no prefix cache']['generated_tokens_per_second']:.0f} tokens/s "
+                  f"({level['throughput_vs_no_prefix_cache']:.2f}x); prompt tokens reused "
+                  f"{cached['prompt_tokens_reused']}, computed {cached['prompt_tokens_computed']} (hit rate "
+                  f"{100 * cached['prefix_hit_rate']:.0f} %)")
+            continue
         for scheduling, r in level["modes"].items():
             s = r.get("streamed", {})
             ttft = (f"{s['ttft_p50_seconds']:.3f} | {s['ttft_p99_seconds']:.3f}" if s else "- | -")
@@ -248,6 +314,7 @@ def main() -> None:
     parser.add_argument("--sampler", default="confidence")
     parser.add_argument("--tokens-per-step", type=float, default=2.0, help="steps = max_tokens / this")
     parser.add_argument("--server-args", default="", help="extra arguments for `unmask serve`")
+    parser.add_argument("--shared-prefix", help="a causal model: also run the shared-system-prompt load on it")
     parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
     args = parser.parse_args()
     missing = [f"--{name}" for name in ("model", "tag") if getattr(args, name) is None]
@@ -258,6 +325,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:  # a two-step model; the record goes there too
         args.model, args.tag = str(smoke_run(Path(tmp), "mdlm")), "smoke"
+        args.shared_prefix = str(smoke_run(Path(tmp), "ar"))
         args.requests, args.single_requests, args.concurrency = 6, 2, "1,3"
         serve_load(args, Path(tmp))
 

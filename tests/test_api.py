@@ -30,15 +30,17 @@ def test_the_python_example_runs_as_written(page, tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("preset, first, command, expected", [
-    ({}, "unmask", True, "PASSIVE"),                                   # the command's safe default on a shared machine
-    ({"OMP_WAIT_POLICY": "ACTIVE"}, "unmask", True, "ACTIVE"),         # the user's choice stands
-    ({"GOMP_SPINCOUNT": "300000"}, "unmask", True, None),              # a spin count is a choice too
-    ({}, "torch", True, None),                                         # too late to matter: left alone
-    ({}, "unmask", False, None),                                       # a library user's process is left alone
+    ({}, "unmask", "train", "PASSIVE"),                                # the command's safe default on a shared machine
+    ({}, "unmask", "serve", "ACTIVE"),                                 # a server spins: latency bound, its own machine
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "unmask", "train", "ACTIVE"),      # the user's choice stands
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, "unmask", "serve", "PASSIVE"),
+    ({"GOMP_SPINCOUNT": "300000"}, "unmask", "train", None),           # a spin count is a choice too
+    ({}, "torch", "train", None),                                      # too late to matter: left alone
+    ({}, "unmask", None, None),                                        # a library user's process is left alone
 ])
-def test_the_command_makes_openmp_wait_passively_unless_the_user_chose(preset, first, command, expected):
+def test_the_command_chooses_how_openmp_waits_unless_the_user_chose(preset, first, command, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | preset
-    entry = "import unmask.__main__ as entry; entry.wait_passively(); " if command else ""
+    entry = f"import unmask.__main__ as entry; entry.set_wait_policy([{command!r}, 'x']); " if command else ""
     code = f"import {first}, sys; {entry}import os; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     policy, torch_loaded = out.split()

@@ -194,3 +194,39 @@ def test_the_caches_a_decoding_holds_never_exceed_what_a_server_reserves_for_it(
     for h, sampler, x in handles:
         assert held[id(h)] <= per_position * len(x) * sampler.cache_positions(x.shape[1]), type(sampler).__name__
         assert (held[id(h)] > 0) == sampler.holds_cache, type(sampler).__name__
+
+
+def test_causal_decodings_that_share_a_prompt_prefix_reuse_its_keys_and_values():
+    """With a prefix cache, a second decoding of a prompt that starts like an earlier one copies the stored
+    whole blocks of that prefix instead of computing them, and gives the tokens it gives without the cache;
+    other prompts, and rows that differ, reuse nothing; eviction keeps the cache within its budget."""
+    from unmask.samplers.prefix_cache import PrefixCache
+
+    model = CountingModel(random_dit(causal=True))
+    sampler = AutoregressiveSampler(BOS, MASK, temperature=0.8)
+    first = canvas(2, 26, [18, 18], 1)
+    first[1, :18] = first[0, :18]  # one prompt, two rows (a request with n = 2)
+    later = first.clone()
+    later[:, 13:18] = torch.tensor([3, 4, 5, 6, 7])  # shares the first 13 tokens (BOS + 13: 3 blocks of 4)
+    other = canvas(1, 26, [18], 9)
+    prefixes = PrefixCache(budget=1 << 20, block=4)
+    engine = DecodingEngine(model, prefixes)
+    results = []
+    for x, seed in ((first, 1), (later, 2), (first, 3), (other, 4)):
+        plain = sampler.sample(random_dit(causal=True), x, row_seeds(seed, len(x)))
+        handle = engine.add(sampler, x, row_seeds(seed, len(x)))
+        engine.run()
+        assert torch.equal(handle.result.tokens, plain.tokens)
+        results.append((prefixes.reused, prefixes.computed))
+    # prefill feeds BOS + 18 prompt tokens per row: first none reused; later 12 of the 14 shared (3 blocks);
+    # first again 16 of 19 (whole blocks, one token left to feed); other nothing
+    assert results[0] == (0, 2 * 19)
+    assert results[1] == (2 * 12, 2 * 19 + 2 * 7)
+    assert results[2] == (2 * 12 + 2 * 16, 2 * 19 + 2 * 7 + 2 * 3)
+    assert results[3] == (2 * 12 + 2 * 16, 2 * 19 + 2 * 7 + 2 * 3 + 19)
+    small = PrefixCache(budget=prefixes.bytes // 4, block=4)
+    small_engine = DecodingEngine(model, small)
+    for x, seed in ((first, 1), (other, 4)):
+        small_engine.add(sampler, x, row_seeds(seed, len(x)))
+        small_engine.run()
+    assert 0 < small.bytes <= small.budget

@@ -220,6 +220,8 @@ def cmd_serve(args) -> int:
               "--max-stream-lag": args.max_stream_lag, "--max-step-tokens": args.max_step_tokens,
               "--cache-budget-bytes": args.cache_budget_bytes, "--max-likelihood-rows": args.max_likelihood_rows,
               "--mc-samples": args.mc_samples}
+    if args.prefix_cache_bytes < 0:
+        raise ConfigError("--prefix-cache-bytes must be a number >= 0")
     for flag, value in limits.items():
         if not (0 < value < math.inf):
             raise ConfigError(f"{flag} must be a positive number")
@@ -230,6 +232,7 @@ def cmd_serve(args) -> int:
     config = ServeConfig(scheduling=args.scheduling, max_batch_rows=args.max_batch_rows,
                          max_step_tokens=args.max_step_tokens, cache_budget_bytes=args.cache_budget_bytes,
                          max_likelihood_rows=args.max_likelihood_rows, mc_samples=args.mc_samples,
+                         prefix_cache_bytes=args.prefix_cache_bytes,
                          batch_window_ms=args.batch_window_ms, max_pending=args.max_pending, timeout_s=args.timeout,
                          max_n=args.max_n, max_steps=args.max_steps, max_body_bytes=args.max_body_bytes,
                          max_stream_lag=args.max_stream_lag)
@@ -460,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step scheduling: canvas positions decoded together per step (rows x length)")
     p.add_argument("--cache-budget-bytes", type=int, default=1 << 30,
                    help="bytes the queued and running requests' caches may reserve (429 beyond it)")
+    p.add_argument("--prefix-cache-bytes", type=int, default=1 << 28,
+                   help="keys and values of causal prompt prefixes kept for reuse across requests (0: none)")
     p.add_argument("--max-likelihood-rows", type=int, default=4096,
                    help="largest likelihood request (echo with logprobs), in network rows")
     p.add_argument("--mc-samples", type=int, default=32,

@@ -43,6 +43,7 @@ import torch
 from ..models.common import BlockCache, BlockDiffusionCache, block_diffusion_layout, bucketed_positions
 from ..objectives.base import unwrap
 from .base import SampleResult, SamplingError, StepCallback, _autocast_dtype
+from .prefix_cache import PrefixCache
 
 
 @dataclass
@@ -388,8 +389,8 @@ def commit(model, cache: BlockDiffusionCache, x: torch.Tensor, rows: torch.Tenso
 class DecodingEngine:
     """Runs decodings of step policies on ``model`` (module docstring)."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, prefixes: PrefixCache | None = None):
+        self.model, self.prefixes = model, prefixes  # prefixes: causal prompts' keys and values shared
         self.handles: list[Handle] = []  # the decodings added and not yet returned by a step
 
     @torch.no_grad()
@@ -505,6 +506,8 @@ class DecodingEngine:
             cache = handle.caches.get("kv")
             if cache is None:
                 cache = handle.caches["kv"] = self._kv_cache(call)
+                if self.prefixes is not None:  # a prefill: stored prompt blocks are copied, not computed
+                    return self.prefixes.prefill(self.model, call.ids, cache)[:, -1]
             return self.model(call.ids, cache=cache)[:, -1]
         if isinstance(call, Forward):
             return self.model(call.ids, **call.kwargs)

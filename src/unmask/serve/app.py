@@ -179,7 +179,10 @@ def create_app(service: ModelService):
         problem = service.check_worker()
         if problem:
             return error_response(503, problem)
-        return {"status": "ok", "pending": service.pending, **service.stats}
+        prefixes = service.prefixes
+        reuse = {} if prefixes is None else {"prefix_tokens_reused": prefixes.reused,
+                                             "prefix_tokens_computed": prefixes.computed}
+        return {"status": "ok", "pending": service.pending, **service.stats, **reuse}
 
     @app.get("/metrics")
     async def metrics():

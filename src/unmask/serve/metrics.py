@@ -12,6 +12,8 @@ Each :class:`~unmask.serve.service.ModelService` has a registry of its own, so s
 * ``unmask_generated_tokens_per_second``: over the last 10 seconds;
 * ``unmask_cache_bytes``: bytes the running requests' caches hold (measured after each step);
   ``unmask_cache_reserved_bytes``: the budget the queued and running requests reserve;
+* ``unmask_prefix_tokens_reused`` / ``unmask_prefix_tokens_computed``: causal prompt tokens whose keys and values
+  the prefix cache gave / that were computed; ``unmask_prefix_cache_bytes``;
 * ``unmask_request_seconds``: from the request's admission to its answer (histogram);
 * ``unmask_time_to_first_step_seconds``: of streamed requests, from admission to their first step event.
 """
@@ -36,7 +38,8 @@ class ServeMetrics:
 
     WINDOW_S = 10.0  # of the tokens/s gauge
 
-    def __init__(self, pending: Callable[[], int], running: Callable[[], int], reserved: Callable[[], int]):
+    def __init__(self, pending: Callable[[], int], running: Callable[[], int], reserved: Callable[[], int],
+                 prefixes=None):
         self.registry = CollectorRegistry()
         self.lock = threading.Lock()
         self.recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) in the window
@@ -52,6 +55,13 @@ class ServeMetrics:
         self.cache_bytes = Gauge("unmask_cache_bytes", "bytes held by the running requests' caches", registry=r)
         Gauge("unmask_cache_reserved_bytes", "cache budget reserved by queued and running requests",
               registry=r).set_function(reserved)
+        if prefixes is not None:
+            Gauge("unmask_prefix_tokens_reused", "prompt tokens whose keys and values came from the prefix cache",
+                  registry=r).set_function(lambda: prefixes.reused)
+            Gauge("unmask_prefix_tokens_computed", "prompt tokens prefilled through the prefix cache and computed",
+                  registry=r).set_function(lambda: prefixes.computed)
+            Gauge("unmask_prefix_cache_bytes", "bytes the prefix cache holds", registry=r).set_function(
+                lambda: prefixes.bytes)
         self.latency = Histogram("unmask_request_seconds", "from admission to answer", buckets=SECONDS, registry=r)
         self.first_step = Histogram("unmask_time_to_first_step_seconds", "streamed requests: from admission to "
                                     "their first step event", buckets=SECONDS, registry=r)

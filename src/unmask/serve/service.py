@@ -27,6 +27,7 @@ from ..pipeline import MASK_MARK, chat_answer, chat_prompt, encode_fixed, make_c
 from ..runtime import autocast, resolve_precision
 from ..samplers.base import SamplingError, row_seeds
 from ..samplers.engine import DecodingEngine, Handle, Sampler, tensor_bytes
+from ..samplers.prefix_cache import PrefixCache
 from ..samplers.registry import SAMPLERS, make_sampler, samplers_for
 from .metrics import ServeMetrics
 
@@ -46,6 +47,7 @@ class ServeConfig:
     max_batch_rows: int = 32  # rows decoded together (per step, or per request batch)
     max_step_tokens: int = 8192  # step scheduling: canvas positions decoded together (rows x length)
     cache_budget_bytes: int = 1 << 30  # the caches of the requests queued and running (KV, block, encoder)
+    prefix_cache_bytes: int = 1 << 28  # step scheduling: prompt prefixes' keys and values kept for reuse (0: off)
     max_likelihood_rows: int = 4096  # network rows one likelihood request may evaluate (prompt tokens x samples)
     mc_samples: int = 32  # Monte-Carlo draws of a diffusion model's likelihood bound (a request may set its own)
     batch_window_ms: float = 5.0
@@ -278,6 +280,7 @@ class ModelService:
         if self.config.scheduling not in SCHEDULING:
             raise ConfigError(f"scheduling must be one of {', '.join(SCHEDULING)}, not {self.config.scheduling!r}")
         self.position_bytes = cache_bytes_per_position(self.model)
+        self.prefixes = PrefixCache(self.config.prefix_cache_bytes) if self.config.prefix_cache_bytes else None
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.backlog: collections.deque[Job] = collections.deque()  # taken from the queue, not yet run
         self.current: list[Job] = []  # the jobs the worker is running (or gathering, for request batches)
@@ -286,7 +289,7 @@ class ModelService:
         self.lock = threading.Lock()
         self.stats = {"requests": 0, "batches": 0, "steps": 0, "rows": 0, "largest_batch": 0, "restarts": 0}
         self.metrics = ServeMetrics(pending=lambda: self.pending, running=lambda: len(self.current),
-                                    reserved=lambda: self.reserved)
+                                    reserved=lambda: self.reserved, prefixes=self.prefixes)
         self.stopping = False
         self.died = ""
         self.worker = self._start_worker() if worker else threading.current_thread()
@@ -585,7 +588,7 @@ class ModelService:
         whatever else runs: a long request does not hold back short ones. Each row draws from its own seed,
         so a request's tokens do not depend on what it was batched with or when it joined. An error in a
         step fails the requests of that step, the others queued go on."""
-        engine = DecodingEngine(self.model)
+        engine = DecodingEngine(self.model, self.prefixes)
         running: dict[Handle, Job] = {}
         while not self.stopping:
             try:
@@ -605,7 +608,7 @@ class ModelService:
             except Exception as exc:
                 for job in running.values():
                     self._finish(job, "error", f"{type(exc).__name__}: {exc}")
-                engine, running = DecodingEngine(self.model), {}
+                engine, running = DecodingEngine(self.model, self.prefixes), {}
                 self.current = []
                 continue
             with self.lock:
