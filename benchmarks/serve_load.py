@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import multiprocessing
 import os
 import random
 import socket
@@ -167,19 +166,8 @@ async def load(url: str, bodies: list[dict], concurrency: int, stream: bool) -> 
 
 def direct_seconds(model: str, bodies: list[dict]) -> list[float]:
     """Seconds each request takes sampled without a server (the sampler ``unmask sample`` runs on the request's
-    canvas and seeds), after one warm-up, in a process of its own with the OpenMP wait policy the servers get
-    (``unmask serve`` spins unless told otherwise)."""
-    policy = os.environ.get("OMP_WAIT_POLICY")
-    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # read by the child's OpenMP when its torch loads
-    try:
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(_direct_seconds, (model, bodies))
-    finally:
-        if policy is None:
-            del os.environ["OMP_WAIT_POLICY"]
-
-
-def _direct_seconds(model: str, bodies: list[dict]) -> list[float]:
+    canvas and seeds), after one warm-up, in this process (whose OpenMP waits as the servers' do: OpenMP's
+    default unless the environment says otherwise)."""
     service = ModelService(from_pretrained(model))
     try:
         prepared = [service.prepare(CompletionRequest(**body)) for body in [bodies[0], *bodies]]
