@@ -39,16 +39,31 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
+def _mixed_int(p: int) -> int:
+    """``_mix(p + GOLDEN)`` of a Python integer, as int64 (the tensor arithmetic's value, computed exactly)."""
+    return _signed(_mix_py((p + 0x9E3779B97F4A7C15) & _U64))
+
+
 def hash64(*parts: torch.Tensor | int) -> torch.Tensor:
     """A 64-bit hash (as int64) of integer tensors/ints, broadcast together."""
-    z = None
+    return absorb(None, *parts)
+
+
+def absorb(z: torch.Tensor | None, *parts: torch.Tensor | int) -> torch.Tensor:
+    """The hash of :func:`hash64` continued from ``z``, the hash of the parts before (None: none): so
+    ``absorb(hash64(a), b, c) == hash64(a, b, c)``, and a caller that hashes many keys with one first part
+    mixes it once. A Python integer part is mixed in Python (exactly the tensor arithmetic's value, fewer
+    small tensor operations)."""
     for part in parts:
-        p = part if torch.is_tensor(part) else torch.tensor(part, dtype=torch.int64)
-        p = p.to(torch.int64)
-        if z is None:
-            z = _mix(p + GOLDEN)
+        if torch.is_tensor(part):
+            p = _mix(part.to(torch.int64) + GOLDEN) if z is None else \
+                _mix(part.to(device=z.device, dtype=torch.int64) + GOLDEN)
         else:
-            z = _mix(z + GOLDEN + _mix(p.to(z.device) + GOLDEN))
+            p = _mixed_int(part)
+        if z is None:
+            z = p if torch.is_tensor(p) else torch.tensor(p, dtype=torch.int64)
+        else:
+            z = _mix(z + GOLDEN + p)
     return z
 
 

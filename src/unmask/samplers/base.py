@@ -113,15 +113,19 @@ class RowStreams:
 
     def __init__(self, seeds: torch.Tensor):
         self.seeds = seeds.to(torch.int64)
+        self.keys = rng.hash64(self.seeds)  # each row's seed hashed once: every draw continues from it
+
+    def _key(self, rows: torch.Tensor, counter, index) -> torch.Tensor:
+        """``rng.hash64(seed_r, counter, index)`` for the rows ``rows``."""
+        return rng.absorb(self.keys.to(rows.device)[rows], counter, index)
 
     def uniform(self, rows: torch.Tensor, counter, index) -> torch.Tensor:
         """float64 uniforms (N,), one per (row of ``rows``, ``counter``, ``index``)."""
-        return rng.uniform(self.seeds.to(rows.device)[rows], counter, index)
+        return rng.to_uniform(self._key(rows, counter, index))
 
     def uniforms(self, rows: torch.Tensor, counter, index: torch.Tensor, n: int) -> torch.Tensor:
         """float64 uniforms (N, n): ``n`` per (row, counter, index), from one hashed key each."""
-        base = rng.hash64(self.seeds.to(rows.device)[rows], counter, index)
-        return rng.to_uniform(rng.stream(base[:, None], torch.arange(n, device=rows.device)))
+        return rng.to_uniform(rng.stream(self._key(rows, counter, index)[:, None], torch.arange(n, device=rows.device)))
 
     def integers(self, rows: torch.Tensor, counter, index, high: int) -> torch.Tensor:
         """Uniform integers in ``[0, high)`` (N,), one per (row, ``counter``, ``index``)."""
@@ -133,9 +137,9 @@ class RowStreams:
         if precision == "float64":
             return sample_categorical(weights, self.uniform(rows, counter, index))
         if precision == "float32":
-            base = rng.hash64(self.seeds.to(rows.device)[rows], counter, index)
             cells = torch.arange(weights.shape[1], device=weights.device)
-            return sample_exponential_race_float32(weights, rng.to_uniform32(rng.stream(base[:, None], cells)))
+            return sample_exponential_race_float32(weights, rng.to_uniform32(rng.stream(
+                self._key(rows, counter, index)[:, None], cells)))
         raise SamplingError(f"unknown sampling precision {precision!r} (float64 or float32)")
 
 
