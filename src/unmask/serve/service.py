@@ -1,4 +1,6 @@
-"""The model service behind the HTTP app: request preparation, limits, the batching worker."""
+"""The model service behind the HTTP app: request schemas and preparation (generation and likelihood), limits,
+the cache budget, the worker (step-level continuous batching, or request batching), and the rendering of
+answers and streams."""
 
 from __future__ import annotations
 
