@@ -230,3 +230,31 @@ def test_causal_decodings_that_share_a_prompt_prefix_reuse_its_keys_and_values()
         small_engine.add(sampler, x, row_seeds(seed, len(x)))
         small_engine.run()
     assert 0 < small.bytes <= small.budget
+
+
+@pytest.mark.parametrize("commit_calls", ["joint", "separate"])
+def test_block_diffusion_decodings_that_share_prompt_blocks_reuse_their_keys_and_values(commit_calls):
+    """Block diffusion with a prefix cache: the clean blocks before the first decoded block (a prompt shared by
+    every row) come from the cache when an earlier decoding committed them, keyed by the block layout, and the
+    tokens are those decoded without the cache."""
+    from unmask.samplers.prefix_cache import PrefixCache
+
+    objective = BlockDiffusion(LogLinear(), MASK, 4)
+    sampler = BlockDiffusionSampler(LLaDASampler(objective, 4, 4, threshold=0.3), 4, True,
+                                    commit_calls=commit_calls)
+    first = canvas(2, 20, [10, 10], 1)
+    first[1, :10] = first[0, :10]  # one prompt of 10 tokens: blocks [0, 4) and [4, 8) clean, [8, 12) decoded
+    later = first.clone()
+    later[:, 9] = (later[:, 9] % 5) + 1  # the same first two blocks, another token in the decoded block
+    other = first.clone()
+    other[:, 5] = (other[:, 5] % 5) + 1  # differs in the second block: only the first is reused
+    prefixes = PrefixCache(budget=1 << 20)
+    engine = DecodingEngine(random_dit(), prefixes)
+    counts = []
+    for x, seed in ((first, 1), (later, 2), (other, 3)):
+        plain = sampler.sample(random_dit(), x, row_seeds(seed, 2))
+        handle = engine.add(sampler, x, row_seeds(seed, 2))
+        engine.run()
+        assert torch.equal(handle.result.tokens, plain.tokens) and handle.result.nfe <= plain.nfe
+        counts.append((prefixes.reused, prefixes.computed))
+    assert counts == [(0, 2 * 8), (2 * 8, 2 * 8), (2 * 8 + 2 * 4, 2 * 8 + 2 * 4)]

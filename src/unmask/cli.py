@@ -464,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-budget-bytes", type=int, default=1 << 30,
                    help="bytes the queued and running requests' caches may reserve (429 beyond it)")
     p.add_argument("--prefix-cache-bytes", type=int, default=1 << 28,
-                   help="keys and values of causal prompt prefixes kept for reuse across requests (0: none)")
+                   help="keys and values of prompt prefixes (causal and block diffusion) kept for reuse across "
+                   "requests (0: none)")
     p.add_argument("--max-likelihood-rows", type=int, default=4096,
                    help="largest likelihood request (echo with logprobs), in network rows")
     p.add_argument("--mc-samples", type=int, default=32,

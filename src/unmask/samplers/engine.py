@@ -43,7 +43,7 @@ import torch
 from ..models.common import BlockCache, BlockDiffusionCache, block_diffusion_layout, bucketed_positions
 from ..objectives.base import unwrap
 from .base import SampleResult, SamplingError, StepCallback, _autocast_dtype
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, block_layout
 
 
 @dataclass
@@ -234,6 +234,7 @@ class Handle:
         self.decoding, self.on_step, self.started = decoding, on_step, time.perf_counter()
         self.masked = int((canvas == mask_id).sum())
         self.caches: dict[Any, Any] = {}
+        self.prompt_to_store: tuple[list[int], int] | None = None  # block diffusion: (prompt ids, row) to share
         self.nfe, self.extra_calls, self.done = 0, 0, False
         self.result: SampleResult | None = None
         self.call: Call | None = None
@@ -476,6 +477,10 @@ class DecodingEngine:
             before = net.extra_calls
             out = self.denoise([call], net)[0]
             handle.nfe += net.extra_calls - before
+            if handle.prompt_to_store is not None and net.pending >= len(handle.prompt_to_store[0]):
+                ids, row = handle.prompt_to_store  # the prompt's clean blocks are in the cache now: share them
+                self.prefixes.store(ids, net.cache, net.block_size, block_layout(net.block_size), row)
+                handle.prompt_to_store = None
             return out
         if isinstance(call, Encode):
             cache = handle.caches.get("encoder")
@@ -520,7 +525,22 @@ class DecodingEngine:
         cache = handle.caches.get("block_diffusion")
         if cache is None:
             cache = handle.caches["block_diffusion"] = context.new_cache(self.model)
+            if self.prefixes is not None:
+                self._reuse_prompt(handle, context, cache)
         return cache
+
+    def _reuse_prompt(self, handle: Handle, context: BlockContext, cache: BlockDiffusionCache) -> None:
+        """Block diffusion with a prefix cache: the clean blocks before the first decoded one (the prompt, when
+        every row has the same) come from the cache as far as it has them, and are shared once committed."""
+        prompt = context.canvas[context.alive, :context.start]
+        if context.pending or not prompt.numel() or not bool((prompt == prompt[:1]).all()):
+            return
+        ids = prompt[0].tolist()
+        found = self.prefixes.restore(ids, cache, context.block_size, block_layout(context.block_size))
+        context.pending = found
+        self.prefixes.reused += found * len(prompt)
+        self.prefixes.computed += (len(ids) - found) * len(prompt)
+        handle.prompt_to_store = (ids, int(context.alive[0]))
 
     def _kv_cache(self, call: Causal):
         device = call.ids.device

@@ -26,16 +26,16 @@ event loop, so ``/health`` answers meanwhile. Every error response (400, 404, 40
 504) is ``{"error": {"type", "message"}}`` with a one-line message; a stream that fails once started ends
 with such an object before ``[DONE]``.
 
-One worker runs every request (:class:`ModelService`; ``unmask serve`` runs it in the main thread and HTTP
-in another). With step scheduling (the default) requests join and leave between denoising steps of one
-decoding engine, every step one forward over all of them; every row has its own random stream, so a seeded
-request gives the same tokens alone or under any load. Caches live with their request between steps and
-are reserved against ``cache_budget_bytes`` (429 with ``Retry-After`` when full); causal prompts share their
-prefixes' keys and values (:mod:`unmask.samplers.prefix_cache`). ``max_pending`` bounds the queued and
-running requests (429 beyond it) and ``timeout_s`` each request (504). A request whose client disconnects or
-times out leaves at the next step. A streaming client more than ``max_stream_lag`` events behind misses
-intermediate events (the final event still carries the result), and one that stops reading is dropped at
-its deadline, so no request holds memory past ``timeout_s``.
+One worker runs every request (:class:`ModelService`; ``unmask serve`` runs it in the main thread and HTTP in
+another). With step scheduling (the default) requests join and leave between denoising steps of one decoding
+engine, every step one forward over all of them; every row has its own random stream, so a seeded request
+gives the same tokens alone or under any load. Caches live with their request between steps and are reserved
+against ``cache_budget_bytes`` (429 with ``Retry-After`` when full); prompts of causal and block-diffusion
+models share their prefixes' keys and values (:mod:`unmask.samplers.prefix_cache`). ``max_pending`` bounds the
+queued and running requests (429 beyond it) and ``timeout_s`` each request (504). A request whose client
+disconnects or times out leaves at the next step. A streaming client more than ``max_stream_lag`` events
+behind misses intermediate events (the final event still carries the result), and one that stops reading is
+dropped at its deadline, so no request holds memory past ``timeout_s``.
 
 Health: an error in a step fails that step's requests (500) and the worker carries on. Should the worker
 die anyway, whoever notices first (``/health``, a new request, or a request waiting for its result)

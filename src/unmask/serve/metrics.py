@@ -12,8 +12,8 @@ Each :class:`~unmask.serve.service.ModelService` has a registry of its own, so s
 * ``unmask_generated_tokens_per_second``: over the last 10 seconds;
 * ``unmask_cache_bytes``: bytes the running requests' caches hold (measured after each step);
   ``unmask_cache_reserved_bytes``: the budget the queued and running requests reserve;
-* ``unmask_prefix_tokens_reused`` / ``unmask_prefix_tokens_computed``: causal prompt tokens whose keys and values
-  the prefix cache gave / that were computed; ``unmask_prefix_cache_bytes``;
+* ``unmask_prefix_tokens_reused`` / ``unmask_prefix_tokens_computed``: prompt tokens (causal and block
+  diffusion) whose keys and values the prefix cache gave / that were computed; ``unmask_prefix_cache_bytes``;
 * ``unmask_request_seconds``: from the request's admission to its answer (histogram);
 * ``unmask_time_to_first_step_seconds``: of streamed requests, from admission to their first step event.
 """
@@ -58,7 +58,7 @@ class ServeMetrics:
         if prefixes is not None:
             Gauge("unmask_prefix_tokens_reused", "prompt tokens whose keys and values came from the prefix cache",
                   registry=r).set_function(lambda: prefixes.reused)
-            Gauge("unmask_prefix_tokens_computed", "prompt tokens prefilled through the prefix cache and computed",
+            Gauge("unmask_prefix_tokens_computed", "prompt tokens fed through the prefix cache and computed",
                   registry=r).set_function(lambda: prefixes.computed)
             Gauge("unmask_prefix_cache_bytes", "bytes the prefix cache holds", registry=r).set_function(
                 lambda: prefixes.bytes)
