@@ -56,8 +56,7 @@ def absorb(z: torch.Tensor | None, *parts: torch.Tensor | int) -> torch.Tensor:
     small tensor operations)."""
     for part in parts:
         if torch.is_tensor(part):
-            p = _mix(part.to(torch.int64) + GOLDEN) if z is None else \
-                _mix(part.to(device=z.device, dtype=torch.int64) + GOLDEN)
+            p = _mix(part.to(device=part.device if z is None else z.device, dtype=torch.int64) + GOLDEN)
         else:
             p = _mixed_int(part)
         if z is None:

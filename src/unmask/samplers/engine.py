@@ -455,9 +455,11 @@ class DecodingEngine:
         for i, h in enumerate(handles):
             call = h.call
             shared = isinstance(call, Denoise) and call.context is None and call.denoiser.feedback is None
-            length = call.x.shape[1] if shared else 0
-            groups.setdefault(("denoise", length_bucket(length) if ragged else length) if shared else i,
-                              []).append(i)
+            if shared:
+                length = call.x.shape[1]
+                groups.setdefault(("denoise", length_bucket(length) if ragged else length), []).append(i)
+            else:
+                groups[i] = [i]
         for members in groups.values():
             if len(members) == 1:
                 outputs[members[0]] = self._alone(handles[members[0]])

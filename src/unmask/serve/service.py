@@ -646,7 +646,7 @@ class ModelService:
             try:
                 with autocast(self.device, self.precision):
                     handle = engine.add(job.sampler, job.canvas.to(self.device), job.seeds.to(self.device),
-                                        self._frames(job))
+                                        self._frames(job) if job.stream else None)
             except Exception as exc:
                 self._finish(job, "error", f"{type(exc).__name__}: {exc}")
                 continue
@@ -670,15 +670,19 @@ class ModelService:
             if handle.done or job.cancelled:
                 engine.remove(handle)
                 del running[handle]
-                self._done(handle, job) if handle.done else self._finish(job, "cancelled", None)
+                if handle.done:
+                    self._done(handle, job)
+                else:
+                    self._finish(job, "cancelled", None)
         self.current = list(running.values())
 
     def _frames(self, job: Job):
-        """The step callback of a job: counts its steps and queues a copy of its canvas for a stream that keeps
-        up (at most ``max_stream_lag`` unread)."""
+        """The step callback of a streamed job (none for the others: a step's canvas is composed only for a
+        stream): counts its steps and queues a copy of its canvas while the stream keeps up (at most
+        ``max_stream_lag`` unread)."""
         def on_step(x: torch.Tensor) -> None:
             job.steps += 1
-            if job.stream and job.queued - job.taken < self.config.max_stream_lag:
+            if job.queued - job.taken < self.config.max_stream_lag:
                 if not job.queued:
                     self.metrics.first_step.observe(time.monotonic() - job.admitted)
                 job.queued += 1
