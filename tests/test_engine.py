@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from unmask.config import ModelConfig
+from unmask.models.registry import build_backbone
 from unmask.objectives.block_diffusion import BlockDiffusion
 from unmask.objectives.mdlm import MaskedDiffusion
 from unmask.objectives.schedules import LogLinear
@@ -100,19 +102,16 @@ def test_interleaved_decodings_give_what_each_gives_alone(kind):
 
 
 def test_denoiser_calls_on_canvases_of_one_length_share_a_forward():
+    """Canvases of one length: their rows concatenated into one batch, one forward per step of the longest."""
     model = CountingModel(random_dit())
     diffusion = MaskedDiffusion(LogLinear(), MASK)
     asked = [(AncestralSampler(diffusion, 8, cache=False), canvas(2, 12, [3, 1], 1), row_seeds(1, 2)),
              (ConfidenceSampler(diffusion, 8), canvas(3, 12, [2, 2, 5], 2), row_seeds(2, 3)),
-             (FirstHittingSampler(diffusion, tokens_per_step=4), canvas(1, 12, [4], 3), row_seeds(3, 1)),
-             (AncestralSampler(diffusion, 5, cache=False), canvas(1, 7, [1], 4), row_seeds(4, 1))]
+             (FirstHittingSampler(diffusion, tokens_per_step=4), canvas(1, 12, [4], 3), row_seeds(3, 1))]
     engine = DecodingEngine(model)
     handles = [engine.add(*a) for a in asked]
     results = engine.run()
-    nfe = [r.nfe for r in results]
-    assert nfe[:3] == [8, 8, 2] and nfe[3] > 0
-    # length 12: max(8, 8, 2) forwards; length 7: its own forwards alongside them, never merged with another length
-    assert model.forwards == 8 + nfe[3]
+    assert [r.nfe for r in results] == [8, 8, 2] and model.forwards == 8
     assert all(h.done for h in handles)
 
 
@@ -146,11 +145,15 @@ def test_streaming_frames_come_from_the_engine_per_decoding():
     assert all(f.shape == x1.shape for f in frames[1]) and torch.equal(frames[1][-1], h1.result.tokens)
 
 
-def test_ragged_canvases_of_one_length_bucket_share_a_forward_with_their_padding_hidden():
-    """Canvases of 9, 12 and 16 positions (one power-of-two bucket) share every forward: the shorter ones are
-    padded and the padding is hidden by a key padding mask, so each gets its own logits (to float rounding)
-    and its own tokens; a canvas of another bucket (5) keeps its own forwards."""
-    net = random_dit()
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_ragged_canvases_share_forwards(time_conditioning):
+    """Without time conditioning the DiT packs: canvases of 5, 9, 12 and 16 positions share every forward as
+    one row of sequences, each attending to itself alone, so each gets exactly the logits (bit for bit) and the
+    tokens it gets alone. A time-conditioned DiT cannot (its rows see different conditioning): canvases of one
+    power-of-two bucket (9, 12, 16) share a forward, the shorter ones padded under a key padding mask (their
+    logits equal to float rounding), and the canvas of 5 keeps its own forwards."""
+    net = random_dit(time_conditioning=time_conditioning)
+    assert net.packs != time_conditioning
     model = CountingModel(net)
     diffusion = MaskedDiffusion(LogLinear(), MASK)
     asked = [(AncestralSampler(diffusion, 6, cache=False), canvas(2, 12, [3, 1], 1), row_seeds(1, 2)),
@@ -163,16 +166,48 @@ def test_ragged_canvases_of_one_length_bucket_share_a_forward_with_their_padding
     engine.run()
     for h, a in zip(handles, alone):
         assert torch.equal(h.result.tokens, a.tokens) and h.result.nfe == a.nfe
-    # bucket 16: one forward per step of the longest decoding, plus the guided canvas's second pass at each of
-    # its steps; bucket 8: its own forwards
+    # one forward per step of the longest decoding of a group, plus the guided canvas's second pass at each step
     nfe = [a.nfe for a in alone]
-    assert model.forwards == max(nfe[:3]) + nfe[1] + nfe[3]
+    assert model.forwards == (max(nfe) + nfe[1] if net.packs else max(nfe[:3]) + nfe[1] + nfe[3])
     calls = [AncestralSampler(diffusion, 6).denoiser(net, x)(x, torch.full((len(x),), 0.5, dtype=torch.float64),
                                                              x == MASK, torch.arange(len(x)))
-             for _, x, _ in asked[:3]]
-    together = engine.denoise(calls)
+             for _, x, _ in asked]
+    together = engine.denoise(calls if net.packs else calls[:3])
     for call, logits in zip(calls, together):
-        torch.testing.assert_close(logits, engine.denoise([call])[0], atol=1e-5, rtol=1e-5)
+        if net.packs:
+            assert torch.equal(logits, engine.denoise([call])[0])
+        else:
+            torch.testing.assert_close(logits, engine.denoise([call])[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backbone,extra", [("dit", {}), ("llama", {}), ("gpt2", {}), ("llama", {"logit_shift": True}),
+                                           ("dit", {"time_conditioning": True})])
+def test_packed_canvases_get_the_logits_they_get_alone(backbone, extra):
+    """Every backbone that ``packs`` runs canvases of 7, 12 and 16 positions (1-3 rows each) as one row of
+    sequences: each row's logits equal, bit for bit, those of its canvas alone. Shifted logits (Dream) and time
+    conditioning do not pack: the engine pads those under a key padding mask instead."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, hidden=32, heads=4, blocks=2, cond_dim=16, length=32, dropout=0.0,
+                      intermediate=64, **extra)
+    net = build_backbone(cfg, VOCAB, causal=False, mask_id=MASK).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    assert net.packs == (not extra)
+    diffusion = MaskedDiffusion(LogLinear(), MASK)
+    shapes = [(2, 12, [3, 1]), (1, 7, [2]), (3, 16, [4, 0, 9])]
+    xs = [canvas(rows, length, prompts, seed) for seed, (rows, length, prompts) in enumerate(shapes)]
+    calls = [AncestralSampler(diffusion, 4).denoiser(net, x)(x, torch.full((len(x),), 0.5, dtype=torch.float64),
+                                                             x == MASK, torch.arange(len(x))) for x in xs]
+    model = CountingModel(net)
+    engine = DecodingEngine(model)
+    together = engine.denoise(calls)
+    assert model.forwards == 1
+    for call, logits in zip(calls, together):
+        alone = engine.denoise([call])[0]
+        assert torch.equal(logits, alone) if net.packs else torch.allclose(logits, alone, atol=1e-5, rtol=1e-5)
+    if net.packs:  # a row of many canvases (its padding never longer than the longest canvas, 16)
+        many = engine.denoise(calls * 13)
+        assert all(torch.equal(a, b) for a, b in zip(many, together * 13))
 
 
 @pytest.mark.parametrize("kind", ["fast_dllm", "causal", "block_diffusion"])

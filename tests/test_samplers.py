@@ -72,6 +72,20 @@ def test_counter_based_uniforms_match_the_reference_and_are_uniform():
     assert abs(float(w.double().mean()) - 0.5) < 4 * math.sqrt(1 / 12 / 100_000)
 
 
+def test_numpy_and_tensor_hashing_give_the_same_bits(monkeypatch):
+    """The CPU's NumPy uint64 arithmetic and the int64 tensor arithmetic other devices run agree bit for bit."""
+    keys = torch.tensor([0, 1, -1, 2 ** 63 - 1, -2 ** 63, 12345678901234, -5])
+    index = torch.arange(len(keys)) * 977 - 3
+    def draws():
+        z = rng.absorb(rng.hash64(keys), 11, index)
+        return (z, rng.hash64(42, index), rng.to_uniform(z), rng.to_uniform32(z),
+                rng.stream(z[:, None], torch.arange(4)))
+    numpy_bits = draws()
+    monkeypatch.setattr(rng, "_on_cpu", lambda *values: False)
+    for a, b in zip(numpy_bits, draws(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- the primitive
 
 def test_inverse_cdf_draws_follow_the_weights():

@@ -87,11 +87,13 @@ def tiny_dit(vocab=V_TOKENS + 1, causal=False, seed=0):
     return model.eval()
 
 
-def random_dit(length: int = 32, vocab: int = 21, seed: int = 0, causal: bool = False) -> DiT:
-    """A DiT without time conditioning, every parameter drawn from N(0, 0.3^2); its mask id is ``vocab - 1``."""
+def random_dit(length: int = 32, vocab: int = 21, seed: int = 0, causal: bool = False,
+               time_conditioning: bool = False) -> DiT:
+    """A DiT (without time conditioning unless asked), every parameter drawn from N(0, 0.3^2); its mask id is
+    ``vocab - 1``."""
     torch.manual_seed(seed)
-    model = DiT(ModelConfig(hidden=32, heads=4, blocks=2, cond_dim=16, length=length, dropout=0.0), vocab, causal,
-                vocab - 1).eval()
+    model = DiT(ModelConfig(hidden=32, heads=4, blocks=2, cond_dim=16, length=length, dropout=0.0,
+                            time_conditioning=time_conditioning), vocab, causal, vocab - 1).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return model

@@ -286,7 +286,7 @@ class Layout(NamedTuple):
     queries, attention and MLP for them alone (every token's keys and values are still needed)."""
 
     positions: torch.Tensor
-    allowed: torch.Tensor
+    allowed: torch.Tensor | None  # None: the tiles say it all
     span: int
     tiles: tuple[AttentionTile, ...] | None = None
     read: int | None = None
@@ -325,6 +325,18 @@ def two_stream_layout(length: int, block_size: int, device: torch.device | str, 
     shifted = tuple(tile._replace(queries=slice(tile.queries.start + length, tile.queries.stop + length))
                     for tile in clean_tiles)
     return layout._replace(tiles=noisy + shifted, read=length)
+
+
+def packed_layout(lengths: list[int], device: torch.device | str) -> Layout:
+    """Sequences of ``lengths`` one after another in one row, each at positions 0 .. its length - 1 and seeing
+    only itself: one tile per sequence, each the plain attention of that sequence alone (no mask, no padding),
+    so every sequence gets the numbers it gets in a forward of its own."""
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    tiles = tuple(AttentionTile(slice(a, b), slice(a, b), None) for a, b in zip(starts, starts[1:]))
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    return Layout(positions, None, max(lengths), tiles)
 
 
 def attention_mask(keep: torch.Tensor | None,

@@ -277,6 +277,13 @@ class DiT(nn.Module):
     BLOCK_CACHES = True  # takes a BlockCache (Fast-dLLM's prefix and dual caches) when bidirectional
     KEY_PADDING = True  # takes a key padding mask (keep) when bidirectional: ragged canvases share a forward
 
+    @property
+    def packs(self) -> bool:
+        """Whether canvases of any lengths may share one row of a forward (a
+        :func:`~unmask.models.common.packed_layout`): without
+        time conditioning, where every row sees the same conditioning."""
+        return not self.cfg.time_conditioning and not self.causal
+
     def embedding_parameters(self) -> list[nn.Parameter]:
         """The input embedding and the output layer (what "non-embedding parameters" leave out)."""
         return [self.vocab_embed.embedding, *self.output_layer.linear.parameters()]

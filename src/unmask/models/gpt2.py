@@ -155,6 +155,13 @@ class GPT2(nn.Module):
     INPUT_EMBEDDING = "transformer.wte.weight"  # the state-dict name of the input embedding
     BLOCK_CACHES = True  # takes a BlockCache (Fast-dLLM's prefix and dual caches) when bidirectional
 
+    @property
+    def packs(self) -> bool:
+        """Whether canvases of any lengths may share one row of a forward (a
+        :func:`~unmask.models.common.packed_layout`): a
+        bidirectional model whose logits are not shifted (a shift would cross from one canvas into the next)."""
+        return not self.causal and not self.cfg.logit_shift
+
     def materialize(self, device: torch.device | str) -> None:
         """After the weights were assigned to a model made on the meta device: tie the output layer again."""
         self.lm_head.weight = self.transformer.wte.weight

@@ -297,6 +297,13 @@ class Transformer(nn.Module):
 
     INPUT_EMBEDDING = "model.embed_tokens.weight"  # the state-dict name of the input embedding
     BLOCK_CACHES = True  # takes a BlockCache (Fast-dLLM's prefix and dual caches) when bidirectional
+
+    @property
+    def packs(self) -> bool:
+        """Whether canvases of any lengths may share one row of a forward (a
+        :func:`~unmask.models.common.packed_layout`): a
+        bidirectional model whose logits are not shifted (a shift would cross from one canvas into the next)."""
+        return not self.causal and not self.cfg.logit_shift
     KEY_PADDING = True  # takes a key padding mask (keep) when bidirectional: ragged canvases share a forward
 
     def materialize(self, device: torch.device | str) -> None:

@@ -53,13 +53,13 @@ def categorical_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     """float64 probabilities (N, V) from logits (N, V): temperature (0 = greedy, one-hot on the
     argmax), then top-k, then top-p (the smallest set of most likely tokens whose mass reaches
     ``top_p``); ``exclude`` gets probability 0."""
-    logits = logits.to(torch.float64)
+    logits = logits.to(torch.float64, copy=exclude is not None)
     if exclude is not None:
-        logits = logits.index_fill(-1, torch.tensor([exclude], device=logits.device), float("-inf"))
+        logits[:, exclude] = float("-inf")
     if temperature == 0:
         return torch.zeros_like(logits).scatter_(-1, top_index(logits)[..., None], 1.0)
-    # shifted first, so that a tiny temperature sends the others to -inf instead of the best to +inf
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    if temperature != 1:  # shifted first, so that a tiny temperature sends the others to -inf, not the best to +inf
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -115,13 +115,18 @@ class RowStreams:
         self.seeds = seeds.to(torch.int64)
         self.keys = rng.hash64(self.seeds)  # each row's seed hashed once: every draw continues from it
 
+    def _row_keys(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.keys.device != rows.device:
+            self.keys = self.keys.to(rows.device)
+        return self.keys[rows]
+
     def _key(self, rows: torch.Tensor, counter, index) -> torch.Tensor:
         """``rng.hash64(seed_r, counter, index)`` for the rows ``rows``."""
-        return rng.absorb(self.keys.to(rows.device)[rows], counter, index)
+        return rng.absorb(self._row_keys(rows), counter, index)
 
     def uniform(self, rows: torch.Tensor, counter, index) -> torch.Tensor:
         """float64 uniforms (N,), one per (row of ``rows``, ``counter``, ``index``)."""
-        return rng.to_uniform(self._key(rows, counter, index))
+        return rng.uniform_after(self._row_keys(rows), counter, index)
 
     def uniforms(self, rows: torch.Tensor, counter, index: torch.Tensor, n: int) -> torch.Tensor:
         """float64 uniforms (N, n): ``n`` per (row, counter, index), from one hashed key each."""
@@ -232,9 +237,7 @@ def reveal_candidates(x: torch.Tensor, rows: torch.Tensor | None, chosen: torch.
 
 def ranks_in_row(scores: torch.Tensor) -> torch.Tensor:
     """(R, L) rank of each entry in its row by descending score (0 = best; ties in position order)."""
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    return torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device)
-                                            .expand_as(order).contiguous())
+    return scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # the inverse permutation
 
 
 def choose_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -95,26 +95,28 @@ class ConfidenceSampler(DiffusionSampler):
         b = x.shape[0]
         free = canvas == self.mask_id
         total = free.sum(dim=1)
+        remain = [reveal_schedule(self.reveal, total, step + 1, self.steps) for step in range(self.steps)]
         row_nfe = torch.zeros(b, dtype=torch.long)
         for step in range(self.steps):
             masked = x == self.mask_id
-            count = masked.sum(dim=1) - reveal_schedule(self.reveal, total, step + 1, self.steps)
+            count = masked.sum(dim=1) - remain[step]
             rows = (count > 0).nonzero()[:, 0]
             if not len(rows):
                 continue
+            every = len(rows) == b  # (then the canvas itself, no gathers)
+            here = masked if every else masked[rows]
             t = torch.full((len(rows),), 1 - step / self.steps, dtype=torch.float64, device=x.device)
-            logits = yield denoise(x[rows], t, masked[rows], rows)
+            logits = yield denoise(x if every else x[rows], t, here, rows)
             row_nfe[rows.cpu()] += 1
             probs = categorical_probs(logits, self.temperature, self.top_k, self.top_p, exclude=self.mask_id)
-            where = masked[rows].nonzero()
-            abs_rows = rows[where[:, 0]]
+            where = here.nonzero()
+            abs_rows = where[:, 0] if every else rows[where[:, 0]]
             counter = step * PURPOSES
             draws = streams.categorical(probs, abs_rows, counter + TOKEN, where[:, 1], self.precision)
             keys = streams.uniform(abs_rows, counter + ORDER, where[:, 1])
-            shape = masked[rows].shape
-            score = spread(confidence_scores(probs, draws, self.score, keys).double(), where, shape, float("-inf"))
+            score = spread(confidence_scores(probs, draws, self.score, keys).double(), where, here.shape, float("-inf"))
             chosen = choose_per_row(score, count[rows])
-            reveal_candidates(x, rows, chosen, spread(draws, where, shape, self.mask_id))
+            reveal_candidates(x, None if every else rows, chosen, spread(draws, where, here.shape, self.mask_id))
             if self.remask and step < self.steps - 1:
                 generated = free & (x != self.mask_id)
                 spots = generated.nonzero()

@@ -23,11 +23,11 @@ The :class:`DecodingEngine` owns everything around the policies: the network cal
 pass, padding to a few shapes), the caches of each decoding (KV, Fast-dLLM, BD3's exact block cache),
 NFE accounting, timing and ``on_step`` streaming. It holds any number of decodings (different requests,
 samplers, canvases, step counts) and advances them together: :meth:`DecodingEngine.step` evaluates every
-decoding's next call, the denoiser calls of canvases of one length in **one batched forward**, and
-advances each decoding by its own rule. Each row's draws come from its own seed, so a decoding gives
-the same tokens alone or interleaved with others (tested for every sampler). Calls through a cache
-(KV, Fast-dLLM's, BD3's), calls of soft-mask models and canvases of other lengths take one forward per
-decoding in the same step: sharing those forwards needs per-row cache lengths and key padding.
+decoding's next call, the denoiser calls in **one batched forward** (canvases of different lengths packed
+into one row, or padded, see :meth:`DecodingEngine.evaluate`), and advances each decoding by its own rule.
+Each row's draws come from its own seed, so a decoding gives the same tokens alone or interleaved with
+others (tested for every sampler). Calls through a cache (KV, Fast-dLLM's, BD3's) and calls of soft-mask
+models take one forward per decoding in the same step: sharing those forwards needs per-row cache lengths.
 """
 
 from __future__ import annotations
@@ -40,7 +40,13 @@ from typing import Any
 
 import torch
 
-from ..models.common import BlockCache, BlockDiffusionCache, block_diffusion_layout, bucketed_positions
+from ..models.common import (
+    BlockCache,
+    BlockDiffusionCache,
+    block_diffusion_layout,
+    bucketed_positions,
+    packed_layout,
+)
 from ..objectives.base import unwrap
 from .base import SampleResult, SamplingError, StepCallback, _autocast_dtype
 from .prefix_cache import PrefixCache, block_layout
@@ -446,18 +452,21 @@ class DecodingEngine:
 
     def evaluate(self, handles: list[Handle]) -> list[Any]:
         """The outputs of the handles' pending calls: denoiser calls without a block context or soft-mask
-        feedback (which are per canvas row) in one forward per canvas length, or, for a network that takes a
-        key padding mask (``KEY_PADDING``), per :func:`length_bucket` (shorter canvases padded, their padding
-        hidden from every query); the other calls alone."""
+        feedback (which are per canvas row) in one forward: of every length for a network that packs (``packs``:
+        the canvases one after another in one row, see :meth:`denoise`), else per :func:`length_bucket` for one
+        that takes a key padding mask (``KEY_PADDING``: shorter canvases padded, their padding hidden from every
+        query), else per canvas length; the other calls alone."""
         outputs: list[Any] = [None] * len(handles)
         groups: dict[Any, list[int]] = {}
-        ragged = getattr(unwrap(self.model), "KEY_PADDING", False)
+        net = unwrap(self.model)
+        packs, ragged = getattr(net, "packs", False), getattr(net, "KEY_PADDING", False)
         for i, h in enumerate(handles):
             call = h.call
             shared = isinstance(call, Denoise) and call.context is None and call.denoiser.feedback is None
             if shared:
                 length = call.x.shape[1]
-                groups.setdefault(("denoise", length_bucket(length) if ragged else length), []).append(i)
+                key = 0 if packs else length_bucket(length) if ragged else length
+                groups.setdefault(("denoise", key), []).append(i)
             else:
                 groups[i] = [i]
         for members in groups.values():
@@ -551,9 +560,11 @@ class DecodingEngine:
 
     @torch.no_grad()
     def denoise(self, calls: list[Denoise], net=None) -> list[torch.Tensor]:
-        """Denoiser calls in one forward (two with guidance): rows concatenated and padded up to a multiple of
-        ``rows / 8`` of their canvases with copies of the first row (a handful of shapes, see
-        :func:`bucketed_positions`); each call gets its own logits back."""
+        """Denoiser calls in one forward (two with guidance); each call gets its own logits back. Canvases of
+        one length: their rows concatenated and padded up to a multiple of ``rows / 8`` with copies of the first
+        row (a handful of shapes, see :func:`bucketed_positions`). Of several lengths: packed into one row (a
+        network that ``packs``: every canvas row attends to itself alone, so it gets the logits it gets alone,
+        see :func:`~unmask.models.common.packed_layout`), else right-padded under a key padding mask."""
         net = self.model if net is None else net
         prepared = [c.denoiser.prepare(c) for c in calls]
         quantum = max(1, math.ceil(sum(c.denoiser.batch for c in calls) / 8))
@@ -561,15 +572,21 @@ class DecodingEngine:
         rows = calls[0].rows if len(calls) == 1 else None
         feedback = calls[0].denoiser.feedback if len(calls) == 1 else None
         width = max(p.x.shape[1] for p in prepared)
-        logits = self._forward(net, *_ragged([p.x for p in prepared], [p.positions for p in prepared], width),
-                               _joined([p.sigma for p in prepared]), rows, feedback, quantum)
+        packs = getattr(unwrap(net), "packs", False) and any(p.x.shape[1] != width for p in prepared)
+
+        def forward(members: list[Any], inputs: list[torch.Tensor]) -> torch.Tensor:
+            positions = [p.positions for p in members]
+            if packs:
+                return _packed_forward(net, inputs, positions)
+            return self._forward(net, *_ragged(inputs, positions, width), _joined([p.sigma for p in members]),
+                                 rows, feedback, quantum)
+
+        logits = forward(prepared, [p.x for p in prepared])
         counts = [int(p.positions.sum()) for p in prepared] if len(calls) > 1 else [len(logits)]
         parts = list(logits.split(counts))
         guided = [i for i, p in enumerate(prepared) if p.unconditional is not None]
         if guided:
-            l_u = self._forward(net, *_ragged([prepared[i].unconditional for i in guided],
-                                              [prepared[i].positions for i in guided], width),
-                                _joined([prepared[i].sigma for i in guided]), rows, feedback, quantum)
+            l_u = forward([prepared[i] for i in guided], [prepared[i].unconditional for i in guided])
             for i, part_u in zip(guided, l_u.split([counts[i] for i in guided])):
                 parts[i] = prepared[i].guide(parts[i], part_u)
         return [c.denoiser.finish(p, part) for c, p, part in zip(calls, prepared, parts)]
@@ -594,6 +611,28 @@ class DecodingEngine:
         if getattr(net, "takes_rows", False):
             extra["rows"] = rows
         return net(x, sigma, positions=index, **extra)[:n].float()
+
+
+PACKED_STEPS_PER_OCTAVE = 16  # a packed row's length is rounded up to one of 16 sizes per power of two
+
+
+def _packed_forward(net, xs: list[torch.Tensor], positions: list[torch.Tensor]) -> torch.Tensor:
+    """The logits (N, V) float32 at ``positions`` of the canvases ``xs`` (R_i, L_i) (row-major, canvas after
+    canvas) from one forward of a network that packs: every canvas row one after another in one row, each its
+    own sequence (:func:`~unmask.models.common.packed_layout`), the row's length rounded up to one of
+    :data:`PACKED_STEPS_PER_OCTAVE` sizes per power of two (or a multiple of the longest canvas) by a sequence
+    of padding tokens of its own (a handful of shapes, as :func:`bucketed_positions` keeps them). ``sigma`` is
+    not read: a packing network has no time conditioning."""
+    lengths = [x.shape[1] for x in xs for _ in range(len(x))]
+    total = sum(lengths)
+    quantum = max(1, min(length_bucket(total) // PACKED_STEPS_PER_OCTAVE, max(lengths)))  # (padding < a canvas)
+    pad = -(-total // quantum) * quantum - total
+    device = xs[0].device
+    ids = torch.cat([x.reshape(-1) for x in xs] + ([xs[0].new_zeros(pad)] if pad else []))
+    wanted = torch.cat([p.reshape(-1) for p in positions] + ([positions[0].new_zeros(pad)] if pad else []))
+    layout = packed_layout(lengths + ([pad] if pad else []), device)
+    index, n = bucketed_positions(wanted[None])
+    return net(ids[None], None, positions=index, layout=layout)[:n].float()
 
 
 def length_bucket(length: int) -> int:
