@@ -220,7 +220,7 @@ def test_sample_starts_with_the_prompt(runs, tmp_path, capsys, family):
     result = json.loads(json_file.read_text())
     assert len(result["ids"]) == 2 and result["summary"]["samples"] == 2
     assert result["summary"]["generated_tokens"] == 2 * (16 - 3)  # BOS and the prompt are not generated
-    blocks = re.split(r"^--- sample \d+ \(\d+ NFE\)\n", out, flags=re.M)
+    blocks = re.split(r"^--- sample \d+ \(\d+ NFE, \d+\.\d\d tokens per forward\)\n", out, flags=re.M)
     assert blocks[0] == "" and len(blocks) == 3
     blocks[-1], summary = blocks[-1].rsplit("--- 2 samples, 26 generated tokens in ", 1)
     assert "tokens/s" in summary
@@ -381,7 +381,7 @@ def test_quickstart_on_the_shipped_corpus(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"training a mdlm model (nano preset) on tinyshakespeare; run folder {run}\n")
     assert re.search(r"^mdlm test: nll <= \d+\.\d+ ± \d+\.\d+ nats/token.*\(8 seqs, 256 tokens, K=2", out, re.M)
-    assert re.search(r"^--- sample 0 \(\d+ NFE\)", out, re.M) and "--- sample 1" not in out
+    assert re.search(r"^--- sample 0 \(\d+ NFE, \d+\.\d\d tokens per forward\)", out, re.M) and "--- sample 1" not in out
     assert f"checkpoint: {run / 'checkpoints' / 'step_00000002'}" in out
     ck = Checkpoint(run)
     assert ck.step == 2 and ck.config.data.dataset == "tinyshakespeare" and ck.config.train.lr_schedule == "cosine"

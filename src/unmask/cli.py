@@ -9,7 +9,7 @@
     unmask convert HF_CAUSAL_LM OUT [--no-shift]       an autoregressive model made a diffusion model (A2D)
     unmask serve MODEL [--port 8000]                   HTTP completions API, streaming, web page
     unmask scaling CONFIG --sizes ... --budgets ... --out DIR   IsoFLOP sweep with fits (resumable)
-    unmask task star-graph|sorting --out DIR           write a verifiable task (prompt/answer JSONL)
+    unmask task star-graph|sorting|arithmetic --out DIR  write a verifiable task (prompt/answer JSONL)
     unmask rl MODEL run_dir=DIR rl.prompts=F [...]     GRPO / Co-GRPO on a reward (rl.mode=model|schedule|co)
     unmask quickstart [key=value ...]                  train on the shipped corpus, evaluate, sample
     unmask configs                                     list the packaged configs
@@ -46,7 +46,7 @@ from .config import (
     to_dict,
 )
 from .data.readers import DataError
-from .data.tasks import STAR_VARIANTS, write_sorting_task, write_star_graph_task
+from .data.tasks import STAR_VARIANTS, write_arithmetic_task, write_sorting_task, write_star_graph_task
 from .data.tokenization import OutOfVocabularyError, TokenizerFileError, with_oov_policy
 from .eval.likelihood import EvaluationError, format_result
 from .eval.runs import run_eval, run_sample, run_zero_shot
@@ -86,17 +86,19 @@ def format_generation(r: dict) -> str:
     kmers = "".join(f", {k.split('_')[0]} distance {v:.4f}" for k, v in r.items() if k.startswith("kmer"))
     return (f"gen-ppl {r['gen_ppl']:.3f} (held-out {r['reference_gen_ppl']:.3f}), entropy {r['entropy']:.3f} "
             f"(held-out {r['reference_entropy']:.3f}){mauve}{kmers}; {r['samples']} samples, "
-            f"{r['generated_tokens_per_second'] or 0:.1f} generated tokens/s, {r['nfe']} network calls")
+            f"{r['generated_tokens_per_second'] or 0:.1f} generated tokens/s, {r['nfe']} network calls, "
+            f"{r['tokens_per_forward']:.2f} tokens per forward")
 
 
 def print_samples(gen: Generation) -> None:
-    """Print each sample with its number of network calls, then a summary line (tokens, seconds, throughput)."""
-    for i, (text, nfe) in enumerate(zip(gen.texts, gen.row_nfe)):
-        print(f"--- sample {i} ({nfe} NFE)\n{text}")
+    """Print each sample with its network calls and tokens per forward, then a summary line (tokens, seconds,
+    throughput, network calls, mean tokens per forward)."""
+    for i, (text, nfe, tpf) in enumerate(zip(gen.texts, gen.row_nfe, gen.tokens_per_forward)):
+        print(f"--- sample {i} ({nfe} NFE, {tpf:.2f} tokens per forward)\n{text}")
     summary = gen.summary()
     print(f"--- {summary['samples']} samples, {summary['generated_tokens']} generated tokens in "
           f"{summary['seconds']:.2f}s ({summary['generated_tokens_per_second'] or 0:.1f} tokens/s), "
-          f"{summary['nfe']} network calls")
+          f"{summary['nfe']} network calls, {summary['tokens_per_forward']:.2f} tokens per forward")
 
 
 def cmd_train(args) -> int:
@@ -143,7 +145,8 @@ def cmd_eval(args) -> int:
             line = format_generation(result)
         elif cfg.eval.metric == "exact_match":
             line = (f"{cfg.eval.split}: exact match {result['exact_match']:.4f} ± {result['stderr']:.4f} "
-                    f"({result['n']} prompts, {result['nfe']} network calls)")
+                    f"({result['n']} prompts, {result['nfe']} network calls, {result['tokens_per_forward']:.2f} "
+                    f"tokens per forward)")
         else:
             line = format_result(result, cfg.eval.split)
     print(line, file=sys.stderr)
@@ -176,7 +179,8 @@ def cmd_sample(args) -> int:
     print_samples(gen)  # first: a result file that cannot be written loses nothing
     if args.json:
         write_output(Path(args.json), json.dumps({"summary": gen.summary(), "texts": gen.texts, "ids": gen.ids,
-                                                  "row_nfe": gen.row_nfe}) + "\n", "--json")
+                                                  "row_nfe": gen.row_nfe,
+                                                  "tokens_per_forward": gen.tokens_per_forward}) + "\n", "--json")
     return 0
 
 
@@ -325,6 +329,9 @@ def cmd_task(args) -> int:
     try:
         if args.name == "star-graph":
             meta = write_star_graph_task(args.out, args.variant, args.train, args.valid, args.test, args.seed)
+        elif args.name == "arithmetic":
+            meta = write_arithmetic_task(args.out, args.operands, args.digits, args.train, args.valid, args.test,
+                                         args.seed)
         else:
             meta = write_sorting_task(args.out, args.length, args.alphabet, args.train, args.valid, args.test,
                                       args.seed)
@@ -496,11 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     p.set_defaults(func=cmd_rl)
-    p = sub.add_parser("task", help="write a verifiable task's files (star-graph path finding, sorting)")
-    p.add_argument("name", choices=("star-graph", "sorting"))
+    p = sub.add_parser("task", help="write a verifiable task's files (star-graph path finding, sorting, multi-step "
+                                    "arithmetic)")
+    p.add_argument("name", choices=("star-graph", "sorting", "arithmetic"))
     p.add_argument("--variant", default="easy", choices=tuple(STAR_VARIANTS), help="star graphs")
     p.add_argument("--length", type=int, default=8, help="sorting: characters per sequence")
     p.add_argument("--alphabet", default="abcdefghijklmnop", help="sorting: the characters, in their order")
+    p.add_argument("--operands", type=int, default=4, help="arithmetic: numbers per chain")
+    p.add_argument("--digits", type=int, default=3, help="arithmetic: digits of each number, at most")
     p.add_argument("--out", required=True, help="folder for train/valid/test.jsonl and task.json")
     p.add_argument("--train", type=int, default=50_000)
     p.add_argument("--valid", type=int, default=500)

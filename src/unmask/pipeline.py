@@ -127,13 +127,29 @@ class Generation:
     nfe: int
     seconds: float
     generated: int
+    row_answer_tokens: list[int] = dataclasses.field(default_factory=list)  # see :func:`answer_tokens`
+
+    @property
+    def tokens_per_forward(self) -> list[float]:
+        """Each row's answer tokens over the network calls it took part in (d3LLM's TPF, the parallelism of
+        :mod:`unmask.eval.aup`)."""
+        return [t / max(n, 1) for t, n in zip(self.row_answer_tokens, self.row_nfe)]
 
     def summary(self) -> dict:
         """The totals as a dict: samples, generated tokens, seconds, tokens per second, network calls
-        (total and mean per row)."""
+        (total and mean per row), answer tokens and tokens per forward (mean over rows)."""
+        rows = max(len(self.row_nfe), 1)
         return {"samples": len(self.texts), "generated_tokens": self.generated, "seconds": self.seconds,
                 "generated_tokens_per_second": self.generated / self.seconds if self.seconds else None,
-                "nfe": self.nfe, "mean_row_nfe": sum(self.row_nfe) / max(len(self.row_nfe), 1)}
+                "nfe": self.nfe, "mean_row_nfe": sum(self.row_nfe) / rows,
+                "answer_tokens": sum(self.row_answer_tokens), "tokens_per_forward": sum(self.tokens_per_forward) / rows}
+
+
+def answer_tokens(row: torch.Tensor, free: torch.Tensor, special: set[int]) -> int:
+    """Tokens of a sampled row's answer: its generated positions ``free`` (L,) bool up to the first special token
+    among them (EOS, PAD: what fills a fixed canvas after the answer is not counted, as d3LLM counts)."""
+    generated = row[free].tolist()
+    return next((i for i, t in enumerate(generated) if t in special), len(generated))
 
 
 def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> str:
@@ -211,10 +227,14 @@ def generate_rows(model, objective: Objective, tokenizer: Tokenizer, cfg: Sample
             canvas[:, len(requests[0]) + int(bos):] = tokenizer.pad_id
         with (autocast() if autocast else contextlib.nullcontext()):
             result = sampler.sample(model, canvas, seeds[start:start + len(canvas)].to(device))
-        for row, n, free in zip(result.tokens.cpu(), result.row_nfe.tolist(), (canvas == tokenizer.mask_id).cpu()):
+        special = tokenizer.special_token_ids()
+        free_rows = (canvas == tokenizer.mask_id).cpu()
+        for r, (row, n, free) in enumerate(zip(result.tokens.cpu(), result.row_nfe.tolist(), free_rows)):
             out.texts.append(chat_answer(tokenizer, row[free].tolist())[0] if chat else tokenizer.decode(row))
             out.ids.append(row.tolist())
             out.row_nfe.append(n)
+            out.row_answer_tokens.append(answer_tokens(row, free, special) if result.row_tokens is None
+                                         else int(result.row_tokens[r]))
         out.nfe += result.nfe
         out.seconds += result.seconds
         out.generated += result.generated

@@ -1,5 +1,5 @@
-"""Verifiable tasks shared by every model family: the star-graph path-finding task and exact-match
-evaluation of prompt/answer pairs.
+"""Verifiable tasks shared by every model family: star-graph path finding, sorting, multi-step arithmetic
+(:func:`arithmetic_chain`), and exact-match evaluation of prompt/answer pairs.
 
 Star graphs (Bachmann and Nagarajan 2024; the variants of Patel et al. 2025, arXiv 2505.05755):
 ``degree`` directed chains ("arms") of ``arm_length`` nodes each (drawn per arm from
@@ -181,6 +181,42 @@ def write_sorting_task(out: str | Path, length: int = 8, alphabet: str = "abcdef
     return write_splits(Path(out), draw, {"train": train, "valid": valid, "test": test}, seed,
                         {"task": "sorting", "length": length, "alphabet": alphabet,
                          "suggested_length": 2 * length + 3})
+
+
+def arithmetic_chain(operands: int, digits: int, rng: np.random.Generator) -> tuple[str, str]:
+    """A chain of ``operands`` numbers of 1 to ``digits`` digits joined by ``+`` and ``-`` (a ``-`` only where the
+    running total stays non-negative), and its running totals: ``"312+45-107+268="`` -> ``"357,250,518"``. Each
+    total needs the one before it (a multi-step computation whose steps depend on each other, as a word problem's
+    do), and the digits of one total depend on each other through carries."""
+    def number() -> int:
+        width = int(rng.integers(1, digits + 1))
+        return int(rng.integers(10 ** (width - 1) if width > 1 else 0, 10 ** width))
+
+    total = number()
+    prompt, totals = [str(total)], []
+    for _ in range(operands - 1):
+        value = number()
+        if value <= total and rng.random() < 0.5:
+            total -= value
+            prompt.append(f"-{value}")
+        else:
+            total += value
+            prompt.append(f"+{value}")
+        totals.append(str(total))
+    return "".join(prompt) + "=", ",".join(totals)
+
+
+def write_arithmetic_task(out: str | Path, operands: int = 4, digits: int = 3, train: int = 50_000,
+                          valid: int = 500, test: int = 2_000, seed: int = 0) -> dict:
+    """Multi-step arithmetic (:func:`arithmetic_chain`): files and splits as :func:`write_splits`; the answer is
+    right when every running total is (exact match)."""
+    if not 2 <= operands <= 16 or not 1 <= digits <= 9:
+        raise ValueError("arithmetic needs 2 to 16 operands of 1 to 9 digits")
+    longest_total = len(str(operands * (10 ** digits - 1)))
+    longest = operands * (digits + 1) + (operands - 1) * (longest_total + 1)  # prompt and answer, characters
+    return write_splits(Path(out), lambda rng: arithmetic_chain(operands, digits, rng),
+                        {"train": train, "valid": valid, "test": test}, seed,
+                        {"task": "arithmetic", "operands": operands, "digits": digits, "suggested_length": 2 + longest})
 
 
 def read_pairs(path: str | Path, prompt_field: str = "prompt", answer_field: str = "text") -> list[tuple[str, str]]:
