@@ -1,0 +1,97 @@
+"""Parallelism distillation objectives on cases small enough to work out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unmask.objectives.base import Noise
+from unmask.objectives.distill import ParallelDistillation, block_masks, visible_in_block
+from unmask.objectives.mdlm import MaskedDiffusion
+from unmask.objectives.schedules import LogLinear
+
+from toys import random_dit
+
+MASK = 2  # tokens 0 and 1, then the mask
+
+
+class PositionLogits(torch.nn.Module):
+    """Logits ``[0, log 3, 5]`` at every position (p = 1/4, 3/4 once the mask is excluded); records its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.inputs = []
+
+    def forward(self, ids, sigma=None, positions=None):
+        self.inputs.append(ids.clone())
+        row = torch.tensor([0.0, math.log(3), 5.0]) * self.scale
+        return row.expand(ids.numel(), 3)[positions]
+
+
+def test_blocks_cut_each_answer_in_order_and_the_drawn_one_is_followed_by_hidden_ones():
+    counted = torch.tensor([[False, False, True, True, True, True, True, True, True]] * 3)
+    in_block, after = block_masks(counted, torch.tensor([0.5, 0.99, 0.0]), 3)  # blocks 2-4, 5-7, 8
+    assert in_block[0].nonzero()[:, 0].tolist() == [5, 6, 7] and after[0].nonzero()[:, 0].tolist() == [8]
+    assert in_block[1].nonzero()[:, 0].tolist() == [8] and not after[1].any()
+    assert in_block[2].nonzero()[:, 0].tolist() == [2, 3, 4] and after[2].sum() == 4
+    whole, none = block_masks(counted, torch.tensor([0.7, 0.7, 0.7]), 0)
+    assert torch.equal(whole, counted) and not none.any()
+
+
+def test_the_trajectory_keeps_what_the_teacher_revealed_first():
+    in_block = torch.tensor([[False, True, True, True, True]] * 3)
+    steps = torch.tensor([[-1, 3, 0, 2, 0]] * 3)
+    visible = visible_in_block(in_block, torch.tensor([0.5, 0.3, 0.8]), steps, torch.zeros(3, 5))
+    # keep floor((1 - r) 4) = 2, 2, 0 of the block: the two revealed at step 0, then none
+    assert visible.tolist() == [[False, False, True, False, True]] * 2 + [[False] * 5]
+    u = torch.tensor([[0.9, 0.1, 0.6, 0.4, 0.5]] * 3)
+    assert visible_in_block(in_block, torch.tensor([0.5, 0.5, 0.5]), None, u)[0].tolist() == [False, False, True,
+                                                                                               False, True]
+
+
+def test_the_mask_ratio_rises_with_training_progress():
+    objective = ParallelDistillation(MaskedDiffusion(LogLinear(), MASK), "certainty", min_mask_ratio=0.2,
+                                     max_mask_ratio=0.8)
+    r = objective.mask_ratio(torch.tensor([0.0, 1.0, 0.5, 0.0]), torch.tensor([0.0, 0.3, 0.5, 1.0]))
+    assert r.tolist() == pytest.approx([0.2, 0.8, 0.5 + 0.5 * 0.3, 0.8])
+
+
+def test_the_loss_is_cross_entropy_on_both_masks_and_entropy_where_right():
+    objective = ParallelDistillation(MaskedDiffusion(LogLinear(), MASK), "trajectory", min_mask_ratio=0.6,
+                                     max_mask_ratio=0.6, entropy_weight=2.0, entropy_temperature=0.5)
+    x0 = torch.tensor([[0, 1, 0, 1, 1, 0, 1, 1]])
+    counted = torch.tensor([[False, False, False, True, True, True, True, True]])
+    steps = torch.tensor([[-1, -1, -1, 2, 0, 1, 0, 3]])
+    model = PositionLogits()
+    noise = Noise(torch.tensor([0.37]), torch.rand(1, 8))
+    loss = objective.loss(model, x0, counted, noise, progress=torch.tensor([0.25]), reveal_step=steps)
+    # r = 0.6 keeps floor(0.4 x 5) = 2 visible, those revealed at step 0 (positions 4 and 6): masked 3, 5, 7
+    first, second = model.inputs
+    assert (first == MASK).nonzero()[:, 1].tolist() == [3, 5, 7] and (second == MASK).nonzero()[:, 1].tolist() == [4, 6]
+    entropy = -(0.1 * math.log(0.1) + 0.9 * math.log(0.9))  # softmax([0, log 3] / 0.5) = (1/10, 9/10)
+    ce = -math.log(0.75) - math.log(0.25) - math.log(0.75)  # targets 1, 0, 1 at p(1) = 3/4
+    complement = -2 * math.log(0.75)  # positions 4 and 6, both 1
+    assert loss.item() == pytest.approx(ce + complement + 2.0 * 2 * entropy, rel=1e-6)  # right at 3 and 7
+    loss.sum().backward()
+    assert model.scale.grad is not None and torch.isfinite(model.scale.grad)
+
+
+def test_a_real_network_trains_on_it_and_bad_settings_are_refused():
+    net = random_dit(length=12, vocab=MASK + 1)
+    objective = ParallelDistillation(MaskedDiffusion(LogLinear(), MASK), "trajectory", block_size=4)
+    x0 = torch.randint(0, 2, (3, 12))
+    counted = torch.zeros(3, 12, dtype=torch.bool)
+    counted[:, 4:] = True
+    steps = torch.where(counted, torch.randint(0, 5, (3, 12)), torch.full((3, 12), -1))
+    loss = objective.loss(net, x0, counted, Noise(torch.rand(3), torch.rand(3, 12)), progress=torch.full((3,), 0.5),
+                          reveal_step=steps)
+    assert loss.shape == (3,) and torch.isfinite(loss).all() and (loss > 0).all()
+    loss.sum().backward()
+    with pytest.raises(ValueError, match="reveal steps"):
+        objective.loss(net, x0, counted, Noise(torch.rand(3), torch.rand(3, 12)), progress=torch.zeros(3))
+    for bad in ({"method": "sdtt-ish"}, {"min_mask_ratio": 0.9, "max_mask_ratio": 0.5}, {"entropy_temperature": 0}):
+        with pytest.raises(ValueError):
+            ParallelDistillation(MaskedDiffusion(LogLinear(), MASK), **{"method": "certainty", **bad})
