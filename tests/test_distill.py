@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
+from unmask.cli import main
 from unmask.objectives.base import Noise
 from unmask.objectives.distill import ParallelDistillation, block_masks, visible_in_block
 from unmask.objectives.mdlm import MaskedDiffusion
 from unmask.objectives.schedules import LogLinear
+from unmask.train.trajectories import Trajectories
 
-from toys import random_dit
+from toys import TINY, random_dit
 
 MASK = 2  # tokens 0 and 1, then the mask
 
@@ -95,3 +98,54 @@ def test_a_real_network_trains_on_it_and_bad_settings_are_refused():
     for bad in ({"method": "sdtt-ish"}, {"min_mask_ratio": 0.9, "max_mask_ratio": 0.5}, {"entropy_temperature": 0}):
         with pytest.raises(ValueError):
             ParallelDistillation(MaskedDiffusion(LogLinear(), MASK), **{"method": "certainty", **bad})
+
+
+@pytest.fixture(scope="module")
+def arithmetic_teacher(tmp_path_factory):
+    """A tiny arithmetic task and a teacher trained on it for a few steps (the CLI, as a user runs it)."""
+    root = tmp_path_factory.mktemp("distill")
+    data = root / "arith"
+    assert main(["task", "arithmetic", "--operands", "2", "--digits", "2", "--out", str(data), "--train", "48",
+                 "--valid", "8", "--test", "8"]) == 0
+    common = [*TINY, "train.steps=2", f"data.path={data}/train.jsonl", f"data.valid_path={data}/valid.jsonl",
+              f"data.test_path={data}/test.jsonl", f"data.cache_dir={root}/cache", "data.length=16",
+              "model.length=16"]
+    assert main(["train", "arithmetic", f"run_dir={root}/teacher", *common]) == 0
+    return root, common
+
+
+@pytest.mark.parametrize("method", ["trajectory", "certainty"])
+def test_distillation_trains_saves_resumes_and_loads_through_the_cli(arithmetic_teacher, method, capsys):
+    root, common = arithmetic_teacher
+    run = root / f"student-{method}"
+    student = ["train", "arithmetic", f"run_dir={run}", *common, f"distill.method={method}",
+               f"distill.teacher={root}/teacher", f"train.init_from={root}/teacher", "distill.teacher_batch=20",
+               "distill.teacher_sample=[steps=4]"]
+    assert main(student) == 0
+    folders = list((root / "cache").glob("trajectories-*"))
+    assert len(folders) == 1  # both methods (and the resume) read the one recording of this teacher
+    assert len(Trajectories.open(folders[0])) == 48
+    losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "loss" in r] == [1, 2] and all(r["loss"] > 0 for r in losses if "loss" in r)
+    assert main([*student, "train.steps=3"]) == 0  # resumes at step 2
+    assert "resuming" in capsys.readouterr().out
+    assert main(["sample", str(run), "--prompt", "12+3=", "sample.length=16", "sample.steps=4"]) == 0
+    assert "tokens per forward" in capsys.readouterr().out
+
+
+def test_distillation_refuses_what_it_cannot_learn_from(arithmetic_teacher, tmp_path, capsys):
+    root, common = arithmetic_teacher
+    student = ["train", "arithmetic", *common, "distill.method=trajectory", f"distill.teacher={root}/teacher"]
+    cases = [
+        (["data.alphabet=0123456789+-=,x"], "another tokenizer"),
+        (["family=ar"], "a mdlm model"),
+        (["data.length=24", "model.length=24"], "teacher's context"),
+        (["distill.teacher=", "distill.method=certainty"], "distill.teacher"),
+        ([f"distill.prompts={tmp_path}/empty.jsonl"], "no prompt/answer pairs"),
+    ]
+    (tmp_path / "empty.jsonl").write_text("")
+    for i, (extra, message) in enumerate(cases):
+        run = tmp_path / f"bad{i}"
+        assert main([*student, f"run_dir={run}", *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+        assert not list(run.glob("checkpoints/*")), extra

@@ -357,9 +357,28 @@ class RLConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Parallelism distillation in ``unmask train`` (:mod:`unmask.train.distill`): the student (this run) learns to
+    decode many tokens per forward from a teacher's decodings of the training prompts."""
+
+    method: str = "none"  # none, trajectory (d3LLM's states along the teacher's decoding) or certainty (dParallel)
+    teacher: str | None = None  # the teacher: a run folder, checkpoint or model folder with this run's tokenizer
+    teacher_sample: list[str] = field(default_factory=list)  # sample.* overrides of the teacher's decoding (key=value)
+    prompts: str | None = None  # JSONL pairs whose prompts the teacher decodes (default: data.path)
+    max_prompts: int = 0  # decode the first this many prompts (0: all)
+    block_size: int = 0  # positions per block of an answer (0: the whole answer is one block)
+    min_mask_ratio: float = 0.0  # the curriculum's share of a block masked at the start of training
+    max_mask_ratio: float = 0.8  # ... and at its end (each row draws uniformly between the current share and this)
+    complementary: bool = True  # also the cross-entropy of the complementary mask (dParallel)
+    entropy_weight: float = 2.0  # weight of the entropy of right predictions (certainty forcing; 0: none)
+    entropy_temperature: float = 0.5  # temperature of that entropy
+    teacher_batch: int = 64  # prompts the teacher decodes at once
+
+
+@dataclass
 class RunConfig:
     """A whole run: the model family, the run folder and one section per concern (``model``, ``data``, ``diffusion``,
-    ``train``, ``eval``, ``sample``, ``classifier``, ``rl``, ``adapter``)."""
+    ``train``, ``eval``, ``sample``, ``classifier``, ``rl``, ``adapter``, ``distill``)."""
 
     family: str = "mdlm"  # the model family (unmask.families)
     run_dir: str = "runs/default"  # the run folder: config, metrics, checkpoints
@@ -372,6 +391,7 @@ class RunConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # Allowed values of string keys. The families (``unmask.families``) and the samplers
@@ -397,6 +417,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.quantize": QUANTIZE_SCHEMES,
     "sample.quantize": QUANTIZE_SCHEMES,
     "classifier.pooling": ("mean", "cls"),
+    "distill.method": ("none", "trajectory", "certainty"),
     "rl.mode": ("model", "schedule", "co"),
 }
 
@@ -645,6 +666,9 @@ RANGES: dict[str, str] = {
     "rl.kl": "[0, inf)", "rl.lr": "[0, inf)", "rl.schedule_lr": "[0, inf)", "rl.grad_clip": "[0, inf)",
     "rl.step_subsample": "[0, inf)", "rl.alternate_every": "[1, inf)", "rl.eval_every": "[0, inf)",
     "rl.eval_batch": "[1, inf)", "rl.seed": "[0, inf)",
+    "distill.max_prompts": "[0, inf)", "distill.block_size": "[0, inf)", "distill.min_mask_ratio": "[0, 1]",
+    "distill.max_mask_ratio": "[0, 1]", "distill.entropy_weight": "[0, inf)", "distill.entropy_temperature": "(0, inf)",
+    "distill.teacher_batch": "[1, inf)",
 }
 INTERVAL = re.compile(r"([\[(])(-?[\d.]+), (inf|-?[\d.]+)([\])])")
 
@@ -732,6 +756,13 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"{cfg.data.valid_fraction + cfg.data.test_fraction:g} leaves no training data")
     if cfg.diffusion.sigma_min >= cfg.diffusion.sigma_max:
         raise ConfigError("diffusion.sigma_min must be below diffusion.sigma_max")
+    d = cfg.distill
+    if d.method != "none" and not d.teacher:
+        raise ConfigError(f"distill.method={d.method} needs distill.teacher=... (the model whose decodings it learns)")
+    if d.method != "none" and cfg.train.random_length_prob > 0:
+        raise ConfigError("distillation trains on the teacher's whole rows: set train.random_length_prob=0")
+    if d.min_mask_ratio > d.max_mask_ratio:
+        raise ConfigError("distill.min_mask_ratio must not exceed distill.max_mask_ratio")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"train.betas must be two numbers (beta1, beta2), got {cfg.train.betas}")
     if (cfg.data.prompt_field or cfg.data.messages_field) and cfg.data.layout != "pad":

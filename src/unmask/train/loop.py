@@ -55,6 +55,7 @@ from ..runtime import (
     set_threads,
     shutdown_distributed,
 )
+from .distill import distill_targets, distillation_objective, teacher_trajectories
 from .optim import EMA, learning_rate, parameter_groups
 from .parallel import parallelize, restore
 from .step import Batch, TrainState, train_step
@@ -221,6 +222,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
         raise ConfigError(f"{spec.description} runs in one process; start it without torchrun")
     # a classifier validates (and keeps its best checkpoint) ten times a run unless told otherwise
     eval_every = t.eval_every or (max(1, t.steps // 10) if spec.labels else 0)
+    distilling = cfg.distill.method != "none"  # rows and loss from a teacher's decodings (unmask.train.distill)
     # the main process locks the run folder, then tokenizes (and caches) the data; the others then
     # open the cache. A failure on the main process is shared so that no process waits at a barrier
     failure = None
@@ -232,7 +234,8 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
             if fresh:
                 clear_run_folder(run_dir)
             data = spec.data(cfg, init_tokenizer(cfg), t.progress)
-            train_rows = data.rows("train")
+            train_rows = (teacher_trajectories(cfg, data.tokenizer, device, record=True, progress=t.progress)
+                          if distilling else data.rows("train"))
             valid_rows = data.rows("valid") if eval_every else None
         except Exception as exc:
             failure = exc
@@ -242,13 +245,15 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
         raise RuntimeError("the main process failed to prepare the data")
     if not dist.main:
         data = spec.data(cfg, init_tokenizer(cfg), False)
-        train_rows = data.rows("train")
+        train_rows = (teacher_trajectories(cfg, data.tokenizer, device, record=False) if distilling
+                      else data.rows("train"))
         valid_rows = data.rows("valid") if eval_every else None
     tokenizer = data.tokenizer
 
     torch.manual_seed(seed_for(t.seed, 0x1417))
     model = build_model(cfg, tokenizer).to(device)
     objective = build_objective(cfg, tokenizer)
+    train_objective = distillation_objective(cfg, objective) if distilling else objective
     ckpt = resume_point(ckpt_root, print if dist.main else lambda message: None)
     adapters = cfg.adapter.kind != "none"
     if ckpt is not None:
@@ -286,8 +291,9 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
     seq_len = cfg.data.length
     time_blocks, extra_noise = objective.time_blocks(seq_len), objective.extra_noise
     local = micro * accumulation
-    state = TrainState(model, objective, optimizer, torch.compile(parallel_model) if t.compile else parallel_model,
-                       ema, device, precision, micro, t.grad_clip, dist.world, sync)
+    state = TrainState(model, train_objective, optimizer,
+                       torch.compile(parallel_model) if t.compile else parallel_model, ema, device, precision, micro,
+                       t.grad_clip, dist.world, sync)
     order = BatchOrder(len(train_rows), t.batch_size, t.seed)
     log = MetricsLog(run_dir / "metrics.jsonl", dist.main)
     redone = log.resume_at(start_step)
@@ -356,7 +362,8 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
         local_tokens = float(len(counted_np) if objective.per_sequence else counted_np.sum())
         global_tokens = dist.all_sum([local_tokens])[0]
         torch.manual_seed(seed_for(t.seed, step, dist.rank, 0xD0))
-        metrics = train_step(state, Batch(x0, counted, noise, global_tokens, labels))
+        targets = distill_targets(train_rows, rows, step, t.steps, device) if distilling else {}
+        metrics = train_step(state, Batch(x0, counted, noise, global_tokens, labels, targets))
         finite &= metrics.finite
         grad_norm = metrics.grad_norm
         step += 1

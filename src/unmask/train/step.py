@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,14 +46,16 @@ class TrainState:
 @dataclass
 class Batch:
     """This process's rows of a step: ``x0`` (B, L), ``counted`` (B, L) bool, their ``noise`` (None for
-    objectives that draw none), the global number of units the loss is averaged over (``tokens``) and,
-    for classifiers, ``labels`` (B,)."""
+    objectives that draw none), the global number of units the loss is averaged over (``tokens``) and, for
+    classifiers, ``labels`` (B,); ``targets``: more per-row tensors (B, ...) the objective's ``loss`` takes by
+    name (distillation's teacher reveal steps and training progress)."""
 
     x0: torch.Tensor
     counted: torch.Tensor
     noise: Noise | None
     tokens: float
     labels: torch.Tensor | None = None
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,7 +79,9 @@ def train_step(state: TrainState, batch: Batch) -> StepMetrics:
         part = slice(m * micro, (m + 1) * micro)
         with state.sync(m == parts - 1):
             with autocast(state.device, state.precision):
-                targets = {} if batch.labels is None else {"labels": batch.labels[part]}
+                targets = {name: value[part] for name, value in batch.targets.items()}
+                if batch.labels is not None:
+                    targets["labels"] = batch.labels[part]
                 noise = None if batch.noise is None else batch.noise.slice(m * micro, (m + 1) * micro)
                 loss_sum = state.objective.loss(forward, batch.x0[part], batch.counted[part], noise, **targets).sum()
             (loss_sum * state.world / max(batch.tokens, 1.0)).backward()

@@ -87,6 +87,12 @@ def trajectory_key(teacher: str, tokenizer: Tokenizer, sample: SampleConfig, len
     return digest.hexdigest()[:20]
 
 
+def trajectory_directory(cache_dir: str | Path, teacher: str, tokenizer: Tokenizer, sample: SampleConfig, length: int,
+                         prompts: list[str], seed: int) -> Path:
+    """The folder of a recording in ``cache_dir`` (see :func:`trajectory_key`)."""
+    return Path(cache_dir) / f"trajectories-{trajectory_key(teacher, tokenizer, sample, length, prompts, seed)}"
+
+
 class RevealSteps:
     """The ``on_step`` of a decoding of a canvas (B, L): after step ``s`` (from 0) every generated position that holds
     a token and had none (or another) gets ``s``, every one masked again loses it."""
@@ -128,8 +134,8 @@ def record_trajectories(model, sampler: Sampler, tokenizer: Tokenizer, sample: S
     longest = max(len(r) for r in rows)
     if longest + 2 > length:  # BOS, the prompt, at least one generated position
         raise SamplingError(f"a prompt of {longest} tokens leaves nothing to generate in a canvas of {length}")
-    key = trajectory_key(teacher, tokenizer, sample, length, prompts, seed)
-    directory = Path(cache_dir) / f"trajectories-{key}"
+    directory = trajectory_directory(cache_dir, teacher, tokenizer, sample, length, prompts, seed)
+    key = directory.name.removeprefix("trajectories-")
     lock = RunLock(directory).acquire()
     try:
         if not (directory / "meta.json").exists():
