@@ -26,9 +26,9 @@ def test_chains_hold_their_running_totals_and_never_go_negative():
     signs = set()
     for _ in range(2000):
         prompt, answer = arithmetic_chain(5, 3, rng)
-        assert re.fullmatch(r"\d{1,3}([+-]\d{1,3}){4}=", prompt), prompt
+        assert re.fullmatch(r"\d{3}([+-]\d{3}){4}=", prompt), prompt
         totals = totals_of(prompt)
-        assert answer == ",".join(map(str, totals)) and min(totals) >= 0
+        assert answer == ",".join(f"{t:04d}" for t in totals) and min(totals) >= 0  # 5 x 999 has 4 digits
         signs |= set(re.findall(r"[+-]", prompt))
     assert signs == {"+", "-"}
 
@@ -43,6 +43,6 @@ def test_task_files_fit_the_suggested_length(tmp_path, capsys):
     assert len(train) == 300 and len(test) == 20
     assert not {r["prompt"] for r in test} & {r["prompt"] for r in train}  # held-out prompts
     longest = max(len(r["prompt"]) + len(r["text"]) for r in train + test)
-    assert longest + 2 <= meta["suggested_length"] <= longest + 12  # BOS and EOS around prompt and answer
+    assert longest + 2 == meta["suggested_length"]  # BOS and EOS around prompt and answer: every row as long
     assert main(["task", "arithmetic", "--operands", "1", "--out", str(tmp_path / "bad")]) == 2
     assert "operands" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -341,7 +341,7 @@ def cmd_task(args) -> int:
     print(f"wrote {args.out}/{{train,valid,test}}.jsonl ({args.name}: {sizes['train']}/{sizes['valid']}/"
           f"{sizes['test']}); train with data.dataset=text data.path={args.out}/train.jsonl "
           f"data.valid_path={args.out}/valid.jsonl data.test_path={args.out}/test.jsonl data.prompt_field=prompt "
-          f"data.layout=pad data.length={meta['suggested_length']} (or the star-graph config)")
+          f"data.layout=pad data.length={meta['suggested_length']} (or the task's config: unmask configs)")
     return 0
 
 

@@ -184,25 +184,24 @@ def write_sorting_task(out: str | Path, length: int = 8, alphabet: str = "abcdef
 
 
 def arithmetic_chain(operands: int, digits: int, rng: np.random.Generator) -> tuple[str, str]:
-    """A chain of ``operands`` numbers of 1 to ``digits`` digits joined by ``+`` and ``-`` (a ``-`` only where the
-    running total stays non-negative), and its running totals: ``"312+45-107+268="`` -> ``"357,250,518"``. Each
-    total needs the one before it (a multi-step computation whose steps depend on each other, as a word problem's
-    do), and the digits of one total depend on each other through carries."""
-    def number() -> int:
-        width = int(rng.integers(1, digits + 1))
-        return int(rng.integers(10 ** (width - 1) if width > 1 else 0, 10 ** width))
-
-    total = number()
-    prompt, totals = [str(total)], []
+    """A chain of ``operands`` numbers below ``10^digits`` joined by ``+`` and ``-`` (a ``-`` only where the running
+    total stays non-negative), and its running totals, every number written with a fixed number of digits (zeros
+    in front: the operands ``digits``, the totals as many as the largest possible total has), so that the digits
+    of one place line up: ``"312+045-107+268="`` -> ``"0357,0250,0518"``. Each total needs the one before it (a
+    multi-step computation whose steps depend on each other, as a word problem's do), and the digits of one total
+    depend on each other through carries."""
+    width = len(str(operands * (10 ** digits - 1)))
+    total = int(rng.integers(0, 10 ** digits))
+    prompt, totals = [f"{total:0{digits}d}"], []
     for _ in range(operands - 1):
-        value = number()
+        value = int(rng.integers(0, 10 ** digits))
         if value <= total and rng.random() < 0.5:
             total -= value
-            prompt.append(f"-{value}")
+            prompt.append(f"-{value:0{digits}d}")
         else:
             total += value
-            prompt.append(f"+{value}")
-        totals.append(str(total))
+            prompt.append(f"+{value:0{digits}d}")
+        totals.append(f"{total:0{width}d}")
     return "".join(prompt) + "=", ",".join(totals)
 
 
@@ -212,11 +211,12 @@ def write_arithmetic_task(out: str | Path, operands: int = 4, digits: int = 3, t
     right when every running total is (exact match)."""
     if not 2 <= operands <= 16 or not 1 <= digits <= 9:
         raise ValueError("arithmetic needs 2 to 16 operands of 1 to 9 digits")
-    longest_total = len(str(operands * (10 ** digits - 1)))
-    longest = operands * (digits + 1) + (operands - 1) * (longest_total + 1)  # prompt and answer, characters
+    width = len(str(operands * (10 ** digits - 1)))
+    prompt, answer = operands * (digits + 1), (operands - 1) * (width + 1) - 1
     return write_splits(Path(out), lambda rng: arithmetic_chain(operands, digits, rng),
                         {"train": train, "valid": valid, "test": test}, seed,
-                        {"task": "arithmetic", "operands": operands, "digits": digits, "suggested_length": 2 + longest})
+                        {"task": "arithmetic", "operands": operands, "digits": digits,
+                         "suggested_length": 2 + prompt + answer})
 
 
 def read_pairs(path: str | Path, prompt_field: str = "prompt", answer_field: str = "text") -> list[tuple[str, str]]:
