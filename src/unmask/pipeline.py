@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,12 +138,18 @@ class Generation:
 
     def summary(self) -> dict:
         """The totals as a dict: samples, generated tokens, seconds, tokens per second, network calls
-        (total and mean per row), answer tokens and tokens per forward (mean over rows)."""
+        (total and mean per row), answer tokens and tokens per forward (mean and quartiles over rows)."""
         rows = max(len(self.row_nfe), 1)
         return {"samples": len(self.texts), "generated_tokens": self.generated, "seconds": self.seconds,
                 "generated_tokens_per_second": self.generated / self.seconds if self.seconds else None,
                 "nfe": self.nfe, "mean_row_nfe": sum(self.row_nfe) / rows,
-                "answer_tokens": sum(self.row_answer_tokens), "tokens_per_forward": sum(self.tokens_per_forward) / rows}
+                "answer_tokens": sum(self.row_answer_tokens), "tokens_per_forward": sum(self.tokens_per_forward) / rows,
+                "tokens_per_forward_quartiles": quartiles(self.tokens_per_forward)}
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """The 25th, 50th and 75th percentiles of ``values`` (fewer than two: the values themselves)."""
+    return statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else list(values)
 
 
 def answer_tokens(row: torch.Tensor, free: torch.Tensor, special: set[int]) -> int:

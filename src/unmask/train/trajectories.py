@@ -78,7 +78,8 @@ def trajectory_key(teacher: str, tokenizer: Tokenizer, sample: SampleConfig, len
                    seed: int) -> str:
     """The folder key of a recording: SHA-256 over the teacher's identity, tokenizer, the sampler's settings (those
     that change a row's decoding: not the batch size), the canvas length, the prompts and the seed."""
-    settings = {k: v for k, v in dataclasses.asdict(sample).items() if k not in ("batch_size", "num_samples", "seed")}
+    settings = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample)
+                if f.name not in ("settings", "batch_size", "num_samples", "seed")} | sample.resolved()
     digest = hashlib.sha256()
     digest.update(json.dumps([TRAJECTORY_VERSION, teacher, tokenizer.fingerprint(), settings, length, seed],
                              sort_keys=True, default=str).encode())

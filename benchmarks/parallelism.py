@@ -1,0 +1,195 @@
+"""Accuracy under parallelism: a teacher, its distilled students and AR + KV cache on a verifiable task.
+
+Every diffusion model is swept over two decoder families on the test prompts of a prompt/answer task
+(``unmask task arithmetic``): **fixed steps** (the confidence sampler, ``steps`` network calls for the whole
+answer) and **threshold** (LLaDA's decoding with Fast-dLLM's rule over one block: every position whose
+confidence exceeds the threshold is revealed, at least one per call). Each setting records exact-match
+accuracy (batched), tokens per forward (each row's answer tokens over its network calls: mean and quartiles)
+and tokens/s at batch 1 on the first ``--speed-prompts`` prompts (answer tokens only), the AR model decoding the
+same prompts with its KV cache in the same run. Per model and decoder family: d3LLM's AUP
+(:mod:`unmask.eval.aup`) against the best accuracy of the run; per setting ``accuracy_gap_to_teacher`` (the
+teacher's accuracy decoding one token per call, minus the setting's, as a fraction); for each student's most
+parallel setting within one point of that teacher accuracy, ``speed_vs_ar_at_equal_accuracy`` (its tokens/s over
+AR + KV's, side by side) with both accuracies.
+
+    python benchmarks/parallelism.py --task runs/arithmetic-data --teacher runs/arithmetic \\
+        --student trajectory=runs/arith-trajectory --student certainty=runs/arith-certainty \\
+        --ar runs/arithmetic-ar --tag arithmetic
+    python benchmarks/parallelism.py --smoke     # seconds: the test suite runs this
+
+Writes ``benchmarks/results/parallelism-<tag>.json`` and ``parallelism-<tag>.png`` (accuracy against tokens per
+forward, the AR point beside the curves) and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from unmask.cli import main as unmask  # noqa: E402
+from unmask.data.tasks import read_pairs  # noqa: E402
+from unmask.eval.aup import aup  # noqa: E402
+from unmask.eval.exact_match import exact_match  # noqa: E402
+from unmask.pipeline import checkpoint_config, encode_fixed, from_pretrained, generate_rows  # noqa: E402
+
+from common import SMOKE_OVERRIDES, pyplot, run_header  # noqa: E402
+
+STEPS = (16, 8, 5, 4, 3, 2, 1)  # fixed-steps settings (capped at the generated positions)
+THRESHOLDS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3)
+
+
+def settings(generated: int) -> list[tuple[str, str, list[str]]]:
+    """(family, label, sample.* overrides) of every diffusion decoder setting for ``generated`` positions."""
+    out = [("fixed steps", str(s), ["sampler=confidence", f"steps={s}", "temperature=0"])
+           for s in sorted({min(s, generated) for s in STEPS}, reverse=True)]
+    out += [("threshold", f"{t:g}", ["sampler=llada", f"steps={generated}", f"block_length={generated}",
+                                     f"threshold={t}", "temperature=0"]) for t in THRESHOLDS]
+    return out
+
+
+def run_setting(loaded, overrides: list[str], pairs, speed_pairs, length: int) -> dict:
+    """Accuracy and tokens per forward on ``pairs`` (batched), tokens/s at batch 1 on ``speed_pairs`` (after one
+    warm-up decoding)."""
+    cfg = checkpoint_config(loaded.source, [f"sample.{o}" for o in overrides]).sample
+    single = checkpoint_config(loaded.source, [f"sample.{o}" for o in [*overrides, "batch_size=1"]]).sample
+    model_length = loaded.config.model.length
+    result = exact_match(loaded.model, loaded.objective, loaded.tokenizer, cfg, pairs, length, model_length, "cpu")
+    with torch.no_grad():
+        def decode(prompts):
+            return generate_rows(loaded.model, loaded.objective, loaded.tokenizer, single, length, model_length,
+                                 prompts=prompts, bos=True, device="cpu")
+        decode([speed_pairs[0][0]])
+        timed = decode([p for p, _ in speed_pairs])
+    return {"accuracy": result["exact_match"], "accuracy_stderr": result["stderr"], "n": result["n"],
+            "tokens_per_forward": result["tokens_per_forward"],
+            "tokens_per_forward_quartiles": result["tokens_per_forward_quartiles"],
+            "mean_row_nfe": result["mean_row_nfe"],
+            "tokens_per_second": timed.summary()["answer_tokens"] / timed.seconds if timed.seconds else None}
+
+
+def sweep(args) -> dict:
+    pairs = read_pairs(Path(args.task) / "test.jsonl")[:args.prompts]
+    speed_pairs = pairs[:args.speed_prompts]
+    teacher = from_pretrained(args.teacher)
+    length = teacher.config.data.length
+    generated = length - 1 - max(len(encode_fixed(teacher.tokenizer, p)) for p, _ in pairs)
+    models = {"teacher": args.teacher, **dict(s.split("=", 1) for s in args.student)}
+    records = []
+    for name, path in models.items():
+        loaded = teacher if name == "teacher" else from_pretrained(path)
+        for family, label, overrides in settings(generated):
+            record = {"model": name, "path": path, "decoder": family, "setting": label, "sample": overrides,
+                      **run_setting(loaded, overrides, pairs, speed_pairs, length)}
+            records.append(record)
+            print(json.dumps({k: record[k] for k in ("model", "decoder", "setting", "accuracy", "tokens_per_forward",
+                                                     "tokens_per_second")}), flush=True)
+    ar = None
+    if args.ar:
+        loaded = from_pretrained(args.ar)
+        ar = {"model": "ar", "path": args.ar, "decoder": "ar + kv", "setting": "1",
+              **run_setting(loaded, ["sampler=ar", "temperature=0"], pairs, speed_pairs, length)}
+        records.append(ar)
+    return summarize(records, ar)
+
+
+def summarize(records: list[dict], ar: dict | None) -> dict:
+    """AUP per model and decoder family, the gaps to the teacher, the best students' speed against AR + KV."""
+    one_per_call = [r for r in records if r["model"] == "teacher" and r["decoder"] == "fixed steps"]
+    reference = max(one_per_call, key=lambda r: r["mean_row_nfe"])["accuracy"]  # the most calls: one per token
+    y_max = 100 * max(r["accuracy"] for r in records)
+    for r in records:
+        r["accuracy_gap_to_teacher"] = reference - r["accuracy"]
+    curves = []
+    for model in dict.fromkeys(r["model"] for r in records if r["decoder"] != "ar + kv"):
+        for decoder in ("fixed steps", "threshold"):
+            points = [r for r in records
+                      if r["model"] == model and r["decoder"] == decoder and r["tokens_per_forward"] > 0]
+            if points and y_max > 0:
+                curves.append({"model": model, "decoder": decoder,
+                               "aup": aup([p["tokens_per_forward"] for p in points],
+                                          [100 * p["accuracy"] for p in points], y_max)})
+    for model in dict.fromkeys(r["model"] for r in records if r["model"] not in ("teacher", "ar")):
+        close = [r for r in records if r["model"] == model and r["accuracy"] >= reference - 0.01]
+        if close and ar is not None and ar["tokens_per_second"]:
+            best = max(close, key=lambda r: r["tokens_per_forward"])
+            best["speed_vs_ar_at_equal_accuracy"] = best["tokens_per_second"] / ar["tokens_per_second"]
+            best["ar_accuracy"] = ar["accuracy"]
+    return {"teacher_accuracy_one_token_per_call": reference, "y_max": y_max, "aup": curves, "records": records}
+
+
+def report(result: dict, out: Path | None) -> None:
+    print("| model | decoder | setting | accuracy | tokens/forward | tokens/s (batch 1) | gap to teacher |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["records"]:
+        tps = f"{r['tokens_per_second']:.0f}" if r["tokens_per_second"] else "-"
+        print(f"| {r['model']} | {r['decoder']} | {r['setting']} | {r['accuracy']:.3f} | {r['tokens_per_forward']:.2f} "
+              f"| {tps} | {r['accuracy_gap_to_teacher']:+.3f} |")
+    for c in result["aup"]:
+        print(f"AUP {c['model']} ({c['decoder']}): {c['aup']:.1f}")
+    plt = pyplot()
+    if plt is None or out is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in dict.fromkeys(r["model"] for r in result["records"]):
+        for decoder, style in (("fixed steps", "-o"), ("threshold", "--s"), ("ar + kv", "*")):
+            points = sorted((r["tokens_per_forward"], 100 * r["accuracy"]) for r in result["records"]
+                            if r["model"] == model and r["decoder"] == decoder)
+            if points:
+                ax.plot(*zip(*points), style, label=f"{model} ({decoder})",
+                        markersize=12 if decoder == "ar + kv" else 5)
+    ax.set_xlabel("tokens per forward")
+    ax.set_ylabel("exact match (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def smoke(folder: Path) -> argparse.Namespace:
+    """A tiny task, teacher, student and AR model (two training steps each)."""
+    data = folder / "task"
+    assert unmask(["task", "arithmetic", "--operands", "2", "--digits", "2", "--out", str(data), "--train", "40",
+                   "--valid", "4", "--test", "6"]) == 0
+    common = [*SMOKE_OVERRIDES, f"data.path={data}/train.jsonl", f"data.valid_path={data}/valid.jsonl",
+              f"data.test_path={data}/test.jsonl", f"data.cache_dir={folder}/cache", "train.progress=false"]
+    for name, extra in (("teacher", []), ("ar", ["family=ar"]),
+                        ("student", ["distill.method=trajectory", f"distill.teacher={folder}/teacher"])):
+        assert unmask(["train", "arithmetic", f"run_dir={folder}/{name}", *common, *extra]) == 0
+    return argparse.Namespace(task=str(data), teacher=str(folder / "teacher"), student=[f"trajectory={folder}/student"],
+                              ar=str(folder / "ar"), prompts=6, speed_prompts=2, tag="smoke")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", help="the task folder (test.jsonl)")
+    parser.add_argument("--teacher", help="the teacher's run folder")
+    parser.add_argument("--student", action="append", default=[], help="NAME=RUN of a distilled student (repeat)")
+    parser.add_argument("--ar", help="an AR model trained on the same rows (decoded with its KV cache)")
+    parser.add_argument("--prompts", type=int, default=500, help="test prompts scored per setting")
+    parser.add_argument("--speed-prompts", type=int, default=20, help="prompts timed at batch 1 per setting")
+    parser.add_argument("--tag", default="arithmetic")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            report(sweep(smoke(Path(tmp))), None)
+    else:
+        if not (args.task and args.teacher):
+            sys.exit("give --task and --teacher (or --smoke)")
+        result = {**run_header(args.tag), **sweep(args)}
+        out = ROOT / "benchmarks" / "results" / f"parallelism-{args.tag}.json"
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+        report(result, out.with_suffix(".png"))
