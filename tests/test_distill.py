@@ -10,7 +10,7 @@ import torch
 
 from unmask.cli import main
 from unmask.objectives.base import Noise
-from unmask.objectives.distill import ParallelDistillation, block_masks, visible_in_block
+from unmask.objectives.distill import ParallelDistillation, StepDistillation, block_masks, visible_in_block
 from unmask.objectives.mdlm import MaskedDiffusion
 from unmask.objectives.schedules import LogLinear
 from unmask.train.trajectories import Trajectories
@@ -114,19 +114,22 @@ def arithmetic_teacher(tmp_path_factory):
     return root, common
 
 
-@pytest.mark.parametrize("method", ["trajectory", "certainty"])
+@pytest.mark.parametrize("method", ["trajectory", "certainty", "sdtt"])
 def test_distillation_trains_saves_resumes_and_loads_through_the_cli(arithmetic_teacher, method, capsys):
     root, common = arithmetic_teacher
     run = root / f"student-{method}"
     student = ["train", "arithmetic", f"run_dir={run}", *common, f"distill.method={method}",
                f"distill.teacher={root}/teacher", f"train.init_from={root}/teacher", "distill.teacher_batch=20",
-               "distill.teacher_sample=[steps=4]"]
+               "distill.teacher_sample=[steps=4]", "distill.student_steps=4"]
     assert main(student) == 0
     folders = list((root / "cache").glob("trajectories-*"))
-    assert len(folders) == 1  # both methods (and the resume) read the one recording of this teacher
-    assert len(Trajectories.open(folders[0])) == 48
+    if method != "sdtt":  # SDTT calls its teacher at every step instead of reading its decodings
+        assert len(folders) == 1  # both methods (and the resume) read the one recording of this teacher
+        assert len(Trajectories.open(folders[0])) == 48
     losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in losses if "loss" in r] == [1, 2] and all(r["loss"] > 0 for r in losses if "loss" in r)
+    losses = [r["loss"] for r in losses if "loss" in r]
+    # a student that starts as its SDTT teacher starts at KL 0
+    assert len(losses) == 2 and all(loss > (-1e-6 if method == "sdtt" else 0) for loss in losses)
     assert main([*student, "train.steps=3"]) == 0  # resumes at step 2
     assert "resuming" in capsys.readouterr().out
     assert main(["sample", str(run), "--prompt", "12+3=", "sample.length=16", "sample.steps=4"]) == 0
@@ -141,6 +144,7 @@ def test_distillation_refuses_what_it_cannot_learn_from(arithmetic_teacher, tmp_
         (["family=ar"], "a mdlm model"),
         (["data.length=24", "model.length=24"], "teacher's context"),
         (["distill.teacher=", "distill.method=certainty"], "distill.teacher"),
+        (["distill.method=sdtt", "data.length=24", "model.length=24"], "teacher's context"),
         ([f"distill.prompts={tmp_path}/empty.jsonl"], "no prompt/answer pairs"),
     ]
     (tmp_path / "empty.jsonl").write_text("")
@@ -149,3 +153,37 @@ def test_distillation_refuses_what_it_cannot_learn_from(arithmetic_teacher, tmp_
         assert main([*student, f"run_dir={run}", *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
         assert not list(run.glob("checkpoints/*")), extra
+
+
+class ConstantLogits(torch.nn.Module):
+    """The same logits at every position of every canvas (a teacher or student whose prediction ignores the state)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(logits))
+
+    def forward(self, ids, sigma=None, positions=None):
+        out = self.logits.expand(*ids.shape, -1)
+        return out if positions is None else out.reshape(-1, out.shape[-1])[positions]
+
+
+def test_step_distillation_is_the_kl_to_the_teachers_prediction_and_its_steps_unmask_as_the_schedule_says():
+    base = MaskedDiffusion(LogLinear(eps=0.0), MASK)
+    p, q = [math.log(0.2), math.log(0.8), 0.0], [math.log(0.5), math.log(0.5), 0.0]
+    objective = StepDistillation(base, ConstantLogits(p), student_steps=4, per_step=2)
+    x0 = torch.zeros(8, 400, dtype=torch.long)
+    counted = torch.ones_like(x0, dtype=torch.bool)
+    noise = Noise(torch.full((8,), 0.75), torch.rand(8, 400))
+    loss = objective.loss(ConstantLogits(q), x0, counted, noise)
+    t, _ = base.times_and_weights(noise.time_u, exact=False)  # (training times: t_min + (t_max - t_min) u)
+    masked = (base.mask(x0, t, noise.mask_u, counted) == MASK).sum(1)
+    kl = 0.2 * math.log(0.2 / 0.5) + 0.8 * math.log(0.8 / 0.5)  # a constant teacher: its every step predicts p
+    torch.testing.assert_close(loss, masked.float() * kl, rtol=1e-5, atol=1e-4)
+    assert objective.loss(ConstantLogits(p), x0, counted, noise).abs().max() < 1e-4  # the student is the teacher
+    # two steps of dt = 1/8 from t = 3/4 keep a mask with probability (1 - alpha(1/2)) / (1 - alpha(3/4)) = 2/3
+    xt = torch.full((8, 400), MASK)
+    _, updated = objective.teacher_targets(xt, torch.full((8,), 0.75, dtype=torch.float64))
+    share, expected = updated.float().mean().item(), 1 / 3
+    assert abs(share - expected) < 4 * math.sqrt(expected * (1 - expected) / updated.numel())
+    with pytest.raises(ValueError):
+        StepDistillation(base, ConstantLogits(p), student_steps=4, per_step=1)

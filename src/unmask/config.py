@@ -361,7 +361,7 @@ class DistillConfig:
     """Parallelism distillation in ``unmask train`` (:mod:`unmask.train.distill`): the student (this run) learns to
     decode many tokens per forward from a teacher's decodings of the training prompts."""
 
-    method: str = "none"  # none, trajectory (d3LLM's states along the teacher's decoding) or certainty (dParallel)
+    method: str = "none"  # none, trajectory (d3LLM), certainty (dParallel) or sdtt (step distillation of MDLM)
     teacher: str | None = None  # the teacher: a run folder, checkpoint or model folder with this run's tokenizer
     teacher_sample: list[str] = field(default_factory=list)  # sample.* overrides of the teacher's decoding (key=value)
     prompts: str | None = None  # JSONL pairs whose prompts the teacher decodes (default: data.path)
@@ -373,6 +373,8 @@ class DistillConfig:
     entropy_weight: float = 2.0  # weight of the entropy of right predictions (certainty forcing; 0: none)
     entropy_temperature: float = 0.5  # temperature of that entropy
     teacher_batch: int = 64  # prompts the teacher decodes at once
+    student_steps: int = 32  # sdtt: the steps the student is trained to decode in
+    per_step: int = 2  # sdtt: the teacher's steps per student step
 
 
 @dataclass
@@ -417,7 +419,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.quantize": QUANTIZE_SCHEMES,
     "sample.quantize": QUANTIZE_SCHEMES,
     "classifier.pooling": ("mean", "cls"),
-    "distill.method": ("none", "trajectory", "certainty"),
+    "distill.method": ("none", "trajectory", "certainty", "sdtt"),
     "rl.mode": ("model", "schedule", "co"),
 }
 
@@ -668,7 +670,7 @@ RANGES: dict[str, str] = {
     "rl.eval_batch": "[1, inf)", "rl.seed": "[0, inf)",
     "distill.max_prompts": "[0, inf)", "distill.block_size": "[0, inf)", "distill.min_mask_ratio": "[0, 1]",
     "distill.max_mask_ratio": "[0, 1]", "distill.entropy_weight": "[0, inf)", "distill.entropy_temperature": "(0, inf)",
-    "distill.teacher_batch": "[1, inf)",
+    "distill.teacher_batch": "[1, inf)", "distill.student_steps": "[1, inf)", "distill.per_step": "[2, inf)",
 }
 INTERVAL = re.compile(r"([\[(])(-?[\d.]+), (inf|-?[\d.]+)([\])])")
 

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 
 from ..models.common import bucketed_positions
 from .base import Noise, Objective, per_sequence_sums
-from .mdlm import MaskedDiffusion
+from .mdlm import MaskedDiffusion, subs_log_probs
 
-PARALLEL_METHODS = ("trajectory", "certainty")
+PARALLEL_METHODS = ("trajectory", "certainty")  # trained on a teacher's recorded decodings
+STEP_METHODS = ("sdtt",)  # trained on the data, the teacher called at every step
 
 
 def block_masks(counted: torch.Tensor, block_u: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +61,14 @@ def visible_in_block(in_block: torch.Tensor, ratio: torch.Tensor, reveal_step: t
     rank = keys.argsort(1).argsort(1)
     keep = ((1 - ratio) * in_block.sum(1)).floor().long()
     return in_block & (rank < keep[:, None])
+
+
+def without_mask(logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits`` (N, V) with the mask class at -inf (SUBS: the mask is never a token), and that class's column
+    (V,) bool."""
+    excluded = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    excluded[mask_id] = True
+    return logits.masked_fill(excluded, float("-inf")), excluded
 
 
 class ParallelDistillation(Objective):
@@ -114,9 +123,7 @@ class ParallelDistillation(Objective):
         index, n = bucketed_positions(scored)  # (padded to a handful of sizes; the padding is not read)
         logits = model(xt, sigma, positions=index).float()[:n]
         index = index[:n]
-        excluded = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        excluded[self.mask_id] = True  # the mask is never a token (SUBS)
-        logits = logits.masked_fill(excluded, float("-inf"))
+        logits, excluded = without_mask(logits, self.mask_id)
         targets = x0.reshape(-1)[index]
         sums = per_sequence_sums(F.cross_entropy(logits, targets, reduction="none"), index, x0.shape)
         if not certainty or not self.entropy_weight:
@@ -125,3 +132,62 @@ class ParallelDistillation(Objective):
         log_p = (logits / self.entropy_temperature).log_softmax(-1)
         entropy = -(log_p.exp() * log_p.masked_fill(excluded, 0.0)).sum(-1)
         return sums + self.entropy_weight * per_sequence_sums(entropy * right, index, x0.shape)
+
+
+class StepDistillation(Objective):
+    """Self-distillation through time (SDTT, Deschenaux and Gulcehre 2025, ``multi_round_sdtt.py``): a student that
+    decodes in ``student_steps`` steps learns, at every masked position of ``x_t``, what a ``teacher`` decoding in
+    ``per_step`` times as many steps predicts there over ``per_step`` of its steps.
+
+    From ``x_t`` the teacher takes ``per_step`` MDLM ancestral steps of ``dt = 1 / (student_steps per_step)``
+    (``t_i = t - i dt``; a masked position becomes token ``v`` with weight
+    ``p(v | x) (alpha(s) - alpha(t_i)) / (1 - alpha(t_i))``, ``s = t_i - dt``); the target of a position is the
+    teacher's distribution ``log p(x_0 | .)`` at the step that unmasked it, or at its last step if none did. The
+    loss of a row is ``sum_{masked} KL(target || student)`` (SDTT's forward KL, ``kl-fwd``). Multi-round SDTT is
+    a sequence of runs, each student the next round's teacher with half the steps."""
+
+    per_sequence = False
+    bound = "none"
+
+    def __init__(self, base: MaskedDiffusion, teacher, student_steps: int, per_step: int = 2):
+        if student_steps < 1 or per_step < 2:
+            raise ValueError("SDTT needs student_steps >= 1 and per_step >= 2 teacher steps per student step")
+        self.base, self.teacher, self.family, self.mask_id = base, teacher, base.family, base.mask_id
+        self.student_steps, self.per_step = student_steps, per_step
+
+    @torch.no_grad()
+    def teacher_targets(self, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The targets (B, L, V) log-probabilities from the teacher's steps from ``x_t`` at times ``t`` (B,), and
+        which positions one of its steps unmasked (B, L) bool."""
+        dt = 1.0 / (self.student_steps * self.per_step)
+        alpha = self.base.schedule.alpha
+        current, updated, targets = xt, torch.zeros_like(xt, dtype=torch.bool), None
+        for i in range(self.per_step):
+            t_i = (t.double() - i * dt).clamp(min=dt / 2)
+            s_i = (t_i - dt).clamp(min=0.0)
+            log_p = subs_log_probs(self.teacher(current, self.base.model_sigma(t_i)), current, self.mask_id)
+            targets = log_p if targets is None else torch.where(updated[..., None], targets, log_p)
+            unmask = ((alpha(s_i) - alpha(t_i)) / (1 - alpha(t_i))).float()
+            masked = current == self.mask_id
+            moves = masked & (torch.rand(current.shape, device=current.device) < unmask[:, None])
+            tokens = torch.multinomial(log_p[moves].exp(), 1)[:, 0] if moves.any() else None
+            current = current.clone()
+            if tokens is not None:
+                current[moves] = tokens
+            targets = torch.where(moves[..., None], log_p, targets)
+            updated |= moves
+        return targets, updated
+
+    def loss(self, model, x0: torch.Tensor, counted: torch.Tensor, noise: Noise, exact: bool = False) -> torch.Tensor:
+        """Per-row ``sum_{masked} KL(teacher target || student)`` (B,) at ``x_t ~ q(x_t | x_0)``."""
+        t, _ = self.base.times_and_weights(noise.time_u.to(x0.device), exact=False)
+        xt = self.base.mask(x0, t, noise.mask_u.to(x0.device), counted)
+        targets, _ = self.teacher_targets(xt, t)
+        index, n = bucketed_positions(xt == self.mask_id)
+        logits = model(xt, self.base.model_sigma(t), positions=index).float()[:n]
+        index = index[:n]
+        logits, excluded = without_mask(logits, self.mask_id)
+        student = logits.log_softmax(-1)
+        target = targets.reshape(-1, targets.shape[-1])[index]
+        kl = (target.exp() * (target - student).masked_fill(excluded, 0.0)).sum(-1)  # (0 log 0 = 0 at the mask)
+        return per_sequence_sums(kl, index, x0.shape)

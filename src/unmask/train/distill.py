@@ -25,7 +25,7 @@ from ..data.layouts import EOS, PAD, PROMPT, TOKEN
 from ..data.tasks import read_pairs
 from ..data.tokenization import Tokenizer
 from ..objectives.block_diffusion import BlockDiffusion
-from ..objectives.distill import ParallelDistillation
+from ..objectives.distill import STEP_METHODS, ParallelDistillation, StepDistillation
 from ..objectives.mdlm import MaskedDiffusion
 from ..pipeline import checkpoint_config
 from ..samplers.registry import make_sampler
@@ -57,12 +57,33 @@ class TrajectoryRows:
         return np.asarray(self.trajectories.reveal_step[indices], dtype=np.int64)
 
 
-def distillation_objective(cfg: RunConfig, base) -> ParallelDistillation:
-    """The run's training objective: the distillation loss over the family's masked diffusion ``base``."""
+def open_teacher(cfg: RunConfig, tokenizer: Tokenizer):
+    """The teacher's source, checked against the run: same tokenizer, same family, a context as long as the rows."""
+    d = cfg.distill
+    teacher = open_source(d.teacher)
+    if teacher.tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise ConfigError(f"the teacher {d.teacher} has another tokenizer than this run's: a student learns the "
+                          f"teacher's tokens, so both need the same vocabulary")
+    if teacher.config.family != cfg.family:
+        raise ConfigError(f"the teacher {d.teacher} is a {teacher.config.family} model; this run trains family "
+                          f"{cfg.family}")
+    if cfg.data.length > teacher.config.model.length:
+        raise ConfigError(f"data.length={cfg.data.length} is longer than the teacher's context "
+                          f"({teacher.config.model.length} tokens): it cannot decode rows of this length")
+    return teacher
+
+
+def distillation_objective(cfg: RunConfig, base, tokenizer: Tokenizer, device: torch.device):
+    """The run's training objective over the family's masked diffusion ``base``: the distillation loss of
+    ``distill.method`` (SDTT's with the teacher loaded here, on ``device``)."""
     if not isinstance(base, MaskedDiffusion) or isinstance(base, BlockDiffusion):
         raise ConfigError(f"distill.method={cfg.distill.method} applies to masked-diffusion families whose whole "
                           f"canvas is one sequence (mdlm), not family {cfg.family}")
     d = cfg.distill
+    if d.method in STEP_METHODS:
+        teacher, _ = load_model(open_teacher(cfg, tokenizer), device=device)
+        teacher.requires_grad_(False)
+        return StepDistillation(base, teacher, d.student_steps, d.per_step)
     return ParallelDistillation(base, d.method, d.block_size, d.min_mask_ratio, d.max_mask_ratio, d.complementary,
                                 d.entropy_weight, d.entropy_temperature)
 
@@ -72,17 +93,8 @@ def teacher_trajectories(cfg: RunConfig, tokenizer: Tokenizer, device: torch.dev
     """The teacher's decodings of the training prompts: recorded here (``record``: the main process; resumed if
     an earlier recording stopped), else opened (the other processes, after the main one recorded them)."""
     d = cfg.distill
-    teacher = open_source(d.teacher)
-    if teacher.tokenizer.fingerprint() != tokenizer.fingerprint():
-        raise ConfigError(f"the teacher {d.teacher} has another tokenizer than this run's: a student learns the "
-                          f"teacher's tokens, so both need the same vocabulary")
-    if teacher.config.family != cfg.family:
-        raise ConfigError(f"the teacher {d.teacher} is a {teacher.config.family} model; this run trains family "
-                          f"{cfg.family}")
+    teacher = open_teacher(cfg, tokenizer)
     length = cfg.data.length
-    if length > teacher.config.model.length:
-        raise ConfigError(f"data.length={length} is longer than the teacher's context ({teacher.config.model.length} "
-                          f"tokens): it cannot decode rows of this length")
     source = d.prompts or cfg.data.path
     if not source:
         raise ConfigError("distillation needs prompts: distill.prompts=FILE.jsonl (or data.path)")

@@ -43,6 +43,7 @@ from ..families import build_model, build_objective, family_of
 from ..models.adapters import add_adapters, trainable_names
 from ..models.common import count_parameters
 from ..objectives.base import draw_noise
+from ..objectives.distill import PARALLEL_METHODS
 from ..runtime import (
     Distributed,
     LiveTensorBytes,
@@ -222,7 +223,8 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
         raise ConfigError(f"{spec.description} runs in one process; start it without torchrun")
     # a classifier validates (and keeps its best checkpoint) ten times a run unless told otherwise
     eval_every = t.eval_every or (max(1, t.steps // 10) if spec.labels else 0)
-    distilling = cfg.distill.method != "none"  # rows and loss from a teacher's decodings (unmask.train.distill)
+    distilling = cfg.distill.method != "none"  # a teacher's student (unmask.train.distill)
+    recorded = cfg.distill.method in PARALLEL_METHODS  # ... trained on the teacher's recorded decodings
     # the main process locks the run folder, then tokenizes (and caches) the data; the others then
     # open the cache. A failure on the main process is shared so that no process waits at a barrier
     failure = None
@@ -235,7 +237,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
                 clear_run_folder(run_dir)
             data = spec.data(cfg, init_tokenizer(cfg), t.progress)
             train_rows = (teacher_trajectories(cfg, data.tokenizer, device, record=True, progress=t.progress)
-                          if distilling else data.rows("train"))
+                          if recorded else data.rows("train"))
             valid_rows = data.rows("valid") if eval_every else None
         except Exception as exc:
             failure = exc
@@ -245,7 +247,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
         raise RuntimeError("the main process failed to prepare the data")
     if not dist.main:
         data = spec.data(cfg, init_tokenizer(cfg), False)
-        train_rows = (teacher_trajectories(cfg, data.tokenizer, device, record=False) if distilling
+        train_rows = (teacher_trajectories(cfg, data.tokenizer, device, record=False) if recorded
                       else data.rows("train"))
         valid_rows = data.rows("valid") if eval_every else None
     tokenizer = data.tokenizer
@@ -253,7 +255,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
     torch.manual_seed(seed_for(t.seed, 0x1417))
     model = build_model(cfg, tokenizer).to(device)
     objective = build_objective(cfg, tokenizer)
-    train_objective = distillation_objective(cfg, objective) if distilling else objective
+    train_objective = distillation_objective(cfg, objective, tokenizer, device) if distilling else objective
     ckpt = resume_point(ckpt_root, print if dist.main else lambda message: None)
     adapters = cfg.adapter.kind != "none"
     if ckpt is not None:
@@ -362,7 +364,7 @@ def _train(cfg: RunConfig, dist: Distributed, fresh: bool, lock: RunLock, tracke
         local_tokens = float(len(counted_np) if objective.per_sequence else counted_np.sum())
         global_tokens = dist.all_sum([local_tokens])[0]
         torch.manual_seed(seed_for(t.seed, step, dist.rank, 0xD0))
-        targets = distill_targets(train_rows, rows, step, t.steps, device) if distilling else {}
+        targets = distill_targets(train_rows, rows, step, t.steps, device) if recorded else {}
         metrics = train_step(state, Batch(x0, counted, noise, global_tokens, labels, targets))
         finite &= metrics.finite
         grad_norm = metrics.grad_norm
