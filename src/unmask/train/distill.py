@@ -37,8 +37,6 @@ class TrajectoryRows:
     them (the teacher's fixed positions as prompt, its generated ones by token: EOS, PAD or a token), and
     ``reveal_steps(indices)`` (n, L)."""
 
-    labels = None
-
     def __init__(self, trajectories: Trajectories, tokenizer: Tokenizer):
         self.trajectories, self.eos, self.pad = trajectories, tokenizer.eos_id, tokenizer.pad_id
 
