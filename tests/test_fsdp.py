@@ -15,6 +15,7 @@ import torch
 
 from unmask.checkpoints.checkpoint import Checkpoint, CheckpointError, join_shards, list_checkpoints, shard_name
 from unmask.config import ConfigError
+from unmask.data.tasks import write_arithmetic_task
 from unmask.runtime import Distributed
 from unmask.train.loop import train
 from unmask.train.optim import EMA, parameter_groups
@@ -200,3 +201,28 @@ def test_a_sharded_run_with_tied_embeddings_resumes_exactly(tmp_path, corpus, ba
     a, b = step_records(whole), step_records(split)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(a[s]["loss"] == b[s]["loss"] for s in a)
+
+
+@pytest.mark.parametrize("method", ["trajectory", "sdtt"])
+def test_two_fsdp_processes_distill_as_one(tmp_path, method):
+    """A trajectory-distillation student sharded over two processes makes the updates of one process on the same
+    global batch (the main process records the teacher's decodings, the other opens them). An SDTT student trains
+    sharded too, each process calling the teacher itself; its teacher steps draw from each process's own stream,
+    so the sharded run is an SDTT run of its own, not the single process's to float rounding."""
+    data = tmp_path / "task"
+    write_arithmetic_task(data, operands=2, digits=2, train=24, valid=4, test=4)
+    task = ["data.prompt_field=prompt", "data.layout=pad", "data.pad_with_eos=true", "data.length=16",
+            "model.length=16", f"data.cache_dir={tmp_path}/cache", "data.alphabet=0123456789+-=,"]
+    common = [*EXACT, *task, "train.steps=2", "train.batch_size=8", "train.lr=0.003"]
+    teacher = tmp_path / "teacher"
+    train(config(data / "train.jsonl", teacher, *common))
+    student = [*common, f"distill.method={method}", f"distill.teacher={teacher}", f"train.init_from={teacher}",
+               "distill.teacher_sample=[steps=4]", "distill.student_steps=4"]
+    fsdp, single = tmp_path / "fsdp", tmp_path / "single"
+    torchrun(fsdp, *student, *FSDP, corpus=data / "train.jsonl")
+    train(config(data / "train.jsonl", single, *student))
+    assert records(fsdp)[0]["world"] == 2
+    if method == "sdtt":
+        assert sorted(step_records(fsdp)) == [1, 2] and all(r["loss"] > -1e-6 for r in step_records(fsdp).values())
+    else:
+        assert_same_steps(fsdp, single, 1e-5)

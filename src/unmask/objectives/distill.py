@@ -144,7 +144,9 @@ class StepDistillation(Objective):
     ``p(v | x) (alpha(s) - alpha(t_i)) / (1 - alpha(t_i))``, ``s = t_i - dt``); the target of a position is the
     teacher's distribution ``log p(x_0 | .)`` at the step that unmasked it, or at its last step if none did. The
     loss of a row is ``sum_{masked} KL(target || student)`` (SDTT's forward KL, ``kl-fwd``). Multi-round SDTT is
-    a sequence of runs, each student the next round's teacher with half the steps."""
+    a sequence of runs, each student the next round's teacher with half the steps. The teacher's steps draw from
+    torch's generator (seeded per step and process by the training loop): a run repeats itself, but a run on more
+    processes draws other teacher steps than one process."""
 
     per_sequence = False
     bound = "none"
