@@ -152,11 +152,17 @@ def quartiles(values: list[float]) -> list[float]:
     return statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else list(values)
 
 
+def first_special(ids: list[int], special: set[int]) -> int | None:
+    """The index of the first of ``ids`` in ``special`` (None: none is)."""
+    return next((i for i, t in enumerate(ids) if t in special), None)
+
+
 def answer_tokens(row: torch.Tensor, free: torch.Tensor, special: set[int]) -> int:
     """Tokens of a sampled row's answer: its generated positions ``free`` (L,) bool up to the first special token
     among them (EOS, PAD: what fills a fixed canvas after the answer is not counted, as d3LLM counts)."""
     generated = row[free].tolist()
-    return next((i for i, t in enumerate(generated) if t in special), len(generated))
+    end = first_special(generated, special)
+    return len(generated) if end is None else end
 
 
 def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> str:
@@ -174,8 +180,7 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> str:
 def chat_answer(tokenizer: Tokenizer, generated: list[int]) -> tuple[str, bool]:
     """The answer in ``generated`` ids: up to the first special token (end of turn, padding), and whether
     the model ended its turn there."""
-    special = tokenizer.special_token_ids()
-    end = next((i for i, t in enumerate(generated) if t in special), None)
+    end = first_special(generated, tokenizer.special_token_ids())
     return tokenizer.decode(generated[:end]), end is not None
 
 

@@ -69,6 +69,11 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint64).view(np.int64))
 
 
+def _uniform_np(a: np.ndarray) -> torch.Tensor:
+    """:func:`to_uniform` of a uint64 array."""
+    return torch.from_numpy(np.asarray((a >> _NP_SHIFTS[11]).astype(np.float64) * 2.0 ** -53))
+
+
 def _absorb_np(a: np.ndarray | None, parts) -> np.ndarray:
     """:func:`absorb` in uint64 arrays; a Python integer part is mixed in Python and joins the constant."""
     with np.errstate(over="ignore"):  # uint64 wraps modulo 2^64 on purpose
@@ -117,14 +122,14 @@ def stream(base: torch.Tensor, j: torch.Tensor | int) -> torch.Tensor:
     j = j if torch.is_tensor(j) else torch.tensor(j, dtype=torch.int64)
     if _on_cpu(base, j):
         with np.errstate(over="ignore"):
-            return _tensor(np.asarray(_mix_np(_np(base) + (_np(j) + np.uint64(1)) * _NP_GOLDEN), dtype=np.uint64))
+            return _tensor(_mix_np(_np(base) + (_np(j) + np.uint64(1)) * _NP_GOLDEN))
     return _mix(base + (j.to(torch.int64) + 1) * GOLDEN)
 
 
 def to_uniform(z: torch.Tensor) -> torch.Tensor:
     """float64 on [0, 1) from the top 53 bits of a 64-bit hash."""
     if _on_cpu(z):
-        return torch.from_numpy((_np(z) >> _NP_SHIFTS[11]).astype(np.float64) * 2.0 ** -53)
+        return _uniform_np(_np(z))
     return _shr(z, 11).to(torch.float64) * 2.0 ** -53
 
 
@@ -143,8 +148,7 @@ def uniform(*parts: torch.Tensor | int) -> torch.Tensor:
 def uniform_after(z: torch.Tensor | None, *parts: torch.Tensor | int) -> torch.Tensor:
     """``to_uniform(absorb(z, *parts))`` (on the CPU without the hash's tensor in between)."""
     if _on_cpu(z, *parts):
-        a = _absorb_np(None if z is None else _np(z), parts)
-        return torch.from_numpy(np.asarray((a >> _NP_SHIFTS[11]).astype(np.float64) * 2.0 ** -53))
+        return _uniform_np(_absorb_np(None if z is None else _np(z), parts))
     return to_uniform(absorb(z, *parts))
 
 
