@@ -79,7 +79,11 @@ def test_sharded_resume_is_exact_after_a_kill_and_continues_on_another_world_siz
             time.sleep(0.005)
         workers = child_pids(proc.pid)
         assert len(workers) == 2, workers
+        for pid in workers:  # frozen first, so the kill lands before the last step whatever the machine's load
+            os.kill(pid, signal.SIGSTOP)
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun's group; each worker is in a session of its own
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

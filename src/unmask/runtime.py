@@ -51,7 +51,7 @@ class Distributed:
         return t.tolist()
 
 
-LAUNCHER_POLL_S = 0.5  # how often a worker looks whether its launcher is still there
+LAUNCHER_POLL_S = 0.05  # how often a worker looks whether its launcher is still there (a getppid call)
 
 
 @lru_cache(maxsize=1)
