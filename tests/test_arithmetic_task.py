@@ -6,9 +6,10 @@ import json
 import re
 
 import numpy as np
+import pytest
 
 from unmask.cli import main
-from unmask.data.tasks import arithmetic_chain
+from unmask.data.tasks import DIGIT_ORDERS, arithmetic_chain
 
 
 def totals_of(prompt: str) -> list[int]:
@@ -21,16 +22,20 @@ def totals_of(prompt: str) -> list[int]:
     return out
 
 
-def test_chains_hold_their_running_totals_and_never_go_negative():
+@pytest.mark.parametrize("order", DIGIT_ORDERS)
+def test_chains_hold_their_running_totals_and_never_go_negative(order):
     rng = np.random.default_rng(3)
     signs = set()
+    as_written = (lambda text: re.sub(r"\d+", lambda m: m.group(0)[::-1], text)) if order == "lsd" else str
     for _ in range(2000):
-        prompt, answer = arithmetic_chain(5, 3, rng)
+        prompt, answer = arithmetic_chain(5, 3, rng, order)
         assert re.fullmatch(r"\d{3}([+-]\d{3}){4}=", prompt), prompt
-        totals = totals_of(prompt)
-        assert answer == ",".join(f"{t:04d}" for t in totals) and min(totals) >= 0  # 5 x 999 has 4 digits
+        totals = totals_of(as_written(prompt))
+        assert as_written(answer) == ",".join(f"{t:04d}" for t in totals) and min(totals) >= 0  # 5 x 999: 4 digits
         signs |= set(re.findall(r"[+-]", prompt))
     assert signs == {"+", "-"}
+    assert arithmetic_chain(4, 3, np.random.default_rng(0), "lsd") == ("058-636+703-040=", "4120,1250,1840")
+    assert arithmetic_chain(4, 3, np.random.default_rng(0), "msd") == ("850-636+307-040=", "0214,0521,0481")
 
 
 def test_task_files_fit_the_suggested_length(tmp_path, capsys):
@@ -44,5 +49,9 @@ def test_task_files_fit_the_suggested_length(tmp_path, capsys):
     assert not {r["prompt"] for r in test} & {r["prompt"] for r in train}  # held-out prompts
     longest = max(len(r["prompt"]) + len(r["text"]) for r in train + test)
     assert longest + 2 == meta["suggested_length"]  # BOS and EOS around prompt and answer: every row as long
+    assert meta["order"] == "lsd"
     assert main(["task", "arithmetic", "--operands", "1", "--out", str(tmp_path / "bad")]) == 2
     assert "operands" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["task", "arithmetic", "--digit-order", "big", "--out", str(tmp_path / "bad")])
+    assert exc.value.code == 2 and not (tmp_path / "bad").exists()

@@ -46,7 +46,7 @@ from .config import (
     to_dict,
 )
 from .data.readers import DataError
-from .data.tasks import STAR_VARIANTS, write_arithmetic_task, write_sorting_task, write_star_graph_task
+from .data.tasks import DIGIT_ORDERS, STAR_VARIANTS, write_arithmetic_task, write_sorting_task, write_star_graph_task
 from .data.tokenization import OutOfVocabularyError, TokenizerFileError, with_oov_policy
 from .eval.likelihood import EvaluationError, format_result
 from .eval.runs import run_eval, run_sample, run_zero_shot
@@ -331,7 +331,7 @@ def cmd_task(args) -> int:
             meta = write_star_graph_task(args.out, args.variant, args.train, args.valid, args.test, args.seed)
         elif args.name == "arithmetic":
             meta = write_arithmetic_task(args.out, args.operands, args.digits, args.train, args.valid, args.test,
-                                         args.seed)
+                                         args.seed, args.digit_order)
         else:
             meta = write_sorting_task(args.out, args.length, args.alphabet, args.train, args.valid, args.test,
                                       args.seed)
@@ -511,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphabet", default="abcdefghijklmnop", help="sorting: the characters, in their order")
     p.add_argument("--operands", type=int, default=4, help="arithmetic: numbers per chain")
     p.add_argument("--digits", type=int, default=3, help="arithmetic: digits of each number, at most")
+    p.add_argument("--digit-order", choices=DIGIT_ORDERS, default="lsd",
+                   help="arithmetic: lsd writes every number units first (what small models learn), msd as usual")
     p.add_argument("--out", required=True, help="folder for train/valid/test.jsonl and task.json")
     p.add_argument("--train", type=int, default=50_000)
     p.add_argument("--valid", type=int, default=500)
