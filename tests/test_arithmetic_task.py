@@ -52,6 +52,8 @@ def test_task_files_fit_the_suggested_length(tmp_path, capsys):
     assert meta["order"] == "lsd"
     assert main(["task", "arithmetic", "--operands", "1", "--out", str(tmp_path / "bad")]) == 2
     assert "operands" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["task", "arithmetic", "--operands", "2", "--digits", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "too small" in capsys.readouterr().err and not (tmp_path / "bad").exists()  # drawn before written
     with pytest.raises(SystemExit) as exc:
         main(["task", "arithmetic", "--digit-order", "big", "--out", str(tmp_path / "bad")])
     assert exc.value.code == 2 and not (tmp_path / "bad").exists()

@@ -130,9 +130,9 @@ def write_splits(out: Path, draw, sizes: dict[str, int], seed: int, meta: dict) 
     if existing and not _written_here(out / "task.json"):
         raise ValueError(f"{out} already holds {', '.join(existing)}, not written by unmask task; nothing was "
                          f"replaced: choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
-    for stream, (split, n) in enumerate(sizes.items()):
+    splits = {}
+    for stream, (split, n) in enumerate(sizes.items()):  # every split drawn before anything is written
         rng = np.random.default_rng([seed, stream])
         rows, attempts = [], 0
         while len(rows) < n:
@@ -145,6 +145,9 @@ def write_splits(out: Path, draw, sizes: dict[str, int], seed: int, meta: dict) 
             if split == "train":
                 seen.add(prompt)
             rows.append(json.dumps({"prompt": prompt, "text": answer}))
+        splits[split] = rows
+    out.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
         tmp = out / f".{split}.jsonl.tmp"
         tmp.write_text("\n".join(rows) + "\n")
         os.replace(tmp, out / f"{split}.jsonl")
