@@ -15,7 +15,8 @@ from unmask.data.tasks import DIGIT_ORDERS, arithmetic_chain
 def totals_of(prompt: str) -> list[int]:
     """The running totals of a chain like ``"312+45-107="``, recomputed from its terms."""
     first, *terms = re.findall(r"[+-]?\d+", prompt.rstrip("="))
-    total, out = int(first), []
+    total = int(first)
+    out = [total]
     for term in terms:
         total += int(term)
         out.append(total)
@@ -29,13 +30,16 @@ def test_chains_hold_their_running_totals_and_never_go_negative(order):
     as_written = (lambda text: re.sub(r"\d+", lambda m: m.group(0)[::-1], text)) if order == "lsd" else str
     for _ in range(2000):
         prompt, answer = arithmetic_chain(5, 3, rng, order)
-        assert re.fullmatch(r"\d{3}([+-]\d{3}){4}=", prompt), prompt
+        assert re.fullmatch(r"\d{4}([+-]\d{4}){4}=", prompt), prompt  # 5 x 999 has 4 digits: every number 4 wide
         totals = totals_of(as_written(prompt))
-        assert as_written(answer) == ",".join(f"{t:04d}" for t in totals) and min(totals) >= 0  # 5 x 999: 4 digits
+        assert as_written(answer) == ",".join(f"{t:04d}" for t in totals) and min(totals) >= 0
+        assert max(int(n) for n in re.findall(r"\d+", as_written(prompt))) < 1000  # numbers of at most 3 digits
         signs |= set(re.findall(r"[+-]", prompt))
     assert signs == {"+", "-"}
-    assert arithmetic_chain(4, 3, np.random.default_rng(0), "lsd") == ("058-636+703-040=", "4120,1250,1840")
-    assert arithmetic_chain(4, 3, np.random.default_rng(0), "msd") == ("850-636+307-040=", "0214,0521,0481")
+    assert arithmetic_chain(4, 3, np.random.default_rng(0), "lsd") == ("0580-6360+7030-0400=",
+                                                                        "0580,4120,1250,1840")
+    assert arithmetic_chain(4, 3, np.random.default_rng(0), "msd") == ("0850-0636+0307-0040=",
+                                                                        "0850,0214,0521,0481")
 
 
 def test_task_files_fit_the_suggested_length(tmp_path, capsys):

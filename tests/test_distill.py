@@ -108,8 +108,8 @@ def arithmetic_teacher(tmp_path_factory):
     assert main(["task", "arithmetic", "--operands", "2", "--digits", "2", "--out", str(data), "--train", "48",
                  "--valid", "8", "--test", "8"]) == 0
     common = [*TINY, "train.steps=2", f"data.path={data}/train.jsonl", f"data.valid_path={data}/valid.jsonl",
-              f"data.test_path={data}/test.jsonl", f"data.cache_dir={root}/cache", "data.length=16",
-              "model.length=16"]
+              f"data.test_path={data}/test.jsonl", f"data.cache_dir={root}/cache", "data.length=20",
+              "model.length=20"]
     assert main(["train", "arithmetic", f"run_dir={root}/teacher", *common]) == 0
     return root, common
 
@@ -132,7 +132,7 @@ def test_distillation_trains_saves_resumes_and_loads_through_the_cli(arithmetic_
     assert len(losses) == 2 and all(loss > (-1e-6 if method == "sdtt" else 0) for loss in losses)
     assert main([*student, "train.steps=3"]) == 0  # resumes at step 2
     assert "resuming" in capsys.readouterr().out
-    assert main(["sample", str(run), "--prompt", "12+3=", "sample.length=16", "sample.steps=4"]) == 0
+    assert main(["sample", str(run), "--prompt", "12+3=", "sample.length=20", "sample.steps=4"]) == 0
     assert "tokens per forward" in capsys.readouterr().out
 
 

@@ -215,8 +215,8 @@ def test_two_fsdp_processes_distill_as_one(tmp_path, method):
     so the sharded run is an SDTT run of its own, not the single process's to float rounding."""
     data = tmp_path / "task"
     write_arithmetic_task(data, operands=2, digits=2, train=24, valid=4, test=4)
-    task = ["data.prompt_field=prompt", "data.layout=pad", "data.pad_with_eos=true", "data.length=16",
-            "model.length=16", f"data.cache_dir={tmp_path}/cache", "data.alphabet=0123456789+-=,"]
+    task = ["data.prompt_field=prompt", "data.layout=pad", "data.pad_with_eos=true", "data.length=20",
+            "model.length=20", f"data.cache_dir={tmp_path}/cache", "data.alphabet=0123456789+-=,"]
     common = [*EXACT, *task, "train.steps=2", "train.batch_size=8", "train.lr=0.003"]
     teacher = tmp_path / "teacher"
     train(config(data / "train.jsonl", teacher, *common))

@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=8, help="sorting: characters per sequence")
     p.add_argument("--alphabet", default="abcdefghijklmnop", help="sorting: the characters, in their order")
     p.add_argument("--operands", type=int, default=4, help="arithmetic: numbers per chain")
-    p.add_argument("--digits", type=int, default=3, help="arithmetic: digits of each number, at most")
+    p.add_argument("--digits", type=int, default=2, help="arithmetic: digits of each number, at most")
     p.add_argument("--digit-order", choices=DIGIT_ORDERS, default="lsd",
                    help="arithmetic: lsd writes every number units first (what small models learn), msd as usual")
     p.add_argument("--out", required=True, help="folder for train/valid/test.jsonl and task.json")

@@ -197,36 +197,37 @@ def check_digit_order(order: str) -> None:
 
 def arithmetic_chain(operands: int, digits: int, rng: np.random.Generator, order: str = "lsd") -> tuple[str, str]:
     """A chain of ``operands`` numbers below ``10^digits`` joined by ``+`` and ``-`` (a ``-`` only where the running
-    total stays non-negative), and its running totals, every number written with a fixed number of digits (zeros
-    on the high side: the operands ``digits``, the totals as many as the largest possible total has), so that the
-    digits of one place line up. ``order="msd"`` writes them as usual, ``"312+045-107+268="`` ->
-    ``"0357,0250,0518"``; ``"lsd"`` writes every number units first, ``"213+540-701+862="`` -> ``"7530,0520,8150"``
-    (Lee et al. 2023, "Teaching arithmetic to small transformers": a digit then follows from the digits of its
-    place and the carry into it, all already written). Each total needs the one before it (a multi-step
-    computation whose steps depend on each other, as a word problem's do), and the digits of one total depend on
-    each other through carries."""
+    total stays non-negative), and its prefix sums (the running totals, the first number first), every number
+    written with as many digits as the largest possible total has (zeros on the high side). ``order="msd"``
+    writes them as usual, ``"0312+0045-0107+0268="`` -> ``"0312,0357,0250,0518"``; ``"lsd"`` writes every number
+    units first, ``"2130+5400-7010+8620="`` -> ``"2130,7530,0520,8150"`` (Lee et al. 2023, "Teaching arithmetic to
+    small transformers": a digit then follows from the digits of its place and the carry into it, all already
+    written). One width for every number puts each digit of a total at the same distance from the same digit of
+    the total before it and of the number it adds, for every total: one rule, learned once. Each total needs the
+    one before it (a multi-step computation whose steps depend on each other, as a word problem's do), and the
+    digits of one total depend on each other through carries."""
     check_digit_order(order)
     width = len(str(operands * (10 ** digits - 1)))
 
-    def written(value: int, places: int) -> str:
-        text = f"{value:0{places}d}"
+    def written(value: int) -> str:
+        text = f"{value:0{width}d}"
         return text[::-1] if order == "lsd" else text
 
     total = int(rng.integers(0, 10 ** digits))
-    prompt, totals = [written(total, digits)], []
+    prompt, totals = [written(total)], [written(total)]
     for _ in range(operands - 1):
         value = int(rng.integers(0, 10 ** digits))
         if value <= total and rng.random() < 0.5:
             total -= value
-            prompt.append("-" + written(value, digits))
+            prompt.append("-" + written(value))
         else:
             total += value
-            prompt.append("+" + written(value, digits))
-        totals.append(written(total, width))
+            prompt.append("+" + written(value))
+        totals.append(written(total))
     return "".join(prompt) + "=", ",".join(totals)
 
 
-def write_arithmetic_task(out: str | Path, operands: int = 4, digits: int = 3, train: int = 50_000,
+def write_arithmetic_task(out: str | Path, operands: int = 4, digits: int = 2, train: int = 50_000,
                           valid: int = 500, test: int = 2_000, seed: int = 0, order: str = "lsd") -> dict:
     """Multi-step arithmetic (:func:`arithmetic_chain`): files and splits as :func:`write_splits`; the answer is
     right when every running total is (exact match)."""
@@ -234,7 +235,7 @@ def write_arithmetic_task(out: str | Path, operands: int = 4, digits: int = 3, t
         raise ValueError("arithmetic needs 2 to 16 operands of 1 to 9 digits")
     check_digit_order(order)
     width = len(str(operands * (10 ** digits - 1)))
-    prompt, answer = operands * (digits + 1), (operands - 1) * (width + 1) - 1
+    prompt, answer = operands * (width + 1), operands * (width + 1) - 1
     return write_splits(Path(out), lambda rng: arithmetic_chain(operands, digits, rng, order),
                         {"train": train, "valid": valid, "test": test}, seed,
                         {"task": "arithmetic", "operands": operands, "digits": digits, "order": order,
