@@ -102,8 +102,8 @@ def sweep(args) -> dict:
 
 def summarize(records: list[dict], ar: dict | None) -> dict:
     """AUP per model and decoder family, the gaps to the teacher, the best students' speed against AR + KV."""
-    one_per_call = [r for r in records if r["model"] == "teacher" and r["decoder"] == "fixed steps"]
-    one_per_call = max(one_per_call, key=lambda r: r["mean_row_nfe"])["accuracy"]  # the most calls: one per token
+    fixed = [r for r in records if r["model"] == "teacher" and r["decoder"] == "fixed steps"]
+    one_per_call = max(fixed, key=lambda r: r["mean_row_nfe"])["accuracy"]  # the most calls: one per token
     teacher_best = max((r for r in records if r["model"] == "teacher"), key=lambda r: r["accuracy"])
     reference = teacher_best["accuracy"]  # the teacher at its best setting, whichever decoder that is
     y_max = 100 * max(r["accuracy"] for r in records)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from unmask.cli import main
-from unmask.data.tasks import DIGIT_ORDERS, arithmetic_chain
+from unmask.data.tasks import DIGIT_ORDERS, arithmetic_chain, write_arithmetic_task
 
 
 def totals_of(prompt: str) -> list[int]:
@@ -58,6 +58,9 @@ def test_task_files_fit_the_suggested_length(tmp_path, capsys):
     assert "operands" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["task", "arithmetic", "--operands", "2", "--digits", "1", "--out", str(tmp_path / "bad")]) == 2
     assert "too small" in capsys.readouterr().err and not (tmp_path / "bad").exists()  # drawn before written
+    with pytest.raises(ValueError, match="digit order"):  # the library refuses before writing too
+        write_arithmetic_task(tmp_path / "bad", order="big")
+    assert not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit) as exc:
         main(["task", "arithmetic", "--digit-order", "big", "--out", str(tmp_path / "bad")])
     assert exc.value.code == 2 and not (tmp_path / "bad").exists()

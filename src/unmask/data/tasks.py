@@ -189,10 +189,9 @@ def write_sorting_task(out: str | Path, length: int = 8, alphabet: str = "abcdef
 DIGIT_ORDERS = ("lsd", "msd")  # least significant digit first (little-endian) or the usual order
 
 
-def check_digit_order(order: str) -> None:
-    """Refuse an order not in :data:`DIGIT_ORDERS` (ValueError)."""
-    if order not in DIGIT_ORDERS:
-        raise ValueError(f"unknown digit order {order!r}: one of {', '.join(DIGIT_ORDERS)}")
+def total_width(operands: int, digits: int) -> int:
+    """Digits of the largest running total of ``operands`` numbers below ``10^digits``: every number's width."""
+    return len(str(operands * (10 ** digits - 1)))
 
 
 def arithmetic_chain(operands: int, digits: int, rng: np.random.Generator, order: str = "lsd") -> tuple[str, str]:
@@ -206,8 +205,9 @@ def arithmetic_chain(operands: int, digits: int, rng: np.random.Generator, order
     the total before it and of the number it adds, for every total: one rule, learned once. Each total needs the
     one before it (a multi-step computation whose steps depend on each other, as a word problem's do), and the
     digits of one total depend on each other through carries."""
-    check_digit_order(order)
-    width = len(str(operands * (10 ** digits - 1)))
+    if order not in DIGIT_ORDERS:
+        raise ValueError(f"unknown digit order {order!r}: one of {', '.join(DIGIT_ORDERS)}")
+    width = total_width(operands, digits)
 
     def written(value: int) -> str:
         text = f"{value:0{width}d}"
@@ -229,13 +229,13 @@ def arithmetic_chain(operands: int, digits: int, rng: np.random.Generator, order
 
 def write_arithmetic_task(out: str | Path, operands: int = 4, digits: int = 2, train: int = 50_000,
                           valid: int = 500, test: int = 2_000, seed: int = 0, order: str = "lsd") -> dict:
-    """Multi-step arithmetic (:func:`arithmetic_chain`): files and splits as :func:`write_splits`; the answer is
-    right when every running total is (exact match)."""
+    """Multi-step arithmetic (:func:`arithmetic_chain`): files and splits as :func:`write_splits` (an unknown
+    ``order`` fails at the first draw, before anything is written); the answer is right when every running total
+    is (exact match)."""
     if not 2 <= operands <= 16 or not 1 <= digits <= 9:
         raise ValueError("arithmetic needs 2 to 16 operands of 1 to 9 digits")
-    check_digit_order(order)
-    width = len(str(operands * (10 ** digits - 1)))
-    prompt, answer = operands * (width + 1), operands * (width + 1) - 1
+    prompt = operands * (total_width(operands, digits) + 1)  # each number and its sign (or "=")
+    answer = prompt - 1  # the same numbers, comma-separated
     return write_splits(Path(out), lambda rng: arithmetic_chain(operands, digits, rng, order),
                         {"train": train, "valid": valid, "test": test}, seed,
                         {"task": "arithmetic", "operands": operands, "digits": digits, "order": order,
