@@ -122,7 +122,7 @@ def pooled_ppl(totals, counts, resamples: int = 1000, seed: int = 0) -> tuple[fl
 def measure(model, objective, tokenizer, cfg, length: int, model_length: int, evaluator, device) -> dict:
     """Generate ``cfg.num_samples`` unconditional samples of ``length`` and score them: gen-PPL under
     ``evaluator`` (with its bootstrap standard error), mean per-sample unigram entropy (with its
-    standard error), NFE, wall time, generated tokens per second."""
+    standard error), NFE, tokens per forward (mean over rows), wall time, generated tokens per second."""
     gen = generate_rows(model, objective, tokenizer, cfg, length, model_length, device=device)
     totals, counts = evaluator.nll(gen.texts)
     ids = [[t for t in row if t not in tokenizer.special_ids] for row in gen.ids]
@@ -131,7 +131,8 @@ def measure(model, objective, tokenizer, cfg, length: int, model_length: int, ev
     return {"gen_ppl": gen_ppl, "gen_ppl_se": gen_ppl_se,
             "entropy": sum(entropies) / len(ids),
             "entropy_se": float(torch.tensor(entropies, dtype=torch.float64).std() / math.sqrt(len(ids))),
-            "nfe": gen.nfe, "mean_row_nfe": sum(gen.row_nfe) / len(gen.row_nfe), "seconds": gen.seconds,
+            "nfe": gen.nfe, "mean_row_nfe": sum(gen.row_nfe) / len(gen.row_nfe),
+            "tokens_per_forward": gen.summary()["tokens_per_forward"], "seconds": gen.seconds,
             "generated_tokens_per_second": gen.generated / gen.seconds, "example": gen.texts[0][:120]}
 
 

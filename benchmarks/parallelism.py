@@ -18,8 +18,22 @@ accuracies.
         --ar runs/arithmetic-ar --tag arithmetic
     python benchmarks/parallelism.py --smoke     # seconds: the test suite runs this
 
-Writes ``benchmarks/results/parallelism-<tag>.json`` and ``parallelism-<tag>.png`` (accuracy against tokens per
-forward, the AR point beside the curves) and a Markdown table on stdout.
+``--text`` measures the same models on unconditional text instead, with gen-PPL and entropy in place of
+accuracy: every model samples ``--samples`` rows of its training length with **MDLM's ancestral sampler** at
+``L / k`` steps (``k`` in :data:`TEXT_PARALLEL`, the cached variant: a step whose draws reveal nothing costs no
+call), **first-hitting** one token per call (the teacher's exact decoding: the reference) and LLaDA's
+**threshold** rule at temperature 1; gen-PPL is scored by the AR model (``--ar``, required), which also samples
+at temperature 1 with its KV cache. Per setting: gen-PPL (bootstrap standard error), mean per-sample unigram
+entropy, tokens per forward, tokens/s at batch 1 on ``--speed-samples`` rows, ``gen_ppl_ratio_to_teacher``
+(over the teacher's first-hitting gen-PPL) and ``at_ar_entropy`` (entropy within :data:`ENTROPY_TOLERANCE`
+nats of the AR model's: decoders that buy gen-PPL by repeating themselves are not at AR's entropy). Per model:
+its most parallel setting at AR's entropy within 25 % of the teacher's gen-PPL, with its speed over AR + KV.
+
+    python benchmarks/parallelism.py --text --teacher runs/quickstart --student sdtt=runs/quickstart-sdtt \
+        --ar runs/quickstart-ar --tag text-quickstart
+
+Writes ``benchmarks/results/parallelism-<tag>.json`` and ``parallelism-<tag>.png`` (accuracy, or gen-PPL, against
+tokens per forward, the AR point beside the curves) and a Markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -35,15 +49,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from unmask.cli import main as unmask  # noqa: E402
+from unmask.config import SampleConfig  # noqa: E402
 from unmask.data.tasks import read_pairs  # noqa: E402
 from unmask.eval.aup import aup  # noqa: E402
 from unmask.eval.exact_match import exact_match  # noqa: E402
+from unmask.eval.generation import CheckpointEvaluator  # noqa: E402
 from unmask.pipeline import checkpoint_config, encode_fixed, from_pretrained, generate_rows  # noqa: E402
 
-from common import SMOKE_OVERRIDES, pyplot, run_header  # noqa: E402
+from common import SMOKE_OVERRIDES, measure, pyplot, run_header, smoke_run  # noqa: E402
 
 STEPS = (16, 8, 5, 4, 3, 2, 1)  # fixed-steps settings (capped at the generated positions)
 THRESHOLDS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3)
+TEXT_PARALLEL = (1, 2, 3, 4, 8, 16, 32)  # text: the ancestral settings' tokens per step, T = L / k
+TEXT_THRESHOLDS = (0.9, 0.5, 0.1)
+ENTROPY_TOLERANCE = 0.1  # nats: a setting within this of the AR model's sample entropy is "at AR's entropy"
+GEN_PPL_SLACK = 1.25  # the issue's bar: gen-PPL within 25 % of the undistilled teacher's
 
 
 def settings(generated: int) -> list[tuple[str, str, list[str]]]:
@@ -157,6 +177,112 @@ def report(result: dict, out: Path | None) -> None:
     print(f"wrote {out}")
 
 
+def text_settings(length: int) -> list[tuple[str, str, dict]]:
+    """(decoder, label, SampleConfig keys) of every text setting for rows of ``length`` tokens."""
+    out = [("first-hitting", "k=1", dict(sampler="first_hitting", tokens_per_step=1))]
+    out += [("ancestral", f"T={steps}", dict(sampler="ancestral", steps=steps))
+            for steps in sorted({max(length // k, 1) for k in TEXT_PARALLEL}, reverse=True)]
+    out += [("threshold", f"{t:g}", dict(sampler="llada", steps=length, block_length=length, threshold=t,
+                                         temperature=1.0)) for t in TEXT_THRESHOLDS]
+    return out
+
+
+def text_setting(loaded, keys: dict, evaluator, samples: int, speed_samples: int) -> dict:
+    """gen-PPL, entropy and tokens per forward of ``samples`` unconditional rows (batches of 32), tokens/s at
+    batch 1 on ``speed_samples`` other rows (after one warm-up row)."""
+    length, model_length = loaded.config.data.length, loaded.config.model.length
+    quality = SampleConfig(num_samples=samples, batch_size=32, seed=1, **keys)
+    record = measure(loaded.model, loaded.objective, loaded.tokenizer, quality, length, model_length, evaluator,
+                     "cpu")
+    with torch.no_grad():
+        for n in (1, speed_samples):
+            single = SampleConfig(num_samples=n, batch_size=1, seed=2, **keys)
+            timed = generate_rows(loaded.model, loaded.objective, loaded.tokenizer, single, length, model_length,
+                                  device="cpu")
+    record["tokens_per_second"] = timed.summary()["answer_tokens"] / timed.seconds if timed.seconds else None
+    return record
+
+
+def text_sweep(args) -> dict:
+    evaluator = CheckpointEvaluator(args.ar)
+    models = {"teacher": args.teacher, **dict(s.split("=", 1) for s in args.student)}
+    records = []
+    for name, path in models.items():
+        loaded = from_pretrained(path)
+        for decoder, label, keys in text_settings(loaded.config.data.length):
+            record = {"model": name, "path": path, "decoder": decoder, "setting": label, "sample": keys,
+                      **text_setting(loaded, keys, evaluator, args.samples, args.speed_samples)}
+            records.append(record)
+            print(json.dumps({k: record[k] for k in ("model", "decoder", "setting", "gen_ppl", "entropy",
+                                                     "tokens_per_forward", "tokens_per_second")}), flush=True)
+    ar_keys = dict(sampler="ar", temperature=1.0, kv_cache=True)
+    ar = {"model": "ar", "path": args.ar, "decoder": "ar + kv", "setting": "t=1", "sample": ar_keys,
+          **text_setting(from_pretrained(args.ar), ar_keys, evaluator, args.samples, args.speed_samples)}
+    records.append(ar)
+    return summarize_text(records, ar)
+
+
+def summarize_text(records: list[dict], ar: dict) -> dict:
+    """The teacher's reference gen-PPL (first-hitting, one token per call), each setting's ratio to it and whether
+    it is at AR's entropy, and per model the most parallel setting at AR's entropy within
+    :data:`GEN_PPL_SLACK` of the reference, with its tokens/s over AR + KV's."""
+    reference = next(r for r in records if r["model"] == "teacher" and r["decoder"] == "first-hitting")
+    for r in records:
+        r["gen_ppl_ratio_to_teacher"] = r["gen_ppl"] / reference["gen_ppl"]
+        r["entropy_gap_to_ar"] = r["entropy"] - ar["entropy"]
+        r["at_ar_entropy"] = abs(r["entropy_gap_to_ar"]) <= ENTROPY_TOLERANCE
+    best = {}
+    for model in dict.fromkeys(r["model"] for r in records if r["model"] != "ar"):
+        good = [r for r in records if r["model"] == model and r["at_ar_entropy"]
+                and r["gen_ppl_ratio_to_teacher"] <= GEN_PPL_SLACK]
+        if good:
+            top = max(good, key=lambda r: r["tokens_per_forward"])
+            if ar["tokens_per_second"]:
+                top["speed_vs_ar"] = top["tokens_per_second"] / ar["tokens_per_second"]
+            best[model] = {"decoder": top["decoder"], "setting": top["setting"],
+                           "tokens_per_forward": top["tokens_per_forward"], "gen_ppl": top["gen_ppl"],
+                           "gen_ppl_ratio_to_teacher": top["gen_ppl_ratio_to_teacher"], "entropy": top["entropy"],
+                           "speed_vs_ar": top.get("speed_vs_ar")}
+    return {"workload": "text", "teacher_gen_ppl": reference["gen_ppl"], "ar_gen_ppl": ar["gen_ppl"],
+            "ar_entropy": ar["entropy"], "entropy_tolerance": ENTROPY_TOLERANCE, "gen_ppl_slack": GEN_PPL_SLACK,
+            "most_parallel_within_slack": best, "records": records}
+
+
+def report_text(result: dict, out: Path | None) -> None:
+    print("| model | decoder | setting | gen-PPL | / teacher | entropy | tokens/forward | tokens/s (batch 1) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in result["records"]:
+        tps = f"{r['tokens_per_second']:.0f}" if r["tokens_per_second"] else "-"
+        print(f"| {r['model']} | {r['decoder']} | {r['setting']} | {r['gen_ppl']:.2f} ± {r['gen_ppl_se']:.2f} "
+              f"| {r['gen_ppl_ratio_to_teacher']:.2f} | {r['entropy']:.3f} | {r['tokens_per_forward']:.2f} | {tps} |")
+    for model, b in result["most_parallel_within_slack"].items():
+        speed = f", {b['speed_vs_ar']:.2f}x AR + KV" if b["speed_vs_ar"] else ""
+        print(f"most parallel within {GEN_PPL_SLACK:g}x the teacher at AR's entropy, {model}: {b['decoder']} "
+              f"{b['setting']}, {b['tokens_per_forward']:.2f} tokens/forward, gen-PPL {b['gen_ppl']:.2f}{speed}")
+    plt = pyplot()
+    if plt is None or out is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in dict.fromkeys(r["model"] for r in result["records"]):
+        for decoder, style in (("ancestral", "-o"), ("threshold", "--s"), ("first-hitting", "^"), ("ar + kv", "*")):
+            points = sorted((r["tokens_per_forward"], r["gen_ppl"]) for r in result["records"]
+                            if r["model"] == model and r["decoder"] == decoder)
+            if points:
+                ax.plot(*zip(*points), style, label=f"{model} ({decoder})",
+                        markersize=12 if decoder == "ar + kv" else 5)
+    ax.axhline(GEN_PPL_SLACK * result["teacher_gen_ppl"], color="gray", ls=":", lw=1,
+               label=f"{GEN_PPL_SLACK:g}x the teacher's gen-PPL")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per forward")
+    ax.set_ylabel("gen-PPL under the AR model")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def smoke(folder: Path) -> argparse.Namespace:
     """A tiny task, teacher, student and AR model (two training steps each)."""
     data = folder / "task"
@@ -171,6 +297,15 @@ def smoke(folder: Path) -> argparse.Namespace:
                               ar=str(folder / "ar"), prompts=6, speed_prompts=2, tag="smoke")
 
 
+def smoke_text(folder: Path) -> argparse.Namespace:
+    """A two-step text teacher, its SDTT student and AR model on the packaged corpus."""
+    teacher, ar = smoke_run(folder, "mdlm"), smoke_run(folder, "ar")
+    student = smoke_run(folder / "sdtt", "mdlm", ("distill.method=sdtt", f"distill.teacher={teacher}",
+                                                  "distill.student_steps=4"))
+    return argparse.Namespace(teacher=str(teacher), student=[f"sdtt={student}"], ar=str(ar), samples=2,
+                              speed_samples=1, tag="smoke-text")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", help="the task folder (test.jsonl)")
@@ -179,8 +314,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ar", help="an AR model trained on the same rows (decoded with its KV cache)")
     parser.add_argument("--prompts", type=int, default=500, help="test prompts scored per setting")
     parser.add_argument("--speed-prompts", type=int, default=20, help="prompts timed at batch 1 per setting")
+    parser.add_argument("--text", action="store_true", help="unconditional text: gen-PPL and entropy, no --task")
+    parser.add_argument("--samples", type=int, default=128, help="text: rows sampled per setting")
+    parser.add_argument("--speed-samples", type=int, default=8, help="text: rows timed at batch 1 per setting")
     parser.add_argument("--tag", default="arithmetic")
-    parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape; nothing is recorded")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape (both workloads); "
+                        "nothing is recorded")
     return parser.parse_args()
 
 
@@ -188,12 +327,13 @@ if __name__ == "__main__":
     args = parse_args()
     if args.smoke:
         with tempfile.TemporaryDirectory() as tmp:
-            report(sweep(smoke(Path(tmp))), None)
+            report(sweep(smoke(Path(tmp) / "task")), None)
+            report_text(text_sweep(smoke_text(Path(tmp) / "text")), None)
     else:
-        if not (args.task and args.teacher):
-            sys.exit("give --task and --teacher (or --smoke)")
-        result = {**run_header(args.tag), **sweep(args)}
+        if not args.teacher or not (args.ar if args.text else args.task):
+            sys.exit("give --teacher and --task, or --text --teacher and --ar (or --smoke)")
+        result = {**run_header(args.tag), **(text_sweep(args) if args.text else sweep(args))}
         out = ROOT / "benchmarks" / "results" / f"parallelism-{args.tag}.json"
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}")
-        report(result, out.with_suffix(".png"))
+        (report_text if args.text else report)(result, out.with_suffix(".png"))

@@ -118,6 +118,32 @@ def test_perf_counts_the_flops_of_a_training_step(monkeypatch):
     assert flops > 6 * 12 * m.blocks * m.hidden ** 2  # at least 6 N for the blocks' matmuls
 
 
+def test_text_parallelism_picks_the_most_parallel_setting_at_ar_entropy_within_the_slack(monkeypatch):
+    """parallelism.py --text: ratios to the teacher's first-hitting gen-PPL, the entropy test against the AR
+    model's, and per model the setting with the most tokens per forward that passes both (worked by hand)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import parallelism
+
+    def rec(model, decoder, tpf, ppl, entropy, tps):
+        return {"model": model, "decoder": decoder, "setting": f"{tpf}", "tokens_per_forward": tpf, "gen_ppl": ppl,
+                "entropy": entropy, "tokens_per_second": tps}
+
+    ar = rec("ar", "ar + kv", 1.0, 5.0, 3.10, 100.0)
+    records = [rec("teacher", "first-hitting", 1.0, 40.0, 3.08, 30.0),
+               rec("teacher", "ancestral", 2.0, 45.0, 3.07, 60.0),
+               rec("teacher", "ancestral", 4.0, 50.5, 3.06, 120.0),  # 1.2625 x the reference: over the slack
+               rec("student", "ancestral", 8.0, 49.0, 3.15, 250.0),  # 1.225 x, entropy 0.05 above AR's: chosen
+               rec("student", "threshold", 16.0, 30.0, 2.90, 500.0),  # better gen-PPL, 0.2 nats below AR's entropy
+               ar]
+    result = parallelism.summarize_text(records, ar)
+    assert result["teacher_gen_ppl"] == 40.0
+    assert [r["at_ar_entropy"] for r in records] == [True, True, True, True, False, True]
+    assert records[2]["gen_ppl_ratio_to_teacher"] == pytest.approx(1.2625)
+    best = result["most_parallel_within_slack"]
+    assert (best["teacher"]["tokens_per_forward"], best["teacher"]["speed_vs_ar"]) == (2.0, pytest.approx(0.6))
+    assert (best["student"]["tokens_per_forward"], best["student"]["speed_vs_ar"]) == (8.0, pytest.approx(2.5))
+    assert "ar" not in best
+
 @pytest.fixture(scope="module")
 def insertion_text_models(tmp_path_factory):
     """insertion.py's module and its two-step ILM and MDLM text models."""
