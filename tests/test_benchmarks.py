@@ -128,12 +128,13 @@ def test_text_parallelism_picks_the_most_parallel_setting_at_ar_entropy_within_t
         return {"model": model, "decoder": decoder, "setting": f"{tpf}", "tokens_per_forward": tpf, "gen_ppl": ppl,
                 "entropy": entropy, "tokens_per_second": tps}
 
+    tolerance = parallelism.ENTROPY_TOLERANCE
     ar = rec("ar", "ar + kv", 1.0, 5.0, 3.10, 100.0)
     records = [rec("teacher", "first-hitting", 1.0, 40.0, 3.08, 30.0),
                rec("teacher", "ancestral", 2.0, 45.0, 3.07, 60.0),
                rec("teacher", "ancestral", 4.0, 50.5, 3.06, 120.0),  # 1.2625 x the reference: over the slack
-               rec("student", "ancestral", 8.0, 49.0, 3.15, 250.0),  # 1.225 x, entropy 0.05 above AR's: chosen
-               rec("student", "threshold", 16.0, 30.0, 2.90, 500.0),  # better gen-PPL, 0.2 nats below AR's entropy
+               rec("student", "ancestral", 8.0, 49.0, 3.10 + 0.6 * tolerance, 250.0),  # 1.225 x, at AR's entropy
+               rec("student", "threshold", 16.0, 30.0, 3.10 - 1.5 * tolerance, 500.0),  # below AR's entropy
                ar]
     result = parallelism.summarize_text(records, ar)
     assert result["teacher_gen_ppl"] == 40.0

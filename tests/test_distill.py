@@ -155,6 +155,22 @@ def test_distillation_refuses_what_it_cannot_learn_from(arithmetic_teacher, tmp_
         assert not list(run.glob("checkpoints/*")), extra
 
 
+def test_a_text_teacher_is_distilled_from_its_unconditional_decodings(tmp_path, capsys):
+    """Without prompts the teacher decodes ``distill.max_prompts`` unconditional rows, as its training rows begin
+    (no BOS for unframed text); without either the run is refused before anything is written."""
+    common = [*TINY, "train.steps=2", "data.length=20", "model.length=20", f"data.cache_dir={tmp_path}/cache"]
+    assert main(["train", "quickstart", f"run_dir={tmp_path}/teacher", *common]) == 0
+    student = ["train", "quickstart", *common, "distill.method=certainty", f"distill.teacher={tmp_path}/teacher",
+               "distill.teacher_sample=[sampler=ancestral,steps=4]"]
+    assert main([*student, f"run_dir={tmp_path}/student", "distill.max_prompts=6"]) == 0
+    (folder,) = (tmp_path / "cache").glob("trajectories-*")
+    recorded = Trajectories.open(folder)
+    assert len(recorded) == 6 and (recorded.prompt_lengths == 0).all() and (recorded.reveal_step >= 0).all()
+    capsys.readouterr()
+    assert main([*student, f"run_dir={tmp_path}/refused"]) == 2
+    assert "distill.max_prompts=N" in capsys.readouterr().err
+    assert not list((tmp_path / "refused").glob("checkpoints/*"))
+
 class ConstantLogits(torch.nn.Module):
     """The same logits at every position of every canvas (a teacher or student whose prediction ignores the state)."""
 

@@ -63,6 +63,26 @@ def test_each_row_is_the_teachers_decoding_and_each_state_its_canvas_at_that_ste
     assert len(np.unique(got.reveal_step[got.reveal_step >= 0])) == 5  # five steps, each revealing some
 
 
+def test_rows_without_bos_are_unconditional_canvases_of_masks_alone(tmp_path):
+    """A teacher whose rows do not begin with BOS decodes empty prompts from a canvas of masks only: every
+    position is generated, each row is its decoding alone, and the recording is another folder than with BOS."""
+    model, sampler, sample = teacher()
+    got = record_trajectories(model, sampler, TOK, sample, ["", "", "7-"], LENGTH, "teacher-digest", tmp_path,
+                              seed=3, batch_size=2, bos=False)
+    seeds = row_seeds(3, 3)
+    for i, prompt in enumerate(["", "", "7-"]):
+        canvas = torch.full((1, LENGTH), TOK.mask_id)
+        canvas[0, :len(prompt)] = torch.as_tensor(TOK.encode(prompt), dtype=torch.long)
+        alone = sampler.sample(model, canvas, seeds[i:i + 1])
+        assert np.array_equal(got.tokens[i], alone.tokens[0].numpy())
+        assert got.prompt_lengths[i] == len(prompt)
+        assert (got.reveal_step[i, :len(prompt)] == -1).all() and (got.reveal_step[i, len(prompt):] >= 0).all()
+    assert not np.array_equal(got.tokens[0], got.tokens[1])  # each row its own seed
+    with_bos = record_trajectories(model, sampler, TOK, sample, ["", "", "7-"], LENGTH, "teacher-digest", tmp_path,
+                                   seed=3)
+    assert with_bos.directory != got.directory and (with_bos.prompt_lengths == [1, 1, 3]).all()
+    record_trajectories(model, sampler, TOK, sample, ["1" * (LENGTH - 1)], LENGTH, "t", tmp_path, bos=False)
+
 def test_a_killed_recording_continues_to_the_same_arrays_and_settings_key_the_folder(tmp_path):
     model, sampler, sample = teacher()
 

@@ -365,7 +365,7 @@ class DistillConfig:
     teacher: str | None = None  # the teacher: a run folder, checkpoint or model folder with this run's tokenizer
     teacher_sample: list[str] = field(default_factory=list)  # sample.* overrides of the teacher's decoding (key=value)
     prompts: str | None = None  # JSONL pairs whose prompts the teacher decodes (default: data.path)
-    max_prompts: int = 0  # decode the first this many prompts (0: all)
+    max_prompts: int = 0  # decode the first this many prompts (0: all); without prompts: this many unconditional rows
     block_size: int = 0  # positions per block of an answer (0: the whole answer is one block)
     min_mask_ratio: float = 0.0  # the curriculum's share of a block masked at the start of training
     max_mask_ratio: float = 0.8  # ... and at its end (each row draws uniformly between the current share and this)

@@ -21,7 +21,7 @@ from ..checkpoints.checkpoint import load_model
 from ..checkpoints.pretrained import open_source, weights_digest
 from ..config import ConfigError, RunConfig
 from ..data.cache import default_cache_dir
-from ..data.layouts import EOS, PAD, PROMPT, TOKEN
+from ..data.layouts import EOS, PAD, PROMPT, TOKEN, starts_with_bos
 from ..data.tasks import read_pairs
 from ..data.tokenization import Tokenizer
 from ..objectives.block_diffusion import BlockDiffusion
@@ -89,22 +89,29 @@ def distillation_objective(cfg: RunConfig, base, tokenizer: Tokenizer, device: t
 def teacher_trajectories(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device, record: bool,
                          progress: bool = False) -> TrajectoryRows:
     """The teacher's decodings of the training prompts: recorded here (``record``: the main process; resumed if
-    an earlier recording stopped), else opened (the other processes, after the main one recorded them)."""
+    an earlier recording stopped), else opened (the other processes, after the main one recorded them). Without a
+    prompt file (``distill.prompts``, ``data.path``) the teacher decodes ``distill.max_prompts`` unconditional
+    rows; rows begin with BOS where the teacher's training rows do."""
     d = cfg.distill
     teacher = open_teacher(cfg, tokenizer)
     length = cfg.data.length
     source = d.prompts or cfg.data.path
-    if not source:
-        raise ConfigError("distillation needs prompts: distill.prompts=FILE.jsonl (or data.path)")
-    pairs = read_pairs(source, cfg.data.prompt_field or "prompt", cfg.data.text_field)
-    prompts = [p for p, _ in pairs][:d.max_prompts or None]
+    if source:
+        pairs = read_pairs(source, cfg.data.prompt_field or "prompt", cfg.data.text_field)
+        prompts = [p for p, _ in pairs][:d.max_prompts or None]
+    elif d.max_prompts:
+        prompts = [""] * d.max_prompts
+    else:
+        raise ConfigError("distillation needs prompts: distill.prompts=FILE.jsonl (or data.path), or "
+                          "distill.max_prompts=N for N unconditional decodings")
+    bos = starts_with_bos(teacher.config.data)
     sample = checkpoint_config(teacher, [f"sample.{kv}" for kv in d.teacher_sample]).sample
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
     model, objective = load_model(teacher, device=device if record else "cpu")  # the others only read its identity
     identity = weights_digest(model.state_dict())
     if not record:
         return TrajectoryRows(Trajectories.open(trajectory_directory(cache, identity, tokenizer, sample, length,
-                                                                     prompts, cfg.train.seed)), tokenizer)
+                                                                     prompts, cfg.train.seed, bos)), tokenizer)
     sampler = make_sampler(sample, objective, tokenizer, teacher.config.model.length)
 
     def report(done: int, total: int) -> None:
@@ -113,7 +120,7 @@ def teacher_trajectories(cfg: RunConfig, tokenizer: Tokenizer, device: torch.dev
 
     with torch.no_grad():
         recorded = record_trajectories(model, sampler, tokenizer, sample, prompts, length, identity, cache,
-                                       cfg.train.seed, d.teacher_batch, report)
+                                       cfg.train.seed, d.teacher_batch, report, bos)
     return TrajectoryRows(recorded, tokenizer)
 
 

@@ -1,6 +1,7 @@
 """Teacher trajectories as data: what a teacher's decoding did, recorded once and read by every student.
 
-A teacher decodes each prompt (``[BOS] prompt`` then masks up to the canvas length, row ``i`` with
+A teacher decodes each prompt (``[BOS] prompt`` then masks up to the canvas length, or the prompt alone for
+models whose rows do not begin with BOS; an empty prompt is an unconditional row; row ``i`` with
 ``row_seeds(seed, N)[i]``) through the decoding engine with its sampler; for every row the trajectory keeps
 
 * ``tokens`` (N, L) int32: the final canvas (the teacher's answer, the distillation target);
@@ -12,11 +13,12 @@ A teacher decodes each prompt (``[BOS] prompt`` then masks up to the canvas leng
 * ``prompt_lengths`` (N,) int32: the fixed positions at the start of each row.
 
 The arrays are NumPy files memory-mapped from ``<cache_dir>/trajectories-<key>/``, ``key`` a SHA-256 of the
-teacher's identity (the digest of its weights), its tokenizer, the sampler's settings, the canvas length, the
-prompts and the seed: a student of the same teacher and settings reads the same folder, any change writes a new
-one. Recording is resumable: rows are written batch by batch and ``progress.json`` (replaced atomically after
-the arrays are flushed) says how many are final, so a killed recording continues where it stopped and gives the
-same arrays (each row has its own seed). One process records a folder at a time (a lock).
+teacher's identity (the digest of its weights), its tokenizer, the sampler's settings, the canvas length, whether
+rows begin with BOS, the prompts and the seed: a student of the same teacher and settings reads the same folder,
+any change writes a new one. Recording is resumable: rows are written batch by batch and ``progress.json``
+(replaced atomically after the arrays are flushed) says how many are final, so a killed recording continues where
+it stopped and gives the same arrays (each row has its own seed). One process records a folder at a time (a
+lock).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from ..pipeline import encode_fixed, make_canvas
 from ..samplers.base import SamplingError, row_seeds
 from ..samplers.engine import Sampler
 
-TRAJECTORY_VERSION = 1
+TRAJECTORY_VERSION = 2  # 2: the key holds whether rows begin with BOS
 ARRAYS = {"tokens": np.int32, "reveal_step": np.int16, "row_nfe": np.int32, "prompt_lengths": np.int32}
 UNSEEN = -1  # reveal_step of a fixed position
 
@@ -75,13 +77,13 @@ class Trajectories:
 
 
 def trajectory_key(teacher: str, tokenizer: Tokenizer, sample: SampleConfig, length: int, prompts: list[str],
-                   seed: int) -> str:
+                   seed: int, bos: bool = True) -> str:
     """The folder key of a recording: SHA-256 over the teacher's identity, tokenizer, the sampler's settings (those
-    that change a row's decoding: not the batch size), the canvas length, the prompts and the seed."""
+    that change a row's decoding: not the batch size), the canvas length, ``bos``, the prompts and the seed."""
     settings = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample)
                 if f.name not in ("settings", "batch_size", "num_samples", "seed")} | sample.resolved()
     digest = hashlib.sha256()
-    digest.update(json.dumps([TRAJECTORY_VERSION, teacher, tokenizer.fingerprint(), settings, length, seed],
+    digest.update(json.dumps([TRAJECTORY_VERSION, teacher, tokenizer.fingerprint(), settings, length, seed, bos],
                              sort_keys=True, default=str).encode())
     for prompt in prompts:
         digest.update(prompt.encode() + b"\0")
@@ -89,9 +91,10 @@ def trajectory_key(teacher: str, tokenizer: Tokenizer, sample: SampleConfig, len
 
 
 def trajectory_directory(cache_dir: str | Path, teacher: str, tokenizer: Tokenizer, sample: SampleConfig, length: int,
-                         prompts: list[str], seed: int) -> Path:
+                         prompts: list[str], seed: int, bos: bool = True) -> Path:
     """The folder of a recording in ``cache_dir`` (see :func:`trajectory_key`)."""
-    return Path(cache_dir) / f"trajectories-{trajectory_key(teacher, tokenizer, sample, length, prompts, seed)}"
+    key = trajectory_key(teacher, tokenizer, sample, length, prompts, seed, bos)
+    return Path(cache_dir) / f"trajectories-{key}"
 
 
 class RevealSteps:
@@ -123,19 +126,19 @@ class RevealSteps:
 
 def record_trajectories(model, sampler: Sampler, tokenizer: Tokenizer, sample: SampleConfig, prompts: list[str],
                         length: int, teacher: str, cache_dir: str | Path, seed: int = 0, batch_size: int = 64,
-                        on_batch: Callable[[int, int], None] | None = None) -> Trajectories:
+                        on_batch: Callable[[int, int], None] | None = None, bos: bool = True) -> Trajectories:
     """Record (or finish recording, or just open) the trajectories of ``sampler`` decoding ``prompts`` with ``model``
-    (the teacher, identified by ``teacher``: the digest of its weights) on canvases of ``length`` (module
-    docstring). ``on_batch(done, total)`` after every batch written."""
+    (the teacher, identified by ``teacher``: the digest of its weights) on canvases of ``length``, each beginning
+    with BOS when ``bos`` (module docstring). ``on_batch(done, total)`` after every batch written."""
     if not prompts:
         raise TrajectoryError("no prompts to record trajectories of")
     if batch_size < 1:
         raise TrajectoryError(f"batch_size must be >= 1, got {batch_size}")
     rows = [encode_fixed(tokenizer, p) for p in prompts]
     longest = max(len(r) for r in rows)
-    if longest + 2 > length:  # BOS, the prompt, at least one generated position
+    if int(bos) + longest + 1 > length:  # BOS, the prompt, at least one generated position
         raise SamplingError(f"a prompt of {longest} tokens leaves nothing to generate in a canvas of {length}")
-    directory = trajectory_directory(cache_dir, teacher, tokenizer, sample, length, prompts, seed)
+    directory = trajectory_directory(cache_dir, teacher, tokenizer, sample, length, prompts, seed, bos)
     key = directory.name.removeprefix("trajectories-")
     lock = RunLock(directory).acquire()
     try:
@@ -155,13 +158,13 @@ def record_trajectories(model, sampler: Sampler, tokenizer: Tokenizer, sample: S
         device = next(model.parameters()).device
         while done < len(prompts):
             end = min(done + batch_size, len(prompts))
-            canvas = make_canvas(tokenizer, rows[done:end], length, bos=True).to(device)
+            canvas = make_canvas(tokenizer, rows[done:end], length, bos=bos).to(device)
             reveals = RevealSteps(canvas, tokenizer.mask_id)
             result = sampler.sample(model, canvas, seeds[done:end].to(device), reveals)
             arrays["tokens"][done:end] = result.tokens.cpu().numpy()
             arrays["reveal_step"][done:end] = reveals.final(result.tokens).numpy()
             arrays["row_nfe"][done:end] = result.row_nfe.cpu().numpy()
-            arrays["prompt_lengths"][done:end] = [1 + len(r) for r in rows[done:end]]
+            arrays["prompt_lengths"][done:end] = [int(bos) + len(r) for r in rows[done:end]]
             for array in arrays.values():
                 array.flush()
             done = end
