@@ -265,21 +265,30 @@ def report_text(result: dict, out: Path | None) -> None:
     plt = pyplot()
     if plt is None or out is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for model in dict.fromkeys(r["model"] for r in result["records"]):
-        for decoder, style in (("ancestral", "-o"), ("threshold", "--s"), ("first-hitting", "^"), ("ar + kv", "*")):
+    import matplotlib.ticker
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"ancestral": "-o", "threshold": "--s", "first-hitting": "^", "ar + kv": "*"}
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in result["records"])):
+        for decoder, style in styles.items():
             points = sorted((r["tokens_per_forward"], r["gen_ppl"]) for r in result["records"]
                             if r["model"] == model and r["decoder"] == decoder)
             if points:
-                ax.plot(*zip(*points), style, label=f"{model} ({decoder})",
-                        markersize=12 if decoder == "ar + kv" else 5)
+                ax.plot(*zip(*points), style, color=f"C{i}", markersize=12 if decoder == "ar + kv" else 5,
+                        label=model if decoder in ("ancestral", "ar + kv") else None)
+    for decoder in ("ancestral", "threshold", "first-hitting"):
+        ax.plot([], [], styles[decoder], color="gray", label=decoder)
     ax.axhline(GEN_PPL_SLACK * result["teacher_gen_ppl"], color="gray", ls=":", lw=1,
                label=f"{GEN_PPL_SLACK:g}x the teacher's gen-PPL")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yticks([5, 10, 20, 40, 80])
+    ax.set_xticks([1, 2, 4, 8, 16, 32])
     ax.set_xlabel("tokens per forward")
     ax.set_ylabel("gen-PPL under the AR model")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -323,6 +332,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tag", default="arithmetic")
     parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape (both workloads); "
                         "nothing is recorded")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot of --tag from its saved JSON")
     return parser.parse_args()
 
 
@@ -332,6 +342,10 @@ if __name__ == "__main__":
         with tempfile.TemporaryDirectory() as tmp:
             report(sweep(smoke(Path(tmp) / "task")), None)
             report_text(text_sweep(smoke_text(Path(tmp) / "text")), None)
+    elif args.replot:
+        out = ROOT / "benchmarks" / "results" / f"parallelism-{args.tag}.json"
+        result = json.loads(out.read_text())
+        (report_text if result.get("workload") == "text" else report)(result, out.with_suffix(".png"))
     else:
         if not args.teacher or not (args.ar if args.text else args.task):
             sys.exit("give --teacher and --task, or --text --teacher and --ar (or --smoke)")
