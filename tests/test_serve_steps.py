@@ -47,9 +47,9 @@ def test_a_seeded_request_gives_the_same_tokens_alone_and_under_a_random_concurr
                 return stream_events(url, body)[-2]
             return post(url, body).json()
 
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        with concurrent.futures.ThreadPoolExecutor(len(load) + 1) as pool:  # no request waits for a thread
             futures = [pool.submit(send, body) for body in load[:12]]
-            time.sleep(0.05)
+            assert wait_until(lambda: len(service.current) >= 2, 30)  # being decoded, whatever the machine's speed
             probed = pool.submit(post, url, probe)  # joins while others run ...
             futures += [pool.submit(send, body) for body in load[12:]]  # ... and others join while it runs
             under_load = probed.result().json()
