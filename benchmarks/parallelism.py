@@ -159,25 +159,49 @@ def report(result: dict, out: Path | None) -> None:
               f"| {tps} | {r['accuracy_gap_to_teacher']:+.3f} |")
     for c in result["aup"]:
         print(f"AUP {c['model']} ({c['decoder']}): {c['aup']:.1f}")
+    plot_curves(result["records"], lambda r: 100 * r["accuracy"], "exact match (%)",
+                {"fixed steps": "-o", "threshold": "--s"}, out)
+
+
+def plot_curves(records: list[dict], value, ylabel: str, styles: dict[str, str], out: Path | None,
+                line: tuple[float, str] | None = None, log: bool = False) -> None:
+    """``value(record)`` against tokens per forward: one colour per model, one line style per decoder (``styles``),
+    AR + KV as a star; ``line`` (y, label) a horizontal reference; log-log axes with ``log``."""
     plt = pyplot()
     if plt is None or out is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for model in dict.fromkeys(r["model"] for r in result["records"]):
-        for decoder, style in (("fixed steps", "-o"), ("threshold", "--s"), ("ar + kv", "*")):
-            points = sorted((r["tokens_per_forward"], 100 * r["accuracy"]) for r in result["records"]
+    import matplotlib.ticker
+    styles = {**styles, "ar + kv": "*"}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in records)):
+        labelled = False
+        for decoder, style in styles.items():
+            points = sorted((r["tokens_per_forward"], value(r)) for r in records
                             if r["model"] == model and r["decoder"] == decoder)
             if points:
-                ax.plot(*zip(*points), style, label=f"{model} ({decoder})",
-                        markersize=12 if decoder == "ar + kv" else 5)
+                ax.plot(*zip(*points), style, color=f"C{i}", markersize=12 if decoder == "ar + kv" else 5,
+                        label=None if labelled else model)
+                labelled = True
+    for decoder, style in styles.items():
+        if decoder != "ar + kv":
+            ax.plot([], [], style, color="gray", label=decoder)
+    if line is not None:
+        ax.axhline(line[0], color="gray", ls=":", lw=1, label=line[1])
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_yticks([5, 10, 20, 40, 80])
+        ax.set_xticks([1, 2, 4, 8, 16, 32])
     ax.set_xlabel("tokens per forward")
-    ax.set_ylabel("exact match (%)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
-
 
 def text_settings(length: int) -> list[tuple[str, str, dict]]:
     """(decoder, label, SampleConfig keys) of every text setting for rows of ``length`` tokens."""
@@ -262,38 +286,9 @@ def report_text(result: dict, out: Path | None) -> None:
         speed = f", {b['speed_vs_ar']:.2f}x AR + KV" if b["speed_vs_ar"] else ""
         print(f"most parallel within {GEN_PPL_SLACK:g}x the teacher at AR's entropy, {model}: {b['decoder']} "
               f"{b['setting']}, {b['tokens_per_forward']:.2f} tokens/forward, gen-PPL {b['gen_ppl']:.2f}{speed}")
-    plt = pyplot()
-    if plt is None or out is None:
-        return
-    import matplotlib.ticker
-    fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {"ancestral": "-o", "threshold": "--s", "first-hitting": "^", "ar + kv": "*"}
-    for i, model in enumerate(dict.fromkeys(r["model"] for r in result["records"])):
-        for decoder, style in styles.items():
-            points = sorted((r["tokens_per_forward"], r["gen_ppl"]) for r in result["records"]
-                            if r["model"] == model and r["decoder"] == decoder)
-            if points:
-                ax.plot(*zip(*points), style, color=f"C{i}", markersize=12 if decoder == "ar + kv" else 5,
-                        label=model if decoder in ("ancestral", "ar + kv") else None)
-    for decoder in ("ancestral", "threshold", "first-hitting"):
-        ax.plot([], [], styles[decoder], color="gray", label=decoder)
-    ax.axhline(GEN_PPL_SLACK * result["teacher_gen_ppl"], color="gray", ls=":", lw=1,
-               label=f"{GEN_PPL_SLACK:g}x the teacher's gen-PPL")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_yticks([5, 10, 20, 40, 80])
-    ax.set_xticks([1, 2, 4, 8, 16, 32])
-    ax.set_xlabel("tokens per forward")
-    ax.set_ylabel("gen-PPL under the AR model")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
-
+    plot_curves(result["records"], lambda r: r["gen_ppl"], "gen-PPL under the AR model",
+                {"ancestral": "-o", "threshold": "--s", "first-hitting": "^"}, out,
+                line=(GEN_PPL_SLACK * result["teacher_gen_ppl"], f"{GEN_PPL_SLACK:g}x the teacher's gen-PPL"), log=True)
 
 def smoke(folder: Path) -> argparse.Namespace:
     """A tiny task, teacher, student and AR model (two training steps each)."""
