@@ -1,17 +1,20 @@
 """Accuracy under parallelism: a teacher, its distilled students and AR + KV cache on a verifiable task.
 
-Every diffusion model is swept over two decoder families on the test prompts of a prompt/answer task
-(``unmask task arithmetic``): **fixed steps** (the confidence sampler, ``steps`` network calls for the whole
-answer) and **threshold** (LLaDA's decoding with Fast-dLLM's rule over one block: every position whose
-confidence exceeds the threshold is revealed, at least one per call). Each setting records exact-match
-accuracy (batched), tokens per forward (each row's answer tokens over its network calls: mean and quartiles)
-and tokens/s at batch 1 on the first ``--speed-prompts`` prompts (answer tokens only), the AR model decoding the
-same prompts with its KV cache in the same run. Per model and decoder family: d3LLM's AUP
-(:mod:`unmask.eval.aup`) against the best accuracy of the run; per setting ``accuracy_gap_to_teacher`` (the
-teacher's accuracy at its best setting, whichever decoder, minus the setting's, as a fraction; its accuracy
-decoding one token per call is recorded beside it); for each model's most parallel setting within one point of
-that teacher accuracy, ``speed_vs_ar_at_equal_accuracy`` (its tokens/s over AR + KV's, side by side) with both
-accuracies.
+Every diffusion model is swept over the decoders of a prompt/answer task (``unmask task arithmetic``): greedy
+**fixed steps** (the confidence sampler, ``steps`` network calls for the whole answer), MDLM's **ancestral**
+sampler (greedy tokens, ``steps`` steps of the schedule; what SDTT trains), and LLaDA's decoding over one block
+with Fast-dLLM's **threshold** rule (every position whose confidence exceeds the threshold is revealed, at least
+one per call) and **factor** rule, and the threshold rule in semi-autoregressive **blocks** of 4 and 8, the latter
+also with Fast-dLLM's **prefix and dual caches** (:data:`BLOCKED`). Each setting records exact-match accuracy
+(batched), tokens per forward (each row's answer tokens over its network calls: mean and quartiles) and tokens/s
+at batch 1 on the first ``--speed-prompts`` prompts (answer tokens only), the AR model decoding the same prompts
+with its KV cache in the same run. Per model and decoder family: d3LLM's AUP (:mod:`unmask.eval.aup`) against
+the best accuracy of the run, its standard error over :data:`BOOTSTRAP_DRAWS` resamples of the test prompts, and
+for a student its AUP minus the teacher's on the same decoder with the paired standard error (the same
+resampled prompts for both); per setting ``accuracy_gap_to_teacher`` (the teacher's accuracy at its best
+setting, whichever decoder, minus the setting's, as a fraction; its accuracy decoding one token per call is
+recorded beside it); for each model's most parallel setting within one point of that teacher accuracy,
+``speed_vs_ar_at_equal_accuracy`` (its tokens/s over AR + KV's, side by side) with both accuracies.
 
     python benchmarks/parallelism.py --task runs/arithmetic-data --teacher runs/arithmetic \\
         --student trajectory=runs/arith-trajectory --student certainty=runs/arith-certainty \\
@@ -34,7 +37,8 @@ its most parallel setting at AR's entropy within 25 % of the teacher's gen-PPL, 
         --ar runs/quickstart-ar --tag text-quickstart
 
 Writes ``benchmarks/results/parallelism-<tag>.json`` and ``parallelism-<tag>.png`` (accuracy, or gen-PPL, against
-tokens per forward, the AR point beside the curves) and a Markdown table on stdout.
+tokens per forward, the AR point beside the curves; on a task ``parallelism-<tag>-blocks.png`` draws the block and
+cache decoders beside the one-block threshold rule) and a Markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -59,21 +63,37 @@ from unmask.pipeline import checkpoint_config, encode_fixed, from_pretrained, ge
 
 from common import SMOKE_OVERRIDES, measure, pyplot, run_header, smoke_run  # noqa: E402
 
-STEPS = (16, 8, 5, 4, 3, 2, 1)  # fixed-steps settings (capped at the generated positions)
+STEPS = (16, 8, 5, 4, 3, 2, 1)  # fixed-steps and ancestral settings (capped at the generated positions)
 THRESHOLDS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3)
+FACTORS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # Fast-dLLM's factor rule
+BLOCK_THRESHOLDS = (0.99, 0.9, 0.7, 0.5)  # the threshold rule in semi-autoregressive blocks, with and without caches
+BLOCKED = (("blocks of 4", 4, "none"), ("blocks of 8", 8, "none"), ("blocks of 8, prefix cache", 8, "prefix"),
+           ("blocks of 8, dual cache", 8, "dual"))
+BOOTSTRAP_DRAWS = 1000  # resamples of the test prompts for the AUPs' standard errors
 TEXT_PARALLEL = (1, 2, 3, 4, 8, 16, 32)  # text: the ancestral settings' tokens per step, T = L / k
 TEXT_THRESHOLDS = (0.9, 0.1)
 ENTROPY_TOLERANCE = 0.05  # nats: a setting within this of the AR model's sample entropy is "at AR's entropy"
 AR_TEMPERATURES = (1.0, 1.25)  # the AR's first is the reference; the others show what entropy costs in gen-PPL
 GEN_PPL_SLACK = 1.25  # the issue's bar: gen-PPL within 25 % of the undistilled teacher's
+ONE_BLOCK_STYLES = {"fixed steps": "-o", "ancestral": ":v", "threshold": "--s", "factor": "-.d"}
+BLOCK_STYLES = {"threshold": "--s", "blocks of 4": ":^", "blocks of 8": "-.d", "blocks of 8, prefix cache": "-x",
+                "blocks of 8, dual cache": ":+"}
 
 
 def settings(generated: int) -> list[tuple[str, str, list[str]]]:
-    """(family, label, sample.* overrides) of every diffusion decoder setting for ``generated`` positions."""
-    out = [("fixed steps", str(s), ["sampler=confidence", f"steps={s}", "temperature=0"])
-           for s in sorted({min(s, generated) for s in STEPS}, reverse=True)]
-    out += [("threshold", f"{t:g}", ["sampler=llada", f"steps={generated}", f"block_length={generated}",
-                                     f"threshold={t}", "temperature=0"]) for t in THRESHOLDS]
+    """(family, label, sample.* overrides) of every diffusion decoder setting for ``generated`` positions: greedy
+    confidence decoding and MDLM's ancestral sampler (greedy tokens) in a fixed number of steps, LLaDA's decoding
+    over one block with Fast-dLLM's threshold and factor rules, and the threshold rule in blocks (:data:`BLOCKED`,
+    with Fast-dLLM's prefix and dual caches)."""
+    steps = sorted({min(s, generated) for s in STEPS}, reverse=True)
+    one_block = ["sampler=llada", f"steps={generated}", f"block_length={generated}", "temperature=0"]
+    out = [("fixed steps", str(s), ["sampler=confidence", f"steps={s}", "temperature=0"]) for s in steps]
+    out += [("ancestral", str(s), ["sampler=ancestral", f"steps={s}", "temperature=0"]) for s in steps]
+    out += [("threshold", f"{t:g}", [*one_block, f"threshold={t}"]) for t in THRESHOLDS]
+    out += [("factor", f"{f:g}", [*one_block, f"factor={f}"]) for f in FACTORS]
+    out += [(family, f"{t:g}", ["sampler=llada", f"steps={generated}", f"block_length={block}",
+                                f"block_cache={cache}", f"threshold={t}", "temperature=0"])
+            for family, block, cache in BLOCKED for t in BLOCK_THRESHOLDS]
     return out
 
 
@@ -83,7 +103,8 @@ def run_setting(loaded, overrides: list[str], pairs, speed_pairs, length: int) -
     cfg = checkpoint_config(loaded.source, [f"sample.{o}" for o in overrides]).sample
     single = checkpoint_config(loaded.source, [f"sample.{o}" for o in [*overrides, "batch_size=1"]]).sample
     model_length = loaded.config.model.length
-    result = exact_match(loaded.model, loaded.objective, loaded.tokenizer, cfg, pairs, length, model_length, "cpu")
+    result = exact_match(loaded.model, loaded.objective, loaded.tokenizer, cfg, pairs, length, model_length, "cpu",
+                         per_row=True)
     with torch.no_grad():
         def decode(prompts):
             return generate_rows(loaded.model, loaded.objective, loaded.tokenizer, single, length, model_length,
@@ -93,7 +114,8 @@ def run_setting(loaded, overrides: list[str], pairs, speed_pairs, length: int) -
     return {"accuracy": result["exact_match"], "accuracy_stderr": result["stderr"], "n": result["n"],
             "tokens_per_forward": result["tokens_per_forward"],
             "tokens_per_forward_quartiles": result["tokens_per_forward_quartiles"],
-            "mean_row_nfe": result["mean_row_nfe"],
+            "mean_row_nfe": result["mean_row_nfe"], "row_hits": result["row_hits"],
+            "row_tokens_per_forward": result["row_tokens_per_forward"],
             "tokens_per_second": timed.summary()["answer_tokens"] / timed.seconds if timed.seconds else None}
 
 
@@ -122,32 +144,68 @@ def sweep(args) -> dict:
     return summarize(records, ar)
 
 
-def summarize(records: list[dict], ar: dict | None) -> dict:
-    """AUP per model and decoder family, the gaps to the teacher, the best students' speed against AR + KV."""
+def curve_aups(points: dict[tuple[str, str], list[int]], accuracy: list[float], tpf: list[float]) -> dict:
+    """AUP of every curve (``points``: (model, decoder) -> indices into ``accuracy`` and ``tpf``, fractions and
+    tokens per forward of the settings) against the best accuracy of them all."""
+    y_max = 100 * max(accuracy)
+    return {key: aup([tpf[i] for i in idx], [100 * accuracy[i] for i in idx], y_max)
+            for key, idx in points.items() if y_max > 0}
+
+
+def bootstrap_aups(records: list[dict], points: dict[tuple[str, str], list[int]], draws: int,
+                   seed: int = 0) -> dict[tuple[str, str], torch.Tensor]:
+    """Every curve's AUP on ``draws`` resamples of the test prompts (the same rows for every setting: paired),
+    from each record's ``row_hits`` and ``row_tokens_per_forward``: (draws,) per curve."""
+    hits = torch.tensor([r["row_hits"] for r in records], dtype=torch.float64)  # (settings, rows)
+    tpf = torch.tensor([r["row_tokens_per_forward"] for r in records], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    out = {key: torch.empty(draws, dtype=torch.float64) for key in points}
+    for d in range(draws):
+        rows = torch.randint(hits.shape[1], (hits.shape[1],), generator=generator)
+        for key, value in curve_aups(points, hits[:, rows].mean(1).tolist(), tpf[:, rows].mean(1).tolist()).items():
+            out[key][d] = value
+    return out
+
+
+def summarize(records: list[dict], ar: dict | None, draws: int = BOOTSTRAP_DRAWS) -> dict:
+    """AUP per model and decoder family with its bootstrap standard error over the test prompts, each student's
+    AUP minus its teacher's on the same decoder (paired: the same resampled prompts), the gaps to the teacher, the
+    best students' speed against AR + KV. The per-row lists leave the records."""
     fixed = [r for r in records if r["model"] == "teacher" and r["decoder"] == "fixed steps"]
     one_per_call = max(fixed, key=lambda r: r["mean_row_nfe"])["accuracy"]  # the most calls: one per token
     teacher_best = max((r for r in records if r["model"] == "teacher"), key=lambda r: r["accuracy"])
     reference = teacher_best["accuracy"]  # the teacher at its best setting, whichever decoder that is
-    y_max = 100 * max(r["accuracy"] for r in records)
     for r in records:
         r["accuracy_gap_to_teacher"] = reference - r["accuracy"]
+    points: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(records):
+        if r["decoder"] != "ar + kv" and r["tokens_per_forward"] > 0:
+            points.setdefault((r["model"], r["decoder"]), []).append(i)
+    values = curve_aups(points, [r["accuracy"] for r in records], [r["tokens_per_forward"] for r in records])
+    draws_of = bootstrap_aups(records, points, draws) if draws else {}
     curves = []
-    for model in dict.fromkeys(r["model"] for r in records if r["decoder"] != "ar + kv"):
-        for decoder in ("fixed steps", "threshold"):
-            points = [r for r in records
-                      if r["model"] == model and r["decoder"] == decoder and r["tokens_per_forward"] > 0]
-            if points and y_max > 0:
-                curves.append({"model": model, "decoder": decoder,
-                               "aup": aup([p["tokens_per_forward"] for p in points],
-                                          [100 * p["accuracy"] for p in points], y_max)})
+    for (model, decoder), value in values.items():
+        curve = {"model": model, "decoder": decoder, "aup": value}
+        if draws:
+            curve["aup_stderr"] = draws_of[model, decoder].std().item()
+        if model != "teacher" and ("teacher", decoder) in values:
+            curve["aup_minus_teacher"] = value - values["teacher", decoder]
+            if draws:
+                paired = draws_of[model, decoder] - draws_of["teacher", decoder]
+                curve["aup_minus_teacher_stderr"] = paired.std().item()
+        curves.append(curve)
     for model in dict.fromkeys(r["model"] for r in records if r["model"] != "ar"):
         close = [r for r in records if r["model"] == model and r["accuracy"] >= reference - 0.01]
         if close and ar is not None and ar["tokens_per_second"]:
             best = max(close, key=lambda r: r["tokens_per_forward"])
             best["speed_vs_ar_at_equal_accuracy"] = best["tokens_per_second"] / ar["tokens_per_second"]
             best["ar_accuracy"] = ar["accuracy"]
+    for r in records:
+        r.pop("row_hits")
+        r.pop("row_tokens_per_forward")
     return {"teacher_accuracy": reference, "teacher_best_setting": [teacher_best["decoder"], teacher_best["setting"]],
-            "teacher_accuracy_one_token_per_call": one_per_call, "y_max": y_max, "aup": curves, "records": records}
+            "teacher_accuracy_one_token_per_call": one_per_call, "y_max": 100 * max(r["accuracy"] for r in records),
+            "bootstrap_draws": draws, "aup": curves, "records": records}
 
 
 def report(result: dict, out: Path | None) -> None:
@@ -158,9 +216,13 @@ def report(result: dict, out: Path | None) -> None:
         print(f"| {r['model']} | {r['decoder']} | {r['setting']} | {r['accuracy']:.3f} | {r['tokens_per_forward']:.2f} "
               f"| {tps} | {r['accuracy_gap_to_teacher']:+.3f} |")
     for c in result["aup"]:
-        print(f"AUP {c['model']} ({c['decoder']}): {c['aup']:.1f}")
-    plot_curves(result["records"], lambda r: 100 * r["accuracy"], "exact match (%)",
-                {"fixed steps": "-o", "threshold": "--s"}, out)
+        se = f" ± {c['aup_stderr']:.1f}" if "aup_stderr" in c else ""
+        diff = f", {c['aup_minus_teacher']:+.1f}" if "aup_minus_teacher" in c else ""
+        diff += f" ± {c['aup_minus_teacher_stderr']:.1f}" if "aup_minus_teacher_stderr" in c else ""
+        print(f"AUP {c['model']} ({c['decoder']}): {c['aup']:.1f}{se}{diff and f' (minus the teacher{diff})'}")
+    plot_curves(result["records"], lambda r: 100 * r["accuracy"], "exact match (%)", ONE_BLOCK_STYLES, out)
+    plot_curves(result["records"], lambda r: 100 * r["accuracy"], "exact match (%)", BLOCK_STYLES,
+                out and out.with_name(out.stem + "-blocks.png"))
 
 
 def plot_curves(records: list[dict], value, ylabel: str, styles: dict[str, str], out: Path | None,

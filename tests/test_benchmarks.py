@@ -4,6 +4,7 @@ its whole pipeline at a tiny size (``--smoke``) without writing into the reposit
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -144,6 +145,40 @@ def test_text_parallelism_picks_the_most_parallel_setting_at_ar_entropy_within_t
     assert (best["teacher"]["tokens_per_forward"], best["teacher"]["speed_vs_ar"]) == (2.0, pytest.approx(0.6))
     assert (best["student"]["tokens_per_forward"], best["student"]["speed_vs_ar"]) == (8.0, pytest.approx(2.5))
     assert "ar" not in best
+
+def test_arithmetic_parallelism_aups_with_paired_bootstrap_errors(monkeypatch):
+    """parallelism.py: each curve's AUP (worked by hand), its bootstrap standard error over the test prompts, and a
+    student's AUP minus its teacher's, resampled on the same prompts: zero error for a copy of the teacher."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import parallelism
+
+    n = 20
+
+    def rec(model, decoder, tpf, misses, decoder_calls=1.0, tps=100.0):
+        hits = [0] * misses + [1] * (n - misses)
+        return {"model": model, "decoder": decoder, "setting": str(tpf), "tokens_per_forward": float(tpf),
+                "accuracy": sum(hits) / n, "mean_row_nfe": decoder_calls, "tokens_per_second": tps * tpf,
+                "row_hits": hits, "row_tokens_per_forward": [float(tpf)] * n}
+
+    def curve(model, misses_at_two):
+        return [rec(model, "fixed steps", 1, 0, 15.0), rec(model, "fixed steps", 2, misses_at_two, 7.5)]
+
+    ar = rec("ar", "ar + kv", 1, 0)
+    records = [*curve("teacher", 1), *curve("copy", 1), *curve("better", 0), ar]
+    result = parallelism.summarize(records, ar, draws=200)
+    aups = {c["model"]: c for c in result["aup"]}
+    teacher = 100 + 0.5 * (95 * math.exp(-3 * 0.05) + 100)  # the second point at 95 %, on the 5-point floor
+    assert aups["teacher"]["aup"] == pytest.approx(teacher)
+    assert aups["better"]["aup"] == pytest.approx(200.0)
+    assert aups["better"]["aup_minus_teacher"] == pytest.approx(200.0 - teacher)
+    # a resample that draws the missed row twice puts the teacher's second point below the floor: the AUP moves
+    assert aups["teacher"]["aup_stderr"] > 1.0
+    assert aups["copy"]["aup_minus_teacher"] == 0.0 and aups["copy"]["aup_minus_teacher_stderr"] == 0.0
+    assert aups["better"]["aup_minus_teacher_stderr"] > 1.0 and aups["better"]["aup_stderr"] == 0.0
+    assert "aup_minus_teacher" not in aups["teacher"] and "ar" not in aups
+    assert all("row_hits" not in r and "row_tokens_per_forward" not in r for r in records)
+    assert result["teacher_accuracy"] == 1.0 and result["teacher_accuracy_one_token_per_call"] == 1.0
+
 
 @pytest.fixture(scope="module")
 def insertion_text_models(tmp_path_factory):
