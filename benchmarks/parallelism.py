@@ -82,11 +82,11 @@ BLOCK_STYLES = {"threshold": "--s", "blocks of 4": ":^", "blocks of 8": "-.d", "
                 "blocks of 8, dual cache": ":+"}
 
 
-def settings(generated: int) -> list[tuple[str, str, list[str]]]:
+def settings(generated: int, thin: bool = False) -> list[tuple[str, str, list[str]]]:
     """(family, label, sample.* overrides) of every diffusion decoder setting for ``generated`` positions: greedy
     confidence decoding and MDLM's ancestral sampler (greedy tokens) in a fixed number of steps, LLaDA's decoding
     over one block with Fast-dLLM's threshold and factor rules, and the threshold rule in blocks (:data:`BLOCKED`,
-    with Fast-dLLM's prefix and dual caches)."""
+    with Fast-dLLM's prefix and dual caches). ``thin``: each family's first and last setting only (the smoke run)."""
     steps = sorted({min(s, generated) for s in STEPS}, reverse=True)
     one_block = ["sampler=llada", f"steps={generated}", f"block_length={generated}", "temperature=0"]
     out = [("fixed steps", str(s), ["sampler=confidence", f"steps={s}", "temperature=0"]) for s in steps]
@@ -96,6 +96,11 @@ def settings(generated: int) -> list[tuple[str, str, list[str]]]:
     out += [(family, f"{t:g}", ["sampler=llada", f"steps={generated}", f"block_length={block}",
                                 f"block_cache={cache}", f"threshold={t}", "temperature=0"])
             for family, block, cache in BLOCKED for t in BLOCK_THRESHOLDS]
+    if thin:
+        ends = {}
+        for setting in out:
+            ends.setdefault(setting[0], []).append(setting)
+        out = [s for family in ends.values() for s in (family if len(family) < 3 else [family[0], family[-1]])]
     return out
 
 
@@ -131,7 +136,7 @@ def sweep(args) -> dict:
     records = []
     for name, path in models.items():
         loaded = teacher if name == "teacher" else from_pretrained(path)
-        for family, label, overrides in settings(generated):
+        for family, label, overrides in settings(generated, thin=getattr(args, "thin", False)):
             record = {"model": name, "path": path, "decoder": family, "setting": label, "sample": overrides,
                       **run_setting(loaded, overrides, pairs, speed_pairs, length)}
             records.append(record)
@@ -365,7 +370,8 @@ def smoke(folder: Path) -> argparse.Namespace:
                         ("student", ["distill.method=trajectory", f"distill.teacher={folder}/teacher"])):
         assert unmask(["train", "arithmetic", f"run_dir={folder}/{name}", *common, *extra]) == 0
     return argparse.Namespace(task=str(data), teacher=str(folder / "teacher"), student=[f"trajectory={folder}/student"],
-                              ar=str(folder / "ar"), prompts=6, speed_prompts=2, tag="smoke")
+                              ar=str(folder / "ar"), prompts=6, speed_prompts=2, tag="smoke",
+                              thin=True)
 
 
 def smoke_text(folder: Path) -> argparse.Namespace:
