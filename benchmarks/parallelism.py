@@ -136,7 +136,7 @@ def sweep(args) -> dict:
     records = []
     for name, path in models.items():
         loaded = teacher if name == "teacher" else from_pretrained(path)
-        for family, label, overrides in settings(generated, thin=getattr(args, "thin", False)):
+        for family, label, overrides in settings(generated, thin=args.thin):
             record = {"model": name, "path": path, "decoder": family, "setting": label, "sample": overrides,
                       **run_setting(loaded, overrides, pairs, speed_pairs, length)}
             records.append(record)
@@ -272,6 +272,7 @@ def plot_curves(records: list[dict], value, ylabel: str, styles: dict[str, str],
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
 
+
 def text_settings(length: int) -> list[tuple[str, str, dict]]:
     """(decoder, label, SampleConfig keys) of every text setting for rows of ``length`` tokens."""
     out = [("first-hitting", "k=1", dict(sampler="first_hitting", tokens_per_step=1))]
@@ -359,6 +360,7 @@ def report_text(result: dict, out: Path | None) -> None:
                 {"ancestral": "-o", "threshold": "--s", "first-hitting": "^"}, out,
                 line=(GEN_PPL_SLACK * result["teacher_gen_ppl"], f"{GEN_PPL_SLACK:g}x the teacher's gen-PPL"), log=True)
 
+
 def smoke(folder: Path) -> argparse.Namespace:
     """A tiny task, teacher, student and AR model (two training steps each)."""
     data = folder / "task"
@@ -398,6 +400,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="a few seconds at a tiny shape (both workloads); "
                         "nothing is recorded")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot of --tag from its saved JSON")
+    parser.set_defaults(thin=False)  # every setting of each decoder family (the smoke run takes the ends)
     return parser.parse_args()
 
 
